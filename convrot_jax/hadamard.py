@@ -1,0 +1,140 @@
+"""Hadamard matrices and the grouped rotation that ConvRot applies along the input dimension.
+
+The rotation is computed as a butterfly: a group of n = 4^k (regular) or 2^k (Sylvester) values
+is viewed as a k-dimensional 4 x 4 x ... x 4 tensor and a 4-point transform is applied along each
+axis, outermost axis first, with a fixed order of float32 additions and one power-of-two (exact)
+scale at the end. Because every operation and its order is fixed, any implementation that follows
+this recipe (the Pallas kernels do) reproduces the reference bit for bit; a dense matmul would
+leave the summation order to the hardware. The dense matrices are kept for tests and for
+tensor-core kernels that trade bit-exactness for speed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Literal
+
+import jax.numpy as jnp
+import numpy as np
+
+HadamardKind = Literal["regular", "sylvester"]
+HADAMARD_KINDS: tuple[str, ...] = ("regular", "sylvester")
+
+# The 4x4 regular Hadamard: symmetric, every row and column sums to 2 = sqrt(4).
+H4_REGULAR = np.array([[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]], np.int8)
+H2_SYLVESTER = np.array([[1, 1], [1, -1]], np.int8)
+
+
+def _log(n: int, base: int) -> int | None:
+    """k with base**k == n (k >= 1), else None."""
+    if not isinstance(n, (int, np.integer)) or n < base:
+        return None
+    k = round(math.log(n, base))
+    return int(k) if base**k == n else None
+
+
+def check_group_size(n: int, hadamard: str) -> int:
+    """Validates a group size for a Hadamard kind and returns its number of butterfly levels."""
+    if hadamard == "regular":
+        k = _log(n, 4)
+        if k is None:
+            raise ValueError(f"regular Hadamard size must be a power of 4 (4, 16, 64, 256, 1024, ...), got {n}")
+        return k
+    if hadamard == "sylvester":
+        k = _log(n, 2)
+        if k is None:
+            raise ValueError(f"Sylvester Hadamard size must be a power of 2 (2, 4, 8, ...), got {n}")
+        return k
+    raise ValueError(f"hadamard must be one of {HADAMARD_KINDS}, got {hadamard!r}")
+
+
+@functools.cache
+def _dense(n: int, hadamard: str) -> np.ndarray:
+    k = check_group_size(n, hadamard)
+    base = H4_REGULAR if hadamard == "regular" else H2_SYLVESTER
+    h = np.ones((1, 1), np.float64)
+    for _ in range(k):
+        h = np.kron(h, base)
+    h = h / math.sqrt(n)
+    h.setflags(write=False)
+    return h
+
+
+def regular_hadamard(n: int, dtype=jnp.float32) -> jnp.ndarray:
+    """The n x n regular Hadamard matrix H4 ⊗ ... ⊗ H4 / sqrt(n), n = 4^k.
+
+    Orthogonal and symmetric (H @ H = I); every row and column sums to ±sqrt(n) (after the
+    1/sqrt(n) scale: ±1), so no output channel collects a whole row's mass.
+    """
+    return jnp.asarray(_dense(n, "regular"), dtype)
+
+
+def sylvester_hadamard(n: int, dtype=jnp.float32) -> jnp.ndarray:
+    """The n x n Sylvester Hadamard matrix H2 ⊗ ... ⊗ H2 / sqrt(n), n = 2^k (QuaRot's; its first
+    row is all ones, so a token outlier lands in one channel). Kept for comparison."""
+    return jnp.asarray(_dense(n, "sylvester"), dtype)
+
+
+def hadamard_matrix(n: int, hadamard: HadamardKind = "regular", dtype=jnp.float32) -> jnp.ndarray:
+    """The dense n x n matrix of the given kind."""
+    return regular_hadamard(n, dtype) if hadamard == "regular" else sylvester_hadamard(n, dtype)
+
+
+def _regular_stage(x0, x1, x2, x3):
+    """Unscaled H4 along one axis, in the fixed addition order the kernels reproduce."""
+    a, b = x0 + x1, x0 - x1
+    c, d = x2 + x3, x2 - x3
+    return a + d, a - d, b + c, c - b
+
+
+def _sylvester_stage(x0, x1, x2, x3):
+    """Unscaled H2 ⊗ H2 along one axis of 4."""
+    a, b = x0 + x1, x0 - x1
+    c, d = x2 + x3, x2 - x3
+    return a + c, b + d, a - c, b - d
+
+
+def _butterfly(x: jnp.ndarray, n: int, hadamard: str) -> jnp.ndarray:
+    """x (..., n) float32 -> x @ H_n, unscaled until the final multiply by 1/sqrt(n)."""
+    k = check_group_size(n, hadamard)
+    lead = x.shape[:-1]
+    scale = np.float32(1 / math.sqrt(n))
+    if hadamard == "sylvester" and k % 2 == 1:
+        # One H2 stage on the outermost axis, then H2 ⊗ H2 stages within each half.
+        y = x.reshape(*lead, 2, n // 2)
+        x = jnp.stack([y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]], axis=-2)
+        return _butterfly4(x, n // 2, _sylvester_stage).reshape(*lead, n) * scale
+    stage = _regular_stage if hadamard == "regular" else _sylvester_stage
+    return _butterfly4(x, n, stage) * scale
+
+
+def _butterfly4(x: jnp.ndarray, n: int, stage) -> jnp.ndarray:
+    """Applies a 4-point stage along every axis of the last dim viewed as 4 x ... x 4."""
+    lead = x.shape[:-1]
+    levels = _log(n, 4) or 0
+    for level in range(levels):
+        outer, inner = 4**level, n // 4 ** (level + 1)
+        y = x.reshape(*lead, outer, 4, inner)
+        parts = stage(y[..., 0, :], y[..., 1, :], y[..., 2, :], y[..., 3, :])
+        x = jnp.stack(parts, axis=-2).reshape(*lead, n)
+    return x
+
+
+def rotate(x: jnp.ndarray, *, group_size: int = 256, hadamard: HadamardKind = "regular") -> jnp.ndarray:
+    """Grouped Hadamard rotation along the last axis: each group of `group_size` values -> x_g @ H.
+
+    Returns float32 (the rotation is computed in float32 whatever the input dtype). Raises
+    ValueError when the last axis is not a multiple of `group_size`: the caller zero-pads both x
+    and W if it needs another width (ConvRot pads nothing silently).
+    """
+    check_group_size(group_size, hadamard)
+    k = x.shape[-1]
+    if k % group_size:
+        raise ValueError(
+            f"last axis ({k}) must be a multiple of the rotation group size ({group_size}); "
+            f"zero-pad the input features of x and W alike, or choose a group size dividing {k}"
+        )
+    lead = x.shape[:-1]
+    groups = x.astype(jnp.float32).reshape(*lead, k // group_size, group_size)
+    return _butterfly(groups, group_size, hadamard).reshape(*lead, k)

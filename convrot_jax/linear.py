@@ -1,0 +1,82 @@
+"""XLA reference linears: W4A4 (rotate -> int4 -> int8 GEMM, int32 accumulation -> dequantize)
+and W4A16 (int4 weights dequantized to the activation dtype). The Pallas kernels are tested
+against these."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from convrot_jax.hadamard import rotate
+from convrot_jax.quant import QuantizedWeight, quantize_activation_reference
+
+# NT layout: contract the last axis of both operands (both K-major), as cuBLASLt's int8 GEMM wants.
+_NT = (((1,), (1,)), ((), ()))
+
+
+def check_linear_input(x: jnp.ndarray, qw: QuantizedWeight, bias: jnp.ndarray | None) -> None:
+    """Raises ValueError naming the shapes when x or bias do not fit the quantized weight."""
+    if x.ndim < 1 or x.shape[-1] != qw.in_features:
+        raise ValueError(
+            f"input's last axis {x.shape} does not match the weight's in_features {qw.in_features} "
+            f"(weight shape {qw.shape})"
+        )
+    if bias is not None and bias.shape != (qw.out_features,):
+        raise ValueError(f"bias shape {bias.shape} does not match out_features ({qw.out_features},)")
+
+
+def int_matmul_reference(x_codes: jnp.ndarray, w_codes: jnp.ndarray) -> jnp.ndarray:
+    """int8 (M, K) x int8 (N, K) -> int32 (M, N), exact."""
+    return jax.lax.dot_general(x_codes, w_codes, _NT, preferred_element_type=jnp.int32)
+
+
+def dequantized_matmul_reference(
+    x_codes: jnp.ndarray, x_scales: jnp.ndarray, qw: QuantizedWeight
+) -> jnp.ndarray:
+    """float32 (M, N) = sum over scale groups of int32 partial products times both scales."""
+    w_codes = qw.codes()
+    if qw.scale_group is None:
+        acc = int_matmul_reference(x_codes, w_codes)
+        return acc.astype(jnp.float32) * x_scales[:, None] * qw.scales[None, :]
+    g = qw.scale_group
+    groups = qw.in_features // g
+
+    def body(j, y):
+        xs = jax.lax.dynamic_slice_in_dim(x_codes, j * g, g, axis=1)
+        ws = jax.lax.dynamic_slice_in_dim(w_codes, j * g, g, axis=1)
+        acc = int_matmul_reference(xs, ws).astype(jnp.float32)
+        return y + acc * jax.lax.dynamic_index_in_dim(qw.scales, j, axis=1, keepdims=False)[None, :]
+
+    y = jax.lax.fori_loop(0, groups, body, jnp.zeros((x_codes.shape[0], qw.out_features), jnp.float32))
+    return y * x_scales[:, None]
+
+
+def w4a4_linear_reference(
+    x: jnp.ndarray, qw: QuantizedWeight, bias: jnp.ndarray | None = None
+) -> jnp.ndarray:
+    """x (..., K) @ W.T + b through the ConvRot W4A4 path, in plain XLA ops; output in x.dtype."""
+    check_linear_input(x, qw, bias)
+    lead = x.shape[:-1]
+    codes, scales = quantize_activation_reference(
+        x.reshape(-1, qw.in_features), group_size=qw.group_size, hadamard=qw.hadamard
+    )
+    y = dequantized_matmul_reference(codes, scales, qw)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype).reshape(*lead, qw.out_features)
+
+
+def int4_weight_only_linear(
+    x: jnp.ndarray, qw: QuantizedWeight, bias: jnp.ndarray | None = None
+) -> jnp.ndarray:
+    """W4A16: x (..., K) @ W.T + b with int4 weights dequantized to x.dtype in the rotated basis
+    (x is rotated too, so no inverse rotation of the weight is needed). float32 accumulation."""
+    check_linear_input(x, qw, bias)
+    x_rot = rotate(x, group_size=qw.group_size, hadamard=qw.hadamard).astype(x.dtype)
+    w = (qw.codes().astype(jnp.float32) * qw.scales_per_column()).astype(x.dtype)
+    y = jax.lax.dot_general(
+        x_rot, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+    )
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
