@@ -1,0 +1,104 @@
+"""FLUX flow-matching sampler: the sigma schedule (dev's resolution-dependent shift, schnell's
+plain one), the Euler step, 2x2 latent packing and the RoPE position ids.
+
+Every function mirrors a diffusers helper (`FlowMatchEulerDiscreteScheduler.set_timesteps` /
+`.step`, `FluxPipeline._pack_latents` / `_unpack_latents` / `_prepare_latent_image_ids`,
+`calculate_shift`) so that the JAX pipeline reproduces diffusers' numbers; tests check each one.
+Latent images are NCHW here, as in diffusers, so the same initial noise can be fed to both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+VAE_SCALE_FACTOR = 8  # the FLUX VAE downsamples 8x; packing 2x2 makes the image side a multiple of 16
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def calculate_shift(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """FLUX.1-dev's `mu`: linear in the number of packed image tokens, 0.5 at 256 and 1.15 at 4096."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return image_seq_len * m + b
+
+
+def time_shift(mu: float, sigmas: np.ndarray) -> np.ndarray:
+    """Exponential time shift `e^mu / (e^mu + (1/t - 1))`: more steps at high noise for large images."""
+    return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+
+
+def flux_sigmas(num_inference_steps: int, image_seq_len: int, *, dynamic_shift: bool = True) -> np.ndarray:
+    """The sampler's sigmas, float32, length `num_inference_steps + 1` (the last one is 0).
+
+    `dynamic_shift=True` is FLUX.1-dev's schedule (shifted by `calculate_shift(image_seq_len)`);
+    False is FLUX.1-schnell's (its scheduler has no dynamic shifting and shift 1: unshifted).
+    Timesteps fed to the transformer are `sigmas[:-1]` (diffusers' `timesteps / 1000`).
+    """
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+    sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps).astype(np.float32)
+    if dynamic_shift:
+        sigmas = time_shift(calculate_shift(image_seq_len), sigmas).astype(np.float32)
+    return np.append(sigmas, np.float32(0.0))
+
+
+def euler_step(latents: jnp.ndarray, noise_pred: jnp.ndarray, sigma, sigma_next) -> jnp.ndarray:
+    """One flow-matching Euler step `x + (sigma_next - sigma) * v`, computed in float32."""
+    dt = jnp.asarray(sigma_next, jnp.float32) - jnp.asarray(sigma, jnp.float32)
+    return latents.astype(jnp.float32) + dt * noise_pred.astype(jnp.float32)
+
+
+def latent_shape(height: int, width: int, num_channels: int = 16) -> tuple[int, int, int]:
+    """The unpacked latent's (C, H/8, W/8) for an image of `height` x `width` pixels (multiples of 16)."""
+    check_image_size(height, width)
+    return num_channels, height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR
+
+
+def check_image_size(height: int, width: int) -> None:
+    """FLUX needs both sides to be positive multiples of 16 (8x VAE, then 2x2 packing)."""
+    multiple = 2 * VAE_SCALE_FACTOR
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+        raise ValueError(
+            f"image size {width}x{height} (WxH) is not allowed: both sides must be positive multiples of {multiple}"
+        )
+
+
+def pack_latents(latents: jnp.ndarray) -> jnp.ndarray:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C): every 2x2 patch becomes one token (`_pack_latents`)."""
+    b, c, h, w = latents.shape
+    latents = latents.reshape(b, c, h // 2, 2, w // 2, 2)
+    latents = latents.transpose(0, 2, 4, 1, 3, 5)
+    return latents.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(latents: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
+    """(B, tokens, 4C) -> (B, C, H/8, W/8) for an image of `height` x `width` (`_unpack_latents`)."""
+    b, _, channels = latents.shape
+    h = 2 * (height // (VAE_SCALE_FACTOR * 2))
+    w = 2 * (width // (VAE_SCALE_FACTOR * 2))
+    latents = latents.reshape(b, h // 2, w // 2, channels // 4, 2, 2)
+    latents = latents.transpose(0, 3, 1, 4, 2, 5)
+    return latents.reshape(b, channels // 4, h, w)
+
+
+def latent_image_ids(height: int, width: int) -> np.ndarray:
+    """RoPE ids of the packed image tokens, (H/16 * W/16, 3) float32: (0, row, column) per token."""
+    h, w = height // (VAE_SCALE_FACTOR * 2), width // (VAE_SCALE_FACTOR * 2)
+    ids = np.zeros((h, w, 3), np.float32)
+    ids[..., 1] = np.arange(h)[:, None]
+    ids[..., 2] = np.arange(w)[None, :]
+    return ids.reshape(h * w, 3)
+
+
+def text_ids(seq_len: int) -> np.ndarray:
+    """RoPE ids of the text tokens: all zeros, (seq_len, 3) float32."""
+    return np.zeros((seq_len, 3), np.float32)
