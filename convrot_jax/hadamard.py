@@ -18,8 +18,9 @@ from typing import Literal
 import jax.numpy as jnp
 import numpy as np
 
-HadamardKind = Literal["regular", "sylvester"]
-HADAMARD_KINDS: tuple[str, ...] = ("regular", "sylvester")
+HadamardKind = Literal["regular", "sylvester", "none"]
+# "none" is the naive baseline (round-to-nearest without rotation), kept for comparisons.
+HADAMARD_KINDS: tuple[str, ...] = ("regular", "sylvester", "none")
 
 # The 4x4 regular Hadamard: symmetric, every row and column sums to 2 = sqrt(4).
 H4_REGULAR = np.array([[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]], np.int8)
@@ -36,6 +37,10 @@ def _log(n: int, base: int) -> int | None:
 
 def check_group_size(n: int, hadamard: str) -> int:
     """Validates a group size for a Hadamard kind and returns its number of butterfly levels."""
+    if hadamard == "none":
+        if not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"group size must be a positive integer, got {n}")
+        return 0
     if hadamard == "regular":
         k = _log(n, 4)
         if k is None:
@@ -77,8 +82,10 @@ def sylvester_hadamard(n: int, dtype=jnp.float32) -> jnp.ndarray:
 
 
 def hadamard_matrix(n: int, hadamard: HadamardKind = "regular", dtype=jnp.float32) -> jnp.ndarray:
-    """The dense n x n matrix of the given kind."""
-    return regular_hadamard(n, dtype) if hadamard == "regular" else sylvester_hadamard(n, dtype)
+    """The dense n x n matrix of the given kind ("none": the identity)."""
+    if hadamard == "none":
+        return jnp.eye(n, dtype=dtype)
+    return jnp.asarray(_dense(n, hadamard), dtype)
 
 
 def _regular_stage(x0, x1, x2, x3):
@@ -122,13 +129,16 @@ def _butterfly4(x: jnp.ndarray, n: int, stage) -> jnp.ndarray:
 
 
 def rotate(x: jnp.ndarray, *, group_size: int = 256, hadamard: HadamardKind = "regular") -> jnp.ndarray:
-    """Grouped Hadamard rotation along the last axis: each group of `group_size` values -> x_g @ H.
+    """Grouped Hadamard rotation along the last axis: each group of `group_size` values -> x_g @ H
+    (hadamard="none": no rotation, the naive baseline).
 
     Returns float32 (the rotation is computed in float32 whatever the input dtype). Raises
     ValueError when the last axis is not a multiple of `group_size`: the caller zero-pads both x
     and W if it needs another width (ConvRot pads nothing silently).
     """
     check_group_size(group_size, hadamard)
+    if hadamard == "none":
+        return x.astype(jnp.float32)
     k = x.shape[-1]
     if k % group_size:
         raise ValueError(

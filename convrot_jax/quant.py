@@ -2,7 +2,8 @@
 
 Rounding recipe (the Pallas kernels reproduce it bit for bit):
     absmax = max |v| over the scale's extent          (float32)
-    scale  = max(absmax / 7, SCALE_FLOOR)              (IEEE division)
+    scale  = max(absmax * float32(1/7), SCALE_FLOOR)   (a multiply: XLA rewrites x / 7 this way
+                                                        on some backends and not others)
     codes  = clip(round_half_even(v * (1 / scale)), -7, 7)
 An all-zero extent gets the floor scale and zero codes (never NaN). An extent holding NaN or Inf
 gets a NaN scale and zero codes, so whatever it feeds (one token's layer output) comes out NaN
@@ -29,7 +30,7 @@ def symmetric_int4(v: jnp.ndarray, axis: int = -1) -> tuple[jnp.ndarray, jnp.nda
     v = v.astype(jnp.float32)
     absmax = jnp.max(jnp.abs(v), axis=axis, keepdims=True)
     finite = jnp.isfinite(absmax)
-    scale = jnp.maximum(absmax / np.float32(INT4_MAX), np.float32(SCALE_FLOOR))
+    scale = jnp.maximum(absmax * np.float32(1 / INT4_MAX), np.float32(SCALE_FLOOR))
     inv = np.float32(1.0) / scale
     codes = jnp.clip(jnp.round(v * inv), -INT4_MAX, INT4_MAX)
     codes = jnp.where(finite, codes, 0).astype(jnp.int8)
@@ -148,17 +149,6 @@ def quantize_activation_reference(
     The XLA reference: grouped rotation, then per-token symmetric int4 (module docstring).
     """
     return symmetric_int4(rotate(x, group_size=group_size, hadamard=hadamard), axis=-1)
-
-
-def int4_error_bound(x_absmax: float, w_absmax: float, k: int) -> float:
-    """A worst-case bound on |y - x W^T| per output element for per-token / per-channel int4.
-
-    With rotated operands a = xR, b = WR, per-element rounding errors |da| <= s_a / 2 and
-    |db| <= s_b / 2 where s = absmax / 7, so |a·b - qa·qb| <= sum |da||b| + |qa||db|
-    <= K (s_a/2 |b|max + |a|max s_b/2) + K s_a s_b / 4. Loose, but a true bound.
-    """
-    sa, sb = x_absmax / INT4_MAX, w_absmax / INT4_MAX
-    return k * (sa / 2 * w_absmax + x_absmax * sb / 2 + sa * sb / 4)
 
 
 def sqnr_db(reference: jnp.ndarray, approx: jnp.ndarray) -> float:
