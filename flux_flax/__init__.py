@@ -1,1 +1,33 @@
-"""flux_flax."""
+"""FLUX.1 in Flax NNX: the transformer (mirroring diffusers' names one to one), its loaders and
+its ConvRot quantization.
+
+    model = flux_flax.load_transformer("FLUX.1-dev/transformer")        # bf16
+    flux_flax.quantize_model(model)                                    # W4A4 per DESIGN.md §3
+    out = model(latents, t5, clip_pooled, t, img_ids, txt_ids, guidance)
+"""
+
+from flux_flax.config import FluxConfig
+from flux_flax.loading import abstract_transformer, diffusers_key, expected_shapes, load_transformer, load_weights
+from flux_flax.quantize import quantize_model
+from flux_flax.transformer import (
+    FluxSingleTransformerBlock,
+    FluxTransformer2DModel,
+    FluxTransformerBlock,
+    linear_paths,
+    param_paths,
+)
+
+__all__ = [
+    "FluxConfig",
+    "FluxSingleTransformerBlock",
+    "FluxTransformer2DModel",
+    "FluxTransformerBlock",
+    "abstract_transformer",
+    "diffusers_key",
+    "expected_shapes",
+    "linear_paths",
+    "load_transformer",
+    "load_weights",
+    "param_paths",
+    "quantize_model",
+]

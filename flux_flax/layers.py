@@ -1,0 +1,282 @@
+"""FLUX building blocks in Flax NNX, each mirroring the diffusers module of the same name (same
+attribute names, same forward), so a diffusers state-dict key is the NNX path with `kernel` for
+`weight` (transposed). Norms, RoPE and softmax run in float32 as diffusers upcasts them; the
+linears run in the model dtype."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Dtype = jnp.dtype | type
+
+
+def linear(in_features: int, out_features: int, *, dtype: Dtype, rngs: nnx.Rngs, bias: bool = True) -> nnx.Linear:
+    """`torch.nn.Linear` in the model dtype: kernel (in, out) = torch weight.T."""
+    return nnx.Linear(in_features, out_features, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+    """`torch.nn.RMSNorm(dim, eps)` with a learned `weight`; computed in float32."""
+
+    def __init__(self, dim: int, *, eps: float, dtype: Dtype):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """`nn.LayerNorm(dim, elementwise_affine=False, eps)`, computed in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embeddings (diffusers/models/embeddings.py)
+
+
+def get_timestep_embedding(timesteps: jax.Array, embedding_dim: int, flip_sin_to_cos: bool = True,
+                           downscale_freq_shift: float = 0.0, max_period: int = 10000) -> jax.Array:
+    """Sinusoidal embedding of (N,) timesteps -> (N, embedding_dim) float32, as diffusers'."""
+    half = embedding_dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - downscale_freq_shift)
+    emb = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    emb = jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    return emb
+
+
+class TimestepEmbedding(nnx.Module):
+    """linear_1 -> SiLU -> linear_2."""
+
+    def __init__(self, in_channels: int, time_embed_dim: int, *, dtype: Dtype, rngs: nnx.Rngs):
+        self.linear_1 = linear(in_channels, time_embed_dim, dtype=dtype, rngs=rngs)
+        self.linear_2 = linear(time_embed_dim, time_embed_dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, sample: jax.Array) -> jax.Array:
+        return self.linear_2(jax.nn.silu(self.linear_1(sample)))
+
+
+class PixArtAlphaTextProjection(nnx.Module):
+    """The pooled-text projection: linear_1 -> SiLU -> linear_2 (FLUX uses act_fn="silu")."""
+
+    def __init__(self, in_features: int, hidden_size: int, *, dtype: Dtype, rngs: nnx.Rngs):
+        self.linear_1 = linear(in_features, hidden_size, dtype=dtype, rngs=rngs)
+        self.linear_2 = linear(hidden_size, hidden_size, dtype=dtype, rngs=rngs)
+
+    def __call__(self, caption: jax.Array) -> jax.Array:
+        return self.linear_2(jax.nn.silu(self.linear_1(caption)))
+
+
+class CombinedTimestepTextProjEmbeddings(nnx.Module):
+    """diffusers' CombinedTimestepTextProjEmbeddings, or with `guidance_embeds` its
+    CombinedTimestepGuidanceTextProjEmbeddings: temb = t_emb [+ guidance_emb] + pooled_emb."""
+
+    def __init__(self, embedding_dim: int, pooled_projection_dim: int, *, guidance_embeds: bool, dtype: Dtype,
+                 rngs: nnx.Rngs):
+        self.timestep_embedder = TimestepEmbedding(256, embedding_dim, dtype=dtype, rngs=rngs)
+        self.guidance_embedder = (
+            TimestepEmbedding(256, embedding_dim, dtype=dtype, rngs=rngs) if guidance_embeds else None
+        )
+        self.text_embedder = PixArtAlphaTextProjection(pooled_projection_dim, embedding_dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, timestep: jax.Array, pooled_projection: jax.Array, guidance: jax.Array | None = None) -> jax.Array:
+        dtype = pooled_projection.dtype
+        emb = self.timestep_embedder(get_timestep_embedding(timestep, 256).astype(dtype))
+        if self.guidance_embedder is not None:
+            if guidance is None:
+                raise ValueError("this model has a guidance embedding (FLUX.1-dev): pass `guidance`")
+            emb = emb + self.guidance_embedder(get_timestep_embedding(guidance, 256).astype(dtype))
+        return emb + self.text_embedder(pooled_projection)
+
+
+class FluxPosEmbed(nnx.Module):
+    """3-axis RoPE tables: ids (S, n_axes) -> (cos, sin), each (S, head_dim) float32, every
+    frequency repeated twice (diffusers' `repeat_interleave_real=True`). diffusers forms the
+    angles in float64; here the frequencies are float64 constants and the angle pos * freq is one
+    float32 product (relative error 2^-24: 1e-5 rad at position 128)."""
+
+    def __init__(self, theta: int, axes_dim: tuple[int, ...]):
+        self.theta = theta
+        self.axes_dim = tuple(axes_dim)
+
+    def __call__(self, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        pos = ids.astype(jnp.float32)
+        cos_out, sin_out = [], []
+        for i, dim in enumerate(self.axes_dim):
+            freqs = 1.0 / (self.theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+            angles = pos[:, i, None] * jnp.asarray(freqs, jnp.float32)[None, :]
+            cos_out.append(jnp.repeat(jnp.cos(angles), 2, axis=-1))
+            sin_out.append(jnp.repeat(jnp.sin(angles), 2, axis=-1))
+        return jnp.concatenate(cos_out, axis=-1), jnp.concatenate(sin_out, axis=-1)
+
+
+def apply_rotary_emb(x: jax.Array, freqs_cis: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotates (B, S, H, D) queries/keys by the (S, D) tables; pairs are adjacent (x[2i], x[2i+1]),
+    as diffusers' `apply_rotary_emb(..., use_real_unbind_dim=-1, sequence_dim=1)`."""
+    cos, sin = (f[None, :, None, :] for f in freqs_cis)
+    pairs = x.reshape(*x.shape[:-1], -1, 2)
+    x_rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+    return (x.astype(jnp.float32) * cos + x_rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# AdaLN modulation (diffusers/models/normalization.py)
+
+
+class AdaLayerNormZero(nnx.Module):
+    """linear(SiLU(emb)) -> 6 chunks; returns the modulated norm and gate/shift/scale/gate."""
+
+    def __init__(self, embedding_dim: int, *, dtype: Dtype, rngs: nnx.Rngs):
+        self.linear = linear(embedding_dim, 6 * embedding_dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, emb: jax.Array):
+        emb = self.linear(jax.nn.silu(emb))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(emb, 6, axis=1)
+        x = layer_norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
+        return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+class AdaLayerNormZeroSingle(nnx.Module):
+    """linear(SiLU(emb)) -> shift, scale, gate; returns the modulated norm and the gate."""
+
+    def __init__(self, embedding_dim: int, *, dtype: Dtype, rngs: nnx.Rngs):
+        self.linear = linear(embedding_dim, 3 * embedding_dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, emb: jax.Array):
+        emb = self.linear(jax.nn.silu(emb))
+        shift_msa, scale_msa, gate_msa = jnp.split(emb, 3, axis=1)
+        return layer_norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None], gate_msa
+
+
+class AdaLayerNormContinuous(nnx.Module):
+    """The output norm: linear(SiLU(cond)) -> scale, shift (diffusers' order; black-forest-labs
+    stores shift first, which the key map swaps)."""
+
+    def __init__(self, embedding_dim: int, conditioning_embedding_dim: int, *, dtype: Dtype, rngs: nnx.Rngs):
+        self.linear = linear(conditioning_embedding_dim, 2 * embedding_dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, conditioning_embedding: jax.Array) -> jax.Array:
+        emb = self.linear(jax.nn.silu(conditioning_embedding).astype(x.dtype))
+        scale, shift = jnp.split(emb, 2, axis=1)
+        return layer_norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# Feed-forward and attention (diffusers/models/attention.py, transformer_flux.py)
+
+
+class GELU(nnx.Module):
+    """diffusers' GELU(approximate="tanh"): proj, then tanh-GELU."""
+
+    def __init__(self, dim_in: int, dim_out: int, *, dtype: Dtype, rngs: nnx.Rngs):
+        self.proj = linear(dim_in, dim_out, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.gelu(self.proj(x), approximate=True)
+
+
+class FeedForward(nnx.Module):
+    """net = [GELU(dim, 4 dim) with .proj, Dropout (identity at inference), Linear(4 dim, dim)]."""
+
+    def __init__(self, dim: int, *, mult: int = 4, dtype: Dtype, rngs: nnx.Rngs):
+        inner = dim * mult
+        self.net = nnx.List([
+            GELU(dim, inner, dtype=dtype, rngs=rngs),
+            nnx.Dropout(0.0, deterministic=True),
+            linear(inner, dim, dtype=dtype, rngs=rngs),
+        ])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for module in self.net:
+            x = module(x)
+        return x
+
+
+def attention_implementation(dtype: Dtype, requested: str | None) -> str:
+    """`jax.nn.dot_product_attention`'s backend: cuDNN flash attention on a GPU for 16-bit
+    inputs, XLA otherwise (jax's `None` means XLA for now). An explicit request wins."""
+    if requested is not None:
+        return requested
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return "cudnn"
+    return "xla"
+
+
+class FluxAttention(nnx.Module):
+    """Joint attention with QK RMSNorm and RoPE (diffusers' FluxAttention + FluxAttnProcessor).
+
+    With `added_kv_proj_dim` (double-stream blocks) the text stream has its own projections
+    (`add_{q,k,v}_proj`, `norm_added_{q,k}`, `to_add_out`) and attention runs over the
+    concatenation [text, image]. With `pre_only` (single-stream blocks) there is no output
+    projection: the caller fuses it with the MLP's.
+    """
+
+    def __init__(self, query_dim: int, heads: int, dim_head: int, *, added_kv_proj_dim: int | None = None,
+                 pre_only: bool = False, eps: float = 1e-6, attention_impl: str | None = None, dtype: Dtype,
+                 rngs: nnx.Rngs):
+        inner = heads * dim_head
+        self.head_dim = dim_head
+        self.attention_impl = attention_impl
+        self.norm_q = RMSNorm(dim_head, eps=eps, dtype=dtype)
+        self.norm_k = RMSNorm(dim_head, eps=eps, dtype=dtype)
+        self.to_q = linear(query_dim, inner, dtype=dtype, rngs=rngs)
+        self.to_k = linear(query_dim, inner, dtype=dtype, rngs=rngs)
+        self.to_v = linear(query_dim, inner, dtype=dtype, rngs=rngs)
+        self.to_out = None if pre_only else nnx.List([
+            linear(inner, query_dim, dtype=dtype, rngs=rngs),
+            nnx.Dropout(0.0, deterministic=True),
+        ])
+        if added_kv_proj_dim is not None:
+            self.norm_added_q = RMSNorm(dim_head, eps=eps, dtype=dtype)
+            self.norm_added_k = RMSNorm(dim_head, eps=eps, dtype=dtype)
+            self.add_q_proj = linear(added_kv_proj_dim, inner, dtype=dtype, rngs=rngs)
+            self.add_k_proj = linear(added_kv_proj_dim, inner, dtype=dtype, rngs=rngs)
+            self.add_v_proj = linear(added_kv_proj_dim, inner, dtype=dtype, rngs=rngs)
+            self.to_add_out = linear(inner, query_dim, dtype=dtype, rngs=rngs)
+        self.added_kv_proj_dim = added_kv_proj_dim
+
+    def _heads(self, x: jax.Array) -> jax.Array:
+        return x.reshape(*x.shape[:-1], -1, self.head_dim)
+
+    def __call__(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array | None = None,
+                 image_rotary_emb: tuple[jax.Array, jax.Array] | None = None):
+        query = self.norm_q(self._heads(self.to_q(hidden_states)))
+        key = self.norm_k(self._heads(self.to_k(hidden_states)))
+        value = self._heads(self.to_v(hidden_states))
+
+        if encoder_hidden_states is not None and self.added_kv_proj_dim is not None:
+            encoder_query = self.norm_added_q(self._heads(self.add_q_proj(encoder_hidden_states)))
+            encoder_key = self.norm_added_k(self._heads(self.add_k_proj(encoder_hidden_states)))
+            encoder_value = self._heads(self.add_v_proj(encoder_hidden_states))
+            query = jnp.concatenate([encoder_query, query], axis=1)
+            key = jnp.concatenate([encoder_key, key], axis=1)
+            value = jnp.concatenate([encoder_value, value], axis=1)
+
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb)
+            key = apply_rotary_emb(key, image_rotary_emb)
+
+        # (B, S, H, D) layout in and out; softmax in float32 in both backends.
+        impl = attention_implementation(query.dtype, self.attention_impl)
+        hidden_states = jax.nn.dot_product_attention(query, key, value, implementation=impl)
+        hidden_states = hidden_states.reshape(*hidden_states.shape[:2], -1).astype(query.dtype)
+
+        if encoder_hidden_states is None:
+            return hidden_states
+        text_len = encoder_hidden_states.shape[1]
+        encoder_hidden_states, hidden_states = hidden_states[:, :text_len], hidden_states[:, text_len:]
+        for module in self.to_out:
+            hidden_states = module(hidden_states)
+        return hidden_states, self.to_add_out(encoder_hidden_states)

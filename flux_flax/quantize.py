@@ -1,0 +1,47 @@
+"""Swapping the FLUX transformer's float Linear layers for ConvRot int4 ones, per a QuantPolicy."""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from convrot_jax import ConvDense4bit, Dense4bitWeightOnly, QuantPolicy
+from flux_flax.transformer import linear_paths
+
+
+def _set_submodule(model: nnx.Module, path: str, module: nnx.Module) -> None:
+    *parents, last = path.split(".")
+    node = model
+    for name in parents:
+        node = node[int(name)] if name.isdigit() else getattr(node, name)
+    if last.isdigit():
+        node[int(last)] = module
+    else:
+        setattr(node, last, module)
+
+
+def quantize_model(model: nnx.Module, policy: QuantPolicy | None = None, *, group_size: int = 256,
+                   hadamard: str = "regular", scale_group: int | None = None,
+                   implementation: str = "auto") -> nnx.Module:
+    """Replaces, IN PLACE, each `nnx.Linear` whose dotted diffusers path the policy (default
+    `QuantPolicy.flux_default()`) marks "w4a4" by a `ConvDense4bit` and "w4a16" by a
+    `Dense4bitWeightOnly`; "bf16" layers keep their float weights. Biases keep their dtype.
+    Returns `model`. `group_size`, `hadamard`, `scale_group` are the quantization settings;
+    `implementation` picks the W4A4 kernel ("auto", see convrot_jax.ops).
+
+    For an abstract quantized model (to restore a checkpoint into), call it inside
+    `nnx.eval_shape`: `nnx.eval_shape(lambda: quantize_model(FluxTransformer2DModel(cfg, rngs=nnx.Rngs(0))))`."""
+    policy = policy or QuantPolicy.flux_default()
+    settings = dict(group_size=group_size, hadamard=hadamard, scale_group=scale_group)
+    for path, layer in list(linear_paths(model)):
+        treatment = policy.treatment(path)
+        if treatment == "bf16":
+            continue
+        weight = layer.kernel[...].T
+        bias = None if layer.bias is None else layer.bias[...]
+        bias_dtype = layer.kernel.dtype if bias is None else bias.dtype
+        if treatment == "w4a4":
+            new = ConvDense4bit.from_linear(weight, bias, bias_dtype=bias_dtype, implementation=implementation, **settings)
+        else:
+            new = Dense4bitWeightOnly.from_linear(weight, bias, bias_dtype=bias_dtype, **settings)
+        _set_submodule(model, path, new)
+    return model

@@ -1,0 +1,133 @@
+"""Shared test fixtures for FLUX: diffusers reference models with random weights, real safetensors
+checkpoints in every layout the loaders read, inputs, and the comparison metric.
+
+Import from a test module as `import flux_fixtures` (pytest puts tests/ on sys.path). All helpers
+are plain functions; torch and diffusers are imported lazily (test-only dependencies).
+
+    ref = flux_fixtures.diffusers_transformer(FluxConfig.tiny())        # torch, fp32, random
+    path = flux_fixtures.save_diffusers(ref, tmp_path / "transformer")   # config.json + safetensors
+    flux_fixtures.save_diffusers(ref, d, max_shard_size="50KB")          # sharded + index
+    flux_fixtures.save_pipeline_root(ref, tmp_path / "FLUX")             # FLUX/transformer/...
+    flux_fixtures.save_bfl(ref, tmp_path / "flux1.safetensors")          # black-forest-labs file
+    inputs = flux_fixtures.flux_inputs(config)                           # dict of numpy arrays
+    expected = flux_fixtures.run_diffusers(ref, inputs)                  # numpy
+    assert flux_fixtures.relative_error(out, expected) <= 1e-5          # max|diff| / max|ref|
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from convert.keymaps import BFL_PREFIX, diffusers_to_bfl
+from flux_flax.config import FluxConfig
+from flux_flax.loading import diffusers_key
+from flux_flax.transformer import param_paths
+
+
+def diffusers_transformer(config: FluxConfig, seed: int = 0):
+    """diffusers' FluxTransformer2DModel for `config`, float32, eval mode, random weights: the
+    default torch init, with the RMSNorm weights drawn around 1 (not all ones) so that their
+    mapping is tested too."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(**config.to_dict()).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".norm_" in name:
+                p.normal_(1.0, 0.1)
+    return model
+
+
+def state_dict_numpy(model) -> dict[str, np.ndarray]:
+    """A torch module's state dict as float32 numpy arrays."""
+    return {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def save_diffusers(model, directory: Path, *, max_shard_size: str | None = None) -> Path:
+    """diffusers' own `save_pretrained` (safetensors): config.json +
+    diffusion_pytorch_model.safetensors, or shards + index when `max_shard_size` is small."""
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(str(directory), safe_serialization=True, **kwargs)
+    return Path(directory)
+
+
+def save_pipeline_root(model, root: Path) -> Path:
+    """A diffusers pipeline root: model_index.json + transformer/ (other components omitted)."""
+    root = Path(root)
+    save_diffusers(model, root / "transformer")
+    (root / "model_index.json").write_text(json.dumps(
+        {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}
+    ))
+    return root
+
+
+def save_bfl(model, file: Path, *, prefix: bool = False) -> Path:
+    """The same weights as a black-forest-labs single file (`flux1-dev.safetensors` layout), keys
+    optionally under "model.diffusion_model." as in some ComfyUI exports."""
+    from safetensors.numpy import save_file
+
+    tensors = diffusers_to_bfl(state_dict_numpy(model))
+    if prefix:
+        tensors = {BFL_PREFIX + k: v for k, v in tensors.items()}
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(file))
+    return Path(file)
+
+
+def copy_torch_weights(nnx_module, torch_module) -> None:
+    """Copies a torch module's weights into the NNX module mirroring it (same relative names;
+    kernels transposed), cast to each parameter's dtype. For per-module tests."""
+    import jax.numpy as jnp
+
+    sd = state_dict_numpy(torch_module)
+    for path, var in param_paths(nnx_module):
+        key, transpose = diffusers_key(path)
+        value = sd.pop(key)
+        var.set_value(jnp.asarray(value.T if transpose else value, var.dtype))
+    assert not sd, f"torch weights with no NNX counterpart: {sorted(sd)}"
+
+
+def image_ids(height: int, width: int) -> np.ndarray:
+    """RoPE ids of a packed latent grid, as diffusers' pipeline makes them: (h*w, 3) = [0, row, col]."""
+    ids = np.zeros((height, width, 3), np.float32)
+    ids[..., 1] = np.arange(height)[:, None]
+    ids[..., 2] = np.arange(width)[None, :]
+    return ids.reshape(height * width, 3)
+
+
+def flux_inputs(config: FluxConfig, *, batch: int = 2, height: int = 3, width: int = 5, text_len: int = 7,
+                seed: int = 0) -> dict[str, np.ndarray]:
+    """The transformer's keyword inputs as float32 numpy arrays: a non-square height x width
+    latent grid (already packed: in_channels per token), `text_len` text tokens, timesteps in
+    (0, 1), and a per-sample guidance scale when the config has a guidance embedding."""
+    rng = np.random.default_rng(seed)
+    inputs = {
+        "hidden_states": rng.standard_normal((batch, height * width, config.in_channels), np.float32),
+        "encoder_hidden_states": rng.standard_normal((batch, text_len, config.joint_attention_dim), np.float32),
+        "pooled_projections": rng.standard_normal((batch, config.pooled_projection_dim), np.float32),
+        "timestep": rng.uniform(0.05, 0.95, (batch,)).astype(np.float32),
+        "img_ids": image_ids(height, width),
+        "txt_ids": np.zeros((text_len, 3), np.float32),
+    }
+    if config.guidance_embeds:
+        inputs["guidance"] = rng.uniform(1.0, 5.0, (batch,)).astype(np.float32)
+    return inputs
+
+
+def run_diffusers(model, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """diffusers' forward on numpy inputs -> numpy output (float32)."""
+    import torch
+
+    with torch.no_grad():
+        out = model(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}, return_dict=False)[0]
+    return out.float().numpy()
+
+
+def relative_error(out, ref) -> float:
+    """max|out - ref| / max|ref|: the issue's comparison metric."""
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
