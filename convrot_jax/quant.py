@@ -29,7 +29,9 @@ def symmetric_int4(v: jnp.ndarray, axis: int = -1) -> tuple[jnp.ndarray, jnp.nda
     """float32 v -> (int8 codes in [-7, 7], float32 scales with `axis` reduced away)."""
     v = v.astype(jnp.float32)
     absmax = jnp.max(jnp.abs(v), axis=axis, keepdims=True)
-    finite = jnp.isfinite(absmax)
+    # Not isfinite(absmax): XLA:CPU's max drops NaN (fast min/max), so a NaN among finite
+    # values would slip through there and not on the GPU.
+    finite = jnp.all(jnp.isfinite(v), axis=axis, keepdims=True)
     scale = jnp.maximum(absmax * np.float32(1 / INT4_MAX), np.float32(SCALE_FLOOR))
     inv = np.float32(1.0) / scale
     codes = jnp.clip(jnp.round(v * inv), -INT4_MAX, INT4_MAX)
