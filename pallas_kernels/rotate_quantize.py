@@ -1,0 +1,344 @@
+"""Fused grouped regular-Hadamard rotation + per-token symmetric int4 quantization (Pallas, GPU).
+
+One pass: each program loads a block of whole rows of x (M, K) once, optionally applies a
+prologue (LayerNorm without affine + AdaLN modulation, or tanh-GELU), rotates every group of
+`group_size` columns, reduces the per-row absmax, and writes int4 codes (int8, or packed two a
+byte) and float32 per-row scales. The rotated row stays in registers between the absmax and the
+quantization, so HBM sees x once and the codes once.
+
+Bit-identity with `convrot_jax.quant.quantize_activation_reference` (no prologue):
+- the rotation is the reference butterfly (`convrot_jax.hadamard`): the same 4-point stage
+  (`_regular_stage`, imported, not copied), the same stage order (outermost digit first), the
+  same final power-of-two multiply. Each stage splits the leading base-4 digit off the group and
+  joins the 4 results as the trailing digit, so after log4(n) stages the order is natural again
+  and no element ever leaves its program's registers;
+- scale = max(absmax * float32(1/7), 1e-10) as in the reference; 1 / scale is IEEE
+  `div.rn.f32` and v * (1 / scale) an explicit `mul.rn.f32` followed by `cvt.rni` (round half
+  to even) in inline PTX: Triton's `/` is the approximate `div.full.f32`, it has no round
+  primitive, and a plain multiply may be contracted into an FMA, which changes the rounding;
+- a row holding NaN/Inf after rotation gets a NaN scale and zero codes, as in the reference.
+With a prologue the codes cannot be bit-identical (reductions in another order, rsqrt, tanh);
+`rotate_quantize_reference` is the jnp composition they are tested against.
+
+Rotation as a tensor-core matmul (`RotateQuantizeConfig(rotation="matmul")`, bf16 input, no
+prologue): the hardware picks the fp32 accumulation order, so bit-identity cannot be promised;
+it is kept as a measured alternative only. Decision and figures: benchmarks/notes/rotate_quantize.md
+and the table below.
+
+Backend: Pallas Triton. The kernel is a row-wise, memory-bound reduction with register
+shuffles (split/join) between butterfly stages: Triton's row-kernel model (jax's own
+layer_norm.py / softmax.py) expresses it directly, Triton's split/join lowerings exist in
+Pallas, and it runs in interpret mode on the CPU for CI. Mosaic GPU was not attempted: its
+register layouts offer no split/join of a trailing digit, so each stage would round-trip
+through shared memory with strided (down to 4-byte) accesses. Risk: the Pallas Triton
+backend is deprecated since jax 0.11; the kernel body is plain jnp + `plgpu.load/store`,
+so a port to jax-triton or Mosaic GPU keeps the algorithm. Measured (H100, same run as the
+copy and the XLA reference): see benchmarks/results/rotate_quantize.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from convrot_jax.hadamard import _regular_stage, check_group_size, regular_hadamard
+from convrot_jax.quant import INT4_MAX, SCALE_FLOOR, pack_int4, quantize_activation_reference
+
+Prologue = Literal["none", "layernorm", "gelu_tanh"]
+PROLOGUES: tuple[str, ...] = ("none", "layernorm", "gelu_tanh")
+LAYERNORM_EPS = 1e-6
+
+
+def _is_pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RotateQuantizeConfig:
+    """Block configuration.
+
+    block_rows: rows per program (power of 2). With a modulation it is lowered to divide the
+      tokens per image, so that one program's rows share one image's shift/scale.
+    chunk: columns per register tile (power of 2, a multiple of the group size; lowered to the
+      largest power of 2 dividing K). The whole row is held as K / chunk tiles.
+    num_warps: Triton warps per program; None picks by the values a program holds.
+    rotation: "butterfly" (bit-identical) or "matmul" (tensor cores, bf16 input only, not
+      bit-identical; kept for measurement).
+    """
+
+    block_rows: int = 1
+    chunk: int = 1024
+    num_warps: int | None = None
+    num_stages: int = 1
+    rotation: Literal["butterfly", "matmul"] = "butterfly"
+
+    def __post_init__(self):
+        if not (_is_pow2(self.block_rows) and _is_pow2(self.chunk)):
+            raise ValueError(f"block_rows and chunk must be powers of 2, got {self}")
+        if self.num_warps is not None and not _is_pow2(self.num_warps):
+            raise ValueError(f"num_warps must be a power of 2, got {self.num_warps}")
+        if self.rotation not in ("butterfly", "matmul"):
+            raise ValueError(f"rotation must be 'butterfly' or 'matmul', got {self.rotation!r}")
+
+    def warps(self, values_per_program: int) -> int:
+        """About 32 float32 values a thread, between 4 and 16 warps."""
+        if self.num_warps is not None:
+            return self.num_warps
+        return int(min(16, max(4, pl.next_power_of_2(values_per_program // (32 * 32)))))
+
+
+def apply_prologue(
+    x: jax.Array, prologue: Prologue = "none", shift: jax.Array | None = None, scale: jax.Array | None = None
+) -> jax.Array:
+    """The prologue in jnp, float32: x (M, K) -> (M, K). shift/scale (B, K) modulate image b's
+    M / B consecutive rows: LayerNorm(x) * (1 + scale) + shift."""
+    xf = x.astype(jnp.float32)
+    if prologue == "gelu_tanh":
+        return jax.nn.gelu(xf, approximate=True)
+    if prologue == "none":
+        return xf
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + np.float32(LAYERNORM_EPS))
+    if shift is None:
+        return y
+    b = shift.shape[0]
+    y = y.reshape(b, -1, y.shape[-1])
+    y = y * (1 + scale.astype(jnp.float32)[:, None]) + shift.astype(jnp.float32)[:, None]
+    return y.reshape(xf.shape)
+
+
+def rotate_quantize_reference(
+    x: jax.Array,
+    *,
+    group_size: int = 256,
+    packed: bool = False,
+    prologue: Prologue = "none",
+    shift: jax.Array | None = None,
+    scale: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The XLA composition the kernel is tested against: prologue, then the reference quantizer."""
+    codes, scales = quantize_activation_reference(apply_prologue(x, prologue, shift, scale), group_size=group_size)
+    return (pack_int4(codes) if packed else codes), scales
+
+
+# --- exact float32 arithmetic inside the kernel -------------------------------------------------
+
+
+def _div_rn(a: jax.Array, b: jax.Array, interpret: bool) -> jax.Array:
+    """IEEE float32 a / b (Triton's `/` is the approximate div.full.f32)."""
+    if interpret:
+        return a / b
+    [q] = plgpu.elementwise_inline_asm(
+        "div.rn.f32 $0, $1, $2;",
+        args=[a, b],
+        constraints="=r,r,r",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
+    )
+    return q
+
+
+def _round_codes(v: jax.Array, inv: jax.Array, interpret: bool) -> jax.Array:
+    """clip(round_half_even(v * inv), -7, 7) as int32, the product rounded on its own (no FMA)."""
+    if interpret:
+        q = jnp.round(v * inv).astype(jnp.int32)
+    else:
+        [q] = plgpu.elementwise_inline_asm(
+            "{ .reg .f32 t; mul.rn.f32 t, $1, $2; cvt.rni.s32.f32 $0, t; }",
+            args=[v, inv],
+            constraints="=r,r,r",
+            pack=1,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.int32)],
+        )
+    return jnp.clip(q, -INT4_MAX, INT4_MAX)
+
+
+def _butterfly(v: jax.Array, n: int) -> jax.Array:
+    """(rows, C) float32 -> each group of n columns times H_n, in the reference's exact order."""
+    shape = v.shape
+    groups = v.size // n
+    v = v.reshape(groups, n)
+    for _ in range(check_group_size(n, "regular")):
+        parts = jnp.split(v.reshape(groups, 4, n // 4), 4, axis=1)
+        y0, y1, y2, y3 = _regular_stage(*(p.reshape(groups, n // 4) for p in parts))
+        # The stage's digit becomes the trailing one: index 4 * i + j holds y_j[i].
+        v = jnp.stack([jnp.stack([y0, y2], axis=-1), jnp.stack([y1, y3], axis=-1)], axis=-1)
+        v = v.reshape(groups, n)
+    return (v * np.float32(1 / math.sqrt(n))).reshape(shape)
+
+
+def _matmul_rotation(v: jax.Array, h: jax.Array, n: int) -> jax.Array:
+    """(rows, C) float32 holding bf16 values -> grouped x @ H_n on tensor cores (H unscaled ±1)."""
+    shape = v.shape
+    y = jnp.dot(v.reshape(v.size // n, n).astype(jnp.bfloat16), h, preferred_element_type=jnp.float32)
+    return (y * np.float32(1 / math.sqrt(n))).reshape(shape)
+
+
+# --- the kernel ----------------------------------------------------------------------------------
+
+
+def _kernel(
+    *refs, m, k, n, chunk, block_rows, prologue, modulated, packed, tokens_per_image, rotation, interpret
+):
+    x_ref, *refs = refs
+    if modulated:
+        shift_ref, scale_ref, *refs = refs
+    if rotation == "matmul":
+        h_ref, *refs = refs
+    codes_ref, scales_ref = refs
+
+    pid = pl.program_id(0)
+    rows = pid * block_rows + jnp.arange(block_rows)
+    valid = rows < m
+    tiles = range(k // chunk)
+    xs = [
+        plgpu.load(x_ref.at[:, pl.ds(c * chunk, chunk)], mask=valid[:, None], other=0).astype(jnp.float32)
+        for c in tiles
+    ]
+
+    if prologue == "gelu_tanh":
+        xs = [jax.nn.gelu(v, approximate=True) for v in xs]
+    elif prologue == "layernorm":
+        mean = sum(jnp.sum(v, axis=1) for v in xs) / np.float32(k)
+        xs = [v - mean[:, None] for v in xs]
+        var = sum(jnp.sum(v * v, axis=1) for v in xs) / np.float32(k)
+        rstd = jax.lax.rsqrt(var + np.float32(LAYERNORM_EPS))
+        xs = [v * rstd[:, None] for v in xs]
+        if modulated:
+            image = (pid * block_rows) // tokens_per_image
+
+            def row(ref, c):
+                return ref[pl.ds(image, 1), pl.ds(c * chunk, chunk)].astype(jnp.float32)
+
+            xs = [v * (1 + row(scale_ref, c)) + row(shift_ref, c) for c, v in zip(tiles, xs)]
+
+    if rotation == "matmul":
+        h = h_ref[...]
+        vs = [_matmul_rotation(v, h, n) for v in xs]
+    else:
+        vs = [_butterfly(v, n) for v in xs]
+
+    absmax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(v), axis=1) for v in vs])
+    nonfinite = functools.reduce(
+        jnp.maximum, [jnp.max(jnp.where(jnp.isfinite(v), 0.0, 1.0), axis=1) for v in vs]
+    )
+    bad = nonfinite > 0
+    scale = jnp.maximum(absmax * np.float32(1 / INT4_MAX), np.float32(SCALE_FLOOR))
+    inv = _div_rn(jnp.ones_like(scale), scale, interpret)
+    plgpu.store(scales_ref, jnp.where(bad, np.float32(np.nan), scale), mask=valid)
+
+    inv_tile = jnp.broadcast_to(inv[:, None], (block_rows, chunk))
+    for c, v in zip(tiles, vs):
+        q = jnp.where(bad[:, None], 0, _round_codes(v, inv_tile, interpret))
+        if packed:
+            even, odd = jnp.split(q.reshape(block_rows, chunk // 2, 2), 2, axis=-1)
+            byte = (even & 0xF) | ((odd & 0xF) << 4)
+            out = byte.reshape(block_rows, chunk // 2).astype(jnp.uint8)
+            plgpu.store(codes_ref.at[:, pl.ds(c * chunk // 2, chunk // 2)], out, mask=valid[:, None])
+        else:
+            plgpu.store(codes_ref.at[:, pl.ds(c * chunk, chunk)], q.astype(jnp.int8), mask=valid[:, None])
+
+
+def _largest_pow2_divisor(k: int) -> int:
+    return k & -k
+
+
+def rotate_quantize(
+    x: jax.Array,
+    *,
+    group_size: int = 256,
+    packed: bool = False,
+    prologue: Prologue = "none",
+    shift: jax.Array | None = None,
+    scale: jax.Array | None = None,
+    config: RotateQuantizeConfig | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """x (M, K) bf16/f32 -> (codes, scales): int8 (M, K) in [-7, 7] (or packed uint8 (M, K/2),
+    low nibble = even k) and float32 (M,) per-row scales, as `rotate_quantize_reference`.
+
+    prologue: "none"; "layernorm" (no affine, eps 1e-6), modulated as LN(x) * (1 + scale) + shift
+    when shift and scale (B, K) are given, image b owning rows [b * M/B, (b + 1) * M/B); or
+    "gelu_tanh". interpret: run in Pallas interpret mode (CPU tests).
+    """
+    config = config or RotateQuantizeConfig()
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D (tokens, features), got shape {x.shape}")
+    if x.dtype not in (jnp.bfloat16, jnp.float32):
+        raise ValueError(f"x must be bfloat16 or float32, got {x.dtype}")
+    m, k = x.shape
+    check_group_size(group_size, "regular")
+    if k % group_size:
+        raise ValueError(f"x's last axis ({k}, shape {x.shape}) must be a multiple of group_size ({group_size})")
+    if prologue not in PROLOGUES:
+        raise ValueError(f"prologue must be one of {PROLOGUES}, got {prologue!r}")
+    modulated = shift is not None or scale is not None
+    if modulated:
+        if prologue != "layernorm" or shift is None or scale is None:
+            raise ValueError("shift and scale go together, with prologue='layernorm'")
+        if shift.shape != scale.shape or shift.ndim != 2 or shift.shape[1] != k or m % shift.shape[0]:
+            raise ValueError(
+                f"shift {shift.shape} and scale {scale.shape} must both be (B, {k}) with B dividing "
+                f"the {m} rows of x {x.shape}"
+            )
+    if config.rotation == "matmul" and (x.dtype != jnp.bfloat16 or prologue != "none"):
+        raise ValueError("rotation='matmul' takes bfloat16 input without a prologue")
+
+    chunk = max(min(config.chunk, _largest_pow2_divisor(k)), group_size)
+    block_rows = config.block_rows
+    tokens_per_image = m // shift.shape[0] if modulated else m
+    if modulated:
+        block_rows = math.gcd(block_rows, tokens_per_image)
+    if config.rotation == "matmul" and block_rows * chunk // group_size < 16:
+        raise ValueError(f"rotation='matmul' needs block_rows * chunk / group_size >= 16, got {config}")
+
+    inputs = [x]
+    in_specs = [pl.BlockSpec((block_rows, k), lambda i: (i, 0))]
+    if modulated:
+        inputs += [shift, scale]
+        in_specs += [pl.BlockSpec(shift.shape, lambda i: (0, 0))] * 2
+    if config.rotation == "matmul":
+        inputs.append(regular_hadamard(group_size, jnp.bfloat16) * math.sqrt(group_size))
+        in_specs.append(pl.BlockSpec((group_size, group_size), lambda i: (0, 0)))
+    codes_width = k // 2 if packed else k
+    kernel = functools.partial(
+        _kernel,
+        m=m,
+        k=k,
+        n=group_size,
+        chunk=chunk,
+        block_rows=block_rows,
+        prologue=prologue,
+        modulated=modulated,
+        packed=packed,
+        tokens_per_image=tokens_per_image,
+        rotation=config.rotation,
+        interpret=interpret,
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(m, block_rows),),
+        in_specs=in_specs,
+        out_specs=[
+            pl.BlockSpec((block_rows, codes_width), lambda i: (i, 0)),
+            pl.BlockSpec((block_rows,), lambda i: (i,)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((m, codes_width), jnp.uint8 if packed else jnp.int8),
+            jax.ShapeDtypeStruct((m,), jnp.float32),
+        ],
+        compiler_params=plgpu.CompilerParams(
+            num_warps=config.warps(block_rows * k), num_stages=config.num_stages
+        ),
+        interpret=interpret,
+        name="rotate_quantize",
+    )(*inputs)

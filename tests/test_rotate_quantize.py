@@ -1,0 +1,195 @@
+"""The fused rotate+quantize kernel against the XLA reference.
+
+CPU: Pallas interpret mode on small shapes (codes and scales bit-identical without a prologue).
+GPU (`gpu` marker, Hopper): the compiled kernel on FLUX shapes, the reference computed on the
+CPU backend so that the comparison does not depend on XLA:GPU's arithmetic.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from convrot_jax import ops
+from pallas_kernels.rotate_quantize import RotateQuantizeConfig, rotate_quantize, rotate_quantize_reference
+
+ON_CPU = jax.devices()[0].platform == "cpu"
+# A prologue changes the float arithmetic (reduction order, rsqrt, tanh): codes may move by one
+# step where a value sits on a rounding boundary. The allowed fraction is far above what such
+# ties produce (~1e-5) and far below what any real bug produces.
+MAX_OFF_BY_ONE = 1e-3
+
+
+def _inputs(m: int, k: int, dtype, seed: int = 0) -> jnp.ndarray:
+    """Heavy-tailed rows plus the edge cases: a zero row, a huge outlier, NaN and Inf rows."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_t(3, size=(m, k)).astype(np.float32) * rng.uniform(0.01, 30, size=(m, 1))
+    x[0] = 0.0
+    if m > 1:
+        x[1, k // 3] = 3e4
+    if m > 3:
+        x[2, 7] = np.nan
+        x[3, k - 1] = -np.inf
+    return jnp.asarray(x, dtype)
+
+
+def _reference(x, **kw):
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+        args = {k: jax.device_put(v, cpu) if isinstance(v, jax.Array) else v for k, v in kw.items()}
+        return jax.tree.map(np.asarray, rotate_quantize_reference(jax.device_put(x, cpu), **args))
+
+
+def _assert_exact(got, want):
+    np.testing.assert_array_equal(np.asarray(got[0]), want[0])
+    np.testing.assert_array_equal(np.asarray(got[1]), want[1])  # NaN scales compare equal
+
+
+def _assert_close(got, want, packed: bool = False):
+    """Codes within one step on a tiny fraction of entries; scales to float32 rounding."""
+    codes, want_codes = np.asarray(got[0]), want[0]
+    if packed:
+        codes, want_codes = _unpack(codes), _unpack(want_codes)
+    diff = np.abs(codes.astype(np.int32) - want_codes.astype(np.int32))
+    assert diff.max() <= 1, diff.max()
+    assert np.mean(diff > 0) <= MAX_OFF_BY_ONE, np.mean(diff > 0)
+    np.testing.assert_allclose(np.asarray(got[1]), want[1], rtol=2e-5)
+
+
+def _unpack(p: np.ndarray) -> np.ndarray:
+    lo = (p & 0xF).astype(np.int8)
+    hi = (p >> 4).astype(np.int8)
+    c = np.stack([lo, hi], -1).reshape(p.shape[0], -1)
+    return np.where(c > 7, c - 16, c)
+
+
+def _modulation(b: int, k: int, dtype, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.normal(0, 0.5, (b, k)), dtype), jnp.asarray(rng.normal(0, 0.5, (b, k)), dtype))
+
+
+# --- CPU, interpret mode ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "m,k,group_size,dtype,packed,block_rows",
+    [
+        (5, 3072, 256, jnp.bfloat16, False, 2),  # M not a multiple of the block
+        (6, 768, 256, jnp.float32, True, 4),
+        (4, 256, 64, jnp.float32, False, 1),
+        (5, 2048, 1024, jnp.bfloat16, True, 2),
+    ],
+)
+def test_interpret_bit_identical(m, k, group_size, dtype, packed, block_rows):
+    x = _inputs(m, k, dtype)
+    cfg = RotateQuantizeConfig(block_rows=block_rows, chunk=512)
+    got = rotate_quantize(x, group_size=group_size, packed=packed, config=cfg, interpret=True)
+    want = _reference(x, group_size=group_size, packed=packed)
+    assert got[0].shape == want[0].shape and got[0].dtype == want[0].dtype
+    _assert_exact(got, want)
+    if m > 3:  # the NaN row really is the edge case
+        assert np.isnan(want[1][2]) and not want[0][2].any()
+
+
+def test_interpret_layernorm_modulation():
+    m, k, b = 8, 512, 2
+    x = _inputs(m, k, jnp.bfloat16)[4:].repeat(2, axis=0)  # finite rows only
+    shift, scale = _modulation(b, k, jnp.bfloat16)
+    got = rotate_quantize(
+        x, prologue="layernorm", shift=shift, scale=scale, config=RotateQuantizeConfig(block_rows=8), interpret=True
+    )
+    _assert_close(got, _reference(x, prologue="layernorm", shift=shift, scale=scale))
+
+
+def test_interpret_gelu_packed():
+    x = _inputs(4, 1024, jnp.float32)[:, :]
+    got = rotate_quantize(x, prologue="gelu_tanh", packed=True, interpret=True)
+    _assert_close(got, _reference(x, prologue="gelu_tanh", packed=True), packed=True)
+
+
+def test_interpret_matmul_rotation_is_close():
+    x = _inputs(16, 256, jnp.bfloat16)[4:]
+    cfg = RotateQuantizeConfig(block_rows=16, rotation="matmul")
+    _assert_close(rotate_quantize(x, config=cfg, interpret=True), _reference(x))
+
+
+@pytest.mark.parametrize(
+    "shape,kw,match",
+    [
+        ((4, 300), {}, r"\(4, 300\).*multiple of group_size"),
+        ((2, 3, 256), {}, r"2-D.*\(2, 3, 256\)"),
+        ((4, 256), {"group_size": 128}, "power of 4"),
+        ((4, 256), {"prologue": "rmsnorm"}, "prologue"),
+        ((4, 256), {"shift": jnp.zeros((3, 256)), "scale": jnp.zeros((3, 256)), "prologue": "layernorm"}, r"\(3, 256\)"),
+        ((4, 256), {"shift": jnp.zeros((1, 256))}, "go together"),
+    ],
+)
+def test_bad_input_is_named(shape, kw, match):
+    with pytest.raises(ValueError, match=match):
+        rotate_quantize(jnp.ones(shape, jnp.bfloat16), interpret=True, **kw)
+
+
+def test_matmul_rotation_refuses_float32():
+    with pytest.raises(ValueError, match="bfloat16"):
+        rotate_quantize(jnp.ones((16, 256), jnp.float32), config=RotateQuantizeConfig(rotation="matmul"), interpret=True)
+
+
+# --- GPU (Hopper) ----------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [3072, 12288, 15360])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("packed", [False, True])
+def test_gpu_bit_identical(k, dtype, packed):
+    x = _inputs(1027, k, dtype, seed=k)
+    _assert_exact(rotate_quantize(x, packed=packed), _reference(x, packed=packed))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group_size", [64, 1024])
+def test_gpu_group_sizes(group_size):
+    x = _inputs(515, 3072, jnp.bfloat16, seed=group_size)
+    _assert_exact(rotate_quantize(x, group_size=group_size), _reference(x, group_size=group_size))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_rows", [1, 2, 4])
+def test_gpu_block_configs(block_rows):
+    x = _inputs(1001, 12288, jnp.bfloat16, seed=block_rows)
+    got = rotate_quantize(x, config=RotateQuantizeConfig(block_rows=block_rows))
+    _assert_exact(got, _reference(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,b", [(3072, 1), (3072, 2), (15360, 2)])
+def test_gpu_layernorm_modulation(k, b):
+    x = _inputs(4 + 512 * b, k, jnp.bfloat16, seed=k)[4:]
+    shift, scale = _modulation(b, k, jnp.bfloat16)
+    got = rotate_quantize(x, prologue="layernorm", shift=shift, scale=scale)
+    _assert_close(got, _reference(x, prologue="layernorm", shift=shift, scale=scale))
+
+
+@pytest.mark.gpu
+def test_gpu_gelu():
+    x = _inputs(516, 12288, jnp.bfloat16)[4:]
+    _assert_close(rotate_quantize(x, prologue="gelu_tanh"), _reference(x, prologue="gelu_tanh"))
+
+
+@pytest.mark.gpu
+def test_gpu_matmul_rotation_is_close():
+    x = _inputs(1028, 3072, jnp.bfloat16)[4:]
+    got = rotate_quantize(x, config=RotateQuantizeConfig(block_rows=4, rotation="matmul"))
+    _assert_close(got, _reference(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("implementation", ["pallas", "auto"])
+def test_gpu_ops_entry_point(implementation):
+    x = _inputs(2 * 300, 3072, jnp.bfloat16).reshape(2, 300, 3072)
+    got = ops.quantize_activation(x, implementation=implementation)
+    want = _reference(x.reshape(600, 3072))
+    np.testing.assert_array_equal(np.asarray(got[0]).reshape(600, 3072), want[0])
+    np.testing.assert_array_equal(np.asarray(got[1]).reshape(600), want[1])
