@@ -1,0 +1,301 @@
+"""FLUX text-to-image in JAX: prompt -> text embeddings (PyTorch) -> flow-matching denoising loop
+(one compiled program: `lax.fori_loop` over the steps) -> VAE decode -> uint8 images / PNG files.
+
+Mirrors diffusers' `FluxPipeline.__call__` (no true CFG, no IP-adapter): the same schedule, the
+same packing and ids, the same Euler step and the same decode, so both give the same image from
+the same weights and initial latents (tests/test_pipeline.py checks it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+from PIL import Image, PngImagePlugin
+from tqdm.auto import tqdm
+
+from flux_flax import sampling
+from flux_flax.config import FluxConfig
+from flux_flax.text import PromptEmbeds, TextEncoders
+from flux_flax.vae import AutoencoderKLDecoder, load_vae
+
+
+class PipelineMismatchError(ValueError):
+    """The transformer, VAE and text encoders do not fit together (widths, channels, configs)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSettings:
+    """What to sample. `seed` is the first image's seed; image k of a request uses `seed + k`."""
+
+    height: int = 1024
+    width: int = 1024
+    num_inference_steps: int = 28
+    guidance_scale: float = 3.5
+    seed: int = 0
+
+    def __post_init__(self):
+        sampling.check_image_size(self.height, self.width)
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {self.num_inference_steps}")
+
+
+def check_components(config: FluxConfig, vae: AutoencoderKLDecoder, text_encoders: TextEncoders) -> None:
+    """Raises `PipelineMismatchError` naming the sizes that disagree."""
+    problems = []
+    if vae.config.scale_factor != sampling.VAE_SCALE_FACTOR:
+        problems.append(f"the VAE upsamples {vae.config.scale_factor}x, FLUX needs {sampling.VAE_SCALE_FACTOR}x")
+    if config.in_channels != 4 * vae.config.latent_channels:
+        problems.append(
+            f"transformer in_channels {config.in_channels} != 4 x VAE latent_channels {vae.config.latent_channels}"
+        )
+    t5_width = text_encoders.text_encoder_2.config.d_model
+    if config.joint_attention_dim != t5_width:
+        problems.append(f"transformer joint_attention_dim {config.joint_attention_dim} != T5 width {t5_width}")
+    clip_width = text_encoders.text_encoder.config.hidden_size
+    if config.pooled_projection_dim != clip_width:
+        problems.append(f"transformer pooled_projection_dim {config.pooled_projection_dim} != CLIP width {clip_width}")
+    if problems:
+        raise PipelineMismatchError("the pipeline's parts do not fit together: " + "; ".join(problems))
+
+
+def to_uint8(images: jax.Array) -> np.ndarray:
+    """[-1, 1] float images -> uint8, as diffusers' `VaeImageProcessor.postprocess`."""
+    images = np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0, 1)
+    return (images * 255).round().astype(np.uint8)
+
+
+class FluxPipeline:
+    """A FLUX.1 text-to-image pipeline around an NNX transformer (bf16 or ConvRot-quantized).
+
+    `dynamic_shift` picks the dev schedule (True) or schnell's (False); by default it follows the
+    guidance embedding (dev has one, schnell not). The denoising loop is one jitted program per
+    (batch, size, steps); with `progress`, a tqdm bar follows the steps through a host callback
+    (`jax.debug.callback`, under 1 ms a step; a jitted step in a Python loop costs about the same
+    but dispatches every step, flattening the model's weights each time).
+    """
+
+    def __init__(
+        self,
+        transformer: nnx.Module,
+        vae: AutoencoderKLDecoder,
+        text_encoders: TextEncoders,
+        *,
+        dynamic_shift: bool | None = None,
+        progress: bool = True,
+    ):
+        self.config: FluxConfig = transformer.config
+        check_components(self.config, vae, text_encoders)
+        self.transformer, self.vae, self.text_encoders = transformer, vae, text_encoders
+        self.dynamic_shift = self.config.guidance_embeds if dynamic_shift is None else dynamic_shift
+        self.progress = progress
+        self._bar: tqdm | None = None
+        transformer_def, _ = nnx.split(transformer)
+        vae_def, _ = nnx.split(vae)
+        self._denoise = jax.jit(self._denoise_loop(transformer_def))
+        self._decode = jax.jit(self._decode_fn(vae_def), static_argnames=("height", "width"))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        *,
+        checkpoint: str | Path | None = None,
+        dtype=jnp.bfloat16,
+        text_dtype: torch.dtype = torch.bfloat16,
+        text_device: str = "cpu",
+        max_sequence_length: int | None = None,
+        cache_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> "FluxPipeline":
+        """Loads a diffusers-format FLUX folder (tokenizer/, text_encoder/, tokenizer_2/,
+        text_encoder_2/, vae/, and transformer/ unless `checkpoint`, a `convrot-convert` Orbax
+        checkpoint, gives the transformer). T5 length: 512 for dev, 256 for schnell, by default."""
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"model folder {model_dir} does not exist")
+        transformer = _load_transformer(model_dir, checkpoint, dtype)
+        if max_sequence_length is None:
+            max_sequence_length = 512 if transformer.config.guidance_embeds else 256
+        text_encoders = TextEncoders.from_pretrained(
+            model_dir, max_sequence_length=max_sequence_length, dtype=text_dtype, device=text_device, cache_dir=cache_dir
+        )
+        vae = load_vae(model_dir / "vae", dtype=dtype)
+        return cls(transformer, vae, text_encoders, dynamic_shift=_scheduler_shift(model_dir), progress=progress)
+
+    # The compiled parts.
+    def _denoise_loop(self, graphdef: nnx.GraphDef):
+        def denoise(state, latents, prompt_embeds, pooled, img_ids, txt_ids, sigmas, guidance):
+            model = nnx.merge(graphdef, state)
+            batch = latents.shape[0]
+
+            def step(i, latents):
+                timestep = jnp.full((batch,), sigmas[i], jnp.float32)
+                noise_pred = model(latents, prompt_embeds, pooled, timestep, img_ids, txt_ids, guidance)
+                latents = sampling.euler_step(latents, noise_pred, sigmas[i], sigmas[i + 1])
+                if self.progress:  # fixed at trace time; the argument makes it run after the step
+                    jax.debug.callback(self._on_step, latents[0, 0, 0])
+                return latents
+
+            return jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, latents.astype(jnp.float32))
+
+        return denoise
+
+    def _on_step(self, _) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    @staticmethod
+    def _decode_fn(graphdef: nnx.GraphDef):
+        def decode(state, latents, *, height, width):
+            vae = nnx.merge(graphdef, state)
+            latents = sampling.unpack_latents(latents, height, width).transpose(0, 2, 3, 1)  # NCHW -> NHWC
+            return vae.decode(vae.unscale(latents))
+
+        return decode
+
+    # The steps of a generation, usable one by one.
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
+        return self.text_encoders.encode(prompts)
+
+    def prepare_latents(self, seeds: Sequence[int], height: int, width: int) -> jax.Array:
+        """Packed Gaussian noise (B, tokens, in_channels); image k's noise depends only on `seeds[k]`."""
+        shape = sampling.latent_shape(height, width, self.config.in_channels // 4)
+        noise = [jax.random.normal(jax.random.key(s), shape, jnp.float32) for s in seeds]
+        return sampling.pack_latents(jnp.stack(noise))
+
+    def denoise(self, latents: jax.Array, embeds: PromptEmbeds, settings: GenerationSettings) -> jax.Array:
+        """Runs every step on packed float32 `latents`; returns the final packed latents."""
+        batch, seq_len = latents.shape[:2]
+        sigmas = sampling.flux_sigmas(settings.num_inference_steps, seq_len, dynamic_shift=self.dynamic_shift)
+        guidance = (
+            jnp.full((batch,), settings.guidance_scale, jnp.float32) if self.config.guidance_embeds else None
+        )
+        dtype = self.transformer.dtype
+        args = (
+            jnp.asarray(latents, jnp.float32),
+            jnp.asarray(embeds.prompt_embeds, dtype),
+            jnp.asarray(embeds.pooled_prompt_embeds, dtype),
+            jnp.asarray(sampling.latent_image_ids(settings.height, settings.width)),
+            jnp.asarray(sampling.text_ids(embeds.prompt_embeds.shape[1])),
+            jnp.asarray(sigmas),
+            guidance,
+        )
+        with tqdm(total=settings.num_inference_steps, desc="denoising", disable=not self.progress) as self._bar:
+            out = self._denoise(nnx.state(self.transformer), *args)
+            out.block_until_ready()
+        self._bar = None
+        return out
+
+    def decode(self, latents: jax.Array, height: int, width: int) -> jax.Array:
+        """Packed latents -> (B, height, width, 3) images in about [-1, 1], in the VAE's dtype."""
+        return self._decode(nnx.state(self.vae), latents, height=height, width=width)
+
+    def __call__(
+        self, prompts: Sequence[str], settings: GenerationSettings = GenerationSettings(), *, latents: jax.Array | None = None
+    ) -> np.ndarray:
+        """(len(prompts), H, W, 3) uint8 images. `latents` (packed) replaces the seeded noise."""
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("no prompts: the prompt list is empty")
+        embeds = self.encode_prompts(prompts)
+        if latents is None:
+            latents = self.prepare_latents(
+                [settings.seed + k for k in range(len(prompts))], settings.height, settings.width
+            )
+        latents = self.denoise(latents, embeds, settings)
+        return to_uint8(self.decode(latents, settings.height, settings.width))
+
+    def generate_pngs(
+        self,
+        prompts: Sequence[str],
+        settings: GenerationSettings,
+        out_dir: str | Path,
+        *,
+        batch_size: int = 1,
+        metadata: dict[str, str] | None = None,
+    ) -> list[Path]:
+        """One PNG per prompt in `out_dir`, sampled `batch_size` at a time (the last batch is padded,
+        so one compilation serves every batch); prompt k gets seed `settings.seed + k`."""
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("no prompts: the prompt list is empty")
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        paths = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            seeds = [settings.seed + start + k for k in range(batch_size)]
+            latents = self.prepare_latents(seeds, settings.height, settings.width)
+            images = self(chunk + [chunk[-1]] * (batch_size - len(chunk)), settings, latents=latents)
+            for k, prompt in enumerate(chunk):
+                name = image_filename(start + k, prompt, seeds[k])
+                paths.append(save_png(images[k], Path(out_dir) / name, prompt, seeds[k], settings, **(metadata or {})))
+        return paths
+
+
+def _scheduler_shift(model_dir: Path) -> bool | None:
+    """`use_dynamic_shifting` from scheduler/scheduler_config.json, or None when there is none."""
+    path = model_dir / "scheduler" / "scheduler_config.json"
+    return bool(json.loads(path.read_text()).get("use_dynamic_shifting", False)) if path.is_file() else None
+
+
+def _load_transformer(model_dir: Path, checkpoint: str | Path | None, dtype) -> nnx.Module:
+    from flux_flax.loading import load_transformer
+
+    folder_config_path = model_dir / "transformer" / "config.json"
+    if checkpoint is None:
+        if not folder_config_path.is_file():
+            raise FileNotFoundError(
+                f"model folder {model_dir} has no transformer/config.json: pass --checkpoint, or use a full diffusers FLUX folder"
+            )
+        return load_transformer(model_dir / "transformer", dtype=dtype)
+
+    from convert.checkpoint import load_checkpoint
+
+    transformer, _ = load_checkpoint(checkpoint)
+    if folder_config_path.is_file():
+        folder_config = FluxConfig.from_diffusers_config(json.loads(folder_config_path.read_text()))
+        if folder_config != transformer.config:
+            diff = {
+                k: (v, getattr(transformer.config, k))
+                for k, v in folder_config.to_dict().items()
+                if transformer.config.to_dict()[k] != v
+            }
+            raise PipelineMismatchError(
+                f"checkpoint {checkpoint} is for another model than {model_dir}: "
+                + ", ".join(f"{k}: folder {a} vs checkpoint {b}" for k, (a, b) in diff.items())
+            )
+    return transformer
+
+
+def png_metadata(prompt: str, seed: int, settings: GenerationSettings, **extra: str) -> PngImagePlugin.PngInfo:
+    """Text chunks: prompt, seed, each setting, any `extra` (model, checkpoint), and all of it as JSON."""
+    fields = {"prompt": prompt, **dataclasses.asdict(settings), "seed": seed, **extra}
+    info = PngImagePlugin.PngInfo()
+    for key, value in fields.items():
+        info.add_itxt(key, str(value))
+    info.add_itxt("parameters", json.dumps(fields))
+    return info
+
+
+def save_png(image: np.ndarray, path: str | Path, prompt: str, seed: int, settings: GenerationSettings, **extra: str) -> Path:
+    """Writes one uint8 (H, W, 3) image with its prompt, seed and settings in the PNG's text chunks."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path, pnginfo=png_metadata(prompt, seed, settings, **extra))
+    return path
+
+
+def image_filename(index: int, prompt: str, seed: int) -> str:
+    """`0003-a-cat-on-a-chair-s42.png`: index, a slug of the prompt (40 chars), seed."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40].strip("-") or "empty"
+    return f"{index:04d}-{slug}-s{seed}.png"

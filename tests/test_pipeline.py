@@ -1,0 +1,165 @@
+"""flux_flax.pipeline end to end: the tiny JAX pipeline equals diffusers' FluxPipeline built from
+the same random weights (same initial latents, 2 steps), the text encoders equal diffusers'
+`encode_prompt`, and bad input gives clear errors."""
+
+import dataclasses
+import json
+import shutil
+
+import flux_fixtures
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flux_flax.config import FluxConfig
+from flux_flax.demo_assets import tiny_text_encoders
+from flux_flax.pipeline import FluxPipeline, GenerationSettings, PipelineMismatchError
+from flux_flax.vae import VAEConfig, load_vae
+
+T5_LENGTH = 24
+PROMPTS = ["a cat on a red chair", "an astronaut riding a horse"]
+SETTINGS = GenerationSettings(height=64, width=96, num_inference_steps=2, guidance_scale=3.5, seed=3)
+DEV_SCHEDULER = dict(
+    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+    base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """diffusers' FluxPipeline with random tiny parts, saved as a diffusers FLUX folder."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from diffusers import FluxPipeline as DiffusersFluxPipeline
+
+    config = FluxConfig.tiny()
+    transformer = flux_fixtures.diffusers_transformer(config)
+    torch.manual_seed(1)
+    vae = AutoencoderKL(**VAEConfig.tiny(latent_channels=config.in_channels // 4).to_diffusers()).eval()
+    text = tiny_text_encoders(config.pooled_projection_dim, config.joint_attention_dim, max_sequence_length=T5_LENGTH)
+    pipe = DiffusersFluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**DEV_SCHEDULER), vae=vae,
+        text_encoder=text.text_encoder, tokenizer=text.tokenizer,
+        text_encoder_2=text.text_encoder_2, tokenizer_2=text.tokenizer_2, transformer=transformer,
+    )
+    folder = tmp_path_factory.mktemp("flux_tiny")
+    pipe.save_pretrained(folder)
+    return pipe, folder
+
+
+@pytest.fixture(scope="module")
+def ours(reference):
+    _, folder = reference
+    return FluxPipeline.from_pretrained(
+        folder, dtype=jnp.float32, text_dtype=torch.float32, max_sequence_length=T5_LENGTH, progress=False
+    )
+
+
+def run_reference(pipe, latents, output_type: str) -> np.ndarray:
+    with torch.no_grad():
+        return pipe(
+            prompt=PROMPTS, height=SETTINGS.height, width=SETTINGS.width,
+            num_inference_steps=SETTINGS.num_inference_steps, guidance_scale=SETTINGS.guidance_scale,
+            latents=torch.from_numpy(np.array(latents)), max_sequence_length=T5_LENGTH, output_type=output_type,
+        ).images
+
+
+def test_prompt_embeddings_match_diffusers(reference, ours):
+    pipe, _ = reference
+    with torch.no_grad():
+        ref_embeds, ref_pooled, _ = pipe.encode_prompt(PROMPTS, max_sequence_length=T5_LENGTH)
+    embeds = ours.encode_prompts(PROMPTS)
+    assert embeds.prompt_embeds.shape == (2, T5_LENGTH, 32) and embeds.pooled_prompt_embeds.shape == (2, 32)
+    np.testing.assert_allclose(embeds.prompt_embeds, ref_embeds.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(embeds.pooled_prompt_embeds, ref_pooled.numpy(), rtol=1e-5, atol=1e-5)
+    assert np.abs(embeds.pooled_prompt_embeds[0] - embeds.pooled_prompt_embeds[1]).max() > 1e-2
+
+
+def test_pipeline_matches_diffusers(reference, ours):
+    pipe, _ = reference
+    latents = ours.prepare_latents([SETTINGS.seed, SETTINGS.seed + 1], SETTINGS.height, SETTINGS.width)
+    final = ours.denoise(latents, ours.encode_prompts(PROMPTS), SETTINGS)
+    images = ours(PROMPTS, SETTINGS)  # seeds 3 and 4: the same latents
+    ref_final = run_reference(pipe, latents, "latent").numpy()
+    assert flux_fixtures.relative_error(final, ref_final) < 1e-5
+    assert flux_fixtures.relative_error(final, latents) > 0.1  # the steps did move the latents
+
+    ref_images = run_reference(pipe, latents, "np")  # float in [0, 1], (B, H, W, 3)
+    assert images.shape == ref_images.shape == (2, SETTINGS.height, SETTINGS.width, 3) and images.dtype == np.uint8
+    assert np.abs(images.astype(np.float32) - ref_images * 255).max() <= 1.0  # at most one rounding step
+    assert images.std() > 1  # not a flat image
+
+
+def test_seed_decides_the_noise(ours):
+    a = ours.prepare_latents([5, 6], 64, 64)
+    b = ours.prepare_latents([5, 7], 64, 64)
+    np.testing.assert_array_equal(a[0], b[0])
+    assert not np.allclose(a[1], b[1])
+
+
+def test_generate_pngs_batches_and_metadata(ours, tmp_path):
+    prompts = ["one", "two", "three"]
+    paths = ours.generate_pngs(prompts, SETTINGS, tmp_path, batch_size=2, metadata={"model": "tiny"})
+    assert [p.name for p in paths] == ["0000-one-s3.png", "0001-two-s4.png", "0002-three-s5.png"]
+    with Image.open(paths[2]) as img:
+        assert img.size == (SETTINGS.width, SETTINGS.height) and img.mode == "RGB"
+        params = json.loads(img.text["parameters"])
+        assert img.text["prompt"] == "three" and params["seed"] == 5 and params["model"] == "tiny"
+        assert params["num_inference_steps"] == 2 and params["guidance_scale"] == 3.5
+        batched = np.asarray(img)
+    # The padded last batch and a batch of one give the same image for the same prompt and seed.
+    single = ours(["three"], dataclasses.replace(SETTINGS, seed=5))[0]
+    assert np.abs(single.astype(int) - batched.astype(int)).max() <= 1
+
+
+def test_embedding_cache(reference, tmp_path, monkeypatch):
+    _, folder = reference
+    pipe = FluxPipeline.from_pretrained(
+        folder, dtype=jnp.float32, text_dtype=torch.float32, max_sequence_length=T5_LENGTH,
+        cache_dir=tmp_path, progress=False,
+    )
+    first = pipe.encode_prompts(PROMPTS)
+    assert len(list(tmp_path.glob("*.npz"))) == 2
+
+    def no_encoding(prompts):
+        raise AssertionError(f"cache miss for {prompts}")
+
+    monkeypatch.setattr(pipe.text_encoders, "_encode", no_encoding)
+    again = pipe.encode_prompts(PROMPTS[::-1])
+    np.testing.assert_array_equal(again.prompt_embeds, first.prompt_embeds[::-1])
+    np.testing.assert_array_equal(again.pooled_prompt_embeds, first.pooled_prompt_embeds[::-1])
+
+
+@pytest.mark.parametrize("size", [(100, 64), (64, 72)])
+def test_size_not_multiple_of_16(size):
+    with pytest.raises(ValueError, match="multiples of 16"):
+        GenerationSettings(height=size[0], width=size[1])
+
+
+def test_empty_prompt_list(ours, tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        ours([], SETTINGS)
+    with pytest.raises(ValueError, match="empty"):
+        ours.generate_pngs([], SETTINGS, tmp_path)
+
+
+@pytest.mark.parametrize("part", ["vae", "text_encoder_2", "tokenizer", "transformer"])
+def test_missing_model_part_is_named(reference, tmp_path, part):
+    _, folder = reference
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    shutil.rmtree(copy / part)
+    with pytest.raises(FileNotFoundError, match=part):
+        FluxPipeline.from_pretrained(copy, dtype=jnp.float32)
+
+
+def test_parts_that_do_not_fit_are_refused(reference, ours):
+    _, folder = reference
+    wide_t5 = tiny_text_encoders(32, 64, max_sequence_length=T5_LENGTH)
+    with pytest.raises(PipelineMismatchError, match="joint_attention_dim 32 != T5 width 64"):
+        FluxPipeline(ours.transformer, ours.vae, wide_t5)
+    vae = load_vae(folder / "vae")
+    vae.config = dataclasses.replace(vae.config, latent_channels=16)
+    with pytest.raises(PipelineMismatchError, match="in_channels 4"):
+        FluxPipeline(ours.transformer, vae, ours.text_encoders)
