@@ -1,0 +1,374 @@
+"""W4A4 GEMM on Hopper (sm_90): int8 activation codes x packed int4 weights -> dequantized output.
+
+    y (M, N) = (q_x (M, K) . unpack(q_w) (N, K)^T) * s_x[:, None] * s_w[None, :] (+ bias)
+
+with exact int32 accumulation on the int8 tensor cores (`wgmma` s8 x s8 -> s32; Hopper has no
+int4 tensor cores) and the scales and bias applied in the epilogue, so the only HBM traffic is
+the int8 activations, the packed weights (K/2 bytes a row), the scales and the output.
+
+Structure (Pallas Mosaic GPU, warp-specialised, after jax's `hopper_matmul_mgpu.py`):
+  * a memory warpgroup streams the activation tile (tile_m, tile_k) int8 and the packed weight
+    tile (2 * tile_n, tile_k / 2) uint8 into a `max_concurrent_steps`-deep ring of shared-memory
+    stages by TMA;
+  * two compute warpgroups, each owning tile_n output columns: each loads its packed weight half
+    into registers, unpacks the nibbles to int8 in registers (low nibble = even k, DESIGN.md §5;
+    the register layouts line up so that 2 packed bytes of a thread become the 4 consecutive k of
+    the 8-bit wgmma fragment), stores the int8 tile to a double-buffered shared-memory slot and
+    issues `wgmma(acc, x_tile, w_tile.T)` asynchronously, so the unpack of step k+1 overlaps the
+    tensor-core work of step k. The weight is never unpacked through HBM.
+  * epilogue: acc (int32) -> f32 * s_x * s_w (+ bias) -> out dtype, through shared memory and TMA.
+Per-group weight scales (`scale_group` g along K): the kernel takes tile_k = g and folds each
+group's int32 partial product into an f32 accumulator with its scale (one wgmma wait per group:
+slower than per-channel, which is the default quantization).
+
+M need not be a multiple of the tile: the wrapper pads the activation rows (a copy of M x K bytes,
+only when M is not a multiple of tile_m) and slices the output. N must be a multiple of
+2 * tile_n and K of tile_k; the FLUX shapes are.
+
+Where it runs: NVIDIA Hopper (sm_90) only. `convrot_jax.ops.w4a4_linear(implementation="auto")`
+uses it on sm_90 and the XLA reference elsewhere (Ampere/Ada int4 `mma` paths are not built: we
+cannot test them). `interpret=True` runs the kernel on the CPU through Mosaic GPU interpret mode;
+there the nibble unpack is done with jnp ops instead of the register-level `inline_mgpu` routine
+(which interpret mode cannot run), so the GPU tests are the ones that check that routine.
+
+Configs: `config_for(m, n, k)` picks a tuned tile config from `w4a4_matmul_configs.json`
+(measured on an H100, benchmarks/results/w4a4_matmul.md); any config can be passed explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from convrot_jax.linear import dequantized_matmul_reference
+from convrot_jax.quant import QuantizedWeight
+
+_CONFIG_FILE = pathlib.Path(__file__).with_name("w4a4_matmul_configs.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class W4A4MatmulConfig:
+    """Block sizes. The CTA computes a (tile_m, 2 * tile_n) output tile, one tile_n-wide half per
+    compute warpgroup; K advances tile_k codes (tile_k / 2 packed bytes) a pipeline step."""
+
+    tile_m: int = 128
+    tile_n: int = 128
+    tile_k: int = 128
+    max_concurrent_steps: int = 4
+    epi_tile_m: int = 64
+    epi_tile_n: int = 64
+    grid_minor_dim: str = "n"  # which output-tile index varies fastest: "m" or "n"
+    grid_tile_width: int = 1  # planar-snake band width of the persistent tile order
+
+    def __post_init__(self):
+        if self.tile_m % 64 or self.tile_n % 64 or self.tile_k % 64:
+            raise ValueError(f"tile_m, tile_n, tile_k must be multiples of 64: {self}")
+        if self.tile_m % self.epi_tile_m or self.tile_n % self.epi_tile_n:
+            raise ValueError(f"epilogue tiles must divide the output tile: {self}")
+        if self.grid_minor_dim not in ("m", "n"):
+            raise ValueError(f"grid_minor_dim must be 'm' or 'n': {self}")
+
+
+def _load_config_table() -> list[dict]:
+    if not _CONFIG_FILE.exists():
+        return []
+    return json.loads(_CONFIG_FILE.read_text())["configs"]
+
+
+def config_for(m: int, n: int, k: int, scale_group: int | None = None) -> W4A4MatmulConfig:
+    """The shipped config for this problem: the table row with the largest `min_m` <= m whose
+    (n, k) match, else a row with n = k = null (any shape), else the default. Per-group scales
+    take tile_k = scale_group and tile_m = 64 (room for the second, f32 accumulator)."""
+    best = None
+    for row in _load_config_table():
+        if row["min_m"] > m or (row["n"], row["k"]) not in ((n, k), (None, None)):
+            continue
+        key = (row["n"] is not None, row["min_m"])
+        if best is None or key > best[0]:
+            best = (key, row)
+    cfg = W4A4MatmulConfig(**best[1]["config"]) if best else W4A4MatmulConfig()
+    if scale_group is not None:
+        cfg = dataclasses.replace(cfg, tile_m=64, tile_k=scale_group, epi_tile_m=64)
+    return cfg
+
+
+def _swizzle_transforms(minor_elems: int, itemsize: int = 1) -> tuple:
+    """Shared-memory tiling + the widest swizzle for rows of `minor_elems` elements."""
+    swizzle = plgpu.find_swizzle(minor_elems * itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def _unpack_tile_gpu(packed: jax.Array) -> jax.Array:
+    """uint8 (R, C/2) in the 16-bit-vector WGMMA layout -> int8 (R, C) in WGMMA_8BIT layout.
+
+    A thread's vector of 2 packed bytes (columns 2j, 2j+1 of an 8-column group) holds exactly the
+    4 codes (columns 4j..4j+3 of a 16-column group) that the 8-bit layout gives the same thread,
+    in the same register position, so the unpack is register-local: reinterpret the 16 bits as
+    4 x int4 (LLVM orders vector<4xi4> from the low nibble up = our even-k-low format) and use
+    Mosaic's int4 -> int8 conversion (prmt/lop3 sign extension)."""
+    import jax.experimental.mosaic.gpu as mgpu
+    from jax._src.lib.mlir import ir
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    rows, half = packed.shape
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA,),
+        return_type=plgpu.ShapeDtypeStruct((rows, 2 * half), jnp.int8, layout=plgpu.Layout.WGMMA_8BIT),
+    )
+    def unpack(_, src):
+        i4 = ir.IntegerType.get_signless(4)
+        i4x4 = ir.VectorType.get((4,), i4)
+        regs = np.empty_like(src.registers)
+        for idx, reg in np.ndenumerate(src.registers):
+            regs[idx] = mgpu_utils.bitcast(reg, i4x4)
+        as_i4 = mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT_8BIT, _is_signed=True)
+        if as_i4.shape != (rows, 2 * half):
+            raise AssertionError(f"register layouts do not line up: {as_i4.shape} vs {(rows, 2 * half)}")
+        return as_i4.astype(ir.IntegerType.get_signless(8), is_signed=True)
+
+    return unpack(packed)
+
+
+def _unpack_tile_interpret(packed: jax.Array) -> jax.Array:
+    p = packed.astype(jnp.int8)
+    low = lax.shift_right_arithmetic(lax.shift_left(p, jnp.int8(4)), jnp.int8(4))
+    high = lax.shift_right_arithmetic(p, jnp.int8(4))
+    return jnp.stack([low, high], axis=-1).reshape(p.shape[0], 2 * p.shape[1])
+
+
+def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, out_gmem, *, config: W4A4MatmulConfig,
+            scale_group: int | None, raw: bool, interpret: bool):
+    m, k = x_gmem.shape
+    n = w_gmem.shape[0]
+    tm, tn, tk = config.tile_m, config.tile_n, config.tile_k
+    cta_n = 2 * tn
+    m_iters, n_iters, k_iters = m // tm, n // cta_n, k // tk
+    out_dtype = out_gmem.dtype
+    epi_m, epi_n = config.epi_tile_m, config.epi_tile_n
+    num_out_slots = min(2, (tm * tn) // (epi_m * epi_n))
+    out_bytes = jnp.dtype(out_dtype).itemsize
+    unpack = _unpack_tile_interpret if interpret else _unpack_tile_gpu
+    # Per-group scales: every step is one scale group (tile_k == scale_group).
+    grouped = scale_group is not None
+
+    def get_pipeline(body, compute_context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(k_iters,),
+            memory_registers=40,
+            in_specs=[
+                plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=_swizzle_transforms(tk),
+                                delay_release=0 if grouped else 1),
+                plgpu.BlockSpec((cta_n, tk // 2), lambda kk: (0, kk), transforms=_swizzle_transforms(tk // 2),
+                                delay_release=0 if grouped else 1),
+            ],
+            wg_axis="wg",
+            num_compute_wgs=2,
+            max_concurrent_steps=config.max_concurrent_steps,
+            compute_context=compute_context,
+        )
+
+    ignore = lambda *_, **__: None  # noqa: E731  (allocations do not depend on the bodies)
+
+    @functools.partial(
+        pl.run_scoped,
+        pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
+        w8_smem=plgpu.SMEM((2, 2, tn, tk), jnp.int8, transforms=_swizzle_transforms(tk)),
+        out_smem=plgpu.SMEM((2, num_out_slots, epi_m, epi_n), out_dtype,
+                            transforms=_swizzle_transforms(epi_n, out_bytes)),
+        collective_axes="wg",
+    )
+    def _scope(pipeline_allocs, w8_smem, out_smem):
+        wg = lax.axis_index("wg")
+
+        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+        def _tile_loop(info: plgpu.NDLoopInfo):
+            (lin,) = info.index
+            minor = 1 if config.grid_minor_dim == "n" else 0
+            mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), minor, config.grid_tile_width)
+            m_slice = pl.ds(mi * tm, tm)
+            cta_n_slice = pl.ds(ni * cta_n, cta_n)
+            wg_n0 = ni * cta_n + wg * tn
+            wg_n_slice = pl.ds(wg_n0, tn)
+
+            def epilogue(acc):
+                """acc: float32 (or int32 when raw) (tm, tn) for this warpgroup's columns."""
+                if not raw:
+                    sx = plgpu.load(sx_gmem.at[m_slice], optimized=False)
+                    acc = acc * lax.broadcast_in_dim(sx, (tm, tn), (0,))
+                    if not grouped:
+                        sw = plgpu.load(sw_gmem.at[wg_n_slice], optimized=False)
+                        acc = acc * lax.broadcast_in_dim(sw, (tm, tn), (1,))
+                    if bias_gmem is not None:
+                        b = plgpu.load(bias_gmem.at[wg_n_slice], optimized=False)
+                        acc = acc + lax.broadcast_in_dim(b, (tm, tn), (1,))
+                acc = acc.astype(out_dtype)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                for ei in range(tm // epi_m):
+                    for ej in range(tn // epi_n):
+                        slot = (ei * (tn // epi_n) + ej) % num_out_slots
+                        plgpu.wait_smem_to_gmem(num_out_slots - 1, wait_read_only=True)
+                        out_smem[wg, slot] = acc[ei * epi_m:(ei + 1) * epi_m, ej * epi_n:(ej + 1) * epi_n]
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(
+                            out_smem.at[wg, slot],
+                            out_gmem.at[pl.ds(mi * tm + ei * epi_m, epi_m), pl.ds(wg_n0 + ej * epi_n, epi_n)],
+                        )
+
+            def unpack_weights(kk, w_smem):
+                slot = kk % 2
+                w8 = unpack(plgpu.load(w_smem.at[pl.ds(wg * tn, tn)], layout=plgpu.Layout.WGMMA))
+                w8_smem[wg, slot] = w8
+                plgpu.commit_smem()
+                return w8_smem.at[wg, slot]
+
+            if not grouped:
+                def compute_context(eval_pipeline):
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.int32))
+                    def _acc_scope(acc_ref):
+                        eval_pipeline(acc_ref)
+                        acc = acc_ref[...]
+                        epilogue(acc if raw else acc.astype(jnp.float32))
+
+                def body(idxs, x_smem, w_smem, acc_ref):
+                    (kk,) = idxs
+                    w8 = unpack_weights(kk, w_smem)
+                    plgpu.wgmma(acc_ref, x_smem, w8.T)
+                    plgpu.wgmma_wait(1)
+                    return acc_ref
+            else:
+                def compute_context(eval_pipeline):
+                    facc = eval_pipeline(jnp.zeros((tm, tn), jnp.float32))
+                    epilogue(facc)
+
+                def body(idxs, x_smem, w_smem, facc):
+                    (kk,) = idxs
+                    w8 = unpack_weights(kk, w_smem)
+
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.int32))
+                    def part(acc_ref):
+                        plgpu.wgmma(acc_ref, x_smem, w8.T)
+                        return acc_ref[...]
+
+                    sw = plgpu.load(sw_gmem.at[kk, wg_n_slice], optimized=False)
+                    return facc + part.astype(jnp.float32) * lax.broadcast_in_dim(sw, (tm, tn), (1,))
+
+            get_pipeline(body, compute_context)(
+                x_gmem.at[m_slice, :], w_gmem.at[cta_n_slice, :], allocations=pipeline_allocs,
+            )
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _num_programs(tiles: int, interpret: bool) -> int:
+    """Persistent grid: one program per SM (at most one per output tile). Interpret mode runs 4,
+    so that the CPU tests also exercise several tiles per program."""
+    sms = 4 if interpret else jax.devices()[0].core_count
+    return max(1, min(sms, tiles))
+
+
+def w4a4_matmul(
+    x_codes: jax.Array,
+    x_scales: jax.Array,
+    w_packed: jax.Array,
+    w_scales: jax.Array,
+    bias: jax.Array | None = None,
+    *,
+    scale_group: int | None = None,
+    out_dtype: jnp.dtype = jnp.bfloat16,
+    config: W4A4MatmulConfig | None = None,
+    return_int32: bool = False,
+    interpret: bool = False,
+) -> jax.Array:
+    """(M, N) = (x_codes . unpack(w_packed)^T) * x_scales[:, None] * w_scales (+ bias).
+
+    x_codes: int8 (M, K) in [-8, 7]; x_scales: float32 (M,); w_packed: uint8 (N, K/2), low
+    nibble = even k; w_scales: float32 (N,), or (N, K / scale_group) with `scale_group`; bias:
+    (N,) or None. `return_int32=True` returns the raw int32 accumulator (per-channel layout only;
+    scales and bias ignored), for exactness tests.
+    """
+    if x_codes.ndim != 2 or w_packed.ndim != 2 or x_codes.shape[1] != 2 * w_packed.shape[1]:
+        raise ValueError(f"x_codes (M, K) {x_codes.shape} and w_packed (N, K/2) {w_packed.shape} do not match")
+    if x_codes.dtype != jnp.int8 or w_packed.dtype != jnp.uint8:
+        raise ValueError(f"need int8 x_codes and uint8 w_packed, got {x_codes.dtype} and {w_packed.dtype}")
+    m, k = x_codes.shape
+    n = w_packed.shape[0]
+    if x_scales.shape != (m,):
+        raise ValueError(f"x_scales {x_scales.shape} must be (M,) = ({m},)")
+    if scale_group is None:
+        if w_scales.shape != (n,):
+            raise ValueError(f"w_scales {w_scales.shape} must be (N,) = ({n},) without scale_group")
+    else:
+        if k % scale_group or w_scales.shape != (n, k // scale_group):
+            raise ValueError(f"w_scales {w_scales.shape} must be (N, K / scale_group) = ({n}, {k}/{scale_group})")
+        if scale_group % 64:
+            raise ValueError(f"the kernel needs scale_group a multiple of 64, got {scale_group}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias {bias.shape} must be (N,) = ({n},)")
+    if return_int32 and scale_group is not None:
+        raise ValueError("return_int32 needs per-channel scales (scale_group=None)")
+    cfg = config or config_for(m, n, k, scale_group)
+    if scale_group is not None and cfg.tile_k != scale_group:
+        raise ValueError(f"per-group scales need tile_k == scale_group ({scale_group}), got {cfg}")
+    if n % (2 * cfg.tile_n) or k % cfg.tile_k:
+        raise ValueError(f"N={n} must be a multiple of {2 * cfg.tile_n} and K={k} of {cfg.tile_k} for {cfg}")
+
+    if return_int32:  # int32 output staging is twice the bf16 one: one stage less fits in smem.
+        cfg = dataclasses.replace(cfg, max_concurrent_steps=min(cfg.max_concurrent_steps, 3))
+    m_pad = -(-m // cfg.tile_m) * cfg.tile_m
+    if m_pad != m:
+        x_codes = jnp.pad(x_codes, ((0, m_pad - m), (0, 0)))
+        x_scales = jnp.pad(x_scales, (0, m_pad - m))
+    out_t = jnp.int32 if return_int32 else out_dtype
+    # Per-group scales go in as (K / g, N) so that a group's row of N scales is contiguous.
+    sw = w_scales.astype(jnp.float32) if scale_group is None else w_scales.astype(jnp.float32).T
+    operands = [x_codes, w_packed, x_scales.astype(jnp.float32), sw]
+    if bias is not None and not return_int32:
+        operands.append(bias.astype(jnp.float32))
+
+    def kernel(x, w, sx, sw, *rest):
+        *b, out = rest
+        _kernel(x, w, sx, sw, b[0] if b else None, out, config=cfg, scale_group=scale_group,
+                raw=return_int32, interpret=interpret)
+
+    f = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((m_pad, n), out_t),
+        grid=(_num_programs((m_pad // cfg.tile_m) * (n // (2 * cfg.tile_n)), interpret),),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )
+    y = f(*operands)
+    return y[:m] if m_pad != m else y
+
+
+def w4a4_matmul_reference(
+    x_codes: jax.Array,
+    x_scales: jax.Array,
+    w_packed: jax.Array,
+    w_scales: jax.Array,
+    bias: jax.Array | None = None,
+    *,
+    scale_group: int | None = None,
+    out_dtype: jnp.dtype = jnp.bfloat16,
+) -> jax.Array:
+    """The same function in XLA ops: `convrot_jax.linear.dequantized_matmul_reference` (unpack,
+    int8 dot with int32 accumulation, scales in the kernel's order), then bias, then the cast."""
+    qw = QuantizedWeight(w_packed, w_scales, scale_group=scale_group)
+    y = dequantized_matmul_reference(x_codes, x_scales.astype(jnp.float32), qw)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(out_dtype)

@@ -1,0 +1,126 @@
+"""W4A4 GEMM kernel vs the XLA reference.
+
+CPU: Mosaic GPU interpret mode at small shapes (several K tiles, several N tiles, a partial M
+tile, a persistent grid of 4 programs running several tiles each). Interpret mode cannot run the
+kernel's register-level nibble unpack (`inline_mgpu`), so there it unpacks with jnp ops; the
+`gpu` tests run the real kernel at the FLUX shapes on a Hopper GPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks.arg_specs import FLUX_LINEAR_SHAPES
+from convrot_jax.linear import int_matmul_reference
+from convrot_jax.quant import pack_int4
+from pallas_kernels.w4a4_matmul import W4A4MatmulConfig, config_for, w4a4_matmul, w4a4_matmul_reference
+
+SMALL = W4A4MatmulConfig(tile_m=64, tile_n=64, tile_k=128, max_concurrent_steps=2)
+FLUX_KN = list(FLUX_LINEAR_SHAPES.values())
+
+
+def _operands(seed: int, m: int, n: int, k: int, scale_group: int | None = None):
+    """Random codes over the full int4 range (weights -8..7 exercise every nibble, activations
+    -7..7 as the quantizer makes them) and positive scales of varied magnitude."""
+    ks = jax.random.split(jax.random.key(seed), 5)
+    x_codes = jax.random.randint(ks[0], (m, k), -7, 8, jnp.int8)
+    w_codes = jax.random.randint(ks[1], (n, k), -8, 8, jnp.int8)
+    x_scales = jnp.exp(jax.random.normal(ks[2], (m,), jnp.float32))
+    sw_shape = (n,) if scale_group is None else (n, k // scale_group)
+    w_scales = jnp.exp(jax.random.normal(ks[3], sw_shape, jnp.float32)) * 0.01
+    bias = jax.random.normal(ks[4], (n,), jnp.float32)
+    return x_codes, x_scales, w_codes, w_scales, bias
+
+
+def _assert_bf16_rounding_equal(y: jax.Array, ref: jax.Array) -> None:
+    """Equal up to the last bf16 rounding: each element within one bf16 ulp of the reference
+    (the f32 epilogue may contract a multiply-add into an FMA), and nearly all bit-identical."""
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    y64, r64 = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+    assert np.all(np.isfinite(y64))
+    ulp = np.maximum(np.abs(r64), 1e-30) * 2.0**-7
+    assert np.all(np.abs(y64 - r64) <= ulp), float(np.max(np.abs(y64 - r64) / ulp))
+    assert np.mean(y64 != r64) < 0.01
+
+
+def _check(m, n, k, *, bias, scale_group=None, config=None, interpret, seed=0):
+    x_codes, x_scales, w_codes, w_scales, b = _operands(seed, m, n, k, scale_group)
+    w_packed = pack_int4(w_codes)
+    b = b if bias else None
+    if scale_group is None:
+        acc = w4a4_matmul(x_codes, x_scales, w_packed, w_scales, return_int32=True, config=config,
+                          interpret=interpret)
+        np.testing.assert_array_equal(np.asarray(acc), np.asarray(int_matmul_reference(x_codes, w_codes)))
+    y = w4a4_matmul(x_codes, x_scales, w_packed, w_scales, b, scale_group=scale_group, config=config,
+                    interpret=interpret)
+    ref = w4a4_matmul_reference(x_codes, x_scales, w_packed, w_scales, b, scale_group=scale_group)
+    _assert_bf16_rounding_equal(y, ref)
+
+
+# --- CPU, interpret mode -------------------------------------------------------------------
+
+@pytest.mark.parametrize("m", [1, 37, 200])
+def test_interpret_per_channel(m):
+    _check(m, 256, 384, bias=m != 37, config=SMALL, interpret=True, seed=m)
+
+
+@pytest.mark.parametrize("scale_group", [64, 128])
+def test_interpret_per_group(scale_group):
+    cfg = W4A4MatmulConfig(tile_m=64, tile_n=64, tile_k=scale_group, max_concurrent_steps=2)
+    _check(70, 256, 256, bias=True, scale_group=scale_group, config=cfg, interpret=True, seed=scale_group)
+
+
+def test_unpack_matches_reference_nibble_order():
+    """One k-tile, one weight row with all 16 codes: catches a swapped low/high nibble."""
+    w_codes = jnp.tile(jnp.arange(-8, 8, dtype=jnp.int8), 8)[None].repeat(128, 0)
+    x_codes = jnp.eye(64, 128, dtype=jnp.int8)
+    acc = w4a4_matmul(x_codes, jnp.ones(64), pack_int4(w_codes), jnp.ones(128), return_int32=True,
+                      config=SMALL, interpret=True)
+    np.testing.assert_array_equal(np.asarray(acc), np.asarray(w_codes[:, :64].T, np.int32))
+
+
+def test_bad_shapes_raise():
+    x = jnp.zeros((8, 256), jnp.int8)
+    w = jnp.zeros((128, 128), jnp.uint8)
+    with pytest.raises(ValueError, match="do not match"):
+        w4a4_matmul(x, jnp.ones(8), jnp.zeros((128, 64), jnp.uint8), jnp.ones(128))
+    with pytest.raises(ValueError, match="x_scales"):
+        w4a4_matmul(x, jnp.ones(9), w, jnp.ones(128))
+    with pytest.raises(ValueError, match="w_scales"):
+        w4a4_matmul(x, jnp.ones(8), w, jnp.ones((128, 2)))
+    with pytest.raises(ValueError, match="multiple of"):
+        w4a4_matmul(x, jnp.ones(8), jnp.zeros((96, 128), jnp.uint8), jnp.ones(96), config=SMALL)
+    with pytest.raises(ValueError, match="int8"):
+        w4a4_matmul(x.astype(jnp.int32), jnp.ones(8), w, jnp.ones(128))
+
+
+def test_config_table_covers_flux_shapes():
+    for k, n in FLUX_KN:
+        for m in (1, 512, 4608):
+            cfg = config_for(m, n, k)
+            assert n % (2 * cfg.tile_n) == 0 and k % cfg.tile_k == 0, (m, n, k, cfg)
+    assert config_for(512, 3072, 3072, scale_group=64).tile_k == 64
+
+
+# --- GPU (Hopper), the real kernel at the FLUX shapes ------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", FLUX_KN)
+@pytest.mark.parametrize("m", [1, 37, 512, 4608])
+def test_gpu_flux_per_channel(m, k, n):
+    _check(m, n, k, bias=m != 512, interpret=False, seed=m + n + k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", FLUX_KN)
+def test_gpu_flux_per_group(k, n):
+    _check(512, n, k, bias=True, scale_group=128, interpret=False, seed=k + n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [37, 4608])
+def test_gpu_per_group_64(m):
+    _check(m, 3072, 3072, bias=False, scale_group=64, interpret=False, seed=m)
