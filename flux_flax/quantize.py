@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+
+import jax
 from flax import nnx
 
-from convrot_jax import ConvDense4bit, Dense4bitWeightOnly, QuantPolicy
+from convrot_jax import ConvDense4bit, Dense4bitWeightOnly, QuantPolicy, quantize_weight
 from flux_flax.transformer import linear_paths
+
+# One compiled quantizer per weight shape (a handful in FLUX) instead of op-by-op dispatch.
+@functools.partial(jax.jit, static_argnames=("group_size", "hadamard", "scale_group"))
+def _quantize_kernel(kernel: jax.Array, *, group_size: int, hadamard: str, scale_group: int | None):
+    """An nnx.Linear kernel (in, out) -> QuantizedWeight of its PyTorch-layout weight (out, in)."""
+    return quantize_weight(kernel.T, group_size=group_size, hadamard=hadamard, scale_group=scale_group)
 
 
 def _set_submodule(model: nnx.Module, path: str, module: nnx.Module) -> None:
@@ -36,12 +45,14 @@ def quantize_model(model: nnx.Module, policy: QuantPolicy | None = None, *, grou
         treatment = policy.treatment(path)
         if treatment == "bf16":
             continue
-        weight = layer.kernel[...].T
+        try:
+            qweight = _quantize_kernel(layer.kernel[...], **settings)
+        except ValueError as e:
+            raise ValueError(f"cannot quantize {path} (kernel {layer.kernel.shape}): {e}") from None
         bias = None if layer.bias is None else layer.bias[...]
-        bias_dtype = layer.kernel.dtype if bias is None else bias.dtype
         if treatment == "w4a4":
-            new = ConvDense4bit.from_linear(weight, bias, bias_dtype=bias_dtype, implementation=implementation, **settings)
+            new = ConvDense4bit(qweight, bias, implementation=implementation)
         else:
-            new = Dense4bitWeightOnly.from_linear(weight, bias, bias_dtype=bias_dtype, **settings)
+            new = Dense4bitWeightOnly(qweight, bias)
         _set_submodule(model, path, new)
     return model
