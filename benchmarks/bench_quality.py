@@ -1,0 +1,216 @@
+"""Quality of ConvRot W4A4 against its design alternatives and against bf16.
+
+(a) Per layer, each FLUX linear shape (benchmarks/arg_specs.py): SQNR (dB) of the W4A4 output
+    against the float32 product, for naive round-to-nearest (no rotation), Sylvester Hadamard
+    (group 256, and the largest power of two dividing K: FLUX's K are 3·2^k, so "full K" is not a
+    Sylvester size), regular Hadamard (groups 16, 64, 256, 1024), each with per-channel and
+    per-group (64) weight scales. Activations: `convrot_jax.synthetic.outlier_activations` (i.i.d.
+    N(0,1); K/512 channels 10-100x; M/128 tokens replaced by a large shared offset 10-50x), weights
+    N(0, 0.02²). Runs on the CPU or the GPU.
+(b) End to end (GPU): the FLUX.1-dev transformer with random weights, W4A4 (flux default policy)
+    vs bf16 from the same inputs: cosine similarity and relative L2 of one velocity prediction,
+    and of the final latents after 28 Euler steps from the same noise. Random weights have no
+    trained outlier structure: (b) shows the numerical path is sound, not trained-model quality.
+    With --model DIR (a diffusers FLUX folder), (b) uses the real transformer and also decodes a
+    fixed prompt list with both and reports PSNR and SSIM of the images.
+
+Writes benchmarks/results/quality.{md,json} (and quality.png when matplotlib is present).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import convrot_jax as cj
+from benchmarks.arg_specs import FLUX_LINEAR_SHAPES
+from convrot_jax.quant import sqnr_db
+from convrot_jax.synthetic import outlier_activations
+
+RESULTS = Path(__file__).parent / "results"
+PROMPTS = ("a red fox in fresh snow, golden hour", "a bowl of ramen, studio photo", "an astronaut riding a horse")
+
+
+def _largest_pow2_divisor(k: int) -> int:
+    return k & -k
+
+
+def layer_variants(k: int) -> list[tuple[str, dict]]:
+    """(label, quantize_weight settings) for every per-layer variant at input width k."""
+    full = _largest_pow2_divisor(k)
+    variants = [("naive RTN (no rotation)", dict(hadamard="none")),
+                ("Sylvester, group 256", dict(hadamard="sylvester", group_size=256)),
+                ("Sylvester, group = largest 2^k dividing K", dict(hadamard="sylvester", group_size=full))]
+    variants += [(f"regular, group {g}", dict(hadamard="regular", group_size=g)) for g in (16, 64, 256, 1024)]
+    return [(f"{name} / {sname}", {**s, "scale_group": sg})
+            for name, s in variants for sname, sg in (("per-channel", None), ("per-group 64", 64))]
+
+
+def per_layer(tokens: int, seed: int) -> list[dict]:
+    rows = []
+    for shape_name, (k, n) in FLUX_LINEAR_SHAPES.items():
+        kx, kw = jax.random.split(jax.random.PRNGKey(seed))
+        x = outlier_activations(kx, tokens, k)
+        w = jax.random.normal(kw, (n, k)) * 0.02
+        exact = jnp.matmul(x, w.T, precision="highest")
+        for label, settings in layer_variants(k):
+            y = cj.w4a4_linear(x, cj.quantize_weight(w, **settings), implementation="xla")
+            rows.append({"shape": shape_name, "K": k, "N": n, "M": tokens, "variant": label,
+                         "group_size": settings.get("group_size"), "sqnr_db": round(sqnr_db(exact, y), 2)})
+        print(f"  {shape_name}: done", flush=True)
+    return rows
+
+
+def _similarity(a: jax.Array, b: jax.Array) -> dict:
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    return {"cosine": float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))),
+            "rel_l2": float(np.linalg.norm(a - b) / np.linalg.norm(a))}
+
+
+def end_to_end(model_dir: str | None, size: int, steps: int, seed: int) -> dict:
+    """W4A4 vs bf16 on the FLUX.1-dev transformer (random weights, or the real ones in model_dir)."""
+    from flax import nnx
+
+    import flux_flax
+    from flux_flax import sampling
+
+    if model_dir:
+        model = flux_flax.load_transformer(Path(model_dir) / "transformer")
+    else:
+        config = flux_flax.FluxConfig.dev()
+        model = nnx.jit(lambda: flux_flax.FluxTransformer2DModel(config, rngs=nnx.Rngs(seed)))()
+    config = model.config
+    graphdef, bf16_state = nnx.split(model)
+    quantized = flux_flax.quantize_model(nnx.merge(graphdef, bf16_state), implementation="auto")
+
+    key = jax.random.PRNGKey(seed)
+    k1, k2, k3 = jax.random.split(key, 3)
+    h = w = size // 8
+    seq = (h // 2) * (w // 2)
+    latents = sampling.pack_latents(jax.random.normal(k1, (1, config.in_channels // 4, h, w)))
+    txt = jax.random.normal(k2, (1, 512, config.joint_attention_dim), jnp.bfloat16)
+    pooled = jax.random.normal(k3, (1, config.pooled_projection_dim), jnp.bfloat16)
+    img_ids = jnp.asarray(sampling.latent_image_ids(size, size))
+    txt_ids = jnp.asarray(sampling.text_ids(512))
+    guidance = jnp.full((1,), 3.5) if config.guidance_embeds else None
+    sigmas = jnp.asarray(sampling.flux_sigmas(steps, seq))
+
+    @nnx.jit
+    def velocity(m, lat, t):
+        return m(lat, txt, pooled, jnp.full((1,), t), img_ids, txt_ids, guidance).astype(jnp.float32)
+
+    @nnx.jit
+    def sample(m, lat):
+        def step(i, lat):
+            v = m(lat, txt, pooled, jnp.full((1,), sigmas[i]), img_ids, txt_ids, guidance)
+            return sampling.euler_step(lat, v, sigmas[i], sigmas[i + 1])
+        return jax.lax.fori_loop(0, steps, step, lat)
+
+    bf16_model = nnx.merge(graphdef, bf16_state)
+    out = {"weights": model_dir or "random FLUX.1-dev", "size": size, "steps": steps}
+    out["velocity"] = _similarity(velocity(bf16_model, latents, sigmas[0]), velocity(quantized, latents, sigmas[0]))
+    t0 = time.perf_counter()
+    final_bf16 = sample(bf16_model, latents)
+    final_w4a4 = sample(quantized, latents)
+    out["final_latents"] = _similarity(final_bf16, final_w4a4)
+    out["sampling_seconds_both"] = round(time.perf_counter() - t0, 1)
+    if model_dir:
+        out["images"] = _image_quality(model_dir, quantized, bf16_model, size, steps, seed)
+    return out
+
+
+def _image_quality(model_dir, quantized, bf16_model, size, steps, seed) -> dict:
+    """PSNR / SSIM of W4A4 images against bf16 ones for a fixed prompt list (real weights only)."""
+    from flux_flax.pipeline import FluxPipeline, GenerationSettings
+
+    bf16_pipe = FluxPipeline.from_pretrained(model_dir, progress=False)
+    bf16_pipe.transformer = bf16_model
+    settings = GenerationSettings(height=size, width=size, num_inference_steps=steps, seed=seed)
+    ref = bf16_pipe(PROMPTS, settings).astype(np.float64)
+    q_pipe = FluxPipeline(quantized, bf16_pipe.vae, bf16_pipe.text_encoders, progress=False)
+    img = q_pipe(PROMPTS, settings).astype(np.float64)
+    mse = np.mean((ref - img) ** 2, axis=(1, 2, 3))
+    return {"psnr_db": [round(10 * math.log10(255**2 / max(m, 1e-12)), 2) for m in mse],
+            "ssim": [round(_ssim(r, i), 4) for r, i in zip(ref, img)]}
+
+
+def _ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Global-window SSIM on the luma of two uint8-range images (a coarse but standard summary)."""
+    ya, yb = (x @ np.array([0.299, 0.587, 0.114]) for x in (a, b))
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    ma, mb = ya.mean(), yb.mean()
+    va, vb, cov = ya.var(), yb.var(), ((ya - ma) * (yb - mb)).mean()
+    return float((2 * ma * mb + c1) * (2 * cov + c2) / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
+
+
+def write_results(per_layer_rows: list[dict], e2e: dict | None, device: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    data = {"device": device, "per_layer": per_layer_rows, "end_to_end": e2e}
+    (RESULTS / "quality.json").write_text(json.dumps(data, indent=1))
+    shapes = list(dict.fromkeys(r["shape"] for r in per_layer_rows))
+    variants = list(dict.fromkeys(r["variant"] for r in per_layer_rows))
+    table = {(r["shape"], r["variant"]): r["sqnr_db"] for r in per_layer_rows}
+    lines = [f"# W4A4 quality ({device})", "", "## (a) Per layer: SQNR (dB) vs float32, DiT-outlier activations",
+             "", f"M = {per_layer_rows[0]['M']} tokens. Variant = rotation / weight-scale granularity.", "",
+             "| variant | " + " | ".join(shapes) + " |", "| --- |" + " ---: |" * len(shapes)]
+    for v in variants:
+        lines.append(f"| {v} | " + " | ".join(f"{table[(s, v)]:.1f}" for s in shapes) + " |")
+    naive = np.mean([table[(s, variants[0])] for s in shapes])
+    reg = np.mean([table[(s, "regular, group 256 / per-channel")] for s in shapes])
+    lines += ["", f"Regular Hadamard (group 256, per-channel) beats naive by {reg - naive:.1f} dB on average."]
+    if e2e:
+        lines += ["", "## (b) End to end, W4A4 vs bf16", "", f"Weights: {e2e['weights']}, {e2e['size']}², "
+                  f"{e2e['steps']} steps.", "", "| quantity | cosine | relative L2 |", "| --- | ---: | ---: |"]
+        for q in ("velocity", "final_latents"):
+            lines.append(f"| {q} | {e2e[q]['cosine']:.5f} | {e2e[q]['rel_l2']:.4f} |")
+        if "images" in e2e:
+            lines += ["", f"Images: PSNR {e2e['images']['psnr_db']} dB, SSIM {e2e['images']['ssim']}"]
+    (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
+    _plot(per_layer_rows, shapes, variants, table)
+    print("\n".join(lines))
+
+
+def _plot(rows, shapes, variants, table) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(12, 5))
+    width = 0.8 / len(shapes)
+    for i, s in enumerate(shapes):
+        ax.bar(np.arange(len(variants)) + i * width, [table[(s, v)] for v in variants], width, label=s)
+    ax.set_xticks(np.arange(len(variants)) + 0.4, variants, rotation=75, ha="right", fontsize=7)
+    ax.set_ylabel("SQNR vs fp32 (dB)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "quality.png", dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=512, help="M for the per-layer part")
+    parser.add_argument("--end-to-end", action="store_true", help="run part (b) (GPU: the 12B model)")
+    parser.add_argument("--model", help="a diffusers FLUX.1-dev folder with real weights (part (b))")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
+    print(f"(a) per-layer SQNR on {device}", flush=True)
+    rows = per_layer(args.tokens, args.seed)
+    e2e = end_to_end(args.model, args.size, args.steps, args.seed) if (args.end_to_end or args.model) else None
+    write_results(rows, e2e, device)
+
+
+if __name__ == "__main__":
+    main()
