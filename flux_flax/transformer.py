@@ -130,16 +130,18 @@ class FluxTransformer2DModel(nnx.Module):
                  guidance: jax.Array | None = None) -> jax.Array:
         """hidden_states (B, S_img, in_channels) packed latents; encoder_hidden_states (B, S_txt,
         joint_attention_dim) T5 states; pooled_projections (B, pooled_projection_dim) CLIP;
-        timestep (B,) in [0, 1]; img_ids (S_img, 3), txt_ids (S_txt, 3) RoPE positions;
-        guidance (B,) guidance scale (models with `guidance_embeds` only).
+        timestep (B,) or scalar, in [0, 1]; img_ids (S_img, 3), txt_ids (S_txt, 3) RoPE positions;
+        guidance (B,) or scalar guidance scale (models with `guidance_embeds` only).
         Returns (B, S_img, patch² * out_channels) in the model dtype."""
         dtype = self.dtype
         hidden_states = self.x_embedder(hidden_states.astype(dtype))
 
         # As diffusers: the [0, 1] time is cast to the activation dtype, then scaled by 1000.
-        timestep = jnp.asarray(timestep).astype(dtype) * 1000
+        # A scalar time or guidance applies to the whole batch.
+        batch = (hidden_states.shape[0],)
+        timestep = jnp.broadcast_to(jnp.asarray(timestep), batch).astype(dtype) * 1000
         if guidance is not None:
-            guidance = jnp.asarray(guidance).astype(dtype) * 1000
+            guidance = jnp.broadcast_to(jnp.asarray(guidance), batch).astype(dtype) * 1000
         temb = self.time_text_embed(timestep, pooled_projections.astype(dtype), guidance)
         encoder_hidden_states = self.context_embedder(encoder_hidden_states.astype(dtype))
 

@@ -87,3 +87,14 @@ def test_guidance_required_for_dev_like(reference):
     model = load_transformer(directory, dtype=jnp.float32)
     with pytest.raises(ValueError, match="guidance"):
         run(model, {k: v for k, v in inputs.items() if k != "guidance"})
+
+
+def test_scalar_timestep_and_guidance_broadcast(reference):
+    config, _, inputs, _, directory = reference
+    model = load_transformer(directory, dtype=jnp.float32)
+    same = {**inputs, "timestep": np.full(2, inputs["timestep"][0], np.float32)}
+    scalar = {**inputs, "timestep": inputs["timestep"][0]}
+    if config.guidance_embeds:
+        same["guidance"] = np.full(2, inputs["guidance"][0], np.float32)
+        scalar["guidance"] = inputs["guidance"][0]
+    np.testing.assert_array_equal(run(model, scalar), run(model, same))
