@@ -1,0 +1,216 @@
+"""GPU check for issue 8: the whole text-to-image pipeline, FLUX.1-dev-shaped, 1024², 28 steps,
+bf16 and ConvRot W4A4: seconds per image and peak GPU memory.
+
+The transformer is FLUX.1-dev's shape with random weights made on the GPU in bf16, one block at a
+time from a fixed seed per block, so both variants hold the same weights. For W4A4 each block is
+quantized (`quantize_model`, implementation "auto") as soon as it exists, so the bf16 model never
+sits in memory whole: as when a converted checkpoint is loaded. The VAE decoder has FLUX's shape
+(random, bf16). The text encoders are tiny random CLIP/T5 with the real output widths (768, 4096;
+T5 at 512 tokens) on the CPU: their time is reported apart and is not that of CLIP-L/T5-XXL.
+
+Each variant runs in its own process (so the peak-memory figure is its own): one run with
+compilation, then `--runs` timed runs. The parent merges the results into pipeline.{json,md} and
+compares the two variants' final latents (same seed, same weights).
+
+    PYTHONPATH=. python3 benchmarks/gpu_check_pipeline.py --out benchmarks/results
+    PYTHONPATH=. python3 benchmarks/gpu_check_pipeline.py --config small --out /tmp/x   # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GIB = 2**30
+
+
+def build_transformer(config, *, quantize: bool, dtype):
+    """Random FLUX transformer built block by block on the device (seed = block index), each
+    block quantized right away when `quantize`."""
+    import jax
+    from flax import nnx
+
+    from flux_flax.quantize import quantize_model
+    from flux_flax.transformer import FluxSingleTransformerBlock, FluxTransformer2DModel, FluxTransformerBlock
+
+    shell = dataclasses.replace(config, num_layers=0, num_single_layers=0)
+    model = nnx.jit(lambda: FluxTransformer2DModel(shell, dtype=dtype, rngs=nnx.Rngs(0)))()
+    model.config = config
+    dims = (config.inner_dim, config.num_attention_heads, config.attention_head_dim)
+    make_double = nnx.jit(lambda key: FluxTransformerBlock(*dims, dtype=dtype, rngs=nnx.Rngs(key)))
+    make_single = nnx.jit(lambda key: FluxSingleTransformerBlock(*dims, dtype=dtype, rngs=nnx.Rngs(key)))
+    for i in range(config.num_layers):
+        model.transformer_blocks.append(make_double(jax.random.key(1000 + i)))
+        if quantize:
+            quantize_model(model)  # only the new block's float layers are left to quantize
+    for i in range(config.num_single_layers):
+        model.single_transformer_blocks.append(make_single(jax.random.key(2000 + i)))
+        if quantize:
+            quantize_model(model)
+    return model
+
+
+def run_variant(variant: str, args: argparse.Namespace) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from convrot_jax.ops import resolve_implementation
+    from flux_flax.config import FluxConfig
+    from flux_flax.demo import weight_bytes
+    from flux_flax.demo_assets import tiny_text_encoders
+    from flux_flax.pipeline import FluxPipeline, GenerationSettings
+    from flux_flax.vae import AutoencoderKLDecoder, VAEConfig
+
+    device = jax.devices()[0]
+    dev = args.config == "dev"
+    config = FluxConfig.dev() if dev else FluxConfig.small()
+    t0 = time.perf_counter()
+    transformer = build_transformer(config, quantize=variant == "w4a4", dtype=jnp.bfloat16)
+    jax.block_until_ready(nnx.state(transformer))
+    build_s = time.perf_counter() - t0
+    vae_config = VAEConfig() if dev else VAEConfig.tiny()
+    vae = nnx.jit(lambda: AutoencoderKLDecoder(vae_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(1)))()
+    text = tiny_text_encoders(config.pooled_projection_dim, config.joint_attention_dim, max_sequence_length=512,
+                              t5_d_ff=1024, num_layers=1)
+    pipe = FluxPipeline(transformer, vae, text, progress=True)
+    settings = GenerationSettings(args.size, args.size, args.steps, 3.5, seed=0)
+
+    def one_image() -> tuple[dict, np.ndarray]:
+        t = time.perf_counter()
+        embeds = pipe.encode_prompts([args.prompt])
+        t_text = time.perf_counter()
+        latents = pipe.denoise(pipe.prepare_latents([settings.seed], args.size, args.size), embeds, settings)
+        t_denoise = time.perf_counter()
+        jax.block_until_ready(pipe.decode(latents, args.size, args.size))
+        t_decode = time.perf_counter()
+        times = {"text_s": t_text - t, "denoise_s": t_denoise - t_text, "decode_s": t_decode - t_denoise}
+        return times, np.asarray(latents, np.float32)
+
+    first, _ = one_image()
+    runs = [one_image() for _ in range(args.runs)]
+    latents = runs[-1][1]
+    np.save(Path(args.out) / f"latents_{variant}.npy", latents)
+    med = {k: statistics.median(r[0][k] for r in runs) for k in first}
+    stats = device.memory_stats() or {}
+    return {
+        "variant": variant,
+        "w4a4_implementation": resolve_implementation("auto") if variant == "w4a4" else None,
+        "config": args.config,
+        "size": args.size,
+        "steps": args.steps,
+        "device": device.device_kind,
+        "jax": jax.__version__,
+        "transformer_weight_gib": weight_bytes(transformer) / GIB,
+        "vae_weight_gib": weight_bytes(vae) / GIB,
+        "build_s": build_s,
+        "first_run_s": first,
+        "timed_runs": args.runs,
+        "median_s": med,
+        "seconds_per_image": med["denoise_s"] + med["decode_s"],
+        "seconds_per_step": med["denoise_s"] / args.steps,
+        "peak_gpu_gib": stats.get("peak_bytes_in_use", 0) / GIB,
+        "finite": bool(np.isfinite(latents).all()),
+    }
+
+
+def report(results: dict, comparison: dict, args: argparse.Namespace) -> None:
+    out = args.out
+    (out / "pipeline.json").write_text(json.dumps({"variants": results, "w4a4_vs_bf16": comparison}, indent=2))
+    b, q = results.get("bf16", {}), results.get("w4a4", {})
+    device = next((r["device"] for r in results.values() if "device" in r), "?")
+    lines = [
+        "# Pipeline GPU check (issue 8)",
+        "",
+        f"FLUX.1-{args.config}-shaped random-weight transformer, {args.size}², {args.steps} steps, batch 1, "
+        f"on {device}; `benchmarks/gpu_check_pipeline.py`.",
+        "Random weights made on the GPU in bf16 (same seeds for both variants); FLUX-shaped VAE decoder (bf16, random);",
+        "text encoders tiny random CLIP/T5 with the real output widths (768 pooled, 4096 x 512 tokens) on the CPU:",
+        "their time is not CLIP-L/T5-XXL's and is left out of seconds per image (denoise + decode).",
+        f"Timed: median of {args.runs} run(s) after one run with compilation. The denoising loop is one",
+        "`lax.fori_loop` program with a tqdm progress callback per step (as the CLI runs it).",
+        "",
+        "| variant | W4A4 kernels | s / image | s / step | VAE decode s | first run (compile) s | transformer weights GiB | peak GPU GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results.values():
+        if "error" in r:
+            lines.append(f"| {r['variant']} | failed: {r['error'][:80]} | | | | | | |")
+            continue
+        first_total = r["first_run_s"]["denoise_s"] + r["first_run_s"]["decode_s"]
+        lines.append(
+            f"| {r['variant']} | {r['w4a4_implementation'] or '-'} | {r['seconds_per_image']:.2f} | "
+            f"{r['seconds_per_step'] * 1e3:.0f} ms | {r['median_s']['decode_s']:.2f} | {first_total:.1f} | "
+            f"{r['transformer_weight_gib']:.2f} | {r['peak_gpu_gib']:.2f} |"
+        )
+    if b and q and "error" not in b and "error" not in q:
+        lines += [
+            "",
+            f"W4A4 vs bf16: {b['seconds_per_image'] / q['seconds_per_image']:.2f}x the speed, "
+            f"{b['peak_gpu_gib'] / max(q['peak_gpu_gib'], 1e-9):.2f}x less peak memory, "
+            f"{b['transformer_weight_gib'] / q['transformer_weight_gib']:.2f}x smaller transformer weights.",
+        ]
+    if comparison:
+        lines += [
+            f"Final latents, W4A4 vs bf16 (same seed, same random weights): relative L2 error "
+            f"{comparison['latent_relative_l2']:.4f} (random weights: no claim about image quality).",
+        ]
+    (out / "pipeline.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--config", choices=("dev", "small"), default="dev", help="small: a CPU smoke test")
+    parser.add_argument("--size", type=int, default=None, help="square image side (default 1024; small: 128)")
+    parser.add_argument("--steps", type=int, default=None, help="steps (default 28; small: 2)")
+    parser.add_argument("--runs", type=int, default=1, help="timed runs after the compiling one")
+    parser.add_argument("--prompt", default="a photo of a cat sitting on a red chair next to the window")
+    parser.add_argument("--variant", choices=("bf16", "w4a4"), help="internal: run one variant in this process")
+    args = parser.parse_args()
+    args.size = args.size or (1024 if args.config == "dev" else 128)
+    args.steps = args.steps or (28 if args.config == "dev" else 2)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    if args.variant:
+        result = run_variant(args.variant, args)
+        (args.out / f"pipeline_{args.variant}.json").write_text(json.dumps(result, indent=2))
+        return
+
+    results = {}
+    for variant in ("bf16", "w4a4"):
+        cmd = [sys.executable, __file__, "--variant", variant, *sys.argv[1:]]
+        print(f"== {variant}: {' '.join(cmd)}", flush=True)
+        proc = subprocess.run(cmd)
+        part = args.out / f"pipeline_{variant}.json"
+        if proc.returncode == 0 and part.is_file():
+            results[variant] = json.loads(part.read_text())
+            part.unlink()
+        else:
+            results[variant] = {"variant": variant, "error": f"exit code {proc.returncode} (see the log)"}
+        print(json.dumps(results[variant], indent=2), flush=True)
+
+    comparison = {}
+    import numpy as np
+
+    paths = [args.out / f"latents_{v}.npy" for v in ("bf16", "w4a4")]
+    if all(p.is_file() for p in paths):
+        ref, q = (np.load(p) for p in paths)
+        comparison = {"latent_relative_l2": float(np.linalg.norm(q - ref) / np.linalg.norm(ref))}
+    for p in paths:
+        p.unlink(missing_ok=True)
+    report(results, comparison, args)
+    print((args.out / "pipeline.md").read_text())
+    print(f"python {platform.python_version()}")
+
+
+if __name__ == "__main__":
+    main()
