@@ -1,0 +1,390 @@
+"""convert: safetensors -> `convrot-convert` -> Orbax checkpoint -> `load_checkpoint`.
+
+Round trips must equal quantizing the same weights in memory bit for bit; bad inputs must fail
+with one clear line and leave nothing loadable behind, also when the process is killed midway."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import flux_fixtures
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from convert import cli
+from convert.checkpoint import CheckpointMismatchError, load_checkpoint
+from convert.errors import CheckpointError
+from convrot_jax import QuantPolicy
+from flux_flax import FluxConfig, load_transformer, quantize_model
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_GROUP = 16  # tiny widths (32, 128, 160) are multiples of 16, not of 256
+
+
+@pytest.fixture(scope="module")
+def tiny_ref():
+    return flux_fixtures.diffusers_transformer(FluxConfig.tiny(), seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_src(tiny_ref, tmp_path_factory):
+    return flux_fixtures.save_diffusers(tiny_ref, tmp_path_factory.mktemp("tiny") / "transformer")
+
+
+@pytest.fixture(scope="module")
+def small_ref():
+    return flux_fixtures.diffusers_transformer(FluxConfig.small(), seed=2)
+
+
+def run_cli(capsys, *args) -> tuple[int, list[str]]:
+    """Runs `convrot-convert` in process -> (exit status, stderr lines other than the progress bar)."""
+    code = cli.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.strip() and "convrot-convert:  " not in line and "%|" not in line]
+
+
+def flat_state(model) -> dict:
+    return {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def assert_same_state(model, reference) -> None:
+    got, want = flat_state(model), flat_state(reference)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key].dtype == want[key].dtype, key
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, inputs):
+    return nnx.merge(graphdef, state)(**inputs)
+
+
+def assert_same_output(model, reference, config: FluxConfig) -> None:
+    """Both models run through one compiled forward (their graphs are equal)."""
+    inputs = {k: jnp.asarray(v) for k, v in flux_fixtures.flux_inputs(config, batch=1).items()}
+    got, want = (np.asarray(_forward(*nnx.split(m), inputs)) for m in (model, reference))
+    assert np.isfinite(want).all() and np.abs(want).max() > 0
+    np.testing.assert_array_equal(got, want)
+
+
+def assert_nothing_loadable(out: Path) -> None:
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.convrot-tmp-*")), "temporary directory left behind"
+    with pytest.raises(CheckpointError):
+        load_checkpoint(out)
+
+
+# Round trips.
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_round_trip_bit_identical_to_in_memory_quantization(size, tiny_src, small_ref, tmp_path, capsys):
+    config = getattr(FluxConfig, size)()
+    src = tiny_src if size == "tiny" else flux_fixtures.save_diffusers(small_ref, tmp_path / "transformer")
+    group = TINY_GROUP if size == "tiny" else 256
+    out = tmp_path / "w4a4"
+    code, err = run_cli(capsys, src, out, "--group-size", group)
+    assert code == 0, err
+
+    model, metadata = load_checkpoint(out)
+    reference = quantize_model(load_transformer(src), QuantPolicy.flux_default(), group_size=group)
+    assert_same_state(model, reference)
+    assert_same_output(model, reference, config)
+
+    assert metadata["model_config"] == config.to_dict()
+    assert metadata["quantization"]["group_size"] == group
+    assert metadata["quantization"]["policy"] == QuantPolicy.flux_default().to_dict()
+    (entry,) = metadata["source"]["files"]
+    file = Path(src) / entry["name"]
+    assert entry["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
+    assert type(model.transformer_blocks[0].attn.to_q).__name__ == "ConvDense4bit"
+    assert type(model.transformer_blocks[0].norm1.linear).__name__ == "Dense4bitWeightOnly"
+    assert type(model.proj_out).__name__ == "Linear"
+
+
+def test_cli_prints_summary(tiny_src, tmp_path, capsys):
+    code = cli.main([str(tiny_src), str(tmp_path / "out"), "--group-size", str(TINY_GROUP), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "quantized to int4" in out and "kept" in out and "x smaller" in out
+
+
+def test_bfl_layout(tiny_ref, tmp_path):
+    from convert.convert import convert_checkpoint
+
+    src = flux_fixtures.save_bfl(tiny_ref, tmp_path / "flux1-tiny.safetensors", prefix=True)
+    out = tmp_path / "w4a4"
+    # A bfl file has no config.json and tiny's RoPE axes cannot be inferred from shapes: pass it.
+    convert_checkpoint(src, out, format="bfl", config=FluxConfig.tiny(), group_size=TINY_GROUP, progress=False)
+    model, metadata = load_checkpoint(out)
+    assert metadata["source"]["layout"] == "bfl"
+    assert metadata["source"]["files"][0]["name"] == src.name
+    reference = quantize_model(load_transformer(src, config=FluxConfig.tiny()), group_size=TINY_GROUP)
+    assert_same_state(model, reference)
+
+
+def test_bfl_with_inferred_config(small_ref, tmp_path, capsys):
+    src = flux_fixtures.save_bfl(small_ref, tmp_path / "flux1-small.safetensors")
+    out = tmp_path / "w4a4"
+    code, err = run_cli(capsys, src, out, "--quiet")
+    assert code == 0, err
+    model, metadata = load_checkpoint(out)
+    assert FluxConfig.from_dict(metadata["model_config"]) == FluxConfig.small()
+    assert_same_state(model, quantize_model(load_transformer(src)))
+
+
+def test_sharded_input_and_pipeline_root(small_ref, tmp_path, capsys):
+    src = flux_fixtures.save_diffusers(small_ref, tmp_path / "FLUX" / "transformer", max_shard_size="5MB")
+    assert len(list(src.glob("*.safetensors"))) > 2
+    out = tmp_path / "w4a4"
+    code, err = run_cli(capsys, tmp_path / "FLUX", out, "--quiet")  # the pipeline root
+    assert code == 0, err
+    model, metadata = load_checkpoint(out)
+    names = [f["name"] for f in metadata["source"]["files"]]
+    assert names == sorted(f"transformer/{p.name}" for p in src.glob("*.safetensors"))
+    assert_same_state(model, quantize_model(load_transformer(src)))
+
+
+def test_other_quantization_settings(small_ref, tmp_path, capsys):
+    src = flux_fixtures.save_diffusers(small_ref, tmp_path / "transformer")
+    policy = tmp_path / "policy.json"
+    rules = {"rules": [[r"single_transformer_blocks\.\d+\.proj_out", "w4a4"], [r".*\.ff\..*", "w4a16"]], "default": "bf16"}
+    policy.write_text(json.dumps(rules))
+    out = tmp_path / "w4a4"
+    code, err = run_cli(capsys, src, out, "--hadamard", "sylvester", "--group-size", 128, "--scale-group", 64,
+                        "--policy", policy, "--quiet")
+    assert code == 0, err
+    model, metadata = load_checkpoint(out)
+    assert metadata["quantization"]["scale_group"] == 64 and metadata["quantization"]["hadamard"] == "sylvester"
+    reference = quantize_model(load_transformer(src), QuantPolicy.from_dict(rules), group_size=128,
+                               hadamard="sylvester", scale_group=64)
+    assert_same_state(model, reference)
+    assert type(model.transformer_blocks[0].attn.to_q).__name__ == "Linear"
+
+
+def test_no_quantize_writes_bf16(tiny_src, tmp_path, capsys):
+    out = tmp_path / "bf16"
+    code, err = run_cli(capsys, tiny_src, out, "--no-quantize", "--quiet")
+    assert code == 0, err
+    model, metadata = load_checkpoint(out)
+    assert metadata["quantization"] is None
+    assert_same_state(model, load_transformer(tiny_src))
+
+
+def test_sharding_argument_places_leaves(tiny_src, tmp_path):
+    from convert.convert import convert_checkpoint
+
+    out = tmp_path / "w4a4"
+    convert_checkpoint(tiny_src, out, group_size=TINY_GROUP, progress=False)
+    device = jax.devices()[-1]
+    seen = []
+
+    def place(path, leaf):
+        seen.append(path)
+        return jax.sharding.SingleDeviceSharding(device)
+
+    model, _ = load_checkpoint(out, sharding=place)
+    assert len(seen) == len(flat_state(model))
+    assert all(v.devices() == {device} for v in flat_state(model).values())
+
+
+# Existing output.
+
+
+def test_existing_output_kept_unless_overwrite(tiny_src, tmp_path, capsys):
+    out = tmp_path / "w4a4"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, err = run_cli(capsys, tiny_src, out, "--group-size", TINY_GROUP, "--quiet")
+    assert code == 1 and len(err) == 1 and "already exists" in err[0] and "--overwrite" in err[0]
+    assert (out / "keep.txt").read_text() == "mine"
+    code, err = run_cli(capsys, tiny_src, out, "--group-size", TINY_GROUP, "--quiet", "--overwrite")
+    assert code == 0, err
+    assert not (out / "keep.txt").exists()
+    load_checkpoint(out)
+    assert not list(tmp_path.glob(".w4a4.convrot-tmp-*"))
+
+
+# Bad inputs: one line naming the problem, exit status 1, nothing loadable.
+
+
+def _rewrite(src: Path, dst: Path, edit) -> Path:
+    """A copy of a tiny diffusers folder with its tensors edited by `edit(dict) -> dict`."""
+    dst.mkdir(parents=True)
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    tensors = edit(load_file(src / "diffusion_pytorch_model.safetensors"))
+    save_file(tensors, dst / "diffusion_pytorch_model.safetensors")
+    return dst
+
+
+def _truncate(path: Path) -> None:
+    os.truncate(path, path.stat().st_size - 1000)
+
+
+def _corrupt_header(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[8:40] = b"\x00garbage, not a JSON header....."
+    path.write_bytes(bytes(data))
+
+
+KEY = "transformer_blocks.0.attn.to_k.weight"
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("truncated", ["diffusion_pytorch_model.safetensors", "incomplete metadata"]),
+        ("corrupt", ["diffusion_pytorch_model.safetensors", "not a readable safetensors"]),
+        ("missing", ["missing", KEY]),
+        ("unexpected", ["unexpected", "transformer_blocks.0.attn.extra.weight"]),
+        ("shape", [KEY, "(32, 32)", "(32, 16)"]),
+        ("dtype", [KEY, "I8"]),
+        ("not_flux", ["not a FLUX"]),
+        ("wrong_class", ["UNet2DConditionModel"]),
+        ("wrong_format", ["diffusers checkpoint, not bfl"]),
+    ],
+)
+def test_bad_input(case, expected, tiny_src, tmp_path, capsys):
+    src = tmp_path / "src"
+    extra = []
+    if case in ("truncated", "corrupt", "wrong_class", "wrong_format"):
+        src = _rewrite(tiny_src, src, lambda t: t)
+        weights = src / "diffusion_pytorch_model.safetensors"
+        if case == "truncated":
+            _truncate(weights)
+        elif case == "corrupt":
+            _corrupt_header(weights)
+        elif case == "wrong_class":
+            config = json.loads((src / "config.json").read_text())
+            (src / "config.json").write_text(json.dumps({**config, "_class_name": "UNet2DConditionModel"}))
+        else:
+            extra = ["--format", "bfl"]
+    elif case == "missing":
+        src = _rewrite(tiny_src, src, lambda t: {k: v for k, v in t.items() if k != KEY})
+    elif case == "unexpected":
+        src = _rewrite(tiny_src, src, lambda t: {**t, "transformer_blocks.0.attn.extra.weight": t[KEY]})
+    elif case == "shape":
+        src = _rewrite(tiny_src, src, lambda t: {**t, KEY: np.ascontiguousarray(t[KEY][:, :16])})
+    elif case == "dtype":
+        src = _rewrite(tiny_src, src, lambda t: {**t, KEY: t[KEY].astype(np.int8)})
+    elif case == "not_flux":
+        src = tmp_path / "model.safetensors"
+        save_file({"encoder.weight": np.ones((4, 4), np.float32)}, src)
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, src, out, "--group-size", TINY_GROUP, "--quiet", *extra)
+    assert code == 1
+    assert len(err) == 1 and err[0].startswith("convrot-convert: error: "), err
+    for fragment in expected:
+        assert fragment in err[0], (fragment, err[0])
+    assert_nothing_loadable(out)
+
+
+def test_error_during_conversion_removes_partial_output(tiny_src, tmp_path, monkeypatch):
+    """A failure after part of the checkpoint is on disk (here: the fifth tensor) leaves nothing."""
+    from convert import convert as conversion
+
+    real, calls = conversion._convert_tensor, []
+
+    def failing(*args):
+        calls.append(args[0])
+        if len(calls) == 5:
+            raise CheckpointError(f"injected failure at {args[0]}")
+        return real(*args)
+
+    monkeypatch.setattr(conversion, "_convert_tensor", failing)
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="injected"):
+        conversion.convert_checkpoint(tiny_src, out, group_size=TINY_GROUP, progress=False, chunk_bytes=1)
+    assert_nothing_loadable(out)
+
+
+def test_killed_midway_leaves_nothing_loadable(small_ref, tmp_path):
+    src = flux_fixtures.save_diffusers(small_ref, tmp_path / "transformer")
+    out = tmp_path / "out"
+    # Small chunks: the checkpoint is written in many Orbax partial saves; kill after the first.
+    code = f"from convert.convert import convert_checkpoint; convert_checkpoint({str(src)!r}, {str(out)!r}, progress=False, chunk_bytes=1 << 16)"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while not list(tmp_path.glob(".out.convrot-tmp-*/checkpoint.partial_save/*")):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no partial save appeared"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    with pytest.raises(CheckpointError):
+        load_checkpoint(out)
+    # The leftover temporary directory does not get in the way of the next attempt.
+    from convert.convert import convert_checkpoint
+
+    convert_checkpoint(src, out, progress=False)
+    load_checkpoint(out)
+
+
+# Metadata checks at load.
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_src, tmp_path_factory):
+    from convert.convert import convert_checkpoint
+
+    out = tmp_path_factory.mktemp("ckpt") / "w4a4"
+    convert_checkpoint(tiny_src, out, group_size=TINY_GROUP, progress=False)
+    return out
+
+
+def test_load_refuses_other_group_size_or_config(tiny_checkpoint):
+    load_checkpoint(tiny_checkpoint, config=FluxConfig.tiny(), group_size=TINY_GROUP, hadamard="regular")
+    with pytest.raises(CheckpointMismatchError, match="group_size is 16, expected 256"):
+        load_checkpoint(tiny_checkpoint, group_size=256)
+    with pytest.raises(CheckpointMismatchError, match="hadamard is regular, expected sylvester"):
+        load_checkpoint(tiny_checkpoint, hadamard="sylvester")
+    with pytest.raises(CheckpointMismatchError, match="model config"):
+        load_checkpoint(tiny_checkpoint, config=FluxConfig.tiny(num_layers=2))
+
+
+def _edit_metadata(checkpoint: Path, tmp_path: Path, edit) -> Path:
+    """A copy of `checkpoint` with its JSON metadata edited by `edit(dict)`."""
+    import shutil
+
+    copy = tmp_path / "edited"
+    shutil.copytree(checkpoint, copy)
+    meta_file = copy / "_CHECKPOINT_METADATA"
+    meta = json.loads(meta_file.read_text())
+    edit(meta["custom_metadata"])
+    meta_file.write_text(json.dumps(meta))
+    return copy
+
+
+def test_load_refuses_other_format_version(tiny_checkpoint, tmp_path):
+    edited = _edit_metadata(tiny_checkpoint, tmp_path, lambda m: m.update(format_version=99))
+    with pytest.raises(CheckpointMismatchError, match="format version 99"):
+        load_checkpoint(edited)
+
+
+def test_load_refuses_arrays_that_do_not_match_the_config(tiny_checkpoint, tmp_path):
+    edited = _edit_metadata(tiny_checkpoint, tmp_path, lambda m: m["model_config"].update(joint_attention_dim=64))
+    with pytest.raises(CheckpointMismatchError, match=r"context_embedder.kernel is stored as \(32, 32\)"):
+        load_checkpoint(edited)
+
+
+def test_load_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="not a readable Orbax checkpoint|no such"):
+        load_checkpoint(tmp_path)
