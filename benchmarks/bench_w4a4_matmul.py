@@ -184,7 +184,7 @@ def stage_bench(out_dir, log):
         import pallas_kernels.rotate_quantize  # noqa: F401
     except Exception:  # noqa: BLE001
         rot_ok = False
-    rows = []
+    rows = log["bench"] = []
     for k, n in FLUX_KN:
         for m in FLUX_TOKEN_COUNTS:
             r = dict(m=m, k=k, n=n)
@@ -225,10 +225,10 @@ def stage_bench(out_dir, log):
                     r[f"{key}_vs_bf16"] = r["bf16_ms"] / r[f"{key}_ms"]
             r["config"] = dataclasses.asdict(config_for(m, n, k))
             rows.append(r)
+            save_log(out_dir, log)
             print(f"M={m:5d} K={k:5d} N={n:5d}  bf16 {r['bf16_tops']:5.0f}  int8 {r['int8_tops']:5.0f}  "
                   f"kernel {r['kernel_tops']:5.0f} ({r['kernel_vs_bf16']:.2f}x)  naive {r['naive_layer_vs_bf16']:.2f}x"
                   + (f"  layer {r['layer_vs_bf16']:.2f}x" if "layer_ms" in r else ""), flush=True)
-    log["bench"] = rows
     log["layer_path"] = "ops.w4a4_linear(implementation='pallas'): rotate_quantize kernel + this GEMM" if rot_ok \
         else "not measured: pallas_kernels.rotate_quantize unavailable or failing"
     write_markdown(rows, log, os.path.join(out_dir, "w4a4_matmul.md"))
@@ -255,6 +255,11 @@ def write_markdown(rows, log, path):
         f.write("\n".join(lines) + "\n")
 
 
+def save_log(out_dir, log):
+    with open(os.path.join(out_dir, "w4a4_matmul.json"), "w") as f:
+        json.dump(log, f, indent=1, default=str)
+
+
 STAGES = {"tests": stage_tests, "sweep": stage_sweep, "sass": stage_sass, "bench": stage_bench}
 
 
@@ -274,8 +279,7 @@ def main():
             log[f"{name}_error"] = traceback.format_exc()[-3000:]
             print(log[f"{name}_error"], flush=True)
         log[f"{name}_seconds"] = time.time() - t
-        with open(os.path.join(args.out, "w4a4_matmul.json"), "w") as f:
-            json.dump(log, f, indent=1, default=str)
+        save_log(args.out, log)
 
 
 if __name__ == "__main__":

@@ -108,13 +108,14 @@ def _swizzle_transforms(minor_elems: int, itemsize: int = 1) -> tuple:
 
 
 def _unpack_tile_gpu(packed: jax.Array) -> jax.Array:
-    """uint8 (R, C/2) in the 16-bit-vector WGMMA layout -> int8 (R, C) in WGMMA_8BIT layout.
+    """uint8 (R, C/2) in the WGMMA_8BIT layout -> int8 (R, C) in the WGMMA_UPCAST_4X layout.
 
-    A thread's vector of 2 packed bytes (columns 2j, 2j+1 of an 8-column group) holds exactly the
-    4 codes (columns 4j..4j+3 of a 16-column group) that the 8-bit layout gives the same thread,
-    in the same register position, so the unpack is register-local: reinterpret the 16 bits as
-    4 x int4 (LLVM orders vector<4xi4> from the low nibble up = our even-k-low format) and use
-    Mosaic's int4 -> int8 conversion (prmt/lop3 sign extension)."""
+    The two layouts have the same register structure with columns scaled by 2: a thread's vector
+    of 4 packed bytes (columns 4j..4j+3 of a 16-column group) holds exactly the 8 codes (columns
+    8j..8j+7 of a 32-column group) that the upcast layout gives it in the same register slot. So
+    the unpack is register-local: reinterpret the 32 bits as 8 x int4 (LLVM orders vector<8xi4>
+    from the low nibble up, which is our even-k-low format) and use Mosaic's int4 -> int8
+    conversion (prmt/lop3 sign extension). 4-byte shared loads, 8-byte shared stores."""
     import jax.experimental.mosaic.gpu as mgpu
     from jax._src.lib.mlir import ir
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
@@ -122,16 +123,15 @@ def _unpack_tile_gpu(packed: jax.Array) -> jax.Array:
     rows, half = packed.shape
 
     @plgpu.inline_mgpu(
-        arg_types=(plgpu.Layout.WGMMA,),
-        return_type=plgpu.ShapeDtypeStruct((rows, 2 * half), jnp.int8, layout=plgpu.Layout.WGMMA_8BIT),
+        arg_types=(plgpu.Layout.WGMMA_8BIT,),
+        return_type=plgpu.ShapeDtypeStruct((rows, 2 * half), jnp.int8, layout=plgpu.Layout.WGMMA_UPCAST_4X),
     )
     def unpack(_, src):
-        i4 = ir.IntegerType.get_signless(4)
-        i4x4 = ir.VectorType.get((4,), i4)
+        i4x8 = ir.VectorType.get((8,), ir.IntegerType.get_signless(4))
         regs = np.empty_like(src.registers)
         for idx, reg in np.ndenumerate(src.registers):
-            regs[idx] = mgpu_utils.bitcast(reg, i4x4)
-        as_i4 = mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT_8BIT, _is_signed=True)
+            regs[idx] = mgpu_utils.bitcast(reg, i4x8)
+        as_i4 = mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT_UPCAST_4X, _is_signed=True)
         if as_i4.shape != (rows, 2 * half):
             raise AssertionError(f"register layouts do not line up: {as_i4.shape} vs {(rows, 2 * half)}")
         return as_i4.astype(ir.IntegerType.get_signless(8), is_signed=True)
@@ -227,7 +227,7 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, out_gmem, *, config: W4
 
             def unpack_weights(kk, w_smem):
                 slot = kk % 2
-                w8 = unpack(plgpu.load(w_smem.at[pl.ds(wg * tn, tn)], layout=plgpu.Layout.WGMMA))
+                w8 = unpack(plgpu.load(w_smem.at[pl.ds(wg * tn, tn)], layout=plgpu.Layout.WGMMA_8BIT))
                 w8_smem[wg, slot] = w8
                 plgpu.commit_smem()
                 return w8_smem.at[wg, slot]
