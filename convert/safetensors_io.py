@@ -99,6 +99,11 @@ class FluxCheckpoint:
                 raise NotAFluxCheckpointError(f"{file} is not a readable safetensors file: {e}") from None
         return self._handles[file]
 
+    @property
+    def files(self) -> list[Path]:
+        """The safetensors files this checkpoint reads (one, or the shards), sorted."""
+        return sorted({file for file, _ in self._raw.values()})
+
     # Listing (headers only).
     def keys(self) -> list[str]:
         """All tensor keys, diffusers names, plus any bfl key with no diffusers name (as is)."""

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from convert.safetensors_io import open_checkpoint
 from flux_flax import FluxConfig, FluxTransformer2DModel, load_transformer
 
 TOL = 1e-5
@@ -63,6 +64,8 @@ def test_sharded_dir_and_pipeline_root(reference, tmp_path):
     sharded = flux_fixtures.save_diffusers(torch_model, tmp_path / "sharded", max_shard_size="20KB")
     assert (sharded / "diffusion_pytorch_model.safetensors.index.json").exists()
     assert len(list(sharded.glob("*.safetensors"))) > 2
+    with open_checkpoint(sharded) as checkpoint:
+        assert checkpoint.files == sorted(sharded.glob("*.safetensors"))
     root = flux_fixtures.save_pipeline_root(torch_model, tmp_path / "pipeline")
     for path in (sharded, root):
         model = load_transformer(path, dtype=jnp.float32)
