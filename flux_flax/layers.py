@@ -105,7 +105,7 @@ class FluxPosEmbed(nnx.Module):
     """3-axis RoPE tables: ids (S, n_axes) -> (cos, sin), each (S, head_dim) float32, every
     frequency repeated twice (diffusers' `repeat_interleave_real=True`). diffusers forms the
     angles in float64; here the frequencies are float64 constants and the angle pos * freq is one
-    float32 product (relative error 2^-24: 1e-5 rad at position 128)."""
+    float32 product, off by at most half an ulp (under 8e-6 rad for positions below 128)."""
 
     def __init__(self, theta: int, axes_dim: tuple[int, ...]):
         self.theta = theta
