@@ -1,0 +1,94 @@
+"""Writes large random-weight FLUX transformer checkpoints (diffusers layout, bf16) quickly and in
+bounded memory, for the conversion tests and benchmark.
+
+safetensors' own writers (`save_file`) take every tensor in memory at once and the float RNGs run
+at well under 1 GB/s; a FLUX.1-dev-size file is 23.8 GB. So the tensors are streamed into the file
+one at a time (the format: an 8-byte little-endian header length, a JSON header with each tensor's
+dtype, shape and byte range, then the raw data), cut from one pool of random bf16 values at random
+offsets. The values are finite, of magnitude 2^-15 .. 2^-7 (weights of a trained model's order),
+with random signs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from flux_flax.config import FluxConfig
+
+POOL_ELEMENTS = 1 << 25  # 64 MiB of bf16
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def _random_pool(seed: int) -> np.ndarray:
+    """uint16 bit patterns of finite bf16 values: sign and 7 mantissa bits random, exponent 112..119."""
+    bits = np.random.default_rng(seed).integers(0, 1 << 16, size=POOL_ELEMENTS, dtype=np.uint16)
+    return (bits & 0x83FF) | 0x3800
+
+
+def write_random_safetensors(path: str | Path, shapes: Mapping[str, tuple[int, ...]], *, seed: int = 0) -> int:
+    """Writes bf16 tensors of the given shapes with random values to `path`; returns its size."""
+    pool = _random_pool(seed)
+    rng = np.random.default_rng(seed + 1)
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key, shape in shapes.items():
+        nbytes = 2 * math.prod(shape)
+        header[key] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for shape in shapes.values():
+            left = math.prod(shape)
+            start = int(rng.integers(POOL_ELEMENTS))
+            while left:
+                n = min(left, POOL_ELEMENTS - start)
+                f.write(memoryview(pool[start : start + n]))
+                left, start = left - n, 0
+    return 8 + len(text) + offset
+
+
+def write_random_diffusers_dir(
+    directory: str | Path,
+    config: FluxConfig,
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    shard_bytes: int | None = None,
+    seed: int = 0,
+) -> list[Path]:
+    """A diffusers transformer folder (config.json + safetensors, sharded with an index when
+    `shard_bytes` is given, as diffusers' `save_pretrained(max_shard_size=...)`); returns the files."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config_json = {"_class_name": "FluxTransformer2DModel", "_diffusers_version": "0.42.1", **config.to_dict()}
+    (directory / "config.json").write_text(json.dumps(config_json, indent=2))
+    if shard_bytes is None:
+        path = directory / "diffusion_pytorch_model.safetensors"
+        write_random_safetensors(path, shapes, seed=seed)
+        return [path]
+    shards: list[dict[str, tuple[int, ...]]] = [{}]
+    size = 0
+    for key, shape in shapes.items():
+        nbytes = 2 * math.prod(shape)
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = shape
+        size += nbytes
+    files, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_random_safetensors(directory / name, shard, seed=seed + 2 * i)
+        weight_map.update(dict.fromkeys(shard, name))
+        files.append(directory / name)
+    total = sum(2 * math.prod(s) for s in shapes.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2))
+    return files
