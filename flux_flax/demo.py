@@ -114,8 +114,7 @@ def run_demo(
     start = time.perf_counter()
     nnx.jit(functools.partial(quantize_model, policy=policy))(pipe.transformer)  # in place; jit: 4x faster on CPU
     quantize_seconds = time.perf_counter() - start
-    qpipe = FluxPipeline(pipe.transformer, pipe.vae, pipe.text_encoders, progress=progress)
-    q_latents, q_image, w4a4_seconds = _sample(qpipe, prompt, settings)
+    q_latents, q_image, w4a4_seconds = _sample(pipe, prompt, settings)
 
     err = q_image.astype(np.float64) - ref_image
     mse = float(np.mean(err**2))

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from flux_flax import sampling
 from flux_flax.config import FluxConfig
-from flux_flax.text import PromptEmbeds, TextEncoders
+from flux_flax.text import TEXT_PARTS, PromptEmbeds, TextEncoders
 from flux_flax.vae import AutoencoderKLDecoder, load_vae
 
 
@@ -98,10 +98,10 @@ class FluxPipeline:
         self.dynamic_shift = self.config.guidance_embeds if dynamic_shift is None else dynamic_shift
         self.progress = progress
         self._bar: tqdm | None = None
-        transformer_def, _ = nnx.split(transformer)
-        vae_def, _ = nnx.split(vae)
-        self._denoise = jax.jit(self._denoise_loop(transformer_def))
-        self._decode = jax.jit(self._decode_fn(vae_def), static_argnames=("height", "width"))
+        # The graph definitions are static arguments, so a transformer quantized in place after
+        # this point gets its own compilation rather than a stale structure.
+        self._denoise = jax.jit(self._denoise_loop, static_argnums=0)
+        self._decode = jax.jit(_decode, static_argnums=0, static_argnames=("height", "width"))
 
     @classmethod
     def from_pretrained(
@@ -122,6 +122,10 @@ class FluxPipeline:
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise FileNotFoundError(f"model folder {model_dir} does not exist")
+        parts = (*TEXT_PARTS, "vae", *(() if checkpoint else ("transformer",)))
+        missing = [f"{p}/" for p in parts if not (model_dir / p).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"model folder {model_dir} has no {', '.join(missing)} (expected a diffusers-format FLUX folder)")
         transformer = _load_transformer(model_dir, checkpoint, dtype)
         if max_sequence_length is None:
             max_sequence_length = 512 if transformer.config.guidance_embeds else 256
@@ -132,35 +136,23 @@ class FluxPipeline:
         return cls(transformer, vae, text_encoders, dynamic_shift=_scheduler_shift(model_dir), progress=progress)
 
     # The compiled parts.
-    def _denoise_loop(self, graphdef: nnx.GraphDef):
-        def denoise(state, latents, prompt_embeds, pooled, img_ids, txt_ids, sigmas, guidance):
-            model = nnx.merge(graphdef, state)
-            batch = latents.shape[0]
+    def _denoise_loop(self, graphdef, state, latents, prompt_embeds, pooled, img_ids, txt_ids, sigmas, guidance):
+        model = nnx.merge(graphdef, state)
+        batch = latents.shape[0]
 
-            def step(i, latents):
-                timestep = jnp.full((batch,), sigmas[i], jnp.float32)
-                noise_pred = model(latents, prompt_embeds, pooled, timestep, img_ids, txt_ids, guidance)
-                latents = sampling.euler_step(latents, noise_pred, sigmas[i], sigmas[i + 1])
-                if self.progress:  # fixed at trace time; the argument makes it run after the step
-                    jax.debug.callback(self._on_step, latents[0, 0, 0])
-                return latents
+        def step(i, latents):
+            timestep = jnp.full((batch,), sigmas[i], jnp.float32)
+            noise_pred = model(latents, prompt_embeds, pooled, timestep, img_ids, txt_ids, guidance)
+            latents = sampling.euler_step(latents, noise_pred, sigmas[i], sigmas[i + 1])
+            if self.progress:  # fixed at trace time; the argument makes it run after the step
+                jax.debug.callback(self._on_step, latents[0, 0, 0])
+            return latents
 
-            return jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, latents.astype(jnp.float32))
-
-        return denoise
+        return jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, latents.astype(jnp.float32))
 
     def _on_step(self, _) -> None:
         if self._bar is not None:
             self._bar.update(1)
-
-    @staticmethod
-    def _decode_fn(graphdef: nnx.GraphDef):
-        def decode(state, latents, *, height, width):
-            vae = nnx.merge(graphdef, state)
-            latents = sampling.unpack_latents(latents, height, width).transpose(0, 2, 3, 1)  # NCHW -> NHWC
-            return vae.decode(vae.unscale(latents))
-
-        return decode
 
     # The steps of a generation, usable one by one.
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
@@ -175,6 +167,12 @@ class FluxPipeline:
     def denoise(self, latents: jax.Array, embeds: PromptEmbeds, settings: GenerationSettings) -> jax.Array:
         """Runs every step on packed float32 `latents`; returns the final packed latents."""
         batch, seq_len = latents.shape[:2]
+        expected = (len(embeds.prompt_embeds), len(sampling.latent_image_ids(settings.height, settings.width)))
+        if (batch, seq_len) != expected:
+            raise ValueError(
+                f"latents {tuple(latents.shape)} do not fit {len(embeds.prompt_embeds)} prompt(s) at "
+                f"{settings.width}x{settings.height}: expected (batch, tokens) = {expected}"
+            )
         sigmas = sampling.flux_sigmas(settings.num_inference_steps, seq_len, dynamic_shift=self.dynamic_shift)
         guidance = (
             jnp.full((batch,), settings.guidance_scale, jnp.float32) if self.config.guidance_embeds else None
@@ -190,14 +188,14 @@ class FluxPipeline:
             guidance,
         )
         with tqdm(total=settings.num_inference_steps, desc="denoising", disable=not self.progress) as self._bar:
-            out = self._denoise(nnx.state(self.transformer), *args)
+            out = self._denoise(*nnx.split(self.transformer), *args)
             out.block_until_ready()
         self._bar = None
         return out
 
     def decode(self, latents: jax.Array, height: int, width: int) -> jax.Array:
         """Packed latents -> (B, height, width, 3) images in about [-1, 1], in the VAE's dtype."""
-        return self._decode(nnx.state(self.vae), latents, height=height, width=width)
+        return self._decode(*nnx.split(self.vae), latents, height=height, width=width)
 
     def __call__(
         self, prompts: Sequence[str], settings: GenerationSettings = GenerationSettings(), *, latents: jax.Array | None = None
@@ -240,6 +238,12 @@ class FluxPipeline:
                 name = image_filename(start + k, prompt, seeds[k])
                 paths.append(save_png(images[k], Path(out_dir) / name, prompt, seeds[k], settings, **(metadata or {})))
         return paths
+
+
+def _decode(graphdef: nnx.GraphDef, state: nnx.State, latents: jax.Array, *, height: int, width: int) -> jax.Array:
+    vae = nnx.merge(graphdef, state)
+    latents = sampling.unpack_latents(latents, height, width).transpose(0, 2, 3, 1)  # NCHW -> NHWC
+    return vae.decode(vae.unscale(latents))
 
 
 def _scheduler_shift(model_dir: Path) -> bool | None:
