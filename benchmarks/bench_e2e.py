@@ -14,7 +14,9 @@ peak GPU memory, transformer weight bytes, compile time. For JAX W4A4 with Palla
 one step down into W4A4 linears, attention and the rest (each timed alone at the step's shapes).
 
     PYTHONPATH=. python3 -m benchmarks.bench_e2e            # all variants; diffusers must import
-Writes benchmarks/results/e2e.{md,json} and e2e.png.
+Writes benchmarks/results/e2e.{md,json} and e2e.png. Where one command may not run that long
+(the lent GPU machine stops a command after 10 minutes), run variant subsets (--variants ... --out
+DIR) back to back on the same machine and combine them with --merge DIR1/e2e.json DIR2/e2e.json.
 """
 
 from __future__ import annotations
@@ -117,24 +119,20 @@ def jax_worker(args, variant: str) -> list[dict]:
     from flax import nnx
 
     import flux_flax
-    from flux_flax import FluxTransformer2DModel
+
+    from benchmarks.models import random_transformer
 
     impl = {"jax_w4a4_xla": "xla", "jax_w4a4_pallas": "pallas"}.get(variant)
-
-    def build():
-        if args.model:
-            model = flux_flax.load_transformer(Path(args.model) / "transformer")
-        else:
-            model = FluxTransformer2DModel(_config(args), rngs=nnx.Rngs(0))
-        return flux_flax.quantize_model(model, implementation=impl) if impl else model
-
     t0 = time.perf_counter()
     if args.model:
-        model = build()
-        graphdef, state = nnx.split(model)
-    else:  # random weights made (and quantized) on the GPU: nothing crosses the host
-        graphdef, _ = nnx.split(nnx.eval_shape(build))
-        state = jax.block_until_ready(jax.jit(lambda: nnx.state(build()))())
+        model = flux_flax.load_transformer(Path(args.model) / "transformer")
+    else:
+        model = random_transformer(_config(args))
+    if impl:
+        flux_flax.quantize_model(model, implementation=impl)  # layer by layer: bf16 weights freed as it goes
+    graphdef, state = nnx.split(model)
+    del model
+    jax.block_until_ready(state)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
     print(f"{variant}: model ready in {time.perf_counter() - t0:.0f} s, {weight_bytes / GIB:.2f} GiB", flush=True)
     config = nnx.merge(graphdef, state).config
@@ -311,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-breakdown", dest="breakdown", action="store_false")
     parser.add_argument("--config", choices=["dev", "small"], default="dev", help="small: a CPU smoke test")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="E2E_JSON",
+                        help="only merge e2e.json files of runs over variant subsets (same machine) into one table")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -318,6 +318,10 @@ def main(argv: list[str] | None = None) -> None:
         torch_variants = [v for v in args.variants if v.startswith("torch")]
         rows = torch_worker(args, torch_variants) if args.worker == "torch" else jax_worker(args, args.worker)
         Path(args.worker_out).write_text(json.dumps(rows))
+        return
+    if args.merge:
+        runs = [json.loads(p.read_text()) for p in args.merge]
+        write_results([r for run in runs for r in run["rows"]], runs[0]["device"], args.out)
         return
     rows = []
     if any(v.startswith("torch") for v in args.variants):
