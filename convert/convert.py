@@ -60,13 +60,15 @@ class DtypeMismatchError(CheckpointError):
 
 @dataclasses.dataclass(frozen=True)
 class ConversionSummary:
-    """What a conversion did: tensor counts, sizes (source files in, checkpoint directory out)."""
+    """What a conversion did: tensor counts, sizes (source files in; checkpoint directory out, as
+    written by Orbax with its zstd compression; the arrays' own bytes before compression)."""
 
     output: Path
     tensors_quantized: int
     tensors_kept: int
     bytes_in: int
     bytes_out: int
+    array_bytes: int
     seconds: float
 
     @property
@@ -78,8 +80,8 @@ class ConversionSummary:
         return (
             f"converted {self.tensors_quantized + self.tensors_kept} tensors "
             f"({self.tensors_quantized} quantized to int4, {self.tensors_kept} kept) in {self.seconds:.1f} s: "
-            f"{size(self.bytes_in)} in, {size(self.bytes_out)} out, {self.compression_ratio:.2f}x smaller "
-            f"-> {self.output}"
+            f"{size(self.bytes_in)} in, {size(self.bytes_out)} out ({size(self.array_bytes)} of arrays before "
+            f"compression), {self.compression_ratio:.2f}x smaller -> {self.output}"
         )
 
 
@@ -255,4 +257,5 @@ def convert_checkpoint(
         writer.commit(metadata)
     bytes_in = sum(f.stat().st_size for f in files)
     bytes_out = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    return ConversionSummary(out, quantized, kept, bytes_in, bytes_out, time.perf_counter() - start)
+    return ConversionSummary(out, quantized, kept, bytes_in, bytes_out, writer.bytes_written,
+                             time.perf_counter() - start)
