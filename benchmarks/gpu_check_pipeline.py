@@ -84,14 +84,21 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     pipe = FluxPipeline(transformer, vae, text, progress=True)
     settings = GenerationSettings(args.size, args.size, args.steps, 3.5, seed=0)
 
+    def peak_gib() -> float:
+        return (device.memory_stats() or {}).get("peak_bytes_in_use", 0) / GIB
+
+    peaks = {"after_build_gib": peak_gib()}
+
     def one_image() -> tuple[dict, np.ndarray]:
         t = time.perf_counter()
         embeds = pipe.encode_prompts([args.prompt])
         t_text = time.perf_counter()
         latents = pipe.denoise(pipe.prepare_latents([settings.seed], args.size, args.size), embeds, settings)
         t_denoise = time.perf_counter()
+        peaks.setdefault("after_denoise_gib", peak_gib())
         jax.block_until_ready(pipe.decode(latents, args.size, args.size))
         t_decode = time.perf_counter()
+        peaks.setdefault("after_decode_gib", peak_gib())
         times = {"text_s": t_text - t, "denoise_s": t_denoise - t_text, "decode_s": t_decode - t_denoise}
         return times, np.asarray(latents, np.float32)
 
@@ -100,7 +107,6 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     latents = runs[-1][1]
     np.save(Path(args.out) / f"latents_{variant}.npy", latents)
     med = {k: statistics.median(r[0][k] for r in runs) for k in first}
-    stats = device.memory_stats() or {}
     return {
         "variant": variant,
         "w4a4_implementation": resolve_implementation("auto") if variant == "w4a4" else None,
@@ -117,7 +123,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
         "median_s": med,
         "seconds_per_image": med["denoise_s"] + med["decode_s"],
         "seconds_per_step": med["denoise_s"] / args.steps,
-        "peak_gpu_gib": stats.get("peak_bytes_in_use", 0) / GIB,
+        "peak_gpu_gib": peak_gib(),
+        "peak_gpu_steps": peaks,  # the process peak after building, after the first denoising, after its decode
         "finite": bool(np.isfinite(latents).all()),
     }
 
@@ -138,7 +145,7 @@ def report(results: dict, comparison: dict, args: argparse.Namespace) -> None:
         f"Timed: median of {args.runs} run(s) after one run with compilation. The denoising loop is one",
         "`lax.fori_loop` program with a tqdm progress callback per step (as the CLI runs it).",
         "",
-        "| variant | W4A4 kernels | s / image | s / step | VAE decode s | first run (compile) s | transformer weights GiB | peak GPU GiB |",
+        "| variant | W4A4 kernels | s / image | s / step | VAE decode s | first run (compile) s | transformer weights GiB | peak GPU GiB: build / +denoise / +decode |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results.values():
@@ -149,7 +156,8 @@ def report(results: dict, comparison: dict, args: argparse.Namespace) -> None:
         lines.append(
             f"| {r['variant']} | {r['w4a4_implementation'] or '-'} | {r['seconds_per_image']:.2f} | "
             f"{r['seconds_per_step'] * 1e3:.0f} ms | {r['median_s']['decode_s']:.2f} | {first_total:.1f} | "
-            f"{r['transformer_weight_gib']:.2f} | {r['peak_gpu_gib']:.2f} |"
+            f"{r['transformer_weight_gib']:.2f} | {r['peak_gpu_steps']['after_build_gib']:.2f} / "
+            f"{r['peak_gpu_steps']['after_denoise_gib']:.2f} / {r['peak_gpu_gib']:.2f} |"
         )
     if b and q and "error" not in b and "error" not in q:
         lines += [
