@@ -47,12 +47,9 @@ class CheckpointMismatchError(CheckpointError):
     """The checkpoint's metadata or arrays do not match what the caller or the metadata expects."""
 
 
-def quantization_settings(metadata: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The keyword arguments of `quantize_model` recorded in `metadata` (None: a bf16 checkpoint)."""
-    q = metadata.get("quantization")
-    if q is None:
-        return None
-    return {"group_size": q["group_size"], "hadamard": q["hadamard"], "scale_group": q["scale_group"]}
+def quantize_settings(quantization: Mapping[str, Any]) -> dict[str, Any]:
+    """`quantize_model`'s keyword arguments from a metadata "quantization" entry."""
+    return {name: quantization[name] for name in ("group_size", "hadamard", "scale_group")}
 
 
 def abstract_model(config: FluxConfig, quantization: Mapping[str, Any] | None) -> nnx.Module:
@@ -66,7 +63,7 @@ def abstract_model(config: FluxConfig, quantization: Mapping[str, Any] | None) -
         if quantization is None:
             return model
         policy = QuantPolicy.from_dict(quantization["policy"])
-        return quantize_model(model, policy, **quantization_settings({"quantization": quantization}))
+        return quantize_model(model, policy, **quantize_settings(quantization))
 
     return nnx.eval_shape(build)
 
@@ -185,7 +182,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _check_expected(path: Path, metadata: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
-    settings = quantization_settings(metadata) or {}
+    quantization = metadata.get("quantization")
+    settings = quantize_settings(quantization) if quantization else {}
     for name, want in expected.items():
         if want is None:
             continue

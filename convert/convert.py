@@ -37,11 +37,13 @@ from convert.checkpoint import (
     StatePath,
     abstract_model,
     check_destination,
+    quantize_settings,
     state_key,
 )
 from convert.errors import CheckpointError
 from convert.safetensors_io import DIFFUSERS_INDEX, DIFFUSERS_WEIGHTS, FluxCheckpoint, open_checkpoint
 from convrot_jax import QuantPolicy, quantize_weight
+from convrot_jax.hadamard import check_group_size
 from flux_flax.config import FluxConfig
 from flux_flax.loading import abstract_transformer, expected_shapes
 from flux_flax.transformer import linear_paths
@@ -105,17 +107,18 @@ def sha256_file(path: Path, block: int = 16 << 20) -> str:
 
 
 def _quantization(policy: QuantPolicy, group_size: int, hadamard: str, scale_group: int | None) -> dict[str, Any]:
-    convrot_jax.hadamard.check_group_size(group_size, hadamard)
+    check_group_size(group_size, hadamard)
     return {"group_size": group_size, "hadamard": hadamard, "scale_group": scale_group, "policy": policy.to_dict()}
 
 
-def _plan(config: FluxConfig, quantization: dict[str, Any] | None) -> tuple[dict[str, str], dict[str, jax.ShapeDtypeStruct], dict[str, StatePath]]:
+def _plan(
+    float_model: nnx.Module, config: FluxConfig, quantization: dict[str, Any] | None
+) -> tuple[dict[str, str], dict[str, jax.ShapeDtypeStruct], dict[str, StatePath]]:
     """({Linear layer path: treatment}, {state key: abstract leaf}, {state key: state path}) of
-    the model the checkpoint will hold."""
+    the model the checkpoint will hold; `float_model` is the abstract bf16 model."""
     policy = None if quantization is None else QuantPolicy.from_dict(quantization["policy"])
     treatments = {
-        path: "bf16" if policy is None else policy.treatment(path)
-        for path, _ in linear_paths(abstract_transformer(config, dtype=MODEL_DTYPE))
+        path: "bf16" if policy is None else policy.treatment(path) for path, _ in linear_paths(float_model)
     }
     state = nnx.state(abstract_model(config, quantization))
     leaves, paths = {}, {}
@@ -199,20 +202,21 @@ def convert_checkpoint(
     check_destination(out, overwrite=overwrite)
     policy = policy or QuantPolicy.flux_default()
     quantization = _quantization(policy, group_size, hadamard, scale_group) if quantize else None
-    settings = {"group_size": group_size, "hadamard": hadamard, "scale_group": scale_group}
 
     with open_checkpoint(src) as checkpoint:
         _check_layout(checkpoint, format)
         if config is None:
             config = FluxConfig.from_diffusers_config(checkpoint.diffusers_config())
-        checkpoint.validate(expected_shapes(abstract_transformer(config, dtype=MODEL_DTYPE)))
+        float_model = abstract_transformer(config, dtype=MODEL_DTYPE)
+        checkpoint.validate(expected_shapes(float_model))
         keys = checkpoint.keys()
         _check_dtypes(checkpoint, keys)
         files = source_files(checkpoint)
         layout = checkpoint.layout
         infos = {k: checkpoint.info(k) for k in keys}
     total_in = sum(math.prod(info.shape) * ITEMSIZE[info.dtype] for info in infos.values())
-    treatments, leaves, paths = _plan(config, quantization)
+    treatments, leaves, paths = _plan(float_model, config, quantization)
+    settings = quantize_settings(quantization) if quantization else {}
 
     quantized = kept = 0
     written: set[str] = set()
