@@ -78,10 +78,12 @@ def run(workdir: Path, fraction: float) -> dict:
     t = time.perf_counter()
     files = write_random_diffusers_dir(src, config, shapes, shard_bytes=SHARD_BYTES)
     generate_s = time.perf_counter() - t
+    print(f"generated {len(shapes)} tensors in {len(files)} file(s) in {generate_s:.1f} s", flush=True)
 
     # Kernel's peak RSS of this process's children: the converter is the first and only one so far.
     convert = _child(CONVERT, str(src), str(out))
     peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    print(f"converted: {convert}, peak RSS {peak_rss / GIB:.2f} GiB", flush=True)
     load = _child(LOAD, str(out))
 
     params = sum(math.prod(s) for s in shapes.values())
