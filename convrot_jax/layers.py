@@ -1,8 +1,12 @@
 """Flax NNX drop-in replacements for a Dense layer: W4A4 (`ConvDense4bit`) and W4A16
 (`Dense4bitWeightOnly`). Both hold a `QuantizedWeight` as two `QuantizedParam` variables (packed
-codes, scales) plus static settings, so `nnx.state`, `nnx.eval_shape` and Orbax see plain arrays."""
+codes, scales) plus static settings, so `nnx.state`, `nnx.eval_shape` and Orbax see plain arrays.
+`concatenate` fuses layers that read the same input into one (one activation pass, one GEMM)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Self
 
 import jax.numpy as jnp
 from flax import nnx
@@ -17,7 +21,28 @@ class QuantizedParam(nnx.Variable):
     """A frozen quantized tensor (packed int4 codes or their scales): not a trainable Param."""
 
 
+def require_equal(layers: Sequence[object], names: Sequence[str]) -> None:
+    """Raises a ValueError naming the first attribute in `names` on which `layers` differ."""
+    for name in names:
+        values = [getattr(layer, name) for layer in layers]
+        if len(set(values)) > 1:
+            raise ValueError(f"cannot concatenate layers with different {name}: {values}")
+
+
+def concatenate_biases(biases: Sequence[jnp.ndarray | None], out_features: Sequence[int]) -> jnp.ndarray | None:
+    """The bias of layers concatenated along their outputs: None if none has one, else the biases
+    concatenated, with zeros (in the first present bias's dtype) for the layers without."""
+    present = [b for b in biases if b is not None]
+    if not present:
+        return None
+    return jnp.concatenate([jnp.zeros((n,), present[0].dtype) if b is None else b for b, n in zip(biases, out_features)])
+
+
 class _QuantizedDense(nnx.Module):
+    # Constructor keywords beyond the weight and bias (ConvDense4bit: implementation), which
+    # `concatenate` requires equal and passes on.
+    _settings: tuple[str, ...] = ()
+
     def __init__(self, qweight: QuantizedWeight, bias: jnp.ndarray | None = None):
         self.packed = QuantizedParam(qweight.packed)
         self.scales = QuantizedParam(qweight.scales)
@@ -44,6 +69,26 @@ class _QuantizedDense(nnx.Module):
         b = None if bias is None else jnp.asarray(bias, bias_dtype)
         return cls(qw, b, **kwargs)
 
+    @classmethod
+    def concatenate(cls, layers: Sequence[Self]) -> Self:
+        """One layer whose output is `layers`' outputs concatenated along out_features, so that
+        projections reading the same input run as one activation pass and one GEMM. Exact, with
+        no requantization: the scales are per output row (or per row and K group), so the fused
+        weight is the concatenation of the quantized ones. All layers must share in_features and
+        every setting; a missing bias becomes zeros when another layer has one."""
+        if not layers or any(type(layer) is not cls for layer in layers):
+            raise TypeError(f"{cls.__name__}.concatenate takes a non-empty sequence of {cls.__name__} layers, "
+                            f"got {[type(layer).__name__ for layer in layers]}")
+        require_equal(layers, ("in_features", "group_size", "hadamard", "scale_group", *cls._settings))
+        first = layers[0]
+        qweight = QuantizedWeight(
+            jnp.concatenate([layer.packed[...] for layer in layers]),
+            jnp.concatenate([layer.scales[...] for layer in layers]),
+            first.group_size, first.hadamard, first.scale_group,
+        )
+        bias = concatenate_biases([layer._bias() for layer in layers], [layer.out_features for layer in layers])
+        return cls(qweight, bias, **{name: getattr(first, name) for name in cls._settings})
+
     @property
     def qweight(self) -> QuantizedWeight:
         return QuantizedWeight(self.packed[...], self.scales[...], self.group_size, self.hadamard, self.scale_group)
@@ -64,6 +109,8 @@ class ConvDense4bit(_QuantizedDense):
     """W4A4 Dense: rotate the activations online, quantize per token to int4, integer GEMM against
     the offline-rotated int4 weight, dequantize (+ bias). Accepts any leading shape; output dtype
     is the input's."""
+
+    _settings = ("implementation",)
 
     def __init__(
         self, qweight: QuantizedWeight, bias: jnp.ndarray | None = None, *, implementation: Implementation = "auto"

@@ -3,10 +3,12 @@ its ConvRot quantization.
 
     model = flux_flax.load_transformer("FLUX.1-dev/transformer")        # bf16
     flux_flax.quantize_model(model)                                    # W4A4 per DESIGN.md §3
+    flux_flax.fuse_projections(model)                                  # q/k/v (+ MLP in) as one GEMM
     out = model(latents, t5, clip_pooled, t, img_ids, txt_ids, guidance)
 """
 
 from flux_flax.config import FluxConfig
+from flux_flax.fusion import fuse_projections
 from flux_flax.loading import abstract_transformer, diffusers_key, expected_shapes, load_transformer, load_weights
 from flux_flax.quantize import quantize_model
 from flux_flax.transformer import (
@@ -25,6 +27,7 @@ __all__ = [
     "abstract_transformer",
     "diffusers_key",
     "expected_shapes",
+    "fuse_projections",
     "linear_paths",
     "load_transformer",
     "load_weights",

@@ -6,6 +6,7 @@ linears run in the model dtype."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -204,6 +205,14 @@ class FeedForward(nnx.Module):
         return x
 
 
+def project(x: jax.Array, fused: nnx.Module | None, *layers: nnx.Module | None) -> list[jax.Array]:
+    """x through equally wide projections: their `fused` layer (all outputs concatenated), split
+    back at static sizes, when there is one, else each layer in turn."""
+    if fused is not None:
+        return jnp.split(fused(x), len(layers), axis=-1)
+    return [layer(x) for layer in layers]
+
+
 def attention_implementation(dtype: Dtype, requested: str | None) -> str:
     """`jax.nn.dot_product_attention`'s backend: cuDNN flash attention on a GPU for 16-bit
     inputs, XLA otherwise (jax's `None` means XLA for now). An explicit request wins."""
@@ -221,6 +230,10 @@ class FluxAttention(nnx.Module):
     (`add_{q,k,v}_proj`, `norm_added_{q,k}`, `to_add_out`) and attention runs over the
     concatenation [text, image]. With `pre_only` (single-stream blocks) there is no output
     projection: the caller fuses it with the MLP's.
+
+    `to_qkv` and `to_added_qkv` (diffusers' names) stay None until `flux_flax.fuse_projections`
+    replaces each stream's three projections by one layer with their outputs concatenated; the
+    forward then runs one GEMM per stream and splits its output.
     """
 
     def __init__(self, query_dim: int, heads: int, dim_head: int, *, added_kv_proj_dim: int | None = None,
@@ -238,6 +251,7 @@ class FluxAttention(nnx.Module):
             linear(inner, query_dim, dtype=dtype, rngs=rngs),
             nnx.Dropout(0.0, deterministic=True),
         ])
+        self.to_qkv = nnx.data(None)
         if added_kv_proj_dim is not None:
             self.norm_added_q = RMSNorm(dim_head, eps=eps, dtype=dtype)
             self.norm_added_k = RMSNorm(dim_head, eps=eps, dtype=dtype)
@@ -245,21 +259,29 @@ class FluxAttention(nnx.Module):
             self.add_k_proj = linear(added_kv_proj_dim, inner, dtype=dtype, rngs=rngs)
             self.add_v_proj = linear(added_kv_proj_dim, inner, dtype=dtype, rngs=rngs)
             self.to_add_out = linear(inner, query_dim, dtype=dtype, rngs=rngs)
+            self.to_added_qkv = nnx.data(None)
         self.added_kv_proj_dim = added_kv_proj_dim
 
     def _heads(self, x: jax.Array) -> jax.Array:
         return x.reshape(*x.shape[:-1], -1, self.head_dim)
 
     def __call__(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array | None = None,
-                 image_rotary_emb: tuple[jax.Array, jax.Array] | None = None):
-        query = self.norm_q(self._heads(self.to_q(hidden_states)))
-        key = self.norm_k(self._heads(self.to_k(hidden_states)))
-        value = self._heads(self.to_v(hidden_states))
+                 image_rotary_emb: tuple[jax.Array, jax.Array] | None = None,
+                 qkv: Sequence[jax.Array] | None = None):
+        """`qkv`: the image stream's query, key and value projections when the caller made them
+        (a fused single block's `to_qkv_mlp`); by default they are computed from `hidden_states`."""
+        query, key, value = qkv if qkv is not None else project(
+            hidden_states, self.to_qkv, self.to_q, self.to_k, self.to_v)
+        query = self.norm_q(self._heads(query))
+        key = self.norm_k(self._heads(key))
+        value = self._heads(value)
 
         if encoder_hidden_states is not None and self.added_kv_proj_dim is not None:
-            encoder_query = self.norm_added_q(self._heads(self.add_q_proj(encoder_hidden_states)))
-            encoder_key = self.norm_added_k(self._heads(self.add_k_proj(encoder_hidden_states)))
-            encoder_value = self._heads(self.add_v_proj(encoder_hidden_states))
+            encoder_query, encoder_key, encoder_value = project(
+                encoder_hidden_states, self.to_added_qkv, self.add_q_proj, self.add_k_proj, self.add_v_proj)
+            encoder_query = self.norm_added_q(self._heads(encoder_query))
+            encoder_key = self.norm_added_k(self._heads(encoder_key))
+            encoder_value = self._heads(encoder_value)
             query = jnp.concatenate([encoder_query, query], axis=1)
             key = jnp.concatenate([encoder_key, key], axis=1)
             value = jnp.concatenate([encoder_value, value], axis=1)

@@ -66,7 +66,11 @@ class FluxTransformerBlock(nnx.Module):
 
 class FluxSingleTransformerBlock(nnx.Module):
     """Single-stream block over [text, image]: attention and MLP in parallel from one modulated
-    norm, their outputs concatenated into one projection (`proj_out`, K = dim + 4 dim)."""
+    norm, their outputs concatenated into one projection (`proj_out`, K = dim + 4 dim).
+
+    `to_qkv_mlp` (this port's name; diffusers has none) stays None until
+    `flux_flax.fuse_projections` replaces attn.to_q, attn.to_k, attn.to_v and proj_mlp, which all
+    read the same norm, by one layer with their outputs concatenated (dim -> 3 dim + 4 dim)."""
 
     def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, *, mlp_ratio: float = 4.0,
                  attention_impl: str | None = None, dtype: Dtype, rngs: nnx.Rngs):
@@ -76,6 +80,7 @@ class FluxSingleTransformerBlock(nnx.Module):
         self.proj_out = linear(dim + mlp_hidden_dim, dim, dtype=dtype, rngs=rngs)
         self.attn = FluxAttention(dim, num_attention_heads, attention_head_dim, pre_only=True, eps=1e-6,
                                   attention_impl=attention_impl, dtype=dtype, rngs=rngs)
+        self.to_qkv_mlp = nnx.data(None)
 
     def __call__(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array, temb: jax.Array,
                  image_rotary_emb: RotaryEmb) -> tuple[jax.Array, jax.Array]:
@@ -84,8 +89,14 @@ class FluxSingleTransformerBlock(nnx.Module):
 
         residual = hidden_states
         norm_hidden_states, gate = self.norm(hidden_states, temb)
-        mlp_hidden_states = jax.nn.gelu(self.proj_mlp(norm_hidden_states), approximate=True)
-        attn_output = self.attn(norm_hidden_states, image_rotary_emb=image_rotary_emb)
+        if self.to_qkv_mlp is None:
+            mlp_hidden_states = self.proj_mlp(norm_hidden_states)
+            attn_output = self.attn(norm_hidden_states, image_rotary_emb=image_rotary_emb)
+        else:  # q, k, v are dim wide each (proj_out's K = dim + mlp), the MLP's input the rest.
+            dim = norm_hidden_states.shape[-1]
+            *qkv, mlp_hidden_states = jnp.split(self.to_qkv_mlp(norm_hidden_states), [dim, 2 * dim, 3 * dim], axis=-1)
+            attn_output = self.attn(norm_hidden_states, image_rotary_emb=image_rotary_emb, qkv=qkv)
+        mlp_hidden_states = jax.nn.gelu(mlp_hidden_states, approximate=True)
 
         hidden_states = jnp.concatenate([attn_output, mlp_hidden_states], axis=2)
         hidden_states = residual + gate[:, None] * self.proj_out(hidden_states)
@@ -155,6 +166,13 @@ class FluxTransformer2DModel(nnx.Module):
 
         hidden_states = self.norm_out(hidden_states, temb)
         return self.proj_out(hidden_states)
+
+    def fuse_qkv_projections(self) -> "FluxTransformer2DModel":
+        """diffusers' name for `flux_flax.fuse_projections(self)`: fuses, in place, the projections
+        that read the same input (q/k/v per stream; q/k/v + MLP input in single blocks)."""
+        from flux_flax.fusion import fuse_projections  # fusion.py imports this module
+
+        return fuse_projections(self)
 
 
 def module_path(path: tuple) -> str:
