@@ -12,6 +12,9 @@ ones with --model DIR) at each size and batch, with 512 T5 tokens: median of --i
 after warm-up. Reported per variant and shape: step ms, ratio to diffusers eager and compiled,
 peak GPU memory, transformer weight bytes, compile time. For JAX W4A4 with Pallas it also breaks
 one step down into W4A4 linears, attention and the rest (each timed alone at the step's shapes).
+The JAX variants fuse the projections that read the same input (flux_flax.fuse_projections: q/k/v
+per stream, q/k/v + MLP input in single blocks; one quantization pass and one wider GEMM each)
+unless --no-fuse; each JAX row records `fused`.
 
     PYTHONPATH=. python3 -m benchmarks.bench_e2e            # all variants; diffusers must import
 Writes benchmarks/results/e2e.{md,json} and e2e.png. Where one command may not run that long
@@ -130,6 +133,8 @@ def jax_worker(args, variant: str) -> list[dict]:
         model = random_transformer(_config(args))
     if impl:
         flux_flax.quantize_model(model, implementation=impl)  # layer by layer: bf16 weights freed as it goes
+    if args.fuse:
+        flux_flax.fuse_projections(model)
     graphdef, state = nnx.split(model)
     del model
     jax.block_until_ready(state)
@@ -168,7 +173,7 @@ def jax_worker(args, variant: str) -> list[dict]:
         med = statistics.median(times)
         row = dict(variant=variant, size=size, batch=batch, step_ms=med, compile_s=compile_s,
                    peak_gib=(weight_bytes + temp + out_bytes + sum(x.nbytes for x in jax.tree.leaves(inputs))) / GIB,
-                   weight_gib=weight_bytes / GIB)
+                   weight_gib=weight_bytes / GIB, fused=args.fuse)
         if variant == "jax_w4a4_pallas" and args.breakdown:
             row["breakdown_ms"] = step_breakdown(config, batch, s, impl)
         rows.append(row)
@@ -235,6 +240,8 @@ def run_variant_process(variant_group: str, args) -> list[dict]:
         cmd += ["--model", args.model]
     if not args.breakdown:
         cmd += ["--no-breakdown"]
+    if not args.fuse:
+        cmd += ["--no-fuse"]
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
@@ -307,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--model", help="a diffusers FLUX.1-dev folder with real weights")
     parser.add_argument("--no-breakdown", dest="breakdown", action="store_false")
+    parser.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                        help="JAX: fuse the projections that share an input (flux_flax.fuse_projections)")
     parser.add_argument("--config", choices=["dev", "small"], default="dev", help="small: a CPU smoke test")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--merge", nargs="+", type=Path, metavar="E2E_JSON",
