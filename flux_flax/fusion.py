@@ -10,9 +10,10 @@ more TOP/s, DESIGN.md §2) instead of three or four:
         (this port's name; black-forest-labs' checkpoints store this very layer as `linear1`)
 
 The replaced layers become None. Fusion runs after loading and quantizing, as in diffusers, so
-checkpoints, the key map and the quantization policy keep diffusers' unfused names. It is exact
-for the int4 layers (their scales are per output row, so the fused weight is the concatenation of
-the quantized ones) and for float layers up to the GEMM's summation order.
+checkpoints and the key map keep diffusers' unfused names (the default policy names the fused
+layers too: quantizing a fused float model gives the same layers). It is exact for the int4 layers
+(their scales are per output row, so the fused weight is the concatenation of the quantized ones)
+and for float layers up to the GEMM's summation order.
 """
 
 from __future__ import annotations
