@@ -175,7 +175,7 @@ def jax_worker(args, variant: str) -> list[dict]:
                    peak_gib=(weight_bytes + temp + out_bytes + sum(x.nbytes for x in jax.tree.leaves(inputs))) / GIB,
                    weight_gib=weight_bytes / GIB, fused=args.fuse)
         if variant == "jax_w4a4_pallas" and args.breakdown:
-            row["breakdown_ms"] = step_breakdown(config, batch, s, impl)
+            row["breakdown_ms"] = step_breakdown(config, batch, s, impl, args.fuse)
         rows.append(row)
         print(f"  {variant} {size}² b{batch}: {med:.1f} ms (compile {compile_s:.0f} s)", flush=True)
     stats = jax.devices()[0].memory_stats() or {}
@@ -184,7 +184,7 @@ def jax_worker(args, variant: str) -> list[dict]:
     return rows
 
 
-def step_breakdown(cfg, batch: int, img_tokens: int, impl: str) -> dict:
+def step_breakdown(cfg, batch: int, img_tokens: int, impl: str, fused: bool) -> dict:
     """One step's W4A4 linears and attention, each timed alone at the model's shapes (ms)."""
     import jax
     import jax.numpy as jnp
@@ -194,11 +194,14 @@ def step_breakdown(cfg, batch: int, img_tokens: int, impl: str) -> dict:
     d, mlp, t = cfg.inner_dim, cfg.mlp_hidden_dim, TEXT_TOKENS
     m_img, m_txt, m_all = batch * img_tokens, batch * t, batch * (img_tokens + t)
     # (tokens, K, N, count per step) for every W4A4 linear in the flux default policy.
-    linears = [(m_img, d, d, 4 * cfg.num_layers), (m_txt, d, d, 4 * cfg.num_layers),
-               (m_img, d, mlp, cfg.num_layers), (m_img, mlp, d, cfg.num_layers),
-               (m_txt, d, mlp, cfg.num_layers), (m_txt, mlp, d, cfg.num_layers),
-               (m_all, d, d, 3 * cfg.num_single_layers), (m_all, d, mlp, cfg.num_single_layers),
-               (m_all, d + mlp, d, cfg.num_single_layers)]
+    nd, ns = cfg.num_layers, cfg.num_single_layers
+    mlps = [(m_img, d, mlp, nd), (m_img, mlp, d, nd), (m_txt, d, mlp, nd), (m_txt, mlp, d, nd),
+            (m_all, d + mlp, d, ns)]
+    if fused:  # to_qkv / to_added_qkv (d -> 3d) and the single blocks' to_qkv_mlp (d -> 3d + mlp)
+        linears = mlps + [(m_img, d, 3 * d, nd), (m_img, d, d, nd), (m_txt, d, 3 * d, nd), (m_txt, d, d, nd),
+                          (m_all, d, 3 * d + mlp, ns)]
+    else:
+        linears = mlps + [(m_img, d, d, 4 * nd), (m_txt, d, d, 4 * nd), (m_all, d, d, 3 * ns), (m_all, d, mlp, ns)]
 
     def timed(fn, *a):
         fn = jax.jit(fn)
