@@ -33,10 +33,11 @@ GIB = 2**30
 
 def build_transformer(config, *, quantize: bool, dtype):
     """Random FLUX transformer built block by block on the device (seed = block index), each
-    block quantized right away when `quantize`."""
+    block quantized right away when `quantize`; then the shared-input projections are fused."""
     import jax
     from flax import nnx
 
+    from flux_flax.fusion import fuse_projections
     from flux_flax.quantize import quantize_model
     from flux_flax.transformer import FluxSingleTransformerBlock, FluxTransformer2DModel, FluxTransformerBlock
 
@@ -54,7 +55,7 @@ def build_transformer(config, *, quantize: bool, dtype):
         model.single_transformer_blocks.append(make_single(jax.random.key(2000 + i)))
         if quantize:
             quantize_model(model)
-    return model
+    return fuse_projections(model)  # as FluxPipeline.from_pretrained does
 
 
 def run_variant(variant: str, args: argparse.Namespace) -> dict:
@@ -143,7 +144,7 @@ def report(results: dict, comparison: dict, args: argparse.Namespace) -> None:
         "text encoders tiny random CLIP/T5 with the real output widths (768 pooled, 4096 x 512 tokens) on the CPU:",
         "their time is not CLIP-L/T5-XXL's and is left out of seconds per image (denoise + decode).",
         f"Timed: median of {args.runs} run(s) after one run with compilation. The denoising loop is one",
-        "`lax.fori_loop` program with a tqdm progress callback per step (as the CLI runs it).",
+        "`lax.fori_loop` program with a tqdm progress callback per step, projections fused (as the CLI runs it).",
         "",
         "| variant | W4A4 kernels | s / image | s / step | VAE decode s | first run (compile) s | transformer weights GiB | peak GPU GiB: build / +denoise / +decode |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",

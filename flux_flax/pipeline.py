@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from flux_flax import sampling
 from flux_flax.config import FluxConfig
+from flux_flax.fusion import fuse_projections
 from flux_flax.text import TEXT_PARTS, PromptEmbeds, TextEncoders
 from flux_flax.vae import AutoencoderKLDecoder, load_vae
 
@@ -114,11 +115,13 @@ class FluxPipeline:
         text_device: str = "cpu",
         max_sequence_length: int | None = None,
         cache_dir: str | Path | None = None,
+        fuse: bool = True,
         progress: bool = True,
     ) -> "FluxPipeline":
         """Loads a diffusers-format FLUX folder (tokenizer/, text_encoder/, tokenizer_2/,
         text_encoder_2/, vae/, and transformer/ unless `checkpoint`, a `convrot-convert` Orbax
-        checkpoint, gives the transformer). T5 length: 512 for dev, 256 for schnell, by default."""
+        checkpoint, gives the transformer). T5 length: 512 for dev, 256 for schnell, by default.
+        `fuse` concatenates the projections that read the same input (`flux_flax.fusion`; exact)."""
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise FileNotFoundError(f"model folder {model_dir} does not exist")
@@ -127,6 +130,8 @@ class FluxPipeline:
         if missing:
             raise FileNotFoundError(f"model folder {model_dir} has no {', '.join(missing)} (expected a diffusers-format FLUX folder)")
         transformer = _load_transformer(model_dir, checkpoint, dtype)
+        if fuse:
+            fuse_projections(transformer)
         if max_sequence_length is None:
             max_sequence_length = 512 if transformer.config.guidance_embeds else 256
         text_encoders = TextEncoders.from_pretrained(

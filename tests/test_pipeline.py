@@ -78,6 +78,7 @@ def test_prompt_embeddings_match_diffusers(reference, ours):
 
 def test_pipeline_matches_diffusers(reference, ours):
     pipe, _ = reference
+    assert ours.transformer.single_transformer_blocks[0].to_qkv_mlp is not None  # from_pretrained fuses
     latents = ours.prepare_latents([SETTINGS.seed, SETTINGS.seed + 1], SETTINGS.height, SETTINGS.width)
     final = ours.denoise(latents, ours.encode_prompts(PROMPTS), SETTINGS)
     images = ours(PROMPTS, SETTINGS)  # seeds 3 and 4: the same latents
@@ -192,7 +193,7 @@ def test_generate_from_w4a4_checkpoint(reference, ours, w4a4_checkpoint, tmp_pat
 
     quantized = FluxPipeline.from_pretrained(folder, checkpoint=w4a4_checkpoint, max_sequence_length=T5_LENGTH,
                                              progress=False)
-    assert type(quantized.transformer.transformer_blocks[0].attn.to_q).__name__ == "ConvDense4bit"
+    assert type(quantized.transformer.transformer_blocks[0].attn.to_qkv).__name__ == "ConvDense4bit"  # fused
     latents = ours.prepare_latents([3], SETTINGS.height, SETTINGS.width)
     final_q = quantized.denoise(latents, quantized.encode_prompts(PROMPTS[:1]), SETTINGS)
     final = ours.denoise(latents, ours.encode_prompts(PROMPTS[:1]), SETTINGS)
