@@ -22,6 +22,8 @@ import glob
 import json
 import math
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,16 +44,21 @@ LARGE_KN = [(3072, 12288), (12288, 3072), (15360, 3072)]
 ITERS = 20
 L2_ROTATE_BYTES = 120e6
 
-SWEEP = [
-    W4A4MatmulConfig(128, 128, 128, 4),
-    W4A4MatmulConfig(128, 128, 128, 3),
-    W4A4MatmulConfig(128, 128, 64, 6),
-    W4A4MatmulConfig(128, 128, 64, 8),
-    W4A4MatmulConfig(64, 128, 128, 4),
-    W4A4MatmulConfig(128, 64, 128, 4),
-    W4A4MatmulConfig(128, 128, 128, 4, grid_minor_dim="m", grid_tile_width=4),
-    W4A4MatmulConfig(128, 128, 128, 4, grid_minor_dim="n", grid_tile_width=8),
-]
+SMEM, REGS = "smem", "registers"
+# (M, configs) swept on each of the shapes LARGE_KN + (3072, 9216) (M = 4608) or LARGE_KN (M = 512).
+SWEEP = {
+    4608: [
+        W4A4MatmulConfig(128, 128, 128, 4, weight_operand=SMEM),
+        W4A4MatmulConfig(128, 128, 128, 4, weight_operand=REGS),
+        W4A4MatmulConfig(128, 128, 128, 5, weight_operand=REGS),
+        W4A4MatmulConfig(256, 64, 128, 4, weight_operand=REGS),
+        W4A4MatmulConfig(128, 64, 128, 5, weight_operand=REGS),
+    ],
+    512: [
+        W4A4MatmulConfig(128, 64, 128, 4, weight_operand=SMEM),
+        W4A4MatmulConfig(128, 64, 128, 5, weight_operand=REGS),
+    ],
+}
 
 
 def _nbytes(tree) -> int:
@@ -61,7 +68,7 @@ def _nbytes(tree) -> int:
 def device_time_ms(fn, make_args, out_bytes: int = 0) -> float:
     """Median device time (ms) of fn(*args) over ITERS iterations, rotating input sets."""
     first = make_args(0)
-    n_sets = int(min(16, max(2, math.ceil(L2_ROTATE_BYTES / (_nbytes(first) + out_bytes)))))
+    n_sets = int(min(8, max(2, math.ceil(L2_ROTATE_BYTES / (_nbytes(first) + out_bytes)))))
     sets = [first] + [make_args(i) for i in range(1, n_sets)]
     f = jax.jit(lambda sets: [fn(*s) for s in sets])
     from jax.experimental.mosaic.gpu import profiler
@@ -110,24 +117,27 @@ def tops(m, n, k, ms) -> float:
 
 # --- stages -----------------------------------------------------------------------------------
 
-def stage_tests(out_dir, log):
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "tests/test_w4a4_matmul.py"],
+def stage_tests(out_dir, log, args):
+    select = ["-k", args.tests_k] if args.tests_k else []
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_w4a4_matmul.py", *select],
                        capture_output=True, text=True, timeout=420)
     text = r.stdout[-4000:] + r.stderr[-2000:]
     log["tests"] = {"returncode": r.returncode, "tail": text[-1500:]}
     print(text[-1500:], flush=True)
 
 
-def stage_sweep(out_dir, log):
-    rows = []
-    for m in (4608, 512):
-        for k, n in LARGE_KN:
+def stage_sweep(out_dir, log, args):
+    rows = log["sweep"] = []
+    nt = (((1,), (1,)), ((), ()))
+    for m, configs in SWEEP.items():
+        for k, n in LARGE_KN + ([(3072, 9216)] if m == 4608 else []):
+            bf16_ms = device_time_ms(lambda a, b: jax.lax.dot_general(a, b, nt), bf16_gemm_args(m, n, k), m * n * 2)
+            rows.append(dict(m=m, k=k, n=n, impl="xla_bf16", ms=bf16_ms, tops=tops(m, n, k, bf16_ms)))
+            print(f"M={m} K={k} N={n} XLA bf16: {tops(m, n, k, bf16_ms):.0f} TOP/s", flush=True)
             make = w4a4_args(m, n, k)
             x, sx, w, sw = make(0)
             ref = w4a4_matmul_reference(x, sx, w, sw)
-            for cfg in SWEEP:
-                if n % (2 * cfg.tile_n) or k % cfg.tile_k:
-                    continue
+            for cfg in configs:
                 fn = functools.partial(w4a4_matmul, config=cfg)
                 try:
                     err = check_close(jax.jit(fn)(x, sx, w, sw), ref)
@@ -137,46 +147,61 @@ def stage_sweep(out_dir, log):
                     print(f"M={m} K={k} N={n} {cfg}: ERROR {str(e)[:200]}", flush=True)
                     continue
                 rows.append(dict(m=m, k=k, n=n, config=dataclasses.asdict(cfg), ms=ms, tops=tops(m, n, k, ms),
-                                 err_ulp=err))
-                print(f"M={m} K={k} N={n} {cfg}: {ms * 1e3:.1f} us {tops(m, n, k, ms):.0f} TOP/s err {err:.2f} ulp",
-                      flush=True)
-    log["sweep"] = rows
-    best = {}
-    for r in rows:
-        if "ms" in r and r["err_ulp"] <= 1 and (key := (r["m"], r["k"], r["n"])) and (
-                key not in best or r["ms"] < best[key]["ms"]):
-            best[key] = r
-    print("\nbest per shape:")
-    for (m, k, n), r in sorted(best.items()):
-        print(f"  M={m} K={k} N={n}: {r['tops']:.0f} TOP/s  {r['config']}")
+                                 vs_bf16=bf16_ms / ms, err_ulp=err))
+                print(f"M={m} K={k} N={n} {cfg}: {ms * 1e3:.1f} us {tops(m, n, k, ms):.0f} TOP/s "
+                      f"({bf16_ms / ms:.2f}x bf16) err {err:.2f} ulp", flush=True)
+            save_log(out_dir, log)
 
 
-def stage_sass(out_dir, log):
+def stage_sass(out_dir, log, args):
+    """Dumps each kernel form's PTX and ptxas report, assembles the PTX for sm_90a and counts the
+    SASS instructions that matter (GMMA, local memory, shared memory, unpack ALU work)."""
     dump = os.path.join(out_dir, "sass_dump")
-    os.makedirs(dump, exist_ok=True)
-    code = (
-        "import jax, jax.numpy as jnp\n"
-        "from benchmarks.bench_w4a4_matmul import w4a4_args\n"
-        "from pallas_kernels.w4a4_matmul import w4a4_matmul\n"
-        "x, sx, w, sw = w4a4_args(4608, 3072, 12288)(0)\n"
-        "jax.block_until_ready(jax.jit(w4a4_matmul)(x, sx, w, sw, jnp.ones(3072)))\n"
-    )
-    env = dict(os.environ, MOSAIC_GPU_DUMP_SASS="1", MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_PTX="1",
-               MOSAIC_GPU_DUMP_TO=dump)
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    files = sorted(glob.glob(os.path.join(dump, "*")))
-    text = r.stdout + r.stderr + "".join(open(f, errors="replace").read() for f in files if os.path.isfile(f))
-    counts = {op: text.count(op) for op in ("IGMMA", "HGMMA", "QGMMA", "WARPGROUP.ARRIVE", "LDL", "STL",
-                                             "PRMT", "LOP3", "STS", "LDS", "SYNCS", "BAR.SYNC")}
-    spill = [ln for ln in text.splitlines() if "spill" in ln or "registers" in ln.lower()][:10]
-    log["sass"] = {"counts": counts, "ptxas": spill, "files": [os.path.basename(f) for f in files]}
-    print("SASS instruction counts:", counts, "\n", "\n".join(spill), flush=True)
+    log["sass"] = {}
+    for form in (SMEM, REGS):
+        d = os.path.join(dump, form)
+        os.makedirs(d, exist_ok=True)
+        code = (
+            "import jax, jax.numpy as jnp\n"
+            "from benchmarks.bench_w4a4_matmul import w4a4_args\n"
+            "from pallas_kernels.w4a4_matmul import W4A4MatmulConfig, w4a4_matmul\n"
+            "x, sx, w, sw = w4a4_args(4608, 3072, 12288)(0)\n"
+            f"cfg = W4A4MatmulConfig(weight_operand={form!r})\n"
+            "jax.block_until_ready(jax.jit(lambda *a: w4a4_matmul(*a, config=cfg))(x, sx, w, sw, jnp.ones(3072)))\n"
+        )
+        env = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_TO=d)
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        ptx = sorted(glob.glob(os.path.join(d, "*.ptx")))
+        ptxas_log = "".join(open(f).read() for f in glob.glob(os.path.join(d, "*.ptxas")))
+        entry = {"ptxas": [ln.strip() for ln in ptxas_log.splitlines() if "Used" in ln or "spill" in ln]}
+        tool = lambda name: shutil.which(name) or next(iter(glob.glob(f"/usr/local/cuda*/bin/{name}")), name)  # noqa: E731
+        if ptx:
+            cubin = os.path.join(d, "kernel.cubin")
+            subprocess.run([tool("ptxas"), "-arch=sm_90a", ptx[0], "-o", cubin], capture_output=True, timeout=120)
+            sass = subprocess.run([tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, timeout=120).stdout
+            with open(os.path.join(d, "kernel.sass"), "w") as f:
+                f.write(sass)
+            instrs = [ln for ln in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/", ln)]
+            entry["sass_counts"] = {op: sum(re.search(rf"\b{op}[\s.;]", ln) is not None for ln in instrs) for op in (
+                "IGMMA", "HGMMA", "QGMMA", "WARPGROUP.ARRIVE", "WARPGROUP.DEPBAR", "LDL", "STL", "LDSM", "LDS", "STS",
+                "STSM", "PRMT", "LOP3", "BAR", "SYNCS")}
+            entry["sass_instructions"] = len(instrs)
+        log["sass"][form] = entry
+        print(form, entry, flush=True)
     with tarfile.open(os.path.join(out_dir, "sass.tar.gz"), "w:gz") as tar:
         tar.add(dump, arcname="sass_dump")
     subprocess.run(["rm", "-rf", dump])
 
 
-def stage_bench(out_dir, log):
+def bf16_gemm_args(m, n, k):
+    def make(i):
+        ks = jax.random.split(_key(2000 + i), 2)
+        return jax.block_until_ready((jax.random.normal(ks[0], (m, k), jnp.bfloat16),
+                                      jax.random.normal(ks[1], (n, k), jnp.bfloat16)))
+    return make
+
+
+def stage_bench(out_dir, log, args):
     from convrot_jax.ops import w4a4_linear
 
     rot_ok = True
@@ -186,13 +211,12 @@ def stage_bench(out_dir, log):
         rot_ok = False
     rows = log["bench"] = []
     for k, n in FLUX_KN:
+        if args.bench_kn and f"{k}x{n}" not in args.bench_kn.split(","):
+            continue
         for m in FLUX_TOKEN_COUNTS:
             r = dict(m=m, k=k, n=n)
 
-            def bf16_args(i):
-                ks = jax.random.split(_key(2000 + i), 2)
-                return jax.block_until_ready((jax.random.normal(ks[0], (m, k), jnp.bfloat16),
-                                              jax.random.normal(ks[1], (n, k), jnp.bfloat16)))
+            bf16_args = bf16_gemm_args(m, n, k)
 
             def int8_args(i):
                 ks = jax.random.split(_key(3000 + i), 2)
@@ -267,6 +291,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     p.add_argument("--stages", default="tests,bench")
+    p.add_argument("--tests-k", default="", help="pytest -k selection for the tests stage")
+    p.add_argument("--bench-kn", default="", help="comma-separated KxN shapes for the bench stage (default all)")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     log = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
@@ -274,7 +300,7 @@ def main():
         t = time.time()
         print(f"=== {name} ===", flush=True)
         try:
-            STAGES[name](args.out, log)
+            STAGES[name](args.out, log, args)
         except Exception:  # noqa: BLE001  (keep the other stages' results)
             log[f"{name}_error"] = traceback.format_exc()[-3000:]
             print(log[f"{name}_error"], flush=True)

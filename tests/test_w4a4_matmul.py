@@ -8,6 +8,8 @@ kernel's register-level nibble unpack (`inline_mgpu`), so there it unpacks with 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,21 +62,35 @@ def _check(m, n, k, *, bias, scale_group=None, config=None, interpret, seed=0):
     y = w4a4_matmul(x_codes, x_scales, w_packed, w_scales, b, scale_group=scale_group, config=config,
                     interpret=interpret)
     ref = w4a4_matmul_reference(x_codes, x_scales, w_packed, w_scales, b, scale_group=scale_group)
-    product = w4a4_matmul_reference(x_codes, x_scales, w_packed, w_scales, scale_group=scale_group,
-                                    out_dtype=jnp.float32)
-    _assert_bf16_rounding_equal(y, ref, jnp.abs(product) + (0 if b is None else jnp.abs(b)))
+    terms = _term_magnitudes(x_codes, x_scales, w_codes, w_scales, scale_group)
+    _assert_bf16_rounding_equal(y, ref, terms + (0 if b is None else jnp.abs(b)))
+
+
+def _term_magnitudes(x_codes, x_scales, w_codes, w_scales, scale_group):
+    """sum over scale groups of |x||w| * scales: bounds every partial sum the epilogue forms."""
+    xa, wa = jnp.abs(x_codes), jnp.abs(w_codes)
+    if scale_group is None:
+        return int_matmul_reference(xa, wa).astype(jnp.float32) * x_scales[:, None] * w_scales[None, :]
+    g = scale_group
+    parts = [int_matmul_reference(xa[:, j * g:(j + 1) * g], wa[:, j * g:(j + 1) * g]).astype(jnp.float32)
+             * w_scales[None, :, j] for j in range(w_scales.shape[1])]
+    return sum(parts) * x_scales[:, None]
 
 
 # --- CPU, interpret mode -------------------------------------------------------------------
 
+@pytest.mark.parametrize("weight_operand", ["smem", "registers"])
 @pytest.mark.parametrize("m", [1, 37, 200])
-def test_interpret_per_channel(m):
-    _check(m, 256, 384, bias=m != 37, config=SMALL, interpret=True, seed=m)
+def test_interpret_per_channel(m, weight_operand):
+    cfg = dataclasses.replace(SMALL, weight_operand=weight_operand)
+    _check(m, 256, 384, bias=m != 37, config=cfg, interpret=True, seed=m)
 
 
+@pytest.mark.parametrize("weight_operand", ["smem", "registers"])
 @pytest.mark.parametrize("scale_group", [64, 128])
-def test_interpret_per_group(scale_group):
-    cfg = W4A4MatmulConfig(tile_m=64, tile_n=64, tile_k=scale_group, max_concurrent_steps=2)
+def test_interpret_per_group(scale_group, weight_operand):
+    cfg = W4A4MatmulConfig(tile_m=64, tile_n=64, tile_k=scale_group, max_concurrent_steps=2,
+                           weight_operand=weight_operand)
     _check(70, 256, 256, bias=True, scale_group=scale_group, config=cfg, interpret=True, seed=scale_group)
 
 
@@ -123,6 +139,15 @@ def test_gpu_flux_per_channel(m, k, n):
 @pytest.mark.parametrize("k,n", FLUX_KN)
 def test_gpu_flux_per_group(k, n):
     _check(512, n, k, bias=True, scale_group=128, interpret=False, seed=k + n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weight_operand", ["smem", "registers"])
+@pytest.mark.parametrize("m", [37, 4608])
+def test_gpu_both_weight_operands(m, weight_operand):
+    """Both kernel forms, whichever the config table picks for the FLUX shapes."""
+    cfg = dataclasses.replace(config_for(m, 12288, 3072), weight_operand=weight_operand)
+    _check(m, 12288, 3072, bias=True, config=cfg, interpret=False, seed=m + 1)
 
 
 @pytest.mark.gpu
