@@ -10,6 +10,7 @@ it, and restores straight into the abstract state.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -108,6 +109,7 @@ class CheckpointWriter:
         self._session = self.tmp / "checkpoint"
         self._pending: dict[StatePath, jax.Array] = {}
         self._pending_bytes = 0
+        self._in_flight: ocp.AsyncResponse | None = None
         self.bytes_written = 0
 
     def __enter__(self) -> "CheckpointWriter":
@@ -128,15 +130,24 @@ class CheckpointWriter:
         self._pending_bytes += nbytes
 
     def _flush(self, custom_metadata: dict | None = None) -> None:
-        ocp.partial.save(self._session, _nest(self._pending), custom_metadata=custom_metadata)
+        """Starts writing the queued leaves in the background, once the previous batch is written:
+        reading and quantizing the next batch overlaps the write of this one."""
+        self._wait()
+        self._in_flight = ocp.partial.save_async(self._session, _nest(self._pending), custom_metadata=custom_metadata)
         self.bytes_written += self._pending_bytes
         self._pending, self._pending_bytes = {}, 0
+
+    def _wait(self) -> None:
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            in_flight.result()
 
     def commit(self, metadata: Mapping[str, Any]) -> Path:
         """Writes the last leaves with `metadata`, finalizes, and renames the result onto `path`."""
         if not self._pending:
             raise CheckpointError("nothing to commit: no state entries were added")
         self._flush(custom_metadata=dict(metadata))
+        self._wait()
         ocp.partial.finalize(self._session)
         check_destination(self.path, overwrite=self.overwrite)
         if self.path.exists():
@@ -147,7 +158,9 @@ class CheckpointWriter:
         return self.path
 
     def abort(self) -> None:
-        """Removes everything written so far."""
+        """Removes everything written so far (after the write in flight, if any, has ended)."""
+        with contextlib.suppress(Exception):
+            self._wait()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
