@@ -19,17 +19,40 @@ from flux_flax.transformer import (
     param_paths,
 )
 
+# The pipeline pulls in torch and transformers (text encoders): resolved on first use only.
+_LAZY = {
+    "FluxPipeline": "flux_flax.pipeline",
+    "GenerationSettings": "flux_flax.pipeline",
+    "TextEncoders": "flux_flax.text",
+    "AutoencoderKLDecoder": "flux_flax.vae",
+    "load_vae": "flux_flax.vae",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'flux_flax' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_LAZY[name]), name)
+
+
 __all__ = [
+    "AutoencoderKLDecoder",
     "FluxConfig",
+    "FluxPipeline",
     "FluxSingleTransformerBlock",
     "FluxTransformer2DModel",
     "FluxTransformerBlock",
+    "GenerationSettings",
+    "TextEncoders",
     "abstract_transformer",
     "diffusers_key",
     "expected_shapes",
     "fuse_projections",
     "linear_paths",
     "load_transformer",
+    "load_vae",
     "load_weights",
     "param_paths",
     "quantize_model",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job on an embedded default: set up .venv, then run the ConvRot demo (no downloads).
+# The main job on an embedded default: set up .venv, then text-to-image with a small random-weight
+# FLUX pipeline, bf16 and ConvRot W4A4 (no downloads; PNGs in demo_out/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/convrot-demo "$@"
+exec .venv/bin/convrot-flux demo "$@"
