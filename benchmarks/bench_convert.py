@@ -120,7 +120,8 @@ def markdown(r: dict) -> str:
     gib = lambda n: f"{n / GIB:.2f} GiB"  # noqa: E731
     ok = lambda b: "n/a" if b is None else "yes" if b else "NO"  # noqa: E731
     t = r["targets_met"]
-    scope = "FLUX.1-dev size" if r["fraction_of_blocks"] >= 1 else f"{r['fraction_of_blocks']:.0%} of FLUX.1-dev's blocks"
+    fraction = r["fraction_of_blocks"]
+    scope = "FLUX.1-dev size" if fraction >= 1 else f"{fraction:.0%} of FLUX.1-dev's blocks"
     return "\n".join([
         f"# convrot-convert: random {scope} checkpoint -> W4A4 Orbax",
         "",

@@ -185,7 +185,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path} is not a readable Orbax checkpoint ({type(e).__name__}: {e})") from None
     if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a convrot-jax FLUX checkpoint (metadata format {metadata.get('format')!r})")
+        raise CheckpointError(
+            f"{path} is not a convrot-jax FLUX checkpoint (metadata format {metadata.get('format')!r})"
+        )
     if metadata.get("format_version") != FORMAT_VERSION:
         raise CheckpointMismatchError(
             f"{path}: checkpoint format version {metadata.get('format_version')}, this convrot-jax reads "

@@ -11,12 +11,12 @@ plus the largest tensor's working set, whatever the checkpoint's size.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -128,7 +128,9 @@ def _plan(
     return treatments, leaves, paths
 
 
-def _convert_tensor(key: str, tensor: jax.Array, treatments: dict[str, str], settings: dict[str, Any]) -> tuple[bool, dict[str, jax.Array]]:
+def _convert_tensor(
+    key: str, tensor: jax.Array, treatments: dict[str, str], settings: dict[str, Any]
+) -> tuple[bool, dict[str, jax.Array]]:
     """One source tensor (diffusers key, PyTorch layout) -> (quantized?, {state key: array})."""
     layer, _, param = key.rpartition(".")
     tensor = tensor.astype(MODEL_DTYPE)
@@ -141,7 +143,9 @@ def _convert_tensor(key: str, tensor: jax.Array, treatments: dict[str, str], set
     return False, {f"{layer}.kernel": tensor.T}
 
 
-def _stream(src: str | os.PathLike, keys: Sequence[str], chunk_bytes: int) -> Iterator[tuple[str, jax.Array, int]]:
+def _stream(
+    src: str | os.PathLike, keys: Sequence[str], chunk_bytes: int
+) -> Iterator[tuple[str, jax.Array, int]]:
     """(key, tensor, stored bytes) one at a time, re-opening the source every `chunk_bytes` read
     so that the pages mapped so far are released."""
     i = 0
@@ -220,8 +224,11 @@ def convert_checkpoint(
 
     quantized = kept = 0
     written: set[str] = set()
-    with concurrent.futures.ThreadPoolExecutor(1) as pool, CheckpointWriter(out, overwrite=overwrite, flush_bytes=chunk_bytes) as writer:
-        hashes = pool.submit(lambda: [(f, sha256_file(f)) for f in files])
+    # Hash the sources while converting; a daemon thread, so that an error does not wait for it.
+    hashes: dict[Path, str] = {}
+    hasher = threading.Thread(target=lambda: hashes.update((f, sha256_file(f)) for f in files), daemon=True)
+    hasher.start()
+    with CheckpointWriter(out, overwrite=overwrite, flush_bytes=chunk_bytes) as writer:
         with tqdm(total=total_in, unit="B", unit_scale=True, unit_divisor=1024, desc="convrot-convert",
                   disable=not progress, dynamic_ncols=True) as bar:
             for n, (key, tensor, nbytes) in enumerate(_stream(src, keys, chunk_bytes), 1):
@@ -232,7 +239,7 @@ def convert_checkpoint(
                     if want is None:
                         raise CheckpointError(f"{key}: no place for {skey} in the model")
                     if value.shape != want.shape:
-                        raise CheckpointError(f"{key}: produced {skey} of shape {value.shape}, the model holds {want.shape}")
+                        raise CheckpointError(f"{key}: made {skey} of shape {value.shape}, the model's is {want.shape}")
                     writer.add(paths[skey], value.astype(want.dtype))
                     written.add(skey)
                 quantized += was_quantized
@@ -242,6 +249,9 @@ def convert_checkpoint(
         unwritten = sorted(set(leaves) - written)
         if unwritten:
             raise CheckpointError(f"no source tensor for {len(unwritten)} model entries (first: {unwritten[0]})")
+        hasher.join()
+        if len(hashes) != len(files):
+            raise CheckpointError(f"could not hash every source file: {[str(f) for f in files if f not in hashes]}")
         root = Path(src) if Path(src).is_dir() else Path(src).parent
         metadata = {
             "format": FORMAT,
@@ -254,7 +264,7 @@ def convert_checkpoint(
                 "layout": layout,
                 "files": [
                     {"name": str(f.relative_to(root)), "bytes": f.stat().st_size, "sha256": digest}
-                    for f, digest in hashes.result()
+                    for f, digest in hashes.items()
                 ],
             },
         }

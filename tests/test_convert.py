@@ -52,7 +52,8 @@ def run_cli(capsys, *args) -> tuple[int, list[str]]:
     """Runs `convrot-convert` in process -> (exit status, stderr lines other than the progress bar)."""
     code = cli.main([str(a) for a in args])
     err = capsys.readouterr().err
-    return code, [line for line in err.splitlines() if line.strip() and "convrot-convert:  " not in line and "%|" not in line]
+    lines = [line for line in err.splitlines() if line.strip()]
+    return code, [line for line in lines if "convrot-convert:  " not in line and "%|" not in line]
 
 
 def flat_state(model) -> dict:
@@ -161,7 +162,8 @@ def test_sharded_input_and_pipeline_root(small_ref, tmp_path, capsys):
 def test_other_quantization_settings(small_ref, tmp_path, capsys):
     src = flux_fixtures.save_diffusers(small_ref, tmp_path / "transformer")
     policy = tmp_path / "policy.json"
-    rules = {"rules": [[r"single_transformer_blocks\.\d+\.proj_out", "w4a4"], [r".*\.ff\..*", "w4a16"]], "default": "bf16"}
+    rules = {"rules": [[r"single_transformer_blocks\.\d+\.proj_out", "w4a4"], [r".*\.ff\..*", "w4a16"]],
+             "default": "bf16"}
     policy.write_text(json.dumps(rules))
     out = tmp_path / "w4a4"
     code, err = run_cli(capsys, src, out, "--hadamard", "sylvester", "--group-size", 128, "--scale-group", 64,
@@ -315,7 +317,8 @@ def test_killed_midway_leaves_nothing_loadable(small_ref, tmp_path):
     src = flux_fixtures.save_diffusers(small_ref, tmp_path / "transformer")
     out = tmp_path / "out"
     # Small chunks: the checkpoint is written in many Orbax partial saves; kill after the first.
-    code = f"from convert.convert import convert_checkpoint; convert_checkpoint({str(src)!r}, {str(out)!r}, progress=False, chunk_bytes=1 << 16)"
+    code = (f"from convert.convert import convert_checkpoint; "
+            f"convert_checkpoint({str(src)!r}, {str(out)!r}, progress=False, chunk_bytes=1 << 16)")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120

@@ -45,7 +45,8 @@ def test_peak_rss_bounded_by_largest_tensor(tmp_path):
         assert run.returncode == 0, run.stderr[-2000:]
         peak = int(run.stdout.split()[-1])
         limit = 3 * largest + (1 << 30)
-        print(f"peak RSS {peak / 2**20:.0f} MiB, limit {limit / 2**20:.0f} MiB, file {file.stat().st_size / 2**30:.2f} GiB")
+        print(f"peak RSS {peak / 2**20:.0f} MiB, limit {limit / 2**20:.0f} MiB, "
+              f"file {file.stat().st_size / 2**30:.2f} GiB")
         assert peak < limit
 
         # And the checkpoint is right: a quantized layer equals quantizing its source tensor.
