@@ -126,7 +126,7 @@ def markdown(r: dict) -> str:
         f"# convrot-convert: random {scope} checkpoint -> W4A4 Orbax",
         "",
         f"Where: {r['where']}. Source: {r['parameters'] / 1e9:.2f}B parameters, {r['tensors']} bf16 tensors, "
-        f"diffusers layout in {r['source_files']} shard(s), written just before (so read from the page cache).",
+        f"diffusers layout in {r['source_files']} shard(s), written just before (likely still in the page cache).",
         "",
         "| what | figure | target | met |",
         "| --- | --- | --- | --- |",
