@@ -44,20 +44,10 @@ LARGE_KN = [(3072, 12288), (12288, 3072), (15360, 3072)]
 ITERS = 20
 L2_ROTATE_BYTES = 120e6
 
-SMEM, REGS = "smem", "registers"
 # (M, configs) swept on each of the shapes LARGE_KN + (3072, 9216) (M = 4608) or LARGE_KN (M = 512).
 SWEEP = {
-    4608: [
-        W4A4MatmulConfig(128, 128, 128, 4, weight_operand=SMEM),
-        W4A4MatmulConfig(128, 128, 128, 4, weight_operand=REGS),
-        W4A4MatmulConfig(128, 128, 128, 5, weight_operand=REGS),
-        W4A4MatmulConfig(256, 64, 128, 4, weight_operand=REGS),
-        W4A4MatmulConfig(128, 64, 128, 5, weight_operand=REGS),
-    ],
-    512: [
-        W4A4MatmulConfig(128, 64, 128, 4, weight_operand=SMEM),
-        W4A4MatmulConfig(128, 64, 128, 5, weight_operand=REGS),
-    ],
+    4608: [W4A4MatmulConfig(128, 128, 128, 4), W4A4MatmulConfig(128, 128, 128, 4, grid_tile_width=8)],
+    512: [W4A4MatmulConfig(128, 64, 128, 4), W4A4MatmulConfig(128, 128, 128, 4)],
 }
 
 
@@ -154,40 +144,36 @@ def stage_sweep(out_dir, log, args):
 
 
 def stage_sass(out_dir, log, args):
-    """Dumps each kernel form's PTX and ptxas report, assembles the PTX for sm_90a and counts the
-    SASS instructions that matter (GMMA, local memory, shared memory, unpack ALU work)."""
+    """Dumps the kernel's PTX and ptxas report (default config, 4608x3072x12288), assembles the
+    PTX for sm_90a and counts the SASS instructions that matter (GMMA, local memory, shared
+    memory, unpack ALU work)."""
     dump = os.path.join(out_dir, "sass_dump")
-    log["sass"] = {}
-    for form in (SMEM, REGS):
-        d = os.path.join(dump, form)
-        os.makedirs(d, exist_ok=True)
-        code = (
-            "import jax, jax.numpy as jnp\n"
-            "from benchmarks.bench_w4a4_matmul import w4a4_args\n"
-            "from pallas_kernels.w4a4_matmul import W4A4MatmulConfig, w4a4_matmul\n"
-            "x, sx, w, sw = w4a4_args(4608, 3072, 12288)(0)\n"
-            f"cfg = W4A4MatmulConfig(weight_operand={form!r})\n"
-            "jax.block_until_ready(jax.jit(lambda *a: w4a4_matmul(*a, config=cfg))(x, sx, w, sw, jnp.ones(3072)))\n"
-        )
-        env = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_TO=d)
-        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-        ptx = sorted(glob.glob(os.path.join(d, "*.ptx")))
-        ptxas_log = "".join(open(f).read() for f in glob.glob(os.path.join(d, "*.ptxas")))
-        entry = {"ptxas": [ln.strip() for ln in ptxas_log.splitlines() if "Used" in ln or "spill" in ln]}
-        tool = lambda name: shutil.which(name) or next(iter(glob.glob(f"/usr/local/cuda*/bin/{name}")), name)  # noqa: E731
-        if ptx:
-            cubin = os.path.join(d, "kernel.cubin")
-            subprocess.run([tool("ptxas"), "-arch=sm_90a", ptx[0], "-o", cubin], capture_output=True, timeout=120)
-            sass = subprocess.run([tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, timeout=120).stdout
-            with open(os.path.join(d, "kernel.sass"), "w") as f:
-                f.write(sass)
-            instrs = [ln for ln in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/", ln)]
-            entry["sass_counts"] = {op: sum(re.search(rf"\b{op}[\s.;]", ln) is not None for ln in instrs) for op in (
-                "IGMMA", "HGMMA", "QGMMA", "WARPGROUP.ARRIVE", "WARPGROUP.DEPBAR", "LDL", "STL", "LDSM", "LDS", "STS",
-                "STSM", "PRMT", "LOP3", "BAR", "SYNCS")}
-            entry["sass_instructions"] = len(instrs)
-        log["sass"][form] = entry
-        print(form, entry, flush=True)
+    os.makedirs(dump, exist_ok=True)
+    code = (
+        "import jax, jax.numpy as jnp\n"
+        "from benchmarks.bench_w4a4_matmul import w4a4_args\n"
+        "from pallas_kernels.w4a4_matmul import w4a4_matmul\n"
+        "x, sx, w, sw = w4a4_args(4608, 3072, 12288)(0)\n"
+        "jax.block_until_ready(jax.jit(w4a4_matmul)(x, sx, w, sw, jnp.ones(3072)))\n"
+    )
+    env = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_TO=dump)
+    subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    ptx = sorted(glob.glob(os.path.join(dump, "*.ptx")))
+    ptxas_log = "".join(open(f).read() for f in glob.glob(os.path.join(dump, "*.ptxas")))
+    entry = log["sass"] = {"ptxas": [ln.strip() for ln in ptxas_log.splitlines() if "Used" in ln or "spill" in ln]}
+    tool = lambda name: shutil.which(name) or next(iter(glob.glob(f"/usr/local/cuda*/bin/{name}")), name)  # noqa: E731
+    if ptx:
+        cubin = os.path.join(dump, "kernel.cubin")
+        subprocess.run([tool("ptxas"), "-arch=sm_90a", ptx[0], "-o", cubin], capture_output=True, timeout=120)
+        sass = subprocess.run([tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, timeout=120).stdout
+        with open(os.path.join(dump, "kernel.sass"), "w") as f:
+            f.write(sass)
+        instrs = [ln for ln in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/", ln)]
+        entry["sass_counts"] = {op: sum(re.search(rf"\b{op}[\s.;]", ln) is not None for ln in instrs) for op in (
+            "IGMMA", "HGMMA", "QGMMA", "WARPGROUP.ARRIVE", "WARPGROUP.DEPBAR", "LDL", "STL", "LDSM", "LDS", "STS",
+            "STSM", "PRMT", "LOP3", "BAR", "SYNCS")}
+        entry["sass_instructions"] = len(instrs)
+    print(entry, flush=True)
     with tarfile.open(os.path.join(out_dir, "sass.tar.gz"), "w:gz") as tar:
         tar.add(dump, arcname="sass_dump")
     subprocess.run(["rm", "-rf", dump])

@@ -68,10 +68,6 @@ class W4A4MatmulConfig:
     epi_tile_n: int = 64
     grid_minor_dim: str = "n"  # which output-tile index varies fastest: "m" or "n"
     grid_tile_width: int = 1  # planar-snake band width of the persistent tile order
-    # "smem": unpacked weights go through a shared-memory slot, wgmma(x_smem, w8_smem.T), acc (M, N).
-    # "registers": unpacked weights stay in registers as wgmma's A operand, wgmma(w8, x_smem.T), acc
-    # (N, M), transposed into the output tile by the epilogue's shared-memory store.
-    weight_operand: str = "smem"
 
     def __post_init__(self):
         if self.tile_m % 64 or self.tile_n % 64 or self.tile_k % 64:
@@ -80,8 +76,6 @@ class W4A4MatmulConfig:
             raise ValueError(f"epilogue tiles must divide the output tile: {self}")
         if self.grid_minor_dim not in ("m", "n"):
             raise ValueError(f"grid_minor_dim must be 'm' or 'n': {self}")
-        if self.weight_operand not in ("smem", "registers"):
-            raise ValueError(f"weight_operand must be 'smem' or 'registers': {self}")
 
 
 def _load_config_table() -> list[dict]:
@@ -113,50 +107,40 @@ def _swizzle_transforms(minor_elems: int, itemsize: int = 1) -> tuple:
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def _unpack_tile_gpu(packed: jax.Array, *, for_registers: bool) -> jax.Array:
-    """uint8 (R, C/2) packed codes -> int8 (R, C) codes, register-local.
+def _unpack_tile_gpu(packed: jax.Array) -> jax.Array:
+    """uint8 (R, C/2) in the WGMMA_8BIT layout -> int8 (R, C) in the WGMMA_UPCAST_4X layout.
 
-    Source and result layouts have the same register structure with columns scaled by 2, so a
-    thread's vector of packed bytes holds exactly the codes that the result layout gives it in the
-    same register slot: reinterpret the bits as int4 (LLVM orders vector<Nxi4> from the low nibble
-    up, which is our even-k-low format) and use Mosaic's int4 -> int8 conversion (prmt/lop3 sign
-    extension).
-      for_registers=False: WGMMA_8BIT (4 bytes a thread) -> WGMMA_UPCAST_4X (8 codes), for the
-        store to shared memory (ldmatrix loads, 8-byte stores);
-      for_registers=True: WGMMA (2 bytes a thread) -> WGMMA_8BIT (4 codes), wgmma's A layout.
-    """
+    The two layouts have the same register structure with columns scaled by 2: a thread's vector
+    of 4 packed bytes (columns 4j..4j+3 of a 16-column group) holds exactly the 8 codes (columns
+    8j..8j+7 of a 32-column group) that the upcast layout gives it in the same register slot. So
+    the unpack is register-local: reinterpret the 32 bits as 8 x int4 (LLVM orders vector<8xi4>
+    from the low nibble up, which is our even-k-low format) and use Mosaic's int4 -> int8
+    conversion (prmt/lop3 sign extension). 4-byte shared loads, 8-byte shared stores."""
     import jax.experimental.mosaic.gpu as mgpu
     from jax._src.lib.mlir import ir
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
     rows, half = packed.shape
-    if for_registers:
-        src_layout, dst_layout, dst_mgpu, nibbles = (
-            plgpu.Layout.WGMMA, plgpu.Layout.WGMMA_8BIT, mgpu.WGMMA_LAYOUT_8BIT, 4)
-    else:
-        src_layout, dst_layout, dst_mgpu, nibbles = (
-            plgpu.Layout.WGMMA_8BIT, plgpu.Layout.WGMMA_UPCAST_4X, mgpu.WGMMA_LAYOUT_UPCAST_4X, 8)
 
     @plgpu.inline_mgpu(
-        arg_types=(src_layout,),
-        return_type=plgpu.ShapeDtypeStruct((rows, 2 * half), jnp.int8, layout=dst_layout),
+        arg_types=(plgpu.Layout.WGMMA_8BIT,),
+        return_type=plgpu.ShapeDtypeStruct((rows, 2 * half), jnp.int8, layout=plgpu.Layout.WGMMA_UPCAST_4X),
     )
     def unpack(_, src):
-        i4_vec = ir.VectorType.get((nibbles,), ir.IntegerType.get_signless(4))
+        i4x8 = ir.VectorType.get((8,), ir.IntegerType.get_signless(4))
         regs = np.empty_like(src.registers)
         for idx, reg in np.ndenumerate(src.registers):
-            regs[idx] = mgpu_utils.bitcast(reg, i4_vec)
-        as_i4 = mgpu.FragmentedArray(_registers=regs, _layout=dst_mgpu, _is_signed=True)
+            regs[idx] = mgpu_utils.bitcast(reg, i4x8)
+        as_i4 = mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT_UPCAST_4X, _is_signed=True)
         if as_i4.shape != (rows, 2 * half):
             raise AssertionError(f"register layouts do not line up: {as_i4.shape} vs {(rows, 2 * half)}")
         return as_i4.astype(ir.IntegerType.get_signless(8), is_signed=True)
 
-    return unpack(plgpu.load(packed, layout=src_layout))
+    return unpack(packed)
 
 
-def _unpack_tile_interpret(packed, *, for_registers: bool) -> jax.Array:
-    del for_registers
-    p = packed[...].astype(jnp.int8)
+def _unpack_tile_interpret(packed: jax.Array) -> jax.Array:
+    p = packed.astype(jnp.int8)
     low = lax.shift_right_arithmetic(lax.shift_left(p, jnp.int8(4)), jnp.int8(4))
     high = lax.shift_right_arithmetic(p, jnp.int8(4))
     return jnp.stack([low, high], axis=-1).reshape(p.shape[0], 2 * p.shape[1])
@@ -176,13 +160,6 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, out_gmem, *, config: W4
     unpack = _unpack_tile_interpret if interpret else _unpack_tile_gpu
     # Per-group scales: every step is one scale group (tile_k == scale_group).
     grouped = scale_group is not None
-    in_regs = config.weight_operand == "registers"
-    acc_shape = (tn, tm) if in_regs else (tm, tn)
-    m_dim, n_dim = (1, 0) if in_regs else (0, 1)  # acc axes of the M (tokens) and N (features)
-    # The raw int32 accumulator of the "registers" form is written as an (N, M) array (Mosaic has
-    # no transposed 32-bit shared-memory store); the wrapper transposes it (a test-only path).
-    out_nm = in_regs and raw
-    out_tile = (epi_n, epi_m) if out_nm else (epi_m, epi_n)
 
     def get_pipeline(body, compute_context):
         return plgpu.emit_pipeline_warp_specialized(
@@ -206,12 +183,9 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, out_gmem, *, config: W4
     @functools.partial(
         pl.run_scoped,
         pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
-        # Interpret mode's wgmma takes no register operand: there the "registers" form stages the
-        # unpacked weights through shared memory too (same orientation, same epilogue).
-        w8_smem=None if in_regs and not interpret else plgpu.SMEM(
-            (2, 2, tn, tk), jnp.int8, transforms=_swizzle_transforms(tk)),
-        out_smem=plgpu.SMEM((2, num_out_slots, *out_tile), out_dtype,
-                            transforms=_swizzle_transforms(out_tile[1], out_bytes)),
+        w8_smem=plgpu.SMEM((2, 2, tn, tk), jnp.int8, transforms=_swizzle_transforms(tk)),
+        out_smem=plgpu.SMEM((2, num_out_slots, epi_m, epi_n), out_dtype,
+                            transforms=_swizzle_transforms(epi_n, out_bytes)),
         collective_axes="wg",
     )
     def _scope(pipeline_allocs, w8_smem, out_smem):
@@ -228,52 +202,39 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, out_gmem, *, config: W4
             wg_n_slice = pl.ds(wg_n0, tn)
 
             def epilogue(acc):
-                """acc: float32 (or int32 when raw), `acc_shape`, for this warpgroup's columns."""
+                """acc: float32 (or int32 when raw) (tm, tn) for this warpgroup's columns."""
                 if not raw:
                     sx = plgpu.load(sx_gmem.at[m_slice], optimized=False)
-                    acc = acc * lax.broadcast_in_dim(sx, acc_shape, (m_dim,))
+                    acc = acc * lax.broadcast_in_dim(sx, (tm, tn), (0,))
                     if not grouped:
                         sw = plgpu.load(sw_gmem.at[wg_n_slice], optimized=False)
-                        acc = acc * lax.broadcast_in_dim(sw, acc_shape, (n_dim,))
+                        acc = acc * lax.broadcast_in_dim(sw, (tm, tn), (1,))
                     if bias_gmem is not None:
                         b = plgpu.load(bias_gmem.at[wg_n_slice], optimized=False)
-                        acc = acc + lax.broadcast_in_dim(b, acc_shape, (n_dim,))
+                        acc = acc + lax.broadcast_in_dim(b, (tm, tn), (1,))
                 acc = acc.astype(out_dtype)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 for ei in range(tm // epi_m):
                     for ej in range(tn // epi_n):
                         slot = (ei * (tn // epi_n) + ej) % num_out_slots
                         plgpu.wait_smem_to_gmem(num_out_slots - 1, wait_read_only=True)
-                        rows, cols = slice(ei * epi_m, (ei + 1) * epi_m), slice(ej * epi_n, (ej + 1) * epi_n)
-                        gm, gn = pl.ds(mi * tm + ei * epi_m, epi_m), pl.ds(wg_n0 + ej * epi_n, epi_n)
-                        if out_nm:
-                            out_smem[wg, slot] = acc[cols, rows]
-                        elif in_regs and interpret:  # interpret mode cannot store through a .T view
-                            out_smem[wg, slot] = acc[cols, rows].T
-                        elif in_regs:  # transposing store (stmatrix .trans)
-                            out_smem.at[wg, slot].T[...] = acc[cols, rows]
-                        else:
-                            out_smem[wg, slot] = acc[rows, cols]
+                        out_smem[wg, slot] = acc[ei * epi_m:(ei + 1) * epi_m, ej * epi_n:(ej + 1) * epi_n]
                         plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], out_gmem.at[gn, gm] if out_nm else out_gmem.at[gm, gn])
+                        plgpu.copy_smem_to_gmem(
+                            out_smem.at[wg, slot],
+                            out_gmem.at[pl.ds(mi * tm + ei * epi_m, epi_m), pl.ds(wg_n0 + ej * epi_n, epi_n)],
+                        )
 
-            def mma(acc_ref, kk, x_smem, w_smem):
-                """Unpacks this warpgroup's weight rows and issues the step's wgmma."""
-                w8 = unpack(w_smem.at[pl.ds(wg * tn, tn)], for_registers=in_regs)
-                if in_regs and interpret:
-                    w8_smem[wg, kk % 2] = w8
-                    plgpu.wgmma(acc_ref, w8_smem.at[wg, kk % 2], x_smem.T)
-                elif in_regs:
-                    plgpu.wgmma(acc_ref, w8, x_smem.T)
-                else:
-                    slot = kk % 2
-                    w8_smem[wg, slot] = w8
-                    plgpu.commit_smem()
-                    plgpu.wgmma(acc_ref, x_smem, w8_smem.at[wg, slot].T)
+            def unpack_weights(kk, w_smem):
+                slot = kk % 2
+                w8 = unpack(plgpu.load(w_smem.at[pl.ds(wg * tn, tn)], layout=plgpu.Layout.WGMMA_8BIT))
+                w8_smem[wg, slot] = w8
+                plgpu.commit_smem()
+                return w8_smem.at[wg, slot]
 
             if not grouped:
                 def compute_context(eval_pipeline):
-                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(acc_shape, jnp.int32))
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.int32))
                     def _acc_scope(acc_ref):
                         eval_pipeline(acc_ref)
                         acc = acc_ref[...]
@@ -281,24 +242,26 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, out_gmem, *, config: W4
 
                 def body(idxs, x_smem, w_smem, acc_ref):
                     (kk,) = idxs
-                    mma(acc_ref, kk, x_smem, w_smem)
+                    w8 = unpack_weights(kk, w_smem)
+                    plgpu.wgmma(acc_ref, x_smem, w8.T)
                     plgpu.wgmma_wait(1)
                     return acc_ref
             else:
                 def compute_context(eval_pipeline):
-                    facc = eval_pipeline(jnp.zeros(acc_shape, jnp.float32))
+                    facc = eval_pipeline(jnp.zeros((tm, tn), jnp.float32))
                     epilogue(facc)
 
                 def body(idxs, x_smem, w_smem, facc):
                     (kk,) = idxs
+                    w8 = unpack_weights(kk, w_smem)
 
-                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(acc_shape, jnp.int32))
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.int32))
                     def part(acc_ref):
-                        mma(acc_ref, kk, x_smem, w_smem)
+                        plgpu.wgmma(acc_ref, x_smem, w8.T)
                         return acc_ref[...]
 
                     sw = plgpu.load(sw_gmem.at[kk, wg_n_slice], optimized=False)
-                    return facc + part.astype(jnp.float32) * lax.broadcast_in_dim(sw, acc_shape, (n_dim,))
+                    return facc + part.astype(jnp.float32) * lax.broadcast_in_dim(sw, (tm, tn), (1,))
 
             get_pipeline(body, compute_context)(
                 x_gmem.at[m_slice, :], w_gmem.at[cta_n_slice, :], allocations=pipeline_allocs,
@@ -373,8 +336,6 @@ def w4a4_matmul(
     if bias is not None and not return_int32:
         operands.append(bias.astype(jnp.float32))
 
-    out_nm = return_int32 and cfg.weight_operand == "registers"
-
     def kernel(x, w, sx, sw, *rest):
         *b, out = rest
         _kernel(x, w, sx, sw, b[0] if b else None, out, config=cfg, scale_group=scale_group,
@@ -382,7 +343,7 @@ def w4a4_matmul(
 
     f = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((n, m_pad) if out_nm else (m_pad, n), out_t),
+        out_type=jax.ShapeDtypeStruct((m_pad, n), out_t),
         grid=(_num_programs((m_pad // cfg.tile_m) * (n // (2 * cfg.tile_n)), interpret),),
         grid_names=("sm",),
         num_threads=3,
@@ -391,7 +352,6 @@ def w4a4_matmul(
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
     y = f(*operands)
-    y = y.T if out_nm else y
     return y[:m] if m_pad != m else y
 
 

@@ -8,8 +8,6 @@ kernel's register-level nibble unpack (`inline_mgpu`), so there it unpacks with 
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,18 +77,14 @@ def _term_magnitudes(x_codes, x_scales, w_codes, w_scales, scale_group):
 
 # --- CPU, interpret mode -------------------------------------------------------------------
 
-@pytest.mark.parametrize("weight_operand", ["smem", "registers"])
 @pytest.mark.parametrize("m", [1, 37, 200])
-def test_interpret_per_channel(m, weight_operand):
-    cfg = dataclasses.replace(SMALL, weight_operand=weight_operand)
-    _check(m, 256, 384, bias=m != 37, config=cfg, interpret=True, seed=m)
+def test_interpret_per_channel(m):
+    _check(m, 256, 384, bias=m != 37, config=SMALL, interpret=True, seed=m)
 
 
-@pytest.mark.parametrize("weight_operand", ["smem", "registers"])
 @pytest.mark.parametrize("scale_group", [64, 128])
-def test_interpret_per_group(scale_group, weight_operand):
-    cfg = W4A4MatmulConfig(tile_m=64, tile_n=64, tile_k=scale_group, max_concurrent_steps=2,
-                           weight_operand=weight_operand)
+def test_interpret_per_group(scale_group):
+    cfg = W4A4MatmulConfig(tile_m=64, tile_n=64, tile_k=scale_group, max_concurrent_steps=2)
     _check(70, 256, 256, bias=True, scale_group=scale_group, config=cfg, interpret=True, seed=scale_group)
 
 
@@ -139,15 +133,6 @@ def test_gpu_flux_per_channel(m, k, n):
 @pytest.mark.parametrize("k,n", FLUX_KN)
 def test_gpu_flux_per_group(k, n):
     _check(512, n, k, bias=True, scale_group=128, interpret=False, seed=k + n)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("weight_operand", ["smem", "registers"])
-@pytest.mark.parametrize("m", [37, 4608])
-def test_gpu_both_weight_operands(m, weight_operand):
-    """Both kernel forms, whichever the config table picks for the FLUX shapes."""
-    cfg = dataclasses.replace(config_for(m, 12288, 3072), weight_operand=weight_operand)
-    _check(m, 12288, 3072, bias=True, config=cfg, interpret=False, seed=m + 1)
 
 
 @pytest.mark.gpu
