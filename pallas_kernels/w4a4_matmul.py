@@ -11,11 +11,11 @@ Structure (Pallas Mosaic GPU, warp-specialised, after jax's `hopper_matmul_mgpu.
     tile (2 * tile_n, tile_k / 2) uint8 into a `max_concurrent_steps`-deep ring of shared-memory
     stages by TMA;
   * two compute warpgroups, each owning tile_n output columns: each loads its packed weight half
-    into registers, unpacks the nibbles to int8 in registers (low nibble = even k, DESIGN.md §5;
-    the register layouts line up so that 2 packed bytes of a thread become the 4 consecutive k of
-    the 8-bit wgmma fragment), stores the int8 tile to a double-buffered shared-memory slot and
-    issues `wgmma(acc, x_tile, w_tile.T)` asynchronously, so the unpack of step k+1 overlaps the
-    tensor-core work of step k. The weight is never unpacked through HBM.
+    into registers (ldmatrix), unpacks the nibbles to int8 in registers (low nibble = even k,
+    DESIGN.md §5; the register layouts line up so that the 4 packed bytes a thread holds become
+    the 8 consecutive codes it holds after the unpack), stores the int8 tile to a double-buffered
+    shared-memory slot and issues `wgmma(acc, x_tile, w_tile.T)` asynchronously, so the unpack of
+    step k+1 overlaps the tensor-core work of step k. The weight is never unpacked through HBM.
   * epilogue: acc (int32) -> f32 * s_x * s_w (+ bias) -> out dtype, through shared memory and TMA.
 Per-group weight scales (`scale_group` g along K): the kernel takes tile_k = g and folds each
 group's int32 partial product into an f32 accumulator with its scale (one wgmma wait per group:
