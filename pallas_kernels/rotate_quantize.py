@@ -49,7 +49,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from convrot_jax.hadamard import _regular_stage, check_group_size, regular_hadamard
+from convrot_jax.hadamard import _regular_stage, check_group_size
 from convrot_jax.quant import INT4_MAX, SCALE_FLOOR, pack_int4, quantize_activation_reference
 
 Prologue = Literal["none", "layernorm", "gelu_tanh"]
@@ -67,26 +67,27 @@ class RotateQuantizeConfig:
 
     block_rows: rows per program (power of 2). With a modulation it is lowered to divide the
       tokens per image, so that one program's rows share one image's shift/scale.
-    chunk: columns per register tile (power of 2, a multiple of the group size; lowered to the
-      largest power of 2 dividing K). The whole row is held as K / chunk tiles.
+    groups_per_tile: rotation groups per register tile (power of 2); a row is held as tiles of
+      at most this many groups (K / group_size split into powers of 2).
+    split_levels: outer butterfly levels resolved by loading the 4^split_levels slices of each
+      group as separate tensors (their stages are then elementwise, no register shuffles); the
+      remaining levels shuffle inside a tensor (split/join). Capped at log4(group_size).
     num_warps: Triton warps per program; None picks by the values a program holds.
-    rotation: "butterfly" (bit-identical) or "matmul" (tensor cores, bf16 input only, not
-      bit-identical; kept for measurement).
     """
 
     block_rows: int = 1
-    chunk: int = 1024
+    groups_per_tile: int = 4
+    split_levels: int = 0
     num_warps: int | None = None
     num_stages: int = 1
-    rotation: Literal["butterfly", "matmul"] = "butterfly"
 
     def __post_init__(self):
-        if not (_is_pow2(self.block_rows) and _is_pow2(self.chunk)):
-            raise ValueError(f"block_rows and chunk must be powers of 2, got {self}")
+        if not (_is_pow2(self.block_rows) and _is_pow2(self.groups_per_tile)):
+            raise ValueError(f"block_rows and groups_per_tile must be powers of 2, got {self}")
         if self.num_warps is not None and not _is_pow2(self.num_warps):
             raise ValueError(f"num_warps must be a power of 2, got {self.num_warps}")
-        if self.rotation not in ("butterfly", "matmul"):
-            raise ValueError(f"rotation must be 'butterfly' or 'matmul', got {self.rotation!r}")
+        if self.split_levels < 0:
+            raise ValueError(f"split_levels must be >= 0, got {self.split_levels}")
 
     def warps(self, values_per_program: int) -> int:
         """About 32 float32 values a thread, between 4 and 16 warps."""
@@ -162,94 +163,120 @@ def _round_codes(v: jax.Array, inv: jax.Array, interpret: bool) -> jax.Array:
     return jnp.clip(q, -INT4_MAX, INT4_MAX)
 
 
-def _butterfly(v: jax.Array, n: int) -> jax.Array:
-    """(rows, C) float32 -> each group of n columns times H_n, in the reference's exact order."""
-    shape = v.shape
-    groups = v.size // n
-    v = v.reshape(groups, n)
-    for _ in range(check_group_size(n, "regular")):
-        parts = jnp.split(v.reshape(groups, 4, n // 4), 4, axis=1)
-        y0, y1, y2, y3 = _regular_stage(*(p.reshape(groups, n // 4) for p in parts))
-        # The stage's digit becomes the trailing one: index 4 * i + j holds y_j[i].
+def _outer_stages(parts: list[jax.Array], levels: int) -> list[jax.Array]:
+    """4^levels same-shape tensors, part p = the slice of every group at base-4 digits p (most
+    significant first) -> the reference's first `levels` stages, elementwise between tensors."""
+    for level in range(levels):
+        stride = 4 ** (levels - 1 - level)
+        out = list(parts)
+        for base in range(len(parts)):
+            if (base // stride) % 4 == 0:
+                idx = [base + j * stride for j in range(4)]
+                for i, y in zip(idx, _regular_stage(*(parts[i] for i in idx))):
+                    out[i] = y
+        parts = out
+    return parts
+
+
+def _inner_stages(v: jax.Array, levels: int) -> jax.Array:
+    """(..., w) float32, w = 4^levels -> the stages over the digits inside w, most significant
+    first. Each stage splits the leading digit off and joins its 4 results as the trailing digit,
+    so after all stages the order is natural again."""
+    shape, w = v.shape, v.shape[-1]
+    rows = v.size // w
+    v = v.reshape(rows, w)
+    for _ in range(levels):
+        parts = jnp.split(v.reshape(rows, 4, w // 4), 4, axis=1)
+        y0, y1, y2, y3 = _regular_stage(*(q.reshape(rows, w // 4) for q in parts))
+        # index 4 * i + j holds y_j[i]
         v = jnp.stack([jnp.stack([y0, y2], axis=-1), jnp.stack([y1, y3], axis=-1)], axis=-1)
-        v = v.reshape(groups, n)
-    return (v * np.float32(1 / math.sqrt(n))).reshape(shape)
+        v = v.reshape(rows, w)
+    return v.reshape(shape)
 
 
-def _matmul_rotation(v: jax.Array, h: jax.Array, n: int) -> jax.Array:
-    """(rows, C) float32 holding bf16 values -> grouped x @ H_n on tensor cores (H unscaled ±1)."""
-    shape = v.shape
-    y = jnp.dot(v.reshape(v.size // n, n).astype(jnp.bfloat16), h, preferred_element_type=jnp.float32)
-    return (y * np.float32(1 / math.sqrt(n))).reshape(shape)
+def _pow2_tiles(total: int, cap: int) -> list[tuple[int, int]]:
+    """[0, total) as (start, size) tiles, sizes powers of 2 <= cap, largest first."""
+    tiles, start = [], 0
+    while start < total:
+        size = min(cap, 1 << ((total - start).bit_length() - 1))
+        tiles.append((start, size))
+        start += size
+    return tiles
 
 
 # --- the kernel ----------------------------------------------------------------------------------
 
 
-def _kernel(
-    *refs, m, k, n, chunk, block_rows, prologue, modulated, packed, tokens_per_image, rotation, interpret
-):
+def _kernel(*refs, m, n, split, tiles, block_rows, prologue, modulated, packed, tokens_per_image, interpret):
+    """Refs are 3-D views (rows, groups, n). Values live as tiles x parts: tile (g0, g) holds
+    groups [g0, g0 + g); part p holds columns [p * w, (p + 1) * w) of each group, w = n / 4^split."""
     x_ref, *refs = refs
     if modulated:
         shift_ref, scale_ref, *refs = refs
-    if rotation == "matmul":
-        h_ref, *refs = refs
     codes_ref, scales_ref = refs
+    levels = check_group_size(n, "regular")
+    nparts = 4**split
+    w = n // nparts
+    k = sum(g for _, g in tiles) * n
 
     pid = pl.program_id(0)
     rows = pid * block_rows + jnp.arange(block_rows)
     valid = rows < m
-    tiles = range(k // chunk)
+    mask = valid[:, None, None]
+
+    def at(g0, g, p, width=w):
+        return (slice(None), pl.ds(g0, g), pl.ds(p * width, width))
+
     xs = [
-        plgpu.load(x_ref.at[:, pl.ds(c * chunk, chunk)], mask=valid[:, None], other=0).astype(jnp.float32)
-        for c in tiles
+        [plgpu.load(x_ref.at[at(g0, g, p)], mask=mask, other=0).astype(jnp.float32) for p in range(nparts)]
+        for g0, g in tiles
     ]
 
+    def row_sum(v):
+        return jnp.sum(jnp.sum(v, axis=2), axis=1)
+
     if prologue == "gelu_tanh":
-        xs = [jax.nn.gelu(v, approximate=True) for v in xs]
+        xs = [[jax.nn.gelu(v, approximate=True) for v in t] for t in xs]
     elif prologue == "layernorm":
-        mean = sum(jnp.sum(v, axis=1) for v in xs) / np.float32(k)
-        xs = [v - mean[:, None] for v in xs]
-        var = sum(jnp.sum(v * v, axis=1) for v in xs) / np.float32(k)
-        rstd = jax.lax.rsqrt(var + np.float32(LAYERNORM_EPS))
-        xs = [v * rstd[:, None] for v in xs]
+        mean = sum(row_sum(v) for t in xs for v in t) / np.float32(k)
+        xs = [[v - mean[:, None, None] for v in t] for t in xs]
+        var = sum(row_sum(v * v) for t in xs for v in t) / np.float32(k)
+        rstd = jax.lax.rsqrt(var + np.float32(LAYERNORM_EPS))[:, None, None]
+        xs = [[v * rstd for v in t] for t in xs]
         if modulated:
             image = (pid * block_rows) // tokens_per_image
 
-            def row(ref, c):
-                return ref[pl.ds(image, 1), pl.ds(c * chunk, chunk)].astype(jnp.float32)
+            def mod(ref, g0, g, p):
+                return ref[pl.ds(image, 1), pl.ds(g0, g), pl.ds(p * w, w)].astype(jnp.float32)
 
-            xs = [v * (1 + row(scale_ref, c)) + row(shift_ref, c) for c, v in zip(tiles, xs)]
+            xs = [
+                [v * (1 + mod(scale_ref, g0, g, p)) + mod(shift_ref, g0, g, p) for p, v in enumerate(t)]
+                for (g0, g), t in zip(tiles, xs)
+            ]
 
-    if rotation == "matmul":
-        h = h_ref[...]
-        vs = [_matmul_rotation(v, h, n) for v in xs]
-    else:
-        vs = [_butterfly(v, n) for v in xs]
+    unit = np.float32(1 / math.sqrt(n))
+    vs = [[_inner_stages(v, levels - split) * unit for v in _outer_stages(t, split)] for t in xs]
 
-    absmax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(v), axis=1) for v in vs])
+    flat = [v for t in vs for v in t]
+    absmax = functools.reduce(jnp.maximum, [jnp.max(jnp.max(jnp.abs(v), axis=2), axis=1) for v in flat])
     nonfinite = functools.reduce(
-        jnp.maximum, [jnp.max(jnp.where(jnp.isfinite(v), 0.0, 1.0), axis=1) for v in vs]
+        jnp.maximum, [jnp.max(jnp.max(jnp.where(jnp.isfinite(v), 0.0, 1.0), axis=2), axis=1) for v in flat]
     )
     bad = nonfinite > 0
     scale = jnp.maximum(absmax * np.float32(1 / INT4_MAX), np.float32(SCALE_FLOOR))
     inv = _div_rn(jnp.ones_like(scale), scale, interpret)
     plgpu.store(scales_ref, jnp.where(bad, np.float32(np.nan), scale), mask=valid)
 
-    inv_tile = jnp.broadcast_to(inv[:, None], (block_rows, chunk))
-    for c, v in zip(tiles, vs):
-        q = jnp.where(bad[:, None], 0, _round_codes(v, inv_tile, interpret))
-        if packed:
-            even, odd = jnp.split(q.reshape(block_rows, chunk // 2, 2), 2, axis=-1)
-            byte = (even & 0xF) | ((odd & 0xF) << 4)
-            out = byte.reshape(block_rows, chunk // 2).astype(jnp.uint8)
-            plgpu.store(codes_ref.at[:, pl.ds(c * chunk // 2, chunk // 2)], out, mask=valid[:, None])
-        else:
-            plgpu.store(codes_ref.at[:, pl.ds(c * chunk, chunk)], q.astype(jnp.int8), mask=valid[:, None])
-
-
-def _largest_pow2_divisor(k: int) -> int:
-    return k & -k
+    for (g0, g), t in zip(tiles, vs):
+        inv_t = jnp.broadcast_to(inv[:, None, None], (block_rows, g, w))
+        for p, v in enumerate(t):
+            q = jnp.where(bad[:, None, None], 0, _round_codes(v, inv_t, interpret))
+            if packed:
+                even, odd = jnp.split(q.reshape(block_rows, g, w // 2, 2), 2, axis=-1)
+                byte = ((even & 0xF) | ((odd & 0xF) << 4)).reshape(block_rows, g, w // 2)
+                plgpu.store(codes_ref.at[at(g0, g, p, w // 2)], byte.astype(jnp.uint8), mask=mask)
+            else:
+                plgpu.store(codes_ref.at[at(g0, g, p)], q.astype(jnp.int8), mask=mask)
 
 
 def rotate_quantize(
@@ -276,7 +303,7 @@ def rotate_quantize(
     if x.dtype not in (jnp.bfloat16, jnp.float32):
         raise ValueError(f"x must be bfloat16 or float32, got {x.dtype}")
     m, k = x.shape
-    check_group_size(group_size, "regular")
+    levels = check_group_size(group_size, "regular")
     if k % group_size:
         raise ValueError(f"x's last axis ({k}, shape {x.shape}) must be a multiple of group_size ({group_size})")
     if prologue not in PROLOGUES:
@@ -290,50 +317,44 @@ def rotate_quantize(
                 f"shift {shift.shape} and scale {scale.shape} must both be (B, {k}) with B dividing "
                 f"the {m} rows of x {x.shape}"
             )
-    if config.rotation == "matmul" and (x.dtype != jnp.bfloat16 or prologue != "none"):
-        raise ValueError("rotation='matmul' takes bfloat16 input without a prologue")
 
-    chunk = max(min(config.chunk, _largest_pow2_divisor(k)), group_size)
+    n, groups = group_size, k // group_size
+    split = min(config.split_levels, levels)
     block_rows = config.block_rows
     tokens_per_image = m // shift.shape[0] if modulated else m
     if modulated:
         block_rows = math.gcd(block_rows, tokens_per_image)
-    if config.rotation == "matmul" and block_rows * chunk // group_size < 16:
-        raise ValueError(f"rotation='matmul' needs block_rows * chunk / group_size >= 16, got {config}")
 
-    inputs = [x]
-    in_specs = [pl.BlockSpec((block_rows, k), lambda i: (i, 0))]
+    view = lambda a: a.reshape(a.shape[0], groups, n)  # noqa: E731 - free, contiguous
+    inputs = [view(x)]
+    in_specs = [pl.BlockSpec((block_rows, groups, n), lambda i: (i, 0, 0))]
     if modulated:
-        inputs += [shift, scale]
-        in_specs += [pl.BlockSpec(shift.shape, lambda i: (0, 0))] * 2
-    if config.rotation == "matmul":
-        inputs.append(regular_hadamard(group_size, jnp.bfloat16) * math.sqrt(group_size))
-        in_specs.append(pl.BlockSpec((group_size, group_size), lambda i: (0, 0)))
-    codes_width = k // 2 if packed else k
+        inputs += [view(shift), view(scale)]
+        in_specs += [pl.BlockSpec((shift.shape[0], groups, n), lambda i: (0, 0, 0))] * 2
+    width = n // 2 if packed else n
     kernel = functools.partial(
         _kernel,
         m=m,
-        k=k,
-        n=group_size,
-        chunk=chunk,
+        n=n,
+        split=split,
+        tiles=tuple(_pow2_tiles(groups, config.groups_per_tile)),
         block_rows=block_rows,
         prologue=prologue,
         modulated=modulated,
         packed=packed,
         tokens_per_image=tokens_per_image,
-        rotation=config.rotation,
         interpret=interpret,
     )
-    return pl.pallas_call(
+    codes, scales = pl.pallas_call(
         kernel,
         grid=(pl.cdiv(m, block_rows),),
         in_specs=in_specs,
         out_specs=[
-            pl.BlockSpec((block_rows, codes_width), lambda i: (i, 0)),
+            pl.BlockSpec((block_rows, groups, width), lambda i: (i, 0, 0)),
             pl.BlockSpec((block_rows,), lambda i: (i,)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((m, codes_width), jnp.uint8 if packed else jnp.int8),
+            jax.ShapeDtypeStruct((m, groups, width), jnp.uint8 if packed else jnp.int8),
             jax.ShapeDtypeStruct((m,), jnp.float32),
         ],
         compiler_params=plgpu.CompilerParams(
@@ -342,3 +363,4 @@ def rotate_quantize(
         interpret=interpret,
         name="rotate_quantize",
     )(*inputs)
+    return codes.reshape(m, groups * width), scales

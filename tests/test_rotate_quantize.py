@@ -74,17 +74,19 @@ def _modulation(b: int, k: int, dtype, seed: int = 1):
 
 
 @pytest.mark.parametrize(
-    "m,k,group_size,dtype,packed,block_rows",
+    "m,k,group_size,dtype,packed,block_rows,split_levels",
     [
-        (5, 3072, 256, jnp.bfloat16, False, 2),  # M not a multiple of the block
-        (6, 768, 256, jnp.float32, True, 4),
-        (4, 256, 64, jnp.float32, False, 1),
-        (5, 2048, 1024, jnp.bfloat16, True, 2),
+        (5, 3072, 256, jnp.bfloat16, False, 2, 0),  # M not a multiple of the block
+        (5, 3072, 256, jnp.bfloat16, True, 2, 2),
+        (6, 768, 256, jnp.float32, True, 4, 3),
+        (4, 256, 64, jnp.float32, False, 1, 1),
+        (5, 2048, 1024, jnp.bfloat16, True, 2, 2),
+        (3, 512, 64, jnp.float32, False, 1, 3),  # every level split: w = 1
     ],
 )
-def test_interpret_bit_identical(m, k, group_size, dtype, packed, block_rows):
+def test_interpret_bit_identical(m, k, group_size, dtype, packed, block_rows, split_levels):
     x = _inputs(m, k, dtype)
-    cfg = RotateQuantizeConfig(block_rows=block_rows, chunk=512)
+    cfg = RotateQuantizeConfig(block_rows=block_rows, groups_per_tile=2, split_levels=split_levels)
     got = rotate_quantize(x, group_size=group_size, packed=packed, config=cfg, interpret=True)
     want = _reference(x, group_size=group_size, packed=packed)
     assert got[0].shape == want[0].shape and got[0].dtype == want[0].dtype
@@ -97,9 +99,8 @@ def test_interpret_layernorm_modulation():
     m, k, b = 8, 512, 2
     x = _inputs(m, k, jnp.bfloat16)[4:].repeat(2, axis=0)  # finite rows only
     shift, scale = _modulation(b, k, jnp.bfloat16)
-    got = rotate_quantize(
-        x, prologue="layernorm", shift=shift, scale=scale, config=RotateQuantizeConfig(block_rows=8), interpret=True
-    )
+    cfg = RotateQuantizeConfig(block_rows=8, split_levels=2)
+    got = rotate_quantize(x, prologue="layernorm", shift=shift, scale=scale, config=cfg, interpret=True)
     _assert_close(got, _reference(x, prologue="layernorm", shift=shift, scale=scale))
 
 
@@ -107,12 +108,6 @@ def test_interpret_gelu_packed():
     x = _inputs(4, 1024, jnp.float32)[:, :]
     got = rotate_quantize(x, prologue="gelu_tanh", packed=True, interpret=True)
     _assert_close(got, _reference(x, prologue="gelu_tanh", packed=True), packed=True)
-
-
-def test_interpret_matmul_rotation_is_close():
-    x = _inputs(16, 256, jnp.bfloat16)[4:]
-    cfg = RotateQuantizeConfig(block_rows=16, rotation="matmul")
-    _assert_close(rotate_quantize(x, config=cfg, interpret=True), _reference(x))
 
 
 @pytest.mark.parametrize(
@@ -129,11 +124,6 @@ def test_interpret_matmul_rotation_is_close():
 def test_bad_input_is_named(shape, kw, match):
     with pytest.raises(ValueError, match=match):
         rotate_quantize(jnp.ones(shape, jnp.bfloat16), interpret=True, **kw)
-
-
-def test_matmul_rotation_refuses_float32():
-    with pytest.raises(ValueError, match="bfloat16"):
-        rotate_quantize(jnp.ones((16, 256), jnp.float32), config=RotateQuantizeConfig(rotation="matmul"), interpret=True)
 
 
 # --- GPU (Hopper) ----------------------------------------------------------------------------------
@@ -156,10 +146,10 @@ def test_gpu_group_sizes(group_size):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_rows", [1, 2, 4])
-def test_gpu_block_configs(block_rows):
+@pytest.mark.parametrize("block_rows,split_levels", [(1, 0), (2, 2), (1, 3)])
+def test_gpu_block_configs(block_rows, split_levels):
     x = _inputs(1001, 12288, jnp.bfloat16, seed=block_rows)
-    got = rotate_quantize(x, config=RotateQuantizeConfig(block_rows=block_rows))
+    got = rotate_quantize(x, config=RotateQuantizeConfig(block_rows=block_rows, split_levels=split_levels))
     _assert_exact(got, _reference(x))
 
 
@@ -176,13 +166,6 @@ def test_gpu_layernorm_modulation(k, b):
 def test_gpu_gelu():
     x = _inputs(516, 12288, jnp.bfloat16)[4:]
     _assert_close(rotate_quantize(x, prologue="gelu_tanh"), _reference(x, prologue="gelu_tanh"))
-
-
-@pytest.mark.gpu
-def test_gpu_matmul_rotation_is_close():
-    x = _inputs(1028, 3072, jnp.bfloat16)[4:]
-    got = rotate_quantize(x, config=RotateQuantizeConfig(block_rows=4, rotation="matmul"))
-    _assert_close(got, _reference(x))
 
 
 @pytest.mark.gpu
