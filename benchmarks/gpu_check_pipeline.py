@@ -2,15 +2,17 @@
 bf16 and ConvRot W4A4: seconds per image and peak GPU memory.
 
 The transformer is FLUX.1-dev's shape with random weights made on the GPU in bf16, one block at a
-time from a fixed seed per block, so both variants hold the same weights. For W4A4 each block is
-quantized (`quantize_model`, implementation "auto") as soon as it exists, so the bf16 model never
-sits in memory whole: as when a converted checkpoint is loaded. The VAE decoder has FLUX's shape
-(random, bf16). The text encoders are tiny random CLIP/T5 with the real output widths (768, 4096;
-T5 at 512 tokens) on the CPU: their time is reported apart and is not that of CLIP-L/T5-XXL.
+time from a fixed seed per block, so every variant holds the same weights. For W4A4 each block is
+quantized (`quantize_model`) as soon as it exists, so the bf16 model never sits in memory whole:
+as when a converted checkpoint is loaded. The VAE decoder has FLUX's shape (random, bf16). The
+text encoders are tiny random CLIP/T5 with the real output widths (768, 4096; T5 at 512 tokens)
+on the CPU: their time is reported apart and is not that of CLIP-L/T5-XXL.
 
-Each variant runs in its own process (so the peak-memory figure is its own): one run with
-compilation, then `--runs` timed runs. The parent merges the results into pipeline.{json,md} and
-compares the two variants' final latents (same seed, same weights).
+Variants: bf16; W4A4 with the XLA reference layers; W4A4 with implementation "auto" (the Pallas
+kernels on a Hopper GPU). Each runs in its own process (so the peak-memory figure is its own):
+one run with compilation, then `--runs` timed runs; the sure ones first, all within `--deadline`
+seconds (a variant still compiling then is killed and reported so). The parent writes
+pipeline.{json,md} after each variant, with each W4A4 variant's final latents against bf16's.
 
     PYTHONPATH=. python3 benchmarks/gpu_check_pipeline.py --out benchmarks/results
     PYTHONPATH=. python3 benchmarks/gpu_check_pipeline.py --config small --out /tmp/x   # CPU smoke test
@@ -31,9 +33,10 @@ from pathlib import Path
 GIB = 2**30
 
 
-def build_transformer(config, *, quantize: bool, dtype):
+def build_transformer(config, *, quantize: str | None, dtype):
     """Random FLUX transformer built block by block on the device (seed = block index), each
-    block quantized right away when `quantize`; then the shared-input projections are fused."""
+    block quantized right away when `quantize` (the W4A4 implementation: "auto", "xla",
+    "pallas"); then the shared-input projections are fused."""
     import jax
     from flax import nnx
 
@@ -50,12 +53,15 @@ def build_transformer(config, *, quantize: bool, dtype):
     for i in range(config.num_layers):
         model.transformer_blocks.append(make_double(jax.random.key(1000 + i)))
         if quantize:
-            quantize_model(model)  # only the new block's float layers are left to quantize
+            quantize_model(model, implementation=quantize)  # only the new block's float layers are left
     for i in range(config.num_single_layers):
         model.single_transformer_blocks.append(make_single(jax.random.key(2000 + i)))
         if quantize:
-            quantize_model(model)
+            quantize_model(model, implementation=quantize)
     return fuse_projections(model)  # as FluxPipeline.from_pretrained does
+
+
+VARIANTS = {"bf16": None, "w4a4-xla": "xla", "w4a4-auto": "auto"}  # name -> W4A4 implementation
 
 
 def run_variant(variant: str, args: argparse.Namespace) -> dict:
@@ -75,7 +81,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     dev = args.config == "dev"
     config = FluxConfig.dev() if dev else FluxConfig.small()
     t0 = time.perf_counter()
-    transformer = build_transformer(config, quantize=variant == "w4a4", dtype=jnp.bfloat16)
+    implementation = VARIANTS[variant]
+    transformer = build_transformer(config, quantize=implementation, dtype=jnp.bfloat16)
     jax.block_until_ready(nnx.state(transformer))
     build_s = time.perf_counter() - t0
     vae_config = VAEConfig() if dev else VAEConfig.tiny()
@@ -110,7 +117,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     med = {k: statistics.median(r[0][k] for r in runs) for k in first}
     return {
         "variant": variant,
-        "w4a4_implementation": resolve_implementation("auto") if variant == "w4a4" else None,
+        "w4a4_implementation": resolve_implementation(implementation) if implementation else None,
         "config": args.config,
         "size": args.size,
         "steps": args.steps,
@@ -132,46 +139,36 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
 
 def report(results: dict, comparison: dict, args: argparse.Namespace) -> None:
     out = args.out
-    (out / "pipeline.json").write_text(json.dumps({"variants": results, "w4a4_vs_bf16": comparison}, indent=2))
-    b, q = results.get("bf16", {}), results.get("w4a4", {})
+    (out / "pipeline.json").write_text(json.dumps({"variants": results, "vs_bf16": comparison}, indent=2))
     device = next((r["device"] for r in results.values() if "device" in r), "?")
     lines = [
         "# Pipeline GPU check (issue 8)",
         "",
         f"FLUX.1-{args.config}-shaped random-weight transformer, {args.size}², {args.steps} steps, batch 1, "
         f"on {device}; `benchmarks/gpu_check_pipeline.py`.",
-        "Random weights made on the GPU in bf16 (same seeds for both variants); FLUX-shaped VAE decoder (bf16, random);",
+        "Random weights made on the GPU in bf16 (same seeds for every variant); FLUX-shaped VAE decoder (bf16, random);",
         "text encoders tiny random CLIP/T5 with the real output widths (768 pooled, 4096 x 512 tokens) on the CPU:",
         "their time is not CLIP-L/T5-XXL's and is left out of seconds per image (denoise + decode).",
         f"Timed: median of {args.runs} run(s) after one run with compilation. The denoising loop is one",
         "`lax.fori_loop` program with a tqdm progress callback per step, projections fused (as the CLI runs it).",
         "",
-        "| variant | W4A4 kernels | s / image | s / step | VAE decode s | first run (compile) s | transformer weights GiB | peak GPU GiB: build / +denoise / +decode |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| variant | W4A4 kernels | s / image | s / step | VAE decode s | first run (compile) s | transformer weights GiB"
+        " | peak GPU GiB: build / +denoise / +decode | final latents vs bf16 (rel. L2) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in results.values():
+    for name, r in results.items():
         if "error" in r:
-            lines.append(f"| {r['variant']} | failed: {r['error'][:80]} | | | | | | |")
+            lines.append(f"| {name} | {r['error']} | | | | | | | |")
             continue
         first_total = r["first_run_s"]["denoise_s"] + r["first_run_s"]["decode_s"]
+        err = comparison.get(name)
         lines.append(
-            f"| {r['variant']} | {r['w4a4_implementation'] or '-'} | {r['seconds_per_image']:.2f} | "
+            f"| {name} | {r['w4a4_implementation'] or '-'} | {r['seconds_per_image']:.2f} | "
             f"{r['seconds_per_step'] * 1e3:.0f} ms | {r['median_s']['decode_s']:.2f} | {first_total:.1f} | "
             f"{r['transformer_weight_gib']:.2f} | {r['peak_gpu_steps']['after_build_gib']:.2f} / "
-            f"{r['peak_gpu_steps']['after_denoise_gib']:.2f} / {r['peak_gpu_gib']:.2f} |"
+            f"{r['peak_gpu_steps']['after_denoise_gib']:.2f} / {r['peak_gpu_gib']:.2f} | "
+            f"{'-' if err is None else f'{err:.4f}'} |"
         )
-    if b and q and "error" not in b and "error" not in q:
-        lines += [
-            "",
-            f"W4A4 vs bf16: {b['seconds_per_image'] / q['seconds_per_image']:.2f}x the speed, "
-            f"{b['peak_gpu_gib'] / max(q['peak_gpu_gib'], 1e-9):.2f}x less peak memory, "
-            f"{b['transformer_weight_gib'] / q['transformer_weight_gib']:.2f}x smaller transformer weights.",
-        ]
-    if comparison:
-        lines += [
-            f"Final latents, W4A4 vs bf16 (same seed, same random weights): relative L2 error "
-            f"{comparison['latent_relative_l2']:.4f} (random weights: no claim about image quality).",
-        ]
     (out / "pipeline.md").write_text("\n".join(lines) + "\n")
 
 
@@ -183,7 +180,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="steps (default 28; small: 2)")
     parser.add_argument("--runs", type=int, default=1, help="timed runs after the compiling one")
     parser.add_argument("--prompt", default="a photo of a cat sitting on a red chair next to the window")
-    parser.add_argument("--variant", choices=("bf16", "w4a4"), help="internal: run one variant in this process")
+    parser.add_argument("--variant", choices=tuple(VARIANTS), help="internal: run one variant in this process")
+    parser.add_argument("--deadline", type=float, default=560, help="seconds for all variants (each in a subprocess)")
     args = parser.parse_args()
     args.size = args.size or (1024 if args.config == "dev" else 128)
     args.steps = args.steps or (28 if args.config == "dev" else 2)
@@ -194,29 +192,38 @@ def main() -> None:
         (args.out / f"pipeline_{args.variant}.json").write_text(json.dumps(result, indent=2))
         return
 
-    results = {}
-    for variant in ("bf16", "w4a4"):
+    import numpy as np
+
+    start = time.perf_counter()
+    results, comparison = {}, {}
+    for variant in VARIANTS:  # the sure ones first: a slow compile cannot cost the others
+        left = args.deadline - (time.perf_counter() - start)
+        if left < 60:
+            results[variant] = {"variant": variant, "error": f"not run: {left:.0f} s of the deadline left"}
+            report(results, comparison, args)
+            continue
         cmd = [sys.executable, __file__, "--variant", variant, *sys.argv[1:]]
-        print(f"== {variant}: {' '.join(cmd)}", flush=True)
-        proc = subprocess.run(cmd)
+        print(f"== {variant} ({left:.0f} s left): {' '.join(cmd)}", flush=True)
+        try:
+            proc = subprocess.run(cmd, timeout=left)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = f"killed at the deadline after {left:.0f} s"
         part = args.out / f"pipeline_{variant}.json"
-        if proc.returncode == 0 and part.is_file():
+        if code == 0 and part.is_file():
             results[variant] = json.loads(part.read_text())
             part.unlink()
         else:
-            results[variant] = {"variant": variant, "error": f"exit code {proc.returncode} (see the log)"}
+            results[variant] = {"variant": variant, "error": f"failed: {code} (see the log)"}
         print(json.dumps(results[variant], indent=2), flush=True)
-
-    comparison = {}
-    import numpy as np
-
-    paths = [args.out / f"latents_{v}.npy" for v in ("bf16", "w4a4")]
-    if all(p.is_file() for p in paths):
-        ref, q = (np.load(p) for p in paths)
-        comparison = {"latent_relative_l2": float(np.linalg.norm(q - ref) / np.linalg.norm(ref))}
-    for p in paths:
-        p.unlink(missing_ok=True)
-    report(results, comparison, args)
+        latents = args.out / f"latents_{variant}.npy"
+        ref = args.out / "latents_bf16.npy"
+        if variant != "bf16" and latents.is_file() and ref.is_file():
+            q, r = np.load(latents), np.load(ref)
+            comparison[variant] = float(np.linalg.norm(q - r) / np.linalg.norm(r))
+        report(results, comparison, args)  # after each variant: a later timeout keeps what is done
+    for p in args.out.glob("latents_*.npy"):
+        p.unlink()
     print((args.out / "pipeline.md").read_text())
     print(f"python {platform.python_version()}")
 
