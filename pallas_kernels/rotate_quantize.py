@@ -1,39 +1,46 @@
 """Fused grouped regular-Hadamard rotation + per-token symmetric int4 quantization (Pallas, GPU).
 
-One pass: each program loads a block of whole rows of x (M, K) once, optionally applies a
-prologue (LayerNorm without affine + AdaLN modulation, or tanh-GELU), rotates every group of
-`group_size` columns, reduces the per-row absmax, and writes int4 codes (int8, or packed two a
-byte) and float32 per-row scales. The rotated row stays in registers between the absmax and the
-quantization, so HBM sees x once and the codes once.
+One pass: each program loads a block of whole rows of x (M, K) once (viewed as (M, K/n, n),
+n = group_size), optionally applies a prologue (LayerNorm without affine + AdaLN modulation, or
+tanh-GELU), rotates every group, reduces the per-row absmax, and writes int4 codes (int8, or
+packed two a byte) and float32 per-row scales. The rotated row stays in registers between the
+absmax and the quantization, so HBM sees x once and the codes once.
 
 Bit-identity with `convrot_jax.quant.quantize_activation_reference` (no prologue):
 - the rotation is the reference butterfly (`convrot_jax.hadamard`): the same 4-point stage
   (`_regular_stage`, imported, not copied), the same stage order (outermost digit first), the
-  same final power-of-two multiply. Each stage splits the leading base-4 digit off the group and
-  joins the 4 results as the trailing digit, so after log4(n) stages the order is natural again
-  and no element ever leaves its program's registers;
+  same final power-of-two multiply. The first `split_levels` levels run elementwise between
+  separately loaded slices of each group; each remaining level splits the leading base-4 digit
+  off a tensor and joins its 4 results as the trailing digit (order natural again at the end);
 - scale = max(absmax * float32(1/7), 1e-10) as in the reference; 1 / scale is IEEE
   `div.rn.f32` and v * (1 / scale) an explicit `mul.rn.f32` followed by `cvt.rni` (round half
   to even) in inline PTX: Triton's `/` is the approximate `div.full.f32`, it has no round
   primitive, and a plain multiply may be contracted into an FMA, which changes the rounding;
-- a row holding NaN/Inf after rotation gets a NaN scale and zero codes, as in the reference.
-With a prologue the codes cannot be bit-identical (reductions in another order, rsqrt, tanh);
-`rotate_quantize_reference` is the jnp composition they are tested against.
+- a row holding NaN/Inf gets a NaN scale and zero codes, as in the reference.
+With a prologue the codes cannot be bit-identical (reductions in another order, rsqrt, tanh):
+tests allow a code to move by one step on at most 0.1% of entries, scales to rtol 2e-5, against
+`rotate_quantize_reference` (jnp prologue in float32, then the reference quantizer).
 
-Rotation as a tensor-core matmul (`RotateQuantizeConfig(rotation="matmul")`, bf16 input, no
-prologue): the hardware picks the fp32 accumulation order, so bit-identity cannot be promised;
-it is kept as a measured alternative only. Decision and figures: benchmarks/notes/rotate_quantize.md
-and the table below.
+Measured (H100, 2026-11-24, M=4608, same run as an XLA copy and the XLA reference; full table
+in benchmarks/results/rotate_quantize.md, notes in benchmarks/notes/rotate_quantize.md):
+| K | this kernel, split_levels=0 | XLA reference | device copy | tensor-core matmul rotation |
+| 3072 | 704 GB/s (0.28 of copy, 4.6x XLA) | 153 | 2542 | 115 GB/s |
+| 12288 | 399 GB/s (0.14 of copy, 2.3x XLA) | 177 | 2787 | 33 GB/s |
+Short of the targets (0.7 of copy, 5x XLA). The matmul rotation (bf16 x ±1 256x256 in Triton
+`dot`, fp32 accumulate) happened to give identical codes on those inputs, but the hardware picks
+the accumulation order so identity cannot be promised, and it was 6-12x slower than the
+butterfly (tiny per-tile matmuls): removed. split_levels=2 (16 slices loaded per group, two
+shuffled levels instead of four) is bit-identical in interpret mode and lowers for sm_90, but
+the device budget ran out before it could be timed; it is not the default until measured.
 
 Backend: Pallas Triton. The kernel is a row-wise, memory-bound reduction with register
 shuffles (split/join) between butterfly stages: Triton's row-kernel model (jax's own
-layer_norm.py / softmax.py) expresses it directly, Triton's split/join lowerings exist in
-Pallas, and it runs in interpret mode on the CPU for CI. Mosaic GPU was not attempted: its
-register layouts offer no split/join of a trailing digit, so each stage would round-trip
-through shared memory with strided (down to 4-byte) accesses. Risk: the Pallas Triton
-backend is deprecated since jax 0.11; the kernel body is plain jnp + `plgpu.load/store`,
-so a port to jax-triton or Mosaic GPU keeps the algorithm. Measured (H100, same run as the
-copy and the XLA reference): see benchmarks/results/rotate_quantize.md.
+layer_norm.py / softmax.py) expresses it directly, Pallas lowers split/join/reshape for it, and
+it runs in interpret mode on the CPU for CI. Mosaic GPU was not attempted: its register layouts
+offer no split/join of a trailing digit, so each level would round-trip through shared memory
+with strided (down to 4-byte) accesses. Risk: the Pallas Triton backend is deprecated since jax
+0.11; the kernel body is plain jnp + `plgpu.load/store` + two inline-PTX helpers, so a port to
+jax-triton or Mosaic GPU keeps the algorithm.
 """
 
 from __future__ import annotations

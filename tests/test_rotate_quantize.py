@@ -77,11 +77,11 @@ def _modulation(b: int, k: int, dtype, seed: int = 1):
     "m,k,group_size,dtype,packed,block_rows,split_levels",
     [
         (5, 3072, 256, jnp.bfloat16, False, 2, 0),  # M not a multiple of the block
-        (5, 3072, 256, jnp.bfloat16, True, 2, 2),
-        (6, 768, 256, jnp.float32, True, 4, 3),
+        (5, 1536, 256, jnp.bfloat16, True, 2, 2),
+        (6, 768, 256, jnp.float32, True, 4, 1),
         (4, 256, 64, jnp.float32, False, 1, 1),
         (5, 2048, 1024, jnp.bfloat16, True, 2, 2),
-        (3, 512, 64, jnp.float32, False, 1, 3),  # every level split: w = 1
+        (3, 512, 64, jnp.float32, False, 1, 2),  # one shuffled level, on 4 columns
     ],
 )
 def test_interpret_bit_identical(m, k, group_size, dtype, packed, block_rows, split_levels):
