@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import threading
@@ -41,7 +40,7 @@ from convert.checkpoint import (
     state_key,
 )
 from convert.errors import CheckpointError
-from convert.safetensors_io import DIFFUSERS_INDEX, DIFFUSERS_WEIGHTS, FluxCheckpoint, open_checkpoint
+from convert.safetensors_io import FluxCheckpoint, open_checkpoint
 from convrot_jax import QuantPolicy, quantize_weight
 from convrot_jax.hadamard import check_group_size
 from flux_flax.config import FluxConfig
@@ -85,17 +84,6 @@ class ConversionSummary:
             f"{size(self.bytes_in)} in, {size(self.bytes_out)} out ({size(self.array_bytes)} of arrays before "
             f"compression), {self.compression_ratio:.2f}x smaller -> {self.output}"
         )
-
-
-def source_files(checkpoint: FluxCheckpoint) -> list[Path]:
-    """The safetensors files a checkpoint reads, in a stable order."""
-    source = checkpoint.source
-    if source.is_file():
-        return [source]
-    index = source / DIFFUSERS_INDEX
-    if index.exists():
-        return [source / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    return [source / DIFFUSERS_WEIGHTS]
 
 
 def sha256_file(path: Path, block: int = 16 << 20) -> str:
@@ -215,7 +203,7 @@ def convert_checkpoint(
         checkpoint.validate(expected_shapes(float_model))
         keys = checkpoint.keys()
         _check_dtypes(checkpoint, keys)
-        files = source_files(checkpoint)
+        files = checkpoint.files
         layout = checkpoint.layout
         infos = {k: checkpoint.info(k) for k in keys}
     total_in = sum(math.prod(info.shape) * ITEMSIZE[info.dtype] for info in infos.values())
