@@ -45,21 +45,13 @@ def rope():
     return (cos, sin), (jnp.asarray(cos.numpy()), jnp.asarray(sin.numpy()))
 
 
-def test_double_block(rng, rope):
-    ref = randomize_norms(dflux.FluxTransformerBlock(DIM, HEADS, HEAD_DIM))
-    block = FluxTransformerBlock(DIM, HEADS, HEAD_DIM, dtype=jnp.float32, rngs=nnx.Rngs(0))
-    flux_fixtures.copy_torch_weights(block, ref)
-    hs, ehs, temb = (rng.standard_normal(s, np.float32) for s in ((B, H * W, DIM), (B, S_TXT, DIM), (B, DIM)))
-    with torch.no_grad():
-        ref_txt, ref_img = ref(t(hs), t(ehs), t(temb), image_rotary_emb=rope[0])
-    txt, img = block(jnp.asarray(hs), jnp.asarray(ehs), jnp.asarray(temb), rope[1])
-    assert flux_fixtures.relative_error(img, ref_img.numpy()) <= TOL
-    assert flux_fixtures.relative_error(txt, ref_txt.numpy()) <= TOL
-
-
-def test_single_block(rng, rope):
-    ref = randomize_norms(dflux.FluxSingleTransformerBlock(DIM, HEADS, HEAD_DIM))
-    block = FluxSingleTransformerBlock(DIM, HEADS, HEAD_DIM, dtype=jnp.float32, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("torch_cls,flax_cls", [
+    (dflux.FluxTransformerBlock, FluxTransformerBlock),
+    (dflux.FluxSingleTransformerBlock, FluxSingleTransformerBlock),
+], ids=["double", "single"])
+def test_block(rng, rope, torch_cls, flax_cls):
+    ref = randomize_norms(torch_cls(DIM, HEADS, HEAD_DIM))
+    block = flax_cls(DIM, HEADS, HEAD_DIM, dtype=jnp.float32, rngs=nnx.Rngs(0))
     flux_fixtures.copy_torch_weights(block, ref)
     hs, ehs, temb = (rng.standard_normal(s, np.float32) for s in ((B, H * W, DIM), (B, S_TXT, DIM), (B, DIM)))
     with torch.no_grad():
