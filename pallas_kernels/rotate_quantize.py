@@ -23,15 +23,17 @@ tests allow a code to move by one step on at most 0.1% of entries, scales to rto
 
 Measured (H100, 2026-11-24, M=4608, same run as an XLA copy and the XLA reference; full table
 in benchmarks/results/rotate_quantize.md, notes in benchmarks/notes/rotate_quantize.md):
-| K | this kernel, split_levels=0 | XLA reference | device copy | tensor-core matmul rotation |
-| 3072 | 704 GB/s (0.28 of copy, 4.6x XLA) | 153 | 2542 | 115 GB/s |
-| 12288 | 399 GB/s (0.14 of copy, 2.3x XLA) | 177 | 2787 | 33 GB/s |
-Short of the targets (0.7 of copy, 5x XLA). The matmul rotation (bf16 x ±1 256x256 in Triton
-`dot`, fp32 accumulate) happened to give identical codes on those inputs, but the hardware picks
-the accumulation order so identity cannot be promised, and it was 6-12x slower than the
-butterfly (tiny per-tile matmuls): removed. split_levels=2 (16 slices loaded per group, two
-shuffled levels instead of four) is bit-identical in interpret mode and lowers for sm_90, but
-the device budget ran out before it could be timed; it is not the default until measured.
+| K | this kernel (4 warps) | XLA reference | device copy |
+| 3072 | 546 GB/s (0.25 of copy, 3.3x XLA) | 164 | 2167 |
+| 12288 | 399 GB/s (0.15 of copy, 2.3x XLA) | 176 | 2576 |
+| 15360 | 430 GB/s (0.17 of copy, 2.5x XLA; 247 with the former 16 warps) | 170 | 2583 |
+Short of the targets (0.7 of copy, 5x XLA): each of the four butterfly levels splits a row
+tile's leading base-4 digit off, which Triton lowers to a transpose + split (a layout conversion
+through shared memory with a barrier), several per level; the kernel is bound by those, not by
+HBM. The matmul rotation (bf16 x ±1 256x256 in Triton `dot`, fp32 accumulate) was 6-12x slower
+(tiny per-tile matmuls) and cannot promise bit-identity (the hardware picks the accumulation
+order): removed. split_levels=2 (16 slices loaded per group, two shuffled levels instead of four)
+is bit-identical but 3x slower at K=3072 (180 vs 527 GB/s) and compiles for minutes at K=15360.
 
 Backend: Pallas Triton. The kernel is a row-wise, memory-bound reduction with register
 shuffles (split/join) between butterfly stages: Triton's row-kernel model (jax's own
@@ -79,28 +81,25 @@ class RotateQuantizeConfig:
     split_levels: outer butterfly levels resolved by loading the 4^split_levels slices of each
       group as separate tensors (their stages are then elementwise, no register shuffles); the
       remaining levels shuffle inside a tensor (split/join). Capped at log4(group_size).
-    num_warps: Triton warps per program; None picks by the values a program holds.
+    num_warps: Triton warps per program. 4 at every K: at K=15360 (H100, M=4608, 4-group tiles)
+      4 warps ran at 439 GB/s, 16 at 247 (8 warps with 16-group tiles: 293). Each butterfly
+      level's layout conversion synchronises all of a program's warps: fewer warps, cheaper
+      barriers. K=3072 used 4 warps before.
     """
 
     block_rows: int = 1
     groups_per_tile: int = 4
     split_levels: int = 0
-    num_warps: int | None = None
+    num_warps: int = 4
     num_stages: int = 1
 
     def __post_init__(self):
         if not (_is_pow2(self.block_rows) and _is_pow2(self.groups_per_tile)):
             raise ValueError(f"block_rows and groups_per_tile must be powers of 2, got {self}")
-        if self.num_warps is not None and not _is_pow2(self.num_warps):
+        if not _is_pow2(self.num_warps):
             raise ValueError(f"num_warps must be a power of 2, got {self.num_warps}")
         if self.split_levels < 0:
             raise ValueError(f"split_levels must be >= 0, got {self.split_levels}")
-
-    def warps(self, values_per_program: int) -> int:
-        """About 32 float32 values a thread, between 4 and 16 warps."""
-        if self.num_warps is not None:
-            return self.num_warps
-        return int(min(16, max(4, pl.next_power_of_2(values_per_program // (32 * 32)))))
 
 
 def apply_prologue(
@@ -286,6 +285,10 @@ def _kernel(*refs, m, n, split, tiles, block_rows, prologue, modulated, packed, 
                 plgpu.store(codes_ref.at[at(g0, g, p)], q.astype(jnp.int8), mask=mask)
 
 
+# Jitted with the settings static: every call at the same shapes in a model shares one traced and
+# lowered kernel. Without it, FLUX.1-dev's W4A4 step lowered ~300 copies of each (64 s, 54 MB of
+# StableHLO) and compiled for > 200 s; with it, 4 s, 4.5 MB, and the step compiles in 45 s.
+@functools.partial(jax.jit, static_argnames=("group_size", "packed", "prologue", "config", "interpret"))
 def rotate_quantize(
     x: jax.Array,
     *,
@@ -365,7 +368,7 @@ def rotate_quantize(
             jax.ShapeDtypeStruct((m,), jnp.float32),
         ],
         compiler_params=plgpu.CompilerParams(
-            num_warps=config.warps(block_rows * k), num_stages=config.num_stages
+            num_warps=config.num_warps, num_stages=config.num_stages
         ),
         interpret=interpret,
         name="rotate_quantize",

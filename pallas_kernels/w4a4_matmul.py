@@ -277,6 +277,10 @@ def _num_programs(tiles: int, interpret: bool) -> int:
     return max(1, min(sms, tiles))
 
 
+# Jitted with the settings static: every call at the same shapes in a model shares one traced and
+# lowered kernel. Without it, FLUX.1-dev's W4A4 step lowered ~300 copies of each (64 s, 54 MB of
+# StableHLO) and compiled for > 200 s; with it, 4 s, 4.5 MB, and the step compiles in 45 s.
+@functools.partial(jax.jit, static_argnames=("scale_group", "out_dtype", "config", "return_int32", "interpret"))
 def w4a4_matmul(
     x_codes: jax.Array,
     x_scales: jax.Array,

@@ -139,3 +139,16 @@ def test_gpu_flux_per_group(k, n):
 @pytest.mark.parametrize("m", [37, 4608])
 def test_gpu_per_group_64(m):
     _check(m, 3072, 3072, bias=False, scale_group=64, interpret=False, seed=m)
+
+
+def test_repeated_calls_share_one_traced_kernel():
+    """As for rotate_quantize: one traced kernel per shape, however many layers call it."""
+    x = jnp.zeros((64, 256), jnp.int8)
+    w = jnp.zeros((256, 128), jnp.uint8)
+    sx, sw = jnp.ones((64,)), jnp.ones((256,))
+
+    def two_layers(x):
+        return (w4a4_matmul(x, sx, w, sw, interpret=True), w4a4_matmul(x + 1, sx, w, sw, interpret=True))
+
+    calls = [e for e in jax.make_jaxpr(two_layers)(x).eqns if e.primitive.name in ("jit", "pjit")]
+    assert len(calls) == 2 and calls[0].params["jaxpr"] is calls[1].params["jaxpr"]
