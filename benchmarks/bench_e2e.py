@@ -10,8 +10,9 @@ frameworks sharing the GPU):
 A step is one transformer forward (FLUX.1-dev config; random weights made on the GPU, or real
 ones with --model DIR) at each size and batch, with 512 T5 tokens: median of --iters timed runs
 after warm-up. Reported per variant and shape: step ms, ratio to diffusers eager and compiled,
-peak GPU memory, transformer weight bytes, compile time. For JAX W4A4 with Pallas it also breaks
-one step down into W4A4 linears, attention and the rest (each timed alone at the step's shapes).
+peak GPU memory, transformer weight bytes, compile time. Each JAX variant's step is also broken
+down per stage (rotate-quantize, W4A4 GEMM, attention, cuBLAS GEMMs, XLA fusions) from CUPTI's
+timings of every kernel of the compiled step.
 The JAX variants fuse the projections that read the same input (flux_flax.fuse_projections: q/k/v
 per stream, q/k/v + MLP input in single blocks; one quantization pass and one wider GEMM each)
 unless --no-fuse; each JAX row records `fused`.
@@ -174,8 +175,8 @@ def jax_worker(args, variant: str) -> list[dict]:
         row = dict(variant=variant, size=size, batch=batch, step_ms=med, compile_s=compile_s,
                    peak_gib=(weight_bytes + temp + out_bytes + sum(x.nbytes for x in jax.tree.leaves(inputs))) / GIB,
                    weight_gib=weight_bytes / GIB, fused=args.fuse)
-        if variant == "jax_w4a4_pallas" and args.breakdown:
-            row["breakdown_ms"] = step_breakdown(config, batch, s, impl, args.fuse)
+        if args.breakdown and jax.default_backend() == "gpu":
+            row["breakdown"] = step_breakdown(step, state, inputs)
         rows.append(row)
         print(f"  {variant} {size}² b{batch}: {med:.1f} ms (compile {compile_s:.0f} s)", flush=True)
     stats = jax.devices()[0].memory_stats() or {}
@@ -184,45 +185,45 @@ def jax_worker(args, variant: str) -> list[dict]:
     return rows
 
 
-def step_breakdown(cfg, batch: int, img_tokens: int, impl: str, fused: bool) -> dict:
-    """One step's W4A4 linears and attention, each timed alone at the model's shapes (ms)."""
-    import jax
-    import jax.numpy as jnp
+# Kernel name -> stage, first match wins (lower-case substrings). Mosaic GPU kernels are the W4A4
+# GEMMs (the only Mosaic kernels in the model); cuDNN's fused attention and cuBLAS's GEMMs name
+# themselves; everything else XLA emits (norms, modulation, RoPE, GELU, casts) is a fusion.
+STAGES = (
+    ("rotate_quantize", ("rotate_quantize",)),
+    ("w4a4_gemm", ("mosaic", "w4a4", "kernel_body")),
+    ("attention", ("cudnn", "fmha", "flash", "attn", "sdpa")),
+    ("cublas_gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),
+)
 
-    import convrot_jax as cj
 
-    d, mlp, t = cfg.inner_dim, cfg.mlp_hidden_dim, TEXT_TOKENS
-    m_img, m_txt, m_all = batch * img_tokens, batch * t, batch * (img_tokens + t)
-    # (tokens, K, N, count per step) for every W4A4 linear in the flux default policy.
-    nd, ns = cfg.num_layers, cfg.num_single_layers
-    mlps = [(m_img, d, mlp, nd), (m_img, mlp, d, nd), (m_txt, d, mlp, nd), (m_txt, mlp, d, nd),
-            (m_all, d + mlp, d, ns)]
-    if fused:  # to_qkv / to_added_qkv (d -> 3d) and the single blocks' to_qkv_mlp (d -> 3d + mlp)
-        linears = mlps + [(m_img, d, 3 * d, nd), (m_img, d, d, nd), (m_txt, d, 3 * d, nd), (m_txt, d, d, nd),
-                          (m_all, d, 3 * d + mlp, ns)]
-    else:
-        linears = mlps + [(m_img, d, d, 4 * nd), (m_txt, d, d, 4 * nd), (m_all, d, d, 3 * ns), (m_all, d, mlp, ns)]
+def stage_of(kernel_name: str) -> str:
+    name = kernel_name.lower()
+    for stage, keys in STAGES:
+        if any(k in name for k in keys):
+            return stage
+    return "xla_fusions"
 
-    def timed(fn, *a):
-        fn = jax.jit(fn)
-        fn(*a).block_until_ready()
-        ts = []
-        for _ in range(10):
-            t0 = time.perf_counter()
-            fn(*a).block_until_ready()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts) * 1e3
 
-    linear_ms = 0.0
-    for m, k, n, count in linears:
-        x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
-        qw = cj.quantize_weight(jax.random.normal(jax.random.key(2), (n, k)) * 0.02)
-        linear_ms += count * timed(lambda x, qw: cj.w4a4_linear(x, qw, implementation=impl), x, qw)
-    q = jax.random.normal(jax.random.key(3), (batch, img_tokens + t, cfg.num_attention_heads, cfg.attention_head_dim),
-                          jnp.bfloat16)
-    impl_attn = "cudnn" if jax.default_backend() == "gpu" else "xla"
-    attn = timed(lambda q: jax.nn.dot_product_attention(q, q, q, implementation=impl_attn), q)
-    return {"w4a4_linears": round(linear_ms, 2), "attention": round(attn * (cfg.num_layers + cfg.num_single_layers), 2)}
+def step_breakdown(step, state, inputs) -> dict:
+    """Device time of one step per stage (ms), from CUPTI's per-kernel timings of every kernel of
+    the step, plus the kernels' sum and the ten longest kernel names (to check the classification).
+    CUPTI does not see kernels replayed from CUDA graphs, so the step is compiled once more with
+    XLA's command buffers off for this measurement; the step time itself is the graph-on one."""
+    from jax.experimental.mosaic.gpu import profiler
+
+    compiled = step.lower(state, inputs).compile(compiler_options={"xla_gpu_enable_command_buffer": ""})
+    _, timings = profiler.measure(compiled, aggregate=False)(state, inputs)
+    if not timings:
+        raise RuntimeError("CUPTI returned no kernel timings for the step")
+    stages: dict[str, float] = {}
+    per_name: dict[str, float] = {}
+    for name, ms in timings or []:
+        stages[stage_of(name)] = stages.get(stage_of(name), 0.0) + ms
+        per_name[name] = per_name.get(name, 0.0) + ms
+    top = sorted(per_name.items(), key=lambda kv: -kv[1])[:10]
+    return {"stages_ms": {k: round(v, 2) for k, v in sorted(stages.items())},
+            "kernels_ms": round(sum(stages.values()), 2), "kernel_launches": len(timings or []),
+            "top_kernels": [(n[:80], round(v, 2)) for n, v in top]}
 
 
 def _config(args):
@@ -246,11 +247,15 @@ def run_variant_process(variant_group: str, args) -> list[dict]:
     if not args.fuse:
         cmd += ["--no-fuse"]
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    proc = subprocess.run(cmd, env=env)
+    group_variants = [v for v in args.variants if v.startswith("torch")] if variant_group == "torch" else [variant_group]
+    try:
+        proc = subprocess.run(cmd, env=env, timeout=args.variant_timeout)
+    except subprocess.TimeoutExpired:
+        print(f"!! {variant_group} stopped after --variant-timeout {args.variant_timeout} s", flush=True)
+        return [dict(variant=v, error=f"timeout {args.variant_timeout} s") for v in group_variants]
     if proc.returncode != 0:
         print(f"!! {variant_group} failed with exit code {proc.returncode}", flush=True)
-        return [dict(variant=v, error=f"exit {proc.returncode}") for v in
-                ([v for v in args.variants if v.startswith("torch")] if variant_group == "torch" else [variant_group])]
+        return [dict(variant=v, error=f"exit {proc.returncode}") for v in group_variants]
     return json.loads(Path(out).read_text())
 
 
@@ -273,13 +278,17 @@ def write_results(rows: list[dict], device: str, out_dir: Path) -> None:
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['variant']} | failed: {r['error']} | | | | | | | |")
-    for r in ok:
-        if "breakdown_ms" in r:
-            b = r["breakdown_ms"]
-            rest = r["step_ms"] - b["w4a4_linears"] - b["attention"]
-            lines.append(f"\nBreakdown, {r['variant']} {r['size']}² b{r['batch']} ({r['step_ms']:.1f} ms): W4A4 linears "
-                         f"{b['w4a4_linears']:.1f} ms, attention {b['attention']:.1f} ms, rest (norms, modulation, RoPE, "
-                         f"W4A16/bf16 linears, launch gaps) {rest:.1f} ms.")
+    broken = [r for r in ok if "breakdown" in r]
+    if broken:
+        names = sorted({k for r in broken for k in r["breakdown"]["stages_ms"]})
+        lines += ["", "Per-stage device time of one step (ms; CUPTI, every kernel of the compiled step; "
+                  "`gaps` = step time minus the kernels' sum):", "",
+                  "| variant | size | batch | " + " | ".join(names) + " | gaps |",
+                  "| --- | ---: | ---: | " + " | ".join("---:" for _ in names) + " | ---: |"]
+        for r in broken:
+            b = r["breakdown"]
+            cells = " | ".join(f"{b['stages_ms'].get(n, 0.0):.1f}" for n in names)
+            lines.append(f"| {r['variant']} | {r['size']}² | {r['batch']} | {cells} | {r['step_ms'] - b['kernels_ms']:.1f} |")
     lines.append("\nJAX peak GiB: weights + XLA's temporary buffers + inputs/outputs of the compiled step "
                  "(`compiled.memory_analysis()`); PyTorch: `torch.cuda.max_memory_allocated()`.")
     (out_dir / "e2e.md").write_text("\n".join(lines) + "\n")
@@ -321,6 +330,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="JAX: fuse the projections that share an input (flux_flax.fuse_projections)")
     parser.add_argument("--config", choices=["dev", "small"], default="dev", help="small: a CPU smoke test")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--variant-timeout", type=float, default=None,
+                        help="seconds each variant process may run (a slow compile then costs one row, not the run)")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="E2E_JSON",
                         help="only merge e2e.json files of runs over variant subsets (same machine) into one table")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
