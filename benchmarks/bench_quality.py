@@ -117,10 +117,7 @@ def end_to_end(model_dir: str | None, size: int, steps: int, seed: int) -> dict:
 
     @nnx.jit
     def sample(m, lat):
-        def step(i, lat):
-            v = m(lat, txt, pooled, jnp.full((1,), sigmas[i]), img_ids, txt_ids, guidance)
-            return sampling.euler_step(lat, v, sigmas[i], sigmas[i + 1])
-        return jax.lax.fori_loop(0, steps, step, lat)
+        return sampling.denoise(m, lat, txt, pooled, img_ids, txt_ids, sigmas, guidance)
 
     bf16_model = nnx.merge(graphdef, bf16_state)
     out = {"weights": model_dir or "random FLUX.1-dev", "size": size, "steps": steps}

@@ -142,18 +142,9 @@ class FluxPipeline:
 
     # The compiled parts.
     def _denoise_loop(self, graphdef, state, latents, prompt_embeds, pooled, img_ids, txt_ids, sigmas, guidance):
-        model = nnx.merge(graphdef, state)
-        batch = latents.shape[0]
-
-        def step(i, latents):
-            timestep = jnp.full((batch,), sigmas[i], jnp.float32)
-            noise_pred = model(latents, prompt_embeds, pooled, timestep, img_ids, txt_ids, guidance)
-            latents = sampling.euler_step(latents, noise_pred, sigmas[i], sigmas[i + 1])
-            if self.progress:  # fixed at trace time; the argument makes it run after the step
-                jax.debug.callback(self._on_step, latents[0, 0, 0])
-            return latents
-
-        return jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, latents.astype(jnp.float32))
+        on_step = self._on_step if self.progress else None  # fixed at trace time
+        return sampling.denoise(nnx.merge(graphdef, state), latents, prompt_embeds, pooled, img_ids, txt_ids, sigmas,
+                                guidance, on_step=on_step)
 
     def _on_step(self, _) -> None:
         if self._bar is not None:

@@ -10,7 +10,9 @@ Latent images are NCHW here, as in diffusers, so the same initial noise can be f
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -55,6 +57,27 @@ def euler_step(latents: jnp.ndarray, noise_pred: jnp.ndarray, sigma, sigma_next)
     """One flow-matching Euler step `x + (sigma_next - sigma) * v`, computed in float32."""
     dt = jnp.asarray(sigma_next, jnp.float32) - jnp.asarray(sigma, jnp.float32)
     return latents.astype(jnp.float32) + dt * noise_pred.astype(jnp.float32)
+
+
+def denoise(model: Callable[..., jax.Array], latents: jax.Array, prompt_embeds: jax.Array, pooled: jax.Array,
+            img_ids: jax.Array, txt_ids: jax.Array, sigmas: jax.Array, guidance: jax.Array | None = None,
+            on_step: Callable[[jax.Array], None] | None = None) -> jax.Array:
+    """The whole Euler loop as one `lax.fori_loop` (call it inside jit: one compiled program for
+    every step). `model` is the FLUX transformer's call; latents are packed (B, tokens, C) and
+    carried in float32; `sigmas` has one more entry than there are steps. `on_step`, when given,
+    is a host callback fed a value of each step's output (so it runs after the step), e.g. a
+    progress bar."""
+    batch = latents.shape[0]
+
+    def step(i, latents):
+        timestep = jnp.full((batch,), sigmas[i], jnp.float32)
+        noise_pred = model(latents, prompt_embeds, pooled, timestep, img_ids, txt_ids, guidance)
+        latents = euler_step(latents, noise_pred, sigmas[i], sigmas[i + 1])
+        if on_step is not None:
+            jax.debug.callback(on_step, latents[0, 0, 0])
+        return latents
+
+    return jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, latents.astype(jnp.float32))
 
 
 def latent_shape(height: int, width: int, num_channels: int = 16) -> tuple[int, int, int]:
