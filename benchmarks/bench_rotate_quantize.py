@@ -77,12 +77,12 @@ def run_tests() -> str:
 
 
 SWEEP_M = 4608
-SWEEP = (  # (block_rows, groups_per_tile, split_levels, num_warps)
-    (1, 4, 0, 4),  # the default: every level shuffled in registers, 4-group tiles, 4 warps
-    (1, 4, 0, 16),  # 2026-11-24, K=15360: 16 warps 247 GB/s, 4 warps 439
-    (1, 16, 0, 16),  # larger tiles: 275 GB/s at K=15360
-    (1, 16, 0, 8),  # 293 GB/s at K=15360
-    (1, 8, 2, 4),  # v2: 16 slices per group loaded apart; 3x slower at K=3072, compiles for minutes
+SWEEP = (  # (block_rows, groups_per_tile, split_levels, num_warps, swap_halves)
+    (1, 4, 0, 4, False),  # the default: every level shuffled in registers, 4-group tiles, 4 warps
+    (1, 4, 0, 4, True),  # two transposes per row, levels on 16-wide trailing axes (not yet measured)
+    (1, 16, 0, 4, True),
+    (1, 4, 0, 16, False),  # 2026-11-24, K=15360: 16 warps 247 GB/s, 4 warps 439
+    (1, 16, 0, 8, False),  # 293 GB/s at K=15360
 )
 
 
@@ -120,10 +120,11 @@ def main() -> None:
             cpu = jax.devices("cpu")[0]
             with jax.default_device(cpu):  # ground truth off XLA:GPU's arithmetic, as in the tests
                 want = jax.tree.map(np.asarray, rotate_quantize_reference(jax.device_put(x, cpu)))
-            for br, gpt, split, warps in SWEEP:
+            for br, gpt, split, warps, swap in SWEEP:
                 if over_budget():
                     break
-                c = RotateQuantizeConfig(block_rows=br, groups_per_tile=gpt, split_levels=split, num_warps=warps)
+                c = RotateQuantizeConfig(block_rows=br, groups_per_tile=gpt, split_levels=split, num_warps=warps,
+                                         swap_halves=swap)
                 try:
                     got = jax.tree.map(np.asarray, rotate_quantize(x, config=c))
                     sec = _time_op(lambda x: rotate_quantize(x, config=c), lambda i: (make(i),), 2 * m * k, r)
@@ -131,7 +132,8 @@ def main() -> None:
                     print("sweep", c, "failed:", repr(e)[:1500], flush=True)
                     continue
                 same = bool((got[0] == want[0]).all() and np.array_equal(got[1], want[1], equal_nan=True))
-                entry = dict(m=m, k=k, block_rows=br, groups_per_tile=gpt, split_levels=split, num_warps=warps)
+                entry = dict(m=m, k=k, block_rows=br, groups_per_tile=gpt, split_levels=split, num_warps=warps,
+                             swap_halves=swap)
                 entry.update(kernel_s=sec, kernel_gbs=_gbs(3 * m * k + 4 * m, sec), identical_to_xla=same)
                 result["sweep"].append(entry)
                 print("sweep", entry, flush=True)
@@ -171,7 +173,8 @@ def main() -> None:
 
 
 def _matches(entry: dict, c: RotateQuantizeConfig) -> bool:
-    return all(entry[f] == getattr(c, f) for f in ("block_rows", "groups_per_tile", "split_levels", "num_warps"))
+    fields = ("block_rows", "groups_per_tile", "split_levels", "num_warps", "swap_halves")
+    return all(entry.get(f, False) == getattr(c, f) for f in fields)
 
 
 def _measure_prologues(m: int, r: int, cfg: RotateQuantizeConfig) -> list[dict]:
@@ -271,13 +274,13 @@ def _markdown(res) -> str:
             "",
             "Block configs at M=4608 (int8 out; identical = codes and scales equal to the XLA reference run on the CPU):",
             "",
-            "| K | block_rows | groups_per_tile | split_levels | num_warps | GB/s | identical |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| K | block_rows | groups_per_tile | split_levels | num_warps | swap_halves | GB/s | identical |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for e in res["sweep"]:
             out.append(
                 f"| {e['k']} | {e['block_rows']} | {e['groups_per_tile']} | {e['split_levels']} | "
-                f"{e['num_warps']} | {e['kernel_gbs']:.0f} | {e['identical_to_xla']} |"
+                f"{e['num_warps']} | {e.get('swap_halves', False)} | {e['kernel_gbs']:.0f} | {e['identical_to_xla']} |"
             )
     return "\n".join(out) + "\n"
 

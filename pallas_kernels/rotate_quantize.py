@@ -81,6 +81,11 @@ class RotateQuantizeConfig:
     split_levels: outer butterfly levels resolved by loading the 4^split_levels slices of each
       group as separate tensors (their stages are then elementwise, no register shuffles); the
       remaining levels shuffle inside a tensor (split/join). Capped at log4(group_size).
+    swap_halves: (split_levels 0 only) hold each group as a (hi, lo) matrix, hi = 4^(levels // 2):
+      transpose it, run the outer levels on the now trailing hi axis, transpose back, run the
+      inner levels on lo. Each level then splits a digit of a short trailing axis (16 columns at
+      n = 256), which Triton can keep inside a thread, and the row crosses threads twice (the two
+      transposes) instead of at every split. Same stage order: bit-identical. Not yet measured.
     num_warps: Triton warps per program. 4 at every K: at K=15360 (H100, M=4608, 4-group tiles)
       4 warps ran at 439 GB/s, 16 at 247 (8 warps with 16-group tiles: 293). Each butterfly
       level's layout conversion synchronises all of a program's warps: fewer warps, cheaper
@@ -90,6 +95,7 @@ class RotateQuantizeConfig:
     block_rows: int = 1
     groups_per_tile: int = 4
     split_levels: int = 0
+    swap_halves: bool = False
     num_warps: int = 4
     num_stages: int = 1
 
@@ -100,6 +106,8 @@ class RotateQuantizeConfig:
             raise ValueError(f"num_warps must be a power of 2, got {self.num_warps}")
         if self.split_levels < 0:
             raise ValueError(f"split_levels must be >= 0, got {self.split_levels}")
+        if self.swap_halves and self.split_levels:
+            raise ValueError(f"swap_halves needs split_levels=0, got {self}")
 
 
 def apply_prologue(
@@ -200,6 +208,17 @@ def _inner_stages(v: jax.Array, levels: int) -> jax.Array:
     return v.reshape(shape)
 
 
+def _swapped_stages(v: jax.Array, levels: int) -> jax.Array:
+    """(..., n) float32, n = 4^levels -> the same stages as `_inner_stages(v, levels)`, on the
+    group viewed as (hi, lo): the outer levels (hi's digits) on the transposed view, then the
+    inner levels (lo's digits)."""
+    hi = 4 ** (levels // 2)
+    lo = v.shape[-1] // hi
+    v = v.reshape(*v.shape[:-1], hi, lo)
+    v = jnp.swapaxes(_inner_stages(jnp.swapaxes(v, -1, -2), levels // 2), -1, -2)
+    return _inner_stages(v, levels - levels // 2).reshape(*v.shape[:-2], hi * lo)
+
+
 def _pow2_tiles(total: int, cap: int) -> list[tuple[int, int]]:
     """[0, total) as (start, size) tiles, sizes powers of 2 <= cap, largest first."""
     tiles, start = [], 0
@@ -213,7 +232,7 @@ def _pow2_tiles(total: int, cap: int) -> list[tuple[int, int]]:
 # --- the kernel ----------------------------------------------------------------------------------
 
 
-def _kernel(*refs, m, n, split, tiles, block_rows, prologue, modulated, packed, tokens_per_image, interpret):
+def _kernel(*refs, m, n, split, swap, tiles, block_rows, prologue, modulated, packed, tokens_per_image, interpret):
     """Refs are 3-D views (rows, groups, n). Values live as tiles x parts: tile (g0, g) holds
     groups [g0, g0 + g); part p holds columns [p * w, (p + 1) * w) of each group, w = n / 4^split."""
     x_ref, *refs = refs
@@ -261,7 +280,10 @@ def _kernel(*refs, m, n, split, tiles, block_rows, prologue, modulated, packed, 
             ]
 
     unit = np.float32(1 / math.sqrt(n))
-    vs = [[_inner_stages(v, levels - split) * unit for v in _outer_stages(t, split)] for t in xs]
+    if swap:
+        vs = [[_swapped_stages(v, levels) * unit for v in t] for t in xs]
+    else:
+        vs = [[_inner_stages(v, levels - split) * unit for v in _outer_stages(t, split)] for t in xs]
 
     flat = [v for t in vs for v in t]
     absmax = functools.reduce(jnp.maximum, [jnp.max(jnp.max(jnp.abs(v), axis=2), axis=1) for v in flat])
@@ -347,6 +369,7 @@ def rotate_quantize(
         m=m,
         n=n,
         split=split,
+        swap=config.swap_halves and levels > 1,
         tiles=tuple(_pow2_tiles(groups, config.groups_per_tile)),
         block_rows=block_rows,
         prologue=prologue,

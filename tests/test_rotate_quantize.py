@@ -95,6 +95,19 @@ def test_interpret_bit_identical(m, k, group_size, dtype, packed, block_rows, sp
         assert np.isnan(want[1][2]) and not want[0][2].any()
 
 
+@pytest.mark.parametrize(
+    "k,group_size,dtype,packed",
+    [(3072, 256, jnp.bfloat16, False), (512, 64, jnp.float32, True), (2048, 1024, jnp.bfloat16, False),
+     (64, 16, jnp.float32, False)],
+)
+def test_interpret_swap_halves_bit_identical(k, group_size, dtype, packed):
+    """The transposed-halves butterfly keeps the reference's stage order: same codes, same scales."""
+    x = _inputs(5, k, dtype)
+    cfg = RotateQuantizeConfig(block_rows=2, groups_per_tile=2, swap_halves=True)
+    _assert_exact(rotate_quantize(x, group_size=group_size, packed=packed, config=cfg, interpret=True),
+                  _reference(x, group_size=group_size, packed=packed))
+
+
 def test_interpret_layernorm_modulation():
     m, k, b = 8, 512, 2
     x = _inputs(m, k, jnp.bfloat16)[4:].repeat(2, axis=0)  # finite rows only
@@ -146,10 +159,12 @@ def test_gpu_group_sizes(group_size):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_rows,split_levels", [(1, 0), (2, 2), (1, 3)])
-def test_gpu_block_configs(block_rows, split_levels):
+@pytest.mark.parametrize("block_rows,split_levels,swap_halves", [(1, 0, False), (2, 2, False), (1, 3, False),
+                                                                 (1, 0, True)])
+def test_gpu_block_configs(block_rows, split_levels, swap_halves):
     x = _inputs(1001, 12288, jnp.bfloat16, seed=block_rows)
-    got = rotate_quantize(x, config=RotateQuantizeConfig(block_rows=block_rows, split_levels=split_levels))
+    cfg = RotateQuantizeConfig(block_rows=block_rows, split_levels=split_levels, swap_halves=swap_halves)
+    got = rotate_quantize(x, config=cfg)
     _assert_exact(got, _reference(x))
 
 
