@@ -215,14 +215,15 @@ def step_breakdown(step, state, inputs) -> dict:
     _, timings = profiler.measure(compiled, aggregate=False)(state, inputs)
     if not timings:
         raise RuntimeError("CUPTI returned no kernel timings for the step")
-    stages: dict[str, float] = {}
     per_name: dict[str, float] = {}
-    for name, ms in timings or []:
-        stages[stage_of(name)] = stages.get(stage_of(name), 0.0) + ms
+    for name, ms in timings:
         per_name[name] = per_name.get(name, 0.0) + ms
+    stages: dict[str, float] = {}
+    for name, ms in per_name.items():
+        stages[stage_of(name)] = stages.get(stage_of(name), 0.0) + ms
     top = sorted(per_name.items(), key=lambda kv: -kv[1])[:10]
     return {"stages_ms": {k: round(v, 2) for k, v in sorted(stages.items())},
-            "kernels_ms": round(sum(stages.values()), 2), "kernel_launches": len(timings or []),
+            "kernels_ms": round(sum(stages.values()), 2), "kernel_launches": len(timings),
             "top_kernels": [(n[:80], round(v, 2)) for n, v in top]}
 
 
@@ -278,14 +279,14 @@ def write_results(rows: list[dict], device: str, out_dir: Path) -> None:
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['variant']} | failed: {r['error']} | | | | | | | |")
-    broken = [r for r in ok if "breakdown" in r]
-    if broken:
-        names = sorted({k for r in broken for k in r["breakdown"]["stages_ms"]})
+    with_breakdown = [r for r in ok if "breakdown" in r]
+    if with_breakdown:
+        names = sorted({k for r in with_breakdown for k in r["breakdown"]["stages_ms"]})
         lines += ["", "Per-stage device time of one step (ms; CUPTI, every kernel of the compiled step; "
                   "`gaps` = step time minus the kernels' sum):", "",
                   "| variant | size | batch | " + " | ".join(names) + " | gaps |",
                   "| --- | ---: | ---: | " + " | ".join("---:" for _ in names) + " | ---: |"]
-        for r in broken:
+        for r in with_breakdown:
             b = r["breakdown"]
             cells = " | ".join(f"{b['stages_ms'].get(n, 0.0):.1f}" for n in names)
             lines.append(f"| {r['variant']} | {r['size']}² | {r['batch']} | {cells} | {r['step_ms'] - b['kernels_ms']:.1f} |")

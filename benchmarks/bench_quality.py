@@ -65,8 +65,8 @@ def per_layer(tokens: int, seed: int) -> list[dict]:
             y = cj.w4a4_linear(x, cj.quantize_weight(w, **settings), implementation="xla")
             rows.append({"shape": shape_name, "K": k, "N": n, "M": tokens, "variant": label,
                          "group_size": settings.get("group_size"), "sqnr_db": round(sqnr_db(exact, y), 2)})
-        # Control: the same layer on outlier-free N(0, 1) activations, no rotation: the int4 RTN
-        # floor that no rotation of the outlier activations can beat.
+        # Control: the same layer on outlier-free N(0, 1) activations, no rotation: what int4 RTN
+        # scores without outliers, so the cost the outliers add to naive can be read off.
         plain = jax.random.normal(kx, (tokens, k))
         y = cj.w4a4_linear(plain, cj.quantize_weight(w, hadamard="none"), implementation="xla")
         rows.append({"shape": shape_name, "K": k, "N": n, "M": tokens, "variant": CONTROL, "group_size": None,

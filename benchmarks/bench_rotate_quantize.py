@@ -174,7 +174,7 @@ def main() -> None:
 
 def _matches(entry: dict, c: RotateQuantizeConfig) -> bool:
     fields = ("block_rows", "groups_per_tile", "split_levels", "num_warps", "swap_halves")
-    return all(entry.get(f, False) == getattr(c, f) for f in fields)
+    return all(entry[f] == getattr(c, f) for f in fields)
 
 
 def _measure_prologues(m: int, r: int, cfg: RotateQuantizeConfig) -> list[dict]:

@@ -193,14 +193,10 @@ def test_gpu_ops_entry_point(implementation):
     np.testing.assert_array_equal(np.asarray(got[1]).reshape(600), want[1])
 
 
-def _jit_calls(jaxpr) -> list:
-    return [e for e in jaxpr.eqns if e.primitive.name in ("jit", "pjit")]
-
-
 def test_repeated_calls_share_one_traced_kernel():
     """A model calls the kernel hundreds of times at a few shapes: each shape must be traced (and
     so lowered and compiled) once, not once per call (FLUX's step took > 200 s to compile)."""
     x = jnp.zeros((8, 256), jnp.bfloat16)
     jaxpr = jax.make_jaxpr(lambda x: (rotate_quantize(x, interpret=True), rotate_quantize(x + 1, interpret=True)))(x)
-    calls = _jit_calls(jaxpr)
+    calls = [e for e in jaxpr.eqns if e.primitive.name in ("jit", "pjit")]
     assert len(calls) == 2 and calls[0].params["jaxpr"] is calls[1].params["jaxpr"]
