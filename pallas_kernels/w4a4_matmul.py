@@ -10,12 +10,21 @@ Structure (Pallas Mosaic GPU, warp-specialised, after jax's `hopper_matmul_mgpu.
   * a memory warpgroup streams the activation tile (tile_m, tile_k) int8 and the packed weight
     tile (2 * tile_n, tile_k / 2) uint8 into a `max_concurrent_steps`-deep ring of shared-memory
     stages by TMA;
-  * two compute warpgroups, each owning tile_n output columns: each loads its packed weight half
-    into registers (ldmatrix), unpacks the nibbles to int8 in registers (low nibble = even k,
-    DESIGN.md §5; the register layouts line up so that the 4 packed bytes a thread holds become
-    the 8 consecutive codes it holds after the unpack), stores the int8 tile to a double-buffered
-    shared-memory slot and issues `wgmma(acc, x_tile, w_tile.T)` asynchronously, so the unpack of
-    step k+1 overlaps the tensor-core work of step k. The weight is never unpacked through HBM.
+  * two compute warpgroups, each owning tile_n output columns, each unpacking its own packed
+    weight rows in registers (low nibble = even k, DESIGN.md §5; the register layouts line up so
+    that the packed bytes a thread holds become the codes it holds after the unpack). Two forms
+    (`W4A4MatmulConfig.weight_operand`):
+    - "registers" (the shipped form from M = 512): the unpacked int8 weights stay in registers as
+      wgmma's A operand, `wgmma(acc (tile_n, tile_m), w8, x_smem.T)`, and the epilogue stores the
+      (N, M) accumulator transposed into the output tile (stmatrix .trans). No int8 staging in
+      shared memory, which the smem form is bound by. Each step waits for its wgmma before the
+      next unpack: wgmma reads A's registers asynchronously, and a version that unpacked step k+1
+      while step k ran (A kept alive by a loop-carried optimization barrier) gave wrong sums on
+      the H100. The two compute warpgroups still overlap each other's unpack and MMA.
+    - "smem": the int8 tile goes to a double-buffered shared-memory slot (stmatrix) and
+      `wgmma(acc (tile_m, tile_n), x_smem, w8_smem.T)` keeps one step in flight, so the unpack of
+      step k+1 overlaps the MMA of step k. Per-group scales and few-tile shapes use it.
+    The weight is never unpacked through HBM.
   * epilogue: acc (int32) -> f32 * s_x * s_w (+ bias) -> out dtype, through shared memory and TMA.
 Per-group weight scales (`scale_group` g along K): the kernel takes tile_k = g and folds each
 group's int32 partial product into an f32 accumulator with its scale (one wgmma wait per group:
@@ -29,7 +38,10 @@ Where it runs: NVIDIA Hopper (sm_90) only. `convrot_jax.ops.w4a4_linear(implemen
 uses it on sm_90 and the XLA reference elsewhere (Ampere/Ada int4 `mma` paths are not built: we
 cannot test them). `interpret=True` runs the kernel on the CPU through Mosaic GPU interpret mode;
 there the nibble unpack is done with jnp ops instead of the register-level `inline_mgpu` routine
-(which interpret mode cannot run), so the GPU tests are the ones that check that routine.
+(which interpret mode cannot run), and the registers form stages its A operand through shared
+memory and transposes its output tile before a plain store (interpret mode's wgmma takes no
+register operand and cannot store through a transposed view), so the GPU tests are the ones that
+check those routines.
 
 Configs: `config_for(m, n, k)` picks a tuned tile config from `w4a4_matmul_configs.json`
 (measured on an H100, benchmarks/results/w4a4_matmul.md); any config can be passed explicitly.
@@ -68,6 +80,10 @@ class W4A4MatmulConfig:
     epi_tile_n: int = 64
     grid_minor_dim: str = "n"  # which output-tile index varies fastest: "m" or "n"
     grid_tile_width: int = 1  # planar-snake band width of the persistent tile order
+    # "smem": unpacked weights go through a shared-memory slot, wgmma(x_smem, w8_smem.T), acc (M, N).
+    # "registers": unpacked weights stay in registers as wgmma's A operand, wgmma(w8, x_smem.T), acc
+    # (N, M), stored transposed into the output tile (stmatrix .trans).
+    weight_operand: str = "smem"
 
     def __post_init__(self):
         if self.tile_m % 64 or self.tile_n % 64 or self.tile_k % 64:
@@ -76,6 +92,8 @@ class W4A4MatmulConfig:
             raise ValueError(f"epilogue tiles must divide the output tile: {self}")
         if self.grid_minor_dim not in ("m", "n"):
             raise ValueError(f"grid_minor_dim must be 'm' or 'n': {self}")
+        if self.weight_operand not in ("smem", "registers"):
+            raise ValueError(f"weight_operand must be 'smem' or 'registers': {self}")
 
 
 def _load_config_table() -> list[dict]:
@@ -87,7 +105,8 @@ def _load_config_table() -> list[dict]:
 def config_for(m: int, n: int, k: int, scale_group: int | None = None) -> W4A4MatmulConfig:
     """The shipped config for this problem: the table row with the largest `min_m` <= m whose
     (n, k) match, else a row with n = k = null (any shape), else the default. Per-group scales
-    take tile_k = scale_group and tile_m = 64 (room for the second, f32 accumulator)."""
+    take the smem form with tile_k = scale_group and tile_m = 64 (room for the second, f32
+    accumulator)."""
     best = None
     for row in _load_config_table():
         if row["min_m"] > m or (row["n"], row["k"]) not in ((n, k), (None, None)):
@@ -96,8 +115,9 @@ def config_for(m: int, n: int, k: int, scale_group: int | None = None) -> W4A4Ma
         if best is None or key > best[0]:
             best = (key, row)
     cfg = W4A4MatmulConfig(**best[1]["config"]) if best else W4A4MatmulConfig()
-    if scale_group is not None:
-        cfg = dataclasses.replace(cfg, tile_m=64, tile_k=scale_group, epi_tile_m=64)
+    if scale_group is not None:  # the smem form, as verified on the GPU; 128 x 256 CTA tiles by default
+        tile_n = cfg.tile_n if cfg.weight_operand == "smem" else 128
+        cfg = dataclasses.replace(cfg, tile_m=64, tile_n=tile_n, tile_k=scale_group, epi_tile_m=64, weight_operand="smem")
     return cfg
 
 
@@ -107,40 +127,49 @@ def _swizzle_transforms(minor_elems: int, itemsize: int = 1) -> tuple:
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def _unpack_tile_gpu(packed: jax.Array) -> jax.Array:
-    """uint8 (R, C/2) in the WGMMA_8BIT layout -> int8 (R, C) in the WGMMA_UPCAST_4X layout.
+def _unpack_tile_gpu(packed: jax.Array, *, for_registers: bool = False) -> jax.Array:
+    """uint8 (R, C/2) packed codes (a shared-memory ref) -> int8 (R, C) codes, register-local.
 
-    The two layouts have the same register structure with columns scaled by 2: a thread's vector
-    of 4 packed bytes (columns 4j..4j+3 of a 16-column group) holds exactly the 8 codes (columns
-    8j..8j+7 of a 32-column group) that the upcast layout gives it in the same register slot. So
-    the unpack is register-local: reinterpret the 32 bits as 8 x int4 (LLVM orders vector<8xi4>
-    from the low nibble up, which is our even-k-low format) and use Mosaic's int4 -> int8
-    conversion (prmt/lop3 sign extension). 4-byte shared loads, 8-byte shared stores."""
+    Source and result layouts have the same register structure with columns scaled by 2: a
+    thread's vector of packed bytes holds exactly the codes that the result layout gives it in the
+    same register slot. So the unpack reinterprets the bits as int4 (LLVM orders vector<Nxi4> from
+    the low nibble up, which is our even-k-low format) and uses Mosaic's int4 -> int8 conversion
+    (prmt/lop3 sign extension).
+      for_registers=False: WGMMA_8BIT (4 bytes a thread, ldmatrix) -> WGMMA_UPCAST_4X (8 codes),
+        stored to shared memory with 8-byte stores;
+      for_registers=True: WGMMA (2 bytes a thread) -> WGMMA_8BIT (4 codes), wgmma's A layout."""
     import jax.experimental.mosaic.gpu as mgpu
     from jax._src.lib.mlir import ir
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
     rows, half = packed.shape
+    if for_registers:
+        src_layout, dst_layout, dst_mgpu, nibbles = (
+            plgpu.Layout.WGMMA, plgpu.Layout.WGMMA_8BIT, mgpu.WGMMA_LAYOUT_8BIT, 4)
+    else:
+        src_layout, dst_layout, dst_mgpu, nibbles = (
+            plgpu.Layout.WGMMA_8BIT, plgpu.Layout.WGMMA_UPCAST_4X, mgpu.WGMMA_LAYOUT_UPCAST_4X, 8)
 
     @plgpu.inline_mgpu(
-        arg_types=(plgpu.Layout.WGMMA_8BIT,),
-        return_type=plgpu.ShapeDtypeStruct((rows, 2 * half), jnp.int8, layout=plgpu.Layout.WGMMA_UPCAST_4X),
+        arg_types=(src_layout,),
+        return_type=plgpu.ShapeDtypeStruct((rows, 2 * half), jnp.int8, layout=dst_layout),
     )
     def unpack(_, src):
-        i4x8 = ir.VectorType.get((8,), ir.IntegerType.get_signless(4))
+        i4_vec = ir.VectorType.get((nibbles,), ir.IntegerType.get_signless(4))
         regs = np.empty_like(src.registers)
         for idx, reg in np.ndenumerate(src.registers):
-            regs[idx] = mgpu_utils.bitcast(reg, i4x8)
-        as_i4 = mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT_UPCAST_4X, _is_signed=True)
+            regs[idx] = mgpu_utils.bitcast(reg, i4_vec)
+        as_i4 = mgpu.FragmentedArray(_registers=regs, _layout=dst_mgpu, _is_signed=True)
         if as_i4.shape != (rows, 2 * half):
             raise AssertionError(f"register layouts do not line up: {as_i4.shape} vs {(rows, 2 * half)}")
         return as_i4.astype(ir.IntegerType.get_signless(8), is_signed=True)
 
-    return unpack(packed)
+    return unpack(plgpu.load(packed, layout=src_layout))
 
 
-def _unpack_tile_interpret(packed: jax.Array) -> jax.Array:
-    p = packed.astype(jnp.int8)
+def _unpack_tile_interpret(packed, *, for_registers: bool = False) -> jax.Array:
+    del for_registers
+    p = packed[...].astype(jnp.int8)
     low = lax.shift_right_arithmetic(lax.shift_left(p, jnp.int8(4)), jnp.int8(4))
     high = lax.shift_right_arithmetic(p, jnp.int8(4))
     return jnp.stack([low, high], axis=-1).reshape(p.shape[0], 2 * p.shape[1])
@@ -160,6 +189,13 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, out_gmem, *, config: W4
     unpack = _unpack_tile_interpret if interpret else _unpack_tile_gpu
     # Per-group scales: every step is one scale group (tile_k == scale_group).
     grouped = scale_group is not None
+    in_regs = config.weight_operand == "registers"
+    acc_shape = (tn, tm) if in_regs else (tm, tn)
+    m_dim, n_dim = (1, 0) if in_regs else (0, 1)  # acc axes of the M (tokens) and N (features)
+    # The registers form writes its raw int32 accumulator as an (N, M) array (Mosaic has no
+    # transposed 32-bit shared-memory store); the wrapper transposes it (a test-only path).
+    out_nm = in_regs and raw
+    out_tile = (epi_n, epi_m) if out_nm else (epi_m, epi_n)
 
     def get_pipeline(body, compute_context):
         return plgpu.emit_pipeline_warp_specialized(
@@ -183,9 +219,12 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, out_gmem, *, config: W4
     @functools.partial(
         pl.run_scoped,
         pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
-        w8_smem=plgpu.SMEM((2, 2, tn, tk), jnp.int8, transforms=_swizzle_transforms(tk)),
-        out_smem=plgpu.SMEM((2, num_out_slots, epi_m, epi_n), out_dtype,
-                            transforms=_swizzle_transforms(epi_n, out_bytes)),
+        # Interpret mode's wgmma takes no register operand: there the registers form stages the
+        # unpacked weights through shared memory too (same orientation, same epilogue).
+        w8_smem=None if in_regs and not interpret else plgpu.SMEM(
+            (2, 2, tn, tk), jnp.int8, transforms=_swizzle_transforms(tk)),
+        out_smem=plgpu.SMEM((2, num_out_slots, *out_tile), out_dtype,
+                            transforms=_swizzle_transforms(out_tile[1], out_bytes)),
         collective_axes="wg",
     )
     def _scope(pipeline_allocs, w8_smem, out_smem):
@@ -202,39 +241,52 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, out_gmem, *, config: W4
             wg_n_slice = pl.ds(wg_n0, tn)
 
             def epilogue(acc):
-                """acc: float32 (or int32 when raw) (tm, tn) for this warpgroup's columns."""
+                """acc: float32 (or int32 when raw), `acc_shape`, for this warpgroup's columns."""
                 if not raw:
                     sx = plgpu.load(sx_gmem.at[m_slice], optimized=False)
-                    acc = acc * lax.broadcast_in_dim(sx, (tm, tn), (0,))
+                    acc = acc * lax.broadcast_in_dim(sx, acc_shape, (m_dim,))
                     if not grouped:
                         sw = plgpu.load(sw_gmem.at[wg_n_slice], optimized=False)
-                        acc = acc * lax.broadcast_in_dim(sw, (tm, tn), (1,))
+                        acc = acc * lax.broadcast_in_dim(sw, acc_shape, (n_dim,))
                     if bias_gmem is not None:
                         b = plgpu.load(bias_gmem.at[wg_n_slice], optimized=False)
-                        acc = acc + lax.broadcast_in_dim(b, (tm, tn), (1,))
+                        acc = acc + lax.broadcast_in_dim(b, acc_shape, (n_dim,))
                 acc = acc.astype(out_dtype)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 for ei in range(tm // epi_m):
                     for ej in range(tn // epi_n):
                         slot = (ei * (tn // epi_n) + ej) % num_out_slots
                         plgpu.wait_smem_to_gmem(num_out_slots - 1, wait_read_only=True)
-                        out_smem[wg, slot] = acc[ei * epi_m:(ei + 1) * epi_m, ej * epi_n:(ej + 1) * epi_n]
+                        rows, cols = slice(ei * epi_m, (ei + 1) * epi_m), slice(ej * epi_n, (ej + 1) * epi_n)
+                        gm, gn = pl.ds(mi * tm + ei * epi_m, epi_m), pl.ds(wg_n0 + ej * epi_n, epi_n)
+                        if out_nm:
+                            out_smem[wg, slot] = acc[cols, rows]
+                        elif in_regs and interpret:  # interpret mode cannot store through a .T view
+                            out_smem[wg, slot] = acc[cols, rows].T
+                        elif in_regs:  # transposing store (stmatrix .trans)
+                            out_smem.at[wg, slot].T[...] = acc[cols, rows]
+                        else:
+                            out_smem[wg, slot] = acc[rows, cols]
                         plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(
-                            out_smem.at[wg, slot],
-                            out_gmem.at[pl.ds(mi * tm + ei * epi_m, epi_m), pl.ds(wg_n0 + ej * epi_n, epi_n)],
-                        )
+                        plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], out_gmem.at[gn, gm] if out_nm else out_gmem.at[gm, gn])
 
-            def unpack_weights(kk, w_smem):
+            def mma(acc_ref, kk, x_smem, w_smem):
+                """Unpacks this warpgroup's weight rows and issues the step's wgmma."""
+                w_half = w_smem.at[pl.ds(wg * tn, tn)]
                 slot = kk % 2
-                w8 = unpack(plgpu.load(w_smem.at[pl.ds(wg * tn, tn)], layout=plgpu.Layout.WGMMA_8BIT))
-                w8_smem[wg, slot] = w8
+                if in_regs and not interpret:
+                    plgpu.wgmma(acc_ref, unpack(w_half, for_registers=True), x_smem.T)
+                    return
+                w8_smem[wg, slot] = unpack(w_half)
                 plgpu.commit_smem()
-                return w8_smem.at[wg, slot]
+                if in_regs:
+                    plgpu.wgmma(acc_ref, w8_smem.at[wg, slot], x_smem.T)
+                else:
+                    plgpu.wgmma(acc_ref, x_smem, w8_smem.at[wg, slot].T)
 
             if not grouped:
                 def compute_context(eval_pipeline):
-                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.int32))
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(acc_shape, jnp.int32))
                     def _acc_scope(acc_ref):
                         eval_pipeline(acc_ref)
                         acc = acc_ref[...]
@@ -242,26 +294,27 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, out_gmem, *, config: W4
 
                 def body(idxs, x_smem, w_smem, acc_ref):
                     (kk,) = idxs
-                    w8 = unpack_weights(kk, w_smem)
-                    plgpu.wgmma(acc_ref, x_smem, w8.T)
-                    plgpu.wgmma_wait(1)
+                    mma(acc_ref, kk, x_smem, w_smem)
+                    # The registers form's A operand lives in registers that the next unpack may
+                    # reuse: wait for this step's wgmma. The smem form keeps one in flight.
+                    plgpu.wgmma_wait(0 if in_regs and not interpret else 1)
                     return acc_ref
+
             else:
                 def compute_context(eval_pipeline):
-                    facc = eval_pipeline(jnp.zeros((tm, tn), jnp.float32))
+                    facc = eval_pipeline(jnp.zeros(acc_shape, jnp.float32))
                     epilogue(facc)
 
                 def body(idxs, x_smem, w_smem, facc):
                     (kk,) = idxs
-                    w8 = unpack_weights(kk, w_smem)
 
-                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.int32))
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(acc_shape, jnp.int32))
                     def part(acc_ref):
-                        plgpu.wgmma(acc_ref, x_smem, w8.T)
+                        mma(acc_ref, kk, x_smem, w_smem)
                         return acc_ref[...]
 
                     sw = plgpu.load(sw_gmem.at[kk, wg_n_slice], optimized=False)
-                    return facc + part.astype(jnp.float32) * lax.broadcast_in_dim(sw, (tm, tn), (1,))
+                    return facc + part.astype(jnp.float32) * lax.broadcast_in_dim(sw, acc_shape, (n_dim,))
 
             get_pipeline(body, compute_context)(
                 x_gmem.at[m_slice, :], w_gmem.at[cta_n_slice, :], allocations=pipeline_allocs,
@@ -340,6 +393,8 @@ def w4a4_matmul(
     if bias is not None and not return_int32:
         operands.append(bias.astype(jnp.float32))
 
+    out_nm = cfg.weight_operand == "registers" and return_int32
+
     def kernel(x, w, sx, sw, *rest):
         *b, out = rest
         _kernel(x, w, sx, sw, b[0] if b else None, out, config=cfg, scale_group=scale_group,
@@ -347,7 +402,7 @@ def w4a4_matmul(
 
     f = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((m_pad, n), out_t),
+        out_type=jax.ShapeDtypeStruct((n, m_pad) if out_nm else (m_pad, n), out_t),
         grid=(_num_programs((m_pad // cfg.tile_m) * (n // (2 * cfg.tile_n)), interpret),),
         grid_names=("sm",),
         num_threads=3,
@@ -356,6 +411,7 @@ def w4a4_matmul(
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
     y = f(*operands)
+    y = y.T if out_nm else y
     return y[:m] if m_pad != m else y
 
 

@@ -8,6 +8,7 @@ kernel's register-level nibble unpack (`inline_mgpu`), so there it unpacks with 
 
 from __future__ import annotations
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,9 +78,11 @@ def _term_magnitudes(x_codes, x_scales, w_codes, w_scales, scale_group):
 
 # --- CPU, interpret mode -------------------------------------------------------------------
 
+@pytest.mark.parametrize("weight_operand", ["smem", "registers"])
 @pytest.mark.parametrize("m", [1, 37, 200])
-def test_interpret_per_channel(m):
-    _check(m, 256, 384, bias=m != 37, config=SMALL, interpret=True, seed=m)
+def test_interpret_per_channel(m, weight_operand):
+    cfg = dataclasses.replace(SMALL, weight_operand=weight_operand)
+    _check(m, 256, 384, bias=m != 37, config=cfg, interpret=True, seed=m)
 
 
 @pytest.mark.parametrize("scale_group", [64, 128])
@@ -117,7 +120,11 @@ def test_config_table_covers_flux_shapes():
         for m in (1, 512, 4608):
             cfg = config_for(m, n, k)
             assert n % (2 * cfg.tile_n) == 0 and k % cfg.tile_k == 0, (m, n, k, cfg)
-    assert config_for(512, 3072, 3072, scale_group=64).tile_k == 64
+    grouped = config_for(4608, 12288, 3072, scale_group=64)
+    assert (grouped.tile_k, grouped.weight_operand) == (64, "smem")
+    assert config_for(4608, 3072, 15360).weight_operand == "registers"
+    with pytest.raises(ValueError, match="weight_operand"):
+        W4A4MatmulConfig(weight_operand="tmem")
 
 
 # --- GPU (Hopper), the real kernel at the FLUX shapes ------------------------------------------
@@ -127,6 +134,17 @@ def test_config_table_covers_flux_shapes():
 @pytest.mark.parametrize("m", [1, 37, 512, 4608])
 def test_gpu_flux_per_channel(m, k, n):
     _check(m, n, k, bias=m != 512, interpret=False, seed=m + n + k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weight_operand", ["smem", "registers"])
+@pytest.mark.parametrize("k,n", [(3072, 12288), (15360, 3072)])
+@pytest.mark.parametrize("m", [37, 4608])
+def test_gpu_both_weight_operands(m, k, n, weight_operand):
+    """Both forms at 256 x 128 CTA tiles, many K steps: the registers form's per-step wgmma wait
+    (its A operand lives in registers) and its transposing epilogue store."""
+    cfg = W4A4MatmulConfig(tile_m=256, tile_n=64, tile_k=128, max_concurrent_steps=4, weight_operand=weight_operand)
+    _check(m, n, k, bias=True, config=cfg, interpret=False, seed=m + k)
 
 
 @pytest.mark.gpu
