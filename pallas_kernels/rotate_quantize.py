@@ -23,14 +23,16 @@ tests allow a code to move by one step on at most 0.1% of entries, scales to rto
 
 Measured (H100, 2026-11-24, M=4608, same run as an XLA copy and the XLA reference; full table
 in benchmarks/results/rotate_quantize.md, notes in benchmarks/notes/rotate_quantize.md):
-| K | this kernel (4 warps) | XLA reference | device copy |
-| 3072 | 546 GB/s (0.25 of copy, 3.3x XLA) | 164 | 2167 |
-| 12288 | 399 GB/s (0.15 of copy, 2.3x XLA) | 176 | 2576 |
-| 15360 | 430 GB/s (0.17 of copy, 2.5x XLA; 247 with the former 16 warps) | 170 | 2583 |
-Short of the targets (0.7 of copy, 5x XLA): each of the four butterfly levels splits a row
-tile's leading base-4 digit off, which Triton lowers to a transpose + split (a layout conversion
-through shared memory with a barrier), several per level; the kernel is bound by those, not by
-HBM. The matmul rotation (bf16 x ±1 256x256 in Triton `dot`, fp32 accumulate) was 6-12x slower
+| K | this kernel (4 warps, swap_halves) | XLA reference | device copy |
+| 3072 | 569 GB/s (0.24 of copy, 3.6x XLA) | 158 | 2379 |
+| 12288 | 441 GB/s (0.17 of copy, 2.5x XLA) | 174 | 2586 |
+| 15360 | 495 GB/s (0.19 of copy, 2.9x XLA; 254 with the former 16 warps) | 173 | 2665 |
+Short of the targets (0.7 of copy, 5x XLA): the kernel is bound by register shuffles, not by
+HBM. Compiled for sm_90 (TTGIR/PTX; benchmarks/notes/rotate_quantize.md), Triton makes the splits
+that separate a level's digit free (it converts the loaded tile once so the split bits sit in
+registers), but every join that puts a level's four results back together costs a layout
+conversion (shared-memory round trip + barrier), ~3 per level: ~20 conversions and ~90 PTX
+instructions per element and thread on a 4-group tile, where the arithmetic needs ~20. The matmul rotation (bf16 x ±1 256x256 in Triton `dot`, fp32 accumulate) was 6-12x slower
 (tiny per-tile matmuls) and cannot promise bit-identity (the hardware picks the accumulation
 order): removed. split_levels=2 (16 slices loaded per group, two shuffled levels instead of four)
 is bit-identical but 3x slower at K=3072 (180 vs 527 GB/s) and compiles for minutes at K=15360.
@@ -85,7 +87,8 @@ class RotateQuantizeConfig:
       transpose it, run the outer levels on the now trailing hi axis, transpose back, run the
       inner levels on lo. Each level then splits a digit of a short trailing axis (16 columns at
       n = 256), which Triton can keep inside a thread, and the row crosses threads twice (the two
-      transposes) instead of at every split. Same stage order: bit-identical. Not yet measured.
+      transposes) instead of at every split. Same stage order: bit-identical. The default: H100,
+      M=4608, same run, 4 warps: K=15360 521 GB/s (414 without), K=3072 547 (563 without).
     num_warps: Triton warps per program. 4 at every K: at K=15360 (H100, M=4608, 4-group tiles)
       4 warps ran at 439 GB/s, 16 at 247 (8 warps with 16-group tiles: 293). Each butterfly
       level's layout conversion synchronises all of a program's warps: fewer warps, cheaper
@@ -95,7 +98,7 @@ class RotateQuantizeConfig:
     block_rows: int = 1
     groups_per_tile: int = 4
     split_levels: int = 0
-    swap_halves: bool = False
+    swap_halves: bool = True
     num_warps: int = 4
     num_stages: int = 1
 
@@ -107,7 +110,7 @@ class RotateQuantizeConfig:
         if self.split_levels < 0:
             raise ValueError(f"split_levels must be >= 0, got {self.split_levels}")
         if self.swap_halves and self.split_levels:
-            raise ValueError(f"swap_halves needs split_levels=0, got {self}")
+            raise ValueError(f"swap_halves (the default) needs split_levels=0: pass swap_halves=False, got {self}")
 
 
 def apply_prologue(

@@ -86,7 +86,7 @@ def _modulation(b: int, k: int, dtype, seed: int = 1):
 )
 def test_interpret_bit_identical(m, k, group_size, dtype, packed, block_rows, split_levels):
     x = _inputs(m, k, dtype)
-    cfg = RotateQuantizeConfig(block_rows=block_rows, groups_per_tile=2, split_levels=split_levels)
+    cfg = RotateQuantizeConfig(block_rows=block_rows, groups_per_tile=2, split_levels=split_levels, swap_halves=False)
     got = rotate_quantize(x, group_size=group_size, packed=packed, config=cfg, interpret=True)
     want = _reference(x, group_size=group_size, packed=packed)
     assert got[0].shape == want[0].shape and got[0].dtype == want[0].dtype
@@ -101,9 +101,11 @@ def test_interpret_bit_identical(m, k, group_size, dtype, packed, block_rows, sp
      (64, 16, jnp.float32, False)],
 )
 def test_interpret_swap_halves_bit_identical(k, group_size, dtype, packed):
-    """The transposed-halves butterfly keeps the reference's stage order: same codes, same scales."""
+    """The transposed-halves butterfly (the default) keeps the reference's stage order: same codes,
+    same scales."""
     x = _inputs(5, k, dtype)
-    cfg = RotateQuantizeConfig(block_rows=2, groups_per_tile=2, swap_halves=True)
+    cfg = RotateQuantizeConfig(block_rows=2, groups_per_tile=2)
+    assert cfg.swap_halves
     _assert_exact(rotate_quantize(x, group_size=group_size, packed=packed, config=cfg, interpret=True),
                   _reference(x, group_size=group_size, packed=packed))
 
@@ -112,7 +114,7 @@ def test_interpret_layernorm_modulation():
     m, k, b = 8, 512, 2
     x = _inputs(m, k, jnp.bfloat16)[4:].repeat(2, axis=0)  # finite rows only
     shift, scale = _modulation(b, k, jnp.bfloat16)
-    cfg = RotateQuantizeConfig(block_rows=8, split_levels=2)
+    cfg = RotateQuantizeConfig(block_rows=8, split_levels=2, swap_halves=False)
     got = rotate_quantize(x, prologue="layernorm", shift=shift, scale=scale, config=cfg, interpret=True)
     _assert_close(got, _reference(x, prologue="layernorm", shift=shift, scale=scale))
 
