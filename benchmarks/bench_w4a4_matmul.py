@@ -44,10 +44,14 @@ LARGE_KN = [(3072, 12288), (12288, 3072), (15360, 3072)]
 ITERS = 20
 L2_ROTATE_BYTES = 120e6
 
-# (M, configs) swept on each of the shapes LARGE_KN + (3072, 9216) (M = 4608) or LARGE_KN (M = 512).
+# (M, configs) swept on each of the shapes LARGE_KN + (3072, 9216) (M = 4608) or LARGE_KN (M = 512):
+# the shipped registers form against its grid-order and tile variants and the smem form.
+_REGS = {"weight_operand": "registers"}
 SWEEP = {
-    4608: [W4A4MatmulConfig(128, 128, 128, 4), W4A4MatmulConfig(128, 128, 128, 4, grid_tile_width=8)],
-    512: [W4A4MatmulConfig(128, 64, 128, 4), W4A4MatmulConfig(128, 128, 128, 4)],
+    4608: [W4A4MatmulConfig(256, 64, 128, 4, **_REGS), W4A4MatmulConfig(256, 64, 128, 4, grid_tile_width=8, **_REGS),
+           W4A4MatmulConfig(256, 64, 128, 3, **_REGS), W4A4MatmulConfig(128, 128, 128, 4)],
+    512: [W4A4MatmulConfig(128, 64, 128, 4), W4A4MatmulConfig(128, 64, 128, 4, **_REGS),
+          W4A4MatmulConfig(256, 64, 128, 4, **_REGS)],
 }
 
 
