@@ -81,7 +81,8 @@ SWEEP = (  # (block_rows, groups_per_tile, split_levels, num_warps, swap_halves)
     (1, 4, 0, 4, False),  # the default: every level shuffled in registers, 4-group tiles, 4 warps
     (1, 16, 0, 4, False),  # fewer, larger tiles: 97 instead of 291 layout conversions at K=15360 (TTGIR)
     (1, 8, 0, 4, False),
-    (1, 4, 0, 4, True),  # two transposes per row, levels on 16-wide trailing axes
+    (1, 4, 0, 4, True),  # two transposes per row, levels on 16-wide trailing axes (the default)
+    (1, 16, 0, 4, True),  # not yet measured: both of 2026-11-24's gains at K=15360 (swap 521, gpt16 458 GB/s)
     (1, 4, 0, 16, False),  # 2026-11-24, K=15360: 16 warps 247 GB/s, 4 warps 439
 )
 
