@@ -220,7 +220,8 @@ def step_breakdown(step, state, inputs) -> dict:
         per_name[name] = per_name.get(name, 0.0) + ms
     stages: dict[str, float] = {}
     for name, ms in per_name.items():
-        stages[stage_of(name)] = stages.get(stage_of(name), 0.0) + ms
+        stage = stage_of(name)
+        stages[stage] = stages.get(stage, 0.0) + ms
     top = sorted(per_name.items(), key=lambda kv: -kv[1])[:10]
     return {"stages_ms": {k: round(v, 2) for k, v in sorted(stages.items())},
             "kernels_ms": round(sum(stages.values()), 2), "kernel_launches": len(timings),

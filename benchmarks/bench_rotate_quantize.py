@@ -78,7 +78,7 @@ def run_tests() -> str:
 
 SWEEP_M = 4608
 SWEEP = (  # (block_rows, groups_per_tile, split_levels, num_warps, swap_halves)
-    (1, 4, 0, 4, False),  # the default: every level shuffled in registers, 4-group tiles, 4 warps
+    (1, 4, 0, 4, False),  # every level shuffled in registers, 4-group tiles, 4 warps
     (1, 16, 0, 4, False),  # fewer, larger tiles: 97 instead of 291 layout conversions at K=15360 (TTGIR)
     (1, 8, 0, 4, False),
     (1, 4, 0, 4, True),  # two transposes per row, levels on 16-wide trailing axes (the default)

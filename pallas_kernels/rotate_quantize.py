@@ -32,7 +32,8 @@ HBM. Compiled for sm_90 (TTGIR/PTX; benchmarks/notes/rotate_quantize.md), Triton
 that separate a level's digit free (it converts the loaded tile once so the split bits sit in
 registers), but every join that puts a level's four results back together costs a layout
 conversion (shared-memory round trip + barrier), ~3 per level: ~20 conversions and ~90 PTX
-instructions per element and thread on a 4-group tile, where the arithmetic needs ~20. The matmul rotation (bf16 x ±1 256x256 in Triton `dot`, fp32 accumulate) was 6-12x slower
+instructions per element and thread on a 4-group tile, where the arithmetic needs ~20. The
+matmul rotation (bf16 x ±1 256x256 in Triton `dot`, fp32 accumulate) was 6-12x slower
 (tiny per-tile matmuls) and cannot promise bit-identity (the hardware picks the accumulation
 order): removed. split_levels=2 (16 slices loaded per group, two shuffled levels instead of four)
 is bit-identical but 3x slower at K=3072 (180 vs 527 GB/s) and compiles for minutes at K=15360.
@@ -85,9 +86,10 @@ class RotateQuantizeConfig:
       remaining levels shuffle inside a tensor (split/join). Capped at log4(group_size).
     swap_halves: (split_levels 0 only) hold each group as a (hi, lo) matrix, hi = 4^(levels // 2):
       transpose it, run the outer levels on the now trailing hi axis, transpose back, run the
-      inner levels on lo. Each level then splits a digit of a short trailing axis (16 columns at
-      n = 256), which Triton can keep inside a thread, and the row crosses threads twice (the two
-      transposes) instead of at every split. Same stage order: bit-identical. The default: H100,
+      inner levels on lo, each level splitting a digit of a short trailing axis (16 columns at
+      n = 256). Same stage order: bit-identical. Triton emits as many layout conversions as
+      without it (63 at K=3072, benchmarks/rotate_quantize_ir.py) but fewer shared-memory
+      accesses (207 against 246), and it measured faster where it matters. The default: H100,
       M=4608, same run, 4 warps: K=15360 521 GB/s (414 without), K=3072 547 (563 without).
     num_warps: Triton warps per program. 4 at every K: at K=15360 (H100, M=4608, 4-group tiles)
       4 warps ran at 439 GB/s, 16 at 247 (8 warps with 16-group tiles: 293). Each butterfly

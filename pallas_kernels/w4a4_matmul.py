@@ -115,7 +115,7 @@ def config_for(m: int, n: int, k: int, scale_group: int | None = None) -> W4A4Ma
         if best is None or key > best[0]:
             best = (key, row)
     cfg = W4A4MatmulConfig(**best[1]["config"]) if best else W4A4MatmulConfig()
-    if scale_group is not None:  # the smem form, as verified on the GPU; 128 x 256 CTA tiles by default
+    if scale_group is not None:  # the smem form, as verified on the GPU; 64 x 256 CTA tiles by default
         tile_n = cfg.tile_n if cfg.weight_operand == "smem" else 128
         cfg = dataclasses.replace(cfg, tile_m=64, tile_n=tile_n, tile_k=scale_group, epi_tile_m=64, weight_operand="smem")
     return cfg
@@ -167,6 +167,12 @@ def _unpack_tile_gpu(packed: jax.Array, *, for_registers: bool = False) -> jax.A
     return unpack(plgpu.load(packed, layout=src_layout))
 
 
+def _raw_output_transposed(config: W4A4MatmulConfig, raw: bool) -> bool:
+    """The registers form writes its raw int32 accumulator as an (N, M) array (Mosaic has no
+    transposed 32-bit shared-memory store); the wrapper transposes it (a test-only path)."""
+    return config.weight_operand == "registers" and raw
+
+
 def _unpack_tile_interpret(packed, *, for_registers: bool = False) -> jax.Array:
     del for_registers
     p = packed[...].astype(jnp.int8)
@@ -192,9 +198,7 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, out_gmem, *, config: W4
     in_regs = config.weight_operand == "registers"
     acc_shape = (tn, tm) if in_regs else (tm, tn)
     m_dim, n_dim = (1, 0) if in_regs else (0, 1)  # acc axes of the M (tokens) and N (features)
-    # The registers form writes its raw int32 accumulator as an (N, M) array (Mosaic has no
-    # transposed 32-bit shared-memory store); the wrapper transposes it (a test-only path).
-    out_nm = in_regs and raw
+    out_nm = _raw_output_transposed(config, raw)
     out_tile = (epi_n, epi_m) if out_nm else (epi_m, epi_n)
 
     def get_pipeline(body, compute_context):
@@ -393,7 +397,7 @@ def w4a4_matmul(
     if bias is not None and not return_int32:
         operands.append(bias.astype(jnp.float32))
 
-    out_nm = cfg.weight_operand == "registers" and return_int32
+    out_nm = _raw_output_transposed(cfg, return_int32)
 
     def kernel(x, w, sx, sw, *rest):
         *b, out = rest
