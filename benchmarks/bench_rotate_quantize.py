@@ -1,25 +1,26 @@
-"""GPU benchmark of the fused rotate+quantize kernel against XLA and a plain device copy.
+"""GPU benchmark of the fused rotate+quantize kernels against XLA and a plain device copy.
 
-Runs the kernel's gpu-marked tests first (one GPU visit checks and measures), then, for each
-FLUX shape M x K, times in one process: the kernel (int8 codes and packed codes), the XLA
-reference, and a device copy; with the LayerNorm+modulation prologue, also XLA's
-LayerNorm+modulation alone. GB/s counts each input read once and each output written once.
+For each FLUX shape M x K, in one process: the Mosaic GPU kernel (`rotate_quantize_sm90`, int8
+and packed codes), the Pallas Triton kernel (`rotate_quantize`, int8), the XLA reference, and a
+device copy of the same input (an elementwise bf16 negation: reads 2MK, writes 2MK bytes). With
+`--sweep`, block configs of the Mosaic GPU kernel at M = 4608 first (each checked bit-identical
+to the reference run on the CPU); the fastest that passes everywhere is then used. With
+`--prologue-ms`, the Triton kernel's LayerNorm+modulation and GELU prologues against XLA's.
+GB/s counts each input read once and each output written once.
 
-Timing: one jitted call runs the op on n distinct inputs back to back (n chosen so the inputs
-overflow L2); the time per op is the slope between n and 2n ops, which removes the fixed
-dispatch cost. Median of `--repeats` slopes.
+Timing: device time (CUPTI, `benchmarks.timing.device_time_ms`), median of 20 iterations over
+rotating input sets larger than L2.
 
-    PYTHONPATH=. python3 benchmarks/bench_rotate_quantize.py --out benchmarks/results
+    PYTHONPATH=. python3 benchmarks/bench_rotate_quantize.py --out benchmarks/results [--sweep] [--tests]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
-import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -28,47 +29,47 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.rotate_quantize import RotateQuantizeConfig, apply_prologue, rotate_quantize, rotate_quantize_reference
+from benchmarks.timing import ITERS, device_time_ms
+from pallas_kernels.rotate_quantize import (
+    apply_prologue,
+    rotate_quantize,
+    rotate_quantize_reference,
+)
+from pallas_kernels.rotate_quantize_sm90 import (
+    RotateQuantizeSm90Config,
+    plan,
+    rotate_quantize_sm90,
+)
 
 MS = (512, 1536, 4608, 9216)
 KS = (3072, 12288, 15360)
 LAYERNORM_K, GELU_K = 3072, 12288  # what feeds q/k/v and MLP-up; what feeds MLP-down
-L2_FLUSH_BYTES = 256 << 20
-
-
-def _time_op(fn, make_input, in_bytes: int, repeats: int) -> float:
-    """Seconds per op: slope of the wall time between n and 2n back-to-back ops."""
-    n = int(min(32, max(2, math.ceil(L2_FLUSH_BYTES / in_bytes))))
-    pool = [make_input(i) for i in range(2 * n)]
-    run_n = jax.jit(lambda xs: [fn(*x) for x in xs])
-    for batch in (pool[:n], pool):
-        jax.block_until_ready(run_n(batch))  # compile + warm up
-    slopes = []
-    for _ in range(repeats):
-        t = []
-        for batch in (pool[:n], pool):
-            t0 = time.perf_counter()
-            jax.block_until_ready(run_n(batch))
-            t.append(time.perf_counter() - t0)
-        slopes.append((t[1] - t[0]) / n)
-    del pool
-    return statistics.median(slopes)
+SWEEP_M = 4608
+SWEEP = (  # RotateQuantizeSm90Config fields; invalid ones for a K are skipped
+    {},  # the fewest rows that tile K, chunks of 8 x 16 values, one pass where it fits
+    {"chunk_mult": 2},
+    {"chunk_mult": 3},
+    {"rows": 2},
+    {"rows": 4},
+    {"keep": False},
+)
 
 
 def _x(m, k, dtype=jnp.bfloat16):
     def make(i):
-        return (jax.random.normal(jax.random.key(i), (m, k), jnp.float32) * (1 + i % 3)).astype(dtype)
+        return ((jax.random.normal(jax.random.key(i), (m, k), jnp.float32) * (1 + i % 3)).astype(dtype),)
 
     return make
 
 
-def _gbs(nbytes, sec):
-    return nbytes / sec / 1e9
+def _gbs(nbytes, ms):
+    return nbytes / (ms * 1e-3) / 1e9
 
 
 def run_tests() -> str:
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_rotate_quantize.py"],
+        check=False,
         capture_output=True,
         text=True,
     )
@@ -76,32 +77,148 @@ def run_tests() -> str:
     return proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else f"pytest rc={proc.returncode}"
 
 
-SWEEP_M = 4608
-SWEEP = (  # (block_rows, groups_per_tile, split_levels, num_warps, swap_halves)
-    (1, 4, 0, 4, False),  # every level shuffled in registers, 4-group tiles, 4 warps
-    (1, 16, 0, 4, False),  # fewer, larger tiles: 97 instead of 291 layout conversions at K=15360 (TTGIR)
-    (1, 8, 0, 4, False),
-    (1, 4, 0, 4, True),  # two transposes per row, levels on 16-wide trailing axes (the default)
-    (1, 16, 0, 4, True),  # not yet measured: both of 2026-11-24's gains at K=15360 (swap 521, gpt16 458 GB/s)
-    (1, 4, 0, 16, False),  # 2026-11-24, K=15360: 16 warps 247 GB/s, 4 warps 439
-)
+def _sweep(result: dict, ks, over_budget) -> RotateQuantizeSm90Config:
+    """Times SWEEP at M = SWEEP_M; returns the fastest config valid and identical at every K."""
+    totals: dict[RotateQuantizeSm90Config, float] = {}
+    cpu = jax.devices("cpu")[0]
+    for k in ks:
+        make = _x(SWEEP_M, k)
+        (x,) = make(0)
+        with jax.default_device(cpu):  # ground truth off XLA:GPU's arithmetic, as in the tests
+            want = jax.tree.map(np.asarray, rotate_quantize_reference(jax.device_put(x, cpu)))
+        for fields in SWEEP:
+            c = RotateQuantizeSm90Config(**fields)
+            if over_budget():
+                break
+            try:
+                rows, chunk, _ = plan(k, 256, c)
+                got = jax.tree.map(np.asarray, rotate_quantize_sm90(x, config=c))
+                ms = device_time_ms(functools.partial(rotate_quantize_sm90, config=c), make)
+            except Exception as e:  # noqa: BLE001 - a config that does not fit this K is a result
+                print(f"sweep K={k} {c}: {e!r}"[:400], flush=True)
+                continue
+            same = bool((got[0] == want[0]).all() and np.array_equal(got[1], want[1], equal_nan=True))
+            entry = {"m": SWEEP_M, "k": k, "config": fields, "rows": rows, "chunk_groups": chunk, "ms": ms,
+                     "gbs": _gbs(3 * SWEEP_M * k + 4 * SWEEP_M, ms), "identical_to_xla": same}
+            result["sweep"].append(entry)
+            print("sweep", entry, flush=True)
+            if same:
+                totals.setdefault(c, []).append(ms)
+    full = [c for c, t in totals.items() if len(t) == len(ks)]
+    return min(full, key=lambda c: sum(totals[c])) if full else RotateQuantizeSm90Config()
+
+
+def _measure_row(m: int, k: int, cfg: RotateQuantizeSm90Config) -> dict:
+    mk = m * k
+    make = _x(m, k)
+    row = {"m": m, "k": k, "bytes_int8": 3 * mk + 4 * m, "bytes_packed": 2 * mk + mk // 2 + 4 * m, "copy_bytes": 4 * mk}
+    row["sm90_ms"] = device_time_ms(lambda x: rotate_quantize_sm90(x, config=cfg), make)
+    row["sm90_packed_ms"] = device_time_ms(lambda x: rotate_quantize_sm90(x, packed=True, config=cfg), make)
+    row["triton_ms"] = device_time_ms(lambda x: rotate_quantize(x), make)
+    row["xla_ms"] = device_time_ms(lambda x: rotate_quantize_reference(x), make)
+    row["copy_ms"] = device_time_ms(lambda x: -x, make)
+    for name, nbytes in (("sm90", "bytes_int8"), ("sm90_packed", "bytes_packed"), ("triton", "bytes_int8"),
+                         ("xla", "bytes_int8"), ("copy", "copy_bytes")):
+        row[f"{name}_gbs"] = _gbs(row[nbytes], row[f"{name}_ms"])
+    return row
+
+
+def _measure_prologues(m: int) -> list[dict]:
+    """Triton kernel with LayerNorm+modulation (K=3072, B=2 images) and tanh-GELU (K=12288)
+    prologues vs XLA's prologue alone and XLA's prologue + reference quantizer."""
+    k = LAYERNORM_K
+    make = _x(m, k)
+
+    def make_mod(i):
+        sh_sc = (0.3 * jax.random.normal(jax.random.key(1000 + i), (2, 2, k), jnp.float32)).astype(jnp.bfloat16)
+        return (*make(i), *sh_sc)
+
+    p = {"m": m, "k": k, "prologue": "layernorm+modulation"}
+    p["kernel_ms"] = device_time_ms(lambda x, sh, sc: rotate_quantize(x, prologue="layernorm", shift=sh, scale=sc), make_mod)
+    p["xla_prologue_only_ms"] = device_time_ms(
+        lambda x, sh, sc: apply_prologue(x, "layernorm", sh, sc).astype(x.dtype), make_mod)
+    p["xla_full_ms"] = device_time_ms(
+        lambda x, sh, sc: rotate_quantize_reference(x, prologue="layernorm", shift=sh, scale=sc), make_mod)
+    make = _x(m, GELU_K)
+    g = {"m": m, "k": GELU_K, "prologue": "gelu_tanh"}
+    g["kernel_ms"] = device_time_ms(lambda x: rotate_quantize(x, prologue="gelu_tanh"), make)
+    g["xla_prologue_only_ms"] = device_time_ms(lambda x: apply_prologue(x, "gelu_tanh").astype(x.dtype), make)
+    g["xla_full_ms"] = device_time_ms(lambda x: rotate_quantize_reference(x, prologue="gelu_tanh"), make)
+    return [p, g]
+
+
+def _row_line(r) -> str:
+    return (
+        f"M={r['m']:5d} K={r['k']:5d}  sm90 {r['sm90_gbs']:6.0f} GB/s ({r['sm90_ms'] * 1e3:7.1f} us)  packed "
+        f"{r['sm90_packed_gbs']:6.0f}  triton {r['triton_gbs']:5.0f}  xla {r['xla_gbs']:5.0f}  copy {r['copy_gbs']:5.0f}"
+        f"  sm90/copy {r['sm90_gbs'] / r['copy_gbs']:.2f}  vs xla {r['xla_ms'] / r['sm90_ms']:.1f}x"
+        f"  vs triton {r['triton_ms'] / r['sm90_ms']:.1f}x"
+    )
+
+
+def _markdown(res) -> str:
+    out = [
+        "# rotate_quantize benchmark",
+        "",
+        f"Device: {res['device']}, jax {res['jax']}. GPU tests: {res['tests']}.",
+        f"Device time (CUPTI), median of {ITERS}, rotating input sets (> 2x L2). GB/s = (bytes read + bytes",
+        "written) / time; the copy is an elementwise bf16 negation of the same input (reads 2MK, writes",
+        "2MK bytes). sm90 = the Mosaic GPU kernel (`rotate_quantize_sm90`, what `convrot_jax.ops` uses),",
+        "triton = the Pallas Triton kernel (`rotate_quantize`, kept for its prologues).",
+        "",
+        f"sm90 config: {res.get('config', 'default')}.",
+        "",
+        "| M | K | sm90 int8 GB/s | sm90 packed GB/s | triton int8 GB/s | XLA ref GB/s | copy GB/s | sm90 / copy | sm90 vs XLA | sm90 vs triton |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in res["rows"]:
+        out.append(
+            f"| {r['m']} | {r['k']} | {r['sm90_gbs']:.0f} | {r['sm90_packed_gbs']:.0f} | {r['triton_gbs']:.0f} | "
+            f"{r['xla_gbs']:.0f} | {r['copy_gbs']:.0f} | {r['sm90_gbs'] / r['copy_gbs']:.2f} | "
+            f"{r['xla_ms'] / r['sm90_ms']:.1f}x | {r['triton_ms'] / r['sm90_ms']:.1f}x |"
+        )
+    if res["prologue"]:
+        out += [
+            "",
+            "Prologues (Triton kernel, int8 codes out; B=2 images for the modulation):",
+            "",
+            "| prologue | M | K | kernel us | XLA prologue alone us | XLA prologue + reference quant us | prologue alone / kernel |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for p in res["prologue"]:
+            out.append(
+                f"| {p['prologue']} | {p['m']} | {p['k']} | {p['kernel_ms'] * 1e3:.1f} | "
+                f"{p['xla_prologue_only_ms'] * 1e3:.1f} | {p['xla_full_ms'] * 1e3:.1f} | "
+                f"{p['xla_prologue_only_ms'] / p['kernel_ms']:.2f}x |"
+            )
+    if res["sweep"]:
+        out += [
+            "",
+            f"sm90 block configs at M={SWEEP_M} (int8 out; identical = codes and scales equal to the XLA reference run on the CPU):",
+            "",
+            "| K | config | rows | groups per chunk | GB/s | identical |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for e in res["sweep"]:
+            out.append(f"| {e['k']} | {e['config'] or 'default'} | {e['rows']} | {e['chunk_groups']} | {e['gbs']:.0f} | "
+                       f"{e['identical_to_xla']} |")
+    return "\n".join(out) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--tests", action="store_true", help="run tests/test_rotate_quantize.py first")
     ap.add_argument("--ms", type=int, nargs="+", default=MS, help="token counts to time")
+    ap.add_argument("--ks", type=int, nargs="+", default=KS, help="feature counts to time")
     ap.add_argument("--sweep", action="store_true", help="time SWEEP configs at M=4608 first; use the best")
-    ap.add_argument("--sweep-ks", type=int, nargs="+", default=list(KS), help="K values the sweep times")
-    ap.add_argument("--budget-s", type=float, default=480, help="stop starting new rows after this")
+    ap.add_argument("--prologue-ms", type=int, nargs="*", default=[4608], help="token counts for the prologues")
+    ap.add_argument("--budget-s", type=float, default=480, help="stop starting new measurements after this")
     args = ap.parse_args()
     start = time.time()
     os.makedirs(args.out, exist_ok=True)
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": [], "prologue": [], "sweep": []}
-    result["tests"] = "skipped" if args.skip_tests else run_tests()
-    r = args.repeats
+    result["tests"] = run_tests() if args.tests else "not run"
 
     def save():
         with open(os.path.join(args.out, "rotate_quantize.json"), "w") as f:
@@ -112,178 +229,28 @@ def main() -> None:
     def over_budget():
         return time.time() - start > args.budget_s
 
-    cfg = RotateQuantizeConfig()
-    if args.sweep:
-        m, totals = SWEEP_M, {}
-        for k in args.sweep_ks:
-            make = _x(m, k)
-            x = make(0)
-            cpu = jax.devices("cpu")[0]
-            with jax.default_device(cpu):  # ground truth off XLA:GPU's arithmetic, as in the tests
-                want = jax.tree.map(np.asarray, rotate_quantize_reference(jax.device_put(x, cpu)))
-            for br, gpt, split, warps, swap in SWEEP:
-                if over_budget():
-                    break
-                c = RotateQuantizeConfig(block_rows=br, groups_per_tile=gpt, split_levels=split, num_warps=warps,
-                                         swap_halves=swap)
-                try:
-                    got = jax.tree.map(np.asarray, rotate_quantize(x, config=c))
-                    sec = _time_op(lambda x: rotate_quantize(x, config=c), lambda i: (make(i),), 2 * m * k, r)
-                except Exception as e:  # noqa: BLE001 - a config that does not compile is a result
-                    print("sweep", c, "failed:", repr(e)[:1500], flush=True)
-                    continue
-                same = bool((got[0] == want[0]).all() and np.array_equal(got[1], want[1], equal_nan=True))
-                entry = dict(m=m, k=k, block_rows=br, groups_per_tile=gpt, split_levels=split, num_warps=warps,
-                             swap_halves=swap)
-                entry.update(kernel_s=sec, kernel_gbs=_gbs(3 * m * k + 4 * m, sec), identical_to_xla=same)
-                result["sweep"].append(entry)
-                print("sweep", entry, flush=True)
-                if same:
-                    totals[c] = totals.get(c, 0.0) + sec
-                save()
-        full = [c for c in totals
-                if sum(1 for e in result["sweep"] if _matches(e, c) and e["identical_to_xla"]) == len(args.sweep_ks)]
-        if full:
-            cfg = min(full, key=totals.get)
-        result["config"] = dataclasses.asdict(cfg)
-        print("chosen", cfg, flush=True)
-
+    cfg = _sweep(result, args.ks, over_budget) if args.sweep else RotateQuantizeSm90Config()
+    result["config"] = dataclasses.asdict(cfg)
+    print("config", cfg, flush=True)
     for m in args.ms:
-        for k in KS:
+        for k in args.ks:
             if over_budget():
                 break
-            mk = m * k
-            row = {"m": m, "k": k, "bytes_int8": 3 * mk + 4 * m, "bytes_packed": 2 * mk + mk // 2 + 4 * m}
             try:
-                _measure_row(row, _x(m, k), mk, r, cfg)
+                row = _measure_row(m, k, cfg)
             except Exception as e:  # noqa: BLE001 - keep measuring the other shapes, record why
                 print(f"M={m} K={k} failed: {e!r}"[:2000], flush=True)
                 continue
             result["rows"].append(row)
             print(_row_line(row), flush=True)
             save()
+    for m in args.prologue_ms:
         if over_budget():
             break
-        for q in _measure_prologues(m, r, cfg):
-            result["prologue"].append(q)
-            print(_prologue_line(q), flush=True)
+        result["prologue"] += _measure_prologues(m)
         save()
-
     save()
     print(_markdown(result))
-
-
-def _matches(entry: dict, c: RotateQuantizeConfig) -> bool:
-    fields = ("block_rows", "groups_per_tile", "split_levels", "num_warps", "swap_halves")
-    return all(entry[f] == getattr(c, f) for f in fields)
-
-
-def _measure_prologues(m: int, r: int, cfg: RotateQuantizeConfig) -> list[dict]:
-    """LayerNorm+modulation (K=3072, B=2 images) and tanh-GELU (K=12288): kernel vs XLA."""
-    k = LAYERNORM_K
-    make = _x(m, k)
-
-    def make_mod(i):
-        key = jax.random.key(1000 + i)
-        return make(i), *(0.3 * jax.random.normal(key, (2, 2, k), jnp.float32)).astype(jnp.bfloat16)
-
-    p = {"m": m, "k": k, "prologue": "layernorm+modulation"}
-    p["kernel_s"] = _time_op(
-        lambda x, sh, sc: rotate_quantize(x, prologue="layernorm", shift=sh, scale=sc, config=cfg), make_mod, 2 * m * k, r
-    )
-    p["xla_prologue_only_s"] = _time_op(
-        lambda x, sh, sc: apply_prologue(x, "layernorm", sh, sc).astype(x.dtype), make_mod, 2 * m * k, r
-    )
-    p["xla_full_s"] = _time_op(
-        lambda x, sh, sc: rotate_quantize_reference(x, prologue="layernorm", shift=sh, scale=sc), make_mod, 2 * m * k, r
-    )
-    k = GELU_K
-    one = _x(m, k)
-    g = {"m": m, "k": k, "prologue": "gelu_tanh"}
-    g["kernel_s"] = _time_op(lambda x: rotate_quantize(x, prologue="gelu_tanh", config=cfg), lambda i: (one(i),), 2 * m * k, r)
-    g["xla_prologue_only_s"] = _time_op(
-        lambda x: apply_prologue(x, "gelu_tanh").astype(x.dtype), lambda i: (one(i),), 2 * m * k, r
-    )
-    g["xla_full_s"] = _time_op(lambda x: rotate_quantize_reference(x, prologue="gelu_tanh"), lambda i: (one(i),), 2 * m * k, r)
-    return [p, g]
-
-
-def _measure_row(row: dict, make, mk: int, r: int, cfg: RotateQuantizeConfig) -> None:
-    """Kernel (int8, packed), XLA reference and copy times for one shape."""
-    one = lambda i: (make(i),)  # noqa: E731
-    row["kernel_s"] = _time_op(lambda x: rotate_quantize(x, config=cfg), one, 2 * mk, r)
-    row["packed_s"] = _time_op(lambda x: rotate_quantize(x, packed=True, config=cfg), one, 2 * mk, r)
-    row["xla_s"] = _time_op(lambda x: rotate_quantize_reference(x), one, 2 * mk, r)
-    row["copy_s"] = _time_op(lambda x: -x, one, 2 * mk, r)  # reads 2mk, writes 2mk bytes
-    row["kernel_gbs"] = _gbs(row["bytes_int8"], row["kernel_s"])
-    row["packed_gbs"] = _gbs(row["bytes_packed"], row["packed_s"])
-    row["xla_gbs"] = _gbs(row["bytes_int8"], row["xla_s"])
-    row["copy_gbs"] = _gbs(4 * mk, row["copy_s"])
-
-
-def _row_line(r) -> str:
-    return (
-        f"M={r['m']:5d} K={r['k']:5d}  kernel {r['kernel_gbs']:7.0f} GB/s ({r['kernel_s'] * 1e6:7.1f} us)  "
-        f"packed {r['packed_gbs']:7.0f}  xla {r['xla_gbs']:6.0f}  copy {r['copy_gbs']:6.0f}  "
-        f"kernel/copy {r['kernel_gbs'] / r['copy_gbs']:.2f}  kernel/xla {r['xla_s'] / r['kernel_s']:.1f}x"
-    )
-
-
-def _prologue_line(p) -> str:
-    return (
-        f"{p['prologue']:22s} M={p['m']:5d} K={p['k']:5d}  kernel {p['kernel_s'] * 1e6:7.1f} us  "
-        f"xla prologue alone {p['xla_prologue_only_s'] * 1e6:7.1f} us  xla prologue+quant {p['xla_full_s'] * 1e6:7.1f} us"
-        f"  (alone/kernel {p['xla_prologue_only_s'] / p['kernel_s']:.2f}x)"
-    )
-
-
-def _markdown(res) -> str:
-    out = [
-        "# rotate_quantize benchmark",
-        "",
-        f"Device: {res['device']}, jax {res['jax']}. Tests (gpu-marked, same visit): {res['tests']}.",
-        "GB/s = (bytes read + bytes written) / time; the copy is an elementwise bf16 negation of the",
-        "same input (reads 2MK, writes 2MK bytes). Time per op: slope between n and 2n back-to-back",
-        "ops on distinct inputs (median), so launch overhead is excluded.",
-        "",
-        f"Kernel config: {res.get('config', 'default')}.",
-        "",
-        "| M | K | kernel int8 GB/s | kernel packed GB/s | XLA ref GB/s | copy GB/s | kernel / copy | kernel vs XLA |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in res["rows"]:
-        out.append(
-            f"| {r['m']} | {r['k']} | {r['kernel_gbs']:.0f} | {r['packed_gbs']:.0f} | {r['xla_gbs']:.0f} | "
-            f"{r['copy_gbs']:.0f} | {r['kernel_gbs'] / r['copy_gbs']:.2f} | {r['xla_s'] / r['kernel_s']:.1f}x |"
-        )
-    if res["prologue"]:
-        out += [
-            "",
-            "Prologues (int8 codes out; B=2 images for the modulation):",
-            "",
-            "| prologue | M | K | kernel us | XLA prologue alone us | XLA prologue + reference quant us | prologue alone / kernel |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for p in res["prologue"]:
-            out.append(
-                f"| {p['prologue']} | {p['m']} | {p['k']} | {p['kernel_s'] * 1e6:.1f} | "
-                f"{p['xla_prologue_only_s'] * 1e6:.1f} | {p['xla_full_s'] * 1e6:.1f} | "
-                f"{p['xla_prologue_only_s'] / p['kernel_s']:.2f}x |"
-            )
-    if res["sweep"]:
-        out += [
-            "",
-            "Block configs at M=4608 (int8 out; identical = codes and scales equal to the XLA reference run on the CPU):",
-            "",
-            "| K | block_rows | groups_per_tile | split_levels | num_warps | swap_halves | GB/s | identical |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for e in res["sweep"]:
-            out.append(
-                f"| {e['k']} | {e['block_rows']} | {e['groups_per_tile']} | {e['split_levels']} | "
-                f"{e['num_warps']} | {e.get('swap_halves', False)} | {e['kernel_gbs']:.0f} | {e['identical_to_xla']} |"
-            )
-    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

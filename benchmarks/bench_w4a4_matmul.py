@@ -5,6 +5,8 @@
 tests  runs `pytest -q tests/test_w4a4_matmul.py` (the gpu-marked FLUX-shape checks) first.
 sweep  times candidate tile configs on the large FLUX shapes (each checked against the reference).
 sass   dumps the kernel's SASS (MOSAIC_GPU_DUMP_SASS) and counts its GMMA / local-memory instructions.
+ncu    Nsight Compute sections (speed of light, compute, memory, warp stalls) of the default-config
+       kernel and of XLA's bf16 GEMM on 4608x3072x12288, one profiled launch each.
 bench  this kernel vs XLA bf16 GEMM vs XLA int8 GEMM (NT) vs the naive XLA W4A4 layer
        (convrot_jax.w4a4_linear implementation="xla") for M in FLUX_TOKEN_COUNTS x the five FLUX
        (K, N); and the full layer (rotate-quantize + this GEMM) vs the bf16 GEMM.
@@ -20,11 +22,9 @@ import dataclasses
 import functools
 import glob
 import json
-import math
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -36,13 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.arg_specs import FLUX_LINEAR_SHAPES, FLUX_TOKEN_COUNTS
+from benchmarks.timing import ITERS, device_time_ms
 from convrot_jax.quant import pack_int4, quantize_weight
 from pallas_kernels.w4a4_matmul import W4A4MatmulConfig, config_for, w4a4_matmul, w4a4_matmul_reference
 
 FLUX_KN = list(FLUX_LINEAR_SHAPES.values())
 LARGE_KN = [(3072, 12288), (12288, 3072), (15360, 3072)]
-ITERS = 20
-L2_ROTATE_BYTES = 120e6
 
 # (M, configs) swept on each of the shapes LARGE_KN + (3072, 9216) (M = 4608) or LARGE_KN (M = 512):
 # the shipped registers form against its grid-order and tile variants and the smem form.
@@ -53,32 +52,6 @@ SWEEP = {
     512: [W4A4MatmulConfig(128, 64, 128, 4), W4A4MatmulConfig(128, 64, 128, 4, **_REGS),
           W4A4MatmulConfig(256, 64, 128, 4, **_REGS)],
 }
-
-
-def _nbytes(tree) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
-
-
-def device_time_ms(fn, make_args, out_bytes: int = 0) -> float:
-    """Median device time (ms) of fn(*args) over ITERS iterations, rotating input sets."""
-    first = make_args(0)
-    n_sets = int(min(8, max(2, math.ceil(L2_ROTATE_BYTES / (_nbytes(first) + out_bytes)))))
-    sets = [first] + [make_args(i) for i in range(1, n_sets)]
-    f = jax.jit(lambda sets: [fn(*s) for s in sets])
-    from jax.experimental.mosaic.gpu import profiler
-
-    try:
-        _, times = profiler.measure(f, iterations=ITERS)(sets)
-    except RuntimeError:
-        times = None
-    if not times:  # no CUPTI: host clock around synchronised calls (includes launch gaps)
-        jax.block_until_ready(f(sets))
-        times = []
-        for _ in range(ITERS):
-            t = time.perf_counter()
-            jax.block_until_ready(f(sets))
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times) / n_sets
 
 
 def _key(seed: int) -> jax.Array:
@@ -183,6 +156,38 @@ def stage_sass(out_dir, log, args):
     subprocess.run(["rm", "-rf", dump])
 
 
+_NCU_SECTIONS = ("SpeedOfLight", "ComputeWorkloadAnalysis", "MemoryWorkloadAnalysis", "WarpStateStats",
+                 "Occupancy", "LaunchStats", "SchedulerStats")
+
+
+def stage_ncu(out_dir, log, args):
+    """Hardware counters of the shipped kernel and of XLA's bf16 GEMM (the baseline), at
+    4608x3072x12288: each is warmed up, then run once between cudaProfilerStart/Stop."""
+    code = (
+        "import jax, jax.numpy as jnp, torch\n"
+        "from benchmarks.bench_w4a4_matmul import w4a4_args, bf16_gemm_args\n"
+        "from pallas_kernels.w4a4_matmul import w4a4_matmul\n"
+        "x, sx, w, sw = w4a4_args(4608, 3072, 12288)(0)\n"
+        "a, b = bf16_gemm_args(4608, 12288, 3072)(0)\n"
+        "q = jax.jit(w4a4_matmul)\n"
+        "d = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((1,), (1,)), ((), ()))))\n"
+        "jax.block_until_ready((q(x, sx, w, sw), d(a, b)))\n"
+        "torch.cuda.init(); torch.cuda.profiler.start()\n"
+        "jax.block_until_ready(q(x, sx, w, sw)); jax.block_until_ready(d(a, b))\n"
+        "torch.cuda.profiler.stop()\n"
+    )
+    found = glob.glob("/usr/local/cuda*/bin/ncu") + glob.glob("/opt/nvidia/nsight-compute/*/ncu")
+    ncu = shutil.which("ncu") or next(iter(found), "ncu")
+    cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--target-processes", "all",
+           *[a for s in _NCU_SECTIONS for a in ("--section", s)], sys.executable, "-c", code]
+    r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=400)
+    text = r.stdout + r.stderr[-3000:]
+    with open(os.path.join(out_dir, "w4a4_matmul_ncu.txt"), "w") as f:
+        f.write(text)
+    log["ncu"] = {"returncode": r.returncode, "file": "w4a4_matmul_ncu.txt"}
+    print(text[-12000:], flush=True)
+
+
 def bf16_gemm_args(m, n, k):
     def make(i):
         ks = jax.random.split(_key(2000 + i), 2)
@@ -196,14 +201,14 @@ def stage_bench(out_dir, log, args):
 
     rot_ok = True
     try:
-        import pallas_kernels.rotate_quantize  # noqa: F401
+        import pallas_kernels.rotate_quantize_sm90  # noqa: F401
     except Exception:  # noqa: BLE001
         rot_ok = False
     rows = log["bench"] = []
     for k, n in FLUX_KN:
         if args.bench_kn and f"{k}x{n}" not in args.bench_kn.split(","):
             continue
-        for m in FLUX_TOKEN_COUNTS:
+        for m in args.bench_ms or FLUX_TOKEN_COUNTS:
             r = dict(m=m, k=k, n=n)
 
             bf16_args = bf16_gemm_args(m, n, k)
@@ -243,8 +248,8 @@ def stage_bench(out_dir, log, args):
             print(f"M={m:5d} K={k:5d} N={n:5d}  bf16 {r['bf16_tops']:5.0f}  int8 {r['int8_tops']:5.0f}  "
                   f"kernel {r['kernel_tops']:5.0f} ({r['kernel_vs_bf16']:.2f}x)  naive {r['naive_layer_vs_bf16']:.2f}x"
                   + (f"  layer {r['layer_vs_bf16']:.2f}x" if "layer_ms" in r else ""), flush=True)
-    log["layer_path"] = "ops.w4a4_linear(implementation='pallas'): rotate_quantize kernel + this GEMM" if rot_ok \
-        else "not measured: pallas_kernels.rotate_quantize unavailable or failing"
+    log["layer_path"] = "ops.w4a4_linear(implementation='pallas'): rotate_quantize_sm90 + this GEMM" if rot_ok \
+        else "not measured: the rotate-quantize kernel failed"
     write_markdown(rows, log, os.path.join(out_dir, "w4a4_matmul.md"))
 
 
@@ -274,7 +279,7 @@ def save_log(out_dir, log):
         json.dump(log, f, indent=1, default=str)
 
 
-STAGES = {"tests": stage_tests, "sweep": stage_sweep, "sass": stage_sass, "bench": stage_bench}
+STAGES = {"tests": stage_tests, "sweep": stage_sweep, "sass": stage_sass, "ncu": stage_ncu, "bench": stage_bench}
 
 
 def main():
@@ -283,6 +288,7 @@ def main():
     p.add_argument("--stages", default="tests,bench")
     p.add_argument("--tests-k", default="", help="pytest -k selection for the tests stage")
     p.add_argument("--bench-kn", default="", help="comma-separated KxN shapes for the bench stage (default all)")
+    p.add_argument("--bench-ms", type=int, nargs="*", default=None, help="token counts for the bench stage (default all)")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     log = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}

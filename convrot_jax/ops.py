@@ -82,10 +82,10 @@ def quantize_activation(
         if impl == "pallas" and hadamard != "regular":
             raise ValueError("the Pallas rotate-quantize kernel implements the regular Hadamard only")
         return quantize_activation_reference(x, group_size=group_size, hadamard=hadamard)
-    from pallas_kernels.rotate_quantize import rotate_quantize
+    from pallas_kernels.rotate_quantize_sm90 import rotate_quantize_sm90
 
     x2, lead = _flatten(x)
-    codes, scales = rotate_quantize(x2, group_size=group_size)
+    codes, scales = rotate_quantize_sm90(x2, group_size=group_size)
     return codes.reshape(*lead, x.shape[-1]), scales.reshape(lead)
 
 
@@ -106,10 +106,10 @@ def w4a4_linear(
         impl = "xla"  # "auto" with a Sylvester weight: a comparison setting, reference path.
     if impl == "xla":
         return w4a4_linear_reference(x, qw, bias)
-    from pallas_kernels.rotate_quantize import rotate_quantize
+    from pallas_kernels.rotate_quantize_sm90 import rotate_quantize_sm90
     from pallas_kernels.w4a4_matmul import w4a4_matmul
 
     x2, lead = _flatten(x)
-    codes, scales = rotate_quantize(x2, group_size=qw.group_size)
+    codes, scales = rotate_quantize_sm90(x2, group_size=qw.group_size)
     y = w4a4_matmul(codes, scales, qw.packed, qw.scales, bias, scale_group=qw.scale_group, out_dtype=x.dtype)
     return y.reshape(*lead, qw.out_features)

@@ -13,7 +13,16 @@ import numpy as np
 import pytest
 
 from convrot_jax import ops
-from pallas_kernels.rotate_quantize import RotateQuantizeConfig, rotate_quantize, rotate_quantize_reference
+from pallas_kernels.rotate_quantize import (
+    RotateQuantizeConfig,
+    rotate_quantize,
+    rotate_quantize_reference,
+)
+from pallas_kernels.rotate_quantize_sm90 import (
+    RotateQuantizeSm90Config,
+    plan,
+    rotate_quantize_sm90,
+)
 
 ON_CPU = jax.devices()[0].platform == "cpu"
 # A prologue changes the float arithmetic (reduction order, rsqrt, tanh): codes may move by one
@@ -141,7 +150,92 @@ def test_bad_input_is_named(shape, kw, match):
         rotate_quantize(jnp.ones(shape, jnp.bfloat16), interpret=True, **kw)
 
 
+# --- CPU, interpret mode: the Mosaic GPU kernel ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "m,k,group_size,dtype,packed,config",
+    [
+        (5, 3072, 256, jnp.bfloat16, False, RotateQuantizeSm90Config()),  # 2-row blocks, the last one half out
+        (5, 3072, 256, jnp.bfloat16, False, RotateQuantizeSm90Config(keep=False)),  # two passes over the rows
+        (5, 512, 256, jnp.float32, True, RotateQuantizeSm90Config(keep=False)),  # 8-row blocks, 3 rows out
+        (5, 9216, 256, jnp.bfloat16, False, RotateQuantizeSm90Config()),  # 36 groups + 4 zero groups, one pass
+        (4, 9216, 256, jnp.bfloat16, True, RotateQuantizeSm90Config(keep=False)),  # padded, two passes
+        (6, 3072, 256, jnp.float32, True, RotateQuantizeSm90Config()),
+        (4, 3072, 256, jnp.bfloat16, False, RotateQuantizeSm90Config(rows=4, chunk_mult=3)),  # one 12-group chunk
+        (9, 512, 64, jnp.bfloat16, True, RotateQuantizeSm90Config()),  # (hi, lo) = (4, 16): 8 rows x 2 groups
+        (5, 2048, 1024, jnp.bfloat16, False, RotateQuantizeSm90Config()),  # (16, 64)
+    ],
+)
+def test_sm90_interpret_bit_identical(m, k, group_size, dtype, packed, config):
+    x = _inputs(m, k, dtype)
+    got = rotate_quantize_sm90(x, group_size=group_size, packed=packed, config=config, interpret=True)
+    want = _reference(x, group_size=group_size, packed=packed)
+    assert got[0].shape == want[0].shape and got[0].dtype == want[0].dtype
+    _assert_exact(got, want)
+    assert np.isnan(want[1][2]) and np.isnan(want[1][3]) and not want[0][2:4].any()
+
+
+@pytest.mark.parametrize(
+    "k,n,config,rows_chunk_held",
+    [(3072, 256, RotateQuantizeSm90Config(), (2, 4, 12)),  # padding 12 groups to 16 would cost 1/3
+     (12288, 256, RotateQuantizeSm90Config(), (1, 8, 48)),
+     (15360, 256, RotateQuantizeSm90Config(), (1, 8, 64)),  # 60 groups + 4 zero groups
+     (15360, 256, RotateQuantizeSm90Config(chunk_mult=2), (1, 16, 64)),
+     (15360, 256, RotateQuantizeSm90Config(rows=2), (2, 4, 60)),
+     (15360, 256, RotateQuantizeSm90Config(rows=4, chunk_mult=5), (4, 20, 60)),
+     (256, 256, RotateQuantizeSm90Config(), (8, 1, 1)), (3072, 64, RotateQuantizeSm90Config(), (2, 16, 48))],
+)
+def test_sm90_plan_fills_the_warpgroup(k, n, config, rows_chunk_held):
+    assert plan(k, n, config) == rows_chunk_held
+
+
+@pytest.mark.parametrize(
+    "shape,kw,match",
+    [
+        ((4, 300), {}, r"\(4, 300\).*multiple of group_size"),
+        ((4, 256), {"group_size": 128}, "power of 4"),
+        ((4, 256), {"group_size": 16, "packed": True}, "too small.*packed"),
+        ((4, 3072), {"config": RotateQuantizeSm90Config(rows=1)}, "rows=1 cannot tile K=3072"),
+        ((4, 3072), {"config": RotateQuantizeSm90Config(chunk_mult=2)}, "chunk_mult=2"),
+        ((4, 256), {"dtype": jnp.float16}, "bfloat16 or float32"),
+        ((4, 15360), {"config": RotateQuantizeSm90Config(rows=4, chunk_mult=3)}, "shared memory at K=15360"),
+    ],
+)
+def test_sm90_bad_input_is_named(shape, kw, match):
+    dtype = kw.pop("dtype", jnp.bfloat16)
+    with pytest.raises(ValueError, match=match):
+        rotate_quantize_sm90(jnp.ones(shape, dtype), interpret=True, **kw)
+
+
 # --- GPU (Hopper) ----------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [3072, 12288, 15360])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("packed", [False, True])
+def test_gpu_sm90_bit_identical(k, dtype, packed):
+    x = _inputs(1027, k, dtype, seed=k + 1)
+    _assert_exact(rotate_quantize_sm90(x, packed=packed), _reference(x, packed=packed))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,config", [(3072, RotateQuantizeSm90Config(keep=False)),
+                                      (12288, RotateQuantizeSm90Config(chunk_mult=2)),
+                                      (15360, RotateQuantizeSm90Config(rows=2)),
+                                      (15360, RotateQuantizeSm90Config(keep=False))])
+def test_gpu_sm90_configs(k, config):
+    x = _inputs(1001, k, jnp.bfloat16, seed=k + 2)
+    _assert_exact(rotate_quantize_sm90(x, config=config), _reference(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group_size", [64, 1024])
+def test_gpu_sm90_group_sizes(group_size):
+    x = _inputs(515, 3072, jnp.bfloat16, seed=group_size + 1)
+    _assert_exact(rotate_quantize_sm90(x, group_size=group_size), _reference(x, group_size=group_size))
+
 
 
 @pytest.mark.gpu

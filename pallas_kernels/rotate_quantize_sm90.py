@@ -1,0 +1,314 @@
+"""Fused grouped regular-Hadamard rotation + per-token int4 quantization, Pallas Mosaic GPU (sm_90).
+
+The same op and the same bits as `pallas_kernels.rotate_quantize` (no prologue), written with
+explicit data placement: each thread holds, at every moment, exactly the values one butterfly
+level needs, so no level moves data between threads except one shared-memory transpose per group.
+
+A group of n = 4^L values is viewed as a (hi, lo) matrix, hi = 4^(L // 2) (its leading base-4
+digits), lo = n / hi. The reference butterfly (`convrot_jax.hadamard`) runs the levels over hi's
+digits first, then over lo's. So, per chunk of `chunk_groups` groups of `rows` rows:
+- phase 1: `hi` loads from shared memory, load h = column block h of every group (shape
+  (rows, chunk_groups, lo), one element per thread and position); the levels over hi's digits are
+  then elementwise between the `hi` arrays (`_outer_stages`, the reference stage and order);
+- transpose: the `hi` results go to a padded float32 scratch (rows, chunk_groups, hi, lo + 1) and
+  come back as `lo` arrays, array l = column l of every (group, h) row: the padding makes both the
+  stores and the transposed loads free of bank conflicts;
+- phase 2: the levels over lo's digits, elementwise between the `lo` arrays; times 1/sqrt(n).
+The per-row absmax needs the whole rotated row before any code is written, so the kernel makes two
+passes over the row held in shared memory: the first keeps a running elementwise max, the second
+recomputes the rotation (cheaper than holding K float32 values per row) and writes codes, four
+consecutive codes packed into one 32-bit shared-memory store, then one TMA store of the rows.
+
+Bit-identity with `convrot_jax.quant.quantize_activation_reference`: float32 adds in the
+reference's order, one power-of-two multiply, scale = max(absmax * float32(1/7), 1e-10), an IEEE
+division 1 / scale (inline `div.rn.f32`: with LLVM's divf, 1-3 codes in 57M differed on the H100),
+one rounded multiply (`mul.rn.f32`), round half to even, clip to [-7, 7]; a row holding NaN/Inf
+gets a NaN scale and zero codes.
+
+Why Mosaic GPU: the Pallas Triton kernel (`pallas_kernels.rotate_quantize`) leaves the data
+placement to Triton, which moves every butterfly level's values between threads through shared
+memory (~20 layout conversions per tile); it peaked at 0.17-0.24 of a device copy. Here the
+placement is explicit: the warpgroup-strided layout (`plgpu.Layout.WG_STRIDED`, one element per
+thread and position) makes each level elementwise between arrays, and one padded transpose per
+group is the only exchange. Measured on the H100 (2026-11-25, CUPTI, same run as the XLA reference,
+the Triton kernel and a device copy; benchmarks/results/rotate_quantize.md):
+| M | K = 3072 | 12288 | 15360 |
+| 4608 | 2004 GB/s (0.74 of copy, 12.0x XLA) | 2481 (0.86, 14.0x) | 2218 (0.77, 12.5x) |
+| 9216 | 2266 (0.80, 13.1x) | 2619 (0.90, 14.6x) | 2329 (0.80, 13.0x) |
+| 512 | 993 (0.58, 6.4x) | 1482 (0.60, 8.0x) | 1458 (0.57, 8.4x) |
+2.2-5.9x the Triton kernel. The one-pass form matters (K = 12288: 2477 against 1692 GB/s with two
+passes), and so do one-row blocks (K = 15360 as two-row, two-pass blocks: 1303 GB/s). No prologue
+(LayerNorm+modulation, GELU) here: those stay in the Triton kernel, which the model does not call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from convrot_jax.hadamard import _regular_stage, check_group_size
+from convrot_jax.quant import INT4_MAX, SCALE_FLOOR
+
+WARPGROUP = 128
+
+
+# Rotated values a thread may hold between the two halves of the one-pass form (float32
+# registers; ptxas has 255): rows * padded K / 128 of them.
+KEEP_LIMIT = 128
+SMEM_BYTES = 227 * 1024  # what one CTA may use on the H100
+
+
+@dataclasses.dataclass(frozen=True)
+class RotateQuantizeSm90Config:
+    """Block configuration. rows: rows per CTA (None: the fewest that tile K evenly);
+    chunk_mult: groups per chunk as a multiple of the fewest (more values per thread, more
+    independent adds in flight, more registers); keep: hold the rotated rows in registers and
+    rotate once (True), or rotate twice, once for the absmax and once for the codes (False);
+    None: keep when rows * (padded) K / 128 <= KEEP_LIMIT."""
+
+    rows: int | None = None
+    chunk_mult: int = 1
+    keep: bool | None = None
+
+
+def keep_rotated(k: int, rows: int, config: RotateQuantizeSm90Config) -> bool:
+    return config.keep if config.keep is not None else rows * k // WARPGROUP <= KEEP_LIMIT
+
+
+def _split(n: int) -> tuple[int, int]:
+    levels = check_group_size(n, "regular")
+    hi = 4 ** (levels // 2)
+    return hi, n // hi
+
+
+def plan(k: int, n: int, config: RotateQuantizeSm90Config) -> tuple[int, int, int]:
+    """(rows per CTA, groups per chunk, groups held per row) for K = k, group n. Every
+    per-index array of a chunk, rows * chunk_groups * min(hi, lo) elements, must fill the
+    warpgroup's 128 threads evenly. One-row blocks are preferred (the most CTAs, the fewest
+    registers for a one-pass row); when K's groups do not fill whole chunks, the row is padded
+    with zero groups (which rotate to zeros and leave the absmax alone) if that costs at most
+    1/8 more work; otherwise several rows share each chunk."""
+    hi, lo = _split(n)
+    groups = k // n
+    need = max(1, WARPGROUP // min(hi, lo))  # rows * chunk_groups must be a multiple of this
+    mult = config.chunk_mult
+    pad = -groups % (need * mult)
+    if config.rows in (None, 1) and 8 * pad <= groups and pad * n % WARPGROUP == 0:
+        return 1, need * mult, groups + pad
+    chunk = math.gcd(groups, need)
+    rows = config.rows or need // chunk
+    if (rows * chunk) % need:
+        raise ValueError(f"rows={rows} cannot tile K={k} (group {n}): rows * {chunk} must be a multiple of {need}")
+    if groups % (chunk * mult):
+        raise ValueError(f"chunk_mult={mult} does not divide the {groups // chunk} chunks of a K={k} row")
+    return rows, chunk * mult, groups
+
+
+def _outer_stages(parts: list, levels: int) -> list:
+    """Stages over the `levels` base-4 digits of the part index (most significant first),
+    elementwise between the parts: the reference's first `levels` levels."""
+    for level in range(levels):
+        stride = 4 ** (levels - 1 - level)
+        out = list(parts)
+        for base in range(len(parts)):
+            if (base // stride) % 4 == 0:
+                idx = [base + j * stride for j in range(4)]
+                for i, y in zip(idx, _regular_stage(*(parts[i] for i in idx))):
+                    out[i] = y
+        parts = out
+    return parts
+
+
+def _ptx(instr: str, layout, *arrays: jax.Array, interpret: bool, fallback) -> jax.Array:
+    """An elementwise float32 PTX instruction (`instr d, a, b;`) on arrays of one layout: the
+    exact rounding the reference's XLA ops have, which LLVM's lowering of divf (and of a multiply
+    it may contract) does not promise. `fallback` (jnp) runs in interpret mode."""
+    if interpret:
+        return fallback(*arrays)
+    shape = arrays[0].shape
+
+    @plgpu.inline_mgpu(arg_types=(layout,) * len(arrays),
+                       return_type=plgpu.ShapeDtypeStruct(shape, jnp.float32, layout=layout))
+    def apply(_, first, *rest):
+        return first._pointwise(mgpu.FragmentedArray._lift_fast_instr(instr), *rest)
+
+    return apply(*arrays)
+
+
+def _store_word(ref, j: int, value: jax.Array, layout, *, interpret: bool) -> None:
+    """ref (rows, groups, hi * words) int32: word j of every (row, group, h) <- value (rows,
+    groups, hi). A strided view with no contiguous axis: Pallas slices refs without strides only,
+    and its store first loads the old value in a vectorised default layout such a view cannot
+    give, so the store is written in Mosaic GPU directly."""
+    rows, groups, width = ref.shape
+    hi = value.shape[-1]
+    if interpret:
+        ref[:, :, pl.ds(j, hi, width // hi)] = value
+        return
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), layout))
+    def store(_, smem, v):
+        words = mgpu.utils.memref_reshape(smem, (rows, groups, hi, width // hi))
+        v.store_untiled(mgpu.utils.memref_slice(words, (slice(None), slice(None), slice(None), j)))
+
+    store(ref, value)
+
+
+def _store_scale(scales_gmem, row, m: int, value) -> None:
+    """scales[row] = value for the rows that exist (the last block may run past M)."""
+
+    @pl.when(row < m)
+    def _():
+        scales_gmem[row] = value
+
+
+def _first_group(c, chunk: int):
+    """First group of chunk c (a Python int when the chunk loop is unrolled)."""
+    return c * chunk if isinstance(c, int) else pl.multiple_of(c * chunk, chunk)
+
+
+def _kernel(x_gmem, codes_gmem, scales_gmem, x_smem, out_smem, y_smem, barrier, *, m, n, rows, chunk, bits, keep, interpret):
+    hi, lo = _split(n)
+    levels = check_group_size(n, "regular")
+    groups = x_smem.shape[1]
+    chunks = groups // chunk
+    real = x_gmem.shape[1]  # groups before padding
+    block = jax.lax.axis_index("rows")
+    plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(block * rows, rows)], x_smem.at[:, pl.ds(0, real)], barrier)
+    if real < groups:  # one-row blocks only (plan): the zero groups that round the row up to whole chunks
+        x_smem[:, pl.ds(real, groups - real)] = jnp.zeros((rows, groups - real, hi, lo), x_smem.dtype)
+        plgpu.commit_smem()
+    plgpu.barrier_wait(barrier)
+
+    shape1, shape2 = (rows, chunk, lo), (rows, chunk, hi)
+    layout1, layout2 = plgpu.Layout.WG_STRIDED(shape1, vec_size=1), plgpu.Layout.WG_STRIDED(shape2, vec_size=1)
+    unit = np.float32(1 / math.sqrt(n))
+
+    def rotated(c):
+        """The rotated chunk c as lo arrays (rows, chunk, hi): array l, element (r, g, h) is
+        rotated column h * lo + l of group c * chunk + g."""
+        g0 = _first_group(c, chunk)
+        parts = [
+            plgpu.load(x_smem.at[:, pl.ds(g0, chunk), h, :], layout=layout1).astype(jnp.float32) for h in range(hi)
+        ]
+        parts = _outer_stages(parts, levels // 2)
+        y = y_smem.at[c % 2]
+        for h in range(hi):
+            y[:, :, h, pl.ds(0, lo)] = parts[h]
+        plgpu.commit_smem()  # the transpose: every thread's stores before anyone's loads
+        cols = [plgpu.load(y.at[:, :, :, l], layout=layout2) for l in range(lo)]
+        return [v * unit for v in _outer_stages(cols, levels - levels // 2)]
+
+    zero = plgpu.layout_cast(jnp.zeros(shape2, jnp.float32), layout2)
+
+    def running_max(vals, running):
+        return functools.reduce(jnp.maximum, [jnp.abs(v) for v in vals], running)
+
+    if keep:  # one pass: the rotated row stays in registers until its scale is known
+        saved = [rotated(c) for c in range(chunks)]
+        running = functools.reduce(lambda acc, vals: running_max(vals, acc), saved, zero)
+    else:  # two passes: rotate for the absmax, rotate again for the codes
+        running = jax.lax.fori_loop(0, chunks, lambda c, acc: running_max(rotated(c), acc), zero)
+    row_of = plgpu.layout_cast(jax.lax.broadcasted_iota(jnp.int32, shape2, 0), layout2)
+    scale_of = plgpu.layout_cast(jnp.ones(shape2, jnp.float32), layout2)
+    finite = row_of < 0
+    for r in range(rows):
+        absmax = jnp.max(jnp.where(row_of == r, running, 0.0))
+        ok = absmax < np.float32(np.inf)  # False for NaN too
+        scale = jnp.maximum(absmax * np.float32(1 / INT4_MAX), np.float32(SCALE_FLOOR))
+        _store_scale(scales_gmem, block * rows + r, m, jnp.where(ok, scale, np.float32(np.nan)))
+        scale_of = jnp.where(row_of == r, scale, scale_of)
+        finite = finite | ((row_of == r) & ok)
+    ones = plgpu.layout_cast(jnp.ones(shape2, jnp.float32), layout2)
+    inv = _ptx("div.rn.f32", layout2, ones, scale_of, interpret=interpret, fallback=jnp.divide)
+
+    per_word, mask = 32 // bits, (1 << bits) - 1
+
+    def write_codes(c, vals):
+        dst = out_smem.at[:, pl.ds(_first_group(c, chunk), chunk)]
+        for j in range(lo // per_word):
+            word = jnp.zeros(shape2, jnp.int32)
+            for b in range(per_word):
+                v = _ptx("mul.rn.f32", layout2, vals[per_word * j + b], inv, interpret=interpret, fallback=jnp.multiply)
+                q = jnp.clip(jnp.round(v), -INT4_MAX, INT4_MAX).astype(jnp.int32)
+                word = word | ((q & mask) << (bits * b))
+            _store_word(dst, j, jnp.where(finite, word, 0), layout2, interpret=interpret)
+
+    if keep:
+        for c, vals in enumerate(saved):
+            write_codes(c, vals)
+    else:
+        plgpu.commit_smem()  # pass 1's last transposed loads before pass 2's first stores
+        jax.lax.fori_loop(0, chunks, lambda c, carry: (write_codes(c, rotated(c)), carry)[1], 0)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_smem.at[:, pl.ds(0, real)], codes_gmem.at[pl.ds(block * rows, rows)])
+    plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "packed", "config", "interpret"))
+def rotate_quantize_sm90(
+    x: jax.Array,
+    *,
+    group_size: int = 256,
+    packed: bool = False,
+    config: RotateQuantizeSm90Config | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """x (M, K) bf16/f32 -> (codes, float32 scales (M,)), bit-identical to
+    `quantize_activation_reference(x, group_size=group_size)`: codes int8 (M, K) in [-7, 7], or
+    with `packed` uint8 (M, K/2), low nibble = even k. interpret: Mosaic GPU interpret mode (CPU
+    tests)."""
+    config = config or RotateQuantizeSm90Config()
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D (tokens, features), got shape {x.shape}")
+    if x.dtype not in (jnp.bfloat16, jnp.float32):
+        raise ValueError(f"x must be bfloat16 or float32, got {x.dtype}")
+    m, k = x.shape
+    n = group_size
+    hi, lo = _split(n)
+    if k % n:
+        raise ValueError(f"x's last axis ({k}, shape {x.shape}) must be a multiple of group_size ({n})")
+    bits = 4 if packed else 8
+    words = lo * bits // 32
+    if lo * bits % 32:  # codes leave in whole 32-bit words
+        raise ValueError(f"group_size {n} is too small for this kernel{' with packed=True' if packed else ''}")
+    rows, chunk, held = plan(k, n, config)
+    groups = k // n
+    smem = rows * held * n * (x.dtype.itemsize + bits // 8) + 2 * rows * chunk * hi * (lo + 1) * 4
+    if smem > SMEM_BYTES:
+        raise ValueError(f"{config} needs {smem} bytes of shared memory at K={k} (rows={rows}, {chunk} groups "
+                         f"per chunk), over the {SMEM_BYTES} a CTA has: lower rows or chunk_mult")
+    blocks = pl.cdiv(m, rows)
+    kernel = functools.partial(_kernel, m=m, n=n, rows=rows, chunk=chunk, bits=bits,
+                               keep=keep_rotated(held * n, rows, config), interpret=interpret)
+    f = plgpu.kernel(
+        kernel,
+        out_type=(
+            jax.ShapeDtypeStruct((m, groups, hi * words), jnp.int32),
+            jax.ShapeDtypeStruct((m,), jnp.float32),
+        ),
+        grid=(blocks,),
+        grid_names=("rows",),
+        kernel_name="rotate_quantize_sm90",  # how profiles (bench_e2e's stages) tell it from the GEMM
+        scratch_types=[
+            plgpu.SMEM((rows, held, hi, lo), x.dtype),
+            plgpu.SMEM((rows, held, hi * words), jnp.int32),
+            plgpu.SMEM((2, rows, chunk, hi, lo + 1), jnp.float32),
+            plgpu.Barrier(),
+        ],
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Lane, unsafe_no_auto_barriers=True
+        ),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )
+    out, scales = f(x.reshape(m, groups, hi, lo))
+    codes = jax.lax.bitcast_convert_type(out, jnp.uint8 if packed else jnp.int8)  # little-endian
+    return codes.reshape(m, k * bits // 8), scales
