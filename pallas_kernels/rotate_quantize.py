@@ -41,10 +41,11 @@ is bit-identical but 3x slower at K=3072 (180 vs 527 GB/s) and compiles for minu
 Backend: Pallas Triton, written first (Triton's row-kernel model expresses the split/join
 butterfly directly, and it interprets on the CPU). `convrot_jax.ops` now calls the Mosaic GPU
 kernel `pallas_kernels.rotate_quantize_sm90` instead: same bits, explicit data placement, 0.74-0.90
-of a device copy at M >= 4608 (2.2-5.9x this kernel). This one stays for its prologues
-(LayerNorm+modulation, tanh-GELU), which the model does not use: at M = 4608 the LN+modulation
-variant takes 94 us where XLA's LN+modulation alone takes 24 (and XLA's LN+mod plus the reference
-quantizer 297). Risk: the Pallas Triton backend is deprecated since jax 0.11.
+of a device copy at M >= 4608 (2.2-5.9x this kernel), and its prologues are faster too (at
+M = 4608, LN+modulation 62 against 94 us, GELU 117 against 536). Nothing in the library calls this
+kernel any more; it stays as the measured baseline of benchmarks/bench_rotate_quantize.py and
+the subject of benchmarks/rotate_quantize_ir.py. Risk: the Pallas Triton backend is deprecated
+since jax 0.11.
 """
 
 from __future__ import annotations
@@ -133,6 +134,31 @@ def apply_prologue(
     y = y.reshape(b, -1, y.shape[-1])
     y = y * (1 + scale.astype(jnp.float32)[:, None]) + shift.astype(jnp.float32)[:, None]
     return y.reshape(xf.shape)
+
+
+def check_inputs(x: jax.Array, group_size: int, prologue: str, shift, scale) -> bool:
+    """Validates a rotate-quantize call (shared by both kernels); returns whether the LayerNorm
+    is modulated. Errors name the argument and shape at fault."""
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D (tokens, features), got shape {x.shape}")
+    if x.dtype not in (jnp.bfloat16, jnp.float32):
+        raise ValueError(f"x must be bfloat16 or float32, got {x.dtype}")
+    m, k = x.shape
+    check_group_size(group_size, "regular")
+    if k % group_size:
+        raise ValueError(f"x's last axis ({k}, shape {x.shape}) must be a multiple of group_size ({group_size})")
+    if prologue not in PROLOGUES:
+        raise ValueError(f"prologue must be one of {PROLOGUES}, got {prologue!r}")
+    modulated = shift is not None or scale is not None
+    if modulated:
+        if prologue != "layernorm" or shift is None or scale is None:
+            raise ValueError("shift and scale go together, with prologue='layernorm'")
+        if shift.shape != scale.shape or shift.ndim != 2 or shift.shape[1] != k or m % shift.shape[0]:
+            raise ValueError(
+                f"shift {shift.shape} and scale {scale.shape} must both be (B, {k}) with B dividing "
+                f"the {m} rows of x {x.shape}"
+            )
+    return modulated
 
 
 def rotate_quantize_reference(
@@ -334,25 +360,9 @@ def rotate_quantize(
     "gelu_tanh". interpret: run in Pallas interpret mode (CPU tests).
     """
     config = config or RotateQuantizeConfig()
-    if x.ndim != 2:
-        raise ValueError(f"x must be 2-D (tokens, features), got shape {x.shape}")
-    if x.dtype not in (jnp.bfloat16, jnp.float32):
-        raise ValueError(f"x must be bfloat16 or float32, got {x.dtype}")
+    modulated = check_inputs(x, group_size, prologue, shift, scale)
     m, k = x.shape
     levels = check_group_size(group_size, "regular")
-    if k % group_size:
-        raise ValueError(f"x's last axis ({k}, shape {x.shape}) must be a multiple of group_size ({group_size})")
-    if prologue not in PROLOGUES:
-        raise ValueError(f"prologue must be one of {PROLOGUES}, got {prologue!r}")
-    modulated = shift is not None or scale is not None
-    if modulated:
-        if prologue != "layernorm" or shift is None or scale is None:
-            raise ValueError("shift and scale go together, with prologue='layernorm'")
-        if shift.shape != scale.shape or shift.ndim != 2 or shift.shape[1] != k or m % shift.shape[0]:
-            raise ValueError(
-                f"shift {shift.shape} and scale {scale.shape} must both be (B, {k}) with B dividing "
-                f"the {m} rows of x {x.shape}"
-            )
 
     n, groups = group_size, k // group_size
     split = min(config.split_levels, levels)

@@ -177,6 +177,33 @@ def test_sm90_interpret_bit_identical(m, k, group_size, dtype, packed, config):
 
 
 @pytest.mark.parametrize(
+    "m,k,b,config",
+    [(8, 512, 2, RotateQuantizeSm90Config()),  # 4-row blocks, one image each
+     (8, 3072, 2, RotateQuantizeSm90Config()),  # 2-row blocks, one pass
+     (4, 9216, 1, RotateQuantizeSm90Config(keep=False))],  # padded row: the zero groups stay zero
+)
+def test_sm90_interpret_layernorm_modulation(m, k, b, config):
+    x = _inputs(2 * m, k, jnp.bfloat16)[m:]  # finite rows only
+    shift, scale = _modulation(b, k, jnp.bfloat16)
+    got = rotate_quantize_sm90(x, prologue="layernorm", shift=shift, scale=scale, config=config, interpret=True)
+    _assert_close(got, _reference(x, prologue="layernorm", shift=shift, scale=scale))
+
+
+def test_sm90_interpret_layernorm_and_gelu():
+    x = _inputs(8, 3072, jnp.float32)[4:]
+    _assert_close(rotate_quantize_sm90(x, prologue="layernorm", interpret=True), _reference(x, prologue="layernorm"))
+    got = rotate_quantize_sm90(x, prologue="gelu_tanh", packed=True, interpret=True)
+    _assert_close(got, _reference(x, prologue="gelu_tanh", packed=True), packed=True)
+
+
+def test_sm90_modulation_blocks_must_not_straddle_images():
+    x = jnp.ones((6, 3072), jnp.bfloat16)
+    with pytest.raises(ValueError, match="straddle images of 3 rows"):
+        rotate_quantize_sm90(x, prologue="layernorm", shift=jnp.zeros((2, 3072)), scale=jnp.zeros((2, 3072)),
+                             interpret=True)
+
+
+@pytest.mark.parametrize(
     "k,n,config,rows_chunk_held",
     [(3072, 256, RotateQuantizeSm90Config(), (2, 4, 12)),  # padding 12 groups to 16 would cost 1/3
      (12288, 256, RotateQuantizeSm90Config(), (1, 8, 48)),
@@ -266,17 +293,19 @@ def test_gpu_block_configs(block_rows, split_levels, swap_halves):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("k,b", [(3072, 1), (3072, 2), (15360, 2)])
-def test_gpu_layernorm_modulation(k, b):
+@pytest.mark.parametrize("kernel", [rotate_quantize, rotate_quantize_sm90], ids=["triton", "sm90"])
+def test_gpu_layernorm_modulation(k, b, kernel):
     x = _inputs(4 + 512 * b, k, jnp.bfloat16, seed=k)[4:]
     shift, scale = _modulation(b, k, jnp.bfloat16)
-    got = rotate_quantize(x, prologue="layernorm", shift=shift, scale=scale)
+    got = kernel(x, prologue="layernorm", shift=shift, scale=scale)
     _assert_close(got, _reference(x, prologue="layernorm", shift=shift, scale=scale))
 
 
 @pytest.mark.gpu
-def test_gpu_gelu():
+@pytest.mark.parametrize("kernel", [rotate_quantize, rotate_quantize_sm90], ids=["triton", "sm90"])
+def test_gpu_gelu(kernel):
     x = _inputs(516, 12288, jnp.bfloat16)[4:]
-    _assert_close(rotate_quantize(x, prologue="gelu_tanh"), _reference(x, prologue="gelu_tanh"))
+    _assert_close(kernel(x, prologue="gelu_tanh"), _reference(x, prologue="gelu_tanh"))
 
 
 @pytest.mark.gpu
