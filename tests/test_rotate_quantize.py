@@ -160,6 +160,7 @@ def test_bad_input_is_named(shape, kw, match):
         (5, 3072, 256, jnp.bfloat16, False, RotateQuantizeSm90Config(keep=False)),  # two passes over the rows
         (5, 512, 256, jnp.float32, True, RotateQuantizeSm90Config(keep=False)),  # 8-row blocks, 3 rows out
         (5, 9216, 256, jnp.bfloat16, False, RotateQuantizeSm90Config()),  # 36 groups + 4 zero groups, one pass
+        (9, 256, 256, jnp.bfloat16, False, RotateQuantizeSm90Config()),  # K = one group: 8-row blocks
         (4, 9216, 256, jnp.bfloat16, True, RotateQuantizeSm90Config(keep=False)),  # padded, two passes
         (6, 3072, 256, jnp.float32, True, RotateQuantizeSm90Config()),
         (4, 3072, 256, jnp.bfloat16, False, RotateQuantizeSm90Config(rows=4, chunk_mult=3)),  # one 12-group chunk
