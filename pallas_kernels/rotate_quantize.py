@@ -62,7 +62,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from convrot_jax.hadamard import _regular_stage, check_group_size
-from convrot_jax.quant import INT4_MAX, SCALE_FLOOR, pack_int4, quantize_activation_reference
+from convrot_jax.quant import (
+    INT4_MAX,
+    SCALE_FLOOR,
+    pack_int4,
+    quantize_activation_reference,
+)
 
 Prologue = Literal["none", "layernorm", "gelu_tanh"]
 PROLOGUES: tuple[str, ...] = ("none", "layernorm", "gelu_tanh")
@@ -207,7 +212,7 @@ def _round_codes(v: jax.Array, inv: jax.Array, interpret: bool) -> jax.Array:
     return jnp.clip(q, -INT4_MAX, INT4_MAX)
 
 
-def _outer_stages(parts: list[jax.Array], levels: int) -> list[jax.Array]:
+def outer_stages(parts: list[jax.Array], levels: int) -> list[jax.Array]:
     """4^levels same-shape tensors, part p = the slice of every group at base-4 digits p (most
     significant first) -> the reference's first `levels` stages, elementwise between tensors."""
     for level in range(levels):
@@ -313,7 +318,7 @@ def _kernel(*refs, m, n, split, swap, tiles, block_rows, prologue, modulated, pa
     if swap:
         vs = [[_swapped_stages(v, levels) * unit for v in t] for t in xs]
     else:
-        vs = [[_inner_stages(v, levels - split) * unit for v in _outer_stages(t, split)] for t in xs]
+        vs = [[_inner_stages(v, levels - split) * unit for v in outer_stages(t, split)] for t in xs]
 
     flat = [v for t in vs for v in t]
     absmax = functools.reduce(jnp.maximum, [jnp.max(jnp.max(jnp.abs(v), axis=2), axis=1) for v in flat])
@@ -371,7 +376,7 @@ def rotate_quantize(
     if modulated:
         block_rows = math.gcd(block_rows, tokens_per_image)
 
-    view = lambda a: a.reshape(a.shape[0], groups, n)  # noqa: E731 - free, contiguous
+    view = lambda a: a.reshape(a.shape[0], groups, n)
     inputs = [view(x)]
     in_specs = [pl.BlockSpec((block_rows, groups, n), lambda i: (i, 0, 0))]
     if modulated:

@@ -9,15 +9,16 @@ digits), lo = n / hi. The reference butterfly (`convrot_jax.hadamard`) runs the 
 digits first, then over lo's. So, per chunk of `chunk_groups` groups of `rows` rows:
 - phase 1: `hi` loads from shared memory, load h = column block h of every group (shape
   (rows, chunk_groups, lo), one element per thread and position); the levels over hi's digits are
-  then elementwise between the `hi` arrays (`_outer_stages`, the reference stage and order);
+  then elementwise between the `hi` arrays (`outer_stages`, the reference stage and order);
 - transpose: the `hi` results go to a padded float32 scratch (rows, chunk_groups, hi, lo + 1) and
   come back as `lo` arrays, array l = column l of every (group, h) row: the padding makes both the
   stores and the transposed loads free of bank conflicts;
 - phase 2: the levels over lo's digits, elementwise between the `lo` arrays; times 1/sqrt(n).
-The per-row absmax needs the whole rotated row before any code is written, so the kernel makes two
-passes over the row held in shared memory: the first keeps a running elementwise max, the second
-recomputes the rotation (cheaper than holding K float32 values per row) and writes codes, four
-consecutive codes packed into one 32-bit shared-memory store, then one TMA store of the rows.
+The per-row absmax needs the whole rotated row before any code is written. Where the rotated rows
+fit in registers (rows * K / 128 <= KEEP_LIMIT values a thread: every FLUX width, K = 15360 after
+padding to one-row blocks) the kernel rotates once and keeps them; otherwise it rotates twice, once
+for a running elementwise max and once for the codes. Codes go to shared memory four (int8) or
+eight (packed) to a 32-bit store, then out in one bulk copy per block.
 
 Bit-identity with `convrot_jax.quant.quantize_activation_reference`: float32 adds in the
 reference's order, one power-of-two multiply, scale = max(absmax * float32(1/7), 1e-10), an IEEE
@@ -63,9 +64,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from convrot_jax.hadamard import _regular_stage, check_group_size
+from convrot_jax.hadamard import check_group_size
 from convrot_jax.quant import INT4_MAX, SCALE_FLOOR
-from pallas_kernels.rotate_quantize import LAYERNORM_EPS, Prologue, check_inputs
+from pallas_kernels.rotate_quantize import (
+    LAYERNORM_EPS,
+    Prologue,
+    check_inputs,
+    outer_stages,
+)
 
 WARPGROUP = 128
 
@@ -90,6 +96,7 @@ class RotateQuantizeSm90Config:
 
 
 def keep_rotated(k: int, rows: int, config: RotateQuantizeSm90Config) -> bool:
+    """Whether the kernel rotates once and keeps the rotated rows (K = k, padded) in registers."""
     return config.keep if config.keep is not None else rows * k // WARPGROUP <= KEEP_LIMIT
 
 
@@ -120,21 +127,6 @@ def plan(k: int, n: int, config: RotateQuantizeSm90Config) -> tuple[int, int, in
     if groups % (chunk * mult):
         raise ValueError(f"chunk_mult={mult} does not divide the {groups // chunk} chunks of a K={k} row")
     return rows, chunk * mult, groups
-
-
-def _outer_stages(parts: list, levels: int) -> list:
-    """Stages over the `levels` base-4 digits of the part index (most significant first),
-    elementwise between the parts: the reference's first `levels` levels."""
-    for level in range(levels):
-        stride = 4 ** (levels - 1 - level)
-        out = list(parts)
-        for base in range(len(parts)):
-            if (base // stride) % 4 == 0:
-                idx = [base + j * stride for j in range(4)]
-                for i, y in zip(idx, _regular_stage(*(parts[i] for i in idx))):
-                    out[i] = y
-        parts = out
-    return parts
 
 
 def _ptx(instr: str, layout, *arrays: jax.Array, interpret: bool, fallback) -> jax.Array:
@@ -279,13 +271,13 @@ def _kernel(*refs, m, n, rows, chunk, bits, keep, prologue, modulated, tokens_pe
     def rotated(c):
         """The rotated chunk c as lo arrays (rows, chunk, hi): array l, element (r, g, h) is
         rotated column h * lo + l of group c * chunk + g."""
-        parts = _outer_stages(prologue_parts(c), levels // 2)
+        parts = outer_stages(prologue_parts(c), levels // 2)
         y = y_smem.at[c % 2]
         for h in range(hi):
             y[:, :, h, pl.ds(0, lo)] = parts[h]
         plgpu.commit_smem()  # the transpose: every thread's stores before anyone's loads
         cols = [plgpu.load(y.at[:, :, :, l], layout=layout2) for l in range(lo)]
-        return [v * unit for v in _outer_stages(cols, levels - levels // 2)]
+        return [v * unit for v in outer_stages(cols, levels - levels // 2)]
 
     zero = plgpu.layout_cast(jnp.zeros(shape2, jnp.float32), layout2)
 
