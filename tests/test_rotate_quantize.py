@@ -319,10 +319,11 @@ def test_gpu_ops_entry_point(implementation):
     np.testing.assert_array_equal(np.asarray(got[1]).reshape(600), want[1])
 
 
-def test_repeated_calls_share_one_traced_kernel():
+@pytest.mark.parametrize("kernel", [rotate_quantize, rotate_quantize_sm90], ids=["triton", "sm90"])
+def test_repeated_calls_share_one_traced_kernel(kernel):
     """A model calls the kernel hundreds of times at a few shapes: each shape must be traced (and
     so lowered and compiled) once, not once per call (FLUX's step took > 200 s to compile)."""
     x = jnp.zeros((8, 256), jnp.bfloat16)
-    jaxpr = jax.make_jaxpr(lambda x: (rotate_quantize(x, interpret=True), rotate_quantize(x + 1, interpret=True)))(x)
+    jaxpr = jax.make_jaxpr(lambda x: (kernel(x, interpret=True), kernel(x + 1, interpret=True)))(x)
     calls = [e for e in jaxpr.eqns if e.primitive.name in ("jit", "pjit")]
     assert len(calls) == 2 and calls[0].params["jaxpr"] is calls[1].params["jaxpr"]
