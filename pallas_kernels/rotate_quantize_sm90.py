@@ -234,8 +234,9 @@ def _kernel(*refs, m, n, rows, chunk, bits, keep, prologue, modulated, tokens_pe
             out = jnp.where(row_of == r, v, out)
         return out
 
-    zero1 = plgpu.layout_cast(jnp.zeros(shape1, jnp.float32), layout1)
     if prologue == "layernorm":  # two passes over the rows in shared memory: mean, then variance
+        zero1 = plgpu.layout_cast(jnp.zeros(shape1, jnp.float32), layout1)
+
         def add_sum(c, acc):
             return functools.reduce(jnp.add, load_parts(c), acc)
 
@@ -289,18 +290,14 @@ def _kernel(*refs, m, n, rows, chunk, bits, keep, prologue, modulated, tokens_pe
         running = functools.reduce(lambda acc, vals: running_max(vals, acc), saved, zero)
     else:  # two passes: rotate for the absmax, rotate again for the codes
         running = jax.lax.fori_loop(0, chunks, lambda c, acc: running_max(rotated(c), acc), zero)
-    row_of = plgpu.layout_cast(jax.lax.broadcasted_iota(jnp.int32, shape2, 0), layout2)
-    scale_of = plgpu.layout_cast(jnp.ones(shape2, jnp.float32), layout2)
-    finite = row_of < 0
-    for r in range(rows):
-        absmax = jnp.max(jnp.where(row_of == r, running, 0.0))
-        ok = absmax < np.float32(np.inf)  # False for NaN too
-        scale = jnp.maximum(absmax * np.float32(1 / INT4_MAX), np.float32(SCALE_FLOOR))
+    row_of, absmaxes = per_row(running, layout2, shape2, jnp.max)
+    oks = [absmax < np.float32(np.inf) for absmax in absmaxes]  # False for NaN too
+    scales = [jnp.maximum(absmax * np.float32(1 / INT4_MAX), np.float32(SCALE_FLOOR)) for absmax in absmaxes]
+    for r, (ok, scale) in enumerate(zip(oks, scales)):
         _store_scale(scales_gmem, block * rows + r, m, jnp.where(ok, scale, np.float32(np.nan)))
-        scale_of = jnp.where(row_of == r, scale, scale_of)
-        finite = finite | ((row_of == r) & ok)
     ones = plgpu.layout_cast(jnp.ones(shape2, jnp.float32), layout2)
-    inv = _ptx("div.rn.f32", layout2, ones, scale_of, interpret=interpret, fallback=jnp.divide)
+    finite = by_row(row_of, oks, row_of < 0)
+    inv = _ptx("div.rn.f32", layout2, ones, by_row(row_of, scales, ones), interpret=interpret, fallback=jnp.divide)
 
     per_word, mask = 32 // bits, (1 << bits) - 1
 

@@ -25,6 +25,7 @@ from pallas_kernels.rotate_quantize_sm90 import (
 )
 
 ON_CPU = jax.devices()[0].platform == "cpu"
+BOTH_KERNELS = pytest.mark.parametrize("kernel", [rotate_quantize, rotate_quantize_sm90], ids=["triton", "sm90"])
 # A prologue changes the float arithmetic (reduction order, rsqrt, tanh): codes may move by one
 # step where a value sits on a rounding boundary. The allowed fraction is far above what such
 # ties produce (~1e-5) and far below what any real bug produces.
@@ -294,7 +295,7 @@ def test_gpu_block_configs(block_rows, split_levels, swap_halves):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("k,b", [(3072, 1), (3072, 2), (15360, 2)])
-@pytest.mark.parametrize("kernel", [rotate_quantize, rotate_quantize_sm90], ids=["triton", "sm90"])
+@BOTH_KERNELS
 def test_gpu_layernorm_modulation(k, b, kernel):
     x = _inputs(4 + 512 * b, k, jnp.bfloat16, seed=k)[4:]
     shift, scale = _modulation(b, k, jnp.bfloat16)
@@ -303,7 +304,7 @@ def test_gpu_layernorm_modulation(k, b, kernel):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", [rotate_quantize, rotate_quantize_sm90], ids=["triton", "sm90"])
+@BOTH_KERNELS
 def test_gpu_gelu(kernel):
     x = _inputs(516, 12288, jnp.bfloat16)[4:]
     _assert_close(kernel(x, prologue="gelu_tanh"), _reference(x, prologue="gelu_tanh"))
@@ -319,7 +320,7 @@ def test_gpu_ops_entry_point(implementation):
     np.testing.assert_array_equal(np.asarray(got[1]).reshape(600), want[1])
 
 
-@pytest.mark.parametrize("kernel", [rotate_quantize, rotate_quantize_sm90], ids=["triton", "sm90"])
+@BOTH_KERNELS
 def test_repeated_calls_share_one_traced_kernel(kernel):
     """A model calls the kernel hundreds of times at a few shapes: each shape must be traced (and
     so lowered and compiled) once, not once per call (FLUX's step took > 200 s to compile)."""
