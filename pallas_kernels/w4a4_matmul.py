@@ -26,6 +26,13 @@ Structure (Pallas Mosaic GPU, warp-specialised, after jax's `hopper_matmul_mgpu.
       step k+1 overlaps the MMA of step k. Per-group scales and few-tile shapes use it.
     The weight is never unpacked through HBM.
   * epilogue: acc (int32) -> f32 * s_x * s_w (+ bias) -> out dtype, through shared memory and TMA.
+  * schedule (`TileSchedule`): a persistent grid of one program per SM walks the output tiles in
+    planar-snake order. In the registers form a program's pipelines chain: the memory warpgroup
+    streams the next tile's first stages while the compute warpgroups run this tile's epilogue.
+    The last, partial wave of tiles is split along K over the SMs it would leave idle; those K
+    pieces write int32 partial sums to a workspace, and two small XLA ops add them (exact) and
+    dequantize them into place. (H100, M = 4608, K = 12288, N = 3072: 1.57x bf16 before, 1.81x
+    with both, 1.91x with the snake's band width 8 as well.)
 Per-group weight scales (`scale_group` g along K): the kernel takes tile_k = g and folds each
 group's int32 partial product into an f32 accumulator with its scale (one wgmma wait per group:
 slower than per-channel, which is the default quantization).
@@ -36,9 +43,10 @@ only when M is not a multiple of tile_m) and slices the output. N must be a mult
 
 Where it runs: NVIDIA Hopper (sm_90) only. `convrot_jax.ops.w4a4_linear(implementation="auto")`
 uses it on sm_90 and the XLA reference elsewhere (Ampere/Ada int4 `mma` paths are not built: we
-cannot test them). `interpret=True` runs the kernel on the CPU through Mosaic GPU interpret mode;
-there the nibble unpack is done with jnp ops instead of the register-level `inline_mgpu` routine
-(which interpret mode cannot run), and the registers form stages its A operand through shared
+cannot test them). `interpret=True` runs the kernel on the CPU through Mosaic GPU interpret mode
+(with XLA's concurrency-optimized CPU scheduler off: see tests/conftest.py); there the nibble
+unpack is done with jnp ops instead of the register-level `inline_mgpu` routine (which interpret
+mode cannot run), and the registers form stages its A operand through shared
 memory and transposes its output tile before a plain store (interpret mode's wgmma takes no
 register operand and cannot store through a transposed view), so the GPU tests are the ones that
 check those routines.
@@ -52,6 +60,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import pathlib
 
 import jax
@@ -84,6 +93,9 @@ class W4A4MatmulConfig:
     # "registers": unpacked weights stay in registers as wgmma's A operand, wgmma(w8, x_smem.T), acc
     # (N, M), stored transposed into the output tile (stmatrix .trans).
     weight_operand: str = "smem"
+    # Split the tiles of the last, partial wave along K over the SMs the wave leaves idle
+    # (`tile_schedule`); their int32 partial sums are added and dequantized after the kernel.
+    split_tail: bool = True
 
     def __post_init__(self):
         if self.tile_m % 64 or self.tile_n % 64 or self.tile_k % 64:
@@ -181,13 +193,50 @@ def _unpack_tile_interpret(packed, *, for_registers: bool = False) -> jax.Array:
     return jnp.stack([low, high], axis=-1).reshape(p.shape[0], 2 * p.shape[1])
 
 
-def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, out_gmem, *, config: W4A4MatmulConfig,
-            scale_group: int | None, raw: bool, interpret: bool):
+@dataclasses.dataclass(frozen=True)
+class TileSchedule:
+    """How the persistent grid covers the (m_tiles x n_tiles) output tiles; all static.
+
+    Program p first runs `full_rounds` whole tiles, p + r * programs in the planar-snake order.
+    Then programs p < `units` run one tail unit each: K piece p // tail_tiles (of `splits`) of
+    tail tile `first_tail + p % tail_tiles`. With splits == 1 a unit is a whole tile; with
+    splits > 1 it writes its int32 partial sum to a workspace that the wrapper adds up and
+    dequantizes, so the last, partial wave of tiles keeps `units` SMs busy for 1 / splits of
+    a tile's time instead of `tail_tiles` SMs for all of it."""
+
+    programs: int
+    full_rounds: int
+    tail_tiles: int
+    splits: int
+
+    @property
+    def units(self) -> int:
+        return self.tail_tiles * self.splits
+
+    @property
+    def first_tail(self) -> int:
+        return self.full_rounds * self.programs
+
+
+def tile_schedule(tiles: int, k_steps: int, sms: int, stages: int, split: bool) -> TileSchedule:
+    """The split of the tail tiles: the most pieces that fit on the SMs with every piece a whole
+    number of pipeline rings (`stages` steps), which chained pipelines need."""
+    full_rounds, tail = divmod(tiles, sms)
+    splits = 1
+    if split and tail:
+        splits = next((s for s in range(sms // tail, 1, -1) if k_steps % s == 0 and (k_steps // s) % stages == 0), 1)
+    programs = sms if full_rounds else tail * splits
+    return TileSchedule(programs, full_rounds, tail, splits)
+
+
+def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, out_gmem, ws_gmem, *, config: W4A4MatmulConfig,
+            schedule: TileSchedule, scale_group: int | None, raw: bool, interpret: bool):
     m, k = x_gmem.shape
     n = w_gmem.shape[0]
     tm, tn, tk = config.tile_m, config.tile_n, config.tile_k
     cta_n = 2 * tn
     m_iters, n_iters, k_iters = m // tm, n // cta_n, k // tk
+    piece_steps = k_iters // schedule.splits
     out_dtype = out_gmem.dtype
     epi_m, epi_n = config.epi_tile_m, config.epi_tile_n
     num_out_slots = min(2, (tm * tn) // (epi_m * epi_n))
@@ -200,25 +249,33 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, out_gmem, *, config: W4
     m_dim, n_dim = (1, 0) if in_regs else (0, 1)  # acc axes of the M (tokens) and N (features)
     out_nm = _raw_output_transposed(config, raw)
     out_tile = (epi_n, epi_m) if out_nm else (epi_m, epi_n)
+    # The registers form waits for every step's wgmma, so its pipeline can release a stage as
+    # soon as the step is done, and then consecutive tiles' pipelines chain (`pipeline_state`):
+    # the memory warpgroup loads the next tile's first stages while this tile's epilogue runs.
+    # The smem form reads a stage one step later (delay_release=1), which chaining does not allow.
+    # Chaining needs every pipeline to be whole rings of stages (`tile_schedule` makes K pieces so).
+    chained = in_regs and not grouped and k_iters % config.max_concurrent_steps == 0
+    delay_release = 0 if in_regs or grouped else 1
 
-    def get_pipeline(body, compute_context):
+    def get_pipeline(body, compute_context, steps=k_iters, state=None):
         return plgpu.emit_pipeline_warp_specialized(
             body,
-            grid=(k_iters,),
+            grid=(steps,),
             memory_registers=40,
             in_specs=[
                 plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=_swizzle_transforms(tk),
-                                delay_release=0 if grouped else 1),
+                                delay_release=delay_release),
                 plgpu.BlockSpec((cta_n, tk // 2), lambda kk: (0, kk), transforms=_swizzle_transforms(tk // 2),
-                                delay_release=0 if grouped else 1),
+                                delay_release=delay_release),
             ],
             wg_axis="wg",
             num_compute_wgs=2,
             max_concurrent_steps=config.max_concurrent_steps,
             compute_context=compute_context,
+            pipeline_state=state if chained else None,
         )
 
-    ignore = lambda *_, **__: None  # noqa: E731  (allocations do not depend on the bodies)
+    ignore = lambda *_, **__: None  # allocations do not depend on the bodies
 
     @functools.partial(
         pl.run_scoped,
@@ -233,10 +290,11 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, out_gmem, *, config: W4
     )
     def _scope(pipeline_allocs, w8_smem, out_smem):
         wg = lax.axis_index("wg")
+        program = lax.axis_index("sm")
 
-        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
-        def _tile_loop(info: plgpu.NDLoopInfo):
-            (lin,) = info.index
+        def run_tile(lin, state, piece=None):
+            """Computes output tile `lin` (planar-snake order), or K piece `piece` of it into the
+            workspace, as one pipeline over its K steps."""
             minor = 1 if config.grid_minor_dim == "n" else 0
             mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), minor, config.grid_tile_width)
             m_slice = pl.ds(mi * tm, tm)
@@ -294,14 +352,18 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, out_gmem, *, config: W4
                     def _acc_scope(acc_ref):
                         eval_pipeline(acc_ref)
                         acc = acc_ref[...]
-                        epilogue(acc if raw else acc.astype(jnp.float32))
+                        if piece is not None:  # a K piece of a split tile: its int32 partial sum
+                            ws_gmem.at[piece, lin - schedule.first_tail, wg][...] = acc
+                        else:
+                            epilogue(acc if raw else acc.astype(jnp.float32))
 
                 def body(idxs, x_smem, w_smem, acc_ref):
                     (kk,) = idxs
                     mma(acc_ref, kk, x_smem, w_smem)
                     # The registers form's A operand lives in registers that the next unpack may
-                    # reuse: wait for this step's wgmma. The smem form keeps one in flight.
-                    plgpu.wgmma_wait(0 if in_regs and not interpret else 1)
+                    # reuse: wait for this step's wgmma (its stage is released right after). The
+                    # smem form keeps one in flight.
+                    plgpu.wgmma_wait(0 if in_regs else 1)
                     return acc_ref
 
             else:
@@ -320,18 +382,41 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, out_gmem, *, config: W4
                     sw = plgpu.load(sw_gmem.at[kk, wg_n_slice], optimized=False)
                     return facc + part.astype(jnp.float32) * lax.broadcast_in_dim(sw, acc_shape, (n_dim,))
 
-            get_pipeline(body, compute_context)(
-                x_gmem.at[m_slice, :], w_gmem.at[cta_n_slice, :], allocations=pipeline_allocs,
+            steps = k_iters if piece is None else piece_steps
+            piece_codes = pl.ds(0 if piece is None else pl.multiple_of(piece * steps * tk, steps * tk), steps * tk)
+            piece_bytes = pl.ds(0 if piece is None else pl.multiple_of(piece * steps * tk // 2, steps * tk // 2),
+                                steps * tk // 2)
+            get_pipeline(body, compute_context, steps, state)(
+                x_gmem.at[m_slice, piece_codes], w_gmem.at[cta_n_slice, piece_bytes],
+                allocations=pipeline_allocs,
             )
 
+        # A program's first pipeline fills the stage ring, the next ones continue it, and the
+        # memory warpgroup ends by waiting for the last ring's release, as a STOP pipeline would
+        # (whether a program runs one pipeline or more is only known at run time).
+        start, steady = plgpu.PipelinePipeline.START, plgpu.PipelinePipeline.STEADY
+        if schedule.full_rounds:
+            run_tile(program, start)
+
+            @pl.loop(1, schedule.full_rounds)
+            def _round(r):
+                run_tile(program + r * schedule.programs, steady)
+
+        if schedule.units:
+            @pl.when(program < schedule.units)
+            def _tail():
+                tile = schedule.first_tail + program % schedule.tail_tiles
+                piece = program // schedule.tail_tiles if schedule.splits > 1 else None
+                run_tile(tile, steady if schedule.full_rounds else start, piece)
+
+        if chained:
+            @pl.when(wg == 2)  # the memory warpgroup (the pipeline's last thread)
+            def _quiesce():
+                [consumed] = pipeline_allocs["flat_consumed_barrier_refs"]
+                for slot in range(config.max_concurrent_steps):
+                    plgpu.barrier_wait(consumed.at[slot])
+
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-
-def _num_programs(tiles: int, interpret: bool) -> int:
-    """Persistent grid: one program per SM (at most one per output tile). Interpret mode runs 4,
-    so that the CPU tests also exercise several tiles per program."""
-    sms = 4 if interpret else jax.devices()[0].core_count
-    return max(1, min(sms, tiles))
 
 
 # Jitted with the settings static: every call at the same shapes in a model shares one traced and
@@ -398,25 +483,70 @@ def w4a4_matmul(
         operands.append(bias.astype(jnp.float32))
 
     out_nm = _raw_output_transposed(cfg, return_int32)
+    tiles = (m_pad // cfg.tile_m, n // (2 * cfg.tile_n))
+    schedule = tile_schedule(math.prod(tiles), k // cfg.tile_k, _sm_count(interpret), cfg.max_concurrent_steps,
+                             cfg.split_tail and scale_group is None)
+    out_types = [jax.ShapeDtypeStruct((n, m_pad) if out_nm else (m_pad, n), out_t)]
+    if schedule.splits > 1:
+        acc_shape = (cfg.tile_n, cfg.tile_m) if cfg.weight_operand == "registers" else (cfg.tile_m, cfg.tile_n)
+        out_types.append(jax.ShapeDtypeStruct((schedule.splits, schedule.tail_tiles, 2, *acc_shape), jnp.int32))
 
     def kernel(x, w, sx, sw, *rest):
-        *b, out = rest
-        _kernel(x, w, sx, sw, b[0] if b else None, out, config=cfg, scale_group=scale_group,
-                raw=return_int32, interpret=interpret)
+        b, (out, *ws) = rest[:len(operands) - 4], rest[len(operands) - 4:]
+        _kernel(x, w, sx, sw, b[0] if b else None, out, ws[0] if ws else None, config=cfg, schedule=schedule,
+                scale_group=scale_group, raw=return_int32, interpret=interpret)
 
     f = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((n, m_pad) if out_nm else (m_pad, n), out_t),
-        grid=(_num_programs((m_pad // cfg.tile_m) * (n // (2 * cfg.tile_n)), interpret),),
+        out_type=tuple(out_types),
+        grid=(schedule.programs,),
         grid_names=("sm",),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
-    y = f(*operands)
+    y, *ws = f(*operands)
+    if ws:
+        y = _add_split_tiles(y, ws[0], operands[2], sw, operands[4] if len(operands) > 4 else None,
+                             config=cfg, schedule=schedule, tiles=tiles, out_nm=out_nm, raw=return_int32)
     y = y.T if out_nm else y
     return y[:m] if m_pad != m else y
+
+
+def _sm_count(interpret: bool) -> int:
+    """Persistent grid: at most one program per SM. Interpret mode takes 4, so that the CPU tests
+    also exercise several tiles per program and the split tail."""
+    return 4 if interpret else jax.devices()[0].core_count
+
+
+def _add_split_tiles(y, ws, x_scales, w_scales, bias, *, config: W4A4MatmulConfig, schedule: TileSchedule,
+                     tiles: tuple[int, int], out_nm: bool, raw: bool) -> jax.Array:
+    """Finishes the tail tiles that the kernel computed as K pieces (`TileSchedule`): adds the
+    pieces' int32 partial sums (exact), dequantizes them as the kernel's epilogue does (acc * s_x,
+    * s_w, + bias, cast) and writes them into y with one scatter."""
+    tm, cta_n = config.tile_m, 2 * config.tile_n
+    acc = ws.sum(0, dtype=jnp.int32)  # (tail, warpgroup, *acc_shape)
+    order = (0, 3, 1, 2) if config.weight_operand == "registers" else (0, 2, 1, 3)
+    acc = acc.transpose(order).reshape(schedule.tail_tiles, tm, cta_n)
+    lin = schedule.first_tail + jnp.arange(schedule.tail_tiles, dtype=jnp.int32)
+    minor = 1 if config.grid_minor_dim == "n" else 0
+    mi, ni = jax.vmap(lambda i: plgpu.planar_snake(i, tiles, minor, config.grid_tile_width))(lin)
+    if raw:
+        vals = acc
+    else:
+        vals = acc.astype(jnp.float32) * x_scales.reshape(-1, tm)[mi][:, :, None]
+        vals = vals * w_scales.reshape(-1, cta_n)[ni][:, None, :]
+        if bias is not None:
+            vals = vals + bias.reshape(-1, cta_n)[ni][:, None, :]
+        vals = vals.astype(y.dtype)
+    starts = jnp.stack([mi * tm, ni * cta_n], axis=1)
+    if out_nm:
+        vals, starts = vals.transpose(0, 2, 1), starts[:, ::-1]
+    dnums = lax.ScatterDimensionNumbers(update_window_dims=(1, 2), inserted_window_dims=(),
+                                        scatter_dims_to_operand_dims=(0, 1))
+    return lax.scatter(y, starts, vals, dnums, indices_are_sorted=False, unique_indices=True,
+                       mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
 def w4a4_matmul_reference(

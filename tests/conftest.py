@@ -1,6 +1,14 @@
 """Shared pytest setup: float32 matmuls at full precision on the CPU, and the `gpu` marker."""
 
 import functools
+import os
+
+# Mosaic GPU interpret mode runs each warpgroup as XLA CPU code that waits on barriers in host
+# callbacks. With XLA's concurrency-optimized CPU scheduler, the W4A4 kernel's chained pipelines
+# (three pipeline call sites or more) hung on the 2-core CI machine with two warpgroups waiting on
+# barriers; without it they run. Set before jax starts its CPU backend.
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_cpu_enable_concurrency_optimized_scheduler=false"]).strip()
 
 import jax
 import pytest

@@ -9,6 +9,7 @@ kernel's register-level nibble unpack (`inline_mgpu`), so there it unpacks with 
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +18,14 @@ import pytest
 from benchmarks.arg_specs import FLUX_LINEAR_SHAPES
 from convrot_jax.linear import int_matmul_reference
 from convrot_jax.quant import pack_int4
-from pallas_kernels.w4a4_matmul import W4A4MatmulConfig, config_for, w4a4_matmul, w4a4_matmul_reference
+from pallas_kernels.w4a4_matmul import (
+    TileSchedule,
+    W4A4MatmulConfig,
+    config_for,
+    tile_schedule,
+    w4a4_matmul,
+    w4a4_matmul_reference,
+)
 
 SMALL = W4A4MatmulConfig(tile_m=64, tile_n=64, tile_k=128, max_concurrent_steps=2)
 FLUX_KN = list(FLUX_LINEAR_SHAPES.values())
@@ -83,6 +91,32 @@ def _term_magnitudes(x_codes, x_scales, w_codes, w_scales, scale_group):
 def test_interpret_per_channel(m, weight_operand):
     cfg = dataclasses.replace(SMALL, weight_operand=weight_operand)
     _check(m, 256, 384, bias=m != 37, config=cfg, interpret=True, seed=m)
+
+
+@pytest.mark.parametrize("weight_operand", ["smem", "registers"])
+@pytest.mark.parametrize("m,n,split_tail", [(37, 256, True), (320, 256, True), (320, 256, False)])
+def test_interpret_tile_schedule(m, n, split_tail, weight_operand):
+    """K = 4 steps of a 2-stage ring on 4 programs: (37, 256) is 2 tiles, each split into 2 K
+    pieces on 4 programs; (320, 256) is 10 tiles, 2 rounds of chained pipelines, then 2 tail tiles
+    split into K pieces (or run whole); int32 sums exact, outputs equal to bf16 rounding."""
+    cfg = dataclasses.replace(SMALL, weight_operand=weight_operand, split_tail=split_tail)
+    _check(m, n, 512, bias=True, config=cfg, interpret=True, seed=m + n)
+
+
+def test_tile_schedule_splits_the_last_wave():
+    # FLUX M = 4608, 256 x 128 CTA tiles, 4 stages, 132 SMs.
+    assert tile_schedule(18 * 24, 96, 132, 4, True) == TileSchedule(132, 3, 36, 3)  # N = 3072, K = 12288
+    assert tile_schedule(18 * 24, 120, 132, 4, True) == TileSchedule(132, 3, 36, 3)  # K = 15360
+    assert tile_schedule(18 * 96, 24, 132, 4, True) == TileSchedule(132, 13, 12, 6)  # N = 12288, K = 3072
+    assert tile_schedule(18 * 72, 24, 132, 4, True) == TileSchedule(132, 9, 108, 1)  # no room to split
+    assert tile_schedule(24, 24, 132, 4, True) == TileSchedule(72, 0, 24, 3)  # fewer tiles than SMs
+    assert tile_schedule(18 * 24, 96, 132, 4, False) == TileSchedule(132, 3, 36, 1)
+    for tiles in range(1, 600, 7):
+        for k_steps in (3, 4, 24, 96, 120):
+            sched = tile_schedule(tiles, k_steps, 132, 4, True)
+            assert sched.units <= sched.programs <= 132
+            assert sched.first_tail + sched.tail_tiles == tiles
+            assert sched.splits == 1 or (k_steps % sched.splits == 0 and (k_steps // sched.splits) % 4 == 0)
 
 
 @pytest.mark.parametrize("scale_group", [64, 128])
