@@ -179,6 +179,19 @@ def _unpack_tile_gpu(packed: jax.Array, *, for_registers: bool = False) -> jax.A
     return unpack(plgpu.load(packed, layout=src_layout))
 
 
+def _acc_shape(config: W4A4MatmulConfig) -> tuple[int, int]:
+    """A compute warpgroup's accumulator: (N, M) in the registers form (the weights are wgmma's
+    A operand), (M, N) in the smem form."""
+    tm, tn = config.tile_m, config.tile_n
+    return (tn, tm) if config.weight_operand == "registers" else (tm, tn)
+
+
+def _tile_coords(lin: jax.Array, tiles: tuple[int, int], config: W4A4MatmulConfig) -> tuple[jax.Array, jax.Array]:
+    """(m tile, n tile) of the `lin`-th output tile in the kernel's planar-snake order."""
+    minor = 1 if config.grid_minor_dim == "n" else 0
+    return plgpu.planar_snake(lin, tiles, minor, config.grid_tile_width)
+
+
 def _raw_output_transposed(config: W4A4MatmulConfig, raw: bool) -> bool:
     """The registers form writes its raw int32 accumulator as an (N, M) array (Mosaic has no
     transposed 32-bit shared-memory store); the wrapper transposes it (a test-only path)."""
@@ -245,7 +258,7 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, out_gmem, ws_gmem, *, c
     # Per-group scales: every step is one scale group (tile_k == scale_group).
     grouped = scale_group is not None
     in_regs = config.weight_operand == "registers"
-    acc_shape = (tn, tm) if in_regs else (tm, tn)
+    acc_shape = _acc_shape(config)
     m_dim, n_dim = (1, 0) if in_regs else (0, 1)  # acc axes of the M (tokens) and N (features)
     out_nm = _raw_output_transposed(config, raw)
     out_tile = (epi_n, epi_m) if out_nm else (epi_m, epi_n)
@@ -295,8 +308,7 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, out_gmem, ws_gmem, *, c
         def run_tile(lin, state, piece=None):
             """Computes output tile `lin` (planar-snake order), or K piece `piece` of it into the
             workspace, as one pipeline over its K steps."""
-            minor = 1 if config.grid_minor_dim == "n" else 0
-            mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), minor, config.grid_tile_width)
+            mi, ni = _tile_coords(lin, (m_iters, n_iters), config)
             m_slice = pl.ds(mi * tm, tm)
             cta_n_slice = pl.ds(ni * cta_n, cta_n)
             wg_n0 = ni * cta_n + wg * tn
@@ -488,8 +500,7 @@ def w4a4_matmul(
                              cfg.split_tail and scale_group is None)
     out_types = [jax.ShapeDtypeStruct((n, m_pad) if out_nm else (m_pad, n), out_t)]
     if schedule.splits > 1:
-        acc_shape = (cfg.tile_n, cfg.tile_m) if cfg.weight_operand == "registers" else (cfg.tile_m, cfg.tile_n)
-        out_types.append(jax.ShapeDtypeStruct((schedule.splits, schedule.tail_tiles, 2, *acc_shape), jnp.int32))
+        out_types.append(jax.ShapeDtypeStruct((schedule.splits, schedule.tail_tiles, 2, *_acc_shape(cfg)), jnp.int32))
 
     def kernel(x, w, sx, sw, *rest):
         b, (out, *ws) = rest[:len(operands) - 4], rest[len(operands) - 4:]
@@ -530,8 +541,7 @@ def _add_split_tiles(y, ws, x_scales, w_scales, bias, *, config: W4A4MatmulConfi
     order = (0, 3, 1, 2) if config.weight_operand == "registers" else (0, 2, 1, 3)
     acc = acc.transpose(order).reshape(schedule.tail_tiles, tm, cta_n)
     lin = schedule.first_tail + jnp.arange(schedule.tail_tiles, dtype=jnp.int32)
-    minor = 1 if config.grid_minor_dim == "n" else 0
-    mi, ni = jax.vmap(lambda i: plgpu.planar_snake(i, tiles, minor, config.grid_tile_width))(lin)
+    mi, ni = jax.vmap(lambda i: _tile_coords(i, tiles, config))(lin)
     if raw:
         vals = acc
     else:
