@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes ./.venv with Python >= 3.12 (jax 0.11 needs it) and installs convrot-jax into it.
-# Usage: scripts/setup.sh [EXTRAS]   e.g. scripts/setup.sh test   (EXTRAS: test, cuda12, "test,cuda12")
+# Usage: scripts/setup.sh [EXTRAS]   e.g. scripts/setup.sh test   (EXTRAS: test, cuda12, cuda13, "test,cuda12")
 # Python 3.12 preferred (the GPU machine's): python3.12, else python3 if >= 3.12, else pyenv's newest
 # 3.12.x (PYENV_VERSION=3.12.x python3), else python3.13 / pyenv's 3.13+; else it says what to install.
 set -euo pipefail
@@ -41,5 +41,6 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
-echo "setup: pip install -e '$spec' (the first time, the test extras download torch: ~3 GB)"
-.venv/bin/python -m pip install --quiet --editable "$spec"
+echo "setup: pip install -e '$spec' -c constraints.txt (the first time, torch is a ~3 GB download)"
+# constraints.txt pins every package to the version the test suite passed with.
+.venv/bin/python -m pip install --quiet --constraint constraints.txt --editable "$spec"
