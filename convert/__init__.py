@@ -1,24 +1,25 @@
-"""FLUX.1 safetensors -> ConvRot Orbax checkpoints, and back into a model.
+"""FLUX.1 safetensors -> ConvRot Orbax checkpoints (`convrot-convert`).
 
-    summary = convert.convert_checkpoint("FLUX.1-dev/transformer", "flux-dev-w4a4")   # or `convrot-convert`
-    model, metadata = convert.load_checkpoint("flux-dev-w4a4")
+    summary = convert.convert_checkpoint("FLUX.1-dev/transformer", "flux-dev-w4a4")
+    model, metadata = convert.load_checkpoint("flux-dev-w4a4")      # = flux_flax.load_checkpoint
 
-The exports are resolved on first use: `flux_flax` imports `convert.errors`, and the converter
-imports `flux_flax`, so importing them eagerly here would be circular.
+Exports resolve on first use so that `convrot-convert` checks its arguments before jax loads.
 """
 
 import importlib
 
 _EXPORTS = {
-    "FORMAT_VERSION": "convert.checkpoint",
-    "CheckpointExistsError": "convert.checkpoint",
-    "CheckpointMismatchError": "convert.checkpoint",
-    "CheckpointWriter": "convert.checkpoint",
-    "load_checkpoint": "convert.checkpoint",
-    "read_metadata": "convert.checkpoint",
     "ConversionSummary": "convert.convert",
     "DtypeMismatchError": "convert.convert",
+    "NonFiniteWeightError": "convert.convert",
     "convert_checkpoint": "convert.convert",
+    "FORMAT_VERSION": "flux_flax.checkpoint",
+    "load_checkpoint": "flux_flax.checkpoint",
+    "read_metadata": "flux_flax.checkpoint",
+    "CheckpointDamagedError": "flux_flax.errors",
+    "CheckpointError": "flux_flax.errors",
+    "CheckpointExistsError": "flux_flax.errors",
+    "CheckpointMismatchError": "flux_flax.errors",
 }
 
 __all__ = sorted(_EXPORTS)

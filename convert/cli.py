@@ -1,64 +1,105 @@
-"""`convrot-convert SRC OUT`: FLUX.1 safetensors -> a ConvRot W4A4 (or bf16) Orbax checkpoint."""
+"""`convrot-convert SRC OUT`: FLUX.1 safetensors -> a ConvRot W4A4 (or bf16) Orbax checkpoint.
+
+Arguments are checked before jax loads (usage errors: exit 2); a refused or failed conversion
+exits 1 with one line; Ctrl-C or SIGTERM removes the partial output and exits 130 or 143.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from types import SimpleNamespace
 
-from convert.convert import FORMATS, convert_checkpoint
-from convert.errors import CheckpointError
-from convrot_jax import QuantPolicy
-from convrot_jax.hadamard import HADAMARD_KINDS
+from flux_flax.command_line import (
+    UsageError,
+    add_compilation_cache_options,
+    enable_compilation_cache,
+    package_version,
+    read_text_file,
+    report_to_stderr,
+    run,
+)
+from flux_flax.paths import user_path
+
+FORMATS: tuple[str, ...] = ("auto", "diffusers", "bfl")
+HADAMARDS: tuple[str, ...] = ("regular", "sylvester")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="convrot-convert",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description=(
             "Convert a FLUX.1 transformer (a diffusers transformer folder, a diffusers pipeline root, or a "
             "black-forest-labs single .safetensors file) into a ConvRot int4 Orbax checkpoint, one tensor at "
             "a time."
         ),
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     p.add_argument("src", help="diffusers transformer folder, pipeline root, or black-forest-labs .safetensors file")
-    p.add_argument("out", help="output checkpoint directory (written atomically)")
-    p.add_argument("--format", choices=FORMATS, default="auto", help="source layout (default: detect)")
-    p.add_argument("--group-size", type=int, default=256, help="Hadamard rotation group size (default 256)")
-    p.add_argument("--hadamard", choices=[k for k in HADAMARD_KINDS if k != "none"], default="regular")
+    p.add_argument("out", help="output checkpoint folder (written atomically; never the source or a folder holding it)")
+    p.add_argument("--format", choices=FORMATS, default="auto", help="source layout")
+    p.add_argument("--group-size", type=int, default=256, help="Hadamard rotation group size (a power of 4 for regular)")
+    p.add_argument("--hadamard", choices=HADAMARDS, default="regular", help="rotation kind")
     p.add_argument("--scale-group", type=int, default=None, metavar="N",
-                   help="weight scales per N input features instead of per output channel")
+                   help="weight scales per N input features (default: one per output channel)")
     p.add_argument("--policy", default="default", metavar="default|FILE",
-                   help="layer policy: 'default' (DESIGN.md §3) or a JSON file of [regex, treatment] rules")
+                   help="layer policy: 'default' (docs/design.md) or a UTF-8 JSON file of [regex, treatment] rules")
     p.add_argument("--no-quantize", action="store_true", help="write a bf16 checkpoint (no quantization)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a convrot-jax checkpoint")
+    p.add_argument("--allow-nonfinite", action="store_true", help="convert tensors holding NaN or Inf anyway")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_compilation_cache_options(p)
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the converter; returns the exit status (0 ok, 1 bad input or failure)."""
-    args = _parser().parse_args(argv)
-    try:
-        policy = QuantPolicy.flux_default() if args.policy == "default" else QuantPolicy.from_file(args.policy)
-        summary = convert_checkpoint(
-            args.src,
-            args.out,
-            format=args.format,
-            group_size=args.group_size,
-            hadamard=args.hadamard,
-            scale_group=args.scale_group,
-            policy=policy,
-            quantize=not args.no_quantize,
-            overwrite=args.overwrite,
-            progress=not args.quiet,
-        )
-    except (CheckpointError, ValueError, OSError) as e:
-        message = " ".join(str(e).split())  # one line, whatever the exception's layout
-        print(f"convrot-convert: error: {message}", file=sys.stderr)
-        return 1
+def _validate(args: argparse.Namespace) -> SimpleNamespace:
+    src = user_path(args.src)
+    if not src.exists():
+        raise UsageError(f"source {src} does not exist")
+    if args.group_size < 1:
+        raise UsageError(f"--group-size must be positive, got {args.group_size}")
+    if args.scale_group is not None and args.scale_group < 1:
+        raise UsageError(f"--scale-group must be positive, got {args.scale_group}")
+    policy_text = None if args.policy == "default" else read_text_file(args.policy, "policy file")
+    return SimpleNamespace(**{**vars(args), "src": src, "out": user_path(args.out), "policy_text": policy_text})
+
+
+def _convert(request: SimpleNamespace) -> None:
+    enable_compilation_cache(request.compile_cache)
+    from convrot_jax import QuantPolicy
+    from convert.convert import convert_checkpoint
+    from flux_flax.policy import flux_default_policy
+
+    if request.policy_text is None:
+        policy = flux_default_policy()
+    else:
+        policy = QuantPolicy.from_json(request.policy_text, source=request.policy)
+    summary = convert_checkpoint(
+        request.src,
+        request.out,
+        format=request.format,
+        group_size=request.group_size,
+        hadamard=request.hadamard,
+        scale_group=request.scale_group,
+        policy=policy,
+        quantize=not request.no_quantize,
+        overwrite=request.overwrite,
+        progress=not request.quiet,
+        allow_nonfinite=request.allow_nonfinite,
+    )
     print(summary)
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the converter; returns the exit status (0 ok, 1 refused or failed, 2 usage error,
+    130/143 interrupted: nothing is left at OUT then)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    report_to_stderr("convrot-convert")
+    return run("convrot-convert", parser, args, _validate, _convert,
+               interrupted=f"interrupted; nothing was written to {user_path(args.out)}")
 
 
 if __name__ == "__main__":

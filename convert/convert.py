@@ -1,6 +1,6 @@
 """Streaming conversion of a FLUX.1 transformer from PyTorch safetensors to a ConvRot Orbax checkpoint.
 
-One tensor at a time: read it (`convert.safetensors_io`), cast it to the model dtype (bf16), and
+One tensor at a time: read it (`flux_flax.safetensors_io`), cast it to the model dtype (bf16), and
 for a Linear weight that the policy quantizes, rotate, quantize and pack it exactly as
 `flux_flax.quantize_model` would in memory (`convrot_jax.quantize_weight`, on the default jax
 device: the GPU when there is one); then hand it to the checkpoint writer and let it go. The
@@ -26,25 +26,25 @@ import jax.numpy as jnp
 from flax import nnx
 from tqdm import tqdm
 
-import convrot_jax
-from convert.checkpoint import (
+from convrot_jax import QuantPolicy, quantize_weight
+from convrot_jax.hadamard import check_group_size
+from flux_flax.checkpoint import (
     DEFAULT_FLUSH_BYTES,
-    FORMAT,
-    FORMAT_VERSION,
     MODEL_DTYPE,
     CheckpointWriter,
     StatePath,
     abstract_model,
     check_destination,
+    checkpoint_metadata,
     quantize_settings,
     state_key,
 )
-from convert.errors import CheckpointError
-from convert.safetensors_io import FluxCheckpoint, open_checkpoint
-from convrot_jax import QuantPolicy, quantize_weight
-from convrot_jax.hadamard import check_group_size
 from flux_flax.config import FluxConfig
+from flux_flax.errors import CheckpointError
 from flux_flax.loading import abstract_transformer, expected_shapes
+from flux_flax.paths import user_path
+from flux_flax.policy import flux_default_policy
+from flux_flax.safetensors_io import FluxCheckpoint, open_checkpoint
 from flux_flax.transformer import linear_paths
 
 FORMATS: tuple[str, ...] = ("auto", "diffusers", "bfl")
@@ -57,6 +57,10 @@ _quantize_weight = jax.jit(quantize_weight, static_argnames=("group_size", "hada
 
 class DtypeMismatchError(CheckpointError):
     """A tensor is stored in a dtype the model cannot take (not a float)."""
+
+
+class NonFiniteWeightError(CheckpointError):
+    """A source tensor holds NaN or Inf values: every image made with it would be black."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +118,20 @@ def _plan(
         leaves[state_key(path)] = variable.get_value()
         paths[state_key(path)] = path
     return treatments, leaves, paths
+
+
+@jax.jit
+def _count_nonfinite(tensor: jax.Array) -> jax.Array:
+    return jnp.size(tensor) - jnp.count_nonzero(jnp.isfinite(tensor))
+
+
+def _check_finite(source: Path, key: str, tensor: jax.Array) -> None:
+    bad = int(_count_nonfinite(tensor))
+    if bad:
+        raise NonFiniteWeightError(
+            f"{source}: tensor {key} holds {bad} NaN/Inf value(s) of {tensor.size}; every image made with it "
+            "would be black (allow_nonfinite=True / --allow-nonfinite converts it anyway)"
+        )
 
 
 def _convert_tensor(
@@ -179,20 +197,22 @@ def convert_checkpoint(
     progress: bool = True,
     config: FluxConfig | None = None,
     chunk_bytes: int = DEFAULT_FLUSH_BYTES,
+    allow_nonfinite: bool = False,
 ) -> ConversionSummary:
     """Converts a FLUX.1 transformer checkpoint (diffusers folder, pipeline root, or black-forest-labs
     file; `format` "auto" detects) into a ConvRot checkpoint directory at `out`.
 
-    Layers are treated per `policy` (default `QuantPolicy.flux_default()`) with the given rotation
-    and scale settings; `quantize=False` writes every tensor in bf16. The input is checked in full
-    (keys, shapes, dtypes) before anything is written, and `out` only appears once complete.
-    Raises `convert.errors.CheckpointError` subclasses for bad input and
-    `convert.checkpoint.CheckpointExistsError` if `out` exists and not `overwrite`.
+    Layers are treated per `policy` (default `flux_flax.flux_default_policy()`) with the given
+    rotation and scale settings; `quantize=False` writes every tensor in bf16. The input is checked
+    in full (keys, shapes, dtypes) before anything is written, a tensor holding NaN or Inf is
+    refused unless `allow_nonfinite`, and `out` only appears once complete. Raises
+    `flux_flax.errors.CheckpointError` subclasses for bad input, and `CheckpointExistsError` if
+    `out` exists and not `overwrite`, or is not a convrot-jax checkpoint, or is or holds the source.
     """
     start = time.perf_counter()
-    out = Path(out)
-    check_destination(out, overwrite=overwrite)
-    policy = policy or QuantPolicy.flux_default()
+    src, out = user_path(src), user_path(out)
+    check_destination(out, overwrite=overwrite, sources=[src])
+    policy = policy or flux_default_policy()
     quantization = _quantization(policy, group_size, hadamard, scale_group) if quantize else None
 
     with open_checkpoint(src) as checkpoint:
@@ -216,10 +236,12 @@ def convert_checkpoint(
     hashes: dict[Path, str] = {}
     hasher = threading.Thread(target=lambda: hashes.update((f, sha256_file(f)) for f in files), daemon=True)
     hasher.start()
-    with CheckpointWriter(out, overwrite=overwrite, flush_bytes=chunk_bytes) as writer:
+    with CheckpointWriter(out, overwrite=overwrite, flush_bytes=chunk_bytes, sources=[src, *files]) as writer:
         with tqdm(total=total_in, unit="B", unit_scale=True, unit_divisor=1024, desc="convrot-convert",
                   disable=not progress, dynamic_ncols=True) as bar:
             for n, (key, tensor, nbytes) in enumerate(_stream(src, keys, chunk_bytes), 1):
+                if not allow_nonfinite:
+                    _check_finite(src, key, tensor)
                 was_quantized, produced = _convert_tensor(key, tensor, treatments, settings)
                 del tensor
                 for skey, value in produced.items():
@@ -240,22 +262,15 @@ def convert_checkpoint(
         hasher.join()
         if len(hashes) != len(files):
             raise CheckpointError(f"could not hash every source file: {[str(f) for f in files if f not in hashes]}")
-        root = Path(src) if Path(src).is_dir() else Path(src).parent
-        metadata = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "package_version": convrot_jax.__version__,
-            "model_config": config.to_dict(),
-            "dtype": jnp.dtype(MODEL_DTYPE).name,
-            "quantization": quantization,
-            "source": {
-                "layout": layout,
-                "files": [
-                    {"name": str(f.relative_to(root)), "bytes": f.stat().st_size, "sha256": digest}
-                    for f, digest in hashes.items()
-                ],
-            },
+        root = src if src.is_dir() else src.parent
+        source = {
+            "layout": layout,
+            "files": [
+                {"name": str(f.relative_to(root)), "bytes": f.stat().st_size, "sha256": digest}
+                for f, digest in hashes.items()
+            ],
         }
+        metadata = checkpoint_metadata(config, quantization, source)
         writer.commit(metadata)
     bytes_in = sum(f.stat().st_size for f in files)
     bytes_out = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())

@@ -1,7 +1,8 @@
 """Which layers get which treatment: an ordered list of (path regex -> treatment), as data.
 
-Paths are dotted module paths in diffusers' names (e.g. "transformer_blocks.3.attn.to_q"); the
-first rule whose regex matches the whole path wins; unmatched layers keep their float weights.
+Paths are a model's dotted module paths (e.g. "blocks.3.attn.to_q"); the first rule whose regex
+matches the whole path wins; unmatched layers get the default. Model presets live with their
+models (FLUX's: `flux_flax.flux_default_policy`).
 """
 
 from __future__ import annotations
@@ -36,23 +37,6 @@ class QuantPolicy:
                 return treatment
         return self.default
 
-    @classmethod
-    def flux_default(cls) -> "QuantPolicy":
-        """DESIGN.md §3: token linears W4A4, AdaLN modulation W4A16, embedders and the final
-        projection bf16. The fused projections (flux_flax.fusion: to_qkv, to_added_qkv,
-        to_qkv_mlp) are W4A4 like the layers they join, for a model fused before quantizing."""
-        return cls(
-            rules=(
-                (r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out"
-                 r"|to_qkv|to_added_qkv)", "w4a4"),
-                (r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)", "w4a4"),
-                (r"single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_qkv)|proj_mlp|proj_out|to_qkv_mlp)", "w4a4"),
-                (r"(transformer_blocks|single_transformer_blocks)\.\d+\.(norm1|norm1_context|norm)\.linear", "w4a16"),
-                (r"norm_out\.linear", "w4a16"),
-            ),
-            default="bf16",
-        )
-
     def to_dict(self) -> dict:
         return {"rules": [list(r) for r in self.rules], "default": self.default}
 
@@ -65,10 +49,26 @@ class QuantPolicy:
         return cls(rules=rules, default=data.get("default", "bf16"))
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "QuantPolicy":
-        """Reads a JSON policy: {"rules": [["regex", "w4a4"], ...], "default": "bf16"}."""
+    def from_json(cls, text: str, source: str = "policy") -> "QuantPolicy":
+        """Parses a JSON policy: {"rules": [["regex", "w4a4"], ...], "default": "bf16"}; errors name `source`."""
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: a policy is a JSON object with 'rules', got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "QuantPolicy":
+        """Reads a UTF-8 JSON policy file (see `from_json`); errors name the file."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"policy file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+        except OSError as e:
             raise ValueError(f"cannot read policy file {path}: {e}") from None
-        return cls.from_dict(data)
+        return cls.from_json(text, source=f"policy file {path}")

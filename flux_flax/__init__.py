@@ -1,59 +1,45 @@
-"""FLUX.1 in Flax NNX: the transformer (mirroring diffusers' names one to one), its loaders and
-its ConvRot quantization.
+"""FLUX.1 in Flax NNX: the transformer (mirroring diffusers' names one to one), its loaders, its
+checkpoints and its ConvRot quantization, the VAE decoder, the text encoders and the pipeline.
 
     model = flux_flax.load_transformer("FLUX.1-dev/transformer")        # bf16
-    flux_flax.quantize_model(model)                                    # W4A4 per DESIGN.md §3
+    flux_flax.quantize_model(model)                                    # W4A4 per flux_default_policy()
     flux_flax.fuse_projections(model)                                  # q/k/v (+ MLP in) as one GEMM
     out = model(latents, t5, clip_pooled, t, img_ids, txt_ids, guidance)
+
+Exports resolve on first use, so that `convrot-flux` checks its arguments before jax, flax and
+torch load (they take seconds to import).
 """
 
-from flux_flax.config import FluxConfig
-from flux_flax.fusion import fuse_projections
-from flux_flax.loading import abstract_transformer, diffusers_key, expected_shapes, load_transformer, load_weights
-from flux_flax.quantize import quantize_model
-from flux_flax.transformer import (
-    FluxSingleTransformerBlock,
-    FluxTransformer2DModel,
-    FluxTransformerBlock,
-    linear_paths,
-    param_paths,
-)
+import importlib
 
-# The pipeline pulls in torch and transformers (text encoders): resolved on first use only.
-_LAZY = {
+_EXPORTS = {
+    "FluxConfig": "flux_flax.config",
+    "fuse_projections": "flux_flax.fusion",
+    "abstract_transformer": "flux_flax.loading",
+    "diffusers_key": "flux_flax.loading",
+    "expected_shapes": "flux_flax.loading",
+    "load_transformer": "flux_flax.loading",
+    "load_weights": "flux_flax.loading",
+    "load_checkpoint": "flux_flax.checkpoint",
+    "flux_default_policy": "flux_flax.policy",
+    "quantize_model": "flux_flax.quantize",
+    "GenerationSettings": "flux_flax.settings",
+    "FluxSingleTransformerBlock": "flux_flax.transformer",
+    "FluxTransformer2DModel": "flux_flax.transformer",
+    "FluxTransformerBlock": "flux_flax.transformer",
+    "linear_paths": "flux_flax.transformer",
+    "param_paths": "flux_flax.transformer",
     "FluxPipeline": "flux_flax.pipeline",
-    "GenerationSettings": "flux_flax.pipeline",
+    "NonFiniteOutputError": "flux_flax.pipeline",
     "TextEncoders": "flux_flax.text",
     "AutoencoderKLDecoder": "flux_flax.vae",
     "load_vae": "flux_flax.vae",
 }
 
+__all__ = sorted(_EXPORTS)
+
 
 def __getattr__(name: str):
-    if name not in _LAZY:
+    if name not in _EXPORTS:
         raise AttributeError(f"module 'flux_flax' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(_LAZY[name]), name)
-
-
-__all__ = [
-    "AutoencoderKLDecoder",
-    "FluxConfig",
-    "FluxPipeline",
-    "FluxSingleTransformerBlock",
-    "FluxTransformer2DModel",
-    "FluxTransformerBlock",
-    "GenerationSettings",
-    "TextEncoders",
-    "abstract_transformer",
-    "diffusers_key",
-    "expected_shapes",
-    "fuse_projections",
-    "linear_paths",
-    "load_transformer",
-    "load_vae",
-    "load_weights",
-    "param_paths",
-    "quantize_model",
-]
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

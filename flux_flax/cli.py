@@ -3,6 +3,9 @@
     convrot-flux generate --model DIR [--checkpoint CKPT] --prompt "..." [--prompts-file F]
                           [--steps N] [--guidance G] [--size 1024x1024] [--seed S] [--batch B] [--out DIR]
     convrot-flux demo     [--prompt "..."] [--steps 4] [--size 256x256] [--seed S] [--out DIR]
+
+Every argument is checked before jax, flax or torch load, so a usage error is answered at once
+(exit 2); a failure while loading or generating exits 1 with one line (NaN output included).
 """
 
 from __future__ import annotations
@@ -12,8 +15,21 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
-from flux_flax import sampling
+from flux_flax.command_line import (
+    UsageError,
+    add_compilation_cache_options,
+    enable_compilation_cache,
+    package_version,
+    read_text_file,
+    run,
+)
+from flux_flax.paths import check_output_dir, user_path
+from flux_flax.settings import GenerationSettings, check_image_size
+
+DEFAULT_DEV_STEPS, DEFAULT_SCHNELL_STEPS = 28, 4
+MAX_T5_TOKENS = 512
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -21,97 +37,140 @@ def parse_size(text: str) -> tuple[int, int]:
     try:
         width, height = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise ValueError(f"--size must look like 1024x768 (width x height), got {text!r}") from None
-    sampling.check_image_size(height, width)
+        raise UsageError(f"--size must look like 1024x768 (width x height), got {text!r}") from None
+    check_image_size(height, width)
     return height, width
 
 
 def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> list[str]:
-    """--prompt values, then the non-blank lines of --prompts-file; refuses an empty list."""
+    """--prompt values, then the non-blank lines of --prompts-file (UTF-8); refuses an empty list."""
     out = list(prompts or [])
     if prompts_file is not None:
-        path = Path(prompts_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompts file {path} does not exist")
-        out += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        text = read_text_file(prompts_file, "prompts file")
+        out += [line.strip() for line in text.splitlines() if line.strip()]
     if not out:
-        raise ValueError("no prompts: give --prompt \"...\" or a --prompts-file with one prompt per line")
+        raise UsageError("no prompts: give --prompt \"...\" or a --prompts-file with one prompt per line")
     return out
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convrot-flux", description="FLUX.1 text-to-image in JAX (bf16 or ConvRot W4A4).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
 
-    gen = sub.add_parser("generate", help="prompt(s) in, PNG(s) out, from a local diffusers-format FLUX folder")
+    gen = sub.add_parser("generate", formatter_class=fmt,
+                         help="prompt(s) in, PNG(s) out, from a local diffusers-format FLUX folder")
     gen.add_argument("--model", required=True, help="diffusers-format FLUX folder (tokenizer/, text_encoder/, ..., vae/)")
-    gen.add_argument("--checkpoint", help="a convrot-convert Orbax checkpoint (W4A4) to use instead of transformer/")
+    gen.add_argument("--checkpoint", help="a convrot-convert checkpoint (W4A4) to use instead of the folder's transformer/")
+    gen.add_argument("--no-verify", action="store_true",
+                     help="skip checking the checkpoint's files against their recorded SHA-256 digests")
     gen.add_argument("--prompt", action="append", help="a prompt; repeat for several")
-    gen.add_argument("--prompts-file", help="a text file with one prompt per line")
-    gen.add_argument("--steps", type=int, help="denoising steps (default: 28 for dev, 4 for schnell)")
-    gen.add_argument("--guidance", type=float, default=3.5, help="guidance scale (dev only; default 3.5)")
-    gen.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT, multiples of 16 (default 1024x1024)")
+    gen.add_argument("--prompts-file", help="a UTF-8 text file with one prompt per line")
+    gen.add_argument("--steps", type=int,
+                     help=f"denoising steps (default: {DEFAULT_DEV_STEPS} for dev, {DEFAULT_SCHNELL_STEPS} for schnell)")
+    gen.add_argument("--guidance", type=float, default=3.5, help="guidance scale (dev only)")
+    gen.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT, multiples of 16")
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
-    gen.add_argument("--batch", type=int, default=1, help="images sampled together (default 1)")
-    gen.add_argument("--out", default="outputs", help="output folder (default outputs/)")
+    gen.add_argument("--batch", type=int, default=1, help="images sampled together")
+    gen.add_argument("--out", default="outputs", help="output folder (existing PNGs are never overwritten)")
     gen.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="transformer/VAE dtype")
-    gen.add_argument("--max-sequence-length", type=int, help="T5 tokens (default 512 for dev, 256 for schnell)")
+    gen.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: 512 for dev, 256 for schnell)")
     gen.add_argument("--text-device", default="cpu", help="torch device for the text encoders (cpu, cuda)")
-    gen.add_argument("--cache-dir", help="cache prompt embeddings here")
+    gen.add_argument("--cache-dir", help="cache prompt embeddings in this folder (default: no cache)")
+    add_compilation_cache_options(gen)
 
-    demo = sub.add_parser("demo", help="offline demo: a small random FLUX, bf16 vs ConvRot W4A4, on the CPU")
-    demo.add_argument("--prompt", default="a photo of a cat sitting on a red chair next to the window")
-    demo.add_argument("--steps", type=int, default=4)
-    demo.add_argument("--size", default="256x256", help="WIDTHxHEIGHT, multiples of 16 (default 256x256)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
+    demo = sub.add_parser("demo", formatter_class=fmt,
+                          help="offline demo: a small random FLUX, bf16 vs ConvRot W4A4, on the CPU")
+    demo.add_argument("--prompt", default="a photo of a cat sitting on a red chair next to the window", help="the prompt")
+    demo.add_argument("--steps", type=int, default=4, help="denoising steps")
+    demo.add_argument("--size", default="256x256", help="WIDTHxHEIGHT, multiples of 16")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    demo.add_argument("--out", default="demo_out", help="output folder")
+    add_compilation_cache_options(demo)
     return parser
 
 
-def _generate(args: argparse.Namespace) -> None:
+def _existing_dir(path: str, what: str) -> Path:
+    resolved = user_path(path)
+    if not resolved.is_dir():
+        raise UsageError(f"{what} {resolved} does not exist" if not resolved.exists() else f"{what} {resolved} is not a folder")
+    return resolved
+
+
+def _validate_generate(args: argparse.Namespace) -> SimpleNamespace:
+    prompts = read_prompts(args.prompt, args.prompts_file)
+    height, width = parse_size(args.size)
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    # The step count may still depend on the model (dev or schnell): checked with a stand-in here.
+    GenerationSettings(height, width, args.steps or DEFAULT_DEV_STEPS, args.guidance, args.seed + len(prompts) - 1)
+    if args.batch < 1:
+        raise UsageError(f"--batch must be at least 1, got {args.batch}")
+    if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= MAX_T5_TOKENS:
+        raise UsageError(f"--max-sequence-length must be in [1, {MAX_T5_TOKENS}], got {args.max_sequence_length}")
+    return SimpleNamespace(
+        prompts=prompts, height=height, width=width, steps=args.steps, guidance=args.guidance, seed=args.seed,
+        batch=args.batch, dtype=args.dtype, max_sequence_length=args.max_sequence_length, text_device=args.text_device,
+        model=_existing_dir(args.model, "model folder"),
+        checkpoint=None if args.checkpoint is None else _existing_dir(args.checkpoint, "checkpoint"),
+        verify=not args.no_verify,
+        out=check_output_dir(args.out, "--out"),
+        cache_dir=None if args.cache_dir is None else check_output_dir(args.cache_dir, "--cache-dir"),
+        compile_cache=None if args.compile_cache is None else check_output_dir(args.compile_cache, "--compile-cache"),
+    )
+
+
+def _generate(request: SimpleNamespace) -> None:
+    enable_compilation_cache(request.compile_cache)
     import jax.numpy as jnp
     import torch
 
-    from flux_flax.pipeline import FluxPipeline, GenerationSettings
+    from flux_flax.pipeline import FluxPipeline
 
-    prompts = read_prompts(args.prompt, args.prompts_file)  # cheap checks before loading anything
-    height, width = parse_size(args.size)
-    if args.batch < 1:
-        raise ValueError(f"--batch must be at least 1, got {args.batch}")
-    dtype = {"bfloat16": (jnp.bfloat16, torch.bfloat16), "float32": (jnp.float32, torch.float32)}[args.dtype]
-    pipe = FluxPipeline.from_pretrained(
-        args.model, checkpoint=args.checkpoint, dtype=dtype[0], text_dtype=dtype[1], text_device=args.text_device,
-        max_sequence_length=args.max_sequence_length, cache_dir=args.cache_dir,
-    )
-    steps = args.steps or (28 if pipe.config.guidance_embeds else 4)
-    settings = GenerationSettings(height, width, steps, args.guidance, args.seed)
+    dtype = {"bfloat16": (jnp.bfloat16, torch.bfloat16), "float32": (jnp.float32, torch.float32)}[request.dtype]
     start = time.perf_counter()
-    metadata = {"model": str(Path(args.model).resolve()), "checkpoint": str(args.checkpoint or "none (bf16)")}
-    paths = pipe.generate_pngs(prompts, settings, args.out, batch_size=args.batch, metadata=metadata)
+    pipe = FluxPipeline.from_pretrained(
+        request.model, checkpoint=request.checkpoint, verify=request.verify, dtype=dtype[0], text_dtype=dtype[1],
+        text_device=request.text_device, max_sequence_length=request.max_sequence_length, cache_dir=request.cache_dir,
+    )
+    default_steps = DEFAULT_DEV_STEPS if pipe.config.guidance_embeds else DEFAULT_SCHNELL_STEPS
+    settings = GenerationSettings(request.height, request.width, request.steps or default_steps, request.guidance,
+                                  request.seed)
+    metadata = {"model": str(request.model), "checkpoint": str(request.checkpoint or "none (bf16)")}
+    paths = pipe.generate_pngs(request.prompts, settings, request.out, batch_size=request.batch, metadata=metadata)
     elapsed = time.perf_counter() - start
     for path in paths:
         print(path)
-    print(f"{len(paths)} image(s) in {elapsed:.1f} s (compilation included)", file=sys.stderr)
+    print(f"{len(paths)} image(s) in {elapsed:.1f} s (loading and compilation included)", file=sys.stderr)
 
 
-def _demo(args: argparse.Namespace) -> None:
-    from flux_flax.demo import run_demo
-    from flux_flax.pipeline import GenerationSettings
-
+def _validate_demo(args: argparse.Namespace) -> SimpleNamespace:
     height, width = parse_size(args.size)
     settings = GenerationSettings(height, width, args.steps, 3.5, args.seed)
-    report = run_demo(args.out, prompt=args.prompt, settings=settings)
+    return SimpleNamespace(
+        prompt=args.prompt, settings=settings, out=check_output_dir(args.out, "--out"),
+        compile_cache=None if args.compile_cache is None else check_output_dir(args.compile_cache, "--compile-cache"),
+    )
+
+
+def _demo(request: SimpleNamespace) -> None:
+    enable_compilation_cache(request.compile_cache)
+    from flux_flax.demo import run_demo
+
+    report = run_demo(request.out, prompt=request.prompt, settings=request.settings)
     print("\n".join(report.lines()))
 
 
+COMMANDS = {"generate": (_validate_generate, _generate), "demo": (_validate_demo, _demo)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        {"generate": _generate, "demo": _demo}[args.command](args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"convrot-flux {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """Runs `convrot-flux`; returns the exit status (0 ok, 1 failure, 2 usage error, 130/143 interrupted)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    validate, execute = COMMANDS[args.command]
+    return run(f"convrot-flux {args.command}", parser, args, validate, execute)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from convert.errors import NotAFluxCheckpointError
+from flux_flax.errors import NotAFluxCheckpointError
 
 # diffusers hard-codes these in FluxTransformer2DModel; they are not config fields there.
 ROPE_THETA = 10000

@@ -21,6 +21,7 @@ from flax import nnx
 from convrot_jax import QuantPolicy
 from flux_flax.config import FluxConfig
 from flux_flax.demo_assets import tiny_text_encoders
+from flux_flax.policy import flux_default_policy
 from flux_flax.pipeline import FluxPipeline, GenerationSettings, image_filename, save_png, to_uint8
 from flux_flax.quantize import quantize_model
 from flux_flax.transformer import FluxTransformer2DModel, linear_paths
@@ -107,7 +108,7 @@ def run_demo(
     pipe = build_demo_pipeline(progress=progress)
     bf16_bytes = weight_bytes(pipe.transformer)
     ref_latents, ref_image, bf16_seconds = _sample(pipe, prompt, settings)
-    policy = QuantPolicy.flux_default()
+    policy = flux_default_policy()
     quantized = quantized_layer_prefixes(pipe.transformer, policy)
     float_quantized_bytes = weight_bytes(pipe.transformer, quantized)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import jax.numpy as jnp
 from flax import nnx
 
-from convert.safetensors_io import FluxCheckpoint, open_checkpoint
+from flux_flax.safetensors_io import FluxCheckpoint, open_checkpoint
 from flux_flax.config import FluxConfig
 from flux_flax.layers import Dtype
 from flux_flax.transformer import FluxTransformer2DModel, param_paths
@@ -33,7 +33,7 @@ def expected_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
 
 
 def load_weights(model: nnx.Module, checkpoint: FluxCheckpoint) -> None:
-    """Validates `checkpoint` against `model` (keys and shapes; raises convert.errors' exceptions
+    """Validates `checkpoint` against `model` (keys and shapes; raises flux_flax.errors' exceptions
     naming the keys) and fills every parameter in place, cast to the parameter's dtype. `model`
     may be abstract (from `nnx.eval_shape`)."""
     checkpoint.validate(expected_shapes(model))

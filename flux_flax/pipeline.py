@@ -9,6 +9,7 @@ the same weights and initial latents (tests/test_pipeline.py checks it).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import re
 from collections.abc import Sequence
@@ -23,8 +24,12 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 from flux_flax import sampling
+from flux_flax.checkpoint import load_checkpoint
 from flux_flax.config import FluxConfig
 from flux_flax.fusion import fuse_projections
+from flux_flax.loading import load_transformer
+from flux_flax.paths import user_path
+from flux_flax.settings import VAE_SCALE_FACTOR, GenerationSettings
 from flux_flax.text import TEXT_PARTS, PromptEmbeds, TextEncoders
 from flux_flax.vae import AutoencoderKLDecoder, load_vae
 
@@ -33,27 +38,16 @@ class PipelineMismatchError(ValueError):
     """The transformer, VAE and text encoders do not fit together (widths, channels, configs)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class GenerationSettings:
-    """What to sample. `seed` is the first image's seed; image k of a request uses `seed + k`."""
-
-    height: int = 1024
-    width: int = 1024
-    num_inference_steps: int = 28
-    guidance_scale: float = 3.5
-    seed: int = 0
-
-    def __post_init__(self):
-        sampling.check_image_size(self.height, self.width)
-        if self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {self.num_inference_steps}")
+class NonFiniteOutputError(RuntimeError):
+    """A generation produced NaN or Inf latents or pixels (a damaged model or bad settings):
+    raised instead of writing a black image."""
 
 
 def check_components(config: FluxConfig, vae: AutoencoderKLDecoder, text_encoders: TextEncoders) -> None:
     """Raises `PipelineMismatchError` naming the sizes that disagree."""
     problems = []
-    if vae.config.scale_factor != sampling.VAE_SCALE_FACTOR:
-        problems.append(f"the VAE upsamples {vae.config.scale_factor}x, FLUX needs {sampling.VAE_SCALE_FACTOR}x")
+    if vae.config.scale_factor != VAE_SCALE_FACTOR:
+        problems.append(f"the VAE upsamples {vae.config.scale_factor}x, FLUX needs {VAE_SCALE_FACTOR}x")
     if config.in_channels != 4 * vae.config.latent_channels:
         problems.append(
             f"transformer in_channels {config.in_channels} != 4 x VAE latent_channels {vae.config.latent_channels}"
@@ -66,6 +60,17 @@ def check_components(config: FluxConfig, vae: AutoencoderKLDecoder, text_encoder
         problems.append(f"transformer pooled_projection_dim {config.pooled_projection_dim} != CLIP width {clip_width}")
     if problems:
         raise PipelineMismatchError("the pipeline's parts do not fit together: " + "; ".join(problems))
+
+
+def require_finite(values: jax.Array, what: str, prompts: Sequence[str]) -> None:
+    """Raises `NonFiniteOutputError` if `values` (one row per prompt) hold NaN or Inf, naming the prompts."""
+    finite = np.asarray(jnp.isfinite(values).reshape(values.shape[0], -1).all(axis=1))
+    if not finite.all():
+        bad = [repr(prompts[i][:60]) for i in np.flatnonzero(~finite) if i < len(prompts)]
+        raise NonFiniteOutputError(
+            f"the {what} hold NaN or Inf for {len(bad) or 'padding'} prompt(s) ({', '.join(bad)}): "
+            "no image written; check the checkpoint (load it with verification) and the settings"
+        )
 
 
 def to_uint8(images: jax.Array) -> np.ndarray:
@@ -110,6 +115,7 @@ class FluxPipeline:
         model_dir: str | Path,
         *,
         checkpoint: str | Path | None = None,
+        verify: bool = True,
         dtype=jnp.bfloat16,
         text_dtype: torch.dtype = torch.bfloat16,
         text_device: str = "cpu",
@@ -120,16 +126,18 @@ class FluxPipeline:
     ) -> "FluxPipeline":
         """Loads a diffusers-format FLUX folder (tokenizer/, text_encoder/, tokenizer_2/,
         text_encoder_2/, vae/, and transformer/ unless `checkpoint`, a `convrot-convert` Orbax
-        checkpoint, gives the transformer). T5 length: 512 for dev, 256 for schnell, by default.
-        `fuse` concatenates the projections that read the same input (`flux_flax.fusion`; exact)."""
-        model_dir = Path(model_dir)
+        checkpoint, gives the transformer; its files are checked against their digests unless
+        not `verify`). T5 length: 512 for dev, 256 for schnell, by default. `fuse` concatenates
+        the projections that read the same input (`flux_flax.fusion`; exact)."""
+        model_dir = user_path(model_dir)
+        checkpoint = None if checkpoint is None else user_path(checkpoint)
         if not model_dir.is_dir():
             raise FileNotFoundError(f"model folder {model_dir} does not exist")
         parts = (*TEXT_PARTS, "vae", *(() if checkpoint else ("transformer",)))
         missing = [f"{p}/" for p in parts if not (model_dir / p).is_dir()]
         if missing:
             raise FileNotFoundError(f"model folder {model_dir} has no {', '.join(missing)} (expected a diffusers-format FLUX folder)")
-        transformer = _load_transformer(model_dir, checkpoint, dtype)
+        transformer = _load_transformer(model_dir, checkpoint, dtype, verify)
         if fuse:
             fuse_projections(transformer)
         if max_sequence_length is None:
@@ -206,7 +214,10 @@ class FluxPipeline:
                 [settings.seed + k for k in range(len(prompts))], settings.height, settings.width
             )
         latents = self.denoise(latents, embeds, settings)
-        return to_uint8(self.decode(latents, settings.height, settings.width))
+        require_finite(latents, "final latents", prompts)
+        images = self.decode(latents, settings.height, settings.width)
+        require_finite(images, "decoded images", prompts)
+        return to_uint8(images)
 
     def generate_pngs(
         self,
@@ -248,9 +259,7 @@ def _scheduler_shift(model_dir: Path) -> bool | None:
     return bool(json.loads(path.read_text()).get("use_dynamic_shifting", False)) if path.is_file() else None
 
 
-def _load_transformer(model_dir: Path, checkpoint: str | Path | None, dtype) -> nnx.Module:
-    from flux_flax.loading import load_transformer
-
+def _load_transformer(model_dir: Path, checkpoint: Path | None, dtype, verify: bool) -> nnx.Module:
     folder_config_path = model_dir / "transformer" / "config.json"
     if checkpoint is None:
         if not folder_config_path.is_file():
@@ -259,9 +268,7 @@ def _load_transformer(model_dir: Path, checkpoint: str | Path | None, dtype) -> 
             )
         return load_transformer(model_dir / "transformer", dtype=dtype)
 
-    from convert.checkpoint import load_checkpoint
-
-    transformer, _ = load_checkpoint(checkpoint)
+    transformer, _ = load_checkpoint(checkpoint, verify=verify)
     if folder_config_path.is_file():
         folder_config = FluxConfig.from_diffusers_config(json.loads(folder_config_path.read_text()))
         if folder_config != transformer.config:
@@ -288,11 +295,20 @@ def png_metadata(prompt: str, seed: int, settings: GenerationSettings, **extra: 
 
 
 def save_png(image: np.ndarray, path: str | Path, prompt: str, seed: int, settings: GenerationSettings, **extra: str) -> Path:
-    """Writes one uint8 (H, W, 3) image with its prompt, seed and settings in the PNG's text chunks."""
+    """Writes one uint8 (H, W, 3) image with its prompt, seed and settings in the PNG's text
+    chunks, never over an existing file: `name.png` taken, it writes `name-1.png`, `name-2.png`, ...
+    Returns the path written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path, pnginfo=png_metadata(prompt, seed, settings, **extra))
-    return path
+    for n in itertools.count():
+        candidate = path if n == 0 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+        try:
+            with open(candidate, "xb") as f:  # exclusive: a concurrent run cannot take it too
+                Image.fromarray(image).save(f, format="PNG", pnginfo=png_metadata(prompt, seed, settings, **extra))
+            return candidate
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
 
 
 def image_filename(index: int, prompt: str, seed: int) -> str:

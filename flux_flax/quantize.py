@@ -8,6 +8,7 @@ import jax
 from flax import nnx
 
 from convrot_jax import ConvDense4bit, Dense4bitWeightOnly, QuantPolicy, quantize_weight
+from flux_flax.policy import flux_default_policy
 from flux_flax.transformer import linear_paths
 
 # One compiled quantizer per weight shape (a handful in FLUX) instead of op-by-op dispatch.
@@ -32,14 +33,14 @@ def quantize_model(model: nnx.Module, policy: QuantPolicy | None = None, *, grou
                    hadamard: str = "regular", scale_group: int | None = None,
                    implementation: str = "auto") -> nnx.Module:
     """Replaces, IN PLACE, each `nnx.Linear` whose dotted diffusers path the policy (default
-    `QuantPolicy.flux_default()`) marks "w4a4" by a `ConvDense4bit` and "w4a16" by a
+    `flux_default_policy()`) marks "w4a4" by a `ConvDense4bit` and "w4a16" by a
     `Dense4bitWeightOnly`; "bf16" layers keep their float weights. Biases keep their dtype.
     Returns `model`. `group_size`, `hadamard`, `scale_group` are the quantization settings;
     `implementation` picks the W4A4 kernel ("auto", see convrot_jax.ops).
 
     For an abstract quantized model (to restore a checkpoint into), call it inside
     `nnx.eval_shape`: `nnx.eval_shape(lambda: quantize_model(FluxTransformer2DModel(cfg, rngs=nnx.Rngs(0))))`."""
-    policy = policy or QuantPolicy.flux_default()
+    policy = policy or flux_default_policy()
     settings = dict(group_size=group_size, hadamard=hadamard, scale_group=scale_group)
     for path, layer in list(linear_paths(model)):
         treatment = policy.treatment(path)

@@ -3,7 +3,7 @@
 - diffusers: a transformer directory (`config.json` + `diffusion_pytorch_model.safetensors`, or
   shards with `diffusion_pytorch_model.safetensors.index.json`), a pipeline root holding one in
   `transformer/`, or a single diffusers-keyed .safetensors file;
-- black-forest-labs: one file (`flux1-dev.safetensors`), keys mapped by `convert.keymaps`.
+- black-forest-labs: one file (`flux1-dev.safetensors`), keys mapped by `flux_flax.keymaps`.
 
 Keys are always diffusers names. Listing keys, shapes and dtypes reads only the headers; `read`
 fetches one tensor (fused bfl tensors: only the rows asked for), so peak host memory stays near
@@ -29,14 +29,14 @@ import jax
 import jax.numpy as jnp
 from safetensors import SafetensorError, safe_open
 
-from convert.errors import (
+from flux_flax.errors import (
     CheckpointError,
     MissingKeyError,
     NotAFluxCheckpointError,
     ShapeMismatchError,
     UnexpectedKeyError,
 )
-from convert.keymaps import TensorSource, bfl_to_diffusers, is_bfl
+from flux_flax.keymaps import TensorSource, bfl_to_diffusers, is_bfl
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"

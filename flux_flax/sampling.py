@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-VAE_SCALE_FACTOR = 8  # the FLUX VAE downsamples 8x; packing 2x2 makes the image side a multiple of 16
+from flux_flax.settings import VAE_SCALE_FACTOR, check_image_size
+
 NUM_TRAIN_TIMESTEPS = 1000
 
 
@@ -84,15 +85,6 @@ def latent_shape(height: int, width: int, num_channels: int = 16) -> tuple[int, 
     """The unpacked latent's (C, H/8, W/8) for an image of `height` x `width` pixels (multiples of 16)."""
     check_image_size(height, width)
     return num_channels, height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR
-
-
-def check_image_size(height: int, width: int) -> None:
-    """FLUX needs both sides to be positive multiples of 16 (8x VAE, then 2x2 packing)."""
-    multiple = 2 * VAE_SCALE_FACTOR
-    if height <= 0 or width <= 0 or height % multiple or width % multiple:
-        raise ValueError(
-            f"image size {width}x{height} (WxH) is not allowed: both sides must be positive multiples of {multiple}"
-        )
 
 
 def pack_latents(latents: jnp.ndarray) -> jnp.ndarray:

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from safetensors import safe_open
+from safetensors.numpy import save_file
 
 VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -243,6 +245,28 @@ def _torch_to_flax(key: str, tensor: jax.Array, like: jax.ShapeDtypeStruct) -> j
 def _diffusers_key(path: tuple) -> str:
     *prefix, leaf = (str(p) for p in path)
     return ".".join([*prefix, {"kernel": "weight", "scale": "weight"}.get(leaf, leaf)])
+
+
+def _flax_to_torch(array: np.ndarray) -> np.ndarray:
+    """The inverse of `_torch_to_flax`: conv (kh, kw, I, O) -> (O, I, kh, kw), linear (I, O) -> (O, I)."""
+    if array.ndim == 4:
+        return array.transpose(3, 2, 0, 1)
+    return array.T if array.ndim == 2 else array
+
+
+def save_vae(vae: AutoencoderKLDecoder, folder: str | Path) -> Path:
+    """Writes the decoder as a diffusers `vae/` folder that `load_vae` (and diffusers, for the
+    decoder half) reads: config.json and the decoder's tensors in PyTorch layout."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"_class_name": "AutoencoderKL", **vae.config.to_diffusers()}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    tensors = {
+        _diffusers_key(path): np.ascontiguousarray(_flax_to_torch(np.asarray(variable.get_value())))
+        for path, variable in nnx.to_flat_state(nnx.state(vae, nnx.Param))
+    }
+    save_file(tensors, str(folder / VAE_WEIGHTS))
+    return folder
 
 
 def load_vae(folder: str | Path, *, dtype=jnp.float32) -> AutoencoderKLDecoder:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -24,10 +25,11 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from convert import cli
-from convert.checkpoint import CheckpointMismatchError, load_checkpoint
-from convert.errors import CheckpointError
 from convrot_jax import QuantPolicy
 from flux_flax import FluxConfig, load_transformer, quantize_model
+from flux_flax.checkpoint import load_checkpoint
+from flux_flax.errors import CheckpointDamagedError, CheckpointError, CheckpointMismatchError
+from flux_flax.policy import flux_default_policy
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_GROUP = 16  # tiny widths (32, 128, 160) are multiples of 16, not of 256
@@ -101,13 +103,13 @@ def test_round_trip_bit_identical_to_in_memory_quantization(size, tiny_src, smal
     assert code == 0, err
 
     model, metadata = load_checkpoint(out)
-    reference = quantize_model(load_transformer(src), QuantPolicy.flux_default(), group_size=group)
+    reference = quantize_model(load_transformer(src), flux_default_policy(), group_size=group)
     assert_same_state(model, reference)
     assert_same_output(model, reference, config)
 
     assert metadata["model_config"] == config.to_dict()
     assert metadata["quantization"]["group_size"] == group
-    assert metadata["quantization"]["policy"] == QuantPolicy.flux_default().to_dict()
+    assert metadata["quantization"]["policy"] == flux_default_policy().to_dict()
     (entry,) = metadata["source"]["files"]
     file = Path(src) / entry["name"]
     assert entry["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
@@ -206,18 +208,37 @@ def test_sharding_argument_places_leaves(tiny_src, tmp_path):
 # Existing output.
 
 
-def test_existing_output_kept_unless_overwrite(tiny_src, tmp_path, capsys):
+def test_overwrite_replaces_only_a_convrot_checkpoint(tiny_src, tmp_path, capsys):
     out = tmp_path / "w4a4"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     code, err = run_cli(capsys, tiny_src, out, "--group-size", TINY_GROUP, "--quiet")
     assert code == 1 and len(err) == 1 and "already exists" in err[0] and "--overwrite" in err[0]
-    assert (out / "keep.txt").read_text() == "mine"
     code, err = run_cli(capsys, tiny_src, out, "--group-size", TINY_GROUP, "--quiet", "--overwrite")
+    assert code == 1 and len(err) == 1 and "not a convrot-jax checkpoint" in err[0], err
+    assert (out / "keep.txt").read_text() == "mine"
+
+    ours = tmp_path / "ours"
+    assert run_cli(capsys, tiny_src, ours, "--group-size", TINY_GROUP, "--quiet")[0] == 0
+    code, err = run_cli(capsys, tiny_src, ours, "--no-quantize", "--quiet", "--overwrite")
     assert code == 0, err
-    assert not (out / "keep.txt").exists()
-    load_checkpoint(out)
-    assert not list(tmp_path.glob(".w4a4.convrot-tmp-*"))
+    assert load_checkpoint(ours)[1]["quantization"] is None
+    assert not list(tmp_path.glob(".*.convrot-tmp-*"))
+
+
+def test_output_never_the_source_or_around_it(tiny_src, tmp_path, capsys):
+    """The source, the folder holding it, and a checkpoint inside it are never written over."""
+    root = tmp_path / "FLUX"
+    src = flux_fixtures.save_pipeline_root(flux_fixtures.diffusers_transformer(FluxConfig.tiny(), seed=1), root)
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    for out in (root, root / "transformer", tmp_path):
+        code, err = run_cli(capsys, src, out, "--group-size", TINY_GROUP, "--quiet", "--overwrite")
+        assert code == 1 and len(err) == 1 and "source" in err[0], (out, err)
+    inside = root / "w4a4"  # a fresh checkpoint inside the source folder is fine; replacing it is not
+    assert run_cli(capsys, src, inside, "--group-size", TINY_GROUP, "--quiet")[0] == 0
+    code, err = run_cli(capsys, src, inside, "--group-size", TINY_GROUP, "--quiet", "--overwrite")
+    assert code == 1 and "inside the source" in err[0], err
+    assert {p: p.read_bytes() for p in before} == before
 
 
 # Bad inputs: one line naming the problem, exit status 1, nothing loadable.
@@ -257,6 +278,7 @@ KEY = "transformer_blocks.0.attn.to_k.weight"
         ("not_flux", ["not a FLUX"]),
         ("wrong_class", ["UNet2DConditionModel"]),
         ("wrong_format", ["diffusers checkpoint, not bfl"]),
+        ("nonfinite", [KEY, "2 NaN/Inf value(s) of 1024", "--allow-nonfinite"]),
     ],
 )
 def test_bad_input(case, expected, tiny_src, tmp_path, capsys):
@@ -280,6 +302,13 @@ def test_bad_input(case, expected, tiny_src, tmp_path, capsys):
         src = _rewrite(tiny_src, src, lambda t: {**t, "transformer_blocks.0.attn.extra.weight": t[KEY]})
     elif case == "shape":
         src = _rewrite(tiny_src, src, lambda t: {**t, KEY: np.ascontiguousarray(t[KEY][:, :16])})
+    elif case == "nonfinite":
+        def poison(t):
+            bad = t[KEY].copy()
+            bad[0, 0], bad[3, 5] = np.nan, np.inf
+            return {**t, KEY: bad}
+
+        src = _rewrite(tiny_src, src, poison)
     elif case == "dtype":
         src = _rewrite(tiny_src, src, lambda t: {**t, KEY: t[KEY].astype(np.int8)})
     elif case == "not_flux":
@@ -292,6 +321,18 @@ def test_bad_input(case, expected, tiny_src, tmp_path, capsys):
     for fragment in expected:
         assert fragment in err[0], (fragment, err[0])
     assert_nothing_loadable(out)
+    if case == "nonfinite":
+        assert run_cli(capsys, src, out, "--group-size", TINY_GROUP, "--quiet", "--allow-nonfinite")[0] == 0
+
+
+def test_policy_file_must_be_utf8_json(tiny_src, tmp_path, capsys):
+    policy = tmp_path / "policy.json"
+    policy.write_bytes(b"\xff\xfe[]")
+    code, err = run_cli(capsys, tiny_src, tmp_path / "out", "--policy", policy)
+    assert code == 2 and str(policy) in err[-1] and "not UTF-8" in err[-1], err
+    policy.write_text("{}")
+    code, err = run_cli(capsys, tiny_src, tmp_path / "out", "--policy", policy, "--quiet")
+    assert code == 1 and str(policy) in err[-1] and "rules" in err[-1], err
 
 
 def test_error_during_conversion_removes_partial_output(tiny_src, tmp_path, monkeypatch):
@@ -313,7 +354,7 @@ def test_error_during_conversion_removes_partial_output(tiny_src, tmp_path, monk
     assert_nothing_loadable(out)
 
 
-def test_killed_midway_leaves_nothing_loadable(small_ref, tmp_path):
+def test_killed_midway_leaves_nothing_loadable(small_ref, tmp_path, caplog):
     src = flux_fixtures.save_diffusers(small_ref, tmp_path / "transformer")
     out = tmp_path / "out"
     # Small chunks: the checkpoint is written in many Orbax partial saves; kill after the first.
@@ -334,11 +375,36 @@ def test_killed_midway_leaves_nothing_loadable(small_ref, tmp_path):
     assert not out.exists()
     with pytest.raises(CheckpointError):
         load_checkpoint(out)
-    # The leftover temporary directory does not get in the way of the next attempt.
+    (stale,) = tmp_path.glob(".out.convrot-tmp-*")
+    # The next conversion to the same output removes the leftover and says so.
     from convert.convert import convert_checkpoint
 
-    convert_checkpoint(src, out, progress=False)
+    with caplog.at_level(logging.WARNING, logger="flux_flax"):
+        convert_checkpoint(src, out, progress=False)
+    assert not stale.exists() and f"removed {stale}" in caplog.text
     load_checkpoint(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupted_conversion_says_so_and_leaves_nothing(sig, small_ref, tmp_path):
+    src = flux_fixtures.save_diffusers(small_ref, tmp_path / "transformer")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "convert.cli", str(src), str(out), "--quiet", "--no-compile-cache"],
+                            env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.convrot-tmp-*")):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, "the conversion did not start"
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 128 + sig, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == [f"convrot-convert: interrupted; nothing was written to {out} "
+                     f"({'Ctrl-C' if sig == signal.SIGINT else 'SIGTERM'})"], err
+    assert not out.exists() and not list(tmp_path.glob(".out.convrot-tmp-*"))
 
 
 # Metadata checks at load.
@@ -379,15 +445,110 @@ def _edit_metadata(checkpoint: Path, tmp_path: Path, edit) -> Path:
 def test_load_refuses_other_format_version(tiny_checkpoint, tmp_path):
     edited = _edit_metadata(tiny_checkpoint, tmp_path, lambda m: m.update(format_version=99))
     with pytest.raises(CheckpointMismatchError, match="format version 99"):
-        load_checkpoint(edited)
+        load_checkpoint(edited, verify=False)
 
 
 def test_load_refuses_arrays_that_do_not_match_the_config(tiny_checkpoint, tmp_path):
     edited = _edit_metadata(tiny_checkpoint, tmp_path, lambda m: m["model_config"].update(joint_attention_dim=64))
     with pytest.raises(CheckpointMismatchError, match=r"context_embedder.kernel is stored as \(32, 32\)"):
+        load_checkpoint(edited, verify=False)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["quantization"].update(group_size=32),
+    lambda m: m["quantization"].update(hadamard="sylvester"),
+    lambda m: m["model_config"].update(axes_dims_rope=[4, 6, 6]),
+], ids=["group_size", "hadamard", "rope_axes"])
+def test_edited_settings_are_refused(edit, tiny_checkpoint, tmp_path):
+    edited = _edit_metadata(tiny_checkpoint, tmp_path, edit)
+    with pytest.raises(CheckpointDamagedError, match="file _CHECKPOINT_METADATA (was altered|has)"):
         load_checkpoint(edited)
+
+
+def _data_files(checkpoint: Path) -> list[Path]:
+    return sorted(p for p in checkpoint.rglob("d/*") if p.is_file())
+
+
+def _damaged_copy(checkpoint: Path, tmp_path: Path, damage) -> Path:
+    import shutil
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(checkpoint, copy)
+    damage(copy)
+    return copy
+
+
+def _flip_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 3, len(data) // 3 + 8):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("data file removed", "is missing"),
+    ("manifest.ocdbt removed", "manifest.ocdbt is missing"),
+    ("bytes flipped", "was altered after writing"),
+    ("truncated", "bytes"),
+    ("integrity manifest removed", "integrity manifest convrot-integrity.json is missing"),
+])
+def test_damaged_checkpoint_is_refused_in_one_line(case, fragment, tiny_checkpoint, tmp_path):
+    def damage(copy: Path) -> None:
+        data = _data_files(copy)[-1]
+        if case == "data file removed":
+            data.unlink()
+        elif case == "manifest.ocdbt removed":
+            (copy / "state" / "manifest.ocdbt").unlink()
+        elif case == "bytes flipped":
+            _flip_bytes(data)
+        elif case == "truncated":
+            os.truncate(data, data.stat().st_size // 2)
+        else:
+            (copy / "convrot-integrity.json").unlink()
+
+    damaged = _damaged_copy(tiny_checkpoint, tmp_path, damage)
+    with pytest.raises(CheckpointDamagedError) as info:
+        load_checkpoint(damaged)
+    message = str(info.value)
+    assert "\n" not in message and str(damaged) in message and fragment in message, message
+
+
+@pytest.mark.parametrize("case", ["bytes flipped", "data file removed"])
+def test_unverified_damage_still_gives_one_line(case, tiny_checkpoint, tmp_path):
+    """With verification off, flipped bytes in a compressed array file or a missing one is
+    still reported in one line (not TensorStore's traceback); it cannot always be detected."""
+    def damage(copy: Path) -> None:
+        for data in _data_files(copy):
+            _flip_bytes(data) if case == "bytes flipped" else data.unlink()
+
+    damaged = _damaged_copy(tiny_checkpoint, tmp_path, damage)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(damaged, verify=False)
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 600 and str(damaged) in message, message
+
+
+def test_relative_paths_are_resolved(tiny_src, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(capsys, os.path.relpath(tiny_src, tmp_path), "w4a4", "--group-size", TINY_GROUP, "--quiet")
+    assert code == 0, err
+    model, metadata = load_checkpoint("w4a4")
+    assert metadata["quantization"]["group_size"] == TINY_GROUP
 
 
 def test_load_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="not a readable Orbax checkpoint|no such"):
         load_checkpoint(tmp_path)
+
+
+def test_save_checkpoint_of_an_in_memory_model(tiny_src, tmp_path):
+    """`save_checkpoint` writes what the converter would for a model quantized in memory."""
+    from flux_flax.checkpoint import save_checkpoint
+
+    settings = {"group_size": TINY_GROUP, "hadamard": "regular", "scale_group": None}
+    model = quantize_model(load_transformer(tiny_src), flux_default_policy(), **settings)
+    quantization = {**settings, "policy": flux_default_policy().to_dict()}
+    path = save_checkpoint(model, tmp_path / "mem", quantization=quantization, source={"layout": "in-memory"})
+    restored, metadata = load_checkpoint(path)
+    assert metadata["source"] == {"layout": "in-memory"} and metadata["quantization"] == quantization
+    assert_same_state(restored, model)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from benchmarks.random_checkpoint import write_random_diffusers_dir
-from convert.checkpoint import load_checkpoint
+from flux_flax.checkpoint import load_checkpoint
 from convrot_jax import quantize_weight
 from flux_flax import FluxConfig, abstract_transformer, expected_shapes
 

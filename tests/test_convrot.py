@@ -1,6 +1,7 @@
 """The ConvRot reference (convrot_jax): Hadamard matrices, rotation, int4 quantization and packing,
 the W4A4 / W4A16 linears, the NNX layers, the policy, and bad inputs."""
 
+import json
 import math
 
 import jax
@@ -255,35 +256,22 @@ def test_weight_only_layer_and_abstract_build():
 
 
 # ---------------------------------------------------------------- policy
-@pytest.mark.parametrize("path,treatment", [
-    ("transformer_blocks.0.attn.to_q", "w4a4"),
-    ("transformer_blocks.18.attn.to_out.0", "w4a4"),
-    ("transformer_blocks.3.attn.add_v_proj", "w4a4"),
-    ("transformer_blocks.3.attn.to_add_out", "w4a4"),
-    ("transformer_blocks.1.ff.net.0.proj", "w4a4"),
-    ("transformer_blocks.1.ff_context.net.2", "w4a4"),
-    ("single_transformer_blocks.37.attn.to_k", "w4a4"),
-    ("single_transformer_blocks.0.proj_mlp", "w4a4"),
-    ("single_transformer_blocks.0.proj_out", "w4a4"),
-    ("transformer_blocks.0.norm1.linear", "w4a16"),
-    ("transformer_blocks.0.norm1_context.linear", "w4a16"),
-    ("single_transformer_blocks.5.norm.linear", "w4a16"),
-    ("norm_out.linear", "w4a16"),
-    ("x_embedder", "bf16"),
-    ("context_embedder", "bf16"),
-    ("time_text_embed.timestep_embedder.linear_1", "bf16"),
-    ("proj_out", "bf16"),
-])
-def test_flux_default_policy(path, treatment):
-    assert cj.QuantPolicy.flux_default().treatment(path) == treatment
-
-
 def test_policy_round_trips_through_json(tmp_path):
-    policy = cj.QuantPolicy.flux_default()
+    policy = cj.QuantPolicy(rules=((r"blocks\.\d+\.mlp", "w4a4"), (r"head", "w4a16")), default="bf16")
     path = tmp_path / "policy.json"
-    import json
     path.write_text(json.dumps(policy.to_dict()))
     assert cj.QuantPolicy.from_file(path) == policy
+    assert policy.treatment("blocks.3.mlp") == "w4a4" and policy.treatment("blocks.3.attn") == "bf16"
+
+
+def test_policy_file_errors_name_the_file(tmp_path):
+    path = tmp_path / "policy.json"
+    path.write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(ValueError, match="policy.json.*not UTF-8"):
+        cj.QuantPolicy.from_file(path)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="policy.json"):
+        cj.QuantPolicy.from_file(path)
 
 
 # ---------------------------------------------------------------- bad input

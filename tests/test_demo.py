@@ -1,7 +1,11 @@
 """`convrot-flux demo` (and the CLI's argument checks): it writes valid PNGs with their settings,
 prints W4A4-vs-bf16 figures, and the same seed gives the same image."""
 
+import importlib.metadata
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,12 +16,14 @@ from flux_flax.demo import build_demo_pipeline
 from flux_flax.pipeline import GenerationSettings, to_uint8
 
 SIZE, STEPS = (64, 64), 2
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    argv = ["demo", "--size", f"{SIZE[1]}x{SIZE[0]}", "--steps", str(STEPS), "--seed", "7", "--out", str(out)]
+    argv = ["demo", "--size", f"{SIZE[1]}x{SIZE[0]}", "--steps", str(STEPS), "--seed", "7", "--out", str(out),
+            "--no-compile-cache"]
     return cli.main(argv), out
 
 
@@ -58,19 +64,45 @@ def test_demo_is_deterministic(demo_run):
     assert np.abs(images[1].astype(int) - written.astype(int)).mean() > 1
 
 
+@pytest.fixture
+def usage_cases(tmp_path):
+    """Files the bad-argument cases point at."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "latin1.txt").write_bytes("un caf\xe9".encode("latin-1"))
+    return tmp_path
+
+
+GENERATE = ["generate", "--model", "{tmp}/model", "--prompt", "a cat"]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["demo", "--size", "100x64"], "multiples of 16"),
         (["demo", "--size", "big"], "width x height"),
-        (["generate", "--model", "/nonexistent", "--prompt", "a cat", "--size", "1000x1024"], "multiples of 16"),
-        (["generate", "--model", "/nonexistent"], "no prompts"),
-        (["generate", "--model", "/nonexistent", "--prompt", "a cat"], "/nonexistent does not exist"),
+        (["demo", "--steps", "0"], "at least 1"),
+        ([*GENERATE, "--size", "1000x1024"], "multiples of 16"),
+        (["generate", "--model", "{tmp}/model"], "no prompts"),
+        (["generate", "--model", "/nonexistent", "--prompt", "a cat"], "model folder /nonexistent does not exist"),
+        ([*GENERATE, "--steps", "0"], "--steps must be at least 1, got 0"),
+        ([*GENERATE, "--guidance", "nan"], "guidance scale must be a finite number"),
+        ([*GENERATE, "--seed", "-1"], "seed must be in"),
+        ([*GENERATE, "--batch", "0"], "--batch must be at least 1"),
+        ([*GENERATE, "--max-sequence-length", "600"], "--max-sequence-length must be in [1, 512]"),
+        ([*GENERATE, "--out", "{tmp}/a-file"], "a-file is a file, not a folder"),
+        ([*GENERATE, "--out", "{tmp}/a-file/sub"], "a-file is a file, not a folder"),
+        ([*GENERATE, "--checkpoint", "{tmp}/nothing"], "checkpoint {tmp}/nothing does not exist"),
+        (["generate", "--model", "{tmp}/model", "--prompts-file", "{tmp}/latin1.txt"], "latin1.txt is not UTF-8"),
+        (["generate", "--model", "{tmp}/model", "--prompts-file", "{tmp}/none.txt"], "none.txt does not exist"),
     ],
 )
-def test_cli_bad_input(argv, message, capsys, tmp_path):
-    assert cli.main(argv) == 2
-    assert message in capsys.readouterr().err
+def test_cli_usage_errors_exit_2_before_loading(argv, message, usage_cases, capsys):
+    tmp = str(usage_cases)
+    assert cli.main([a.replace("{tmp}", tmp) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message.replace("{tmp}", tmp) in err, err
+    assert err.splitlines()[0].startswith("usage: convrot-flux")
 
 
 def test_cli_empty_prompts_file(tmp_path, capsys):
@@ -78,3 +110,31 @@ def test_cli_empty_prompts_file(tmp_path, capsys):
     prompts.write_text("\n   \n")
     assert cli.main(["generate", "--model", str(tmp_path), "--prompts-file", str(prompts)]) == 2
     assert "no prompts" in capsys.readouterr().err
+
+
+def test_cli_version_and_fast_usage_errors():
+    """Both command lines answer --version and a usage error without importing jax, flax or torch."""
+    code = ("import sys, contextlib, io\n"
+            "from flux_flax import cli\nfrom convert import cli as ccli\n"
+            "for main, argv in ((cli.main, ['generate', '--model', '/nonexistent', '--prompt', 'x']),"
+            " (ccli.main, ['/nonexistent', 'out'])):\n"
+            "    with contextlib.redirect_stderr(io.StringIO()):\n"
+            "        assert main(argv) == 2\n"
+            "heavy = [m for m in ('jax', 'flax', 'torch', 'transformers', 'orbax') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+    for module in ("flux_flax.cli", "convert.cli"):
+        out = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True, cwd=REPO)
+        assert out.returncode == 0 and out.stdout.split()[-1] == importlib.metadata.version("convrot-jax"), out
+
+
+def test_compilation_cache_is_written(tmp_path):
+    """The CLIs' persistent compilation cache: a compiled program lands in the folder given."""
+    code = ("import pathlib, sys\n"
+            "from flux_flax.command_line import enable_compilation_cache\n"
+            "enable_compilation_cache(pathlib.Path(sys.argv[1]))\n"
+            "import jax\n"
+            "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+            "jax.jit(lambda x: x * 2 + 1)(1.0).block_until_ready()\n")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache")], check=True, cwd=REPO)
+    assert any((tmp_path / "cache").iterdir())

@@ -10,15 +10,15 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from convert.errors import (
+from flux_flax.errors import (
     CheckpointError,
     MissingKeyError,
     NotAFluxCheckpointError,
     ShapeMismatchError,
     UnexpectedKeyError,
 )
-from convert.keymaps import diffusers_to_bfl
-from convert.safetensors_io import DIFFUSERS_WEIGHTS, open_checkpoint
+from flux_flax.keymaps import diffusers_to_bfl
+from flux_flax.safetensors_io import DIFFUSERS_WEIGHTS, open_checkpoint
 from flux_flax import FluxConfig, abstract_transformer, expected_shapes, load_transformer
 
 CONFIG = FluxConfig.tiny()

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from convrot_jax import ConvDense4bit, Dense4bitWeightOnly, QuantPolicy
+from flux_flax.policy import flux_default_policy
 from flux_flax import FluxConfig, FluxTransformer2DModel, linear_paths, quantize_model
 
 CONFIG = FluxConfig.small(num_layers=1, num_single_layers=1)
@@ -32,7 +33,7 @@ def paths_by_type(model) -> dict[str, set[str]]:
 
 
 def test_policy_decides_each_layer():
-    policy = QuantPolicy.flux_default()
+    policy = flux_default_policy()
     model = nnx.eval_shape(lambda: FluxTransformer2DModel(CONFIG, rngs=nnx.Rngs(0)))
     expected = {p: policy.treatment(p) for p, _ in linear_paths(model)}
     kinds = paths_by_type(nnx.eval_shape(lambda: quantize_model(FluxTransformer2DModel(CONFIG, rngs=nnx.Rngs(0)), policy)))
@@ -76,3 +77,27 @@ def test_w4a4_output_error_is_bounded():
 def test_group_size_must_divide_k():
     with pytest.raises(ValueError, match=r"cannot quantize norm_out\.linear \(kernel \(32, 64\)\).*group size"):
         nnx.eval_shape(lambda: quantize_model(FluxTransformer2DModel(FluxConfig.tiny(), rngs=nnx.Rngs(0))))
+
+
+# The FLUX preset (docs/design.md, "Layer policy").
+@pytest.mark.parametrize("path,treatment", [
+    ("transformer_blocks.0.attn.to_q", "w4a4"),
+    ("transformer_blocks.18.attn.to_out.0", "w4a4"),
+    ("transformer_blocks.3.attn.add_v_proj", "w4a4"),
+    ("transformer_blocks.3.attn.to_add_out", "w4a4"),
+    ("transformer_blocks.1.ff.net.0.proj", "w4a4"),
+    ("transformer_blocks.1.ff_context.net.2", "w4a4"),
+    ("single_transformer_blocks.37.attn.to_k", "w4a4"),
+    ("single_transformer_blocks.0.proj_mlp", "w4a4"),
+    ("single_transformer_blocks.0.proj_out", "w4a4"),
+    ("transformer_blocks.0.norm1.linear", "w4a16"),
+    ("transformer_blocks.0.norm1_context.linear", "w4a16"),
+    ("single_transformer_blocks.5.norm.linear", "w4a16"),
+    ("norm_out.linear", "w4a16"),
+    ("x_embedder", "bf16"),
+    ("context_embedder", "bf16"),
+    ("time_text_embed.timestep_embedder.linear_1", "bf16"),
+    ("proj_out", "bf16"),
+])
+def test_flux_default_policy(path, treatment):
+    assert flux_default_policy().treatment(path) == treatment

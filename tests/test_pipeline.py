@@ -8,6 +8,7 @@ import shutil
 
 import flux_fixtures
 import jax.numpy as jnp
+from flax import nnx
 import numpy as np
 import pytest
 import torch
@@ -15,7 +16,7 @@ from PIL import Image
 
 from flux_flax.config import FluxConfig
 from flux_flax.demo_assets import tiny_text_encoders
-from flux_flax.pipeline import FluxPipeline, GenerationSettings, PipelineMismatchError
+from flux_flax.pipeline import FluxPipeline, GenerationSettings, NonFiniteOutputError, PipelineMismatchError, save_png
 from flux_flax.vae import VAEConfig, load_vae
 
 T5_LENGTH = 24
@@ -83,7 +84,10 @@ def test_pipeline_matches_diffusers(reference, ours):
     final = ours.denoise(latents, ours.encode_prompts(PROMPTS), SETTINGS)
     images = ours(PROMPTS, SETTINGS)  # seeds 3 and 4: the same latents
     ref_final = run_reference(pipe, latents, "latent").numpy()
-    assert flux_fixtures.relative_error(final, ref_final) < 1e-5
+    # Each Euler step adds dt * velocity (dt < 1), so the model's float32 bound adds up per step.
+    tokens = latents.shape[1] + T5_LENGTH
+    bound = SETTINGS.num_inference_steps * flux_fixtures.model_tolerance(ours.config, tokens)
+    assert flux_fixtures.relative_error(final, ref_final) <= bound
     assert flux_fixtures.relative_error(final, latents) > 0.1  # the steps did move the latents
 
     ref_images = run_reference(pipe, latents, "np")  # float in [0, 1], (B, H, W, 3)
@@ -184,7 +188,7 @@ def test_generate_from_w4a4_checkpoint(reference, ours, w4a4_checkpoint, tmp_pat
     _, folder = reference
     argv = ["generate", "--model", str(folder), "--checkpoint", str(w4a4_checkpoint), "--prompt", PROMPTS[0],
             "--size", f"{SETTINGS.width}x{SETTINGS.height}", "--steps", "2", "--seed", "3", "--out", str(tmp_path),
-            "--max-sequence-length", str(T5_LENGTH)]
+            "--max-sequence-length", str(T5_LENGTH), "--no-compile-cache"]
     assert cli.main(argv) == 0
     [path] = tmp_path.glob("*.png")
     assert capsys.readouterr().out.strip() == str(path)
@@ -216,3 +220,39 @@ def test_latents_of_the_wrong_size_are_refused(ours):
     latents = ours.prepare_latents([0], 64, 64)
     with pytest.raises(ValueError, match="do not fit 2 prompt"):
         ours(PROMPTS, SETTINGS, latents=latents)
+
+
+def test_pngs_are_never_overwritten(tmp_path):
+    image = np.zeros((16, 16, 3), np.uint8)
+    paths = [save_png(image + k, tmp_path / "0000-a-cat-s0.png", "a cat", 0, SETTINGS) for k in range(3)]
+    assert [p.name for p in paths] == ["0000-a-cat-s0.png", "0000-a-cat-s0-1.png", "0000-a-cat-s0-2.png"]
+    for k, path in enumerate(paths):
+        with Image.open(path) as img:
+            assert np.asarray(img)[0, 0, 0] == k
+
+
+def test_nan_output_is_an_error_not_a_black_image(ours, tmp_path):
+    broken = nnx.clone(ours.transformer)
+    broken.proj_out.bias[...] = jnp.full_like(broken.proj_out.bias[...], jnp.nan)
+    pipe = FluxPipeline(broken, ours.vae, ours.text_encoders, progress=False)
+    with pytest.raises(NonFiniteOutputError, match="final latents hold NaN or Inf for 1 prompt"):
+        pipe.generate_pngs(PROMPTS[:1], SETTINGS, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_generate_refuses_a_damaged_checkpoint_in_one_line(reference, w4a4_checkpoint, tmp_path, capsys):
+    from flux_flax import cli
+
+    _, folder = reference
+    damaged = tmp_path / "damaged"
+    shutil.copytree(w4a4_checkpoint, damaged)
+    data = max((p for p in damaged.rglob("d/*") if p.is_file()), key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    argv = ["generate", "--model", str(folder), "--checkpoint", str(damaged), "--prompt", "a cat",
+            "--out", str(tmp_path / "out"), "--no-compile-cache"]
+    assert cli.main(argv) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "is damaged" in err[0] and data.name in err[0], err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,203 @@
+"""Time from `convrot-flux generate` starting to its first PNG, cold (empty JAX compilation cache)
+and warm (the cache the cold run filled), and what checking a checkpoint's integrity costs.
+
+The model folder is FLUX.1-dev's shape with random weights: a W4A4 checkpoint made on the device
+block by block (`flux_flax.checkpoint.save_checkpoint`, the format `convrot-convert` writes), a
+FLUX-shaped VAE decoder, and tiny random CLIP/T5 encoders with the real output widths (their time
+is not CLIP-L/T5-XXL's). Each `generate` runs in its own process, as a user runs it.
+
+    PYTHONPATH=. python3 benchmarks/bench_first_png.py --workdir /tmp/first_png --out benchmarks/results
+    PYTHONPATH=. python3 benchmarks/bench_first_png.py --config small --size 256 --steps 2 \\
+        --workdir /tmp/first_png --out /tmp/first_png_out                       # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GIB = 2**30
+DEV_SCHEDULER = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+    "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+
+
+def random_w4a4_transformer(config):
+    """A random FLUX transformer built block by block on the default device, each block quantized as
+    soon as it exists (flux_default_policy), so the bf16 model never sits in memory whole."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from flux_flax.quantize import quantize_model
+    from flux_flax.transformer import FluxSingleTransformerBlock, FluxTransformer2DModel, FluxTransformerBlock
+
+    shell = dataclasses.replace(config, num_layers=0, num_single_layers=0)
+    model = nnx.jit(lambda: FluxTransformer2DModel(shell, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))()
+    model.config = config
+    dims = (config.inner_dim, config.num_attention_heads, config.attention_head_dim)
+    double = nnx.jit(lambda key: FluxTransformerBlock(*dims, dtype=jnp.bfloat16, rngs=nnx.Rngs(key)))
+    single = nnx.jit(lambda key: FluxSingleTransformerBlock(*dims, dtype=jnp.bfloat16, rngs=nnx.Rngs(key)))
+    for i in range(config.num_layers):
+        model.transformer_blocks.append(double(jax.random.key(1000 + i)))
+        quantize_model(model)
+    for i in range(config.num_single_layers):
+        model.single_transformer_blocks.append(single(jax.random.key(2000 + i)))
+        quantize_model(model)
+    return quantize_model(model)  # the embedders and norm_out
+
+
+def make_model_folder(root: Path, config, *, t5_length: int) -> tuple[Path, Path]:
+    """(diffusers-format folder without transformer weights, W4A4 checkpoint) under `root`."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from flux_flax.checkpoint import save_checkpoint
+    from flux_flax.demo_assets import save_text_parts, tiny_text_encoders
+    from flux_flax.policy import flux_default_policy
+    from flux_flax.vae import AutoencoderKLDecoder, VAEConfig, save_vae
+
+    folder = root / "FLUX-random"
+    text = tiny_text_encoders(config.pooled_projection_dim, config.joint_attention_dim, max_sequence_length=t5_length)
+    save_text_parts(text, folder)
+    vae_config = VAEConfig(latent_channels=config.in_channels // 4)
+    save_vae(AutoencoderKLDecoder(vae_config, dtype=jnp.float32, rngs=nnx.Rngs(0)), folder / "vae")
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(DEV_SCHEDULER))
+    (folder / "transformer").mkdir(exist_ok=True)
+    transformer_config = {"_class_name": "FluxTransformer2DModel", **config.to_dict()}
+    (folder / "transformer" / "config.json").write_text(json.dumps(transformer_config))
+
+    quantization = {"group_size": 256, "hadamard": "regular", "scale_group": None,
+                    "policy": flux_default_policy().to_dict()}
+    checkpoint = save_checkpoint(random_w4a4_transformer(config), root / "flux-random-w4a4",
+                                 quantization=quantization, source={"layout": "random (bench_first_png)"})
+    return folder, checkpoint
+
+
+def drop_page_cache() -> bool:
+    """Asks the kernel to drop clean pages, so that reads hit the disk; False where not allowed."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def time_verification(checkpoint: Path) -> dict:
+    """Seconds to verify the manifest (page cache dropped first where possible) and to load with
+    and without verification, each in a fresh process."""
+    from flux_flax.integrity import verify_manifest
+
+    size = sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file())
+    dropped = drop_page_cache()
+    start = time.perf_counter()
+    verify_manifest(checkpoint)
+    verify_cold = time.perf_counter() - start
+    start = time.perf_counter()
+    verify_manifest(checkpoint)
+    verify_warm = time.perf_counter() - start
+    loads = {}
+    for verify in (True, False):
+        code = ("import sys, time; from flux_flax.checkpoint import load_checkpoint; import jax\n"
+                f"t = time.perf_counter(); m, _ = load_checkpoint(sys.argv[1], verify={verify})\n"
+                "jax.block_until_ready(jax.tree.leaves(m)); print(time.perf_counter() - t)\n")
+        drop_page_cache()
+        out = subprocess.run([sys.executable, "-c", code, str(checkpoint)], capture_output=True, text=True, check=True)
+        loads["load_verified_s" if verify else "load_unverified_s"] = float(out.stdout.split()[-1])
+    return {"checkpoint_bytes": size, "page_cache_dropped": dropped, "verify_cold_s": verify_cold,
+            "verify_warm_s": verify_warm, "verify_cold_gb_per_s": size / verify_cold / 1e9, **loads}
+
+
+def time_generate(folder: Path, checkpoint: Path, cache: Path, out: Path, *, size: int, steps: int,
+                  t5_length: int) -> dict:
+    """One `convrot-flux generate` process: wall seconds to its exit (its PNG is the last thing it writes)."""
+    argv = [sys.executable, "-m", "flux_flax.cli", "generate", "--model", str(folder), "--checkpoint", str(checkpoint),
+            "--prompt", "a red fox in fresh snow", "--size", f"{size}x{size}", "--steps", str(steps),
+            "--max-sequence-length", str(t5_length), "--out", str(out), "--compile-cache", str(cache)]
+    start = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"generate failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    return {"seconds_to_png": wall, "png": proc.stdout.split()[-1], "stderr_tail": proc.stderr.strip().splitlines()[-1]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=("dev", "small"), default="dev")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    import jax
+
+    from flux_flax.config import FluxConfig
+
+    config = FluxConfig.dev() if args.config == "dev" else FluxConfig.small(guidance_embeds=True)
+    t5_length = 512 if args.config == "dev" else 64
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    args.workdir.mkdir(parents=True)
+    start = time.perf_counter()
+    folder, checkpoint = make_model_folder(args.workdir, config, t5_length=t5_length)
+    setup_s = time.perf_counter() - start
+    result = {
+        "device": jax.devices()[0].device_kind, "host_cpus": os.cpu_count(), "python": platform.python_version(),
+        "jax": jax.__version__, "config": args.config, "size": args.size, "steps": args.steps,
+        "setup_s": setup_s, "verification": time_verification(checkpoint),
+    }
+    cache = args.workdir / "compile-cache"
+    for run in ("cold", "warm"):
+        result[run] = time_generate(folder, checkpoint, cache, args.workdir / "pngs", size=args.size,
+                                    steps=args.steps, t5_length=t5_length)
+        result[run]["cache_files"] = sum(1 for p in cache.rglob("*") if p.is_file())
+        print(run, json.dumps(result[run]), flush=True)
+    write_results(result, args.out)
+
+
+def write_results(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "first_png.json").write_text(json.dumps(result, indent=1))
+    v = result["verification"]
+    cold, warm = result["cold"]["seconds_to_png"], result["warm"]["seconds_to_png"]
+    lines = [
+        "# Time to the first PNG (`convrot-flux generate`) and checkpoint verification",
+        "",
+        f"Device: {result['device']}, {result['host_cpus']} host CPUs; jax {result['jax']}. FLUX.1-{result['config']} "
+        f"shape, random W4A4 checkpoint, {result['size']}², {result['steps']} steps, batch 1; tiny random text "
+        "encoders with the real widths. `benchmarks/bench_first_png.py`; one process per run.",
+        "",
+        "| run | seconds to the PNG | ratio to cold | compilation cache files after |",
+        "| --- | ---: | ---: | ---: |",
+        f"| cold (empty cache) | {cold:.1f} | 1.00 | {result['cold']['cache_files']} |",
+        f"| warm (cache from the cold run) | {warm:.1f} | {warm / cold:.2f} | {result['warm']['cache_files']} |",
+        "",
+        "| verification | figure |",
+        "| --- | ---: |",
+        f"| checkpoint size | {v['checkpoint_bytes'] / GIB:.2f} GiB |",
+        f"| verify the manifest, page cache dropped: {v['page_cache_dropped']} | {v['verify_cold_s']:.2f} s "
+        f"({v['verify_cold_gb_per_s']:.2f} GB/s) |",
+        f"| verify again (page cache warm) | {v['verify_warm_s']:.2f} s |",
+        f"| load_checkpoint, verified | {v['load_verified_s']:.2f} s |",
+        f"| load_checkpoint, --no-verify | {v['load_unverified_s']:.2f} s "
+        f"(verified / unverified: {v['load_verified_s'] / v['load_unverified_s']:.2f}) |",
+        "",
+    ]
+    (out / "first_png.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
