@@ -50,7 +50,7 @@ LOAD = """
 import json, sys, time, jax
 from flax import nnx
 t = time.perf_counter()
-from convert.checkpoint import load_checkpoint
+from flux_flax.checkpoint import load_checkpoint
 model, _ = load_checkpoint(sys.argv[1])
 jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
 print(json.dumps({"seconds": time.perf_counter() - t}))
