@@ -28,7 +28,7 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this process needs shapes only; children get the GPU
 
-from benchmarks.random_checkpoint import write_random_diffusers_dir  # noqa: E402
+from flux_flax.random_weights import write_random_diffusers_dir  # noqa: E402
 from flux_flax import FluxConfig, abstract_transformer, expected_shapes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
