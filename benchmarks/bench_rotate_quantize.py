@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
             got = harness.run_isolated(harness.worker_command(MODULE, f"prologue:{v}", common),
                                        timeout=args.variant_timeout, label=f"prologue {v}")
             res["prologue"] += harness.error_rows([v], got["error"], shape="all") if isinstance(got, dict) else got
-    meta = harness.run_meta(device=harness.device_kind())
+    meta = harness.run_meta(probe=True)
     harness.write_results(NAME, res, markdown(res), args.out, summary=summarize(res["rows"]), meta=meta,
                           command="python -m " + MODULE + " " + " ".join(argv))
     print((args.out / f"{NAME}.md").read_text())

@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     args.argv = [*argv, "--deadline", str(time.time() + args.budget_s)]
     args.out.mkdir(parents=True, exist_ok=True)
     log: dict = {"iters": harness.timing_iters()}
-    meta = harness.run_meta(device=harness.device_kind())
+    meta = harness.run_meta(probe=True)
 
     def save():
         harness.write_results(NAME, log, markdown(log), args.out, summary=summarize(log.get("rows", [])), meta=meta,

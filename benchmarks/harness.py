@@ -165,13 +165,13 @@ def error_rows(names: Iterable[str], error: str, **keys) -> list[dict]:
     return [dict(variant=n, **keys, error=error) for n in names]
 
 
-def device_kind() -> str:
-    """The accelerator's name, asked of a short child process (a parent that only starts children
-    never initialises a jax backend, so it holds no GPU memory while they run)."""
-    got = run_isolated([sys.executable, "-c", "import jax; from benchmarks import harness; "
-                        "harness.emit(jax.devices()[0].device_kind + ' (' + jax.default_backend() + ')')"],
-                       timeout=120, label="device query", capture=True)
-    return got if isinstance(got, str) else "unknown device"
+def device_info() -> dict:
+    """The accelerator's name and the jax version, asked of a short child process (a parent that
+    only starts children never initialises a jax backend, so it holds no GPU memory meanwhile)."""
+    got = run_isolated([sys.executable, "-c", "import jax; from benchmarks import harness; harness.emit({"
+                        "'device': jax.devices()[0].device_kind + ' (' + jax.default_backend() + ')', "
+                        "'jax': jax.__version__})"], timeout=120, label="device query", capture=True)
+    return got if "device" in got else {"device": "unknown device"}
 
 
 def run_pytest(path: str, marker_or_k: str = "", *, timeout: float = 600) -> str:
@@ -220,8 +220,9 @@ def time_grid(shapes: Mapping[str, Mapping[str, int]], variant: str,
 
 
 # ------------------------------------------------------------------------------------ results
-def run_meta(device: str | None = None) -> dict:
-    """Where and from what a run came: device, jax version, commit, UTC time, host."""
+def run_meta(device: str | None = None, *, probe: bool = False) -> dict:
+    """Where and from what a run came: device, jax version, commit, UTC time, host. `probe`: ask
+    a child process for the device and the jax version (see device_info)."""
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "host": platform.node(), "python": platform.python_version()}
     try:
@@ -229,6 +230,9 @@ def run_meta(device: str | None = None) -> dict:
                                         text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         meta["commit"] = None
+    if probe:
+        meta.update(device_info())
+        return meta
     if device is None and "jax" in sys.modules:
         import jax
 
