@@ -116,16 +116,19 @@ def process_groups(variants: Mapping[str, Variant], names: Iterable[str]) -> dic
 
 # ------------------------------------------------------------------------------------ isolation
 def run_isolated(cmd: Sequence[str], *, timeout: float | None = None, env: Mapping[str, str] | None = None,
-                 label: str = "", capture: bool = False) -> Any:
+                 unset: Sequence[str] = (), label: str = "", capture: bool = False) -> Any:
     """Runs `cmd` (e.g. [sys.executable, "-m", "benchmarks.bench_x", "--worker", ...]) in its own
     process from the repository root and returns the JSON it passed to `emit`. On a timeout, a
     non-zero exit or no JSON: {"error": "..."} (the caller turns it into error rows). With
-    `capture`, the child's output is kept and its tail goes into the error."""
+    `capture`, the child's output is kept and its tail goes into the error. `env` adds to this
+    process's environment, `unset` removes names from it."""
     label = label or " ".join(cmd[-3:])
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = Path(f.name)
     child_env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", **(env or {}))
     child_env[RESULT_ENV] = str(out)
+    for name in unset:
+        child_env.pop(name, None)
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), child_env.get("PYTHONPATH", "")) if p)
     try:
         proc = subprocess.run(list(cmd), cwd=REPO, env=child_env, timeout=timeout,
