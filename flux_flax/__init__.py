@@ -2,7 +2,7 @@
 its ConvRot quantization.
 
     model = flux_flax.load_transformer("FLUX.1-dev/transformer")        # bf16
-    flux_flax.quantize_model(model)                                    # W4A4 per DESIGN.md §3
+    flux_flax.quantize_model(model)                                    # W4A4 per docs/design.md §2
     flux_flax.fuse_projections(model)                                  # q/k/v (+ MLP in) as one GEMM
     out = model(latents, t5, clip_pooled, t, img_ids, txt_ids, guidance)
 """
