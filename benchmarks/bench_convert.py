@@ -5,7 +5,7 @@ and the time to load the result, against the targets: output <= 5.5 GiB (>= 4.0x
 peak RSS <= 4 GiB.
 
     PYTHONPATH=. python3 -m benchmarks.bench_convert --workdir /tmp/bench [--fraction 0.1]
-    PYTHONPATH=. python3 -m benchmarks.bench_convert --workdir /tmp/bench --fraction 0.02 --results /tmp/c  # CPU, under a minute
+    PYTHONPATH=. python3 -m benchmarks.bench_convert --workdir /tmp/bench --fraction 0.02 --results /tmp/c  # CPU smoke
 
 `--fraction` keeps that share of the blocks (for a quick run on a small machine; the results say
 so). The conversion and the load run in child processes (benchmarks.harness.run_isolated), so that

@@ -275,7 +275,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         if b:
             figure += f" (baseline {b['step_ms']:.1f} ms, {b['weight_gib']:.2f} GiB)"
         out.append(harness.figure(f"FLUX.1-dev step, {VARIANTS[r['variant']].doc}", figure, shape=_shape(r),
-                                  baseline=base and VARIANTS[base].doc, ratio=b["step_ms"] / r["step_ms"] if b else None))
+                                  baseline=base and VARIANTS[base].doc,
+                                  ratio=b["step_ms"] / r["step_ms"] if b else None))
     return out
 
 
@@ -303,7 +304,8 @@ def markdown(rows: list[dict]) -> list[str]:
                   "`gaps` = step time minus the kernels' sum):", ""]
         lines += harness.md_table(
             ["variant", "size", "batch", *names, "gaps"],
-            [[r["variant"], f"{r['size']}²", r["batch"], *(f"{r['breakdown']['stages_ms'].get(n, 0.0):.1f}" for n in names),
+            [[r["variant"], f"{r['size']}²", r["batch"],
+              *(f"{r['breakdown']['stages_ms'].get(n, 0.0):.1f}" for n in names),
               f"{r['step_ms'] - r['breakdown']['kernels_ms']:.1f}"] for r in with_breakdown],
             [False] + [True] * (len(names) + 3))
     lines.append("\nJAX peak GiB: weights + XLA's temporary buffers + inputs/outputs of the compiled step "

@@ -290,7 +290,8 @@ def markdown(log: dict) -> list[str]:
     if log.get("sweep"):
         out += ["", "Tile configs (err in bf16 ulps of the reference; <= 1 passes):", ""]
         out += harness.md_table(["M", "K", "N", "impl / config", "TOP/s", "vs bf16", "err ulp"], [
-            (r["m"], r["k"], r["n"], r.get("impl") or r["config"], f"{r['tops']:.0f}" if "tops" in r else r.get("error"),
+            (r["m"], r["k"], r["n"], r.get("impl") or r["config"],
+             f"{r['tops']:.0f}" if "tops" in r else r.get("error"),
              f"{r['vs_bf16']:.2f}x" if "vs_bf16" in r else "", f"{r['err_ulp']:.2f}" if "err_ulp" in r else "")
             for r in log["sweep"]])
     if log.get("sass"):
