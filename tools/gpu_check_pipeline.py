@@ -179,8 +179,9 @@ def summarize(results: dict) -> list[dict]:
     q, b = results.get("w4a4-auto", {}), results.get("bf16", {})
     if "seconds_per_image" not in q or "seconds_per_image" not in b:
         return []
+    kernels = "Pallas kernels" if q.get("w4a4_implementation") == "pallas" else "XLA reference ops"
     return [harness.figure(
-        "whole pipeline, W4A4 (Pallas kernels)", f"{q['seconds_per_image']:.2f} s per image, peak GPU "
+        f"whole pipeline, W4A4 ({kernels})", f"{q['seconds_per_image']:.2f} s per image, peak GPU "
         f"{q['peak_gpu_gib']:.2f} GiB (bf16: {b['seconds_per_image']:.2f} s, {b['peak_gpu_gib']:.2f} GiB)",
         shape=f"{q['size']}², {q['steps']} steps, denoise + VAE decode", baseline="bf16",
         ratio=b["seconds_per_image"] / q["seconds_per_image"])]
