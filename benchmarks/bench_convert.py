@@ -4,32 +4,30 @@ Reports wall time, throughput, peak host RSS (the converter's, from the kernel),
 and the time to load the result, against the targets: output <= 5.5 GiB (>= 4.0x smaller) and
 peak RSS <= 4 GiB.
 
-    PYTHONPATH=. python3 benchmarks/bench_convert.py --workdir /tmp/bench [--fraction 0.1]
+    PYTHONPATH=. python3 -m benchmarks.bench_convert --workdir /tmp/bench [--fraction 0.1]
+    PYTHONPATH=. python3 -m benchmarks.bench_convert --workdir /tmp/bench --fraction 0.02 --results /tmp/c  # CPU smoke
 
 `--fraction` keeps that share of the blocks (for a quick run on a small machine; the results say
-so). The conversion and the load run in child processes, so that this process (which only needs
-shapes, on the CPU) neither skews the memory figure nor takes the GPU.
+so). The conversion and the load run in child processes (benchmarks.harness.run_isolated), so that
+this process (which only needs shapes, on the CPU) neither skews the memory figure nor takes the GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import platform
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this process needs shapes only; children get the GPU
 
-from benchmarks.random_checkpoint import write_random_diffusers_dir  # noqa: E402
-from flux_flax import FluxConfig, abstract_transformer, expected_shapes  # noqa: E402
+from benchmarks import harness  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1 << 30
@@ -39,34 +37,40 @@ TARGET_RSS_BYTES = 4 * GIB
 SHARD_BYTES = 10 * 10**9
 
 CONVERT = """
-import json, sys, jax
+import sys, jax
+from benchmarks import harness
 from convert.convert import convert_checkpoint
 s = convert_checkpoint(sys.argv[1], sys.argv[2], progress=False)
-print(json.dumps({"seconds": s.seconds, "tensors_quantized": s.tensors_quantized, "tensors_kept": s.tensors_kept,
+harness.emit({"seconds": s.seconds, "tensors_quantized": s.tensors_quantized, "tensors_kept": s.tensors_kept,
                   "bytes_in": s.bytes_in, "bytes_out": s.bytes_out, "array_bytes": s.array_bytes,
-                  "device": jax.devices()[0].device_kind}))
+                  "device": jax.devices()[0].device_kind})
 """
 LOAD = """
-import json, sys, time, jax
+import sys, time, jax
 from flax import nnx
+from benchmarks import harness
 t = time.perf_counter()
 from flux_flax.checkpoint import load_checkpoint
 model, _ = load_checkpoint(sys.argv[1])
 jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
-print(json.dumps({"seconds": time.perf_counter() - t}))
+harness.emit({"seconds": time.perf_counter() - t})
 """
 
 
 def _child(code: str, *args: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True)
-    if run.returncode:
-        raise RuntimeError(f"child failed ({run.returncode}): {run.stderr[-3000:]}")
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    """Runs code in a child process; this process's JAX_PLATFORMS=cpu is not passed on (the GPU,
+    if any, is the child's)."""
+    got = harness.run_isolated([sys.executable, "-c", code, *args], unset=("JAX_PLATFORMS",), label="convert child",
+                               capture=True)
+    if "error" in got:
+        raise RuntimeError(f"child failed: {got['error']}")
+    return got
 
 
 def run(workdir: Path, fraction: float) -> dict:
+    from flux_flax import FluxConfig, abstract_transformer, expected_shapes
+    from flux_flax.random_weights import write_random_diffusers_dir
+
     config = FluxConfig.dev()
     if fraction < 1:
         config = dataclasses.replace(config, num_layers=max(1, round(19 * fraction)),
@@ -148,16 +152,28 @@ def markdown(r: dict) -> str:
     ])
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def summarize(r: dict) -> list[dict]:
+    gib = r["peak_rss_bytes"] / GIB
+    scope = "FLUX.1-dev size" if r["fraction_of_blocks"] >= 1 else f"{r['fraction_of_blocks']:.0%} of FLUX.1-dev"
+    return [harness.figure(
+        "convrot-convert (bf16 safetensors -> W4A4 Orbax)",
+        f"peak RSS {gib:.2f} GiB, {r['convert_seconds']:.0f} s, output {r['output_bytes'] / GIB:.2f} GiB",
+        shape=f"random {scope} checkpoint, {r['parameters'] / 1e9:.1f}B parameters", baseline="bf16 source size",
+        ratio=f"{r['compression_ratio']:.2f}x smaller")]
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, required=True, help="scratch directory (removed afterwards)")
     p.add_argument("--fraction", type=float, default=1.0, help="share of FLUX.1-dev's blocks to keep")
-    p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results", help="where convert.{md,json} go")
-    args = p.parse_args()
+    p.add_argument("--results", "--out", type=Path, default=harness.RESULTS, help="where convert.{md,json} go")
+    args = p.parse_args(argv)
     result = run(args.workdir, args.fraction)
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "convert.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.results / "convert.md").write_text(markdown(result))
+    meta = harness.run_meta(device=result["where"])
+    harness.write_results("convert", result, markdown(result), args.results, summary=summarize(result), meta=meta,
+                          command="python -m benchmarks.bench_convert " + " ".join(argv))
     print(markdown(result))
 
 

@@ -1,44 +1,62 @@
 """End-to-end denoising-step latency and memory on the GPU: W4A4 vs bf16, JAX vs PyTorch.
 
-One command measures every variant, each in its own process (clean peak memory, no two
-frameworks sharing the GPU):
-  torch_eager     diffusers FluxTransformer2DModel, bf16, eager
-  torch_compile   the same under torch.compile (default mode)
-  jax_bf16        flux_flax, bf16 (attention: cuDNN)
-  jax_w4a4_xla    flux_flax + ConvRot W4A4 (flux default policy), XLA reference ops
-  jax_w4a4_pallas the same with the Pallas kernels
+Variants (the registry VARIANTS; each process group runs in its own process: clean peak memory,
+no two frameworks sharing the GPU):
+  torch_eager      diffusers FluxTransformer2DModel, bf16, eager
+  torch_compile    the same under torch.compile (default mode)
+  torch_fp8        diffusers + torchao Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+                   + fuse_qkv_projections + torch.compile (the flux-fast recipe without FA3; needs torchao)
+  jax_bf16         flux_flax, bf16 (attention: cuDNN)
+  jax_w4a4_xla     flux_flax + ConvRot W4A4 (flux default policy), XLA reference ops
+  jax_w4a4_pallas  the same with the Pallas kernels
 A step is one transformer forward (FLUX.1-dev config; random weights made on the GPU, or real
 ones with --model DIR) at each size and batch, with 512 T5 tokens: median of --iters timed runs
-after warm-up. Reported per variant and shape: step ms, ratio to diffusers eager and compiled,
-peak GPU memory, transformer weight bytes, compile time. Each JAX variant's step is also broken
-down per stage (rotate-quantize, W4A4 GEMM, attention, cuBLAS GEMMs, XLA fusions) from CUPTI's
-timings of every kernel of the compiled step.
-The JAX variants fuse the projections that read the same input (flux_flax.fuse_projections: q/k/v
-per stream, q/k/v + MLP input in single blocks; one quantization pass and one wider GEMM each)
-unless --no-fuse; each JAX row records `fused`.
+after warm-up (host clock around a synchronised call). Reported per variant and shape: step ms,
+ratios to the baselines of the same run, peak GPU memory, weight bytes, compile time. Each JAX
+variant's step is also broken down per stage (rotate-quantize, W4A4 GEMM, attention, cuBLAS
+GEMMs, XLA fusions) from CUPTI's timings of every kernel of the compiled step. The JAX variants
+fuse the projections that read the same input (flux_flax.fuse_projections) unless --no-fuse.
 
-    PYTHONPATH=. python3 -m benchmarks.bench_e2e            # all variants; diffusers must import
+    PYTHONPATH=. python3 -m benchmarks.bench_e2e                     # every variant that imports
+    PYTHONPATH=. python3 -m benchmarks.bench_e2e --variants jax_bf16 jax_w4a4_pallas --sizes 1024 --batches 1
+    PYTHONPATH=. python3 -m benchmarks.bench_e2e --merge A/e2e.json B/e2e.json   # subsets run back to back
+    PYTHONPATH=. JAX_PLATFORMS=cpu python3 -m benchmarks.bench_e2e --config tiny --variants jax_bf16 \\
+        jax_w4a4_xla --sizes 64 --batches 1 --iters 1 --warmup 0 --out /tmp/e2e   # CPU smoke test
 Writes benchmarks/results/e2e.{md,json} and e2e.png. Where one command may not run that long
-(the lent GPU machine stops a command after 10 minutes), run variant subsets (--variants ... --out
-DIR) back to back on the same machine and combine them with --merge DIR1/e2e.json DIR2/e2e.json.
+(the lent GPU machine stops a command after 10 minutes), run variant subsets (--variants ...
+--out DIR) back to back on the same machine and combine them with --merge.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
-VARIANTS = ("torch_eager", "torch_compile", "jax_bf16", "jax_w4a4_xla", "jax_w4a4_pallas")
+from benchmarks import harness
+from benchmarks.harness import Variant
+
+NAME = "e2e"
+MODULE = "benchmarks.bench_e2e"
 TEXT_TOKENS = 512
 GIB = 2**30
+_TORCH = ("torch", "diffusers")
+_JAX = ("jax", "flax")
+VARIANTS = harness.registry(
+    Variant("torch_eager", "diffusers bf16, eager", _TORCH, group="torch", options={"runner": "torch"}),
+    Variant("torch_compile", "diffusers bf16, torch.compile", _TORCH, group="torch",
+            options={"runner": "torch", "compile": True}),
+    Variant("torch_fp8", "diffusers + torchao fp8 dynamic row-wise + fused QKV + torch.compile", (*_TORCH, "torchao"),
+            options={"runner": "torch", "compile": True, "fp8": True, "fuse_qkv": True}),
+    Variant("jax_bf16", "flux_flax bf16", _JAX, options={"runner": "jax", "impl": None}),
+    Variant("jax_w4a4_xla", "flux_flax W4A4, XLA reference ops", _JAX, options={"runner": "jax", "impl": "xla"}),
+    Variant("jax_w4a4_pallas", "flux_flax W4A4, Pallas kernels", _JAX, options={"runner": "jax", "impl": "pallas"}),
+)
+# Ratio columns of the table, and the README's baseline (the first present in the same run).
+BASELINES = ("torch_eager", "torch_compile", "torch_fp8", "jax_bf16")
+README_BASELINES = ("jax_bf16", "torch_compile", "torch_fp8")
+README_VARIANTS = ("jax_w4a4_pallas",)
 
 
 def shapes(sizes: list[int], batches: list[int]) -> list[tuple[int, int]]:
@@ -50,6 +68,17 @@ def image_tokens(size: int) -> int:
 
 
 # ------------------------------------------------------------------------------------ PyTorch
+def _torch_weight_bytes(model, measured: bool = False) -> int:
+    """Parameter bytes; `measured` (after torchao swapped in its fp8 tensor subclasses, whose
+    element sizes say nothing of their storage): the GPU memory allocated now, i.e. the model's."""
+    import torch
+
+    if measured and torch.cuda.is_available():
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def torch_worker(args, variants: list[str]) -> list[dict]:
     import torch
     from diffusers import FluxTransformer2DModel as TorchFlux
@@ -72,11 +101,19 @@ def torch_worker(args, variants: list[str]) -> list[dict]:
                               axes_dims_rope=tuple(cfg.axes_dims_rope))
             torch.set_default_dtype(torch.float32)
     model.eval().requires_grad_(False)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = _torch_weight_bytes(model)
     print(f"torch: model ready in {time.perf_counter() - t0:.0f} s, {weight_bytes / GIB:.2f} GiB", flush=True)
     rows = []
     for variant in variants:
-        fn = torch.compile(model) if variant == "torch_compile" else model
+        opts = VARIANTS[variant].options
+        if opts.get("fuse_qkv"):
+            model.fuse_qkv_projections()
+        if opts.get("fp8"):  # in place: fp8 variants run in their own process (their own group)
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+            quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+            weight_bytes = _torch_weight_bytes(model, measured=True)
+        fn = torch.compile(model) if opts.get("compile") else model
         for size, batch in shapes(args.sizes, args.batches):
             s = image_tokens(size)
             g = torch.Generator(dev).manual_seed(0)
@@ -98,16 +135,8 @@ def torch_worker(args, variants: list[str]) -> list[dict]:
                 fn(**kw)
                 sync()
                 first = time.perf_counter() - t0
-                for _ in range(args.warmup):
-                    fn(**kw)
-                times = []
-                for _ in range(args.iters):  # wall clock around a synchronised call, as for JAX
-                    sync()
-                    t0 = time.perf_counter()
-                    fn(**kw)
-                    sync()
-                    times.append((time.perf_counter() - t0) * 1e3)
-            med = statistics.median(times)
+                sync()  # wall clock around a synchronised call, as for JAX
+                med = harness.wall_ms(lambda: fn(**kw), iters=args.iters, warmup=args.warmup, sync=lambda _: sync())
             rows.append(dict(variant=variant, size=size, batch=batch, step_ms=med, first_call_s=first,
                              compile_s=max(first - med / 1e3, 0.0),
                              peak_gib=torch.cuda.max_memory_allocated() / GIB if dev == "cuda" else 0.0,
@@ -126,7 +155,7 @@ def jax_worker(args, variant: str) -> list[dict]:
 
     from benchmarks.models import random_transformer
 
-    impl = {"jax_w4a4_xla": "xla", "jax_w4a4_pallas": "pallas"}.get(variant)
+    impl = VARIANTS[variant].options["impl"]
     t0 = time.perf_counter()
     if args.model:
         model = flux_flax.load_transformer(Path(args.model) / "transformer")
@@ -164,14 +193,8 @@ def jax_worker(args, variant: str) -> list[dict]:
         mem = compiled.memory_analysis()
         temp = getattr(mem, "temp_size_in_bytes", 0) or 0
         out_bytes = getattr(mem, "output_size_in_bytes", 0) or 0
-        for _ in range(args.warmup):
-            compiled(state, inputs).block_until_ready()
-        times = []
-        for _ in range(args.iters):
-            t0 = time.perf_counter()
-            compiled(state, inputs).block_until_ready()
-            times.append((time.perf_counter() - t0) * 1e3)
-        med = statistics.median(times)
+        med = harness.wall_ms(lambda: compiled(state, inputs), iters=args.iters, warmup=args.warmup,
+                              sync=lambda y: y.block_until_ready())
         row = dict(variant=variant, size=size, batch=batch, step_ms=med, compile_s=compile_s,
                    peak_gib=(weight_bytes + temp + out_bytes + sum(x.nbytes for x in jax.tree.leaves(inputs))) / GIB,
                    weight_gib=weight_bytes / GIB, fused=args.fuse)
@@ -231,97 +254,87 @@ def step_breakdown(step, state, inputs) -> dict:
 def _config(args):
     from flux_flax import FluxConfig
 
-    return FluxConfig.small() if args.config == "small" else FluxConfig.dev()
+    return {"dev": FluxConfig.dev, "small": FluxConfig.small, "tiny": FluxConfig.tiny}[args.config]()
 
 
-# ------------------------------------------------------------------------------------ driver
-def run_variant_process(variant_group: str, args) -> list[dict]:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out = f.name
-    cmd = [sys.executable, "-m", "benchmarks.bench_e2e", "--worker", variant_group, "--worker-out", out,
-           "--sizes", *map(str, args.sizes), "--batches", *map(str, args.batches),
-           "--iters", str(args.iters), "--warmup", str(args.warmup), "--variants", *args.variants,
-           "--config", args.config]
-    if args.model:
-        cmd += ["--model", args.model]
-    if not args.breakdown:
-        cmd += ["--no-breakdown"]
-    if not args.fuse:
-        cmd += ["--no-fuse"]
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    group_variants = [v for v in args.variants if v.startswith("torch")] if variant_group == "torch" else [variant_group]
-    try:
-        proc = subprocess.run(cmd, env=env, timeout=args.variant_timeout)
-    except subprocess.TimeoutExpired:
-        print(f"!! {variant_group} stopped after --variant-timeout {args.variant_timeout} s", flush=True)
-        return [dict(variant=v, error=f"timeout {args.variant_timeout} s") for v in group_variants]
-    if proc.returncode != 0:
-        print(f"!! {variant_group} failed with exit code {proc.returncode}", flush=True)
-        return [dict(variant=v, error=f"exit {proc.returncode}") for v in group_variants]
-    return json.loads(Path(out).read_text())
+# ------------------------------------------------------------------------------------ results
+def _shape(r) -> str:
+    return f"{r['size']}² b{r['batch']}"
 
 
-def write_results(rows: list[dict], device: str, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "e2e.json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))
-    ok = [r for r in rows if "error" not in r]
-    base = {(r["variant"], r["size"], r["batch"]): r["step_ms"] for r in ok}
-    lines = [f"# End-to-end denoising step: FLUX.1-dev transformer ({device})", "",
-             "One transformer forward per step, 512 text tokens, random weights unless noted; median of the "
-             "timed runs. Ratios: diffusers' step time / this variant's (higher is faster).", "",
-             "| variant | size | batch | step ms | vs diffusers eager | vs diffusers compile | peak GiB | weights GiB | compile s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+def summarize(rows: list[dict]) -> list[dict]:
+    ok = [r for r in rows if "error" not in r and "step_ms" in r]
+    by = {(r["variant"], r["size"], r["batch"]): r for r in ok}
+    out = []
     for r in ok:
-        eager = base.get(("torch_eager", r["size"], r["batch"]))
-        comp = base.get(("torch_compile", r["size"], r["batch"]))
-        ratio = lambda b: f"{b / r['step_ms']:.2f}x" if b else "-"
-        lines.append(f"| {r['variant']} | {r['size']}² | {r['batch']} | {r['step_ms']:.1f} | {ratio(eager)} | "
-                     f"{ratio(comp)} | {r['peak_gib']:.1f} | {r['weight_gib']:.2f} | {r['compile_s']:.0f} |")
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['variant']} | failed: {r['error']} | | | | | | | |")
+        if r["variant"] not in README_VARIANTS:
+            continue
+        base = next((b for b in README_BASELINES if (b, r["size"], r["batch"]) in by), None)
+        b = by.get((base, r["size"], r["batch"]))
+        figure = f"{r['step_ms']:.1f} ms per step, weights {r['weight_gib']:.2f} GiB"
+        if b:
+            figure += f" (baseline {b['step_ms']:.1f} ms, {b['weight_gib']:.2f} GiB)"
+        out.append(harness.figure(f"FLUX.1-dev step, {VARIANTS[r['variant']].doc}", figure, shape=_shape(r),
+                                  baseline=base and VARIANTS[base].doc,
+                                  ratio=b["step_ms"] / r["step_ms"] if b else None))
+    return out
+
+
+def markdown(rows: list[dict]) -> list[str]:
+    ok = [r for r in rows if "error" not in r]
+    by = {(r["variant"], r["size"], r["batch"]): r["step_ms"] for r in ok}
+    bases = [b for b in BASELINES if any(r["variant"] == b for r in ok)]
+    lines = ["# End-to-end denoising step: FLUX.1-dev transformer", "",
+             "One transformer forward per step, 512 text tokens, random weights unless noted; median of the timed "
+             "runs. Ratios: the baseline's step time / this variant's, same run (higher is faster).", ""]
+    body = []
+    for r in ok:
+        ratios = [f"{by[(b, r['size'], r['batch'])] / r['step_ms']:.2f}x" if (b, r["size"], r["batch"]) in by else "-"
+                  for b in bases]
+        body.append([r["variant"], f"{r['size']}²", r["batch"], f"{r['step_ms']:.1f}", *ratios, f"{r['peak_gib']:.1f}",
+                     f"{r['weight_gib']:.2f}", f"{r['compile_s']:.0f}"])
+    body += [[r["variant"], f"failed: {r['error']}", *[""] * (5 + len(bases))] for r in rows if "error" in r]
+    lines += harness.md_table(["variant", "size", "batch", "step ms", *(f"vs {b}" for b in bases), "peak GiB",
+                               "weights GiB", "compile s"], body, [False, True, True, True, *[True] * len(bases),
+                                                                   True, True, True])
     with_breakdown = [r for r in ok if "breakdown" in r]
     if with_breakdown:
         names = sorted({k for r in with_breakdown for k in r["breakdown"]["stages_ms"]})
         lines += ["", "Per-stage device time of one step (ms; CUPTI, every kernel of the compiled step; "
-                  "`gaps` = step time minus the kernels' sum):", "",
-                  "| variant | size | batch | " + " | ".join(names) + " | gaps |",
-                  "| --- | ---: | ---: | " + " | ".join("---:" for _ in names) + " | ---: |"]
-        for r in with_breakdown:
-            b = r["breakdown"]
-            cells = " | ".join(f"{b['stages_ms'].get(n, 0.0):.1f}" for n in names)
-            lines.append(f"| {r['variant']} | {r['size']}² | {r['batch']} | {cells} | {r['step_ms'] - b['kernels_ms']:.1f} |")
+                  "`gaps` = step time minus the kernels' sum):", ""]
+        lines += harness.md_table(
+            ["variant", "size", "batch", *names, "gaps"],
+            [[r["variant"], f"{r['size']}²", r["batch"],
+              *(f"{r['breakdown']['stages_ms'].get(n, 0.0):.1f}" for n in names),
+              f"{r['step_ms'] - r['breakdown']['kernels_ms']:.1f}"] for r in with_breakdown],
+            [False] + [True] * (len(names) + 3))
     lines.append("\nJAX peak GiB: weights + XLA's temporary buffers + inputs/outputs of the compiled step "
                  "(`compiled.memory_analysis()`); PyTorch: `torch.cuda.max_memory_allocated()`.")
-    (out_dir / "e2e.md").write_text("\n".join(lines) + "\n")
-    _plot(ok, out_dir)
-    print("\n".join(lines))
+    return lines
 
 
-def _plot(rows: list[dict], out_dir: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    labels = sorted({(r["size"], r["batch"]) for r in rows})
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    width = 0.8 / max(len(variants), 1)
-    for i, v in enumerate(variants):
-        vals = {(r["size"], r["batch"]): r["step_ms"] for r in rows if r["variant"] == v}
-        ax.bar([j + i * width for j in range(len(labels))], [vals.get(l, 0) for l in labels], width, label=v)
-    ax.set_xticks([j + 0.4 for j in range(len(labels))], [f"{s}² b{b}" for s, b in labels])
-    ax.set_ylabel("ms per denoising step (lower is better)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "e2e.png", dpi=110)
+def write(rows: list[dict], out: Path, meta: dict | None = None, command: str | None = None) -> None:
+    ok = [r for r in rows if "error" not in r]
+    groups = sorted({(r["size"], r["batch"]) for r in ok})
+    variants = list(dict.fromkeys(r["variant"] for r in ok))
+    by = {(r["variant"], r["size"], r["batch"]): r["step_ms"] for r in ok}
+
+    def plot(path):
+        harness.bar_plot(path, [f"{s}² b{b}" for s, b in groups],
+                         {v: [by.get((v, s, b), 0.0) for s, b in groups] for v in variants},
+                         "ms per denoising step (lower is better)")
+
+    harness.write_results(NAME, {"rows": rows}, markdown(rows), out, summary=summarize(rows), meta=meta,
+                          plot=plot if ok else None, command=command)
+    print((out / f"{NAME}.md").read_text())
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog="\n".join(__doc__.splitlines()[1:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", "--variant", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--sizes", nargs="+", type=int, default=[512, 1024])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--iters", type=int, default=10)
@@ -330,32 +343,47 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-breakdown", dest="breakdown", action="store_false")
     parser.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                         help="JAX: fuse the projections that share an input (flux_flax.fuse_projections)")
-    parser.add_argument("--config", choices=["dev", "small"], default="dev", help="small: a CPU smoke test")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--config", choices=["dev", "small", "tiny"], default="dev",
+                        help="small / tiny: CPU smoke tests")
+    parser.add_argument("--out", type=Path, default=harness.RESULTS)
     parser.add_argument("--variant-timeout", type=float, default=None,
                         help="seconds each variant process may run (a slow compile then costs one row, not the run)")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="E2E_JSON",
                         help="only merge e2e.json files of runs over variant subsets (same machine) into one table")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        torch_variants = [v for v in args.variants if v.startswith("torch")]
-        rows = torch_worker(args, torch_variants) if args.worker == "torch" else jax_worker(args, args.worker)
-        Path(args.worker_out).write_text(json.dumps(rows))
+        harness.emit(work(args, args.worker))
         return
     if args.merge:
-        runs = [json.loads(p.read_text()) for p in args.merge]
-        write_results([r for run in runs for r in run["rows"]], runs[0]["device"], args.out)
+        rows, meta = harness.merge_runs(args.merge)
+        write(rows, args.out, meta, command="python -m " + MODULE + " " + " ".join(argv))
         return
     rows = []
-    if any(v.startswith("torch") for v in args.variants):
-        rows += run_variant_process("torch", args)
-    for v in args.variants:
-        if v.startswith("jax"):
-            rows += run_variant_process(v, args)
-    import jax
-    write_results(rows, jax.devices()[0].device_kind, args.out)
+    for group, names in harness.process_groups(VARIANTS, args.variants).items():
+        got = harness.run_isolated(harness.worker_command(MODULE, group, argv), timeout=args.variant_timeout,
+                                   label=group)
+        rows += harness.error_rows(names, got["error"]) if isinstance(got, dict) else got
+    write(rows, args.out, harness.run_meta(probe=True),
+          command="python -m " + MODULE + " " + " ".join(argv))
+
+
+def work(args, group: str) -> list[dict]:
+    """One process group's rows; a variant whose imports are missing gets an error row."""
+    names = harness.process_groups(VARIANTS, args.variants)[group]
+    rows, runnable = [], []
+    for name in names:
+        try:
+            harness.check_requires(VARIANTS[name])
+            runnable.append(name)
+        except harness.MissingDependency as e:
+            print(f"!! {e}", flush=True)
+            rows += harness.error_rows([name], str(e))
+    if not runnable:
+        return rows
+    if VARIANTS[runnable[0]].options["runner"] == "torch":
+        return rows + torch_worker(args, runnable)
+    return rows + [r for name in runnable for r in jax_worker(args, name)]
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -143,8 +142,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    import jax
-
     from flux_flax.config import FluxConfig
 
     config = FluxConfig.dev() if args.config == "dev" else FluxConfig.small(guidance_embeds=True)
@@ -155,8 +152,7 @@ def main() -> None:
     folder, checkpoint = make_model_folder(args.workdir, config, t5_length=t5_length)
     setup_s = time.perf_counter() - start
     result = {
-        "device": jax.devices()[0].device_kind, "host_cpus": os.cpu_count(), "python": platform.python_version(),
-        "jax": jax.__version__, "config": args.config, "size": args.size, "steps": args.steps,
+        "host_cpus": os.cpu_count(), "config": args.config, "size": args.size, "steps": args.steps,
         "setup_s": setup_s, "verification": time_verification(checkpoint),
     }
     cache = args.workdir / "compile-cache"
@@ -169,34 +165,43 @@ def main() -> None:
 
 
 def write_results(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "first_png.json").write_text(json.dumps(result, indent=1))
+    from benchmarks import harness
+
     v = result["verification"]
     cold, warm = result["cold"]["seconds_to_png"], result["warm"]["seconds_to_png"]
-    lines = [
+    shape = f"FLUX.1-{result['config']} W4A4, {result['size']}², {result['steps']} steps"
+    load_ratio = v["load_verified_s"] / v["load_unverified_s"]
+    summary = [
+        harness.figure("convrot-flux generate, time to the first PNG, warm compilation cache", f"{warm:.1f} s",
+                       shape=shape, baseline=f"cold cache {cold:.1f} s", ratio=cold / warm),
+        harness.figure("load_checkpoint with SHA-256 verification", f"{v['load_verified_s']:.1f} s "
+                       f"({v['checkpoint_bytes'] / GIB:.2f} GiB; manifest alone {v['verify_cold_gb_per_s']:.1f} GB/s)",
+                       shape=shape, baseline=f"--no-verify {v['load_unverified_s']:.1f} s",
+                       ratio=f"{load_ratio:.2f}x the time"),
+    ]
+    markdown = [
         "# Time to the first PNG (`convrot-flux generate`) and checkpoint verification",
         "",
-        f"Device: {result['device']}, {result['host_cpus']} host CPUs; jax {result['jax']}. FLUX.1-{result['config']} "
-        f"shape, random W4A4 checkpoint, {result['size']}², {result['steps']} steps, batch 1; tiny random text "
-        "encoders with the real widths. `benchmarks/bench_first_png.py`; one process per run.",
+        f"{result['host_cpus']} host CPUs. FLUX.1-{result['config']} shape, random W4A4 checkpoint, "
+        f"{result['size']}², {result['steps']} steps, batch 1; tiny random text encoders with the real widths. "
+        "One process per run, as a user runs it.",
         "",
-        "| run | seconds to the PNG | ratio to cold | compilation cache files after |",
-        "| --- | ---: | ---: | ---: |",
-        f"| cold (empty cache) | {cold:.1f} | 1.00 | {result['cold']['cache_files']} |",
-        f"| warm (cache from the cold run) | {warm:.1f} | {warm / cold:.2f} | {result['warm']['cache_files']} |",
+        *harness.md_table(["run", "seconds to the PNG", "ratio to cold", "compilation cache files after"], [
+            ["cold (empty cache)", f"{cold:.1f}", "1.00", result["cold"]["cache_files"]],
+            ["warm (cache from the cold run)", f"{warm:.1f}", f"{warm / cold:.2f}", result["warm"]["cache_files"]],
+        ], numeric=[False, True, True, True]),
         "",
-        "| verification | figure |",
-        "| --- | ---: |",
-        f"| checkpoint size | {v['checkpoint_bytes'] / GIB:.2f} GiB |",
-        f"| verify the manifest, page cache dropped: {v['page_cache_dropped']} | {v['verify_cold_s']:.2f} s "
-        f"({v['verify_cold_gb_per_s']:.2f} GB/s) |",
-        f"| verify again (page cache warm) | {v['verify_warm_s']:.2f} s |",
-        f"| load_checkpoint, verified | {v['load_verified_s']:.2f} s |",
-        f"| load_checkpoint, --no-verify | {v['load_unverified_s']:.2f} s "
-        f"(verified / unverified: {v['load_verified_s'] / v['load_unverified_s']:.2f}) |",
-        "",
+        *harness.md_table(["verification", "figure"], [
+            ["checkpoint size", f"{v['checkpoint_bytes'] / GIB:.2f} GiB"],
+            [f"verify the manifest, page cache dropped: {v['page_cache_dropped']}",
+             f"{v['verify_cold_s']:.2f} s ({v['verify_cold_gb_per_s']:.2f} GB/s)"],
+            ["verify again (page cache warm)", f"{v['verify_warm_s']:.2f} s"],
+            ["load_checkpoint, verified", f"{v['load_verified_s']:.2f} s"],
+            ["load_checkpoint, --no-verify", f"{v['load_unverified_s']:.2f} s (verified / unverified: {load_ratio:.2f})"],
+        ]),
     ]
-    (out / "first_png.md").write_text("\n".join(lines))
+    harness.write_results("first_png", result, markdown, out, summary=summary,
+                          command="PYTHONPATH=. python3 benchmarks/bench_first_png.py --workdir DIR --out benchmarks/results")
 
 
 if __name__ == "__main__":

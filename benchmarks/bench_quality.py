@@ -1,6 +1,6 @@
 """Quality of ConvRot W4A4 against its design alternatives and against bf16.
 
-(a) Per layer, each FLUX linear shape (benchmarks/arg_specs.py): SQNR (dB) of the W4A4 output
+(a) Per layer, each FLUX linear shape (pallas_kernels/shapes.py): SQNR (dB) of the W4A4 output
     against the float32 product, for naive round-to-nearest (no rotation), Sylvester Hadamard
     (group 256, and the largest power of two dividing K: FLUX's K are 3·2^k, so "full K" is not a
     Sylvester size), regular Hadamard (groups 16, 64, 256, 1024), each with per-channel and
@@ -15,26 +15,27 @@
     fixed prompt list with both and reports PSNR and SSIM of the images.
 
 Writes benchmarks/results/quality.{md,json} (and quality.png when matplotlib is present).
+
+    PYTHONPATH=. python3 -m benchmarks.bench_quality [--end-to-end] [--model DIR]
+    PYTHONPATH=. JAX_PLATFORMS=cpu python3 -m benchmarks.bench_quality --tokens 64 --out /tmp/q   # CPU, minutes
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-import convrot_jax as cj
-from benchmarks.arg_specs import FLUX_LINEAR_SHAPES
-from convrot_jax.quant import sqnr_db
-from convrot_jax.synthetic import outlier_activations
+from benchmarks import harness
 
-RESULTS = Path(__file__).parent / "results"
+NAME = "quality"
+RESULTS = harness.RESULTS
+REFERENCE_VARIANT = "regular, group 256 / per-channel"
+NAIVE_VARIANT = "naive RTN (no rotation) / per-channel"
 CONTROL = "control: outlier-free N(0,1) activations, naive RTN / per-channel"
 PROMPTS = ("a red fox in fresh snow, golden hour", "a bowl of ramen, studio photo", "an astronaut riding a horse")
 
@@ -55,6 +56,14 @@ def layer_variants(k: int) -> list[tuple[str, dict]]:
 
 
 def per_layer(tokens: int, seed: int) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+
+    import convrot_jax as cj
+    from convrot_jax.quant import sqnr_db
+    from convrot_jax.synthetic import outlier_activations
+    from pallas_kernels.shapes import FLUX_LINEAR_SHAPES  # after the shapes move
+
     rows = []
     for shape_name, (k, n) in FLUX_LINEAR_SHAPES.items():
         kx, kw = jax.random.split(jax.random.PRNGKey(seed))
@@ -75,7 +84,7 @@ def per_layer(tokens: int, seed: int) -> list[dict]:
     return rows
 
 
-def _similarity(a: jax.Array, b: jax.Array) -> dict:
+def _similarity(a, b) -> dict:
     a = np.asarray(a, np.float64).ravel()
     b = np.asarray(b, np.float64).ravel()
     return {"cosine": float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))),
@@ -84,6 +93,8 @@ def _similarity(a: jax.Array, b: jax.Array) -> dict:
 
 def end_to_end(model_dir: str | None, size: int, steps: int, seed: int) -> dict:
     """W4A4 vs bf16 on the FLUX.1-dev transformer (random weights, or the real ones in model_dir)."""
+    import jax
+    import jax.numpy as jnp
     from flax import nnx
 
     import flux_flax
@@ -156,20 +167,36 @@ def _ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float((2 * ma * mb + c1) * (2 * cov + c2) / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
 
 
-def write_results(per_layer_rows: list[dict], e2e: dict | None, device: str, out: Path = RESULTS) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    data = {"device": device, "per_layer": per_layer_rows, "end_to_end": e2e}
-    (out / "quality.json").write_text(json.dumps(data, indent=1))
+def summarize(per_layer_rows: list[dict], e2e: dict | None) -> list[dict]:
+    """README figures: regular-256 against naive RTN per layer; W4A4 against bf16 end to end."""
+    table = {(r["shape"], r["variant"]): r["sqnr_db"] for r in per_layer_rows}
+    shapes = list(dict.fromkeys(r["shape"] for r in per_layer_rows))
+    out = []
+    if shapes and all((s, v) in table for s in shapes for v in (REFERENCE_VARIANT, NAIVE_VARIANT)):
+        reg = np.mean([table[(s, REFERENCE_VARIANT)] for s in shapes])
+        naive = np.mean([table[(s, NAIVE_VARIANT)] for s in shapes])
+        out.append(harness.figure(
+            "W4A4 layer SQNR, regular Hadamard group 256", f"{reg:.1f} dB (naive RTN {naive:.1f} dB)",
+            shape=f"mean of {len(shapes)} FLUX shapes, M = {per_layer_rows[0]['M']}, DiT-outlier activations",
+            baseline="naive RTN (no rotation)", ratio=f"{reg - naive:+.1f} dB"))
+    if e2e:
+        out.append(harness.figure(
+            "W4A4 FLUX.1-dev vs bf16", f"final latents cosine {e2e['final_latents']['cosine']:.3f}, "
+            f"rel. L2 {e2e['final_latents']['rel_l2']:.3f}", shape=f"{e2e['size']}², {e2e['steps']} steps, "
+            f"{e2e['weights']} weights", baseline="bf16, same inputs"))
+    return out
+
+
+def markdown(per_layer_rows: list[dict], e2e: dict | None) -> list[str]:
     shapes = list(dict.fromkeys(r["shape"] for r in per_layer_rows))
     variants = list(dict.fromkeys(r["variant"] for r in per_layer_rows))
     table = {(r["shape"], r["variant"]): r["sqnr_db"] for r in per_layer_rows}
-    lines = [f"# W4A4 quality ({device})", "", "## (a) Per layer: SQNR (dB) vs float32, DiT-outlier activations",
-             "", f"M = {per_layer_rows[0]['M']} tokens. Variant = rotation / weight-scale granularity.", "",
-             "| variant | " + " | ".join(shapes) + " |", "| --- |" + " ---: |" * len(shapes)]
-    for v in variants:
-        lines.append(f"| {v} | " + " | ".join(f"{table[(s, v)]:.1f}" for s in shapes) + " |")
+    lines = ["# W4A4 quality", "", "## (a) Per layer: SQNR (dB) vs float32, DiT-outlier activations",
+             "", f"M = {per_layer_rows[0]['M']} tokens. Variant = rotation / weight-scale granularity.", ""]
+    lines += harness.md_table(["variant", *shapes], [[v, *(f"{table[(s, v)]:.1f}" for s in shapes)] for v in variants],
+                              [False] + [True] * len(shapes))
     naive = np.mean([table[(s, variants[0])] for s in shapes])
-    reg = np.mean([table[(s, "regular, group 256 / per-channel")] for s in shapes])
+    reg = np.mean([table[(s, REFERENCE_VARIANT)] for s in shapes])
     floor = np.mean([table[(s, CONTROL)] for s in shapes])
     lines += ["", f"Regular Hadamard (group 256, per-channel) beats naive by {reg - naive:.1f} dB on average. "
               f"The control row (the same layers on outlier-free activations, no rotation: {floor:.1f} dB) "
@@ -179,36 +206,34 @@ def write_results(per_layer_rows: list[dict], e2e: dict | None, device: str, out
               "of the generator (or of the real model) are."]
     if e2e:
         lines += ["", "## (b) End to end, W4A4 vs bf16", "", f"Weights: {e2e['weights']}, {e2e['size']}², "
-                  f"{e2e['steps']} steps.", "", "| quantity | cosine | relative L2 |", "| --- | ---: | ---: |"]
-        for q in ("velocity", "final_latents"):
-            lines.append(f"| {q} | {e2e[q]['cosine']:.5f} | {e2e[q]['rel_l2']:.4f} |")
+                  f"{e2e['steps']} steps.", ""]
+        lines += harness.md_table(["quantity", "cosine", "relative L2"], [
+            (q, f"{e2e[q]['cosine']:.5f}", f"{e2e[q]['rel_l2']:.4f}") for q in ("velocity", "final_latents")],
+            [False, True, True])
         if "images" in e2e:
             lines += ["", f"Images: PSNR {e2e['images']['psnr_db']} dB, SSIM {e2e['images']['ssim']}"]
-    (out / "quality.md").write_text("\n".join(lines) + "\n")
-    _plot(per_layer_rows, shapes, variants, table, out)
-    print("\n".join(lines))
+    return lines
 
 
-def _plot(rows, shapes, variants, table, out: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(12, 5))
-    width = 0.8 / len(shapes)
-    for i, s in enumerate(shapes):
-        ax.bar(np.arange(len(variants)) + i * width, [table[(s, v)] for v in variants], width, label=s)
-    ax.set_xticks(np.arange(len(variants)) + 0.4, variants, rotation=75, ha="right", fontsize=7)
-    ax.set_ylabel("SQNR vs fp32 (dB)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "quality.png", dpi=110)
+def write_results(per_layer_rows: list[dict], e2e: dict | None, out: Path = RESULTS, meta: dict | None = None,
+                  command: str | None = None) -> None:
+    shapes = list(dict.fromkeys(r["shape"] for r in per_layer_rows))
+    variants = list(dict.fromkeys(r["variant"] for r in per_layer_rows))
+    table = {(r["shape"], r["variant"]): r["sqnr_db"] for r in per_layer_rows}
+
+    def plot(path):
+        harness.bar_plot(path, variants, {s: [table[(s, v)] for v in variants] for s in shapes}, "SQNR vs fp32 (dB)",
+                         rotate=True)
+
+    harness.write_results(NAME, {"per_layer": per_layer_rows, "end_to_end": e2e}, markdown(per_layer_rows, e2e), out,
+                          summary=summarize(per_layer_rows, e2e), meta=meta, plot=plot, command=command)
+    print((Path(out) / f"{NAME}.md").read_text())
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=512, help="M for the per-layer part")
     parser.add_argument("--end-to-end", action="store_true", help="run part (b) (GPU: the 12B model)")
     parser.add_argument("--model", help="a diffusers FLUX.1-dev folder with real weights (part (b))")
@@ -217,11 +242,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
-    print(f"(a) per-layer SQNR on {device}", flush=True)
+    import jax
+
+    meta = harness.run_meta(device=f"{jax.devices()[0].device_kind} ({jax.default_backend()})")
+    print(f"(a) per-layer SQNR on {meta['device']}", flush=True)
     rows = per_layer(args.tokens, args.seed)
     e2e = end_to_end(args.model, args.size, args.steps, args.seed) if (args.end_to_end or args.model) else None
-    write_results(rows, e2e, device, args.out)
+    write_results(rows, e2e, args.out, meta, command="python -m benchmarks.bench_quality " + " ".join(argv))
 
 
 if __name__ == "__main__":

@@ -1,17 +1,21 @@
-"""GPU benchmark of the fused rotate+quantize kernels against XLA and a plain device copy.
+"""Rotate + int4 quantize: the Mosaic GPU kernel against the XLA reference and a device copy.
 
-For each FLUX shape M x K, in one process: the Mosaic GPU kernel (`rotate_quantize_sm90`, int8
-and packed codes), the Pallas Triton kernel (`rotate_quantize`, int8), the XLA reference, and a
-device copy of the same input (an elementwise bf16 negation: reads 2MK, writes 2MK bytes). With
-`--sweep`, block configs of the Mosaic GPU kernel at M = 4608 first (each checked bit-identical
-to the reference run on the CPU); the fastest that passes everywhere is then used. With
-`--prologue-ms`, both kernels' LayerNorm+modulation and GELU prologues against XLA's.
-GB/s counts each input read once and each output written once.
+Implementations (x the named FLUX shapes M x K, M in FLUX_TOKEN_COUNTS, K in FLUX's input widths):
+  pallas         pallas_kernels.rotate_quantize (Mosaic GPU, what convrot_jax.ops uses), int8 codes
+  pallas_packed  the same, codes packed two a byte
+  xla            rotate_quantize_reference (the baseline: the XLA composition it is tested against)
+  copy           an elementwise bf16 negation of the same input (reads 2MK, writes 2MK bytes)
+GB/s counts each input read once and each output written once. `--prologues`: the kernel's
+LayerNorm+modulation (K = 3072, 2 images) and tanh-GELU (K = 12288) prologues against XLA's
+prologue alone and XLA's prologue + reference quantizer. `--sweep`: block configs at M = 4608,
+each checked bit-identical to the reference run on the CPU; the fastest that passes at every K
+is then used for the table. `--tests`: the GPU tests of tests/test_rotate_quantize.py first.
+Each implementation runs in its own process (benchmarks.harness); device time (CUPTI), median of
+20 over rotating input sets larger than L2.
 
-Timing: device time (CUPTI, `benchmarks.timing.device_time_ms`), median of 20 iterations over
-rotating input sets larger than L2.
-
-    PYTHONPATH=. python3 benchmarks/bench_rotate_quantize.py --out benchmarks/results [--sweep] [--tests]
+    PYTHONPATH=. python3 -m benchmarks.bench_rotate_quantize [--sweep] [--prologues] [--tests]
+    PYTHONPATH=. JAX_PLATFORMS=cpu python3 -m benchmarks.bench_rotate_quantize --variants xla copy \\
+        --ms 256 --ks 512 --no-prologues --out /tmp/rq   # CPU smoke test (host clock)
 """
 
 from __future__ import annotations
@@ -20,32 +24,18 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
-import subprocess
 import sys
 import time
+from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from benchmarks import harness
+from benchmarks.harness import Variant
 
-from benchmarks.timing import ITERS, device_time_ms
-from pallas_kernels.rotate_quantize import (
-    apply_prologue,
-    rotate_quantize,
-    rotate_quantize_reference,
-)
-from pallas_kernels.rotate_quantize_sm90 import (
-    RotateQuantizeSm90Config,
-    plan,
-    rotate_quantize_sm90,
-)
-
-MS = (512, 1536, 4608, 9216)
-KS = (3072, 12288, 15360)
-LAYERNORM_K, GELU_K = 3072, 12288  # what feeds q/k/v and MLP-up; what feeds MLP-down
+NAME = "rotate_quantize"
+MODULE = "benchmarks.bench_rotate_quantize"
+KS = (3072, 12288, 15360)  # FLUX's token-linear input widths (pallas_kernels.shapes)
 SWEEP_M = 4608
-SWEEP = (  # RotateQuantizeSm90Config fields; invalid ones for a K are skipped
+SWEEP = (  # RotateQuantizeConfig fields; invalid ones for a K are skipped
     {},  # the fewest rows that tile K, chunks of 8 x 16 values, one pass where it fits
     {"chunk_mult": 2},
     {"chunk_mult": 3},
@@ -53,208 +43,231 @@ SWEEP = (  # RotateQuantizeSm90Config fields; invalid ones for a K are skipped
     {"rows": 4},
     {"keep": False},
 )
+BASELINE = "xla"
+VARIANTS = harness.registry(
+    Variant("pallas", "Mosaic GPU kernel, int8 codes", options={"packed": False}),
+    Variant("pallas_packed", "Mosaic GPU kernel, packed int4 codes", options={"packed": True}),
+    Variant("xla", "XLA reference (prologue + convrot_jax.quant reference quantizer)"),
+    Variant("copy", "device copy of the input (bf16 negation)"),
+)
+PROLOGUE_BASELINE = "xla_full"
+PROLOGUE_VARIANTS = harness.registry(
+    Variant("pallas", "the kernel with the prologue fused"),
+    Variant("xla_prologue_only", "XLA's prologue alone (no quantization)"),
+    Variant("xla_full", "XLA's prologue + the reference quantizer"),
+)
 
 
-def _x(m, k, dtype=jnp.bfloat16):
+def shapes(ms, ks) -> dict[str, dict[str, int]]:
+    return {f"M={m} K={k}": {"m": m, "k": k} for m in ms for k in ks}
+
+
+def prologue_shapes(ms) -> dict[str, dict]:
+    out = {}
+    for m in ms:
+        out[f"layernorm+modulation M={m} K=3072"] = {"m": m, "k": 3072, "prologue": "layernorm", "images": 2}
+        out[f"gelu_tanh M={m} K=12288"] = {"m": m, "k": 12288, "prologue": "gelu_tanh", "images": 0}
+    return out
+
+
+def moved_bytes(variant: str, m: int, k: int) -> int:
+    if variant == "copy":
+        return 4 * m * k
+    if variant == "pallas_packed":
+        return 2 * m * k + m * k // 2 + 4 * m
+    return 3 * m * k + 4 * m
+
+
+# ------------------------------------------------------------------------------------ worker
+def _inputs(m, k, images=0):
+    import jax
+    import jax.numpy as jnp
+
     def make(i):
-        return ((jax.random.normal(jax.random.key(i), (m, k), jnp.float32) * (1 + i % 3)).astype(dtype),)
+        x = (jax.random.normal(jax.random.key(i), (m, k), jnp.float32) * (1 + i % 3)).astype(jnp.bfloat16)
+        if not images:
+            return (x,)
+        sh_sc = (0.3 * jax.random.normal(jax.random.key(1000 + i), (2, images, k), jnp.float32)).astype(jnp.bfloat16)
+        return (x, *sh_sc)
 
     return make
 
 
-def _gbs(nbytes, ms):
-    return nbytes / (ms * 1e-3) / 1e9
+def _config(args):
+    from pallas_kernels.rotate_quantize import RotateQuantizeConfig  # after the kernel rename
+
+    return RotateQuantizeConfig(**json.loads(args.config))
 
 
-def run_tests() -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_rotate_quantize.py"],
-        check=False,
-        capture_output=True,
-        text=True,
-    )
-    print(proc.stdout[-6000:], proc.stderr[-3000:], flush=True)
-    return proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else f"pytest rc={proc.returncode}"
+def work_grid(variant: str, args) -> list[dict]:
+    from pallas_kernels.rotate_quantize import rotate_quantize, rotate_quantize_reference
+
+    cfg = _config(args) if variant.startswith("pallas") else None
+    fn = {"pallas": lambda x: rotate_quantize(x, config=cfg),
+          "pallas_packed": lambda x: rotate_quantize(x, packed=True, config=cfg),
+          "xla": lambda x: rotate_quantize_reference(x),
+          "copy": lambda x: -x}[variant]
+    return harness.time_grid(
+        shapes(args.ms, args.ks), variant, lambda d: (fn, _inputs(d["m"], d["k"]), 0),
+        lambda d, ms: {"bytes": moved_bytes(variant, d["m"], d["k"]),
+                       "gbs": moved_bytes(variant, d["m"], d["k"]) / (ms * 1e-3) / 1e9},
+        deadline=args.deadline)
 
 
-def _sweep(result: dict, ks, over_budget) -> RotateQuantizeSm90Config:
-    """Times SWEEP at M = SWEEP_M; returns the fastest config valid and identical at every K."""
-    totals: dict[RotateQuantizeSm90Config, float] = {}
+def work_prologue(variant: str, args) -> list[dict]:
+    from pallas_kernels.rotate_quantize import apply_prologue, rotate_quantize, rotate_quantize_reference
+
+    def setup(d):
+        p = d["prologue"]
+        if variant == "pallas":
+            fn = lambda x, *mod: rotate_quantize(x, prologue=p, shift=mod[0] if mod else None,  # noqa: E731
+                                                 scale=mod[1] if mod else None)
+        elif variant == "xla_prologue_only":
+            fn = lambda x, *mod: apply_prologue(x, p, *mod).astype(x.dtype)  # noqa: E731
+        else:
+            fn = lambda x, *mod: rotate_quantize_reference(x, prologue=p, shift=mod[0] if mod else None,  # noqa: E731
+                                                           scale=mod[1] if mod else None)
+        return fn, _inputs(d["m"], d["k"], d["images"]), 0
+
+    return harness.time_grid(prologue_shapes(args.prologue_ms), variant, setup, deadline=args.deadline)
+
+
+def work_sweep(args) -> dict:
+    """Times SWEEP at M = SWEEP_M; returns its rows and the fastest config identical at every K."""
+    import jax
+    import numpy as np
+
+    from pallas_kernels.rotate_quantize import RotateQuantizeConfig, plan, rotate_quantize, rotate_quantize_reference
+
+    rows, totals = [], {}
     cpu = jax.devices("cpu")[0]
-    for k in ks:
-        make = _x(SWEEP_M, k)
+    for k in args.ks:
+        make = _inputs(SWEEP_M, k)
         (x,) = make(0)
         with jax.default_device(cpu):  # ground truth off XLA:GPU's arithmetic, as in the tests
             want = jax.tree.map(np.asarray, rotate_quantize_reference(jax.device_put(x, cpu)))
         for fields in SWEEP:
-            c = RotateQuantizeSm90Config(**fields)
-            if over_budget():
+            if time.time() > args.deadline:
                 break
+            c = RotateQuantizeConfig(**fields)
             try:
-                rows, chunk, _ = plan(k, 256, c)
-                got = jax.tree.map(np.asarray, rotate_quantize_sm90(x, config=c))
-                ms = device_time_ms(functools.partial(rotate_quantize_sm90, config=c), make)
+                n_rows, chunk, _ = plan(k, 256, c)
+                got = jax.tree.map(np.asarray, rotate_quantize(x, config=c))
+                ms = harness.device_time_ms(functools.partial(rotate_quantize, config=c), make)
             except Exception as e:  # noqa: BLE001 - a config that does not fit this K is a result
                 print(f"sweep K={k} {c}: {e!r}"[:400], flush=True)
                 continue
             same = bool((got[0] == want[0]).all() and np.array_equal(got[1], want[1], equal_nan=True))
-            entry = {"m": SWEEP_M, "k": k, "config": fields, "rows": rows, "chunk_groups": chunk, "ms": ms,
-                     "gbs": _gbs(3 * SWEEP_M * k + 4 * SWEEP_M, ms), "identical_to_xla": same}
-            result["sweep"].append(entry)
-            print("sweep", entry, flush=True)
+            rows.append({"m": SWEEP_M, "k": k, "config": fields, "rows": n_rows, "chunk_groups": chunk, "ms": ms,
+                         "gbs": moved_bytes("pallas", SWEEP_M, k) / (ms * 1e-3) / 1e9, "identical_to_xla": same})
+            print("sweep", rows[-1], flush=True)
             if same:
-                totals.setdefault(c, []).append(ms)
-    full = [c for c, t in totals.items() if len(t) == len(ks)]
-    return min(full, key=lambda c: sum(totals[c])) if full else RotateQuantizeSm90Config()
+                totals.setdefault(json.dumps(fields, sort_keys=True), []).append(ms)
+    full = [c for c, t in totals.items() if len(t) == len(args.ks)]
+    best = min(full, key=lambda c: sum(totals[c])) if full else "{}"
+    return {"sweep": rows, "best": json.loads(best), "default": dataclasses.asdict(RotateQuantizeConfig())}
 
 
-def _measure_row(m: int, k: int, cfg: RotateQuantizeSm90Config) -> dict:
-    mk = m * k
-    make = _x(m, k)
-    row = {"m": m, "k": k, "bytes_int8": 3 * mk + 4 * m, "bytes_packed": 2 * mk + mk // 2 + 4 * m, "copy_bytes": 4 * mk}
-    row["sm90_ms"] = device_time_ms(lambda x: rotate_quantize_sm90(x, config=cfg), make)
-    row["sm90_packed_ms"] = device_time_ms(lambda x: rotate_quantize_sm90(x, packed=True, config=cfg), make)
-    row["triton_ms"] = device_time_ms(lambda x: rotate_quantize(x), make)
-    row["xla_ms"] = device_time_ms(lambda x: rotate_quantize_reference(x), make)
-    row["copy_ms"] = device_time_ms(lambda x: -x, make)
-    for name, nbytes in (("sm90", "bytes_int8"), ("sm90_packed", "bytes_packed"), ("triton", "bytes_int8"),
-                         ("xla", "bytes_int8"), ("copy", "copy_bytes")):
-        row[f"{name}_gbs"] = _gbs(row[nbytes], row[f"{name}_ms"])
-    return row
+# ------------------------------------------------------------------------------------ results
+def summarize(rows: list[dict]) -> list[dict]:
+    """README figures: the kernel at the largest M <= 4608 (FLUX 1024², one image) per K."""
+    ok = {(r["shape"], r["variant"]): r for r in rows if "error" not in r and "gbs" in r}
+    ms_ = sorted({r["m"] for r in rows if ("M=%d K=%d" % (r["m"], r["k"]), "pallas") in ok})
+    if not ms_:
+        return []
+    m = max([x for x in ms_ if x <= 4608] or ms_)
+    cells = []
+    for k in sorted({r["k"] for r in rows if r["m"] == m}):
+        s = f"M={m} K={k}"
+        if (s, "pallas") in ok and (s, BASELINE) in ok:
+            cells.append((k, ok[(s, "pallas")], ok[(s, BASELINE)], ok.get((s, "copy"))))
+    if not cells:
+        return []
+    gbs = "/".join(f"{p['gbs']:.0f}" for _, p, _, _ in cells)
+    of_copy = [p["gbs"] / c["gbs"] for _, p, _, c in cells if c]
+    return [harness.figure(
+        "rotate-quantize, Mosaic GPU kernel", f"{gbs} GB/s" + (f" ({harness.span(of_copy, '{:.2f}')} of a device copy)"
+                                                             if of_copy else ""),
+        shape=f"M = {m}, K = " + "/".join(str(k) for k, *_ in cells), baseline="XLA reference",
+        ratio=harness.span([b["ms"] / p["ms"] for _, p, b, _ in cells], "{:.1f}") + "x")]
 
 
-def _measure_prologues(m: int) -> list[dict]:
-    """Triton kernel with LayerNorm+modulation (K=3072, B=2 images) and tanh-GELU (K=12288)
-    prologues vs XLA's prologue alone and XLA's prologue + reference quantizer."""
-    k = LAYERNORM_K
-    make = _x(m, k)
-
-    def make_mod(i):
-        sh_sc = (0.3 * jax.random.normal(jax.random.key(1000 + i), (2, 2, k), jnp.float32)).astype(jnp.bfloat16)
-        return (*make(i), *sh_sc)
-
-    p = {"m": m, "k": k, "prologue": "layernorm+modulation"}
-    p["sm90_ms"] = device_time_ms(
-        lambda x, sh, sc: rotate_quantize_sm90(x, prologue="layernorm", shift=sh, scale=sc), make_mod)
-    p["kernel_ms"] = device_time_ms(lambda x, sh, sc: rotate_quantize(x, prologue="layernorm", shift=sh, scale=sc), make_mod)
-    p["xla_prologue_only_ms"] = device_time_ms(
-        lambda x, sh, sc: apply_prologue(x, "layernorm", sh, sc).astype(x.dtype), make_mod)
-    p["xla_full_ms"] = device_time_ms(
-        lambda x, sh, sc: rotate_quantize_reference(x, prologue="layernorm", shift=sh, scale=sc), make_mod)
-    make = _x(m, GELU_K)
-    g = {"m": m, "k": GELU_K, "prologue": "gelu_tanh"}
-    g["sm90_ms"] = device_time_ms(lambda x: rotate_quantize_sm90(x, prologue="gelu_tanh"), make)
-    g["kernel_ms"] = device_time_ms(lambda x: rotate_quantize(x, prologue="gelu_tanh"), make)
-    g["xla_prologue_only_ms"] = device_time_ms(lambda x: apply_prologue(x, "gelu_tanh").astype(x.dtype), make)
-    g["xla_full_ms"] = device_time_ms(lambda x: rotate_quantize_reference(x, prologue="gelu_tanh"), make)
-    return [p, g]
+def markdown(res: dict) -> list[str]:
+    iters = res.get("iters", 20)
+    out = ["# rotate_quantize: Mosaic GPU kernel vs XLA and a device copy", "",
+           f"Device time (CUPTI), median of {iters}, rotating input sets (> 2x L2). GB/s = (bytes read + bytes "
+           "written) / time; copy = an elementwise bf16 negation of the same input (reads 2MK, writes 2MK bytes). "
+           f"Ratios: {BASELINE} time / this time (higher is faster). GPU tests: {res.get('tests', 'not run')}. "
+           f"Kernel config: {res.get('config') or 'default'}.", "", "GB/s:", ""]
+    out += harness.pivot_table(res["rows"], "gbs", baseline=BASELINE, shape_cols=("m", "k"),
+                               variants=[v for v in list(VARIANTS) + ["triton"]
+                                         if any(r["variant"] == v for r in res["rows"])])
+    if res.get("prologue"):
+        out += ["", "Prologues (int8 codes out; 2 images for the modulation), us:", ""]
+        out += harness.pivot_table([dict(r, us=r["ms"] * 1e3) if "ms" in r else r for r in res["prologue"]], "us",
+                                   "{:.1f}", baseline=PROLOGUE_BASELINE)
+    if res.get("sweep"):
+        out += ["", f"Kernel block configs at M={SWEEP_M} (int8 out; identical = codes and scales equal to the "
+                "XLA reference run on the CPU):", ""]
+        out += harness.md_table(["K", "config", "rows", "groups per chunk", "GB/s", "identical"],
+                                [(e["k"], e["config"] or "default", e["rows"], e["chunk_groups"], f"{e['gbs']:.0f}",
+                                  e["identical_to_xla"]) for e in res["sweep"]])
+    return out
 
 
-def _row_line(r) -> str:
-    return (
-        f"M={r['m']:5d} K={r['k']:5d}  sm90 {r['sm90_gbs']:6.0f} GB/s ({r['sm90_ms'] * 1e3:7.1f} us)  packed "
-        f"{r['sm90_packed_gbs']:6.0f}  triton {r['triton_gbs']:5.0f}  xla {r['xla_gbs']:5.0f}  copy {r['copy_gbs']:5.0f}"
-        f"  sm90/copy {r['sm90_gbs'] / r['copy_gbs']:.2f}  vs xla {r['xla_ms'] / r['sm90_ms']:.1f}x"
-        f"  vs triton {r['triton_ms'] / r['sm90_ms']:.1f}x"
-    )
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--ms", type=int, nargs="+", default=None, help="token counts (default FLUX_TOKEN_COUNTS)")
+    p.add_argument("--ks", type=int, nargs="+", default=list(KS), help="feature counts")
+    p.add_argument("--sweep", action="store_true", help="time SWEEP configs at M=4608 first; use the best")
+    p.add_argument("--prologues", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the LayerNorm+modulation and GELU prologues too")
+    p.add_argument("--prologue-ms", type=int, nargs="+", default=[4608], help="token counts for the prologues")
+    p.add_argument("--tests", action="store_true", help="run the GPU tests of tests/test_rotate_quantize.py first")
+    p.add_argument("--config", default="{}", help="RotateQuantizeConfig fields as JSON (default: the kernel's)")
+    p.add_argument("--budget-s", type=float, default=480, help="start no new measurement after this many seconds")
+    p.add_argument("--variant-timeout", type=float, default=300, help="seconds each variant process may run")
+    p.add_argument("--out", type=Path, default=harness.RESULTS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.ms is None:
+        from pallas_kernels.shapes import FLUX_TOKEN_COUNTS  # after the shapes move
 
-
-def _markdown(res) -> str:
-    out = [
-        "# rotate_quantize benchmark",
-        "",
-        f"Device: {res['device']}, jax {res['jax']}. GPU tests: {res['tests']}.",
-        f"Device time (CUPTI), median of {ITERS}, rotating input sets (> 2x L2). GB/s = (bytes read + bytes",
-        "written) / time; the copy is an elementwise bf16 negation of the same input (reads 2MK, writes",
-        "2MK bytes). sm90 = the Mosaic GPU kernel (`rotate_quantize_sm90`, what `convrot_jax.ops` uses),",
-        "triton = the Pallas Triton kernel (`rotate_quantize`, the previous version).",
-        "",
-        f"sm90 config: {res.get('config', 'default')}.",
-        "",
-        "| M | K | sm90 int8 GB/s | sm90 packed GB/s | triton int8 GB/s | XLA ref GB/s | copy GB/s | sm90 / copy | sm90 vs XLA | sm90 vs triton |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in res["rows"]:
-        out.append(
-            f"| {r['m']} | {r['k']} | {r['sm90_gbs']:.0f} | {r['sm90_packed_gbs']:.0f} | {r['triton_gbs']:.0f} | "
-            f"{r['xla_gbs']:.0f} | {r['copy_gbs']:.0f} | {r['sm90_gbs'] / r['copy_gbs']:.2f} | "
-            f"{r['xla_ms'] / r['sm90_ms']:.1f}x | {r['triton_ms'] / r['sm90_ms']:.1f}x |"
-        )
-    if res["prologue"]:
-        out += [
-            "",
-            "Prologues (int8 codes out; B=2 images for the modulation):",
-            "",
-            ("| prologue | M | K | sm90 us | triton us | XLA prologue alone us | XLA prologue + reference quant us "
-             "| XLA prologue alone / sm90 |"),
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for p in res["prologue"]:
-            out.append(
-                f"| {p['prologue']} | {p['m']} | {p['k']} | {p['sm90_ms'] * 1e3:.1f} | {p['kernel_ms'] * 1e3:.1f} | "
-                f"{p['xla_prologue_only_ms'] * 1e3:.1f} | {p['xla_full_ms'] * 1e3:.1f} | "
-                f"{p['xla_prologue_only_ms'] / p['sm90_ms']:.2f}x |"
-            )
-    if res["sweep"]:
-        out += [
-            "",
-            f"sm90 block configs at M={SWEEP_M} (int8 out; identical = codes and scales equal to the XLA reference run on the CPU):",
-            "",
-            "| K | config | rows | groups per chunk | GB/s | identical |",
-            "| --- | --- | --- | --- | --- | --- |",
-        ]
-        for e in res["sweep"]:
-            out.append(f"| {e['k']} | {e['config'] or 'default'} | {e['rows']} | {e['chunk_groups']} | {e['gbs']:.0f} | "
-                       f"{e['identical_to_xla']} |")
-    return "\n".join(out) + "\n"
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--tests", action="store_true", help="run tests/test_rotate_quantize.py first")
-    ap.add_argument("--ms", type=int, nargs="+", default=MS, help="token counts to time")
-    ap.add_argument("--ks", type=int, nargs="+", default=KS, help="feature counts to time")
-    ap.add_argument("--sweep", action="store_true", help="time SWEEP configs at M=4608 first; use the best")
-    ap.add_argument("--prologue-ms", type=int, nargs="*", default=[4608], help="token counts for the prologues")
-    ap.add_argument("--budget-s", type=float, default=480, help="stop starting new measurements after this")
-    args = ap.parse_args()
-    start = time.time()
-    os.makedirs(args.out, exist_ok=True)
-    result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": [], "prologue": [], "sweep": []}
-    result["tests"] = run_tests() if args.tests else "not run"
-
-    def save():
-        with open(os.path.join(args.out, "rotate_quantize.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        with open(os.path.join(args.out, "rotate_quantize.md"), "w") as f:
-            f.write(_markdown(result))
-
-    def over_budget():
-        return time.time() - start > args.budget_s
-
-    cfg = _sweep(result, args.ks, over_budget) if args.sweep else RotateQuantizeSm90Config()
-    result["config"] = dataclasses.asdict(cfg)
-    print("config", cfg, flush=True)
-    for m in args.ms:
-        for k in args.ks:
-            if over_budget():
-                break
-            try:
-                row = _measure_row(m, k, cfg)
-            except Exception as e:  # noqa: BLE001 - keep measuring the other shapes, record why
-                print(f"M={m} K={k} failed: {e!r}"[:2000], flush=True)
-                continue
-            result["rows"].append(row)
-            print(_row_line(row), flush=True)
-            save()
-    for m in args.prologue_ms:
-        if over_budget():
-            break
-        result["prologue"] += _measure_prologues(m)
-        save()
-    save()
-    print(_markdown(result))
+        args.ms = list(FLUX_TOKEN_COUNTS)
+    if args.worker:
+        args.deadline = args.deadline or time.time() + args.budget_s
+        kind, _, variant = args.worker.partition(":")
+        harness.emit(work_sweep(args) if kind == "sweep" else
+                     work_prologue(variant, args) if kind == "prologue" else work_grid(variant, args))
+        return
+    deadline = time.time() + args.budget_s
+    common = [*argv, "--ms", *map(str, args.ms), "--deadline", str(deadline)]
+    res: dict = {"rows": [], "prologue": [], "sweep": [], "iters": harness.timing_iters()}
+    res["tests"] = harness.run_pytest("tests/test_rotate_quantize.py", "gpu") if args.tests else "not run"
+    if args.sweep:
+        got = harness.run_isolated(harness.worker_command(MODULE, "sweep", common), timeout=args.variant_timeout)
+        if "error" not in got:
+            res["sweep"], args.config = got["sweep"], json.dumps(got["best"])
+    res["config"] = json.loads(args.config)
+    common += ["--config", args.config]
+    meta = None
+    for v in args.variants:
+        got = harness.run_isolated(harness.worker_command(MODULE, f"grid:{v}", common), timeout=args.variant_timeout,
+                                   label=v)
+        res["rows"] += harness.error_rows([v], got["error"], shape="all") if isinstance(got, dict) else got
+    if args.prologues:
+        for v in PROLOGUE_VARIANTS:
+            got = harness.run_isolated(harness.worker_command(MODULE, f"prologue:{v}", common),
+                                       timeout=args.variant_timeout, label=f"prologue {v}")
+            res["prologue"] += harness.error_rows([v], got["error"], shape="all") if isinstance(got, dict) else got
+    meta = harness.run_meta(probe=True)
+    harness.write_results(NAME, res, markdown(res), args.out, summary=summarize(res["rows"]), meta=meta,
+                          command="python -m " + MODULE + " " + " ".join(argv))
+    print((args.out / f"{NAME}.md").read_text())
 
 
 if __name__ == "__main__":

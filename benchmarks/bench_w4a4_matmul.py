@@ -1,18 +1,24 @@
-"""W4A4 GEMM benchmark on the GPU machine: checks, tile sweep, SASS, and the comparison table.
+"""W4A4 GEMM: the Pallas Mosaic GPU kernel against XLA's bf16 and int8 GEMMs and the XLA W4A4 layer.
 
-    PYTHONPATH=. python3 benchmarks/bench_w4a4_matmul.py --out $OUT [--stages tests,sweep,sass,bench]
+Implementations (x the named FLUX shapes: M in FLUX_TOKEN_COUNTS x the five FLUX (K, N)):
+  xla_bf16           XLA bf16 GEMM, x (M, K) @ w (N, K)^T (the baseline)
+  xla_int8           XLA int8 GEMM (NT), int32 out
+  pallas             pallas_kernels.w4a4_matmul (int8 codes x packed int4 weights, dequantizing epilogue)
+  xla_w4a4_layer     convrot_jax.ops.w4a4_linear(implementation="xla"): rotate, quantize, GEMM in XLA ops
+  pallas_w4a4_layer  the same with implementation="pallas": rotate-quantize kernel + this GEMM
+TOP/s = 2MNK / time; ratios = bf16 time / this time. Device time (CUPTI), median of 20 over
+rotating input sets (> 2x the 50 MB L2); each implementation in its own process (benchmarks.harness).
 
-tests  runs `pytest -q tests/test_w4a4_matmul.py` (the gpu-marked FLUX-shape checks) first.
-sweep  times candidate tile configs on the large FLUX shapes (each checked against the reference).
-sass   dumps the kernel's SASS (MOSAIC_GPU_DUMP_SASS) and counts its GMMA / local-memory instructions.
-ncu    Nsight Compute sections (speed of light, compute, memory, warp stalls) of the default-config
-       kernel on 4608x3072x12288, one profiled launch.
-bench  this kernel vs XLA bf16 GEMM vs XLA int8 GEMM (NT) vs the naive XLA W4A4 layer
-       (convrot_jax.w4a4_linear implementation="xla") for M in FLUX_TOKEN_COUNTS x the five FLUX
-       (K, N); and the full layer (rotate-quantize + this GEMM) vs the bf16 GEMM.
-Timing: device time of the kernels (CUPTI through jax.experimental.mosaic.gpu.profiler), one
-warm-up, median of 20 iterations; each iteration runs the op over several distinct input sets
-(rotating buffers, > 2x the 50 MB L2 in all) and the time is divided by their number.
+Stages (--stages, comma-separated, default tests,bench):
+  tests  `pytest -q tests/test_w4a4_matmul.py` (the gpu-marked FLUX-shape checks) first.
+  sweep  candidate tile configs on the large FLUX shapes (each checked against the reference).
+  sass   the kernel's SASS (MOSAIC_GPU_DUMP_SASS): GMMA / local-memory / shared-memory op counts.
+  ncu    Nsight Compute sections of the default-config kernel on 4608x3072x12288, one launch.
+  bench  the implementation x shape table.
+
+    PYTHONPATH=. python3 -m benchmarks.bench_w4a4_matmul [--stages tests,sweep,sass,bench]
+    PYTHONPATH=. JAX_PLATFORMS=cpu python3 -m benchmarks.bench_w4a4_matmul --stages bench \\
+        --variants xla_bf16 xla_int8 --bench-ms 128 --bench-kn 3072x3072 --out /tmp/w4   # CPU smoke test
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ import argparse
 import dataclasses
 import functools
 import glob
-import json
 import os
 import re
 import shutil
@@ -30,37 +35,42 @@ import sys
 import tarfile
 import time
 import traceback
+from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from benchmarks import harness
+from benchmarks.harness import Variant
 
-from benchmarks.arg_specs import FLUX_LINEAR_SHAPES, FLUX_TOKEN_COUNTS
-from benchmarks.timing import ITERS, device_time_ms
-from convrot_jax.quant import pack_int4, quantize_weight
-from pallas_kernels.w4a4_matmul import W4A4MatmulConfig, config_for, w4a4_matmul, w4a4_matmul_reference
-
-FLUX_KN = list(FLUX_LINEAR_SHAPES.values())
+NAME = "w4a4_matmul"
+MODULE = "benchmarks.bench_w4a4_matmul"
+BASELINE = "xla_bf16"
+VARIANTS = harness.registry(
+    Variant("xla_bf16", "XLA bf16 GEMM (NT)"),
+    Variant("xla_int8", "XLA int8 GEMM (NT), int32 accumulation"),
+    Variant("pallas", "pallas_kernels.w4a4_matmul, the shipped config table"),
+    Variant("xla_w4a4_layer", "convrot_jax.ops.w4a4_linear, implementation='xla'", options={"impl": "xla"}),
+    Variant("pallas_w4a4_layer", "convrot_jax.ops.w4a4_linear, implementation='pallas'", options={"impl": "pallas"}),
+)
 LARGE_KN = [(3072, 12288), (12288, 3072), (15360, 3072)]
-
-# (M, configs) swept on each of the shapes LARGE_KN + (3072, 9216) (M = 4608) or LARGE_KN (M = 512):
-# the shipped registers form against its grid-order and tile variants and the smem form.
-_REGS = {"weight_operand": "registers"}
-SWEEP = {
-    4608: [W4A4MatmulConfig(256, 64, 128, 4, **_REGS), W4A4MatmulConfig(256, 64, 128, 4, grid_tile_width=8, **_REGS),
-           W4A4MatmulConfig(256, 64, 128, 3, **_REGS), W4A4MatmulConfig(128, 128, 128, 4)],
-    512: [W4A4MatmulConfig(128, 64, 128, 4), W4A4MatmulConfig(128, 64, 128, 4, **_REGS),
-          W4A4MatmulConfig(256, 64, 128, 4, **_REGS)],
-}
+NT = (((1,), (1,)), ((), ()))
 
 
-def _key(seed: int) -> jax.Array:
-    return jax.random.key(seed)
+def shapes(ms, kns) -> dict[str, dict[str, int]]:
+    return {f"M={m} K={k} N={n}": {"m": m, "k": k, "n": n} for (k, n) in kns for m in ms}
 
 
+def tops(m, n, k, ms) -> float:
+    return 2 * m * n * k / (ms * 1e-3) / 1e12
+
+
+# ------------------------------------------------------------------------------------ inputs
 def w4a4_args(m, n, k, scale_group=None):
+    import jax
+    import jax.numpy as jnp
+
+    from convrot_jax.quant import pack_int4
+
     def make(i):
-        ks = jax.random.split(_key(1000 + i), 4)
+        ks = jax.random.split(jax.random.key(1000 + i), 4)
         x = jax.random.randint(ks[0], (m, k), -7, 8, jnp.int8)
         w = pack_int4(jax.random.randint(ks[1], (n, k), -8, 8, jnp.int8))
         sx = jax.random.uniform(ks[2], (m,), jnp.float32, 0.5, 1.5)
@@ -70,54 +80,121 @@ def w4a4_args(m, n, k, scale_group=None):
     return make
 
 
+def bf16_gemm_args(m, n, k):
+    import jax
+    import jax.numpy as jnp
+
+    def make(i):
+        ks = jax.random.split(jax.random.key(2000 + i), 2)
+        return jax.block_until_ready((jax.random.normal(ks[0], (m, k), jnp.bfloat16),
+                                      jax.random.normal(ks[1], (n, k), jnp.bfloat16)))
+    return make
+
+
+def int8_gemm_args(m, n, k):
+    import jax
+    import jax.numpy as jnp
+
+    def make(i):
+        ks = jax.random.split(jax.random.key(3000 + i), 2)
+        return jax.block_until_ready((jax.random.randint(ks[0], (m, k), -7, 8, jnp.int8),
+                                      jax.random.randint(ks[1], (n, k), -8, 8, jnp.int8)))
+    return make
+
+
+def layer_args(m, n, k):
+    import jax
+    import jax.numpy as jnp
+
+    from convrot_jax.quant import quantize_weight
+
+    def make(i):
+        ks = jax.random.split(jax.random.key(4000 + i), 3)
+        x = jax.random.normal(ks[0], (m, k), jnp.bfloat16)
+        qw = quantize_weight(jax.random.normal(ks[1], (n, k), jnp.float32) * 0.02)
+        return jax.block_until_ready((x, qw, jax.random.normal(ks[2], (n,), jnp.bfloat16)))
+    return make
+
+
 def check_close(y, ref) -> float:
     """Max error in units of one bf16 ulp of the reference (<= 1 passes)."""
+    import numpy as np
+
     y64, r64 = np.asarray(y, np.float64), np.asarray(ref, np.float64)
     if not np.all(np.isfinite(y64)):
         return float("inf")
     return float(np.max(np.abs(y64 - r64) / (np.maximum(np.abs(r64), 1e-30) * 2.0**-7)))
 
 
-def tops(m, n, k, ms) -> float:
-    return 2 * m * n * k / (ms * 1e-3) / 1e12
+# ------------------------------------------------------------------------------------ workers
+def work_grid(variant: str, args) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+
+    def setup(d):
+        m, k, n = d["m"], d["k"], d["n"]
+        if variant == "xla_bf16":
+            return (lambda a, b: jax.lax.dot_general(a, b, NT)), bf16_gemm_args(m, n, k), m * n * 2
+        if variant == "xla_int8":
+            return ((lambda a, b: jax.lax.dot_general(a, b, NT, preferred_element_type=jnp.int32)),
+                    int8_gemm_args(m, n, k), m * n * 4)
+        if variant == "pallas":
+            from pallas_kernels.w4a4_matmul import w4a4_matmul
+
+            return w4a4_matmul, w4a4_args(m, n, k), m * n * 2
+        from convrot_jax.ops import w4a4_linear
+
+        impl = VARIANTS[variant].options["impl"]
+        return (lambda x, qw, b: w4a4_linear(x, qw, b, implementation=impl)), layer_args(m, n, k), m * n * 2
+
+    def metric(d, ms):
+        out = {"tops": tops(d["m"], d["n"], d["k"], ms)}
+        if variant == "pallas":
+            from pallas_kernels.w4a4_matmul import config_for
+
+            out["config"] = dataclasses.asdict(config_for(d["m"], d["n"], d["k"]))
+        return out
+
+    return harness.time_grid(shapes(args.bench_ms, args.kns), variant, setup, metric, deadline=args.deadline)
 
 
-# --- stages -----------------------------------------------------------------------------------
+def work_sweep(args) -> list[dict]:
+    """Tile configs against the shipped one on the large FLUX shapes (M = 4608 and 512)."""
+    import jax
 
-def stage_tests(out_dir, log, args):
-    select = ["-k", args.tests_k] if args.tests_k else []
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_w4a4_matmul.py", *select],
-                       capture_output=True, text=True, timeout=420)
-    text = r.stdout[-4000:] + r.stderr[-2000:]
-    log["tests"] = {"returncode": r.returncode, "tail": text[-1500:]}
-    print(text[-1500:], flush=True)
+    from pallas_kernels.w4a4_matmul import W4A4MatmulConfig, w4a4_matmul, w4a4_matmul_reference
 
-
-def stage_sweep(out_dir, log, args):
-    rows = log["sweep"] = []
-    nt = (((1,), (1,)), ((), ()))
-    for m, configs in SWEEP.items():
+    regs = {"weight_operand": "registers"}
+    sweep = {  # the shipped registers form against its grid-order and tile variants and the smem form
+        4608: [W4A4MatmulConfig(256, 64, 128, 4, **regs), W4A4MatmulConfig(256, 64, 128, 4, grid_tile_width=8, **regs),
+               W4A4MatmulConfig(256, 64, 128, 3, **regs), W4A4MatmulConfig(128, 128, 128, 4)],
+        512: [W4A4MatmulConfig(128, 64, 128, 4), W4A4MatmulConfig(128, 64, 128, 4, **regs),
+              W4A4MatmulConfig(256, 64, 128, 4, **regs)],
+    }
+    rows = []
+    for m, configs in sweep.items():
         for k, n in LARGE_KN + ([(3072, 9216)] if m == 4608 else []):
-            bf16_ms = device_time_ms(lambda a, b: jax.lax.dot_general(a, b, nt), bf16_gemm_args(m, n, k), m * n * 2)
+            bf16_ms = harness.device_time_ms(lambda a, b: jax.lax.dot_general(a, b, NT), bf16_gemm_args(m, n, k),
+                                             m * n * 2)
             rows.append(dict(m=m, k=k, n=n, impl="xla_bf16", ms=bf16_ms, tops=tops(m, n, k, bf16_ms)))
-            print(f"M={m} K={k} N={n} XLA bf16: {tops(m, n, k, bf16_ms):.0f} TOP/s", flush=True)
             make = w4a4_args(m, n, k)
             x, sx, w, sw = make(0)
             ref = w4a4_matmul_reference(x, sx, w, sw)
             for cfg in configs:
+                if time.time() > args.deadline:
+                    return rows
                 fn = functools.partial(w4a4_matmul, config=cfg)
                 try:
                     err = check_close(jax.jit(fn)(x, sx, w, sw), ref)
-                    ms = device_time_ms(fn, make, out_bytes=m * n * 2)
+                    ms = harness.device_time_ms(fn, make, out_bytes=m * n * 2)
                 except Exception as e:  # noqa: BLE001  (a config that does not compile is a result)
                     rows.append(dict(m=m, k=k, n=n, config=dataclasses.asdict(cfg), error=str(e)[:300]))
-                    print(f"M={m} K={k} N={n} {cfg}: ERROR {str(e)[:200]}", flush=True)
                     continue
                 rows.append(dict(m=m, k=k, n=n, config=dataclasses.asdict(cfg), ms=ms, tops=tops(m, n, k, ms),
                                  vs_bf16=bf16_ms / ms, err_ulp=err))
-                print(f"M={m} K={k} N={n} {cfg}: {ms * 1e3:.1f} us {tops(m, n, k, ms):.0f} TOP/s "
-                      f"({bf16_ms / ms:.2f}x bf16) err {err:.2f} ulp", flush=True)
-            save_log(out_dir, log)
+                print(f"M={m} K={k} N={n} {cfg}: {tops(m, n, k, ms):.0f} TOP/s ({bf16_ms / ms:.2f}x bf16) "
+                      f"err {err:.2f} ulp", flush=True)
+    return rows
 
 
 def stage_sass(out_dir, log, args):
@@ -183,110 +260,99 @@ def stage_ncu(out_dir, log, args):
     print(text[-12000:], flush=True)
 
 
-def bf16_gemm_args(m, n, k):
-    def make(i):
-        ks = jax.random.split(_key(2000 + i), 2)
-        return jax.block_until_ready((jax.random.normal(ks[0], (m, k), jnp.bfloat16),
-                                      jax.random.normal(ks[1], (n, k), jnp.bfloat16)))
-    return make
+# ------------------------------------------------------------------------------------ results
+def summarize(rows: list[dict]) -> list[dict]:
+    """README figures: the kernel and the full layer at M >= 4608 (FLUX 1024²) against XLA bf16."""
+    ok = {(r["shape"], r["variant"]): r for r in rows if "error" not in r and "ms" in r}
+    out = []
+    for variant, label in (("pallas", "W4A4 GEMM, Mosaic GPU kernel"),
+                           ("pallas_w4a4_layer", "W4A4 layer (rotate-quantize + GEMM kernels)")):
+        pairs = [(r, ok[(s, BASELINE)]) for (s, v), r in ok.items()
+                 if v == variant and r["m"] >= 4608 and (s, BASELINE) in ok]
+        if not pairs:
+            continue
+        ms_ = sorted({r["m"] for r, _ in pairs})
+        out.append(harness.figure(
+            label, f"{harness.span(tops(r['m'], r['n'], r['k'], r['ms']) for r, _ in pairs)} TOP/s",
+            shape=f"M = {'/'.join(map(str, ms_))}, the {len({(r['k'], r['n']) for r, _ in pairs})} FLUX (K, N)",
+            baseline="XLA bf16 GEMM", ratio=harness.span((b["ms"] / r["ms"] for r, b in pairs), "{:.2f}") + "x"))
+    return out
+
+
+def markdown(log: dict) -> list[str]:
+    out = ["# W4A4 GEMM (pallas_kernels/w4a4_matmul.py) vs XLA", "",
+           f"Device time (CUPTI), median of {log.get('iters', 20)}, rotating input sets (> 2x L2). TOP/s = 2MNK / "
+           f"time. Ratios: {BASELINE} time / this time (higher is faster). Layers: convrot_jax.ops.w4a4_linear "
+           "(xla: XLA ops; pallas: the rotate-quantize kernel + this GEMM). "
+           f"GPU tests: {log.get('tests', 'not run')}.", "", "TOP/s:", ""]
+    out += harness.pivot_table(log.get("rows", []), "tops", baseline=BASELINE, shape_cols=("m", "k", "n"),
+                               variants=[v for v in VARIANTS if any(r["variant"] == v for r in log.get("rows", []))])
+    if log.get("sweep"):
+        out += ["", "Tile configs (err in bf16 ulps of the reference; <= 1 passes):", ""]
+        out += harness.md_table(["M", "K", "N", "impl / config", "TOP/s", "vs bf16", "err ulp"], [
+            (r["m"], r["k"], r["n"], r.get("impl") or r["config"],
+             f"{r['tops']:.0f}" if "tops" in r else r.get("error"),
+             f"{r['vs_bf16']:.2f}x" if "vs_bf16" in r else "", f"{r['err_ulp']:.2f}" if "err_ulp" in r else "")
+            for r in log["sweep"]])
+    if log.get("sass"):
+        out += ["", f"SASS: {log['sass']}"]
+    return out
+
+
+def stage_tests(out_dir, log, args):
+    log["tests"] = harness.run_pytest("tests/test_w4a4_matmul.py", args.tests_k)
+
+
+def stage_sweep(out_dir, log, args):
+    got = harness.run_isolated(harness.worker_command(MODULE, "sweep", args.argv), timeout=args.variant_timeout)
+    log["sweep"] = [got] if isinstance(got, dict) else got
 
 
 def stage_bench(out_dir, log, args):
-    from convrot_jax.ops import w4a4_linear
-
-    rot_ok = True
-    try:
-        import pallas_kernels.rotate_quantize_sm90  # noqa: F401
-    except Exception:  # noqa: BLE001
-        rot_ok = False
-    rows = log["bench"] = []
-    for k, n in FLUX_KN:
-        if args.bench_kn and f"{k}x{n}" not in args.bench_kn.split(","):
-            continue
-        for m in args.bench_ms or FLUX_TOKEN_COUNTS:
-            r = dict(m=m, k=k, n=n)
-
-            bf16_args = bf16_gemm_args(m, n, k)
-
-            def int8_args(i):
-                ks = jax.random.split(_key(3000 + i), 2)
-                return jax.block_until_ready((jax.random.randint(ks[0], (m, k), -7, 8, jnp.int8),
-                                              jax.random.randint(ks[1], (n, k), -8, 8, jnp.int8)))
-
-            def layer_args(i):
-                ks = jax.random.split(_key(4000 + i), 3)
-                x = jax.random.normal(ks[0], (m, k), jnp.bfloat16)
-                qw = quantize_weight(jax.random.normal(ks[1], (n, k), jnp.float32) * 0.02)
-                return jax.block_until_ready((x, qw, jax.random.normal(ks[2], (n,), jnp.bfloat16)))
-
-            nt = (((1,), (1,)), ((), ()))
-            r["bf16_ms"] = device_time_ms(lambda a, b: jax.lax.dot_general(a, b, nt), bf16_args, m * n * 2)
-            r["int8_ms"] = device_time_ms(
-                lambda a, b: jax.lax.dot_general(a, b, nt, preferred_element_type=jnp.int32), int8_args, m * n * 4)
-            r["kernel_ms"] = device_time_ms(w4a4_matmul, w4a4_args(m, n, k), m * n * 2)
-            r["naive_layer_ms"] = device_time_ms(
-                lambda x, qw, b: w4a4_linear(x, qw, b, implementation="xla"), layer_args, m * n * 2)
-            if rot_ok:
-                try:
-                    r["layer_ms"] = device_time_ms(
-                        lambda x, qw, b: w4a4_linear(x, qw, b, implementation="pallas"), layer_args, m * n * 2)
-                except Exception as e:  # noqa: BLE001
-                    rot_ok = False
-                    log["rotate_quantize_error"] = str(e)[:500]
-            for key in ("bf16", "int8", "kernel", "naive_layer", "layer"):
-                if f"{key}_ms" in r:
-                    r[f"{key}_tops"] = tops(m, n, k, r[f"{key}_ms"])
-                    r[f"{key}_vs_bf16"] = r["bf16_ms"] / r[f"{key}_ms"]
-            r["config"] = dataclasses.asdict(config_for(m, n, k))
-            rows.append(r)
-            save_log(out_dir, log)
-            print(f"M={m:5d} K={k:5d} N={n:5d}  bf16 {r['bf16_tops']:5.0f}  int8 {r['int8_tops']:5.0f}  "
-                  f"kernel {r['kernel_tops']:5.0f} ({r['kernel_vs_bf16']:.2f}x)  naive {r['naive_layer_vs_bf16']:.2f}x"
-                  + (f"  layer {r['layer_vs_bf16']:.2f}x" if "layer_ms" in r else ""), flush=True)
-    log["layer_path"] = "ops.w4a4_linear(implementation='pallas'): rotate_quantize_sm90 + this GEMM" if rot_ok \
-        else "not measured: the rotate-quantize kernel failed"
-    write_markdown(rows, log, os.path.join(out_dir, "w4a4_matmul.md"))
-
-
-def write_markdown(rows, log, path):
-    dev = jax.devices()[0].device_kind
-    lines = [
-        "# W4A4 GEMM (pallas_kernels/w4a4_matmul.py) vs XLA, one run",
-        "",
-        f"Device: {dev}; jax {jax.__version__}. Device time (CUPTI), median of {ITERS}, rotating input sets "
-        "(> 2x L2). TOP/s = 2MNK / time. Ratios are bf16 GEMM time / this time (higher is better).",
-        f"Full layer: {log.get('layer_path')}.",
-        "",
-        "| M | K | N | XLA bf16 TOP/s | XLA int8 TOP/s | kernel TOP/s | kernel vs bf16 | naive XLA W4A4 vs bf16 "
-        "| full layer vs bf16 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        layer = f"{r['layer_vs_bf16']:.2f}x" if "layer_vs_bf16" in r else "n/a"
-        lines.append(f"| {r['m']} | {r['k']} | {r['n']} | {r['bf16_tops']:.0f} | {r['int8_tops']:.0f} | "
-                     f"{r['kernel_tops']:.0f} | {r['kernel_vs_bf16']:.2f}x | {r['naive_layer_vs_bf16']:.2f}x | {layer} |")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
-def save_log(out_dir, log):
-    with open(os.path.join(out_dir, "w4a4_matmul.json"), "w") as f:
-        json.dump(log, f, indent=1, default=str)
+    log["rows"] = []
+    for v in args.variants:
+        got = harness.run_isolated(harness.worker_command(MODULE, f"grid:{v}", args.argv),
+                                   timeout=args.variant_timeout, label=v)
+        log["rows"] += harness.error_rows([v], got["error"], shape="all") if isinstance(got, dict) else got
 
 
 STAGES = {"tests": stage_tests, "sweep": stage_sweep, "sass": stage_sass, "ncu": stage_ncu, "bench": stage_bench}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", harness.RESULTS)))
     p.add_argument("--stages", default="tests,bench")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--tests-k", default="", help="pytest -k selection for the tests stage")
     p.add_argument("--bench-kn", default="", help="comma-separated KxN shapes for the bench stage (default all)")
-    p.add_argument("--bench-ms", type=int, nargs="*", default=None, help="token counts for the bench stage (default all)")
-    args = p.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    log = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
+    p.add_argument("--bench-ms", type=int, nargs="*", default=None, help="token counts (default FLUX_TOKEN_COUNTS)")
+    p.add_argument("--budget-s", type=float, default=540, help="start no new measurement after this many seconds")
+    p.add_argument("--variant-timeout", type=float, default=400, help="seconds each variant process may run")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    from pallas_kernels.shapes import FLUX_LINEAR_SHAPES, FLUX_TOKEN_COUNTS  # after the shapes move
+
+    args.bench_ms = args.bench_ms or list(FLUX_TOKEN_COUNTS)
+    args.kns = [kn for kn in FLUX_LINEAR_SHAPES.values()
+                if not args.bench_kn or f"{kn[0]}x{kn[1]}" in args.bench_kn.split(",")]
+    if args.worker:
+        args.deadline = args.deadline or time.time() + args.budget_s
+        kind, _, variant = args.worker.partition(":")
+        harness.emit(work_sweep(args) if kind == "sweep" else work_grid(variant, args))
+        return
+    args.argv = [*argv, "--deadline", str(time.time() + args.budget_s)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    log: dict = {"iters": harness.timing_iters()}
+    meta = harness.run_meta(probe=True)
+
+    def save():
+        harness.write_results(NAME, log, markdown(log), args.out, summary=summarize(log.get("rows", [])), meta=meta,
+                              command="python -m " + MODULE + " " + " ".join(argv))
+
     for name in args.stages.split(","):
         t = time.time()
         print(f"=== {name} ===", flush=True)
@@ -296,7 +362,8 @@ def main():
             log[f"{name}_error"] = traceback.format_exc()[-3000:]
             print(log[f"{name}_error"], flush=True)
         log[f"{name}_seconds"] = time.time() - t
-        save_log(args.out, log)
+        save()
+    print((args.out / f"{NAME}.md").read_text())
 
 
 if __name__ == "__main__":

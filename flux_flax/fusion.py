@@ -2,7 +2,7 @@
 
 Layers that read the same input are replaced by one layer with their outputs concatenated, so a
 W4A4 model pays one rotate+quantize pass over that input and one larger GEMM (a wider N runs at
-more TOP/s, DESIGN.md §2) instead of three or four:
+more TOP/s: benchmarks/results/w4a4_matmul.md; docs/design.md §2) instead of three or four:
 
     transformer_blocks.*.attn.{to_q,to_k,to_v}                 -> attn.to_qkv        (diffusers' name)
     transformer_blocks.*.attn.{add_q_proj,add_k_proj,add_v_proj} -> attn.to_added_qkv  (diffusers' name)

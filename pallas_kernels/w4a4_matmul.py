@@ -11,7 +11,7 @@ Structure (Pallas Mosaic GPU, warp-specialised, after jax's `hopper_matmul_mgpu.
     tile (2 * tile_n, tile_k / 2) uint8 into a `max_concurrent_steps`-deep ring of shared-memory
     stages by TMA;
   * two compute warpgroups, each owning tile_n output columns, each unpacking its own packed
-    weight rows in registers (low nibble = even k, DESIGN.md §5; the register layouts line up so
+    weight rows in registers (low nibble = even k, docs/design.md §4; the register layouts line up so
     that the packed bytes a thread holds become the codes it holds after the unpack). Two forms
     (`W4A4MatmulConfig.weight_operand`):
     - "registers" (the shipped form from M = 512): the unpacked int8 weights stay in registers as

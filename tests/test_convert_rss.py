@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.random_checkpoint import write_random_diffusers_dir
-from flux_flax.checkpoint import load_checkpoint
 from convrot_jax import quantize_weight
 from flux_flax import FluxConfig, abstract_transformer, expected_shapes
+from flux_flax.checkpoint import load_checkpoint
+from flux_flax.random_weights import write_random_diffusers_dir
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = FluxConfig(

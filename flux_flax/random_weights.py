@@ -1,5 +1,6 @@
-"""Writes large random-weight FLUX transformer checkpoints (diffusers layout, bf16) quickly and in
-bounded memory, for the conversion tests and benchmark.
+"""Write a random-weight FLUX transformer folder in diffusers layout (bf16 safetensors, sharded as on
+the Hub when asked), quickly and in bounded memory: for tests, demos and benchmarks (no model hub
+is needed to exercise the converter at FLUX.1-dev size).
 
 safetensors' own writers (`save_file`) take every tensor in memory at once and the float RNGs run
 at well under 1 GB/s; a FLUX.1-dev-size file is 23.8 GB. So the tensors are streamed into the file

@@ -11,11 +11,12 @@ on the CPU: their time is reported apart and is not that of CLIP-L/T5-XXL.
 Variants: bf16; W4A4 with the XLA reference layers; W4A4 with implementation "auto" (the Pallas
 kernels on a Hopper GPU). Each runs in its own process (so the peak-memory figure is its own):
 one run with compilation, then `--runs` timed runs; the sure ones first, all within `--deadline`
-seconds (a variant still compiling then is killed and reported so). The parent writes
-pipeline.{json,md} after each variant, with each W4A4 variant's final latents against bf16's.
+seconds (a variant still compiling then is killed and reported so; benchmarks.harness.run_isolated).
+The parent writes pipeline.{json,md} after each variant (benchmarks.harness.write_results), with
+each W4A4 variant's final latents against bf16's. A one-off check kept as a tool.
 
-    PYTHONPATH=. python3 benchmarks/gpu_check_pipeline.py --out benchmarks/results
-    PYTHONPATH=. python3 benchmarks/gpu_check_pipeline.py --config small --out /tmp/x   # CPU smoke test
+    PYTHONPATH=. python3 tools/gpu_check_pipeline.py --out benchmarks/results
+    PYTHONPATH=. JAX_PLATFORMS=cpu python3 tools/gpu_check_pipeline.py --config small --out /tmp/x   # CPU smoke test
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ import dataclasses
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks import harness
 
 GIB = 2**30
 
@@ -138,14 +140,12 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
 
 
 def report(results: dict, comparison: dict, args: argparse.Namespace) -> None:
-    out = args.out
-    (out / "pipeline.json").write_text(json.dumps({"variants": results, "vs_bf16": comparison}, indent=2))
     device = next((r["device"] for r in results.values() if "device" in r), "?")
     lines = [
         "# Pipeline GPU check (issue 8)",
         "",
         f"FLUX.1-{args.config}-shaped random-weight transformer, {args.size}², {args.steps} steps, batch 1, "
-        f"on {device}; `benchmarks/gpu_check_pipeline.py`.",
+        f"on {device}; `tools/gpu_check_pipeline.py`.",
         "Random weights made on the GPU in bf16 (same seeds for every variant); FLUX-shaped VAE decoder (bf16, random);",
         "text encoders tiny random CLIP/T5 with the real output widths (768 pooled, 4096 x 512 tokens) on the CPU:",
         "their time is not CLIP-L/T5-XXL's and is left out of seconds per image (denoise + decode).",
@@ -169,7 +169,22 @@ def report(results: dict, comparison: dict, args: argparse.Namespace) -> None:
             f"{r['peak_gpu_steps']['after_denoise_gib']:.2f} / {r['peak_gpu_gib']:.2f} | "
             f"{'-' if err is None else f'{err:.4f}'} |"
         )
-    (out / "pipeline.md").write_text("\n".join(lines) + "\n")
+    harness.write_results("pipeline", {"variants": results, "vs_bf16": comparison}, lines, args.out,
+                          summary=summarize(results), meta=harness.run_meta(device=device),
+                          command="python tools/gpu_check_pipeline.py " + " ".join(sys.argv[1:]))
+
+
+def summarize(results: dict) -> list[dict]:
+    """W4A4 (auto: the Pallas kernels on Hopper) against bf16, one image, same run."""
+    q, b = results.get("w4a4-auto", {}), results.get("bf16", {})
+    if "seconds_per_image" not in q or "seconds_per_image" not in b:
+        return []
+    kernels = "Pallas kernels" if q.get("w4a4_implementation") == "pallas" else "XLA reference ops"
+    return [harness.figure(
+        f"whole pipeline, W4A4 ({kernels})", f"{q['seconds_per_image']:.2f} s per image, peak GPU "
+        f"{q['peak_gpu_gib']:.2f} GiB (bf16: {b['seconds_per_image']:.2f} s, {b['peak_gpu_gib']:.2f} GiB)",
+        shape=f"{q['size']}², {q['steps']} steps, denoise + VAE decode", baseline="bf16",
+        ratio=b["seconds_per_image"] / q["seconds_per_image"])]
 
 
 def main() -> None:
@@ -188,8 +203,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     if args.variant:
-        result = run_variant(args.variant, args)
-        (args.out / f"pipeline_{args.variant}.json").write_text(json.dumps(result, indent=2))
+        harness.emit(run_variant(args.variant, args))
         return
 
     import numpy as np
@@ -202,19 +216,10 @@ def main() -> None:
             results[variant] = {"variant": variant, "error": f"not run: {left:.0f} s of the deadline left"}
             report(results, comparison, args)
             continue
-        cmd = [sys.executable, __file__, "--variant", variant, *sys.argv[1:]]
+        cmd = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--variant", variant]
         print(f"== {variant} ({left:.0f} s left): {' '.join(cmd)}", flush=True)
-        try:
-            proc = subprocess.run(cmd, timeout=left)
-            code = proc.returncode
-        except subprocess.TimeoutExpired:
-            code = f"killed at the deadline after {left:.0f} s"
-        part = args.out / f"pipeline_{variant}.json"
-        if code == 0 and part.is_file():
-            results[variant] = json.loads(part.read_text())
-            part.unlink()
-        else:
-            results[variant] = {"variant": variant, "error": f"failed: {code} (see the log)"}
+        got = harness.run_isolated(cmd, timeout=left, label=variant)
+        results[variant] = {"variant": variant, **got}
         print(json.dumps(results[variant], indent=2), flush=True)
         latents = args.out / f"latents_{variant}.npy"
         ref = args.out / "latents_bf16.npy"

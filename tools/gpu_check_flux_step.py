@@ -3,9 +3,12 @@
 FLUX.1-dev config, random weights made on the GPU (a jitted constructor: nothing goes through
 the host), one forward at 1024² (4096 image tokens from the 64 x 64 packed latent grid + 512 T5
 tokens), batch 1, bf16. Reports compile time, step time (median after warm-up), and GPU memory
-(weights, XLA's plan for the step, the process peak). Writes flux_step.json and flux_step.md.
+(weights, XLA's plan for the step, the process peak). Writes flux_step.json and flux_step.md
+through benchmarks.harness. A one-off check kept as a tool: `python -m benchmarks.bench_e2e
+--variants jax_bf16` measures the same step (and more) in the benchmark suite.
 
-    PYTHONPATH=. python3 benchmarks/gpu_check_flux_step.py --out benchmarks/results
+    PYTHONPATH=. python3 tools/gpu_check_flux_step.py --out benchmarks/results
+    PYTHONPATH=. JAX_PLATFORMS=cpu python3 tools/gpu_check_flux_step.py --config tiny --out /tmp/fs  # CPU smoke test
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks import harness
 from flux_flax import FluxConfig, FluxTransformer2DModel, abstract_transformer
 
 GIB = 2**30
@@ -114,23 +119,21 @@ def main() -> None:
     }
     print(json.dumps(result, indent=1), flush=True)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "flux_step.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "flux_step.md").write_text(
-        "# FLUX.1-dev transformer, one bf16 step at 1024² (JAX, jit)\n\n"
-        f"`benchmarks/gpu_check_flux_step.py` on {result['device']}, jax {result['jax']}: random weights made on "
+    lines = [
+        "# FLUX.1-dev transformer, one bf16 step at 1024² (JAX, jit)", "",
+        f"`tools/gpu_check_flux_step.py` on {result['device']}, jax {result['jax']}: random weights made on "
         "the GPU, batch 1, 4096 image + 512 text tokens, guidance on, attention through "
-        f"`jax.nn.dot_product_attention` ({result['attention']}). Median of {args.iters} steps after 2 warm-ups.\n\n"
-        "| what | figure |\n| --- | --- |\n"
-        f"| weights (bf16) | {result['weights_gib']} GiB |\n"
-        f"| compile (lower + compile) | {result['compile_s']} s |\n"
-        f"| step (median) | {result['step_ms_median']} ms (all: {result['step_ms_all']}) |\n"
-        f"| XLA temp buffer of the step | {result['xla_temp_gib']} GiB |\n"
-        f"| GPU peak bytes in use (process) | {result['peak_gib']} GiB |\n"
-        f"| output finite / std | {result['output_finite_fraction']} / {result['output_std']:.3g} |\n\n"
-        "For comparison (DESIGN.md §2, same H100): diffusers FLUX.1-dev bf16 at 1024², eager 184.5 ms, "
-        "torch.compile 134.0 ms.\n"
-    )
+        f"`jax.nn.dot_product_attention` ({result['attention']}). Median of {args.iters} steps after 2 warm-ups.", "",
+        *harness.md_table(["what", "figure"], [
+            ("weights (bf16)", f"{result['weights_gib']} GiB"),
+            ("compile (lower + compile)", f"{result['compile_s']} s"),
+            ("step (median)", f"{result['step_ms_median']} ms (all: {result['step_ms_all']})"),
+            ("XLA temp buffer of the step", f"{result['xla_temp_gib']} GiB"),
+            ("GPU peak bytes in use (process)", f"{result['peak_gib']} GiB"),
+            ("output finite / std", f"{result['output_finite_fraction']} / {result['output_std']:.3g}")]),
+    ]
+    harness.write_results("flux_step", result, lines, args.out, meta=harness.run_meta(),
+                          command="python tools/gpu_check_flux_step.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

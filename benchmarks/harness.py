@@ -1,0 +1,385 @@
+"""The one harness of the benchmarks: device timing, process isolation, variant registries and
+the results writer (markdown + JSON, optional plot) under benchmarks/results/.
+
+- Timing: `device_time_ms` (benchmarks/timing.py, re-exported here) is the CUPTI device time of
+  a jitted op, median of `ITERS` over rotating input sets larger than L2. Whole-model steps are
+  timed on the host clock around synchronised calls (`wall_ms`), their kernels by CUPTI.
+- Isolation: `run_isolated` runs one variant (or one group of variants sharing a model) in its
+  own Python process with a timeout and collects the JSON it writes back (`emit`); a crash, an
+  out-of-memory or a timeout costs that variant's rows, not the run, and each process's peak
+  memory is its own.
+- Variants: a registry is a dict name -> `Variant` (what it needs to import, which process group
+  it shares, free-form options read by the bench's worker): adding a variant is one entry.
+- Grids: `time_grid` times (implementation x named shape) cells in one worker, recording a
+  failing cell as an error row.
+- Results: `write_results` writes `<name>.json` (envelope: bench, schema, meta, summary, rows,
+  the bench's own extra keys) and `<name>.md` (from `md_table` / `pivot_table`), plus
+  `<name>.png` through `bar_plot`. `summary` holds the headline figures that benchmarks/report.py
+  puts into README.md; every ratio in it is against a baseline measured in the same run.
+
+Nothing here imports jax at module level: parents that only start children stay light.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+SCHEMA = 1
+RESULT_ENV = "BENCH_RESULT_FILE"  # where a child started by run_isolated writes its JSON
+
+
+# ------------------------------------------------------------------------------------ timing
+def device_time_ms(fn, make_args, out_bytes: int = 0) -> float:
+    """CUPTI device time of fn(*make_args(i)) (ms); see benchmarks/timing.py."""
+    from benchmarks.timing import device_time_ms as _device_time_ms
+
+    return _device_time_ms(fn, make_args, out_bytes)
+
+
+def timing_iters() -> int:
+    from benchmarks.timing import ITERS
+
+    return ITERS
+
+
+def wall_ms(call: Callable[[], Any], *, iters: int, warmup: int, sync: Callable[[Any], Any]) -> float:
+    """Median host time (ms) of `sync(call())` over `iters` runs after `warmup` runs: for whole
+    steps, where launch gaps are part of the cost."""
+    for _ in range(warmup):
+        sync(call())
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        sync(call())
+        times.append((time.perf_counter() - t) * 1e3)
+    times.sort()
+    mid = len(times) // 2
+    return times[mid] if len(times) % 2 else (times[mid - 1] + times[mid]) / 2
+
+
+# ------------------------------------------------------------------------------------ variants
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One entry of a bench's registry. `requires`: modules the worker imports (a missing one
+    fails the variant with one clear line, before any work); `group`: variants of one group run
+    in one process (e.g. eager and compiled torch share one model), default the variant itself;
+    `options`: read by the bench's worker (implementation names, flags)."""
+
+    name: str
+    doc: str
+    requires: tuple[str, ...] = ()
+    group: str | None = None
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def process(self) -> str:
+        return self.group or self.name
+
+
+class MissingDependency(RuntimeError):
+    pass
+
+
+def check_requires(variant: Variant) -> None:
+    missing = [m for m in variant.requires if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingDependency(f"variant {variant.name!r} needs {', '.join(missing)} (not importable here)")
+
+
+def registry(*variants: Variant) -> dict[str, Variant]:
+    return {v.name: v for v in variants}
+
+
+def process_groups(variants: Mapping[str, Variant], names: Iterable[str]) -> dict[str, list[str]]:
+    """Selected variant names by process group, in registry order."""
+    groups: dict[str, list[str]] = {}
+    chosen = set(names)
+    for name, v in variants.items():
+        if name in chosen:
+            groups.setdefault(v.process, []).append(name)
+    return groups
+
+
+# ------------------------------------------------------------------------------------ isolation
+def run_isolated(cmd: Sequence[str], *, timeout: float | None = None, env: Mapping[str, str] | None = None,
+                 unset: Sequence[str] = (), label: str = "", capture: bool = False) -> Any:
+    """Runs `cmd` (e.g. [sys.executable, "-m", "benchmarks.bench_x", "--worker", ...]) in its own
+    process from the repository root and returns the JSON it passed to `emit`. On a timeout, a
+    non-zero exit or no JSON: {"error": "..."} (the caller turns it into error rows). With
+    `capture`, the child's output is kept and its tail goes into the error. `env` adds to this
+    process's environment, `unset` removes names from it."""
+    label = label or " ".join(cmd[-3:])
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = Path(f.name)
+    child_env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", **(env or {}))
+    child_env[RESULT_ENV] = str(out)
+    for name in unset:
+        child_env.pop(name, None)
+    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), child_env.get("PYTHONPATH", "")) if p)
+    try:
+        proc = subprocess.run(list(cmd), cwd=REPO, env=child_env, timeout=timeout,
+                              capture_output=capture, text=True)
+    except subprocess.TimeoutExpired:
+        print(f"!! {label}: stopped after its {timeout:.0f} s timeout", flush=True)
+        return {"error": f"timeout {timeout:.0f} s"}
+    finally:
+        text = out.read_text() if out.is_file() else ""
+        out.unlink(missing_ok=True)
+    tail = ((proc.stdout or "")[-1500:] + (proc.stderr or "")[-1500:]) if capture else ""
+    if proc.returncode != 0:
+        print(f"!! {label}: exit code {proc.returncode}", flush=True)
+        return {"error": f"exit {proc.returncode}" + (f": {tail[-600:]}" if tail else "")}
+    if not text:
+        return {"error": "no result written" + (f": {tail[-600:]}" if tail else "")}
+    return json.loads(text)
+
+
+def emit(result: Any) -> None:
+    """In a child started by run_isolated: hand `result` (JSON-able) back to the parent. Run
+    directly (no parent), it is printed."""
+    path = os.environ.get(RESULT_ENV)
+    text = json.dumps(result, default=_json_default)
+    if path:
+        Path(path).write_text(text)
+    else:
+        print(text)
+
+
+def worker_command(module: str, worker: str, argv: Sequence[str]) -> list[str]:
+    """The command that reruns `module` as the worker `worker` with the parent's own arguments."""
+    return [sys.executable, "-m", module, *argv, "--worker", worker]
+
+
+def error_rows(names: Iterable[str], error: str, **keys) -> list[dict]:
+    return [dict(variant=n, **keys, error=error) for n in names]
+
+
+def device_info() -> dict:
+    """The accelerator's name and the jax version, asked of a short child process (a parent that
+    only starts children never initialises a jax backend, so it holds no GPU memory meanwhile)."""
+    got = run_isolated([sys.executable, "-c", "import jax; from benchmarks import harness; harness.emit({"
+                        "'device': jax.devices()[0].device_kind + ' (' + jax.default_backend() + ')', "
+                        "'jax': jax.__version__})"], timeout=120, label="device query", capture=True)
+    return got if "device" in got else {"device": "unknown device"}
+
+
+def run_pytest(path: str, marker_or_k: str = "", *, timeout: float = 600) -> str:
+    """Runs `pytest -q path [-k ...]` in a child; returns its last summary line."""
+    select = ["-k", marker_or_k] if marker_or_k else []
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path, *select],
+                              cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"pytest {path}: timeout {timeout:.0f} s"
+    print(proc.stdout[-4000:], proc.stderr[-2000:], flush=True)
+    lines = proc.stdout.strip().splitlines()
+    return f"`pytest {path} {' '.join(select)}`: " + (lines[-1] if lines else f"rc={proc.returncode}")
+
+
+# ------------------------------------------------------------------------------------ grids
+def time_grid(shapes: Mapping[str, Mapping[str, int]], variant: str,
+              setup: Callable[[Mapping[str, int]], tuple[Callable, Callable, int]],
+              metric: Callable[[Mapping[str, int], float], Mapping[str, float]] | None = None,
+              *, deadline: float | None = None) -> list[dict]:
+    """One row per named shape for one implementation: setup(dims) -> (fn, make_args, out_bytes),
+    timed by device_time_ms; metric(dims, ms) adds derived figures (GB/s, TOP/s). A cell that
+    fails (a config that does not compile is a result) becomes a row with `error`; past
+    `deadline` (time.time()) no new cell starts."""
+    rows = []
+    for name, dims in shapes.items():
+        row = {"variant": variant, "shape": name, **dims}
+        if deadline is not None and time.time() > deadline:
+            rows.append({**row, "error": "not run: budget spent"})
+            continue
+        try:
+            fn, make_args, out_bytes = setup(dims)
+            ms = device_time_ms(fn, make_args, out_bytes)
+        except Exception as e:  # noqa: BLE001  (recorded, the other cells still run)
+            rows.append({**row, "error": f"{type(e).__name__}: {e}"[:400]})
+            print(f"  {variant} {name}: {rows[-1]['error'][:200]}", flush=True)
+            continue
+        row["ms"] = ms
+        if metric:
+            row.update(metric(dims, ms))
+        rows.append(row)
+        print(f"  {variant} {name}: {ms * 1e3:.1f} us " + " ".join(
+            f"{k} {v:.0f}" for k, v in row.items() if k.endswith(("_gbs", "gbs", "tops")) and isinstance(v, float)),
+            flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------ results
+def run_meta(device: str | None = None, *, probe: bool = False) -> dict:
+    """Where and from what a run came: device, jax version, commit, UTC time, host. `probe`: ask
+    a child process for the device and the jax version (see device_info)."""
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "host": platform.node(), "python": platform.python_version()}
+    try:
+        meta["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                        text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        meta["commit"] = None
+    if probe:
+        meta.update(device_info())
+        return meta
+    if device is None and "jax" in sys.modules:
+        import jax
+
+        device = jax.devices()[0].device_kind
+    if "jax" in sys.modules:
+        meta["jax"] = sys.modules["jax"].__version__
+    meta["device"] = device
+    return meta
+
+
+def figure(variant: str, figure: str, *, shape: str = "", baseline: str | None = None,
+           ratio: float | str | None = None, note: str = "") -> dict:
+    """One headline entry of a results file's `summary` (a row of README's Measured table).
+    `ratio`: this variant against `baseline`, both from the same run (higher is better)."""
+    if isinstance(ratio, float):
+        ratio = f"{ratio:.2f}x"
+    return {"variant": variant, "shape": shape, "figure": figure, "baseline": baseline, "ratio": ratio, "note": note}
+
+
+def write_results(name: str, data: Mapping[str, Any], markdown: str | Sequence[str], out_dir: Path = RESULTS, *,
+                  summary: Sequence[Mapping] = (), meta: Mapping | None = None,
+                  plot: Callable[[Path], None] | None = None, command: str | None = None) -> Path:
+    """Writes out_dir/<name>.json and <name>.md (and <name>.png through `plot(path)`); returns the
+    JSON path. The JSON: {"bench", "schema", "meta", "device", "summary", **data}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta or run_meta())
+    payload = {"bench": name, "schema": SCHEMA, "meta": meta, "device": meta.get("device"),
+               "summary": list(summary), **data}
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
+    lines = [markdown] if isinstance(markdown, str) else list(markdown)
+    where = ", ".join(f"{k} {meta[k]}" for k in ("device", "jax", "commit", "date") if meta.get(k))
+    footer = [f"", f"Run: {where}." + (f" Command: `{command}`." if command else ""),
+              f"Data: `{name}.json` (written with this file by benchmarks/harness.py)."]
+    (out_dir / f"{name}.md").write_text("\n".join(lines + footer) + "\n")
+    if plot is not None:
+        try:
+            plot(out_dir / f"{name}.png")
+        except ImportError:
+            pass
+    if out_dir.resolve() == RESULTS.resolve():  # README's Measured table follows the results
+        from benchmarks import report
+
+        try:
+            report.main([])
+        except (OSError, ValueError) as e:
+            print(f"README's Measured table not regenerated ({e}); run `python -m benchmarks.report`", flush=True)
+    return path
+
+
+def load_results(path: Path) -> dict:
+    data = json.loads(Path(path).read_text())
+    if data.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: results schema {data.get('schema')!r}, this harness reads {SCHEMA} "
+                         "(tools/upgrade_results.py converts older files)")
+    return data
+
+
+def merge_runs(paths: Sequence[Path]) -> tuple[list[dict], dict]:
+    """Rows of several results files of one bench (variant subsets run back to back on one
+    machine) and the first file's meta, with the commits and dates of all of them."""
+    runs = [load_results(p) for p in paths]
+    meta = dict(runs[0]["meta"])
+    for key in ("commit", "date"):
+        values = list(dict.fromkeys(str(r["meta"].get(key)) for r in runs))
+        meta[key] = values[0] if len(values) == 1 else " + ".join(values)
+    return [row for r in runs for row in r["rows"]], meta
+
+
+def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Sequence[bool] | None = None) -> list[str]:
+    """A markdown table; `numeric` columns are right-aligned."""
+    numeric = numeric or [False] * len(headers)
+    out = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---:" if n else "---" for n in numeric) + " |"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def pivot_table(rows: Sequence[Mapping], value: str, fmt: str = "{:.0f}", *, baseline: str | None = None,
+                shape_cols: Sequence[str] = (), variants: Sequence[str] | None = None,
+                ratio_of: Callable[[Mapping, Mapping], float] | None = None) -> list[str]:
+    """Shapes down, variants across: `value` of each (shape, variant) row, then each variant's
+    ratio to `baseline` in the same shape (ratio_of(row, base_row), default base ms / row ms)."""
+    ok = [r for r in rows if "error" not in r]
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    variants = list(variants or dict.fromkeys(r["variant"] for r in rows))
+    cell = {(r["shape"], r["variant"]): r for r in ok}
+    ratio_of = ratio_of or (lambda r, b: b["ms"] / r["ms"])
+    others = [v for v in variants if v != baseline] if baseline else []
+    headers = [*(shape_cols or ["shape"]), *variants, *(f"{v} vs {baseline}" for v in others)]
+    body = []
+    for s in shapes:
+        first = next(r for r in rows if r["shape"] == s)
+        cells = [first.get(c, "") for c in shape_cols] if shape_cols else [s]
+        for v in variants:
+            r = cell.get((s, v))
+            err = next((x["error"] for x in rows if x["shape"] == s and x["variant"] == v and "error" in x), None)
+            cells.append(fmt.format(r[value]) if r and value in r else ("failed" if err else "-"))
+        base = cell.get((s, baseline)) if baseline else None
+        for v in others:
+            r = cell.get((s, v))
+            cells.append(f"{ratio_of(r, base):.2f}x" if r and base else "-")
+        body.append(cells)
+    numeric = [bool(shape_cols)] * len(shape_cols or ["shape"]) + [True] * (len(headers) - len(shape_cols or ["shape"]))
+    table = md_table(headers, body, numeric)
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        table += ["", "Failed cells: " + "; ".join(f"{r['variant']} {r['shape']}: {r['error'][:160]}" for r in failed)]
+    return table
+
+
+def span(values: Iterable[float], fmt: str = "{:.0f}") -> str:
+    """'a-b' over values (one value: 'a')."""
+    vals = sorted(values)
+    if not vals:
+        return "-"
+    lo, hi = fmt.format(vals[0]), fmt.format(vals[-1])
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def bar_plot(path: Path, groups: Sequence[str], series: Mapping[str, Sequence[float]], ylabel: str,
+             *, rotate: bool = False) -> None:
+    """Grouped bars (groups on x, one bar per series); needs matplotlib (ImportError otherwise)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(groups) * max(len(series), 1) ** 0.5 + 4), 4.5))
+    width = 0.8 / max(len(series), 1)
+    for i, (label, vals) in enumerate(series.items()):
+        ax.bar([j + i * width for j in range(len(groups))], vals, width, label=label)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups,
+                  rotation=75 if rotate else 0, ha="right" if rotate else "center", fontsize=7 if rotate else 9)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _json_default(o):
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)
