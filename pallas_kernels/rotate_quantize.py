@@ -61,7 +61,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from convrot_jax.hadamard import _regular_stage, check_group_size
+from convrot_jax.hadamard import check_group_size
+from pallas_kernels.rounding import regular_stage as _regular_stage
 from convrot_jax.quant import (
     INT4_MAX,
     SCALE_FLOOR,
