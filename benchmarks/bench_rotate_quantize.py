@@ -1,11 +1,12 @@
-"""GPU benchmark of the fused rotate+quantize kernels against XLA and a plain device copy.
+"""GPU benchmark of the fused rotate+quantize kernel against XLA and a plain device copy.
 
-For each FLUX shape M x K, in one process: the Mosaic GPU kernel (`rotate_quantize_sm90`, int8
-and packed codes), the Pallas Triton kernel (`rotate_quantize`, int8), the XLA reference, and a
-device copy of the same input (an elementwise bf16 negation: reads 2MK, writes 2MK bytes). With
-`--sweep`, block configs of the Mosaic GPU kernel at M = 4608 first (each checked bit-identical
-to the reference run on the CPU); the fastest that passes everywhere is then used. With
-`--prologue-ms`, both kernels' LayerNorm+modulation and GELU prologues against XLA's.
+For each FLUX shape M x K, in one process: the Mosaic GPU kernel (`rotate_quantize`, int8 and
+packed codes), the XLA reference, and a device copy of the same input (an elementwise bf16
+negation: reads 2MK, writes 2MK bytes). With `--sweep`, block configs of the kernel at M = 4608
+first (each checked bit-identical to the reference run on the CPU); the fastest that passes
+everywhere is then used. With `--prologue-ms`, the kernel's LayerNorm+modulation and GELU
+prologues against XLA's. (Earlier results also list a Pallas Triton kernel, since removed:
+benchmarks/notes/rotate_quantize.md.)
 GB/s counts each input read once and each output written once.
 
 Timing: device time (CUPTI, `benchmarks.timing.device_time_ms`), median of 20 iterations over
@@ -30,22 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.timing import ITERS, device_time_ms
-from pallas_kernels.rotate_quantize import (
-    apply_prologue,
-    rotate_quantize,
-    rotate_quantize_reference,
-)
-from pallas_kernels.rotate_quantize_sm90 import (
-    RotateQuantizeSm90Config,
-    plan,
-    rotate_quantize_sm90,
-)
+from pallas_kernels.rotate_quantize import RotateQuantizeConfig, plan, rotate_quantize
+from pallas_kernels.rotate_quantize_reference import apply_prologue, rotate_quantize_reference
 
 MS = (512, 1536, 4608, 9216)
 KS = (3072, 12288, 15360)
 LAYERNORM_K, GELU_K = 3072, 12288  # what feeds q/k/v and MLP-up; what feeds MLP-down
 SWEEP_M = 4608
-SWEEP = (  # RotateQuantizeSm90Config fields; invalid ones for a K are skipped
+SWEEP = (  # RotateQuantizeConfig fields; invalid ones for a K are skipped
     {},  # the fewest rows that tile K, chunks of 8 x 16 values, one pass where it fits
     {"chunk_mult": 2},
     {"chunk_mult": 3},
@@ -77,9 +70,9 @@ def run_tests() -> str:
     return proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else f"pytest rc={proc.returncode}"
 
 
-def _sweep(result: dict, ks, over_budget) -> RotateQuantizeSm90Config:
+def _sweep(result: dict, ks, over_budget) -> RotateQuantizeConfig:
     """Times SWEEP at M = SWEEP_M; returns the fastest config valid and identical at every K."""
-    totals: dict[RotateQuantizeSm90Config, float] = {}
+    totals: dict[RotateQuantizeConfig, float] = {}
     cpu = jax.devices("cpu")[0]
     for k in ks:
         make = _x(SWEEP_M, k)
@@ -87,13 +80,13 @@ def _sweep(result: dict, ks, over_budget) -> RotateQuantizeSm90Config:
         with jax.default_device(cpu):  # ground truth off XLA:GPU's arithmetic, as in the tests
             want = jax.tree.map(np.asarray, rotate_quantize_reference(jax.device_put(x, cpu)))
         for fields in SWEEP:
-            c = RotateQuantizeSm90Config(**fields)
+            c = RotateQuantizeConfig(**fields)
             if over_budget():
                 break
             try:
                 rows, chunk, _ = plan(k, 256, c)
-                got = jax.tree.map(np.asarray, rotate_quantize_sm90(x, config=c))
-                ms = device_time_ms(functools.partial(rotate_quantize_sm90, config=c), make)
+                got = jax.tree.map(np.asarray, rotate_quantize(x, config=c))
+                ms = device_time_ms(functools.partial(rotate_quantize, config=c), make)
             except Exception as e:  # noqa: BLE001 - a config that does not fit this K is a result
                 print(f"sweep K={k} {c}: {e!r}"[:400], flush=True)
                 continue
@@ -105,26 +98,25 @@ def _sweep(result: dict, ks, over_budget) -> RotateQuantizeSm90Config:
             if same:
                 totals.setdefault(c, []).append(ms)
     full = [c for c, t in totals.items() if len(t) == len(ks)]
-    return min(full, key=lambda c: sum(totals[c])) if full else RotateQuantizeSm90Config()
+    return min(full, key=lambda c: sum(totals[c])) if full else RotateQuantizeConfig()
 
 
-def _measure_row(m: int, k: int, cfg: RotateQuantizeSm90Config) -> dict:
+def _measure_row(m: int, k: int, cfg: RotateQuantizeConfig) -> dict:
     mk = m * k
     make = _x(m, k)
     row = {"m": m, "k": k, "bytes_int8": 3 * mk + 4 * m, "bytes_packed": 2 * mk + mk // 2 + 4 * m, "copy_bytes": 4 * mk}
-    row["sm90_ms"] = device_time_ms(lambda x: rotate_quantize_sm90(x, config=cfg), make)
-    row["sm90_packed_ms"] = device_time_ms(lambda x: rotate_quantize_sm90(x, packed=True, config=cfg), make)
-    row["triton_ms"] = device_time_ms(lambda x: rotate_quantize(x), make)
+    row["kernel_ms"] = device_time_ms(lambda x: rotate_quantize(x, config=cfg), make)
+    row["kernel_packed_ms"] = device_time_ms(lambda x: rotate_quantize(x, packed=True, config=cfg), make)
     row["xla_ms"] = device_time_ms(lambda x: rotate_quantize_reference(x), make)
     row["copy_ms"] = device_time_ms(lambda x: -x, make)
-    for name, nbytes in (("sm90", "bytes_int8"), ("sm90_packed", "bytes_packed"), ("triton", "bytes_int8"),
-                         ("xla", "bytes_int8"), ("copy", "copy_bytes")):
+    for name, nbytes in (("kernel", "bytes_int8"), ("kernel_packed", "bytes_packed"), ("xla", "bytes_int8"),
+                         ("copy", "copy_bytes")):
         row[f"{name}_gbs"] = _gbs(row[nbytes], row[f"{name}_ms"])
     return row
 
 
 def _measure_prologues(m: int) -> list[dict]:
-    """Triton kernel with LayerNorm+modulation (K=3072, B=2 images) and tanh-GELU (K=12288)
+    """The kernel with LayerNorm+modulation (K=3072, B=2 images) and tanh-GELU (K=12288)
     prologues vs XLA's prologue alone and XLA's prologue + reference quantizer."""
     k = LAYERNORM_K
     make = _x(m, k)
@@ -134,16 +126,14 @@ def _measure_prologues(m: int) -> list[dict]:
         return (*make(i), *sh_sc)
 
     p = {"m": m, "k": k, "prologue": "layernorm+modulation"}
-    p["sm90_ms"] = device_time_ms(
-        lambda x, sh, sc: rotate_quantize_sm90(x, prologue="layernorm", shift=sh, scale=sc), make_mod)
-    p["kernel_ms"] = device_time_ms(lambda x, sh, sc: rotate_quantize(x, prologue="layernorm", shift=sh, scale=sc), make_mod)
+    p["kernel_ms"] = device_time_ms(
+        lambda x, sh, sc: rotate_quantize(x, prologue="layernorm", shift=sh, scale=sc), make_mod)
     p["xla_prologue_only_ms"] = device_time_ms(
         lambda x, sh, sc: apply_prologue(x, "layernorm", sh, sc).astype(x.dtype), make_mod)
     p["xla_full_ms"] = device_time_ms(
         lambda x, sh, sc: rotate_quantize_reference(x, prologue="layernorm", shift=sh, scale=sc), make_mod)
     make = _x(m, GELU_K)
     g = {"m": m, "k": GELU_K, "prologue": "gelu_tanh"}
-    g["sm90_ms"] = device_time_ms(lambda x: rotate_quantize_sm90(x, prologue="gelu_tanh"), make)
     g["kernel_ms"] = device_time_ms(lambda x: rotate_quantize(x, prologue="gelu_tanh"), make)
     g["xla_prologue_only_ms"] = device_time_ms(lambda x: apply_prologue(x, "gelu_tanh").astype(x.dtype), make)
     g["xla_full_ms"] = device_time_ms(lambda x: rotate_quantize_reference(x, prologue="gelu_tanh"), make)
@@ -152,10 +142,9 @@ def _measure_prologues(m: int) -> list[dict]:
 
 def _row_line(r) -> str:
     return (
-        f"M={r['m']:5d} K={r['k']:5d}  sm90 {r['sm90_gbs']:6.0f} GB/s ({r['sm90_ms'] * 1e3:7.1f} us)  packed "
-        f"{r['sm90_packed_gbs']:6.0f}  triton {r['triton_gbs']:5.0f}  xla {r['xla_gbs']:5.0f}  copy {r['copy_gbs']:5.0f}"
-        f"  sm90/copy {r['sm90_gbs'] / r['copy_gbs']:.2f}  vs xla {r['xla_ms'] / r['sm90_ms']:.1f}x"
-        f"  vs triton {r['triton_ms'] / r['sm90_ms']:.1f}x"
+        f"M={r['m']:5d} K={r['k']:5d}  kernel {r['kernel_gbs']:6.0f} GB/s ({r['kernel_ms'] * 1e3:7.1f} us)  packed "
+        f"{r['kernel_packed_gbs']:6.0f}  xla {r['xla_gbs']:5.0f}  copy {r['copy_gbs']:5.0f}"
+        f"  kernel/copy {r['kernel_gbs'] / r['copy_gbs']:.2f}  vs xla {r['xla_ms'] / r['kernel_ms']:.1f}x"
     )
 
 
@@ -166,39 +155,38 @@ def _markdown(res) -> str:
         f"Device: {res['device']}, jax {res['jax']}. GPU tests: {res['tests']}.",
         f"Device time (CUPTI), median of {ITERS}, rotating input sets (> 2x L2). GB/s = (bytes read + bytes",
         "written) / time; the copy is an elementwise bf16 negation of the same input (reads 2MK, writes",
-        "2MK bytes). sm90 = the Mosaic GPU kernel (`rotate_quantize_sm90`, what `convrot_jax.ops` uses),",
-        "triton = the Pallas Triton kernel (`rotate_quantize`, the previous version).",
+        "2MK bytes). kernel = the Mosaic GPU kernel (`pallas_kernels.rotate_quantize`, what `convrot_jax.ops` uses).",
         "",
-        f"sm90 config: {res.get('config', 'default')}.",
+        f"kernel config: {res.get('config', 'default')}.",
         "",
-        "| M | K | sm90 int8 GB/s | sm90 packed GB/s | triton int8 GB/s | XLA ref GB/s | copy GB/s | sm90 / copy | sm90 vs XLA | sm90 vs triton |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| M | K | kernel int8 GB/s | kernel packed GB/s | XLA ref GB/s | copy GB/s | kernel / copy | kernel vs XLA |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in res["rows"]:
         out.append(
-            f"| {r['m']} | {r['k']} | {r['sm90_gbs']:.0f} | {r['sm90_packed_gbs']:.0f} | {r['triton_gbs']:.0f} | "
-            f"{r['xla_gbs']:.0f} | {r['copy_gbs']:.0f} | {r['sm90_gbs'] / r['copy_gbs']:.2f} | "
-            f"{r['xla_ms'] / r['sm90_ms']:.1f}x | {r['triton_ms'] / r['sm90_ms']:.1f}x |"
+            f"| {r['m']} | {r['k']} | {r['kernel_gbs']:.0f} | {r['kernel_packed_gbs']:.0f} | "
+            f"{r['xla_gbs']:.0f} | {r['copy_gbs']:.0f} | {r['kernel_gbs'] / r['copy_gbs']:.2f} | "
+            f"{r['xla_ms'] / r['kernel_ms']:.1f}x |"
         )
     if res["prologue"]:
         out += [
             "",
             "Prologues (int8 codes out; B=2 images for the modulation):",
             "",
-            ("| prologue | M | K | sm90 us | triton us | XLA prologue alone us | XLA prologue + reference quant us "
-             "| XLA prologue alone / sm90 |"),
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            ("| prologue | M | K | kernel us | XLA prologue alone us | XLA prologue + reference quant us "
+             "| XLA prologue alone / kernel |"),
+            "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for p in res["prologue"]:
             out.append(
-                f"| {p['prologue']} | {p['m']} | {p['k']} | {p['sm90_ms'] * 1e3:.1f} | {p['kernel_ms'] * 1e3:.1f} | "
+                f"| {p['prologue']} | {p['m']} | {p['k']} | {p['kernel_ms'] * 1e3:.1f} | "
                 f"{p['xla_prologue_only_ms'] * 1e3:.1f} | {p['xla_full_ms'] * 1e3:.1f} | "
-                f"{p['xla_prologue_only_ms'] / p['sm90_ms']:.2f}x |"
+                f"{p['xla_prologue_only_ms'] / p['kernel_ms']:.2f}x |"
             )
     if res["sweep"]:
         out += [
             "",
-            f"sm90 block configs at M={SWEEP_M} (int8 out; identical = codes and scales equal to the XLA reference run on the CPU):",
+            f"kernel block configs at M={SWEEP_M} (int8 out; identical = codes and scales equal to the XLA reference run on the CPU):",
             "",
             "| K | config | rows | groups per chunk | GB/s | identical |",
             "| --- | --- | --- | --- | --- | --- |",
@@ -233,7 +221,7 @@ def main() -> None:
     def over_budget():
         return time.time() - start > args.budget_s
 
-    cfg = _sweep(result, args.ks, over_budget) if args.sweep else RotateQuantizeSm90Config()
+    cfg = _sweep(result, args.ks, over_budget) if args.sweep else RotateQuantizeConfig()
     result["config"] = dataclasses.asdict(cfg)
     print("config", cfg, flush=True)
     for m in args.ms:

@@ -196,7 +196,7 @@ def stage_bench(out_dir, log, args):
 
     rot_ok = True
     try:
-        import pallas_kernels.rotate_quantize_sm90  # noqa: F401
+        import pallas_kernels.rotate_quantize  # noqa: F401
     except Exception:  # noqa: BLE001
         rot_ok = False
     rows = log["bench"] = []
@@ -243,7 +243,7 @@ def stage_bench(out_dir, log, args):
             print(f"M={m:5d} K={k:5d} N={n:5d}  bf16 {r['bf16_tops']:5.0f}  int8 {r['int8_tops']:5.0f}  "
                   f"kernel {r['kernel_tops']:5.0f} ({r['kernel_vs_bf16']:.2f}x)  naive {r['naive_layer_vs_bf16']:.2f}x"
                   + (f"  layer {r['layer_vs_bf16']:.2f}x" if "layer_ms" in r else ""), flush=True)
-    log["layer_path"] = "ops.w4a4_linear(implementation='pallas'): rotate_quantize_sm90 + this GEMM" if rot_ok \
+    log["layer_path"] = "ops.w4a4_linear(implementation='pallas'): rotate_quantize + this GEMM" if rot_ok \
         else "not measured: the rotate-quantize kernel failed"
     write_markdown(rows, log, os.path.join(out_dir, "w4a4_matmul.md"))
 
