@@ -38,7 +38,9 @@ import numpy as np
 from benchmarks.arg_specs import FLUX_LINEAR_SHAPES, FLUX_TOKEN_COUNTS
 from benchmarks.timing import ITERS, device_time_ms
 from convrot_jax.quant import pack_int4, quantize_weight
-from pallas_kernels.w4a4_matmul import W4A4MatmulConfig, config_for, w4a4_matmul, w4a4_matmul_reference
+from pallas_kernels.w4a4_matmul import w4a4_matmul
+from pallas_kernels.w4a4_matmul_config import W4A4MatmulConfig, config_for
+from pallas_kernels.w4a4_matmul_reference import w4a4_matmul_reference
 
 FLUX_KN = list(FLUX_LINEAR_SHAPES.values())
 LARGE_KN = [(3072, 12288), (12288, 3072), (15360, 3072)]

@@ -20,6 +20,7 @@ from convrot_jax.hadamard import HadamardKind
 from convrot_jax.linear import check_linear_input, w4a4_linear_reference
 from convrot_jax.quant import QuantizedWeight, quantize_activation_reference
 from pallas_kernels.rotate_quantize import rotate_quantize
+from pallas_kernels.w4a4_matmul import w4a4_matmul
 
 Implementation = Literal["auto", "xla", "pallas"]
 IMPLEMENTATIONS: tuple[str, ...] = ("auto", "xla", "pallas")
@@ -106,7 +107,6 @@ def w4a4_linear(
         impl = "xla"  # "auto" with a Sylvester weight: a comparison setting, reference path.
     if impl == "xla":
         return w4a4_linear_reference(x, qw, bias)
-    from pallas_kernels.w4a4_matmul import w4a4_matmul
 
     x2, lead = _flatten(x)
     codes, scales = rotate_quantize(x2, group_size=qw.group_size)
