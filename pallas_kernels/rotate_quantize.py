@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -178,6 +179,172 @@ def _gelu_tanh(x: jax.Array) -> jax.Array:
     return x * (0.5 * (1.0 + jnp.tanh(np.float32(math.sqrt(2 / math.pi)) * (x + np.float32(0.044715) * (x * x * x)))))
 
 
+class _Block(NamedTuple):
+    """One CTA's shared-memory refs and the static shape of its chunks (module docstring)."""
+
+    x: object  # (rows, held groups, hi, lo) input rows, smem
+    mod: object | None  # (rows, held groups, 2, hi, lo) the image's shift and scale rows, smem
+    y: object  # (2, rows, chunk, hi, lo + 1) float32 transpose scratch, smem
+    out: object  # (rows, held groups, hi * words) int32 code words, smem
+    chunk: int  # groups per chunk
+    real: int  # groups of a row before padding
+    interpret: bool
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def groups(self) -> int:
+        """Groups a row holds, zero groups included."""
+        return self.x.shape[1]
+
+    @property
+    def hi(self) -> int:
+        return self.x.shape[2]
+
+    @property
+    def lo(self) -> int:
+        return self.x.shape[3]
+
+    @property
+    def shape1(self) -> tuple[int, int, int]:
+        """Phase 1 arrays: one column block of every group of a chunk."""
+        return (self.rows, self.chunk, self.lo)
+
+    @property
+    def shape2(self) -> tuple[int, int, int]:
+        """Phase 2 arrays: one column of every (group, h) row of a chunk."""
+        return (self.rows, self.chunk, self.hi)
+
+    @property
+    def layout1(self):
+        return plgpu.Layout.WG_STRIDED(self.shape1, vec_size=1)
+
+    @property
+    def layout2(self):
+        return plgpu.Layout.WG_STRIDED(self.shape2, vec_size=1)
+
+
+def _load_parts(b: _Block, c) -> list[jax.Array]:
+    """Chunk c as `hi` float32 arrays of `shape1`: array h = column block h of every group."""
+    g0 = _first_group(c, b.chunk)
+    return [plgpu.load(b.x.at[:, pl.ds(g0, b.chunk), h, :], layout=b.layout1).astype(jnp.float32)
+            for h in range(b.hi)]
+
+
+def _valid(b: _Block, c) -> jax.Array | None:
+    """Which elements of chunk c's phase 1 arrays belong to real (unpadded) groups; None when
+    nothing is padded."""
+    if b.real == b.groups:
+        return None
+    g = plgpu.layout_cast(jax.lax.broadcasted_iota(jnp.int32, b.shape1, 1), b.layout1)
+    return g + _first_group(c, b.chunk) < b.real
+
+
+def _per_row(total: jax.Array, layout, rows: int, op) -> tuple[jax.Array, list[jax.Array]]:
+    """(the row index of every element, the reduction `op` of each row of `total` as a scalar)."""
+    row_of = plgpu.layout_cast(jax.lax.broadcasted_iota(jnp.int32, total.shape, 0), layout)
+    return row_of, [op(jnp.where(row_of == r, total, 0.0)) for r in range(rows)]
+
+
+def _by_row(row_of: jax.Array, values: list[jax.Array], like: jax.Array) -> jax.Array:
+    """An array shaped like `like` holding values[r] at row r."""
+    out = like
+    for r, v in enumerate(values):
+        out = jnp.where(row_of == r, v, out)
+    return out
+
+
+def _layernorm_stats(b: _Block, n: int) -> tuple[jax.Array, jax.Array]:
+    """(mean, 1 / std) of each row, broadcast to `shape1`: two passes over the rows in shared
+    memory, the second over squared deviations from the mean (the zero groups left out)."""
+    chunks, count = b.groups // b.chunk, np.float32(b.real * n)
+    zero1 = plgpu.layout_cast(jnp.zeros(b.shape1, jnp.float32), b.layout1)
+
+    def add_sum(c, acc):
+        return functools.reduce(jnp.add, _load_parts(b, c), acc)
+
+    row_of1, sums = _per_row(jax.lax.fori_loop(0, chunks, add_sum, zero1), b.layout1, b.rows, jnp.sum)
+    mean = _by_row(row_of1, [s_ / count for s_ in sums], zero1)
+
+    def add_square(c, acc):
+        d = [jnp.square(v - mean) for v in _load_parts(b, c)]
+        ok = _valid(b, c)
+        if ok is not None:
+            d = [jnp.where(ok, v, 0.0) for v in d]
+        return functools.reduce(jnp.add, d, acc)
+
+    _, squares = _per_row(jax.lax.fori_loop(0, chunks, add_square, zero1), b.layout1, b.rows, jnp.sum)
+    rstd = _by_row(row_of1, [jax.lax.rsqrt(q / count + np.float32(LAYERNORM_EPS)) for q in squares], zero1)
+    return mean, rstd
+
+
+def _prologue_parts(b: _Block, c, prologue: Prologue, stats) -> list[jax.Array]:
+    """Chunk c's phase 1 arrays after the prologue (`stats`: the LayerNorm's (mean, rstd))."""
+    parts = _load_parts(b, c)
+    if prologue == "gelu_tanh":
+        return [_gelu_tanh(v) for v in parts]
+    if prologue == "none":
+        return parts
+    mean, rstd = stats
+    parts = [(v - mean) * rstd for v in parts]
+    if b.mod is not None:
+        g0 = _first_group(c, b.chunk)
+        mod = [[plgpu.load(b.mod.at[:, pl.ds(g0, b.chunk), i, h, :], layout=b.layout1).astype(jnp.float32)
+                for h in range(b.hi)] for i in range(2)]
+        parts = [v * (1 + sc) + sh for v, sh, sc in zip(parts, *mod)]
+    ok = _valid(b, c)
+    return parts if ok is None else [jnp.where(ok, v, 0.0) for v in parts]
+
+
+def _rotated(b: _Block, c, n: int, prologue: Prologue, stats) -> list[jax.Array]:
+    """The rotated chunk c as `lo` arrays of `shape2`: array l, element (r, g, h) is rotated
+    column h * lo + l of group c * chunk + g. Phase 1, the transpose, phase 2, times 1/sqrt(n)."""
+    levels = regular_levels(n)
+    parts = outer_stages(_prologue_parts(b, c, prologue, stats), levels // 2)
+    y = b.y.at[c % 2]
+    for h in range(b.hi):
+        y[:, :, h, pl.ds(0, b.lo)] = parts[h]
+    plgpu.commit_smem()  # the transpose: every thread's stores before anyone's loads
+    cols = [plgpu.load(y.at[:, :, :, l], layout=b.layout2) for l in range(b.lo)]
+    return [v * np.float32(1 / math.sqrt(n)) for v in outer_stages(cols, levels - levels // 2)]
+
+
+def _running_max(vals: list[jax.Array], running: jax.Array) -> jax.Array:
+    """running, updated with the magnitudes of one rotated chunk."""
+    return functools.reduce(jnp.maximum, [jnp.abs(v) for v in vals], running)
+
+
+def _scale_rows(b: _Block, running: jax.Array, scales_gmem, block, m: int) -> tuple[jax.Array, jax.Array]:
+    """From the running elementwise max of block `block`'s rows: each row's scale goes to
+    scales_gmem (NaN for a non-finite row); returns (finite row, 1 / scale) broadcast to `shape2`."""
+    row_of, absmaxes = _per_row(running, b.layout2, b.rows, jnp.max)
+    oks = [absmax < np.float32(np.inf) for absmax in absmaxes]  # False for NaN too
+    scales = [int4_scale(absmax) for absmax in absmaxes]
+    for r, (ok, scale) in enumerate(zip(oks, scales)):
+        _store_scale(scales_gmem, block * b.rows + r, m, jnp.where(ok, scale, np.float32(np.nan)))
+    ones = plgpu.layout_cast(jnp.ones(b.shape2, jnp.float32), b.layout2)
+    finite = _by_row(row_of, oks, row_of < 0)
+    inv = _ptx("div.rn.f32", b.layout2, ones, _by_row(row_of, scales, ones), interpret=b.interpret,
+               fallback=jnp.divide)
+    return finite, inv
+
+
+def _write_codes(b: _Block, c, vals: list[jax.Array], finite: jax.Array, inv: jax.Array, bits: int) -> None:
+    """Chunk c's codes to shared memory, 32 // bits of them to a word (zero for non-finite rows)."""
+    per_word, mask = 32 // bits, (1 << bits) - 1
+    dst = b.out.at[:, pl.ds(_first_group(c, b.chunk), b.chunk)]
+    for j in range(b.lo // per_word):
+        word = jnp.zeros(b.shape2, jnp.int32)
+        for k in range(per_word):
+            v = _ptx("mul.rn.f32", b.layout2, vals[per_word * j + k], inv, interpret=b.interpret,
+                     fallback=jnp.multiply)
+            q = int4_round(v).astype(jnp.int32)
+            word = word | ((q & mask) << (bits * k))
+        _store_word(dst, j, jnp.where(finite, word, 0), b.layout2, interpret=b.interpret)
+
+
 def _kernel(*refs, m, n, rows, chunk, bits, keep, prologue, modulated, tokens_per_image, interpret):
     """One block of `rows` rows: load them (and their image's modulation rows) to shared memory,
     apply the prologue, rotate chunk by chunk, reduce each row's absmax, write scales and codes."""
@@ -185,138 +352,41 @@ def _kernel(*refs, m, n, rows, chunk, bits, keep, prologue, modulated, tokens_pe
         x_gmem, mod_gmem, codes_gmem, scales_gmem, x_smem, mod_smem, out_smem, y_smem, barriers = refs
     else:
         x_gmem, codes_gmem, scales_gmem, x_smem, out_smem, y_smem, barriers = refs
-    hi, lo = _split(n)
-    levels = regular_levels(n)
-    groups = x_smem.shape[1]
-    chunks = groups // chunk
-    real = x_gmem.shape[1]  # groups before padding
+        mod_smem = None
+    b = _Block(x_smem, mod_smem, y_smem, out_smem, chunk, real=x_gmem.shape[1], interpret=interpret)
+    chunks = b.groups // chunk
     block = jax.lax.axis_index("rows")
-    plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(block * rows, rows)], x_smem.at[:, pl.ds(0, real)], barriers.at[0])
+    plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(block * rows, rows)], x_smem.at[:, pl.ds(0, b.real)], barriers.at[0])
     if modulated:  # this block's image's (shift, scale) rows, once per row of the block
         image = (block * rows) // tokens_per_image
         for r in range(rows):
-            plgpu.copy_gmem_to_smem(mod_gmem.at[pl.ds(image, 1)], mod_smem.at[pl.ds(r, 1), pl.ds(0, real)],
+            plgpu.copy_gmem_to_smem(mod_gmem.at[pl.ds(image, 1)], mod_smem.at[pl.ds(r, 1), pl.ds(0, b.real)],
                                     barriers.at[1 + r])
-    if real < groups:  # one-row blocks only (plan): the zero groups that round the row up to whole chunks
-        x_smem[:, pl.ds(real, groups - real)] = jnp.zeros((rows, groups - real, hi, lo), x_smem.dtype)
+    if b.real < b.groups:  # one-row blocks only (plan): the zero groups that round the row up to whole chunks
+        x_smem[:, pl.ds(b.real, b.groups - b.real)] = jnp.zeros((rows, b.groups - b.real, b.hi, b.lo), x_smem.dtype)
         plgpu.commit_smem()
     plgpu.barrier_wait(barriers.at[0])
     if modulated:
         for r in range(rows):
             plgpu.barrier_wait(barriers.at[1 + r])
 
-    shape1, shape2 = (rows, chunk, lo), (rows, chunk, hi)
-    layout1, layout2 = plgpu.Layout.WG_STRIDED(shape1, vec_size=1), plgpu.Layout.WG_STRIDED(shape2, vec_size=1)
-    unit = np.float32(1 / math.sqrt(n))
-
-    def load_parts(c):
-        g0 = _first_group(c, chunk)
-        return [plgpu.load(x_smem.at[:, pl.ds(g0, chunk), h, :], layout=layout1).astype(jnp.float32)
-                for h in range(hi)]
-
-    def valid(c):  # the chunk's real (unpadded) groups, or None when nothing is padded
-        if real == groups:
-            return None
-        g = plgpu.layout_cast(jax.lax.broadcasted_iota(jnp.int32, shape1, 1), layout1)
-        return g + _first_group(c, chunk) < real
-
-    def per_row(total, layout, shape, op):
-        """The per-row reduction of `total` (rows, ...) as scalars, one per row."""
-        row_of = plgpu.layout_cast(jax.lax.broadcasted_iota(jnp.int32, shape, 0), layout)
-        return row_of, [op(jnp.where(row_of == r, total, 0.0)) for r in range(rows)]
-
-    def by_row(row_of, values, like):
-        """An array shaped like `like` holding values[r] at row r."""
-        out = like
-        for r, v in enumerate(values):
-            out = jnp.where(row_of == r, v, out)
-        return out
-
-    if prologue == "layernorm":  # two passes over the rows in shared memory: mean, then variance
-        zero1 = plgpu.layout_cast(jnp.zeros(shape1, jnp.float32), layout1)
-
-        def add_sum(c, acc):
-            return functools.reduce(jnp.add, load_parts(c), acc)
-
-        row_of1, sums = per_row(jax.lax.fori_loop(0, chunks, add_sum, zero1), layout1, shape1, jnp.sum)
-        mean = by_row(row_of1, [s_ / np.float32(real * n) for s_ in sums], zero1)
-
-        def add_square(c, acc):
-            d = [jnp.square(v - mean) for v in load_parts(c)]
-            ok = valid(c)
-            if ok is not None:
-                d = [jnp.where(ok, v, 0.0) for v in d]
-            return functools.reduce(jnp.add, d, acc)
-
-        _, squares = per_row(jax.lax.fori_loop(0, chunks, add_square, zero1), layout1, shape1, jnp.sum)
-        rstd = by_row(row_of1, [jax.lax.rsqrt(q / np.float32(real * n) + np.float32(LAYERNORM_EPS)) for q in squares],
-                      zero1)
-
-    def prologue_parts(c):
-        parts = load_parts(c)
-        if prologue == "gelu_tanh":
-            return [_gelu_tanh(v) for v in parts]
-        if prologue == "none":
-            return parts
-        parts = [(v - mean) * rstd for v in parts]
-        if modulated:
-            g0 = _first_group(c, chunk)
-            mod = [[plgpu.load(mod_smem.at[:, pl.ds(g0, chunk), i, h, :], layout=layout1).astype(jnp.float32)
-                    for h in range(hi)] for i in range(2)]
-            parts = [v * (1 + sc) + sh for v, sh, sc in zip(parts, *mod)]
-        ok = valid(c)
-        return parts if ok is None else [jnp.where(ok, v, 0.0) for v in parts]
-
-    def rotated(c):
-        """The rotated chunk c as lo arrays (rows, chunk, hi): array l, element (r, g, h) is
-        rotated column h * lo + l of group c * chunk + g."""
-        parts = outer_stages(prologue_parts(c), levels // 2)
-        y = y_smem.at[c % 2]
-        for h in range(hi):
-            y[:, :, h, pl.ds(0, lo)] = parts[h]
-        plgpu.commit_smem()  # the transpose: every thread's stores before anyone's loads
-        cols = [plgpu.load(y.at[:, :, :, l], layout=layout2) for l in range(lo)]
-        return [v * unit for v in outer_stages(cols, levels - levels // 2)]
-
-    zero = plgpu.layout_cast(jnp.zeros(shape2, jnp.float32), layout2)
-
-    def running_max(vals, running):
-        return functools.reduce(jnp.maximum, [jnp.abs(v) for v in vals], running)
-
+    stats = _layernorm_stats(b, n) if prologue == "layernorm" else None
+    rotated = functools.partial(_rotated, b, n=n, prologue=prologue, stats=stats)
+    zero = plgpu.layout_cast(jnp.zeros(b.shape2, jnp.float32), b.layout2)
     if keep:  # one pass: the rotated row stays in registers until its scale is known
         saved = [rotated(c) for c in range(chunks)]
-        running = functools.reduce(lambda acc, vals: running_max(vals, acc), saved, zero)
+        running = functools.reduce(lambda acc, vals: _running_max(vals, acc), saved, zero)
     else:  # two passes: rotate for the absmax, rotate again for the codes
-        running = jax.lax.fori_loop(0, chunks, lambda c, acc: running_max(rotated(c), acc), zero)
-    row_of, absmaxes = per_row(running, layout2, shape2, jnp.max)
-    oks = [absmax < np.float32(np.inf) for absmax in absmaxes]  # False for NaN too
-    scales = [int4_scale(absmax) for absmax in absmaxes]
-    for r, (ok, scale) in enumerate(zip(oks, scales)):
-        _store_scale(scales_gmem, block * rows + r, m, jnp.where(ok, scale, np.float32(np.nan)))
-    ones = plgpu.layout_cast(jnp.ones(shape2, jnp.float32), layout2)
-    finite = by_row(row_of, oks, row_of < 0)
-    inv = _ptx("div.rn.f32", layout2, ones, by_row(row_of, scales, ones), interpret=interpret, fallback=jnp.divide)
-
-    per_word, mask = 32 // bits, (1 << bits) - 1
-
-    def write_codes(c, vals):
-        dst = out_smem.at[:, pl.ds(_first_group(c, chunk), chunk)]
-        for j in range(lo // per_word):
-            word = jnp.zeros(shape2, jnp.int32)
-            for b in range(per_word):
-                v = _ptx("mul.rn.f32", layout2, vals[per_word * j + b], inv, interpret=interpret, fallback=jnp.multiply)
-                q = int4_round(v).astype(jnp.int32)
-                word = word | ((q & mask) << (bits * b))
-            _store_word(dst, j, jnp.where(finite, word, 0), layout2, interpret=interpret)
-
+        running = jax.lax.fori_loop(0, chunks, lambda c, acc: _running_max(rotated(c), acc), zero)
+    finite, inv = _scale_rows(b, running, scales_gmem, block, m)
     if keep:
         for c, vals in enumerate(saved):
-            write_codes(c, vals)
+            _write_codes(b, c, vals, finite, inv, bits)
     else:
         plgpu.commit_smem()  # pass 1's last transposed loads before pass 2's first stores
-        jax.lax.fori_loop(0, chunks, lambda c, carry: (write_codes(c, rotated(c)), carry)[1], 0)
+        jax.lax.fori_loop(0, chunks, lambda c, carry: (_write_codes(b, c, rotated(c), finite, inv, bits), carry)[1], 0)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem.at[:, pl.ds(0, real)], codes_gmem.at[pl.ds(block * rows, rows)])
+    plgpu.copy_smem_to_gmem(out_smem.at[:, pl.ds(0, b.real)], codes_gmem.at[pl.ds(block * rows, rows)])
     plgpu.wait_smem_to_gmem(0)
 
 

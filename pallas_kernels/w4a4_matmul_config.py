@@ -69,5 +69,6 @@ def config_for(m: int, n: int, k: int, scale_group: int | None = None) -> W4A4Ma
     cfg = W4A4MatmulConfig(**best[1]["config"]) if best else W4A4MatmulConfig()
     if scale_group is not None:  # the smem form, as verified on the GPU; 64 x 256 CTA tiles by default
         tile_n = cfg.tile_n if cfg.weight_operand == "smem" else 128
-        cfg = dataclasses.replace(cfg, tile_m=64, tile_n=tile_n, tile_k=scale_group, epi_tile_m=64, weight_operand="smem")
+        cfg = dataclasses.replace(cfg, tile_m=64, tile_n=tile_n, tile_k=scale_group, epi_tile_m=64,
+                                  weight_operand="smem")
     return cfg
