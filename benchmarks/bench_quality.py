@@ -62,7 +62,7 @@ def per_layer(tokens: int, seed: int) -> list[dict]:
     import convrot_jax as cj
     from convrot_jax.quant import sqnr_db
     from convrot_jax.synthetic import outlier_activations
-    from pallas_kernels.shapes import FLUX_LINEAR_SHAPES  # after the shapes move
+    from pallas_kernels.shapes import FLUX_LINEAR_SHAPES
 
     rows = []
     for shape_name, (k, n) in FLUX_LINEAR_SHAPES.items():

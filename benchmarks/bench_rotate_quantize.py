@@ -94,13 +94,14 @@ def _inputs(m, k, images=0):
 
 
 def _config(args):
-    from pallas_kernels.rotate_quantize import RotateQuantizeConfig  # after the kernel rename
+    from pallas_kernels.rotate_quantize import RotateQuantizeConfig
 
     return RotateQuantizeConfig(**json.loads(args.config))
 
 
 def work_grid(variant: str, args) -> list[dict]:
-    from pallas_kernels.rotate_quantize import rotate_quantize, rotate_quantize_reference
+    from pallas_kernels.rotate_quantize import rotate_quantize
+    from pallas_kernels.rotate_quantize_reference import rotate_quantize_reference
 
     cfg = _config(args) if variant.startswith("pallas") else None
     fn = {"pallas": lambda x: rotate_quantize(x, config=cfg),
@@ -115,7 +116,8 @@ def work_grid(variant: str, args) -> list[dict]:
 
 
 def work_prologue(variant: str, args) -> list[dict]:
-    from pallas_kernels.rotate_quantize import apply_prologue, rotate_quantize, rotate_quantize_reference
+    from pallas_kernels.rotate_quantize import rotate_quantize
+    from pallas_kernels.rotate_quantize_reference import apply_prologue, rotate_quantize_reference
 
     def setup(d):
         p = d["prologue"]
@@ -137,7 +139,8 @@ def work_sweep(args) -> dict:
     import jax
     import numpy as np
 
-    from pallas_kernels.rotate_quantize import RotateQuantizeConfig, plan, rotate_quantize, rotate_quantize_reference
+    from pallas_kernels.rotate_quantize import RotateQuantizeConfig, plan, rotate_quantize
+    from pallas_kernels.rotate_quantize_reference import rotate_quantize_reference
 
     rows, totals = [], {}
     cpu = jax.devices("cpu")[0]
@@ -235,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.ms is None:
-        from pallas_kernels.shapes import FLUX_TOKEN_COUNTS  # after the shapes move
+        from pallas_kernels.shapes import FLUX_TOKEN_COUNTS
 
         args.ms = list(FLUX_TOKEN_COUNTS)
     if args.worker:

@@ -150,7 +150,7 @@ def work_grid(variant: str, args) -> list[dict]:
     def metric(d, ms):
         out = {"tops": tops(d["m"], d["n"], d["k"], ms)}
         if variant == "pallas":
-            from pallas_kernels.w4a4_matmul import config_for
+            from pallas_kernels.w4a4_matmul_config import config_for
 
             out["config"] = dataclasses.asdict(config_for(d["m"], d["n"], d["k"]))
         return out
@@ -162,7 +162,9 @@ def work_sweep(args) -> list[dict]:
     """Tile configs against the shipped one on the large FLUX shapes (M = 4608 and 512)."""
     import jax
 
-    from pallas_kernels.w4a4_matmul import W4A4MatmulConfig, w4a4_matmul, w4a4_matmul_reference
+    from pallas_kernels.w4a4_matmul import w4a4_matmul
+    from pallas_kernels.w4a4_matmul_config import W4A4MatmulConfig
+    from pallas_kernels.w4a4_matmul_reference import w4a4_matmul_reference
 
     regs = {"weight_operand": "registers"}
     sweep = {  # the shipped registers form against its grid-order and tile variants and the smem form
@@ -334,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    from pallas_kernels.shapes import FLUX_LINEAR_SHAPES, FLUX_TOKEN_COUNTS  # after the shapes move
+    from pallas_kernels.shapes import FLUX_LINEAR_SHAPES, FLUX_TOKEN_COUNTS
 
     args.bench_ms = args.bench_ms or list(FLUX_TOKEN_COUNTS)
     args.kns = [kn for kn in FLUX_LINEAR_SHAPES.values()

@@ -4,8 +4,9 @@ The rotation is computed as a butterfly: a group of n = 4^k (regular) or 2^k (Sy
 is viewed as a k-dimensional 4 x 4 x ... x 4 tensor and a 4-point transform is applied along each
 axis, outermost axis first, with a fixed order of float32 additions and one power-of-two (exact)
 scale at the end. Because every operation and its order is fixed, any implementation that follows
-this recipe (the Pallas kernels do) reproduces the reference bit for bit; a dense matmul would
-leave the summation order to the hardware. The dense matrices are kept for tests and for
+this recipe reproduces the reference bit for bit (the regular stage and the stage order live in
+`pallas_kernels.rounding`, which the kernels import too); a dense matmul would leave the
+summation order to the hardware. The dense matrices are kept for tests and for
 tensor-core kernels that trade bit-exactness for speed.
 """
 
@@ -17,6 +18,8 @@ from typing import Literal
 
 import jax.numpy as jnp
 import numpy as np
+
+from pallas_kernels.rounding import butterfly4, regular_levels, regular_rotate
 
 HadamardKind = Literal["regular", "sylvester", "none"]
 # "none" is the naive baseline (round-to-nearest without rotation), kept for comparisons.
@@ -42,10 +45,7 @@ def check_group_size(n: int, hadamard: str) -> int:
             raise ValueError(f"group size must be a positive integer, got {n}")
         return 0
     if hadamard == "regular":
-        k = _log(n, 4)
-        if k is None:
-            raise ValueError(f"regular Hadamard size must be a power of 4 (4, 16, 64, 256, 1024, ...), got {n}")
-        return k
+        return regular_levels(n)
     if hadamard == "sylvester":
         k = _log(n, 2)
         if k is None:
@@ -88,13 +88,6 @@ def hadamard_matrix(n: int, hadamard: HadamardKind = "regular", dtype=jnp.float3
     return jnp.asarray(_dense(n, hadamard), dtype)
 
 
-def _regular_stage(x0, x1, x2, x3):
-    """Unscaled H4 along one axis, in the fixed addition order the kernels reproduce."""
-    a, b = x0 + x1, x0 - x1
-    c, d = x2 + x3, x2 - x3
-    return a + d, a - d, b + c, c - b
-
-
 def _sylvester_stage(x0, x1, x2, x3):
     """Unscaled H2 ⊗ H2 along one axis of 4."""
     a, b = x0 + x1, x0 - x1
@@ -105,27 +98,16 @@ def _sylvester_stage(x0, x1, x2, x3):
 def _butterfly(x: jnp.ndarray, n: int, hadamard: str) -> jnp.ndarray:
     """x (..., n) float32 -> x @ H_n, unscaled until the final multiply by 1/sqrt(n)."""
     k = check_group_size(n, hadamard)
+    if hadamard == "regular":
+        return regular_rotate(x)
     lead = x.shape[:-1]
     scale = np.float32(1 / math.sqrt(n))
     if hadamard == "sylvester" and k % 2 == 1:
         # One H2 stage on the outermost axis, then H2 ⊗ H2 stages within each half.
         y = x.reshape(*lead, 2, n // 2)
         x = jnp.stack([y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]], axis=-2)
-        return _butterfly4(x, n // 2, _sylvester_stage).reshape(*lead, n) * scale
-    stage = _regular_stage if hadamard == "regular" else _sylvester_stage
-    return _butterfly4(x, n, stage) * scale
-
-
-def _butterfly4(x: jnp.ndarray, n: int, stage) -> jnp.ndarray:
-    """Applies a 4-point stage along every axis of the last dim viewed as 4 x ... x 4."""
-    lead = x.shape[:-1]
-    levels = _log(n, 4) or 0
-    for level in range(levels):
-        outer, inner = 4**level, n // 4 ** (level + 1)
-        y = x.reshape(*lead, outer, 4, inner)
-        parts = stage(y[..., 0, :], y[..., 1, :], y[..., 2, :], y[..., 3, :])
-        x = jnp.stack(parts, axis=-2).reshape(*lead, n)
-    return x
+        return butterfly4(x, _log(n // 2, 4) or 0, _sylvester_stage).reshape(*lead, n) * scale
+    return butterfly4(x, _log(n, 4) or 0, _sylvester_stage) * scale
 
 
 def rotate(x: jnp.ndarray, *, group_size: int = 256, hadamard: HadamardKind = "regular") -> jnp.ndarray:

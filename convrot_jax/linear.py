@@ -9,9 +9,8 @@ import jax.numpy as jnp
 
 from convrot_jax.hadamard import rotate
 from convrot_jax.quant import QuantizedWeight, quantize_activation_reference
-
-# NT layout: contract the last axis of both operands (both K-major), as cuBLASLt's int8 GEMM wants.
-_NT = (((1,), (1,)), ((), ()))
+from pallas_kernels.w4a4_matmul_reference import int_matmul_reference  # noqa: F401  (re-exported)
+from pallas_kernels.w4a4_matmul_reference import dequantized_matmul_reference as _dequantized_matmul
 
 
 def check_linear_input(x: jnp.ndarray, qw: QuantizedWeight, bias: jnp.ndarray | None) -> None:
@@ -25,30 +24,12 @@ def check_linear_input(x: jnp.ndarray, qw: QuantizedWeight, bias: jnp.ndarray | 
         raise ValueError(f"bias shape {bias.shape} does not match out_features ({qw.out_features},)")
 
 
-def int_matmul_reference(x_codes: jnp.ndarray, w_codes: jnp.ndarray) -> jnp.ndarray:
-    """int8 (M, K) x int8 (N, K) -> int32 (M, N), exact."""
-    return jax.lax.dot_general(x_codes, w_codes, _NT, preferred_element_type=jnp.int32)
-
-
 def dequantized_matmul_reference(
     x_codes: jnp.ndarray, x_scales: jnp.ndarray, qw: QuantizedWeight
 ) -> jnp.ndarray:
-    """float32 (M, N) = sum over scale groups of int32 partial products times both scales."""
-    w_codes = qw.codes()
-    if qw.scale_group is None:
-        acc = int_matmul_reference(x_codes, w_codes)
-        return acc.astype(jnp.float32) * x_scales[:, None] * qw.scales[None, :]
-    g = qw.scale_group
-    groups = qw.in_features // g
-
-    def body(j, y):
-        xs = jax.lax.dynamic_slice_in_dim(x_codes, j * g, g, axis=1)
-        ws = jax.lax.dynamic_slice_in_dim(w_codes, j * g, g, axis=1)
-        acc = int_matmul_reference(xs, ws).astype(jnp.float32)
-        return y + acc * jax.lax.dynamic_index_in_dim(qw.scales, j, axis=1, keepdims=False)[None, :]
-
-    y = jax.lax.fori_loop(0, groups, body, jnp.zeros((x_codes.shape[0], qw.out_features), jnp.float32))
-    return y * x_scales[:, None]
+    """float32 (M, N) = sum over scale groups of int32 partial products times both scales
+    (`pallas_kernels.w4a4_matmul_reference`, the GEMM kernel's reference)."""
+    return _dequantized_matmul(x_codes, x_scales, qw.codes(), qw.scales, qw.scale_group)
 
 
 def w4a4_linear_reference(

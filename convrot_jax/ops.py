@@ -19,6 +19,8 @@ import jax.numpy as jnp
 from convrot_jax.hadamard import HadamardKind
 from convrot_jax.linear import check_linear_input, w4a4_linear_reference
 from convrot_jax.quant import QuantizedWeight, quantize_activation_reference
+from pallas_kernels.rotate_quantize import rotate_quantize
+from pallas_kernels.w4a4_matmul import w4a4_matmul
 
 Implementation = Literal["auto", "xla", "pallas"]
 IMPLEMENTATIONS: tuple[str, ...] = ("auto", "xla", "pallas")
@@ -75,17 +77,16 @@ def quantize_activation(
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """x (..., K) -> (int8 codes (..., K) in [-7, 7], float32 per-token scales (...,)).
 
-    Grouped Hadamard rotation, then symmetric int4 per token (recipe in `convrot_jax.quant`).
+    Grouped Hadamard rotation, then symmetric int4 per token (recipe in `pallas_kernels.rounding`).
     """
     impl = resolve_implementation(implementation)
     if impl == "xla" or hadamard != "regular":
         if impl == "pallas" and hadamard != "regular":
             raise ValueError("the Pallas rotate-quantize kernel implements the regular Hadamard only")
         return quantize_activation_reference(x, group_size=group_size, hadamard=hadamard)
-    from pallas_kernels.rotate_quantize_sm90 import rotate_quantize_sm90
 
     x2, lead = _flatten(x)
-    codes, scales = rotate_quantize_sm90(x2, group_size=group_size)
+    codes, scales = rotate_quantize(x2, group_size=group_size)
     return codes.reshape(*lead, x.shape[-1]), scales.reshape(lead)
 
 
@@ -106,10 +107,8 @@ def w4a4_linear(
         impl = "xla"  # "auto" with a Sylvester weight: a comparison setting, reference path.
     if impl == "xla":
         return w4a4_linear_reference(x, qw, bias)
-    from pallas_kernels.rotate_quantize_sm90 import rotate_quantize_sm90
-    from pallas_kernels.w4a4_matmul import w4a4_matmul
 
     x2, lead = _flatten(x)
-    codes, scales = rotate_quantize_sm90(x2, group_size=qw.group_size)
+    codes, scales = rotate_quantize(x2, group_size=qw.group_size)
     y = w4a4_matmul(codes, scales, qw.packed, qw.scales, bias, scale_group=qw.scale_group, out_dtype=x.dtype)
     return y.reshape(*lead, qw.out_features)

@@ -1,13 +1,7 @@
 """Symmetric int4 quantization, int4 packing, and the QuantizedWeight container.
 
-Rounding recipe (the Pallas kernels reproduce it bit for bit):
-    absmax = max |v| over the scale's extent          (float32)
-    scale  = max(absmax * float32(1/7), SCALE_FLOOR)   (a multiply: XLA rewrites x / 7 this way
-                                                        on some backends and not others)
-    codes  = clip(round_half_even(v * (1 / scale)), -7, 7)
-An all-zero extent gets the floor scale and zero codes (never NaN). An extent holding NaN or Inf
-gets a NaN scale and zero codes, so whatever it feeds (one token's layer output) comes out NaN
-instead of finite garbage; other tokens are unaffected.
+The rounding recipe (scale, codes, NaN handling) and the nibble packing live in
+`pallas_kernels.rounding`, which the kernels import too, so that both sides round alike.
 """
 
 from __future__ import annotations
@@ -20,40 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from convrot_jax.hadamard import HadamardKind, check_group_size, rotate
-
-INT4_MAX = 7
-SCALE_FLOOR = 1e-10
-
-
-def symmetric_int4(v: jnp.ndarray, axis: int = -1) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """float32 v -> (int8 codes in [-7, 7], float32 scales with `axis` reduced away)."""
-    v = v.astype(jnp.float32)
-    absmax = jnp.max(jnp.abs(v), axis=axis, keepdims=True)
-    # Not isfinite(absmax): XLA:CPU's max drops NaN (fast min/max), so a NaN among finite
-    # values would slip through there and not on the GPU.
-    finite = jnp.all(jnp.isfinite(v), axis=axis, keepdims=True)
-    scale = jnp.maximum(absmax * np.float32(1 / INT4_MAX), np.float32(SCALE_FLOOR))
-    inv = np.float32(1.0) / scale
-    codes = jnp.clip(jnp.round(v * inv), -INT4_MAX, INT4_MAX)
-    codes = jnp.where(finite, codes, 0).astype(jnp.int8)
-    scale = jnp.where(finite, scale, jnp.nan)
-    return codes, jnp.squeeze(scale, axis)
-
-
-def pack_int4(codes: jnp.ndarray) -> jnp.ndarray:
-    """int8 codes (..., K) in [-8, 7] -> uint8 (..., K/2); low nibble = even k, two's complement."""
-    if codes.shape[-1] % 2:
-        raise ValueError(f"cannot pack an odd number of int4 codes along the last axis: {codes.shape}")
-    c = codes.astype(jnp.uint8) & 0xF
-    return c[..., 0::2] | (c[..., 1::2] << 4)
-
-
-def unpack_int4(packed: jnp.ndarray) -> jnp.ndarray:
-    """uint8 (..., K/2) -> int8 codes (..., K), the inverse of `pack_int4`."""
-    p = packed.astype(jnp.uint8)
-    low = ((p & 0xF) ^ 8).astype(jnp.int8) - 8
-    high = ((p >> 4) ^ 8).astype(jnp.int8) - 8
-    return jnp.stack([low, high], axis=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
+from pallas_kernels.rounding import (  # noqa: F401  (INT4_MAX, SCALE_FLOOR: re-exported)
+    INT4_MAX,
+    SCALE_FLOOR,
+    pack_int4,
+    symmetric_int4,
+    unpack_int4,
+)
 
 
 @flax.struct.dataclass

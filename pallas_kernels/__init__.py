@@ -1,1 +1,7 @@
-"""Pallas GPU kernels for ConvRot: fused rotate+quantize, and the W4A4 GEMM (Hopper, Mosaic GPU)."""
+"""Pallas Mosaic GPU kernels for ConvRot (Hopper): the fused rotate+quantize and the W4A4 GEMM.
+
+A leaf package: it imports only jax, numpy and its own modules (`convrot_jax` imports it, never
+the other way). One op per module, its config and reference beside it; `rounding` holds the int4
+recipe that the kernels and convrot_jax's XLA reference share bit for bit; `shapes` the FLUX.1
+linear shapes the kernels are tuned and tested on.
+"""

@@ -14,123 +14,165 @@ Structure (Pallas Mosaic GPU, warp-specialised, after jax's `hopper_matmul_mgpu.
     weight rows in registers (low nibble = even k, docs/design.md §4; the register layouts line up so
     that the packed bytes a thread holds become the codes it holds after the unpack). Two forms
     (`W4A4MatmulConfig.weight_operand`):
-    - "registers" (the shipped form from M = 512): the unpacked int8 weights stay in registers as
-      wgmma's A operand, `wgmma(acc (tile_n, tile_m), w8, x_smem.T)`, and the epilogue stores the
-      (N, M) accumulator transposed into the output tile (stmatrix .trans). No int8 staging in
-      shared memory, which the smem form is bound by. Each step waits for its wgmma before the
-      next unpack: wgmma reads A's registers asynchronously, and a version that unpacked step k+1
-      while step k ran (A kept alive by a loop-carried optimization barrier) gave wrong sums on
-      the H100. The two compute warpgroups still overlap each other's unpack and MMA.
+    - "registers": the unpacked int8 weights stay in registers as wgmma's A operand,
+      `wgmma(acc (tile_n, tile_m), w8, x_smem.T)`, and the epilogue stores the (N, M)
+      accumulator transposed into the output tile (stmatrix .trans). No int8 staging in shared
+      memory. Each step waits for its wgmma before the next unpack: wgmma reads A's registers
+      asynchronously, and a version that unpacked step k+1 while step k ran (A kept alive by a
+      loop-carried optimization barrier) gave wrong sums on the H100. The two compute
+      warpgroups still overlap each other's unpack and MMA.
     - "smem": the int8 tile goes to a double-buffered shared-memory slot (stmatrix) and
       `wgmma(acc (tile_m, tile_n), x_smem, w8_smem.T)` keeps one step in flight, so the unpack of
       step k+1 overlaps the MMA of step k. Per-group scales and few-tile shapes use it.
     The weight is never unpacked through HBM.
-  * epilogue: acc (int32) -> f32 * s_x * s_w (+ bias) -> out dtype, through shared memory and TMA.
-  * schedule (`TileSchedule`): a persistent grid of one program per SM walks the output tiles in
-    planar-snake order. In the registers form a program's pipelines chain: the memory warpgroup
-    streams the next tile's first stages while the compute warpgroups run this tile's epilogue.
-    The last, partial wave of tiles is split along K over the SMs it would leave idle; those K
-    pieces write int32 partial sums to a workspace, and two small XLA ops add them (exact) and
-    dequantize them into place. (H100, M = 4608, K = 12288, N = 3072: 1.57x bf16 before, 1.81x
-    with both, 1.91x with the snake's band width 8 as well.)
+  * epilogue: acc (int32) -> f32 * s_x * s_w (+ bias) (`dequantize`) -> out dtype, through
+    shared memory and TMA.
+  * schedule (`pallas_kernels.tile_schedule`): a persistent grid of one program per SM walks the
+    output tiles in planar-snake order. In the registers form a program's pipelines chain: the
+    memory warpgroup streams the next tile's first stages while the compute warpgroups run this
+    tile's epilogue. The last, partial wave of tiles is split along K over the SMs it would leave
+    idle; those K pieces write int32 partial sums to a workspace, and two small XLA ops add them
+    (exact) and dequantize them into place (`_add_split_tiles`).
 Per-group weight scales (`scale_group` g along K): the kernel takes tile_k = g and folds each
-group's int32 partial product into an f32 accumulator with its scale (one wgmma wait per group:
-slower than per-channel, which is the default quantization).
+group's int32 partial product into an f32 accumulator with its scale (one wgmma wait per group).
+Profiles see the named scopes "mainloop" (a pipeline step), "unpack" and "epilogue".
 
 M need not be a multiple of the tile: the wrapper pads the activation rows (a copy of M x K bytes,
 only when M is not a multiple of tile_m) and slices the output. N must be a multiple of
 2 * tile_n and K of tile_k; the FLUX shapes are.
 
-Where it runs: NVIDIA Hopper (sm_90) only. `convrot_jax.ops.w4a4_linear(implementation="auto")`
-uses it on sm_90 and the XLA reference elsewhere (Ampere/Ada int4 `mma` paths are not built: we
-cannot test them). `interpret=True` runs the kernel on the CPU through Mosaic GPU interpret mode
-(with XLA's concurrency-optimized CPU scheduler off: see tests/conftest.py); there the nibble
-unpack is done with jnp ops instead of the register-level `inline_mgpu` routine (which interpret
-mode cannot run), and the registers form stages its A operand through shared
-memory and transposes its output tile before a plain store (interpret mode's wgmma takes no
-register operand and cannot store through a transposed view), so the GPU tests are the ones that
-check those routines.
+Where it runs: NVIDIA Hopper (sm_90) only; `convrot_jax.ops.w4a4_linear(implementation="auto")`
+uses it there and the XLA reference (`pallas_kernels.w4a4_matmul_reference`) elsewhere.
+`interpret=True` runs the kernel on the CPU through Mosaic GPU interpret mode (with XLA's
+concurrency-optimized CPU scheduler off: see tests/conftest.py); there the nibble unpack is done
+with jnp ops instead of the register-level `inline_mgpu` routine (which interpret mode cannot
+run), and the registers form stages its A operand through shared memory and transposes its output
+tile before a plain store (interpret mode's wgmma takes no register operand and cannot store
+through a transposed view), so the GPU tests are the ones that check those routines.
 
-Configs: `config_for(m, n, k)` picks a tuned tile config from `w4a4_matmul_configs.json`
-(measured on an H100, benchmarks/results/w4a4_matmul.md); any config can be passed explicitly.
+Configs and the shipped tuning table: `pallas_kernels.w4a4_matmul_config`. Measurements:
+benchmarks/results/w4a4_matmul.md; notes: benchmarks/notes/w4a4_matmul.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import pathlib
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
+import jax.experimental.mosaic.gpu as mgpu
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax._src.lib.mlir import ir
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
-from convrot_jax.linear import dequantized_matmul_reference
-from convrot_jax.quant import QuantizedWeight
-
-_CONFIG_FILE = pathlib.Path(__file__).with_name("w4a4_matmul_configs.json")
-
-
-@dataclasses.dataclass(frozen=True)
-class W4A4MatmulConfig:
-    """Block sizes. The CTA computes a (tile_m, 2 * tile_n) output tile, one tile_n-wide half per
-    compute warpgroup; K advances tile_k codes (tile_k / 2 packed bytes) a pipeline step."""
-
-    tile_m: int = 128
-    tile_n: int = 128
-    tile_k: int = 128
-    max_concurrent_steps: int = 4
-    epi_tile_m: int = 64
-    epi_tile_n: int = 64
-    grid_minor_dim: str = "n"  # which output-tile index varies fastest: "m" or "n"
-    grid_tile_width: int = 1  # planar-snake band width of the persistent tile order
-    # "smem": unpacked weights go through a shared-memory slot, wgmma(x_smem, w8_smem.T), acc (M, N).
-    # "registers": unpacked weights stay in registers as wgmma's A operand, wgmma(w8, x_smem.T), acc
-    # (N, M), stored transposed into the output tile (stmatrix .trans).
-    weight_operand: str = "smem"
-    # Split the tiles of the last, partial wave along K over the SMs the wave leaves idle
-    # (`tile_schedule`); their int32 partial sums are added and dequantized after the kernel.
-    split_tail: bool = True
-
-    def __post_init__(self):
-        if self.tile_m % 64 or self.tile_n % 64 or self.tile_k % 64:
-            raise ValueError(f"tile_m, tile_n, tile_k must be multiples of 64: {self}")
-        if self.tile_m % self.epi_tile_m or self.tile_n % self.epi_tile_n:
-            raise ValueError(f"epilogue tiles must divide the output tile: {self}")
-        if self.grid_minor_dim not in ("m", "n"):
-            raise ValueError(f"grid_minor_dim must be 'm' or 'n': {self}")
-        if self.weight_operand not in ("smem", "registers"):
-            raise ValueError(f"weight_operand must be 'smem' or 'registers': {self}")
+from pallas_kernels.tile_schedule import TileSchedule, tile_coords, tile_schedule
+from pallas_kernels.w4a4_matmul_config import W4A4MatmulConfig, config_for
 
 
-def _load_config_table() -> list[dict]:
-    if not _CONFIG_FILE.exists():
-        return []
-    return json.loads(_CONFIG_FILE.read_text())["configs"]
+class _Plan(NamedTuple):
+    """The kernel's static choices for one call (everything but the refs and program ids)."""
+
+    config: W4A4MatmulConfig
+    schedule: TileSchedule
+    tiles: tuple[int, int]  # (m tiles, n tiles) of 2 * tile_n columns
+    k_steps: int
+    grouped: bool  # per-group weight scales: every step is one scale group (tile_k == scale_group)
+    int32_out: bool  # the test-only variant (`w4a4_matmul_int32`): raw int32 sums, no dequantize
+    interpret: bool
+
+    @property
+    def in_regs(self) -> bool:
+        return self.config.weight_operand == "registers"
+
+    @property
+    def acc_shape(self) -> tuple[int, int]:
+        return _acc_shape(self.config)
+
+    @property
+    def m_dim(self) -> int:
+        """The accumulator axis of the M (tokens) dimension; the other one is N's."""
+        return 1 if self.in_regs else 0
+
+    @property
+    def n_dim(self) -> int:
+        return 0 if self.in_regs else 1
+
+    @property
+    def out_nm(self) -> bool:
+        return _int32_output_transposed(self.config, self.int32_out)
+
+    @property
+    def chained(self) -> bool:
+        """The registers form waits for every step's wgmma, so its pipeline can release a stage as
+        soon as the step is done, and then consecutive tiles' pipelines chain (`pipeline_state`):
+        the memory warpgroup loads the next tile's first stages while this tile's epilogue runs.
+        The smem form reads a stage one step later (delay_release=1), which chaining does not
+        allow. Chaining needs every pipeline to be whole rings of stages (`tile_schedule` makes K
+        pieces so)."""
+        return self.in_regs and not self.grouped and self.k_steps % self.config.max_concurrent_steps == 0
 
 
-def config_for(m: int, n: int, k: int, scale_group: int | None = None) -> W4A4MatmulConfig:
-    """The shipped config for this problem: the table row with the largest `min_m` <= m whose
-    (n, k) match, else a row with n = k = null (any shape), else the default. Per-group scales
-    take the smem form with tile_k = scale_group and tile_m = 64 (room for the second, f32
-    accumulator)."""
-    best = None
-    for row in _load_config_table():
-        if row["min_m"] > m or (row["n"], row["k"]) not in ((n, k), (None, None)):
-            continue
-        key = (row["n"] is not None, row["min_m"])
-        if best is None or key > best[0]:
-            best = (key, row)
-    cfg = W4A4MatmulConfig(**best[1]["config"]) if best else W4A4MatmulConfig()
-    if scale_group is not None:  # the smem form, as verified on the GPU; 64 x 256 CTA tiles by default
-        tile_n = cfg.tile_n if cfg.weight_operand == "smem" else 128
-        cfg = dataclasses.replace(cfg, tile_m=64, tile_n=tile_n, tile_k=scale_group, epi_tile_m=64, weight_operand="smem")
-    return cfg
+class _Refs(NamedTuple):
+    """The kernel's operands, outputs and scratch."""
+
+    x: object  # int8 (M, K) activation codes, gmem
+    w: object  # uint8 (N, K / 2) packed weights, gmem
+    sx: object  # float32 (M,) gmem
+    sw: object  # float32 (N,), or (K / g, N) per group, gmem
+    bias: object | None  # float32 (N,) gmem
+    out: object  # (M, N), or (N, M) for the registers form's int32 variant, gmem
+    ws: object | None  # int32 split-tile workspace (splits, tail tiles, 2, *acc_shape), gmem
+    w8: object | None  # int8 (2, 2, tile_n, tile_k) unpacked-weight slots, smem (smem form)
+    out_smem: object  # (2, slots, *epilogue tile) output staging, smem
+
+
+class _Tile(NamedTuple):
+    """One warpgroup's part of the output tile in flight."""
+
+    mi: jax.Array  # m tile index
+    m0: jax.Array  # first row: mi * tile_m
+    n0: jax.Array  # first column of the CTA tile (2 * tile_n wide)
+    wg: jax.Array  # compute warpgroup
+    wg_n0: jax.Array  # its first column: n0 + wg * tile_n
+
+
+def dequantize(acc: jax.Array, x_scales: Callable[[], jax.Array], w_scales: Callable[[], jax.Array] | None,
+               bias: Callable[[], jax.Array] | None) -> jax.Array:
+    """The epilogue's arithmetic, float32: acc * s_x * s_w (+ bias), in this order (the
+    reference's). Each operand is a function returning it broadcast to acc's shape, called right
+    before its use (in the kernel, that is where it is loaded). w_scales None: already applied
+    (per-group scales fold them in the main loop); bias None: no bias."""
+    acc = acc * x_scales()
+    if w_scales is not None:
+        acc = acc * w_scales()
+    if bias is not None:
+        acc = acc + bias()
+    return acc
+
+
+def _acc_shape(config: W4A4MatmulConfig) -> tuple[int, int]:
+    """A compute warpgroup's accumulator: (N, M) in the registers form (the weights are wgmma's
+    A operand), (M, N) in the smem form."""
+    tm, tn = config.tile_m, config.tile_n
+    return (tn, tm) if config.weight_operand == "registers" else (tm, tn)
+
+
+def _int32_output_transposed(config: W4A4MatmulConfig, int32_out: bool) -> bool:
+    """The registers form writes its raw int32 accumulator as an (N, M) array (Mosaic has no
+    transposed 32-bit shared-memory store); the wrapper transposes it (the test-only variant)."""
+    return config.weight_operand == "registers" and int32_out
+
+
+def _tile_coords(lin: jax.Array, tiles: tuple[int, int], config: W4A4MatmulConfig) -> tuple[jax.Array, jax.Array]:
+    """(m tile, n tile) of the `lin`-th output tile in the config's planar-snake order."""
+    return tile_coords(lin, tiles, config.grid_minor_dim, config.grid_tile_width)
 
 
 def _swizzle_transforms(minor_elems: int, itemsize: int = 1) -> tuple:
@@ -139,7 +181,7 @@ def _swizzle_transforms(minor_elems: int, itemsize: int = 1) -> tuple:
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def _unpack_tile_gpu(packed: jax.Array, *, for_registers: bool = False) -> jax.Array:
+def _unpack_tile_gpu(packed, *, for_registers: bool = False) -> jax.Array:
     """uint8 (R, C/2) packed codes (a shared-memory ref) -> int8 (R, C) codes, register-local.
 
     Source and result layouts have the same register structure with columns scaled by 2: a
@@ -150,10 +192,6 @@ def _unpack_tile_gpu(packed: jax.Array, *, for_registers: bool = False) -> jax.A
       for_registers=False: WGMMA_8BIT (4 bytes a thread, ldmatrix) -> WGMMA_UPCAST_4X (8 codes),
         stored to shared memory with 8-byte stores;
       for_registers=True: WGMMA (2 bytes a thread) -> WGMMA_8BIT (4 codes), wgmma's A layout."""
-    import jax.experimental.mosaic.gpu as mgpu
-    from jax._src.lib.mlir import ir
-    from jax.experimental.mosaic.gpu import utils as mgpu_utils
-
     rows, half = packed.shape
     if for_registers:
         src_layout, dst_layout, dst_mgpu, nibbles = (
@@ -179,26 +217,8 @@ def _unpack_tile_gpu(packed: jax.Array, *, for_registers: bool = False) -> jax.A
     return unpack(plgpu.load(packed, layout=src_layout))
 
 
-def _acc_shape(config: W4A4MatmulConfig) -> tuple[int, int]:
-    """A compute warpgroup's accumulator: (N, M) in the registers form (the weights are wgmma's
-    A operand), (M, N) in the smem form."""
-    tm, tn = config.tile_m, config.tile_n
-    return (tn, tm) if config.weight_operand == "registers" else (tm, tn)
-
-
-def _tile_coords(lin: jax.Array, tiles: tuple[int, int], config: W4A4MatmulConfig) -> tuple[jax.Array, jax.Array]:
-    """(m tile, n tile) of the `lin`-th output tile in the kernel's planar-snake order."""
-    minor = 1 if config.grid_minor_dim == "n" else 0
-    return plgpu.planar_snake(lin, tiles, minor, config.grid_tile_width)
-
-
-def _raw_output_transposed(config: W4A4MatmulConfig, raw: bool) -> bool:
-    """The registers form writes its raw int32 accumulator as an (N, M) array (Mosaic has no
-    transposed 32-bit shared-memory store); the wrapper transposes it (a test-only path)."""
-    return config.weight_operand == "registers" and raw
-
-
 def _unpack_tile_interpret(packed, *, for_registers: bool = False) -> jax.Array:
+    """`_unpack_tile_gpu` in jnp ops, for interpret mode (which cannot run `inline_mgpu`)."""
     del for_registers
     p = packed[...].astype(jnp.int8)
     low = lax.shift_right_arithmetic(lax.shift_left(p, jnp.int8(4)), jnp.int8(4))
@@ -206,255 +226,228 @@ def _unpack_tile_interpret(packed, *, for_registers: bool = False) -> jax.Array:
     return jnp.stack([low, high], axis=-1).reshape(p.shape[0], 2 * p.shape[1])
 
 
-@dataclasses.dataclass(frozen=True)
-class TileSchedule:
-    """How the persistent grid covers the (m_tiles x n_tiles) output tiles; all static.
-
-    Program p first runs `full_rounds` whole tiles, p + r * programs in the planar-snake order.
-    Then programs p < `units` run one tail unit each: K piece p // tail_tiles (of `splits`) of
-    tail tile `first_tail + p % tail_tiles`. With splits == 1 a unit is a whole tile; with
-    splits > 1 it writes its int32 partial sum to a workspace that the wrapper adds up and
-    dequantizes, so the last, partial wave of tiles keeps `units` SMs busy for 1 / splits of
-    a tile's time instead of `tail_tiles` SMs for all of it."""
-
-    programs: int
-    full_rounds: int
-    tail_tiles: int
-    splits: int
-
-    @property
-    def units(self) -> int:
-        return self.tail_tiles * self.splits
-
-    @property
-    def first_tail(self) -> int:
-        return self.full_rounds * self.programs
-
-
-def tile_schedule(tiles: int, k_steps: int, sms: int, stages: int, split: bool) -> TileSchedule:
-    """The split of the tail tiles: the most pieces that fit on the SMs with every piece a whole
-    number of pipeline rings (`stages` steps), which chained pipelines need."""
-    full_rounds, tail = divmod(tiles, sms)
-    splits = 1
-    if split and tail:
-        splits = next((s for s in range(sms // tail, 1, -1) if k_steps % s == 0 and (k_steps // s) % stages == 0), 1)
-    programs = sms if full_rounds else tail * splits
-    return TileSchedule(programs, full_rounds, tail, splits)
+def _pipeline(plan: _Plan, body, compute_context, steps: int, state=None):
+    """The warp-specialised pipeline over `steps` K steps: the memory warpgroup streams the
+    activation and packed weight tiles into the stage ring, the two compute warpgroups run `body`
+    on each step inside `compute_context`."""
+    cfg = plan.config
+    tm, tk = cfg.tile_m, cfg.tile_k
+    delay_release = 0 if plan.in_regs or plan.grouped else 1
+    return plgpu.emit_pipeline_warp_specialized(
+        body,
+        grid=(steps,),
+        memory_registers=40,
+        in_specs=[
+            plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=_swizzle_transforms(tk),
+                            delay_release=delay_release),
+            plgpu.BlockSpec((2 * cfg.tile_n, tk // 2), lambda kk: (0, kk), transforms=_swizzle_transforms(tk // 2),
+                            delay_release=delay_release),
+        ],
+        wg_axis="wg",
+        num_compute_wgs=2,
+        max_concurrent_steps=cfg.max_concurrent_steps,
+        compute_context=compute_context,
+        pipeline_state=state if plan.chained else None,
+    )
 
 
-def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, out_gmem, ws_gmem, *, config: W4A4MatmulConfig,
-            schedule: TileSchedule, scale_group: int | None, raw: bool, interpret: bool):
-    m, k = x_gmem.shape
-    n = w_gmem.shape[0]
-    tm, tn, tk = config.tile_m, config.tile_n, config.tile_k
-    cta_n = 2 * tn
-    m_iters, n_iters, k_iters = m // tm, n // cta_n, k // tk
-    piece_steps = k_iters // schedule.splits
-    out_dtype = out_gmem.dtype
-    epi_m, epi_n = config.epi_tile_m, config.epi_tile_n
-    num_out_slots = min(2, (tm * tn) // (epi_m * epi_n))
-    out_bytes = jnp.dtype(out_dtype).itemsize
-    unpack = _unpack_tile_interpret if interpret else _unpack_tile_gpu
-    # Per-group scales: every step is one scale group (tile_k == scale_group).
-    grouped = scale_group is not None
-    in_regs = config.weight_operand == "registers"
-    acc_shape = _acc_shape(config)
-    m_dim, n_dim = (1, 0) if in_regs else (0, 1)  # acc axes of the M (tokens) and N (features)
-    out_nm = _raw_output_transposed(config, raw)
-    out_tile = (epi_n, epi_m) if out_nm else (epi_m, epi_n)
-    # The registers form waits for every step's wgmma, so its pipeline can release a stage as
-    # soon as the step is done, and then consecutive tiles' pipelines chain (`pipeline_state`):
-    # the memory warpgroup loads the next tile's first stages while this tile's epilogue runs.
-    # The smem form reads a stage one step later (delay_release=1), which chaining does not allow.
-    # Chaining needs every pipeline to be whole rings of stages (`tile_schedule` makes K pieces so).
-    chained = in_regs and not grouped and k_iters % config.max_concurrent_steps == 0
-    delay_release = 0 if in_regs or grouped else 1
+def _mma(plan: _Plan, refs: _Refs, wg: jax.Array, acc_ref, kk: jax.Array, x_smem, w_smem) -> None:
+    """Unpacks this warpgroup's weight rows of step kk and issues the step's wgmma."""
+    tn = plan.config.tile_n
+    w_half = w_smem.at[pl.ds(wg * tn, tn)]
+    slot = kk % 2
+    unpack = _unpack_tile_interpret if plan.interpret else _unpack_tile_gpu
+    if plan.in_regs and not plan.interpret:
+        with jax.named_scope("unpack"):
+            w8 = unpack(w_half, for_registers=True)
+        plgpu.wgmma(acc_ref, w8, x_smem.T)
+        return
+    with jax.named_scope("unpack"):
+        refs.w8[wg, slot] = unpack(w_half)
+    plgpu.commit_smem()
+    if plan.in_regs:
+        plgpu.wgmma(acc_ref, refs.w8.at[wg, slot], x_smem.T)
+    else:
+        plgpu.wgmma(acc_ref, x_smem, refs.w8.at[wg, slot].T)
 
-    def get_pipeline(body, compute_context, steps=k_iters, state=None):
-        return plgpu.emit_pipeline_warp_specialized(
-            body,
-            grid=(steps,),
-            memory_registers=40,
-            in_specs=[
-                plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=_swizzle_transforms(tk),
-                                delay_release=delay_release),
-                plgpu.BlockSpec((cta_n, tk // 2), lambda kk: (0, kk), transforms=_swizzle_transforms(tk // 2),
-                                delay_release=delay_release),
-            ],
-            wg_axis="wg",
-            num_compute_wgs=2,
-            max_concurrent_steps=config.max_concurrent_steps,
-            compute_context=compute_context,
-            pipeline_state=state if chained else None,
-        )
 
+def _store_tile(plan: _Plan, refs: _Refs, tile: _Tile, values: jax.Array) -> None:
+    """Writes one warpgroup's finished accumulator (`acc_shape`) to its columns of the output,
+    epilogue tile by epilogue tile through shared memory and TMA (two slots in flight)."""
+    cfg = plan.config
+    tm, tn, epi_m, epi_n = cfg.tile_m, cfg.tile_n, cfg.epi_tile_m, cfg.epi_tile_n
+    slots = refs.out_smem.shape[1]
+    wg, out_smem = tile.wg, refs.out_smem
+    values = values.astype(refs.out.dtype)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    for ei in range(tm // epi_m):
+        for ej in range(tn // epi_n):
+            slot = (ei * (tn // epi_n) + ej) % slots
+            plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
+            rows, cols = slice(ei * epi_m, (ei + 1) * epi_m), slice(ej * epi_n, (ej + 1) * epi_n)
+            gm, gn = pl.ds(tile.mi * tm + ei * epi_m, epi_m), pl.ds(tile.wg_n0 + ej * epi_n, epi_n)
+            if plan.out_nm:
+                out_smem[wg, slot] = values[cols, rows]
+            elif plan.in_regs and plan.interpret:  # interpret mode cannot store through a .T view
+                out_smem[wg, slot] = values[cols, rows].T
+            elif plan.in_regs:  # transposing store (stmatrix .trans)
+                out_smem.at[wg, slot].T[...] = values[cols, rows]
+            else:
+                out_smem[wg, slot] = values[rows, cols]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], refs.out.at[gn, gm] if plan.out_nm else refs.out.at[gm, gn])
+
+
+def _epilogue(plan: _Plan, refs: _Refs, tile: _Tile, acc: jax.Array) -> None:
+    """float32 acc (`acc_shape`) -> `dequantize` with this tile's scales and bias -> the output."""
+    shape = plan.acc_shape
+    columns = pl.ds(tile.wg_n0, plan.config.tile_n)
+
+    def along(ref, at, dim: int) -> Callable[[], jax.Array]:
+        return lambda: lax.broadcast_in_dim(plgpu.load(ref.at[at], optimized=False), shape, (dim,))
+
+    with jax.named_scope("epilogue"):
+        y = dequantize(acc, along(refs.sx, pl.ds(tile.m0, plan.config.tile_m), plan.m_dim),
+                       None if plan.grouped else along(refs.sw, columns, plan.n_dim),
+                       None if refs.bias is None else along(refs.bias, columns, plan.n_dim))
+        _store_tile(plan, refs, tile, y)
+
+
+def _per_channel_step(plan: _Plan, refs: _Refs, wg: jax.Array):
+    """The pipeline body of per-channel scales: each step's wgmma accumulates into acc_ref."""
+
+    def body(idxs, x_smem, w_smem, acc_ref):
+        (kk,) = idxs
+        with jax.named_scope("mainloop"):
+            _mma(plan, refs, wg, acc_ref, kk, x_smem, w_smem)
+            # The registers form's A operand lives in registers that the next unpack may reuse:
+            # wait for this step's wgmma (its stage is released right after). The smem form
+            # keeps one in flight.
+            plgpu.wgmma_wait(0 if plan.in_regs else 1)
+        return acc_ref
+
+    return body
+
+
+def _per_group_step(plan: _Plan, refs: _Refs, wg: jax.Array, columns):
+    """The pipeline body of per-group scales: each step (one scale group) computes its int32
+    partial product and adds it, times the group's weight scales, to the f32 accumulator."""
+    shape = plan.acc_shape
+
+    def body(idxs, x_smem, w_smem, facc):
+        (kk,) = idxs
+        with jax.named_scope("mainloop"):
+
+            @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(shape, jnp.int32))
+            def part(acc_ref):
+                _mma(plan, refs, wg, acc_ref, kk, x_smem, w_smem)
+                return acc_ref[...]
+
+            sw = plgpu.load(refs.sw.at[kk, columns], optimized=False)
+            return facc + part.astype(jnp.float32) * lax.broadcast_in_dim(sw, shape, (plan.n_dim,))
+
+    return body
+
+
+def _run_tile(plan: _Plan, refs: _Refs, allocs, wg: jax.Array, lin: jax.Array, state, piece=None) -> None:
+    """Computes output tile `lin` (planar-snake order), or K piece `piece` of it into the
+    workspace, as one pipeline over its K steps."""
+    cfg = plan.config
+    tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
+    mi, ni = _tile_coords(lin, plan.tiles, cfg)
+    tile = _Tile(mi, mi * tm, ni * (2 * tn), wg, ni * (2 * tn) + wg * tn)
+
+    if not plan.grouped:
+        body = _per_channel_step(plan, refs, wg)
+
+        def compute_context(eval_pipeline):
+            @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(plan.acc_shape, jnp.int32))
+            def _acc_scope(acc_ref):
+                eval_pipeline(acc_ref)
+                acc = acc_ref[...]
+                if piece is not None:  # a K piece of a split tile: its int32 partial sum
+                    refs.ws.at[piece, lin - plan.schedule.first_tail, wg][...] = acc
+                elif plan.int32_out:
+                    _store_tile(plan, refs, tile, acc)
+                else:
+                    _epilogue(plan, refs, tile, acc.astype(jnp.float32))
+
+    else:
+        body = _per_group_step(plan, refs, wg, pl.ds(tile.wg_n0, tn))
+
+        def compute_context(eval_pipeline):
+            facc = eval_pipeline(jnp.zeros(plan.acc_shape, jnp.float32))
+            _epilogue(plan, refs, tile, facc)
+
+    steps = plan.k_steps if piece is None else plan.k_steps // plan.schedule.splits
+    piece_codes = pl.ds(0 if piece is None else pl.multiple_of(piece * steps * tk, steps * tk), steps * tk)
+    piece_bytes = pl.ds(0 if piece is None else pl.multiple_of(piece * steps * tk // 2, steps * tk // 2),
+                        steps * tk // 2)
+    _pipeline(plan, body, compute_context, steps, state)(
+        refs.x.at[pl.ds(tile.m0, tm), piece_codes], refs.w.at[pl.ds(tile.n0, 2 * tn), piece_bytes],
+        allocations=allocs,
+    )
+
+
+def _run_program(plan: _Plan, refs: _Refs, allocs) -> None:
+    """This program's tiles (`TileSchedule`): its full rounds, then its tail unit, if any."""
+    wg = lax.axis_index("wg")
+    program = lax.axis_index("sm")
+    schedule = plan.schedule
+    # A program's first pipeline fills the stage ring, the next ones continue it, and the
+    # memory warpgroup ends by waiting for the last ring's release, as a STOP pipeline would
+    # (whether a program runs one pipeline or more is only known at run time).
+    start, steady = plgpu.PipelinePipeline.START, plgpu.PipelinePipeline.STEADY
+    if schedule.full_rounds:
+        _run_tile(plan, refs, allocs, wg, program, start)
+
+        @pl.loop(1, schedule.full_rounds)
+        def _round(r):
+            _run_tile(plan, refs, allocs, wg, program + r * schedule.programs, steady)
+
+    if schedule.units:
+        @pl.when(program < schedule.units)
+        def _tail():
+            tile = schedule.first_tail + program % schedule.tail_tiles
+            piece = program // schedule.tail_tiles if schedule.splits > 1 else None
+            _run_tile(plan, refs, allocs, wg, tile, steady if schedule.full_rounds else start, piece)
+
+    if plan.chained:
+        @pl.when(wg == 2)  # the memory warpgroup (the pipeline's last thread)
+        def _quiesce():
+            [consumed] = allocs["flat_consumed_barrier_refs"]
+            for slot in range(plan.config.max_concurrent_steps):
+                plgpu.barrier_wait(consumed.at[slot])
+
+
+def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, out_gmem, ws_gmem, *, plan: _Plan) -> None:
+    """Allocates the pipeline's stage ring and the shared-memory scratch, then runs the program."""
+    cfg = plan.config
+    tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
+    epi_m, epi_n = cfg.epi_tile_m, cfg.epi_tile_n
+    out_tile = (epi_n, epi_m) if plan.out_nm else (epi_m, epi_n)
     ignore = lambda *_, **__: None  # allocations do not depend on the bodies
 
     @functools.partial(
         pl.run_scoped,
-        pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
+        pipeline_allocs=_pipeline(plan, ignore, ignore, plan.k_steps).get_allocations(x_gmem, w_gmem),
         # Interpret mode's wgmma takes no register operand: there the registers form stages the
         # unpacked weights through shared memory too (same orientation, same epilogue).
-        w8_smem=None if in_regs and not interpret else plgpu.SMEM(
+        w8_smem=None if plan.in_regs and not plan.interpret else plgpu.SMEM(
             (2, 2, tn, tk), jnp.int8, transforms=_swizzle_transforms(tk)),
-        out_smem=plgpu.SMEM((2, num_out_slots, *out_tile), out_dtype,
-                            transforms=_swizzle_transforms(out_tile[1], out_bytes)),
+        out_smem=plgpu.SMEM((2, min(2, (tm * tn) // (epi_m * epi_n)), *out_tile), out_gmem.dtype,
+                            transforms=_swizzle_transforms(out_tile[1], jnp.dtype(out_gmem.dtype).itemsize)),
         collective_axes="wg",
     )
     def _scope(pipeline_allocs, w8_smem, out_smem):
-        wg = lax.axis_index("wg")
-        program = lax.axis_index("sm")
-
-        def run_tile(lin, state, piece=None):
-            """Computes output tile `lin` (planar-snake order), or K piece `piece` of it into the
-            workspace, as one pipeline over its K steps."""
-            mi, ni = _tile_coords(lin, (m_iters, n_iters), config)
-            m_slice = pl.ds(mi * tm, tm)
-            cta_n_slice = pl.ds(ni * cta_n, cta_n)
-            wg_n0 = ni * cta_n + wg * tn
-            wg_n_slice = pl.ds(wg_n0, tn)
-
-            def epilogue(acc):
-                """acc: float32 (or int32 when raw), `acc_shape`, for this warpgroup's columns."""
-                if not raw:
-                    sx = plgpu.load(sx_gmem.at[m_slice], optimized=False)
-                    acc = acc * lax.broadcast_in_dim(sx, acc_shape, (m_dim,))
-                    if not grouped:
-                        sw = plgpu.load(sw_gmem.at[wg_n_slice], optimized=False)
-                        acc = acc * lax.broadcast_in_dim(sw, acc_shape, (n_dim,))
-                    if bias_gmem is not None:
-                        b = plgpu.load(bias_gmem.at[wg_n_slice], optimized=False)
-                        acc = acc + lax.broadcast_in_dim(b, acc_shape, (n_dim,))
-                acc = acc.astype(out_dtype)
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                for ei in range(tm // epi_m):
-                    for ej in range(tn // epi_n):
-                        slot = (ei * (tn // epi_n) + ej) % num_out_slots
-                        plgpu.wait_smem_to_gmem(num_out_slots - 1, wait_read_only=True)
-                        rows, cols = slice(ei * epi_m, (ei + 1) * epi_m), slice(ej * epi_n, (ej + 1) * epi_n)
-                        gm, gn = pl.ds(mi * tm + ei * epi_m, epi_m), pl.ds(wg_n0 + ej * epi_n, epi_n)
-                        if out_nm:
-                            out_smem[wg, slot] = acc[cols, rows]
-                        elif in_regs and interpret:  # interpret mode cannot store through a .T view
-                            out_smem[wg, slot] = acc[cols, rows].T
-                        elif in_regs:  # transposing store (stmatrix .trans)
-                            out_smem.at[wg, slot].T[...] = acc[cols, rows]
-                        else:
-                            out_smem[wg, slot] = acc[rows, cols]
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], out_gmem.at[gn, gm] if out_nm else out_gmem.at[gm, gn])
-
-            def mma(acc_ref, kk, x_smem, w_smem):
-                """Unpacks this warpgroup's weight rows and issues the step's wgmma."""
-                w_half = w_smem.at[pl.ds(wg * tn, tn)]
-                slot = kk % 2
-                if in_regs and not interpret:
-                    plgpu.wgmma(acc_ref, unpack(w_half, for_registers=True), x_smem.T)
-                    return
-                w8_smem[wg, slot] = unpack(w_half)
-                plgpu.commit_smem()
-                if in_regs:
-                    plgpu.wgmma(acc_ref, w8_smem.at[wg, slot], x_smem.T)
-                else:
-                    plgpu.wgmma(acc_ref, x_smem, w8_smem.at[wg, slot].T)
-
-            if not grouped:
-                def compute_context(eval_pipeline):
-                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(acc_shape, jnp.int32))
-                    def _acc_scope(acc_ref):
-                        eval_pipeline(acc_ref)
-                        acc = acc_ref[...]
-                        if piece is not None:  # a K piece of a split tile: its int32 partial sum
-                            ws_gmem.at[piece, lin - schedule.first_tail, wg][...] = acc
-                        else:
-                            epilogue(acc if raw else acc.astype(jnp.float32))
-
-                def body(idxs, x_smem, w_smem, acc_ref):
-                    (kk,) = idxs
-                    mma(acc_ref, kk, x_smem, w_smem)
-                    # The registers form's A operand lives in registers that the next unpack may
-                    # reuse: wait for this step's wgmma (its stage is released right after). The
-                    # smem form keeps one in flight.
-                    plgpu.wgmma_wait(0 if in_regs else 1)
-                    return acc_ref
-
-            else:
-                def compute_context(eval_pipeline):
-                    facc = eval_pipeline(jnp.zeros(acc_shape, jnp.float32))
-                    epilogue(facc)
-
-                def body(idxs, x_smem, w_smem, facc):
-                    (kk,) = idxs
-
-                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(acc_shape, jnp.int32))
-                    def part(acc_ref):
-                        mma(acc_ref, kk, x_smem, w_smem)
-                        return acc_ref[...]
-
-                    sw = plgpu.load(sw_gmem.at[kk, wg_n_slice], optimized=False)
-                    return facc + part.astype(jnp.float32) * lax.broadcast_in_dim(sw, acc_shape, (n_dim,))
-
-            steps = k_iters if piece is None else piece_steps
-            piece_codes = pl.ds(0 if piece is None else pl.multiple_of(piece * steps * tk, steps * tk), steps * tk)
-            piece_bytes = pl.ds(0 if piece is None else pl.multiple_of(piece * steps * tk // 2, steps * tk // 2),
-                                steps * tk // 2)
-            get_pipeline(body, compute_context, steps, state)(
-                x_gmem.at[m_slice, piece_codes], w_gmem.at[cta_n_slice, piece_bytes],
-                allocations=pipeline_allocs,
-            )
-
-        # A program's first pipeline fills the stage ring, the next ones continue it, and the
-        # memory warpgroup ends by waiting for the last ring's release, as a STOP pipeline would
-        # (whether a program runs one pipeline or more is only known at run time).
-        start, steady = plgpu.PipelinePipeline.START, plgpu.PipelinePipeline.STEADY
-        if schedule.full_rounds:
-            run_tile(program, start)
-
-            @pl.loop(1, schedule.full_rounds)
-            def _round(r):
-                run_tile(program + r * schedule.programs, steady)
-
-        if schedule.units:
-            @pl.when(program < schedule.units)
-            def _tail():
-                tile = schedule.first_tail + program % schedule.tail_tiles
-                piece = program // schedule.tail_tiles if schedule.splits > 1 else None
-                run_tile(tile, steady if schedule.full_rounds else start, piece)
-
-        if chained:
-            @pl.when(wg == 2)  # the memory warpgroup (the pipeline's last thread)
-            def _quiesce():
-                [consumed] = pipeline_allocs["flat_consumed_barrier_refs"]
-                for slot in range(config.max_concurrent_steps):
-                    plgpu.barrier_wait(consumed.at[slot])
+        refs = _Refs(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, out_gmem, ws_gmem, w8_smem, out_smem)
+        _run_program(plan, refs, pipeline_allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-# Jitted with the settings static: every call at the same shapes in a model shares one traced and
-# lowered kernel. Without it, FLUX.1-dev's W4A4 step lowered ~300 copies of each (64 s, 54 MB of
-# StableHLO) and compiled for > 200 s; with it, 4 s, 4.5 MB, and the step compiles in 45 s.
-@functools.partial(jax.jit, static_argnames=("scale_group", "out_dtype", "config", "return_int32", "interpret"))
-def w4a4_matmul(
-    x_codes: jax.Array,
-    x_scales: jax.Array,
-    w_packed: jax.Array,
-    w_scales: jax.Array,
-    bias: jax.Array | None = None,
-    *,
-    scale_group: int | None = None,
-    out_dtype: jnp.dtype = jnp.bfloat16,
-    config: W4A4MatmulConfig | None = None,
-    return_int32: bool = False,
-    interpret: bool = False,
-) -> jax.Array:
-    """(M, N) = (x_codes . unpack(w_packed)^T) * x_scales[:, None] * w_scales (+ bias).
-
-    x_codes: int8 (M, K) in [-8, 7]; x_scales: float32 (M,); w_packed: uint8 (N, K/2), low
-    nibble = even k; w_scales: float32 (N,), or (N, K / scale_group) with `scale_group`; bias:
-    (N,) or None. `return_int32=True` returns the raw int32 accumulator (per-channel layout only;
-    scales and bias ignored), for exactness tests.
-    """
+def _check_operands(x_codes, x_scales, w_packed, w_scales, bias, scale_group) -> None:
+    """Raises ValueError naming the operand and shape at fault."""
     if x_codes.ndim != 2 or w_packed.ndim != 2 or x_codes.shape[1] != 2 * w_packed.shape[1]:
         raise ValueError(f"x_codes (M, K) {x_codes.shape} and w_packed (N, K/2) {w_packed.shape} do not match")
     if x_codes.dtype != jnp.int8 or w_packed.dtype != jnp.uint8:
@@ -473,39 +466,50 @@ def w4a4_matmul(
             raise ValueError(f"the kernel needs scale_group a multiple of 64, got {scale_group}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias {bias.shape} must be (N,) = ({n},)")
-    if return_int32 and scale_group is not None:
-        raise ValueError("return_int32 needs per-channel scales (scale_group=None)")
+
+
+def _sm_count(interpret: bool) -> int:
+    """Persistent grid: at most one program per SM. Interpret mode takes 4, so that the CPU tests
+    also exercise several tiles per program and the split tail."""
+    return 4 if interpret else jax.devices()[0].core_count
+
+
+def _call(x_codes, x_scales, w_packed, w_scales, bias, *, scale_group, out_dtype, config, int32_out,
+          interpret) -> jax.Array:
+    """Pads M to whole tiles, plans the schedule, runs the kernel and finishes the split tiles."""
+    m, k = x_codes.shape
+    n = w_packed.shape[0]
     cfg = config or config_for(m, n, k, scale_group)
     if scale_group is not None and cfg.tile_k != scale_group:
         raise ValueError(f"per-group scales need tile_k == scale_group ({scale_group}), got {cfg}")
     if n % (2 * cfg.tile_n) or k % cfg.tile_k:
         raise ValueError(f"N={n} must be a multiple of {2 * cfg.tile_n} and K={k} of {cfg.tile_k} for {cfg}")
 
-    if return_int32:  # int32 output staging is twice the bf16 one: one stage less fits in smem.
+    if int32_out:  # int32 output staging is twice the bf16 one: one stage less fits in smem.
         cfg = dataclasses.replace(cfg, max_concurrent_steps=min(cfg.max_concurrent_steps, 3))
     m_pad = -(-m // cfg.tile_m) * cfg.tile_m
     if m_pad != m:
         x_codes = jnp.pad(x_codes, ((0, m_pad - m), (0, 0)))
         x_scales = jnp.pad(x_scales, (0, m_pad - m))
-    out_t = jnp.int32 if return_int32 else out_dtype
+    out_t = jnp.int32 if int32_out else out_dtype
     # Per-group scales go in as (K / g, N) so that a group's row of N scales is contiguous.
     sw = w_scales.astype(jnp.float32) if scale_group is None else w_scales.astype(jnp.float32).T
     operands = [x_codes, w_packed, x_scales.astype(jnp.float32), sw]
-    if bias is not None and not return_int32:
+    if bias is not None and not int32_out:
         operands.append(bias.astype(jnp.float32))
 
-    out_nm = _raw_output_transposed(cfg, return_int32)
+    out_nm = _int32_output_transposed(cfg, int32_out)
     tiles = (m_pad // cfg.tile_m, n // (2 * cfg.tile_n))
     schedule = tile_schedule(math.prod(tiles), k // cfg.tile_k, _sm_count(interpret), cfg.max_concurrent_steps,
                              cfg.split_tail and scale_group is None)
     out_types = [jax.ShapeDtypeStruct((n, m_pad) if out_nm else (m_pad, n), out_t)]
     if schedule.splits > 1:
         out_types.append(jax.ShapeDtypeStruct((schedule.splits, schedule.tail_tiles, 2, *_acc_shape(cfg)), jnp.int32))
+    plan = _Plan(cfg, schedule, tiles, k // cfg.tile_k, scale_group is not None, int32_out, interpret)
 
     def kernel(x, w, sx, sw, *rest):
         b, (out, *ws) = rest[:len(operands) - 4], rest[len(operands) - 4:]
-        _kernel(x, w, sx, sw, b[0] if b else None, out, ws[0] if ws else None, config=cfg, schedule=schedule,
-                scale_group=scale_group, raw=return_int32, interpret=interpret)
+        _kernel(x, w, sx, sw, b[0] if b else None, out, ws[0] if ws else None, plan=plan)
 
     f = plgpu.kernel(
         kernel,
@@ -520,35 +524,28 @@ def w4a4_matmul(
     y, *ws = f(*operands)
     if ws:
         y = _add_split_tiles(y, ws[0], operands[2], sw, operands[4] if len(operands) > 4 else None,
-                             config=cfg, schedule=schedule, tiles=tiles, out_nm=out_nm, raw=return_int32)
+                             config=cfg, schedule=schedule, tiles=tiles, out_nm=out_nm, int32_out=int32_out)
     y = y.T if out_nm else y
     return y[:m] if m_pad != m else y
 
 
-def _sm_count(interpret: bool) -> int:
-    """Persistent grid: at most one program per SM. Interpret mode takes 4, so that the CPU tests
-    also exercise several tiles per program and the split tail."""
-    return 4 if interpret else jax.devices()[0].core_count
-
-
 def _add_split_tiles(y, ws, x_scales, w_scales, bias, *, config: W4A4MatmulConfig, schedule: TileSchedule,
-                     tiles: tuple[int, int], out_nm: bool, raw: bool) -> jax.Array:
+                     tiles: tuple[int, int], out_nm: bool, int32_out: bool) -> jax.Array:
     """Finishes the tail tiles that the kernel computed as K pieces (`TileSchedule`): adds the
-    pieces' int32 partial sums (exact), dequantizes them as the kernel's epilogue does (acc * s_x,
-    * s_w, + bias, cast) and writes them into y with one scatter."""
+    pieces' int32 partial sums (exact), dequantizes them with the kernel epilogue's `dequantize`
+    (the int32 variant: not at all) and writes them into y with one scatter."""
     tm, cta_n = config.tile_m, 2 * config.tile_n
     acc = ws.sum(0, dtype=jnp.int32)  # (tail, warpgroup, *acc_shape)
     order = (0, 3, 1, 2) if config.weight_operand == "registers" else (0, 2, 1, 3)
     acc = acc.transpose(order).reshape(schedule.tail_tiles, tm, cta_n)
     lin = schedule.first_tail + jnp.arange(schedule.tail_tiles, dtype=jnp.int32)
     mi, ni = jax.vmap(lambda i: _tile_coords(i, tiles, config))(lin)
-    if raw:
+    if int32_out:
         vals = acc
     else:
-        vals = acc.astype(jnp.float32) * x_scales.reshape(-1, tm)[mi][:, :, None]
-        vals = vals * w_scales.reshape(-1, cta_n)[ni][:, None, :]
-        if bias is not None:
-            vals = vals + bias.reshape(-1, cta_n)[ni][:, None, :]
+        vals = dequantize(acc.astype(jnp.float32), lambda: x_scales.reshape(-1, tm)[mi][:, :, None],
+                          lambda: w_scales.reshape(-1, cta_n)[ni][:, None, :],
+                          None if bias is None else lambda: bias.reshape(-1, cta_n)[ni][:, None, :])
         vals = vals.astype(y.dtype)
     starts = jnp.stack([mi * tm, ni * cta_n], axis=1)
     if out_nm:
@@ -559,7 +556,11 @@ def _add_split_tiles(y, ws, x_scales, w_scales, bias, *, config: W4A4MatmulConfi
                        mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
-def w4a4_matmul_reference(
+# Jitted with the settings static: every call at the same shapes in a model shares one traced and
+# lowered kernel. Without it, FLUX.1-dev's W4A4 step lowered ~300 copies of each and compiled for
+# minutes.
+@functools.partial(jax.jit, static_argnames=("scale_group", "out_dtype", "config", "interpret"))
+def w4a4_matmul(
     x_codes: jax.Array,
     x_scales: jax.Array,
     w_packed: jax.Array,
@@ -568,11 +569,30 @@ def w4a4_matmul_reference(
     *,
     scale_group: int | None = None,
     out_dtype: jnp.dtype = jnp.bfloat16,
+    config: W4A4MatmulConfig | None = None,
+    interpret: bool = False,
 ) -> jax.Array:
-    """The same function in XLA ops: `convrot_jax.linear.dequantized_matmul_reference` (unpack,
-    int8 dot with int32 accumulation, scales in the kernel's order), then bias, then the cast."""
-    qw = QuantizedWeight(w_packed, w_scales, scale_group=scale_group)
-    y = dequantized_matmul_reference(x_codes, x_scales.astype(jnp.float32), qw)
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    return y.astype(out_dtype)
+    """(M, N) = (x_codes . unpack(w_packed)^T) * x_scales[:, None] * w_scales (+ bias).
+
+    x_codes: int8 (M, K) in [-8, 7]; x_scales: float32 (M,); w_packed: uint8 (N, K/2), low
+    nibble = even k; w_scales: float32 (N,), or (N, K / scale_group) with `scale_group`; bias:
+    (N,) or None. config: default `config_for(M, N, K, scale_group)`. interpret: Mosaic GPU
+    interpret mode (CPU tests).
+    """
+    _check_operands(x_codes, x_scales, w_packed, w_scales, bias, scale_group)
+    return _call(x_codes, x_scales, w_packed, w_scales, bias, scale_group=scale_group, out_dtype=out_dtype,
+                 config=config, int32_out=False, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def w4a4_matmul_int32(
+    x_codes: jax.Array, w_packed: jax.Array, *, config: W4A4MatmulConfig | None = None, interpret: bool = False
+) -> jax.Array:
+    """For exactness tests: the kernel's raw int32 accumulator (M, N) = x_codes . unpack(w_packed)^T,
+    per-channel layout, same tiles and schedule as `w4a4_matmul` (at most 3 stages: the int32
+    output staging takes more shared memory), no dequantization."""
+    m, n = x_codes.shape[0], w_packed.shape[0]
+    x_scales, w_scales = jnp.ones((m,), jnp.float32), jnp.ones((n,), jnp.float32)  # unused by this variant
+    _check_operands(x_codes, x_scales, w_packed, w_scales, None, None)
+    return _call(x_codes, x_scales, w_packed, w_scales, None, scale_group=None, out_dtype=jnp.int32, config=config,
+                 int32_out=True, interpret=interpret)

@@ -1,4 +1,4 @@
-"""W4A4 GEMM kernel vs the XLA reference.
+"""The W4A4 GEMM kernel (`pallas_kernels.w4a4_matmul`) vs its XLA reference.
 
 CPU: Mosaic GPU interpret mode at small shapes (several K tiles, several N tiles, a partial M
 tile, a persistent grid of 4 programs running several tiles each). Interpret mode cannot run the
@@ -9,26 +9,25 @@ kernel's register-level nibble unpack (`inline_mgpu`), so there it unpacks with 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks.arg_specs import FLUX_LINEAR_SHAPES
-from convrot_jax.linear import int_matmul_reference
-from convrot_jax.quant import pack_int4
-from pallas_kernels.w4a4_matmul import (
-    TileSchedule,
-    W4A4MatmulConfig,
-    config_for,
-    tile_schedule,
-    w4a4_matmul,
-    w4a4_matmul_reference,
-)
+from pallas_kernels.rounding import pack_int4
+from pallas_kernels.shapes import FLUX_LINEAR_SHAPES
+from pallas_kernels.w4a4_matmul import w4a4_matmul, w4a4_matmul_int32
+from pallas_kernels.w4a4_matmul_config import W4A4MatmulConfig
+from pallas_kernels.w4a4_matmul_reference import int_matmul_reference, w4a4_matmul_reference
 
 SMALL = W4A4MatmulConfig(tile_m=64, tile_n=64, tile_k=128, max_concurrent_steps=2)
 FLUX_KN = list(FLUX_LINEAR_SHAPES.values())
+# The op's implementations, run on the CPU: one suite checks both.
+IMPLEMENTATIONS = pytest.mark.parametrize(
+    "implementation", [w4a4_matmul_reference, functools.partial(w4a4_matmul, interpret=True)],
+    ids=["reference", "kernel"])
 
 
 def _operands(seed: int, m: int, n: int, k: int, scale_group: int | None = None):
@@ -44,18 +43,18 @@ def _operands(seed: int, m: int, n: int, k: int, scale_group: int | None = None)
     return x_codes, x_scales, w_codes, w_scales, bias
 
 
-def _assert_bf16_rounding_equal(y: jax.Array, ref: jax.Array, terms: jax.Array) -> None:
+def _assert_bf16_rounding_equal(y: jax.Array, ref: jax.Array, terms: jax.Array, identical: float = 0.99) -> None:
     """Equal up to the final bf16 rounding: each element within one bf16 ulp of the reference
     plus a few float32 ulps of the terms it sums (`terms` = |x.w scaled| + |bias|: the f32
     epilogue may contract a multiply-add into an FMA, which moves a cancelling sum by that much),
-    and nearly all elements bit-identical."""
+    and at least the fraction `identical` of the elements bit-identical."""
     assert y.shape == ref.shape and y.dtype == ref.dtype
     y64, r64 = np.asarray(y, np.float64), np.asarray(ref, np.float64)
     assert np.all(np.isfinite(y64))
     tol = np.abs(r64) * 2.0**-7 + np.asarray(terms, np.float64) * 2.0**-20
     bad = np.abs(y64 - r64) > tol
     assert not bad.any(), f"{bad.sum()} elements off, first at {np.argwhere(bad)[0]}: {y64[bad][0]} vs {r64[bad][0]}"
-    assert np.mean(y64 != r64) < 0.01
+    assert np.mean(y64 == r64) >= identical
 
 
 def _check(m, n, k, *, bias, scale_group=None, config=None, interpret, seed=0):
@@ -63,8 +62,7 @@ def _check(m, n, k, *, bias, scale_group=None, config=None, interpret, seed=0):
     w_packed = pack_int4(w_codes)
     b = b if bias else None
     if scale_group is None:
-        acc = w4a4_matmul(x_codes, x_scales, w_packed, w_scales, return_int32=True, config=config,
-                          interpret=interpret)
+        acc = w4a4_matmul_int32(x_codes, w_packed, config=config, interpret=interpret)
         np.testing.assert_array_equal(np.asarray(acc), np.asarray(int_matmul_reference(x_codes, w_codes)))
     y = w4a4_matmul(x_codes, x_scales, w_packed, w_scales, b, scale_group=scale_group, config=config,
                     interpret=interpret)
@@ -84,39 +82,49 @@ def _term_magnitudes(x_codes, x_scales, w_codes, w_scales, scale_group):
     return sum(parts) * x_scales[:, None]
 
 
-# --- CPU, interpret mode -------------------------------------------------------------------
+def _float64_product(x_codes, x_scales, w_codes, w_scales, bias, scale_group):
+    """The op in float64 numpy: exact integer sums, then the scales and bias."""
+    x, w = np.asarray(x_codes, np.int64), np.asarray(w_codes, np.int64)
+    sw = np.asarray(w_scales, np.float64)
+    if scale_group is None:
+        y = (x @ w.T) * sw[None, :]
+    else:
+        g = scale_group
+        y = sum((x[:, j * g:(j + 1) * g] @ w[:, j * g:(j + 1) * g].T) * sw[None, :, j] for j in range(sw.shape[1]))
+    return y * np.asarray(x_scales, np.float64)[:, None] + np.asarray(bias, np.float64)[None, :]
+
+
+# --- CPU: the reference and the kernel in interpret mode --------------------------------------
+
+@pytest.mark.parametrize("scale_group", [None, pytest.param(64, marks=pytest.mark.slow)])
+@IMPLEMENTATIONS
+def test_matches_float64(implementation, scale_group):
+    """Within one bf16 rounding of the float64 product (per-channel and per-group scales)."""
+    x_codes, x_scales, w_codes, w_scales, b = _operands(3, 37, 256, 256, scale_group)
+    y = implementation(x_codes, x_scales, pack_int4(w_codes), w_scales, b, scale_group=scale_group)
+    want = jnp.asarray(_float64_product(x_codes, x_scales, w_codes, w_scales, b, scale_group), jnp.bfloat16)
+    terms = _term_magnitudes(x_codes, x_scales, w_codes, w_scales, scale_group) + jnp.abs(b)
+    _assert_bf16_rounding_equal(y, want, terms, identical=0.9)
+
+
+# --- CPU, interpret mode: the kernel against the reference --------------------------------------
 
 @pytest.mark.parametrize("weight_operand", ["smem", "registers"])
-@pytest.mark.parametrize("m", [1, 37, 200])
+@pytest.mark.parametrize("m", [1, 37, pytest.param(200, marks=pytest.mark.slow)])
 def test_interpret_per_channel(m, weight_operand):
     cfg = dataclasses.replace(SMALL, weight_operand=weight_operand)
     _check(m, 256, 384, bias=m != 37, config=cfg, interpret=True, seed=m)
 
 
 @pytest.mark.parametrize("weight_operand", ["smem", "registers"])
-@pytest.mark.parametrize("m,n,split_tail", [(37, 256, True), (320, 256, True), (320, 256, False)])
+@pytest.mark.parametrize("m,n,split_tail", [(37, 256, True), pytest.param(320, 256, True, marks=pytest.mark.slow),
+                                            pytest.param(320, 256, False, marks=pytest.mark.slow)])
 def test_interpret_tile_schedule(m, n, split_tail, weight_operand):
     """K = 4 steps of a 2-stage ring on 4 programs: (37, 256) is 2 tiles, each split into 2 K
     pieces on 4 programs; (320, 256) is 10 tiles, 2 rounds of chained pipelines, then 2 tail tiles
     split into K pieces (or run whole); int32 sums exact, outputs equal to bf16 rounding."""
     cfg = dataclasses.replace(SMALL, weight_operand=weight_operand, split_tail=split_tail)
     _check(m, n, 512, bias=True, config=cfg, interpret=True, seed=m + n)
-
-
-def test_tile_schedule_splits_the_last_wave():
-    # FLUX M = 4608, 256 x 128 CTA tiles, 4 stages, 132 SMs.
-    assert tile_schedule(18 * 24, 96, 132, 4, True) == TileSchedule(132, 3, 36, 3)  # N = 3072, K = 12288
-    assert tile_schedule(18 * 24, 120, 132, 4, True) == TileSchedule(132, 3, 36, 3)  # K = 15360
-    assert tile_schedule(18 * 96, 24, 132, 4, True) == TileSchedule(132, 13, 12, 6)  # N = 12288, K = 3072
-    assert tile_schedule(18 * 72, 24, 132, 4, True) == TileSchedule(132, 9, 108, 1)  # no room to split
-    assert tile_schedule(24, 24, 132, 4, True) == TileSchedule(72, 0, 24, 3)  # fewer tiles than SMs
-    assert tile_schedule(18 * 24, 96, 132, 4, False) == TileSchedule(132, 3, 36, 1)
-    for tiles in range(1, 600, 7):
-        for k_steps in (3, 4, 24, 96, 120):
-            sched = tile_schedule(tiles, k_steps, 132, 4, True)
-            assert sched.units <= sched.programs <= 132
-            assert sched.first_tail + sched.tail_tiles == tiles
-            assert sched.splits == 1 or (k_steps % sched.splits == 0 and (k_steps // sched.splits) % 4 == 0)
 
 
 @pytest.mark.parametrize("scale_group", [64, 128])
@@ -129,8 +137,7 @@ def test_unpack_matches_reference_nibble_order():
     """One k-tile, one weight row with all 16 codes: catches a swapped low/high nibble."""
     w_codes = jnp.tile(jnp.arange(-8, 8, dtype=jnp.int8), 8)[None].repeat(128, 0)
     x_codes = jnp.eye(64, 128, dtype=jnp.int8)
-    acc = w4a4_matmul(x_codes, jnp.ones(64), pack_int4(w_codes), jnp.ones(128), return_int32=True,
-                      config=SMALL, interpret=True)
+    acc = w4a4_matmul_int32(x_codes, pack_int4(w_codes), config=SMALL, interpret=True)
     np.testing.assert_array_equal(np.asarray(acc), np.asarray(w_codes[:, :64].T, np.int32))
 
 
@@ -147,18 +154,6 @@ def test_bad_shapes_raise():
         w4a4_matmul(x, jnp.ones(8), jnp.zeros((96, 128), jnp.uint8), jnp.ones(96), config=SMALL)
     with pytest.raises(ValueError, match="int8"):
         w4a4_matmul(x.astype(jnp.int32), jnp.ones(8), w, jnp.ones(128))
-
-
-def test_config_table_covers_flux_shapes():
-    for k, n in FLUX_KN:
-        for m in (1, 512, 4608):
-            cfg = config_for(m, n, k)
-            assert n % (2 * cfg.tile_n) == 0 and k % cfg.tile_k == 0, (m, n, k, cfg)
-    grouped = config_for(4608, 12288, 3072, scale_group=64)
-    assert (grouped.tile_k, grouped.weight_operand) == (64, "smem")
-    assert config_for(4608, 3072, 15360).weight_operand == "registers"
-    with pytest.raises(ValueError, match="weight_operand"):
-        W4A4MatmulConfig(weight_operand="tmem")
 
 
 # --- GPU (Hopper), the real kernel at the FLUX shapes ------------------------------------------
