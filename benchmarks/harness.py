@@ -36,9 +36,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
-SCHEMA = 1
+from benchmarks.report import REPO, RESULTS, SCHEMA, load_results, md_table, update_readme  # noqa: F401
 RESULT_ENV = "BENCH_RESULT_FILE"  # where a child started by run_isolated writes its JSON
 
 
@@ -278,21 +276,11 @@ def write_results(name: str, data: Mapping[str, Any], markdown: str | Sequence[s
         except ImportError:
             pass
     if out_dir.resolve() == RESULTS.resolve():  # README's Measured table follows the results
-        from benchmarks import report
-
         try:
-            report.main([])
+            update_readme()
         except (OSError, ValueError) as e:
             print(f"README's Measured table not regenerated ({e}); run `python -m benchmarks.report`", flush=True)
     return path
-
-
-def load_results(path: Path) -> dict:
-    data = json.loads(Path(path).read_text())
-    if data.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: results schema {data.get('schema')!r}, this harness reads {SCHEMA} "
-                         "(tools/upgrade_results.py converts older files)")
-    return data
 
 
 def merge_runs(paths: Sequence[Path]) -> tuple[list[dict], dict]:
@@ -305,13 +293,6 @@ def merge_runs(paths: Sequence[Path]) -> tuple[list[dict], dict]:
         meta[key] = values[0] if len(values) == 1 else " + ".join(values)
     return [row for r in runs for row in r["rows"]], meta
 
-
-def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Sequence[bool] | None = None) -> list[str]:
-    """A markdown table; `numeric` columns are right-aligned."""
-    numeric = numeric or [False] * len(headers)
-    out = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---:" if n else "---" for n in numeric) + " |"]
-    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return out
 
 
 def pivot_table(rows: Sequence[Mapping], value: str, fmt: str = "{:.0f}", *, baseline: str | None = None,

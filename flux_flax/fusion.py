@@ -24,7 +24,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from convrot_jax.layers import ConvDense4bit, Dense4bitWeightOnly, concatenate_biases, require_equal
-from flux_flax.transformer import FluxSingleTransformerBlock, FluxTransformerBlock, module_path
 
 
 def concatenate_linears(layers: Sequence[nnx.Module]) -> nnx.Module | None:
@@ -75,20 +74,18 @@ def _fuse(path: str, target: nnx.Module, name: str, members: Sequence[tuple[nnx.
 
 
 def fuse_projections(model: nnx.Module) -> nnx.Module:
-    """Fuses, IN PLACE, the projection sets listed in this module's docstring in every FLUX block
-    of `model` (float or quantized layers alike) and returns `model`. A set whose layers differ in
+    """Fuses, IN PLACE, the projection sets listed in this module's docstring in every block of a
+    FLUX transformer `model` (float or quantized layers alike) and returns `model`. A set whose layers differ in
     type stays unfused (a single block then tries to fuse just its q, k, v into attn.to_qkv).
     Fusing again is a no-op. A set whose int4 layers differ in settings raises a ValueError."""
-    for path, node in list(nnx.iter_graph(model)):
-        path = module_path(path)
-        if isinstance(node, FluxTransformerBlock):
-            attn = node.attn
-            _fuse(f"{path}.attn.to_qkv", attn, "to_qkv", [(attn, "to_q"), (attn, "to_k"), (attn, "to_v")])
-            _fuse(f"{path}.attn.to_added_qkv", attn, "to_added_qkv",
-                  [(attn, "add_q_proj"), (attn, "add_k_proj"), (attn, "add_v_proj")])
-        elif isinstance(node, FluxSingleTransformerBlock):
-            attn = node.attn
-            qkv = [(attn, "to_q"), (attn, "to_k"), (attn, "to_v")]
-            if not _fuse(f"{path}.to_qkv_mlp", node, "to_qkv_mlp", [*qkv, (node, "proj_mlp")]):
-                _fuse(f"{path}.attn.to_qkv", attn, "to_qkv", qkv)
+    for i, block in enumerate(model.transformer_blocks):
+        path, attn = f"transformer_blocks.{i}", block.attn
+        _fuse(f"{path}.attn.to_qkv", attn, "to_qkv", [(attn, "to_q"), (attn, "to_k"), (attn, "to_v")])
+        _fuse(f"{path}.attn.to_added_qkv", attn, "to_added_qkv",
+              [(attn, "add_q_proj"), (attn, "add_k_proj"), (attn, "add_v_proj")])
+    for i, block in enumerate(model.single_transformer_blocks):
+        path, attn = f"single_transformer_blocks.{i}", block.attn
+        qkv = [(attn, "to_q"), (attn, "to_k"), (attn, "to_v")]
+        if not _fuse(f"{path}.to_qkv_mlp", block, "to_qkv_mlp", [*qkv, (block, "proj_mlp")]):
+            _fuse(f"{path}.attn.to_qkv", attn, "to_qkv", qkv)
     return model

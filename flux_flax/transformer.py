@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flux_flax.config import ROPE_THETA, FluxConfig
+from flux_flax.fusion import fuse_projections
 from flux_flax.layers import (
     AdaLayerNormContinuous,
     AdaLayerNormZero,
@@ -170,8 +171,6 @@ class FluxTransformer2DModel(nnx.Module):
     def fuse_qkv_projections(self) -> "FluxTransformer2DModel":
         """diffusers' name for `flux_flax.fuse_projections(self)`: fuses, in place, the projections
         that read the same input (q/k/v per stream; q/k/v + MLP input in single blocks)."""
-        from flux_flax.fusion import fuse_projections  # fusion.py imports this module
-
         return fuse_projections(self)
 
 
