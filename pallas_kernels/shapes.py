@@ -1,6 +1,6 @@
 """The FLUX.1 linear shapes used to tune and test the kernels (tokamax's arg_specs idea).
 
-M tokens x K in_features x N out_features (DESIGN.md §2); the shipped GEMM tuning table
+M tokens x K in_features x N out_features (docs/design.md); the shipped GEMM tuning table
 (`w4a4_matmul_configs.json`) is keyed on them. The tests and benchmarks/ both import them.
 """
 
