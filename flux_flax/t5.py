@@ -109,13 +109,13 @@ def relative_position_bucket(relative_position: np.ndarray, *, bidirectional: bo
         relative_position = -np.minimum(relative_position, 0)
     max_exact = num_buckets // 2
     is_small = relative_position < max_exact
-    with np.errstate(divide="ignore"):
+    with np.errstate(all="ignore"):  # log(0) at distance 0, which takes the exact bucket
         scaled = (
             np.log(relative_position.astype(np.float32) / np.float32(max_exact))
             / np.float32(math.log(max_distance / max_exact))
             * np.float32(num_buckets - max_exact)
         )
-    if_large = max_exact + np.where(is_small, 0, scaled).astype(np.int64)
+        if_large = max_exact + np.where(is_small, 0, scaled).astype(np.int64)
     if_large = np.minimum(if_large, num_buckets - 1)
     return buckets + np.where(is_small, relative_position, if_large)
 
