@@ -1,5 +1,6 @@
 """FLUX.1 in Flax NNX: the transformer (mirroring diffusers' names one to one), its loaders, its
-checkpoints and its ConvRot quantization, the VAE decoder, the text encoders and the pipeline.
+checkpoints and its ConvRot quantization, the VAE decoder, the text encoders (CLIP-L and T5-XXL
+ported to Flax NNX, or transformers' PyTorch models) and the pipeline.
 
     model = flux_flax.load_transformer("FLUX.1-dev/transformer")        # bf16
     flux_flax.quantize_model(model)                                    # W4A4 per flux_default_policy()
@@ -31,7 +32,15 @@ _EXPORTS = {
     "param_paths": "flux_flax.transformer",
     "FluxPipeline": "flux_flax.pipeline",
     "NonFiniteOutputError": "flux_flax.pipeline",
+    "PromptEncoder": "flux_flax.text",
     "TextEncoders": "flux_flax.text",
+    "JaxTextEncoders": "flux_flax.text_jax",
+    "CLIPTextModel": "flux_flax.clip",
+    "CLIPTextConfig": "flux_flax.clip",
+    "T5EncoderModel": "flux_flax.t5",
+    "T5Config": "flux_flax.t5",
+    "load_clip": "flux_flax.text_loading",
+    "load_t5": "flux_flax.text_loading",
     "AutoencoderKLDecoder": "flux_flax.vae",
     "load_vae": "flux_flax.vae",
 }

@@ -2,10 +2,12 @@
 
     convrot-flux generate --model DIR [--checkpoint CKPT] --prompt "..." [--prompts-file F]
                           [--steps N] [--guidance G] [--size 1024x1024] [--seed S] [--batch B] [--out DIR]
+                          [--text-backend {jax,torch}]
     convrot-flux demo     [--prompt "..."] [--steps 4] [--size 256x256] [--seed S] [--out DIR]
 
 Every argument is checked before jax, flax or torch load, so a usage error is answered at once
 (exit 2); a failure while loading or generating exits 1 with one line (NaN output included).
+The text encoders run in JAX by default: torch is imported only with --text-backend torch.
 """
 
 from __future__ import annotations
@@ -76,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="outputs", help="output folder (existing PNGs are never overwritten)")
     gen.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="transformer/VAE dtype")
     gen.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: 512 for dev, 256 for schnell)")
-    gen.add_argument("--text-device", default="cpu", help="torch device for the text encoders (cpu, cuda)")
+    gen.add_argument("--text-backend", choices=("jax", "torch"), default="jax",
+                     help="run the text encoders (CLIP, T5) in JAX, or in PyTorch through transformers")
+    gen.add_argument("--text-device", default="cpu", help="torch device for the text encoders (cpu, cuda); torch backend only")
     gen.add_argument("--cache-dir", help="cache prompt embeddings in this folder (default: no cache)")
     add_compilation_cache_options(gen)
 
@@ -112,6 +116,7 @@ def _validate_generate(args: argparse.Namespace) -> SimpleNamespace:
     return SimpleNamespace(
         prompts=prompts, height=height, width=width, steps=args.steps, guidance=args.guidance, seed=args.seed,
         batch=args.batch, dtype=args.dtype, max_sequence_length=args.max_sequence_length, text_device=args.text_device,
+        text_backend=args.text_backend,
         model=_existing_dir(args.model, "model folder"),
         checkpoint=None if args.checkpoint is None else _existing_dir(args.checkpoint, "checkpoint"),
         verify=not args.no_verify,
@@ -124,15 +129,14 @@ def _validate_generate(args: argparse.Namespace) -> SimpleNamespace:
 def _generate(request: SimpleNamespace) -> None:
     enable_compilation_cache(request.compile_cache)
     import jax.numpy as jnp
-    import torch
 
     from flux_flax.pipeline import FluxPipeline
 
-    dtype = {"bfloat16": (jnp.bfloat16, torch.bfloat16), "float32": (jnp.float32, torch.float32)}[request.dtype]
     start = time.perf_counter()
     pipe = FluxPipeline.from_pretrained(
-        request.model, checkpoint=request.checkpoint, verify=request.verify, dtype=dtype[0], text_dtype=dtype[1],
-        text_device=request.text_device, max_sequence_length=request.max_sequence_length, cache_dir=request.cache_dir,
+        request.model, checkpoint=request.checkpoint, verify=request.verify, dtype=getattr(jnp, request.dtype),
+        text_backend=request.text_backend, text_dtype=request.dtype, text_device=request.text_device,
+        max_sequence_length=request.max_sequence_length, cache_dir=request.cache_dir,
     )
     default_steps = DEFAULT_DEV_STEPS if pipe.config.guidance_embeds else DEFAULT_SCHNELL_STEPS
     settings = GenerationSettings(request.height, request.width, request.steps or default_steps, request.guidance,

@@ -1,4 +1,4 @@
-"""FLUX text-to-image in JAX: prompt -> text embeddings (PyTorch) -> flow-matching denoising loop
+"""FLUX text-to-image in JAX: prompt -> text embeddings (JAX, or PyTorch on request) -> flow-matching denoising loop
 (one compiled program: `lax.fori_loop` over the steps) -> VAE decode -> uint8 images / PNG files.
 
 Mirrors diffusers' `FluxPipeline.__call__` (no true CFG, no IP-adapter): the same schedule, the
@@ -18,7 +18,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 from flax import nnx
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
@@ -30,7 +29,7 @@ from flux_flax.fusion import fuse_projections
 from flux_flax.loading import load_transformer
 from flux_flax.paths import user_path
 from flux_flax.settings import VAE_SCALE_FACTOR, GenerationSettings
-from flux_flax.text import TEXT_PARTS, PromptEmbeds, TextEncoders
+from flux_flax.text import TEXT_PARTS, PromptEmbeds, PromptEncoder
 from flux_flax.vae import AutoencoderKLDecoder, load_vae
 
 
@@ -43,7 +42,7 @@ class NonFiniteOutputError(RuntimeError):
     raised instead of writing a black image."""
 
 
-def check_components(config: FluxConfig, vae: AutoencoderKLDecoder, text_encoders: TextEncoders) -> None:
+def check_components(config: FluxConfig, vae: AutoencoderKLDecoder, text_encoders: PromptEncoder) -> None:
     """Raises `PipelineMismatchError` naming the sizes that disagree."""
     problems = []
     if vae.config.scale_factor != VAE_SCALE_FACTOR:
@@ -93,7 +92,7 @@ class FluxPipeline:
         self,
         transformer: nnx.Module,
         vae: AutoencoderKLDecoder,
-        text_encoders: TextEncoders,
+        text_encoders: PromptEncoder,
         *,
         dynamic_shift: bool | None = None,
         progress: bool = True,
@@ -117,7 +116,8 @@ class FluxPipeline:
         checkpoint: str | Path | None = None,
         verify: bool = True,
         dtype=jnp.bfloat16,
-        text_dtype: torch.dtype = torch.bfloat16,
+        text_backend: str = "jax",
+        text_dtype=None,
         text_device: str = "cpu",
         max_sequence_length: int | None = None,
         cache_dir: str | Path | None = None,
@@ -128,7 +128,13 @@ class FluxPipeline:
         text_encoder_2/, vae/, and transformer/ unless `checkpoint`, a `convrot-convert` Orbax
         checkpoint, gives the transformer; its files are checked against their digests unless
         not `verify`). T5 length: 512 for dev, 256 for schnell, by default. `fuse` concatenates
-        the projections that read the same input (`flux_flax.fusion`; exact)."""
+        the projections that read the same input (`flux_flax.fusion`; exact).
+
+        `text_backend` runs the text encoders in "jax" (the Flax ports; torch is never imported)
+        or "torch" (transformers' models on `text_device`); `text_dtype` (a jnp or torch dtype or
+        its name, default bfloat16) is their weights' dtype."""
+        if text_backend not in ("jax", "torch"):
+            raise ValueError(f"text_backend must be 'jax' or 'torch', got {text_backend!r}")
         model_dir = user_path(model_dir)
         checkpoint = None if checkpoint is None else user_path(checkpoint)
         if not model_dir.is_dir():
@@ -142,9 +148,8 @@ class FluxPipeline:
             fuse_projections(transformer)
         if max_sequence_length is None:
             max_sequence_length = 512 if transformer.config.guidance_embeds else 256
-        text_encoders = TextEncoders.from_pretrained(
-            model_dir, max_sequence_length=max_sequence_length, dtype=text_dtype, device=text_device, cache_dir=cache_dir
-        )
+        text_encoders = _load_text_encoders(model_dir, text_backend, max_sequence_length=max_sequence_length,
+                                            dtype=text_dtype or "bfloat16", device=text_device, cache_dir=cache_dir)
         vae = load_vae(model_dir / "vae", dtype=dtype)
         return cls(transformer, vae, text_encoders, dynamic_shift=_scheduler_shift(model_dir), progress=progress)
 
@@ -251,6 +256,19 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, latents: jax.Array, *, hei
     vae = nnx.merge(graphdef, state)
     latents = sampling.unpack_latents(latents, height, width).transpose(0, 2, 3, 1)  # NCHW -> NHWC
     return vae.decode(vae.unscale(latents))
+
+
+def _load_text_encoders(model_dir: Path, backend: str, *, max_sequence_length: int, dtype, device: str,
+                        cache_dir: str | Path | None) -> PromptEncoder:
+    if backend == "torch":
+        from flux_flax.text import TextEncoders
+
+        return TextEncoders.from_pretrained(model_dir, max_sequence_length=max_sequence_length, dtype=dtype,
+                                            device=device, cache_dir=cache_dir)
+    from flux_flax.text_jax import JaxTextEncoders
+
+    return JaxTextEncoders.from_pretrained(model_dir, max_sequence_length=max_sequence_length, dtype=dtype,
+                                           cache_dir=cache_dir)
 
 
 def _scheduler_shift(model_dir: Path) -> bool | None:

@@ -216,11 +216,9 @@ def _read_json(file: Path) -> dict:
         raise NotAFluxCheckpointError(f"cannot read {file}: {e}") from None
 
 
-def _open_diffusers_dir(root: Path) -> FluxCheckpoint:
-    config = _read_json(root / "config.json")
-    if config.get("_class_name", "FluxTransformer2DModel") != "FluxTransformer2DModel":
-        raise NotAFluxCheckpointError(f"{root}/config.json is for {config['_class_name']}, not FluxTransformer2DModel")
-    index = root / DIFFUSERS_INDEX
+def _key_files(root: Path, weights: str, index_name: str) -> dict[str, Path]:
+    """{key: file} of a folder's weights: one `weights` file, or the shards its `index_name` lists."""
+    index = root / index_name
     if index.exists():
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
@@ -229,10 +227,26 @@ def _open_diffusers_dir(root: Path) -> FluxCheckpoint:
         absent = sorted({str(f) for f in key_files.values() if not f.exists()})
         if absent:
             raise CheckpointError(f"{index} names shard(s) that do not exist: {absent}")
-    elif (root / DIFFUSERS_WEIGHTS).exists():
-        key_files = {k: root / DIFFUSERS_WEIGHTS for k in _header_keys(root / DIFFUSERS_WEIGHTS)}
-    else:
-        raise NotAFluxCheckpointError(f"{root} has config.json but neither {DIFFUSERS_WEIGHTS} nor {DIFFUSERS_INDEX}")
+        return key_files
+    if (root / weights).exists():
+        return {k: root / weights for k in _header_keys(root / weights)}
+    raise NotAFluxCheckpointError(f"{root} has neither {weights} nor {index_name}")
+
+
+def open_weight_files(root: str | Path, weights: str, index_name: str) -> FluxCheckpoint:
+    """Any model's safetensors weights in a folder (one `weights` file, or shards listed by
+    `index_name`), keys as stored: the same reader (headers at open, one tensor per `read`, the
+    same errors naming file and key) for models other than the FLUX transformer, e.g. the text
+    encoders (`model.safetensors`, `model.safetensors.index.json`)."""
+    root = Path(root)
+    return FluxCheckpoint(root, "diffusers", _key_files(root, weights, index_name), None)
+
+
+def _open_diffusers_dir(root: Path) -> FluxCheckpoint:
+    config = _read_json(root / "config.json")
+    if config.get("_class_name", "FluxTransformer2DModel") != "FluxTransformer2DModel":
+        raise NotAFluxCheckpointError(f"{root}/config.json is for {config['_class_name']}, not FluxTransformer2DModel")
+    key_files = _key_files(root, DIFFUSERS_WEIGHTS, DIFFUSERS_INDEX)
     if not _is_diffusers(key_files):
         raise NotAFluxCheckpointError(f"{root}: tensors are not a FLUX transformer's (e.g. {sorted(key_files)[:5]})")
     return FluxCheckpoint(root, "diffusers", key_files, config)

@@ -1,10 +1,15 @@
 """flux_flax.pipeline end to end: the tiny JAX pipeline equals diffusers' FluxPipeline built from
-the same random weights (same initial latents, 2 steps), the text encoders equal diffusers'
-`encode_prompt`, and bad input gives clear errors."""
+the same random weights (same initial latents, 2 steps), the text encoders (JAX by default, or
+PyTorch) equal diffusers' `encode_prompt`, a JAX-backend run never imports torch, and bad input
+gives clear errors."""
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import flux_fixtures
 import jax.numpy as jnp
@@ -57,6 +62,17 @@ def ours(reference):
     )
 
 
+@pytest.fixture(scope="module")
+def ours_torch_text(reference, ours):
+    """The same pipeline with transformers' PyTorch text encoders (the transformer and VAE shared)."""
+    _, folder = reference
+    torch_text = FluxPipeline.from_pretrained(
+        folder, dtype=jnp.float32, text_backend="torch", text_dtype=torch.float32, max_sequence_length=T5_LENGTH,
+        progress=False,
+    ).text_encoders
+    return FluxPipeline(ours.transformer, ours.vae, torch_text, progress=False)
+
+
 def run_reference(pipe, latents, output_type: str) -> np.ndarray:
     with torch.no_grad():
         return pipe(
@@ -75,6 +91,50 @@ def test_prompt_embeddings_match_diffusers(reference, ours):
     np.testing.assert_allclose(embeds.prompt_embeds, ref_embeds.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(embeds.pooled_prompt_embeds, ref_pooled.numpy(), rtol=1e-5, atol=1e-5)
     assert np.abs(embeds.pooled_prompt_embeds[0] - embeds.pooled_prompt_embeds[1]).max() > 1e-2
+
+
+def test_text_backends_agree(ours, ours_torch_text):
+    """The whole tiny pipeline with the JAX text encoders equals the one with the PyTorch ones."""
+    from flux_flax.text import TextEncoders
+    from flux_flax.text_jax import JaxTextEncoders
+
+    assert isinstance(ours.text_encoders, JaxTextEncoders) and isinstance(ours_torch_text.text_encoders, TextEncoders)
+    jax_embeds, torch_embeds = ours.encode_prompts(PROMPTS), ours_torch_text.encode_prompts(PROMPTS)
+    # Bounds of test_text_encoders: T5 width 32, d_ff 64, 4 heads of 8, 2 layers; CLIP the same at 77 tokens.
+    t5_bound = flux_fixtures.float32_tolerance(*(32, 32, 8, T5_LENGTH, T5_LENGTH, 32, 32, 32, 64) * 2, 32)
+    clip_bound = flux_fixtures.float32_tolerance(*(64, 32, 8, 77, 77, 32, 64, 32, 64) * 2, 64)
+    assert flux_fixtures.relative_error(jax_embeds.prompt_embeds, torch_embeds.prompt_embeds) <= t5_bound
+    assert flux_fixtures.relative_error(jax_embeds.pooled_prompt_embeds, torch_embeds.pooled_prompt_embeds) <= clip_bound
+
+    latents = ours.prepare_latents([SETTINGS.seed, SETTINGS.seed + 1], SETTINGS.height, SETTINGS.width)
+    final = ours.denoise(latents, jax_embeds, SETTINGS)
+    final_torch_text = ours_torch_text.denoise(latents, torch_embeds, SETTINGS)
+    tokens = latents.shape[1] + T5_LENGTH
+    bound = SETTINGS.num_inference_steps * flux_fixtures.model_tolerance(ours.config, tokens)
+    assert flux_fixtures.relative_error(final, final_torch_text) <= bound
+    images, images_torch_text = ours(PROMPTS, SETTINGS), ours_torch_text(PROMPTS, SETTINGS)
+    assert np.abs(images.astype(int) - images_torch_text.astype(int)).max() <= 1
+
+
+def test_jax_text_backend_never_imports_torch(reference, tmp_path):
+    """`import flux_flax` and a whole `convrot-flux generate` run (default: JAX text encoders)
+    leave torch unimported."""
+    _, folder = reference
+    script = f"""
+import sys
+import flux_flax
+from flux_flax import cli
+code = cli.main(["generate", "--model", {str(folder)!r}, "--prompt", "a cat", "--size", "64x64", "--steps", "1",
+                 "--out", {str(tmp_path)!r}, "--max-sequence-length", "{T5_LENGTH}", "--no-compile-cache",
+                 "--dtype", "float32"])
+print("exit", code, "torch imported:", "torch" in sys.modules)
+"""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert "exit 0 torch imported: False" in result.stdout, result.stdout + result.stderr
+    assert len(list(tmp_path.glob("*.png"))) == 1
 
 
 def test_pipeline_matches_diffusers(reference, ours):
