@@ -76,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
     gen.add_argument("--batch", type=int, default=1, help="images sampled together")
     gen.add_argument("--out", default="outputs", help="output folder (existing PNGs are never overwritten)")
-    gen.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="transformer/VAE dtype")
+    gen.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                     help="dtype of the transformer, the VAE and the text encoders")
     gen.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: 512 for dev, 256 for schnell)")
     gen.add_argument("--text-backend", choices=("jax", "torch"), default="jax",
                      help="run the text encoders (CLIP, T5) in JAX, or in PyTorch through transformers")

@@ -3,5 +3,5 @@
 # FLUX pipeline, bf16 and ConvRot W4A4 (no downloads; PNGs in demo_out/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh torch  # the demo makes its tiny random text encoders with transformers in PyTorch
 exec .venv/bin/convrot-flux demo "$@"
