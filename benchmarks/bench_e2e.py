@@ -16,6 +16,9 @@ ratios to the baselines of the same run, peak GPU memory, weight bytes, compile 
 variant's step is also broken down per stage (rotate-quantize, W4A4 GEMM, attention, cuBLAS
 GEMMs, XLA fusions) from CUPTI's timings of every kernel of the compiled step. The JAX variants
 fuse the projections that read the same input (flux_flax.fuse_projections) unless --no-fuse.
+With --precompute-modulation the JAX step is the one `sampling.denoise` runs: its AdaLN modulation
+(`model.modulation`, once per generation there) is computed before the timed call and passed in,
+so the step has no modulation layer and no time/text embedding.
 
     PYTHONPATH=. python3 -m benchmarks.bench_e2e                     # every variant that imports
     PYTHONPATH=. python3 -m benchmarks.bench_e2e --variants jax_bf16 jax_w4a4_pallas --sizes 1024 --batches 1
@@ -176,6 +179,11 @@ def jax_worker(args, variant: str) -> list[dict]:
     def step(state, inputs):
         return nnx.merge(graphdef, state)(**inputs)
 
+    @jax.jit
+    def modulation(state, inputs):
+        return nnx.merge(graphdef, state).modulation(inputs["timestep"], inputs["pooled_projections"],
+                                                     inputs["guidance"])
+
     rows = []
     for size, batch in shapes(args.sizes, args.batches):
         s = image_tokens(size)
@@ -187,6 +195,8 @@ def jax_worker(args, variant: str) -> list[dict]:
             timestep=jnp.full((batch,), 0.5, jnp.bfloat16), img_ids=jnp.zeros((s, 3)), txt_ids=jnp.zeros((TEXT_TOKENS, 3)),
             guidance=jnp.full((batch,), 3.5, jnp.bfloat16),
         )
+        if args.precompute_modulation:
+            inputs["modulation"] = modulation(state, inputs)
         t0 = time.perf_counter()
         compiled = step.lower(state, inputs).compile()
         compile_s = time.perf_counter() - t0
@@ -197,7 +207,7 @@ def jax_worker(args, variant: str) -> list[dict]:
                               sync=lambda y: y.block_until_ready())
         row = dict(variant=variant, size=size, batch=batch, step_ms=med, compile_s=compile_s,
                    peak_gib=(weight_bytes + temp + out_bytes + sum(x.nbytes for x in jax.tree.leaves(inputs))) / GIB,
-                   weight_gib=weight_bytes / GIB, fused=args.fuse)
+                   weight_gib=weight_bytes / GIB, fused=args.fuse, precomputed_modulation=args.precompute_modulation)
         if args.breakdown and jax.default_backend() == "gpu":
             row["breakdown"] = step_breakdown(step, state, inputs)
         rows.append(row)
@@ -343,6 +353,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-breakdown", dest="breakdown", action="store_false")
     parser.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                         help="JAX: fuse the projections that share an input (flux_flax.fuse_projections)")
+    parser.add_argument("--precompute-modulation", action="store_true",
+                        help="JAX: time the step given its AdaLN modulation, as sampling.denoise runs it")
     parser.add_argument("--config", choices=["dev", "small", "tiny"], default="dev",
                         help="small / tiny: CPU smoke tests")
     parser.add_argument("--out", type=Path, default=harness.RESULTS)

@@ -134,6 +134,16 @@ def apply_rotary_emb(x: jax.Array, freqs_cis: tuple[jax.Array, jax.Array]) -> ja
 
 # ---------------------------------------------------------------------------------------------
 # AdaLN modulation (diffusers/models/normalization.py)
+#
+# Each module splits its forward in two: `modulation(emb)` is the vector linear(SiLU(emb)), which
+# depends only on the conditioning (time, guidance, pooled text: known before the denoising loop,
+# so it can be computed for every step at once), and `modulate(x, modulation)` applies it to x.
+# `__call__(x, emb)` is the two in turn, as diffusers' forward.
+
+
+def modulate(x: jax.Array, scale: jax.Array, shift: jax.Array) -> jax.Array:
+    """LayerNorm(x) * (1 + scale) + shift, with (B, dim) scale and shift broadcast over the tokens."""
+    return layer_norm(x) * (1 + scale[:, None]) + shift[:, None]
 
 
 class AdaLayerNormZero(nnx.Module):
@@ -142,11 +152,17 @@ class AdaLayerNormZero(nnx.Module):
     def __init__(self, embedding_dim: int, *, dtype: Dtype, rngs: nnx.Rngs):
         self.linear = linear(embedding_dim, 6 * embedding_dim, dtype=dtype, rngs=rngs)
 
+    def modulation(self, emb: jax.Array) -> jax.Array:
+        """(B, 6 dim): shift, scale, gate of the attention, then of the MLP."""
+        return self.linear(jax.nn.silu(emb))
+
+    @staticmethod
+    def modulate(x: jax.Array, modulation: jax.Array):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(modulation, 6, axis=1)
+        return modulate(x, scale_msa, shift_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp
+
     def __call__(self, x: jax.Array, emb: jax.Array):
-        emb = self.linear(jax.nn.silu(emb))
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(emb, 6, axis=1)
-        x = layer_norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
-        return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
+        return self.modulate(x, self.modulation(emb))
 
 
 class AdaLayerNormZeroSingle(nnx.Module):
@@ -155,10 +171,17 @@ class AdaLayerNormZeroSingle(nnx.Module):
     def __init__(self, embedding_dim: int, *, dtype: Dtype, rngs: nnx.Rngs):
         self.linear = linear(embedding_dim, 3 * embedding_dim, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, emb: jax.Array):
-        emb = self.linear(jax.nn.silu(emb))
-        shift_msa, scale_msa, gate_msa = jnp.split(emb, 3, axis=1)
-        return layer_norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None], gate_msa
+    def modulation(self, emb: jax.Array) -> jax.Array:
+        """(B, 3 dim): shift, scale, gate."""
+        return self.linear(jax.nn.silu(emb))
+
+    @staticmethod
+    def modulate(x: jax.Array, modulation: jax.Array) -> tuple[jax.Array, jax.Array]:
+        shift_msa, scale_msa, gate_msa = jnp.split(modulation, 3, axis=1)
+        return modulate(x, scale_msa, shift_msa), gate_msa
+
+    def __call__(self, x: jax.Array, emb: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self.modulate(x, self.modulation(emb))
 
 
 class AdaLayerNormContinuous(nnx.Module):
@@ -168,10 +191,18 @@ class AdaLayerNormContinuous(nnx.Module):
     def __init__(self, embedding_dim: int, conditioning_embedding_dim: int, *, dtype: Dtype, rngs: nnx.Rngs):
         self.linear = linear(conditioning_embedding_dim, 2 * embedding_dim, dtype=dtype, rngs=rngs)
 
+    def modulation(self, conditioning_embedding: jax.Array, dtype: Dtype | None = None) -> jax.Array:
+        """(B, 2 dim): scale, shift. `dtype` is that of the x it will modulate: as diffusers, SiLU's
+        output is cast to it (None: the embedding's own)."""
+        return self.linear(jax.nn.silu(conditioning_embedding).astype(dtype or conditioning_embedding.dtype))
+
+    @staticmethod
+    def modulate(x: jax.Array, modulation: jax.Array) -> jax.Array:
+        scale, shift = jnp.split(modulation, 2, axis=1)
+        return modulate(x, scale, shift)
+
     def __call__(self, x: jax.Array, conditioning_embedding: jax.Array) -> jax.Array:
-        emb = self.linear(jax.nn.silu(conditioning_embedding).astype(x.dtype))
-        scale, shift = jnp.split(emb, 2, axis=1)
-        return layer_norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
+        return self.modulate(x, self.modulation(conditioning_embedding, x.dtype))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from flux_flax.config import ROPE_THETA, FluxConfig
 from flux_flax.fusion import fuse_projections
@@ -23,11 +23,24 @@ from flux_flax.layers import (
     FeedForward,
     FluxAttention,
     FluxPosEmbed,
-    layer_norm,
     linear,
+    modulate,
 )
 
 RotaryEmb = tuple[jax.Array, jax.Array]
+
+
+@struct.dataclass
+class Modulation:
+    """Every AdaLN modulation vector of a transformer call: each norm's linear(SiLU(temb)), (B, k *
+    dim) per row of the batch, named after the model's attributes. It depends only on the timestep,
+    guidance and pooled text, so a sampler can compute it for all steps before its loop
+    (`FluxTransformer2DModel.modulation`) and pass one step's to `FluxTransformer2DModel.__call__`.
+    A pytree: `jax.tree.map` indexes or reshapes every vector at once."""
+
+    transformer_blocks: tuple[tuple[jax.Array, jax.Array], ...]  # (norm1, norm1_context), 6 dim each
+    single_transformer_blocks: tuple[jax.Array, ...]  # norm, 3 dim
+    norm_out: jax.Array  # 2 dim
 
 
 class FluxTransformerBlock(nnx.Module):
@@ -43,11 +56,23 @@ class FluxTransformerBlock(nnx.Module):
         self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
         self.ff_context = FeedForward(dim, dtype=dtype, rngs=rngs)
 
+    def modulation(self, temb: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The image and text streams' AdaLN vectors (norm1, norm1_context), (B, 6 dim) each."""
+        return self.norm1.modulation(temb), self.norm1_context.modulation(temb)
+
     def __call__(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array, temb: jax.Array,
                  image_rotary_emb: RotaryEmb) -> tuple[jax.Array, jax.Array]:
-        norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, temb)
-        norm_encoder_hidden_states, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(
-            encoder_hidden_states, temb
+        """diffusers' signature: the block's modulation of `temb`, then `forward`."""
+        return self.forward(hidden_states, encoder_hidden_states, self.modulation(temb), image_rotary_emb)
+
+    def forward(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array,
+                modulation: tuple[jax.Array, jax.Array], image_rotary_emb: RotaryEmb) -> tuple[jax.Array, jax.Array]:
+        """The block given its `modulation` (precomputed, or from `__call__`)."""
+        image_modulation, text_modulation = modulation
+        norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1.modulate(
+            hidden_states, image_modulation)
+        norm_encoder_hidden_states, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context.modulate(
+            encoder_hidden_states, text_modulation
         )
 
         attn_output, context_attn_output = self.attn(norm_hidden_states, norm_encoder_hidden_states,
@@ -55,12 +80,12 @@ class FluxTransformerBlock(nnx.Module):
 
         # Image stream: gated attention residual, then the modulated MLP (norm2 is a plain LayerNorm).
         hidden_states = hidden_states + gate_msa[:, None] * attn_output
-        norm_hidden_states = layer_norm(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        norm_hidden_states = modulate(hidden_states, scale_mlp, shift_mlp)
         hidden_states = hidden_states + gate_mlp[:, None] * self.ff(norm_hidden_states)
 
         # Text stream, the same with its own weights.
         encoder_hidden_states = encoder_hidden_states + c_gate_msa[:, None] * context_attn_output
-        norm_encoder_hidden_states = layer_norm(encoder_hidden_states) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+        norm_encoder_hidden_states = modulate(encoder_hidden_states, c_scale_mlp, c_shift_mlp)
         encoder_hidden_states = encoder_hidden_states + c_gate_mlp[:, None] * self.ff_context(norm_encoder_hidden_states)
         return encoder_hidden_states, hidden_states
 
@@ -83,13 +108,23 @@ class FluxSingleTransformerBlock(nnx.Module):
                                   attention_impl=attention_impl, dtype=dtype, rngs=rngs)
         self.to_qkv_mlp = nnx.data(None)
 
+    def modulation(self, temb: jax.Array) -> jax.Array:
+        """The block's AdaLN vector (norm), (B, 3 dim)."""
+        return self.norm.modulation(temb)
+
     def __call__(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array, temb: jax.Array,
                  image_rotary_emb: RotaryEmb) -> tuple[jax.Array, jax.Array]:
+        """diffusers' signature: the block's modulation of `temb`, then `forward`."""
+        return self.forward(hidden_states, encoder_hidden_states, self.modulation(temb), image_rotary_emb)
+
+    def forward(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array, modulation: jax.Array,
+                image_rotary_emb: RotaryEmb) -> tuple[jax.Array, jax.Array]:
+        """The block given its `modulation` (precomputed, or from `__call__`)."""
         text_seq_len = encoder_hidden_states.shape[1]
         hidden_states = jnp.concatenate([encoder_hidden_states, hidden_states], axis=1)
 
         residual = hidden_states
-        norm_hidden_states, gate = self.norm(hidden_states, temb)
+        norm_hidden_states, gate = self.norm.modulate(hidden_states, modulation)
         if self.to_qkv_mlp is None:
             mlp_hidden_states = self.proj_mlp(norm_hidden_states)
             attn_output = self.attn(norm_hidden_states, image_rotary_emb=image_rotary_emb)
@@ -137,35 +172,64 @@ class FluxTransformer2DModel(nnx.Module):
         out = config.patch_size * config.patch_size * config.resolved_out_channels
         self.proj_out = linear(dim, out, dtype=dtype, rngs=rngs)
 
+    def modulation(self, timestep: jax.Array, pooled_projections: jax.Array,
+                   guidance: jax.Array | None = None) -> Modulation:
+        """Every AdaLN modulation vector for N rows: pooled_projections (N, pooled_projection_dim);
+        timestep and guidance (N,) or scalars, in the units of `__call__`. Each row's vectors are
+        those `__call__` computes for a batch row with these inputs.
+
+        A sampler may stack all its steps' rows (M = steps x batch) into one call, so that each
+        modulation layer runs once per generation as one GEMM instead of once per step (with
+        W4A16 weights also unpacking its int4 weight once). Every op here is per row (elementwise,
+        or a GEMM row: a dot product over K of that row alone), so the rows are the per-step ones
+        up to the order in which the GEMM sums over K. XLA may pick that order per M: on a GPU
+        (another cuBLAS algorithm or split-K), and on XLA:CPU at large K too (measured at K =
+        3072: rows of M = 2 and M = 4 differ in the last bit). Where the order does not depend on
+        M, as on XLA:CPU at the tests' widths, the rows are bit for bit the per-step ones
+        (tests/test_modulation.py)."""
+        dtype = self.dtype
+        # As diffusers: the [0, 1] time is cast to the activation dtype, then scaled by 1000.
+        rows = jnp.broadcast_shapes(jnp.shape(timestep), pooled_projections.shape[:1],
+                                    () if guidance is None else jnp.shape(guidance))
+        timestep = jnp.broadcast_to(jnp.asarray(timestep), rows).astype(dtype) * 1000
+        if guidance is not None:
+            guidance = jnp.broadcast_to(jnp.asarray(guidance), rows).astype(dtype) * 1000
+        temb = self.time_text_embed(timestep, pooled_projections.astype(dtype), guidance)
+        return Modulation(
+            transformer_blocks=tuple(block.modulation(temb) for block in self.transformer_blocks),
+            single_transformer_blocks=tuple(block.modulation(temb) for block in self.single_transformer_blocks),
+            norm_out=self.norm_out.modulation(temb, dtype),
+        )
+
     def __call__(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array, pooled_projections: jax.Array,
                  timestep: jax.Array, img_ids: jax.Array, txt_ids: jax.Array,
-                 guidance: jax.Array | None = None) -> jax.Array:
+                 guidance: jax.Array | None = None, modulation: Modulation | None = None) -> jax.Array:
         """hidden_states (B, S_img, in_channels) packed latents; encoder_hidden_states (B, S_txt,
         joint_attention_dim) T5 states; pooled_projections (B, pooled_projection_dim) CLIP;
         timestep (B,) or scalar, in [0, 1]; img_ids (S_img, 3), txt_ids (S_txt, 3) RoPE positions;
         guidance (B,) or scalar guidance scale (models with `guidance_embeds` only).
-        Returns (B, S_img, patch² * out_channels) in the model dtype."""
+        `modulation`: this call's `self.modulation(timestep, pooled_projections, guidance)` when
+        precomputed (then those three inputs are not read, and the step runs no modulation
+        layer and no time/text embedding). Returns (B, S_img, patch² * out_channels) in the
+        model dtype."""
         dtype = self.dtype
+        if modulation is None:
+            modulation = self.modulation(timestep, pooled_projections, guidance)
         hidden_states = self.x_embedder(hidden_states.astype(dtype))
-
-        # As diffusers: the [0, 1] time is cast to the activation dtype, then scaled by 1000.
-        # A scalar time or guidance applies to the whole batch.
-        batch = (hidden_states.shape[0],)
-        timestep = jnp.broadcast_to(jnp.asarray(timestep), batch).astype(dtype) * 1000
-        if guidance is not None:
-            guidance = jnp.broadcast_to(jnp.asarray(guidance), batch).astype(dtype) * 1000
-        temb = self.time_text_embed(timestep, pooled_projections.astype(dtype), guidance)
         encoder_hidden_states = self.context_embedder(encoder_hidden_states.astype(dtype))
 
         ids = jnp.concatenate([txt_ids, img_ids], axis=0)
         image_rotary_emb = self.pos_embed(ids)
 
-        for block in self.transformer_blocks:
-            encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb, image_rotary_emb)
-        for block in self.single_transformer_blocks:
-            encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb, image_rotary_emb)
+        for block, block_modulation in zip(self.transformer_blocks, modulation.transformer_blocks, strict=True):
+            encoder_hidden_states, hidden_states = block.forward(
+                hidden_states, encoder_hidden_states, block_modulation, image_rotary_emb)
+        for block, block_modulation in zip(self.single_transformer_blocks, modulation.single_transformer_blocks,
+                                           strict=True):
+            encoder_hidden_states, hidden_states = block.forward(
+                hidden_states, encoder_hidden_states, block_modulation, image_rotary_emb)
 
-        hidden_states = self.norm_out(hidden_states, temb)
+        hidden_states = self.norm_out.modulate(hidden_states, modulation.norm_out)
         return self.proj_out(hidden_states)
 
     def fuse_qkv_projections(self) -> "FluxTransformer2DModel":
