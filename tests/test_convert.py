@@ -93,6 +93,7 @@ def assert_nothing_loadable(out: Path) -> None:
 # Round trips.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", ["tiny", "small"])
 def test_round_trip_bit_identical_to_in_memory_quantization(size, tiny_src, small_ref, tmp_path, capsys):
     config = getattr(FluxConfig, size)()

@@ -203,6 +203,7 @@ def flux_weight():
     return jax.random.normal(jax.random.PRNGKey(1), (512, 3072)) * 0.02  # K = 3072, FLUX hidden
 
 
+@pytest.mark.slow
 def test_convrot_beats_naive_on_channel_outliers(flux_weight):
     x = outlier_activations(jax.random.PRNGKey(2), 256, 3072, token_outliers=False)
     naive = _layer_sqnr(x, flux_weight, hadamard="none")

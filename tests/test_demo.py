@@ -27,6 +27,7 @@ def demo_run(tmp_path_factory):
     return cli.main(argv), out
 
 
+@pytest.mark.slow
 def test_demo_writes_valid_pngs_and_figures(demo_run, capsys):
     rc, out = demo_run
     assert rc == 0
@@ -46,6 +47,7 @@ def test_demo_writes_valid_pngs_and_figures(demo_run, capsys):
     assert 0 < diff.mean() < 64  # W4A4 changes the image, but only a little
 
 
+@pytest.mark.slow
 def test_demo_is_deterministic(demo_run):
     """A freshly built demo pipeline, sampled with the demo's seed, reproduces the demo's bf16 PNG;
     another seed gives another image."""

@@ -22,6 +22,7 @@ def random_layer(cls, seed: int, out_features: int, *, in_features: int = 256, b
     return cls.from_linear(weight, b, **kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale_group", [None, 64])
 @pytest.mark.parametrize("cls", [ConvDense4bit, Dense4bitWeightOnly])
 def test_concatenate_is_exact(cls, scale_group):
@@ -94,6 +95,7 @@ def small_bf16():
     return model, inputs
 
 
+@pytest.mark.slow
 def test_fused_w4a4_model_is_bit_exact(small_bf16):
     """W4A4 (XLA reference): the fused layers hold the very codes and scales of the separate ones,
     each token's activation is quantized once from the same input, the int32 GEMM is exact, and
@@ -118,6 +120,7 @@ def test_fused_w4a4_model_is_bit_exact(small_bf16):
     jax.tree.map(np.testing.assert_array_equal, nnx.state(fused_first), state)
 
 
+@pytest.mark.slow
 def test_mixed_types_stay_unfused(small_bf16):
     """A policy keeping proj_mlp and the text stream's q in bf16: those sets stay unfused, and the
     single block fuses just its q, k, v into attn.to_qkv. The output is unchanged."""

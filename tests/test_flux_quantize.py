@@ -60,6 +60,7 @@ def test_abstract_quantized_model():
     assert isinstance(model.norm_out.linear, Dense4bitWeightOnly)
 
 
+@pytest.mark.slow
 def test_w4a4_output_error_is_bounded():
     model = FluxTransformer2DModel(CONFIG, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     inputs = {k: jnp.asarray(v) for k, v in flux_fixtures.flux_inputs(CONFIG, height=8, width=12, text_len=32).items()}

@@ -85,6 +85,7 @@ def test_precomputed_modulation_matches_plain_forward(config_name, dtype_name):
     check_precomputed_forward(tiny_model(config_name, dtype_name))
 
 
+@pytest.mark.slow
 def test_precomputed_modulation_of_a_quantized_fused_model(quantized_small):
     assert type(quantized_small.transformer_blocks[0].norm1.linear).__name__ == "Dense4bitWeightOnly"
     check_precomputed_forward(quantized_small)
@@ -123,6 +124,7 @@ def check_bf16_denoise() -> None:
     check_denoise(quantized, 1, steps=2)
 
 
+@pytest.mark.slow
 def test_bf16_denoise_with_precomputed_modulation_is_bit_exact():
     """Tiny bf16 models (batch 1 and 2) and the quantized fused small one, in a process with XLA's
     `xla_allow_excess_precision` off. By default XLA:CPU may keep the bf16 values inside a fusion

@@ -116,6 +116,7 @@ def test_text_backends_agree(ours, ours_torch_text):
     assert np.abs(images.astype(int) - images_torch_text.astype(int)).max() <= 1
 
 
+@pytest.mark.slow
 def test_jax_text_backend_never_imports_torch(reference, tmp_path):
     """`import flux_flax` and a whole `convrot-flux generate` run (default: JAX text encoders)
     leave torch unimported."""
@@ -241,6 +242,7 @@ def w4a4_checkpoint(reference, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_generate_from_w4a4_checkpoint(reference, ours, w4a4_checkpoint, tmp_path, capsys):
     """`convrot-flux generate --checkpoint` writes PNGs; the W4A4 result stays near the float one."""
     from flux_flax import cli

@@ -50,6 +50,7 @@ def test_unscale_matches_flux_pipeline(tmp_path):
     np.testing.assert_allclose(np.asarray(vae.unscale(x)), x / 0.3611 + 0.1159, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_bf16_decoder_is_close_to_fp32(tmp_path):
     ref = save_random_vae(tmp_path, VAEConfig.tiny())
     vae = load_vae(tmp_path, dtype=jnp.bfloat16)
