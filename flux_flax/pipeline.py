@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
@@ -72,6 +74,19 @@ def require_finite(values: jax.Array, what: str, prompts: Sequence[str]) -> None
         )
 
 
+def data_mesh(devices: int) -> Mesh:
+    """A one-axis ("data") mesh over the first `devices` local devices; a ValueError names both
+    numbers when fewer exist."""
+    if devices < 1:
+        raise ValueError(f"devices must be at least 1, got {devices}")
+    local = jax.local_devices()
+    if devices > len(local):
+        raise ValueError(
+            f"asked for {devices} devices, but this machine has only {len(local)} local {local[0].platform} device(s)"
+        )
+    return Mesh(np.array(local[:devices]), ("data",))
+
+
 def to_uint8(images: jax.Array) -> np.ndarray:
     """[-1, 1] float images -> uint8, as diffusers' `VaeImageProcessor.postprocess`."""
     images = np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0, 1)
@@ -86,6 +101,13 @@ class FluxPipeline:
     (batch, size, steps); with `progress`, a tqdm bar follows the steps through a host callback
     (`jax.debug.callback`, under 1 ms a step; a jitted step in a Python loop costs about the same
     but dispatches every step, flattening the model's weights each time).
+
+    `devices` (None: 1, today's single-device run) > 1 samples data parallel over the first that
+    many local devices: the weights are replicated on each, the batch axis of the latents, prompt
+    embeddings, pooled embeddings and guidance is split over a one-axis ("data") mesh, and the same
+    jitted loop runs SPMD (XLA's sharding propagation; no hand-written communication). A batch
+    that does not divide by `devices` is padded by repeating its last item, and the padding is
+    dropped from the result. (`convrot-flux generate --devices` defaults to 1.)
     """
 
     def __init__(
@@ -96,12 +118,18 @@ class FluxPipeline:
         *,
         dynamic_shift: bool | None = None,
         progress: bool = True,
+        devices: int | None = None,
     ):
         self.config: FluxConfig = transformer.config
         check_components(self.config, vae, text_encoders)
         self.transformer, self.vae, self.text_encoders = transformer, vae, text_encoders
         self.dynamic_shift = self.config.guidance_embeds if dynamic_shift is None else dynamic_shift
         self.progress = progress
+        self.devices = 1 if devices is None else devices
+        self.mesh = data_mesh(self.devices)
+        if self.devices > 1:
+            for module in (transformer, vae):
+                nnx.update(module, jax.device_put(nnx.state(module), NamedSharding(self.mesh, P())))
         self._bar: tqdm | None = None
         # The graph definitions are static arguments, so a transformer quantized in place after
         # this point gets its own compilation rather than a stale structure.
@@ -123,6 +151,7 @@ class FluxPipeline:
         cache_dir: str | Path | None = None,
         fuse: bool = True,
         progress: bool = True,
+        devices: int | None = None,
     ) -> "FluxPipeline":
         """Loads a diffusers-format FLUX folder (tokenizer/, text_encoder/, tokenizer_2/,
         text_encoder_2/, vae/, and transformer/ unless `checkpoint`, a `convrot-convert` Orbax
@@ -132,7 +161,9 @@ class FluxPipeline:
 
         `text_backend` runs the text encoders in "jax" (the Flax ports; torch is never imported)
         or "torch" (transformers' models on `text_device`); `text_dtype` (a jnp or torch dtype or
-        its name, default bfloat16) is their weights' dtype."""
+        its name, default bfloat16) is their weights' dtype. `devices`: as the constructor's,
+        checked before anything loads."""
+        data_mesh(1 if devices is None else devices)
         if text_backend not in ("jax", "torch"):
             raise ValueError(f"text_backend must be 'jax' or 'torch', got {text_backend!r}")
         model_dir = user_path(model_dir)
@@ -151,7 +182,8 @@ class FluxPipeline:
         text_encoders = _load_text_encoders(model_dir, text_backend, max_sequence_length=max_sequence_length,
                                             dtype=text_dtype or "bfloat16", device=text_device, cache_dir=cache_dir)
         vae = load_vae(model_dir / "vae", dtype=dtype)
-        return cls(transformer, vae, text_encoders, dynamic_shift=_scheduler_shift(model_dir), progress=progress)
+        return cls(transformer, vae, text_encoders, dynamic_shift=_scheduler_shift(model_dir), progress=progress,
+                   devices=devices)
 
     # The compiled parts.
     def _denoise_loop(self, graphdef, state, latents, prompt_embeds, pooled, img_ids, txt_ids, sigmas, guidance):
@@ -162,6 +194,19 @@ class FluxPipeline:
     def _on_step(self, _) -> None:
         if self._bar is not None:
             self._bar.update(1)
+
+    def _split_batch(self, batch_arrays: tuple, shared: tuple) -> tuple[tuple, tuple]:
+        """With several devices: `batch_arrays` padded to a multiple of `devices` (the last item
+        repeated) and split on the "data" axis, `shared` replicated. Otherwise both as given."""
+        if self.devices == 1:
+            return batch_arrays, shared
+
+        def split(x: jax.Array) -> jax.Array:
+            pad = -x.shape[0] % self.devices
+            x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x
+            return jax.device_put(x, NamedSharding(self.mesh, P("data")))
+
+        return jax.tree.map(split, batch_arrays), jax.device_put(shared, NamedSharding(self.mesh, P()))
 
     # The steps of a generation, usable one by one.
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
@@ -187,24 +232,30 @@ class FluxPipeline:
             jnp.full((batch,), settings.guidance_scale, jnp.float32) if self.config.guidance_embeds else None
         )
         dtype = self.transformer.dtype
-        args = (
-            jnp.asarray(latents, jnp.float32),
-            jnp.asarray(embeds.prompt_embeds, dtype),
-            jnp.asarray(embeds.pooled_prompt_embeds, dtype),
-            jnp.asarray(sampling.latent_image_ids(settings.height, settings.width)),
-            jnp.asarray(sampling.text_ids(embeds.prompt_embeds.shape[1])),
-            jnp.asarray(sigmas),
-            guidance,
+        (latents, prompt_embeds, pooled, guidance), (img_ids, txt_ids, sigmas) = self._split_batch(
+            (
+                jnp.asarray(latents, jnp.float32),
+                jnp.asarray(embeds.prompt_embeds, dtype),
+                jnp.asarray(embeds.pooled_prompt_embeds, dtype),
+                guidance,
+            ),
+            (
+                jnp.asarray(sampling.latent_image_ids(settings.height, settings.width)),
+                jnp.asarray(sampling.text_ids(embeds.prompt_embeds.shape[1])),
+                jnp.asarray(sigmas),
+            ),
         )
         with tqdm(total=settings.num_inference_steps, desc="denoising", disable=not self.progress) as self._bar:
-            out = self._denoise(*nnx.split(self.transformer), *args)
+            out = self._denoise(*nnx.split(self.transformer), latents, prompt_embeds, pooled, img_ids, txt_ids,
+                                sigmas, guidance)
             out.block_until_ready()
         self._bar = None
-        return out
+        return out[:batch]
 
     def decode(self, latents: jax.Array, height: int, width: int) -> jax.Array:
         """Packed latents -> (B, height, width, 3) images in about [-1, 1], in the VAE's dtype."""
-        return self._decode(*nnx.split(self.vae), latents, height=height, width=width)
+        (padded,), _ = self._split_batch((latents,), ())
+        return self._decode(*nnx.split(self.vae), padded, height=height, width=width)[: latents.shape[0]]
 
     def __call__(
         self, prompts: Sequence[str], settings: GenerationSettings = GenerationSettings(), *, latents: jax.Array | None = None
@@ -248,7 +299,8 @@ class FluxPipeline:
             images = self(chunk + [chunk[-1]] * (batch_size - len(chunk)), settings, latents=latents)
             for k, prompt in enumerate(chunk):
                 name = image_filename(start + k, prompt, seeds[k])
-                paths.append(save_png(images[k], Path(out_dir) / name, prompt, seeds[k], settings, **(metadata or {})))
+                paths.append(save_png(images[k], Path(out_dir) / name, prompt, seeds[k], settings,
+                                      devices=str(self.devices), **(metadata or {})))
         return paths
 
 
