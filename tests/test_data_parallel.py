@@ -1,0 +1,103 @@
+"""Data parallel sampling (`FluxPipeline(devices=N)`, `convrot-flux generate --devices N`) on 4
+CPU devices forced by XLA_FLAGS, in subprocesses so that the other tests keep one device."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import flux_fixtures
+from flux_flax.config import FluxConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, T5_LENGTH, HEIGHT, WIDTH = 2, 8, 32, 48
+TOKENS = T5_LENGTH + (HEIGHT // 16) * (WIDTH // 16)
+
+# Denoises batches of 4 and 3 with the tiny FLUX on 1, 2 and 4 devices and decodes the
+# single-device latents on each: prints {"devices,batch": [latents, uint8 images]} as JSON; then
+# writes 3 PNGs on 4 devices into the folder argv[1].
+SAMPLER = f"""
+import json
+import sys
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+from flax import nnx
+from flux_flax.config import FluxConfig
+from flux_flax.demo_assets import tiny_text_encoders
+from flux_flax.pipeline import FluxPipeline, to_uint8
+from flux_flax.settings import GenerationSettings
+from flux_flax.text import PromptEmbeds
+from flux_flax.transformer import FluxTransformer2DModel
+from flux_flax.vae import AutoencoderKLDecoder, VAEConfig
+
+config = FluxConfig.tiny()
+text = tiny_text_encoders(config.pooled_projection_dim, config.joint_attention_dim, max_sequence_length={T5_LENGTH})
+settings = GenerationSettings(height={HEIGHT}, width={WIDTH}, num_inference_steps={STEPS}, seed=0)
+rng = np.random.default_rng(0)
+embeds = PromptEmbeds(rng.standard_normal((4, {T5_LENGTH}, config.joint_attention_dim), np.float32),
+                      rng.standard_normal((4, config.pooled_projection_dim), np.float32))
+results, single = {{}}, {{}}
+for devices in (1, 2, 4):
+    rngs = nnx.Rngs(0)
+    transformer = FluxTransformer2DModel(config, dtype=jnp.float32, rngs=rngs)
+    vae = AutoencoderKLDecoder(VAEConfig.tiny(latent_channels=config.in_channels // 4), dtype=jnp.float32, rngs=rngs)
+    pipe = FluxPipeline(transformer, vae, text, progress=False, devices=devices)
+    latents = pipe.prepare_latents(range(4), settings.height, settings.width)
+    for batch in ((4, 3) if devices < 4 else (4,)):
+        part = PromptEmbeds(embeds.prompt_embeds[:batch], embeds.pooled_prompt_embeds[:batch])
+        out = pipe.denoise(latents[:batch], part, settings)
+        single.setdefault(batch, out)
+        images = to_uint8(pipe.decode(single[batch], settings.height, settings.width))
+        results[f"{{devices}},{{batch}}"] = [np.asarray(out).tolist(), images.tolist()]
+pipe.generate_pngs(["one", "two", "three"], settings, sys.argv[1], batch_size=4)
+print(json.dumps(results))
+"""
+
+
+def run_with_4_devices(args: list[str]) -> subprocess.CompletedProcess:
+    flags = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=4"])
+    env = {**os.environ, "XLA_FLAGS": flags.strip(), "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.slow
+def test_data_parallel_equals_one_device(tmp_path):
+    run = run_with_4_devices(["-c", SAMPLER, str(tmp_path)])
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = {key: [np.asarray(latents, np.float32), np.asarray(images, np.uint8)]
+               for key, (latents, images) in json.loads(run.stdout.splitlines()[-1]).items()}
+    # Not bit for bit: XLA:CPU picks its GEMM blocking by the GEMM's shape (M = batch x tokens), so
+    # a shard of 2 sums in another order than a batch of 4 (about 1e-6 apart measured). Each step
+    # adds at most one forward's float32 rounding bound (the step size is at most 1).
+    tolerance = STEPS * flux_fixtures.model_tolerance(FluxConfig.tiny(), TOKENS)
+    for key in ("2,4", "4,4", "2,3"):  # 3 on 2 devices: padded to 4, the padding dropped
+        devices, batch = key.split(",")
+        reference, (latents, images) = results[f"1,{batch}"], results[key]
+        assert latents.shape == reference[0].shape and images.shape == reference[1].shape
+        assert flux_fixtures.relative_error(latents, reference[0]) <= tolerance, key
+        assert np.abs(images.astype(int) - reference[1]).max() <= 1, key
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert [p.name[:4] for p in pngs] == ["0000", "0001", "0002"]
+    with Image.open(pngs[2]) as png:
+        assert json.loads(png.text["parameters"])["devices"] == "4" and png.text["prompt"] == "three"
+
+
+def test_devices_below_one_is_a_usage_error(tmp_path):
+    run = run_with_4_devices(["-m", "flux_flax.cli", "generate", "--model", str(tmp_path), "--prompt", "x",
+                              "--devices", "0", "--out", str(tmp_path / "out"), "--no-compile-cache"])
+    assert run.returncode == 2 and "--devices must be at least 1, got 0" in run.stderr
+
+
+def test_more_devices_than_exist_is_a_clear_error(tmp_path):
+    # Checked before the model loads: the empty folder is never read.
+    run = run_with_4_devices(["-m", "flux_flax.cli", "generate", "--model", str(tmp_path), "--prompt", "x",
+                              "--devices", "9", "--out", str(tmp_path / "out"), "--no-compile-cache"])
+    assert run.returncode == 1, run.stderr
+    assert "asked for 9 devices, but this machine has only 4 local cpu device(s)" in run.stderr.splitlines()[-1]
