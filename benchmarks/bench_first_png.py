@@ -14,7 +14,6 @@ is not CLIP-L/T5-XXL's). Each `generate` runs in its own process, as a user runs
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -31,31 +30,6 @@ DEV_SCHEDULER = {
 }
 
 
-def random_w4a4_transformer(config):
-    """A random FLUX transformer built block by block on the default device, each block quantized as
-    soon as it exists (flux_default_policy), so the bf16 model never sits in memory whole."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from flux_flax.quantize import quantize_model
-    from flux_flax.transformer import FluxSingleTransformerBlock, FluxTransformer2DModel, FluxTransformerBlock
-
-    shell = dataclasses.replace(config, num_layers=0, num_single_layers=0)
-    model = nnx.jit(lambda: FluxTransformer2DModel(shell, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))()
-    model.config = config
-    dims = (config.inner_dim, config.num_attention_heads, config.attention_head_dim)
-    double = nnx.jit(lambda key: FluxTransformerBlock(*dims, dtype=jnp.bfloat16, rngs=nnx.Rngs(key)))
-    single = nnx.jit(lambda key: FluxSingleTransformerBlock(*dims, dtype=jnp.bfloat16, rngs=nnx.Rngs(key)))
-    for i in range(config.num_layers):
-        model.transformer_blocks.append(double(jax.random.key(1000 + i)))
-        quantize_model(model)
-    for i in range(config.num_single_layers):
-        model.single_transformer_blocks.append(single(jax.random.key(2000 + i)))
-        quantize_model(model)
-    return quantize_model(model)  # the embedders and norm_out
-
-
 def make_model_folder(root: Path, config, *, t5_length: int) -> tuple[Path, Path]:
     """(diffusers-format folder without transformer weights, W4A4 checkpoint) under `root`."""
     import jax.numpy as jnp
@@ -64,6 +38,7 @@ def make_model_folder(root: Path, config, *, t5_length: int) -> tuple[Path, Path
     from flux_flax.checkpoint import save_checkpoint
     from flux_flax.demo_assets import save_text_parts, tiny_text_encoders
     from flux_flax.policy import flux_default_policy
+    from flux_flax.random_weights import random_transformer
     from flux_flax.vae import AutoencoderKLDecoder, VAEConfig, save_vae
 
     folder = root / "FLUX-random"
@@ -79,7 +54,7 @@ def make_model_folder(root: Path, config, *, t5_length: int) -> tuple[Path, Path
 
     quantization = {"group_size": 256, "hadamard": "regular", "scale_group": None,
                     "policy": flux_default_policy().to_dict()}
-    checkpoint = save_checkpoint(random_w4a4_transformer(config), root / "flux-random-w4a4",
+    checkpoint = save_checkpoint(random_transformer(config, dtype=jnp.bfloat16, quantize="auto"), root / "flux-random-w4a4",
                                  quantization=quantization, source={"layout": "random (bench_first_png)"})
     return folder, checkpoint
 

@@ -112,7 +112,7 @@ def run(prog: str, parser: argparse.ArgumentParser, args: argparse.Namespace, va
     143, each with one line saying `interrupted`."""
     try:
         request = validate(args)
-    except (UsageError, ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # UsageError and the settings' own checks are ValueErrors
         parser.print_usage(sys.stderr)
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE

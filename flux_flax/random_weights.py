@@ -1,6 +1,7 @@
-"""Write a random-weight FLUX transformer folder in diffusers layout (bf16 safetensors, sharded as on
-the Hub when asked), quickly and in bounded memory: for tests, demos and benchmarks (no model hub
-is needed to exercise the converter at FLUX.1-dev size).
+"""Random-weight FLUX transformers for tests, demos and benchmarks (no model hub is needed to
+exercise the converter or the pipeline at FLUX.1-dev size): a folder in diffusers layout (bf16
+safetensors, sharded as on the Hub when asked), written quickly and in bounded memory; or a model
+built on the device block by block (`random_transformer`), quantized as it grows.
 
 safetensors' own writers (`save_file`) take every tensor in memory at once and the float RNGs run
 at well under 1 GB/s; a FLUX.1-dev-size file is 23.8 GB. So the tensors are streamed into the file
@@ -18,9 +19,16 @@ import struct
 from collections.abc import Mapping
 from pathlib import Path
 
+import dataclasses
+
+import jax
 import numpy as np
+from flax import nnx
 
 from flux_flax.config import FluxConfig
+from flux_flax.layers import Dtype
+from flux_flax.quantize import quantize_model
+from flux_flax.transformer import FluxSingleTransformerBlock, FluxTransformer2DModel, FluxTransformerBlock
 
 POOL_ELEMENTS = 1 << 25  # 64 MiB of bf16
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -93,3 +101,26 @@ def write_random_diffusers_dir(
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2))
     return files
+
+
+def random_transformer(config: FluxConfig, *, dtype: Dtype, quantize: str | None = None) -> FluxTransformer2DModel:
+    """A random FLUX transformer built block by block on the default device (block i of each kind
+    seeded by its index, so every call holds the same weights). With `quantize` (the W4A4
+    implementation: "auto", "xla", "pallas"), every layer `flux_default_policy()` marks is
+    quantized as soon as its block exists, so the float model never sits in memory whole, as when
+    a converted checkpoint is loaded. Unfused (what checkpoints hold)."""
+    shell = dataclasses.replace(config, num_layers=0, num_single_layers=0)
+    model = nnx.jit(lambda: FluxTransformer2DModel(shell, dtype=dtype, rngs=nnx.Rngs(0)))()
+    model.config = config
+    dims = (config.inner_dim, config.num_attention_heads, config.attention_head_dim)
+    make_double = nnx.jit(lambda key: FluxTransformerBlock(*dims, dtype=dtype, rngs=nnx.Rngs(key)))
+    make_single = nnx.jit(lambda key: FluxSingleTransformerBlock(*dims, dtype=dtype, rngs=nnx.Rngs(key)))
+    blocks = [(model.transformer_blocks, make_double, 1000 + i) for i in range(config.num_layers)]
+    blocks += [(model.single_transformer_blocks, make_single, 2000 + i) for i in range(config.num_single_layers)]
+    if quantize:
+        quantize_model(model, implementation=quantize)  # the embedders and norm_out
+    for blocks_list, make, seed in blocks:
+        blocks_list.append(make(jax.random.key(seed)))
+        if quantize:
+            quantize_model(model, implementation=quantize)  # only the new block's float layers are left
+    return model

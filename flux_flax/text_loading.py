@@ -104,22 +104,23 @@ def read_config(folder: Path) -> dict:
         raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
+def _load(folder: str | Path, config_class, model_class, file_key: Callable[[str], str | None], dtype: Dtype):
+    """A text model from a transformers folder (config.json + model.safetensors, or shards + index),
+    built abstractly and filled one tensor at a time."""
+    folder = Path(folder)
+    config = config_class.from_dict(read_config(folder))
+    model = nnx.eval_shape(lambda: model_class(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    with open_weight_files(folder, WEIGHTS, INDEX) as files:
+        load_weights(model, files, file_key)
+    return model
+
+
 def load_clip(folder: str | Path, *, dtype: Dtype = jnp.bfloat16) -> CLIPTextModel:
     """CLIP text model from a transformers folder (config.json + model.safetensors or shards + index)."""
-    folder = Path(folder)
-    config = CLIPTextConfig.from_dict(read_config(folder))
-    model = nnx.eval_shape(lambda: CLIPTextModel(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    with open_weight_files(folder, WEIGHTS, INDEX) as files:
-        load_weights(model, files, _clip_file_key)
-    return model
+    return _load(folder, CLIPTextConfig, CLIPTextModel, _clip_file_key, dtype)
 
 
 def load_t5(folder: str | Path, *, dtype: Dtype = jnp.bfloat16) -> T5EncoderModel:
     """T5 encoder from a transformers folder (config.json + model.safetensors or shards + index).
     In bf16/fp16 the FFN output projections stay float32, as transformers keeps them."""
-    folder = Path(folder)
-    config = T5Config.from_dict(read_config(folder))
-    model = nnx.eval_shape(lambda: T5EncoderModel(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    with open_weight_files(folder, WEIGHTS, INDEX) as files:
-        load_weights(model, files, _t5_file_key)
-    return model
+    return _load(folder, T5Config, T5EncoderModel, _t5_file_key, dtype)

@@ -22,7 +22,6 @@ each W4A4 variant's final latents against bf16's. A one-off check kept as a tool
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import statistics
@@ -33,34 +32,6 @@ from pathlib import Path
 from benchmarks import harness
 
 GIB = 2**30
-
-
-def build_transformer(config, *, quantize: str | None, dtype):
-    """Random FLUX transformer built block by block on the device (seed = block index), each
-    block quantized right away when `quantize` (the W4A4 implementation: "auto", "xla",
-    "pallas"); then the shared-input projections are fused."""
-    import jax
-    from flax import nnx
-
-    from flux_flax.fusion import fuse_projections
-    from flux_flax.quantize import quantize_model
-    from flux_flax.transformer import FluxSingleTransformerBlock, FluxTransformer2DModel, FluxTransformerBlock
-
-    shell = dataclasses.replace(config, num_layers=0, num_single_layers=0)
-    model = nnx.jit(lambda: FluxTransformer2DModel(shell, dtype=dtype, rngs=nnx.Rngs(0)))()
-    model.config = config
-    dims = (config.inner_dim, config.num_attention_heads, config.attention_head_dim)
-    make_double = nnx.jit(lambda key: FluxTransformerBlock(*dims, dtype=dtype, rngs=nnx.Rngs(key)))
-    make_single = nnx.jit(lambda key: FluxSingleTransformerBlock(*dims, dtype=dtype, rngs=nnx.Rngs(key)))
-    for i in range(config.num_layers):
-        model.transformer_blocks.append(make_double(jax.random.key(1000 + i)))
-        if quantize:
-            quantize_model(model, implementation=quantize)  # only the new block's float layers are left
-    for i in range(config.num_single_layers):
-        model.single_transformer_blocks.append(make_single(jax.random.key(2000 + i)))
-        if quantize:
-            quantize_model(model, implementation=quantize)
-    return fuse_projections(model)  # as FluxPipeline.from_pretrained does
 
 
 VARIANTS = {"bf16": None, "w4a4-xla": "xla", "w4a4-auto": "auto"}  # name -> W4A4 implementation
@@ -76,7 +47,9 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     from flux_flax.config import FluxConfig
     from flux_flax.demo import weight_bytes
     from flux_flax.demo_assets import tiny_text_encoders
+    from flux_flax.fusion import fuse_projections
     from flux_flax.pipeline import FluxPipeline, GenerationSettings
+    from flux_flax.random_weights import random_transformer
     from flux_flax.vae import AutoencoderKLDecoder, VAEConfig
 
     device = jax.devices()[0]
@@ -84,7 +57,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     config = FluxConfig.dev() if dev else FluxConfig.small()
     t0 = time.perf_counter()
     implementation = VARIANTS[variant]
-    transformer = build_transformer(config, quantize=implementation, dtype=jnp.bfloat16)
+    transformer = fuse_projections(random_transformer(config, dtype=jnp.bfloat16, quantize=implementation))
     jax.block_until_ready(nnx.state(transformer))
     build_s = time.perf_counter() - t0
     vae_config = VAEConfig() if dev else VAEConfig.tiny()
