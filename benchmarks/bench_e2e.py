@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import harness
+from benchmarks import harness, hlo_sources
 from benchmarks.harness import Variant
 
 NAME = "e2e"
@@ -239,7 +239,9 @@ def stage_of(kernel_name: str) -> str:
 
 def step_breakdown(step, state, inputs) -> dict:
     """Device time of one step per stage (ms), from CUPTI's per-kernel timings of every kernel of
-    the step, plus the kernels' sum and the ten longest kernel names (to check the classification).
+    the step, plus the kernels' sum, the launches per stage, the XLA fusions' time per source line
+    of the model (`benchmarks.hlo_sources`) and the ten longest kernel names (to check the
+    classification).
     CUPTI does not see kernels replayed from CUDA graphs, so the step is compiled once more with
     XLA's command buffers off for this measurement; the step time itself is the graph-on one."""
     from jax.experimental.mosaic.gpu import profiler
@@ -256,8 +258,15 @@ def step_breakdown(step, state, inputs) -> dict:
         stage = stage_of(name)
         stages[stage] = stages.get(stage, 0.0) + ms
     top = sorted(per_name.items(), key=lambda kv: -kv[1])[:10]
+    launches: dict[str, int] = {}
+    for name, _ in timings:
+        launches[stage_of(name)] = launches.get(stage_of(name), 0) + 1
+    xla = [(name, ms) for name, ms in timings if stage_of(name) == "xla_fusions"]
+    by_source = hlo_sources.time_by_source(xla, hlo_sources.instruction_sources(compiled.as_text()))
     return {"stages_ms": {k: round(v, 2) for k, v in sorted(stages.items())},
             "kernels_ms": round(sum(stages.values()), 2), "kernel_launches": len(timings),
+            "launches_per_stage": dict(sorted(launches.items())),
+            "xla_fusions_by_source": [(where, round(ms, 3), n) for where, (ms, n) in by_source.items()],
             "top_kernels": [(n[:80], round(v, 2)) for n, v in top]}
 
 
@@ -313,11 +322,20 @@ def markdown(rows: list[dict]) -> list[str]:
         lines += ["", "Per-stage device time of one step (ms; CUPTI, every kernel of the compiled step; "
                   "`gaps` = step time minus the kernels' sum):", ""]
         lines += harness.md_table(
-            ["variant", "size", "batch", *names, "gaps"],
+            ["variant", "size", "batch", *names, "gaps", "launches"],
             [[r["variant"], f"{r['size']}²", r["batch"],
               *(f"{r['breakdown']['stages_ms'].get(n, 0.0):.1f}" for n in names),
-              f"{r['step_ms'] - r['breakdown']['kernels_ms']:.1f}"] for r in with_breakdown],
-            [False] + [True] * (len(names) + 3))
+              f"{r['step_ms'] - r['breakdown']['kernels_ms']:.1f}", r["breakdown"]["kernel_launches"]]
+             for r in with_breakdown],
+            [False] + [True] * (len(names) + 4))
+        for r in with_breakdown:
+            sources = r["breakdown"].get("xla_fusions_by_source")
+            if sources:
+                lines += ["", f"XLA fusions of {r['variant']} at {_shape(r)} by the model source line they come "
+                          f"from (the {min(len(sources), 15)} longest of {len(sources)}):", ""]
+                lines += harness.md_table(["source", "ms", "launches"],
+                                          [[f"`{where}`", f"{ms:.2f}", n] for where, ms, n in sources[:15]],
+                                          [False, True, True])
     lines.append("\nJAX peak GiB: weights + XLA's temporary buffers + inputs/outputs of the compiled step "
                  "(`compiled.memory_analysis()`); PyTorch: `torch.cuda.max_memory_allocated()`.")
     return lines
