@@ -9,6 +9,8 @@ no two frameworks sharing the GPU):
   jax_bf16         flux_flax, bf16 (attention: cuDNN)
   jax_w4a4_xla     flux_flax + ConvRot W4A4 (flux default policy), XLA reference ops
   jax_w4a4_pallas  the same with the Pallas kernels
+  jax_w4a4_pallas_graphs  the same with custom calls (the Pallas kernels) captured in XLA's CUDA
+                   graphs too (XLA_FLAGS --xla_gpu_enable_command_buffer=...,CUSTOM_CALL)
 A step is one transformer forward (FLUX.1-dev config; random weights made on the GPU, or real
 ones with --model DIR) at each size and batch, with 512 T5 tokens: median of --iters timed runs
 after warm-up (host clock around a synchronised call). Reported per variant and shape: step ms,
@@ -33,6 +35,7 @@ Writes benchmarks/results/e2e.{md,json} and e2e.png. Where one command may not r
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,6 +49,10 @@ TEXT_TOKENS = 512
 GIB = 2**30
 _TORCH = ("torch", "diffusers")
 _JAX = ("jax", "flax")
+# XLA captures fusions and library calls into CUDA graphs (command buffers) by default; adding
+# custom calls lets the Mosaic GPU kernels join them, so a step launches a few graphs instead of
+# breaking the graph at every Pallas kernel.
+_GRAPH_CUSTOM_CALLS = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"
 VARIANTS = harness.registry(
     Variant("torch_eager", "diffusers bf16, eager", _TORCH, group="torch", options={"runner": "torch"}),
     Variant("torch_compile", "diffusers bf16, torch.compile", _TORCH, group="torch",
@@ -55,6 +62,8 @@ VARIANTS = harness.registry(
     Variant("jax_bf16", "flux_flax bf16", _JAX, options={"runner": "jax", "impl": None}),
     Variant("jax_w4a4_xla", "flux_flax W4A4, XLA reference ops", _JAX, options={"runner": "jax", "impl": "xla"}),
     Variant("jax_w4a4_pallas", "flux_flax W4A4, Pallas kernels", _JAX, options={"runner": "jax", "impl": "pallas"}),
+    Variant("jax_w4a4_pallas_graphs", "flux_flax W4A4, Pallas kernels, custom calls in CUDA graphs", _JAX,
+            options={"runner": "jax", "impl": "pallas", "xla_flags": _GRAPH_CUSTOM_CALLS}),
 )
 # Ratio columns of the table, and the README's baseline (the first present in the same run).
 BASELINES = ("torch_eager", "torch_compile", "torch_fp8", "jax_bf16")
@@ -389,13 +398,15 @@ def main(argv: list[str] | None = None) -> None:
         rows, meta = harness.merge_runs(args.merge)
         write(rows, args.out, meta, command="python -m " + MODULE + " " + " ".join(argv))
         return
-    rows = []
+    rows, meta = [], harness.run_meta(probe=True)
     for group, names in harness.process_groups(VARIANTS, args.variants).items():
+        flags = VARIANTS[names[0]].options.get("xla_flags")
+        env = {"XLA_FLAGS": " ".join(filter(None, (os.environ.get("XLA_FLAGS"), flags)))} if flags else None
         got = harness.run_isolated(harness.worker_command(MODULE, group, argv), timeout=args.variant_timeout,
-                                   label=group)
+                                   label=group, env=env)
         rows += harness.error_rows(names, got["error"]) if isinstance(got, dict) else got
-    write(rows, args.out, harness.run_meta(probe=True),
-          command="python -m " + MODULE + " " + " ".join(argv))
+        # After every group, so that a run stopped from outside keeps the groups it finished.
+        write(rows, args.out, meta, command="python -m " + MODULE + " " + " ".join(argv))
 
 
 def work(args, group: str) -> list[dict]:
