@@ -1,0 +1,324 @@
+"""W4A16 GEMM on Hopper (sm_90): bf16 activations x packed int4 weights -> bf16, weight-only int4.
+
+    y (M, N) = x (M, K) . (unpack(w_packed) (N, K) * s_w)^T (+ bias)
+
+For FLUX's AdaLN modulation (M = a few rows) and T5's linears. At small M the layer is memory
+bound on the weight, so the kernel reads the packed weight (K/2 bytes a row, a quarter of bf16's)
+and its scales straight from HBM and converts them in registers; no bf16 copy of the weight is
+ever written.
+
+Structure (Pallas Mosaic GPU, warp-specialised, after jax's `hopper_mixed_type_matmul_mgpu.py`):
+  * a memory warpgroup streams the activation tile (tile_m, tile_k) bf16 and the packed weight
+    tile (2 * tile_n, tile_k / 2) uint8 into a `max_concurrent_steps`-deep stage ring by TMA;
+  * two compute warpgroups each own tile_n weight rows: they convert their packed rows to bf16 in
+    registers (`pallas_kernels.int4_unpack`, target "bf16_wgmma_k32") and issue
+    `wgmma(acc (tile_n, tile_m), w_bf16, x_smem.T)`: the weights are wgmma's A operand (its M
+    side is 64 rows), the tokens its N side, which can be as narrow as 8, so a handful of tokens
+    costs no padded tensor-core work. The unpack hands wgmma its K axis permuted within every 32
+    columns (`permute_k32`); the wrapper permutes x's columns alike (an XLA op that fuses with
+    whatever makes x), which leaves the product unchanged and saves two warp shuffles per 8
+    weights. Each step waits for its wgmma (A lives in registers the next unpack reuses); the two
+    compute warpgroups overlap each other.
+  * scales: per output channel, applied in float32 to the accumulator in the epilogue (with the
+    bias); per group (`scale_group` g, tile_k = g), each step's partial product goes to a fresh
+    accumulator and is added into a float32 sum times the group's scales (cheap: the accumulator
+    is tile_n x tile_m, a few registers a thread at small M).
+  * output: each warpgroup stores its (tile_n, tile_m) tile straight from registers into a
+    (N, M) array, which the wrapper transposes (at small M, a few KiB; XLA fuses the transpose
+    into the consumer).
+  * schedule (`pallas_kernels.tile_schedule`): a persistent grid of one program per SM; the last,
+    partial wave of tiles is split along K over the SMs it would leave idle, those pieces write
+    float32 partial sums to a workspace that XLA adds, scales and scatters into place.
+
+Accuracy: the weights enter the tensor cores as their exact int4 codes and the scales multiply the
+float32 accumulator, so the kernel is at least as accurate as the XLA reference
+(`convrot_jax.linear.int4_weight_only_linear`, which rounds code * scale to bf16 first).
+
+M need not be a multiple of tile_m: the wrapper pads the activation rows. N must be a multiple
+of 2 * tile_n and K of tile_k; the FLUX and T5 shapes are. `interpret=True` runs the kernel on the
+CPU (Mosaic GPU interpret mode); there the unpack uses jnp ops and wgmma's A operand is staged
+through shared memory (interpret mode's wgmma takes no register operand), so the GPU tests are the
+ones that check the register routines.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.int4_unpack import permute_k32, swizzle_transforms, unpack_tile
+from pallas_kernels.tile_schedule import TileSchedule, tile_coords, tile_schedule
+from pallas_kernels.w4a16_matmul_config import W4A16MatmulConfig, config_for
+
+
+class _Plan(NamedTuple):
+    """The kernel's static choices for one call."""
+
+    config: W4A16MatmulConfig
+    schedule: TileSchedule
+    tiles: tuple[int, int]  # (m tiles, n tiles) of 2 * tile_n rows
+    k_steps: int
+    grouped: bool  # per-group scales: every step is one scale group (tile_k == scale_group)
+    interpret: bool
+
+    @property
+    def acc_shape(self) -> tuple[int, int]:
+        return (self.config.tile_n, self.config.tile_m)
+
+
+class _Refs(NamedTuple):
+    x: object  # bf16 (M, K) activations, K permuted by `permute_k32`, gmem
+    w: object  # uint8 (N, K / 2) packed weights, gmem
+    sw: object  # float32 (N,), or (K / g, N) per group, gmem
+    bias: object | None  # float32 (N,) gmem
+    out: object  # (N, M) gmem
+    ws: object | None  # float32 split-tile workspace (splits, tail tiles, 2, tile_n, tile_m), gmem
+    a_smem: object | None  # bf16 (2, tile_n, tile_k) wgmma A staging, smem (interpret mode only)
+
+
+def _pipeline(plan: _Plan, body, compute_context, steps: int):
+    cfg = plan.config
+    tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
+    return plgpu.emit_pipeline_warp_specialized(
+        body,
+        grid=(steps,),
+        memory_registers=40,
+        in_specs=[
+            plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=swizzle_transforms(tk, 2)),
+            plgpu.BlockSpec((2 * tn, tk // 2), lambda kk: (0, kk), transforms=swizzle_transforms(tk // 2)),
+        ],
+        wg_axis="wg",
+        num_compute_wgs=2,
+        max_concurrent_steps=cfg.max_concurrent_steps,
+        compute_context=compute_context,
+    )
+
+
+def _mma(plan: _Plan, refs: _Refs, wg: jax.Array, acc_ref, x_smem, w_smem) -> None:
+    """Converts this warpgroup's weight rows of the step to bf16 and issues the step's wgmma."""
+    tn = plan.config.tile_n
+    with jax.named_scope("unpack"):
+        a = unpack_tile(w_smem.at[pl.ds(wg * tn, tn)], "bf16_wgmma_k32", interpret=plan.interpret)
+    if plan.interpret:
+        refs.a_smem[wg] = a
+        plgpu.commit_smem()
+        a = refs.a_smem.at[wg]
+    plgpu.wgmma(acc_ref, a, x_smem.T)
+
+
+def _finish(plan: _Plan, refs: _Refs, wg: jax.Array, lin: jax.Array, rows, m0, acc: jax.Array, piece) -> None:
+    """A warpgroup's float32 (tile_n, tile_m) sum: into the workspace (a K piece of a split tile),
+    or scaled, biased and cast into the output."""
+    if piece is not None:
+        refs.ws.at[piece, lin - plan.schedule.first_tail, wg][...] = acc
+        return
+    shape = plan.acc_shape
+
+    def along_n(ref):
+        return lax.broadcast_in_dim(plgpu.load(ref.at[rows], optimized=False), shape, (0,))
+
+    with jax.named_scope("epilogue"):
+        if not plan.grouped:
+            acc = acc * along_n(refs.sw)
+        if refs.bias is not None:
+            acc = acc + along_n(refs.bias)
+        refs.out.at[rows, pl.ds(m0, plan.config.tile_m)][...] = acc.astype(refs.out.dtype)
+
+
+def _run_tile(plan: _Plan, refs: _Refs, allocs, wg: jax.Array, lin: jax.Array, piece=None) -> None:
+    """Output tile `lin`, or K piece `piece` of it into the workspace, as one pipeline."""
+    cfg = plan.config
+    tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
+    mi, ni = tile_coords(lin, plan.tiles, "n", 1)
+    m0, n0 = mi * tm, ni * (2 * tn)
+    rows = pl.ds(n0 + wg * tn, tn)
+    steps = plan.k_steps if piece is None else plan.k_steps // plan.schedule.splits
+    step0 = 0 if piece is None else piece * steps
+
+    if not plan.grouped:
+        def body(_, x_smem, w_smem, acc_ref):
+            with jax.named_scope("mainloop"):
+                _mma(plan, refs, wg, acc_ref, x_smem, w_smem)
+                plgpu.wgmma_wait(0)  # A's registers are reused by the next step's unpack
+            return acc_ref
+
+        def compute_context(eval_pipeline):
+            @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(plan.acc_shape, jnp.float32))
+            def _acc_scope(acc_ref):
+                eval_pipeline(acc_ref)
+                _finish(plan, refs, wg, lin, rows, m0, acc_ref[...], piece)
+
+    else:
+        def body(idxs, x_smem, w_smem, total):
+            (kk,) = idxs
+            with jax.named_scope("mainloop"):
+
+                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(plan.acc_shape, jnp.float32))
+                def part(acc_ref):
+                    _mma(plan, refs, wg, acc_ref, x_smem, w_smem)
+                    return acc_ref[...]
+
+                sw = plgpu.load(refs.sw.at[step0 + kk, rows], optimized=False)
+                return total + part * lax.broadcast_in_dim(sw, plan.acc_shape, (0,))
+
+        def compute_context(eval_pipeline):
+            _finish(plan, refs, wg, lin, rows, m0, eval_pipeline(jnp.zeros(plan.acc_shape, jnp.float32)), piece)
+
+    codes = pl.ds(0 if piece is None else pl.multiple_of(step0 * tk, steps * tk), steps * tk)
+    packed = pl.ds(0 if piece is None else pl.multiple_of(step0 * tk // 2, steps * tk // 2), steps * tk // 2)
+    _pipeline(plan, body, compute_context, steps)(
+        refs.x.at[pl.ds(m0, tm), codes], refs.w.at[pl.ds(n0, 2 * tn), packed], allocations=allocs)
+
+
+def _run_program(plan: _Plan, refs: _Refs, allocs) -> None:
+    """This program's tiles (`TileSchedule`): its full rounds, then its tail unit, if any."""
+    wg = lax.axis_index("wg")
+    program = lax.axis_index("sm")
+    schedule = plan.schedule
+    if schedule.full_rounds:
+        @pl.loop(0, schedule.full_rounds)
+        def _round(r):
+            _run_tile(plan, refs, allocs, wg, program + r * schedule.programs)
+
+    if schedule.units:
+        @pl.when(program < schedule.units)
+        def _tail():
+            tile = schedule.first_tail + program % schedule.tail_tiles
+            piece = program // schedule.tail_tiles if schedule.splits > 1 else None
+            _run_tile(plan, refs, allocs, wg, tile, piece)
+
+
+def _kernel(x_gmem, w_gmem, sw_gmem, bias_gmem, out_gmem, ws_gmem, *, plan: _Plan) -> None:
+    cfg = plan.config
+    ignore = lambda *_, **__: None  # allocations do not depend on the bodies
+
+    @functools.partial(
+        pl.run_scoped,
+        pipeline_allocs=_pipeline(plan, ignore, ignore, plan.k_steps).get_allocations(x_gmem, w_gmem),
+        a_smem=plgpu.SMEM((2, cfg.tile_n, cfg.tile_k), jnp.bfloat16, transforms=swizzle_transforms(cfg.tile_k, 2))
+        if plan.interpret else None,
+        collective_axes="wg",
+    )
+    def _scope(pipeline_allocs, a_smem):
+        _run_program(plan, _Refs(x_gmem, w_gmem, sw_gmem, bias_gmem, out_gmem, ws_gmem, a_smem), pipeline_allocs)
+
+
+def _check_operands(x, w_packed, w_scales, bias, scale_group) -> None:
+    """Raises ValueError naming the operand and shape at fault."""
+    if x.ndim != 2 or w_packed.ndim != 2 or x.shape[1] != 2 * w_packed.shape[1]:
+        raise ValueError(f"x (M, K) {x.shape} and w_packed (N, K/2) {w_packed.shape} do not match")
+    if x.dtype != jnp.bfloat16 or w_packed.dtype != jnp.uint8:
+        raise ValueError(f"need bfloat16 x and uint8 w_packed, got {x.dtype} and {w_packed.dtype}")
+    k, n = x.shape[1], w_packed.shape[0]
+    if scale_group is None:
+        if w_scales.shape != (n,):
+            raise ValueError(f"w_scales {w_scales.shape} must be (N,) = ({n},) without scale_group")
+    else:
+        if k % scale_group or w_scales.shape != (n, k // scale_group):
+            raise ValueError(f"w_scales {w_scales.shape} must be (N, K / scale_group) = ({n}, {k}/{scale_group})")
+        if scale_group % 64:
+            raise ValueError(f"the W4A16 kernel needs scale_group a multiple of 64, got {scale_group}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias {bias.shape} must be (N,) = ({n},)")
+
+
+def _sm_count(interpret: bool) -> int:
+    """Persistent grid: at most one program per SM. Interpret mode takes 4, so that the CPU tests
+    also exercise several tiles per program and the split tail."""
+    return 4 if interpret else jax.devices()[0].core_count
+
+
+def _add_split_tiles(y, ws, w_scales, bias, *, config: W4A16MatmulConfig, schedule: TileSchedule,
+                     tiles: tuple[int, int], grouped: bool) -> jax.Array:
+    """Finishes the tail tiles that the kernel computed as K pieces: adds the pieces' float32
+    partial sums, scales (per channel) and biases them as the epilogue does, and writes them into
+    y (N, M) with one scatter."""
+    tm, cta_n = config.tile_m, 2 * config.tile_n
+    acc = ws.sum(0).reshape(schedule.tail_tiles, cta_n, tm)
+    lin = schedule.first_tail + jnp.arange(schedule.tail_tiles, dtype=jnp.int32)
+    mi, ni = jax.vmap(lambda i: tile_coords(i, tiles, "n", 1))(lin)
+    if not grouped:
+        acc = acc * w_scales.reshape(-1, cta_n)[ni][:, :, None]
+    if bias is not None:
+        acc = acc + bias.reshape(-1, cta_n)[ni][:, :, None]
+    starts = jnp.stack([ni * cta_n, mi * tm], axis=1)
+    dnums = lax.ScatterDimensionNumbers(update_window_dims=(1, 2), inserted_window_dims=(),
+                                        scatter_dims_to_operand_dims=(0, 1))
+    return lax.scatter(y, starts, acc.astype(y.dtype), dnums, indices_are_sorted=False, unique_indices=True,
+                       mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
+# Jitted with the settings static: every call at the same shapes shares one traced kernel.
+@functools.partial(jax.jit, static_argnames=("scale_group", "out_dtype", "config", "interpret"))
+def w4a16_matmul(
+    x: jax.Array,
+    w_packed: jax.Array,
+    w_scales: jax.Array,
+    bias: jax.Array | None = None,
+    *,
+    scale_group: int | None = None,
+    out_dtype: jnp.dtype = jnp.bfloat16,
+    config: W4A16MatmulConfig | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """(M, N) = x . (unpack(w_packed) * w_scales)^T (+ bias), float32 accumulation.
+
+    x: bfloat16 (M, K) (for ConvRot, already rotated); w_packed: uint8 (N, K/2), low nibble =
+    even k; w_scales: float32 (N,), or (N, K / scale_group) with `scale_group` (a multiple of 64);
+    bias: (N,) or None. config: default `config_for(M, N, K, scale_group)`. interpret: Mosaic GPU
+    interpret mode (CPU tests).
+    """
+    _check_operands(x, w_packed, w_scales, bias, scale_group)
+    m, k = x.shape
+    n = w_packed.shape[0]
+    if m == 0:
+        return jnp.zeros((0, n), out_dtype)
+    cfg = config or config_for(m, n, k, scale_group)
+    if scale_group is not None and cfg.tile_k != scale_group:
+        raise ValueError(f"per-group scales need tile_k == scale_group ({scale_group}), got {cfg}")
+    if n % (2 * cfg.tile_n) or k % cfg.tile_k:
+        raise ValueError(f"N={n} must be a multiple of {2 * cfg.tile_n} and K={k} of {cfg.tile_k} for {cfg}")
+
+    m_pad = -(-m // cfg.tile_m) * cfg.tile_m
+    x = permute_k32(x)
+    if m_pad != m:
+        x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
+    # Per-group scales go in as (K / g, N) so that a group's row of N scales is contiguous.
+    sw = w_scales.astype(jnp.float32) if scale_group is None else w_scales.astype(jnp.float32).T
+    b = None if bias is None else bias.astype(jnp.float32)
+
+    tiles = (m_pad // cfg.tile_m, n // (2 * cfg.tile_n))
+    schedule = tile_schedule(math.prod(tiles), k // cfg.tile_k, _sm_count(interpret), 1, cfg.split_tail)
+    plan = _Plan(cfg, schedule, tiles, k // cfg.tile_k, scale_group is not None, interpret)
+    out_types = [jax.ShapeDtypeStruct((n, m_pad), out_dtype)]
+    if schedule.splits > 1:
+        out_types.append(jax.ShapeDtypeStruct((schedule.splits, schedule.tail_tiles, 2, *plan.acc_shape),
+                                              jnp.float32))
+    operands = [x, w_packed, sw] + ([] if b is None else [b])
+
+    def kernel(x_ref, w_ref, sw_ref, *rest):
+        bias_ref, (out_ref, *ws_ref) = (rest[0], rest[1:]) if b is not None else (None, rest)
+        _kernel(x_ref, w_ref, sw_ref, bias_ref, out_ref, ws_ref[0] if ws_ref else None, plan=plan)
+
+    f = plgpu.kernel(
+        kernel,
+        out_type=tuple(out_types),
+        grid=(schedule.programs,),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )
+    y, *ws = f(*operands)
+    if ws:
+        y = _add_split_tiles(y, ws[0], sw, b, config=cfg, schedule=schedule, tiles=tiles,
+                             grouped=scale_group is not None)
+    return y.T[:m]
