@@ -169,14 +169,19 @@ def work_sweep(args) -> list[dict]:
     import jax
 
     from pallas_kernels.w4a16_matmul import w4a16_matmul
-    from pallas_kernels.w4a16_matmul_config import W4A16MatmulConfig, config_for
+    from pallas_kernels.w4a16_matmul_config import config_for
+
+    def variants(m, n, k, **changes):
+        return [dataclasses.replace(config_for(m, n, k), **c) for c in changes.values()]
 
     sweep = {  # (m, k, n) -> configs besides the default
-        (1, 3072, 18432): [W4A16MatmulConfig(8, 64, 128, 8), W4A16MatmulConfig(8, 64, 512, 4),
-                           W4A16MatmulConfig(8, 128, 256, 4), W4A16MatmulConfig(8, 64, 256, 8, split_tail=False)],
-        (64, 3072, 9216): [W4A16MatmulConfig(64, 64, 128, 8), W4A16MatmulConfig(32, 64, 256, 6)],
-        (512, 4096, 10240): [W4A16MatmulConfig(128, 128, 64, 4), W4A16MatmulConfig(256, 64, 64, 4),
-                             W4A16MatmulConfig(64, 64, 256, 4)],
+        (1, 3072, 18432): variants(1, 18432, 3072, a=dict(schedule="tail_split"), b=dict(tile_k=128),
+                                   c=dict(tile_k=512, max_concurrent_steps=5), d=dict(max_concurrent_steps=4)),
+        (28, 3072, 9216): variants(28, 9216, 3072, a=dict(schedule="tail_split"), b=dict(tile_k=128)),
+        (64, 3072, 6144): variants(64, 6144, 3072, a=dict(schedule="tail_split"), b=dict(tile_k=128, max_concurrent_steps=6)),
+        (512, 4096, 10240): variants(512, 10240, 4096, a=dict(schedule="tail_split"),
+                                     b=dict(tile_m=64, tile_k=256, max_concurrent_steps=4),
+                                     c=dict(tile_k=64, max_concurrent_steps=6)),
     }
     rows = []
     for (m, k, n), configs in sweep.items():

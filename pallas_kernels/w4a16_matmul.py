@@ -19,16 +19,23 @@ Structure (Pallas Mosaic GPU, warp-specialised, after jax's `hopper_mixed_type_m
     whatever makes x), which leaves the product unchanged and saves two warp shuffles per 8
     weights. Each step waits for its wgmma (A lives in registers the next unpack reuses); the two
     compute warpgroups overlap each other.
-  * scales: per output channel, applied in float32 to the accumulator in the epilogue (with the
-    bias); per group (`scale_group` g, tile_k = g), each step's partial product goes to a fresh
-    accumulator and is added into a float32 sum times the group's scales (cheap: the accumulator
-    is tile_n x tile_m, a few registers a thread at small M).
+  * scales: per output channel, applied in float32 to the sum in the epilogue (with the bias);
+    per group (`scale_group` g, tile_k = g), each step's product is multiplied by its group's
+    scales before it is added.
   * output: each warpgroup stores its (tile_n, tile_m) tile straight from registers into a
     (N, M) array, which the wrapper transposes (at small M, a few KiB; XLA fuses the transpose
     into the consumer).
-  * schedule (`pallas_kernels.tile_schedule`): a persistent grid of one program per SM; the last,
-    partial wave of tiles is split along K over the SMs it would leave idle, those pieces write
-    float32 partial sums to a workspace that XLA adds, scales and scatters into place.
+  * schedule (`W4A16MatmulConfig.schedule`), a persistent grid of one program per SM:
+    - "stream_k" (default): the (output tile, K step) pairs, tile after tile, are cut into equal
+      runs, one per program, each run one pipeline. A program sums each tile's steps; a tile it
+      holds whole goes through the epilogue, a tile shared with the neighbouring runs goes to a
+      float32 workspace slot, and XLA adds those slots (static lists) and finishes them. Every SM
+      streams the same number of weight bytes whatever the tile count, which at small M (where
+      N / 128 tiles may be 48 or 72 for 132 SMs) is what sets the time.
+    - "tail_split": whole tiles, with the last, partial wave split along K over the SMs it would
+      leave idle (`pallas_kernels.tile_schedule`, as the W4A4 GEMM).
+  Every step's product goes to a fresh accumulator (the per-group scales need that anyway, and at
+  small M it is a few registers) and is added to a float32 sum carried by the pipeline.
 
 Accuracy: the weights enter the tensor cores as their exact int4 codes and the scales multiply the
 float32 accumulator, so the kernel is at least as accurate as the XLA reference
@@ -51,6 +58,7 @@ import jax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from pallas_kernels.int4_unpack import permute_k32, swizzle_transforms, unpack_tile
@@ -62,15 +70,21 @@ class _Plan(NamedTuple):
     """The kernel's static choices for one call."""
 
     config: W4A16MatmulConfig
-    schedule: TileSchedule
     tiles: tuple[int, int]  # (m tiles, n tiles) of 2 * tile_n rows
     k_steps: int
+    programs: int
     grouped: bool  # per-group scales: every step is one scale group (tile_k == scale_group)
     interpret: bool
+    tail: TileSchedule | None  # the tail_split schedule
+    run: int  # stream_k: the (tile, K step) pairs each program runs
 
     @property
     def acc_shape(self) -> tuple[int, int]:
         return (self.config.tile_n, self.config.tile_m)
+
+    @property
+    def total_steps(self) -> int:
+        return math.prod(self.tiles) * self.k_steps
 
 
 class _Refs(NamedTuple):
@@ -79,11 +93,12 @@ class _Refs(NamedTuple):
     sw: object  # float32 (N,), or (K / g, N) per group, gmem
     bias: object | None  # float32 (N,) gmem
     out: object  # (N, M) gmem
-    ws: object | None  # float32 split-tile workspace (splits, tail tiles, 2, tile_n, tile_m), gmem
+    ws: object | None  # float32 partial sums, gmem: (programs, 2, 2, tile_n, tile_m) stream_k,
+    # (splits, tail tiles, 2, tile_n, tile_m) tail_split
     a_smem: object | None  # bf16 (2, tile_n, tile_k) wgmma A staging, smem (interpret mode only)
 
 
-def _pipeline(plan: _Plan, body, compute_context, steps: int):
+def _pipeline(plan: _Plan, body, compute_context, steps: int, x_map=lambda kk: (0, kk), w_map=lambda kk: (0, kk)):
     cfg = plan.config
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
     return plgpu.emit_pipeline_warp_specialized(
@@ -91,8 +106,8 @@ def _pipeline(plan: _Plan, body, compute_context, steps: int):
         grid=(steps,),
         memory_registers=40,
         in_specs=[
-            plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=swizzle_transforms(tk, 2)),
-            plgpu.BlockSpec((2 * tn, tk // 2), lambda kk: (0, kk), transforms=swizzle_transforms(tk // 2)),
+            plgpu.BlockSpec((tm, tk), x_map, transforms=swizzle_transforms(tk, 2)),
+            plgpu.BlockSpec((2 * tn, tk // 2), w_map, transforms=swizzle_transforms(tk // 2)),
         ],
         wg_axis="wg",
         num_compute_wgs=2,
@@ -101,8 +116,10 @@ def _pipeline(plan: _Plan, body, compute_context, steps: int):
     )
 
 
-def _mma(plan: _Plan, refs: _Refs, wg: jax.Array, acc_ref, x_smem, w_smem) -> None:
-    """Converts this warpgroup's weight rows of the step to bf16 and issues the step's wgmma."""
+def _step_product(plan: _Plan, refs: _Refs, wg: jax.Array, x_smem, w_smem, rows, group) -> jax.Array:
+    """This warpgroup's float32 (tile_n, tile_m) product of the step: its weight rows converted to
+    bf16 in registers, one wgmma into a fresh accumulator (waited for: A's registers are reused by
+    the next step's unpack), times the step's group scales with per-group scales."""
     tn = plan.config.tile_n
     with jax.named_scope("unpack"):
         a = unpack_tile(w_smem.at[pl.ds(wg * tn, tn)], "bf16_wgmma_k32", interpret=plan.interpret)
@@ -110,15 +127,20 @@ def _mma(plan: _Plan, refs: _Refs, wg: jax.Array, acc_ref, x_smem, w_smem) -> No
         refs.a_smem[wg] = a
         plgpu.commit_smem()
         a = refs.a_smem.at[wg]
-    plgpu.wgmma(acc_ref, a, x_smem.T)
+
+    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(plan.acc_shape, jnp.float32))
+    def part(acc_ref):
+        plgpu.wgmma(acc_ref, a, x_smem.T)
+        return acc_ref[...]
+
+    if plan.grouped:
+        sw = plgpu.load(refs.sw.at[group, rows], optimized=False)
+        part = part * lax.broadcast_in_dim(sw, plan.acc_shape, (0,))
+    return part
 
 
-def _finish(plan: _Plan, refs: _Refs, wg: jax.Array, lin: jax.Array, rows, m0, acc: jax.Array, piece) -> None:
-    """A warpgroup's float32 (tile_n, tile_m) sum: into the workspace (a K piece of a split tile),
-    or scaled, biased and cast into the output."""
-    if piece is not None:
-        refs.ws.at[piece, lin - plan.schedule.first_tail, wg][...] = acc
-        return
+def _epilogue(plan: _Plan, refs: _Refs, rows, m0, acc: jax.Array) -> None:
+    """A finished float32 (tile_n, tile_m) sum: scaled (per channel), biased, cast, stored."""
     shape = plan.acc_shape
 
     def along_n(ref):
@@ -132,44 +154,87 @@ def _finish(plan: _Plan, refs: _Refs, wg: jax.Array, lin: jax.Array, rows, m0, a
         refs.out.at[rows, pl.ds(m0, plan.config.tile_m)][...] = acc.astype(refs.out.dtype)
 
 
+def _stream_tile(plan: _Plan, g: jax.Array):
+    """(m tile, n tile, K step) of the g-th (tile, K step) pair: tiles in n-major, m-minor order
+    (the m tiles of one weight block run back to back, so its second read finds it in L2)."""
+    t, kk = g // plan.k_steps, g % plan.k_steps
+    return t % plan.tiles[0], t // plan.tiles[0], kk
+
+
+def _run_stream(plan: _Plan, refs: _Refs, allocs) -> None:
+    """stream_k: program p runs pairs [p R, (p + 1) R) of the (tile, K step) sequence as one
+    pipeline (R = `plan.run`), summing each tile's steps; a tile it holds whole goes through the
+    epilogue, a tile shared with its neighbours goes to its workspace slot (1: the tile began in
+    this run, 0: before it) for `_add_stream_partials`."""
+    cfg = plan.config
+    tm, tn = cfg.tile_m, cfg.tile_n
+    wg = lax.axis_index("wg")
+    program = lax.axis_index("sm")
+    g0 = program * plan.run
+
+    def clamped(s):  # the last program's run may pass the end: it reloads the last pair, unused
+        return _stream_tile(plan, jnp.minimum(g0 + s, plan.total_steps - 1))
+
+    def x_map(s):
+        mi, _, kk = clamped(s)
+        return mi, kk
+
+    def w_map(s):
+        _, ni, kk = clamped(s)
+        return ni, kk
+
+    def body(idxs, x_smem, w_smem, acc):
+        (s,) = idxs
+        g = g0 + s
+        mi, ni, kk = _stream_tile(plan, g)
+        rows = pl.ds(ni * (2 * tn) + wg * tn, tn)
+        with jax.named_scope("mainloop"):
+            acc = acc + _step_product(plan, refs, wg, x_smem, w_smem, rows, kk)
+        tile_end = kk == plan.k_steps - 1
+        run_end = s == plan.run - 1
+        began_here = g - kk >= g0
+
+        @pl.when(jnp.logical_and(jnp.logical_or(tile_end, run_end), g < plan.total_steps))
+        def _emit():
+            whole = jnp.logical_and(began_here, tile_end)
+
+            @pl.when(whole)
+            def _finished():
+                _epilogue(plan, refs, rows, mi * tm, acc)
+
+            @pl.when(jnp.logical_not(whole))
+            def _shared():
+                refs.ws.at[program, began_here.astype(jnp.int32), wg][...] = acc
+
+        return acc * jnp.where(jnp.logical_or(tile_end, run_end), 0.0, 1.0).astype(jnp.float32)
+
+    def compute_context(eval_pipeline):
+        eval_pipeline(jnp.zeros(plan.acc_shape, jnp.float32))
+
+    _pipeline(plan, body, compute_context, plan.run, x_map, w_map)(refs.x, refs.w, allocations=allocs)
+
+
 def _run_tile(plan: _Plan, refs: _Refs, allocs, wg: jax.Array, lin: jax.Array, piece=None) -> None:
-    """Output tile `lin`, or K piece `piece` of it into the workspace, as one pipeline."""
+    """tail_split: output tile `lin`, or K piece `piece` of it into the workspace, as one pipeline."""
     cfg = plan.config
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
     mi, ni = tile_coords(lin, plan.tiles, "n", 1)
     m0, n0 = mi * tm, ni * (2 * tn)
     rows = pl.ds(n0 + wg * tn, tn)
-    steps = plan.k_steps if piece is None else plan.k_steps // plan.schedule.splits
+    steps = plan.k_steps if piece is None else plan.k_steps // plan.tail.splits
     step0 = 0 if piece is None else piece * steps
 
-    if not plan.grouped:
-        def body(_, x_smem, w_smem, acc_ref):
-            with jax.named_scope("mainloop"):
-                _mma(plan, refs, wg, acc_ref, x_smem, w_smem)
-                plgpu.wgmma_wait(0)  # A's registers are reused by the next step's unpack
-            return acc_ref
+    def body(idxs, x_smem, w_smem, acc):
+        (kk,) = idxs
+        with jax.named_scope("mainloop"):
+            return acc + _step_product(plan, refs, wg, x_smem, w_smem, rows, step0 + kk)
 
-        def compute_context(eval_pipeline):
-            @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(plan.acc_shape, jnp.float32))
-            def _acc_scope(acc_ref):
-                eval_pipeline(acc_ref)
-                _finish(plan, refs, wg, lin, rows, m0, acc_ref[...], piece)
-
-    else:
-        def body(idxs, x_smem, w_smem, total):
-            (kk,) = idxs
-            with jax.named_scope("mainloop"):
-
-                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(plan.acc_shape, jnp.float32))
-                def part(acc_ref):
-                    _mma(plan, refs, wg, acc_ref, x_smem, w_smem)
-                    return acc_ref[...]
-
-                sw = plgpu.load(refs.sw.at[step0 + kk, rows], optimized=False)
-                return total + part * lax.broadcast_in_dim(sw, plan.acc_shape, (0,))
-
-        def compute_context(eval_pipeline):
-            _finish(plan, refs, wg, lin, rows, m0, eval_pipeline(jnp.zeros(plan.acc_shape, jnp.float32)), piece)
+    def compute_context(eval_pipeline):
+        acc = eval_pipeline(jnp.zeros(plan.acc_shape, jnp.float32))
+        if piece is None:
+            _epilogue(plan, refs, rows, m0, acc)
+        else:
+            refs.ws.at[piece, lin - plan.tail.first_tail, wg][...] = acc
 
     codes = pl.ds(0 if piece is None else pl.multiple_of(step0 * tk, steps * tk), steps * tk)
     packed = pl.ds(0 if piece is None else pl.multiple_of(step0 * tk // 2, steps * tk // 2), steps * tk // 2)
@@ -177,11 +242,11 @@ def _run_tile(plan: _Plan, refs: _Refs, allocs, wg: jax.Array, lin: jax.Array, p
         refs.x.at[pl.ds(m0, tm), codes], refs.w.at[pl.ds(n0, 2 * tn), packed], allocations=allocs)
 
 
-def _run_program(plan: _Plan, refs: _Refs, allocs) -> None:
-    """This program's tiles (`TileSchedule`): its full rounds, then its tail unit, if any."""
+def _run_tail_split(plan: _Plan, refs: _Refs, allocs) -> None:
+    """tail_split: this program's whole tiles (`TileSchedule` full rounds), then its tail unit."""
     wg = lax.axis_index("wg")
     program = lax.axis_index("sm")
-    schedule = plan.schedule
+    schedule = plan.tail
     if schedule.full_rounds:
         @pl.loop(0, schedule.full_rounds)
         def _round(r):
@@ -198,16 +263,18 @@ def _run_program(plan: _Plan, refs: _Refs, allocs) -> None:
 def _kernel(x_gmem, w_gmem, sw_gmem, bias_gmem, out_gmem, ws_gmem, *, plan: _Plan) -> None:
     cfg = plan.config
     ignore = lambda *_, **__: None  # allocations do not depend on the bodies
+    steps = plan.run if plan.tail is None else plan.k_steps
 
     @functools.partial(
         pl.run_scoped,
-        pipeline_allocs=_pipeline(plan, ignore, ignore, plan.k_steps).get_allocations(x_gmem, w_gmem),
+        pipeline_allocs=_pipeline(plan, ignore, ignore, steps).get_allocations(x_gmem, w_gmem),
         a_smem=plgpu.SMEM((2, cfg.tile_n, cfg.tile_k), jnp.bfloat16, transforms=swizzle_transforms(cfg.tile_k, 2))
         if plan.interpret else None,
         collective_axes="wg",
     )
     def _scope(pipeline_allocs, a_smem):
-        _run_program(plan, _Refs(x_gmem, w_gmem, sw_gmem, bias_gmem, out_gmem, ws_gmem, a_smem), pipeline_allocs)
+        refs = _Refs(x_gmem, w_gmem, sw_gmem, bias_gmem, out_gmem, ws_gmem, a_smem)
+        (_run_stream if plan.tail is None else _run_tail_split)(plan, refs, pipeline_allocs)
 
 
 def _check_operands(x, w_packed, w_scales, bias, scale_group) -> None:
@@ -235,15 +302,10 @@ def _sm_count(interpret: bool) -> int:
     return 4 if interpret else jax.devices()[0].core_count
 
 
-def _add_split_tiles(y, ws, w_scales, bias, *, config: W4A16MatmulConfig, schedule: TileSchedule,
-                     tiles: tuple[int, int], grouped: bool) -> jax.Array:
-    """Finishes the tail tiles that the kernel computed as K pieces: adds the pieces' float32
-    partial sums, scales (per channel) and biases them as the epilogue does, and writes them into
-    y (N, M) with one scatter."""
+def _finish_tiles(y, acc, mi, ni, w_scales, bias, config: W4A16MatmulConfig, grouped: bool) -> jax.Array:
+    """Scales (per channel) and biases float32 tiles acc (tiles, 2 * tile_n, tile_m) at tile
+    coordinates (mi, ni) as the epilogue does and writes them into y (N, M) with one scatter."""
     tm, cta_n = config.tile_m, 2 * config.tile_n
-    acc = ws.sum(0).reshape(schedule.tail_tiles, cta_n, tm)
-    lin = schedule.first_tail + jnp.arange(schedule.tail_tiles, dtype=jnp.int32)
-    mi, ni = jax.vmap(lambda i: tile_coords(i, tiles, "n", 1))(lin)
     if not grouped:
         acc = acc * w_scales.reshape(-1, cta_n)[ni][:, :, None]
     if bias is not None:
@@ -253,6 +315,37 @@ def _add_split_tiles(y, ws, w_scales, bias, *, config: W4A16MatmulConfig, schedu
                                         scatter_dims_to_operand_dims=(0, 1))
     return lax.scatter(y, starts, acc.astype(y.dtype), dnums, indices_are_sorted=False, unique_indices=True,
                        mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
+def _add_split_tiles(y, ws, w_scales, bias, plan: _Plan) -> jax.Array:
+    """tail_split: adds the K pieces of the tail tiles and finishes them."""
+    schedule, cfg = plan.tail, plan.config
+    acc = ws.sum(0).reshape(schedule.tail_tiles, 2 * cfg.tile_n, cfg.tile_m)
+    lin = schedule.first_tail + jnp.arange(schedule.tail_tiles, dtype=jnp.int32)
+    mi, ni = jax.vmap(lambda i: tile_coords(i, plan.tiles, "n", 1))(lin)
+    return _finish_tiles(y, acc, mi, ni, w_scales, bias, cfg, plan.grouped)
+
+
+def _add_stream_partials(y, ws, w_scales, bias, plan: _Plan) -> jax.Array:
+    """stream_k: the tiles that several programs' runs share: adds their slots (static lists:
+    the run where the tile begins, slot 1, and the later ones, slot 0) and finishes them."""
+    cfg, k, run = plan.config, plan.k_steps, plan.run
+    shared, parts = [], []
+    for t in range(math.prod(plan.tiles)):
+        first, last = t * k // run, ((t + 1) * k - 1) // run
+        if first != last:
+            shared.append(t)
+            parts.append([2 * first + 1] + [2 * p for p in range(first + 1, last + 1)])
+    if not shared:
+        return y
+    width = max(map(len, parts))
+    zero = 2 * plan.programs  # an all-zero row pads the lists
+    index = np.array([p + [zero] * (width - len(p)) for p in parts], np.int32)
+    flat = jnp.concatenate([ws.reshape(2 * plan.programs, -1), jnp.zeros((1, ws[0, 0].size), ws.dtype)])
+    acc = flat[index].sum(1).reshape(len(shared), 2 * cfg.tile_n, cfg.tile_m)
+    t = np.array(shared, np.int32)
+    return _finish_tiles(y, acc, jnp.asarray(t % plan.tiles[0]), jnp.asarray(t // plan.tiles[0]), w_scales, bias,
+                         cfg, plan.grouped)
 
 
 # Jitted with the settings static: every call at the same shapes shares one traced kernel.
@@ -295,12 +388,19 @@ def w4a16_matmul(
     b = None if bias is None else bias.astype(jnp.float32)
 
     tiles = (m_pad // cfg.tile_m, n // (2 * cfg.tile_n))
-    schedule = tile_schedule(math.prod(tiles), k // cfg.tile_k, _sm_count(interpret), 1, cfg.split_tail)
-    plan = _Plan(cfg, schedule, tiles, k // cfg.tile_k, scale_group is not None, interpret)
+    k_steps, sms = k // cfg.tile_k, _sm_count(interpret)
+    if cfg.schedule == "stream_k":
+        run = -(-math.prod(tiles) * k_steps // sms)
+        plan = _Plan(cfg, tiles, k_steps, -(-math.prod(tiles) * k_steps // run), scale_group is not None,
+                     interpret, None, run)
+        ws_shape = (plan.programs, 2, 2, *plan.acc_shape)
+    else:
+        tail = tile_schedule(math.prod(tiles), k_steps, sms, 1, cfg.split_tail)
+        plan = _Plan(cfg, tiles, k_steps, tail.programs, scale_group is not None, interpret, tail, 0)
+        ws_shape = (tail.splits, tail.tail_tiles, 2, *plan.acc_shape) if tail.splits > 1 else None
     out_types = [jax.ShapeDtypeStruct((n, m_pad), out_dtype)]
-    if schedule.splits > 1:
-        out_types.append(jax.ShapeDtypeStruct((schedule.splits, schedule.tail_tiles, 2, *plan.acc_shape),
-                                              jnp.float32))
+    if ws_shape is not None:
+        out_types.append(jax.ShapeDtypeStruct(ws_shape, jnp.float32))
     operands = [x, w_packed, sw] + ([] if b is None else [b])
 
     def kernel(x_ref, w_ref, sw_ref, *rest):
@@ -310,7 +410,7 @@ def w4a16_matmul(
     f = plgpu.kernel(
         kernel,
         out_type=tuple(out_types),
-        grid=(schedule.programs,),
+        grid=(plan.programs,),
         grid_names=("sm",),
         num_threads=3,
         thread_name="wg",
@@ -319,6 +419,5 @@ def w4a16_matmul(
     )
     y, *ws = f(*operands)
     if ws:
-        y = _add_split_tiles(y, ws[0], sw, b, config=cfg, schedule=schedule, tiles=tiles,
-                             grouped=scale_group is not None)
+        y = (_add_stream_partials if plan.tail is None else _add_split_tiles)(y, ws[0], sw, b, plan)
     return y.T[:m]
