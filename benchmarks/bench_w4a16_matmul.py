@@ -248,7 +248,7 @@ def markdown(log: dict) -> list[str]:
 
 
 def stage_tests(out_dir, log, args):
-    log["tests"] = harness.run_pytest("tests/test_w4a16_matmul.py", args.tests_k)
+    log["tests"] = harness.run_pytest("tests/test_w4a16_matmul.py", args.tests_k, timeout=args.tests_timeout)
 
 
 def stage_sweep(out_dir, log, args):
@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stages", default="tests,bench")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--tests-k", default="gpu", help="pytest -k selection for the tests stage")
+    p.add_argument("--tests-timeout", type=float, default=600, help="seconds the tests stage may run")
     p.add_argument("--budget-s", type=float, default=540, help="start no new measurement after this many seconds")
     p.add_argument("--variant-timeout", type=float, default=400, help="seconds each variant process may run")
     p.add_argument("--worker", help=argparse.SUPPRESS)
