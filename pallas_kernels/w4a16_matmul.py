@@ -165,7 +165,7 @@ def _run_stream(plan: _Plan, refs: _Refs, allocs) -> None:
     """stream_k: program p runs pairs [p R, (p + 1) R) of the (tile, K step) sequence as one
     pipeline (R = `plan.run`), summing each tile's steps; a tile it holds whole goes through the
     epilogue, a tile shared with its neighbours goes to its workspace slot (1: the tile began in
-    this run, 0: before it) for `_add_stream_partials`."""
+    this run, 0: before it) for `_finish_stream`."""
     cfg = plan.config
     tm, tn = cfg.tile_m, cfg.tile_n
     wg = lax.axis_index("wg")
@@ -326,26 +326,33 @@ def _add_split_tiles(y, ws, w_scales, bias, plan: _Plan) -> jax.Array:
     return _finish_tiles(y, acc, mi, ni, w_scales, bias, cfg, plan.grouped)
 
 
-def _add_stream_partials(y, ws, w_scales, bias, plan: _Plan) -> jax.Array:
-    """stream_k: the tiles that several programs' runs share: adds their slots (static lists:
-    the run where the tile begins, slot 1, and the later ones, slot 0) and finishes them."""
+def _finish_stream(y, ws, w_scales, bias, plan: _Plan, m: int) -> jax.Array:
+    """stream_k: the (M, N) output from the kernel's (N, M_pad) one, in one elementwise XLA pass
+    (the slice, the transpose and the shared tiles fuse into one loop): a tile that several runs
+    share is the sum of their workspace slots (static lists: the run where the tile begins, slot 1,
+    then the later ones, slot 0), scaled and biased as the epilogue does."""
     cfg, k, run = plan.config, plan.k_steps, plan.run
-    shared, parts = [], []
+    tm, cta_n = cfg.tile_m, 2 * cfg.tile_n
+    parts = []
     for t in range(math.prod(plan.tiles)):
         first, last = t * k // run, ((t + 1) * k - 1) // run
-        if first != last:
-            shared.append(t)
-            parts.append([2 * first + 1] + [2 * p for p in range(first + 1, last + 1)])
-    if not shared:
-        return y
+        parts.append([] if first == last else [2 * first + 1] + [2 * p for p in range(first + 1, last + 1)])
     width = max(map(len, parts))
-    zero = 2 * plan.programs  # an all-zero row pads the lists
-    index = np.array([p + [zero] * (width - len(p)) for p in parts], np.int32)
-    flat = jnp.concatenate([ws.reshape(2 * plan.programs, -1), jnp.zeros((1, ws[0, 0].size), ws.dtype)])
-    acc = flat[index].sum(1).reshape(len(shared), 2 * cfg.tile_n, cfg.tile_m)
-    t = np.array(shared, np.int32)
-    return _finish_tiles(y, acc, jnp.asarray(t % plan.tiles[0]), jnp.asarray(t // plan.tiles[0]), w_scales, bias,
-                         cfg, plan.grouped)
+    out = y.T[:m]
+    if not width:
+        return out
+    zero = 2 * plan.programs  # an all-zero slot pads the lists
+    index = jnp.asarray(np.array([p + [zero] * (width - len(p)) for p in parts], np.int32))
+    shared = jnp.asarray(np.array([bool(p) for p in parts]))
+    slots = jnp.concatenate([ws.reshape(2 * plan.programs, cta_n, tm), jnp.zeros((1, cta_n, tm), ws.dtype)])
+    rows, cols = jnp.arange(m)[:, None], jnp.arange(y.shape[0])[None, :]
+    tile = rows // tm + (cols // cta_n) * plan.tiles[0]
+    acc = sum(slots[index[tile, j], cols % cta_n, rows % tm] for j in range(width))
+    if not plan.grouped:
+        acc = acc * w_scales[None, :]
+    if bias is not None:
+        acc = acc + bias[None, :]
+    return jnp.where(shared[tile], acc.astype(y.dtype), out)
 
 
 # Jitted with the settings static: every call at the same shapes shares one traced kernel.
@@ -418,6 +425,8 @@ def w4a16_matmul(
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
     y, *ws = f(*operands)
+    if plan.tail is None:
+        return _finish_stream(y, ws[0], sw, b, plan, m)
     if ws:
-        y = (_add_stream_partials if plan.tail is None else _add_split_tiles)(y, ws[0], sw, b, plan)
+        y = _add_split_tiles(y, ws[0], sw, b, plan)
     return y.T[:m]
