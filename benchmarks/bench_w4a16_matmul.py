@@ -16,6 +16,8 @@ Stages (--stages, comma-separated, default tests,bench):
   sweep  candidate tile configs on a few shapes (each checked against the reference), with the
          device time of the call's XLA ops beside the kernel (one input set, L2-warm).
   bench  the implementation x shape table.
+  quick  (run as `--worker quick`, in this process) for short GPU slots: QUICK_SHAPES in priority
+         order, the bf16 GEMM and the checked kernel per shape, rows printed as they complete.
 
     PYTHONPATH=. python3 -m benchmarks.bench_w4a16_matmul [--stages tests,sweep,bench]
 """
@@ -219,6 +221,79 @@ def work_sweep(args) -> list[dict]:
     return rows
 
 
+QUICK_SHAPES = ((4, 3072, 18432), (28, 3072, 18432), (112, 3072, 18432), (4, 3072, 9216), (4, 3072, 6144),
+                (1, 3072, 18432), (64, 3072, 9216), (512, 4096, 10240))
+
+
+def kernel_check(y, x, w, sw, b, scale_group=None) -> float:
+    """max |y - ref| / tol over the output (<= 1 passes): the tests' derived bound (summation
+    order, 2 (K + 2) float32 ulps of the sum of |terms|, and one bf16 rounding each side)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pallas_kernels.rounding import pack_int4, unpack_int4
+    from pallas_kernels.w4a16_matmul_reference import w4a16_matmul_reference
+
+    k = x.shape[1]
+    ref = np.asarray(w4a16_matmul_reference(x, w, sw, b, scale_group=scale_group, out_dtype=jnp.float32), np.float64)
+    terms = np.asarray(w4a16_matmul_reference(jnp.abs(x), pack_int4(jnp.abs(unpack_int4(w))), sw, jnp.abs(b),
+                                              scale_group=scale_group, out_dtype=jnp.float32), np.float64)
+    y64 = np.asarray(y, np.float64)
+    tol = 2.0**-8 * (np.abs(ref) + np.abs(y64)) + 2 * (k + 2) * 2.0**-24 * terms
+    return float(np.max(np.abs(y64 - ref) / tol)) if np.all(np.isfinite(y64)) else float("inf")
+
+
+def work_quick(args) -> list[dict]:
+    """For short GPU slots: one process, shapes in priority order, per shape the bf16 GEMM, the
+    kernel (checked: `kernel_check`) and, at the first shape, the XLA and Pallas W4A16 layers and a
+    per-group kernel check; each row printed as it completes."""
+    import json
+
+    import jax
+
+    from convrot_jax.ops import w4a16_linear
+    from pallas_kernels.w4a16_matmul import w4a16_matmul
+
+    rows = []
+
+    def add(row):
+        rows.append(row)
+        print("ROW " + json.dumps(row), flush=True)
+
+    for i, (m, k, n) in enumerate(QUICK_SHAPES):
+        shape = {"shape": f"M={m} K={k} N={n}", "m": m, "k": k, "n": n}
+        for variant in ("xla_bf16", "pallas") + (("xla_w4a16_layer", "pallas_w4a16_layer") if i == 0 else ()):
+            if time.time() > args.deadline:
+                return rows
+            try:
+                if variant == "xla_bf16":
+                    ms = harness.device_time_ms(lambda a, b: jax.lax.dot_general(a, b, NT), bf16_gemm_args(m, n, k),
+                                                m * n * 2)
+                    extra = {}
+                elif variant == "pallas":
+                    make = kernel_args(m, n, k)
+                    extra = {"check": kernel_check(jax.jit(w4a16_matmul)(*make(0)), *make(0))}
+                    ms = harness.device_time_ms(w4a16_matmul, make, m * n * 2)
+                else:
+                    impl = VARIANTS[variant].options["impl"]
+                    ms = harness.device_time_ms(lambda x, qw, b: w4a16_linear(x, qw, b, implementation=impl),
+                                                layer_args(m, n, k), m * n * 2)
+                    extra = {}
+                add({"variant": variant, **shape, "ms": ms,
+                     "weight_gbs": weight_bytes(variant, n, k) / (ms * 1e-3) / 1e9, **extra})
+            except Exception as e:  # noqa: BLE001  (recorded, the other cells still run)
+                add({"variant": variant, **shape, "error": f"{type(e).__name__}: {e}"[:400]})
+        if i == 0 and time.time() < args.deadline:  # per-group scales, checked once
+            try:
+                x, w, _, b = kernel_args(m, n, k)(0)
+                sw = jax.random.uniform(jax.random.key(7), (n, k // 128), minval=0.5, maxval=1.5) * 0.01
+                y = w4a16_matmul(x, w, sw, b, scale_group=128)
+                add({"variant": "pallas_group128", **shape, "check": kernel_check(y, x, w, sw, b, 128)})
+            except Exception as e:  # noqa: BLE001
+                add({"variant": "pallas_group128", **shape, "error": f"{type(e).__name__}: {e}"[:400]})
+    return rows
+
+
 # ------------------------------------------------------------------------------------ results
 def summarize(rows: list[dict]) -> list[dict]:
     """README figures: the kernel against the bf16 GEMM at the modulation shapes (M <= 112) and at
@@ -300,7 +375,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         args.deadline = args.deadline or time.time() + args.budget_s
         kind, _, names = args.worker.partition(":")
-        harness.emit(work_sweep(args) if kind == "sweep" else work_group(names.split(","), args))
+        work = {"sweep": lambda: work_sweep(args), "quick": lambda: work_quick(args)}.get(kind)
+        harness.emit(work() if work else work_group(names.split(","), args))
         return
     args.argv = [*argv, "--deadline", str(time.time() + args.budget_s)]
     args.out.mkdir(parents=True, exist_ok=True)
