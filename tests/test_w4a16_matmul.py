@@ -178,6 +178,23 @@ def test_w4a16_linear_xla_is_the_reference():
     assert w4a16_linear(x, qw).shape == (2, 3, 128)  # "auto" on the CPU: the reference
 
 
+def test_w4a16_kernel_refusals():
+    """What makes w4a16_linear keep the XLA reference under "auto" (and raise under "pallas")."""
+    from convrot_jax.ops import _w4a16_kernel_refusal
+    from convrot_jax.quant import QuantizedWeight
+
+    def qw(n, k, scale_group=None):
+        scales = jnp.ones((n,) if scale_group is None else (n, k // scale_group))
+        return QuantizedWeight(jnp.zeros((n, k // 2), jnp.uint8), scales, scale_group=scale_group)
+
+    x = jnp.ones((2, 3072), jnp.bfloat16)
+    assert _w4a16_kernel_refusal(x, qw(18432, 3072)) is None
+    assert _w4a16_kernel_refusal(x, qw(18432, 3072, 128)) is None
+    assert "bfloat16" in _w4a16_kernel_refusal(x.astype(jnp.float32), qw(18432, 3072))
+    assert "scale_group" in _w4a16_kernel_refusal(x, qw(18432, 3072, 96))
+    assert "out_features" in _w4a16_kernel_refusal(x, qw(3000, 3072))
+
+
 def test_w4a16_linear_pallas_needs_hopper():
     qw = quantize_weight(jax.random.normal(jax.random.key(0), (128, 256)))
     with pytest.raises((RuntimeError, ValueError)):
