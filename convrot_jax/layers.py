@@ -12,8 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from convrot_jax.hadamard import HadamardKind
-from convrot_jax.linear import int4_weight_only_linear
-from convrot_jax.ops import Implementation, w4a4_linear
+from convrot_jax.ops import Implementation, w4a4_linear, w4a16_linear
 from convrot_jax.quant import QuantizedWeight, quantize_weight
 
 
@@ -39,11 +38,15 @@ def concatenate_biases(biases: Sequence[jnp.ndarray | None], out_features: Seque
 
 
 class _QuantizedDense(nnx.Module):
-    # Constructor keywords beyond the weight and bias (ConvDense4bit: implementation), which
-    # `concatenate` requires equal and passes on.
-    _settings: tuple[str, ...] = ()
+    # Constructor keywords beyond the weight and bias, which `concatenate` requires equal and
+    # passes on. implementation: which kernels run the layer ("auto", "xla", "pallas"; see
+    # convrot_jax.ops).
+    _settings: tuple[str, ...] = ("implementation",)
 
-    def __init__(self, qweight: QuantizedWeight, bias: jnp.ndarray | None = None):
+    def __init__(
+        self, qweight: QuantizedWeight, bias: jnp.ndarray | None = None, *, implementation: Implementation = "auto"
+    ):
+        self.implementation = implementation
         self.packed = QuantizedParam(qweight.packed)
         self.scales = QuantizedParam(qweight.scales)
         self.bias = nnx.Param(bias) if bias is not None else None
@@ -110,21 +113,14 @@ class ConvDense4bit(_QuantizedDense):
     the offline-rotated int4 weight, dequantize (+ bias). Accepts any leading shape; output dtype
     is the input's."""
 
-    _settings = ("implementation",)
-
-    def __init__(
-        self, qweight: QuantizedWeight, bias: jnp.ndarray | None = None, *, implementation: Implementation = "auto"
-    ):
-        super().__init__(qweight, bias)
-        self.implementation = implementation
-
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         return w4a4_linear(x, self.qweight, self._bias(), implementation=self.implementation)
 
 
 class Dense4bitWeightOnly(_QuantizedDense):
     """W4A16 Dense for memory-bound layers (FLUX's AdaLN modulation: one row per image): int4
-    weights, activations kept in their dtype."""
+    weights, activations kept in their dtype (`convrot_jax.ops.w4a16_linear`: the Pallas kernel
+    reads the packed weight, the XLA reference dequantizes it)."""
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        return int4_weight_only_linear(x, self.qweight, self._bias())
+        return w4a16_linear(x, self.qweight, self._bias(), implementation=self.implementation)

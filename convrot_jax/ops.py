@@ -10,16 +10,19 @@ implementation:
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
-from convrot_jax.hadamard import HadamardKind
-from convrot_jax.linear import check_linear_input, w4a4_linear_reference
+from convrot_jax.hadamard import HadamardKind, rotate
+from convrot_jax.linear import check_linear_input, int4_weight_only_linear, w4a4_linear_reference
 from convrot_jax.quant import QuantizedWeight, quantize_activation_reference
 from pallas_kernels.rotate_quantize import rotate_quantize
+from pallas_kernels.w4a16_matmul import w4a16_matmul
+from pallas_kernels.w4a16_matmul_config import config_for as w4a16_config_for
 from pallas_kernels.w4a4_matmul import w4a4_matmul
 
 Implementation = Literal["auto", "xla", "pallas"]
@@ -111,4 +114,43 @@ def w4a4_linear(
     x2, lead = _flatten(x)
     codes, scales = rotate_quantize(x2, group_size=qw.group_size)
     y = w4a4_matmul(codes, scales, qw.packed, qw.scales, bias, scale_group=qw.scale_group, out_dtype=x.dtype)
+    return y.reshape(*lead, qw.out_features)
+
+
+def _w4a16_kernel_refusal(x: jnp.ndarray, qw: QuantizedWeight) -> str | None:
+    """Why the W4A16 kernel cannot run this layer (None: it can)."""
+    if x.dtype != jnp.bfloat16:
+        return f"the W4A16 kernel takes bfloat16 activations, got {x.dtype}"
+    if qw.scale_group is not None and qw.scale_group % 64:
+        return f"the W4A16 kernel needs scale_group a multiple of 64, got {qw.scale_group}"
+    m = math.prod(x.shape[:-1])
+    cfg = w4a16_config_for(m, qw.out_features, qw.in_features, qw.scale_group)
+    if qw.out_features % (2 * cfg.tile_n) or qw.in_features % cfg.tile_k:
+        return (f"the W4A16 kernel needs out_features a multiple of {2 * cfg.tile_n} and in_features of "
+                f"{cfg.tile_k}, got weight {qw.shape}")
+    return None
+
+
+def w4a16_linear(
+    x: jnp.ndarray,
+    qw: QuantizedWeight,
+    bias: jnp.ndarray | None = None,
+    *,
+    implementation: Implementation = "auto",
+) -> jnp.ndarray:
+    """W4A16: x (..., K) @ W.T + b with int4 weights and x kept in its dtype: rotate x (XLA),
+    then the weight-only GEMM. Output in x.dtype. "pallas" reads the packed weight in the kernel
+    (`pallas_kernels.w4a16_matmul`, bfloat16 x); "auto" takes it where it runs and the XLA
+    reference (`convrot_jax.linear.int4_weight_only_linear`) elsewhere."""
+    check_linear_input(x, qw, bias)
+    impl = resolve_implementation(implementation)
+    refusal = _w4a16_kernel_refusal(x, qw) if impl == "pallas" else None
+    if refusal is not None and implementation == "pallas":
+        raise ValueError(f"implementation='pallas': {refusal}")
+    if impl == "xla" or refusal is not None:
+        return int4_weight_only_linear(x, qw, bias)
+
+    x2, lead = _flatten(x)
+    x_rot = rotate(x2, group_size=qw.group_size, hadamard=qw.hadamard).astype(x.dtype)
+    y = w4a16_matmul(x_rot, qw.packed, qw.scales, bias, scale_group=qw.scale_group, out_dtype=x.dtype)
     return y.reshape(*lead, qw.out_features)

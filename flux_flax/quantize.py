@@ -36,7 +36,7 @@ def quantize_model(model: nnx.Module, policy: QuantPolicy | None = None, *, grou
     `flux_default_policy()`) marks "w4a4" by a `ConvDense4bit` and "w4a16" by a
     `Dense4bitWeightOnly`; "bf16" layers keep their float weights. Biases keep their dtype.
     Returns `model`. `group_size`, `hadamard`, `scale_group` are the quantization settings;
-    `implementation` picks the W4A4 kernel ("auto", see convrot_jax.ops).
+    `implementation` picks the kernels of both kinds of layer ("auto", see convrot_jax.ops).
 
     For an abstract quantized model (to restore a checkpoint into), call it inside
     `nnx.eval_shape`: `nnx.eval_shape(lambda: quantize_model(FluxTransformer2DModel(cfg, rngs=nnx.Rngs(0))))`."""
@@ -54,6 +54,6 @@ def quantize_model(model: nnx.Module, policy: QuantPolicy | None = None, *, grou
         if treatment == "w4a4":
             new = ConvDense4bit(qweight, bias, implementation=implementation)
         else:
-            new = Dense4bitWeightOnly(qweight, bias)
+            new = Dense4bitWeightOnly(qweight, bias, implementation=implementation)
         _set_submodule(model, path, new)
     return model

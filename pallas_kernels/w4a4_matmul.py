@@ -63,15 +63,12 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
-import jax.experimental.mosaic.gpu as mgpu
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
-from jax._src.lib.mlir import ir
-from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
+from pallas_kernels.int4_unpack import swizzle_transforms, unpack_tile
 from pallas_kernels.tile_schedule import TileSchedule, tile_coords, tile_schedule
 from pallas_kernels.w4a4_matmul_config import W4A4MatmulConfig, config_for
 
@@ -175,57 +172,6 @@ def _tile_coords(lin: jax.Array, tiles: tuple[int, int], config: W4A4MatmulConfi
     return tile_coords(lin, tiles, config.grid_minor_dim, config.grid_tile_width)
 
 
-def _swizzle_transforms(minor_elems: int, itemsize: int = 1) -> tuple:
-    """Shared-memory tiling + the widest swizzle for rows of `minor_elems` elements."""
-    swizzle = plgpu.find_swizzle(minor_elems * itemsize * 8)
-    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-
-
-def _unpack_tile_gpu(packed, *, for_registers: bool = False) -> jax.Array:
-    """uint8 (R, C/2) packed codes (a shared-memory ref) -> int8 (R, C) codes, register-local.
-
-    Source and result layouts have the same register structure with columns scaled by 2: a
-    thread's vector of packed bytes holds exactly the codes that the result layout gives it in the
-    same register slot. So the unpack reinterprets the bits as int4 (LLVM orders vector<Nxi4> from
-    the low nibble up, which is our even-k-low format) and uses Mosaic's int4 -> int8 conversion
-    (prmt/lop3 sign extension).
-      for_registers=False: WGMMA_8BIT (4 bytes a thread, ldmatrix) -> WGMMA_UPCAST_4X (8 codes),
-        stored to shared memory with 8-byte stores;
-      for_registers=True: WGMMA (2 bytes a thread) -> WGMMA_8BIT (4 codes), wgmma's A layout."""
-    rows, half = packed.shape
-    if for_registers:
-        src_layout, dst_layout, dst_mgpu, nibbles = (
-            plgpu.Layout.WGMMA, plgpu.Layout.WGMMA_8BIT, mgpu.WGMMA_LAYOUT_8BIT, 4)
-    else:
-        src_layout, dst_layout, dst_mgpu, nibbles = (
-            plgpu.Layout.WGMMA_8BIT, plgpu.Layout.WGMMA_UPCAST_4X, mgpu.WGMMA_LAYOUT_UPCAST_4X, 8)
-
-    @plgpu.inline_mgpu(
-        arg_types=(src_layout,),
-        return_type=plgpu.ShapeDtypeStruct((rows, 2 * half), jnp.int8, layout=dst_layout),
-    )
-    def unpack(_, src):
-        i4_vec = ir.VectorType.get((nibbles,), ir.IntegerType.get_signless(4))
-        regs = np.empty_like(src.registers)
-        for idx, reg in np.ndenumerate(src.registers):
-            regs[idx] = mgpu_utils.bitcast(reg, i4_vec)
-        as_i4 = mgpu.FragmentedArray(_registers=regs, _layout=dst_mgpu, _is_signed=True)
-        if as_i4.shape != (rows, 2 * half):
-            raise AssertionError(f"register layouts do not line up: {as_i4.shape} vs {(rows, 2 * half)}")
-        return as_i4.astype(ir.IntegerType.get_signless(8), is_signed=True)
-
-    return unpack(plgpu.load(packed, layout=src_layout))
-
-
-def _unpack_tile_interpret(packed, *, for_registers: bool = False) -> jax.Array:
-    """`_unpack_tile_gpu` in jnp ops, for interpret mode (which cannot run `inline_mgpu`)."""
-    del for_registers
-    p = packed[...].astype(jnp.int8)
-    low = lax.shift_right_arithmetic(lax.shift_left(p, jnp.int8(4)), jnp.int8(4))
-    high = lax.shift_right_arithmetic(p, jnp.int8(4))
-    return jnp.stack([low, high], axis=-1).reshape(p.shape[0], 2 * p.shape[1])
-
-
 def _pipeline(plan: _Plan, body, compute_context, steps: int, state=None):
     """The warp-specialised pipeline over `steps` K steps: the memory warpgroup streams the
     activation and packed weight tiles into the stage ring, the two compute warpgroups run `body`
@@ -238,9 +184,9 @@ def _pipeline(plan: _Plan, body, compute_context, steps: int, state=None):
         grid=(steps,),
         memory_registers=40,
         in_specs=[
-            plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=_swizzle_transforms(tk),
+            plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=swizzle_transforms(tk),
                             delay_release=delay_release),
-            plgpu.BlockSpec((2 * cfg.tile_n, tk // 2), lambda kk: (0, kk), transforms=_swizzle_transforms(tk // 2),
+            plgpu.BlockSpec((2 * cfg.tile_n, tk // 2), lambda kk: (0, kk), transforms=swizzle_transforms(tk // 2),
                             delay_release=delay_release),
         ],
         wg_axis="wg",
@@ -256,14 +202,13 @@ def _mma(plan: _Plan, refs: _Refs, wg: jax.Array, acc_ref, kk: jax.Array, x_smem
     tn = plan.config.tile_n
     w_half = w_smem.at[pl.ds(wg * tn, tn)]
     slot = kk % 2
-    unpack = _unpack_tile_interpret if plan.interpret else _unpack_tile_gpu
     if plan.in_regs and not plan.interpret:
         with jax.named_scope("unpack"):
-            w8 = unpack(w_half, for_registers=True)
+            w8 = unpack_tile(w_half, "int8_wgmma")
         plgpu.wgmma(acc_ref, w8, x_smem.T)
         return
     with jax.named_scope("unpack"):
-        refs.w8[wg, slot] = unpack(w_half)
+        refs.w8[wg, slot] = unpack_tile(w_half, "int8_upcast4x", interpret=plan.interpret)
     plgpu.commit_smem()
     if plan.in_regs:
         plgpu.wgmma(acc_ref, refs.w8.at[wg, slot], x_smem.T)
@@ -434,9 +379,9 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, out_gmem, ws_gmem, *, p
         # Interpret mode's wgmma takes no register operand: there the registers form stages the
         # unpacked weights through shared memory too (same orientation, same epilogue).
         w8_smem=None if plan.in_regs and not plan.interpret else plgpu.SMEM(
-            (2, 2, tn, tk), jnp.int8, transforms=_swizzle_transforms(tk)),
+            (2, 2, tn, tk), jnp.int8, transforms=swizzle_transforms(tk)),
         out_smem=plgpu.SMEM((2, min(2, (tm * tn) // (epi_m * epi_n)), *out_tile), out_gmem.dtype,
-                            transforms=_swizzle_transforms(out_tile[1], jnp.dtype(out_gmem.dtype).itemsize)),
+                            transforms=swizzle_transforms(out_tile[1], jnp.dtype(out_gmem.dtype).itemsize)),
         collective_axes="wg",
     )
     def _scope(pipeline_allocs, w8_smem, out_smem):

@@ -28,7 +28,7 @@ def random_layer(cls, seed: int, out_features: int, *, in_features: int = 256, b
 def test_concatenate_is_exact(cls, scale_group):
     """The fused layer's output is the separate outputs concatenated, bit for bit: same codes,
     same per-row scales, same integer GEMM entries; a missing bias becomes zeros."""
-    kwargs = dict(scale_group=scale_group, **({"implementation": "xla"} if cls is ConvDense4bit else {}))
+    kwargs = dict(scale_group=scale_group, implementation="xla")
     layers = [random_layer(cls, 0, 128, **kwargs), random_layer(cls, 1, 64, bias=False, **kwargs),
               random_layer(cls, 2, 256, **kwargs)]
     fused = cls.concatenate(layers)
@@ -51,9 +51,10 @@ def test_concatenate_without_biases():
     (dict(scale_group=128), "scale_group"),
     (dict(implementation="pallas"), "implementation"),
 ])
-def test_concatenate_refuses_mismatched_settings(other, mismatch):
+@pytest.mark.parametrize("cls", [ConvDense4bit, Dense4bitWeightOnly])
+def test_concatenate_refuses_mismatched_settings(cls, other, mismatch):
     with pytest.raises(ValueError, match=f"cannot concatenate layers with different {mismatch}"):
-        ConvDense4bit.concatenate([random_layer(ConvDense4bit, 0, 64), random_layer(ConvDense4bit, 1, 64, **other)])
+        cls.concatenate([random_layer(cls, 0, 64), random_layer(cls, 1, 64, **other)])
 
 
 def test_concatenate_refuses_other_types():

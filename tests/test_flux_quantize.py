@@ -60,6 +60,14 @@ def test_abstract_quantized_model():
     assert isinstance(model.norm_out.linear, Dense4bitWeightOnly)
 
 
+def test_implementation_reaches_every_int4_layer():
+    model = nnx.eval_shape(lambda: quantize_model(FluxTransformer2DModel(CONFIG, rngs=nnx.Rngs(0)),
+                                                  implementation="xla"))
+    layers = [node for _, node in nnx.iter_graph(model) if isinstance(node, (ConvDense4bit, Dense4bitWeightOnly))]
+    assert {type(layer).__name__ for layer in layers} == {"ConvDense4bit", "Dense4bitWeightOnly"}
+    assert {layer.implementation for layer in layers} == {"xla"}
+
+
 @pytest.mark.slow
 def test_w4a4_output_error_is_bounded():
     model = FluxTransformer2DModel(CONFIG, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))

@@ -1,0 +1,432 @@
+"""W4A16 GEMM on Hopper (sm_90): bf16 activations x packed int4 weights -> bf16, weight-only int4.
+
+    y (M, N) = x (M, K) . (unpack(w_packed) (N, K) * s_w)^T (+ bias)
+
+For FLUX's AdaLN modulation (M = a few rows) and T5's linears. At small M the layer is memory
+bound on the weight, so the kernel reads the packed weight (K/2 bytes a row, a quarter of bf16's)
+and its scales straight from HBM and converts them in registers; no bf16 copy of the weight is
+ever written.
+
+Structure (Pallas Mosaic GPU, warp-specialised, after jax's `hopper_mixed_type_matmul_mgpu.py`):
+  * a memory warpgroup streams the activation tile (tile_m, tile_k) bf16 and the packed weight
+    tile (2 * tile_n, tile_k / 2) uint8 into a `max_concurrent_steps`-deep stage ring by TMA;
+  * two compute warpgroups each own tile_n weight rows: they convert their packed rows to bf16 in
+    registers (`pallas_kernels.int4_unpack`, target "bf16_wgmma_k32") and issue
+    `wgmma(acc (tile_n, tile_m), w_bf16, x_smem.T)`: the weights are wgmma's A operand (its M
+    side is 64 rows), the tokens its N side, which can be as narrow as 8, so a handful of tokens
+    costs no padded tensor-core work. The unpack hands wgmma its K axis permuted within every 32
+    columns (`permute_k32`); the wrapper permutes x's columns alike (an XLA op that fuses with
+    whatever makes x), which leaves the product unchanged and saves two warp shuffles per 8
+    weights. Each step waits for its wgmma (A lives in registers the next unpack reuses); the two
+    compute warpgroups overlap each other.
+  * scales: per output channel, applied in float32 to the sum in the epilogue (with the bias);
+    per group (`scale_group` g, tile_k = g), each step's product is multiplied by its group's
+    scales before it is added.
+  * output: each warpgroup stores its (tile_n, tile_m) tile straight from registers into a
+    (N, M) array, which the wrapper transposes (at small M, a few KiB; XLA fuses the transpose
+    into the consumer).
+  * schedule (`W4A16MatmulConfig.schedule`), a persistent grid of one program per SM:
+    - "stream_k" (default): the (output tile, K step) pairs, tile after tile, are cut into equal
+      runs, one per program, each run one pipeline. A program sums each tile's steps; a tile it
+      holds whole goes through the epilogue, a tile shared with the neighbouring runs goes to a
+      float32 workspace slot, and XLA adds those slots (static lists) and finishes them. Every SM
+      streams the same number of weight bytes whatever the tile count, which at small M (where
+      N / 128 tiles may be 48 or 72 for 132 SMs) is what sets the time.
+    - "tail_split": whole tiles, with the last, partial wave split along K over the SMs it would
+      leave idle (`pallas_kernels.tile_schedule`, as the W4A4 GEMM).
+  Every step's product goes to a fresh accumulator (the per-group scales need that anyway, and at
+  small M it is a few registers) and is added to a float32 sum carried by the pipeline.
+
+Accuracy: the weights enter the tensor cores as their exact int4 codes and the scales multiply the
+float32 accumulator, so the kernel is at least as accurate as the XLA reference
+(`convrot_jax.linear.int4_weight_only_linear`, which rounds code * scale to bf16 first).
+
+M need not be a multiple of tile_m: the wrapper pads the activation rows. N must be a multiple
+of 2 * tile_n and K of tile_k; the FLUX and T5 shapes are. `interpret=True` runs the kernel on the
+CPU (Mosaic GPU interpret mode); there the unpack uses jnp ops and wgmma's A operand is staged
+through shared memory (interpret mode's wgmma takes no register operand), so the GPU tests are the
+ones that check the register routines.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from pallas_kernels.int4_unpack import permute_k32, swizzle_transforms, unpack_tile
+from pallas_kernels.tile_schedule import TileSchedule, tile_coords, tile_schedule
+from pallas_kernels.w4a16_matmul_config import W4A16MatmulConfig, config_for
+
+
+class _Plan(NamedTuple):
+    """The kernel's static choices for one call."""
+
+    config: W4A16MatmulConfig
+    tiles: tuple[int, int]  # (m tiles, n tiles) of 2 * tile_n rows
+    k_steps: int
+    programs: int
+    grouped: bool  # per-group scales: every step is one scale group (tile_k == scale_group)
+    interpret: bool
+    tail: TileSchedule | None  # the tail_split schedule
+    run: int  # stream_k: the (tile, K step) pairs each program runs
+
+    @property
+    def acc_shape(self) -> tuple[int, int]:
+        return (self.config.tile_n, self.config.tile_m)
+
+    @property
+    def total_steps(self) -> int:
+        return math.prod(self.tiles) * self.k_steps
+
+
+class _Refs(NamedTuple):
+    x: object  # bf16 (M, K) activations, K permuted by `permute_k32`, gmem
+    w: object  # uint8 (N, K / 2) packed weights, gmem
+    sw: object  # float32 (N,), or (K / g, N) per group, gmem
+    bias: object | None  # float32 (N,) gmem
+    out: object  # (N, M) gmem
+    ws: object | None  # float32 partial sums, gmem: (programs, 2, 2, tile_n, tile_m) stream_k,
+    # (splits, tail tiles, 2, tile_n, tile_m) tail_split
+    a_smem: object | None  # bf16 (2, tile_n, tile_k) wgmma A staging, smem (interpret mode only)
+
+
+def _pipeline(plan: _Plan, body, compute_context, steps: int, x_map=lambda kk: (0, kk), w_map=lambda kk: (0, kk)):
+    cfg = plan.config
+    tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
+    return plgpu.emit_pipeline_warp_specialized(
+        body,
+        grid=(steps,),
+        memory_registers=40,
+        in_specs=[
+            plgpu.BlockSpec((tm, tk), x_map, transforms=swizzle_transforms(tk, 2)),
+            plgpu.BlockSpec((2 * tn, tk // 2), w_map, transforms=swizzle_transforms(tk // 2)),
+        ],
+        wg_axis="wg",
+        num_compute_wgs=2,
+        max_concurrent_steps=cfg.max_concurrent_steps,
+        compute_context=compute_context,
+    )
+
+
+def _step_product(plan: _Plan, refs: _Refs, wg: jax.Array, x_smem, w_smem, rows, group) -> jax.Array:
+    """This warpgroup's float32 (tile_n, tile_m) product of the step: its weight rows converted to
+    bf16 in registers, one wgmma into a fresh accumulator (waited for: A's registers are reused by
+    the next step's unpack), times the step's group scales with per-group scales."""
+    tn = plan.config.tile_n
+    with jax.named_scope("unpack"):
+        a = unpack_tile(w_smem.at[pl.ds(wg * tn, tn)], "bf16_wgmma_k32", interpret=plan.interpret)
+    if plan.interpret:
+        refs.a_smem[wg] = a
+        plgpu.commit_smem()
+        a = refs.a_smem.at[wg]
+
+    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(plan.acc_shape, jnp.float32))
+    def part(acc_ref):
+        plgpu.wgmma(acc_ref, a, x_smem.T)
+        return acc_ref[...]
+
+    if plan.grouped:
+        sw = plgpu.load(refs.sw.at[group, rows], optimized=False)
+        part = part * lax.broadcast_in_dim(sw, plan.acc_shape, (0,))
+    return part
+
+
+def _epilogue(plan: _Plan, refs: _Refs, rows, m0, acc: jax.Array) -> None:
+    """A finished float32 (tile_n, tile_m) sum: scaled (per channel), biased, cast, stored."""
+    shape = plan.acc_shape
+
+    def along_n(ref):
+        return lax.broadcast_in_dim(plgpu.load(ref.at[rows], optimized=False), shape, (0,))
+
+    with jax.named_scope("epilogue"):
+        if not plan.grouped:
+            acc = acc * along_n(refs.sw)
+        if refs.bias is not None:
+            acc = acc + along_n(refs.bias)
+        refs.out.at[rows, pl.ds(m0, plan.config.tile_m)][...] = acc.astype(refs.out.dtype)
+
+
+def _stream_tile(plan: _Plan, g: jax.Array):
+    """(m tile, n tile, K step) of the g-th (tile, K step) pair: tiles in n-major, m-minor order
+    (the m tiles of one weight block run back to back, so its second read finds it in L2)."""
+    t, kk = g // plan.k_steps, g % plan.k_steps
+    return t % plan.tiles[0], t // plan.tiles[0], kk
+
+
+def _run_stream(plan: _Plan, refs: _Refs, allocs) -> None:
+    """stream_k: program p runs pairs [p R, (p + 1) R) of the (tile, K step) sequence as one
+    pipeline (R = `plan.run`), summing each tile's steps; a tile it holds whole goes through the
+    epilogue, a tile shared with its neighbours goes to its workspace slot (1: the tile began in
+    this run, 0: before it) for `_finish_stream`."""
+    cfg = plan.config
+    tm, tn = cfg.tile_m, cfg.tile_n
+    wg = lax.axis_index("wg")
+    program = lax.axis_index("sm")
+    g0 = program * plan.run
+
+    def clamped(s):  # the last program's run may pass the end: it reloads the last pair, unused
+        return _stream_tile(plan, jnp.minimum(g0 + s, plan.total_steps - 1))
+
+    def x_map(s):
+        mi, _, kk = clamped(s)
+        return mi, kk
+
+    def w_map(s):
+        _, ni, kk = clamped(s)
+        return ni, kk
+
+    def body(idxs, x_smem, w_smem, acc):
+        (s,) = idxs
+        g = g0 + s
+        mi, ni, kk = _stream_tile(plan, g)
+        rows = pl.ds(ni * (2 * tn) + wg * tn, tn)
+        with jax.named_scope("mainloop"):
+            acc = acc + _step_product(plan, refs, wg, x_smem, w_smem, rows, kk)
+        tile_end = kk == plan.k_steps - 1
+        run_end = s == plan.run - 1
+        began_here = g - kk >= g0
+
+        @pl.when(jnp.logical_and(jnp.logical_or(tile_end, run_end), g < plan.total_steps))
+        def _emit():
+            whole = jnp.logical_and(began_here, tile_end)
+
+            @pl.when(whole)
+            def _finished():
+                _epilogue(plan, refs, rows, mi * tm, acc)
+
+            @pl.when(jnp.logical_not(whole))
+            def _shared():
+                refs.ws.at[program, began_here.astype(jnp.int32), wg][...] = acc
+
+        return acc * jnp.where(jnp.logical_or(tile_end, run_end), 0.0, 1.0).astype(jnp.float32)
+
+    def compute_context(eval_pipeline):
+        eval_pipeline(jnp.zeros(plan.acc_shape, jnp.float32))
+
+    _pipeline(plan, body, compute_context, plan.run, x_map, w_map)(refs.x, refs.w, allocations=allocs)
+
+
+def _run_tile(plan: _Plan, refs: _Refs, allocs, wg: jax.Array, lin: jax.Array, piece=None) -> None:
+    """tail_split: output tile `lin`, or K piece `piece` of it into the workspace, as one pipeline."""
+    cfg = plan.config
+    tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
+    mi, ni = tile_coords(lin, plan.tiles, "n", 1)
+    m0, n0 = mi * tm, ni * (2 * tn)
+    rows = pl.ds(n0 + wg * tn, tn)
+    steps = plan.k_steps if piece is None else plan.k_steps // plan.tail.splits
+    step0 = 0 if piece is None else piece * steps
+
+    def body(idxs, x_smem, w_smem, acc):
+        (kk,) = idxs
+        with jax.named_scope("mainloop"):
+            return acc + _step_product(plan, refs, wg, x_smem, w_smem, rows, step0 + kk)
+
+    def compute_context(eval_pipeline):
+        acc = eval_pipeline(jnp.zeros(plan.acc_shape, jnp.float32))
+        if piece is None:
+            _epilogue(plan, refs, rows, m0, acc)
+        else:
+            refs.ws.at[piece, lin - plan.tail.first_tail, wg][...] = acc
+
+    codes = pl.ds(0 if piece is None else pl.multiple_of(step0 * tk, steps * tk), steps * tk)
+    packed = pl.ds(0 if piece is None else pl.multiple_of(step0 * tk // 2, steps * tk // 2), steps * tk // 2)
+    _pipeline(plan, body, compute_context, steps)(
+        refs.x.at[pl.ds(m0, tm), codes], refs.w.at[pl.ds(n0, 2 * tn), packed], allocations=allocs)
+
+
+def _run_tail_split(plan: _Plan, refs: _Refs, allocs) -> None:
+    """tail_split: this program's whole tiles (`TileSchedule` full rounds), then its tail unit."""
+    wg = lax.axis_index("wg")
+    program = lax.axis_index("sm")
+    schedule = plan.tail
+    if schedule.full_rounds:
+        @pl.loop(0, schedule.full_rounds)
+        def _round(r):
+            _run_tile(plan, refs, allocs, wg, program + r * schedule.programs)
+
+    if schedule.units:
+        @pl.when(program < schedule.units)
+        def _tail():
+            tile = schedule.first_tail + program % schedule.tail_tiles
+            piece = program // schedule.tail_tiles if schedule.splits > 1 else None
+            _run_tile(plan, refs, allocs, wg, tile, piece)
+
+
+def _kernel(x_gmem, w_gmem, sw_gmem, bias_gmem, out_gmem, ws_gmem, *, plan: _Plan) -> None:
+    cfg = plan.config
+    ignore = lambda *_, **__: None  # allocations do not depend on the bodies
+    steps = plan.run if plan.tail is None else plan.k_steps
+
+    @functools.partial(
+        pl.run_scoped,
+        pipeline_allocs=_pipeline(plan, ignore, ignore, steps).get_allocations(x_gmem, w_gmem),
+        a_smem=plgpu.SMEM((2, cfg.tile_n, cfg.tile_k), jnp.bfloat16, transforms=swizzle_transforms(cfg.tile_k, 2))
+        if plan.interpret else None,
+        collective_axes="wg",
+    )
+    def _scope(pipeline_allocs, a_smem):
+        refs = _Refs(x_gmem, w_gmem, sw_gmem, bias_gmem, out_gmem, ws_gmem, a_smem)
+        (_run_stream if plan.tail is None else _run_tail_split)(plan, refs, pipeline_allocs)
+
+
+def _check_operands(x, w_packed, w_scales, bias, scale_group) -> None:
+    """Raises ValueError naming the operand and shape at fault."""
+    if x.ndim != 2 or w_packed.ndim != 2 or x.shape[1] != 2 * w_packed.shape[1]:
+        raise ValueError(f"x (M, K) {x.shape} and w_packed (N, K/2) {w_packed.shape} do not match")
+    if x.dtype != jnp.bfloat16 or w_packed.dtype != jnp.uint8:
+        raise ValueError(f"need bfloat16 x and uint8 w_packed, got {x.dtype} and {w_packed.dtype}")
+    k, n = x.shape[1], w_packed.shape[0]
+    if scale_group is None:
+        if w_scales.shape != (n,):
+            raise ValueError(f"w_scales {w_scales.shape} must be (N,) = ({n},) without scale_group")
+    else:
+        if k % scale_group or w_scales.shape != (n, k // scale_group):
+            raise ValueError(f"w_scales {w_scales.shape} must be (N, K / scale_group) = ({n}, {k}/{scale_group})")
+        if scale_group % 64:
+            raise ValueError(f"the W4A16 kernel needs scale_group a multiple of 64, got {scale_group}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias {bias.shape} must be (N,) = ({n},)")
+
+
+def _sm_count(interpret: bool) -> int:
+    """Persistent grid: at most one program per SM. Interpret mode takes 4, so that the CPU tests
+    also exercise several tiles per program and the split tail."""
+    return 4 if interpret else jax.devices()[0].core_count
+
+
+def _finish_tiles(y, acc, mi, ni, w_scales, bias, config: W4A16MatmulConfig, grouped: bool) -> jax.Array:
+    """Scales (per channel) and biases float32 tiles acc (tiles, 2 * tile_n, tile_m) at tile
+    coordinates (mi, ni) as the epilogue does and writes them into y (N, M) with one scatter."""
+    tm, cta_n = config.tile_m, 2 * config.tile_n
+    if not grouped:
+        acc = acc * w_scales.reshape(-1, cta_n)[ni][:, :, None]
+    if bias is not None:
+        acc = acc + bias.reshape(-1, cta_n)[ni][:, :, None]
+    starts = jnp.stack([ni * cta_n, mi * tm], axis=1)
+    dnums = lax.ScatterDimensionNumbers(update_window_dims=(1, 2), inserted_window_dims=(),
+                                        scatter_dims_to_operand_dims=(0, 1))
+    return lax.scatter(y, starts, acc.astype(y.dtype), dnums, indices_are_sorted=False, unique_indices=True,
+                       mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
+def _add_split_tiles(y, ws, w_scales, bias, plan: _Plan) -> jax.Array:
+    """tail_split: adds the K pieces of the tail tiles and finishes them."""
+    schedule, cfg = plan.tail, plan.config
+    acc = ws.sum(0).reshape(schedule.tail_tiles, 2 * cfg.tile_n, cfg.tile_m)
+    lin = schedule.first_tail + jnp.arange(schedule.tail_tiles, dtype=jnp.int32)
+    mi, ni = jax.vmap(lambda i: tile_coords(i, plan.tiles, "n", 1))(lin)
+    return _finish_tiles(y, acc, mi, ni, w_scales, bias, cfg, plan.grouped)
+
+
+def _finish_stream(y, ws, w_scales, bias, plan: _Plan, m: int) -> jax.Array:
+    """stream_k: the (M, N) output from the kernel's (N, M_pad) one, in one elementwise XLA pass
+    (the slice, the transpose and the shared tiles fuse into one loop): a tile that several runs
+    share is the sum of their workspace slots (static lists: the run where the tile begins, slot 1,
+    then the later ones, slot 0), scaled and biased as the epilogue does."""
+    cfg, k, run = plan.config, plan.k_steps, plan.run
+    tm, cta_n = cfg.tile_m, 2 * cfg.tile_n
+    parts = []
+    for t in range(math.prod(plan.tiles)):
+        first, last = t * k // run, ((t + 1) * k - 1) // run
+        parts.append([] if first == last else [2 * first + 1] + [2 * p for p in range(first + 1, last + 1)])
+    width = max(map(len, parts))
+    out = y.T[:m]
+    if not width:
+        return out
+    zero = 2 * plan.programs  # an all-zero slot pads the lists
+    index = jnp.asarray(np.array([p + [zero] * (width - len(p)) for p in parts], np.int32))
+    shared = jnp.asarray(np.array([bool(p) for p in parts]))
+    slots = jnp.concatenate([ws.reshape(2 * plan.programs, cta_n, tm), jnp.zeros((1, cta_n, tm), ws.dtype)])
+    rows, cols = jnp.arange(m)[:, None], jnp.arange(y.shape[0])[None, :]
+    tile = rows // tm + (cols // cta_n) * plan.tiles[0]
+    acc = sum(slots[index[tile, j], cols % cta_n, rows % tm] for j in range(width))
+    if not plan.grouped:
+        acc = acc * w_scales[None, :]
+    if bias is not None:
+        acc = acc + bias[None, :]
+    return jnp.where(shared[tile], acc.astype(y.dtype), out)
+
+
+# Jitted with the settings static: every call at the same shapes shares one traced kernel.
+@functools.partial(jax.jit, static_argnames=("scale_group", "out_dtype", "config", "interpret"))
+def w4a16_matmul(
+    x: jax.Array,
+    w_packed: jax.Array,
+    w_scales: jax.Array,
+    bias: jax.Array | None = None,
+    *,
+    scale_group: int | None = None,
+    out_dtype: jnp.dtype = jnp.bfloat16,
+    config: W4A16MatmulConfig | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """(M, N) = x . (unpack(w_packed) * w_scales)^T (+ bias), float32 accumulation.
+
+    x: bfloat16 (M, K) (for ConvRot, already rotated); w_packed: uint8 (N, K/2), low nibble =
+    even k; w_scales: float32 (N,), or (N, K / scale_group) with `scale_group` (a multiple of 64);
+    bias: (N,) or None. config: default `config_for(M, N, K, scale_group)`. interpret: Mosaic GPU
+    interpret mode (CPU tests).
+    """
+    _check_operands(x, w_packed, w_scales, bias, scale_group)
+    m, k = x.shape
+    n = w_packed.shape[0]
+    if m == 0:
+        return jnp.zeros((0, n), out_dtype)
+    cfg = config or config_for(m, n, k, scale_group)
+    if scale_group is not None and cfg.tile_k != scale_group:
+        raise ValueError(f"per-group scales need tile_k == scale_group ({scale_group}), got {cfg}")
+    if n % (2 * cfg.tile_n) or k % cfg.tile_k:
+        raise ValueError(f"N={n} must be a multiple of {2 * cfg.tile_n} and K={k} of {cfg.tile_k} for {cfg}")
+
+    m_pad = -(-m // cfg.tile_m) * cfg.tile_m
+    x = permute_k32(x)
+    if m_pad != m:
+        x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
+    # Per-group scales go in as (K / g, N) so that a group's row of N scales is contiguous.
+    sw = w_scales.astype(jnp.float32) if scale_group is None else w_scales.astype(jnp.float32).T
+    b = None if bias is None else bias.astype(jnp.float32)
+
+    tiles = (m_pad // cfg.tile_m, n // (2 * cfg.tile_n))
+    k_steps, sms = k // cfg.tile_k, _sm_count(interpret)
+    if cfg.schedule == "stream_k":
+        run = -(-math.prod(tiles) * k_steps // sms)
+        plan = _Plan(cfg, tiles, k_steps, -(-math.prod(tiles) * k_steps // run), scale_group is not None,
+                     interpret, None, run)
+        ws_shape = (plan.programs, 2, 2, *plan.acc_shape)
+    else:
+        tail = tile_schedule(math.prod(tiles), k_steps, sms, 1, cfg.split_tail)
+        plan = _Plan(cfg, tiles, k_steps, tail.programs, scale_group is not None, interpret, tail, 0)
+        ws_shape = (tail.splits, tail.tail_tiles, 2, *plan.acc_shape) if tail.splits > 1 else None
+    out_types = [jax.ShapeDtypeStruct((n, m_pad), out_dtype)]
+    if ws_shape is not None:
+        out_types.append(jax.ShapeDtypeStruct(ws_shape, jnp.float32))
+    operands = [x, w_packed, sw] + ([] if b is None else [b])
+
+    def kernel(x_ref, w_ref, sw_ref, *rest):
+        bias_ref, (out_ref, *ws_ref) = (rest[0], rest[1:]) if b is not None else (None, rest)
+        _kernel(x_ref, w_ref, sw_ref, bias_ref, out_ref, ws_ref[0] if ws_ref else None, plan=plan)
+
+    f = plgpu.kernel(
+        kernel,
+        out_type=tuple(out_types),
+        grid=(plan.programs,),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )
+    y, *ws = f(*operands)
+    if plan.tail is None:
+        return _finish_stream(y, ws[0], sw, b, plan, m)
+    if ws:
+        y = _add_split_tiles(y, ws[0], sw, b, plan)
+    return y.T[:m]
