@@ -9,6 +9,8 @@ no two frameworks sharing the GPU):
   jax_bf16         flux_flax, bf16 (attention: cuDNN)
   jax_w4a4_xla     flux_flax + ConvRot W4A4 (flux default policy), XLA reference ops
   jax_w4a4_pallas  the same with the Pallas kernels
+  jax_w4a4_pallas_epilogue  the same with FLUX's gated residuals in the W4A4 GEMMs' epilogues
+                   (flux_flax.fuse_gated_residuals)
 A step is one transformer forward (FLUX.1-dev config; random weights made on the GPU, or real
 ones with --model DIR) at each size and batch, with 512 T5 tokens: median of --iters timed runs
 after warm-up (host clock around a synchronised call). Reported per variant and shape: step ms,
@@ -55,6 +57,8 @@ VARIANTS = harness.registry(
     Variant("jax_bf16", "flux_flax bf16", _JAX, options={"runner": "jax", "impl": None}),
     Variant("jax_w4a4_xla", "flux_flax W4A4, XLA reference ops", _JAX, options={"runner": "jax", "impl": "xla"}),
     Variant("jax_w4a4_pallas", "flux_flax W4A4, Pallas kernels", _JAX, options={"runner": "jax", "impl": "pallas"}),
+    Variant("jax_w4a4_pallas_epilogue", "flux_flax W4A4, Pallas kernels, gated residuals in the GEMM epilogue", _JAX,
+            options={"runner": "jax", "impl": "pallas", "gated_residuals": True}),
 )
 # Ratio columns of the table, and the README's baseline (the first present in the same run).
 BASELINES = ("torch_eager", "torch_compile", "torch_fp8", "jax_bf16")
@@ -168,6 +172,8 @@ def jax_worker(args, variant: str) -> list[dict]:
         flux_flax.quantize_model(model, implementation=impl)  # layer by layer: bf16 weights freed as it goes
     if args.fuse:
         flux_flax.fuse_projections(model)
+    if VARIANTS[variant].options.get("gated_residuals"):
+        flux_flax.fuse_gated_residuals(model)
     graphdef, state = nnx.split(model)
     del model
     jax.block_until_ready(state)
