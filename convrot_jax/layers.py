@@ -113,8 +113,12 @@ class ConvDense4bit(_QuantizedDense):
     the offline-rotated int4 weight, dequantize (+ bias). Accepts any leading shape; output dtype
     is the input's."""
 
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        return w4a4_linear(x, self.qweight, self._bias(), implementation=self.implementation)
+    def __call__(self, x: jnp.ndarray, *, residual: jnp.ndarray | None = None,
+                 gate: jnp.ndarray | None = None) -> jnp.ndarray:
+        """The layer's output, or with `residual` and `gate` the gated residual residual + gate[:, None]
+        * output in one rounding (`convrot_jax.ops.w4a4_linear`)."""
+        return w4a4_linear(x, self.qweight, self._bias(), residual=residual, gate=gate,
+                           implementation=self.implementation)
 
 
 class Dense4bitWeightOnly(_QuantizedDense):
