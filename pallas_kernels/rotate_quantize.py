@@ -53,6 +53,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.rotate_quantize_reference import LAYERNORM_EPS, Prologue, check_inputs
 from pallas_kernels.rounding import int4_round, int4_scale, regular_levels, regular_stage
+from pallas_kernels.tile_schedule import sm_count
 
 WARPGROUP = 128
 
@@ -69,11 +70,16 @@ class RotateQuantizeConfig:
     chunk_mult: groups per chunk as a multiple of the fewest (more values per thread, more
     independent adds in flight, more registers); keep: hold the rotated rows in registers and
     rotate once (True), or rotate twice, once for the absmax and once for the codes (False);
-    None: keep when rows * (padded) K / 128 <= KEEP_LIMIT."""
+    None: keep when rows * (padded) K / 128 <= KEEP_LIMIT. persistent: `programs_per_sm`
+    programs per SM, each taking a contiguous run of blocks (and loading its image's modulation
+    rows once per image it meets) instead of one program per block; None: persistent when
+    modulated."""
 
     rows: int | None = None
     chunk_mult: int = 1
     keep: bool | None = None
+    persistent: bool | None = None
+    programs_per_sm: int = 2
 
 
 def keep_rotated(k: int, rows: int, config: RotateQuantizeConfig) -> bool:
@@ -280,11 +286,25 @@ def _layernorm_stats(b: _Block, n: int) -> tuple[jax.Array, jax.Array]:
     return mean, rstd
 
 
-def _prologue_parts(b: _Block, c, prologue: Prologue, stats) -> list[jax.Array]:
-    """Chunk c's phase 1 arrays after the prologue (`stats`: the LayerNorm's (mean, rstd))."""
+def _gelu_parts(b: _Block, c, parts: list[jax.Array], gelu_from: int) -> list[jax.Array]:
+    """tanh-GELU on the groups of chunk c from group `gelu_from` on (static where the chunk loop
+    is unrolled, a per-element select where it is not)."""
+    g0 = _first_group(c, b.chunk)
+    if isinstance(g0, int) and g0 >= gelu_from:
+        return [_gelu_tanh(v) for v in parts]
+    if isinstance(g0, int) and g0 + b.chunk <= gelu_from:
+        return parts
+    g = plgpu.layout_cast(jax.lax.broadcasted_iota(jnp.int32, b.shape1, 1), b.layout1)
+    on = g + g0 >= gelu_from
+    return [jnp.where(on, _gelu_tanh(v), v) for v in parts]
+
+
+def _prologue_parts(b: _Block, c, prologue: Prologue, stats, gelu_from: int) -> list[jax.Array]:
+    """Chunk c's phase 1 arrays after the prologue (`stats`: the LayerNorm's (mean, rstd);
+    `gelu_from`: the first group the GELU applies to)."""
     parts = _load_parts(b, c)
     if prologue == "gelu_tanh":
-        return [_gelu_tanh(v) for v in parts]
+        return _gelu_parts(b, c, parts, gelu_from)
     if prologue == "none":
         return parts
     mean, rstd = stats
@@ -298,11 +318,11 @@ def _prologue_parts(b: _Block, c, prologue: Prologue, stats) -> list[jax.Array]:
     return parts if ok is None else [jnp.where(ok, v, 0.0) for v in parts]
 
 
-def _rotated(b: _Block, c, n: int, prologue: Prologue, stats) -> list[jax.Array]:
+def _rotated(b: _Block, c, n: int, prologue: Prologue, stats, gelu_from: int) -> list[jax.Array]:
     """The rotated chunk c as `lo` arrays of `shape2`: array l, element (r, g, h) is rotated
     column h * lo + l of group c * chunk + g. Phase 1, the transpose, phase 2, times 1/sqrt(n)."""
     levels = regular_levels(n)
-    parts = outer_stages(_prologue_parts(b, c, prologue, stats), levels // 2)
+    parts = outer_stages(_prologue_parts(b, c, prologue, stats, gelu_from), levels // 2)
     y = b.y.at[c % 2]
     for h in range(b.hi):
         y[:, :, h, pl.ds(0, b.lo)] = parts[h]
@@ -345,9 +365,41 @@ def _write_codes(b: _Block, c, vals: list[jax.Array], finite: jax.Array, inv: ja
         _store_word(dst, j, jnp.where(finite, word, 0), b.layout2, interpret=b.interpret)
 
 
-def _kernel(*refs, m, n, rows, chunk, bits, keep, prologue, modulated, tokens_per_image, interpret):
-    """One block of `rows` rows: load them (and their image's modulation rows) to shared memory,
-    apply the prologue, rotate chunk by chunk, reduce each row's absmax, write scales and codes."""
+class _Grid(NamedTuple):
+    """Which blocks of `rows` rows each program runs: a contiguous run of `per` or `per + 1`
+    blocks (the first `extra` programs take one more); per == 1, extra == 0: one block each."""
+
+    programs: int
+    per: int
+    extra: int
+
+    @staticmethod
+    def of(blocks: int, programs: int) -> "_Grid":
+        programs = min(programs, blocks)
+        return _Grid(programs, blocks // programs, blocks % programs)
+
+    def run(self, program):
+        """(first block, number of blocks) of `program`."""
+        if self.per == 1 and not self.extra:
+            return program, 1
+        first = program * self.per + jnp.minimum(program, self.extra)
+        return first, self.per + (program < self.extra).astype(jnp.int32)
+
+
+def _load_modulation(mod_gmem, mod_smem, barriers, image, rows: int, real: int) -> None:
+    """`image`'s (shift, scale) rows into every row slot of the block's modulation buffer."""
+    for r in range(rows):
+        plgpu.copy_gmem_to_smem(mod_gmem.at[pl.ds(image, 1)], mod_smem.at[pl.ds(r, 1), pl.ds(0, real)],
+                                barriers.at[1 + r])
+    for r in range(rows):
+        plgpu.barrier_wait(barriers.at[1 + r])
+
+
+def _kernel(*refs, m, n, rows, chunk, bits, keep, prologue, modulated, tokens_per_image, gelu_from, grid,
+            interpret):
+    """A program's blocks of `rows` rows, one after another: load a block (and, when its image
+    changes, that image's modulation rows) to shared memory, apply the prologue, rotate chunk by
+    chunk, reduce each row's absmax, write scales and codes."""
     if modulated:
         x_gmem, mod_gmem, codes_gmem, scales_gmem, x_smem, mod_smem, out_smem, y_smem, barriers = refs
     else:
@@ -355,44 +407,56 @@ def _kernel(*refs, m, n, rows, chunk, bits, keep, prologue, modulated, tokens_pe
         mod_smem = None
     b = _Block(x_smem, mod_smem, y_smem, out_smem, chunk, real=x_gmem.shape[1], interpret=interpret)
     chunks = b.groups // chunk
-    block = jax.lax.axis_index("rows")
-    plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(block * rows, rows)], x_smem.at[:, pl.ds(0, b.real)], barriers.at[0])
-    if modulated:  # this block's image's (shift, scale) rows, once per row of the block
-        image = (block * rows) // tokens_per_image
-        for r in range(rows):
-            plgpu.copy_gmem_to_smem(mod_gmem.at[pl.ds(image, 1)], mod_smem.at[pl.ds(r, 1), pl.ds(0, b.real)],
-                                    barriers.at[1 + r])
     if b.real < b.groups:  # one-row blocks only (plan): the zero groups that round the row up to whole chunks
         x_smem[:, pl.ds(b.real, b.groups - b.real)] = jnp.zeros((rows, b.groups - b.real, b.hi, b.lo), x_smem.dtype)
         plgpu.commit_smem()
-    plgpu.barrier_wait(barriers.at[0])
-    if modulated:
-        for r in range(rows):
-            plgpu.barrier_wait(barriers.at[1 + r])
-
-    stats = _layernorm_stats(b, n) if prologue == "layernorm" else None
-    rotated = functools.partial(_rotated, b, n=n, prologue=prologue, stats=stats)
+    rotated = functools.partial(_rotated, b, n=n, prologue=prologue, gelu_from=gelu_from // n)
     zero = plgpu.layout_cast(jnp.zeros(b.shape2, jnp.float32), b.layout2)
-    if keep:  # one pass: the rotated row stays in registers until its scale is known
-        saved = [rotated(c) for c in range(chunks)]
-        running = functools.reduce(lambda acc, vals: _running_max(vals, acc), saved, zero)
-    else:  # two passes: rotate for the absmax, rotate again for the codes
-        running = jax.lax.fori_loop(0, chunks, lambda c, acc: _running_max(rotated(c), acc), zero)
-    finite, inv = _scale_rows(b, running, scales_gmem, block, m)
-    if keep:
-        for c, vals in enumerate(saved):
-            _write_codes(b, c, vals, finite, inv, bits)
+
+    def one_block(block, image):
+        """Block `block`; `image`: the image whose modulation rows the buffer holds (-1: none).
+        Returns the one it holds after."""
+        plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(block * rows, rows)], x_smem.at[:, pl.ds(0, b.real)],
+                                barriers.at[0])
+        if modulated:
+            new = (block * rows) // tokens_per_image  # blocks never straddle images (rotate_quantize)
+
+            @pl.when(new != image)
+            def _():
+                _load_modulation(mod_gmem, mod_smem, barriers, new, rows, b.real)
+
+            image = new
+        plgpu.barrier_wait(barriers.at[0])
+
+        stats = _layernorm_stats(b, n) if prologue == "layernorm" else None
+        rot = functools.partial(rotated, stats=stats)
+        if keep:  # one pass: the rotated row stays in registers until its scale is known
+            saved = [rot(c) for c in range(chunks)]
+            running = functools.reduce(lambda acc, vals: _running_max(vals, acc), saved, zero)
+        else:  # two passes: rotate for the absmax, rotate again for the codes
+            running = jax.lax.fori_loop(0, chunks, lambda c, acc: _running_max(rot(c), acc), zero)
+        finite, inv = _scale_rows(b, running, scales_gmem, block, m)
+        if keep:
+            for c, vals in enumerate(saved):
+                _write_codes(b, c, vals, finite, inv, bits)
+        else:
+            plgpu.commit_smem()  # pass 1's last transposed loads before pass 2's first stores
+            jax.lax.fori_loop(0, chunks, lambda c, carry: (_write_codes(b, c, rot(c), finite, inv, bits), carry)[1], 0)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem.at[:, pl.ds(0, b.real)], codes_gmem.at[pl.ds(block * rows, rows)])
+        plgpu.wait_smem_to_gmem(0)  # and a warpgroup barrier: every read of this block's buffers is done
+        return image
+
+    first, count = grid.run(jax.lax.axis_index("programs"))
+    if isinstance(count, int):
+        one_block(first, jnp.int32(-1))
     else:
-        plgpu.commit_smem()  # pass 1's last transposed loads before pass 2's first stores
-        jax.lax.fori_loop(0, chunks, lambda c, carry: (_write_codes(b, c, rotated(c), finite, inv, bits), carry)[1], 0)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem.at[:, pl.ds(0, b.real)], codes_gmem.at[pl.ds(block * rows, rows)])
-    plgpu.wait_smem_to_gmem(0)
+        jax.lax.fori_loop(0, count, lambda i, image: one_block(first + i, image), jnp.int32(-1))
 
 
 # Jitted with the settings static: every call at the same shapes in a model shares one traced and
 # lowered kernel (FLUX's W4A4 step otherwise lowers ~300 copies of each and compiles for minutes).
-@functools.partial(jax.jit, static_argnames=("group_size", "packed", "prologue", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("group_size", "packed", "prologue", "gelu_from", "config", "interpret"))
 def rotate_quantize(
     x: jax.Array,
     *,
@@ -401,6 +465,7 @@ def rotate_quantize(
     prologue: Prologue = "none",
     shift: jax.Array | None = None,
     scale: jax.Array | None = None,
+    gelu_from: int = 0,
     config: RotateQuantizeConfig | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
@@ -408,9 +473,10 @@ def rotate_quantize(
     int8 (M, K) in [-7, 7], or with `packed` uint8 (M, K/2), low nibble = even k; bit-identical
     without a prologue. prologue: "none"; "layernorm" (no affine, eps 1e-6), modulated as
     LN(x) * (1 + scale) + shift when shift and scale (B, K) are given, image b owning rows
-    [b * M/B, (b + 1) * M/B); or "gelu_tanh". interpret: Mosaic GPU interpret mode (CPU tests)."""
+    [b * M/B, (b + 1) * M/B); or "gelu_tanh" on the columns from `gelu_from` (a multiple of
+    group_size) on. interpret: Mosaic GPU interpret mode (CPU tests)."""
     config = config or RotateQuantizeConfig()
-    modulated = check_inputs(x, group_size, prologue, shift, scale)
+    modulated = check_inputs(x, group_size, prologue, shift, scale, gelu_from)
     m, k = x.shape
     n = group_size
     hi, lo = _split(n)
@@ -432,9 +498,12 @@ def rotate_quantize(
         raise ValueError(f"{config} needs {smem} bytes of shared memory at K={k} (rows={rows}, {chunk} groups "
                          f"per chunk), over the {SMEM_BYTES} a CTA has: lower rows or chunk_mult")
     blocks = pl.cdiv(m, rows)
+    persistent = config.persistent if config.persistent is not None else modulated
+    grid = _Grid.of(blocks, config.programs_per_sm * sm_count(interpret) if persistent else blocks)
     kernel = functools.partial(_kernel, m=m, n=n, rows=rows, chunk=chunk, bits=bits,
                                keep=keep_rotated(held * n, rows, config), prologue=prologue, modulated=modulated,
-                               tokens_per_image=tokens_per_image, interpret=interpret)
+                               tokens_per_image=tokens_per_image, gelu_from=gelu_from, grid=grid,
+                               interpret=interpret)
     inputs = [x.reshape(m, groups, hi, lo)]
     mod_smem = []
     if modulated:  # (B, groups, 2, hi, lo): one image's shift and scale rows in one copy
@@ -447,8 +516,8 @@ def rotate_quantize(
             jax.ShapeDtypeStruct((m, groups, hi * words), jnp.int32),
             jax.ShapeDtypeStruct((m,), jnp.float32),
         ),
-        grid=(blocks,),
-        grid_names=("rows",),
+        grid=(grid.programs,),
+        grid_names=("programs",),
         kernel_name="rotate_quantize",  # how profiles (bench_e2e's stages) tell it from the GEMM
         scratch_types=[
             plgpu.SMEM((rows, held, hi, lo), x.dtype),

@@ -72,7 +72,7 @@ from jax import lax
 from jax._src.lib.mlir import ir
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
-from pallas_kernels.tile_schedule import TileSchedule, tile_coords, tile_schedule
+from pallas_kernels.tile_schedule import TileSchedule, sm_count, tile_coords, tile_schedule
 from pallas_kernels.w4a4_matmul_config import W4A4MatmulConfig, config_for
 
 
@@ -468,12 +468,6 @@ def _check_operands(x_codes, x_scales, w_packed, w_scales, bias, scale_group) ->
         raise ValueError(f"bias {bias.shape} must be (N,) = ({n},)")
 
 
-def _sm_count(interpret: bool) -> int:
-    """Persistent grid: at most one program per SM. Interpret mode takes 4, so that the CPU tests
-    also exercise several tiles per program and the split tail."""
-    return 4 if interpret else jax.devices()[0].core_count
-
-
 def _call(x_codes, x_scales, w_packed, w_scales, bias, *, scale_group, out_dtype, config, int32_out,
           interpret) -> jax.Array:
     """Pads M to whole tiles, plans the schedule, runs the kernel and finishes the split tiles."""
@@ -500,7 +494,7 @@ def _call(x_codes, x_scales, w_packed, w_scales, bias, *, scale_group, out_dtype
 
     out_nm = _int32_output_transposed(cfg, int32_out)
     tiles = (m_pad // cfg.tile_m, n // (2 * cfg.tile_n))
-    schedule = tile_schedule(math.prod(tiles), k // cfg.tile_k, _sm_count(interpret), cfg.max_concurrent_steps,
+    schedule = tile_schedule(math.prod(tiles), k // cfg.tile_k, sm_count(interpret), cfg.max_concurrent_steps,
                              cfg.split_tail and scale_group is None)
     out_types = [jax.ShapeDtypeStruct((n, m_pad) if out_nm else (m_pad, n), out_t)]
     if schedule.splits > 1:
