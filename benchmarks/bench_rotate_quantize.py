@@ -7,7 +7,7 @@ Implementations (x the named FLUX shapes M x K, M in FLUX_TOKEN_COUNTS, K in FLU
   copy           an elementwise bf16 negation of the same input (reads 2MK, writes 2MK bytes)
 GB/s counts each input read once and each output written once. `--prologues`: the producers
 quantized where they are made, as FLUX runs them (one image): LayerNorm+modulation (K = 3072),
-tanh-GELU (K = 12288) and tanh-GELU on the columns from 3072 on (K = 15360, single blocks'
+the LayerNorm alone (how much the modulation costs), tanh-GELU (K = 12288) and tanh-GELU on the columns from 3072 on (K = 15360, single blocks'
 [attention, GELU(MLP)]), the kernel with the prologue fused against XLA's producer writing bf16
 then the kernel (what the model runs without the fusion: the baseline), XLA's producer alone and
 XLA's producer + the reference quantizer; `--prologue-configs` adds the fused kernel at more
@@ -71,6 +71,7 @@ def prologue_shapes(ms) -> dict[str, dict]:
     out = {}
     for m in ms:
         out[f"layernorm+modulation M={m} K=3072"] = {"m": m, "k": 3072, "prologue": "layernorm", "images": 1}
+        out[f"layernorm alone M={m} K=3072"] = {"m": m, "k": 3072, "prologue": "layernorm", "images": 0}
         out[f"gelu_tanh M={m} K=12288"] = {"m": m, "k": 12288, "prologue": "gelu_tanh", "images": 0}
         out[f"gelu_tanh from 3072 M={m} K=15360"] = {"m": m, "k": 15360, "prologue": "gelu_tanh", "images": 0,
                                                       "gelu_from": 3072}
@@ -144,9 +145,12 @@ def work_prologue(variant: str, args) -> list[dict]:
     rows = harness.time_grid(prologue_shapes(args.prologue_ms), variant, setup, deadline=args.deadline)
     if variant == "pallas":
         for fields in json.loads(args.prologue_configs):
-            cfg = RotateQuantizeConfig(**fields)
-            rows += harness.time_grid(prologue_shapes(args.prologue_ms), f"pallas {json.dumps(fields)}",
-                                      functools.partial(setup, cfg=cfg), deadline=args.deadline)
+            # Without `persistent`, the grid fields change the modulated kernels only.
+            grid = {name: d for name, d in prologue_shapes(args.prologue_ms).items()
+                    if d["images"] or fields.get("persistent")}
+            rows += harness.time_grid(grid, f"pallas {json.dumps(fields)}",
+                                      functools.partial(setup, cfg=RotateQuantizeConfig(**fields)),
+                                      deadline=args.deadline)
     return rows
 
 
@@ -247,6 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prologues", action=argparse.BooleanOptionalAction, default=True,
                    help="time the LayerNorm+modulation and GELU prologues too")
     p.add_argument("--prologue-ms", type=int, nargs="+", default=[4608, 1536], help="token counts for the prologues")
+    p.add_argument("--prologue-variants", nargs="+", default=list(PROLOGUE_VARIANTS), choices=list(PROLOGUE_VARIANTS))
     p.add_argument("--prologue-configs", default="[]",
                    help="JSON list of RotateQuantizeConfig fields: the fused kernel at these configs too")
     p.add_argument("--tests", action="store_true", help="run the GPU tests of tests/test_rotate_quantize.py first")
@@ -283,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
                                    label=v)
         res["rows"] += harness.error_rows([v], got["error"], shape="all") if isinstance(got, dict) else got
     if args.prologues:
-        for v in PROLOGUE_VARIANTS:
+        for v in args.prologue_variants:
             got = harness.run_isolated(harness.worker_command(MODULE, f"prologue:{v}", common),
                                        timeout=args.variant_timeout, label=f"prologue {v}")
             res["prologue"] += harness.error_rows([v], got["error"], shape="all") if isinstance(got, dict) else got
