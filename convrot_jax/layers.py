@@ -14,6 +14,7 @@ from flax import nnx
 from convrot_jax.hadamard import HadamardKind
 from convrot_jax.linear import int4_weight_only_linear
 from convrot_jax.ops import Implementation, w4a4_linear
+from convrot_jax.prologue import Prologue
 from convrot_jax.quant import QuantizedWeight, quantize_weight
 
 
@@ -118,8 +119,10 @@ class ConvDense4bit(_QuantizedDense):
         super().__init__(qweight, bias)
         self.implementation = implementation
 
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        return w4a4_linear(x, self.qweight, self._bias(), implementation=self.implementation)
+    def __call__(self, x: jnp.ndarray, *, prologue: Prologue | None = None) -> jnp.ndarray:
+        """The layer on x, or with `prologue` on prologue(x), quantized where it is made
+        (`convrot_jax.ops.w4a4_linear`)."""
+        return w4a4_linear(x, self.qweight, self._bias(), prologue=prologue, implementation=self.implementation)
 
 
 class Dense4bitWeightOnly(_QuantizedDense):

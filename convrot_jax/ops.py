@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from convrot_jax.hadamard import HadamardKind
 from convrot_jax.linear import check_linear_input, w4a4_linear_reference
+from convrot_jax.prologue import Prologue, apply_prologue, check_prologue, kernel_arguments
 from convrot_jax.quant import QuantizedWeight, quantize_activation_reference
 from pallas_kernels.rotate_quantize import rotate_quantize
 from pallas_kernels.w4a4_matmul import w4a4_matmul
@@ -95,20 +96,30 @@ def w4a4_linear(
     qw: QuantizedWeight,
     bias: jnp.ndarray | None = None,
     *,
+    prologue: Prologue | None = None,
     implementation: Implementation = "auto",
 ) -> jnp.ndarray:
     """x (..., K) @ W.T + b through ConvRot W4A4: rotate -> int4 -> integer GEMM with int32
-    accumulation -> dequantize (+ bias). Output in x.dtype."""
+    accumulation -> dequantize (+ bias). Output in x.dtype.
+
+    prologue (`convrot_jax.prologue`): the layer's input is prologue(x), made where it is
+    quantized: inside the rotate-quantize kernel ("pallas"), or in float32 XLA ops before the
+    reference ("xla"); either way it is never rounded to x.dtype."""
     check_linear_input(x, qw, bias)
+    if prologue is not None:
+        check_prologue(x, prologue, qw.group_size)
     impl = resolve_implementation(implementation)
     if impl == "pallas" and qw.hadamard != "regular":
         if implementation == "pallas":
             raise ValueError("the Pallas kernels implement the regular Hadamard only")
         impl = "xla"  # "auto" with a Sylvester weight: a comparison setting, reference path.
     if impl == "xla":
-        return w4a4_linear_reference(x, qw, bias)
+        if prologue is None:
+            return w4a4_linear_reference(x, qw, bias)
+        return w4a4_linear_reference(apply_prologue(x, prologue), qw, bias).astype(x.dtype)
 
     x2, lead = _flatten(x)
-    codes, scales = rotate_quantize(x2, group_size=qw.group_size)
+    codes, scales = rotate_quantize(x2, group_size=qw.group_size,
+                                    **(kernel_arguments(prologue) if prologue is not None else {}))
     y = w4a4_matmul(codes, scales, qw.packed, qw.scales, bias, scale_group=qw.scale_group, out_dtype=x.dtype)
     return y.reshape(*lead, qw.out_features)
