@@ -11,6 +11,9 @@ no two frameworks sharing the GPU):
   jax_w4a4_pallas  the same with the Pallas kernels
   jax_w4a4_pallas_graphs  the same with custom calls (the Pallas kernels) captured in XLA's CUDA
                    graphs too (XLA_FLAGS --xla_gpu_enable_command_buffer=...,CUSTOM_CALL)
+  jax_w4a4_pallas_producers  the same with the producers (AdaLN LayerNorm+modulate, tanh-GELU)
+                   quantized where they are made (flux_flax.fuse_producers)
+  jax_w4a4_pallas_gelu       the same with only the GELUs fused
 A step is one transformer forward (FLUX.1-dev config; random weights made on the GPU, or real
 ones with --model DIR) at each size and batch, with 512 T5 tokens: median of --iters timed runs
 after warm-up (host clock around a synchronised call). Reported per variant and shape: step ms,
@@ -64,6 +67,10 @@ VARIANTS = harness.registry(
     Variant("jax_w4a4_pallas", "flux_flax W4A4, Pallas kernels", _JAX, options={"runner": "jax", "impl": "pallas"}),
     Variant("jax_w4a4_pallas_graphs", "flux_flax W4A4, Pallas kernels, custom calls in CUDA graphs", _JAX,
             options={"runner": "jax", "impl": "pallas", "xla_flags": _GRAPH_CUSTOM_CALLS}),
+    Variant("jax_w4a4_pallas_producers", "flux_flax W4A4, Pallas kernels, producers fused into the quantizer", _JAX,
+            options={"runner": "jax", "impl": "pallas", "producers": ("layernorm", "gelu")}),
+    Variant("jax_w4a4_pallas_gelu", "flux_flax W4A4, Pallas kernels, GELUs fused into the quantizer", _JAX,
+            options={"runner": "jax", "impl": "pallas", "producers": ("gelu",)}),
 )
 # Ratio columns of the table, and the README's baseline (the first present in the same run).
 BASELINES = ("torch_eager", "torch_compile", "torch_fp8", "jax_bf16")
@@ -168,6 +175,7 @@ def jax_worker(args, variant: str) -> list[dict]:
     from benchmarks.models import random_transformer
 
     impl = VARIANTS[variant].options["impl"]
+    producers = VARIANTS[variant].options.get("producers", ())
     t0 = time.perf_counter()
     if args.model:
         model = flux_flax.load_transformer(Path(args.model) / "transformer")
@@ -177,6 +185,7 @@ def jax_worker(args, variant: str) -> list[dict]:
         flux_flax.quantize_model(model, implementation=impl)  # layer by layer: bf16 weights freed as it goes
     if args.fuse:
         flux_flax.fuse_projections(model)
+    flux_flax.fuse_producers(model, producers)
     graphdef, state = nnx.split(model)
     del model
     jax.block_until_ready(state)

@@ -28,11 +28,14 @@ scale formula, an IEEE division 1 / scale (inline `div.rn.f32`: with LLVM's divf
 differed on the H100), one rounded multiply (`mul.rn.f32`), round half to even, clip to [-7, 7];
 a row holding NaN/Inf gets a NaN scale and zero codes.
 
-Prologues (unused by the model today; within one code step of the reference on <= 0.1% of codes):
-"gelu_tanh" applies tanh-GELU to the loaded values; "layernorm" first makes two more passes over
-the rows in shared memory (mean, then variance, each a per-row warpgroup reduction), and with
-`shift`/`scale` each block also copies its image's two (K,) modulation rows to shared memory (once
-per row of the block).
+Prologues (the producer of the layer's input, computed here from the producer's own input, so
+its output never goes through HBM; within one code step of the reference on <= 0.1% of codes):
+"gelu_tanh" applies tanh-GELU to the loaded values (from column `gelu_from` on); "layernorm" first
+makes two more passes over the rows in shared memory (mean, then variance, each a per-row
+warpgroup reduction), and with `shift`/`scale` (per image) row slot r of a modulation buffer holds
+the (shift, scale) rows of row r's image. A modulated call runs a persistent grid: each program
+takes a contiguous run of blocks and copies modulation rows only when its block's images change
+(for one image: once per program; one copy per block lost to XLA's producer + the plain kernel).
 
 Measurements: benchmarks/results/rotate_quantize.md; notes: benchmarks/notes/rotate_quantize.md.
 """
@@ -386,12 +389,17 @@ class _Grid(NamedTuple):
         return first, self.per + (program < self.extra).astype(jnp.int32)
 
 
-def _load_modulation(mod_gmem, mod_smem, barriers, image, rows: int, real: int) -> None:
-    """`image`'s (shift, scale) rows into every row slot of the block's modulation buffer."""
-    for r in range(rows):
+def _images(block, rows: int, tokens_per_image: int, images: int) -> list:
+    """The image of each row of block `block` (the rows past M: the last image)."""
+    return [jnp.minimum((block * rows + r) // tokens_per_image, images - 1) for r in range(rows)]
+
+
+def _load_modulation(mod_gmem, mod_smem, barriers, images: list, real: int) -> None:
+    """Row slot r of the block's modulation buffer <- image images[r]'s (shift, scale) rows."""
+    for r, image in enumerate(images):
         plgpu.copy_gmem_to_smem(mod_gmem.at[pl.ds(image, 1)], mod_smem.at[pl.ds(r, 1), pl.ds(0, real)],
                                 barriers.at[1 + r])
-    for r in range(rows):
+    for r in range(len(images)):
         plgpu.barrier_wait(barriers.at[1 + r])
 
 
@@ -413,19 +421,20 @@ def _kernel(*refs, m, n, rows, chunk, bits, keep, prologue, modulated, tokens_pe
     rotated = functools.partial(_rotated, b, n=n, prologue=prologue, gelu_from=gelu_from // n)
     zero = plgpu.layout_cast(jnp.zeros(b.shape2, jnp.float32), b.layout2)
 
-    def one_block(block, image):
-        """Block `block`; `image`: the image whose modulation rows the buffer holds (-1: none).
-        Returns the one it holds after."""
+    def one_block(block, held):
+        """Block `block`; `held`: which images' modulation rows the buffer holds, as (image of the
+        first row) * B + (image of the last row) (-1: none). Returns what it holds after."""
         plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(block * rows, rows)], x_smem.at[:, pl.ds(0, b.real)],
                                 barriers.at[0])
         if modulated:
-            new = (block * rows) // tokens_per_image  # blocks never straddle images (rotate_quantize)
+            images = _images(block, rows, tokens_per_image, mod_gmem.shape[0])
+            new = images[0] * mod_gmem.shape[0] + images[-1]  # a block's rows span consecutive images
 
-            @pl.when(new != image)
+            @pl.when(new != held)
             def _():
-                _load_modulation(mod_gmem, mod_smem, barriers, new, rows, b.real)
+                _load_modulation(mod_gmem, mod_smem, barriers, images, b.real)
 
-            image = new
+            held = new
         plgpu.barrier_wait(barriers.at[0])
 
         stats = _layernorm_stats(b, n) if prologue == "layernorm" else None
@@ -445,7 +454,7 @@ def _kernel(*refs, m, n, rows, chunk, bits, keep, prologue, modulated, tokens_pe
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(out_smem.at[:, pl.ds(0, b.real)], codes_gmem.at[pl.ds(block * rows, rows)])
         plgpu.wait_smem_to_gmem(0)  # and a warpgroup barrier: every read of this block's buffers is done
-        return image
+        return held
 
     first, count = grid.run(jax.lax.axis_index("programs"))
     if isinstance(count, int):
@@ -487,9 +496,6 @@ def rotate_quantize(
     rows, chunk, held = plan(k, n, config)
     groups = k // n
     tokens_per_image = m // shift.shape[0] if modulated else m
-    if modulated and tokens_per_image % rows:
-        raise ValueError(f"{rows}-row blocks at K={k} would straddle images of {tokens_per_image} rows "
-                         f"(x {x.shape}, shift {shift.shape}): pass a config with rows dividing {tokens_per_image}")
     mod_dtype = jnp.result_type(shift, scale) if modulated else x.dtype
     smem = rows * held * n * (x.dtype.itemsize + bits // 8) + 2 * rows * chunk * hi * (lo + 1) * 4
     if modulated:

@@ -11,6 +11,7 @@ from flax import nnx
 
 import convrot_jax as cj
 from convrot_jax import GeluTanh, LayerNormModulation
+from convrot_jax.prologue import apply_prologue
 from flux_flax import FluxConfig, FluxTransformer2DModel, fuse_producers, fuse_projections, quantize_model
 
 RNG = np.random.default_rng(0)
@@ -136,11 +137,11 @@ def test_gpu_pallas_layer_matches_xla(m, k, n, prologue):
         p = LayerNormModulation(*(jnp.asarray(RNG.normal(0, 0.5, (images, k)), jnp.bfloat16) for _ in range(2)))
     else:
         p = GeluTanh(3072 if prologue == "gelu_from" else 0)
-    x = jnp.asarray(RNG.standard_t(4, (p.shift.shape[0] if prologue == "layernorm" else 1, m, k)) * 3,
-                    jnp.bfloat16).reshape(-1, m // (p.shift.shape[0] if prologue == "layernorm" else 1), k)
+    images = p.shift.shape[0] if prologue == "layernorm" else 1
+    x = jnp.asarray(RNG.standard_t(4, (images, m // images, k)) * 3, jnp.bfloat16)
     got = np.asarray(cj.w4a4_linear(x, qw, b, prologue=p, implementation="pallas"), np.float32)
     want = np.asarray(cj.w4a4_linear(x, qw, b, prologue=p, implementation="xla"), np.float32)
-    _, s_x = cj.quantize_activation(cj.prologue.apply_prologue(x, p), implementation="xla")
+    _, s_x = cj.quantize_activation(apply_prologue(x, p), implementation="xla")
     step = np.asarray(s_x)[..., None] * 7 * np.asarray(qw.scales)
     bf16 = 2.0**-8 * (np.abs(want) + np.abs(got))
     assert np.all(np.abs(got - want) <= (1 + k // 1000) * step + bf16)
