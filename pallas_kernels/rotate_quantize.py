@@ -64,6 +64,8 @@ WARPGROUP = 128
 # Rotated values a thread may hold between the two halves of the one-pass form (float32
 # registers; ptxas has 255): rows * padded K / 128 of them.
 KEEP_LIMIT = 128
+# Input values a thread may hold besides them (a LayerNorm's three sweeps from one load).
+HOLD_LIMIT = 64
 SMEM_BYTES = 227 * 1024  # what one CTA may use on the H100
 
 
@@ -76,13 +78,16 @@ class RotateQuantizeConfig:
     None: keep when rows * (padded) K / 128 <= KEEP_LIMIT. persistent: `programs_per_sm`
     programs per SM, each taking a contiguous run of blocks (and loading its image's modulation
     rows once per image it meets) instead of one program per block; None: persistent when
-    modulated."""
+    modulated. hold_input (LayerNorm with `keep` only): load the rows once into registers for the
+    statistics and the rotation, instead of once per sweep from shared memory; None: when
+    rows * (padded) K / 128 <= HOLD_LIMIT."""
 
     rows: int | None = None
     chunk_mult: int = 1
     keep: bool | None = None
     persistent: bool | None = None
     programs_per_sm: int = 2
+    hold_input: bool | None = None
 
 
 def keep_rotated(k: int, rows: int, config: RotateQuantizeConfig) -> bool:
@@ -265,26 +270,33 @@ def _by_row(row_of: jax.Array, values: list[jax.Array], like: jax.Array) -> jax.
     return out
 
 
-def _layernorm_stats(b: _Block, n: int) -> tuple[jax.Array, jax.Array]:
-    """(mean, 1 / std) of each row, broadcast to `shape1`: two passes over the rows in shared
-    memory, the second over squared deviations from the mean (the zero groups left out)."""
+def _layernorm_stats(b: _Block, n: int, held: list | None) -> tuple[jax.Array, jax.Array]:
+    """(mean, 1 / std) of each row, broadcast to `shape1`: two sweeps over the rows, the second
+    over squared deviations from the mean (the zero groups left out). `held`: every chunk's
+    loaded arrays, kept in registers (the sweeps then read no shared memory); None: each sweep
+    loads them again. Same float32 operations in the same order either way."""
     chunks, count = b.groups // b.chunk, np.float32(b.real * n)
     zero1 = plgpu.layout_cast(jnp.zeros(b.shape1, jnp.float32), b.layout1)
 
-    def add_sum(c, acc):
-        return functools.reduce(jnp.add, _load_parts(b, c), acc)
+    def sweep(add, acc):
+        if held is None:
+            return jax.lax.fori_loop(0, chunks, lambda c, acc: add(c, _load_parts(b, c), acc), acc)
+        return functools.reduce(lambda acc, c: add(c, held[c], acc), range(chunks), acc)
 
-    row_of1, sums = _per_row(jax.lax.fori_loop(0, chunks, add_sum, zero1), b.layout1, b.rows, jnp.sum)
+    def add_sum(c, parts, acc):
+        return functools.reduce(jnp.add, parts, acc)
+
+    row_of1, sums = _per_row(sweep(add_sum, zero1), b.layout1, b.rows, jnp.sum)
     mean = _by_row(row_of1, [s_ / count for s_ in sums], zero1)
 
-    def add_square(c, acc):
-        d = [jnp.square(v - mean) for v in _load_parts(b, c)]
+    def add_square(c, parts, acc):
+        d = [jnp.square(v - mean) for v in parts]
         ok = _valid(b, c)
         if ok is not None:
             d = [jnp.where(ok, v, 0.0) for v in d]
         return functools.reduce(jnp.add, d, acc)
 
-    _, squares = _per_row(jax.lax.fori_loop(0, chunks, add_square, zero1), b.layout1, b.rows, jnp.sum)
+    _, squares = _per_row(sweep(add_square, zero1), b.layout1, b.rows, jnp.sum)
     rstd = _by_row(row_of1, [jax.lax.rsqrt(q / count + np.float32(LAYERNORM_EPS)) for q in squares], zero1)
     return mean, rstd
 
@@ -302,10 +314,10 @@ def _gelu_parts(b: _Block, c, parts: list[jax.Array], gelu_from: int) -> list[ja
     return [jnp.where(on, _gelu_tanh(v), v) for v in parts]
 
 
-def _prologue_parts(b: _Block, c, prologue: Prologue, stats, gelu_from: int) -> list[jax.Array]:
+def _prologue_parts(b: _Block, c, prologue: Prologue, stats, gelu_from: int, held: list | None) -> list[jax.Array]:
     """Chunk c's phase 1 arrays after the prologue (`stats`: the LayerNorm's (mean, rstd);
-    `gelu_from`: the first group the GELU applies to)."""
-    parts = _load_parts(b, c)
+    `gelu_from`: the first group the GELU applies to; `held`: the chunks already loaded, or None)."""
+    parts = _load_parts(b, c) if held is None else held[c]
     if prologue == "gelu_tanh":
         return _gelu_parts(b, c, parts, gelu_from)
     if prologue == "none":
@@ -321,11 +333,11 @@ def _prologue_parts(b: _Block, c, prologue: Prologue, stats, gelu_from: int) -> 
     return parts if ok is None else [jnp.where(ok, v, 0.0) for v in parts]
 
 
-def _rotated(b: _Block, c, n: int, prologue: Prologue, stats, gelu_from: int) -> list[jax.Array]:
+def _rotated(b: _Block, c, n: int, prologue: Prologue, stats, gelu_from: int, held: list | None) -> list[jax.Array]:
     """The rotated chunk c as `lo` arrays of `shape2`: array l, element (r, g, h) is rotated
     column h * lo + l of group c * chunk + g. Phase 1, the transpose, phase 2, times 1/sqrt(n)."""
     levels = regular_levels(n)
-    parts = outer_stages(_prologue_parts(b, c, prologue, stats, gelu_from), levels // 2)
+    parts = outer_stages(_prologue_parts(b, c, prologue, stats, gelu_from, held), levels // 2)
     y = b.y.at[c % 2]
     for h in range(b.hi):
         y[:, :, h, pl.ds(0, b.lo)] = parts[h]
@@ -403,7 +415,7 @@ def _load_modulation(mod_gmem, mod_smem, barriers, images: list, real: int) -> N
         plgpu.barrier_wait(barriers.at[1 + r])
 
 
-def _kernel(*refs, m, n, rows, chunk, bits, keep, prologue, modulated, tokens_per_image, gelu_from, grid,
+def _kernel(*refs, m, n, rows, chunk, bits, keep, hold, prologue, modulated, tokens_per_image, gelu_from, grid,
             interpret):
     """A program's blocks of `rows` rows, one after another: load a block (and, when its image
     changes, that image's modulation rows) to shared memory, apply the prologue, rotate chunk by
@@ -421,24 +433,26 @@ def _kernel(*refs, m, n, rows, chunk, bits, keep, prologue, modulated, tokens_pe
     rotated = functools.partial(_rotated, b, n=n, prologue=prologue, gelu_from=gelu_from // n)
     zero = plgpu.layout_cast(jnp.zeros(b.shape2, jnp.float32), b.layout2)
 
-    def one_block(block, held):
-        """Block `block`; `held`: which images' modulation rows the buffer holds, as (image of the
-        first row) * B + (image of the last row) (-1: none). Returns what it holds after."""
+    def one_block(block, mod_key):
+        """Block `block`; `mod_key`: which images' modulation rows the buffer holds, as (image of
+        the first row) * B + (image of the last row) (-1: none). Returns what it holds after."""
         plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(block * rows, rows)], x_smem.at[:, pl.ds(0, b.real)],
                                 barriers.at[0])
         if modulated:
             images = _images(block, rows, tokens_per_image, mod_gmem.shape[0])
             new = images[0] * mod_gmem.shape[0] + images[-1]  # a block's rows span consecutive images
 
-            @pl.when(new != held)
+            @pl.when(new != mod_key)
             def _():
                 _load_modulation(mod_gmem, mod_smem, barriers, images, b.real)
 
-            held = new
+            mod_key = new
         plgpu.barrier_wait(barriers.at[0])
 
-        stats = _layernorm_stats(b, n) if prologue == "layernorm" else None
-        rot = functools.partial(rotated, stats=stats)
+        # A LayerNorm sweeps the rows three times: with `hold`, all from one load into registers.
+        held = [_load_parts(b, c) for c in range(chunks)] if hold else None
+        stats = _layernorm_stats(b, n, held) if prologue == "layernorm" else None
+        rot = functools.partial(rotated, stats=stats, held=held)
         if keep:  # one pass: the rotated row stays in registers until its scale is known
             saved = [rot(c) for c in range(chunks)]
             running = functools.reduce(lambda acc, vals: _running_max(vals, acc), saved, zero)
@@ -454,7 +468,7 @@ def _kernel(*refs, m, n, rows, chunk, bits, keep, prologue, modulated, tokens_pe
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(out_smem.at[:, pl.ds(0, b.real)], codes_gmem.at[pl.ds(block * rows, rows)])
         plgpu.wait_smem_to_gmem(0)  # and a warpgroup barrier: every read of this block's buffers is done
-        return held
+        return mod_key
 
     first, count = grid.run(jax.lax.axis_index("programs"))
     if isinstance(count, int):
@@ -506,8 +520,11 @@ def rotate_quantize(
     blocks = pl.cdiv(m, rows)
     persistent = config.persistent if config.persistent is not None else modulated
     grid = _Grid.of(blocks, config.programs_per_sm * sm_count(interpret) if persistent else blocks)
-    kernel = functools.partial(_kernel, m=m, n=n, rows=rows, chunk=chunk, bits=bits,
-                               keep=keep_rotated(held * n, rows, config), prologue=prologue, modulated=modulated,
+    keep = keep_rotated(held * n, rows, config)
+    hold = prologue == "layernorm" and keep and (config.hold_input if config.hold_input is not None else
+                                                 rows * held * n // WARPGROUP <= HOLD_LIMIT)
+    kernel = functools.partial(_kernel, m=m, n=n, rows=rows, chunk=chunk, bits=bits, keep=keep, hold=hold,
+                               prologue=prologue, modulated=modulated,
                                tokens_per_image=tokens_per_image, gelu_from=gelu_from, grid=grid,
                                interpret=interpret)
     inputs = [x.reshape(m, groups, hi, lo)]
