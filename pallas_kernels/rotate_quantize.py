@@ -80,7 +80,8 @@ class RotateQuantizeConfig:
     rows once per image it meets) instead of one program per block; None: persistent when
     modulated. hold_input (LayerNorm with `keep` only): load the rows once into registers for the
     statistics and the rotation, instead of once per sweep from shared memory; None: when
-    rows * (padded) K / 128 <= HOLD_LIMIT."""
+    rows * (padded) K / 128 <= HOLD_LIMIT. pack_modulation (bf16 shift and scale): one 32-bit
+    word per column holds both, one shared-memory load instead of two."""
 
     rows: int | None = None
     chunk_mult: int = 1
@@ -88,6 +89,7 @@ class RotateQuantizeConfig:
     persistent: bool | None = None
     programs_per_sm: int = 2
     hold_input: bool | None = None
+    pack_modulation: bool = False
 
 
 def keep_rotated(k: int, rows: int, config: RotateQuantizeConfig) -> bool:
@@ -326,8 +328,13 @@ def _prologue_parts(b: _Block, c, prologue: Prologue, stats, gelu_from: int, hel
     parts = [(v - mean) * rstd for v in parts]
     if b.mod is not None:
         g0 = _first_group(c, b.chunk)
-        mod = [[plgpu.load(b.mod.at[:, pl.ds(g0, b.chunk), i, h, :], layout=b.layout1).astype(jnp.float32)
-                for h in range(b.hi)] for i in range(2)]
+        if b.mod.dtype == jnp.int32:  # bf16 shift (low half) and scale (high half): a bf16 is a float32's high half
+            words = [plgpu.load(b.mod.at[:, pl.ds(g0, b.chunk), h, :], layout=b.layout1) for h in range(b.hi)]
+            mod = [[jax.lax.bitcast_convert_type(w << 16, jnp.float32) for w in words],
+                   [jax.lax.bitcast_convert_type(w & np.int32(-65536), jnp.float32) for w in words]]
+        else:
+            mod = [[plgpu.load(b.mod.at[:, pl.ds(g0, b.chunk), i, h, :], layout=b.layout1).astype(jnp.float32)
+                    for h in range(b.hi)] for i in range(2)]
         parts = [v * (1 + sc) + sh for v, sh, sc in zip(parts, *mod)]
     ok = _valid(b, c)
     return parts if ok is None else [jnp.where(ok, v, 0.0) for v in parts]
@@ -529,7 +536,12 @@ def rotate_quantize(
                                interpret=interpret)
     inputs = [x.reshape(m, groups, hi, lo)]
     mod_smem = []
-    if modulated:  # (B, groups, 2, hi, lo): one image's shift and scale rows in one copy
+    if modulated and config.pack_modulation and mod_dtype == jnp.bfloat16:  # (B, groups, hi, lo) words
+        halves = [jax.lax.bitcast_convert_type(v, jnp.uint16).astype(jnp.uint32) for v in (shift, scale)]
+        word = jax.lax.bitcast_convert_type(halves[0] | (halves[1] << 16), jnp.int32)
+        inputs.append(word.reshape(-1, groups, hi, lo))
+        mod_smem = [plgpu.SMEM((rows, held, hi, lo), jnp.int32)]
+    elif modulated:  # (B, groups, 2, hi, lo): one image's shift and scale rows in one copy
         mod = jnp.stack([shift.astype(mod_dtype), scale.astype(mod_dtype)], axis=1)
         inputs.append(jnp.moveaxis(mod.reshape(-1, 2, groups, hi, lo), 1, 2))
         mod_smem = [plgpu.SMEM((rows, held, 2, hi, lo), mod_dtype)]

@@ -148,6 +148,7 @@ def test_interpret_bit_identical(m, k, group_size, dtype, packed, config):
     [(8, 512, 2, RotateQuantizeConfig()),  # 4-row blocks, one image each, one block per program
      (8, 3072, 2, RotateQuantizeConfig()),  # 2-row blocks, one pass, the rows held in registers
      (8, 3072, 2, RotateQuantizeConfig(hold_input=False)),  # the three sweeps each from shared memory
+     (8, 3072, 2, RotateQuantizeConfig(pack_modulation=True)),  # shift and scale in one word
      (4, 9216, 1, RotateQuantizeConfig(keep=False)),  # padded row: the zero groups stay zero
      (36, 512, 3, RotateQuantizeConfig(programs_per_sm=1)),  # 9 blocks on 4 programs: runs of 3, 2, 2, 2 blocks
      (12, 3072, 3, RotateQuantizeConfig(programs_per_sm=1, keep=False)),  # 6 blocks: runs cross images
