@@ -11,9 +11,9 @@ tanh-GELU (K = 12288) and tanh-GELU on the columns from 3072 on (K = 15360, sing
 [attention, GELU(MLP)]), the kernel with the prologue fused against XLA's producer writing bf16
 then the kernel (what the model runs without the fusion: the baseline), XLA's producer alone and
 XLA's producer + the reference quantizer; `--prologue-configs` adds the fused kernel at more
-block configs (JSON list; each cell also counts the codes that differ from the default config's). `--sweep`: block configs at M = 4608,
-each checked bit-identical to the reference run on the CPU; the fastest that passes at every K
-is then used for the table. `--tests`: the GPU tests of tests/test_rotate_quantize.py first.
+block configs (JSON list; each cell also counts the codes that differ from the default config's).
+`--sweep`: block configs at M = 4608, each checked bit-identical to the reference run on the CPU;
+the fastest that passes at every K is then used for the table. `--tests`: the GPU tests of tests/test_rotate_quantize.py first.
 Each implementation runs in its own process (benchmarks.harness); device time (CUPTI), median of
 20 over rotating input sets larger than L2.
 
