@@ -28,6 +28,9 @@ from convrot_jax.prologue import Prologue
 from flux_flax.layers import modulate
 
 KINDS: dict[type, str] = {LayerNormModulation: "layernorm", GeluTanh: "gelu"}
+# What the pipeline fuses (FluxPipeline.from_pretrained with fuse=True): the kinds measured faster
+# than XLA's producer + the plain rotate-quantize kernel (benchmarks/results/rotate_quantize.md).
+DEFAULT_KINDS: tuple[str, ...] = ()
 
 
 def produce(x: jax.Array, prologue: Prologue) -> jax.Array:
