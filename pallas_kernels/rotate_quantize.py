@@ -481,7 +481,7 @@ def _kernel(*refs, m, n, rows, chunk, bits, keep, hold, prologue, modulated, tok
     if isinstance(count, int):
         one_block(first, jnp.int32(-1))
     else:
-        jax.lax.fori_loop(0, count, lambda i, image: one_block(first + i, image), jnp.int32(-1))
+        jax.lax.fori_loop(0, count, lambda i, mod_key: one_block(first + i, mod_key), jnp.int32(-1))
 
 
 # Jitted with the settings static: every call at the same shapes in a model shares one traced and
