@@ -11,6 +11,9 @@ no two frameworks sharing the GPU):
   jax_w4a4_pallas  the same with the Pallas kernels
   jax_w4a4_pallas_graphs  the same with custom calls (the Pallas kernels) captured in XLA's CUDA
                    graphs too (XLA_FLAGS --xla_gpu_enable_command_buffer=...,CUSTOM_CALL)
+  jax_w4a4_pallas_producers  the same with the producers (AdaLN LayerNorm+modulate, tanh-GELU)
+                   quantized where they are made (flux_flax.fuse_producers)
+  jax_w4a4_pallas_gelu       the same with only the GELUs fused
   jax_w4a4_pallas_epilogue  the same with FLUX's gated residuals in the W4A4 GEMMs' epilogues
                    (flux_flax.fuse_gated_residuals)
 A step is one transformer forward (FLUX.1-dev config; random weights made on the GPU, or real
@@ -68,6 +71,10 @@ VARIANTS = harness.registry(
             options={"runner": "jax", "impl": "pallas", "xla_flags": _GRAPH_CUSTOM_CALLS}),
     Variant("jax_w4a4_pallas_epilogue", "flux_flax W4A4, Pallas kernels, gated residuals in the GEMM epilogue", _JAX,
             options={"runner": "jax", "impl": "pallas", "gated_residuals": True}),
+    Variant("jax_w4a4_pallas_producers", "flux_flax W4A4, Pallas kernels, producers fused into the quantizer", _JAX,
+            options={"runner": "jax", "impl": "pallas", "producers": ("layernorm", "gelu")}),
+    Variant("jax_w4a4_pallas_gelu", "flux_flax W4A4, Pallas kernels, GELUs fused into the quantizer", _JAX,
+            options={"runner": "jax", "impl": "pallas", "producers": ("gelu",)}),
 )
 # Ratio columns of the table, and the README's baseline (the first present in the same run).
 BASELINES = ("torch_eager", "torch_compile", "torch_fp8", "jax_bf16")
@@ -172,6 +179,7 @@ def jax_worker(args, variant: str) -> list[dict]:
     from benchmarks.models import random_transformer
 
     impl = VARIANTS[variant].options["impl"]
+    producers = VARIANTS[variant].options.get("producers", ())
     t0 = time.perf_counter()
     if args.model:
         model = flux_flax.load_transformer(Path(args.model) / "transformer")
@@ -181,6 +189,7 @@ def jax_worker(args, variant: str) -> list[dict]:
         flux_flax.quantize_model(model, implementation=impl)  # layer by layer: bf16 weights freed as it goes
     if args.fuse:
         flux_flax.fuse_projections(model)
+    flux_flax.fuse_producers(model, producers)
     if VARIANTS[variant].options.get("gated_residuals"):
         flux_flax.fuse_gated_residuals(model)
     graphdef, state = nnx.split(model)

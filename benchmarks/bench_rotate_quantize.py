@@ -5,11 +5,15 @@ Implementations (x the named FLUX shapes M x K, M in FLUX_TOKEN_COUNTS, K in FLU
   pallas_packed  the same, codes packed two a byte
   xla            rotate_quantize_reference (the baseline: the XLA composition it is tested against)
   copy           an elementwise bf16 negation of the same input (reads 2MK, writes 2MK bytes)
-GB/s counts each input read once and each output written once. `--prologues`: the kernel's
-LayerNorm+modulation (K = 3072, 2 images) and tanh-GELU (K = 12288) prologues against XLA's
-prologue alone and XLA's prologue + reference quantizer. `--sweep`: block configs at M = 4608,
-each checked bit-identical to the reference run on the CPU; the fastest that passes at every K
-is then used for the table. `--tests`: the GPU tests of tests/test_rotate_quantize.py first.
+GB/s counts each input read once and each output written once. `--prologues`: the producers
+quantized where they are made, as FLUX runs them (one image): LayerNorm+modulation (K = 3072),
+tanh-GELU (K = 12288) and tanh-GELU on the columns from 3072 on (K = 15360, single blocks'
+[attention, GELU(MLP)]), the kernel with the prologue fused against XLA's producer writing bf16
+then the kernel (what the model runs without the fusion: the baseline), XLA's producer alone and
+XLA's producer + the reference quantizer; `--prologue-configs` adds the fused kernel at more
+block configs (JSON list; each cell also counts the codes that differ from the default config's).
+`--sweep`: block configs at M = 4608, each checked bit-identical to the reference run on the CPU;
+the fastest that passes at every K is then used for the table. `--tests`: the GPU tests of tests/test_rotate_quantize.py first.
 Each implementation runs in its own process (benchmarks.harness); device time (CUPTI), median of
 20 over rotating input sets larger than L2.
 
@@ -50,11 +54,12 @@ VARIANTS = harness.registry(
     Variant("xla", "XLA reference (prologue + convrot_jax.quant reference quantizer)"),
     Variant("copy", "device copy of the input (bf16 negation)"),
 )
-PROLOGUE_BASELINE = "xla_full"
+PROLOGUE_BASELINE = "xla_then_pallas"
 PROLOGUE_VARIANTS = harness.registry(
     Variant("pallas", "the kernel with the prologue fused"),
-    Variant("xla_prologue_only", "XLA's prologue alone (no quantization)"),
-    Variant("xla_full", "XLA's prologue + the reference quantizer"),
+    Variant("xla_then_pallas", "XLA's producer (bf16 out), then the kernel"),
+    Variant("xla_prologue_only", "XLA's producer alone (no quantization)"),
+    Variant("xla_full", "XLA's producer + the reference quantizer"),
 )
 
 
@@ -65,8 +70,10 @@ def shapes(ms, ks) -> dict[str, dict[str, int]]:
 def prologue_shapes(ms) -> dict[str, dict]:
     out = {}
     for m in ms:
-        out[f"layernorm+modulation M={m} K=3072"] = {"m": m, "k": 3072, "prologue": "layernorm", "images": 2}
+        out[f"layernorm+modulation M={m} K=3072"] = {"m": m, "k": 3072, "prologue": "layernorm", "images": 1}
         out[f"gelu_tanh M={m} K=12288"] = {"m": m, "k": 12288, "prologue": "gelu_tanh", "images": 0}
+        out[f"gelu_tanh from 3072 M={m} K=15360"] = {"m": m, "k": 15360, "prologue": "gelu_tanh", "images": 0,
+                                                      "gelu_from": 3072}
     return out
 
 
@@ -116,22 +123,47 @@ def work_grid(variant: str, args) -> list[dict]:
 
 
 def work_prologue(variant: str, args) -> list[dict]:
-    from pallas_kernels.rotate_quantize import rotate_quantize
+    from pallas_kernels.rotate_quantize import RotateQuantizeConfig, rotate_quantize
     from pallas_kernels.rotate_quantize_reference import apply_prologue, rotate_quantize_reference
 
-    def setup(d):
-        p = d["prologue"]
-        if variant == "pallas":
-            fn = lambda x, *mod: rotate_quantize(x, prologue=p, shift=mod[0] if mod else None,  # noqa: E731
-                                                 scale=mod[1] if mod else None)
-        elif variant == "xla_prologue_only":
-            fn = lambda x, *mod: apply_prologue(x, p, *mod).astype(x.dtype)  # noqa: E731
-        else:
-            fn = lambda x, *mod: rotate_quantize_reference(x, prologue=p, shift=mod[0] if mod else None,  # noqa: E731
-                                                           scale=mod[1] if mod else None)
+    def setup(d, cfg=None):
+        p, kw = d["prologue"], {"gelu_from": d.get("gelu_from", 0)}
+
+        def producer(x, *mod):  # what the model's XLA producer writes: bf16
+            return apply_prologue(x, p, *mod, **kw).astype(x.dtype)
+
+        def mod_kw(mod):
+            return {"shift": mod[0], "scale": mod[1]} if mod else {}
+
+        fn = {"pallas": lambda x, *mod: rotate_quantize(x, prologue=p, config=cfg, **mod_kw(mod), **kw),
+              "xla_then_pallas": lambda x, *mod: rotate_quantize(producer(x, *mod)),
+              "xla_prologue_only": producer,
+              "xla_full": lambda x, *mod: rotate_quantize_reference(x, prologue=p, **mod_kw(mod), **kw)}[variant]
         return fn, _inputs(d["m"], d["k"], d["images"]), 0
 
-    return harness.time_grid(prologue_shapes(args.prologue_ms), variant, setup, deadline=args.deadline)
+    rows = harness.time_grid(prologue_shapes(args.prologue_ms), variant, setup, deadline=args.deadline)
+    if variant == "pallas":
+        for fields in json.loads(args.prologue_configs):
+            # Without `persistent`, the grid fields change the modulated kernels only.
+            grid = {name: d for name, d in prologue_shapes(args.prologue_ms).items()
+                    if d["images"] or fields.get("persistent")}
+            got = harness.time_grid(grid, f"pallas {json.dumps(fields)}",
+                                    functools.partial(setup, cfg=RotateQuantizeConfig(**fields)),
+                                    deadline=args.deadline)
+            for row in got:  # codes differing from the default config's (a config must not change them)
+                if "ms" not in row:
+                    continue
+                d = grid[row["shape"]]
+                inputs = _inputs(d["m"], d["k"], d["images"])(0)
+                try:
+                    a, b = (setup(d, cfg=RotateQuantizeConfig(**f))[0](*inputs)[0] for f in ({}, fields))
+                    row["codes_differing"] = int((a != b).sum())
+                except Exception as e:  # noqa: BLE001 - recorded; the timings stand
+                    row["codes_differing"] = f"{type(e).__name__}: {e}"[:200]
+                print(f"  {row['variant']} {row['shape']}: codes differing from the default: {row['codes_differing']}",
+                      flush=True)
+            rows += got
+    return rows
 
 
 def work_sweep(args) -> dict:
@@ -206,7 +238,8 @@ def markdown(res: dict) -> list[str]:
                                variants=[v for v in list(VARIANTS) + ["triton"]
                                          if any(r["variant"] == v for r in res["rows"])])
     if res.get("prologue"):
-        out += ["", "Prologues (int8 codes out; 2 images for the modulation), us:", ""]
+        out += ["", "Producers quantized where they are made (int8 codes out; one image), us; the baseline "
+                f"{PROLOGUE_BASELINE} = XLA's producer writing bf16, then the kernel:", ""]
         out += harness.pivot_table([dict(r, us=r["ms"] * 1e3) if "ms" in r else r for r in res["prologue"]], "us",
                                    "{:.1f}", baseline=PROLOGUE_BASELINE)
     if res.get("sweep"):
@@ -222,13 +255,17 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="the M x K grid's implementations (none: only the prologues)")
     p.add_argument("--ms", type=int, nargs="+", default=None, help="token counts (default FLUX_TOKEN_COUNTS)")
     p.add_argument("--ks", type=int, nargs="+", default=list(KS), help="feature counts")
     p.add_argument("--sweep", action="store_true", help="time SWEEP configs at M=4608 first; use the best")
     p.add_argument("--prologues", action=argparse.BooleanOptionalAction, default=True,
                    help="time the LayerNorm+modulation and GELU prologues too")
-    p.add_argument("--prologue-ms", type=int, nargs="+", default=[4608], help="token counts for the prologues")
+    p.add_argument("--prologue-ms", type=int, nargs="+", default=[4608, 1536], help="token counts for the prologues")
+    p.add_argument("--prologue-variants", nargs="+", default=list(PROLOGUE_VARIANTS), choices=list(PROLOGUE_VARIANTS))
+    p.add_argument("--prologue-configs", default="[]",
+                   help="JSON list of RotateQuantizeConfig fields: the fused kernel at these configs too")
     p.add_argument("--tests", action="store_true", help="run the GPU tests of tests/test_rotate_quantize.py first")
     p.add_argument("--config", default="{}", help="RotateQuantizeConfig fields as JSON (default: the kernel's)")
     p.add_argument("--budget-s", type=float, default=480, help="start no new measurement after this many seconds")
@@ -263,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
                                    label=v)
         res["rows"] += harness.error_rows([v], got["error"], shape="all") if isinstance(got, dict) else got
     if args.prologues:
-        for v in PROLOGUE_VARIANTS:
+        for v in args.prologue_variants:
             got = harness.run_isolated(harness.worker_command(MODULE, f"prologue:{v}", common),
                                        timeout=args.variant_timeout, label=f"prologue {v}")
             res["prologue"] += harness.error_rows([v], got["error"], shape="all") if isinstance(got, dict) else got

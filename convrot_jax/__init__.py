@@ -5,6 +5,7 @@ from convrot_jax.layers import ConvDense4bit, Dense4bitWeightOnly, QuantizedPara
 from convrot_jax.linear import int4_weight_only_linear
 from convrot_jax.ops import quantize_activation, w4a4_linear
 from convrot_jax.policy import QuantPolicy
+from convrot_jax.prologue import GeluTanh, LayerNormModulation
 from convrot_jax.quant import (
     QuantizedWeight,
     dequantize_weight,
@@ -18,6 +19,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ConvDense4bit",
     "Dense4bitWeightOnly",
+    "GeluTanh",
+    "LayerNormModulation",
     "QuantPolicy",
     "QuantizedParam",
     "QuantizedWeight",

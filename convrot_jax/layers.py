@@ -13,6 +13,7 @@ from flax import nnx
 
 from convrot_jax.hadamard import HadamardKind
 from convrot_jax.ops import Implementation, w4a4_linear, w4a16_linear
+from convrot_jax.prologue import Prologue
 from convrot_jax.quant import QuantizedWeight, quantize_weight
 
 
@@ -113,11 +114,12 @@ class ConvDense4bit(_QuantizedDense):
     the offline-rotated int4 weight, dequantize (+ bias). Accepts any leading shape; output dtype
     is the input's."""
 
-    def __call__(self, x: jnp.ndarray, *, residual: jnp.ndarray | None = None,
+    def __call__(self, x: jnp.ndarray, *, prologue: Prologue | None = None, residual: jnp.ndarray | None = None,
                  gate: jnp.ndarray | None = None) -> jnp.ndarray:
-        """The layer's output, or with `residual` and `gate` the gated residual residual + gate[:, None]
-        * output in one rounding (`convrot_jax.ops.w4a4_linear`)."""
-        return w4a4_linear(x, self.qweight, self._bias(), residual=residual, gate=gate,
+        """The layer on x, or with `prologue` on prologue(x), quantized where it is made; with
+        `residual` and `gate` the gated residual residual + gate[:, None] * output in one rounding
+        (`convrot_jax.ops.w4a4_linear`)."""
+        return w4a4_linear(x, self.qweight, self._bias(), prologue=prologue, residual=residual, gate=gate,
                            implementation=self.implementation)
 
 

@@ -24,6 +24,7 @@ from convrot_jax.linear import (
     int4_weight_only_linear,
     w4a4_linear_reference,
 )
+from convrot_jax.prologue import Prologue, apply_prologue, check_prologue, kernel_arguments
 from convrot_jax.quant import QuantizedWeight, quantize_activation_reference
 from pallas_kernels.rotate_quantize import rotate_quantize
 from pallas_kernels.w4a16_matmul import w4a16_matmul
@@ -103,6 +104,7 @@ def w4a4_linear(
     qw: QuantizedWeight,
     bias: jnp.ndarray | None = None,
     *,
+    prologue: Prologue | None = None,
     residual: jnp.ndarray | None = None,
     gate: jnp.ndarray | None = None,
     implementation: Implementation = "auto",
@@ -110,22 +112,33 @@ def w4a4_linear(
     """x (..., K) @ W.T + b through ConvRot W4A4: rotate -> int4 -> integer GEMM with int32
     accumulation -> dequantize (+ bias). Output in x.dtype.
 
+    prologue (`convrot_jax.prologue`): the layer's input is prologue(x), made where it is
+    quantized: inside the rotate-quantize kernel ("pallas"), or in float32 XLA ops before the
+    reference ("xla"); either way it is never rounded to x.dtype.
+
     With `residual` and `gate`, the gated residual `residual + gate[:, None] * (x @ W.T + b)` of
     FLUX's output projections and MLPs, in float32 with one rounding, applied in the GEMM's
     epilogue (no elementwise pass after it): x (B, ..., K), gate (B, out_features) one row per
     image, residual x's shape with out_features last and x's dtype."""
     check_linear_input(x, qw, bias)
     check_gated_residual_input(x, qw, residual, gate)
+    if prologue is not None:
+        check_prologue(x, prologue, qw.group_size)
     impl = resolve_implementation(implementation)
     if impl == "pallas" and qw.hadamard != "regular":
         if implementation == "pallas":
             raise ValueError("the Pallas kernels implement the regular Hadamard only")
         impl = "xla"  # "auto" with a Sylvester weight: a comparison setting, reference path.
     if impl == "xla":
-        return w4a4_linear_reference(x, qw, bias, residual=residual, gate=gate)
+        if prologue is None:
+            return w4a4_linear_reference(x, qw, bias, residual=residual, gate=gate)
+        produced = apply_prologue(x, prologue)  # float32, never rounded to x.dtype
+        return w4a4_linear_reference(produced, qw, bias, residual=None if residual is None else
+                                     residual.astype(produced.dtype), gate=gate).astype(x.dtype)
 
     x2, lead = _flatten(x)
-    codes, scales = rotate_quantize(x2, group_size=qw.group_size)
+    codes, scales = rotate_quantize(x2, group_size=qw.group_size,
+                                    **(kernel_arguments(prologue) if prologue is not None else {}))
     y = w4a4_matmul(codes, scales, qw.packed, qw.scales, bias, gate=gate,
                     residual=None if residual is None else residual.reshape(-1, qw.out_features),
                     scale_group=qw.scale_group, out_dtype=x.dtype)

@@ -159,8 +159,13 @@ class AdaLayerNormZero(nnx.Module):
         return self.linear(jax.nn.silu(emb))
 
     @staticmethod
+    def chunks(modulation: jax.Array) -> list[jax.Array]:
+        """shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, (B, dim) each."""
+        return jnp.split(modulation, 6, axis=1)
+
+    @staticmethod
     def modulate(x: jax.Array, modulation: jax.Array):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(modulation, 6, axis=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = AdaLayerNormZero.chunks(modulation)
         return modulate(x, scale_msa, shift_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp
 
     def __call__(self, x: jax.Array, emb: jax.Array):
@@ -178,8 +183,13 @@ class AdaLayerNormZeroSingle(nnx.Module):
         return self.linear(jax.nn.silu(emb))
 
     @staticmethod
+    def chunks(modulation: jax.Array) -> list[jax.Array]:
+        """shift, scale, gate, (B, dim) each."""
+        return jnp.split(modulation, 3, axis=1)
+
+    @staticmethod
     def modulate(x: jax.Array, modulation: jax.Array) -> tuple[jax.Array, jax.Array]:
-        shift_msa, scale_msa, gate_msa = jnp.split(modulation, 3, axis=1)
+        shift_msa, scale_msa, gate_msa = AdaLayerNormZeroSingle.chunks(modulation)
         return modulate(x, scale_msa, shift_msa), gate_msa
 
     def __call__(self, x: jax.Array, emb: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -312,14 +322,12 @@ class FluxAttention(nnx.Module):
     def _heads(self, x: jax.Array) -> jax.Array:
         return x.reshape(*x.shape[:-1], -1, self.head_dim)
 
-    def __call__(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array | None = None,
+    def __call__(self, hidden_states: jax.Array | None, encoder_hidden_states: jax.Array | None = None,
                  image_rotary_emb: tuple[jax.Array, jax.Array] | None = None,
-                 qkv: Sequence[jax.Array] | None = None):
+                 qkv: Sequence[jax.Array] | None = None, added_qkv: Sequence[jax.Array] | None = None):
         """diffusers' forward: `attend`, then the output projections `to_out` and `to_add_out`
-        (double-stream blocks; a single block's attention has none). `qkv`: the image stream's
-        query, key and value projections when the caller made them (a fused single block's
-        `to_qkv_mlp`); by default they are computed from `hidden_states`."""
-        out = self.attend(hidden_states, encoder_hidden_states, image_rotary_emb, qkv)
+        (double-stream blocks; a single block's attention has none)."""
+        out = self.attend(hidden_states, encoder_hidden_states, image_rotary_emb, qkv, added_qkv)
         if encoder_hidden_states is None:
             return out
         hidden_states, encoder_hidden_states = out
@@ -327,12 +335,16 @@ class FluxAttention(nnx.Module):
             hidden_states = module(hidden_states)
         return hidden_states, self.to_add_out(encoder_hidden_states)
 
-    def attend(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array | None = None,
+    def attend(self, hidden_states: jax.Array | None, encoder_hidden_states: jax.Array | None = None,
                image_rotary_emb: tuple[jax.Array, jax.Array] | None = None,
-               qkv: Sequence[jax.Array] | None = None):
+               qkv: Sequence[jax.Array] | None = None, added_qkv: Sequence[jax.Array] | None = None):
         """The attention before its output projections: (image, text) outputs with
         `encoder_hidden_states` (a double block then applies `to_out` and `to_add_out` itself, in
-        its gated residuals), else the joint output."""
+        its gated residuals), else the joint output. `qkv`: the image stream's query, key and
+        value projections when the caller made them (a fused single block's `to_qkv_mlp`, or
+        `to_qkv` with its producer fused); by default they are computed from `hidden_states`.
+        `added_qkv`: the same for the text stream (`encoder_hidden_states` then only gives the
+        text length)."""
         query, key, value = qkv if qkv is not None else project(
             hidden_states, self.to_qkv, self.to_q, self.to_k, self.to_v)
         query = self.norm_q(self._heads(query))
@@ -340,7 +352,7 @@ class FluxAttention(nnx.Module):
         value = self._heads(value)
 
         if encoder_hidden_states is not None and self.added_kv_proj_dim is not None:
-            encoder_query, encoder_key, encoder_value = project(
+            encoder_query, encoder_key, encoder_value = added_qkv if added_qkv is not None else project(
                 encoder_hidden_states, self.to_added_qkv, self.add_q_proj, self.add_k_proj, self.add_v_proj)
             encoder_query = self.norm_added_q(self._heads(encoder_query))
             encoder_key = self.norm_added_k(self._heads(encoder_key))

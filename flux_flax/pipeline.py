@@ -30,6 +30,7 @@ from flux_flax.config import FluxConfig
 from flux_flax.fusion import fuse_projections
 from flux_flax.loading import load_transformer
 from flux_flax.paths import user_path
+from flux_flax.producers import DEFAULT_KINDS, fuse_producers
 from flux_flax.settings import VAE_SCALE_FACTOR, GenerationSettings
 from flux_flax.t5 import T5Config
 from flux_flax.text import TEXT_PARTS, PromptEmbeds, PromptEncoder, dtype_name
@@ -164,7 +165,8 @@ class FluxPipeline:
         `text_encoder_2`, JAX backend only), whose folder may then be absent; their files are
         checked against their digests unless not `verify`. `sources` says what was loaded for each.
         T5 length: 512 for dev, 256 for schnell, by default. `fuse` concatenates the projections
-        that read the same input (`flux_flax.fusion`; exact).
+        that read the same input (`flux_flax.fusion`; exact) and computes the producers of
+        `flux_flax.producers.DEFAULT_KINDS` inside their W4A4 layers' quantization.
 
         `text_backend` runs the text encoders in "jax" (the Flax ports; torch is never imported)
         or "torch" (transformers' models on `text_device`); `text_dtype` (a jnp or torch dtype or
@@ -186,7 +188,7 @@ class FluxPipeline:
             raise FileNotFoundError(f"model folder {model_dir} has no {', '.join(missing)} (expected a diffusers-format FLUX folder)")
         transformer, sources = _load_transformer(model_dir, checkpoints.get("transformer"), dtype, verify)
         if fuse:
-            fuse_projections(transformer)
+            fuse_producers(fuse_projections(transformer), DEFAULT_KINDS)
         if max_sequence_length is None:
             max_sequence_length = 512 if transformer.config.guidance_embeds else 256
         t5 = None

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from convrot_jax import GeluTanh, LayerNormModulation
 from flux_flax.config import ROPE_THETA, FluxConfig
 from flux_flax.fusion import fuse_projections
 from flux_flax.layers import (
@@ -27,6 +28,7 @@ from flux_flax.layers import (
     linear,
     modulate,
 )
+from flux_flax.producers import produce_linear
 
 RotaryEmb = tuple[jax.Array, jax.Array]
 
@@ -44,13 +46,30 @@ class Modulation:
     norm_out: jax.Array  # 2 dim
 
 
+def _modulated_qkv(layer: nnx.Module | None, x: jax.Array, shift: jax.Array, scale: jax.Array,
+                   fused: frozenset[str]) -> list[jax.Array] | None:
+    """A stream's q, k, v from its fused projection `layer` of modulate(x) (the producer fused into
+    a W4A4 layer's quantization when "layernorm" is in `fused`); None without a fused layer."""
+    if layer is None:
+        return None
+    return jnp.split(produce_linear(layer, x, LayerNormModulation(shift, scale), fused), 3, axis=-1)
+
+
+def _feed_forward(ff: FeedForward, x: jax.Array, shift: jax.Array, scale: jax.Array, gate: jax.Array,
+                  fused: frozenset[str], epilogue: bool) -> jax.Array:
+    """x + gate * ff(modulate(x)): net.0.proj, tanh-GELU, net.2 (dropout is the identity), each
+    producer fused into the next W4A4 layer per `fused` (flux_flax.producers), the gated residual
+    in net.2's GEMM epilogue with `epilogue`."""
+    h = produce_linear(ff.net[0].proj, x, LayerNormModulation(shift, scale), fused)
+    return produce_linear(ff.net[2], h, GeluTanh(), fused, residual=x, gate=gate, fuse_epilogue=epilogue)
+
+
 class FluxTransformerBlock(nnx.Module):
     """Double-stream block: image and text streams, each with its own AdaLN modulation,
-    projections and MLP, meeting in one joint attention.
-
-    `fuse_epilogue` (False until `flux_flax.fuse_gated_residuals` sets it) applies the four gated
-    residuals (after to_out, to_add_out and both MLPs) in the W4A4 GEMMs' epilogues
-    (`flux_flax.layers.gated_residual`)."""
+    projections and MLP, meeting in one joint attention. `fused_producers`: which producers
+    run inside the next W4A4 layer's quantization (flux_flax.producers.fuse_producers);
+    `fuse_epilogue` (False until `flux_flax.fuse_gated_residuals` sets it): the four gated
+    residuals (after to_out, to_add_out and both MLPs) run in the W4A4 GEMMs' epilogues."""
 
     def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, *, eps: float = 1e-6,
                  attention_impl: str | None = None, dtype: Dtype, rngs: nnx.Rngs):
@@ -60,6 +79,7 @@ class FluxTransformerBlock(nnx.Module):
                                   attention_impl=attention_impl, dtype=dtype, rngs=rngs)
         self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
         self.ff_context = FeedForward(dim, dtype=dtype, rngs=rngs)
+        self.fused_producers = frozenset()
         self.fuse_epilogue = False
 
     def modulation(self, temb: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -75,36 +95,37 @@ class FluxTransformerBlock(nnx.Module):
                 modulation: tuple[jax.Array, jax.Array], image_rotary_emb: RotaryEmb) -> tuple[jax.Array, jax.Array]:
         """The block given its `modulation` (precomputed, or from `__call__`)."""
         image_modulation, text_modulation = modulation
-        norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1.modulate(
-            hidden_states, image_modulation)
-        norm_encoder_hidden_states, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context.modulate(
-            encoder_hidden_states, text_modulation
-        )
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1.chunks(image_modulation)
+        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context.chunks(
+            text_modulation)
+        fused = self.fused_producers
 
-        attn_output, context_attn_output = self.attn.attend(norm_hidden_states, norm_encoder_hidden_states,
-                                                            image_rotary_emb)
-        fused = self.fuse_epilogue
+        # Each stream's modulated norm feeds its fused q/k/v projection, or without one the three.
+        qkv = _modulated_qkv(self.attn.to_qkv, hidden_states, shift_msa, scale_msa, fused)
+        added_qkv = _modulated_qkv(self.attn.to_added_qkv, encoder_hidden_states, c_shift_msa, c_scale_msa, fused)
+        attn_output, context_attn_output = self.attn.attend(
+            modulate(hidden_states, scale_msa, shift_msa) if qkv is None else None,
+            modulate(encoder_hidden_states, c_scale_msa, c_shift_msa) if added_qkv is None else encoder_hidden_states,
+            image_rotary_emb, qkv=qkv, added_qkv=added_qkv)
+        epilogue = self.fuse_epilogue
 
         # Image stream: gated attention residual (through to_out), then the modulated MLP (norm2 is a
         # plain LayerNorm) and its gated residual.
-        hidden_states = gated_residual(self.attn.to_out[0], attn_output, hidden_states, gate_msa, fused=fused)
-        norm_hidden_states = modulate(hidden_states, scale_mlp, shift_mlp)
-        hidden_states = gated_residual(self.ff.net[2], self.ff.hidden(norm_hidden_states), hidden_states, gate_mlp,
-                                       fused=fused)
+        hidden_states = gated_residual(self.attn.to_out[0], attn_output, hidden_states, gate_msa, fused=epilogue)
+        hidden_states = _feed_forward(self.ff, hidden_states, shift_mlp, scale_mlp, gate_mlp, fused, epilogue)
 
         # Text stream, the same with its own weights.
         encoder_hidden_states = gated_residual(self.attn.to_add_out, context_attn_output, encoder_hidden_states,
-                                               c_gate_msa, fused=fused)
-        norm_encoder_hidden_states = modulate(encoder_hidden_states, c_scale_mlp, c_shift_mlp)
-        context_ff_hidden = self.ff_context.hidden(norm_encoder_hidden_states)
-        encoder_hidden_states = gated_residual(self.ff_context.net[2], context_ff_hidden, encoder_hidden_states,
-                                               c_gate_mlp, fused=fused)
+                                               c_gate_msa, fused=epilogue)
+        encoder_hidden_states = _feed_forward(self.ff_context, encoder_hidden_states, c_shift_mlp, c_scale_mlp,
+                                              c_gate_mlp, fused, epilogue)
         return encoder_hidden_states, hidden_states
 
 
 class FluxSingleTransformerBlock(nnx.Module):
     """Single-stream block over [text, image]: attention and MLP in parallel from one modulated
-    norm, their outputs concatenated into one projection (`proj_out`, K = dim + 4 dim).
+    norm, their outputs concatenated into one projection (`proj_out`, K = dim + 4 dim), the MLP's
+    tanh-GELU applied to its part of that input. `fused_producers`: as FluxTransformerBlock's.
 
     `to_qkv_mlp` (this port's name; diffusers has none) stays None until
     `flux_flax.fuse_projections` replaces attn.to_q, attn.to_k, attn.to_v and proj_mlp, which all
@@ -120,6 +141,7 @@ class FluxSingleTransformerBlock(nnx.Module):
         self.attn = FluxAttention(dim, num_attention_heads, attention_head_dim, pre_only=True, eps=1e-6,
                                   attention_impl=attention_impl, dtype=dtype, rngs=rngs)
         self.to_qkv_mlp = nnx.data(None)
+        self.fused_producers = frozenset()
         self.fuse_epilogue = False
 
     def modulation(self, temb: jax.Array) -> jax.Array:
@@ -138,18 +160,22 @@ class FluxSingleTransformerBlock(nnx.Module):
         hidden_states = jnp.concatenate([encoder_hidden_states, hidden_states], axis=1)
 
         residual = hidden_states
-        norm_hidden_states, gate = self.norm.modulate(hidden_states, modulation)
+        shift, scale, gate = self.norm.chunks(modulation)
+        dim = hidden_states.shape[-1]
         if self.to_qkv_mlp is None:
+            norm_hidden_states = modulate(hidden_states, scale, shift)
             mlp_hidden_states = self.proj_mlp(norm_hidden_states)
             attn_output = self.attn(norm_hidden_states, image_rotary_emb=image_rotary_emb)
         else:  # q, k, v are dim wide each (proj_out's K = dim + mlp), the MLP's input the rest.
-            dim = norm_hidden_states.shape[-1]
-            *qkv, mlp_hidden_states = jnp.split(self.to_qkv_mlp(norm_hidden_states), [dim, 2 * dim, 3 * dim], axis=-1)
-            attn_output = self.attn(norm_hidden_states, image_rotary_emb=image_rotary_emb, qkv=qkv)
-        mlp_hidden_states = jax.nn.gelu(mlp_hidden_states, approximate=True)
+            projected = produce_linear(self.to_qkv_mlp, hidden_states, LayerNormModulation(shift, scale),
+                                       self.fused_producers)
+            *qkv, mlp_hidden_states = jnp.split(projected, [dim, 2 * dim, 3 * dim], axis=-1)
+            attn_output = self.attn(None, image_rotary_emb=image_rotary_emb, qkv=qkv)
 
+        # proj_out reads [attention, GELU(MLP)]: the GELU is its producer, on the features from dim on.
         hidden_states = jnp.concatenate([attn_output, mlp_hidden_states], axis=2)
-        hidden_states = gated_residual(self.proj_out, hidden_states, residual, gate, fused=self.fuse_epilogue)
+        hidden_states = produce_linear(self.proj_out, hidden_states, GeluTanh(dim), self.fused_producers,
+                                       residual=residual, gate=gate, fuse_epilogue=self.fuse_epilogue)
         return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
 
 

@@ -28,11 +28,14 @@ scale formula, an IEEE division 1 / scale (inline `div.rn.f32`: with LLVM's divf
 differed on the H100), one rounded multiply (`mul.rn.f32`), round half to even, clip to [-7, 7];
 a row holding NaN/Inf gets a NaN scale and zero codes.
 
-Prologues (unused by the model today; within one code step of the reference on <= 0.1% of codes):
-"gelu_tanh" applies tanh-GELU to the loaded values; "layernorm" first makes two more passes over
-the rows in shared memory (mean, then variance, each a per-row warpgroup reduction), and with
-`shift`/`scale` each block also copies its image's two (K,) modulation rows to shared memory (once
-per row of the block).
+Prologues (the producer of the layer's input, computed here from the producer's own input, so
+its output never goes through HBM; within one code step of the reference on <= 0.1% of codes):
+"gelu_tanh" applies tanh-GELU to the loaded values (from column `gelu_from` on); "layernorm" first
+makes two more passes over the rows in shared memory (mean, then variance, each a per-row
+warpgroup reduction), and with `shift`/`scale` (per image) row slot r of a modulation buffer holds
+the (shift, scale) rows of row r's image. A modulated call runs a persistent grid: each program
+takes a contiguous run of blocks and copies modulation rows only when its block's images change
+(for one image: once per program; one copy per block lost to XLA's producer + the plain kernel).
 
 Measurements: benchmarks/results/rotate_quantize.md; notes: benchmarks/notes/rotate_quantize.md.
 """
@@ -53,6 +56,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.rotate_quantize_reference import LAYERNORM_EPS, Prologue, check_inputs
 from pallas_kernels.rounding import int4_round, int4_scale, regular_levels, regular_stage
+from pallas_kernels.tile_schedule import sm_count
 
 WARPGROUP = 128
 
@@ -60,6 +64,8 @@ WARPGROUP = 128
 # Rotated values a thread may hold between the two halves of the one-pass form (float32
 # registers; ptxas has 255): rows * padded K / 128 of them.
 KEEP_LIMIT = 128
+# Input values a thread may hold besides them (a LayerNorm's three sweeps from one load).
+HOLD_LIMIT = 64
 SMEM_BYTES = 227 * 1024  # what one CTA may use on the H100
 
 
@@ -69,11 +75,21 @@ class RotateQuantizeConfig:
     chunk_mult: groups per chunk as a multiple of the fewest (more values per thread, more
     independent adds in flight, more registers); keep: hold the rotated rows in registers and
     rotate once (True), or rotate twice, once for the absmax and once for the codes (False);
-    None: keep when rows * (padded) K / 128 <= KEEP_LIMIT."""
+    None: keep when rows * (padded) K / 128 <= KEEP_LIMIT. persistent: `programs_per_sm`
+    programs per SM, each taking a contiguous run of blocks (and loading its image's modulation
+    rows once per image it meets) instead of one program per block; None: persistent when
+    modulated. hold_input (LayerNorm with `keep` only): load the rows once into registers for the
+    statistics and the rotation, instead of once per sweep from shared memory; None: when
+    rows * (padded) K / 128 <= HOLD_LIMIT. pack_modulation (bf16 shift and scale): one 32-bit
+    word per column holds both, one shared-memory load instead of two."""
 
     rows: int | None = None
     chunk_mult: int = 1
     keep: bool | None = None
+    persistent: bool | None = None
+    programs_per_sm: int = 2
+    hold_input: bool | None = None
+    pack_modulation: bool = False
 
 
 def keep_rotated(k: int, rows: int, config: RotateQuantizeConfig) -> bool:
@@ -256,53 +272,79 @@ def _by_row(row_of: jax.Array, values: list[jax.Array], like: jax.Array) -> jax.
     return out
 
 
-def _layernorm_stats(b: _Block, n: int) -> tuple[jax.Array, jax.Array]:
-    """(mean, 1 / std) of each row, broadcast to `shape1`: two passes over the rows in shared
-    memory, the second over squared deviations from the mean (the zero groups left out)."""
+def _layernorm_stats(b: _Block, n: int, held: list | None) -> tuple[jax.Array, jax.Array]:
+    """(mean, 1 / std) of each row, broadcast to `shape1`: two sweeps over the rows, the second
+    over squared deviations from the mean (the zero groups left out). `held`: every chunk's
+    loaded arrays, kept in registers (the sweeps then read no shared memory); None: each sweep
+    loads them again. Same float32 operations in the same order either way."""
     chunks, count = b.groups // b.chunk, np.float32(b.real * n)
     zero1 = plgpu.layout_cast(jnp.zeros(b.shape1, jnp.float32), b.layout1)
 
-    def add_sum(c, acc):
-        return functools.reduce(jnp.add, _load_parts(b, c), acc)
+    def sweep(add, acc):
+        if held is None:
+            return jax.lax.fori_loop(0, chunks, lambda c, acc: add(c, _load_parts(b, c), acc), acc)
+        return functools.reduce(lambda acc, c: add(c, held[c], acc), range(chunks), acc)
 
-    row_of1, sums = _per_row(jax.lax.fori_loop(0, chunks, add_sum, zero1), b.layout1, b.rows, jnp.sum)
+    def add_sum(c, parts, acc):
+        return functools.reduce(jnp.add, parts, acc)
+
+    row_of1, sums = _per_row(sweep(add_sum, zero1), b.layout1, b.rows, jnp.sum)
     mean = _by_row(row_of1, [s_ / count for s_ in sums], zero1)
 
-    def add_square(c, acc):
-        d = [jnp.square(v - mean) for v in _load_parts(b, c)]
+    def add_square(c, parts, acc):
+        d = [jnp.square(v - mean) for v in parts]
         ok = _valid(b, c)
         if ok is not None:
             d = [jnp.where(ok, v, 0.0) for v in d]
         return functools.reduce(jnp.add, d, acc)
 
-    _, squares = _per_row(jax.lax.fori_loop(0, chunks, add_square, zero1), b.layout1, b.rows, jnp.sum)
+    _, squares = _per_row(sweep(add_square, zero1), b.layout1, b.rows, jnp.sum)
     rstd = _by_row(row_of1, [jax.lax.rsqrt(q / count + np.float32(LAYERNORM_EPS)) for q in squares], zero1)
     return mean, rstd
 
 
-def _prologue_parts(b: _Block, c, prologue: Prologue, stats) -> list[jax.Array]:
-    """Chunk c's phase 1 arrays after the prologue (`stats`: the LayerNorm's (mean, rstd))."""
-    parts = _load_parts(b, c)
-    if prologue == "gelu_tanh":
+def _gelu_parts(b: _Block, c, parts: list[jax.Array], gelu_from: int) -> list[jax.Array]:
+    """tanh-GELU on the groups of chunk c from group `gelu_from` on (static where the chunk loop
+    is unrolled, a per-element select where it is not)."""
+    g0 = _first_group(c, b.chunk)
+    if isinstance(g0, int) and g0 >= gelu_from:
         return [_gelu_tanh(v) for v in parts]
+    if isinstance(g0, int) and g0 + b.chunk <= gelu_from:
+        return parts
+    g = plgpu.layout_cast(jax.lax.broadcasted_iota(jnp.int32, b.shape1, 1), b.layout1)
+    on = g + g0 >= gelu_from
+    return [jnp.where(on, _gelu_tanh(v), v) for v in parts]
+
+
+def _prologue_parts(b: _Block, c, prologue: Prologue, stats, gelu_from: int, held: list | None) -> list[jax.Array]:
+    """Chunk c's phase 1 arrays after the prologue (`stats`: the LayerNorm's (mean, rstd);
+    `gelu_from`: the first group the GELU applies to; `held`: the chunks already loaded, or None)."""
+    parts = _load_parts(b, c) if held is None else held[c]
+    if prologue == "gelu_tanh":
+        return _gelu_parts(b, c, parts, gelu_from)
     if prologue == "none":
         return parts
     mean, rstd = stats
     parts = [(v - mean) * rstd for v in parts]
     if b.mod is not None:
         g0 = _first_group(c, b.chunk)
-        mod = [[plgpu.load(b.mod.at[:, pl.ds(g0, b.chunk), i, h, :], layout=b.layout1).astype(jnp.float32)
-                for h in range(b.hi)] for i in range(2)]
+        if b.mod.dtype == jnp.int32:  # bf16 shift (low half) and scale (high half): a bf16 is a float32's high half
+            words = [plgpu.load(b.mod.at[:, pl.ds(g0, b.chunk), h, :], layout=b.layout1) for h in range(b.hi)]
+            mod = [[jax.lax.bitcast_convert_type(w << 16, jnp.float32) for w in words],
+                   [jax.lax.bitcast_convert_type(w & np.int32(-65536), jnp.float32) for w in words]]
+        else:
+            mod = [[plgpu.load(b.mod.at[:, pl.ds(g0, b.chunk), i, h, :], layout=b.layout1).astype(jnp.float32)
+                    for h in range(b.hi)] for i in range(2)]
         parts = [v * (1 + sc) + sh for v, sh, sc in zip(parts, *mod)]
     ok = _valid(b, c)
     return parts if ok is None else [jnp.where(ok, v, 0.0) for v in parts]
 
 
-def _rotated(b: _Block, c, n: int, prologue: Prologue, stats) -> list[jax.Array]:
+def _rotated(b: _Block, c, n: int, prologue: Prologue, stats, gelu_from: int, held: list | None) -> list[jax.Array]:
     """The rotated chunk c as `lo` arrays of `shape2`: array l, element (r, g, h) is rotated
     column h * lo + l of group c * chunk + g. Phase 1, the transpose, phase 2, times 1/sqrt(n)."""
     levels = regular_levels(n)
-    parts = outer_stages(_prologue_parts(b, c, prologue, stats), levels // 2)
+    parts = outer_stages(_prologue_parts(b, c, prologue, stats, gelu_from, held), levels // 2)
     y = b.y.at[c % 2]
     for h in range(b.hi):
         y[:, :, h, pl.ds(0, b.lo)] = parts[h]
@@ -345,9 +387,46 @@ def _write_codes(b: _Block, c, vals: list[jax.Array], finite: jax.Array, inv: ja
         _store_word(dst, j, jnp.where(finite, word, 0), b.layout2, interpret=b.interpret)
 
 
-def _kernel(*refs, m, n, rows, chunk, bits, keep, prologue, modulated, tokens_per_image, interpret):
-    """One block of `rows` rows: load them (and their image's modulation rows) to shared memory,
-    apply the prologue, rotate chunk by chunk, reduce each row's absmax, write scales and codes."""
+class _Grid(NamedTuple):
+    """Which blocks of `rows` rows each program runs: a contiguous run of `per` or `per + 1`
+    blocks (the first `extra` programs take one more); per == 1, extra == 0: one block each."""
+
+    programs: int
+    per: int
+    extra: int
+
+    @staticmethod
+    def of(blocks: int, programs: int) -> "_Grid":
+        programs = min(programs, blocks)
+        return _Grid(programs, blocks // programs, blocks % programs)
+
+    def run(self, program):
+        """(first block, number of blocks) of `program`."""
+        if self.per == 1 and not self.extra:
+            return program, 1
+        first = program * self.per + jnp.minimum(program, self.extra)
+        return first, self.per + (program < self.extra).astype(jnp.int32)
+
+
+def _images(block, rows: int, tokens_per_image: int, images: int) -> list:
+    """The image of each row of block `block` (the rows past M: the last image)."""
+    return [jnp.minimum((block * rows + r) // tokens_per_image, images - 1) for r in range(rows)]
+
+
+def _load_modulation(mod_gmem, mod_smem, barriers, images: list, real: int) -> None:
+    """Row slot r of the block's modulation buffer <- image images[r]'s (shift, scale) rows."""
+    for r, image in enumerate(images):
+        plgpu.copy_gmem_to_smem(mod_gmem.at[pl.ds(image, 1)], mod_smem.at[pl.ds(r, 1), pl.ds(0, real)],
+                                barriers.at[1 + r])
+    for r in range(len(images)):
+        plgpu.barrier_wait(barriers.at[1 + r])
+
+
+def _kernel(*refs, m, n, rows, chunk, bits, keep, hold, prologue, modulated, tokens_per_image, gelu_from, grid,
+            interpret):
+    """A program's blocks of `rows` rows, one after another: load a block (and, when its image
+    changes, that image's modulation rows) to shared memory, apply the prologue, rotate chunk by
+    chunk, reduce each row's absmax, write scales and codes."""
     if modulated:
         x_gmem, mod_gmem, codes_gmem, scales_gmem, x_smem, mod_smem, out_smem, y_smem, barriers = refs
     else:
@@ -355,44 +434,59 @@ def _kernel(*refs, m, n, rows, chunk, bits, keep, prologue, modulated, tokens_pe
         mod_smem = None
     b = _Block(x_smem, mod_smem, y_smem, out_smem, chunk, real=x_gmem.shape[1], interpret=interpret)
     chunks = b.groups // chunk
-    block = jax.lax.axis_index("rows")
-    plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(block * rows, rows)], x_smem.at[:, pl.ds(0, b.real)], barriers.at[0])
-    if modulated:  # this block's image's (shift, scale) rows, once per row of the block
-        image = (block * rows) // tokens_per_image
-        for r in range(rows):
-            plgpu.copy_gmem_to_smem(mod_gmem.at[pl.ds(image, 1)], mod_smem.at[pl.ds(r, 1), pl.ds(0, b.real)],
-                                    barriers.at[1 + r])
     if b.real < b.groups:  # one-row blocks only (plan): the zero groups that round the row up to whole chunks
         x_smem[:, pl.ds(b.real, b.groups - b.real)] = jnp.zeros((rows, b.groups - b.real, b.hi, b.lo), x_smem.dtype)
         plgpu.commit_smem()
-    plgpu.barrier_wait(barriers.at[0])
-    if modulated:
-        for r in range(rows):
-            plgpu.barrier_wait(barriers.at[1 + r])
-
-    stats = _layernorm_stats(b, n) if prologue == "layernorm" else None
-    rotated = functools.partial(_rotated, b, n=n, prologue=prologue, stats=stats)
+    rotated = functools.partial(_rotated, b, n=n, prologue=prologue, gelu_from=gelu_from // n)
     zero = plgpu.layout_cast(jnp.zeros(b.shape2, jnp.float32), b.layout2)
-    if keep:  # one pass: the rotated row stays in registers until its scale is known
-        saved = [rotated(c) for c in range(chunks)]
-        running = functools.reduce(lambda acc, vals: _running_max(vals, acc), saved, zero)
-    else:  # two passes: rotate for the absmax, rotate again for the codes
-        running = jax.lax.fori_loop(0, chunks, lambda c, acc: _running_max(rotated(c), acc), zero)
-    finite, inv = _scale_rows(b, running, scales_gmem, block, m)
-    if keep:
-        for c, vals in enumerate(saved):
-            _write_codes(b, c, vals, finite, inv, bits)
+
+    def one_block(block, mod_key):
+        """Block `block`; `mod_key`: which images' modulation rows the buffer holds, as (image of
+        the first row) * B + (image of the last row) (-1: none). Returns what it holds after."""
+        plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(block * rows, rows)], x_smem.at[:, pl.ds(0, b.real)],
+                                barriers.at[0])
+        if modulated:
+            images = _images(block, rows, tokens_per_image, mod_gmem.shape[0])
+            new = images[0] * mod_gmem.shape[0] + images[-1]  # a block's rows span consecutive images
+
+            @pl.when(new != mod_key)
+            def _():
+                _load_modulation(mod_gmem, mod_smem, barriers, images, b.real)
+
+            mod_key = new
+        plgpu.barrier_wait(barriers.at[0])
+
+        # A LayerNorm sweeps the rows three times: with `hold`, all from one load into registers.
+        held = [_load_parts(b, c) for c in range(chunks)] if hold else None
+        stats = _layernorm_stats(b, n, held) if prologue == "layernorm" else None
+        rot = functools.partial(rotated, stats=stats, held=held)
+        if keep:  # one pass: the rotated row stays in registers until its scale is known
+            saved = [rot(c) for c in range(chunks)]
+            running = functools.reduce(lambda acc, vals: _running_max(vals, acc), saved, zero)
+        else:  # two passes: rotate for the absmax, rotate again for the codes
+            running = jax.lax.fori_loop(0, chunks, lambda c, acc: _running_max(rot(c), acc), zero)
+        finite, inv = _scale_rows(b, running, scales_gmem, block, m)
+        if keep:
+            for c, vals in enumerate(saved):
+                _write_codes(b, c, vals, finite, inv, bits)
+        else:
+            plgpu.commit_smem()  # pass 1's last transposed loads before pass 2's first stores
+            jax.lax.fori_loop(0, chunks, lambda c, carry: (_write_codes(b, c, rot(c), finite, inv, bits), carry)[1], 0)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem.at[:, pl.ds(0, b.real)], codes_gmem.at[pl.ds(block * rows, rows)])
+        plgpu.wait_smem_to_gmem(0)  # and a warpgroup barrier: every read of this block's buffers is done
+        return mod_key
+
+    first, count = grid.run(jax.lax.axis_index("programs"))
+    if isinstance(count, int):
+        one_block(first, jnp.int32(-1))
     else:
-        plgpu.commit_smem()  # pass 1's last transposed loads before pass 2's first stores
-        jax.lax.fori_loop(0, chunks, lambda c, carry: (_write_codes(b, c, rotated(c), finite, inv, bits), carry)[1], 0)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem.at[:, pl.ds(0, b.real)], codes_gmem.at[pl.ds(block * rows, rows)])
-    plgpu.wait_smem_to_gmem(0)
+        jax.lax.fori_loop(0, count, lambda i, mod_key: one_block(first + i, mod_key), jnp.int32(-1))
 
 
 # Jitted with the settings static: every call at the same shapes in a model shares one traced and
 # lowered kernel (FLUX's W4A4 step otherwise lowers ~300 copies of each and compiles for minutes).
-@functools.partial(jax.jit, static_argnames=("group_size", "packed", "prologue", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("group_size", "packed", "prologue", "gelu_from", "config", "interpret"))
 def rotate_quantize(
     x: jax.Array,
     *,
@@ -401,6 +495,7 @@ def rotate_quantize(
     prologue: Prologue = "none",
     shift: jax.Array | None = None,
     scale: jax.Array | None = None,
+    gelu_from: int = 0,
     config: RotateQuantizeConfig | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
@@ -408,9 +503,10 @@ def rotate_quantize(
     int8 (M, K) in [-7, 7], or with `packed` uint8 (M, K/2), low nibble = even k; bit-identical
     without a prologue. prologue: "none"; "layernorm" (no affine, eps 1e-6), modulated as
     LN(x) * (1 + scale) + shift when shift and scale (B, K) are given, image b owning rows
-    [b * M/B, (b + 1) * M/B); or "gelu_tanh". interpret: Mosaic GPU interpret mode (CPU tests)."""
+    [b * M/B, (b + 1) * M/B); or "gelu_tanh" on the columns from `gelu_from` (a multiple of
+    group_size) on. interpret: Mosaic GPU interpret mode (CPU tests)."""
     config = config or RotateQuantizeConfig()
-    modulated = check_inputs(x, group_size, prologue, shift, scale)
+    modulated = check_inputs(x, group_size, prologue, shift, scale, gelu_from)
     m, k = x.shape
     n = group_size
     hi, lo = _split(n)
@@ -421,9 +517,6 @@ def rotate_quantize(
     rows, chunk, held = plan(k, n, config)
     groups = k // n
     tokens_per_image = m // shift.shape[0] if modulated else m
-    if modulated and tokens_per_image % rows:
-        raise ValueError(f"{rows}-row blocks at K={k} would straddle images of {tokens_per_image} rows "
-                         f"(x {x.shape}, shift {shift.shape}): pass a config with rows dividing {tokens_per_image}")
     mod_dtype = jnp.result_type(shift, scale) if modulated else x.dtype
     smem = rows * held * n * (x.dtype.itemsize + bits // 8) + 2 * rows * chunk * hi * (lo + 1) * 4
     if modulated:
@@ -432,12 +525,23 @@ def rotate_quantize(
         raise ValueError(f"{config} needs {smem} bytes of shared memory at K={k} (rows={rows}, {chunk} groups "
                          f"per chunk), over the {SMEM_BYTES} a CTA has: lower rows or chunk_mult")
     blocks = pl.cdiv(m, rows)
-    kernel = functools.partial(_kernel, m=m, n=n, rows=rows, chunk=chunk, bits=bits,
-                               keep=keep_rotated(held * n, rows, config), prologue=prologue, modulated=modulated,
-                               tokens_per_image=tokens_per_image, interpret=interpret)
+    persistent = config.persistent if config.persistent is not None else modulated
+    grid = _Grid.of(blocks, config.programs_per_sm * sm_count(interpret) if persistent else blocks)
+    keep = keep_rotated(held * n, rows, config)
+    hold = prologue == "layernorm" and keep and (config.hold_input if config.hold_input is not None else
+                                                 rows * held * n // WARPGROUP <= HOLD_LIMIT)
+    kernel = functools.partial(_kernel, m=m, n=n, rows=rows, chunk=chunk, bits=bits, keep=keep, hold=hold,
+                               prologue=prologue, modulated=modulated,
+                               tokens_per_image=tokens_per_image, gelu_from=gelu_from, grid=grid,
+                               interpret=interpret)
     inputs = [x.reshape(m, groups, hi, lo)]
     mod_smem = []
-    if modulated:  # (B, groups, 2, hi, lo): one image's shift and scale rows in one copy
+    if modulated and config.pack_modulation and mod_dtype == jnp.bfloat16:  # (B, groups, hi, lo) words
+        halves = [jax.lax.bitcast_convert_type(v, jnp.uint16).astype(jnp.uint32) for v in (shift, scale)]
+        word = jax.lax.bitcast_convert_type(halves[0] | (halves[1] << 16), jnp.int32)
+        inputs.append(word.reshape(-1, groups, hi, lo))
+        mod_smem = [plgpu.SMEM((rows, held, hi, lo), jnp.int32)]
+    elif modulated:  # (B, groups, 2, hi, lo): one image's shift and scale rows in one copy
         mod = jnp.stack([shift.astype(mod_dtype), scale.astype(mod_dtype)], axis=1)
         inputs.append(jnp.moveaxis(mod.reshape(-1, 2, groups, hi, lo), 1, 2))
         mod_smem = [plgpu.SMEM((rows, held, 2, hi, lo), mod_dtype)]
@@ -447,8 +551,8 @@ def rotate_quantize(
             jax.ShapeDtypeStruct((m, groups, hi * words), jnp.int32),
             jax.ShapeDtypeStruct((m,), jnp.float32),
         ),
-        grid=(blocks,),
-        grid_names=("rows",),
+        grid=(grid.programs,),
+        grid_names=("programs",),
         kernel_name="rotate_quantize",  # how profiles (bench_e2e's stages) tell it from the GEMM
         scratch_types=[
             plgpu.SMEM((rows, held, hi, lo), x.dtype),

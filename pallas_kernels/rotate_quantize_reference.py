@@ -23,7 +23,8 @@ LAYERNORM_EPS = 1e-6
 
 
 def check_inputs(
-    x: jax.Array, group_size: int, prologue: str, shift: jax.Array | None, scale: jax.Array | None
+    x: jax.Array, group_size: int, prologue: str, shift: jax.Array | None, scale: jax.Array | None,
+    gelu_from: int = 0,
 ) -> bool:
     """Validates a rotate-quantize call; returns whether the LayerNorm is modulated. Errors name
     the argument and shape at fault."""
@@ -37,6 +38,9 @@ def check_inputs(
         raise ValueError(f"x's last axis ({k}, shape {x.shape}) must be a multiple of group_size ({group_size})")
     if prologue not in PROLOGUES:
         raise ValueError(f"prologue must be one of {PROLOGUES}, got {prologue!r}")
+    if gelu_from and (prologue != "gelu_tanh" or gelu_from % group_size or not 0 < gelu_from < k):
+        raise ValueError(f"gelu_from={gelu_from} needs prologue='gelu_tanh' and a multiple of group_size "
+                         f"({group_size}) inside x's {k} columns (shape {x.shape})")
     modulated = shift is not None or scale is not None
     if modulated:
         if prologue != "layernorm" or shift is None or scale is None:
@@ -50,14 +54,16 @@ def check_inputs(
 
 
 def apply_prologue(
-    x: jax.Array, prologue: Prologue = "none", shift: jax.Array | None = None, scale: jax.Array | None = None
+    x: jax.Array, prologue: Prologue = "none", shift: jax.Array | None = None, scale: jax.Array | None = None,
+    gelu_from: int = 0,
 ) -> jax.Array:
     """The prologue in jnp, float32: x (M, K) -> (M, K). "layernorm" has no affine (eps 1e-6);
     shift/scale (B, K) modulate image b's M / B consecutive rows: LayerNorm(x) * (1 + scale) +
-    shift. "gelu_tanh" is jax.nn.gelu(approximate=True)."""
+    shift. "gelu_tanh" is jax.nn.gelu(approximate=True) on the columns from `gelu_from` on (the
+    columns before it pass unchanged: FLUX's single blocks feed [attention, GELU(MLP)])."""
     xf = x.astype(jnp.float32)
     if prologue == "gelu_tanh":
-        return jax.nn.gelu(xf, approximate=True)
+        return jnp.concatenate([xf[:, :gelu_from], jax.nn.gelu(xf[:, gelu_from:], approximate=True)], axis=-1)
     if prologue == "none":
         return xf
     mean = jnp.mean(xf, axis=-1, keepdims=True)
@@ -79,12 +85,13 @@ def rotate_quantize_reference(
     prologue: Prologue = "none",
     shift: jax.Array | None = None,
     scale: jax.Array | None = None,
+    gelu_from: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """x (M, K) -> (codes, float32 scales (M,)) as the kernel returns them: the prologue, then
     each group of `group_size` rotated and each row quantized; codes int8 (M, K) in [-7, 7], or
     with `packed` uint8 (M, K/2), low nibble = even k."""
-    check_inputs(x, group_size, prologue, shift, scale)
-    y = apply_prologue(x, prologue, shift, scale)
+    check_inputs(x, group_size, prologue, shift, scale, gelu_from)
+    y = apply_prologue(x, prologue, shift, scale, gelu_from)
     m, k = y.shape
     rotated = regular_rotate(y.reshape(m, k // group_size, group_size)).reshape(m, k)
     codes, scales = symmetric_int4(rotated, axis=-1)

@@ -10,6 +10,12 @@ import jax
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 
+def sm_count(interpret: bool) -> int:
+    """The SMs a persistent grid spreads over. Interpret mode takes 4, so that the CPU tests also
+    exercise several units of work per program (and the GEMM's split tail)."""
+    return 4 if interpret else jax.devices()[0].core_count
+
+
 @dataclasses.dataclass(frozen=True)
 class TileSchedule:
     """How the persistent grid covers the (m_tiles x n_tiles) output tiles; all static.

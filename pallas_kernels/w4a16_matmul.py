@@ -62,7 +62,7 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels.int4_unpack import permute_k32, swizzle_transforms, unpack_tile
-from pallas_kernels.tile_schedule import TileSchedule, tile_coords, tile_schedule
+from pallas_kernels.tile_schedule import TileSchedule, sm_count, tile_coords, tile_schedule
 from pallas_kernels.w4a16_matmul_config import W4A16MatmulConfig, config_for
 
 
@@ -296,12 +296,6 @@ def _check_operands(x, w_packed, w_scales, bias, scale_group) -> None:
         raise ValueError(f"bias {bias.shape} must be (N,) = ({n},)")
 
 
-def _sm_count(interpret: bool) -> int:
-    """Persistent grid: at most one program per SM. Interpret mode takes 4, so that the CPU tests
-    also exercise several tiles per program and the split tail."""
-    return 4 if interpret else jax.devices()[0].core_count
-
-
 def _finish_tiles(y, acc, mi, ni, w_scales, bias, config: W4A16MatmulConfig, grouped: bool) -> jax.Array:
     """Scales (per channel) and biases float32 tiles acc (tiles, 2 * tile_n, tile_m) at tile
     coordinates (mi, ni) as the epilogue does and writes them into y (N, M) with one scatter."""
@@ -395,7 +389,7 @@ def w4a16_matmul(
     b = None if bias is None else bias.astype(jnp.float32)
 
     tiles = (m_pad // cfg.tile_m, n // (2 * cfg.tile_n))
-    k_steps, sms = k // cfg.tile_k, _sm_count(interpret)
+    k_steps, sms = k // cfg.tile_k, sm_count(interpret)
     if cfg.schedule == "stream_k":
         run = -(-math.prod(tiles) * k_steps // sms)
         plan = _Plan(cfg, tiles, k_steps, -(-math.prod(tiles) * k_steps // run), scale_group is not None,

@@ -73,7 +73,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.int4_unpack import swizzle_transforms, unpack_tile
-from pallas_kernels.tile_schedule import TileSchedule, tile_coords, tile_schedule
+from pallas_kernels.tile_schedule import TileSchedule, sm_count, tile_coords, tile_schedule
 from pallas_kernels.w4a4_matmul_config import W4A4MatmulConfig, config_for
 from pallas_kernels.w4a4_matmul_reference import check_gated_residual
 
@@ -498,12 +498,6 @@ def _check_operands(x_codes, x_scales, w_packed, w_scales, bias, scale_group, ga
         raise ValueError(f"residual dtype {residual.dtype} must be the output dtype {jnp.dtype(out_dtype)}")
 
 
-def _sm_count(interpret: bool) -> int:
-    """Persistent grid: at most one program per SM. Interpret mode takes 4, so that the CPU tests
-    also exercise several tiles per program and the split tail."""
-    return 4 if interpret else jax.devices()[0].core_count
-
-
 # The shared memory a CTA may use on Hopper (227 KiB), less room for the barriers.
 _SMEM_BYTES = 227 * 1024 - 1024
 
@@ -575,7 +569,7 @@ def _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, *, scale_
 
     out_nm = _int32_output_transposed(cfg, int32_out)
     tiles = (m_pad // cfg.tile_m, n // (2 * cfg.tile_n))
-    schedule = tile_schedule(math.prod(tiles), k // cfg.tile_k, _sm_count(interpret), cfg.max_concurrent_steps,
+    schedule = tile_schedule(math.prod(tiles), k // cfg.tile_k, sm_count(interpret), cfg.max_concurrent_steps,
                              cfg.split_tail and scale_group is None)
     out_types = [jax.ShapeDtypeStruct((n, m_pad) if out_nm else (m_pad, n), out_t)]
     if schedule.splits > 1:

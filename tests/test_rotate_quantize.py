@@ -101,6 +101,9 @@ def test_matches_convrot_quantizer(implementation, k, group_size, dtype, packed)
         ((4, 256), {"shift": jnp.zeros((3, 256)), "scale": jnp.zeros((3, 256)), "prologue": "layernorm"}, r"\(3, 256\)"),
         ((4, 256), {"shift": jnp.zeros((1, 256))}, "go together"),
         ((4, 256), {"dtype": jnp.float16}, "bfloat16 or float32"),
+        ((4, 512), {"prologue": "gelu_tanh", "gelu_from": 100}, r"gelu_from=100.*\(4, 512\)"),
+        ((4, 512), {"prologue": "gelu_tanh", "gelu_from": 512}, "gelu_from=512"),
+        ((4, 512), {"prologue": "layernorm", "gelu_from": 256}, "gelu_from=256 needs prologue='gelu_tanh'"),
     ],
 )
 @IMPLEMENTATIONS
@@ -139,18 +142,38 @@ def test_interpret_bit_identical(m, k, group_size, dtype, packed, config):
     assert np.isnan(want[1][2]) and np.isnan(want[1][3]) and not want[0][2:4].any()
 
 
+# Interpret mode spreads a persistent grid over 4 "SMs" (pallas_kernels.tile_schedule.sm_count).
 @pytest.mark.parametrize(
     "m,k,b,config",
-    [(8, 512, 2, RotateQuantizeConfig()),  # 4-row blocks, one image each
-     (8, 3072, 2, RotateQuantizeConfig()),  # 2-row blocks, one pass
-     (4, 9216, 1, RotateQuantizeConfig(keep=False))],  # padded row: the zero groups stay zero
+    [(8, 512, 2, RotateQuantizeConfig()),  # 4-row blocks, one image each, one block per program
+     (8, 3072, 2, RotateQuantizeConfig()),  # 2-row blocks, one pass, the rows held in registers
+     (8, 3072, 2, RotateQuantizeConfig(hold_input=False)),  # the three sweeps each from shared memory
+     (8, 3072, 2, RotateQuantizeConfig(pack_modulation=True)),  # shift and scale in one word
+     (4, 9216, 1, RotateQuantizeConfig(keep=False)),  # padded row: the zero groups stay zero
+     (36, 512, 3, RotateQuantizeConfig(programs_per_sm=1)),  # 9 blocks on 4 programs: runs of 3, 2, 2, 2 blocks
+     (12, 3072, 3, RotateQuantizeConfig(programs_per_sm=1, keep=False)),  # 6 blocks: runs cross images
+     (12, 512, 3, RotateQuantizeConfig(persistent=False)),  # one program per block
+     (9, 512, 3, RotateQuantizeConfig(programs_per_sm=1)),  # 4-row blocks straddle 3-row images; 1 row out
+     (10, 3072, 2, RotateQuantizeConfig(programs_per_sm=1))],  # 5-row images: blocks 2 straddles
 )
 @pytest.mark.slow
 def test_interpret_layernorm_modulation(m, k, b, config):
+    """Each image's rows get its own shift and scale (a wrong image mapping moves most codes)."""
     x = _inputs(2 * m, k, jnp.bfloat16)[m:]  # finite rows only
     shift, scale = _modulation(b, k, jnp.bfloat16)
     got = rotate_quantize(x, prologue="layernorm", shift=shift, scale=scale, config=config, interpret=True)
     _assert_close(got, _reference(x, prologue="layernorm", shift=shift, scale=scale))
+
+
+@pytest.mark.parametrize("packed,config", [(False, RotateQuantizeConfig()),  # chunk loop unrolled
+                                           (True, RotateQuantizeConfig(keep=False))])  # chunk loop traced
+@pytest.mark.slow
+def test_interpret_gelu_from(packed, config):
+    """GELU on the columns from group 3 on only: 4-row blocks of 2-group chunks, 5 rows (the last
+    block 3 rows out), one chunk straddling the boundary."""
+    x = _inputs(10, 1536, jnp.bfloat16)[5:]
+    got = rotate_quantize(x, prologue="gelu_tanh", gelu_from=768, packed=packed, config=config, interpret=True)
+    _assert_close(got, _reference(x, prologue="gelu_tanh", gelu_from=768, packed=packed), packed=packed)
 
 
 @pytest.mark.slow
@@ -161,11 +184,6 @@ def test_interpret_layernorm_and_gelu():
     _assert_close(got, _reference(x, prologue="gelu_tanh", packed=True), packed=True)
 
 
-def test_modulation_blocks_must_not_straddle_images():
-    x = jnp.ones((6, 3072), jnp.bfloat16)
-    with pytest.raises(ValueError, match="straddle images of 3 rows"):
-        rotate_quantize(x, prologue="layernorm", shift=jnp.zeros((2, 3072)), scale=jnp.zeros((2, 3072)),
-                             interpret=True)
 
 
 @pytest.mark.parametrize(
@@ -225,18 +243,22 @@ def test_gpu_group_sizes(group_size):
     _assert_exact(rotate_quantize(x, group_size=group_size), _reference(x, group_size=group_size))
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("k,b", [(3072, 1), (3072, 2), (15360, 2)])
-def test_gpu_layernorm_modulation(k, b):
-    x = _inputs(4 + 512 * b, k, jnp.bfloat16, seed=k)[4:]
+@pytest.mark.parametrize("m,k,b,config", [(4608, 3072, 1, None), (1536, 3072, 1, None), (2 * 1536, 3072, 2, None),
+                                          (3 * 512, 3072, 3, RotateQuantizeConfig(persistent=False)),
+                                          (2 * 512, 15360, 2, None)])
+def test_gpu_layernorm_modulation(m, k, b, config):
+    x = _inputs(4 + m, k, jnp.bfloat16, seed=k)[4:]
     shift, scale = _modulation(b, k, jnp.bfloat16)
-    got = rotate_quantize(x, prologue="layernorm", shift=shift, scale=scale)
+    got = rotate_quantize(x, prologue="layernorm", shift=shift, scale=scale, config=config)
     _assert_close(got, _reference(x, prologue="layernorm", shift=shift, scale=scale))
 
 
 @pytest.mark.gpu
-def test_gpu_gelu():
-    x = _inputs(516, 12288, jnp.bfloat16)[4:]
-    _assert_close(rotate_quantize(x, prologue="gelu_tanh"), _reference(x, prologue="gelu_tanh"))
+@pytest.mark.parametrize("k,gelu_from", [(12288, 0), (15360, 3072)])
+def test_gpu_gelu(k, gelu_from):
+    x = _inputs(1031, k, jnp.bfloat16)[4:]
+    got = rotate_quantize(x, prologue="gelu_tanh", gelu_from=gelu_from)
+    _assert_close(got, _reference(x, prologue="gelu_tanh", gelu_from=gelu_from))
 
 
 @pytest.mark.gpu

@@ -1,0 +1,70 @@
+"""Producers quantized where they are made: the AdaLN LayerNorm + modulate and the MLPs' tanh-GELU
+that feed W4A4 layers can run inside the rotate-quantize kernel (`convrot_jax.prologue`), which
+then reads the producer's input instead of an activation XLA wrote to HBM in bf16.
+
+`produce_linear(layer, x, prologue, fused)` is the one dispatch the blocks use at each such site:
+a W4A4 layer (`ConvDense4bit`) whose prologue kind is in `fused` quantizes prologue(x) straight
+from x; any other layer (bf16, W4A16, or that kind not fused) gets `produce(x, prologue)`, the
+producer as the model has always run it in XLA ops, in the model dtype. `fuse_producers(model,
+kinds)` is the switch, per model (off unless called), so fused and unfused run in one process.
+
+The sites (FLUX.1): double blocks' norm1 / norm1_context when their q, k, v are fused into one
+layer (attn.to_qkv / attn.to_added_qkv: the modulated norm then feeds that layer alone), norm2
+before ff.net.0.proj (and the text stream's), ff.net.2 after the GELU; single blocks' norm before
+the fused to_qkv_mlp, and proj_out after GELU(MLP) (its first `dim` features, the attention
+output, pass unchanged).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from convrot_jax import ConvDense4bit, GeluTanh, LayerNormModulation
+from convrot_jax.prologue import Prologue
+from flux_flax.layers import gated_residual, modulate
+
+KINDS: dict[type, str] = {LayerNormModulation: "layernorm", GeluTanh: "gelu"}
+# What the pipeline fuses (FluxPipeline.from_pretrained with fuse=True): the kinds measured faster
+# than XLA's producer + the plain rotate-quantize kernel (benchmarks/results/rotate_quantize.md).
+DEFAULT_KINDS: tuple[str, ...] = ()
+
+
+def produce(x: jax.Array, prologue: Prologue) -> jax.Array:
+    """The producer in XLA ops as the unfused model runs it, output in x.dtype."""
+    if isinstance(prologue, LayerNormModulation):
+        return modulate(x, prologue.scale, prologue.shift)
+    gelu = jax.nn.gelu(x[..., prologue.start:], approximate=True)
+    return gelu if prologue.start == 0 else jnp.concatenate([x[..., :prologue.start], gelu], axis=-1)
+
+
+def produce_linear(layer: nnx.Module, x: jax.Array, prologue: Prologue, fused: frozenset[str], *,
+                   residual: jax.Array | None = None, gate: jax.Array | None = None,
+                   fuse_epilogue: bool = False) -> jax.Array:
+    """layer(prologue(x)): fused into the W4A4 layer's quantization when its kind is in `fused`,
+    else the XLA producer, then the layer. With `residual` and `gate`, FLUX's gated residual
+    residual + gate[:, None] * layer(prologue(x)), in the W4A4 GEMM's epilogue with
+    `fuse_epilogue` (`flux_flax.layers.gated_residual`)."""
+    if isinstance(layer, ConvDense4bit) and KINDS[type(prologue)] in fused:
+        if residual is None:
+            return layer(x, prologue=prologue)
+        if fuse_epilogue:
+            return layer(x, prologue=prologue, residual=residual, gate=gate)
+        return residual + gate[:, None] * layer(x, prologue=prologue)
+    if residual is None:
+        return layer(produce(x, prologue))
+    return gated_residual(layer, produce(x, prologue), residual, gate, fused=fuse_epilogue)
+
+
+def fuse_producers(model: nnx.Module, kinds: Iterable[str] = tuple(KINDS.values())) -> nnx.Module:
+    """Sets, IN PLACE, which producer kinds ("layernorm", "gelu"; none: unfused) every block of a
+    FLUX transformer `model` fuses into its W4A4 layers; returns `model`."""
+    kinds = frozenset(kinds)
+    if not kinds <= set(KINDS.values()):
+        raise ValueError(f"producer kinds must be among {sorted(KINDS.values())}, got {sorted(kinds)}")
+    for block in (*model.transformer_blocks, *model.single_transformer_blocks):
+        block.fused_producers = kinds
+    return model
