@@ -210,7 +210,7 @@ def _kernel(*refs, precision: Precision, seq: int, seq_pad: int, config: Attenti
     bq, bkv = config.block_q, config.block_kv
     head_dim = q_ref.shape[-1]
     logit_scale = LOG2E / math.sqrt(head_dim)  # bf16: logits * log2 e from q.k
-    kv_steps = seq_pad // bkv
+    kv_steps = -(-seq // bkv)  # KV blocks holding keys (the padding may add whole blocks: skipped)
     full_steps = seq // bkv  # steps without padded keys; a ragged last one is masked
     stages = k_smem.shape[0]
     batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
@@ -347,7 +347,7 @@ def _run(operands: tuple, *, precision: Precision, shape: tuple[int, int, int, i
     b, seq, h, d = shape
     seq_pad = padded_length(seq, config)
     bq, bkv = config.block_q, config.block_kv
-    stages = min(config.max_concurrent_steps, seq_pad // bkv)
+    stages = min(config.max_concurrent_steps, -(-seq // bkv))
     q_dtype = operands[0].dtype
     item = jnp.dtype(q_dtype).itemsize
     sage = precision == "sage8"
@@ -371,7 +371,7 @@ def _run(operands: tuple, *, precision: Precision, shape: tuple[int, int, int, i
     )
     consumed = (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),) * 2
     kernel_fn = functools.partial(_kernel, precision=precision, seq=seq, seq_pad=seq_pad,
-                                  config=dataclasses.replace(config, max_concurrent_steps=stages), interpret=interpret)
+                                  config=config, interpret=interpret)
 
     def entry(*refs):
         pl.run_scoped(lambda *scoped: kernel_fn(*refs, scoped), scratch, barriers, consumed,
