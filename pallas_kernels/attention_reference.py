@@ -44,7 +44,7 @@ def dequantize(qkv: QuantizedQKV, seq: int) -> tuple[np.ndarray, np.ndarray, np.
 
 def _weights(q2: np.ndarray, k: np.ndarray) -> np.ndarray:
     """Softmax weights (B, H, S, S) from base-2 logits q2 . k."""
-    s = np.einsum("bqhd,bkhd->bhqk", q2, k)
+    s = np.einsum("bqhd,bkhd->bhqk", q2, k, optimize=True)
     w = np.exp2(s - s.max(-1, keepdims=True))
     return w / w.sum(-1, keepdims=True)
 
@@ -53,7 +53,7 @@ def dequantized_attention(qkv: QuantizedQKV, seq: int) -> np.ndarray:
     """float64 attention on the dequantized operands: what the kernel computes but for P's fp8
     rounding. (B, seq, H, D)."""
     q2, k, v = dequantize(qkv, seq)
-    return np.einsum("bhqk,bkhd->bqhd", _weights(q2, k), v)
+    return np.einsum("bhqk,bkhd->bqhd", _weights(q2, k), v, optimize=True)
 
 
 def p_rounding_bounds(qkv: QuantizedQKV, seq: int) -> tuple[np.ndarray, np.ndarray]:
@@ -69,8 +69,8 @@ def p_rounding_bounds(qkv: QuantizedQKV, seq: int) -> tuple[np.ndarray, np.ndarr
     q2, k, v = dequantize(qkv, seq)
     w = _weights(q2, k)
     av = np.abs(v)
-    worst = FP8_REL * np.einsum("bhqk,bkhd->bqhd", w, av) + FP8_SUBNORMAL_HALF_STEP / FP8_MAX * av.sum(1)[:, None]
-    rms = np.sqrt(np.einsum("bhqk,bkh->bqh", w**2, (v**2).sum(-1))) * FP8_REL / math.sqrt(3)
+    worst = FP8_REL * np.einsum("bhqk,bkhd->bqhd", w, av, optimize=True) + FP8_SUBNORMAL_HALF_STEP / FP8_MAX * av.sum(1)[:, None]
+    rms = np.sqrt(np.einsum("bhqk,bkh->bqh", w**2, (v**2).sum(-1), optimize=True)) * FP8_REL / math.sqrt(3)
     return worst, rms
 
 
@@ -81,7 +81,7 @@ def bf16_p_bound(q: jax.Array, k: jax.Array, v: jax.Array) -> np.ndarray:
     f64 = lambda x: np.asarray(x.astype(jnp.float32), np.float64)
     q64, k64, v64 = f64(q), f64(k), f64(v)
     w = _weights(q64 * (LOG2E / math.sqrt(q.shape[-1])), k64)
-    return 2.0**-8 * np.einsum("bhqk,bkhd->bqhd", w, np.abs(v64))
+    return 2.0**-8 * np.einsum("bhqk,bkhd->bqhd", w, np.abs(v64), optimize=True)
 
 
 def flux_like_qkv(key: jax.Array, shape: tuple[int, int, int, int], dtype=jnp.bfloat16,

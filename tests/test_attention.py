@@ -132,21 +132,20 @@ def test_rejects_bad_shapes():
 
 
 # ------------------------------------------------------------------------------------ GPU
-FLUX_SEQS = [1536, 4608]
-
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("seq", FLUX_SEQS + [1000])
+@pytest.mark.parametrize("seq", [4608, 1000])
 def test_gpu_bf16(seq):
-    q, k, v = random_qkv(jax.random.key(seq), (1, seq, 4, 128))
+    q, k, v = random_qkv(jax.random.key(seq), (1, seq, 2, 128))
     _check_bf16(q, k, v, attention(q, k, v, precision="bf16"))
 
 
 @pytest.mark.gpu
 @QK_DTYPES
 @pytest.mark.parametrize("inputs", list(INPUTS))
-@pytest.mark.parametrize("seq", FLUX_SEQS + [1000])
+@pytest.mark.parametrize("seq", [4608, 1000])
 def test_gpu_sage8(seq, inputs, qk_dtype):
-    q, k, v = INPUTS[inputs](jax.random.key(seq), (1, seq, 4, 128))
+    """FLUX's 1024² sequence, and a ragged one."""
+    q, k, v = INPUTS[inputs](jax.random.key(seq), (1, seq, 2, 128))
     qkv = quantize_qkv(q, k, v, config=AttentionConfig(max_concurrent_steps=3), qk_dtype=qk_dtype)
     _check_sage8(qkv, seq, sage8_attention_quantized(qkv, seq=seq))
