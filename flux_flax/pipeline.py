@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
+from convrot_jax import ops
 from flux_flax import sampling
 from flux_flax.checkpoint import load_checkpoint
 from flux_flax.config import FluxConfig
@@ -32,6 +33,7 @@ from flux_flax.loading import load_transformer
 from flux_flax.paths import user_path
 from flux_flax.settings import VAE_SCALE_FACTOR, GenerationSettings
 from flux_flax.text import TEXT_PARTS, PromptEmbeds, PromptEncoder
+from flux_flax.transformer import set_attention
 from flux_flax.vae import AutoencoderKLDecoder, load_vae
 
 
@@ -152,6 +154,7 @@ class FluxPipeline:
         fuse: bool = True,
         progress: bool = True,
         devices: int | None = None,
+        attention: str | None = None,
     ) -> "FluxPipeline":
         """Loads a diffusers-format FLUX folder (tokenizer/, text_encoder/, tokenizer_2/,
         text_encoder_2/, vae/, and transformer/ unless `checkpoint`, a `convrot-convert` Orbax
@@ -162,8 +165,11 @@ class FluxPipeline:
         `text_backend` runs the text encoders in "jax" (the Flax ports; torch is never imported)
         or "torch" (transformers' models on `text_device`); `text_dtype` (a jnp or torch dtype or
         its name, default bfloat16) is their weights' dtype. `devices`: as the constructor's,
-        checked before anything loads."""
+        checked before anything loads. `attention`: the transformer's attention implementation
+        (`flux_flax.set_attention`; None: the exact default)."""
         data_mesh(1 if devices is None else devices)
+        if attention is not None:
+            ops.check_attention_implementation(attention)
         if text_backend not in ("jax", "torch"):
             raise ValueError(f"text_backend must be 'jax' or 'torch', got {text_backend!r}")
         model_dir = user_path(model_dir)
@@ -177,6 +183,7 @@ class FluxPipeline:
         transformer = _load_transformer(model_dir, checkpoint, dtype, verify)
         if fuse:
             fuse_projections(transformer)
+        set_attention(transformer, attention)
         if max_sequence_length is None:
             max_sequence_length = 512 if transformer.config.guidance_embeds else 256
         text_encoders = _load_text_encoders(model_dir, text_backend, max_sequence_length=max_sequence_length,

@@ -149,3 +149,67 @@ def test_gpu_sage8(seq, inputs, qk_dtype):
     q, k, v = INPUTS[inputs](jax.random.key(seq), (1, seq, 2, 128))
     qkv = quantize_qkv(q, k, v, config=AttentionConfig(max_concurrent_steps=3), qk_dtype=qk_dtype)
     _check_sage8(qkv, seq, sage8_attention_quantized(qkv, seq=seq))
+
+
+# ------------------------------------------------------------------------------------ in the model
+def test_attention_names_agree():
+    """The command line's --attention choices (named without jax) are the op's implementations."""
+    from convrot_jax import ops
+    from flux_flax.settings import ATTENTION_CHOICES
+
+    assert ATTENTION_CHOICES == ops.ATTENTION_IMPLEMENTATIONS
+
+
+def test_kernel_attention_needs_hopper():
+    from convrot_jax import ops
+
+    x = jnp.zeros((1, 64, 2, 128), jnp.bfloat16)
+    with pytest.raises(RuntimeError, match="Hopper"):
+        ops.attention(x, x, x, implementation="sage8")
+    with pytest.raises(ValueError, match="attention implementation must be one of"):
+        ops.attention(x, x, x, implementation="fp4")
+
+
+def test_set_attention_reaches_every_block():
+    from flax import nnx
+
+    from flux_flax import FluxConfig, FluxTransformer2DModel, set_attention
+    from flux_flax.layers import FluxAttention
+
+    model = FluxTransformer2DModel(FluxConfig.tiny(), rngs=nnx.Rngs(0))
+    set_attention(model, "sage8")
+    impls = [n.attention_impl for _, n in nnx.iter_graph(model) if isinstance(n, FluxAttention)]
+    assert len(impls) == 2 and set(impls) == {"sage8"}
+    with pytest.raises(ValueError, match="must be one of"):
+        set_attention(model, "fp4")
+
+
+@pytest.mark.parametrize("impl", ["mosaic_bf16", "sage8"])
+def test_flux_attention_runs_the_kernel(impl, monkeypatch):
+    """FluxAttention (joint text + image, QK norm, RoPE) with a kernel implementation (interpret
+    mode standing in for the GPU) against the exact XLA path: a wiring check; the kernels' bounds
+    are tested above. The result must differ from XLA's (the kernel ran) but only by rounding."""
+    import functools
+
+    from flax import nnx
+
+    from convrot_jax import ops
+    from flux_flax.layers import FluxAttention, FluxPosEmbed
+    from pallas_kernels import attention as kernels
+
+    monkeypatch.setattr(ops, "pallas_supported", lambda: True)
+    monkeypatch.setattr(ops, "_attention_kernel", functools.partial(kernels.attention, config=SMALL, interpret=True))
+    attn = FluxAttention(256, 2, 128, added_kv_proj_dim=256, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    ks = jax.random.split(jax.random.key(4), 3)
+    img = jax.random.normal(ks[0], (1, 56, 256), jnp.bfloat16)
+    txt = jax.random.normal(ks[1], (1, 8, 256), jnp.bfloat16)
+    ids = jnp.concatenate([jnp.zeros((8, 3)), jax.random.randint(ks[2], (56, 3), 0, 8).astype(jnp.float32)])
+    rope = FluxPosEmbed(10000, (32, 48, 48))(ids)
+
+    def run(name):
+        attn.attention_impl = name
+        return np.concatenate([np.asarray(o, np.float64).ravel() for o in attn(img, txt, rope)])
+
+    exact, ours = run("xla"), run(impl)
+    error = np.linalg.norm(ours - exact) / np.linalg.norm(exact)
+    assert 1e-4 < error < 0.1
