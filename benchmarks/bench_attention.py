@@ -6,6 +6,7 @@ tokens, i.e. 512², 1024² and 2048x1024 images; batch 1 and 4; 24 heads x 128):
   mosaic_bf16       pallas_kernels.attention, precision="bf16"
   sage8_int8        pallas_kernels.attention, precision="sage8", int8 QK^T (quantize_qkv + kernel)
   sage8_fp8         the same with fp8 e4m3 QK^T
+  sage_qk8          pallas_kernels.attention, precision="sage_qk8": int8 QK^T, bf16 PV
   sage8_int8_kernel the int8 kernel alone, on operands quantize_qkv made beforehand
 TFLOP/s = 4 B H S^2 D / time (the two matmuls; 8-bit counted the same); ratios = cuDNN time /
 this time. Device time (CUPTI), median of 20 over rotating input sets (> 2x the 50 MB L2).
@@ -48,6 +49,8 @@ VARIANTS = harness.registry(
             options={"precision": "sage8", "qk": "int8"}),
     Variant("sage8_fp8", "pallas_kernels.attention, sage8, fp8 QK", group=_GROUP,
             options={"precision": "sage8", "qk": "fp8"}),
+    Variant("sage_qk8", "pallas_kernels.attention, sage_qk8 (int8 QK, bf16 PV)", group=_GROUP,
+            options={"precision": "sage_qk8", "qk": "int8"}),
     Variant("sage8_int8_kernel", "the int8 sage8 kernel on pre-quantized operands", group=_GROUP,
             options={"precision": "sage8", "qk": "int8", "prequantized": True}),
 )
@@ -72,14 +75,14 @@ def implementation(variant: str):
     import jax
     import jax.numpy as jnp
 
-    from pallas_kernels.attention import attention, sage8_attention_quantized
+    from pallas_kernels.attention import attention, attention_quantized
 
     if variant == BASELINE:
         return functools.partial(jax.nn.dot_product_attention, implementation="cudnn")
     opts = VARIANTS[variant].options
     qk = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}.get(opts.get("qk"), jnp.int8)
     if opts.get("prequantized"):
-        return sage8_attention_quantized
+        return attention_quantized
     return functools.partial(attention, precision=opts["precision"], qk_dtype=qk)
 
 
@@ -154,7 +157,7 @@ def work_model(args) -> list[dict]:
 def summarize(rows: list[dict], acc: list[dict]) -> list[dict]:
     ok = {(r["shape"], r["variant"]): r for r in rows if "error" not in r and "ms" in r}
     out = []
-    for variant in ("sage8_int8", "sage8_fp8", "mosaic_bf16"):
+    for variant in ("sage8_int8", "sage8_fp8", "sage_qk8", "mosaic_bf16"):
         pairs = [(r, ok[(s, BASELINE)]) for (s, v), r in ok.items()
                  if v == variant and r["s"] >= 4608 and (s, BASELINE) in ok]
         if not pairs:

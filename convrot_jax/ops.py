@@ -2,7 +2,8 @@
 
 Attention (`attention`) has its own names (ATTENTION_IMPLEMENTATIONS): the exact
 `jax.nn.dot_product_attention` backends "cudnn" and "xla", and the Pallas flash-attention
-kernels "mosaic_bf16", "sage8" (int8 QK^T, fp8 PV) and "sage8_fp8" (fp8 QK^T and PV).
+kernels "mosaic_bf16", "sage8" (int8 QK^T, fp8 PV), "sage8_fp8" (fp8 QK^T and PV) and
+"sage_qk8" (int8 QK^T, bf16 PV).
 
 W4A4 ops:
 
@@ -34,7 +35,7 @@ IMPLEMENTATIONS: tuple[str, ...] = ("auto", "xla", "pallas")
 EXACT_ATTENTION: tuple[str, ...] = ("cudnn", "xla")
 # kernel name -> (pallas_kernels.attention precision, QK^T dtype)
 _ATTENTION_KERNELS = {"mosaic_bf16": ("bf16", jnp.int8), "sage8": ("sage8", jnp.int8),
-                      "sage8_fp8": ("sage8", jnp.float8_e4m3fn)}
+                      "sage8_fp8": ("sage8", jnp.float8_e4m3fn), "sage_qk8": ("sage_qk8", jnp.int8)}
 ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = (*EXACT_ATTENTION, *_ATTENTION_KERNELS)
 
 
@@ -137,7 +138,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str) 
     "cudnn" / "xla": `jax.nn.dot_product_attention` (exact: float32 softmax). The kernels
     (`pallas_kernels.attention`, Hopper only): "mosaic_bf16" (bf16 tensor cores), "sage8" (K's mean
     removed, int8 Q/K codes per token, fp8 P and V, float32 accumulation), "sage8_fp8" (fp8 Q/K
-    codes instead)."""
+    codes instead), "sage_qk8" (int8 Q/K codes, bf16 P and V)."""
     check_attention_implementation(implementation)
     if implementation in EXACT_ATTENTION:
         return jax.nn.dot_product_attention(q, k, v, implementation=implementation)

@@ -8,7 +8,7 @@ is jax's `pallas/ops/gpu/attention_mgpu.py` (FlashAttention-3): a CTA holds two 
 ping-pong a schedule barrier so that one's softmax overlaps the other's wgmma; online softmax in
 base 2 in float32.
 
-Two precisions of the same kernel:
+Three precisions of the same kernel:
   * "bf16": S = Q K^T and O += P V on bf16 tensor cores, float32 accumulation (the baseline).
   * "sage8" (SageAttention-style, `quantize_qkv` makes the operands): Q and K as int8 (or fp8
     e4m3) codes with one float32 scale per token, K with its per-channel mean over the sequence
@@ -19,6 +19,8 @@ Two precisions of the same kernel:
     fp8 e4m3; each step's PV goes to a fresh float32 accumulator that is then added to the
     running one (Hopper's fp8 wgmma accumulates with fewer mantissa bits than float32: keeping
     each sum to one block keeps that loss to a block).
+  * "sage_qk8" (SageAttention1-style): the same 8-bit S, P and V in bf16 (V not quantized):
+    half the speed-up, none of the fp8 rounding of P and V (which dominates sage8's error).
 8-bit wgmma needs both operands K-major: Q (rows of D), K (rows of D, the B operand transposed),
 P (rows of block_kv) are; V is not (its contraction dim is the sequence), so `quantize_qkv`
 writes V transposed, (B, H, D, S), and the kernel's B operand is that tile transposed. P stays in
@@ -50,8 +52,8 @@ import numpy as np
 from jax import lax
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
-Precision = Literal["bf16", "sage8"]
-PRECISIONS: tuple[str, ...] = ("bf16", "sage8")
+Precision = Literal["bf16", "sage8", "sage_qk8"]
+PRECISIONS: tuple[str, ...] = ("bf16", "sage8", "sage_qk8")
 QK_DTYPES = (jnp.int8, jnp.float8_e4m3fn)
 INT8_MAX = 127.0
 FP8_MAX = 448.0  # e4m3fn's largest finite value
@@ -79,22 +81,28 @@ class AttentionConfig:
 
 def default_config(precision: Precision) -> AttentionConfig:
     """8-bit stages are half the bytes: one more fits."""
-    return AttentionConfig(max_concurrent_steps=2 if precision == "bf16" else 3)
+    return AttentionConfig(max_concurrent_steps=3 if precision == "sage8" else 2)
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedQKV:
-    """The 8-bit operands of the "sage8" kernel. Invariants (s = padded sequence):
+    """The operands of the 8-bit kernels. Invariants (s = padded sequence):
     q ~= q_codes * q_scale[..., None] (per token; q_scale also holds the softmax scale * log2 e),
     k - mean_s(k) ~= k_codes * k_scale[..., None] (per token),
-    v ~= swapaxes(v_t_codes, -1, -2)[..., inverse of key_permutation, :] * v_scale (per channel;
-    keys permuted within each 16, as the kernel's P registers are)."""
+    "sage8" (fp8 PV): v ~= swapaxes(v_t_codes, -1, -2)[..., inverse of key_permutation, :] * v_scale
+      (per channel; keys permuted within each 16, as the kernel's P registers are); v_bf16 None;
+    "sage_qk8" (bf16 PV): v_bf16 = v in bf16, padded; v_t_codes and v_scale None."""
     q_codes: jax.Array  # (B, s, H, D) int8 or float8_e4m3fn
     q_scale: jax.Array  # (B, H, s) float32
     k_codes: jax.Array  # (B, s, H, D), q_codes' dtype
     k_scale: jax.Array  # (B, H, s) float32
-    v_t_codes: jax.Array  # (B, H, D, s) float8_e4m3fn
-    v_scale: jax.Array  # (B, H, D) float32
+    v_t_codes: jax.Array | None  # (B, H, D, s) float8_e4m3fn
+    v_scale: jax.Array | None  # (B, H, D) float32
+    v_bf16: jax.Array | None  # (B, s, H, D) bfloat16
+
+    @property
+    def precision(self) -> Precision:
+        return "sage8" if self.v_t_codes is not None else "sage_qk8"
 
 
 jax.tree_util.register_dataclass(QuantizedQKV, data_fields=[f.name for f in dataclasses.fields(QuantizedQKV)],
@@ -167,8 +175,9 @@ def _symmetric_codes(x: jax.Array, axis: int, dtype) -> tuple[jax.Array, jax.Arr
 
 
 def quantize_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, config: AttentionConfig,
-                 qk_dtype=jnp.int8, softmax_scale: float | None = None) -> QuantizedQKV:
-    """The "sage8" kernel's operands from (B, S, H, D) q, k, v, padded to `padded_length`.
+                 qk_dtype=jnp.int8, pv_fp8: bool = True, softmax_scale: float | None = None) -> QuantizedQKV:
+    """The 8-bit kernels' operands from (B, S, H, D) q, k, v, padded to `padded_length`: fp8 V
+    codes for "sage8" (`pv_fp8`), bf16 V for "sage_qk8".
 
     Plain XLA ops, meant to run inside the caller's jit right after the op that makes q, k, v
     (FLUX: QK RMSNorm + RoPE), so XLA fuses them there: no bf16 copy of q, k or v goes back to HBM
@@ -182,13 +191,17 @@ def quantize_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, config: AttentionC
     k32 = k32 - jnp.mean(k32, axis=1, keepdims=True)
     q_codes, q_scale = _symmetric_codes(q32, -1, qk_dtype)
     k_codes, k_scale = _symmetric_codes(k32, -1, qk_dtype)
-    v_t_codes, v_scale = _symmetric_codes(jnp.transpose(v32, (0, 2, 3, 1)), -1, jnp.float8_e4m3fn)
-    v_t_codes = _pad_seq(v_t_codes, seq_pad, 3)[..., key_permutation(seq_pad)]
+    v_t_codes = v_scale = v_bf16 = None
+    if pv_fp8:
+        v_t_codes, v_scale = _symmetric_codes(jnp.transpose(v32, (0, 2, 3, 1)), -1, jnp.float8_e4m3fn)
+        v_t_codes = _pad_seq(v_t_codes, seq_pad, 3)[..., key_permutation(seq_pad)]
+    else:
+        v_bf16 = _pad_seq(v.astype(jnp.bfloat16), seq_pad, 1)
     to_bhs = lambda s: jnp.swapaxes(s, 1, 2)  # (B, S, H) -> (B, H, S)
     return QuantizedQKV(
         q_codes=_pad_seq(q_codes, seq_pad, 1), q_scale=_pad_seq(to_bhs(q_scale * scale), seq_pad, 2),
         k_codes=_pad_seq(k_codes, seq_pad, 1), k_scale=_pad_seq(to_bhs(k_scale), seq_pad, 2),
-        v_t_codes=v_t_codes, v_scale=v_scale)
+        v_t_codes=v_t_codes, v_scale=v_scale, v_bf16=v_bf16)
 
 
 def _check_qkv(q, k, v) -> None:
@@ -198,11 +211,14 @@ def _check_qkv(q, k, v) -> None:
         raise ValueError(f"head dim D must be a multiple of 64, got q {q.shape}")
 
 
-def _kernel(*refs, precision: Precision, seq: int, seq_pad: int, config: AttentionConfig, interpret: bool):
+def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, interpret: bool):
     """One CTA: two query blocks (one a compute warpgroup) against the whole K/V sequence."""
-    sage = precision == "sage8"
-    if sage:
-        q_ref, qs_ref, k_ref, ks_ref, vt_ref, vs_ref, out_ref, scoped = refs
+    qk8, pv8 = precision in ("sage8", "sage_qk8"), precision == "sage8"
+    qs_ref = ks_ref = vs_ref = None
+    if qk8 and pv8:
+        q_ref, qs_ref, k_ref, ks_ref, v_ref, vs_ref, out_ref, scoped = refs  # v_ref: V transposed
+    elif qk8:
+        q_ref, qs_ref, k_ref, ks_ref, v_ref, out_ref, scoped = refs
     else:
         q_ref, k_ref, v_ref, out_ref, scoped = refs
     (q_smem2, o_smem2, p_smem2, k_smem, v_smem, ks_smem), (k_bars, v_bars, q_bars, ks_bars), \
@@ -225,7 +241,7 @@ def _kernel(*refs, precision: Precision, seq: int, seq_pad: int, config: Attenti
         q_smem, o_smem = q_smem2.at[wg], o_smem2.at[wg]
         q_base = lax.axis_index("q_seq") * (_COMPUTE_WGS * bq) + wg * bq
         plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_base, bq), head], q_smem, q_bars.at[wg])
-        if sage:
+        if qk8:
             row_scale = plgpu.load(qs_ref.at[batch, head, pl.ds(q_base, bq)], layout=plgpu.Layout.WGMMA.reduce(1),
                                   optimized=False)
         plgpu.barrier_wait(q_bars.at[wg])
@@ -243,15 +259,15 @@ def _kernel(*refs, precision: Precision, seq: int, seq_pad: int, config: Attenti
                 plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
                 schedule()
                 return acc_ref[...]
-            s_dtype = jnp.int32 if sage and q_ref.dtype == jnp.int8 else jnp.float32
+            s_dtype = jnp.int32 if q_ref.dtype == jnp.int8 else jnp.float32
             s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), s_dtype))
-            if sage:  # logits * log2 e = codes . codes * q_scale (row) * k_scale (column)
+            if qk8:  # logits * log2 e = codes . codes * q_scale (row) * k_scale (column)
                 plgpu.barrier_wait(ks_bars.at[slot])
                 col_scale = plgpu.load(ks_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
                 s = s.astype(jnp.float32) * lax.broadcast_in_dim(col_scale, (bq, bkv), [1])
-                row = row_scale
+                row = lax.broadcast_in_dim(row_scale, s.shape, [0])
             else:
-                row = None
+                row = logit_scale
             plgpu.barrier_arrive(k_consumed.at[slot])
             if masked:
                 cols = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
@@ -259,23 +275,22 @@ def _kernel(*refs, precision: Precision, seq: int, seq_pad: int, config: Attenti
 
             # Online softmax in base 2: m_i is the running max of logits * log2 e.
             s_max = s.max(axis=1)
-            s_max = s_max * row if sage else s_max * logit_scale
+            s_max = s_max * row_scale if qk8 else s_max * logit_scale
             m_new = jnp.maximum(m_i, s_max)
             alpha = jnp.exp2(m_i - m_new)
             m_i = m_new
-            if sage:  # P * 448: e4m3's whole range (exp2(x + log2 448) = 448 exp2(x))
-                p = jnp.exp2(s * lax.broadcast_in_dim(row, s.shape, [0])
-                             - lax.broadcast_in_dim(m_new - math.log2(FP8_MAX), s.shape, [0]))
+            if pv8:  # P * 448: e4m3's whole range (exp2(x + log2 448) = 448 exp2(x))
+                p = jnp.exp2(s * row - lax.broadcast_in_dim(m_new - math.log2(FP8_MAX), s.shape, [0]))
                 p_op = p.astype(jnp.float8_e4m3fn)
             else:
-                p = jnp.exp2(s * logit_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                p_op = p.astype(q_ref.dtype)
+                p = jnp.exp2(s * row - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                p_op = p.astype(jnp.bfloat16)
             l_i = l_i * alpha + p.sum(axis=1)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             if interpret:  # wgmma's A from shared memory
-                p_smem2[wg] = _p_operand_interpret(p_op) if sage else p_op
+                p_smem2[wg] = _p_operand_interpret(p_op) if pv8 else p_op
                 plgpu.commit_smem()
-            elif sage:
+            elif pv8:
                 p_op = _p_operand_gpu(p_op)
             acc, l_i, m_i, p_op = lax.optimization_barrier((acc, l_i, m_i, p_op))
             plgpu.barrier_arrive(schedule_barrier)  # softmax done
@@ -288,10 +303,10 @@ def _kernel(*refs, precision: Precision, seq: int, seq_pad: int, config: Attenti
                     plgpu.barrier_wait(k_bars.at[lax.rem(step + 1, jnp.array(stages, step.dtype))])
 
             p_ref = p_smem2.at[wg] if interpret else p_op
-            v_ref_t = v_smem.at[slot].T if sage else v_smem.at[slot]
+            v_operand = v_smem.at[slot].T if pv8 else v_smem.at[slot]
 
             def compute_pv(pv_ref):
-                plgpu.wgmma(pv_ref, p_ref, v_ref_t)
+                plgpu.wgmma(pv_ref, p_ref, v_operand)
                 wait_next_k()
                 return pv_ref[...]
             acc = acc + pl.run_scoped(compute_pv, plgpu.ACC((bq, head_dim), jnp.float32))
@@ -305,7 +320,7 @@ def _kernel(*refs, precision: Precision, seq: int, seq_pad: int, config: Attenti
         pl.when(wg == 0)(schedule)
 
         out = acc * lax.broadcast_in_dim(1.0 / l_i, acc.shape, [0])
-        if sage:
+        if pv8:
             v_scale = plgpu.load(vs_ref.at[batch, head], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
             out = out * lax.broadcast_in_dim(v_scale, acc.shape, [1])
         o_smem[...] = out.astype(out_ref.dtype)
@@ -320,11 +335,10 @@ def _kernel(*refs, precision: Precision, seq: int, seq_pad: int, config: Attenti
         def fetch(step, slot):
             rows = pl.ds(step * bkv, bkv)
             plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, head], k_smem.at[slot], k_bars.at[slot])
-            if sage:
+            if qk8:
                 plgpu.copy_gmem_to_smem(ks_ref.at[batch, head, rows], ks_smem.at[slot], ks_bars.at[slot])
-                plgpu.copy_gmem_to_smem(vt_ref.at[batch, head, :, rows], v_smem.at[slot], v_bars.at[slot])
-            else:
-                plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, head], v_smem.at[slot], v_bars.at[slot])
+            v_tile = v_ref.at[batch, head, :, rows] if pv8 else v_ref.at[batch, rows, head]
+            plgpu.copy_gmem_to_smem(v_tile, v_smem.at[slot], v_bars.at[slot])
 
         for i in range(stages):
             fetch(jnp.int32(i), i)
@@ -350,10 +364,9 @@ def _run(operands: tuple, *, precision: Precision, shape: tuple[int, int, int, i
     stages = min(config.max_concurrent_steps, -(-seq // bkv))
     q_dtype = operands[0].dtype
     item = jnp.dtype(q_dtype).itemsize
-    sage = precision == "sage8"
-    p_dtype = jnp.float8_e4m3fn if sage else q_dtype
-    v_tile = (d, bkv) if sage else (bkv, d)
-    v_dtype = jnp.float8_e4m3fn if sage else q_dtype
+    qk8, pv8 = precision in ("sage8", "sage_qk8"), precision == "sage8"
+    p_dtype = v_dtype = jnp.float8_e4m3fn if pv8 else jnp.bfloat16
+    v_tile = (d, bkv) if pv8 else (bkv, d)
     scratch = (
         plgpu.SMEM((_COMPUTE_WGS, bq, d), q_dtype, transforms=_swizzle_transforms(d, item)),
         plgpu.SMEM((_COMPUTE_WGS, bq, d), out_dtype, transforms=_swizzle_transforms(d, jnp.dtype(out_dtype).itemsize)),
@@ -361,17 +374,16 @@ def _run(operands: tuple, *, precision: Precision, shape: tuple[int, int, int, i
         if interpret else None,
         plgpu.SMEM((stages, bkv, d), q_dtype, transforms=_swizzle_transforms(d, item)),
         plgpu.SMEM((stages, *v_tile), v_dtype, transforms=_swizzle_transforms(v_tile[1], jnp.dtype(v_dtype).itemsize)),
-        plgpu.SMEM((stages, bkv), jnp.float32) if sage else None,
+        plgpu.SMEM((stages, bkv), jnp.float32) if qk8 else None,
     )
     barriers = (
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=_COMPUTE_WGS),
-        plgpu.Barrier(num_barriers=stages) if sage else None,
+        plgpu.Barrier(num_barriers=stages) if qk8 else None,
     )
     consumed = (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),) * 2
-    kernel_fn = functools.partial(_kernel, precision=precision, seq=seq, seq_pad=seq_pad,
-                                  config=config, interpret=interpret)
+    kernel_fn = functools.partial(_kernel, precision=precision, seq=seq, config=config, interpret=interpret)
 
     def entry(*refs):
         pl.run_scoped(lambda *scoped: kernel_fn(*refs, scoped), scratch, barriers, consumed,
@@ -390,11 +402,12 @@ def _run(operands: tuple, *, precision: Precision, shape: tuple[int, int, int, i
 
 
 @functools.partial(jax.jit, static_argnames=("seq", "out_dtype", "config", "interpret"))
-def sage8_attention_quantized(qkv: QuantizedQKV, *, seq: int, out_dtype=jnp.bfloat16,
-                              config: AttentionConfig | None = None, interpret: bool = False) -> jax.Array:
-    """The "sage8" kernel on operands from `quantize_qkv`; `seq` is the unpadded length (keys
-    beyond it are masked). Returns (B, seq, H, D) in out_dtype."""
-    config = config or default_config("sage8")
+def attention_quantized(qkv: QuantizedQKV, *, seq: int, out_dtype=jnp.bfloat16, config: AttentionConfig | None = None,
+                        interpret: bool = False) -> jax.Array:
+    """The 8-bit kernel ("sage8" or "sage_qk8", from the operands) on `quantize_qkv`'s output;
+    `seq` is the unpadded length (keys beyond it are masked). Returns (B, seq, H, D) in out_dtype."""
+    precision = qkv.precision
+    config = config or default_config(precision)
     b, seq_pad, h, d = qkv.q_codes.shape
     if seq_pad != padded_length(seq, config) or qkv.k_codes.shape != qkv.q_codes.shape:
         raise ValueError(f"q_codes {qkv.q_codes.shape} / k_codes {qkv.k_codes.shape} are not seq={seq} padded "
@@ -402,11 +415,17 @@ def sage8_attention_quantized(qkv: QuantizedQKV, *, seq: int, out_dtype=jnp.bflo
     if qkv.q_codes.dtype not in QK_DTYPES or qkv.k_codes.dtype != qkv.q_codes.dtype:
         raise ValueError(f"q_codes/k_codes must both be int8 or float8_e4m3fn, got {qkv.q_codes.dtype}, "
                          f"{qkv.k_codes.dtype}")
-    if qkv.v_t_codes.shape != (b, h, d, seq_pad) or qkv.v_t_codes.dtype != jnp.float8_e4m3fn:
-        raise ValueError(f"v_t_codes must be float8_e4m3fn {(b, h, d, seq_pad)}, got {qkv.v_t_codes.dtype} "
-                         f"{qkv.v_t_codes.shape}")
-    operands = (qkv.q_codes, qkv.q_scale, qkv.k_codes, qkv.k_scale, qkv.v_t_codes, qkv.v_scale)
-    out = _run(operands, precision="sage8", shape=(b, seq, h, d), out_dtype=out_dtype, config=config,
+    operands = [qkv.q_codes, qkv.q_scale, qkv.k_codes, qkv.k_scale]
+    if precision == "sage8":
+        if qkv.v_t_codes.shape != (b, h, d, seq_pad) or qkv.v_t_codes.dtype != jnp.float8_e4m3fn:
+            raise ValueError(f"v_t_codes must be float8_e4m3fn {(b, h, d, seq_pad)}, got {qkv.v_t_codes.dtype} "
+                             f"{qkv.v_t_codes.shape}")
+        operands += [qkv.v_t_codes, qkv.v_scale]
+    else:
+        if qkv.v_bf16.shape != qkv.q_codes.shape or qkv.v_bf16.dtype != jnp.bfloat16:
+            raise ValueError(f"v_bf16 must be bfloat16 {qkv.q_codes.shape}, got {qkv.v_bf16.dtype} {qkv.v_bf16.shape}")
+        operands.append(qkv.v_bf16)
+    out = _run(tuple(operands), precision=precision, shape=(b, seq, h, d), out_dtype=out_dtype, config=config,
                interpret=interpret)
     return out[:, :seq]
 
@@ -416,16 +435,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, precision: Precision 
               config: AttentionConfig | None = None, interpret: bool = False) -> jax.Array:
     """softmax(q k^T / sqrt(D)) v over (B, S, H, D) q, k, v (non-causal); output in q's dtype.
 
-    precision "bf16": the kernel on bf16 inputs (others are cast); "sage8": `quantize_qkv`
-    (qk_dtype int8 or float8_e4m3fn) then the 8-bit kernel."""
+    precision "bf16": the kernel on bf16 inputs (others are cast); "sage8" / "sage_qk8":
+    `quantize_qkv` (qk_dtype int8 or float8_e4m3fn) then the 8-bit kernel (fp8 / bf16 PV)."""
     _check_qkv(q, k, v)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     config = config or default_config(precision)
     b, seq, h, d = q.shape
-    if precision == "sage8":
-        qkv = quantize_qkv(q, k, v, config=config, qk_dtype=qk_dtype)
-        return sage8_attention_quantized(qkv, seq=seq, out_dtype=q.dtype, config=config, interpret=interpret)
+    if precision != "bf16":
+        qkv = quantize_qkv(q, k, v, config=config, qk_dtype=qk_dtype, pv_fp8=precision == "sage8")
+        return attention_quantized(qkv, seq=seq, out_dtype=q.dtype, config=config, interpret=interpret)
     seq_pad = padded_length(seq, config)
     q, k, v = (_pad_seq(x.astype(jnp.bfloat16), seq_pad, 1) for x in (q, k, v))
     out = _run((q, k, v), precision="bf16", shape=(b, seq, h, d), out_dtype=jnp.bfloat16, config=config,

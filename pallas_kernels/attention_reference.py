@@ -3,10 +3,11 @@
 
 The "sage8" kernel's error has two parts that the tests check apart:
   * quantizing q, k, v (`quantize_qkv`): `dequantize` undoes it up to half a code step;
-  * inside the kernel, only P's fp8 rounding (the logits come from exact int32 sums, or fp8
-    products summed in float32): each p is off by at most 2^-4 of itself (e4m3 keeps 4
-    significant bits, round to nearest) plus half a subnormal step. `p_rounding_bounds` turns
-    that into a worst-case bound per element and an RMS prediction per row.
+  * inside the kernel, only P's rounding (the logits come from exact int32 sums, or fp8
+    products summed in float32): in fp8 ("sage8") each p is off by at most 2^-4 of itself (e4m3
+    keeps 4 significant bits, round to nearest) plus half a subnormal step; in bf16 ("sage_qk8")
+    by 2^-8. `p_rounding_bounds` turns that into a worst-case bound per element and an RMS
+    prediction per row.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pallas_kernels.attention import FP8_MAX, LOG2E, QuantizedQKV, key_permutati
 
 FP8_REL = 2.0**-4  # e4m3 round to nearest: |fp8(x) - x| <= 2^-4 |x| for normal x
 FP8_SUBNORMAL_HALF_STEP = 2.0**-10  # e4m3 subnormal spacing 2^-9
+BF16_REL = 2.0**-8
 
 
 def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -36,9 +38,12 @@ def dequantize(qkv: QuantizedQKV, seq: int) -> tuple[np.ndarray, np.ndarray, np.
     f64 = lambda x: np.asarray(x.astype(jnp.float32), np.float64)
     q = f64(qkv.q_codes) * np.swapaxes(f64(qkv.q_scale), 1, 2)[..., None]
     k = f64(qkv.k_codes) * np.swapaxes(f64(qkv.k_scale), 1, 2)[..., None]
-    v_t = np.empty(qkv.v_t_codes.shape, np.float64)
-    v_t[..., key_permutation(v_t.shape[-1])] = f64(qkv.v_t_codes)
-    v = np.transpose(v_t * f64(qkv.v_scale)[..., None], (0, 3, 1, 2))
+    if qkv.precision == "sage8":
+        v_t = np.empty(qkv.v_t_codes.shape, np.float64)
+        v_t[..., key_permutation(v_t.shape[-1])] = f64(qkv.v_t_codes)
+        v = np.transpose(v_t * f64(qkv.v_scale)[..., None], (0, 3, 1, 2))
+    else:
+        v = f64(qkv.v_bf16)
     return q[:, :seq], k[:, :seq], v[:, :seq]
 
 
@@ -57,20 +62,24 @@ def dequantized_attention(qkv: QuantizedQKV, seq: int) -> np.ndarray:
 
 
 def p_rounding_bounds(qkv: QuantizedQKV, seq: int) -> tuple[np.ndarray, np.ndarray]:
-    """What P's fp8 rounding can do to the output of `dequantized_attention`.
+    """What P's rounding can do to the output of `dequantized_attention`.
 
-    The kernel's output row is sum_j p_j (1 + eta_j) v_j / sum_j p_j with p = 448 * exp2(logit -
-    running max) and |eta_j| <= 2^-4 (normal p), or an absolute error of at most 2^-10 (subnormal
-    p; the sum is >= 448 since the largest p of a row is 448). Returns
-      worst (B, seq, H, D): 2^-4 sum_j w_j |v_j| + 2^-10 / 448 sum_j |v_j|, per element;
-      rms (B, seq, H): sqrt(sum_j w_j^2 |v_j|^2) 2^-4 / sqrt(3), per row: the RMS of the row's
-        error if the eta_j are independent and uniform within +-2^-4 (round to nearest of
+    The kernel's output row is sum_j p_j (1 + eta_j) v_j / sum_j p_j. "sage8": p = 448 *
+    exp2(logit - running max) in fp8, |eta_j| <= 2^-4 (normal p), or an absolute error of at most
+    2^-10 (subnormal p; the sum is >= 448 since the largest p of a row is 448). "sage_qk8": p in
+    bf16, |eta_j| <= 2^-8. With rel = 2^-4 or 2^-8, returns
+      worst (B, seq, H, D): rel sum_j w_j |v_j| (+ 2^-10 / 448 sum_j |v_j| in fp8), per element;
+      rms (B, seq, H): sqrt(sum_j w_j^2 |v_j|^2) rel / sqrt(3), per row: the RMS of the row's
+        error if the eta_j are independent and uniform within +-rel (round to nearest of
         continuous values; the actual spread is at most that)."""
     q2, k, v = dequantize(qkv, seq)
     w = _weights(q2, k)
     av = np.abs(v)
-    worst = FP8_REL * np.einsum("bhqk,bkhd->bqhd", w, av, optimize=True) + FP8_SUBNORMAL_HALF_STEP / FP8_MAX * av.sum(1)[:, None]
-    rms = np.sqrt(np.einsum("bhqk,bkh->bqh", w**2, (v**2).sum(-1), optimize=True)) * FP8_REL / math.sqrt(3)
+    rel = FP8_REL if qkv.precision == "sage8" else BF16_REL
+    worst = rel * np.einsum("bhqk,bkhd->bqhd", w, av, optimize=True)
+    if qkv.precision == "sage8":
+        worst += FP8_SUBNORMAL_HALF_STEP / FP8_MAX * av.sum(1)[:, None]
+    rms = np.sqrt(np.einsum("bhqk,bkh->bqh", w**2, (v**2).sum(-1), optimize=True)) * rel / math.sqrt(3)
     return worst, rms
 
 
@@ -81,7 +90,7 @@ def bf16_p_bound(q: jax.Array, k: jax.Array, v: jax.Array) -> np.ndarray:
     f64 = lambda x: np.asarray(x.astype(jnp.float32), np.float64)
     q64, k64, v64 = f64(q), f64(k), f64(v)
     w = _weights(q64 * (LOG2E / math.sqrt(q.shape[-1])), k64)
-    return 2.0**-8 * np.einsum("bhqk,bkhd->bqhd", w, np.abs(v64), optimize=True)
+    return BF16_REL * np.einsum("bhqk,bkhd->bqhd", w, np.abs(v64), optimize=True)
 
 
 def flux_like_qkv(key: jax.Array, shape: tuple[int, int, int, int], dtype=jnp.bfloat16,

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.attention import (AttentionConfig, attention, key_permutation, quantize_qkv,
-                                      sage8_attention_quantized)
-from pallas_kernels.attention_reference import (FP8_REL, attention_reference, bf16_p_bound, dequantize,
+from pallas_kernels.attention import (AttentionConfig, attention, default_config, key_permutation, quantize_qkv,
+                                      attention_quantized)
+from pallas_kernels.attention_reference import (BF16_REL, FP8_REL, attention_reference, bf16_p_bound, dequantize,
                                                 dequantized_attention, flux_like_qkv, p_rounding_bounds,
                                                 random_qkv)
 
@@ -40,13 +40,14 @@ def _check_bf16(q, k, v, out):
 
 
 def _check_sage8(qkv, seq, out):
-    """Elementwise worst case and per-row RMS of P's fp8 rounding (+ the output's bf16 rounding
-    and float32 slack)."""
+    """Elementwise worst case and per-row RMS of P's rounding (fp8, or bf16 for sage_qk8), + the
+    output's bf16 rounding and float32 slack."""
     ref = dequantized_attention(qkv, seq)
     worst, rms = p_rounding_bounds(qkv, seq)
     out64 = np.asarray(out, np.float64)
     err = np.abs(out64 - ref)
-    rounding = 2.0**-8 * np.abs(out64) + 1e-4 * (worst / FP8_REL)
+    rel = FP8_REL if qkv.precision == "sage8" else BF16_REL
+    rounding = 2.0**-8 * np.abs(out64) + 1e-4 * (worst / rel)  # output bf16; float32 logits, exp2
     assert np.all(np.isfinite(out64))
     assert np.all(err <= worst + rounding), f"{np.sum(err > worst + rounding)} elements past the worst case"
     row_err = np.sqrt(np.sum(np.maximum(err - rounding, 0) ** 2, axis=-1))
@@ -63,13 +64,15 @@ def test_bf16_kernel(seq):
     _check_bf16(q, k, v, out)
 
 
-@QK_DTYPES
-@pytest.mark.parametrize("inputs", list(INPUTS))
-def test_sage8_kernel(qk_dtype, inputs):
+@pytest.mark.parametrize("qk_dtype, inputs, pv_fp8", [
+    (jnp.int8, "random", True), (jnp.float8_e4m3fn, "random", True), (jnp.int8, "flux_like", True),
+    (jnp.float8_e4m3fn, "flux_like", True), (jnp.int8, "flux_like", False)])
+def test_sage8_kernel(qk_dtype, inputs, pv_fp8):
+    """sage8 (fp8 PV) with int8 and fp8 QK^T; sage_qk8 (bf16 PV)."""
     seq = 200
     q, k, v = INPUTS[inputs](jax.random.key(1), (1, seq, 2, 128))
-    qkv = quantize_qkv(q, k, v, config=SMALL, qk_dtype=qk_dtype)
-    out = sage8_attention_quantized(qkv, seq=seq, config=SMALL, interpret=True)
+    qkv = quantize_qkv(q, k, v, config=SMALL, qk_dtype=qk_dtype, pv_fp8=pv_fp8)
+    out = attention_quantized(qkv, seq=seq, config=SMALL, interpret=True)
     assert out.shape == q.shape and out.dtype == jnp.bfloat16
     _check_sage8(qkv, seq, out)
 
@@ -141,14 +144,16 @@ def test_gpu_bf16(seq):
 
 
 @pytest.mark.gpu
-@QK_DTYPES
-@pytest.mark.parametrize("inputs", list(INPUTS))
-@pytest.mark.parametrize("seq", [4608, 1000])
-def test_gpu_sage8(seq, inputs, qk_dtype):
-    """FLUX's 1024² sequence, and a ragged one."""
+@pytest.mark.parametrize("seq, inputs, pv_fp8, qk_dtype", [
+    (4608, "random", True, jnp.int8), (4608, "flux_like", True, jnp.int8),
+    (4608, "flux_like", True, jnp.float8_e4m3fn), (4608, "flux_like", False, jnp.int8),
+    (1000, "random", True, jnp.int8), (1000, "flux_like", False, jnp.int8)])
+def test_gpu_sage8(seq, inputs, pv_fp8, qk_dtype):
+    """FLUX's 1024² sequence, and a ragged one; sage8 (fp8 PV) and sage_qk8 (bf16 PV)."""
     q, k, v = INPUTS[inputs](jax.random.key(seq), (1, seq, 2, 128))
-    qkv = quantize_qkv(q, k, v, config=AttentionConfig(max_concurrent_steps=3), qk_dtype=qk_dtype)
-    _check_sage8(qkv, seq, sage8_attention_quantized(qkv, seq=seq))
+    qkv = quantize_qkv(q, k, v, config=default_config("sage8" if pv_fp8 else "sage_qk8"), qk_dtype=qk_dtype,
+                       pv_fp8=pv_fp8)
+    _check_sage8(qkv, seq, attention_quantized(qkv, seq=seq))
 
 
 # ------------------------------------------------------------------------------------ in the model
