@@ -18,6 +18,7 @@ a few large-norm channels in q and k, a large shared mean in k), at sequence 460
 
 Stages (--stages, default tests,bench):
   tests  `pytest -m gpu tests/test_attention.py`.
+  sweep  block configs (block_kv, stages) of each precision at B=1 S=4608 and B=4 S=8704.
   bench  timing grid + accuracy.
   model  FLUX.1-dev transformer with random bf16 weights at 1024²: velocity cosine and final
          latent relative L2 after 28 steps, 8-bit attention (--model-impls, default sage8 and
@@ -119,6 +120,48 @@ def work_grid(args) -> dict:
         rows += harness.time_grid(shapes(args.seqs, args.batches), variant, setup,
                                   lambda d, ms: {"tflops": tflops(d["b"], d["s"], ms)}, deadline=args.deadline)
     return {"rows": rows, "accuracy": acc}
+
+
+SWEEP = {  # precision -> (block_kv, max_concurrent_steps) candidates
+    "sage8": [(128, 2), (128, 3), (128, 4), (64, 4)],
+    "sage_qk8": [(128, 2), (128, 3), (64, 4)],
+    "bf16": [(128, 2), (64, 3)],
+}
+
+
+def work_sweep(args) -> list[dict]:
+    """Block configs of each precision at the large shapes, each checked (rel L2 against cuDNN)."""
+    import functools
+
+    import jax
+
+    from pallas_kernels.attention import AttentionConfig, attention
+    from pallas_kernels.attention_reference import rel_l2
+
+    rows = []
+    for b, s in ((1, 4608), (4, 8704)):
+        make = lambda i, b=b, s=s: _inputs(b, s, 300 + i)
+        base_ms = harness.device_time_ms(implementation(BASELINE), make, b * s * HEADS * HEAD_DIM * 2)
+        rows.append({"b": b, "s": s, "config": "cudnn_bf16", "ms": base_ms, "tflops": tflops(b, s, base_ms)})
+        q, k, v = make(0)
+        ref = jax.jit(implementation(BASELINE))(q, k, v)
+        for precision, configs in SWEEP.items():
+            for block_kv, stages in configs:
+                if time.time() > args.deadline:
+                    return rows
+                cfg = AttentionConfig(block_kv=block_kv, max_concurrent_steps=stages)
+                fn = functools.partial(attention, precision=precision, config=cfg)
+                row = {"b": b, "s": s, "config": f"{precision} block_kv={block_kv} stages={stages}"}
+                try:
+                    row["rel_l2_vs_cudnn"] = rel_l2(jax.jit(fn)(q, k, v), ref)
+                    row["ms"] = harness.device_time_ms(fn, make, b * s * HEADS * HEAD_DIM * 2)
+                except Exception as e:  # noqa: BLE001  (a config that does not compile is a result)
+                    row["error"] = f"{type(e).__name__}: {e}"[:300]
+                else:
+                    row.update(tflops=tflops(b, s, row["ms"]), vs_cudnn=base_ms / row["ms"])
+                rows.append(row)
+                print(row, flush=True)
+    return rows
 
 
 def accuracy(args) -> list[dict]:
@@ -229,6 +272,12 @@ def markdown(log: dict) -> list[str]:
         out += harness.md_table(["implementation", "inputs", "rel L2"], [
             (a["variant"], a["inputs"], f"{a['rel_l2']:.4f}" if "rel_l2" in a else a.get("error", ""))
             for a in acc])
+    if log.get("sweep"):
+        out += ["", "Block configs (rel L2 against cuDNN's output):", ""]
+        out += harness.md_table(["B", "S", "config", "TFLOP/s", "vs cuDNN", "rel L2 vs cuDNN"], [
+            (r.get("b"), r.get("s"), r.get("config", ""), f"{r['tflops']:.0f}" if "tflops" in r else r.get("error", ""),
+             f"{r['vs_cudnn']:.2f}x" if "vs_cudnn" in r else "",
+             f"{r['rel_l2_vs_cudnn']:.4f}" if "rel_l2_vs_cudnn" in r else "") for r in log["sweep"]])
     if log.get("model"):
         out += ["", "FLUX.1-dev, random bf16 weights, 8-bit attention vs cuDNN bf16 attention, same inputs "
                 "(velocity at the first sigma; final latents after the Euler steps):", ""]
@@ -260,7 +309,13 @@ def stage_model(out_dir, log, args):
     log["model"] = [got] if isinstance(got, dict) else got
 
 
-STAGES = {"tests": stage_tests, "bench": stage_bench, "model": stage_model}
+def stage_sweep(out_dir, log, args):
+    got = harness.run_isolated(harness.worker_command(MODULE, "sweep", args.argv), timeout=args.variant_timeout,
+                               label="sweep")
+    log["sweep"] = [got] if isinstance(got, dict) else got
+
+
+STAGES = {"tests": stage_tests, "sweep": stage_sweep, "bench": stage_bench, "model": stage_model}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -283,7 +338,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.worker:
         args.deadline = args.deadline or time.time() + args.budget_s
-        harness.emit(work_model(args) if args.worker == "model" else work_grid(args))
+        work = {"model": work_model, "sweep": work_sweep, "grid": work_grid}[args.worker]
+        harness.emit(work(args))
         return
     args.argv = [*argv, "--deadline", str(time.time() + args.budget_s)]
     args.out.mkdir(parents=True, exist_ok=True)

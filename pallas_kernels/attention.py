@@ -308,8 +308,11 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
             def compute_pv(pv_ref):
                 plgpu.wgmma(pv_ref, p_ref, v_operand)
                 wait_next_k()
-                return pv_ref[...]
-            acc = acc + pl.run_scoped(compute_pv, plgpu.ACC((bq, head_dim), jnp.float32))
+
+            if pv8 or interpret:  # a fresh accumulator (fp8: one block's sum; interpret: no run_state)
+                acc = acc + pl.run_scoped(lambda r: (compute_pv(r), r[...])[1], plgpu.ACC((bq, head_dim), jnp.float32))
+            else:  # accumulate in place, as the template does
+                acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
             plgpu.barrier_arrive(v_consumed.at[slot])
             return acc, m_i, l_i
 
