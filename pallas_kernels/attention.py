@@ -11,10 +11,11 @@ base 2 in float32.
 Three precisions of the same kernel:
   * "bf16": S = Q K^T and O += P V on bf16 tensor cores, float32 accumulation (the baseline).
   * "sage8" (SageAttention-style, `quantize_qkv` makes the operands): Q and K as int8 (or fp8
-    e4m3) codes with one float32 scale per token, K with its per-channel mean over the sequence
-    subtracted first (exact: q.(k - mu) differs from q.k by a constant per query row, which the
+    e4m3) codes, one float32 scale per query token and per block of block_kv keys (a KV step's
+    scale multiplies the row scales: no per-element cost), K with its per-channel mean over the
+    sequence subtracted first (exact: q.(k - mu) differs from q.k by a constant per query row, which the
     softmax cancels; it removes the common large-norm channels that would eat K's 8-bit range).
-    S is an int32 (fp8: float32) wgmma accumulator, scaled per row and column in float32.
+    S is an int32 (fp8: float32) wgmma accumulator, scaled per row in float32.
     P (in [0, 1], kept as P * 448 so that e4m3's range is used) and V (one scale per channel) in
     fp8 e4m3; each step's PV goes to a fresh float32 accumulator that is then added to the
     running one (Hopper's fp8 wgmma accumulates with fewer mantissa bits than float32: keeping
@@ -88,14 +89,14 @@ def default_config(precision: Precision) -> AttentionConfig:
 class QuantizedQKV:
     """The operands of the 8-bit kernels. Invariants (s = padded sequence):
     q ~= q_codes * q_scale[..., None] (per token; q_scale also holds the softmax scale * log2 e),
-    k - mean_s(k) ~= k_codes * k_scale[..., None] (per token),
+    k - mean_s(k) ~= k_codes * k_scale per block of block_kv keys (`block_scales_per_key`),
     "sage8" (fp8 PV): v ~= swapaxes(v_t_codes, -1, -2)[..., inverse of key_permutation, :] * v_scale
       (per channel; keys permuted within each 16, as the kernel's P registers are); v_bf16 None;
     "sage_qk8" (bf16 PV): v_bf16 = v in bf16, padded; v_t_codes and v_scale None."""
     q_codes: jax.Array  # (B, s, H, D) int8 or float8_e4m3fn
     q_scale: jax.Array  # (B, H, s) float32
     k_codes: jax.Array  # (B, s, H, D), q_codes' dtype
-    k_scale: jax.Array  # (B, H, s) float32
+    k_scale: jax.Array  # (B, H, s / block_kv) float32
     v_t_codes: jax.Array | None  # (B, H, D, s) float8_e4m3fn
     v_scale: jax.Array | None  # (B, H, D) float32
     v_bf16: jax.Array | None  # (B, s, H, D) bfloat16
@@ -165,7 +166,7 @@ def _p_operand_gpu(p: jax.Array) -> jax.Array:
     return regroup(p)
 
 
-def _symmetric_codes(x: jax.Array, axis: int, dtype) -> tuple[jax.Array, jax.Array]:
+def _symmetric_codes(x: jax.Array, axis: int | tuple[int, ...], dtype) -> tuple[jax.Array, jax.Array]:
     """Codes and float32 scales of x along `axis` (max |x| -> the format's largest value)."""
     top = INT8_MAX if dtype == jnp.int8 else FP8_MAX
     scale = jnp.maximum(jnp.max(jnp.abs(x), axis=axis, keepdims=True) * (1.0 / top), SCALE_FLOOR)
@@ -190,7 +191,9 @@ def quantize_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, config: AttentionC
     q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
     k32 = k32 - jnp.mean(k32, axis=1, keepdims=True)
     q_codes, q_scale = _symmetric_codes(q32, -1, qk_dtype)
-    k_codes, k_scale = _symmetric_codes(k32, -1, qk_dtype)
+    b, _, h, _ = k.shape
+    k_blocks = _pad_seq(k32, seq_pad, 1).reshape(b, seq_pad // config.block_kv, config.block_kv, h, d)
+    k_codes, k_scale = _symmetric_codes(k_blocks, (2, 4), qk_dtype)  # k_scale (B, blocks, H)
     v_t_codes = v_scale = v_bf16 = None
     if pv_fp8:
         v_t_codes, v_scale = _symmetric_codes(jnp.transpose(v32, (0, 2, 3, 1)), -1, jnp.float8_e4m3fn)
@@ -200,8 +203,13 @@ def quantize_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, config: AttentionC
     to_bhs = lambda s: jnp.swapaxes(s, 1, 2)  # (B, S, H) -> (B, H, S)
     return QuantizedQKV(
         q_codes=_pad_seq(q_codes, seq_pad, 1), q_scale=_pad_seq(to_bhs(q_scale * scale), seq_pad, 2),
-        k_codes=_pad_seq(k_codes, seq_pad, 1), k_scale=_pad_seq(to_bhs(k_scale), seq_pad, 2),
+        k_codes=k_codes.reshape(b, seq_pad, h, d), k_scale=to_bhs(k_scale),
         v_t_codes=v_t_codes, v_scale=v_scale, v_bf16=v_bf16)
+
+
+def block_scales_per_key(k_scale: jax.Array, block_kv: int) -> jax.Array:
+    """(B, H, blocks) K scales -> (B, H, blocks * block_kv): each key's scale."""
+    return jnp.repeat(k_scale, block_kv, axis=-1)
 
 
 def _check_qkv(q, k, v) -> None:
@@ -261,11 +269,12 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
                 return acc_ref[...]
             s_dtype = jnp.int32 if q_ref.dtype == jnp.int8 else jnp.float32
             s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), s_dtype))
-            if qk8:  # logits * log2 e = codes . codes * q_scale (row) * k_scale (column)
+            if qk8:  # logits * log2 e = codes . codes * q_scale (row) * this block's k_scale
                 plgpu.barrier_wait(ks_bars.at[slot])
-                col_scale = plgpu.load(ks_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
-                s = s.astype(jnp.float32) * lax.broadcast_in_dim(col_scale, (bq, bkv), [1])
-                row = lax.broadcast_in_dim(row_scale, s.shape, [0])
+                block_scale = plgpu.load(ks_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+                s_scale = row_scale * block_scale
+                s = s.astype(jnp.float32)
+                row = lax.broadcast_in_dim(s_scale, s.shape, [0])
             else:
                 row = logit_scale
             plgpu.barrier_arrive(k_consumed.at[slot])
@@ -275,7 +284,7 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
 
             # Online softmax in base 2: m_i is the running max of logits * log2 e.
             s_max = s.max(axis=1)
-            s_max = s_max * row_scale if qk8 else s_max * logit_scale
+            s_max = s_max * s_scale if qk8 else s_max * logit_scale
             m_new = jnp.maximum(m_i, s_max)
             alpha = jnp.exp2(m_i - m_new)
             m_i = m_new
@@ -338,8 +347,9 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
         def fetch(step, slot):
             rows = pl.ds(step * bkv, bkv)
             plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, head], k_smem.at[slot], k_bars.at[slot])
-            if qk8:
-                plgpu.copy_gmem_to_smem(ks_ref.at[batch, head, rows], ks_smem.at[slot], ks_bars.at[slot])
+            if qk8:  # the block's K scale, repeated block_q times (one per query row)
+                plgpu.copy_gmem_to_smem(ks_ref.at[batch, head, pl.ds(step * bq, bq)], ks_smem.at[slot],
+                                        ks_bars.at[slot])
             v_tile = v_ref.at[batch, head, :, rows] if pv8 else v_ref.at[batch, rows, head]
             plgpu.copy_gmem_to_smem(v_tile, v_smem.at[slot], v_bars.at[slot])
 
@@ -377,7 +387,7 @@ def _run(operands: tuple, *, precision: Precision, shape: tuple[int, int, int, i
         if interpret else None,
         plgpu.SMEM((stages, bkv, d), q_dtype, transforms=_swizzle_transforms(d, item)),
         plgpu.SMEM((stages, *v_tile), v_dtype, transforms=_swizzle_transforms(v_tile[1], jnp.dtype(v_dtype).itemsize)),
-        plgpu.SMEM((stages, bkv), jnp.float32) if qk8 else None,
+        plgpu.SMEM((stages, bq), jnp.float32) if qk8 else None,
     )
     barriers = (
         plgpu.Barrier(num_barriers=stages),
@@ -418,7 +428,11 @@ def attention_quantized(qkv: QuantizedQKV, *, seq: int, out_dtype=jnp.bfloat16, 
     if qkv.q_codes.dtype not in QK_DTYPES or qkv.k_codes.dtype != qkv.q_codes.dtype:
         raise ValueError(f"q_codes/k_codes must both be int8 or float8_e4m3fn, got {qkv.q_codes.dtype}, "
                          f"{qkv.k_codes.dtype}")
-    operands = [qkv.q_codes, qkv.q_scale, qkv.k_codes, qkv.k_scale]
+    if qkv.k_scale.shape != (b, h, seq_pad // config.block_kv):
+        raise ValueError(f"k_scale must be (B, H, blocks) = {(b, h, seq_pad // config.block_kv)} for {config}, "
+                         f"got {qkv.k_scale.shape}")
+    # One K scale per KV step, repeated for each query row: the kernel loads it as a row vector.
+    operands = [qkv.q_codes, qkv.q_scale, qkv.k_codes, jnp.repeat(qkv.k_scale, config.block_q, axis=-1)]
     if precision == "sage8":
         if qkv.v_t_codes.shape != (b, h, d, seq_pad) or qkv.v_t_codes.dtype != jnp.float8_e4m3fn:
             raise ValueError(f"v_t_codes must be float8_e4m3fn {(b, h, d, seq_pad)}, got {qkv.v_t_codes.dtype} "

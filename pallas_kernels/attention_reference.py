@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.attention import FP8_MAX, LOG2E, QuantizedQKV, key_permutation
+from pallas_kernels.attention import FP8_MAX, LOG2E, QuantizedQKV, block_scales_per_key, key_permutation
 
 FP8_REL = 2.0**-4  # e4m3 round to nearest: |fp8(x) - x| <= 2^-4 |x| for normal x
 FP8_SUBNORMAL_HALF_STEP = 2.0**-10  # e4m3 subnormal spacing 2^-9
@@ -37,7 +37,8 @@ def dequantize(qkv: QuantizedQKV, seq: int) -> tuple[np.ndarray, np.ndarray, np.
     log2 e live in q_scale) and k' = k - mean(k) up to rounding."""
     f64 = lambda x: np.asarray(x.astype(jnp.float32), np.float64)
     q = f64(qkv.q_codes) * np.swapaxes(f64(qkv.q_scale), 1, 2)[..., None]
-    k = f64(qkv.k_codes) * np.swapaxes(f64(qkv.k_scale), 1, 2)[..., None]
+    block_kv = qkv.k_codes.shape[1] // qkv.k_scale.shape[-1]
+    k = f64(qkv.k_codes) * np.swapaxes(f64(block_scales_per_key(qkv.k_scale, block_kv)), 1, 2)[..., None]
     if qkv.precision == "sage8":
         v_t = np.empty(qkv.v_t_codes.shape, np.float64)
         v_t[..., key_permutation(v_t.shape[-1])] = f64(qkv.v_t_codes)

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.attention import (AttentionConfig, attention, default_config, key_permutation, quantize_qkv,
+from pallas_kernels.attention import (AttentionConfig, attention, block_scales_per_key, default_config,
+                                      key_permutation, quantize_qkv,
                                       attention_quantized)
 from pallas_kernels.attention_reference import (BF16_REL, FP8_REL, attention_reference, bf16_p_bound, dequantize,
                                                 dequantized_attention, flux_like_qkv, p_rounding_bounds,
@@ -98,8 +99,9 @@ def test_sage8_bounds_catch_a_wrong_kernel():
 
 @QK_DTYPES
 def test_quantize_qkv(qk_dtype):
-    """Codes x scales reconstruct q, k - mean(k) and v within the format's rounding; the padding
-    is zero; V's keys are in `key_permutation` order."""
+    """Codes x scales (q per token, k per block of block_kv keys, v per channel) reconstruct q,
+    k - mean(k) and v within the format's rounding; the padding is zero; V's keys are in
+    `key_permutation` order."""
     seq, config = 200, SMALL
     q, k, v = flux_like_qkv(jax.random.key(3), (2, seq, 2, 128))
     qkv = quantize_qkv(q, k, v, config=config, qk_dtype=qk_dtype)
@@ -114,13 +116,13 @@ def test_quantize_qkv(qk_dtype):
         return np.all(np.abs(x_deq - x) <= step * (1 + 1e-6) + 1e-6 * np.abs(x))
 
     q_scale = np.swapaxes(f64(qkv.q_scale), 1, 2)[:, :seq, :, None] / c
-    k_scale = np.swapaxes(f64(qkv.k_scale), 1, 2)[:, :seq, :, None]
+    k_scale = np.swapaxes(f64(block_scales_per_key(qkv.k_scale, config.block_kv)), 1, 2)[:, :seq, :, None]
     assert within(q2 / c, q64, q_scale)
     assert within(k_deq, k_centred, k_scale)
     v_scale = f64(qkv.v_scale)[:, None]
     assert np.all(np.abs(v_deq - v64) <= FP8_REL * np.abs(v64) + 2.0**-10 * v_scale + 1e-6)
     assert not np.any(np.asarray(qkv.q_codes[:, seq:], np.float32))
-    assert not np.any(np.asarray(qkv.k_scale[..., seq:]))
+    assert not np.any(np.asarray(qkv.k_codes[:, seq:], np.float32))
     assert sorted(key_permutation(64)) == list(range(64)) and list(key_permutation(16)[:4]) == [0, 1, 8, 9]
 
 
