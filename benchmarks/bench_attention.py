@@ -8,6 +8,7 @@ tokens, i.e. 512², 1024² and 2048x1024 images; batch 1 and 4; 24 heads x 128):
   sage8_fp8         the same with fp8 e4m3 QK^T
   sage_qk8          pallas_kernels.attention, precision="sage_qk8": int8 QK^T, bf16 PV
   sage8_int8_kernel the int8 kernel alone, on operands quantize_qkv made beforehand
+  sage8_int8_2stages, sage8_int8_kv64: other block configs of sage8_int8
 TFLOP/s = 4 B H S^2 D / time (the two matmuls; 8-bit counted the same); ratios = cuDNN time /
 this time. Device time (CUPTI), median of 20 over rotating input sets (> 2x the 50 MB L2).
 All implementations run in one process, back to back (same device state).
@@ -54,6 +55,10 @@ VARIANTS = harness.registry(
             options={"precision": "sage_qk8", "qk": "int8"}),
     Variant("sage8_int8_kernel", "the int8 sage8 kernel on pre-quantized operands", group=_GROUP,
             options={"precision": "sage8", "qk": "int8", "prequantized": True}),
+    Variant("sage8_int8_2stages", "sage8_int8 with 2 K/V stages (default 3)", group=_GROUP,
+            options={"precision": "sage8", "qk": "int8", "config": (128, 2)}),
+    Variant("sage8_int8_kv64", "sage8_int8 with block_kv 64, 4 stages", group=_GROUP,
+            options={"precision": "sage8", "qk": "int8", "config": (64, 4)}),
 )
 HEADS, HEAD_DIM = 24, 128
 SEQS = (1536, 4608, 8704)
@@ -76,7 +81,7 @@ def implementation(variant: str):
     import jax
     import jax.numpy as jnp
 
-    from pallas_kernels.attention import attention, attention_quantized
+    from pallas_kernels.attention import AttentionConfig, attention, attention_quantized
 
     if variant == BASELINE:
         return functools.partial(jax.nn.dot_product_attention, implementation="cudnn")
@@ -84,7 +89,9 @@ def implementation(variant: str):
     qk = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}.get(opts.get("qk"), jnp.int8)
     if opts.get("prequantized"):
         return attention_quantized
-    return functools.partial(attention, precision=opts["precision"], qk_dtype=qk)
+    config = AttentionConfig(block_kv=opts["config"][0], max_concurrent_steps=opts["config"][1]) \
+        if "config" in opts else None
+    return functools.partial(attention, precision=opts["precision"], qk_dtype=qk, config=config)
 
 
 def _inputs(b: int, s: int, seed: int):
@@ -177,8 +184,8 @@ def accuracy(args) -> list[dict]:
         q, k, v = make(jax.random.key(7), shape, jnp.bfloat16)
         ref = attention_reference(q, k, v)
         for variant in args.variants:
-            if VARIANTS[variant].options.get("prequantized"):
-                continue
+            if VARIANTS[variant].options.get("prequantized") or "config" in VARIANTS[variant].options:
+                continue  # same numerics as sage8_int8
             try:
                 y = jax.jit(implementation(variant))(q, k, v)
                 out.append({"variant": variant, "inputs": label, "seq": ACCURACY_SEQ,
