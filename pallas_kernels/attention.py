@@ -53,6 +53,8 @@ import numpy as np
 from jax import lax
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
+from pallas_kernels.w4a4_matmul import _swizzle_transforms  # the one copy: tiling + widest swizzle
+
 Precision = Literal["bf16", "sage8", "sage_qk8"]
 PRECISIONS: tuple[str, ...] = ("bf16", "sage8", "sage_qk8")
 QK_DTYPES = (jnp.int8, jnp.float8_e4m3fn)
@@ -108,12 +110,6 @@ class QuantizedQKV:
 
 jax.tree_util.register_dataclass(QuantizedQKV, data_fields=[f.name for f in dataclasses.fields(QuantizedQKV)],
                                  meta_fields=[])
-
-
-def _swizzle_transforms(minor_elems: int, itemsize: int) -> tuple:
-    """Shared-memory tiling + the widest swizzle for rows of `minor_elems` elements."""
-    swizzle = plgpu.find_swizzle(minor_elems * itemsize * 8)
-    return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
 def _pad_seq(x: jax.Array, seq_pad: int, axis: int) -> jax.Array:
