@@ -66,8 +66,11 @@ BATCHES = (1, 4)
 ACCURACY_SEQ = 4608
 
 
-def shapes(seqs, batches) -> dict[str, dict[str, int]]:
-    return {f"B={b} S={s}": {"b": b, "s": s} for b in batches for s in seqs}
+def shapes(seqs, batches, cells=None) -> dict[str, dict[str, int]]:
+    """Named (batch, sequence) cells: `cells` ("BxS" strings) in order, else batches x seqs."""
+    pairs = [tuple(int(x) for x in c.lower().split("x")) for c in cells] if cells else \
+        [(b, s) for b in batches for s in seqs]
+    return {f"B={b} S={s}": {"b": b, "s": s} for b, s in pairs}
 
 
 def tflops(b: int, s: int, ms: float) -> float:
@@ -124,7 +127,7 @@ def work_grid(args) -> dict:
                 return (lambda qkv: fn(qkv, seq=s)), make, b * s * HEADS * HEAD_DIM * 2
             return fn, (lambda i: _inputs(b, s, 100 + i)), b * s * HEADS * HEAD_DIM * 2
 
-        rows += harness.time_grid(shapes(args.seqs, args.batches), variant, setup,
+        rows += harness.time_grid(shapes(args.seqs, args.batches, args.cells), variant, setup,
                                   lambda d, ms: {"tflops": tflops(d["b"], d["s"], ms)}, deadline=args.deadline)
     return {"rows": rows, "accuracy": acc}
 
@@ -334,6 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seqs", type=int, nargs="+", default=list(SEQS))
     p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    p.add_argument("--cells", nargs="+", help="BxS cells in this order instead of --batches x --seqs, e.g. 1x4608 4x4608")
     p.add_argument("--tests-k", default="", help="pytest -k selection for the tests stage")
     p.add_argument("--model-steps", type=int, default=28)
     p.add_argument("--model-size", type=int, default=1024)
