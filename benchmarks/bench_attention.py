@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
             print(log[f"{name}_error"], flush=True)
         log[f"{name}_seconds"] = time.time() - t
         save()
-    print((args.out / f"{NAME}.md").read_text())
+        print((args.out / f"{NAME}.md").read_text(), flush=True)  # the tables so far (a later stage may be cut)
 
 
 if __name__ == "__main__":
