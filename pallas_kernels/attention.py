@@ -303,6 +303,9 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
             plgpu.barrier_wait(schedule_barrier)  # tensor cores free
 
             def wait_next_k():
+                if masked:  # the ragged step is the last: no next K (and a constant step here
+                    return  # would make a constant condition, which run_state cannot lower)
+
                 @pl.when(step + 1 < kv_steps)
                 def _():
                     plgpu.barrier_wait(k_bars.at[lax.rem(step + 1, jnp.array(stages, step.dtype))])
