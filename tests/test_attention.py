@@ -126,6 +126,15 @@ def test_quantize_qkv(qk_dtype):
     assert sorted(key_permutation(64)) == list(range(64)) and list(key_permutation(16)[:4]) == [0, 1, 8, 9]
 
 
+@pytest.mark.parametrize("precision", ["bf16", "sage8", "sage_qk8"])
+def test_lowers_for_the_gpu(precision):
+    """The GPU code path (P in registers, bf16 PV in place: what interpret mode does not run)
+    lowers for CUDA from this machine, at a ragged FLUX-like length."""
+    x = jax.ShapeDtypeStruct((1, 1000, 24, 128), jnp.bfloat16)
+    f = jax.jit(lambda q, k, v: attention(q, k, v, precision=precision))
+    assert "mosaic_gpu" in f.trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def test_rejects_bad_shapes():
     x = jnp.zeros((1, 64, 2, 128), jnp.bfloat16)
     with pytest.raises(ValueError, match="share one"):
