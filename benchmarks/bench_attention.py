@@ -252,7 +252,7 @@ def work_model(args) -> list[dict]:
 def summarize(rows: list[dict], acc: list[dict]) -> list[dict]:
     ok = {(r["shape"], r["variant"]): r for r in rows if "error" not in r and "ms" in r}
     out = []
-    for variant in ("sage8_int8", "sage8_fp8", "sage_qk8", "mosaic_bf16"):
+    for variant in ("sage8_int8", "sage8_int8_kernel", "sage8_fp8", "sage_qk8", "mosaic_bf16"):
         pairs = [(r, ok[(s, BASELINE)]) for (s, v), r in ok.items()
                  if v == variant and r["s"] >= 4608 and (s, BASELINE) in ok]
         if not pairs:
@@ -260,7 +260,9 @@ def summarize(rows: list[dict], acc: list[dict]) -> list[dict]:
         errs = [a["rel_l2"] for a in acc if a["variant"] == variant and "rel_l2" in a]
         out.append(harness.figure(
             f"attention, {VARIANTS[variant].doc}", f"{harness.span(r['tflops'] for r, _ in pairs)} TFLOP/s",
-            shape="S = 4608 / 8704, B = 1 / 4, 24x128", baseline="cuDNN bf16 flash attention",
+            shape=f"S = {'/'.join(str(x) for x in sorted({r['s'] for r, _ in pairs}))}, "
+                  f"B = {'/'.join(str(x) for x in sorted({r['b'] for r, _ in pairs}))}, 24x128",
+            baseline="cuDNN bf16 flash attention",
             ratio=harness.span((b["ms"] / r["ms"] for r, b in pairs), "{:.2f}") + "x",
             note=f"rel L2 vs fp32 {harness.span(errs, '{:.4f}')}" if errs else ""))
     return out
