@@ -1,5 +1,12 @@
 """One entry point per op; each picks the XLA reference or a Pallas kernel.
 
+Attention (`attention`) has its own names (ATTENTION_IMPLEMENTATIONS): the exact
+`jax.nn.dot_product_attention` backends "cudnn" and "xla", and the Pallas flash-attention
+kernels "mosaic_bf16", "sage8" (int8 QK^T, fp8 PV), "sage8_fp8" (fp8 QK^T and PV) and
+"sage_qk8" (int8 QK^T, bf16 PV).
+
+W4A4 ops:
+
 implementation:
   "xla"    the reference in plain XLA ops (runs anywhere; the tests' ground truth).
   "pallas" the Pallas Mosaic GPU kernels (Hopper, sm_90). Raises if they cannot run here.
@@ -26,6 +33,7 @@ from convrot_jax.linear import (
 )
 from convrot_jax.prologue import Prologue, apply_prologue, check_prologue, kernel_arguments
 from convrot_jax.quant import QuantizedWeight, quantize_activation_reference
+from pallas_kernels.attention import attention as _attention_kernel
 from pallas_kernels.rotate_quantize import rotate_quantize
 from pallas_kernels.w4a16_matmul import w4a16_matmul
 from pallas_kernels.w4a16_matmul_config import config_for as w4a16_config_for
@@ -33,6 +41,11 @@ from pallas_kernels.w4a4_matmul import w4a4_matmul
 
 Implementation = Literal["auto", "xla", "pallas"]
 IMPLEMENTATIONS: tuple[str, ...] = ("auto", "xla", "pallas")
+EXACT_ATTENTION: tuple[str, ...] = ("cudnn", "xla")
+# kernel name -> (pallas_kernels.attention precision, QK^T dtype)
+_ATTENTION_KERNELS = {"mosaic_bf16": ("bf16", jnp.int8), "sage8": ("sage8", jnp.int8),
+                      "sage8_fp8": ("sage8", jnp.float8_e4m3fn), "sage_qk8": ("sage_qk8", jnp.int8)}
+ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = (*EXACT_ATTENTION, *_ATTENTION_KERNELS)
 
 
 @functools.cache
@@ -182,3 +195,27 @@ def w4a16_linear(
     x_rot = rotate(x2, group_size=qw.group_size, hadamard=qw.hadamard).astype(x.dtype)
     y = w4a16_matmul(x_rot, qw.packed, qw.scales, bias, scale_group=qw.scale_group, out_dtype=x.dtype)
     return y.reshape(*lead, qw.out_features)
+
+
+def check_attention_implementation(implementation: str) -> None:
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}")
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str) -> jax.Array:
+    """softmax(q k^T / sqrt(D)) v over (B, S, H, D) q, k, v, non-causal; output in q's dtype.
+
+    "cudnn" / "xla": `jax.nn.dot_product_attention` (exact: float32 softmax). The kernels
+    (`pallas_kernels.attention`, Hopper only): "mosaic_bf16" (bf16 tensor cores), "sage8" (K's mean
+    removed, int8 Q/K codes per token, fp8 P and V, float32 accumulation), "sage8_fp8" (fp8 Q/K
+    codes instead), "sage_qk8" (int8 Q/K codes, bf16 P and V)."""
+    check_attention_implementation(implementation)
+    if implementation in EXACT_ATTENTION:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    if not pallas_supported():
+        raise RuntimeError(
+            f"attention implementation {implementation!r} is a Pallas kernel for NVIDIA Hopper (sm_90) GPUs; this "
+            f"device is {jax.devices()[0].device_kind!r}. Use 'cudnn' or 'xla'."
+        )
+    precision, qk_dtype = _ATTENTION_KERNELS[implementation]
+    return _attention_kernel(q, k, v, precision=precision, qk_dtype=qk_dtype)

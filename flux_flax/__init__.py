@@ -35,6 +35,7 @@ _EXPORTS = {
     "FluxTransformerBlock": "flux_flax.transformer",
     "linear_paths": "flux_flax.transformer",
     "param_paths": "flux_flax.transformer",
+    "set_attention": "flux_flax.transformer",
     "FluxPipeline": "flux_flax.pipeline",
     "NonFiniteOutputError": "flux_flax.pipeline",
     "PromptEncoder": "flux_flax.text",

@@ -2,7 +2,7 @@
 
     convrot-flux generate --model DIR [--checkpoint CKPT ...] --prompt "..." [--prompts-file F]
                           [--steps N] [--guidance G] [--size 1024x1024] [--seed S] [--batch B] [--out DIR]
-                          [--text-backend {jax,torch}] [--devices N]
+                          [--text-backend {jax,torch}] [--devices N] [--attention IMPL]
     convrot-flux demo     [--prompt "..."] [--steps 4] [--size 256x256] [--seed S] [--out DIR]
 
 Every argument is checked before jax, flax or torch load, so a usage error is answered at once
@@ -28,7 +28,7 @@ from flux_flax.command_line import (
     run,
 )
 from flux_flax.paths import check_output_dir, user_path
-from flux_flax.settings import GenerationSettings, check_image_size
+from flux_flax.settings import ATTENTION_CHOICES, GenerationSettings, check_image_size
 
 DEFAULT_DEV_STEPS, DEFAULT_SCHNELL_STEPS = 28, 4
 MAX_T5_TOKENS = 512
@@ -87,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="run the text encoders (CLIP, T5) in JAX, or in PyTorch through transformers")
     gen.add_argument("--text-device", default="cpu", help="torch device for the text encoders (cpu, cuda); torch backend only")
     gen.add_argument("--cache-dir", help="cache prompt embeddings in this folder (default: no cache)")
+    gen.add_argument("--attention", metavar="{" + ",".join(ATTENTION_CHOICES) + "}",
+                     help="attention implementation (default: exact, cudnn on a GPU, xla otherwise); the Pallas "
+                          "kernels (Hopper): mosaic_bf16, sage8 (int8 QK^T + fp8 PV), sage8_fp8 (fp8 QK^T + PV), "
+                          "sage_qk8 (int8 QK^T + bf16 PV)")
     add_compilation_cache_options(gen)
 
     demo = sub.add_parser("demo", formatter_class=fmt,
@@ -118,12 +122,14 @@ def _validate_generate(args: argparse.Namespace) -> SimpleNamespace:
         raise UsageError(f"--batch must be at least 1, got {args.batch}")
     if args.devices < 1:
         raise UsageError(f"--devices must be at least 1, got {args.devices}")
+    if args.attention is not None and args.attention not in ATTENTION_CHOICES:
+        raise UsageError(f"--attention must be one of {', '.join(ATTENTION_CHOICES)}, got {args.attention!r}")
     if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= MAX_T5_TOKENS:
         raise UsageError(f"--max-sequence-length must be in [1, {MAX_T5_TOKENS}], got {args.max_sequence_length}")
     return SimpleNamespace(
         prompts=prompts, height=height, width=width, steps=args.steps, guidance=args.guidance, seed=args.seed,
         batch=args.batch, devices=args.devices, dtype=args.dtype, max_sequence_length=args.max_sequence_length,
-        text_device=args.text_device, text_backend=args.text_backend,
+        text_device=args.text_device, text_backend=args.text_backend, attention=args.attention,
         model=_existing_dir(args.model, "model folder"),
         checkpoints=[_existing_dir(path, "checkpoint") for path in args.checkpoint or ()],
         verify=not args.no_verify,
@@ -144,14 +150,18 @@ def _generate(request: SimpleNamespace) -> None:
         request.model, checkpoint=request.checkpoints, verify=request.verify, dtype=getattr(jnp, request.dtype),
         text_backend=request.text_backend, text_dtype=request.dtype, text_device=request.text_device,
         max_sequence_length=request.max_sequence_length, cache_dir=request.cache_dir, devices=request.devices,
+        attention=request.attention,
     )
     default_steps = DEFAULT_DEV_STEPS if pipe.config.guidance_embeds else DEFAULT_SCHNELL_STEPS
     settings = GenerationSettings(request.height, request.width, request.steps or default_steps, request.guidance,
                                   request.seed)
     for part, source in pipe.sources.items():
         print(f"{part}: {source}", file=sys.stderr)
+    from flux_flax.layers import attention_implementation
+
     metadata = {"model": str(request.model), "checkpoint": str(pipe.checkpoints.get("transformer", "none (bf16)")),
-                "text_encoder_2": pipe.sources["text_encoder_2"]}
+                "text_encoder_2": pipe.sources["text_encoder_2"],
+                "attention": attention_implementation(getattr(jnp, request.dtype), request.attention)}
     paths = pipe.generate_pngs(request.prompts, settings, request.out, batch_size=request.batch, metadata=metadata)
     elapsed = time.perf_counter() - start
     for path in paths:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from convrot_jax import ops
 from convrot_jax.layers import ConvDense4bit
 
 Dtype = jnp.dtype | type
@@ -271,9 +272,12 @@ def project(x: jax.Array, fused: nnx.Module | None, *layers: nnx.Module | None) 
 
 
 def attention_implementation(dtype: Dtype, requested: str | None) -> str:
-    """`jax.nn.dot_product_attention`'s backend: cuDNN flash attention on a GPU for 16-bit
-    inputs, XLA otherwise (jax's `None` means XLA for now). An explicit request wins."""
+    """The attention implementation (`convrot_jax.ops.ATTENTION_IMPLEMENTATIONS`). By default the
+    exact one: cuDNN flash attention on a GPU for 16-bit inputs, XLA otherwise (jax's `None`
+    means XLA for now). An explicit request wins: also the Pallas kernels "mosaic_bf16", "sage8"
+    (8-bit QK^T and PV), "sage8_fp8" and "sage_qk8"."""
     if requested is not None:
+        ops.check_attention_implementation(requested)
         return requested
     if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return "cudnn"
@@ -365,9 +369,9 @@ class FluxAttention(nnx.Module):
             query = apply_rotary_emb(query, image_rotary_emb)
             key = apply_rotary_emb(key, image_rotary_emb)
 
-        # (B, S, H, D) layout in and out; softmax in float32 in both backends.
+        # (B, S, H, D) layout in and out; softmax in float32 in every implementation.
         impl = attention_implementation(query.dtype, self.attention_impl)
-        hidden_states = jax.nn.dot_product_attention(query, key, value, implementation=impl)
+        hidden_states = ops.attention(query, key, value, implementation=impl)
         hidden_states = hidden_states.reshape(*hidden_states.shape[:2], -1).astype(query.dtype)
 
         if encoder_hidden_states is None:

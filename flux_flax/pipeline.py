@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
+from convrot_jax import ops
 from flux_flax import sampling
 from flux_flax.checkpoint import load_checkpoint, stored_part
 from flux_flax.config import FluxConfig
@@ -34,6 +35,7 @@ from flux_flax.producers import DEFAULT_KINDS, fuse_producers
 from flux_flax.settings import VAE_SCALE_FACTOR, GenerationSettings
 from flux_flax.t5 import T5Config
 from flux_flax.text import TEXT_PARTS, PromptEmbeds, PromptEncoder, dtype_name
+from flux_flax.transformer import set_attention
 from flux_flax.vae import AutoencoderKLDecoder, load_vae
 
 
@@ -158,6 +160,7 @@ class FluxPipeline:
         fuse: bool = True,
         progress: bool = True,
         devices: int | None = None,
+        attention: str | None = None,
     ) -> "FluxPipeline":
         """Loads a diffusers-format FLUX folder (tokenizer/, text_encoder/, tokenizer_2/,
         text_encoder_2/, vae/, transformer/). `checkpoint`: one or several `convrot-convert`
@@ -171,8 +174,11 @@ class FluxPipeline:
         `text_backend` runs the text encoders in "jax" (the Flax ports; torch is never imported)
         or "torch" (transformers' models on `text_device`); `text_dtype` (a jnp or torch dtype or
         its name, default bfloat16) is their weights' dtype (a T5 checkpoint keeps its own).
-        `devices`: as the constructor's, checked before anything loads."""
+        `devices`: as the constructor's, checked before anything loads. `attention`: the
+        transformer's attention implementation (`flux_flax.set_attention`; None: the exact default)."""
         data_mesh(1 if devices is None else devices)
+        if attention is not None:
+            ops.check_attention_implementation(attention)
         if text_backend not in ("jax", "torch"):
             raise ValueError(f"text_backend must be 'jax' or 'torch', got {text_backend!r}")
         model_dir = user_path(model_dir)
@@ -189,6 +195,7 @@ class FluxPipeline:
         transformer, sources = _load_transformer(model_dir, checkpoints.get("transformer"), dtype, verify)
         if fuse:
             fuse_producers(fuse_projections(transformer), DEFAULT_KINDS)
+        set_attention(transformer, attention)
         if max_sequence_length is None:
             max_sequence_length = 512 if transformer.config.guidance_embeds else 256
         t5 = None

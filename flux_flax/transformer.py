@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from convrot_jax import GeluTanh, LayerNormModulation
+from convrot_jax import GeluTanh, LayerNormModulation, ops
 from flux_flax.config import ROPE_THETA, FluxConfig
 from flux_flax.fusion import fuse_projections
 from flux_flax.layers import (
@@ -181,8 +181,10 @@ class FluxSingleTransformerBlock(nnx.Module):
 
 class FluxTransformer2DModel(nnx.Module):
     """The FLUX.1 transformer. `dtype` is the weight and activation dtype (bf16 for inference,
-    float32 for reference tests). `attention_impl` picks `jax.nn.dot_product_attention`'s backend
-    ("cudnn" / "xla"); None means cuDNN on a GPU in 16-bit, XLA otherwise.
+    float32 for reference tests). `attention_impl` picks the attention implementation
+    (`flux_flax.layers.attention_implementation`: "cudnn", "xla", or the Pallas kernels
+    "mosaic_bf16", "sage8", "sage8_fp8", "sage_qk8"); None means the exact default, cuDNN on a GPU in 16-bit,
+    XLA otherwise. `set_attention` changes it on a built or loaded model.
 
     Build it abstractly with `nnx.eval_shape(lambda: FluxTransformer2DModel(cfg, rngs=nnx.Rngs(0)))`
     when weights will be loaded (`flux_flax.load_transformer` does so)."""
@@ -281,6 +283,19 @@ class FluxTransformer2DModel(nnx.Module):
 def module_path(path: tuple) -> str:
     """An NNX graph path -> the dotted diffusers name ("transformer_blocks", 0, "attn") -> "transformer_blocks.0.attn"."""
     return ".".join(str(p) for p in path)
+
+
+def set_attention(model: nnx.Module, implementation: str | None) -> nnx.Module:
+    """Sets, IN PLACE, the attention implementation of every FluxAttention in `model` (see
+    `FluxTransformer2DModel`; None: the exact default) and returns `model`. A runtime choice, not
+    part of the weights or the checkpoint: a jitted caller that takes the graph definition as a
+    static argument compiles again."""
+    if implementation is not None:
+        ops.check_attention_implementation(implementation)
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, FluxAttention):
+            node.attention_impl = implementation
+    return model
 
 
 def linear_paths(model: nnx.Module) -> Iterator[tuple[str, nnx.Linear]]:

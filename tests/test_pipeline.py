@@ -256,6 +256,7 @@ def test_generate_from_w4a4_checkpoint(reference, ours, w4a4_checkpoint, tmp_pat
     assert capsys.readouterr().out.strip() == str(path)
     with Image.open(path) as img:
         assert img.text["checkpoint"] == str(w4a4_checkpoint) and img.size == (SETTINGS.width, SETTINGS.height)
+        assert img.text["attention"] == "xla"  # the exact default on the CPU
 
     quantized = FluxPipeline.from_pretrained(folder, checkpoint=w4a4_checkpoint, max_sequence_length=T5_LENGTH,
                                              progress=False)

@@ -1,0 +1,382 @@
+"""Attention: the Pallas Mosaic GPU kernels (bf16 and 8-bit) against cuDNN bf16 flash attention.
+
+Implementations (x FLUX joint sequences 1536 / 4608 / 8704: 512 text + 1024 / 4096 / 8192 image
+tokens, i.e. 512², 1024² and 2048x1024 images; batch 1 and 4; 24 heads x 128):
+  cudnn_bf16        jax.nn.dot_product_attention(implementation="cudnn"), bf16 (the baseline)
+  mosaic_bf16       pallas_kernels.attention, precision="bf16"
+  sage8_int8        pallas_kernels.attention, precision="sage8", int8 QK^T (quantize_qkv + kernel)
+  sage8_fp8         the same with fp8 e4m3 QK^T
+  sage_qk8          pallas_kernels.attention, precision="sage_qk8": int8 QK^T, bf16 PV
+  sage8_int8_kernel the int8 kernel alone, on operands quantize_qkv made beforehand
+  sage8_int8_2stages, sage8_int8_kv64: other block configs of sage8_int8
+TFLOP/s = 4 B H S^2 D / time (the two matmuls; 8-bit counted the same); ratios = cuDNN time /
+this time. Device time (CUPTI), median of 20 over rotating input sets (> 2x the 50 MB L2).
+All implementations run in one process, back to back (same device state).
+
+Accuracy: relative L2 of each implementation's output against float32 attention (XLA) on the
+same bf16 inputs, random N(0, 1) and FLUX-like (pallas_kernels.attention_reference.flux_like_qkv:
+a few large-norm channels in q and k, a large shared mean in k), at sequence 4608, batch 1.
+
+Stages (--stages, default tests,bench):
+  tests  `pytest -m gpu tests/test_attention.py`.
+  sweep  block configs (block_kv, stages) of each precision at B=1 S=4608 and B=4 S=8704.
+  bench  timing grid + accuracy.
+  model  FLUX.1-dev transformer with random bf16 weights at 1024²: velocity cosine and final
+         latent relative L2 after 28 steps, 8-bit attention (--model-impls, default sage8 and
+         sage_qk8) vs cuDNN bf16 attention, same inputs (flux_flax.set_attention).
+
+    PYTHONPATH=. python3 -m benchmarks.bench_attention [--stages tests,bench,model]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from benchmarks import harness
+from benchmarks.harness import Variant
+
+NAME = "attention"
+MODULE = "benchmarks.bench_attention"
+BASELINE = "cudnn_bf16"
+_GROUP = "attention"  # one process: the same device state for every implementation
+VARIANTS = harness.registry(
+    Variant("cudnn_bf16", "jax.nn.dot_product_attention, cuDNN, bf16", group=_GROUP),
+    Variant("mosaic_bf16", "pallas_kernels.attention, bf16", group=_GROUP, options={"precision": "bf16"}),
+    Variant("sage8_int8", "pallas_kernels.attention, sage8, int8 QK", group=_GROUP,
+            options={"precision": "sage8", "qk": "int8"}),
+    Variant("sage8_fp8", "pallas_kernels.attention, sage8, fp8 QK", group=_GROUP,
+            options={"precision": "sage8", "qk": "fp8"}),
+    Variant("sage_qk8", "pallas_kernels.attention, sage_qk8 (int8 QK, bf16 PV)", group=_GROUP,
+            options={"precision": "sage_qk8", "qk": "int8"}),
+    Variant("sage8_int8_kernel", "the int8 sage8 kernel on pre-quantized operands", group=_GROUP,
+            options={"precision": "sage8", "qk": "int8", "prequantized": True}),
+    Variant("sage8_int8_2stages", "sage8_int8 with 2 K/V stages (default 3)", group=_GROUP,
+            options={"precision": "sage8", "qk": "int8", "config": (128, 2)}),
+    Variant("sage8_int8_kv64", "sage8_int8 with block_kv 64, 4 stages", group=_GROUP,
+            options={"precision": "sage8", "qk": "int8", "config": (64, 4)}),
+)
+HEADS, HEAD_DIM = 24, 128
+SEQS = (1536, 4608, 8704)
+BATCHES = (1, 4)
+ACCURACY_SEQ = 4608
+
+
+def shapes(seqs, batches, cells=None) -> dict[str, dict[str, int]]:
+    """Named (batch, sequence) cells: `cells` ("BxS" strings) in order, else batches x seqs."""
+    pairs = [tuple(int(x) for x in c.lower().split("x")) for c in cells] if cells else \
+        [(b, s) for b in batches for s in seqs]
+    return {f"B={b} S={s}": {"b": b, "s": s} for b, s in pairs}
+
+
+def tflops(b: int, s: int, ms: float) -> float:
+    return 4 * b * HEADS * s * s * HEAD_DIM / (ms * 1e-3) / 1e12
+
+
+def implementation(variant: str):
+    """variant -> fn(q, k, v) (or fn(qkv) for the pre-quantized kernel)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.attention import AttentionConfig, attention, attention_quantized
+
+    if variant == BASELINE:
+        return functools.partial(jax.nn.dot_product_attention, implementation="cudnn")
+    opts = VARIANTS[variant].options
+    qk = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}.get(opts.get("qk"), jnp.int8)
+    if opts.get("prequantized"):
+        return attention_quantized
+    config = AttentionConfig(block_kv=opts["config"][0], max_concurrent_steps=opts["config"][1]) \
+        if "config" in opts else None
+    return functools.partial(attention, precision=opts["precision"], qk_dtype=qk, config=config)
+
+
+def _inputs(b: int, s: int, seed: int):
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.attention_reference import random_qkv
+
+    return jax.block_until_ready(random_qkv(jax.random.key(seed), (b, s, HEADS, HEAD_DIM), jnp.bfloat16))
+
+
+def work_grid(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.attention import default_config, quantize_qkv
+
+    acc = accuracy(args)
+    rows = []
+    for variant in args.variants:
+        fn = implementation(variant)
+
+        def setup(d, variant=variant, fn=fn):
+            b, s = d["b"], d["s"]
+            if VARIANTS[variant].options.get("prequantized"):
+                quant = jax.jit(lambda q, k, v: quantize_qkv(q, k, v, config=default_config("sage8")))
+
+                def make(i):
+                    return (jax.block_until_ready(quant(*_inputs(b, s, 100 + i))),)
+                return (lambda qkv: fn(qkv, seq=s)), make, b * s * HEADS * HEAD_DIM * 2
+            return fn, (lambda i: _inputs(b, s, 100 + i)), b * s * HEADS * HEAD_DIM * 2
+
+        rows += harness.time_grid(shapes(args.seqs, args.batches, args.cells), variant, setup,
+                                  lambda d, ms: {"tflops": tflops(d["b"], d["s"], ms)}, deadline=args.deadline)
+    return {"rows": rows, "accuracy": acc}
+
+
+SWEEP = {  # precision -> (block_kv, max_concurrent_steps) candidates
+    "sage8": [(128, 2), (128, 3), (128, 4), (64, 4)],
+    "sage_qk8": [(128, 2), (128, 3), (64, 4)],
+    "bf16": [(128, 2), (64, 3)],
+}
+
+
+def work_sweep(args) -> list[dict]:
+    """Block configs of each precision at the large shapes, each checked (rel L2 against cuDNN)."""
+    import functools
+
+    import jax
+
+    from pallas_kernels.attention import AttentionConfig, attention
+    from pallas_kernels.attention_reference import rel_l2
+
+    rows = []
+    for b, s in ((1, 4608), (4, 8704)):
+        make = lambda i, b=b, s=s: _inputs(b, s, 300 + i)
+        base_ms = harness.device_time_ms(implementation(BASELINE), make, b * s * HEADS * HEAD_DIM * 2)
+        rows.append({"b": b, "s": s, "config": "cudnn_bf16", "ms": base_ms, "tflops": tflops(b, s, base_ms)})
+        q, k, v = make(0)
+        ref = jax.jit(implementation(BASELINE))(q, k, v)
+        for precision, configs in SWEEP.items():
+            for block_kv, stages in configs:
+                if time.time() > args.deadline:
+                    return rows
+                cfg = AttentionConfig(block_kv=block_kv, max_concurrent_steps=stages)
+                fn = functools.partial(attention, precision=precision, config=cfg)
+                row = {"b": b, "s": s, "config": f"{precision} block_kv={block_kv} stages={stages}"}
+                try:
+                    row["rel_l2_vs_cudnn"] = rel_l2(jax.jit(fn)(q, k, v), ref)
+                    row["ms"] = harness.device_time_ms(fn, make, b * s * HEADS * HEAD_DIM * 2)
+                except Exception as e:  # noqa: BLE001  (a config that does not compile is a result)
+                    row["error"] = f"{type(e).__name__}: {e}"[:300]
+                else:
+                    row.update(tflops=tflops(b, s, row["ms"]), vs_cudnn=base_ms / row["ms"])
+                rows.append(row)
+                print(row, flush=True)
+    return rows
+
+
+def accuracy(args) -> list[dict]:
+    """rel L2 against float32 attention, random and FLUX-like inputs, every implementation."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.attention_reference import attention_reference, flux_like_qkv, random_qkv, rel_l2
+
+    out = []
+    shape = (1, ACCURACY_SEQ, HEADS, HEAD_DIM)
+    for label, make in (("random", random_qkv), ("flux_like", flux_like_qkv)):
+        q, k, v = make(jax.random.key(7), shape, jnp.bfloat16)
+        ref = attention_reference(q, k, v)
+        for variant in args.variants:
+            if VARIANTS[variant].options.get("prequantized") or "config" in VARIANTS[variant].options:
+                continue  # same numerics as sage8_int8
+            try:
+                y = jax.jit(implementation(variant))(q, k, v)
+                out.append({"variant": variant, "inputs": label, "seq": ACCURACY_SEQ,
+                            "rel_l2": rel_l2(y.astype(jnp.float32), ref)})
+            except Exception as e:  # noqa: BLE001  (recorded)
+                out.append({"variant": variant, "inputs": label, "error": f"{type(e).__name__}: {e}"[:300]})
+            print(out[-1], flush=True)
+    return out
+
+
+def work_model(args) -> list[dict]:
+    """FLUX.1-dev with random bf16 weights (benchmarks.models.random_transformer), the same noise,
+    text and pooled inputs: one velocity prediction at the first sigma and the final latents after
+    `--model-steps` Euler steps, each 8-bit attention implementation against cuDNN bf16."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import flux_flax
+    from benchmarks.bench_quality import _similarity
+    from benchmarks.models import random_transformer
+    from flux_flax import sampling
+
+    model = random_transformer(flux_flax.FluxConfig.dev(), seed=0)
+    config, size, steps = model.config, args.model_size, args.model_steps
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+    h = w = size // 8
+    latents = sampling.pack_latents(jax.random.normal(k1, (1, config.in_channels // 4, h, w)))
+    txt = jax.random.normal(k2, (1, 512, config.joint_attention_dim), jnp.bfloat16)
+    pooled = jax.random.normal(k3, (1, config.pooled_projection_dim), jnp.bfloat16)
+    img_ids, txt_ids = jnp.asarray(sampling.latent_image_ids(size, size)), jnp.asarray(sampling.text_ids(512))
+    guidance = jnp.full((1,), 3.5)
+    sigmas = jnp.asarray(sampling.flux_sigmas(steps, (h // 2) * (w // 2)))
+
+    @nnx.jit
+    def velocity(m, lat):
+        return m(lat, txt, pooled, jnp.full((1,), sigmas[0]), img_ids, txt_ids, guidance).astype(jnp.float32)
+
+    @nnx.jit
+    def sample(m, lat):
+        return sampling.denoise(m, lat, txt, pooled, img_ids, txt_ids, sigmas, guidance)
+
+    def run(impl):
+        flux_flax.set_attention(model, impl)
+        return velocity(model, latents), sample(model, latents)
+
+    base_v, base_x = run(None)  # the exact default: cuDNN on the GPU
+    rows = []
+    for impl in args.model_impls:
+        if time.time() > args.deadline:
+            rows.append({"impl": impl, "error": "not run: budget spent"})
+            continue
+        v, x = run(impl)
+        sv, sx = _similarity(base_v, v), _similarity(base_x, x)
+        rows.append({"impl": impl, "size": size, "steps": steps, "velocity_cosine": sv["cosine"],
+                     "velocity_rel_l2": sv["rel_l2"], "latent_cosine": sx["cosine"], "latent_rel_l2": sx["rel_l2"]})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def summarize(rows: list[dict], acc: list[dict]) -> list[dict]:
+    ok = {(r["shape"], r["variant"]): r for r in rows if "error" not in r and "ms" in r}
+    out = []
+    for variant in ("sage8_int8", "sage8_int8_kernel", "sage8_fp8", "sage_qk8", "mosaic_bf16"):
+        pairs = [(r, ok[(s, BASELINE)]) for (s, v), r in ok.items()
+                 if v == variant and r["s"] >= 4608 and (s, BASELINE) in ok]
+        if not pairs:
+            continue
+        errs = [a["rel_l2"] for a in acc if a["variant"] == variant and "rel_l2" in a]
+        out.append(harness.figure(
+            f"attention, {VARIANTS[variant].doc}", f"{harness.span(r['tflops'] for r, _ in pairs)} TFLOP/s",
+            shape=f"S = {'/'.join(str(x) for x in sorted({r['s'] for r, _ in pairs}))}, "
+                  f"B = {'/'.join(str(x) for x in sorted({r['b'] for r, _ in pairs}))}, 24x128",
+            baseline="cuDNN bf16 flash attention",
+            ratio=harness.span((b["ms"] / r["ms"] for r, b in pairs), "{:.2f}") + "x",
+            note=f"rel L2 vs fp32 {harness.span(errs, '{:.4f}')}" if errs else ""))
+    return out
+
+
+def markdown(log: dict) -> list[str]:
+    rows = log.get("rows", [])
+    out = ["# Attention (pallas_kernels/attention.py) vs cuDNN bf16", "",
+           f"Device time (CUPTI), median of {log.get('iters', 20)}, rotating input sets (> 2x L2); 24 heads x 128, "
+           "non-causal. TFLOP/s = 4 B H S² D / time. Ratios: cuDNN bf16 time / this time (higher is faster). "
+           "sage8 rows include quantize_qkv (XLA ops: K mean, int8 codes per query token and per 128-key block, "
+           "per-channel fp8 V codes, V "
+           "transposed); sage8_int8_kernel is the kernel alone. "
+           f"GPU tests: {log.get('tests', 'not run')}.", "", "TFLOP/s:", ""]
+    out += harness.pivot_table(rows, "tflops", baseline=BASELINE, shape_cols=("b", "s"),
+                               variants=[v for v in VARIANTS if any(r["variant"] == v for r in rows)])
+    acc = log.get("accuracy", [])
+    if acc:
+        out += ["", f"Accuracy: relative L2 against float32 attention (XLA), B=1, S={ACCURACY_SEQ}, bf16 inputs:", ""]
+        out += harness.md_table(["implementation", "inputs", "rel L2"], [
+            (a["variant"], a["inputs"], f"{a['rel_l2']:.4f}" if "rel_l2" in a else a.get("error", ""))
+            for a in acc])
+    if log.get("sweep"):
+        out += ["", "Block configs (rel L2 against cuDNN's output):", ""]
+        out += harness.md_table(["B", "S", "config", "TFLOP/s", "vs cuDNN", "rel L2 vs cuDNN"], [
+            (r.get("b"), r.get("s"), r.get("config", ""), f"{r['tflops']:.0f}" if "tflops" in r else r.get("error", ""),
+             f"{r['vs_cudnn']:.2f}x" if "vs_cudnn" in r else "",
+             f"{r['rel_l2_vs_cudnn']:.4f}" if "rel_l2_vs_cudnn" in r else "") for r in log["sweep"]])
+    if log.get("model"):
+        out += ["", "FLUX.1-dev, random bf16 weights, 8-bit attention vs cuDNN bf16 attention, same inputs "
+                "(velocity at the first sigma; final latents after the Euler steps):", ""]
+        out += harness.md_table(["implementation", "size", "steps", "velocity cosine", "velocity rel L2",
+                                 "final latents cosine", "final latents rel L2"], [
+            (m.get("impl"), m.get("size"), m.get("steps"), *(
+                [f"{m['velocity_cosine']:.6f}", f"{m['velocity_rel_l2']:.4f}", f"{m['latent_cosine']:.6f}",
+                 f"{m['latent_rel_l2']:.4f}"] if "velocity_cosine" in m else [m.get("error", ""), "", "", ""]))
+            for m in log["model"]])
+    return out
+
+
+def stage_tests(out_dir, log, args):
+    log["tests"] = harness.run_pytest("tests/test_attention.py", args.tests_k)
+
+
+def stage_bench(out_dir, log, args):
+    got = harness.run_isolated(harness.worker_command(MODULE, "grid", args.argv), timeout=args.variant_timeout,
+                               label="grid")
+    if "error" in got:
+        log["rows"] = harness.error_rows(args.variants, got["error"], shape="all")
+    else:
+        log.update(got)
+
+
+def stage_model(out_dir, log, args):
+    got = harness.run_isolated(harness.worker_command(MODULE, "model", args.argv), timeout=args.variant_timeout,
+                               label="model")
+    log["model"] = [got] if isinstance(got, dict) else got
+
+
+def stage_sweep(out_dir, log, args):
+    got = harness.run_isolated(harness.worker_command(MODULE, "sweep", args.argv), timeout=args.variant_timeout,
+                               label="sweep")
+    log["sweep"] = [got] if isinstance(got, dict) else got
+
+
+STAGES = {"tests": stage_tests, "sweep": stage_sweep, "bench": stage_bench, "model": stage_model}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", harness.RESULTS)))
+    p.add_argument("--stages", default="tests,bench")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seqs", type=int, nargs="+", default=list(SEQS))
+    p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    p.add_argument("--cells", nargs="+", help="BxS cells in this order instead of --batches x --seqs, e.g. 1x4608 4x4608")
+    p.add_argument("--tests-k", default="", help="pytest -k selection for the tests stage")
+    p.add_argument("--model-steps", type=int, default=28)
+    p.add_argument("--model-size", type=int, default=1024)
+    p.add_argument("--model-impls", nargs="+", default=["sage8", "sage_qk8"])
+    p.add_argument("--budget-s", type=float, default=200, help="start no new measurement after this many seconds")
+    p.add_argument("--variant-timeout", type=float, default=400, help="seconds each worker process may run")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        args.deadline = args.deadline or time.time() + args.budget_s
+        work = {"model": work_model, "sweep": work_sweep, "grid": work_grid}[args.worker]
+        harness.emit(work(args))
+        return
+    args.argv = [*argv, "--deadline", str(time.time() + args.budget_s)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    log: dict = {"iters": harness.timing_iters()}
+    meta = harness.run_meta(probe=True)
+
+    def save():
+        harness.write_results(NAME, log, markdown(log), args.out,
+                              summary=summarize(log.get("rows", []), log.get("accuracy", [])), meta=meta,
+                              command="python -m " + MODULE + " " + " ".join(argv))
+
+    for name in args.stages.split(","):
+        t = time.time()
+        print(f"=== {name} ===", flush=True)
+        try:
+            STAGES[name](args.out, log, args)
+        except Exception:  # noqa: BLE001  (keep the other stages' results)
+            log[f"{name}_error"] = traceback.format_exc()[-3000:]
+            print(log[f"{name}_error"], flush=True)
+        log[f"{name}_seconds"] = time.time() - t
+        save()
+        print((args.out / f"{NAME}.md").read_text(), flush=True)  # the tables so far (a later stage may be cut)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,468 @@
+"""Flash attention on Hopper (sm_90) in Pallas Mosaic GPU: bf16, and 8-bit QK^T and PV.
+
+Non-causal, forward only, (B, S, H, D) in and out (jax.nn.dot_product_attention's layout), any
+sequence length (padded to whole blocks, padded keys masked in the last KV step). The structure
+is jax's `pallas/ops/gpu/attention_mgpu.py` (FlashAttention-3): a CTA holds two query blocks of
+`block_q` rows, one per compute warpgroup; a memory warpgroup streams K and V blocks through a
+`max_concurrent_steps`-deep ring of shared-memory stages with TMA; the two compute warpgroups
+ping-pong a schedule barrier so that one's softmax overlaps the other's wgmma; online softmax in
+base 2 in float32.
+
+Three precisions of the same kernel:
+  * "bf16": S = Q K^T and O += P V on bf16 tensor cores, float32 accumulation (the baseline).
+  * "sage8" (SageAttention-style, `quantize_qkv` makes the operands): Q and K as int8 (or fp8
+    e4m3) codes, one float32 scale per query token and per block of block_kv keys (a KV step's
+    scale multiplies the row scales: no per-element cost), K with its per-channel mean over the
+    sequence subtracted first (exact: q.(k - mu) differs from q.k by a constant per query row, which the
+    softmax cancels; it removes the common large-norm channels that would eat K's 8-bit range).
+    S is an int32 (fp8: float32) wgmma accumulator, scaled per row in float32.
+    P (in [0, 1], kept as P * 448 so that e4m3's range is used) and V (one scale per channel) in
+    fp8 e4m3; each step's PV goes to a fresh float32 accumulator that is then added to the
+    running one (Hopper's fp8 wgmma accumulates with fewer mantissa bits than float32: keeping
+    each sum to one block keeps that loss to a block).
+  * "sage_qk8" (SageAttention1-style): the same 8-bit S, P and V in bf16 (V not quantized):
+    half the speed-up, none of the fp8 rounding of P and V (which dominates sage8's error).
+8-bit wgmma needs both operands K-major: Q (rows of D), K (rows of D, the B operand transposed),
+P (rows of block_kv) are; V is not (its contraction dim is the sequence), so `quantize_qkv`
+writes V transposed, (B, H, D, S), and the kernel's B operand is that tile transposed. P stays in
+registers as wgmma's A operand, but the float32 accumulator layout gives a thread 2 adjacent
+columns of every 8 while the 8-bit A layout wants 4 adjacent of every 16: rather than moving
+bytes between threads, each thread's pairs (c, c+1) and (c+8, c+9) are joined into one
+4-byte register (`_p_operand_gpu`), which permutes the keys of P within each 16, and V's keys are
+stored with the same permutation (`key_permutation`), so the sum over keys is unchanged (the
+trick FlashAttention-3 uses for fp8).
+
+Interpret mode (`interpret=True`, CPU tests) runs the same kernel; its wgmma takes no register
+operand, so there P goes through shared memory (8-bit: permuted with jnp ops,
+`_p_operand_interpret`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.experimental.mosaic.gpu as mgpu
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+from pallas_kernels.w4a4_matmul import _swizzle_transforms  # the one copy: tiling + widest swizzle
+
+Precision = Literal["bf16", "sage8", "sage_qk8"]
+PRECISIONS: tuple[str, ...] = ("bf16", "sage8", "sage_qk8")
+QK_DTYPES = (jnp.int8, jnp.float8_e4m3fn)
+INT8_MAX = 127.0
+FP8_MAX = 448.0  # e4m3fn's largest finite value
+SCALE_FLOOR = 1e-10  # scale of an all-zero row or channel: zero codes, never NaN
+LOG2E = math.log2(math.e)
+_COMPUTE_WGS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Block sizes: each CTA takes 2 * block_q query rows; K/V stream in blocks of block_kv
+    through max_concurrent_steps shared-memory stages."""
+    block_q: int = 64
+    block_kv: int = 128
+    max_concurrent_steps: int = 2
+
+    def __post_init__(self):
+        if self.block_q != 64:
+            raise ValueError(f"block_q must be 64 (one wgmma M per warpgroup), got {self.block_q}")
+        if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
+            raise ValueError(f"block_kv must be 64, 128, 192 or 256, got {self.block_kv}")
+        if self.max_concurrent_steps < 2:
+            raise ValueError(f"max_concurrent_steps must be at least 2, got {self.max_concurrent_steps}")
+
+
+def default_config(precision: Precision) -> AttentionConfig:
+    """8-bit stages are half the bytes: one more fits."""
+    return AttentionConfig(max_concurrent_steps=3 if precision == "sage8" else 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedQKV:
+    """The operands of the 8-bit kernels. Invariants (s = padded sequence):
+    q ~= q_codes * q_scale[..., None] (per token; q_scale also holds the softmax scale * log2 e),
+    k - mean_s(k) ~= k_codes * k_scale per block of block_kv keys (`block_scales_per_key`),
+    "sage8" (fp8 PV): v ~= swapaxes(v_t_codes, -1, -2)[..., inverse of key_permutation, :] * v_scale
+      (per channel; keys permuted within each 16, as the kernel's P registers are); v_bf16 None;
+    "sage_qk8" (bf16 PV): v_bf16 = v in bf16, padded; v_t_codes and v_scale None."""
+    q_codes: jax.Array  # (B, s, H, D) int8 or float8_e4m3fn
+    q_scale: jax.Array  # (B, H, s) float32
+    k_codes: jax.Array  # (B, s, H, D), q_codes' dtype
+    k_scale: jax.Array  # (B, H, s / block_kv) float32
+    v_t_codes: jax.Array | None  # (B, H, D, s) float8_e4m3fn
+    v_scale: jax.Array | None  # (B, H, D) float32
+    v_bf16: jax.Array | None  # (B, s, H, D) bfloat16
+
+    @property
+    def precision(self) -> Precision:
+        return "sage8" if self.v_t_codes is not None else "sage_qk8"
+
+
+jax.tree_util.register_dataclass(QuantizedQKV, data_fields=[f.name for f in dataclasses.fields(QuantizedQKV)],
+                                 meta_fields=[])
+
+
+def _pad_seq(x: jax.Array, seq_pad: int, axis: int) -> jax.Array:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, seq_pad - x.shape[axis])
+    return jnp.pad(x, pad) if seq_pad != x.shape[axis] else x
+
+
+def padded_length(seq: int, config: AttentionConfig) -> int:
+    """Whole CTA query tiles (2 * block_q) and whole KV blocks."""
+    unit = math.lcm(_COMPUTE_WGS * config.block_q, config.block_kv)
+    return -(-seq // unit) * unit
+
+
+def key_permutation(n: int) -> np.ndarray:
+    """perm[new] = old: within each 16 keys, new 4c + 2h + i <- old 8h + 2c + i (c < 4, h, i < 2):
+    the key order of P after `_p_operand_gpu` joins a thread's accumulator pairs."""
+    if n % 16:
+        raise ValueError(f"key count must be a multiple of 16, got {n}")
+    return np.arange(n).reshape(n // 16, 2, 4, 2).transpose(0, 2, 1, 3).reshape(n)
+
+
+def _p_operand_interpret(p: jax.Array) -> jax.Array:
+    """P's columns in `key_permutation` order, with jnp ops (interpret mode stages P in smem)."""
+    rows, cols = p.shape
+    return p.reshape(rows, cols // 16, 2, 4, 2).transpose(0, 1, 3, 2, 4).reshape(rows, cols)
+
+
+def _p_operand_gpu(p: jax.Array) -> jax.Array:
+    """fp8 P (64, n) in the accumulator layout (WGMMA: 2 bytes a register, columns 2c, 2c+1 of
+    each 8) -> wgmma's 8-bit A layout (WGMMA_8BIT: 4 bytes, columns 4c..4c+3 of each 16) without
+    moving data: register (g, h) of the result joins registers (2g, h) and (2g + 1, h), so its
+    columns are P's in `key_permutation` order."""
+    rows, cols = p.shape
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA,),
+        return_type=plgpu.ShapeDtypeStruct((rows, cols), p.dtype, layout=plgpu.Layout.WGMMA_8BIT),
+    )
+    def regroup(_, src):
+        shape = mgpu.WGMMA_LAYOUT_8BIT.registers_shape((rows, cols))
+        if src.registers.shape != (shape[0], 2 * shape[1], *shape[2:]):
+            raise AssertionError(f"register layouts do not line up: {src.registers.shape} vs {shape}")
+        regs = np.empty(shape, dtype=object)
+        for idx in np.ndindex(shape):
+            pair = [src.registers[(idx[0], 2 * idx[1] + j, *idx[2:])] for j in range(2)]
+            regs[idx] = mgpu_utils.vector_concat(pair)
+        return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT_8BIT, _is_signed=None)
+
+    return regroup(p)
+
+
+def _symmetric_codes(x: jax.Array, axis: int | tuple[int, ...], dtype) -> tuple[jax.Array, jax.Array]:
+    """Codes and float32 scales of x along `axis` (max |x| -> the format's largest value)."""
+    top = INT8_MAX if dtype == jnp.int8 else FP8_MAX
+    scale = jnp.maximum(jnp.max(jnp.abs(x), axis=axis, keepdims=True) * (1.0 / top), SCALE_FLOOR)
+    scaled = x / scale
+    codes = jnp.clip(jnp.round(scaled), -top, top).astype(dtype) if dtype == jnp.int8 else scaled.astype(dtype)
+    return codes, jnp.squeeze(scale, axis)
+
+
+def quantize_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, config: AttentionConfig,
+                 qk_dtype=jnp.int8, pv_fp8: bool = True, softmax_scale: float | None = None) -> QuantizedQKV:
+    """The 8-bit kernels' operands from (B, S, H, D) q, k, v, padded to `padded_length`: fp8 V
+    codes for "sage8" (`pv_fp8`), bf16 V for "sage_qk8".
+
+    Plain XLA ops, meant to run inside the caller's jit right after the op that makes q, k, v
+    (FLUX: QK RMSNorm + RoPE), so XLA fuses them there: no bf16 copy of q, k or v goes back to HBM
+    in between. K's mean needs the whole sequence, so K is read twice (mean, then codes)."""
+    if qk_dtype not in QK_DTYPES:
+        raise ValueError(f"qk_dtype must be int8 or float8_e4m3fn, got {qk_dtype}")
+    seq, d = q.shape[1], q.shape[-1]
+    seq_pad = padded_length(seq, config)
+    scale = (1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale) * LOG2E
+    q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+    k32 = k32 - jnp.mean(k32, axis=1, keepdims=True)
+    q_codes, q_scale = _symmetric_codes(q32, -1, qk_dtype)
+    b, _, h, _ = k.shape
+    k_blocks = _pad_seq(k32, seq_pad, 1).reshape(b, seq_pad // config.block_kv, config.block_kv, h, d)
+    k_codes, k_scale = _symmetric_codes(k_blocks, (2, 4), qk_dtype)  # k_scale (B, blocks, H)
+    v_t_codes = v_scale = v_bf16 = None
+    if pv_fp8:
+        v_t_codes, v_scale = _symmetric_codes(jnp.transpose(v32, (0, 2, 3, 1)), -1, jnp.float8_e4m3fn)
+        v_t_codes = _pad_seq(v_t_codes, seq_pad, 3)[..., key_permutation(seq_pad)]
+    else:
+        v_bf16 = _pad_seq(v.astype(jnp.bfloat16), seq_pad, 1)
+    to_bhs = lambda s: jnp.swapaxes(s, 1, 2)  # (B, S, H) -> (B, H, S)
+    return QuantizedQKV(
+        q_codes=_pad_seq(q_codes, seq_pad, 1), q_scale=_pad_seq(to_bhs(q_scale * scale), seq_pad, 2),
+        k_codes=k_codes.reshape(b, seq_pad, h, d), k_scale=to_bhs(k_scale),
+        v_t_codes=v_t_codes, v_scale=v_scale, v_bf16=v_bf16)
+
+
+def block_scales_per_key(k_scale: jax.Array, block_kv: int) -> jax.Array:
+    """(B, H, blocks) K scales -> (B, H, blocks * block_kv): each key's scale."""
+    return jnp.repeat(k_scale, block_kv, axis=-1)
+
+
+def _check_qkv(q, k, v) -> None:
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must share one (B, S, H, D) shape, got {q.shape}, {k.shape}, {v.shape}")
+    if q.shape[-1] % 64:
+        raise ValueError(f"head dim D must be a multiple of 64, got q {q.shape}")
+
+
+def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, interpret: bool):
+    """One CTA: two query blocks (one a compute warpgroup) against the whole K/V sequence."""
+    qk8, pv8 = precision in ("sage8", "sage_qk8"), precision == "sage8"
+    qs_ref = ks_ref = vs_ref = None
+    if qk8 and pv8:
+        q_ref, qs_ref, k_ref, ks_ref, v_ref, vs_ref, out_ref, scoped = refs  # v_ref: V transposed
+    elif qk8:
+        q_ref, qs_ref, k_ref, ks_ref, v_ref, out_ref, scoped = refs
+    else:
+        q_ref, k_ref, v_ref, out_ref, scoped = refs
+    (q_smem2, o_smem2, p_smem2, k_smem, v_smem, ks_smem), (k_bars, v_bars, q_bars, ks_bars), \
+        (k_consumed, v_consumed), schedule_barrier = scoped
+    bq, bkv = config.block_q, config.block_kv
+    head_dim = q_ref.shape[-1]
+    logit_scale = LOG2E / math.sqrt(head_dim)  # bf16: logits * log2 e from q.k
+    kv_steps = -(-seq // bkv)  # KV blocks holding keys (the padding may add whole blocks: skipped)
+    full_steps = seq // bkv  # steps without padded keys; a ragged last one is masked
+    stages = k_smem.shape[0]
+    batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+
+    def schedule():
+        plgpu.barrier_arrive(schedule_barrier)
+        plgpu.barrier_wait(schedule_barrier)
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _compute_wg():
+        plgpu.set_max_registers(232, action="increase")
+        q_smem, o_smem = q_smem2.at[wg], o_smem2.at[wg]
+        q_base = lax.axis_index("q_seq") * (_COMPUTE_WGS * bq) + wg * bq
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_base, bq), head], q_smem, q_bars.at[wg])
+        if qk8:
+            row_scale = plgpu.load(qs_ref.at[batch, head, pl.ds(q_base, bq)], layout=plgpu.Layout.WGMMA.reduce(1),
+                                  optimized=False)
+        plgpu.barrier_wait(q_bars.at[wg])
+        m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        l_i = plgpu.layout_cast(jnp.full((bq,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        acc = plgpu.layout_cast(jnp.full((bq, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
+        plgpu.barrier_wait(k_bars.at[0])
+        pl.when(wg == 1)(schedule)
+
+        def kv_step(step, carry, masked: bool = False):
+            acc, m_i, l_i = carry
+            slot = lax.rem(step, jnp.array(stages, step.dtype))
+
+            def compute_qk(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+                schedule()
+                return acc_ref[...]
+            s_dtype = jnp.int32 if q_ref.dtype == jnp.int8 else jnp.float32
+            s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), s_dtype))
+            if qk8:  # logits * log2 e = codes . codes * q_scale (row) * this block's k_scale
+                plgpu.barrier_wait(ks_bars.at[slot])
+                block_scale = plgpu.load(ks_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+                s_scale = row_scale * block_scale
+                s = s.astype(jnp.float32)
+                row = lax.broadcast_in_dim(s_scale, s.shape, [0])
+            else:
+                row = logit_scale
+            plgpu.barrier_arrive(k_consumed.at[slot])
+            if masked:
+                cols = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
+                s = jnp.where(cols + step * bkv < seq, s, -jnp.inf)
+
+            # Online softmax in base 2: m_i is the running max of logits * log2 e.
+            s_max = s.max(axis=1)
+            s_max = s_max * s_scale if qk8 else s_max * logit_scale
+            m_new = jnp.maximum(m_i, s_max)
+            alpha = jnp.exp2(m_i - m_new)
+            m_i = m_new
+            if pv8:  # P * 448: e4m3's whole range (exp2(x + log2 448) = 448 exp2(x))
+                p = jnp.exp2(s * row - lax.broadcast_in_dim(m_new - math.log2(FP8_MAX), s.shape, [0]))
+                p_op = p.astype(jnp.float8_e4m3fn)
+            else:
+                p = jnp.exp2(s * row - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                p_op = p.astype(jnp.bfloat16)
+            l_i = l_i * alpha + p.sum(axis=1)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            if interpret:  # wgmma's A from shared memory
+                p_smem2[wg] = _p_operand_interpret(p_op) if pv8 else p_op
+                plgpu.commit_smem()
+            elif pv8:
+                p_op = _p_operand_gpu(p_op)
+            acc, l_i, m_i, p_op = lax.optimization_barrier((acc, l_i, m_i, p_op))
+            plgpu.barrier_arrive(schedule_barrier)  # softmax done
+            plgpu.barrier_wait(v_bars.at[slot])
+            plgpu.barrier_wait(schedule_barrier)  # tensor cores free
+
+            def wait_next_k():
+                if masked:  # the ragged step is the last: no next K (and a constant step here
+                    return  # would make a constant condition, which run_state cannot lower)
+
+                @pl.when(step + 1 < kv_steps)
+                def _():
+                    plgpu.barrier_wait(k_bars.at[lax.rem(step + 1, jnp.array(stages, step.dtype))])
+
+            p_ref = p_smem2.at[wg] if interpret else p_op
+            v_operand = v_smem.at[slot].T if pv8 else v_smem.at[slot]
+
+            def compute_pv(pv_ref):
+                plgpu.wgmma(pv_ref, p_ref, v_operand)
+                wait_next_k()
+
+            if pv8 or interpret:  # a fresh accumulator (fp8: one block's sum; interpret: no run_state)
+                acc = acc + pl.run_scoped(lambda r: (compute_pv(r), r[...])[1], plgpu.ACC((bq, head_dim), jnp.float32))
+            else:  # accumulate in place, as the template does
+                acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_consumed.at[slot])
+            return acc, m_i, l_i
+
+        carry = lax.fori_loop(0, full_steps, kv_step, (acc, m_i, l_i))
+        if full_steps < kv_steps:  # the ragged last block
+            carry = kv_step(jnp.int32(full_steps), carry, masked=True)
+        acc, m_i, l_i = carry
+        pl.when(wg == 0)(schedule)
+
+        out = acc * lax.broadcast_in_dim(1.0 / l_i, acc.shape, [0])
+        if pv8:
+            v_scale = plgpu.load(vs_ref.at[batch, head], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+            out = out * lax.broadcast_in_dim(v_scale, acc.shape, [1])
+        o_smem[...] = out.astype(out_ref.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, out_ref.at[batch, pl.ds(q_base, bq), head])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _COMPUTE_WGS)
+    def _memory_wg():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def fetch(step, slot):
+            rows = pl.ds(step * bkv, bkv)
+            plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, head], k_smem.at[slot], k_bars.at[slot])
+            if qk8:  # the block's K scale, repeated block_q times (one per query row)
+                plgpu.copy_gmem_to_smem(ks_ref.at[batch, head, pl.ds(step * bq, bq)], ks_smem.at[slot],
+                                        ks_bars.at[slot])
+            v_tile = v_ref.at[batch, head, :, rows] if pv8 else v_ref.at[batch, rows, head]
+            plgpu.copy_gmem_to_smem(v_tile, v_smem.at[slot], v_bars.at[slot])
+
+        for i in range(stages):
+            fetch(jnp.int32(i), i)
+
+        @pl.loop(0, kv_steps - stages)
+        def _(step):
+            slot = lax.rem(step, jnp.array(stages, step.dtype))
+            plgpu.barrier_wait(k_consumed.at[slot])
+            plgpu.barrier_wait(v_consumed.at[slot])
+            fetch(step + stages, slot)
+
+        for slot in range(stages):  # the last steps' releases: every barrier phase is observed
+            plgpu.barrier_wait(k_consumed.at[slot])
+            plgpu.barrier_wait(v_consumed.at[slot])
+
+
+def _run(operands: tuple, *, precision: Precision, shape: tuple[int, int, int, int], out_dtype,
+         config: AttentionConfig, interpret: bool) -> jax.Array:
+    """Launches the kernel on padded operands; returns (B, seq_pad, H, D)."""
+    b, seq, h, d = shape
+    seq_pad = padded_length(seq, config)
+    bq, bkv = config.block_q, config.block_kv
+    stages = min(config.max_concurrent_steps, -(-seq // bkv))
+    q_dtype = operands[0].dtype
+    item = jnp.dtype(q_dtype).itemsize
+    qk8, pv8 = precision in ("sage8", "sage_qk8"), precision == "sage8"
+    p_dtype = v_dtype = jnp.float8_e4m3fn if pv8 else jnp.bfloat16
+    v_tile = (d, bkv) if pv8 else (bkv, d)
+    scratch = (
+        plgpu.SMEM((_COMPUTE_WGS, bq, d), q_dtype, transforms=_swizzle_transforms(d, item)),
+        plgpu.SMEM((_COMPUTE_WGS, bq, d), out_dtype, transforms=_swizzle_transforms(d, jnp.dtype(out_dtype).itemsize)),
+        plgpu.SMEM((_COMPUTE_WGS, bq, bkv), p_dtype, transforms=_swizzle_transforms(bkv, jnp.dtype(p_dtype).itemsize))
+        if interpret else None,
+        plgpu.SMEM((stages, bkv, d), q_dtype, transforms=_swizzle_transforms(d, item)),
+        plgpu.SMEM((stages, *v_tile), v_dtype, transforms=_swizzle_transforms(v_tile[1], jnp.dtype(v_dtype).itemsize)),
+        plgpu.SMEM((stages, bq), jnp.float32) if qk8 else None,
+    )
+    barriers = (
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=_COMPUTE_WGS),
+        plgpu.Barrier(num_barriers=stages) if qk8 else None,
+    )
+    consumed = (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),) * 2
+    kernel_fn = functools.partial(_kernel, precision=precision, seq=seq, config=config, interpret=interpret)
+
+    def entry(*refs):
+        pl.run_scoped(lambda *scoped: kernel_fn(*refs, scoped), scratch, barriers, consumed,
+                      plgpu.Barrier(num_arrivals=_COMPUTE_WGS), collective_axes="wg")
+
+    return plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct((b, seq_pad, h, d), out_dtype),
+        grid=(h, seq_pad // (_COMPUTE_WGS * bq), b),
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=_COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )(*operands)
+
+
+@functools.partial(jax.jit, static_argnames=("seq", "out_dtype", "config", "interpret"))
+def attention_quantized(qkv: QuantizedQKV, *, seq: int, out_dtype=jnp.bfloat16, config: AttentionConfig | None = None,
+                        interpret: bool = False) -> jax.Array:
+    """The 8-bit kernel ("sage8" or "sage_qk8", from the operands) on `quantize_qkv`'s output;
+    `seq` is the unpadded length (keys beyond it are masked). Returns (B, seq, H, D) in out_dtype."""
+    precision = qkv.precision
+    config = config or default_config(precision)
+    b, seq_pad, h, d = qkv.q_codes.shape
+    if seq_pad != padded_length(seq, config) or qkv.k_codes.shape != qkv.q_codes.shape:
+        raise ValueError(f"q_codes {qkv.q_codes.shape} / k_codes {qkv.k_codes.shape} are not seq={seq} padded "
+                         f"to {padded_length(seq, config)} for {config}")
+    if qkv.q_codes.dtype not in QK_DTYPES or qkv.k_codes.dtype != qkv.q_codes.dtype:
+        raise ValueError(f"q_codes/k_codes must both be int8 or float8_e4m3fn, got {qkv.q_codes.dtype}, "
+                         f"{qkv.k_codes.dtype}")
+    if qkv.k_scale.shape != (b, h, seq_pad // config.block_kv):
+        raise ValueError(f"k_scale must be (B, H, blocks) = {(b, h, seq_pad // config.block_kv)} for {config}, "
+                         f"got {qkv.k_scale.shape}")
+    # One K scale per KV step, repeated for each query row: the kernel loads it as a row vector.
+    operands = [qkv.q_codes, qkv.q_scale, qkv.k_codes, jnp.repeat(qkv.k_scale, config.block_q, axis=-1)]
+    if precision == "sage8":
+        if qkv.v_t_codes.shape != (b, h, d, seq_pad) or qkv.v_t_codes.dtype != jnp.float8_e4m3fn:
+            raise ValueError(f"v_t_codes must be float8_e4m3fn {(b, h, d, seq_pad)}, got {qkv.v_t_codes.dtype} "
+                             f"{qkv.v_t_codes.shape}")
+        operands += [qkv.v_t_codes, qkv.v_scale]
+    else:
+        if qkv.v_bf16.shape != qkv.q_codes.shape or qkv.v_bf16.dtype != jnp.bfloat16:
+            raise ValueError(f"v_bf16 must be bfloat16 {qkv.q_codes.shape}, got {qkv.v_bf16.dtype} {qkv.v_bf16.shape}")
+        operands.append(qkv.v_bf16)
+    out = _run(tuple(operands), precision=precision, shape=(b, seq, h, d), out_dtype=out_dtype, config=config,
+               interpret=interpret)
+    return out[:, :seq]
+
+
+@functools.partial(jax.jit, static_argnames=("precision", "qk_dtype", "config", "interpret"))
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, precision: Precision = "bf16", qk_dtype=jnp.int8,
+              config: AttentionConfig | None = None, interpret: bool = False) -> jax.Array:
+    """softmax(q k^T / sqrt(D)) v over (B, S, H, D) q, k, v (non-causal); output in q's dtype.
+
+    precision "bf16": the kernel on bf16 inputs (others are cast); "sage8" / "sage_qk8":
+    `quantize_qkv` (qk_dtype int8 or float8_e4m3fn) then the 8-bit kernel (fp8 / bf16 PV)."""
+    _check_qkv(q, k, v)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    config = config or default_config(precision)
+    b, seq, h, d = q.shape
+    if precision != "bf16":
+        qkv = quantize_qkv(q, k, v, config=config, qk_dtype=qk_dtype, pv_fp8=precision == "sage8")
+        return attention_quantized(qkv, seq=seq, out_dtype=q.dtype, config=config, interpret=interpret)
+    seq_pad = padded_length(seq, config)
+    q, k, v = (_pad_seq(x.astype(jnp.bfloat16), seq_pad, 1) for x in (q, k, v))
+    out = _run((q, k, v), precision="bf16", shape=(b, seq, h, d), out_dtype=jnp.bfloat16, config=config,
+               interpret=interpret)
+    return out[:, :seq].astype(q.dtype)

@@ -1,0 +1,231 @@
+"""Flash attention kernels (`pallas_kernels.attention`) against float32 and dequantized references.
+
+CPU: Mosaic GPU interpret mode at small shapes (several KV blocks, a ragged last one, padded
+query rows, two heads), the bf16 and the 8-bit kernel (int8 and fp8 QK^T). Interpret mode runs
+the 8-bit wgmma, but not the register regrouping of P (`inline_mgpu`): there P goes through
+shared memory, permuted with jnp ops; the `gpu` tests run the real kernels at FLUX shapes.
+
+Bounds (pallas_kernels/attention_reference.py):
+  * bf16 kernel vs float32: P's bf16 rounding (2^-8 sum_j w_j |v_j|) + the output's (2^-8).
+  * sage8 kernel vs attention on its own dequantized operands: P's fp8 rounding, worst case per
+    element, and per row at most 4x its RMS prediction (a dropped KV block or a row with a wrong
+    scale moves a row by far more).
+  * quantize_qkv: every dequantized element within half a code step (int8) or 2^-4 (fp8) of
+    q, k - mean(k), v: a quantizer that skips K's mean fails it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.attention import (AttentionConfig, attention, block_scales_per_key, default_config,
+                                      key_permutation, quantize_qkv,
+                                      attention_quantized)
+from pallas_kernels.attention_reference import (BF16_REL, FP8_REL, attention_reference, bf16_p_bound, dequantize,
+                                                dequantized_attention, flux_like_qkv, p_rounding_bounds,
+                                                random_qkv)
+
+SMALL = AttentionConfig(block_q=64, block_kv=64, max_concurrent_steps=2)
+INPUTS = {"random": random_qkv, "flux_like": flux_like_qkv}
+QK_DTYPES = pytest.mark.parametrize("qk_dtype", [jnp.int8, jnp.float8_e4m3fn], ids=["int8", "fp8"])
+
+
+def _check_bf16(q, k, v, out):
+    ref = np.asarray(attention_reference(q, k, v), np.float64)
+    err = np.abs(np.asarray(out, np.float64) - ref)
+    bound = bf16_p_bound(q, k, v) * (1 + 2.0**-8) + 2.0**-8 * np.abs(ref) + 1e-6
+    assert np.all(err <= bound), f"{np.sum(err > bound)} elements off, worst ratio {np.max(err / bound):.2f}"
+
+
+def _check_sage8(qkv, seq, out):
+    """Elementwise worst case and per-row RMS of P's rounding (fp8, or bf16 for sage_qk8), + the
+    output's bf16 rounding and float32 slack."""
+    ref = dequantized_attention(qkv, seq)
+    worst, rms = p_rounding_bounds(qkv, seq)
+    out64 = np.asarray(out, np.float64)
+    err = np.abs(out64 - ref)
+    rel = FP8_REL if qkv.precision == "sage8" else BF16_REL
+    rounding = 2.0**-8 * np.abs(out64) + 1e-4 * (worst / rel)  # output bf16; float32 logits, exp2
+    assert np.all(np.isfinite(out64))
+    assert np.all(err <= worst + rounding), f"{np.sum(err > worst + rounding)} elements past the worst case"
+    row_err = np.sqrt(np.sum(np.maximum(err - rounding, 0) ** 2, axis=-1))
+    ratio = row_err / rms
+    assert np.all(ratio <= 4), f"{np.sum(ratio > 4)} rows past 4x the predicted RMS, worst {ratio.max():.2f}x"
+
+
+@pytest.mark.parametrize("seq", [200, 40])
+def test_bf16_kernel(seq):
+    """Several KV blocks and a ragged last one (200), or one block mostly padding (40)."""
+    q, k, v = random_qkv(jax.random.key(seq), (1, seq, 2, 128))
+    out = attention(q, k, v, precision="bf16", config=SMALL, interpret=True)
+    assert out.shape == q.shape and out.dtype == jnp.bfloat16
+    _check_bf16(q, k, v, out)
+
+
+@pytest.mark.parametrize("qk_dtype, inputs, pv_fp8", [
+    (jnp.int8, "random", True), (jnp.float8_e4m3fn, "random", True), (jnp.int8, "flux_like", True),
+    (jnp.float8_e4m3fn, "flux_like", True), (jnp.int8, "flux_like", False)])
+def test_sage8_kernel(qk_dtype, inputs, pv_fp8):
+    """sage8 (fp8 PV) with int8 and fp8 QK^T; sage_qk8 (bf16 PV)."""
+    seq = 200
+    q, k, v = INPUTS[inputs](jax.random.key(1), (1, seq, 2, 128))
+    qkv = quantize_qkv(q, k, v, config=SMALL, qk_dtype=qk_dtype, pv_fp8=pv_fp8)
+    out = attention_quantized(qkv, seq=seq, config=SMALL, interpret=True)
+    assert out.shape == q.shape and out.dtype == jnp.bfloat16
+    _check_sage8(qkv, seq, out)
+
+
+def test_sage8_bounds_catch_a_wrong_kernel():
+    """The sage8 check fails outputs with one KV block left out or one row's scale doubled."""
+    seq = 200
+    q, k, v = random_qkv(jax.random.key(2), (1, seq, 2, 128))
+    qkv = quantize_qkv(q, k, v, config=SMALL)
+    q2, k2, v2 = dequantize(qkv, seq)
+    w = np.exp2(np.einsum("bqhd,bkhd->bhqk", q2, k2))
+    dropped = w.copy()
+    dropped[..., 64:128] = 0
+    out = lambda w: np.einsum("bhqk,bkhd->bqhd", w / w.sum(-1, keepdims=True), v2)
+    with pytest.raises(AssertionError):
+        _check_sage8(qkv, seq, out(dropped))
+    rescaled = w.copy()
+    rescaled[:, :, 7] **= 2
+    with pytest.raises(AssertionError):
+        _check_sage8(qkv, seq, out(rescaled))
+    _check_sage8(qkv, seq, out(w))
+
+
+@QK_DTYPES
+def test_quantize_qkv(qk_dtype):
+    """Codes x scales (q per token, k per block of block_kv keys, v per channel) reconstruct q,
+    k - mean(k) and v within the format's rounding; the padding is zero; V's keys are in
+    `key_permutation` order."""
+    seq, config = 200, SMALL
+    q, k, v = flux_like_qkv(jax.random.key(3), (2, seq, 2, 128))
+    qkv = quantize_qkv(q, k, v, config=config, qk_dtype=qk_dtype)
+    q2, k_deq, v_deq = dequantize(qkv, seq)
+    f64 = lambda x: np.asarray(x, np.float64)
+    q64, k64, v64 = f64(q.astype(jnp.float32)), f64(k.astype(jnp.float32)), f64(v.astype(jnp.float32))
+    k_centred = k64 - k64.mean(axis=1, keepdims=True)
+    c = np.log2(np.e) / np.sqrt(128)
+
+    def within(x_deq, x, scale):
+        step = scale / 2 if qk_dtype == jnp.int8 else FP8_REL * np.abs(x) + 2.0**-10 * scale
+        return np.all(np.abs(x_deq - x) <= step * (1 + 1e-6) + 1e-6 * np.abs(x))
+
+    q_scale = np.swapaxes(f64(qkv.q_scale), 1, 2)[:, :seq, :, None] / c
+    k_scale = np.swapaxes(f64(block_scales_per_key(qkv.k_scale, config.block_kv)), 1, 2)[:, :seq, :, None]
+    assert within(q2 / c, q64, q_scale)
+    assert within(k_deq, k_centred, k_scale)
+    v_scale = f64(qkv.v_scale)[:, None]
+    assert np.all(np.abs(v_deq - v64) <= FP8_REL * np.abs(v64) + 2.0**-10 * v_scale + 1e-6)
+    assert not np.any(np.asarray(qkv.q_codes[:, seq:], np.float32))
+    assert not np.any(np.asarray(qkv.k_codes[:, seq:], np.float32))
+    assert sorted(key_permutation(64)) == list(range(64)) and list(key_permutation(16)[:4]) == [0, 1, 8, 9]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "sage8", "sage_qk8"])
+def test_lowers_for_the_gpu(precision):
+    """The GPU code path (P in registers, bf16 PV in place: what interpret mode does not run)
+    lowers for CUDA from this machine, at a ragged FLUX-like length."""
+    x = jax.ShapeDtypeStruct((1, 1000, 24, 128), jnp.bfloat16)
+    f = jax.jit(lambda q, k, v: attention(q, k, v, precision=precision))
+    assert "mosaic_gpu" in f.trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_rejects_bad_shapes():
+    x = jnp.zeros((1, 64, 2, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="share one"):
+        attention(x, x[:, :32], x, interpret=True)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        attention(x[..., :96], x[..., :96], x[..., :96], interpret=True)
+    with pytest.raises(ValueError, match="precision"):
+        attention(x, x, x, precision="fp4", interpret=True)
+
+
+# ------------------------------------------------------------------------------------ GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq", [4608, 1000])
+def test_gpu_bf16(seq):
+    q, k, v = random_qkv(jax.random.key(seq), (1, seq, 2, 128))
+    _check_bf16(q, k, v, attention(q, k, v, precision="bf16"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq, inputs, pv_fp8, qk_dtype", [
+    (4608, "random", True, jnp.int8), (4608, "flux_like", True, jnp.int8),
+    (4608, "flux_like", True, jnp.float8_e4m3fn), (4608, "flux_like", False, jnp.int8),
+    (1000, "random", True, jnp.int8), (1000, "flux_like", False, jnp.int8)])
+def test_gpu_sage8(seq, inputs, pv_fp8, qk_dtype):
+    """FLUX's 1024² sequence, and a ragged one; sage8 (fp8 PV) and sage_qk8 (bf16 PV)."""
+    q, k, v = INPUTS[inputs](jax.random.key(seq), (1, seq, 2, 128))
+    qkv = quantize_qkv(q, k, v, config=default_config("sage8" if pv_fp8 else "sage_qk8"), qk_dtype=qk_dtype,
+                       pv_fp8=pv_fp8)
+    _check_sage8(qkv, seq, attention_quantized(qkv, seq=seq))
+
+
+# ------------------------------------------------------------------------------------ in the model
+def test_attention_names_agree():
+    """The command line's --attention choices (named without jax) are the op's implementations."""
+    from convrot_jax import ops
+    from flux_flax.settings import ATTENTION_CHOICES
+
+    assert ATTENTION_CHOICES == ops.ATTENTION_IMPLEMENTATIONS
+
+
+def test_kernel_attention_needs_hopper():
+    from convrot_jax import ops
+
+    x = jnp.zeros((1, 64, 2, 128), jnp.bfloat16)
+    with pytest.raises(RuntimeError, match="Hopper"):
+        ops.attention(x, x, x, implementation="sage8")
+    with pytest.raises(ValueError, match="attention implementation must be one of"):
+        ops.attention(x, x, x, implementation="fp4")
+
+
+def test_set_attention_reaches_every_block():
+    from flax import nnx
+
+    from flux_flax import FluxConfig, FluxTransformer2DModel, set_attention
+    from flux_flax.layers import FluxAttention
+
+    model = FluxTransformer2DModel(FluxConfig.tiny(), rngs=nnx.Rngs(0))
+    set_attention(model, "sage8")
+    impls = [n.attention_impl for _, n in nnx.iter_graph(model) if isinstance(n, FluxAttention)]
+    assert len(impls) == 2 and set(impls) == {"sage8"}
+    with pytest.raises(ValueError, match="must be one of"):
+        set_attention(model, "fp4")
+
+
+@pytest.mark.parametrize("impl", ["mosaic_bf16", "sage8"])
+def test_flux_attention_runs_the_kernel(impl, monkeypatch):
+    """FluxAttention (joint text + image, QK norm, RoPE) with a kernel implementation (interpret
+    mode standing in for the GPU) against the exact XLA path: a wiring check; the kernels' bounds
+    are tested above. The result must differ from XLA's (the kernel ran) but only by rounding."""
+    import functools
+
+    from flax import nnx
+
+    from convrot_jax import ops
+    from flux_flax.layers import FluxAttention, FluxPosEmbed
+    from pallas_kernels import attention as kernels
+
+    monkeypatch.setattr(ops, "pallas_supported", lambda: True)
+    monkeypatch.setattr(ops, "_attention_kernel", functools.partial(kernels.attention, config=SMALL, interpret=True))
+    attn = FluxAttention(256, 2, 128, added_kv_proj_dim=256, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    ks = jax.random.split(jax.random.key(4), 3)
+    img = jax.random.normal(ks[0], (1, 56, 256), jnp.bfloat16)
+    txt = jax.random.normal(ks[1], (1, 8, 256), jnp.bfloat16)
+    ids = jnp.concatenate([jnp.zeros((8, 3)), jax.random.randint(ks[2], (56, 3), 0, 8).astype(jnp.float32)])
+    rope = FluxPosEmbed(10000, (32, 48, 48))(ids)
+
+    def run(name):
+        attn.attention_impl = name
+        return np.concatenate([np.asarray(o, np.float64).ravel() for o in attn(img, txt, rope)])
+
+    exact, ours = run("xla"), run(impl)
+    error = np.linalg.norm(ours - exact) / np.linalg.norm(exact)
+    assert 1e-4 < error < 0.1
