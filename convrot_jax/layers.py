@@ -13,6 +13,7 @@ from flax import nnx
 
 from convrot_jax.hadamard import HadamardKind
 from convrot_jax.linear import int4_weight_only_linear
+from convrot_jax.lora import LowRank, add_lora
 from convrot_jax.ops import Implementation, w4a4_linear
 from convrot_jax.quant import QuantizedWeight, quantize_weight
 
@@ -42,6 +43,8 @@ class _QuantizedDense(nnx.Module):
     # Constructor keywords beyond the weight and bias (ConvDense4bit: implementation), which
     # `concatenate` requires equal and passes on.
     _settings: tuple[str, ...] = ()
+    # A low-rank (LoRA) branch added to the output, set by `convrot_jax.lora.attach_lora`.
+    lora: LowRank | None = None
 
     def __init__(self, qweight: QuantizedWeight, bias: jnp.ndarray | None = None):
         self.packed = QuantizedParam(qweight.packed)
@@ -119,7 +122,8 @@ class ConvDense4bit(_QuantizedDense):
         self.implementation = implementation
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        return w4a4_linear(x, self.qweight, self._bias(), implementation=self.implementation)
+        lora = None if self.lora is None else self.lora.factors()
+        return w4a4_linear(x, self.qweight, self._bias(), implementation=self.implementation, lora=lora)
 
 
 class Dense4bitWeightOnly(_QuantizedDense):
@@ -127,4 +131,5 @@ class Dense4bitWeightOnly(_QuantizedDense):
     weights, activations kept in their dtype."""
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        return int4_weight_only_linear(x, self.qweight, self._bias())
+        lora = None if self.lora is None else self.lora.factors()
+        return add_lora(int4_weight_only_linear(x, self.qweight, self._bias()), x, lora)

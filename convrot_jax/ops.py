@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from convrot_jax.hadamard import HadamardKind
 from convrot_jax.linear import check_linear_input, w4a4_linear_reference
+from convrot_jax.lora import LowRankFactors, add_lora
 from convrot_jax.quant import QuantizedWeight, quantize_activation_reference
 from pallas_kernels.rotate_quantize import rotate_quantize
 from pallas_kernels.w4a4_matmul import w4a4_matmul
@@ -96,9 +97,13 @@ def w4a4_linear(
     bias: jnp.ndarray | None = None,
     *,
     implementation: Implementation = "auto",
+    lora: LowRankFactors | None = None,
 ) -> jnp.ndarray:
     """x (..., K) @ W.T + b through ConvRot W4A4: rotate -> int4 -> integer GEMM with int32
-    accumulation -> dequantize (+ bias). Output in x.dtype."""
+    accumulation -> dequantize (+ bias). Output in x.dtype.
+
+    `lora`: a low-rank branch whose float term ((x A^T) * s) B^T is added to that output (before
+    any residual or gate), unfused: two small XLA GEMMs after the W4A4 one."""
     check_linear_input(x, qw, bias)
     impl = resolve_implementation(implementation)
     if impl == "pallas" and qw.hadamard != "regular":
@@ -106,9 +111,9 @@ def w4a4_linear(
             raise ValueError("the Pallas kernels implement the regular Hadamard only")
         impl = "xla"  # "auto" with a Sylvester weight: a comparison setting, reference path.
     if impl == "xla":
-        return w4a4_linear_reference(x, qw, bias)
+        return add_lora(w4a4_linear_reference(x, qw, bias), x, lora)
 
     x2, lead = _flatten(x)
     codes, scales = rotate_quantize(x2, group_size=qw.group_size)
     y = w4a4_matmul(codes, scales, qw.packed, qw.scales, bias, scale_group=qw.scale_group, out_dtype=x.dtype)
-    return y.reshape(*lead, qw.out_features)
+    return add_lora(y.reshape(*lead, qw.out_features), x, lora)

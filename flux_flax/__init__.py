@@ -5,6 +5,7 @@ ported to Flax NNX, or transformers' PyTorch models) and the pipeline.
     model = flux_flax.load_transformer("FLUX.1-dev/transformer")        # bf16
     flux_flax.quantize_model(model)                                    # W4A4 per flux_default_policy()
     flux_flax.fuse_projections(model)                                  # q/k/v (+ MLP in) as one GEMM
+    flux_flax.apply_loras(model, [(flux_flax.read_lora("style.safetensors"), 0.8)])  # LoRA branches
     out = model(latents, t5, clip_pooled, t, img_ids, txt_ids, guidance)
 
 Exports resolve on first use, so that `convrot-flux` checks its arguments before jax, flax and
@@ -16,6 +17,11 @@ import importlib
 _EXPORTS = {
     "FluxConfig": "flux_flax.config",
     "fuse_projections": "flux_flax.fusion",
+    "LoRA": "flux_flax.lora",
+    "LoRAError": "flux_flax.lora",
+    "apply_loras": "flux_flax.lora",
+    "read_lora": "flux_flax.lora",
+    "remove_loras": "flux_flax.lora",
     "abstract_transformer": "flux_flax.loading",
     "diffusers_key": "flux_flax.loading",
     "expected_shapes": "flux_flax.loading",

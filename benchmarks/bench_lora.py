@@ -1,0 +1,215 @@
+"""LoRA on the W4A4 FLUX.1-dev step (unfused path: two XLA GEMMs per layer beside the W4A4 one).
+
+Variants, timed on one random-weight W4A4 model (Pallas kernels, fused projections) in one
+process, since a LoRA switch is measured on a live model:
+  none          no LoRA (the baseline)
+  r32           one rank-32 LoRA
+  r16_r32_r64   three LoRAs at once, ranks 16, 32 and 64
+Each LoRA is a diffusers-named file (as ai-toolkit and diffusers' trainers write them) on every
+W4A4 layer of every block: to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out, ff and ff_context of
+the double blocks; to_q/k/v, proj_mlp and proj_out of the single blocks. On the fused layers q, k,
+v (and the single blocks' MLP input) are separate LoRA modules, so a rank-r LoRA is a rank-3r
+branch of to_qkv and 4r of to_qkv_mlp with block-diagonal B (flux_flax.lora).
+
+A step is one transformer forward given its precomputed AdaLN modulation (as `sampling.denoise`
+runs it), 512 T5 tokens; the jitted step takes the graph definition as a static argument and the
+state (LoRA factors included) as input, as `FluxPipeline` does. Reported: step time (median of
+--iters host-timed runs) and its ratio to `none`; the switch: `read_lora` + `apply_loras` of
+another rank-32 file, then one step, with the step's trace count showing no recompilation.
+
+    PYTHONPATH=. python3 -m benchmarks.bench_lora
+    JAX_PLATFORMS=cpu PYTHONPATH=. python3 -m benchmarks.bench_lora --config tiny --size 64 --iters 1 \\
+        --warmup 0 --impl xla --out /tmp/lora                         # CPU smoke test
+Writes benchmarks/results/lora.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import harness
+
+NAME = "lora"
+MODULE = "benchmarks.bench_lora"
+TEXT_TOKENS = 512
+VARIANTS = {"none": (), "r32": (32,), "r16_r32_r64": (16, 32, 64)}
+DOUBLE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+          "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+          "ff_context.net.2")
+SINGLE = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
+
+
+def write_lora_file(path: Path, config, rank: int, seed: int) -> None:
+    """A random diffusers-named LoRA of `rank` on every W4A4 layer of the FLUX transformer (bf16)."""
+    import ml_dtypes
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    dim, mlp = config.inner_dim, 4 * config.inner_dim
+    shapes = {}
+    for i in range(config.num_layers):
+        for name in DOUBLE:
+            k, n = (mlp, dim) if name.endswith("net.2") else (dim, mlp) if name.endswith("net.0.proj") else (dim, dim)
+            shapes[f"transformer_blocks.{i}.{name}"] = (k, n)
+    for i in range(config.num_single_layers):
+        for name in SINGLE:
+            k, n = (dim + mlp, dim) if name == "proj_out" else (dim, mlp) if name == "proj_mlp" else (dim, dim)
+            shapes[f"single_transformer_blocks.{i}.{name}"] = (k, n)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for module, (k, n) in shapes.items():
+        tensors[f"transformer.{module}.lora_A.weight"] = (rng.standard_normal((rank, k), np.float32) / k ** 0.5)
+        tensors[f"transformer.{module}.lora_B.weight"] = (rng.standard_normal((n, rank), np.float32) * 0.01)
+    save_file({key: v.astype(ml_dtypes.bfloat16) for key, v in tensors.items()}, str(path))
+
+
+def worker(args) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import flux_flax
+    from convrot_jax.lora import LoRAParam
+    from flux_flax.lora import apply_loras, read_lora, remove_loras
+    from flux_flax.random_weights import random_transformer
+
+    config = {"dev": flux_flax.FluxConfig.dev, "small": flux_flax.FluxConfig.small,
+              "tiny": flux_flax.FluxConfig.tiny}[args.config]()
+    start = t0 = time.perf_counter()
+    model = random_transformer(config, dtype=jnp.bfloat16, quantize=args.impl)
+    flux_flax.fuse_projections(model)
+    print(f"model ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_lora_"))
+    files = {}
+    t0 = time.perf_counter()
+    for seed, rank in enumerate((16, 32, 64, 32)):
+        key = f"r{rank}" + ("_b" if (rank, seed) == (32, 3) else "")
+        files[key] = tmp / f"{key}.safetensors"
+        write_lora_file(files[key], config, rank, seed)
+    print(f"LoRA files written in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    traces = [0]
+
+    def forward(graphdef, state, inputs):
+        traces[0] += 1  # runs at trace time only
+        return nnx.merge(graphdef, state)(**inputs)
+
+    step = jax.jit(forward, static_argnums=0)
+    s = (args.size // 16) ** 2
+    k = jax.random.split(jax.random.key(0), 3)
+    batch = 1
+    raw = dict(
+        hidden_states=jax.random.normal(k[0], (batch, s, config.in_channels), jnp.bfloat16),
+        encoder_hidden_states=jax.random.normal(k[1], (batch, TEXT_TOKENS, config.joint_attention_dim), jnp.bfloat16),
+        pooled_projections=jax.random.normal(k[2], (batch, config.pooled_projection_dim), jnp.bfloat16),
+        timestep=jnp.full((batch,), 0.5, jnp.bfloat16), img_ids=jnp.zeros((s, 3)), txt_ids=jnp.zeros((TEXT_TOKENS, 3)),
+        guidance=jnp.full((batch,), 3.5, jnp.bfloat16),
+    )
+    inputs = dict(raw, modulation=jax.jit(lambda g, st, x: nnx.merge(g, st).modulation(
+        x["timestep"], x["pooled_projections"], x["guidance"]), static_argnums=0)(*nnx.split(model), raw))
+
+    def time_step(label: str) -> dict:
+        graphdef, state = nnx.split(model)
+        t = time.perf_counter()
+        step(graphdef, state, inputs).block_until_ready()
+        first = time.perf_counter() - t
+        ms = harness.wall_ms(lambda: step(graphdef, state, inputs), iters=args.iters, warmup=args.warmup,
+                             sync=lambda y: y.block_until_ready())
+        lora_mib = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, LoRAParam))) / 2**20
+        print(f"  {label}: {ms:.1f} ms (first call {first:.1f} s), LoRA factors {lora_mib:.0f} MiB", flush=True)
+        return dict(variant=label, size=args.size, batch=batch, step_ms=ms, first_call_s=first, lora_mib=lora_mib)
+
+    def switch() -> dict:
+        """r32 is compiled: load another rank-32 file (other values, scale 0.8) in its place."""
+        apply_loras(model, [(read_lora(files["r32"]), 1.0)])
+        step(*nnx.split(model), inputs).block_until_ready()
+        before = traces[0]
+        t = time.perf_counter()
+        apply_loras(model, [(read_lora(files["r32_b"]), 0.8)])
+        jax.block_until_ready(nnx.state(model, LoRAParam))
+        load_s = time.perf_counter() - t
+        step(*nnx.split(model), inputs).block_until_ready()
+        switch_s = time.perf_counter() - t
+        print(f"  switch: read+apply {load_s:.2f} s, + first step {switch_s:.2f} s, retraces {traces[0] - before}",
+              flush=True)
+        return dict(variant="switch_r32", size=args.size, batch=batch, load_s=load_s, switch_s=switch_s,
+                    retraces=traces[0] - before)
+
+    rows = []
+    for name in ("none", "r32", "switch_r32", "r16_r32_r64"):  # the switch reuses r32's compilation
+        if args.budget_s and time.perf_counter() - start > args.budget_s:
+            rows.append(dict(variant=name, error=f"not run: past the {args.budget_s:.0f} s budget"))
+            continue
+        if name == "switch_r32":
+            rows.append(switch())
+            continue
+        apply_loras(model, [(read_lora(files[f"r{r}"]), 1.0) for r in VARIANTS[name]])
+        rows.append(time_step(name))
+    remove_loras(model)
+    return rows
+
+
+def markdown(rows: list[dict], args) -> list[str]:
+    steps = {r["variant"]: r for r in rows if "step_ms" in r}
+    base = steps.get("none")
+    lines = [f"# LoRA on the W4A4 FLUX.1-dev step ({args.config} config, {args.impl} W4A4, unfused LoRA path)", "",
+             "One transformer forward given its precomputed modulation, 512 text tokens, random weights, "
+             "one process (same model); median of the timed runs. LoRAs: diffusers-named, on every W4A4 layer of "
+             "every block (q/k/v separate: rank 3r on to_qkv, 4r on to_qkv_mlp, block-diagonal B).", ""]
+    body = [[r["variant"], f"{r['size']}²", r["batch"], f"{r['step_ms']:.1f}",
+             f"{100 * (r['step_ms'] / base['step_ms'] - 1):+.1f}%" if base else "-", f"{r['lora_mib']:.0f}"]
+            for r in steps.values()]
+    body += [[r["variant"], f"failed: {r['error']}", "", "", "", ""] for r in rows if "error" in r]
+    lines += harness.md_table(["variant", "size", "batch", "step ms", "vs none", "LoRA factors MiB"], body,
+                              [False, True, True, True, True, True])
+    for r in rows:
+        if r.get("variant") == "switch_r32" and "load_s" in r:
+            lines += ["", f"Switching to another rank-32 LoRA (scale 0.8) between generations: read + apply "
+                      f"{r['load_s']:.2f} s, then the first step {r['switch_s'] - r['load_s']:.2f} s; "
+                      f"recompilations: {r['retraces']}."]
+    return lines
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    steps = {r["variant"]: r for r in rows if "step_ms" in r}
+    base = steps.get("none")
+    if not base:
+        return []
+    return [harness.figure(f"FLUX.1-dev W4A4 step with LoRA ({name}, unfused)", f"{r['step_ms']:.1f} ms per step "
+                           f"(baseline {base['step_ms']:.1f} ms)", shape=f"{r['size']}² b{r['batch']}",
+                           baseline="the same step without LoRA", ratio=base["step_ms"] / r["step_ms"])
+            for name, r in steps.items() if name != "none"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog="\n".join(__doc__.splitlines()[1:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--impl", choices=["pallas", "xla", "auto"], default="pallas", help="the W4A4 layers' ops")
+    parser.add_argument("--config", choices=["dev", "small", "tiny"], default="dev", help="small / tiny: CPU smoke tests")
+    parser.add_argument("--out", type=Path, default=harness.RESULTS)
+    parser.add_argument("--timeout", type=float, default=None, help="seconds the worker process may run")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no variant after this many seconds of the worker (each costs a compilation)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        harness.emit(worker(args))
+        return
+    got = harness.run_isolated(harness.worker_command(MODULE, "all", argv), timeout=args.timeout, label=NAME)
+    rows = harness.error_rows([*VARIANTS, "switch_r32"], got["error"]) if isinstance(got, dict) else got
+    harness.write_results(NAME, {"rows": rows}, markdown(rows, args), args.out, summary=summarize(rows),
+                          meta=harness.run_meta(probe=True), command="python -m " + MODULE + " " + " ".join(argv))
+    print((args.out / f"{NAME}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
