@@ -76,6 +76,9 @@ _UNSUPPORTED = (
 )
 _TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
 _UNET_MARKERS = ("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks", "middle_block")
+# diffusers names of the FLUX transformer's linear layers (which of them a model has: `output_layout`).
+_FLUX_LAYER = re.compile(r"(single_)?transformer_blocks\.\d+\..+|x_embedder|context_embedder|proj_out|norm_out\.linear"
+                         r"|time_text_embed\..+")
 _FUSED = {  # a fused layer's name -> its members, relative to the fused layer's parent (flux_flax.fusion)
     "to_qkv": ("to_q", "to_k", "to_v"),
     "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
@@ -145,7 +148,7 @@ def module_targets(name: str, rows: int, hidden: int) -> tuple[tuple[tuple[str, 
     if bfl is None:  # diffusers naming: the layer itself.
         for prefix in ("base_model.model.", "transformer."):
             name = name.removeprefix(prefix)
-        return ((name, 0, rows),), False
+        return (((name, 0, rows),), False) if _FLUX_LAYER.fullmatch(name) else None
     target = bfl_module_to_diffusers(bfl)
     if target is None:
         return None
