@@ -86,10 +86,10 @@ def worker(args) -> list[dict]:
     tmp = Path(tempfile.mkdtemp(prefix="bench_lora_"))
     files = {}
     t0 = time.perf_counter()
-    for seed, rank in enumerate((16, 32, 64, 32)):
-        key = f"r{rank}" + ("_b" if (rank, seed) == (32, 3) else "")
+    ranks = {r for name in args.variants for r in VARIANTS.get(name, (32,))}
+    for seed, key in enumerate(sorted(f"r{r}" for r in ranks) + ["r32_b"] * ("switch_r32" in args.variants)):
         files[key] = tmp / f"{key}.safetensors"
-        write_lora_file(files[key], config, rank, seed)
+        write_lora_file(files[key], config, int(key[1:3]), seed)
     print(f"LoRA files written in {time.perf_counter() - t0:.0f} s", flush=True)
 
     traces = [0]
@@ -140,12 +140,13 @@ def worker(args) -> list[dict]:
                     retraces=traces[0] - before)
 
     rows = []
-    for name in ("none", "r32", "switch_r32", "r16_r32_r64"):  # the switch reuses r32's compilation
+    for name in args.variants:
+        if name == "switch_r32":  # reuses r32's compilation: only after r32 ran
+            ran = any(r["variant"] == "r32" and "step_ms" in r for r in rows)
+            rows.append(switch() if ran else dict(variant=name, error="not run: needs r32 timed first"))
+            continue
         if args.budget_s and time.perf_counter() - start > args.budget_s:
             rows.append(dict(variant=name, error=f"not run: past the {args.budget_s:.0f} s budget"))
-            continue
-        if name == "switch_r32":
-            rows.append(switch())
             continue
         apply_loras(model, [(read_lora(files[f"r{r}"]), 1.0) for r in VARIANTS[name]])
         rows.append(time_step(name))
@@ -190,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      epilog="\n".join(__doc__.splitlines()[1:]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=[*VARIANTS, "switch_r32"],
+                        choices=[*VARIANTS, "switch_r32"], help="run in this order (put switch_r32 after r32)")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         harness.emit(worker(args))
         return
     got = harness.run_isolated(harness.worker_command(MODULE, "all", argv), timeout=args.timeout, label=NAME)
-    rows = harness.error_rows([*VARIANTS, "switch_r32"], got["error"]) if isinstance(got, dict) else got
+    rows = harness.error_rows(args.variants, got["error"]) if isinstance(got, dict) else got
     harness.write_results(NAME, {"rows": rows}, markdown(rows, args), args.out, summary=summarize(rows),
                           meta=harness.run_meta(probe=True), command="python -m " + MODULE + " " + " ".join(argv))
     print((args.out / f"{NAME}.md").read_text())
