@@ -84,13 +84,15 @@ def worker(args) -> list[dict]:
     flux_flax.fuse_projections(model)
     print(f"model ready in {time.perf_counter() - t0:.0f} s", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench_lora_"))
-    files = {}
-    t0 = time.perf_counter()
-    ranks = {r for name in args.variants for r in VARIANTS.get(name, (32,))}
-    for seed, key in enumerate(sorted(f"r{r}" for r in ranks) + ["r32_b"] * ("switch_r32" in args.variants)):
-        files[key] = tmp / f"{key}.safetensors"
-        write_lora_file(files[key], config, int(key[1:3]), seed)
-    print(f"LoRA files written in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    def lora_file(key: str) -> Path:
+        """The random LoRA file `key` ("r32", "r32_b": rank 32, another seed), written when first asked for."""
+        path = tmp / f"{key}.safetensors"
+        if not path.is_file():
+            t = time.perf_counter()
+            write_lora_file(path, config, int(key[1:3]), seed=len(list(tmp.iterdir())))
+            print(f"  {key}: written in {time.perf_counter() - t:.1f} s", flush=True)
+        return path
 
     traces = [0]
 
@@ -125,11 +127,12 @@ def worker(args) -> list[dict]:
 
     def switch() -> dict:
         """r32 is compiled: load another rank-32 file (other values, scale 0.8) in its place."""
-        apply_loras(model, [(read_lora(files["r32"]), 1.0)])
+        apply_loras(model, [(read_lora(lora_file("r32")), 1.0)])
         step(*nnx.split(model), inputs).block_until_ready()
         before = traces[0]
+        other = lora_file("r32_b")
         t = time.perf_counter()
-        apply_loras(model, [(read_lora(files["r32_b"]), 0.8)])
+        apply_loras(model, [(read_lora(other), 0.8)])
         jax.block_until_ready(nnx.state(model, LoRAParam))
         load_s = time.perf_counter() - t
         step(*nnx.split(model), inputs).block_until_ready()
@@ -148,7 +151,7 @@ def worker(args) -> list[dict]:
         if args.budget_s and time.perf_counter() - start > args.budget_s:
             rows.append(dict(variant=name, error=f"not run: past the {args.budget_s:.0f} s budget"))
             continue
-        apply_loras(model, [(read_lora(files[f"r{r}"]), 1.0) for r in VARIANTS[name]])
+        apply_loras(model, [(read_lora(lora_file(f"r{r}")), 1.0) for r in VARIANTS[name]])
         rows.append(time_step(name))
     remove_loras(model)
     return rows

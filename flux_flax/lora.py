@@ -166,8 +166,9 @@ def _describe_foreign(names: Sequence[str]) -> str:
 
 
 def _read_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of the file as float32 numpy (read through jax on the host CPU: bf16 included)."""
     try:
-        with safe_open(str(path), framework="flax") as f:
+        with jax.default_device(jax.devices("cpu")[0]), safe_open(str(path), framework="flax") as f:
             return {k: np.asarray(f.get_tensor(k).astype(jnp.float32)) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise LoRAError(f"cannot read LoRA file {path}: {e}") from None
