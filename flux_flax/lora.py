@@ -329,6 +329,6 @@ def check_scale(scale: float) -> float:
     return scale
 
 
-def replicate(model: nnx.Module, sharding: jax.sharding.Sharding) -> None:
+def replicate_loras(model: nnx.Module, sharding: jax.sharding.Sharding) -> None:
     """Places `model`'s LoRA factors with `sharding` (the pipeline's replicated one)."""
     nnx.update(model, jax.device_put(nnx.state(model, LoRAParam), sharding))

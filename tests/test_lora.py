@@ -51,41 +51,10 @@ KOHYA = {
 LINEAR1 = "single_blocks_0_linear1"  # (D, 3D + MLP): diffusers' converter splits it at FLUX.1-dev's widths only
 
 
-def factors(rng, rank: int, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """A (r, K) and B (N, r) whose term is of the order of the layer's own output."""
-    return ((rng.standard_normal((rank, k)) / np.sqrt(k)).astype(np.float32),
-            (rng.standard_normal((n, rank)) / np.sqrt(rank)).astype(np.float32))
-
-
-def torch_shapes(torch_model) -> dict[str, tuple[int, int]]:
-    """{diffusers linear name: (in, out)}."""
-    import torch
-
-    return {name: (m.in_features, m.out_features) for name, m in torch_model.named_modules()
-            if isinstance(m, torch.nn.Linear)}
-
-
-def write_diffusers_lora(path, shapes, modules, rank: int, seed: int, alphas: dict[str, float] | None = None) -> int:
-    """A PEFT-named file; `alphas`: every module gets an alpha, `alphas[name]` or else
-    `alphas["*"]` (diffusers gives a module without one the file's most common alpha, kohya and
-    this port 1, so a file either has all or none). Returns the sum over modules of K + r."""
-    rng = np.random.default_rng(seed)
-    tensors, reductions = {}, 0
-    for name in modules:
-        k, n = shapes[name]
-        a, b = factors(rng, rank, k, n)
-        tensors[f"transformer.{name}.lora_A.weight"], tensors[f"transformer.{name}.lora_B.weight"] = a, b
-        if alphas is not None:
-            tensors[f"transformer.{name}.alpha"] = np.array(alphas.get(name, alphas["*"]), np.float32)
-        reductions += k + rank
-    save_file(tensors, str(path))
-    return reductions
-
-
 def kohya_tensors(rng, name: str, k: int, n: int, rank: int, *, alpha: float | None = None, sparse_parts: int = 0):
     """A kohya module's tensors; `sparse_parts`: B block-diagonal over that many equal row parts
     (as sd-scripts' split-qkv training writes it; diffusers' converter has a branch for it)."""
-    a, b = factors(rng, rank, k, n)
+    a, b = flux_fixtures.lora_factors(rng, rank, k, n)
     if sparse_parts:
         mask = np.zeros_like(b)
         r, rows = rank // sparse_parts, n // sparse_parts
@@ -114,7 +83,7 @@ def reference(tmp_path_factory):
     """(diffusers dir, inputs, the torch model's linear shapes)."""
     torch_model = flux_fixtures.diffusers_transformer(CONFIG, seed=1)
     directory = flux_fixtures.save_diffusers(torch_model, tmp_path_factory.mktemp("lora") / "transformer")
-    return directory, flux_fixtures.flux_inputs(CONFIG), torch_shapes(torch_model)
+    return directory, flux_fixtures.flux_inputs(CONFIG), flux_fixtures.linear_shapes(torch_model)
 
 
 def diffusers_with_loras(directory, inputs, files_and_scales) -> tuple[np.ndarray, np.ndarray]:
@@ -147,9 +116,9 @@ def check_against_diffusers(directory, inputs, ours_loras, diffusers_loras, redu
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 def test_diffusers_naming_two_loras_match_diffusers(reference, tmp_path, fuse):
     directory, inputs, shapes = reference
-    reductions = write_diffusers_lora(tmp_path / "a.safetensors", shapes, DIFFUSERS_A, rank=4, seed=0,
+    reductions = flux_fixtures.save_lora(tmp_path / "a.safetensors", shapes, DIFFUSERS_A, rank=4, seed=0,
                                       alphas={"*": 2.0, "transformer_blocks.0.attn.to_q": 8.0, "x_embedder": 1.0})
-    reductions += write_diffusers_lora(tmp_path / "b.safetensors", shapes, DIFFUSERS_B, rank=2, seed=1)
+    reductions += flux_fixtures.save_lora(tmp_path / "b.safetensors", shapes, DIFFUSERS_B, rank=2, seed=1)
     loras = [(tmp_path / "a.safetensors", 0.8), (tmp_path / "b.safetensors", -0.6)]
     check_against_diffusers(directory, inputs, loras, loras, reductions, fuse)
 
@@ -254,7 +223,7 @@ def test_int4_layer_adds_the_float_low_rank_term(kind):
     x = rng.standard_normal((2, m, k), np.float32)
     base = (w4a4_linear_reference if kind == "w4a4" else int4_weight_only_linear)(jnp.asarray(x), layer.qweight,
                                                                                    jnp.asarray(bias))
-    a, b = factors(rng, rank, k, n)
+    a, b = flux_fixtures.lora_factors(rng, rank, k, n)
     s = np.linspace(-1.5, 2.0, rank).astype(np.float32)
     attach_lora(layer, LowRank(jnp.asarray(a), jnp.asarray(b), s))
     y = np.asarray(layer(jnp.asarray(x)))
@@ -281,7 +250,7 @@ def test_fused_w4a4_layer_gets_its_members_blocks(quantized, tmp_path):
     to_qkv_mlp (k and v rows exactly unchanged), each equal to its own float term."""
     model, _, shapes = quantized
     members = ("single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_mlp")
-    write_diffusers_lora(tmp_path / "l.safetensors", shapes, members, rank=4, seed=5,
+    flux_fixtures.save_lora(tmp_path / "l.safetensors", shapes, members, rank=4, seed=5,
                          alphas={"*": 4.0, members[1]: 2.0})
     lora = read_lora(tmp_path / "l.safetensors")
     layer = model.single_transformer_blocks[0].to_qkv_mlp
@@ -304,7 +273,7 @@ def test_fused_w4a4_layer_gets_its_members_blocks(quantized, tmp_path):
 
 def test_scale_zero_is_the_base_model_and_unloading_restores_it(quantized, tmp_path):
     model, inputs, shapes = quantized
-    write_diffusers_lora(tmp_path / "a.safetensors", shapes, DIFFUSERS_A, rank=4, seed=7)
+    flux_fixtures.save_lora(tmp_path / "a.safetensors", shapes, DIFFUSERS_A, rank=4, seed=7)
     graphdef, state = nnx.split(model)
     base = run(model, inputs)
     lora = read_lora(tmp_path / "a.safetensors")
@@ -326,7 +295,7 @@ def test_switching_loras_of_the_same_ranks_does_not_recompile(reference, tmp_pat
     directory, inputs, shapes = reference
     model = fuse_projections(load_transformer(directory, dtype=jnp.float32))
     for i in range(3):
-        write_diffusers_lora(tmp_path / f"{i}.safetensors", shapes, DIFFUSERS_A, rank=4, seed=10 + i)
+        flux_fixtures.save_lora(tmp_path / f"{i}.safetensors", shapes, DIFFUSERS_A, rank=4, seed=10 + i)
     traces = []
 
     def forward(graphdef, state, x):
