@@ -395,3 +395,16 @@ def test_loras_that_do_not_fit_the_model_are_refused_naming_the_key(reference, t
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(LoRAError, match="nothing.safetensors does not exist"):
         read_lora(tmp_path / "nothing.safetensors")
+
+
+def test_a_model_carrying_loras_is_not_saved_as_a_checkpoint(reference, tmp_path):
+    from flux_flax.checkpoint import save_checkpoint
+    from flux_flax.errors import CheckpointError
+
+    directory, _, shapes = reference
+    model = load_transformer(directory, dtype=jnp.float32)
+    flux_fixtures.save_lora(tmp_path / "l.safetensors", shapes, ["x_embedder"], rank=2, seed=0)
+    apply_loras(model, [(read_lora(tmp_path / "l.safetensors"), 1.0)])
+    with pytest.raises(CheckpointError, match="unload them before saving"):
+        save_checkpoint(model, tmp_path / "ckpt", quantization=None, source={})
+    assert not (tmp_path / "ckpt").exists()
