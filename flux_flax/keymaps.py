@@ -8,7 +8,8 @@ as diffusers' `convert_flux_transformer_checkpoint_to_diffusers` (loaders/single
 
 The map is lazy: `bfl_to_diffusers` says where each diffusers tensor lives (a bfl key and a row
 range), so a reader can fetch one tensor at a time. `diffusers_to_bfl` is the inverse, used to
-write test fixtures in the bfl layout.
+write test fixtures in the bfl layout. LoRA files name modules the same ways
+(`bfl_module_to_diffusers`, `split_rows`, `swaps_halves`), kohya's with underscores (`kohya_to_bfl`).
 """
 
 from __future__ import annotations
