@@ -18,7 +18,7 @@ state (LoRA factors included) as input, as `FluxPipeline` does. Reported: step t
 another rank-32 file, then one step, with the step's trace count showing no recompilation.
 
     PYTHONPATH=. python3 -m benchmarks.bench_lora
-    JAX_PLATFORMS=cpu PYTHONPATH=. python3 -m benchmarks.bench_lora --config tiny --size 64 --iters 1 \\
+    JAX_PLATFORMS=cpu PYTHONPATH=. python3 -m benchmarks.bench_lora --config small --size 64 --iters 1 \\
         --warmup 0 --impl xla --out /tmp/lora                         # CPU smoke test
 Writes benchmarks/results/lora.{md,json}.
 """

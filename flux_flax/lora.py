@@ -69,7 +69,7 @@ _UNSUPPORTED = (
     (r"\.hada_", "LoHa (LyCORIS Hadamard product)"),
     (r"\.lokr_", "LoKr (LyCORIS Kronecker product)"),
     (r"\.dora_scale$|\.lora_magnitude_vector", "DoRA (weight-decomposed LoRA)"),
-    (r"\.oft_|\.oft_blocks$|\.oft_diag$", "OFT (orthogonal fine-tuning)"),
+    (r"\.oft_", "OFT (orthogonal fine-tuning)"),
     (r"\.lora_mid\.", "LoCon with a middle (Tucker) factor"),
     (r"\.diff(_b)?$", "a full weight difference (LyCORIS 'full')"),
     (r"\.lora_B\.bias$|\.lora_up\.bias$", "LoRA with a bias"),
@@ -103,7 +103,8 @@ class LoRAModule:
         return self.down.shape[0]
 
     @property
-    def scale(self) -> float:
+    def alpha_scale(self) -> float:
+        """alpha / r, or 1 without an alpha."""
         return 1.0 if self.alpha is None else self.alpha / self.rank
 
 
@@ -219,10 +220,13 @@ def read_lora(path: str | Path) -> LoRA:
             continue
         targets, swapped = found
         if swapped:
+            if up.shape[0] % 2:
+                raise LoRAError(f"LoRA file {path}: module {name!r} has B {up.shape}, expected an even number of rows")
             up = np.concatenate(np.split(up, 2, axis=0)[::-1], axis=0)
         modules.append(LoRAModule(name, down, up, None if alpha is None else float(alpha.reshape(())), targets))
     if foreign and not modules:
-        raise LoRAError(f"LoRA file {path} is not a FLUX transformer LoRA: {_describe_foreign(foreign)}")
+        raise LoRAError(f"LoRA file {path} is not a FLUX transformer LoRA in a naming this port reads (diffusers / "
+                        f"PEFT, kohya / black-forest-labs): {_describe_foreign(foreign)}")
     if foreign:
         raise LoRAError(f"LoRA file {path}: {len(foreign)} module(s) match no FLUX transformer layer: "
                         + ", ".join(repr(n) for n in foreign[:5]) + (" ..." if len(foreign) > 5 else ""))
@@ -286,20 +290,13 @@ def _branches(model: nnx.Module, loras: Sequence[tuple[LoRA, float]]) -> dict[st
                         f"{where}: A {module.down.shape} and B rows {b - a} do not fit {name} "
                         f"(in_features {rows.in_features}, out_features {rows.rows})")
                 by_layer.setdefault(rows.path, []).append((rows, a, b))
-            scale = np.full((module.rank,), user_scale * module.scale, np.float32)
+            scale = np.full((module.rank,), user_scale * module.alpha_scale, np.float32)
             for path, pieces in by_layer.items():
                 up = np.zeros((pieces[0][0].width, module.rank), np.float32)
                 for rows, a, b in pieces:
                     up[rows.start : rows.start + rows.rows] = module.up[a:b]
                 out.setdefault(path, []).append((module.down, up, scale))
     return out
-
-
-def _layer(model: nnx.Module, path: str) -> nnx.Module:
-    node = model
-    for name in path.split("."):
-        node = node[int(name)] if name.isdigit() else getattr(node, name)
-    return node
 
 
 def remove_loras(model: nnx.Module) -> None:
@@ -316,9 +313,10 @@ def apply_loras(model: nnx.Module, loras: Sequence[tuple[LoRA, float]], *, dtype
     dtype = dtype or model.dtype
     branches = _branches(model, loras)
     remove_loras(model)
+    layers = dict(lora_layers(model))
     for path, parts in branches.items():
         down, up, scale = (np.concatenate(p, axis=axis) for p, axis in zip(zip(*parts), (0, 1, 0)))
-        attach_lora(_layer(model, path), LowRank(jnp.asarray(down, dtype), jnp.asarray(up, dtype), scale))
+        attach_lora(layers[path], LowRank(jnp.asarray(down, dtype), jnp.asarray(up, dtype), scale))
 
 
 def check_scale(scale: float) -> float:

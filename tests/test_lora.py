@@ -193,7 +193,7 @@ def test_kohya_map_matches_diffusers_converter(tmp_path):
             theirs[layer] = b.double().numpy() @ (a.double().numpy() @ probe)
     ours: dict[str, np.ndarray] = {}
     for module in read_lora(tmp_path / "real.safetensors").modules:
-        change = module.scale * (module.up.astype(np.float64) @ (module.down.astype(np.float64) @ probe))
+        change = module.alpha_scale * (module.up.astype(np.float64) @ (module.down.astype(np.float64) @ probe))
         for layer, a, b in module.targets:
             ours[layer] = ours.get(layer, 0) + change[a:b]
     assert sorted(ours) == sorted(theirs) and len(ours) == 4 + 4 + 3 + 1 + 1
@@ -265,7 +265,7 @@ def test_fused_w4a4_layer_gets_its_members_blocks(quantized, tmp_path):
         remove_loras(model)
     np.testing.assert_array_equal(y[:, D:3 * D], base[:, D:3 * D])
     for module, (start, stop) in zip(lora.modules, [(0, D), (3 * D, 3 * D + MLP)]):
-        s = np.float32(1.5 * module.scale)
+        s = np.float32(1.5 * module.alpha_scale)
         term = ((np.asarray(x, np.float64) @ module.down.T) * s) @ module.up.T
         bound = EPS * ((D + 4 + 1) * low_rank_bound(np.asarray(x), module.down, module.up, s) + np.abs(y[:, start:stop]))
         assert np.all(np.abs(y[:, start:stop] - (base[:, start:stop] + term)) <= bound)
