@@ -118,3 +118,15 @@ def detach_lora(layer: nnx.Module) -> None:
         del layer.lora
     if type(layer) is LoRALinear:
         layer.__class__ = nnx.Linear
+
+
+def carries_loras(model: nnx.Module) -> bool:
+    """Whether any layer of `model` carries a branch (checked by what would drop one: fusing,
+    quantizing or saving the model)."""
+    return bool(jax.tree.leaves(nnx.state(model, LoRAParam)))
+
+
+def refuse_loras(model: nnx.Module, action: str) -> None:
+    """Raises ValueError when `model` carries LoRA branches, which `action` would lose."""
+    if carries_loras(model):
+        raise ValueError(f"cannot {action} a model carrying LoRA branches: unload them first, then load them again")

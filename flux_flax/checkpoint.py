@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import orbax.checkpoint.experimental.v1 as ocp
 from flax import nnx
 
-from convrot_jax import LoRAParam, QuantPolicy
+from convrot_jax import QuantPolicy
+from convrot_jax.lora import carries_loras
 from flux_flax.command_line import package_version
 from flux_flax.config import FluxConfig
 from flux_flax.errors import CheckpointDamagedError, CheckpointError, CheckpointExistsError, CheckpointMismatchError
@@ -238,7 +239,7 @@ def save_checkpoint(model: nnx.Module, path: str | os.PathLike, *, quantization:
     policy it was quantized with) as a checkpoint that `load_checkpoint` reads; `source` says where
     its weights came from. Streams leaf by leaf like the converter. A checkpoint holds the base
     model: a model carrying LoRA branches is refused (unload them first)."""
-    if jax.tree.leaves(nnx.state(model, LoRAParam)):
+    if carries_loras(model):
         raise CheckpointError("this model carries LoRA branches: unload them before saving (a checkpoint holds "
                               "the base model; LoRAs stay separate files)")
     with CheckpointWriter(path, overwrite=overwrite) as writer:

@@ -397,14 +397,22 @@ def test_missing_file_is_named(tmp_path):
         read_lora(tmp_path / "nothing.safetensors")
 
 
-def test_a_model_carrying_loras_is_not_saved_as_a_checkpoint(reference, tmp_path):
+def test_a_model_carrying_loras_is_not_saved_fused_or_quantized(reference, tmp_path):
+    """Each would lose the branches (a checkpoint holds the base model; fusing and quantizing
+    rebuild the layers): refused, the model unchanged."""
     from flux_flax.checkpoint import save_checkpoint
     from flux_flax.errors import CheckpointError
 
     directory, _, shapes = reference
     model = load_transformer(directory, dtype=jnp.float32)
-    flux_fixtures.save_lora(tmp_path / "l.safetensors", shapes, ["x_embedder"], rank=2, seed=0)
+    flux_fixtures.save_lora(tmp_path / "l.safetensors", shapes, ["x_embedder", "transformer_blocks.0.attn.to_q"],
+                            rank=2, seed=0)
     apply_loras(model, [(read_lora(tmp_path / "l.safetensors"), 1.0)])
+    graphdef = nnx.split(model)[0]
     with pytest.raises(CheckpointError, match="unload them before saving"):
         save_checkpoint(model, tmp_path / "ckpt", quantization=None, source={})
     assert not (tmp_path / "ckpt").exists()
+    for action, call in [("fuse", fuse_projections), ("quantize", quantize_model)]:
+        with pytest.raises(ValueError, match=f"cannot {action} a model carrying LoRA branches"):
+            call(model)
+    assert nnx.split(model)[0] == graphdef
