@@ -376,13 +376,15 @@ def test_files_that_are_not_flux_loras_are_refused_naming_the_key(tmp_path, case
         read_lora(tmp_path / "x.safetensors")
 
 
-@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+@pytest.fixture(scope="module", params=[True, False], ids=["fused", "unfused"])
+def float_model(request, reference):
+    model = load_transformer(reference[0], dtype=jnp.float32)
+    return fuse_projections(model) if request.param else model
+
+
 @pytest.mark.parametrize("case", sorted(APPLY_ERRORS))
-def test_loras_that_do_not_fit_the_model_are_refused_naming_the_key(reference, tmp_path, case, fuse):
-    directory, inputs, _ = reference
-    model = load_transformer(directory, dtype=jnp.float32)
-    if fuse:
-        fuse_projections(model)
+def test_loras_that_do_not_fit_the_model_are_refused_naming_the_key(float_model, tmp_path, case):
+    model = float_model
     tensors, message = APPLY_ERRORS[case]
     save_file({k: np.asarray(v, np.float32) for k, v in tensors.items()}, str(tmp_path / "x.safetensors"))
     lora = read_lora(tmp_path / "x.safetensors")
