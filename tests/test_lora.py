@@ -418,3 +418,24 @@ def test_a_model_carrying_loras_is_not_saved_fused_or_quantized(reference, tmp_p
         with pytest.raises(ValueError, match=f"cannot {action} a model carrying LoRA branches"):
             call(model)
     assert nnx.split(model)[0] == graphdef
+
+
+@pytest.mark.gpu
+def test_pallas_w4a4_layer_adds_the_low_rank_term():
+    """On the GPU: the Pallas W4A4 layer (rotate-quantize + GEMM kernels) with a bf16 LoRA equals
+    its own output plus `LowRankFactors.add_to`'s term, at a FLUX shape."""
+    from convrot_jax import LowRankFactors
+
+    rng = np.random.default_rng(8)
+    k, n, rank, m = 3072, 3072, 32, 512
+    weight = jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), jnp.float32)
+    layer = ConvDense4bit.from_linear(weight, implementation="pallas")
+    x = jnp.asarray(rng.standard_normal((1, m, k)), jnp.bfloat16)
+    base = layer(x)
+    a, b = (jnp.asarray(f, jnp.bfloat16) for f in flux_fixtures.lora_factors(rng, rank, k, n))
+    s = jnp.full((rank,), 0.7, jnp.float32)
+    attach_lora(layer, LowRank(a, b, s))
+    y = layer(x)
+    np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                  np.asarray(LowRankFactors(a, b, s).add_to(base, x), np.float32))
+    assert not np.array_equal(np.asarray(y, np.float32), np.asarray(base, np.float32))
