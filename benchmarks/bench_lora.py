@@ -5,7 +5,9 @@ process, since a LoRA switch is measured on a live model:
   none          no LoRA (the baseline)
   r32           one rank-32 LoRA
   r16_r32_r64   three LoRAs at once, ranks 16, 32 and 64
-Each LoRA is a diffusers-named file (as ai-toolkit and diffusers' trainers write them) on every
+  k32           one rank-32 LoRA in kohya naming (fused qkv and linear1 modules: rank 32 on the fused
+                layers, no block-diagonal B)
+The r LoRAs are diffusers-named files (as ai-toolkit and diffusers' trainers write them) on every
 W4A4 layer of every block: to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out, ff and ff_context of
 the double blocks; to_q/k/v, proj_mlp and proj_out of the single blocks. On the fused layers q, k,
 v (and the single blocks' MLP input) are separate LoRA modules, so a rank-r LoRA is a rank-3r
@@ -36,34 +38,47 @@ from benchmarks import harness
 NAME = "lora"
 MODULE = "benchmarks.bench_lora"
 TEXT_TOKENS = 512
-VARIANTS = {"none": (), "r32": (32,), "r16_r32_r64": (16, 32, 64)}
+# Variant -> the LoRA files loaded ("r32": rank 32, diffusers naming; "k32": rank 32, kohya naming).
+VARIANTS = {"none": (), "r32": ("r32",), "r16_r32_r64": ("r16", "r32", "r64"), "k32": ("k32",)}
 DOUBLE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
           "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
           "ff_context.net.2")
 SINGLE = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
+KOHYA_DOUBLE = ("img_attn_qkv", "img_attn_proj", "img_mlp_0", "img_mlp_2",
+                "txt_attn_qkv", "txt_attn_proj", "txt_mlp_0", "txt_mlp_2")
+KOHYA_SINGLE = ("linear1", "linear2")
 
 
-def write_lora_file(path: Path, config, rank: int, seed: int) -> None:
-    """A random diffusers-named LoRA of `rank` on every W4A4 layer of the FLUX transformer (bf16)."""
+def lora_shapes(config, kohya: bool) -> dict[str, tuple[int, int]]:
+    """{file module name: (in, out)} of a LoRA on every W4A4 layer of every block: diffusers names
+    (q, k, v and the single blocks' MLP input separate) or kohya's (fused qkv, linear1)."""
+    dim, mlp = config.inner_dim, 4 * config.inner_dim
+    shapes = {}
+    for i in range(config.num_layers):
+        for name in KOHYA_DOUBLE if kohya else DOUBLE:
+            k, n = ((mlp, dim) if name.endswith(("net.2", "mlp_2")) else (dim, mlp) if name.endswith(("net.0.proj", "mlp_0"))
+                    else (dim, 3 * dim) if name.endswith("qkv") else (dim, dim))
+            shapes[f"lora_unet_double_blocks_{i}_{name}" if kohya else f"transformer.transformer_blocks.{i}.{name}"] = (k, n)
+    for i in range(config.num_single_layers):
+        for name in KOHYA_SINGLE if kohya else SINGLE:
+            k, n = ((dim + mlp, dim) if name in ("proj_out", "linear2") else (dim, mlp) if name == "proj_mlp"
+                    else (dim, 3 * dim + mlp) if name == "linear1" else (dim, dim))
+            shapes[f"lora_unet_single_blocks_{i}_{name}" if kohya else f"transformer.single_transformer_blocks.{i}.{name}"] = (k, n)
+    return shapes
+
+
+def write_lora_file(path: Path, config, rank: int, seed: int, kohya: bool = False) -> None:
+    """A random LoRA of `rank` on every W4A4 layer of the FLUX transformer (bf16 factors)."""
     import ml_dtypes
     import numpy as np
     from safetensors.numpy import save_file
 
-    dim, mlp = config.inner_dim, 4 * config.inner_dim
-    shapes = {}
-    for i in range(config.num_layers):
-        for name in DOUBLE:
-            k, n = (mlp, dim) if name.endswith("net.2") else (dim, mlp) if name.endswith("net.0.proj") else (dim, dim)
-            shapes[f"transformer_blocks.{i}.{name}"] = (k, n)
-    for i in range(config.num_single_layers):
-        for name in SINGLE:
-            k, n = (dim + mlp, dim) if name == "proj_out" else (dim, mlp) if name == "proj_mlp" else (dim, dim)
-            shapes[f"single_transformer_blocks.{i}.{name}"] = (k, n)
+    down, up = (".lora_down.weight", ".lora_up.weight") if kohya else (".lora_A.weight", ".lora_B.weight")
     rng = np.random.default_rng(seed)
     tensors = {}
-    for module, (k, n) in shapes.items():
-        tensors[f"transformer.{module}.lora_A.weight"] = (rng.standard_normal((rank, k), np.float32) / k ** 0.5)
-        tensors[f"transformer.{module}.lora_B.weight"] = (rng.standard_normal((n, rank), np.float32) * 0.01)
+    for module, (k, n) in lora_shapes(config, kohya).items():
+        tensors[module + down] = rng.standard_normal((rank, k), np.float32) / k ** 0.5
+        tensors[module + up] = rng.standard_normal((n, rank), np.float32) * 0.01
     save_file({key: v.astype(ml_dtypes.bfloat16) for key, v in tensors.items()}, str(path))
 
 
@@ -86,11 +101,12 @@ def worker(args) -> list[dict]:
     tmp = Path(tempfile.mkdtemp(prefix="bench_lora_"))
 
     def lora_file(key: str) -> Path:
-        """The random LoRA file `key` ("r32", "r32_b": rank 32, another seed), written when first asked for."""
+        """The random LoRA file `key` ("r32": rank 32; "k32": the same in kohya naming; "r32_b":
+        another seed), written when first asked for."""
         path = tmp / f"{key}.safetensors"
         if not path.is_file():
             t = time.perf_counter()
-            write_lora_file(path, config, int(key[1:3]), seed=len(list(tmp.iterdir())))
+            write_lora_file(path, config, int(key[1:3]), seed=len(list(tmp.iterdir())), kohya=key[0] == "k")
             print(f"  {key}: written in {time.perf_counter() - t:.1f} s", flush=True)
         return path
 
@@ -151,7 +167,7 @@ def worker(args) -> list[dict]:
         if args.budget_s and time.perf_counter() - start > args.budget_s:
             rows.append(dict(variant=name, error=f"not run: past the {args.budget_s:.0f} s budget"))
             continue
-        apply_loras(model, [(read_lora(lora_file(f"r{r}")), 1.0) for r in VARIANTS[name]])
+        apply_loras(model, [(read_lora(lora_file(key)), 1.0) for key in VARIANTS[name]])
         rows.append(time_step(name))
     remove_loras(model)
     return rows
@@ -162,8 +178,9 @@ def markdown(rows: list[dict], args) -> list[str]:
     base = steps.get("none")
     lines = [f"# LoRA on the W4A4 FLUX.1-dev step ({args.config} config, {args.impl} W4A4, unfused LoRA path)", "",
              "One transformer forward given its precomputed modulation, 512 text tokens, random weights, "
-             "one process (same model); median of the timed runs. LoRAs: diffusers-named, on every W4A4 layer of "
-             "every block (q/k/v separate: rank 3r on to_qkv, 4r on to_qkv_mlp, block-diagonal B).", ""]
+             "one process (same model); median of the timed runs. LoRAs on every W4A4 layer of every block: r* "
+             "diffusers-named (q/k/v separate: rank 3r on to_qkv, 4r on to_qkv_mlp, block-diagonal B), k32 "
+             "kohya-named (fused qkv and linear1 modules: rank 32 on each fused layer).", ""]
     body = [[r["variant"], f"{r['size']}²", r["batch"], f"{r['step_ms']:.1f}",
              f"{100 * (r['step_ms'] / base['step_ms'] - 1):+.1f}%" if base else "-", f"{r['lora_mib']:.0f}"]
             for r in steps.values()]
@@ -194,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      epilog="\n".join(__doc__.splitlines()[1:]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=[*VARIANTS, "switch_r32"],
+    parser.add_argument("--variants", nargs="+", default=["none", "r32", "switch_r32", "r16_r32_r64", "k32"],
                         choices=[*VARIANTS, "switch_r32"], help="run in this order (put switch_r32 after r32)")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--iters", type=int, default=10)
