@@ -173,20 +173,31 @@ def worker(args) -> list[dict]:
     return rows
 
 
+def _runs(rows: list[dict]) -> dict[int, dict[str, dict]]:
+    """{run: {variant: row}}: rows of one run (`run`, set by --merge; 0 otherwise) share a baseline."""
+    out: dict[int, dict[str, dict]] = {}
+    for r in rows:
+        out.setdefault(r.get("run", 0), {})[r["variant"]] = r
+    return out
+
+
 def markdown(rows: list[dict], args) -> list[str]:
-    steps = {r["variant"]: r for r in rows if "step_ms" in r}
-    base = steps.get("none")
+    runs = _runs(rows)
     lines = [f"# LoRA on the W4A4 FLUX.1-dev step ({args.config} config, {args.impl} W4A4, unfused LoRA path)", "",
              "One transformer forward given its precomputed modulation, 512 text tokens, random weights, "
              "one process (same model); median of the timed runs. LoRAs on every W4A4 layer of every block: r* "
              "diffusers-named (q/k/v separate: rank 3r on to_qkv, 4r on to_qkv_mlp, block-diagonal B), k32 "
-             "kohya-named (fused qkv and linear1 modules: rank 32 on each fused layer).", ""]
-    body = [[r["variant"], f"{r['size']}²", r["batch"], f"{r['step_ms']:.1f}",
-             f"{100 * (r['step_ms'] / base['step_ms'] - 1):+.1f}%" if base else "-", f"{r['lora_mib']:.0f}"]
-            for r in steps.values()]
-    body += [[r["variant"], f"failed: {r['error']}", "", "", "", ""] for r in rows if "error" in r]
-    lines += harness.md_table(["variant", "size", "batch", "step ms", "vs none", "LoRA factors MiB"], body,
-                              [False, True, True, True, True, True])
+             "kohya-named (fused qkv and linear1 modules: rank 32 on each fused layer). `vs none`: against the "
+             "step without LoRA of the same run (process).", ""]
+    body = []
+    for run, by in runs.items():
+        base = by.get("none", {}).get("step_ms")
+        body += [[run, r["variant"], f"{r['size']}²", r["batch"], f"{r['step_ms']:.1f}",
+                  f"{100 * (r['step_ms'] / base - 1):+.1f}%" if base else "-", f"{r['lora_mib']:.0f}"]
+                 for r in by.values() if "step_ms" in r]
+        body += [[run, r["variant"], f"failed: {r['error']}", "", "", "", ""] for r in by.values() if "error" in r]
+    lines += harness.md_table(["run", "variant", "size", "batch", "step ms", "vs none", "LoRA factors MiB"], body,
+                              [True, False, True, True, True, True, True])
     for r in rows:
         if r.get("variant") == "switch_r32" and "load_s" in r:
             lines += ["", f"Switching to another rank-32 LoRA (scale 0.8) between generations: read + apply "
@@ -196,14 +207,16 @@ def markdown(rows: list[dict], args) -> list[str]:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    steps = {r["variant"]: r for r in rows if "step_ms" in r}
-    base = steps.get("none")
-    if not base:
-        return []
-    return [harness.figure(f"FLUX.1-dev W4A4 step with LoRA ({name}, unfused)", f"{r['step_ms']:.1f} ms per step "
-                           f"(baseline {base['step_ms']:.1f} ms)", shape=f"{r['size']}² b{r['batch']}",
-                           baseline="the same step without LoRA", ratio=base["step_ms"] / r["step_ms"])
-            for name, r in steps.items() if name != "none"]
+    out = []
+    for by in _runs(rows).values():
+        base = by.get("none")
+        if not base or "step_ms" not in base:
+            continue
+        out += [harness.figure(f"FLUX.1-dev W4A4 step with LoRA ({name}, unfused)", f"{r['step_ms']:.1f} ms per step "
+                               f"(baseline {base['step_ms']:.1f} ms)", shape=f"{r['size']}² b{r['batch']}",
+                               baseline="the same step without LoRA", ratio=base["step_ms"] / r["step_ms"])
+                for name, r in by.items() if name != "none" and "step_ms" in r]
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -222,10 +235,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=None, help="seconds the worker process may run")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no variant after this many seconds of the worker (each costs a compilation)")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="LORA_JSON",
+                        help="only merge lora.json files of runs over variant subsets (same machine) into one table")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         harness.emit(worker(args))
+        return
+    if args.merge:
+        rows = [dict(row, run=i) for i, path in enumerate(args.merge) for row in harness.load_results(path)["rows"]]
+        _, meta = harness.merge_runs(args.merge)
+        harness.write_results(NAME, {"rows": rows}, markdown(rows, args), args.out, summary=summarize(rows), meta=meta,
+                              command="python -m " + MODULE + " " + " ".join(argv))
+        print((args.out / f"{NAME}.md").read_text())
         return
     got = harness.run_isolated(harness.worker_command(MODULE, "all", argv), timeout=args.timeout, label=NAME)
     rows = harness.error_rows(args.variants, got["error"]) if isinstance(got, dict) else got
