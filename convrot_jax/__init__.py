@@ -3,6 +3,7 @@
 from convrot_jax.hadamard import regular_hadamard, rotate, sylvester_hadamard
 from convrot_jax.layers import ConvDense4bit, Dense4bitWeightOnly, QuantizedParam
 from convrot_jax.linear import int4_weight_only_linear
+from convrot_jax.lora import LoRALinear, LoRAParam, LowRank, LowRankFactors, attach_lora, detach_lora
 from convrot_jax.ops import quantize_activation, w4a4_linear
 from convrot_jax.policy import QuantPolicy
 from convrot_jax.prologue import GeluTanh, LayerNormModulation
@@ -21,10 +22,16 @@ __all__ = [
     "Dense4bitWeightOnly",
     "GeluTanh",
     "LayerNormModulation",
+    "LoRALinear",
+    "LoRAParam",
+    "LowRank",
+    "LowRankFactors",
     "QuantPolicy",
     "QuantizedParam",
     "QuantizedWeight",
+    "attach_lora",
     "dequantize_weight",
+    "detach_lora",
     "int4_weight_only_linear",
     "pack_int4",
     "quantize_activation",

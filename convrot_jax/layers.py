@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from convrot_jax.hadamard import HadamardKind
+from convrot_jax.lora import LowRank, add_lora
 from convrot_jax.ops import Implementation, w4a4_linear, w4a16_linear
 from convrot_jax.prologue import Prologue
 from convrot_jax.quant import QuantizedWeight, quantize_weight
@@ -43,6 +44,8 @@ class _QuantizedDense(nnx.Module):
     # passes on. implementation: which kernels run the layer ("auto", "xla", "pallas"; see
     # convrot_jax.ops).
     _settings: tuple[str, ...] = ("implementation",)
+    # A low-rank (LoRA) branch added to the output, set by `convrot_jax.lora.attach_lora`.
+    lora: LowRank | None = None
 
     def __init__(
         self, qweight: QuantizedWeight, bias: jnp.ndarray | None = None, *, implementation: Implementation = "auto"
@@ -118,9 +121,10 @@ class ConvDense4bit(_QuantizedDense):
                  gate: jnp.ndarray | None = None) -> jnp.ndarray:
         """The layer on x, or with `prologue` on prologue(x), quantized where it is made; with
         `residual` and `gate` the gated residual residual + gate[:, None] * output in one rounding
-        (`convrot_jax.ops.w4a4_linear`)."""
+        (`convrot_jax.ops.w4a4_linear`); plus the LoRA branch when one is attached."""
+        lora = None if self.lora is None else self.lora.factors()
         return w4a4_linear(x, self.qweight, self._bias(), prologue=prologue, residual=residual, gate=gate,
-                           implementation=self.implementation)
+                           implementation=self.implementation, lora=lora)
 
 
 class Dense4bitWeightOnly(_QuantizedDense):
@@ -129,4 +133,5 @@ class Dense4bitWeightOnly(_QuantizedDense):
     reads the packed weight, the XLA reference dequantizes it)."""
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        return w4a16_linear(x, self.qweight, self._bias(), implementation=self.implementation)
+        lora = None if self.lora is None else self.lora.factors()
+        return add_lora(w4a16_linear(x, self.qweight, self._bias(), implementation=self.implementation), x, lora)

@@ -31,6 +31,7 @@ from convrot_jax.linear import (
     int4_weight_only_linear,
     w4a4_linear_reference,
 )
+from convrot_jax.lora import LowRankFactors, add_lora
 from convrot_jax.prologue import Prologue, apply_prologue, check_prologue, kernel_arguments
 from convrot_jax.quant import QuantizedWeight, quantize_activation_reference
 from pallas_kernels.attention import attention as _attention_kernel
@@ -121,6 +122,7 @@ def w4a4_linear(
     residual: jnp.ndarray | None = None,
     gate: jnp.ndarray | None = None,
     implementation: Implementation = "auto",
+    lora: LowRankFactors | None = None,
 ) -> jnp.ndarray:
     """x (..., K) @ W.T + b through ConvRot W4A4: rotate -> int4 -> integer GEMM with int32
     accumulation -> dequantize (+ bias). Output in x.dtype.
@@ -132,7 +134,14 @@ def w4a4_linear(
     With `residual` and `gate`, the gated residual `residual + gate[:, None] * (x @ W.T + b)` of
     FLUX's output projections and MLPs, in float32 with one rounding, applied in the GEMM's
     epilogue (no elementwise pass after it): x (B, ..., K), gate (B, out_features) one row per
-    image, residual x's shape with out_features last and x's dtype."""
+    image, residual x's shape with out_features last and x's dtype.
+
+    `lora`: a low-rank branch whose float term ((x A^T) * s) B^T is added to the layer's output,
+    unfused: two small XLA GEMMs after the W4A4 one. Not combined with `prologue` or a gated
+    residual (the model runs a layer that carries a LoRA unfused: `flux_flax.producers`)."""
+    if lora is not None and (prologue is not None or gate is not None):
+        raise ValueError("a LoRA branch is not fused with a producer prologue or a gated residual: "
+                         "run the producer and the gated residual in XLA around the layer")
     check_linear_input(x, qw, bias)
     check_gated_residual_input(x, qw, residual, gate)
     if prologue is not None:
@@ -144,7 +153,7 @@ def w4a4_linear(
         impl = "xla"  # "auto" with a Sylvester weight: a comparison setting, reference path.
     if impl == "xla":
         if prologue is None:
-            return w4a4_linear_reference(x, qw, bias, residual=residual, gate=gate)
+            return add_lora(w4a4_linear_reference(x, qw, bias, residual=residual, gate=gate), x, lora)
         produced = apply_prologue(x, prologue)  # float32, never rounded to x.dtype
         return w4a4_linear_reference(produced, qw, bias, residual=None if residual is None else
                                      residual.astype(produced.dtype), gate=gate).astype(x.dtype)
@@ -155,7 +164,7 @@ def w4a4_linear(
     y = w4a4_matmul(codes, scales, qw.packed, qw.scales, bias, gate=gate,
                     residual=None if residual is None else residual.reshape(-1, qw.out_features),
                     scale_group=qw.scale_group, out_dtype=x.dtype)
-    return y.reshape(*lead, qw.out_features)
+    return add_lora(y.reshape(*lead, qw.out_features), x, lora)
 
 
 def _w4a16_kernel_refusal(x: jnp.ndarray, qw: QuantizedWeight) -> str | None:

@@ -7,6 +7,7 @@ ported to Flax NNX, or transformers' PyTorch models) and the pipeline.
     flux_flax.fuse_projections(model)                                  # q/k/v (+ MLP in) as one GEMM
     flux_flax.fuse_producers(model)                                    # LN+modulate, GELU in the quantizer
     flux_flax.fuse_gated_residuals(model)                              # residual + gate * out in the GEMMs
+    flux_flax.apply_loras(model, [(flux_flax.read_lora("style.safetensors"), 0.8)])  # LoRA branches
     out = model(latents, t5, clip_pooled, t, img_ids, txt_ids, guidance)
 
 Exports resolve on first use, so that `convrot-flux` checks its arguments before jax, flax and
@@ -20,6 +21,11 @@ _EXPORTS = {
     "fuse_projections": "flux_flax.fusion",
     "fuse_gated_residuals": "flux_flax.fusion",
     "fuse_producers": "flux_flax.producers",
+    "LoRA": "flux_flax.lora",
+    "LoRAError": "flux_flax.lora",
+    "apply_loras": "flux_flax.lora",
+    "read_lora": "flux_flax.lora",
+    "remove_loras": "flux_flax.lora",
     "abstract_transformer": "flux_flax.loading",
     "diffusers_key": "flux_flax.loading",
     "expected_shapes": "flux_flax.loading",

@@ -33,6 +33,7 @@ import orbax.checkpoint.experimental.v1 as ocp
 from flax import nnx
 
 from convrot_jax import QuantPolicy
+from convrot_jax.lora import carries_loras
 from flux_flax.command_line import package_version
 from flux_flax.config import FluxConfig
 from flux_flax.errors import CheckpointDamagedError, CheckpointError, CheckpointExistsError, CheckpointMismatchError
@@ -270,8 +271,12 @@ def checkpoint_metadata(config: FluxConfig | T5Config, quantization: Mapping[str
 def save_checkpoint(model: nnx.Module, path: str | os.PathLike, *, quantization: Mapping[str, Any] | None,
                     source: Mapping[str, Any], overwrite: bool = False) -> Path:
     """Writes an in-memory transformer or T5 encoder (bf16, or quantized per `quantization`: the
-    settings and policy it was quantized with) as a checkpoint that `load_checkpoint` reads; `source` says where
-    its weights came from. Streams leaf by leaf like the converter."""
+    settings and policy it was quantized with) as a checkpoint that `load_checkpoint` reads;
+    `source` says where its weights came from. Streams leaf by leaf like the converter. A
+    checkpoint holds the base model: a model carrying LoRA branches is refused (unload them first)."""
+    if carries_loras(model):
+        raise CheckpointError("this model carries LoRA branches: unload them before saving (a checkpoint holds "
+                              "the base model; LoRAs stay separate files)")
     with CheckpointWriter(path, overwrite=overwrite) as writer:
         for state_path, variable in nnx.to_flat_state(nnx.state(model)):
             writer.add(state_path, variable.get_value())

@@ -2,7 +2,7 @@
 
     convrot-flux generate --model DIR [--checkpoint CKPT ...] --prompt "..." [--prompts-file F]
                           [--steps N] [--guidance G] [--size 1024x1024] [--seed S] [--batch B] [--out DIR]
-                          [--text-backend {jax,torch}] [--devices N] [--attention IMPL]
+                          [--text-backend {jax,torch}] [--devices N] [--attention IMPL] [--lora FILE[:SCALE] ...]
     convrot-flux demo     [--prompt "..."] [--steps 4] [--size 256x256] [--seed S] [--out DIR]
 
 Every argument is checked before jax, flax or torch load, so a usage error is answered at once
@@ -13,6 +13,7 @@ The text encoders run in JAX by default: torch is imported only with --text-back
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -55,6 +56,24 @@ def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> lis
     return out
 
 
+def parse_lora(text: str) -> tuple[Path, float]:
+    """"FILE[:SCALE]" -> (the existing file, resolved; the scale, default 1). What follows the
+    last ':' is the scale when it is a number, else part of the file name."""
+    path, scale = text, 1.0
+    head, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            pass
+    if not math.isfinite(scale):
+        raise UsageError(f"--lora {text!r}: the scale must be a finite number, got {scale}")
+    resolved = user_path(path)
+    if not resolved.is_file():
+        raise UsageError(f"--lora file {resolved} does not exist")
+    return resolved, scale
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convrot-flux", description="FLUX.1 text-to-image in JAX (bf16 or ConvRot W4A4).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
@@ -79,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch", type=int, default=1, help="images sampled together")
     gen.add_argument("--devices", type=int, default=1,
                      help="sample data parallel on this many local devices (a batch not dividing by it is padded)")
+    gen.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                     help="a LoRA safetensors file (diffusers or kohya naming) and its scale (default 1); repeat for "
+                          "several, which add up")
     gen.add_argument("--out", default="outputs", help="output folder (existing PNGs are never overwritten)")
     gen.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                      help="dtype of the transformer, the VAE and the text encoders")
@@ -133,6 +155,7 @@ def _validate_generate(args: argparse.Namespace) -> SimpleNamespace:
         model=_existing_dir(args.model, "model folder"),
         checkpoints=[_existing_dir(path, "checkpoint") for path in args.checkpoint or ()],
         verify=not args.no_verify,
+        loras=[parse_lora(text) for text in args.lora or ()],
         out=check_output_dir(args.out, "--out"),
         cache_dir=None if args.cache_dir is None else check_output_dir(args.cache_dir, "--cache-dir"),
         compile_cache=None if args.compile_cache is None else check_output_dir(args.compile_cache, "--compile-cache"),
@@ -152,6 +175,8 @@ def _generate(request: SimpleNamespace) -> None:
         max_sequence_length=request.max_sequence_length, cache_dir=request.cache_dir, devices=request.devices,
         attention=request.attention,
     )
+    for path, scale in request.loras:
+        pipe.load_lora(path, scale)
     default_steps = DEFAULT_DEV_STEPS if pipe.config.guidance_embeds else DEFAULT_SCHNELL_STEPS
     settings = GenerationSettings(request.height, request.width, request.steps or default_steps, request.guidance,
                                   request.seed)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from convrot_jax.layers import ConvDense4bit, Dense4bitWeightOnly, concatenate_biases, require_equal
+from convrot_jax.lora import refuse_loras
 
 
 def concatenate_linears(layers: Sequence[nnx.Module]) -> nnx.Module | None:
@@ -77,7 +78,9 @@ def fuse_projections(model: nnx.Module) -> nnx.Module:
     """Fuses, IN PLACE, the projection sets listed in this module's docstring in every block of a
     FLUX transformer `model` (float or quantized layers alike) and returns `model`. A set whose layers differ in
     type stays unfused (a single block then tries to fuse just its q, k, v into attn.to_qkv).
-    Fusing again is a no-op. A set whose int4 layers differ in settings raises a ValueError."""
+    Fusing again is a no-op. A set whose int4 layers differ in settings raises a ValueError, and so
+    does a model carrying LoRA branches (fuse first, then load LoRAs)."""
+    refuse_loras(model, "fuse")
     for i, block in enumerate(model.transformer_blocks):
         path, attn = f"transformer_blocks.{i}", block.attn
         _fuse(f"{path}.attn.to_qkv", attn, "to_qkv", [(attn, "to_q"), (attn, "to_k"), (attn, "to_v")])

@@ -8,7 +8,8 @@ as diffusers' `convert_flux_transformer_checkpoint_to_diffusers` (loaders/single
 
 The map is lazy: `bfl_to_diffusers` says where each diffusers tensor lives (a bfl key and a row
 range), so a reader can fetch one tensor at a time. `diffusers_to_bfl` is the inverse, used to
-write test fixtures in the bfl layout.
+write test fixtures in the bfl layout. LoRA files name modules the same ways
+(`bfl_module_to_diffusers`, `split_rows`, `swaps_halves`), kohya's with underscores (`kohya_to_bfl`).
 """
 
 from __future__ import annotations
@@ -89,7 +90,45 @@ def is_bfl(keys) -> bool:
     return "img_in.weight" in keys and any(k.startswith("double_blocks.") for k in keys)
 
 
-def _split_rows(rows: int, parts: int, hidden: int) -> list[tuple[int, int]]:
+def bfl_module_to_diffusers(module: str) -> str | tuple[str, ...] | None:
+    """A bfl module ("double_blocks.3.img_attn.qkv", no prefix) -> its diffusers module, or the
+    diffusers modules its rows split into, in order (fused qkv, linear1: `split_rows`); None when
+    the FLUX transformer has no such module."""
+    match = _BLOCK_RE.fullmatch(module)
+    if not match:
+        return _GLOBAL.get(module)
+    kind, index, inner = match.groups()
+    table, prefix = (_DOUBLE, "transformer_blocks") if kind == "double_blocks" else (_SINGLE, "single_transformer_blocks")
+    target = table.get(inner)
+    if target is None:
+        return None
+    return f"{prefix}.{index}.{target}" if isinstance(target, str) else tuple(f"{prefix}.{index}.{t}" for t in target)
+
+
+def swaps_halves(module: str) -> bool:
+    """Whether this bfl module's output rows are diffusers' with the two halves swapped."""
+    return module in _SWAPPED
+
+
+# kohya / sd-scripts spell a bfl module with underscores ("double_blocks_0_img_attn_qkv").
+_KOHYA_BLOCK_RE = re.compile(r"(double_blocks|single_blocks)_(\d+)_(.+)")
+_KOHYA_INNER = {kind: {name.replace(".", "_"): name for name in table}
+                for kind, table in (("double_blocks", _DOUBLE), ("single_blocks", _SINGLE))}
+_KOHYA_GLOBAL = {name.replace(".", "_"): name for name in _GLOBAL}
+
+
+def kohya_to_bfl(name: str) -> str | None:
+    """A kohya module name without its "lora_unet_" prefix -> the bfl module it spells
+    ("double_blocks_0_img_attn_qkv" -> "double_blocks.0.img_attn.qkv"), or None."""
+    match = _KOHYA_BLOCK_RE.fullmatch(name)
+    if not match:
+        return _KOHYA_GLOBAL.get(name)
+    kind, index, inner = match.groups()
+    inner = _KOHYA_INNER[kind].get(inner)
+    return None if inner is None else f"{kind}.{index}.{inner}"
+
+
+def split_rows(rows: int, parts: int, hidden: int) -> list[tuple[int, int]]:
     """Row ranges of a fused tensor: qkv in three equal parts; linear1 as (hidden,)*3 + rest."""
     sizes = [rows // 3] * 3 if parts == 3 else [hidden, hidden, hidden, rows - 3 * hidden]
     bounds = np.cumsum([0, *sizes])
@@ -115,16 +154,7 @@ def bfl_to_diffusers(shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, T
         if param not in _PARAM:
             unused.append(key)
             continue
-        match = _BLOCK_RE.fullmatch(module)
-        if match:
-            kind, index, inner = match.groups()
-            table, prefix = (_DOUBLE, "transformer_blocks") if kind == "double_blocks" else (_SINGLE, "single_transformer_blocks")
-            target = table.get(inner)
-            target = None if target is None else (
-                f"{prefix}.{index}.{target}" if isinstance(target, str) else tuple(f"{prefix}.{index}.{t}" for t in target)
-            )
-        else:
-            target = _GLOBAL.get(module)
+        target = bfl_module_to_diffusers(module)
         if target is None:
             unused.append(key)
             continue
@@ -132,7 +162,7 @@ def bfl_to_diffusers(shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, T
         if isinstance(target, str):
             out[f"{target}.{dparam}"] = TensorSource(key, swap_halves=module in _SWAPPED)
         else:
-            for t, (a, b) in zip(target, _split_rows(shape[0], len(target), hidden)):
+            for t, (a, b) in zip(target, split_rows(shape[0], len(target), hidden)):
                 out[f"{t}.{dparam}"] = TensorSource(key, a, b)
     return out, unused
 

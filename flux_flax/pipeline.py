@@ -30,6 +30,7 @@ from flux_flax.checkpoint import load_checkpoint, stored_part
 from flux_flax.config import FluxConfig
 from flux_flax.fusion import fuse_projections
 from flux_flax.loading import load_transformer
+from flux_flax.lora import LoRA, apply_loras, check_scale, read_lora, replicate_loras
 from flux_flax.paths import user_path
 from flux_flax.producers import DEFAULT_KINDS, fuse_producers
 from flux_flax.settings import VAE_SCALE_FACTOR, GenerationSettings
@@ -112,6 +113,11 @@ class FluxPipeline:
     jitted loop runs SPMD (XLA's sharding propagation; no hand-written communication). A batch
     that does not divide by `devices` is padded by repeating its last item, and the padding is
     dropped from the result. (`convrot-flux generate --devices` defaults to 1.)
+
+    LoRAs (`load_lora`, `unload_loras`; `flux_flax.lora`) are low-rank branches beside the
+    transformer's layers, never merged into them: their factors are inputs of the compiled loop,
+    so loading other LoRAs of the same ranks, or changing scales, does not recompile, and
+    unloading them all gives back the base model's graph (and compiled program) exactly.
     """
 
     def __init__(
@@ -139,6 +145,7 @@ class FluxPipeline:
         # the checkpoints among them (part -> folder); from_pretrained fills both.
         self.sources: dict[str, str] = {}
         self.checkpoints: dict[str, Path] = {}
+        self.loras: list[tuple[LoRA, float]] = []
         # The graph definitions are static arguments, so a transformer quantized in place after
         # this point gets its own compilation rather than a stale structure.
         self._denoise = jax.jit(self._denoise_loop, static_argnums=0)
@@ -213,6 +220,29 @@ class FluxPipeline:
                    devices=devices)
         pipe.sources, pipe.checkpoints = sources, checkpoints
         return pipe
+
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
+        """Adds the LoRA file at `path` (diffusers / PEFT or kohya naming) with `scale` to those
+        loaded. A file that does not fit raises `flux_flax.lora.LoRAError` naming the key, and
+        the LoRAs loaded before stay as they were."""
+        lora = read_lora(user_path(path))
+        self._set_loras([*self.loras, (lora, check_scale(scale))])
+
+    def unload_loras(self) -> None:
+        """Removes every LoRA: the transformer is then exactly the base model."""
+        self._set_loras([])
+
+    def _set_loras(self, loras: list[tuple[LoRA, float]]) -> None:
+        apply_loras(self.transformer, loras)
+        self.loras = loras
+        if self.devices > 1:
+            replicate_loras(self.transformer, NamedSharding(self.mesh, P()))
+
+    def lora_metadata(self) -> dict[str, str]:
+        """{"loras": "FILE:SCALE, ..."} for the PNG text chunks when LoRAs are loaded, else {}."""
+        if not self.loras:
+            return {}
+        return {"loras": ", ".join(f"{lora.path}:{scale:g}" for lora, scale in self.loras)}
 
     # The compiled parts.
     def _denoise_loop(self, graphdef, state, latents, prompt_embeds, pooled, img_ids, txt_ids, sigmas, guidance):
@@ -329,7 +359,7 @@ class FluxPipeline:
             for k, prompt in enumerate(chunk):
                 name = image_filename(start + k, prompt, seeds[k])
                 paths.append(save_png(images[k], Path(out_dir) / name, prompt, seeds[k], settings,
-                                      devices=str(self.devices), **(metadata or {})))
+                                      devices=str(self.devices), **self.lora_metadata(), **(metadata or {})))
         return paths
 
 

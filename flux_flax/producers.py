@@ -47,8 +47,9 @@ def produce_linear(layer: nnx.Module, x: jax.Array, prologue: Prologue, fused: f
     """layer(prologue(x)): fused into the W4A4 layer's quantization when its kind is in `fused`,
     else the XLA producer, then the layer. With `residual` and `gate`, FLUX's gated residual
     residual + gate[:, None] * layer(prologue(x)), in the W4A4 GEMM's epilogue with
-    `fuse_epilogue` (`flux_flax.layers.gated_residual`)."""
-    if isinstance(layer, ConvDense4bit) and KINDS[type(prologue)] in fused:
+    `fuse_epilogue` (`flux_flax.layers.gated_residual`). A layer carrying a LoRA branch runs
+    unfused (the branch needs the produced activation and comes before the gate)."""
+    if isinstance(layer, ConvDense4bit) and layer.lora is None and KINDS[type(prologue)] in fused:
         if residual is None:
             return layer(x, prologue=prologue)
         if fuse_epilogue:

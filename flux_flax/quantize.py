@@ -9,6 +9,7 @@ import jax
 from flax import nnx
 
 from convrot_jax import ConvDense4bit, Dense4bitWeightOnly, QuantPolicy, quantize_weight
+from convrot_jax.lora import refuse_loras
 from flux_flax.policy import flux_default_policy
 from flux_flax.transformer import linear_paths
 
@@ -41,6 +42,7 @@ def quantize_model(model: nnx.Module, policy: QuantPolicy | None = None, *, grou
 
     For an abstract quantized model (to restore a checkpoint into), call it inside
     `nnx.eval_shape`: `nnx.eval_shape(lambda: quantize_model(FluxTransformer2DModel(cfg, rngs=nnx.Rngs(0))))`."""
+    refuse_loras(model, "quantize")
     policy = policy or flux_default_policy()
     settings = dict(group_size=group_size, hadamard=hadamard, scale_group=scale_group)
     for path, layer in list(linear_paths(model)):

@@ -9,6 +9,7 @@ are plain functions; torch and diffusers are imported lazily (test-only dependen
     flux_fixtures.save_diffusers(ref, d, max_shard_size="50KB")          # sharded + index
     flux_fixtures.save_pipeline_root(ref, tmp_path / "FLUX")             # FLUX/transformer/...
     flux_fixtures.save_bfl(ref, tmp_path / "flux1.safetensors")          # black-forest-labs file
+    flux_fixtures.save_lora(tmp_path / "l.safetensors", flux_fixtures.linear_shapes(ref), ["x_embedder"], rank=4, seed=0)
     inputs = flux_fixtures.flux_inputs(config)                           # dict of numpy arrays
     expected = flux_fixtures.run_diffusers(ref, inputs)                  # numpy
     assert flux_fixtures.relative_error(out, expected) <= flux_fixtures.model_tolerance(config, tokens)
@@ -191,3 +192,36 @@ def int4_weight_errors(model, policy, *, group_size: int = 256) -> list[float]:
             error = dequantize_weight(quantize_weight(w, group_size=group_size)) - w
             errors.append(float(jnp.linalg.norm(error) / jnp.linalg.norm(w)))
     return errors
+def lora_factors(rng, rank: int, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A (r, K) and B (N, r) whose term is of the order of the layer's own output."""
+    return ((rng.standard_normal((rank, k)) / np.sqrt(k)).astype(np.float32),
+            (rng.standard_normal((n, rank)) / np.sqrt(rank)).astype(np.float32))
+
+
+def linear_shapes(torch_model) -> dict[str, tuple[int, int]]:
+    """{diffusers linear name: (in, out)} of a torch model."""
+    import torch
+
+    return {name: (m.in_features, m.out_features) for name, m in torch_model.named_modules()
+            if isinstance(m, torch.nn.Linear)}
+
+
+def save_lora(path, shapes, modules, rank: int, seed: int, alphas: dict[str, float] | None = None) -> int:
+    """A PEFT-named LoRA file ("transformer.<layer>.lora_A.weight", ...) with random factors
+    (`lora_factors`) on `modules` (diffusers linear names; `shapes`: their (in, out)). `alphas`:
+    every module gets one, `alphas[name]` or else `alphas["*"]` (diffusers gives a module without
+    one the file's most common alpha, kohya and this port 1, so a file has all or none).
+    Returns the sum over modules of K + r (the reductions the LoRA adds)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    tensors, reductions = {}, 0
+    for name in modules:
+        k, n = shapes[name]
+        a, b = lora_factors(rng, rank, k, n)
+        tensors[f"transformer.{name}.lora_A.weight"], tensors[f"transformer.{name}.lora_B.weight"] = a, b
+        if alphas is not None:
+            tensors[f"transformer.{name}.alpha"] = np.array(alphas.get(name, alphas["*"]), np.float32)
+        reductions += k + rank
+    save_file(tensors, str(path))
+    return reductions

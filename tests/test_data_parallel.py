@@ -101,3 +101,59 @@ def test_more_devices_than_exist_is_a_clear_error(tmp_path):
                               "--devices", "9", "--out", str(tmp_path / "out"), "--no-compile-cache"])
     assert run.returncode == 1, run.stderr
     assert "asked for 9 devices, but this machine has only 4 local cpu device(s)" in run.stderr.splitlines()[-1]
+
+
+# A LoRA loaded after the pipeline is built (its factors replicated on the mesh): denoises a batch
+# of 2 on 1 and on 2 devices, with and without the LoRA; prints the four latents as JSON.
+LORA_SAMPLER = f"""
+import json
+import sys
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+sys.path.insert(0, "tests")
+import flux_fixtures
+from flux_flax.config import FluxConfig
+from flux_flax.demo_assets import tiny_text_encoders
+from flux_flax.pipeline import FluxPipeline
+from flux_flax.settings import GenerationSettings
+from flux_flax.text import PromptEmbeds
+from flux_flax.transformer import FluxTransformer2DModel
+from flux_flax.vae import AutoencoderKLDecoder, VAEConfig
+
+config = FluxConfig.tiny()
+d, mlp = config.inner_dim, 4 * config.inner_dim
+flux_fixtures.save_lora(sys.argv[1], {{"transformer_blocks.0.attn.to_q": (d, d), "single_transformer_blocks.0.proj_mlp":
+                                      (d, mlp)}}, ["transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_mlp"],
+                        rank=4, seed=0)
+text = tiny_text_encoders(config.pooled_projection_dim, config.joint_attention_dim, max_sequence_length={T5_LENGTH})
+settings = GenerationSettings(height={HEIGHT}, width={WIDTH}, num_inference_steps={STEPS}, seed=0)
+rng = np.random.default_rng(0)
+embeds = PromptEmbeds(rng.standard_normal((2, {T5_LENGTH}, config.joint_attention_dim), np.float32),
+                      rng.standard_normal((2, config.pooled_projection_dim), np.float32))
+results = {{}}
+for devices in (1, 2):
+    rngs = nnx.Rngs(0)
+    transformer = FluxTransformer2DModel(config, dtype=jnp.float32, rngs=rngs).fuse_qkv_projections()
+    vae = AutoencoderKLDecoder(VAEConfig.tiny(latent_channels=config.in_channels // 4), dtype=jnp.float32, rngs=rngs)
+    pipe = FluxPipeline(transformer, vae, text, progress=False, devices=devices)
+    latents = pipe.prepare_latents(range(2), settings.height, settings.width)
+    results[f"{{devices}},base"] = np.asarray(pipe.denoise(latents, embeds, settings)).tolist()
+    pipe.load_lora(sys.argv[1], 0.8)
+    leaf = jax.tree.leaves(nnx.state(pipe.transformer.transformer_blocks[0].attn.to_qkv.lora))[0]
+    assert len(leaf.sharding.device_set) == devices, leaf.sharding
+    results[f"{{devices}},lora"] = np.asarray(pipe.denoise(latents, embeds, settings)).tolist()
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.slow
+def test_lora_on_two_devices_equals_one_device(tmp_path):
+    run = run_with_4_devices(["-c", LORA_SAMPLER, str(tmp_path / "lora.safetensors")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = {k: np.asarray(v, np.float32) for k, v in json.loads(run.stdout.splitlines()[-1]).items()}
+    dim = FluxConfig.tiny().inner_dim  # the two LoRA layers add a reduction of K + r = dim + 4 each
+    tolerance = STEPS * (flux_fixtures.model_tolerance(FluxConfig.tiny(), TOKENS) + flux_fixtures.F32_EPS * 2 * (dim + 4))
+    assert flux_fixtures.relative_error(results["2,lora"], results["1,lora"]) <= tolerance
+    assert flux_fixtures.relative_error(results["1,lora"], results["1,base"]) > 0.01

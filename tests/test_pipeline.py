@@ -382,3 +382,72 @@ def test_generate_refuses_a_damaged_checkpoint_in_one_line(reference, w4a4_check
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "is damaged" in err[0] and data.name in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_loras_load_unload_without_recompiling_and_in_the_metadata(reference, ours, tmp_path):
+    """load_lora / unload_loras on the pipeline: LoRAs change the result, another LoRA of the same
+    ranks reuses the compiled loop, unloading gives the base result bit for bit, the PNGs record
+    the LoRAs, and a file that does not fit leaves the loaded ones as they were."""
+    from flux_flax.lora import LoRAError
+
+    pipe, _ = reference
+    shapes = flux_fixtures.linear_shapes(pipe.transformer)
+    modules = ["transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_mlp", "proj_out"]
+    for i in range(2):
+        flux_fixtures.save_lora(tmp_path / f"{i}.safetensors", shapes, modules, rank=4, seed=i)
+    latents = ours.prepare_latents([3], SETTINGS.height, SETTINGS.width)
+    embeds = ours.encode_prompts(PROMPTS[:1])
+    base = np.asarray(ours.denoise(latents, embeds, SETTINGS))
+    try:
+        ours.load_lora(tmp_path / "0.safetensors", 0.9)
+        first = np.asarray(ours.denoise(latents, embeds, SETTINGS))
+        compiled = ours._denoise._cache_size()
+        ours.unload_loras()
+        ours.load_lora(tmp_path / "1.safetensors", scale=-0.5)
+        second = np.asarray(ours.denoise(latents, embeds, SETTINGS))
+        assert ours._denoise._cache_size() == compiled
+        assert flux_fixtures.relative_error(first, base) > 0.01 and flux_fixtures.relative_error(second, first) > 0.01
+        with pytest.raises(LoRAError, match="does not exist"):
+            ours.load_lora(tmp_path / "missing.safetensors")
+        assert [lora.path.name for lora, _ in ours.loras] == ["1.safetensors"]
+        [path] = ours.generate_pngs(PROMPTS[:1], SETTINGS, tmp_path / "png")
+        with Image.open(path) as img:
+            assert img.text["loras"] == f"{tmp_path / '1.safetensors'}:-0.5"
+            assert json.loads(img.text["parameters"])["loras"] == img.text["loras"]
+    finally:
+        ours.unload_loras()
+    np.testing.assert_array_equal(np.asarray(ours.denoise(latents, embeds, SETTINGS)), base)
+
+
+def test_lora_argument_is_checked_before_loading(tmp_path):
+    from flux_flax import cli
+    from flux_flax.command_line import UsageError
+
+    lora = tmp_path / "style:v2.safetensors"
+    lora.write_bytes(b"")
+    assert cli.parse_lora(str(lora)) == (lora, 1.0)
+    assert cli.parse_lora(f"{lora}:0.75") == (lora, 0.75)
+    assert cli.parse_lora(f"{lora}:-1e-1") == (lora, -0.1)
+    with pytest.raises(UsageError, match="missing.safetensors does not exist"):
+        cli.parse_lora(str(tmp_path / "missing.safetensors:0.5"))
+    with pytest.raises(UsageError, match="finite"):
+        cli.parse_lora(f"{lora}:nan")
+
+
+@pytest.mark.slow
+def test_generate_with_loras(reference, tmp_path, capsys):
+    """`convrot-flux generate --lora FILE:SCALE` (twice) writes a PNG recording both."""
+    from flux_flax import cli
+
+    pipe, folder = reference
+    shapes = flux_fixtures.linear_shapes(pipe.transformer)
+    for i in range(2):
+        flux_fixtures.save_lora(tmp_path / f"{i}.safetensors", shapes, ["x_embedder"], rank=2 + i, seed=i)
+    argv = ["generate", "--model", str(folder), "--prompt", PROMPTS[0], "--size", f"{SETTINGS.width}x{SETTINGS.height}",
+            "--steps", "2", "--out", str(tmp_path / "out"), "--max-sequence-length", str(T5_LENGTH),
+            "--lora", f"{tmp_path / '0.safetensors'}:0.5", "--lora", str(tmp_path / "1.safetensors"),
+            "--no-compile-cache"]
+    assert cli.main(argv) == 0
+    [path] = (tmp_path / "out").glob("*.png")
+    with Image.open(path) as img:
+        assert img.text["loras"] == f"{tmp_path / '0.safetensors'}:0.5, {tmp_path / '1.safetensors'}:1"
