@@ -2,7 +2,8 @@
 
     convrot-flux generate --model DIR [--checkpoint CKPT] --prompt "..." [--prompts-file F]
                           [--steps N] [--guidance G] [--size 1024x1024] [--seed S] [--batch B] [--out DIR]
-                          [--text-backend {jax,torch}] [--devices N]
+                          [--text-backend {jax,torch}] [--devices N [--parallel {data,sequence}]
+                          [--sequence-devices K]]
     convrot-flux demo     [--prompt "..."] [--steps 4] [--size 256x256] [--seed S] [--out DIR]
 
 Every argument is checked before jax, flax or torch load, so a usage error is answered at once
@@ -76,7 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
     gen.add_argument("--batch", type=int, default=1, help="images sampled together")
     gen.add_argument("--devices", type=int, default=1,
-                     help="sample data parallel on this many local devices (a batch not dividing by it is padded)")
+                     help="sample on this many devices (data parallel: a batch not dividing by it is padded)")
+    gen.add_argument("--parallel", choices=("data", "sequence"), default="data",
+                     help="split the batch over the devices, or each image's tokens (Ulysses attention; the "
+                          "model's heads must divide by the devices)")
+    gen.add_argument("--sequence-devices", type=int,
+                     help="with --parallel sequence: devices per image (a divisor of --devices; the rest split "
+                          "the batch); default: all")
     gen.add_argument("--out", default="outputs", help="output folder (existing PNGs are never overwritten)")
     gen.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                      help="dtype of the transformer, the VAE and the text encoders")
@@ -116,11 +123,17 @@ def _validate_generate(args: argparse.Namespace) -> SimpleNamespace:
         raise UsageError(f"--batch must be at least 1, got {args.batch}")
     if args.devices < 1:
         raise UsageError(f"--devices must be at least 1, got {args.devices}")
+    if args.sequence_devices is not None:
+        if args.parallel != "sequence":
+            raise UsageError("--sequence-devices needs --parallel sequence")
+        if args.sequence_devices < 1 or args.devices % args.sequence_devices:
+            raise UsageError(f"--sequence-devices must divide --devices ({args.devices}), got {args.sequence_devices}")
     if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= MAX_T5_TOKENS:
         raise UsageError(f"--max-sequence-length must be in [1, {MAX_T5_TOKENS}], got {args.max_sequence_length}")
     return SimpleNamespace(
         prompts=prompts, height=height, width=width, steps=args.steps, guidance=args.guidance, seed=args.seed,
-        batch=args.batch, devices=args.devices, dtype=args.dtype, max_sequence_length=args.max_sequence_length,
+        batch=args.batch, devices=args.devices, parallel=args.parallel, sequence_devices=args.sequence_devices,
+        dtype=args.dtype, max_sequence_length=args.max_sequence_length,
         text_device=args.text_device, text_backend=args.text_backend,
         model=_existing_dir(args.model, "model folder"),
         checkpoint=None if args.checkpoint is None else _existing_dir(args.checkpoint, "checkpoint"),
@@ -142,6 +155,7 @@ def _generate(request: SimpleNamespace) -> None:
         request.model, checkpoint=request.checkpoint, verify=request.verify, dtype=getattr(jnp, request.dtype),
         text_backend=request.text_backend, text_dtype=request.dtype, text_device=request.text_device,
         max_sequence_length=request.max_sequence_length, cache_dir=request.cache_dir, devices=request.devices,
+        parallel=request.parallel, sequence_devices=request.sequence_devices,
     )
     default_steps = DEFAULT_DEV_STEPS if pipe.config.guidance_embeds else DEFAULT_SCHNELL_STEPS
     settings = GenerationSettings(request.height, request.width, request.steps or default_steps, request.guidance,

@@ -5,6 +5,7 @@ linears run in the model dtype."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -12,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from flux_flax import sequence_parallel
 
 Dtype = jnp.dtype | type
 
@@ -321,9 +324,11 @@ class FluxAttention(nnx.Module):
             query = apply_rotary_emb(query, image_rotary_emb)
             key = apply_rotary_emb(key, image_rotary_emb)
 
-        # (B, S, H, D) layout in and out; softmax in float32 in both backends.
+        # (B, S, H, D) layout in and out; softmax in float32 in both backends. Sequence parallel,
+        # the call sees every token of a share of the heads (`flux_flax.sequence_parallel`).
         impl = attention_implementation(query.dtype, self.attention_impl)
-        hidden_states = jax.nn.dot_product_attention(query, key, value, implementation=impl)
+        attend = functools.partial(jax.nn.dot_product_attention, implementation=impl)
+        hidden_states = sequence_parallel.attention(attend, query, key, value)
         hidden_states = hidden_states.reshape(*hidden_states.shape[:2], -1).astype(query.dtype)
 
         if encoder_hidden_states is None:

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
-from flux_flax import sampling
+from flux_flax import sampling, sequence_parallel
 from flux_flax.checkpoint import load_checkpoint
 from flux_flax.config import FluxConfig
 from flux_flax.fusion import fuse_projections
@@ -74,17 +74,33 @@ def require_finite(values: jax.Array, what: str, prompts: Sequence[str]) -> None
         )
 
 
-def data_mesh(devices: int) -> Mesh:
-    """A one-axis ("data") mesh over the first `devices` local devices; a ValueError names both
-    numbers when fewer exist."""
+PARALLEL_MODES = ("data", "sequence")
+
+
+def device_mesh(devices: int, parallel: str = "data", sequence_devices: int | None = None) -> Mesh:
+    """A ("data", "sequence") mesh over the first `devices` devices: with `parallel="data"` all
+    of them along the batch; with "sequence", `sequence_devices` of them (default: all) along one
+    image's tokens and the rest along the batch. A ValueError names the numbers at fault."""
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
     if devices < 1:
         raise ValueError(f"devices must be at least 1, got {devices}")
-    local = jax.local_devices()
-    if devices > len(local):
-        raise ValueError(
-            f"asked for {devices} devices, but this machine has only {len(local)} local {local[0].platform} device(s)"
-        )
-    return Mesh(np.array(local[:devices]), ("data",))
+    if parallel == "data":
+        if sequence_devices is not None:
+            raise ValueError("sequence_devices applies to parallel='sequence' only")
+        sequence = 1
+    else:
+        sequence = devices if sequence_devices is None else sequence_devices
+        if sequence < 1 or devices % sequence:
+            raise ValueError(f"sequence_devices must divide devices ({devices}), got {sequence}")
+    available = jax.devices()  # every process's, under jax.distributed
+    if devices > len(available):
+        found, platform = len(available), available[0].platform
+        where = (f"this machine has only {found} local {platform} device(s)" if jax.process_count() == 1
+                 else f"the {jax.process_count()} processes have only {found} {platform} device(s) in all")
+        raise ValueError(f"asked for {devices} devices, but {where}")
+    grid = np.array(available[:devices]).reshape(devices // sequence, sequence)
+    return Mesh(grid, (sequence_parallel.DATA, sequence_parallel.SEQUENCE))
 
 
 def to_uint8(images: jax.Array) -> np.ndarray:
@@ -102,12 +118,15 @@ class FluxPipeline:
     (`jax.debug.callback`, under 1 ms a step; a jitted step in a Python loop costs about the same
     but dispatches every step, flattening the model's weights each time).
 
-    `devices` (None: 1, today's single-device run) > 1 samples data parallel over the first that
-    many local devices: the weights are replicated on each, the batch axis of the latents, prompt
-    embeddings, pooled embeddings and guidance is split over a one-axis ("data") mesh, and the same
-    jitted loop runs SPMD (XLA's sharding propagation; no hand-written communication). A batch
-    that does not divide by `devices` is padded by repeating its last item, and the padding is
-    dropped from the result. (`convrot-flux generate --devices` defaults to 1.)
+    `devices` (None: 1, today's single-device run) > 1 samples over the first that many devices
+    (`device_mesh`), the weights replicated on each. `parallel="data"` splits the batch axis of
+    the latents, prompt embeddings, pooled embeddings and guidance over the mesh's "data" axis, and
+    the same jitted loop runs SPMD (XLA's sharding propagation; no hand-written communication).
+    `parallel="sequence"` splits each image's text and image tokens over `sequence_devices` of
+    them (default: all; the rest split the batch) with Ulysses attention
+    (`flux_flax.sequence_parallel`); the model's heads must divide by `sequence_devices`. A batch
+    that does not divide by the "data" axis is padded by repeating its last item, and the padding
+    is dropped from the result. (`convrot-flux generate --devices` defaults to 1.)
     """
 
     def __init__(
@@ -119,6 +138,8 @@ class FluxPipeline:
         dynamic_shift: bool | None = None,
         progress: bool = True,
         devices: int | None = None,
+        parallel: str = "data",
+        sequence_devices: int | None = None,
     ):
         self.config: FluxConfig = transformer.config
         check_components(self.config, vae, text_encoders)
@@ -126,7 +147,9 @@ class FluxPipeline:
         self.dynamic_shift = self.config.guidance_embeds if dynamic_shift is None else dynamic_shift
         self.progress = progress
         self.devices = 1 if devices is None else devices
-        self.mesh = data_mesh(self.devices)
+        self.parallel = parallel
+        self.mesh = device_mesh(self.devices, parallel, sequence_devices)
+        sequence_parallel.check_heads(self.config.num_attention_heads, self.mesh.shape[sequence_parallel.SEQUENCE])
         if self.devices > 1:
             for module in (transformer, vae):
                 nnx.update(module, jax.device_put(nnx.state(module), NamedSharding(self.mesh, P())))
@@ -152,6 +175,8 @@ class FluxPipeline:
         fuse: bool = True,
         progress: bool = True,
         devices: int | None = None,
+        parallel: str = "data",
+        sequence_devices: int | None = None,
     ) -> "FluxPipeline":
         """Loads a diffusers-format FLUX folder (tokenizer/, text_encoder/, tokenizer_2/,
         text_encoder_2/, vae/, and transformer/ unless `checkpoint`, a `convrot-convert` Orbax
@@ -161,9 +186,10 @@ class FluxPipeline:
 
         `text_backend` runs the text encoders in "jax" (the Flax ports; torch is never imported)
         or "torch" (transformers' models on `text_device`); `text_dtype` (a jnp or torch dtype or
-        its name, default bfloat16) is their weights' dtype. `devices`: as the constructor's,
-        checked before anything loads."""
-        data_mesh(1 if devices is None else devices)
+        its name, default bfloat16) is their weights' dtype. `devices`, `parallel` and
+        `sequence_devices`: as the constructor's, the device count checked before anything loads
+        and the heads as soon as the transformer has."""
+        device_mesh(1 if devices is None else devices, parallel, sequence_devices)
         if text_backend not in ("jax", "torch"):
             raise ValueError(f"text_backend must be 'jax' or 'torch', got {text_backend!r}")
         model_dir = user_path(model_dir)
@@ -175,6 +201,8 @@ class FluxPipeline:
         if missing:
             raise FileNotFoundError(f"model folder {model_dir} has no {', '.join(missing)} (expected a diffusers-format FLUX folder)")
         transformer = _load_transformer(model_dir, checkpoint, dtype, verify)
+        if parallel == "sequence":
+            sequence_parallel.check_heads(transformer.config.num_attention_heads, sequence_devices or devices or 1)
         if fuse:
             fuse_projections(transformer)
         if max_sequence_length is None:
@@ -183,26 +211,33 @@ class FluxPipeline:
                                             dtype=text_dtype or "bfloat16", device=text_device, cache_dir=cache_dir)
         vae = load_vae(model_dir / "vae", dtype=dtype)
         return cls(transformer, vae, text_encoders, dynamic_shift=_scheduler_shift(model_dir), progress=progress,
-                   devices=devices)
+                   devices=devices, parallel=parallel, sequence_devices=sequence_devices)
 
     # The compiled parts.
     def _denoise_loop(self, graphdef, state, latents, prompt_embeds, pooled, img_ids, txt_ids, sigmas, guidance):
         on_step = self._on_step if self.progress else None  # fixed at trace time
-        return sampling.denoise(nnx.merge(graphdef, state), latents, prompt_embeds, pooled, img_ids, txt_ids, sigmas,
-                                guidance, on_step=on_step)
+
+        def loop(state, latents, prompt_embeds, pooled, img_ids, txt_ids, sigmas, guidance, on_step):
+            return sampling.denoise(nnx.merge(graphdef, state), latents, prompt_embeds, pooled, img_ids, txt_ids,
+                                    sigmas, guidance, on_step=on_step)
+
+        args = (state, latents, prompt_embeds, pooled, img_ids, txt_ids, sigmas, guidance)
+        if self.parallel == "sequence":
+            return sequence_parallel.denoise(loop, self.mesh, *args, on_step=on_step)
+        return loop(*args, on_step)
 
     def _on_step(self, _) -> None:
         if self._bar is not None:
             self._bar.update(1)
 
     def _split_batch(self, batch_arrays: tuple, shared: tuple) -> tuple[tuple, tuple]:
-        """With several devices: `batch_arrays` padded to a multiple of `devices` (the last item
-        repeated) and split on the "data" axis, `shared` replicated. Otherwise both as given."""
+        """With several devices: `batch_arrays` padded to a multiple of the "data" axis (the last
+        item repeated) and split on it, `shared` replicated. Otherwise both as given."""
         if self.devices == 1:
             return batch_arrays, shared
 
         def split(x: jax.Array) -> jax.Array:
-            pad = -x.shape[0] % self.devices
+            pad = -x.shape[0] % self.mesh.shape[sequence_parallel.DATA]
             x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x
             return jax.device_put(x, NamedSharding(self.mesh, P("data")))
 
@@ -300,7 +335,7 @@ class FluxPipeline:
             for k, prompt in enumerate(chunk):
                 name = image_filename(start + k, prompt, seeds[k])
                 paths.append(save_png(images[k], Path(out_dir) / name, prompt, seeds[k], settings,
-                                      devices=str(self.devices), **(metadata or {})))
+                                      devices=str(self.devices), parallel=self.parallel, **(metadata or {})))
         return paths
 
 
