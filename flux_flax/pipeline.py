@@ -155,9 +155,12 @@ class FluxPipeline:
                 nnx.update(module, jax.device_put(nnx.state(module), NamedSharding(self.mesh, P())))
         self._bar: tqdm | None = None
         # The graph definitions are static arguments, so a transformer quantized in place after
-        # this point gets its own compilation rather than a stale structure.
-        self._denoise = jax.jit(self._denoise_loop, static_argnums=0)
-        self._decode = jax.jit(_decode, static_argnums=0, static_argnames=("height", "width"))
+        # this point gets its own compilation rather than a stale structure. On several devices
+        # the results (latents, pixels: a few MB) come back replicated, so that every process
+        # of a multi-host run can read them.
+        replicated = {"out_shardings": NamedSharding(self.mesh, P())} if self.devices > 1 else {}
+        self._denoise = jax.jit(self._denoise_loop, static_argnums=0, **replicated)
+        self._decode = jax.jit(_decode, static_argnums=0, static_argnames=("height", "width"), **replicated)
 
     @classmethod
     def from_pretrained(
@@ -320,7 +323,8 @@ class FluxPipeline:
         metadata: dict[str, str] | None = None,
     ) -> list[Path]:
         """One PNG per prompt in `out_dir`, sampled `batch_size` at a time (the last batch is padded,
-        so one compilation serves every batch); prompt k gets seed `settings.seed + k`."""
+        so one compilation serves every batch); prompt k gets seed `settings.seed + k`. In a
+        multi-host run every process samples, and process 0 alone writes (the others return [])."""
         prompts = list(prompts)
         if not prompts:
             raise ValueError("no prompts: the prompt list is empty")
@@ -332,6 +336,8 @@ class FluxPipeline:
             seeds = [settings.seed + start + k for k in range(batch_size)]
             latents = self.prepare_latents(seeds, settings.height, settings.width)
             images = self(chunk + [chunk[-1]] * (batch_size - len(chunk)), settings, latents=latents)
+            if jax.process_index() != 0:
+                continue
             for k, prompt in enumerate(chunk):
                 name = image_filename(start + k, prompt, seeds[k])
                 paths.append(save_png(images[k], Path(out_dir) / name, prompt, seeds[k], settings,
