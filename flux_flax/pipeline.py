@@ -80,7 +80,11 @@ PARALLEL_MODES = ("data", "sequence")
 def device_mesh(devices: int, parallel: str = "data", sequence_devices: int | None = None) -> Mesh:
     """A ("data", "sequence") mesh over the first `devices` devices: with `parallel="data"` all
     of them along the batch; with "sequence", `sequence_devices` of them (default: all) along one
-    image's tokens and the rest along the batch. A ValueError names the numbers at fault."""
+    image's tokens and the rest along the batch. A ValueError names the numbers at fault.
+
+    Under `jax.distributed` (several processes) a mesh of several devices takes every process's
+    devices, all of them; a single device is this process's first (each process then computes
+    alone)."""
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
     if devices < 1:
@@ -93,12 +97,15 @@ def device_mesh(devices: int, parallel: str = "data", sequence_devices: int | No
         sequence = devices if sequence_devices is None else sequence_devices
         if sequence < 1 or devices % sequence:
             raise ValueError(f"sequence_devices must divide devices ({devices}), got {sequence}")
-    available = jax.devices()  # every process's, under jax.distributed
-    if devices > len(available):
-        found, platform = len(available), available[0].platform
-        where = (f"this machine has only {found} local {platform} device(s)" if jax.process_count() == 1
-                 else f"the {jax.process_count()} processes have only {found} {platform} device(s) in all")
+    available = jax.devices() if devices > 1 else jax.local_devices()
+    found, platform, processes = len(available), available[0].platform, jax.process_count()
+    if devices > found:
+        where = (f"this machine has only {found} local {platform} device(s)" if processes == 1
+                 else f"the {processes} processes have only {found} {platform} device(s) in all")
         raise ValueError(f"asked for {devices} devices, but {where}")
+    if processes > 1 and 1 < devices < found:
+        raise ValueError(f"asked for {devices} devices: under jax.distributed use 1 or all {found} devices "
+                         f"of the {processes} processes")
     grid = np.array(available[:devices]).reshape(devices // sequence, sequence)
     return Mesh(grid, (sequence_parallel.DATA, sequence_parallel.SEQUENCE))
 

@@ -9,12 +9,8 @@ token of heads / n heads), the attention implementation runs unchanged on those,
 all-to-all turns its output back into token shards. Everything runs inside one `jax.shard_map`
 over the whole denoising loop; the collectives are `jax.lax.all_to_all`, nothing hand-written.
 
-Ulysses rather than ring attention: FLUX has 24 heads, which divide over 2, 3, 4, 6 or 8 devices,
-so the head split is always available; the attention call stays one call over the full sequence
-(any backend: cuDNN, XLA or a Pallas kernel, none needing a log-sum-exp output to merge partial
-results as the ring's blockwise attention does), and each device sends 4 tensors (q, k, v, out)
-of (n-1)/n of its tokens per attention, a volume that does not grow with n. Ring attention only
-pays when the heads do not divide over the devices or one device cannot hold a head's keys.
+Ulysses rather than ring attention because FLUX's 24 heads divide over 2, 3, 4, 6 or 8 devices
+and the attention then stays one unchanged call over the whole sequence (docs/design.md §6).
 
 Token counts that do not divide by n are padded at the end of the text and of the image tokens.
 The padding never reaches a real token: before the attention call it is cut out of the gathered

@@ -1,9 +1,12 @@
 """Sequence parallel sampling (`FluxPipeline(parallel="sequence")`, `convrot-flux generate --parallel
 sequence`) on 4 CPU devices forced by XLA_FLAGS, in subprocesses so that the other tests keep one
-device. Token counts are ragged: 7 text and 6 image tokens over 2 and 4 devices."""
+device; and the same over two processes of 2 devices each joined by `jax.distributed` (several
+hosts, emulated on this one: CPU collectives through gloo instead of NCCL, no network between
+machines). Token counts are ragged: 7 text and 6 image tokens over 2 and 4 devices."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -102,10 +105,55 @@ print(json.dumps(results))
 """
 
 
-def run_with_4_devices(args: list[str]) -> subprocess.CompletedProcess:
-    flags = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=4"])
+# Process argv[2] of 2 (2 CPU devices each, coordinator on port argv[3]): denoises one prompt on its
+# own first device, then sequence parallel over all 4 devices of both processes, and writes its PNG
+# into argv[1]; prints {"one": latents, "four": latents, "pngs": paths}.
+TWO_PROCESSES = f"""
+import json
+import sys
+import jax
+jax.distributed.initialize(f"localhost:{{sys.argv[3]}}", num_processes=2, process_id=int(sys.argv[2]))
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flux_flax.config import FluxConfig
+from flux_flax.demo_assets import tiny_text_encoders
+from flux_flax.pipeline import FluxPipeline
+from flux_flax.settings import GenerationSettings
+from flux_flax.text import PromptEmbeds
+from flux_flax.transformer import FluxTransformer2DModel
+from flux_flax.vae import AutoencoderKLDecoder, VAEConfig
+
+config = FluxConfig.tiny(num_attention_heads={HEADS})
+text = tiny_text_encoders(config.pooled_projection_dim, config.joint_attention_dim, max_sequence_length={T5_LENGTH})
+settings = GenerationSettings(height={HEIGHT}, width={WIDTH}, num_inference_steps={STEPS}, seed=0)
+rng = np.random.default_rng(0)
+embeds = PromptEmbeds(rng.standard_normal((1, {T5_LENGTH}, config.joint_attention_dim), np.float32),
+                      rng.standard_normal((1, config.pooled_projection_dim), np.float32))
+results = {{}}
+for name, devices in (("one", None), ("four", 4)):
+    rngs = nnx.Rngs(0)
+    transformer = FluxTransformer2DModel(config, dtype=jnp.float32, rngs=rngs)
+    vae = AutoencoderKLDecoder(VAEConfig.tiny(latent_channels=config.in_channels // 4), dtype=jnp.float32, rngs=rngs)
+    pipe = FluxPipeline(transformer, vae, text, progress=False, devices=devices, parallel="sequence")
+    latents = pipe.prepare_latents([0], settings.height, settings.width)
+    results[name] = np.asarray(pipe.denoise(latents, embeds, settings)).tolist()
+results["pngs"] = [str(p) for p in pipe.generate_pngs(["one"], settings, sys.argv[1])]
+print(json.dumps(results))
+"""
+
+
+def run_with_devices(args: list[str], devices: int = 4, **popen) -> subprocess.Popen:
+    flags = " ".join([os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={devices}"])
     env = {**os.environ, "XLA_FLAGS": flags.strip(), "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=ROOT, **popen)
+
+
+def run_with_4_devices(args: list[str]) -> subprocess.CompletedProcess:
+    process = run_with_devices(args)
+    stdout, stderr = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
 
 
 @pytest.mark.slow
@@ -161,3 +209,25 @@ def test_bad_sequence_settings_are_usage_errors(tmp_path, capsys, extra, message
     # Checked before jax loads: the empty model folder is never read.
     code = cli.main(["generate", "--model", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "out"), *extra])
     assert code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sequence_parallel_over_two_processes(tmp_path):
+    with socket.socket() as probe:  # a free port for the coordinator
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    processes = [run_with_devices(["-c", TWO_PROCESSES, str(tmp_path), str(i), str(port)], devices=2) for i in (0, 1)]
+    try:
+        outputs = [process.communicate(timeout=300) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr[-3000:]
+    first, second = (json.loads(stdout.splitlines()[-1]) for stdout, _ in outputs)
+    # Both processes hold the same (replicated) result, within the one-device bound of its own run.
+    np.testing.assert_array_equal(np.asarray(first["four"]), np.asarray(second["four"]))
+    tolerance = STEPS * flux_fixtures.model_tolerance(FluxConfig.tiny(num_attention_heads=HEADS), TOKENS)
+    assert flux_fixtures.relative_error(first["four"], first["one"]) <= tolerance
+    # Process 0 alone writes.
+    assert second["pngs"] == [] and [Path(p) for p in first["pngs"]] == list(tmp_path.glob("*.png"))
