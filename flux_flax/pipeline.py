@@ -110,6 +110,24 @@ def device_mesh(devices: int, parallel: str = "data", sequence_devices: int | No
     return Mesh(grid, (sequence_parallel.DATA, sequence_parallel.SEQUENCE))
 
 
+def denoise_on_mesh(graphdef: nnx.GraphDef, mesh: Mesh, parallel: str, state: nnx.State, latents: jax.Array,
+                    prompt_embeds: jax.Array, pooled: jax.Array, img_ids: jax.Array, txt_ids: jax.Array,
+                    sigmas: jax.Array, guidance: jax.Array | None, on_step=None) -> jax.Array:
+    """`sampling.denoise` of the transformer `nnx.merge(graphdef, state)` (call inside jit), on
+    `mesh` as `parallel` says: "data" as one SPMD program over whatever shardings the inputs
+    carry, "sequence" through `sequence_parallel.denoise` (the batch a multiple of the "data"
+    axis)."""
+
+    def loop(state, latents, prompt_embeds, pooled, img_ids, txt_ids, sigmas, guidance, on_step):
+        return sampling.denoise(nnx.merge(graphdef, state), latents, prompt_embeds, pooled, img_ids, txt_ids, sigmas,
+                                guidance, on_step=on_step)
+
+    args = (state, latents, prompt_embeds, pooled, img_ids, txt_ids, sigmas, guidance)
+    if parallel == "sequence":
+        return sequence_parallel.denoise(loop, mesh, *args, on_step=on_step)
+    return loop(*args, on_step)
+
+
 def to_uint8(images: jax.Array) -> np.ndarray:
     """[-1, 1] float images -> uint8, as diffusers' `VaeImageProcessor.postprocess`."""
     images = np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0, 1)
@@ -226,15 +244,8 @@ class FluxPipeline:
     # The compiled parts.
     def _denoise_loop(self, graphdef, state, latents, prompt_embeds, pooled, img_ids, txt_ids, sigmas, guidance):
         on_step = self._on_step if self.progress else None  # fixed at trace time
-
-        def loop(state, latents, prompt_embeds, pooled, img_ids, txt_ids, sigmas, guidance, on_step):
-            return sampling.denoise(nnx.merge(graphdef, state), latents, prompt_embeds, pooled, img_ids, txt_ids,
-                                    sigmas, guidance, on_step=on_step)
-
-        args = (state, latents, prompt_embeds, pooled, img_ids, txt_ids, sigmas, guidance)
-        if self.parallel == "sequence":
-            return sequence_parallel.denoise(loop, self.mesh, *args, on_step=on_step)
-        return loop(*args, on_step)
+        return denoise_on_mesh(graphdef, self.mesh, self.parallel, state, latents, prompt_embeds, pooled, img_ids,
+                               txt_ids, sigmas, guidance, on_step)
 
     def _on_step(self, _) -> None:
         if self._bar is not None:
