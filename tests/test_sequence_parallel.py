@@ -6,6 +6,7 @@ machines). Token counts are ragged: 7 text and 6 image tokens over 2 and 4 devic
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from PIL import Image
 import flux_fixtures
 from flux_flax import cli
 from flux_flax.config import FluxConfig
+from flux_flax.pipeline import device_mesh
 from flux_flax.sequence_parallel import TokenLayout, check_heads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,7 +200,20 @@ def test_heads_not_dividing_is_a_clear_error():
         check_heads(24, 5)
 
 
+@pytest.mark.parametrize("args, message", [
+    ((2, "tensor"), "parallel must be one of ('data', 'sequence'), got 'tensor'"),
+    ((4, "data", 2), "sequence_devices applies to parallel='sequence' only"),
+    ((4, "sequence", 3), "sequence_devices must divide devices (4), got 3"),
+    ((8, "sequence"), "asked for 8 devices, but this machine has only 1 local cpu device"),
+])
+def test_bad_mesh_settings_are_clear_errors(args, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        device_mesh(*args)
+
+
 @pytest.mark.parametrize("extra, message", [
+    (["--process-id", "1"], "--process-id needs --distributed"),
+    (["--distributed", "--num-processes", "2", "--process-id", "2"], "--process-id must be in [0, --num-processes), got 2"),
     (["--devices", "4", "--sequence-devices", "2"], "--sequence-devices needs --parallel sequence"),
     (["--devices", "4", "--parallel", "sequence", "--sequence-devices", "3"],
      "--sequence-devices must divide --devices (4), got 3"),
