@@ -365,7 +365,7 @@ def _check_expected(path: Path, metadata: Mapping[str, Any], expected: Mapping[s
 
 def _with_sharding(path: StatePath, leaf: jax.ShapeDtypeStruct, sharding: Sharding | None) -> jax.ShapeDtypeStruct:
     if sharding is None:
-        target = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's, under jax.distributed
     elif isinstance(sharding, jax.sharding.Sharding):
         target = sharding
     else:

@@ -2,7 +2,9 @@
 
     convrot-flux generate --model DIR [--checkpoint CKPT ...] --prompt "..." [--prompts-file F]
                           [--steps N] [--guidance G] [--size 1024x1024] [--seed S] [--batch B] [--out DIR]
-                          [--text-backend {jax,torch}] [--devices N] [--attention IMPL] [--lora FILE[:SCALE] ...]
+                          [--text-backend {jax,torch}] [--attention IMPL] [--lora FILE[:SCALE] ...]
+                          [--devices N [--parallel {data,sequence}] [--sequence-devices K]]
+                          [--distributed [--coordinator HOST:PORT --num-processes P --process-id I]]
     convrot-flux demo     [--prompt "..."] [--steps 4] [--size 256x256] [--seed S] [--out DIR]
 
 Every argument is checked before jax, flax or torch load, so a usage error is answered at once
@@ -97,7 +99,20 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
     gen.add_argument("--batch", type=int, default=1, help="images sampled together")
     gen.add_argument("--devices", type=int, default=1,
-                     help="sample data parallel on this many local devices (a batch not dividing by it is padded)")
+                     help="sample on this many devices (data parallel: a batch not dividing by it is padded)")
+    gen.add_argument("--parallel", choices=("data", "sequence"), default="data",
+                     help="split the batch over the devices, or each image's tokens (Ulysses attention; the "
+                          "model's heads must divide by the devices)")
+    gen.add_argument("--sequence-devices", type=int,
+                     help="with --parallel sequence: devices per image (a divisor of --devices; the rest split "
+                          "the batch); default: all")
+    gen.add_argument("--distributed", action="store_true",
+                     help="several hosts: run this same command on each; jax.distributed.initialize() joins them "
+                          "(SLURM, Open MPI and Kubernetes launches are detected, else give the next three), "
+                          "--devices counts every host's devices, process 0 writes the PNGs")
+    gen.add_argument("--coordinator", help="with --distributed: HOST:PORT that process 0 listens on")
+    gen.add_argument("--num-processes", type=int, help="with --distributed: the number of processes")
+    gen.add_argument("--process-id", type=int, help="with --distributed: this process's index, 0 to num-processes - 1")
     gen.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                      help="a LoRA safetensors file (diffusers or kohya naming) and its scale (default 1); repeat for "
                           "several, which add up")
@@ -146,11 +161,27 @@ def _validate_generate(args: argparse.Namespace) -> SimpleNamespace:
         raise UsageError(f"--devices must be at least 1, got {args.devices}")
     if args.attention is not None and args.attention not in ATTENTION_CHOICES:
         raise UsageError(f"--attention must be one of {', '.join(ATTENTION_CHOICES)}, got {args.attention!r}")
+    if args.sequence_devices is not None:
+        if args.parallel != "sequence":
+            raise UsageError("--sequence-devices needs --parallel sequence")
+        if args.sequence_devices < 1 or args.devices % args.sequence_devices:
+            raise UsageError(f"--sequence-devices must divide --devices ({args.devices}), got {args.sequence_devices}")
+    cluster = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
+               "--process-id": args.process_id}
+    given = [name for name, value in cluster.items() if value is not None]
+    if given and not args.distributed:
+        raise UsageError(f"{', '.join(given)} needs --distributed")
+    if args.num_processes is not None and args.num_processes < 1:
+        raise UsageError(f"--num-processes must be at least 1, got {args.num_processes}")
+    if args.process_id is not None and (args.process_id < 0 or args.process_id >= (args.num_processes or math.inf)):
+        raise UsageError(f"--process-id must be in [0, --num-processes), got {args.process_id}")
     if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= MAX_T5_TOKENS:
         raise UsageError(f"--max-sequence-length must be in [1, {MAX_T5_TOKENS}], got {args.max_sequence_length}")
     return SimpleNamespace(
         prompts=prompts, height=height, width=width, steps=args.steps, guidance=args.guidance, seed=args.seed,
-        batch=args.batch, devices=args.devices, dtype=args.dtype, max_sequence_length=args.max_sequence_length,
+        batch=args.batch, devices=args.devices, parallel=args.parallel, sequence_devices=args.sequence_devices,
+        distributed=args.distributed, coordinator=args.coordinator, num_processes=args.num_processes,
+        process_id=args.process_id, dtype=args.dtype, max_sequence_length=args.max_sequence_length,
         text_device=args.text_device, text_backend=args.text_backend, attention=args.attention,
         model=_existing_dir(args.model, "model folder"),
         checkpoints=[_existing_dir(path, "checkpoint") for path in args.checkpoint or ()],
@@ -164,16 +195,20 @@ def _validate_generate(args: argparse.Namespace) -> SimpleNamespace:
 
 def _generate(request: SimpleNamespace) -> None:
     enable_compilation_cache(request.compile_cache)
+    import jax
     import jax.numpy as jnp
 
     from flux_flax.pipeline import FluxPipeline
 
     start = time.perf_counter()
+    if request.distributed:
+        jax.distributed.initialize(request.coordinator, request.num_processes, request.process_id)
     pipe = FluxPipeline.from_pretrained(
         request.model, checkpoint=request.checkpoints, verify=request.verify, dtype=getattr(jnp, request.dtype),
         text_backend=request.text_backend, text_dtype=request.dtype, text_device=request.text_device,
         max_sequence_length=request.max_sequence_length, cache_dir=request.cache_dir, devices=request.devices,
         attention=request.attention,
+        parallel=request.parallel, sequence_devices=request.sequence_devices,
     )
     for path, scale in request.loras:
         pipe.load_lora(path, scale)

@@ -5,6 +5,7 @@ linears run in the model dtype."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -15,6 +16,7 @@ from flax import nnx
 
 from convrot_jax import ops
 from convrot_jax.layers import ConvDense4bit
+from flux_flax import sequence_parallel
 
 Dtype = jnp.dtype | type
 
@@ -370,9 +372,11 @@ class FluxAttention(nnx.Module):
             query = apply_rotary_emb(query, image_rotary_emb)
             key = apply_rotary_emb(key, image_rotary_emb)
 
-        # (B, S, H, D) layout in and out; softmax in float32 in every implementation.
+        # (B, S, H, D) layout in and out; softmax in float32 in every implementation. Sequence
+        # parallel, the call sees every token of a share of the heads (`flux_flax.sequence_parallel`).
         impl = attention_implementation(query.dtype, self.attention_impl)
-        hidden_states = ops.attention(query, key, value, implementation=impl)
+        attend = functools.partial(ops.attention, implementation=impl)
+        hidden_states = sequence_parallel.attention(attend, query, key, value)
         hidden_states = hidden_states.reshape(*hidden_states.shape[:2], -1).astype(query.dtype)
 
         if encoder_hidden_states is None:

@@ -25,7 +25,7 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 from convrot_jax import ops
-from flux_flax import sampling
+from flux_flax import sampling, sequence_parallel
 from flux_flax.checkpoint import load_checkpoint, stored_part
 from flux_flax.config import FluxConfig
 from flux_flax.fusion import fuse_projections
@@ -79,17 +79,58 @@ def require_finite(values: jax.Array, what: str, prompts: Sequence[str]) -> None
         )
 
 
-def data_mesh(devices: int) -> Mesh:
-    """A one-axis ("data") mesh over the first `devices` local devices; a ValueError names both
-    numbers when fewer exist."""
+PARALLEL_MODES = ("data", "sequence")
+
+
+def device_mesh(devices: int, parallel: str = "data", sequence_devices: int | None = None) -> Mesh:
+    """A ("data", "sequence") mesh over the first `devices` devices: with `parallel="data"` all
+    of them along the batch; with "sequence", `sequence_devices` of them (default: all) along one
+    image's tokens and the rest along the batch. A ValueError names the numbers at fault.
+
+    Under `jax.distributed` (several processes) a mesh of several devices takes every process's
+    devices, all of them; a single device is this process's first (each process then computes
+    alone)."""
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
     if devices < 1:
         raise ValueError(f"devices must be at least 1, got {devices}")
-    local = jax.local_devices()
-    if devices > len(local):
-        raise ValueError(
-            f"asked for {devices} devices, but this machine has only {len(local)} local {local[0].platform} device(s)"
-        )
-    return Mesh(np.array(local[:devices]), ("data",))
+    if parallel == "data":
+        if sequence_devices is not None:
+            raise ValueError("sequence_devices applies to parallel='sequence' only")
+        sequence = 1
+    else:
+        sequence = devices if sequence_devices is None else sequence_devices
+        if sequence < 1 or devices % sequence:
+            raise ValueError(f"sequence_devices must divide devices ({devices}), got {sequence}")
+    available = jax.devices() if devices > 1 else jax.local_devices()
+    found, platform, processes = len(available), available[0].platform, jax.process_count()
+    if devices > found:
+        where = (f"this machine has only {found} local {platform} device(s)" if processes == 1
+                 else f"the {processes} processes have only {found} {platform} device(s) in all")
+        raise ValueError(f"asked for {devices} devices, but {where}")
+    if processes > 1 and 1 < devices < found:
+        raise ValueError(f"asked for {devices} devices: under jax.distributed use 1 or all {found} devices "
+                         f"of the {processes} processes")
+    grid = np.array(available[:devices]).reshape(devices // sequence, sequence)
+    return Mesh(grid, (sequence_parallel.DATA, sequence_parallel.SEQUENCE))
+
+
+def denoise_on_mesh(graphdef: nnx.GraphDef, mesh: Mesh, parallel: str, state: nnx.State, latents: jax.Array,
+                    prompt_embeds: jax.Array, pooled: jax.Array, img_ids: jax.Array, txt_ids: jax.Array,
+                    sigmas: jax.Array, guidance: jax.Array | None, on_step=None) -> jax.Array:
+    """`sampling.denoise` of the transformer `nnx.merge(graphdef, state)` (call inside jit), on
+    `mesh` as `parallel` says: "data" as one SPMD program over whatever shardings the inputs
+    carry, "sequence" through `sequence_parallel.denoise` (the batch a multiple of the "data"
+    axis)."""
+
+    def loop(state, latents, prompt_embeds, pooled, img_ids, txt_ids, sigmas, guidance, on_step):
+        return sampling.denoise(nnx.merge(graphdef, state), latents, prompt_embeds, pooled, img_ids, txt_ids, sigmas,
+                                guidance, on_step=on_step)
+
+    args = (state, latents, prompt_embeds, pooled, img_ids, txt_ids, sigmas, guidance)
+    if parallel == "sequence":
+        return sequence_parallel.denoise(loop, mesh, *args, on_step=on_step)
+    return loop(*args, on_step)
 
 
 def to_uint8(images: jax.Array) -> np.ndarray:
@@ -107,12 +148,15 @@ class FluxPipeline:
     (`jax.debug.callback`, under 1 ms a step; a jitted step in a Python loop costs about the same
     but dispatches every step, flattening the model's weights each time).
 
-    `devices` (None: 1, today's single-device run) > 1 samples data parallel over the first that
-    many local devices: the weights are replicated on each, the batch axis of the latents, prompt
-    embeddings, pooled embeddings and guidance is split over a one-axis ("data") mesh, and the same
-    jitted loop runs SPMD (XLA's sharding propagation; no hand-written communication). A batch
-    that does not divide by `devices` is padded by repeating its last item, and the padding is
-    dropped from the result. (`convrot-flux generate --devices` defaults to 1.)
+    `devices` (None: 1, today's single-device run) > 1 samples over the first that many devices
+    (`device_mesh`), the weights replicated on each. `parallel="data"` splits the batch axis of
+    the latents, prompt embeddings, pooled embeddings and guidance over the mesh's "data" axis, and
+    the same jitted loop runs SPMD (XLA's sharding propagation; no hand-written communication).
+    `parallel="sequence"` splits each image's text and image tokens over `sequence_devices` of
+    them (default: all; the rest split the batch) with Ulysses attention
+    (`flux_flax.sequence_parallel`); the model's heads must divide by `sequence_devices`. A batch
+    that does not divide by the "data" axis is padded by repeating its last item, and the padding
+    is dropped from the result. (`convrot-flux generate --devices` defaults to 1.)
 
     LoRAs (`load_lora`, `unload_loras`; `flux_flax.lora`) are low-rank branches beside the
     transformer's layers, never merged into them: their factors are inputs of the compiled loop,
@@ -129,6 +173,8 @@ class FluxPipeline:
         dynamic_shift: bool | None = None,
         progress: bool = True,
         devices: int | None = None,
+        parallel: str = "data",
+        sequence_devices: int | None = None,
     ):
         self.config: FluxConfig = transformer.config
         check_components(self.config, vae, text_encoders)
@@ -136,7 +182,9 @@ class FluxPipeline:
         self.dynamic_shift = self.config.guidance_embeds if dynamic_shift is None else dynamic_shift
         self.progress = progress
         self.devices = 1 if devices is None else devices
-        self.mesh = data_mesh(self.devices)
+        self.parallel = parallel
+        self.mesh = device_mesh(self.devices, parallel, sequence_devices)
+        sequence_parallel.check_heads(self.config.num_attention_heads, self.mesh.shape[sequence_parallel.SEQUENCE])
         if self.devices > 1:
             for module in (transformer, vae):
                 nnx.update(module, jax.device_put(nnx.state(module), NamedSharding(self.mesh, P())))
@@ -147,9 +195,12 @@ class FluxPipeline:
         self.checkpoints: dict[str, Path] = {}
         self.loras: list[tuple[LoRA, float]] = []
         # The graph definitions are static arguments, so a transformer quantized in place after
-        # this point gets its own compilation rather than a stale structure.
-        self._denoise = jax.jit(self._denoise_loop, static_argnums=0)
-        self._decode = jax.jit(_decode, static_argnums=0, static_argnames=("height", "width"))
+        # this point gets its own compilation rather than a stale structure. On several devices
+        # the results (latents, pixels: a few MB) come back replicated, so that every process
+        # of a multi-host run can read them.
+        replicated = {"out_shardings": NamedSharding(self.mesh, P())} if self.devices > 1 else {}
+        self._denoise = jax.jit(self._denoise_loop, static_argnums=0, **replicated)
+        self._decode = jax.jit(_decode, static_argnums=0, static_argnames=("height", "width"), **replicated)
 
     @classmethod
     def from_pretrained(
@@ -168,6 +219,8 @@ class FluxPipeline:
         progress: bool = True,
         devices: int | None = None,
         attention: str | None = None,
+        parallel: str = "data",
+        sequence_devices: int | None = None,
     ) -> "FluxPipeline":
         """Loads a diffusers-format FLUX folder (tokenizer/, text_encoder/, tokenizer_2/,
         text_encoder_2/, vae/, transformer/). `checkpoint`: one or several `convrot-convert`
@@ -181,9 +234,10 @@ class FluxPipeline:
         `text_backend` runs the text encoders in "jax" (the Flax ports; torch is never imported)
         or "torch" (transformers' models on `text_device`); `text_dtype` (a jnp or torch dtype or
         its name, default bfloat16) is their weights' dtype (a T5 checkpoint keeps its own).
-        `devices`: as the constructor's, checked before anything loads. `attention`: the
+        `devices`, `parallel` and `sequence_devices`: as the constructor's, the device count checked
+        before anything loads and the heads as soon as the transformer has. `attention`: the
         transformer's attention implementation (`flux_flax.set_attention`; None: the exact default)."""
-        data_mesh(1 if devices is None else devices)
+        device_mesh(1 if devices is None else devices, parallel, sequence_devices)
         if attention is not None:
             ops.check_attention_implementation(attention)
         if text_backend not in ("jax", "torch"):
@@ -200,6 +254,8 @@ class FluxPipeline:
         if missing:
             raise FileNotFoundError(f"model folder {model_dir} has no {', '.join(missing)} (expected a diffusers-format FLUX folder)")
         transformer, sources = _load_transformer(model_dir, checkpoints.get("transformer"), dtype, verify)
+        if parallel == "sequence":
+            sequence_parallel.check_heads(transformer.config.num_attention_heads, sequence_devices or devices or 1)
         if fuse:
             fuse_producers(fuse_projections(transformer), DEFAULT_KINDS)
         set_attention(transformer, attention)
@@ -217,7 +273,7 @@ class FluxPipeline:
                                             t5=t5, t5_checkpoint=checkpoints.get("text_encoder_2"))
         vae = load_vae(model_dir / "vae", dtype=dtype)
         pipe = cls(transformer, vae, text_encoders, dynamic_shift=_scheduler_shift(model_dir), progress=progress,
-                   devices=devices)
+                   devices=devices, parallel=parallel, sequence_devices=sequence_devices)
         pipe.sources, pipe.checkpoints = sources, checkpoints
         return pipe
 
@@ -247,21 +303,21 @@ class FluxPipeline:
     # The compiled parts.
     def _denoise_loop(self, graphdef, state, latents, prompt_embeds, pooled, img_ids, txt_ids, sigmas, guidance):
         on_step = self._on_step if self.progress else None  # fixed at trace time
-        return sampling.denoise(nnx.merge(graphdef, state), latents, prompt_embeds, pooled, img_ids, txt_ids, sigmas,
-                                guidance, on_step=on_step)
+        return denoise_on_mesh(graphdef, self.mesh, self.parallel, state, latents, prompt_embeds, pooled, img_ids,
+                               txt_ids, sigmas, guidance, on_step)
 
     def _on_step(self, _) -> None:
         if self._bar is not None:
             self._bar.update(1)
 
     def _split_batch(self, batch_arrays: tuple, shared: tuple) -> tuple[tuple, tuple]:
-        """With several devices: `batch_arrays` padded to a multiple of `devices` (the last item
-        repeated) and split on the "data" axis, `shared` replicated. Otherwise both as given."""
+        """With several devices: `batch_arrays` padded to a multiple of the "data" axis (the last
+        item repeated) and split on it, `shared` replicated. Otherwise both as given."""
         if self.devices == 1:
             return batch_arrays, shared
 
         def split(x: jax.Array) -> jax.Array:
-            pad = -x.shape[0] % self.devices
+            pad = -x.shape[0] % self.mesh.shape[sequence_parallel.DATA]
             x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x
             return jax.device_put(x, NamedSharding(self.mesh, P("data")))
 
@@ -344,7 +400,8 @@ class FluxPipeline:
         metadata: dict[str, str] | None = None,
     ) -> list[Path]:
         """One PNG per prompt in `out_dir`, sampled `batch_size` at a time (the last batch is padded,
-        so one compilation serves every batch); prompt k gets seed `settings.seed + k`."""
+        so one compilation serves every batch); prompt k gets seed `settings.seed + k`. In a
+        multi-host run every process samples, and process 0 alone writes (the others return [])."""
         prompts = list(prompts)
         if not prompts:
             raise ValueError("no prompts: the prompt list is empty")
@@ -356,10 +413,13 @@ class FluxPipeline:
             seeds = [settings.seed + start + k for k in range(batch_size)]
             latents = self.prepare_latents(seeds, settings.height, settings.width)
             images = self(chunk + [chunk[-1]] * (batch_size - len(chunk)), settings, latents=latents)
+            if jax.process_index() != 0:
+                continue
             for k, prompt in enumerate(chunk):
                 name = image_filename(start + k, prompt, seeds[k])
                 paths.append(save_png(images[k], Path(out_dir) / name, prompt, seeds[k], settings,
-                                      devices=str(self.devices), **self.lora_metadata(), **(metadata or {})))
+                                      devices=str(self.devices), parallel=self.parallel, **self.lora_metadata(),
+                                      **(metadata or {})))
         return paths
 
 
