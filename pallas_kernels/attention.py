@@ -53,7 +53,7 @@ import numpy as np
 from jax import lax
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
-from pallas_kernels.w4a4_matmul import _swizzle_transforms  # the one copy: tiling + widest swizzle
+from pallas_kernels.smem import swizzle_transforms
 
 Precision = Literal["bf16", "sage8", "sage_qk8"]
 PRECISIONS: tuple[str, ...] = ("bf16", "sage8", "sage_qk8")
@@ -380,12 +380,12 @@ def _run(operands: tuple, *, precision: Precision, shape: tuple[int, int, int, i
     p_dtype = v_dtype = jnp.float8_e4m3fn if pv8 else jnp.bfloat16
     v_tile = (d, bkv) if pv8 else (bkv, d)
     scratch = (
-        plgpu.SMEM((_COMPUTE_WGS, bq, d), q_dtype, transforms=_swizzle_transforms(d, item)),
-        plgpu.SMEM((_COMPUTE_WGS, bq, d), out_dtype, transforms=_swizzle_transforms(d, jnp.dtype(out_dtype).itemsize)),
-        plgpu.SMEM((_COMPUTE_WGS, bq, bkv), p_dtype, transforms=_swizzle_transforms(bkv, jnp.dtype(p_dtype).itemsize))
+        plgpu.SMEM((_COMPUTE_WGS, bq, d), q_dtype, transforms=swizzle_transforms(d, item)),
+        plgpu.SMEM((_COMPUTE_WGS, bq, d), out_dtype, transforms=swizzle_transforms(d, jnp.dtype(out_dtype).itemsize)),
+        plgpu.SMEM((_COMPUTE_WGS, bq, bkv), p_dtype, transforms=swizzle_transforms(bkv, jnp.dtype(p_dtype).itemsize))
         if interpret else None,
-        plgpu.SMEM((stages, bkv, d), q_dtype, transforms=_swizzle_transforms(d, item)),
-        plgpu.SMEM((stages, *v_tile), v_dtype, transforms=_swizzle_transforms(v_tile[1], jnp.dtype(v_dtype).itemsize)),
+        plgpu.SMEM((stages, bkv, d), q_dtype, transforms=swizzle_transforms(d, item)),
+        plgpu.SMEM((stages, *v_tile), v_dtype, transforms=swizzle_transforms(v_tile[1], jnp.dtype(v_dtype).itemsize)),
         plgpu.SMEM((stages, bq), jnp.float32) if qk8 else None,
     )
     barriers = (

@@ -32,12 +32,6 @@ from jax.experimental.mosaic.gpu import utils as mgpu_utils
 TARGETS: tuple[str, ...] = ("int8_upcast4x", "int8_wgmma", "bf16_wgmma_k32")
 
 
-def swizzle_transforms(minor_elems: int, itemsize: int = 1) -> tuple:
-    """Shared-memory tiling + the widest swizzle for rows of `minor_elems` elements."""
-    swizzle = plgpu.find_swizzle(minor_elems * itemsize * 8)
-    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-
-
 def permute_k32(a: jax.Array) -> jax.Array:
     """The K order of the "bf16_wgmma_k32" target along the last axis (a multiple of 32): within
     each 32 columns, column 8j + 2q + e takes column 8q + 2j + e (j, q < 4, e < 2). An involution."""

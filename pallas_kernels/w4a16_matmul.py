@@ -61,7 +61,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pallas_kernels.int4_unpack import permute_k32, swizzle_transforms, unpack_tile
+from pallas_kernels.int4_unpack import permute_k32, unpack_tile
+from pallas_kernels.smem import swizzle_transforms
 from pallas_kernels.tile_schedule import TileSchedule, sm_count, tile_coords, tile_schedule
 from pallas_kernels.w4a16_matmul_config import W4A16MatmulConfig, config_for
 

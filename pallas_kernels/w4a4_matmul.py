@@ -72,7 +72,8 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.int4_unpack import swizzle_transforms, unpack_tile
+from pallas_kernels.int4_unpack import unpack_tile
+from pallas_kernels.smem import swizzle_transforms
 from pallas_kernels.tile_schedule import TileSchedule, sm_count, tile_coords, tile_schedule
 from pallas_kernels.w4a4_matmul_config import W4A4MatmulConfig, config_for
 from pallas_kernels.w4a4_matmul_reference import check_gated_residual

@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 import convrot_jax.ops
+import pallas_kernels.rotate_quantize
 import pallas_kernels.w4a4_matmul
 from flux_flax import sampling, sequence_parallel
 from flux_flax.config import FluxConfig
@@ -26,7 +27,8 @@ from flux_flax.transformer import FluxTransformer2DModel
 
 convrot_jax.ops.pallas_supported = lambda: True
 convrot_jax.ops._gpu_compute_capability = lambda: "9.0"
-pallas_kernels.w4a4_matmul._sm_count = lambda interpret: 132
+for _module in (pallas_kernels.w4a4_matmul, pallas_kernels.rotate_quantize):
+    _module.sm_count = lambda interpret: 132
 cudnn_attention.check_cudnn_version = lambda: 91000
 cudnn_attention.check_compute_capability = lambda capability: True
 

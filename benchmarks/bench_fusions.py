@@ -1,0 +1,139 @@
+"""The W4A4 step's fusions switched on one at a time, in one process on one model.
+
+Each fusion of the FLUX.1-dev W4A4 step (issue: the step beyond the GEMM) is a switch on the
+model (`flux_flax.fuse_producers`, `flux_flax.fuse_gated_residuals`), so one random model,
+quantized once, can be timed with each set of fusions: the differences are the fusions' alone
+(same weights, same process, same GPU state), and the baseline (no fusion beyond the fused
+projections) is measured in the same run. A step is one transformer forward given its
+precomputed AdaLN modulation, as `sampling.denoise` runs it; median of --iters after warm-up,
+host clock around a synchronised call (launch gaps included). With --breakdown the last
+configuration is also broken down per stage from CUPTI (`bench_e2e.step_breakdown`).
+
+    PYTHONPATH=. python3 -m benchmarks.bench_fusions --size 1024
+    PYTHONPATH=. JAX_PLATFORMS=cpu python3 -m benchmarks.bench_fusions --config small --size 64 --impl xla \\
+        --iters 1 --warmup 0 --out /tmp/fusions                                   # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from benchmarks import harness
+
+NAME = "fusions"
+TEXT_TOKENS = 512
+# (label, producer kinds fused into the quantizer, gated residuals in the GEMM epilogue), in order.
+CONFIGS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
+    ("none", (), False),
+    ("gelu", ("gelu",), False),
+    ("gelu + epilogue", ("gelu",), True),
+    ("gelu + layernorm + epilogue", ("gelu", "layernorm"), True),
+)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import flux_flax
+    from benchmarks.bench_e2e import image_tokens, step_breakdown
+    from benchmarks.models import random_transformer
+
+    config = {"dev": flux_flax.FluxConfig.dev, "small": flux_flax.FluxConfig.small}[args.config]()
+    t0 = time.perf_counter()
+    model = random_transformer(config)
+    flux_flax.quantize_model(model, implementation=args.impl)
+    flux_flax.fuse_projections(model)
+    print(f"model ready in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    s = image_tokens(args.size)
+    k = jax.random.split(jax.random.key(0), 3)
+    inputs = dict(
+        hidden_states=jax.random.normal(k[0], (args.batch, s, config.in_channels), jnp.bfloat16),
+        encoder_hidden_states=jax.random.normal(k[1], (args.batch, TEXT_TOKENS, config.joint_attention_dim),
+                                                jnp.bfloat16),
+        pooled_projections=jax.random.normal(k[2], (args.batch, config.pooled_projection_dim), jnp.bfloat16),
+        timestep=jnp.full((args.batch,), 0.5, jnp.bfloat16), img_ids=jnp.zeros((s, 3)),
+        txt_ids=jnp.zeros((TEXT_TOKENS, 3)), guidance=jnp.full((args.batch,), 3.5, jnp.bfloat16),
+    )
+    inputs["modulation"] = model.modulation(inputs["timestep"], inputs["pooled_projections"], inputs["guidance"])
+    rows = []
+    for i, (label, producers, epilogue) in enumerate(CONFIGS):
+        flux_flax.fuse_gated_residuals(flux_flax.fuse_producers(model, producers), epilogue)
+        graphdef, state = nnx.split(model)
+        step = jax.jit(lambda state, inputs, graphdef=graphdef: nnx.merge(graphdef, state)(**inputs))
+        t0 = time.perf_counter()
+        compiled = step.lower(state, inputs).compile()
+        compile_s = time.perf_counter() - t0
+        out = compiled(state, inputs)
+        ms = harness.wall_ms(lambda: compiled(state, inputs), iters=args.iters, warmup=args.warmup,
+                             sync=lambda y: y.block_until_ready())
+        row = dict(fusions=label, size=args.size, batch=args.batch, step_ms=ms, compile_s=compile_s,
+                   finite=bool(jnp.isfinite(out.astype(jnp.float32)).all()))
+        if rows:  # the output moves only by rounding: report how far from the unfused step
+            ref = rows[0]["_out"]
+            row["rel_l2_vs_none"] = float(jnp.linalg.norm((out - ref).astype(jnp.float32))
+                                          / jnp.linalg.norm(ref.astype(jnp.float32)))
+        if args.breakdown and i == len(CONFIGS) - 1 and jax.default_backend() == "gpu":
+            row["breakdown"] = step_breakdown(step, state, inputs)
+        print(f"  {label}: {ms:.2f} ms (compile {compile_s:.0f} s)", flush=True)
+        rows.append({**row, "_out": out})
+    for row in rows:
+        row.pop("_out")
+    return rows
+
+
+def markdown(rows: list[dict]) -> list[str]:
+    base = rows[0]["step_ms"] if rows else None
+    lines = ["# The W4A4 step's fusions, one at a time", "",
+             "FLUX.1-dev W4A4 (Pallas kernels, fused projections), random weights, 512 text tokens, the step "
+             "given its precomputed modulation; one model in one process with each set of fusions switched on "
+             "(`flux_flax.fuse_producers`, `flux_flax.fuse_gated_residuals`). Ratio: the unfused step's time / "
+             "this one's, same run (higher is faster). rel L2: of the output against the unfused step's (the "
+             "fusions change rounding only).", ""]
+    lines += harness.md_table(
+        ["fusions", "size", "batch", "step ms", "vs none", "rel L2 vs none", "compile s"],
+        [[r["fusions"], f"{r['size']}²", r["batch"], f"{r['step_ms']:.2f}", f"{base / r['step_ms']:.3f}x",
+          f"{r['rel_l2_vs_none']:.1e}" if "rel_l2_vs_none" in r else "-", f"{r['compile_s']:.0f}"] for r in rows],
+        [False, True, True, True, True, True, True])
+    for r in rows:
+        b = r.get("breakdown")
+        if b:
+            lines += ["", f"Per-stage device time with {r['fusions']} (ms; CUPTI; {b['kernel_launches']} launches; "
+                      f"gaps = step time minus the kernels' sum = {r['step_ms'] - b['kernels_ms']:.1f} ms):", ""]
+            lines += harness.md_table(list(b["stages_ms"]), [[f"{v:.2f}" for v in b["stages_ms"].values()]],
+                                      [True] * len(b["stages_ms"]))
+            lines += ["", "XLA fusions by the model source line they come from (the 12 longest):", ""]
+            lines += harness.md_table(["source", "ms", "launches"],
+                                      [[f"`{w}`", f"{ms:.2f}", n] for w, ms, n in b["xla_fusions_by_source"][:12]],
+                                      [False, True, True])
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--impl", choices=["pallas", "xla"], default="pallas")
+    parser.add_argument("--config", choices=["dev", "small"], default="dev", help="small: a CPU smoke test")
+    parser.add_argument("--breakdown", action="store_true", help="CUPTI breakdown of the last configuration")
+    parser.add_argument("--out", type=Path, default=harness.RESULTS)
+    args = parser.parse_args(argv)
+    rows = run(args)
+    harness.write_results(NAME, {"rows": rows}, markdown(rows), args.out,
+                          summary=[harness.figure("FLUX.1-dev W4A4 step, all fusions", f"{rows[-1]['step_ms']:.1f} ms",
+                                                  shape=f"{args.size}² b{args.batch}", baseline="no fusion",
+                                                  ratio=rows[0]["step_ms"] / rows[-1]["step_ms"])],
+                          command="python -m benchmarks.bench_fusions " + " ".join(argv))
+    print((args.out / f"{NAME}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
