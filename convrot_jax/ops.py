@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from convrot_jax.hadamard import HadamardKind
 from convrot_jax.linear import check_linear_input, w4a4_linear_reference
-from convrot_jax.lora import LowRankFactors, add_lora
+from convrot_jax.lora import LowRankFactors
 from convrot_jax.quant import QuantizedWeight, quantize_activation_reference
 from pallas_kernels.rotate_quantize import rotate_quantize
 from pallas_kernels.w4a4_matmul import w4a4_matmul
@@ -102,18 +102,21 @@ def w4a4_linear(
     """x (..., K) @ W.T + b through ConvRot W4A4: rotate -> int4 -> integer GEMM with int32
     accumulation -> dequantize (+ bias). Output in x.dtype.
 
-    `lora`: a low-rank branch whose float term ((x A^T) * s) B^T is added to that output (before
-    any residual or gate), unfused: two small XLA GEMMs after the W4A4 one."""
+    `lora`: a low-rank branch whose float term ((x A^T) * s) B^T is added to that output, unfused:
+    two small XLA GEMMs after the W4A4 one. The term reads the layer's input and joins its output
+    before anything applied to that output afterwards."""
     check_linear_input(x, qw, bias)
+    if lora is not None:
+        return lora.add_to(w4a4_linear(x, qw, bias, implementation=implementation), x)
     impl = resolve_implementation(implementation)
     if impl == "pallas" and qw.hadamard != "regular":
         if implementation == "pallas":
             raise ValueError("the Pallas kernels implement the regular Hadamard only")
         impl = "xla"  # "auto" with a Sylvester weight: a comparison setting, reference path.
     if impl == "xla":
-        return add_lora(w4a4_linear_reference(x, qw, bias), x, lora)
+        return w4a4_linear_reference(x, qw, bias)
 
     x2, lead = _flatten(x)
     codes, scales = rotate_quantize(x2, group_size=qw.group_size)
     y = w4a4_matmul(codes, scales, qw.packed, qw.scales, bias, scale_group=qw.scale_group, out_dtype=x.dtype)
-    return add_lora(y.reshape(*lead, qw.out_features), x, lora)
+    return y.reshape(*lead, qw.out_features)
