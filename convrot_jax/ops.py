@@ -31,7 +31,7 @@ from convrot_jax.linear import (
     int4_weight_only_linear,
     w4a4_linear_reference,
 )
-from convrot_jax.lora import LowRankFactors, add_lora
+from convrot_jax.lora import LowRankFactors
 from convrot_jax.prologue import Prologue, apply_prologue, check_prologue, kernel_arguments
 from convrot_jax.quant import QuantizedWeight, quantize_activation_reference
 from pallas_kernels.attention import attention as _attention_kernel
@@ -138,7 +138,8 @@ def w4a4_linear(
 
     `lora`: a low-rank branch whose float term ((x A^T) * s) B^T is added to the layer's output,
     unfused: two small XLA GEMMs after the W4A4 one. Not combined with `prologue` or a gated
-    residual (the model runs a layer that carries a LoRA unfused: `flux_flax.producers`)."""
+    residual (the term reads the produced input and comes before the gate: the model runs a layer
+    that carries a LoRA unfused, `flux_flax.producers`)."""
     if lora is not None and (prologue is not None or gate is not None):
         raise ValueError("a LoRA branch is not fused with a producer prologue or a gated residual: "
                          "run the producer and the gated residual in XLA around the layer")
@@ -146,6 +147,8 @@ def w4a4_linear(
     check_gated_residual_input(x, qw, residual, gate)
     if prologue is not None:
         check_prologue(x, prologue, qw.group_size)
+    if lora is not None:
+        return lora.add_to(w4a4_linear(x, qw, bias, implementation=implementation), x)
     impl = resolve_implementation(implementation)
     if impl == "pallas" and qw.hadamard != "regular":
         if implementation == "pallas":
@@ -153,7 +156,7 @@ def w4a4_linear(
         impl = "xla"  # "auto" with a Sylvester weight: a comparison setting, reference path.
     if impl == "xla":
         if prologue is None:
-            return add_lora(w4a4_linear_reference(x, qw, bias, residual=residual, gate=gate), x, lora)
+            return w4a4_linear_reference(x, qw, bias, residual=residual, gate=gate)
         produced = apply_prologue(x, prologue)  # float32, never rounded to x.dtype
         return w4a4_linear_reference(produced, qw, bias, residual=None if residual is None else
                                      residual.astype(produced.dtype), gate=gate).astype(x.dtype)
@@ -164,7 +167,7 @@ def w4a4_linear(
     y = w4a4_matmul(codes, scales, qw.packed, qw.scales, bias, gate=gate,
                     residual=None if residual is None else residual.reshape(-1, qw.out_features),
                     scale_group=qw.scale_group, out_dtype=x.dtype)
-    return add_lora(y.reshape(*lead, qw.out_features), x, lora)
+    return y.reshape(*lead, qw.out_features)
 
 
 def _w4a16_kernel_refusal(x: jnp.ndarray, qw: QuantizedWeight) -> str | None:
