@@ -23,6 +23,7 @@ _EXPORTS = {
     "load_weights": "flux_flax.loading",
     "load_checkpoint": "flux_flax.checkpoint",
     "flux_default_policy": "flux_flax.policy",
+    "t5_default_policy": "flux_flax.policy",
     "quantize_model": "flux_flax.quantize",
     "GenerationSettings": "flux_flax.settings",
     "FluxSingleTransformerBlock": "flux_flax.transformer",

@@ -1,5 +1,6 @@
-"""FLUX.1's quantization policy preset: which diffusers-named layers get W4A4, W4A16 or bf16
-(docs/design.md, "Layer policy"). The policy engine itself is model-agnostic (`convrot_jax.QuantPolicy`)."""
+"""FLUX.1's quantization policy presets: which diffusers-named layers of the transformer, and which
+transformers-named layers of the T5 text encoder, get W4A4, W4A16 or bf16 (docs/design.md, "Layer
+policy"). The policy engine itself is model-agnostic (`convrot_jax.QuantPolicy`)."""
 
 from __future__ import annotations
 
@@ -19,5 +20,20 @@ def flux_default_policy() -> QuantPolicy:
             (r"(transformer_blocks|single_transformer_blocks)\.\d+\.(norm1|norm1_context|norm)\.linear", "w4a16"),
             (r"norm_out\.linear", "w4a16"),
         ),
+        default="bf16",
+    )
+
+
+def t5_default_policy() -> QuantPolicy:
+    """T5 (`text_encoder_2`): every linear of every block (attention q, k, v, o; the FFN's wi_0, wi_1,
+    wo) weight-only int4 (W4A16); the token embedding, the relative position bias and the norms
+    bf16. Not W4A4: the encoder runs once per prompt, so its GEMMs' speed matters little next to the
+    weights' memory, which W4A16 shrinks as much; and quantizing the activations too adds error
+    (tests/test_text_encoders.py measures both: relative L2 of the embeddings about 1.4x W4A16's),
+    on a model whose activations are known for outliers (why transformers keeps `wo` in float32
+    in float16)."""
+    return QuantPolicy(
+        rules=((r"encoder\.block\.\d+\.layer\.0\.SelfAttention\.(q|k|v|o)", "w4a16"),
+               (r"encoder\.block\.\d+\.layer\.1\.DenseReluDense\.(wi|wi_0|wi_1|wo)", "w4a16")),
         default="bf16",
     )

@@ -1,4 +1,5 @@
-"""Swapping the FLUX transformer's float Linear layers for ConvRot int4 ones, per a QuantPolicy."""
+"""Swapping a model's float Linear layers for ConvRot int4 ones, per a QuantPolicy: the FLUX
+transformer (`flux_default_policy`) or the T5 text encoder (`t5_default_policy`)."""
 
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ def _set_submodule(model: nnx.Module, path: str, module: nnx.Module) -> None:
 def quantize_model(model: nnx.Module, policy: QuantPolicy | None = None, *, group_size: int = 256,
                    hadamard: str = "regular", scale_group: int | None = None,
                    implementation: str = "auto") -> nnx.Module:
-    """Replaces, IN PLACE, each `nnx.Linear` whose dotted diffusers path the policy (default
-    `flux_default_policy()`) marks "w4a4" by a `ConvDense4bit` and "w4a16" by a
+    """Replaces, IN PLACE, each `nnx.Linear` whose dotted path (diffusers' names for the transformer,
+    transformers' for T5) the policy (default `flux_default_policy()`) marks "w4a4" by a `ConvDense4bit` and "w4a16" by a
     `Dense4bitWeightOnly`; "bf16" layers keep their float weights. Biases keep their dtype.
     Returns `model`. `group_size`, `hadamard`, `scale_group` are the quantization settings;
     `implementation` picks the W4A4 kernel ("auto", see convrot_jax.ops).

@@ -9,7 +9,9 @@ relative-position bias (bidirectional buckets, from the first block's `relative_
 is added to every layer's scores; the FFN of v1.1 is gated (`gated-gelu`: gelu_new, the tanh
 approximation); `shared` is the token embedding, and `encoder.embed_tokens` is the same module;
 as transformers' `_keep_in_fp32_modules = ["wo"]`, the FFN output projections stay float32 when
-the model is built in a half-precision dtype.
+the model is built in float16, whose range (65504) T5 v1.1's FFN outputs exceed. Not in bfloat16
+(transformers neither): it has float32's 8 exponent bits, so the same values fit, rounded to
+bf16's 8-bit mantissa like every other layer's.
 """
 
 from __future__ import annotations
@@ -171,11 +173,12 @@ class T5DenseActDense(nnx.Module):
     def __init__(self, config: T5Config, *, dtype: Dtype, rngs: nnx.Rngs):
         self.wi = linear(config.d_model, config.d_ff, dtype=dtype, rngs=rngs, bias=False)
         self.wo = linear(config.d_ff, config.d_model, dtype=_wo_dtype(dtype), rngs=rngs, bias=False)
+        self.wo_dtype = _wo_dtype(dtype)  # kept apart from wo, which may be swapped for a quantized layer
         self.act = activation(config.dense_act_fn)
 
     def __call__(self, hidden_states: jax.Array) -> jax.Array:
         hidden_states = self.act(self.wi(hidden_states))
-        return self.wo(hidden_states.astype(self.wo.kernel.dtype))
+        return self.wo(hidden_states.astype(self.wo_dtype))
 
 
 class T5DenseGatedActDense(nnx.Module):
@@ -185,16 +188,17 @@ class T5DenseGatedActDense(nnx.Module):
         self.wi_0 = linear(config.d_model, config.d_ff, dtype=dtype, rngs=rngs, bias=False)
         self.wi_1 = linear(config.d_model, config.d_ff, dtype=dtype, rngs=rngs, bias=False)
         self.wo = linear(config.d_ff, config.d_model, dtype=_wo_dtype(dtype), rngs=rngs, bias=False)
+        self.wo_dtype = _wo_dtype(dtype)
         self.act = activation(config.dense_act_fn)
 
     def __call__(self, hidden_states: jax.Array) -> jax.Array:
         hidden_states = self.act(self.wi_0(hidden_states)) * self.wi_1(hidden_states)
-        return self.wo(hidden_states.astype(self.wo.kernel.dtype))
+        return self.wo(hidden_states.astype(self.wo_dtype))
 
 
 def _wo_dtype(dtype: Dtype) -> Dtype:
-    # transformers keeps `wo` in float32 (`_keep_in_fp32_modules`) when loading in fp16/bf16.
-    return jnp.float32 if jnp.dtype(dtype) in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)) else dtype
+    # transformers keeps `wo` in float32 (`_keep_in_fp32_modules`) when loading in float16 only.
+    return jnp.float32 if jnp.dtype(dtype) == jnp.dtype(jnp.float16) else dtype
 
 
 class T5LayerSelfAttention(nnx.Module):

@@ -60,7 +60,7 @@ class JaxTextEncoders(PromptEncoder):
         cache_dir: str | Path | None = None,
     ) -> "JaxTextEncoders":
         """Loads tokenizer/, text_encoder/ (CLIP), tokenizer_2/, text_encoder_2/ (T5) from a diffusers
-        folder; weights in `dtype` (a jnp dtype or its name; T5's `wo` stays float32 in half precision)."""
+        folder; weights in `dtype` (a jnp dtype or its name; T5's `wo` stays float32 in float16)."""
         model_dir = Path(model_dir)
         _require_parts(model_dir, TEXT_PARTS)
         name = dtype_name(dtype)

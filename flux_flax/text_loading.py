@@ -122,5 +122,5 @@ def load_clip(folder: str | Path, *, dtype: Dtype = jnp.bfloat16) -> CLIPTextMod
 
 def load_t5(folder: str | Path, *, dtype: Dtype = jnp.bfloat16) -> T5EncoderModel:
     """T5 encoder from a transformers folder (config.json + model.safetensors or shards + index).
-    In bf16/fp16 the FFN output projections stay float32, as transformers keeps them."""
+    In float16 the FFN output projections stay float32, as transformers keeps them."""
     return _load(folder, T5Config, T5EncoderModel, _t5_file_key, dtype)

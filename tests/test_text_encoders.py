@@ -15,12 +15,16 @@ from transformers import CLIPTextModel as HFCLIPTextModel
 from transformers import T5Config as HFT5Config
 from transformers import T5EncoderModel as HFT5EncoderModel
 
+from convrot_jax import ConvDense4bit, QuantPolicy, dequantize_weight, quantize_weight
 from flux_flax.clip import CLIPTextConfig
 from flux_flax.demo_assets import (
-    CLIP_MAX_LENGTH, save_text_parts, tiny_clip, tiny_clip_tokenizer, tiny_t5, tiny_t5_tokenizer, tiny_text_encoders,
+    _CORPUS, CLIP_MAX_LENGTH, save_text_parts, tiny_clip, tiny_clip_tokenizer, tiny_t5, tiny_t5_tokenizer, tiny_text_encoders,
 )
 from flux_flax.errors import CheckpointError, MissingKeyError, ShapeMismatchError, UnexpectedKeyError
+from flux_flax.policy import t5_default_policy
+from flux_flax.quantize import quantize_model
 from flux_flax.t5 import T5Config, relative_position_bucket
+from flux_flax.transformer import linear_paths
 from flux_flax.text import TextEncoders
 from flux_flax.text_jax import JaxTextEncoders
 from flux_flax.text_loading import load_clip, load_t5
@@ -144,6 +148,78 @@ def test_t5_config_activation():
         T5Config(feed_forward_proj="gated-swish")
 
 
+# 4-bit T5 --------------------------------------------------------------------------------------
+
+def _t5_256(folder):
+    """T5-XXL's attention (heads of 64, 32 buckets, max distance 128) and gated-GELU FFN at widths
+    that are multiples of the 256-wide rotation groups (d_model 256, d_ff 768), 4 blocks."""
+    tokenizer = tiny_t5_tokenizer()
+    torch.manual_seed(5)
+    config = HFT5Config(
+        vocab_size=len(tokenizer), d_model=256, d_kv=64, d_ff=768, num_layers=4, num_heads=4,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )
+    perturb_norms(HFT5EncoderModel(config).eval()).save_pretrained(folder)
+    return tokenizer
+
+
+def _embedding_errors(out, ref):
+    """(relative L2 over the whole prompt set, per-prompt relative L2, per-token cosine) of out vs ref."""
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    per_prompt = np.linalg.norm((out - ref).reshape(len(ref), -1), axis=1) / np.linalg.norm(ref.reshape(len(ref), -1), axis=1)
+    cosine = (out * ref).sum(-1) / np.linalg.norm(out, axis=-1) / np.linalg.norm(ref, axis=-1)
+    return np.linalg.norm(out - ref) / np.linalg.norm(ref), per_prompt, cosine
+
+
+def _weight_errors(model, policy) -> list[float]:
+    """||dequantized W - W|| / ||W|| of every linear the policy quantizes (the rotation is orthogonal:
+    the same in the rotated basis)."""
+    errors = []
+    for path, layer in linear_paths(model):
+        if policy.treatment(path) != "bf16":
+            w = layer.kernel[...].T
+            errors.append(float(jnp.linalg.norm(dequantize_weight(quantize_weight(w)) - w) / jnp.linalg.norm(w)))
+    return errors
+
+
+def test_4bit_t5_embeddings(tmp_path):
+    """The quantized T5 against the float one on a prompt set (7 sentences, an empty prompt, one
+    truncated), float32 activations, W4A16 (the default policy) and W4A4 (the same layers).
+
+    The bound: a linear whose rotated weight carries a relative error e (its rounding: uniform
+    within max|w_row| / 7 steps, about 0.13 at these widths; computed here from the weights) gives
+    outputs off by about e relative for inputs spread over all channels, as rotated ones are.
+    Independent errors add in quadrature along the deepest path: per block two linears in series
+    on the attention's value path (v, o) and two on the FFN's (wi, wo), so each prompt's embeddings
+    are within e_max * sqrt(4 * blocks) relative L2 (about 0.55 here). W4A4 quantizes the
+    activations too, an error of the same order at every linear: its embeddings must be further off
+    than W4A16's, which is why the policy keeps the activations in bf16 (besides T5's outliers)."""
+    tokenizer = _t5_256(tmp_path)
+    prompts = [*_CORPUS, "", LONG]
+    ids = jnp.asarray(tokenizer(prompts, padding="max_length", max_length=64, truncation=True,
+                                return_tensors="np").input_ids)
+    float_model = load_t5(tmp_path, dtype=jnp.float32)
+    ref = float_model(ids)
+    policy = t5_default_policy()
+    weight_errors = _weight_errors(float_model, policy)
+    assert len(weight_errors) == 7 * 4  # q, k, v, o, wi_0, wi_1, wo in each block
+    bound = max(weight_errors) * np.sqrt(4 * float_model.config.num_layers)
+    errors = {}
+    for treatment in ("w4a16", "w4a4"):
+        rules = tuple((pattern, treatment) for pattern, _ in policy.rules)
+        model = quantize_model(load_t5(tmp_path, dtype=jnp.float32), QuantPolicy(rules), implementation="xla")
+        errors[treatment] = _embedding_errors(model(ids), ref)
+    assert isinstance(model.encoder.block[3].layer[1].DenseReluDense.wo, ConvDense4bit)
+    total, per_prompt, cosine = errors["w4a16"]
+    print(f"W4A16 vs float: relative L2 {total:.3f} (per prompt max {per_prompt.max():.3f}), cosine min "
+          f"{cosine.min():.4f} mean {cosine.mean():.4f}; W4A4: relative L2 {errors['w4a4'][0]:.3f}, cosine min "
+          f"{errors['w4a4'][2].min():.4f} mean {errors['w4a4'][2].mean():.4f}; weight error max "
+          f"{max(weight_errors):.3f}, bound {bound:.3f}")
+    assert per_prompt.max() <= bound
+    assert errors["w4a4"][0] > total
+
+
 # Loading ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -250,10 +326,14 @@ def test_sharded_and_legacy_layouts_load_the_same(text_folder, tmp_path):
     assert all(np.array_equal(v, t5[k]) for k, v in _params(load_t5(tied, dtype=jnp.float32)).items())
 
 
-def test_bfloat16_loading_keeps_wo_in_float32(text_folder):
-    model = load_t5(text_folder / "text_encoder_2")
-    ff = model.encoder.block[0].layer[1].DenseReluDense
-    assert ff.wi_0.kernel.dtype == jnp.bfloat16 and ff.wo.kernel.dtype == jnp.float32
+def test_wo_stays_float32_in_float16_only(text_folder):
+    """As transformers' `_keep_in_fp32_modules` (float16 only: bfloat16 has float32's range)."""
+    ff = load_t5(text_folder / "text_encoder_2").encoder.block[0].layer[1].DenseReluDense
+    assert ff.wi_0.kernel.dtype == ff.wo.kernel.dtype == jnp.bfloat16
+    ff = load_t5(text_folder / "text_encoder_2", dtype=jnp.float16).encoder.block[0].layer[1].DenseReluDense
+    assert ff.wi_0.kernel.dtype == jnp.float16 and ff.wo.kernel.dtype == jnp.float32
+    ref = HFT5EncoderModel.from_pretrained(text_folder / "text_encoder_2", dtype=torch.bfloat16)
+    assert ref.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.bfloat16
     assert load_clip(text_folder / "text_encoder").final_layer_norm.scale.dtype == jnp.bfloat16
 
 
