@@ -1,8 +1,10 @@
 """Prompt encoding at FLUX's real text-encoder sizes (T5-XXL 4.76B, CLIP-L 123M; random weights):
-the JAX ports (flux_flax.t5, flux_flax.clip, jitted, bf16, on the default device) against
-transformers' PyTorch models (bf16) on the GPU and on the CPU, for 1 and 8 prompts of 512 T5
-tokens (77 CLIP tokens). Each variant runs in its own process (benchmarks.harness), so each
-one's peak GPU memory is its own.
+the JAX ports (flux_flax.t5, flux_flax.clip, jitted, on the default device; T5 in bf16, or 4-bit
+through `t5_default_policy`'s layers: W4A16, the default, or W4A4) against transformers' PyTorch
+models (bf16) on the GPU and on the CPU, for 1 and 8 prompts of 512 T5 tokens (77 CLIP tokens).
+Each variant runs in its own process (benchmarks.harness), so each one's peak GPU memory is its
+own; the 4-bit T5 is quantized block by block as it is built (`random_t5`), as when loaded from
+a converted checkpoint.
 
     PYTHONPATH=. python3 -m benchmarks.bench_text_encoders --out benchmarks/results
     PYTHONPATH=. python3 -m benchmarks.bench_text_encoders --small --variants jax torch_cpu --out /tmp/te  # CPU smoke
@@ -32,6 +34,8 @@ T5_TOKENS, CLIP_TOKENS = 512, 77
 BATCHES = (1, 8)
 VARIANTS = harness.registry(
     Variant("jax", "flux_flax.t5 / flux_flax.clip, jitted, bf16, default JAX device"),
+    Variant("jax_w4a16", "the same, T5's block linears W4A16 (t5_default_policy)", options={"t5": "w4a16"}),
+    Variant("jax_w4a4", "the same, T5's block linears W4A4 (Pallas kernels on Hopper)", options={"t5": "w4a4"}),
     Variant("torch_gpu", "transformers T5EncoderModel / CLIPTextModel, bf16, CUDA", requires=("torch",)),
     Variant("torch_cpu", "transformers T5EncoderModel / CLIPTextModel, bf16, CPU (all threads)", requires=("torch",)),
 )
@@ -47,21 +51,41 @@ def _median_s(call, iters: int) -> float:
     return statistics.median(times)
 
 
-def run_jax(small: bool, iters: int) -> dict:
+def t5_policy(treatment: str | None):
+    """None (bf16) or `t5_default_policy()` with every rule's treatment set to `treatment`."""
+    from convrot_jax import QuantPolicy
+    from flux_flax.policy import t5_default_policy
+
+    if treatment is None:
+        return None
+    return QuantPolicy(tuple((pattern, treatment) for pattern, _ in t5_default_policy().rules))
+
+
+def random_text_encoders(small: bool, treatment: str | None):
+    """(random CLIP-L, random T5-XXL: bf16, or its linears quantized per `treatment`) on the default device."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from flux_flax.clip import CLIPTextConfig, CLIPTextModel
+    from flux_flax.random_weights import random_t5
+    from flux_flax.t5 import T5Config
+
+    sizes = SMALL if small else {"t5": T5_XXL, "clip": CLIP_L}
+    t5 = random_t5(T5Config(**sizes["t5"]), dtype=jnp.bfloat16, policy=t5_policy(treatment))
+    clip = nnx.jit(lambda: CLIPTextModel(CLIPTextConfig(**sizes["clip"]), dtype=jnp.bfloat16, rngs=nnx.Rngs(1)))()
+    return clip, t5
+
+
+def run_jax(small: bool, iters: int, treatment: str | None) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
-    from flux_flax.clip import CLIPTextConfig, CLIPTextModel
-    from flux_flax.t5 import T5Config, T5EncoderModel
-
-    sizes = SMALL if small else {"t5": T5_XXL, "clip": CLIP_L}
-    t5 = nnx.jit(lambda: T5EncoderModel(T5Config(**sizes["t5"]), dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))()
-    clip = nnx.jit(lambda: CLIPTextModel(CLIPTextConfig(**sizes["clip"]), dtype=jnp.bfloat16, rngs=nnx.Rngs(1)))()
+    clip, t5 = random_text_encoders(small, treatment)
     encode_t5 = nnx.jit(lambda m, ids: m(ids))
     encode_clip = nnx.jit(lambda m, ids: m(ids)[1])
-    out = {"t5_params": sum(x.size for x in jax.tree.leaves(nnx.state(t5)))}
+    out = {"t5_weight_gib": sum(x.nbytes for x in jax.tree.leaves(nnx.state(t5))) / 2**30}
     rng = np.random.default_rng(0)
     for b in BATCHES:
         t5_ids = jnp.asarray(rng.integers(1, 1000, (b, T5_TOKENS)), jnp.int32)
@@ -108,8 +132,8 @@ def run_torch(small: bool, iters: int, device: str) -> dict:
 
 
 def worker(args: argparse.Namespace) -> None:
-    if args.worker == "jax":
-        harness.emit(run_jax(args.small, args.iters))
+    if args.worker.startswith("jax"):
+        harness.emit(run_jax(args.small, args.iters, VARIANTS[args.worker].options.get("t5")))
     else:
         harness.emit(run_torch(args.small, args.iters, "cuda" if args.worker == "torch_gpu" else "cpu"))
 
@@ -134,7 +158,7 @@ def main() -> None:
         except Exception as e:  # one variant's failure is a row, not the end of the run
             rows[name] = {"error": " ".join(str(e).split())[:300]}
         print(name, json.dumps(rows[name]), flush=True)
-    write(rows, args)
+        write(rows, args)  # after each variant: a run stopped midway keeps what it measured
 
 
 def write(rows: dict, args: argparse.Namespace) -> None:
@@ -143,12 +167,12 @@ def write(rows: dict, args: argparse.Namespace) -> None:
         return fmt.format(value * scale) if isinstance(value, (int, float)) else "-"
 
     table = []
-    for name in args.variants:
+    for name in rows:
         if "error" in rows[name]:
-            table.append([name, VARIANTS[name].doc, rows[name]["error"], "", "", "", ""])
+            table.append([name, VARIANTS[name].doc, rows[name]["error"], "", "", "", "", ""])
             continue
         table.append([name, VARIANTS[name].doc, cell(name, "t5_s_b1"), cell(name, "t5_s_b8"),
-                      cell(name, "clip_s_b1"), cell(name, "clip_s_b8"),
+                      cell(name, "clip_s_b1"), cell(name, "clip_s_b8"), cell(name, "t5_weight_gib", 1, "{:.2f}"),
                       cell(name, "peak_device_gib", 1, "{:.2f}")])
     summary = []
     jax_row, gpu_row = rows.get("jax", {}), rows.get("torch_gpu", {})
@@ -157,6 +181,14 @@ def write(rows: dict, args: argparse.Namespace) -> None:
         ratio = gpu_row["t5_s_b1"] / jax_row["t5_s_b1"] if baseline else None
         summary.append(harness.figure("T5-XXL encode, JAX bf16 (flux_flax.t5)", f"{jax_row['t5_s_b1'] * 1e3:.0f} ms",
                                       shape="1 prompt, 512 tokens", baseline=baseline, ratio=ratio))
+    four_bit = rows.get("jax_w4a16", {})
+    if "t5_s_b1" in four_bit and "t5_s_b1" in jax_row:
+        summary.append(harness.figure(
+            "T5-XXL encode, JAX 4-bit (W4A16, t5_default_policy)",
+            f"{four_bit['t5_s_b1'] * 1e3:.0f} ms, weights {four_bit['t5_weight_gib']:.2f} GiB",
+            shape="1 prompt, 512 tokens",
+            baseline=f"JAX bf16 {jax_row['t5_s_b1'] * 1e3:.0f} ms, {jax_row['t5_weight_gib']:.2f} GiB",
+            ratio=jax_row["t5_s_b1"] / four_bit["t5_s_b1"]))
     markdown = [
         "# Text encoders at FLUX's sizes: JAX ports against transformers' PyTorch models",
         "",
@@ -166,7 +198,8 @@ def write(rows: dict, args: argparse.Namespace) -> None:
         "(the CPU row: 2 T5 runs, 1 prompt only); each variant in its own process.",
         "",
         *harness.md_table(["variant", "what", "T5 ms, 1 prompt", "T5 ms, 8 prompts", "CLIP ms, 1", "CLIP ms, 8",
-                           "peak device GiB"], table, numeric=[False, False, True, True, True, True, True]),
+                           "T5 weights GiB (JAX)", "peak device GiB"], table,
+                          numeric=[False, False, True, True, True, True, True, True]),
     ]
     harness.write_results(NAME, {"rows": rows, "small": args.small}, markdown, args.out, summary=summary,
                           meta=harness.run_meta(probe=True),

@@ -20,7 +20,7 @@ from flax import nnx
 
 from convrot_jax import QuantPolicy
 from flux_flax.config import FluxConfig
-from flux_flax.demo_assets import tiny_text_encoders
+from flux_flax.demo_assets import tiny_jax_text_encoders
 from flux_flax.policy import flux_default_policy
 from flux_flax.pipeline import FluxPipeline, GenerationSettings, image_filename, save_png, to_uint8
 from flux_flax.quantize import quantize_model
@@ -82,7 +82,7 @@ def build_demo_pipeline(*, dtype=jnp.bfloat16, progress: bool = True) -> FluxPip
     rngs = nnx.Rngs(MODEL_SEED)
     transformer = FluxTransformer2DModel(config, dtype=dtype, rngs=rngs)
     vae = AutoencoderKLDecoder(VAEConfig.tiny(latent_channels=config.in_channels // 4), dtype=jnp.float32, rngs=rngs)
-    text = tiny_text_encoders(config.pooled_projection_dim, config.joint_attention_dim, max_sequence_length=128,
+    text = tiny_jax_text_encoders(config.pooled_projection_dim, config.joint_attention_dim, max_sequence_length=128,
                               seed=MODEL_SEED)
     return FluxPipeline(transformer, vae, text, progress=progress)
 

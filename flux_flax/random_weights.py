@@ -1,7 +1,8 @@
-"""Random-weight FLUX transformers for tests, demos and benchmarks (no model hub is needed to
-exercise the converter or the pipeline at FLUX.1-dev size): a folder in diffusers layout (bf16
-safetensors, sharded as on the Hub when asked), written quickly and in bounded memory; or a model
-built on the device block by block (`random_transformer`), quantized as it grows.
+"""Random-weight FLUX transformers (and T5 encoders) for tests, demos and benchmarks (no model hub
+is needed to exercise the converter or the pipeline at FLUX.1-dev size): a folder in diffusers
+layout (bf16 safetensors, sharded as on the Hub when asked), written quickly and in bounded memory;
+or a model built on the device block by block (`random_transformer`, `random_t5`), quantized as it
+grows.
 
 safetensors' own writers (`save_file`) take every tensor in memory at once and the float RNGs run
 at well under 1 GB/s; a FLUX.1-dev-size file is 23.8 GB. So the tensors are streamed into the file
@@ -25,9 +26,11 @@ import jax
 import numpy as np
 from flax import nnx
 
+from convrot_jax import QuantPolicy
 from flux_flax.config import FluxConfig
 from flux_flax.layers import Dtype
 from flux_flax.quantize import quantize_model
+from flux_flax.t5 import T5Block, T5Config, T5EncoderModel
 from flux_flax.transformer import FluxSingleTransformerBlock, FluxTransformer2DModel, FluxTransformerBlock
 
 POOL_ELEMENTS = 1 << 25  # 64 MiB of bf16
@@ -123,4 +126,21 @@ def random_transformer(config: FluxConfig, *, dtype: Dtype, quantize: str | None
         blocks_list.append(make(jax.random.key(seed)))
         if quantize:
             quantize_model(model, implementation=quantize)  # only the new block's float layers are left
+    return model
+
+
+def random_t5(config: T5Config, *, dtype: Dtype, policy: QuantPolicy | None = None,
+              implementation: str = "auto") -> T5EncoderModel:
+    """A random T5 encoder built block by block on the default device (block i seeded by i). With
+    `policy` (e.g. `t5_default_policy()`), each block's linears are quantized as soon as it exists,
+    so the float encoder never sits in memory whole (`implementation`: of the W4A4 layers, if any)."""
+    model = nnx.jit(lambda: T5EncoderModel(dataclasses.replace(config, num_layers=0), dtype=dtype, rngs=nnx.Rngs(0)))()
+    model.config = config
+    makers = {first: nnx.jit(lambda key, first=first: T5Block(config, has_relative_attention_bias=first, dtype=dtype,
+                                                               rngs=nnx.Rngs(key)))
+              for first in (True, False)}
+    for i in range(config.num_layers):
+        model.encoder.block.append(makers[i == 0](jax.random.key(3000 + i)))
+        if policy is not None:
+            quantize_model(model, policy, implementation=implementation)
     return model
