@@ -1,5 +1,6 @@
 """Quantized FLUX checkpoints on disk: an Orbax PyTree of the model's NNX state, JSON metadata and
-an integrity manifest (`flux_flax.integrity`).
+an integrity manifest (`flux_flax.integrity`). One checkpoint holds one part of the pipeline
+(`PARTS`: the transformer, or the T5 text encoder `text_encoder_2`), named in its metadata.
 
 Writing streams: `CheckpointWriter` hands the state to Orbax in batches (Orbax partial saves) so
 that host memory never holds the whole output, all inside a temporary sibling directory that is
@@ -14,6 +15,7 @@ metadata and the stored shapes against it, and restores straight into the abstra
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -36,11 +38,31 @@ from flux_flax.config import FluxConfig
 from flux_flax.errors import CheckpointDamagedError, CheckpointError, CheckpointExistsError, CheckpointMismatchError
 from flux_flax.integrity import MANIFEST, verify_manifest, write_manifest
 from flux_flax.paths import user_path
+from flux_flax.policy import flux_default_policy, t5_default_policy
 from flux_flax.quantize import quantize_model
+from flux_flax.t5 import T5Config, T5EncoderModel
 from flux_flax.transformer import FluxTransformer2DModel
 
-FORMAT = "convrot-jax/flux-transformer"
-FORMAT_VERSION = 2  # 2: integrity manifest
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """A model a checkpoint can hold: the diffusers folder it stands in for (`name`), the metadata
+    format naming it, its config class (`from_dict` / `to_dict`), its model class (built as
+    `model_class(config, dtype=..., rngs=...)`) and its default quantization policy."""
+
+    name: str
+    format: str
+    config_class: type
+    model_class: type
+    default_policy: Callable[[], QuantPolicy]
+
+
+PARTS: dict[str, Part] = {part.name: part for part in (
+    Part("transformer", "convrot-jax/flux-transformer", FluxConfig, FluxTransformer2DModel, flux_default_policy),
+    Part("text_encoder_2", "convrot-jax/t5-encoder", T5Config, T5EncoderModel, t5_default_policy),
+)}
+FORMAT = PARTS["transformer"].format
+FORMAT_VERSION = 2  # 2: integrity manifest (the T5 format began at 2, with the same layout)
 MODEL_DTYPE = jnp.bfloat16
 # Orbax writes a batch once this many bytes are pending: large enough to amortise a save call,
 # small enough to keep host memory far below the checkpoint's size.
@@ -62,14 +84,24 @@ def quantize_settings(quantization: Mapping[str, Any]) -> dict[str, Any]:
     return {name: quantization[name] for name in ("group_size", "hadamard", "scale_group")}
 
 
-def abstract_model(config: FluxConfig, quantization: Mapping[str, Any] | None) -> nnx.Module:
-    """The (quantized) transformer with `jax.ShapeDtypeStruct` leaves: shapes only, no weights.
+def part_of(config: Any) -> Part:
+    """The part whose config class `config` is (a FluxConfig: the transformer; a T5Config: text_encoder_2)."""
+    for part in PARTS.values():
+        if isinstance(config, part.config_class):
+            return part
+    raise TypeError(f"no checkpoint part for a {type(config).__name__} (known: {', '.join(PARTS)})")
+
+
+def abstract_model(config: FluxConfig | T5Config, quantization: Mapping[str, Any] | None) -> nnx.Module:
+    """The (quantized) model of `config` (the transformer or T5) with `jax.ShapeDtypeStruct` leaves:
+    shapes only, no weights.
 
     `quantization` is the metadata's "quantization" entry (settings and policy), or None for bf16.
     """
+    model_class = part_of(config).model_class
 
     def build() -> nnx.Module:
-        model = FluxTransformer2DModel(config, dtype=MODEL_DTYPE, rngs=nnx.Rngs(0))
+        model = model_class(config, dtype=MODEL_DTYPE, rngs=nnx.Rngs(0))
         if quantization is None:
             return model
         policy = QuantPolicy.from_dict(quantization["policy"])
@@ -217,12 +249,14 @@ class CheckpointWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def checkpoint_metadata(config: FluxConfig, quantization: Mapping[str, Any] | None,
+def checkpoint_metadata(config: FluxConfig | T5Config, quantization: Mapping[str, Any] | None,
                         source: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON metadata every checkpoint carries: format, versions, model config, dtype, the
-    quantization settings and policy (None: bf16), and where the weights came from."""
+    """The JSON metadata every checkpoint carries: format and part, versions, model config, dtype,
+    the quantization settings and policy (None: bf16), and where the weights came from."""
+    part = part_of(config)
     return {
-        "format": FORMAT,
+        "format": part.format,
+        "part": part.name,
         "format_version": FORMAT_VERSION,
         "package_version": package_version(),
         "model_config": config.to_dict(),
@@ -234,8 +268,8 @@ def checkpoint_metadata(config: FluxConfig, quantization: Mapping[str, Any] | No
 
 def save_checkpoint(model: nnx.Module, path: str | os.PathLike, *, quantization: Mapping[str, Any] | None,
                     source: Mapping[str, Any], overwrite: bool = False) -> Path:
-    """Writes an in-memory transformer (bf16, or quantized per `quantization`: the settings and
-    policy it was quantized with) as a checkpoint that `load_checkpoint` reads; `source` says where
+    """Writes an in-memory transformer or T5 encoder (bf16, or quantized per `quantization`: the
+    settings and policy it was quantized with) as a checkpoint that `load_checkpoint` reads; `source` says where
     its weights came from. Streams leaf by leaf like the converter."""
     with CheckpointWriter(path, overwrite=overwrite) as writer:
         for state_path, variable in nnx.to_flat_state(nnx.state(model)):
@@ -251,7 +285,7 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     except (OSError, ValueError):
         return False
     custom = metadata.get("custom_metadata") if isinstance(metadata, dict) else None
-    return isinstance(custom, dict) and custom.get("format") == FORMAT
+    return isinstance(custom, dict) and custom.get("format") in _FORMATS
 
 
 def check_destination(path: str | os.PathLike, *, overwrite: bool, sources: Iterable[str | os.PathLike] = ()) -> None:
@@ -277,8 +311,16 @@ def check_destination(path: str | os.PathLike, *, overwrite: bool, sources: Iter
         )
 
 
+_FORMATS = {part.format: part for part in PARTS.values()}
+
+
+def checkpoint_part(metadata: Mapping[str, Any]) -> Part:
+    """The part a checkpoint's (already read) metadata says it holds."""
+    return _FORMATS[metadata["format"]]
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON metadata of a convrot checkpoint, after checking its format and version."""
+    """The JSON metadata of a convrot checkpoint (any part), after checking its format and version."""
     path = user_path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
@@ -286,9 +328,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         metadata = ocp.metadata(path).custom_metadata or {}
     except Exception as e:  # Orbax/TensorStore raise many types for unreadable directories
         raise CheckpointError(f"{path} is not a readable Orbax checkpoint ({_one_line(e)})") from None
-    if metadata.get("format") != FORMAT:
+    if metadata.get("format") not in _FORMATS:
         raise CheckpointError(
-            f"{path} is not a convrot-jax FLUX checkpoint (metadata format {metadata.get('format')!r})"
+            f"{path} is not a convrot-jax FLUX checkpoint (metadata format {metadata.get('format')!r}; "
+            f"known: {', '.join(_FORMATS)})"
         )
     if metadata.get("format_version") != FORMAT_VERSION:
         raise CheckpointMismatchError(
@@ -323,12 +366,15 @@ def load_checkpoint(
     path: str | os.PathLike,
     *,
     sharding: Sharding | None = None,
-    config: FluxConfig | None = None,
+    config: FluxConfig | T5Config | None = None,
     group_size: int | None = None,
     hadamard: str | None = None,
     verify: bool = True,
+    part: str | None = None,
 ) -> tuple[nnx.Module, dict[str, Any]]:
-    """Loads a checkpoint written by `convert_checkpoint` -> (model, metadata).
+    """Loads a checkpoint written by `convert_checkpoint` -> (model, metadata): the transformer or
+    the T5 encoder, as its metadata says; with `part` ("transformer", "text_encoder_2"), another
+    part is refused (`CheckpointMismatchError` naming both).
 
     With `verify` (the default), every file is first checked against the integrity manifest
     written with it: a missing, truncated or altered file (arrays or settings) raises
@@ -348,10 +394,13 @@ def load_checkpoint(
     metadata = read_metadata(path)
     if verify and not has_manifest:
         raise CheckpointDamagedError(f"checkpoint {path} is damaged: its integrity manifest {MANIFEST} is missing")
+    held = checkpoint_part(metadata)
+    if part is not None and held.name != part:
+        raise CheckpointMismatchError(f"{path} holds the {held.name} ({held.format}), not the {part}")
     expected_config = None if config is None else config.to_dict()
     _check_expected(path, metadata, {"model config": expected_config, "group_size": group_size, "hadamard": hadamard})
     try:
-        model_config = FluxConfig.from_dict(metadata["model_config"])
+        model_config = held.config_class.from_dict(metadata["model_config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointMismatchError(f"{path}: the model config in the metadata is not valid ({e})") from None
     graphdef, abstract_state = nnx.split(abstract_model(model_config, metadata.get("quantization")))

@@ -74,6 +74,10 @@ class T5Config:
         # As T5Config: "gated-gelu" means gelu_new (the tanh approximation), for backward compatibility.
         return "gelu_new" if self.feed_forward_proj == "gated-gelu" else self.feed_forward_proj.split("-")[-1]
 
+    def to_dict(self) -> dict:
+        """JSON-ready dict of the fields (a checkpoint's metadata), read back by `from_dict`."""
+        return dataclasses.asdict(self)
+
     @classmethod
     def from_dict(cls, config: Mapping) -> "T5Config":
         """From a transformers config.json (unknown keys ignored, missing ones at T5Config's defaults)."""

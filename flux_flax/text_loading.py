@@ -46,14 +46,15 @@ def _clip_file_key(key: str) -> str | None:
 _T5_EMBEDDING = ("shared.weight", "encoder.embed_tokens.weight")
 
 
-def _t5_file_key(key: str) -> str | None:
+def t5_file_key(key: str) -> str | None:
+    """A T5 file key -> the encoder's key (None: a full T5's decoder, ignored)."""
     if key.startswith("decoder.") or key == "lm_head.weight":  # T5EncoderModel ignores a full T5's decoder
         return None
     return "shared.weight" if key in _T5_EMBEDDING else key
 
 
-def load_weights(model: nnx.Module, files: FluxCheckpoint, file_key: Callable[[str], str | None]) -> None:
-    """Checks `files` against `model` and fills every parameter in place, cast to its dtype.
+def plan_weights(model: nnx.Module, files: FluxCheckpoint, file_key: Callable[[str], str | None]) -> dict[str, tuple[str, bool]]:
+    """Checks `files` against `model` -> {parameter path: (file key, transpose)}, reading only headers.
 
     `file_key` maps a file's key to the model's (None: skip it). Raises `MissingKeyError`,
     `UnexpectedKeyError`, `ShapeMismatchError` (naming the keys, the shapes and the folder or
@@ -66,7 +67,7 @@ def load_weights(model: nnx.Module, files: FluxCheckpoint, file_key: Callable[[s
     params = {}
     for path, var in param_paths(model):
         key, transpose = torch_key(path)
-        params[file_key(key) or key] = (var, transpose)  # a tied module may be reached under its alias
+        params[file_key(key) or key] = (path, tuple(var.shape), transpose)  # a tied module may be reached under its alias
     missing = [k for k in params if k not in sources]
     if missing:
         raise MissingKeyError(missing, _where(files))
@@ -74,9 +75,9 @@ def load_weights(model: nnx.Module, files: FluxCheckpoint, file_key: Callable[[s
     if unexpected:
         raise UnexpectedKeyError(unexpected, _where(files))
     mismatched, not_float = {}, []
-    for key, (var, transpose) in params.items():
+    for key, (_, shape, transpose) in params.items():
         info = files.info(sources[key])
-        expected = tuple(reversed(var.shape)) if transpose else tuple(var.shape)
+        expected = tuple(reversed(shape)) if transpose else shape
         if info.shape != expected:
             mismatched[sources[key]] = (expected, info.shape)
         if info.dtype not in FLOAT_DTYPES:
@@ -85,8 +86,16 @@ def load_weights(model: nnx.Module, files: FluxCheckpoint, file_key: Callable[[s
         raise ShapeMismatchError(mismatched, _where(files))
     if not_float:
         raise CheckpointError(f"{_where(files)}: tensor(s) not floating point: {', '.join(not_float)}")
-    for key, (var, transpose) in params.items():
-        tensor = files.read(sources[key])
+    return {path: (sources[key], transpose) for key, (path, _, transpose) in params.items()}
+
+
+def load_weights(model: nnx.Module, files: FluxCheckpoint, file_key: Callable[[str], str | None]) -> None:
+    """Checks `files` against `model` (`plan_weights`) and fills every parameter in place, cast to
+    its dtype. `model` may be abstract."""
+    plan = plan_weights(model, files, file_key)
+    for path, var in param_paths(model):
+        key, transpose = plan[path]
+        tensor = files.read(key)
         var.set_value((tensor.T if transpose else tensor).astype(var.dtype))
 
 
@@ -123,4 +132,4 @@ def load_clip(folder: str | Path, *, dtype: Dtype = jnp.bfloat16) -> CLIPTextMod
 def load_t5(folder: str | Path, *, dtype: Dtype = jnp.bfloat16) -> T5EncoderModel:
     """T5 encoder from a transformers folder (config.json + model.safetensors or shards + index).
     In float16 the FFN output projections stay float32, as transformers keeps them."""
-    return _load(folder, T5Config, T5EncoderModel, _t5_file_key, dtype)
+    return _load(folder, T5Config, T5EncoderModel, t5_file_key, dtype)
