@@ -1,8 +1,10 @@
-"""Streaming conversion of a FLUX.1 transformer from PyTorch safetensors to a ConvRot Orbax checkpoint.
+"""Streaming conversion of a FLUX.1 transformer, or of its T5 text encoder (`text_encoder_2`), from
+PyTorch safetensors to a ConvRot Orbax checkpoint (one checkpoint per part, `flux_flax.checkpoint.PARTS`).
 
 One tensor at a time: read it (`flux_flax.safetensors_io`), cast it to the model dtype (bf16), and
-for a Linear weight that the policy quantizes, rotate, quantize and pack it exactly as
-`flux_flax.quantize_model` would in memory (`convrot_jax.quantize_weight`, on the default jax
+for a Linear weight that the policy (the part's default: `flux_default_policy`,
+`t5_default_policy`) quantizes, rotate, quantize and pack it exactly as `flux_flax.quantize_model`
+would in memory (`convrot_jax.quantize_weight`, on the default jax
 device: the GPU when there is one); then hand it to the checkpoint writer and let it go. The
 source files are memory-mapped, and mapped pages count as resident memory, so the source is
 re-opened every `chunk_bytes` of input to unmap what was read: peak host memory is a few chunks
@@ -17,7 +19,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from convrot_jax.hadamard import check_group_size
 from flux_flax.checkpoint import (
     DEFAULT_FLUSH_BYTES,
     MODEL_DTYPE,
+    PARTS,
     CheckpointWriter,
     StatePath,
     abstract_model,
@@ -41,11 +44,12 @@ from flux_flax.checkpoint import (
 )
 from flux_flax.config import FluxConfig
 from flux_flax.errors import CheckpointError
-from flux_flax.loading import abstract_transformer, expected_shapes
+from flux_flax.loading import abstract_transformer, diffusers_key, expected_shapes
 from flux_flax.paths import user_path
-from flux_flax.policy import flux_default_policy
-from flux_flax.safetensors_io import FluxCheckpoint, open_checkpoint
-from flux_flax.transformer import linear_paths
+from flux_flax.safetensors_io import FluxCheckpoint, open_checkpoint, open_weight_files
+from flux_flax.t5 import T5Config, T5EncoderModel
+from flux_flax.text_loading import INDEX, WEIGHTS, plan_weights, read_config, t5_file_key
+from flux_flax.transformer import linear_paths, param_paths
 
 FORMATS: tuple[str, ...] = ("auto", "diffusers", "bfl")
 ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}  # the float dtypes the model takes
@@ -134,29 +138,34 @@ def _check_finite(source: Path, key: str, tensor: jax.Array) -> None:
         )
 
 
+Target = tuple[str, str, bool]  # a source tensor's (layer path, parameter name, transpose) in the float model
+
+
 def _convert_tensor(
-    key: str, tensor: jax.Array, treatments: dict[str, str], settings: dict[str, Any]
+    tensor: jax.Array, target: Target, treatments: dict[str, str], settings: dict[str, Any]
 ) -> tuple[bool, dict[str, jax.Array]]:
-    """One source tensor (diffusers key, PyTorch layout) -> (quantized?, {state key: array})."""
-    layer, _, param = key.rpartition(".")
+    """One source tensor (PyTorch layout) -> (quantized?, {state key: array})."""
+    layer, leaf, transpose = target
     tensor = tensor.astype(MODEL_DTYPE)
-    treatment = treatments.get(layer)
-    if treatment is None or param != "weight":
-        return False, {key: tensor}
-    if treatment in QUANTIZED:
+    if leaf == "kernel" and treatments.get(layer) in QUANTIZED:
         qw = _quantize_weight(tensor, **settings)
         return True, {f"{layer}.packed": qw.packed, f"{layer}.scales": qw.scales}
-    return False, {f"{layer}.kernel": tensor.T}
+    return False, {f"{layer}.{leaf}": tensor.T if transpose else tensor}
+
+
+def _target(path: str, transpose: bool) -> Target:
+    layer, _, leaf = path.rpartition(".")
+    return layer, leaf, transpose
 
 
 def _stream(
-    src: str | os.PathLike, keys: Sequence[str], chunk_bytes: int
+    open_source: Callable[[], FluxCheckpoint], keys: Sequence[str], chunk_bytes: int
 ) -> Iterator[tuple[str, jax.Array, int]]:
     """(key, tensor, stored bytes) one at a time, re-opening the source every `chunk_bytes` read
     so that the pages mapped so far are released."""
     i = 0
     while i < len(keys):
-        with open_checkpoint(src) as checkpoint:
+        with open_source() as checkpoint:
             read = 0
             while i < len(keys) and (read == 0 or read < chunk_bytes):
                 tensor = checkpoint.read(keys[i])
@@ -183,38 +192,28 @@ def _check_dtypes(checkpoint: FluxCheckpoint, keys: Sequence[str]) -> None:
             )
 
 
-def convert_checkpoint(
-    src: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    format: str = "auto",
-    group_size: int = 256,
-    hadamard: str = "regular",
-    scale_group: int | None = None,
-    policy: QuantPolicy | None = None,
-    quantize: bool = True,
-    overwrite: bool = False,
-    progress: bool = True,
-    config: FluxConfig | None = None,
-    chunk_bytes: int = DEFAULT_FLUSH_BYTES,
-    allow_nonfinite: bool = False,
-) -> ConversionSummary:
-    """Converts a FLUX.1 transformer checkpoint (diffusers folder, pipeline root, or black-forest-labs
-    file; `format` "auto" detects) into a ConvRot checkpoint directory at `out`.
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """A checked source: how to (re)open it, the model it fills (abstract, float), and each tensor to
+    read (file key, in order) with its place in that model."""
 
-    Layers are treated per `policy` (default `flux_flax.flux_default_policy()`) with the given
-    rotation and scale settings; `quantize=False` writes every tensor in bf16. The input is checked
-    in full (keys, shapes, dtypes) before anything is written, a tensor holding NaN or Inf is
-    refused unless `allow_nonfinite`, and `out` only appears once complete. Raises
-    `flux_flax.errors.CheckpointError` subclasses for bad input, and `CheckpointExistsError` if
-    `out` exists and not `overwrite`, or is not a convrot-jax checkpoint, or is or holds the source.
-    """
-    start = time.perf_counter()
-    src, out = user_path(src), user_path(out)
-    check_destination(out, overwrite=overwrite, sources=[src])
-    policy = policy or flux_default_policy()
-    quantization = _quantization(policy, group_size, hadamard, scale_group) if quantize else None
+    open: Callable[[], FluxCheckpoint]
+    config: FluxConfig | T5Config
+    float_model: nnx.Module
+    targets: dict[str, Target]
+    stored_bytes: int
+    files: list[Path]
+    layout: str
+    root: Path  # the files' names in the metadata are relative to it
 
+
+def _stored_bytes(checkpoint: FluxCheckpoint, keys: Sequence[str]) -> int:
+    return sum(math.prod(checkpoint.info(k).shape) * ITEMSIZE[checkpoint.info(k).dtype] for k in keys)
+
+
+def _transformer_source(src: Path, format: str, config: FluxConfig | None) -> _Source:
+    """A FLUX transformer: diffusers folder, pipeline root or black-forest-labs file (keys, shapes and
+    dtypes checked)."""
     with open_checkpoint(src) as checkpoint:
         _check_layout(checkpoint, format)
         if config is None:
@@ -223,26 +222,89 @@ def convert_checkpoint(
         checkpoint.validate(expected_shapes(float_model))
         keys = checkpoint.keys()
         _check_dtypes(checkpoint, keys)
-        files = checkpoint.files
-        layout = checkpoint.layout
-        infos = {k: checkpoint.info(k) for k in keys}
-    total_in = sum(math.prod(info.shape) * ITEMSIZE[info.dtype] for info in infos.values())
-    treatments, leaves, paths = _plan(float_model, config, quantization)
+        targets = {key: _target(path, transpose) for path, _ in param_paths(float_model)
+                   for key, transpose in [diffusers_key(path)]}
+        return _Source(lambda: open_checkpoint(src), config, float_model, {k: targets[k] for k in keys},
+                       _stored_bytes(checkpoint, keys), checkpoint.files, checkpoint.layout,
+                       src if src.is_dir() else src.parent)
+
+
+def _t5_source(src: Path, config: T5Config | None) -> _Source:
+    """A T5 encoder: a transformers folder (config.json + model.safetensors, or shards + index) or a
+    pipeline root holding one in text_encoder_2/ (keys, shapes and dtypes checked as `load_t5` does)."""
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: the T5 encoder converts from a folder: a pipeline root holding text_encoder_2/, "
+                              "or that folder (config.json + model.safetensors or shards)")
+    folder = src / "text_encoder_2" if (src / "text_encoder_2").is_dir() else src
+    if config is None:
+        config = T5Config.from_dict(read_config(folder))
+    float_model = nnx.eval_shape(lambda: T5EncoderModel(config, dtype=MODEL_DTYPE, rngs=nnx.Rngs(0)))
+    open_source = lambda: open_weight_files(folder, WEIGHTS, INDEX)  # noqa: E731
+    with open_source() as files:
+        plan = plan_weights(float_model, files, t5_file_key)
+        targets = {key: _target(path, transpose) for path, (key, transpose) in plan.items()}
+        return _Source(open_source, config, float_model, targets, _stored_bytes(files, list(targets)), files.files,
+                       "transformers", src)
+
+
+def convert_checkpoint(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    part: str = "transformer",
+    format: str = "auto",
+    group_size: int = 256,
+    hadamard: str = "regular",
+    scale_group: int | None = None,
+    policy: QuantPolicy | None = None,
+    quantize: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+    config: FluxConfig | T5Config | None = None,
+    chunk_bytes: int = DEFAULT_FLUSH_BYTES,
+    allow_nonfinite: bool = False,
+) -> ConversionSummary:
+    """Converts one part of FLUX.1 into a ConvRot checkpoint directory at `out`: the transformer
+    (`part="transformer"`: a diffusers folder, pipeline root, or black-forest-labs file; `format`
+    "auto" detects) or the T5 text encoder (`part="text_encoder_2"`: a pipeline root or its
+    text_encoder_2/ folder, in transformers' layout, sharded or not).
+
+    Layers are treated per `policy` (default: the part's, `flux_default_policy()` or
+    `t5_default_policy()`) with the given rotation and scale settings; `quantize=False` writes every
+    tensor in bf16. The input is checked in full (keys, shapes, dtypes) before anything is written,
+    a tensor holding NaN or Inf is refused unless `allow_nonfinite`, and `out` only appears once
+    complete. Raises `flux_flax.errors.CheckpointError` subclasses for bad input, and
+    `CheckpointExistsError` if `out` exists and not `overwrite`, or is not a convrot-jax
+    checkpoint, or is or holds the source.
+    """
+    start = time.perf_counter()
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {tuple(PARTS)}, got {part!r}")
+    if part != "transformer" and format != "auto":
+        raise ValueError(f"format {format!r} is a transformer layout; the {part} converts from transformers' layout")
+    src, out = user_path(src), user_path(out)
+    check_destination(out, overwrite=overwrite, sources=[src])
+    policy = policy or PARTS[part].default_policy()
+    quantization = _quantization(policy, group_size, hadamard, scale_group) if quantize else None
+    source = _transformer_source(src, format, config) if part == "transformer" else _t5_source(src, config)
+    treatments, leaves, paths = _plan(source.float_model, source.config, quantization)
     settings = quantize_settings(quantization) if quantization else {}
+    keys = list(source.targets)
 
     quantized = kept = 0
     written: set[str] = set()
     # Hash the sources while converting; a daemon thread, so that an error does not wait for it.
     hashes: dict[Path, str] = {}
+    files = source.files
     hasher = threading.Thread(target=lambda: hashes.update((f, sha256_file(f)) for f in files), daemon=True)
     hasher.start()
     with CheckpointWriter(out, overwrite=overwrite, flush_bytes=chunk_bytes, sources=[src, *files]) as writer:
-        with tqdm(total=total_in, unit="B", unit_scale=True, unit_divisor=1024, desc="convrot-convert",
+        with tqdm(total=source.stored_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="convrot-convert",
                   disable=not progress, dynamic_ncols=True) as bar:
-            for n, (key, tensor, nbytes) in enumerate(_stream(src, keys, chunk_bytes), 1):
+            for n, (key, tensor, nbytes) in enumerate(_stream(source.open, keys, chunk_bytes), 1):
                 if not allow_nonfinite:
                     _check_finite(src, key, tensor)
-                was_quantized, produced = _convert_tensor(key, tensor, treatments, settings)
+                was_quantized, produced = _convert_tensor(tensor, source.targets[key], treatments, settings)
                 del tensor
                 for skey, value in produced.items():
                     want = leaves.get(skey)
@@ -262,16 +324,14 @@ def convert_checkpoint(
         hasher.join()
         if len(hashes) != len(files):
             raise CheckpointError(f"could not hash every source file: {[str(f) for f in files if f not in hashes]}")
-        root = src if src.is_dir() else src.parent
-        source = {
-            "layout": layout,
+        source_metadata = {
+            "layout": source.layout,
             "files": [
-                {"name": str(f.relative_to(root)), "bytes": f.stat().st_size, "sha256": digest}
+                {"name": str(f.relative_to(source.root)), "bytes": f.stat().st_size, "sha256": digest}
                 for f, digest in hashes.items()
             ],
         }
-        metadata = checkpoint_metadata(config, quantization, source)
-        writer.commit(metadata)
+        writer.commit(checkpoint_metadata(source.config, quantization, source_metadata))
     bytes_in = sum(f.stat().st_size for f in files)
     bytes_out = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     return ConversionSummary(out, quantized, kept, bytes_in, bytes_out, writer.bytes_written,
