@@ -61,6 +61,7 @@ PARTS: dict[str, Part] = {part.name: part for part in (
     Part("transformer", "convrot-jax/flux-transformer", FluxConfig, FluxTransformer2DModel, flux_default_policy),
     Part("text_encoder_2", "convrot-jax/t5-encoder", T5Config, T5EncoderModel, t5_default_policy),
 )}
+_FORMATS = {part.format: part for part in PARTS.values()}
 FORMAT = PARTS["transformer"].format
 FORMAT_VERSION = 2  # 2: integrity manifest (the T5 format began at 2, with the same layout)
 MODEL_DTYPE = jnp.bfloat16
@@ -277,15 +278,23 @@ def save_checkpoint(model: nnx.Module, path: str | os.PathLike, *, quantization:
         return writer.commit(checkpoint_metadata(model.config, quantization, source))
 
 
-def is_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether `path` is a directory whose Orbax metadata says it is a convrot-jax checkpoint
-    (any format version)."""
+def stored_part(path: str | os.PathLike) -> str | None:
+    """The part a directory's Orbax metadata names ("transformer", "text_encoder_2"; any format
+    version), read without checking anything else; None if it is not a convrot-jax checkpoint or
+    its metadata cannot be read."""
     try:
         metadata = json.loads((Path(path) / ORBAX_METADATA).read_text())
     except (OSError, ValueError):
-        return False
+        return None
     custom = metadata.get("custom_metadata") if isinstance(metadata, dict) else None
-    return isinstance(custom, dict) and custom.get("format") in _FORMATS
+    part = _FORMATS.get(custom.get("format")) if isinstance(custom, dict) else None
+    return None if part is None else part.name
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is a directory whose Orbax metadata says it is a convrot-jax checkpoint
+    (any part, any format version)."""
+    return stored_part(path) is not None
 
 
 def check_destination(path: str | os.PathLike, *, overwrite: bool, sources: Iterable[str | os.PathLike] = ()) -> None:
@@ -309,9 +318,6 @@ def check_destination(path: str | os.PathLike, *, overwrite: bool, sources: Iter
             f"refusing to replace {path}: it is not a convrot-jax checkpoint (--overwrite replaces only those); "
             "remove it yourself or choose another output"
         )
-
-
-_FORMATS = {part.format: part for part in PARTS.values()}
 
 
 def checkpoint_part(metadata: Mapping[str, Any]) -> Part:

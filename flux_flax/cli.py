@@ -1,6 +1,6 @@
 """`convrot-flux`: text-to-image from the command line.
 
-    convrot-flux generate --model DIR [--checkpoint CKPT] --prompt "..." [--prompts-file F]
+    convrot-flux generate --model DIR [--checkpoint CKPT ...] --prompt "..." [--prompts-file F]
                           [--steps N] [--guidance G] [--size 1024x1024] [--seed S] [--batch B] [--out DIR]
                           [--text-backend {jax,torch}] [--devices N]
     convrot-flux demo     [--prompt "..."] [--steps 4] [--size 256x256] [--seed S] [--out DIR]
@@ -64,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", formatter_class=fmt,
                          help="prompt(s) in, PNG(s) out, from a local diffusers-format FLUX folder")
     gen.add_argument("--model", required=True, help="diffusers-format FLUX folder (tokenizer/, text_encoder/, ..., vae/)")
-    gen.add_argument("--checkpoint", help="a convrot-convert checkpoint (W4A4) to use instead of the folder's transformer/")
+    gen.add_argument("--checkpoint", action="append",
+                     help="a convrot-convert checkpoint replacing the folder's part it holds: the transformer (W4A4) "
+                          "or the T5 encoder text_encoder_2 (W4A16, JAX text backend); repeat for both")
     gen.add_argument("--no-verify", action="store_true",
                      help="skip checking the checkpoint's files against their recorded SHA-256 digests")
     gen.add_argument("--prompt", action="append", help="a prompt; repeat for several")
@@ -123,7 +125,7 @@ def _validate_generate(args: argparse.Namespace) -> SimpleNamespace:
         batch=args.batch, devices=args.devices, dtype=args.dtype, max_sequence_length=args.max_sequence_length,
         text_device=args.text_device, text_backend=args.text_backend,
         model=_existing_dir(args.model, "model folder"),
-        checkpoint=None if args.checkpoint is None else _existing_dir(args.checkpoint, "checkpoint"),
+        checkpoints=[_existing_dir(path, "checkpoint") for path in args.checkpoint or ()],
         verify=not args.no_verify,
         out=check_output_dir(args.out, "--out"),
         cache_dir=None if args.cache_dir is None else check_output_dir(args.cache_dir, "--cache-dir"),
@@ -139,14 +141,17 @@ def _generate(request: SimpleNamespace) -> None:
 
     start = time.perf_counter()
     pipe = FluxPipeline.from_pretrained(
-        request.model, checkpoint=request.checkpoint, verify=request.verify, dtype=getattr(jnp, request.dtype),
+        request.model, checkpoint=request.checkpoints, verify=request.verify, dtype=getattr(jnp, request.dtype),
         text_backend=request.text_backend, text_dtype=request.dtype, text_device=request.text_device,
         max_sequence_length=request.max_sequence_length, cache_dir=request.cache_dir, devices=request.devices,
     )
     default_steps = DEFAULT_DEV_STEPS if pipe.config.guidance_embeds else DEFAULT_SCHNELL_STEPS
     settings = GenerationSettings(request.height, request.width, request.steps or default_steps, request.guidance,
                                   request.seed)
-    metadata = {"model": str(request.model), "checkpoint": str(request.checkpoint or "none (bf16)")}
+    for part, source in pipe.sources.items():
+        print(f"{part}: {source}", file=sys.stderr)
+    metadata = {"model": str(request.model), "checkpoint": str(pipe.checkpoints.get("transformer", "none (bf16)")),
+                "text_encoder_2": pipe.sources["text_encoder_2"]}
     paths = pipe.generate_pngs(request.prompts, settings, request.out, batch_size=request.batch, metadata=metadata)
     elapsed = time.perf_counter() - start
     for path in paths:

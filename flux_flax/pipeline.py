@@ -25,12 +25,13 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 from flux_flax import sampling
-from flux_flax.checkpoint import load_checkpoint
+from flux_flax.checkpoint import load_checkpoint, stored_part
 from flux_flax.config import FluxConfig
 from flux_flax.fusion import fuse_projections
 from flux_flax.loading import load_transformer
 from flux_flax.paths import user_path
 from flux_flax.settings import VAE_SCALE_FACTOR, GenerationSettings
+from flux_flax.t5 import T5Config
 from flux_flax.text import TEXT_PARTS, PromptEmbeds, PromptEncoder
 from flux_flax.vae import AutoencoderKLDecoder, load_vae
 
@@ -131,6 +132,10 @@ class FluxPipeline:
             for module in (transformer, vae):
                 nnx.update(module, jax.device_put(nnx.state(module), NamedSharding(self.mesh, P())))
         self._bar: tqdm | None = None
+        # Where each part came from, for the user and the PNGs ("transformer", "text_encoder_2"), and
+        # the checkpoints among them (part -> folder); from_pretrained fills both.
+        self.sources: dict[str, str] = {}
+        self.checkpoints: dict[str, Path] = {}
         # The graph definitions are static arguments, so a transformer quantized in place after
         # this point gets its own compilation rather than a stale structure.
         self._denoise = jax.jit(self._denoise_loop, static_argnums=0)
@@ -141,7 +146,7 @@ class FluxPipeline:
         cls,
         model_dir: str | Path,
         *,
-        checkpoint: str | Path | None = None,
+        checkpoint: str | Path | Sequence[str | Path] | None = None,
         verify: bool = True,
         dtype=jnp.bfloat16,
         text_backend: str = "jax",
@@ -154,36 +159,50 @@ class FluxPipeline:
         devices: int | None = None,
     ) -> "FluxPipeline":
         """Loads a diffusers-format FLUX folder (tokenizer/, text_encoder/, tokenizer_2/,
-        text_encoder_2/, vae/, and transformer/ unless `checkpoint`, a `convrot-convert` Orbax
-        checkpoint, gives the transformer; its files are checked against their digests unless
-        not `verify`). T5 length: 512 for dev, 256 for schnell, by default. `fuse` concatenates
-        the projections that read the same input (`flux_flax.fusion`; exact).
+        text_encoder_2/, vae/, transformer/). `checkpoint`: one or several `convrot-convert`
+        checkpoints, each replacing the part its metadata names (the transformer; the T5 encoder
+        `text_encoder_2`, JAX backend only), whose folder may then be absent; their files are
+        checked against their digests unless not `verify`. `sources` says what was loaded for each.
+        T5 length: 512 for dev, 256 for schnell, by default. `fuse` concatenates the projections
+        that read the same input (`flux_flax.fusion`; exact).
 
         `text_backend` runs the text encoders in "jax" (the Flax ports; torch is never imported)
         or "torch" (transformers' models on `text_device`); `text_dtype` (a jnp or torch dtype or
-        its name, default bfloat16) is their weights' dtype. `devices`: as the constructor's,
-        checked before anything loads."""
+        its name, default bfloat16) is their weights' dtype (a T5 checkpoint keeps its own).
+        `devices`: as the constructor's, checked before anything loads."""
         data_mesh(1 if devices is None else devices)
         if text_backend not in ("jax", "torch"):
             raise ValueError(f"text_backend must be 'jax' or 'torch', got {text_backend!r}")
         model_dir = user_path(model_dir)
-        checkpoint = None if checkpoint is None else user_path(checkpoint)
         if not model_dir.is_dir():
             raise FileNotFoundError(f"model folder {model_dir} does not exist")
-        parts = (*TEXT_PARTS, "vae", *(() if checkpoint else ("transformer",)))
-        missing = [f"{p}/" for p in parts if not (model_dir / p).is_dir()]
+        checkpoints = _checkpoints_by_part(checkpoint)
+        if "text_encoder_2" in checkpoints and text_backend != "jax":
+            raise ValueError(f"the T5 checkpoint {checkpoints['text_encoder_2']} runs on the JAX text backend only "
+                             f"(text_backend {text_backend!r})")
+        parts = (*TEXT_PARTS, "vae", "transformer")
+        missing = [f"{p}/" for p in parts if p not in checkpoints and not (model_dir / p).is_dir()]
         if missing:
             raise FileNotFoundError(f"model folder {model_dir} has no {', '.join(missing)} (expected a diffusers-format FLUX folder)")
-        transformer = _load_transformer(model_dir, checkpoint, dtype, verify)
+        transformer, sources = _load_transformer(model_dir, checkpoints.get("transformer"), dtype, verify)
         if fuse:
             fuse_projections(transformer)
         if max_sequence_length is None:
             max_sequence_length = 512 if transformer.config.guidance_embeds else 256
+        t5, sources["text_encoder_2"] = None, f"{model_dir / 'text_encoder_2'} ({text_backend}, {text_dtype or 'bfloat16'})"
+        if "text_encoder_2" in checkpoints:
+            t5, metadata = load_checkpoint(checkpoints["text_encoder_2"], verify=verify, part="text_encoder_2")
+            _require_same_model(checkpoints["text_encoder_2"], model_dir / "text_encoder_2", t5.config,
+                                T5Config.from_dict)
+            sources["text_encoder_2"] = _describe_checkpoint(checkpoints["text_encoder_2"], metadata)
         text_encoders = _load_text_encoders(model_dir, text_backend, max_sequence_length=max_sequence_length,
-                                            dtype=text_dtype or "bfloat16", device=text_device, cache_dir=cache_dir)
+                                            dtype=text_dtype or "bfloat16", device=text_device, cache_dir=cache_dir,
+                                            t5=t5, t5_checkpoint=checkpoints.get("text_encoder_2"))
         vae = load_vae(model_dir / "vae", dtype=dtype)
-        return cls(transformer, vae, text_encoders, dynamic_shift=_scheduler_shift(model_dir), progress=progress,
+        pipe = cls(transformer, vae, text_encoders, dynamic_shift=_scheduler_shift(model_dir), progress=progress,
                    devices=devices)
+        pipe.sources, pipe.checkpoints = sources, checkpoints
+        return pipe
 
     # The compiled parts.
     def _denoise_loop(self, graphdef, state, latents, prompt_embeds, pooled, img_ids, txt_ids, sigmas, guidance):
@@ -311,7 +330,7 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, latents: jax.Array, *, hei
 
 
 def _load_text_encoders(model_dir: Path, backend: str, *, max_sequence_length: int, dtype, device: str,
-                        cache_dir: str | Path | None) -> PromptEncoder:
+                        cache_dir: str | Path | None, t5: nnx.Module | None, t5_checkpoint: Path | None) -> PromptEncoder:
     if backend == "torch":
         from flux_flax.text import TextEncoders
 
@@ -320,7 +339,7 @@ def _load_text_encoders(model_dir: Path, backend: str, *, max_sequence_length: i
     from flux_flax.text_jax import JaxTextEncoders
 
     return JaxTextEncoders.from_pretrained(model_dir, max_sequence_length=max_sequence_length, dtype=dtype,
-                                           cache_dir=cache_dir)
+                                           cache_dir=cache_dir, text_encoder_2=t5, text_encoder_2_checkpoint=t5_checkpoint)
 
 
 def _scheduler_shift(model_dir: Path) -> bool | None:
@@ -329,29 +348,61 @@ def _scheduler_shift(model_dir: Path) -> bool | None:
     return bool(json.loads(path.read_text()).get("use_dynamic_shifting", False)) if path.is_file() else None
 
 
-def _load_transformer(model_dir: Path, checkpoint: Path | None, dtype, verify: bool) -> nnx.Module:
+def _checkpoints_by_part(checkpoint: str | Path | Sequence[str | Path] | None) -> dict[str, Path]:
+    """{part: checkpoint path} as each given checkpoint's metadata names it (one whose metadata
+    cannot be read counts as the transformer's: loading it then says what is wrong, after checking
+    its files); two for one part are refused."""
+    if checkpoint is None:
+        return {}
+    paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    by_part: dict[str, Path] = {}
+    for path in map(user_path, paths):
+        part = stored_part(path) or "transformer"
+        if part in by_part:
+            raise ValueError(f"two checkpoints for the {part}: {by_part[part]} and {path}")
+        by_part[part] = path
+    return by_part
+
+
+def _describe_checkpoint(path: Path, metadata: dict) -> str:
+    """"checkpoint PATH (w4a4 + w4a16, group 256, regular Hadamard)", or "(bf16)"."""
+    quantization = metadata.get("quantization")
+    if not quantization:
+        return f"checkpoint {path} (bf16)"
+    treatments = dict.fromkeys(t for _, t in quantization["policy"]["rules"] if t != "bf16")
+    return (f"checkpoint {path} ({' + '.join(treatments) or 'bf16'}, group {quantization['group_size']}, "
+            f"{quantization['hadamard']} Hadamard)")
+
+
+def _require_same_model(checkpoint: Path, folder: Path, config, from_folder_config) -> None:
+    """Raises `PipelineMismatchError` naming the fields when `folder`'s config.json (if any) describes
+    another model than the checkpoint's `config`."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return
+    folder_config = from_folder_config(json.loads(path.read_text()))
+    if folder_config != config:
+        diff = {k: (v, config.to_dict()[k]) for k, v in folder_config.to_dict().items() if config.to_dict()[k] != v}
+        raise PipelineMismatchError(
+            f"checkpoint {checkpoint} is for another model than {folder.parent}: "
+            + ", ".join(f"{k}: folder {a} vs checkpoint {b}" for k, (a, b) in diff.items())
+        )
+
+
+def _load_transformer(model_dir: Path, checkpoint: Path | None, dtype, verify: bool) -> tuple[nnx.Module, dict[str, str]]:
+    """(the transformer, {"transformer": where it came from})."""
     folder_config_path = model_dir / "transformer" / "config.json"
     if checkpoint is None:
         if not folder_config_path.is_file():
             raise FileNotFoundError(
                 f"model folder {model_dir} has no transformer/config.json: pass --checkpoint, or use a full diffusers FLUX folder"
             )
-        return load_transformer(model_dir / "transformer", dtype=dtype)
+        return load_transformer(model_dir / "transformer", dtype=dtype), {
+            "transformer": f"{model_dir / 'transformer'} ({jnp.dtype(dtype).name})"}
 
-    transformer, _ = load_checkpoint(checkpoint, verify=verify)
-    if folder_config_path.is_file():
-        folder_config = FluxConfig.from_diffusers_config(json.loads(folder_config_path.read_text()))
-        if folder_config != transformer.config:
-            diff = {
-                k: (v, getattr(transformer.config, k))
-                for k, v in folder_config.to_dict().items()
-                if transformer.config.to_dict()[k] != v
-            }
-            raise PipelineMismatchError(
-                f"checkpoint {checkpoint} is for another model than {model_dir}: "
-                + ", ".join(f"{k}: folder {a} vs checkpoint {b}" for k, (a, b) in diff.items())
-            )
-    return transformer
+    transformer, metadata = load_checkpoint(checkpoint, verify=verify, part="transformer")
+    _require_same_model(checkpoint, model_dir / "transformer", transformer.config, FluxConfig.from_diffusers_config)
+    return transformer, {"transformer": _describe_checkpoint(checkpoint, metadata)}
 
 
 def png_metadata(prompt: str, seed: int, settings: GenerationSettings, **extra: str) -> PngImagePlugin.PngInfo:

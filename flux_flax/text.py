@@ -56,9 +56,10 @@ def _fingerprint(folders: Sequence[Path]) -> str:
     return h.hexdigest()
 
 
-def cache_key(model_dir: Path, backend: str, dtype: str) -> str:
-    """The embedding cache's key: the encoder files' fingerprint, the backend and the dtype."""
-    return f"{_fingerprint([Path(model_dir) / p for p in TEXT_PARTS])}:{backend}:{dtype}"
+def cache_key(folders: Sequence[Path], backend: str, dtype: str) -> str:
+    """The embedding cache's key: the fingerprint of the encoders' folders (tokenizers, weights or a
+    checkpoint, whose integrity manifest holds its arrays' digests), the backend and the dtype."""
+    return f"{_fingerprint([Path(f) for f in folders])}:{backend}:{dtype}"
 
 
 def dtype_name(dtype) -> str:
@@ -204,7 +205,7 @@ class TextEncoders(PromptEncoder):
             T5EncoderModel.from_pretrained(model_dir / "text_encoder_2", **kwargs).to(device),
             max_sequence_length=max_sequence_length,
             cache_dir=cache_dir,
-            cache_key=cache_key(model_dir, "torch", name) if cache_dir is not None else None,
+            cache_key=cache_key([model_dir / p for p in TEXT_PARTS], "torch", name) if cache_dir is not None else None,
         )
 
     def _run(self, clip_ids: np.ndarray, t5_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -58,20 +58,33 @@ class JaxTextEncoders(PromptEncoder):
         max_sequence_length: int = 512,
         dtype: Dtype | str = jnp.bfloat16,
         cache_dir: str | Path | None = None,
+        text_encoder_2: T5EncoderModel | None = None,
+        text_encoder_2_checkpoint: str | Path | None = None,
     ) -> "JaxTextEncoders":
         """Loads tokenizer/, text_encoder/ (CLIP), tokenizer_2/, text_encoder_2/ (T5) from a diffusers
-        folder; weights in `dtype` (a jnp dtype or its name; T5's `wo` stays float32 in float16)."""
+        folder; weights in `dtype` (a jnp dtype or its name; T5's `wo` stays float32 in float16).
+        `text_encoder_2`: a T5 already loaded (e.g. a 4-bit checkpoint's, kept in its own dtype)
+        instead of the folder's, then not needed; `text_encoder_2_checkpoint`, its folder, identifies
+        it in the embedding cache's key."""
         model_dir = Path(model_dir)
-        _require_parts(model_dir, TEXT_PARTS)
+        parts = [p for p in TEXT_PARTS if text_encoder_2 is None or p != "text_encoder_2"]
+        _require_parts(model_dir, parts)
         name = dtype_name(dtype)
+        if text_encoder_2 is None:
+            text_encoder_2 = load_t5(model_dir / "text_encoder_2", dtype=jnp.dtype(name))
+        elif cache_dir is not None and text_encoder_2_checkpoint is None:
+            raise ValueError("an embedding cache with a given text_encoder_2 needs its checkpoint folder to identify it")
+        folders = [model_dir / p for p in parts]
+        if text_encoder_2_checkpoint is not None:
+            folders.append(Path(text_encoder_2_checkpoint))
         return cls(
             load_tokenizer(model_dir / "tokenizer"),
             load_clip(model_dir / "text_encoder", dtype=jnp.dtype(name)),
             load_tokenizer(model_dir / "tokenizer_2"),
-            load_t5(model_dir / "text_encoder_2", dtype=jnp.dtype(name)),
+            text_encoder_2,
             max_sequence_length=max_sequence_length,
             cache_dir=cache_dir,
-            cache_key=cache_key(model_dir, "jax", name) if cache_dir is not None else None,
+            cache_key=cache_key(folders, "jax", name) if cache_dir is not None else None,
         )
 
     def _run(self, clip_ids: np.ndarray, t5_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -553,3 +553,119 @@ def test_save_checkpoint_of_an_in_memory_model(tiny_src, tmp_path):
     restored, metadata = load_checkpoint(path)
     assert metadata["source"] == {"layout": "in-memory"} and metadata["quantization"] == quantization
     assert_same_state(restored, model)
+
+
+# The T5 text encoder (--part text_encoder_2).
+
+T5_KEY = "encoder.block.1.layer.1.DenseReluDense.wo.weight"
+
+
+@pytest.fixture(scope="module")
+def t5_root(tmp_path_factory):
+    """A pipeline root holding a tiny random T5 v1.1 encoder (widths 32 and 64) in text_encoder_2/."""
+    from flux_flax.demo_assets import tiny_t5, tiny_t5_tokenizer
+
+    root = tmp_path_factory.mktemp("t5root")
+    tiny_t5(tiny_t5_tokenizer(), 32, num_layers=2).save_pretrained(root / "text_encoder_2")
+    return root
+
+
+@pytest.mark.parametrize("layout", ["root", "sharded-folder"])
+def test_t5_round_trip_bit_identical_to_in_memory_quantization(layout, t5_root, tmp_path, capsys):
+    from transformers import T5EncoderModel as HFT5EncoderModel
+
+    from convrot_jax import Dense4bitWeightOnly
+    from flux_flax.policy import t5_default_policy
+    from flux_flax.t5 import T5Config
+    from flux_flax.text_loading import load_t5, read_config
+
+    folder = t5_root / "text_encoder_2"
+    src = t5_root
+    if layout == "sharded-folder":
+        src = tmp_path / "sharded"
+        HFT5EncoderModel.from_pretrained(folder).save_pretrained(src, max_shard_size="20KB")
+        assert (src / "model.safetensors.index.json").is_file()
+    out = tmp_path / "t5-w4a16"
+    code, err = run_cli(capsys, src, out, "--part", "text_encoder_2", "--group-size", TINY_GROUP)
+    assert code == 0, err
+
+    model, metadata = load_checkpoint(out, part="text_encoder_2")
+    reference = quantize_model(load_t5(folder), t5_default_policy(), group_size=TINY_GROUP)
+    assert_same_state(model, reference)
+    ids = jnp.asarray(np.arange(24)[None] % 300)
+    got, want = np.asarray(model(ids), np.float32), np.asarray(reference(ids), np.float32)
+    assert np.isfinite(want).all() and np.abs(want).max() > 0
+    np.testing.assert_array_equal(got, want)
+    assert metadata["part"] == "text_encoder_2" and metadata["format"] == "convrot-jax/t5-encoder"
+    assert metadata["model_config"] == T5Config.from_dict(read_config(folder)).to_dict()
+    assert metadata["quantization"]["policy"] == t5_default_policy().to_dict()
+    assert len(metadata["source"]["files"]) == (1 if layout == "root" else len(list(src.glob("*.safetensors"))))
+    ff = model.encoder.block[1].layer[1].DenseReluDense
+    assert isinstance(ff.wo, Dense4bitWeightOnly) and isinstance(model.encoder.block[0].layer[0].SelfAttention.q,
+                                                                   Dense4bitWeightOnly)
+    assert type(model.shared).__name__ == "Embed" and model.encoder.embed_tokens is model.shared
+    with pytest.raises(CheckpointMismatchError, match="holds the text_encoder_2 .*, not the transformer"):
+        load_checkpoint(out, part="transformer")
+
+
+def _t5_rewrite(t5_root: Path, dst: Path, edit) -> Path:
+    """A copy of the tiny T5 folder with its tensors edited by `edit(dict) -> dict`."""
+    dst.mkdir(parents=True)
+    src = t5_root / "text_encoder_2"
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    save_file(edit(load_file(src / "model.safetensors")), dst / "model.safetensors")
+    return dst
+
+
+@pytest.mark.parametrize("case, expected, status", [
+    ("missing", ["missing", T5_KEY], 1),
+    ("shape", [T5_KEY, "(32, 64)", "(32, 16)"], 1),
+    ("nonfinite", [T5_KEY, "1 NaN/Inf value(s) of 2048", "--allow-nonfinite"], 1),
+    ("file", ["converts from a folder"], 1),
+    ("no_config", ["config.json"], 1),
+    ("format", ["--format bfl is a transformer layout"], 2),
+])
+def test_t5_bad_input(case, expected, status, t5_root, tmp_path, capsys):
+    src, extra = tmp_path / "src", []
+    if case == "missing":
+        _t5_rewrite(t5_root, src, lambda t: {k: v for k, v in t.items() if k != T5_KEY})
+    elif case == "shape":
+        _t5_rewrite(t5_root, src, lambda t: {**t, T5_KEY: np.ascontiguousarray(t[T5_KEY][:, :16])})
+    elif case == "nonfinite":
+        def poison(t):
+            bad = t[T5_KEY].copy()
+            bad[3, 5] = np.nan
+            return {**t, T5_KEY: bad}
+
+        _t5_rewrite(t5_root, src, poison)
+    elif case == "file":
+        src = t5_root / "text_encoder_2" / "model.safetensors"
+    elif case == "no_config":
+        _t5_rewrite(t5_root, src, lambda t: t)
+        (src / "config.json").unlink()
+    else:
+        src, extra = t5_root, ["--format", "bfl"]
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, src, out, "--part", "text_encoder_2", "--group-size", TINY_GROUP, "--quiet", *extra)
+    assert code == status
+    if status == 2:  # a usage error prints the usage first
+        err = [line for line in err if line.startswith("convrot-convert: error: ")]
+    assert len(err) == 1, err
+    for fragment in expected:
+        assert fragment in err[0], (fragment, err[0])
+    assert not out.exists()
+
+
+def test_t5_overwrite_replaces_only_a_convrot_checkpoint(t5_root, tmp_path, capsys):
+    """The writer's rules hold for every part: a user's folder is never replaced, a checkpoint is."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = (t5_root, out, "--part", "text_encoder_2", "--group-size", TINY_GROUP, "--quiet", "--overwrite")
+    code, err = run_cli(capsys, *args)
+    assert code == 1 and "not a convrot-jax checkpoint" in err[0] and (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    out.rmdir()
+    assert run_cli(capsys, *args[:-1])[0] == 0
+    assert run_cli(capsys, *args)[0] == 0
+    assert load_checkpoint(out, part="text_encoder_2")[1]["part"] == "text_encoder_2"
