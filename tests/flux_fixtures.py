@@ -174,3 +174,20 @@ def model_tolerance(config: FluxConfig, tokens: int) -> float:
         reductions += block_reductions(dim, head, tokens, single=True)
     reductions += [dim, 2 * dim, dim]  # norm_out: modulation, LN statistics, proj_out
     return float32_tolerance(*reductions, angle=MAX_TIMESTEP_ANGLE)
+
+
+def int4_weight_errors(model, policy, *, group_size: int = 256) -> list[float]:
+    """||dequantize(quantize(W)) - W|| / ||W|| of every linear of a float model that `policy`
+    quantizes (the rotation is orthogonal: the same in the rotated basis)."""
+    import jax.numpy as jnp
+
+    from convrot_jax import dequantize_weight, quantize_weight
+    from flux_flax.transformer import linear_paths
+
+    errors = []
+    for path, layer in linear_paths(model):
+        if policy.treatment(path) != "bf16":
+            w = jnp.asarray(layer.kernel[...], jnp.float32).T
+            error = dequantize_weight(quantize_weight(w, group_size=group_size)) - w
+            errors.append(float(jnp.linalg.norm(error) / jnp.linalg.norm(w)))
+    return errors

@@ -267,6 +267,69 @@ def test_generate_from_w4a4_checkpoint(reference, ours, w4a4_checkpoint, tmp_pat
     assert 0 < error < 0.05  # 0.012 measured
 
 
+@pytest.fixture(scope="module")
+def t5_checkpoint(reference, tmp_path_factory):
+    """The tiny T5 converted by convrot-convert --part text_encoder_2 (W4A16; group 16: widths 32, 64)."""
+    from convert import convert_checkpoint
+
+    _, folder = reference
+    path = tmp_path_factory.mktemp("t5ckpt") / "tiny-t5-w4a16"
+    convert_checkpoint(folder, path, part="text_encoder_2", group_size=16, progress=False)
+    return path
+
+
+@pytest.mark.slow
+def test_generate_with_a_4bit_t5_checkpoint(reference, ours, w4a4_checkpoint, t5_checkpoint, tmp_path, capsys):
+    """`generate --checkpoint` twice: the W4A4 transformer and the 4-bit JAX T5 from their checkpoints,
+    each named on stderr and in the PNG; the 4-bit T5's embeddings stay within the bound of
+    test_text_encoders.test_4bit_t5_embeddings (e_max * sqrt(4 * blocks))."""
+    from flux_flax import cli
+    from flux_flax.policy import t5_default_policy
+    from flux_flax.text_loading import load_t5
+
+    _, folder = reference
+    argv = ["generate", "--model", str(folder), "--checkpoint", str(w4a4_checkpoint), "--checkpoint",
+            str(t5_checkpoint), "--prompt", PROMPTS[0], "--size", f"{SETTINGS.width}x{SETTINGS.height}", "--steps", "2",
+            "--out", str(tmp_path), "--max-sequence-length", str(T5_LENGTH), "--no-compile-cache"]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"transformer: checkpoint {w4a4_checkpoint} (w4a4 + w4a16, group 16, regular Hadamard)" in err
+    assert f"text_encoder_2: checkpoint {t5_checkpoint} (w4a16, group 16, regular Hadamard)" in err
+    [path] = tmp_path.glob("*.png")
+    with Image.open(path) as img:
+        assert img.text["checkpoint"] == str(w4a4_checkpoint)
+        assert img.text["text_encoder_2"].startswith(f"checkpoint {t5_checkpoint} (w4a16")
+
+    pipe = FluxPipeline.from_pretrained(folder, checkpoint=[t5_checkpoint], dtype=jnp.float32, text_dtype="float32",
+                                        max_sequence_length=T5_LENGTH, progress=False)
+    assert pipe.sources["transformer"].endswith("transformer (float32)")
+    t5 = pipe.text_encoders.text_encoder_2
+    assert type(t5.encoder.block[0].layer[1].DenseReluDense.wo).__name__ == "Dense4bitWeightOnly"
+    float_t5 = load_t5(folder / "text_encoder_2", dtype=jnp.float32)
+    bound = max(flux_fixtures.int4_weight_errors(float_t5, t5_default_policy(), group_size=16))
+    bound *= np.sqrt(4 * float_t5.config.num_layers)
+    embeds, float_embeds = pipe.encode_prompts(PROMPTS), ours.encode_prompts(PROMPTS)
+    for got, want in zip(embeds.prompt_embeds, float_embeds.prompt_embeds):
+        assert 0 < np.linalg.norm(got - want) / np.linalg.norm(want) <= bound
+    np.testing.assert_array_equal(embeds.pooled_prompt_embeds, float_embeds.pooled_prompt_embeds)  # CLIP: the folder's
+    assert pipe(PROMPTS[:1], SETTINGS).shape == (1, SETTINGS.height, SETTINGS.width, 3)
+
+
+def test_t5_checkpoint_errors(reference, t5_checkpoint, tmp_path):
+    from convert import convert_checkpoint
+    from flux_flax.demo_assets import tiny_t5, tiny_t5_tokenizer
+
+    _, folder = reference
+    with pytest.raises(ValueError, match="two checkpoints for the text_encoder_2"):
+        FluxPipeline.from_pretrained(folder, checkpoint=[t5_checkpoint, t5_checkpoint])
+    with pytest.raises(ValueError, match="runs on the JAX text backend only"):
+        FluxPipeline.from_pretrained(folder, checkpoint=[t5_checkpoint], text_backend="torch")
+    tiny_t5(tiny_t5_tokenizer(), 32, num_layers=3).save_pretrained(tmp_path / "other")
+    convert_checkpoint(tmp_path / "other", tmp_path / "ckpt", part="text_encoder_2", group_size=16, progress=False)
+    with pytest.raises(PipelineMismatchError, match="num_layers: folder 2 vs checkpoint 3"):
+        FluxPipeline.from_pretrained(folder, checkpoint=tmp_path / "ckpt", max_sequence_length=T5_LENGTH)
+
+
 def test_checkpoint_of_another_model_is_refused(reference, tmp_path):
     from convert import convert_checkpoint
 

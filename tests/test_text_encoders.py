@@ -15,7 +15,7 @@ from transformers import CLIPTextModel as HFCLIPTextModel
 from transformers import T5Config as HFT5Config
 from transformers import T5EncoderModel as HFT5EncoderModel
 
-from convrot_jax import ConvDense4bit, QuantPolicy, dequantize_weight, quantize_weight
+from convrot_jax import ConvDense4bit, QuantPolicy
 from flux_flax.clip import CLIPTextConfig
 from flux_flax.demo_assets import (
     _CORPUS, CLIP_MAX_LENGTH, save_text_parts, tiny_clip, tiny_clip_tokenizer, tiny_t5, tiny_t5_tokenizer, tiny_text_encoders,
@@ -24,7 +24,6 @@ from flux_flax.errors import CheckpointError, MissingKeyError, ShapeMismatchErro
 from flux_flax.policy import t5_default_policy
 from flux_flax.quantize import quantize_model
 from flux_flax.t5 import T5Config, relative_position_bucket
-from flux_flax.transformer import linear_paths
 from flux_flax.text import TextEncoders
 from flux_flax.text_jax import JaxTextEncoders
 from flux_flax.text_loading import load_clip, load_t5
@@ -172,17 +171,6 @@ def _embedding_errors(out, ref):
     return np.linalg.norm(out - ref) / np.linalg.norm(ref), per_prompt, cosine
 
 
-def _weight_errors(model, policy) -> list[float]:
-    """||dequantized W - W|| / ||W|| of every linear the policy quantizes (the rotation is orthogonal:
-    the same in the rotated basis)."""
-    errors = []
-    for path, layer in linear_paths(model):
-        if policy.treatment(path) != "bf16":
-            w = layer.kernel[...].T
-            errors.append(float(jnp.linalg.norm(dequantize_weight(quantize_weight(w)) - w) / jnp.linalg.norm(w)))
-    return errors
-
-
 def test_4bit_t5_embeddings(tmp_path):
     """The quantized T5 against the float one on a prompt set (7 sentences, an empty prompt, one
     truncated), float32 activations, W4A16 (the default policy) and W4A4 (the same layers).
@@ -202,7 +190,7 @@ def test_4bit_t5_embeddings(tmp_path):
     float_model = load_t5(tmp_path, dtype=jnp.float32)
     ref = float_model(ids)
     policy = t5_default_policy()
-    weight_errors = _weight_errors(float_model, policy)
+    weight_errors = flux_fixtures.int4_weight_errors(float_model, policy)
     assert len(weight_errors) == 7 * 4  # q, k, v, o, wi_0, wi_1, wo in each block
     bound = max(weight_errors) * np.sqrt(4 * float_model.config.num_layers)
     errors = {}
