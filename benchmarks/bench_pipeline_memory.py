@@ -3,6 +3,8 @@ and T5-XXL, the JAX ports, random weights) + FLUX.1-dev's W4A4 transformer (rand
 projections fused) + FLUX's VAE decoder, one `FluxPipeline` call (encode, 28 steps, decode), with
 the T5 in 4 bits (`t5_default_policy`, W4A16) against the same with a bf16 T5, and against
 diffusers' FluxPipeline in bf16 built with the same shapes. Target: <= 12 GiB with the 4-bit T5.
+After the calls (and their peak), the JAX variants also time the T5 and CLIP forwards alone for 1
+and 8 prompts (`bench_text_encoders.time_jax_encoders`): 4-bit against bf16 T5 in one run.
 
 Each variant runs in its own process (benchmarks.harness), so each peak is its own. The models
 are built on the device block by block, quantized as they grow (`random_transformer`,
@@ -54,7 +56,7 @@ def run_jax(args: argparse.Namespace, treatment: str | None) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from benchmarks.bench_text_encoders import random_text_encoders
+    from benchmarks.bench_text_encoders import random_text_encoders, time_jax_encoders
     from flux_flax.config import FluxConfig
     from flux_flax.demo_assets import tiny_clip_tokenizer, tiny_t5_tokenizer
     from flux_flax.fusion import fuse_projections
@@ -92,6 +94,7 @@ def run_jax(args: argparse.Namespace, treatment: str | None) -> dict:
     out["image_shape"] = list(images.shape)
     out["finite"] = bool(jnp.isfinite(images).all())
     out["peak_gib"] = peak()
+    out["encode"] = time_jax_encoders(clip, t5, iters=5)
     return out
 
 
@@ -181,22 +184,32 @@ def write(rows: dict, args: argparse.Namespace) -> None:
     table = []
     for name, row in rows.items():
         if "error" in row:
-            table.append([name, VARIANTS[name].doc, row["error"], "", "", "", "", ""])
+            table.append([name, VARIANTS[name].doc, row["error"], "", "", "", "", "", "", ""])
             continue
         weights = " + ".join(f"{part} {gib:.2f}" for part, gib in row["weights_gib"].items())
+        encode = row.get("encode", {})
+        t5_ms = [f"{encode[k] * 1e3:.0f}" if k in encode else "-" for k in ("t5_s_b1", "t5_s_b8")]
         table.append([name, VARIANTS[name].doc, f"{row['peak_gib']:.2f}", f"{row['peak_after_build_gib']:.2f}",
                       weights, f"{sum(row['weights_gib'].values()):.2f}", f"{row['first_call_s']:.1f}",
-                      f"{row['second_call_s']:.1f}"])
+                      f"{row['second_call_s']:.1f}", *t5_ms])
     summary = []
     four_bit, bf16, torch_row = (rows.get(k, {}) for k in VARIANTS)
+    shape = f"{args.size}², {args.steps} steps, one call: encode, denoise, decode"
     if "peak_gib" in four_bit:
         baselines = [f"{label} {row['peak_gib']:.2f} GiB" for label, row in
                      (("bf16 T5", bf16), ("diffusers bf16", torch_row)) if "peak_gib" in row]
         summary.append(harness.figure(
             "whole pipeline peak GPU memory, 4-bit T5-XXL + W4A4 FLUX.1-dev", f"{four_bit['peak_gib']:.2f} GiB "
-            f"(target <= {TARGET_GIB})", shape=f"{args.size}², {args.steps} steps, one call: encode, denoise, decode",
-            baseline=", ".join(baselines) or None,
+            f"(target <= {TARGET_GIB})", shape=shape, baseline=", ".join(baselines) or None,
             ratio=bf16["peak_gib"] / four_bit["peak_gib"] if bf16.get("peak_gib") and four_bit["peak_gib"] else None))
+    if "t5_s_b1" in four_bit.get("encode", {}) and "t5_s_b1" in bf16.get("encode", {}):
+        q, b = four_bit["encode"], bf16["encode"]
+        summary.append(harness.figure(
+            "T5-XXL encode, JAX 4-bit (W4A16, t5_default_policy)",
+            f"{q['t5_s_b1'] * 1e3:.0f} ms (8 prompts {q['t5_s_b8'] * 1e3:.0f} ms), weights {q['t5_weight_gib']:.2f} GiB",
+            shape="1 prompt, 512 tokens", ratio=b["t5_s_b1"] / q["t5_s_b1"],
+            baseline=f"JAX bf16 {b['t5_s_b1'] * 1e3:.0f} ms (8 prompts {b['t5_s_b8'] * 1e3:.0f} ms), "
+                     f"{b['t5_weight_gib']:.2f} GiB"))
     markdown = [
         "# Whole-pipeline peak GPU memory: text encoders + W4A4 transformer + VAE",
         "",
@@ -205,11 +218,12 @@ def write(rows: dict, args: argparse.Namespace) -> None:
          "CLIP-L and T5-XXL at their real sizes (random; T5 at 512 tokens), on the GPU. ")
         + f"{args.size}², {args.steps} steps, one prompt; two calls (the first compiles); peak over the process "
         "(the diffusers row: over its calls, after the build). Each variant in its own process; the JAX ones "
-        "share a compilation cache, so the transformer compiles in the first only.",
+        "share a compilation cache, so the transformer compiles in the first only. T5 ms: the jitted T5 forward "
+        "alone, median of 5, after the calls.",
         "",
         *harness.md_table(["variant", "what", "peak GiB", "peak after build GiB", "weights GiB by part",
-                           "weights GiB", "first call s", "second call s"], table,
-                          numeric=[False, False, True, True, False, True, True, True]),
+                           "weights GiB", "first call s", "second call s", "T5 ms, 1 prompt", "T5 ms, 8 prompts"],
+                          table, numeric=[False, False, True, True, False, True, True, True, True, True]),
     ]
     harness.write_results(NAME, {"rows": rows, "small": args.small, "size": args.size, "steps": args.steps},
                           markdown, args.out, summary=summary, meta=harness.run_meta(probe=True),

@@ -66,6 +66,15 @@ def test_demo_is_deterministic(demo_run):
     assert np.abs(images[1].astype(int) - written.astype(int)).mean() > 1
 
 
+def test_demo_pipeline_never_imports_torch():
+    """The demo builds its tiny text encoders in JAX: `scripts/demo.sh` installs no torch."""
+    code = ("import sys\nfrom flux_flax.demo import build_demo_pipeline\n"
+            "pipe = build_demo_pipeline(progress=False)\n"
+            "print(type(pipe.text_encoders).__name__, 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.split()[-2:] == ["JaxTextEncoders", "False"], out.stdout + out.stderr
+
+
 @pytest.fixture
 def usage_cases(tmp_path):
     """Files the bad-argument cases point at."""
