@@ -3,10 +3,14 @@ and warm (the cache the cold run filled), and what checking a checkpoint's integ
 
 The model folder is FLUX.1-dev's shape with random weights: a W4A4 checkpoint made on the device
 block by block (`flux_flax.checkpoint.save_checkpoint`, the format `convrot-convert` writes), a
-FLUX-shaped VAE decoder, and tiny random CLIP/T5 encoders with the real output widths (their time
-is not CLIP-L/T5-XXL's). Each `generate` runs in its own process, as a user runs it.
+FLUX-shaped VAE decoder, and text encoders: tiny random CLIP/T5 with the real output widths
+(`--text tiny`, their time is not CLIP-L/T5-XXL's), or CLIP-L and T5-XXL at their real sizes
+(`--text real`: random bf16 safetensors in transformers' layout, the T5 converted to a 4-bit
+checkpoint by `convrot-convert --part text_encoder_2`, both run by the JAX backend). Each
+`generate` runs in its own process, as a user runs it.
 
     PYTHONPATH=. python3 benchmarks/bench_first_png.py --workdir /tmp/first_png --out benchmarks/results
+    PYTHONPATH=. python3 benchmarks/bench_first_png.py --text real --workdir /tmp/first_png --out benchmarks/results
     PYTHONPATH=. python3 benchmarks/bench_first_png.py --config small --size 256 --steps 2 \\
         --workdir /tmp/first_png --out /tmp/first_png_out                       # CPU smoke test
 """
@@ -30,20 +34,61 @@ DEV_SCHEDULER = {
 }
 
 
-def make_model_folder(root: Path, config, *, t5_length: int) -> tuple[Path, Path]:
-    """(diffusers-format folder without transformer weights, W4A4 checkpoint) under `root`."""
+def write_real_size_text_parts(folder: Path, config_name: str) -> Path:
+    """Tokenizers (tiny, in code) and random CLIP-L + T5-XXL (small widths for the "small" config)
+    in transformers' layout under `folder`, torch-free; the T5 converted to a 4-bit checkpoint
+    beside it, which is returned."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from benchmarks.bench_text_encoders import CLIP_L, SMALL, T5_XXL
+    from convert.convert import convert_checkpoint
+    from flux_flax.clip import CLIPTextConfig, CLIPTextModel
+    from flux_flax.demo_assets import tiny_clip_tokenizer, tiny_t5_tokenizer
+    from flux_flax.random_weights import write_random_text_encoder
+    from flux_flax.t5 import T5Config, T5EncoderModel
+
+    sizes = {"t5": T5_XXL, "clip": CLIP_L} if config_name == "dev" else SMALL
+    clip_tokenizer, t5_tokenizer = tiny_clip_tokenizer(), tiny_t5_tokenizer()
+    clip_tokenizer.save_pretrained(folder / "tokenizer")
+    t5_tokenizer.save_pretrained(folder / "tokenizer_2")
+    clip_config = CLIPTextConfig(**{**sizes["clip"], "eos_token_id": clip_tokenizer.eos_token_id})
+    t5_config = T5Config(**sizes["t5"])
+    for part, model_class, model_config, model_type in (
+        ("text_encoder", CLIPTextModel, clip_config, "clip_text_model"),
+        ("text_encoder_2", T5EncoderModel, t5_config, "t5"),
+    ):
+        abstract = nnx.eval_shape(lambda: model_class(model_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+        write_random_text_encoder(folder / part, abstract, {"model_type": model_type,
+                                                            **dataclasses.asdict(model_config)})
+    checkpoint = folder.parent / "t5-w4a16"
+    print(convert_checkpoint(folder, checkpoint, part="text_encoder_2", progress=False), flush=True)
+    return checkpoint
+
+
+def make_model_folder(root: Path, config, *, t5_length: int, text: str = "tiny") -> tuple[Path, list[Path]]:
+    """(diffusers-format folder without transformer weights, [W4A4 checkpoint, and with `text`
+    "real" the 4-bit T5 checkpoint]) under `root`."""
     import jax.numpy as jnp
     from flax import nnx
 
     from flux_flax.checkpoint import save_checkpoint
-    from flux_flax.demo_assets import save_text_parts, tiny_text_encoders
     from flux_flax.policy import flux_default_policy
     from flux_flax.random_weights import random_transformer
     from flux_flax.vae import AutoencoderKLDecoder, VAEConfig, save_vae
 
     folder = root / "FLUX-random"
-    text = tiny_text_encoders(config.pooled_projection_dim, config.joint_attention_dim, max_sequence_length=t5_length)
-    save_text_parts(text, folder)
+    checkpoints = []
+    if text == "real":
+        checkpoints.append(write_real_size_text_parts(folder, "dev" if config.joint_attention_dim == 4096 else "small"))
+    else:
+        from flux_flax.demo_assets import save_text_parts, tiny_text_encoders
+
+        encoders = tiny_text_encoders(config.pooled_projection_dim, config.joint_attention_dim,
+                                      max_sequence_length=t5_length)
+        save_text_parts(encoders, folder)
     vae_config = VAEConfig(latent_channels=config.in_channels // 4)
     save_vae(AutoencoderKLDecoder(vae_config, dtype=jnp.float32, rngs=nnx.Rngs(0)), folder / "vae")
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
@@ -56,7 +101,7 @@ def make_model_folder(root: Path, config, *, t5_length: int) -> tuple[Path, Path
                     "policy": flux_default_policy().to_dict()}
     checkpoint = save_checkpoint(random_transformer(config, dtype=jnp.bfloat16, quantize="auto"), root / "flux-random-w4a4",
                                  quantization=quantization, source={"layout": "random (bench_first_png)"})
-    return folder, checkpoint
+    return folder, [checkpoint, *checkpoints]
 
 
 def drop_page_cache() -> bool:
@@ -94,18 +139,20 @@ def time_verification(checkpoint: Path) -> dict:
             "verify_warm_s": verify_warm, "verify_cold_gb_per_s": size / verify_cold / 1e9, **loads}
 
 
-def time_generate(folder: Path, checkpoint: Path, cache: Path, out: Path, *, size: int, steps: int,
+def time_generate(folder: Path, checkpoints: list[Path], cache: Path, out: Path, *, size: int, steps: int,
                   t5_length: int) -> dict:
     """One `convrot-flux generate` process: wall seconds to its exit (its PNG is the last thing it writes)."""
-    argv = [sys.executable, "-m", "flux_flax.cli", "generate", "--model", str(folder), "--checkpoint", str(checkpoint),
-            "--prompt", "a red fox in fresh snow", "--size", f"{size}x{size}", "--steps", str(steps),
+    argv = [sys.executable, "-m", "flux_flax.cli", "generate", "--model", str(folder),
+            *(arg for c in checkpoints for arg in ("--checkpoint", str(c))), "--prompt", "a red fox in fresh snow", "--size", f"{size}x{size}", "--steps", str(steps),
             "--max-sequence-length", str(t5_length), "--out", str(out), "--compile-cache", str(cache)]
     start = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"generate failed ({proc.returncode}): {proc.stderr[-3000:]}")
-    return {"seconds_to_png": wall, "png": proc.stdout.split()[-1], "stderr_tail": proc.stderr.strip().splitlines()[-1]}
+    lines = proc.stderr.strip().splitlines()
+    return {"seconds_to_png": wall, "png": proc.stdout.split()[-1], "stderr_tail": lines[-1],
+            "sources": [line for line in lines if line.startswith(("transformer: ", "text_encoder_2: "))]}
 
 
 def main() -> None:
@@ -113,6 +160,8 @@ def main() -> None:
     parser.add_argument("--config", choices=("dev", "small"), default="dev")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--text", choices=("tiny", "real"), default="tiny",
+                        help="tiny random text encoders, or CLIP-L + a 4-bit T5-XXL checkpoint at their real sizes")
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -124,15 +173,15 @@ def main() -> None:
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
     start = time.perf_counter()
-    folder, checkpoint = make_model_folder(args.workdir, config, t5_length=t5_length)
+    folder, checkpoints = make_model_folder(args.workdir, config, t5_length=t5_length, text=args.text)
     setup_s = time.perf_counter() - start
     result = {
-        "host_cpus": os.cpu_count(), "config": args.config, "size": args.size, "steps": args.steps,
-        "setup_s": setup_s, "verification": time_verification(checkpoint),
+        "host_cpus": os.cpu_count(), "config": args.config, "size": args.size, "steps": args.steps, "text": args.text,
+        "setup_s": setup_s, "verification": time_verification(checkpoints[0]),
     }
     cache = args.workdir / "compile-cache"
     for run in ("cold", "warm"):
-        result[run] = time_generate(folder, checkpoint, cache, args.workdir / "pngs", size=args.size,
+        result[run] = time_generate(folder, checkpoints, cache, args.workdir / "pngs", size=args.size,
                                     steps=args.steps, t5_length=t5_length)
         result[run]["cache_files"] = sum(1 for p in cache.rglob("*") if p.is_file())
         print(run, json.dumps(result[run]), flush=True)
@@ -144,7 +193,9 @@ def write_results(result: dict, out: Path) -> None:
 
     v = result["verification"]
     cold, warm = result["cold"]["seconds_to_png"], result["warm"]["seconds_to_png"]
-    shape = f"FLUX.1-{result['config']} W4A4, {result['size']}², {result['steps']} steps"
+    real = result.get("text") == "real"
+    shape = f"FLUX.1-{result['config']} W4A4{' + 4-bit T5-XXL, CLIP-L' if real else ''}, {result['size']}², " \
+            f"{result['steps']} steps"
     load_ratio = v["load_verified_s"] / v["load_unverified_s"]
     summary = [
         harness.figure("convrot-flux generate, time to the first PNG, warm compilation cache", f"{warm:.1f} s",
@@ -158,8 +209,11 @@ def write_results(result: dict, out: Path) -> None:
         "# Time to the first PNG (`convrot-flux generate`) and checkpoint verification",
         "",
         f"{result['host_cpus']} host CPUs. FLUX.1-{result['config']} shape, random W4A4 checkpoint, "
-        f"{result['size']}², {result['steps']} steps, batch 1; tiny random text encoders with the real widths. "
-        "One process per run, as a user runs it.",
+        f"{result['size']}², {result['steps']} steps, batch 1; "
+        + ("CLIP-L and T5-XXL at their real sizes (random bf16 safetensors; the T5 from a 4-bit checkpoint "
+           "made by `convrot-convert --part text_encoder_2`), JAX text backend. " if real else
+           "tiny random text encoders with the real widths. ")
+        + "One process per run, as a user runs it.",
         "",
         *harness.md_table(["run", "seconds to the PNG", "ratio to cold", "compilation cache files after"], [
             ["cold (empty cache)", f"{cold:.1f}", "1.00", result["cold"]["cache_files"]],
@@ -175,8 +229,9 @@ def write_results(result: dict, out: Path) -> None:
             ["load_checkpoint, --no-verify", f"{v['load_unverified_s']:.2f} s (verified / unverified: {load_ratio:.2f})"],
         ]),
     ]
-    harness.write_results("first_png", result, markdown, out, summary=summary,
-                          command="PYTHONPATH=. python3 benchmarks/bench_first_png.py --workdir DIR --out benchmarks/results")
+    harness.write_results("first_png_real_text" if real else "first_png", result, markdown, out, summary=summary,
+                          command="PYTHONPATH=. python3 benchmarks/bench_first_png.py "
+                                  f"{'--text real ' if real else ''}--workdir DIR --out benchmarks/results")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from flux_flax.loading import load_transformer
 from flux_flax.paths import user_path
 from flux_flax.settings import VAE_SCALE_FACTOR, GenerationSettings
 from flux_flax.t5 import T5Config
-from flux_flax.text import TEXT_PARTS, PromptEmbeds, PromptEncoder
+from flux_flax.text import TEXT_PARTS, PromptEmbeds, PromptEncoder, dtype_name
 from flux_flax.vae import AutoencoderKLDecoder, load_vae
 
 
@@ -189,7 +189,8 @@ class FluxPipeline:
             fuse_projections(transformer)
         if max_sequence_length is None:
             max_sequence_length = 512 if transformer.config.guidance_embeds else 256
-        t5, sources["text_encoder_2"] = None, f"{model_dir / 'text_encoder_2'} ({text_backend}, {text_dtype or 'bfloat16'})"
+        t5 = None
+        sources["text_encoder_2"] = f"{model_dir / 'text_encoder_2'} ({text_backend}, {dtype_name(text_dtype or 'bfloat16')})"
         if "text_encoder_2" in checkpoints:
             t5, metadata = load_checkpoint(checkpoints["text_encoder_2"], verify=verify, part="text_encoder_2")
             _require_same_model(checkpoints["text_encoder_2"], model_dir / "text_encoder_2", t5.config,

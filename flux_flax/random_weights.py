@@ -2,7 +2,7 @@
 is needed to exercise the converter or the pipeline at FLUX.1-dev size): a folder in diffusers
 layout (bf16 safetensors, sharded as on the Hub when asked), written quickly and in bounded memory;
 or a model built on the device block by block (`random_transformer`, `random_t5`), quantized as it
-grows.
+grows; and text encoder folders in transformers' layout (`write_random_text_encoder`), torch-free.
 
 safetensors' own writers (`save_file`) take every tensor in memory at once and the float RNGs run
 at well under 1 GB/s; a FLUX.1-dev-size file is 23.8 GB. So the tensors are streamed into the file
@@ -31,7 +31,8 @@ from flux_flax.config import FluxConfig
 from flux_flax.layers import Dtype
 from flux_flax.quantize import quantize_model
 from flux_flax.t5 import T5Block, T5Config, T5EncoderModel
-from flux_flax.transformer import FluxSingleTransformerBlock, FluxTransformer2DModel, FluxTransformerBlock
+from flux_flax.text_loading import WEIGHTS, torch_key
+from flux_flax.transformer import FluxSingleTransformerBlock, FluxTransformer2DModel, FluxTransformerBlock, param_paths
 
 POOL_ELEMENTS = 1 << 25  # 64 MiB of bf16
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -144,3 +145,19 @@ def random_t5(config: T5Config, *, dtype: Dtype, policy: QuantPolicy | None = No
         if policy is not None:
             quantize_model(model, policy, implementation=implementation)
     return model
+
+
+def write_random_text_encoder(folder: str | Path, model: nnx.Module, config_json: Mapping, *, seed: int = 0) -> Path:
+    """A transformers-layout folder (config.json + model.safetensors of random bf16 values, see
+    `write_random_safetensors`) holding the weights of `model`, a Flax text encoder (abstract is
+    enough: only its shapes are read), under transformers' keys; `config_json` is the config.json
+    (e.g. `{"model_type": "t5", **T5Config(...).to_dict()}`). Returns the weights file."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(dict(config_json), indent=2))
+    shapes = {}
+    for path, var in param_paths(model):
+        key, transpose = torch_key(path)
+        shapes[key] = tuple(reversed(var.shape)) if transpose else tuple(var.shape)
+    write_random_safetensors(folder / WEIGHTS, shapes, seed=seed)
+    return folder / WEIGHTS
