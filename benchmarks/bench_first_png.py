@@ -34,10 +34,10 @@ DEV_SCHEDULER = {
 }
 
 
-def write_real_size_text_parts(folder: Path, config_name: str) -> Path:
-    """Tokenizers (tiny, in code) and random CLIP-L + T5-XXL (small widths for the "small" config)
-    in transformers' layout under `folder`, torch-free; the T5 converted to a 4-bit checkpoint
-    beside it, which is returned."""
+def write_real_size_text_parts(folder: Path, config) -> Path:
+    """Tokenizers (tiny, in code) and random CLIP-L + T5-XXL (for another transformer than FLUX.1-dev's:
+    bench_text_encoders' small widths, CLIP's set to the pooled width) in transformers' layout under
+    `folder`, torch-free; the T5 converted to a 4-bit checkpoint beside it, which is returned."""
     import dataclasses
 
     import jax.numpy as jnp
@@ -50,7 +50,9 @@ def write_real_size_text_parts(folder: Path, config_name: str) -> Path:
     from flux_flax.random_weights import write_random_text_encoder
     from flux_flax.t5 import T5Config, T5EncoderModel
 
-    sizes = {"t5": T5_XXL, "clip": CLIP_L} if config_name == "dev" else SMALL
+    sizes = {"t5": T5_XXL, "clip": CLIP_L}
+    if config.joint_attention_dim != T5_XXL["d_model"]:
+        sizes = {"t5": SMALL["t5"], "clip": dict(SMALL["clip"], hidden_size=config.pooled_projection_dim)}
     clip_tokenizer, t5_tokenizer = tiny_clip_tokenizer(), tiny_t5_tokenizer()
     clip_tokenizer.save_pretrained(folder / "tokenizer")
     t5_tokenizer.save_pretrained(folder / "tokenizer_2")
@@ -82,7 +84,7 @@ def make_model_folder(root: Path, config, *, t5_length: int, text: str = "tiny")
     folder = root / "FLUX-random"
     checkpoints = []
     if text == "real":
-        checkpoints.append(write_real_size_text_parts(folder, "dev" if config.joint_attention_dim == 4096 else "small"))
+        checkpoints.append(write_real_size_text_parts(folder, config))
     else:
         from flux_flax.demo_assets import save_text_parts, tiny_text_encoders
 

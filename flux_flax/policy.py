@@ -29,7 +29,7 @@ def t5_default_policy() -> QuantPolicy:
     wo) weight-only int4 (W4A16); the token embedding, the relative position bias and the norms
     bf16. Not W4A4: the encoder runs once per prompt, so its GEMMs' speed matters little next to the
     weights' memory, which W4A16 shrinks as much; and quantizing the activations too adds error
-    (tests/test_text_encoders.py measures both: relative L2 of the embeddings about 1.4x W4A16's),
+    (tests/test_text_encoders.py measures both: relative L2 of the embeddings 1.3x W4A16's),
     on a model whose activations are known for outliers (why transformers keeps `wo` in float32
     in float16)."""
     return QuantPolicy(
