@@ -184,11 +184,13 @@ def write(rows: dict, args: argparse.Namespace) -> None:
     table = []
     for name, row in rows.items():
         if "error" in row:
-            table.append([name, VARIANTS[name].doc, row["error"], "", "", "", "", "", "", ""])
+            table.append([name, VARIANTS[name].doc, row["error"], "", "", "", "", "", "", "", ""])
             continue
         weights = " + ".join(f"{part} {gib:.2f}" for part, gib in row["weights_gib"].items())
         encode = row.get("encode", {})
         t5_ms = [f"{encode[k] * 1e3:.0f}" if k in encode else "-" for k in ("t5_s_b1", "t5_s_b8")]
+        t5_temp = encode.get("t5_temp_gib_b1")
+        t5_ms.append("-" if t5_temp is None else f"{t5_temp:.2f}")
         table.append([name, VARIANTS[name].doc, f"{row['peak_gib']:.2f}", f"{row['peak_after_build_gib']:.2f}",
                       weights, f"{sum(row['weights_gib'].values()):.2f}", f"{row['first_call_s']:.1f}",
                       f"{row['second_call_s']:.1f}", *t5_ms])
@@ -219,11 +221,12 @@ def write(rows: dict, args: argparse.Namespace) -> None:
         + f"{args.size}², {args.steps} steps, one prompt; two calls (the first compiles); peak over the process "
         "(the diffusers row: over its calls, after the build). Each variant in its own process; the JAX ones "
         "share a compilation cache, so the transformer compiles in the first only. T5 ms: the jitted T5 forward "
-        "alone, median of 5, after the calls.",
+        "alone, median of 5, after the calls; T5 temp: XLA's temporary buffers of that program (1 prompt).",
         "",
         *harness.md_table(["variant", "what", "peak GiB", "peak after build GiB", "weights GiB by part",
-                           "weights GiB", "first call s", "second call s", "T5 ms, 1 prompt", "T5 ms, 8 prompts"],
-                          table, numeric=[False, False, True, True, False, True, True, True, True, True]),
+                           "weights GiB", "first call s", "second call s", "T5 ms, 1 prompt", "T5 ms, 8 prompts",
+                           "T5 temp GiB"],
+                          table, numeric=[False, False, True, True, False, True, True, True, True, True, True]),
     ]
     harness.write_results(NAME, {"rows": rows, "small": args.small, "size": args.size, "steps": args.steps},
                           markdown, args.out, summary=summary, meta=harness.run_meta(probe=True),

@@ -77,21 +77,29 @@ def random_text_encoders(small: bool, treatment: str | None):
 
 
 def time_jax_encoders(clip, t5, iters: int) -> dict:
-    """Median seconds of a jitted T5 and CLIP forward for 1 and 8 prompts (random ids) and the T5's weight GiB."""
+    """Median seconds of a jitted T5 and CLIP forward for 1 and 8 prompts (random ids), the T5's weight
+    GiB, and the temporary buffers XLA gives each T5 program (`t5_temp_gib_b*`: a 4-bit T5 whose
+    dequantized weights were all materialised at once would show them here)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
-    encode_t5 = nnx.jit(lambda m, ids: m(ids))
-    encode_clip = nnx.jit(lambda m, ids: m(ids)[1])
+    def compiled(model, run, ids):
+        graphdef, state = nnx.split(model)
+        return jax.jit(lambda s, i: run(nnx.merge(graphdef, s), i)).lower(state, ids).compile(), state
+
     out = {"t5_weight_gib": sum(x.nbytes for x in jax.tree.leaves(nnx.state(t5))) / 2**30}
     rng = np.random.default_rng(0)
     for b in BATCHES:
         t5_ids = jnp.asarray(rng.integers(1, 1000, (b, T5_TOKENS)), jnp.int32)
         clip_ids = jnp.asarray(rng.integers(1, 1000, (b, CLIP_TOKENS)), jnp.int32)
-        out[f"t5_s_b{b}"] = _median_s(lambda: encode_t5(t5, t5_ids).block_until_ready(), iters)
-        out[f"clip_s_b{b}"] = _median_s(lambda: encode_clip(clip, clip_ids).block_until_ready(), iters)
+        encode_t5, t5_state = compiled(t5, lambda m, i: m(i), t5_ids)
+        encode_clip, clip_state = compiled(clip, lambda m, i: m(i)[1], clip_ids)
+        memory = encode_t5.memory_analysis()
+        out[f"t5_temp_gib_b{b}"] = None if memory is None else memory.temp_size_in_bytes / 2**30
+        out[f"t5_s_b{b}"] = _median_s(lambda: encode_t5(t5_state, t5_ids).block_until_ready(), iters)
+        out[f"clip_s_b{b}"] = _median_s(lambda: encode_clip(clip_state, clip_ids).block_until_ready(), iters)
     return out
 
 
