@@ -25,7 +25,7 @@ Stages (--stages, default tests,bench):
          latent relative L2 after 28 steps, 8-bit attention (--model-impls, default sage8 and
          sage_qk8) vs cuDNN bf16 attention, same inputs (flux_flax.set_attention).
 
-    PYTHONPATH=. python3 -m benchmarks.bench_attention [--stages tests,bench,model]
+    PYTHONPATH=. python3 -m benchmarks.bench_attention [--stages tests,bench,model] [--update]
 """
 
 from __future__ import annotations
@@ -347,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model-impls", nargs="+", default=["sage8", "sage_qk8"])
     p.add_argument("--budget-s", type=float, default=200, help="start no new measurement after this many seconds")
     p.add_argument("--variant-timeout", type=float, default=400, help="seconds each worker process may run")
+    p.add_argument("--update", action="store_true",
+                   help="start from the existing results file in --out: the stages run now replace theirs only")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -358,6 +360,10 @@ def main(argv: list[str] | None = None) -> None:
     args.argv = [*argv, "--deadline", str(time.time() + args.budget_s)]
     args.out.mkdir(parents=True, exist_ok=True)
     log: dict = {"iters": harness.timing_iters()}
+    previous = args.out / f"{NAME}.json"
+    if args.update and previous.is_file():  # keep the other stages' results (e.g. `--stages model` alone)
+        kept = harness.load_results(previous)
+        log.update({k: v for k, v in kept.items() if k not in ("bench", "schema", "meta", "device", "summary")})
     meta = harness.run_meta(probe=True)
 
     def save():

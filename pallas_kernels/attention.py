@@ -132,6 +132,14 @@ def key_permutation(n: int) -> np.ndarray:
     return np.arange(n).reshape(n // 16, 2, 4, 2).transpose(0, 2, 1, 3).reshape(n)
 
 
+def _transpose_permuting_keys(v: jax.Array) -> jax.Array:
+    """(B, s, H, D) -> (B, H, D, s) with the keys in `key_permutation` order: a reshape and one
+    transpose (no gather)."""
+    b, s, h, d = v.shape
+    split = v.reshape(b, s // 16, 2, 4, 2, h, d)  # key = 16 g + 8 h' + 2 c + i
+    return split.transpose(0, 5, 6, 1, 3, 2, 4).reshape(b, h, d, s)  # -> 16 g + 4 c + 2 h' + i
+
+
 def _p_operand_interpret(p: jax.Array) -> jax.Array:
     """P's columns in `key_permutation` order, with jnp ops (interpret mode stages P in smem)."""
     rows, cols = p.shape
@@ -191,9 +199,9 @@ def quantize_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, config: AttentionC
     k_blocks = _pad_seq(k32, seq_pad, 1).reshape(b, seq_pad // config.block_kv, config.block_kv, h, d)
     k_codes, k_scale = _symmetric_codes(k_blocks, (2, 4), qk_dtype)  # k_scale (B, blocks, H)
     v_t_codes = v_scale = v_bf16 = None
-    if pv_fp8:
-        v_t_codes, v_scale = _symmetric_codes(jnp.transpose(v32, (0, 2, 3, 1)), -1, jnp.float8_e4m3fn)
-        v_t_codes = _pad_seq(v_t_codes, seq_pad, 3)[..., key_permutation(seq_pad)]
+    if pv_fp8:  # codes in v's layout, then one transposing copy of the bytes (keys permuted in it)
+        v_codes, v_scale = _symmetric_codes(v32, 1, jnp.float8_e4m3fn)  # v_scale (B, H, D)
+        v_t_codes = _transpose_permuting_keys(_pad_seq(v_codes, seq_pad, 1))
     else:
         v_bf16 = _pad_seq(v.astype(jnp.bfloat16), seq_pad, 1)
     to_bhs = lambda s: jnp.swapaxes(s, 1, 2)  # (B, S, H) -> (B, H, S)
