@@ -12,7 +12,14 @@ from flax import nnx
 import convrot_jax as cj
 from convrot_jax import GeluTanh, LayerNormModulation
 from convrot_jax.prologue import apply_prologue
-from flux_flax import FluxConfig, FluxTransformer2DModel, fuse_producers, fuse_projections, quantize_model
+from flux_flax import (
+    FluxConfig,
+    FluxTransformer2DModel,
+    fuse_gated_residuals,
+    fuse_producers,
+    fuse_projections,
+    quantize_model,
+)
 
 RNG = np.random.default_rng(0)
 SMALL = FluxConfig.small(num_layers=1, num_single_layers=1)
@@ -111,6 +118,11 @@ def test_fused_w4a4_model(small_bf16):
     assert np.linalg.norm(out - reference) / np.linalg.norm(reference) <= W4A4_REL_ERROR_BOUND
     only_gelu = np.asarray(forward(fuse_producers(nnx.clone(unfused), ["gelu"]), inputs), np.float32)
     assert not np.array_equal(only_gelu, base) and not np.array_equal(only_gelu, out)
+    # With the gated residuals in the GEMM epilogues too (one rounding of the residual stream
+    # instead of three, produce_linear passing both to the same layer): still the W4A4 bound.
+    both = np.asarray(forward(fuse_gated_residuals(nnx.clone(fused)), inputs), np.float32)
+    assert not np.array_equal(both, out)
+    assert np.linalg.norm(both - reference) / np.linalg.norm(reference) <= W4A4_REL_ERROR_BOUND
 
 
 def test_unknown_kind_is_named():
