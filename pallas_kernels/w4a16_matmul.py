@@ -341,18 +341,18 @@ def _finish_stream(y, ws, w_scales, bias, plan: _Plan, m: int) -> jax.Array:
     out = y.T[:m]
     if not width:
         return out
-    zero = 2 * plan.programs  # an all-zero slot pads the lists
-    index = jnp.asarray(np.array([p + [zero] * (width - len(p)) for p in parts], np.int32))
-    shared = jnp.asarray(np.array([bool(p) for p in parts]))
-    slots = jnp.concatenate([ws.reshape(2 * plan.programs, cta_n, tm), jnp.zeros((1, cta_n, tm), ws.dtype)])
+    # The lists padded with -1 (no slot): a gather of slot 0, masked, so that no op copies ws.
+    index = jnp.asarray(np.array([p + [-1] * (width - len(p)) for p in parts], np.int32))
+    slots = ws.reshape(2 * plan.programs, cta_n, tm)
     rows, cols = jnp.arange(m)[:, None], jnp.arange(y.shape[0])[None, :]
     tile = rows // tm + (cols // cta_n) * plan.tiles[0]
-    acc = sum(slots[index[tile, j], cols % cta_n, rows % tm] for j in range(width))
+    slot = [index[tile, j] for j in range(width)]
+    acc = sum(jnp.where(i >= 0, slots[jnp.maximum(i, 0), cols % cta_n, rows % tm], 0.0) for i in slot)
     if not plan.grouped:
         acc = acc * w_scales[None, :]
     if bias is not None:
         acc = acc + bias[None, :]
-    return jnp.where(shared[tile], acc.astype(y.dtype), out)
+    return jnp.where(slot[0] >= 0, acc.astype(y.dtype), out)
 
 
 # Jitted with the settings static: every call at the same shapes shares one traced kernel.
