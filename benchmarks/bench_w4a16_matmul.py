@@ -192,13 +192,12 @@ def work_sweep(args) -> list[dict]:
         return [dataclasses.replace(config_for(m, n, k), **c) for c in changes.values()]
 
     sweep = {  # (m, k, n) -> configs besides the default
-        (1, 3072, 18432): variants(1, 18432, 3072, a=dict(schedule="tail_split"), b=dict(tile_k=128),
+        (1, 3072, 18432): variants(1, 18432, 3072, b=dict(tile_k=128),
                                    c=dict(tile_k=512, max_concurrent_steps=5), d=dict(max_concurrent_steps=4)),
-        (28, 3072, 9216): variants(28, 9216, 3072, a=dict(schedule="tail_split"), b=dict(tile_k=128)),
-        (64, 3072, 6144): variants(64, 6144, 3072, a=dict(schedule="tail_split"), b=dict(tile_k=128, max_concurrent_steps=6),
+        (28, 3072, 9216): variants(28, 9216, 3072, b=dict(tile_k=128)),
+        (64, 3072, 6144): variants(64, 6144, 3072, b=dict(tile_k=128, max_concurrent_steps=6),
                                    c=dict(tile_n=128, tile_k=128, max_concurrent_steps=4)),
-        (512, 4096, 10240): variants(512, 10240, 4096, a=dict(schedule="tail_split"),
-                                     b=dict(tile_m=64, tile_k=256, max_concurrent_steps=4),
+        (512, 4096, 10240): variants(512, 10240, 4096, b=dict(tile_m=64, tile_k=256, max_concurrent_steps=4),
                                      c=dict(tile_k=64, max_concurrent_steps=6)),
     }
     rows = []
@@ -335,8 +334,8 @@ def work_probe(args) -> list[dict]:
         make = lambda i: (jax.random.normal(jax.random.key(i), (4, 3072), jnp.bfloat16),)  # noqa: E731
         add({"variant": name, "shape": "M=4 K=3072", "ms": harness.device_time_ms(f, make),
              "kernels": kernel_times_us(f, make(0))})
-    cases = [(112, 3072, 18432, {}), (112, 3072, 18432, {"schedule": "tail_split"}),
-             (112, 3072, 18432, {"tile_n": 128, "tile_k": 128, "max_concurrent_steps": 4}),
+    cases = [(112, 3072, 18432, {}), (112, 3072, 18432, {"tile_n": 128, "tile_k": 128, "max_concurrent_steps": 4}),
+             (112, 3072, 18432, {"tile_m": 64}),
              (28, 3072, 18432, {}), (28, 3072, 18432, {"tile_n": 128, "tile_k": 128, "max_concurrent_steps": 4}),
              (4, 3072, 18432, {})]
     for m, k, n, change in cases:
