@@ -22,9 +22,8 @@ Structure (Pallas Mosaic GPU, warp-specialised, after jax's `hopper_mixed_type_m
   * scales: per output channel, applied in float32 to the sum in the epilogue (with the bias);
     per group (`scale_group` g, tile_k = g), each step's product is multiplied by its group's
     scales before it is added.
-  * output: each warpgroup stores its (tile_n, tile_m) tile straight from registers into a
-    (N, M) array, which the wrapper transposes (at small M, a few KiB; XLA fuses the transpose
-    into the consumer).
+  * output: each warpgroup stores its (tile_n, tile_m) tile straight from registers into an
+    (N, M) array; the finishing XLA pass (below) transposes it.
   * schedule ("stream-K"), a persistent grid of one program per SM: the (output tile, K step)
     pairs, tile after tile, are cut into equal runs, one per program, each run one pipeline. A
     program sums each tile's steps; a tile it holds whole goes through the epilogue, a tile shared
@@ -34,6 +33,9 @@ Structure (Pallas Mosaic GPU, warp-specialised, after jax's `hopper_mixed_type_m
     48 or 72 for 132 SMs) is what sets the time.
   Every step's product goes to a fresh accumulator (the per-group scales need that anyway, and at
   small M it is a few registers) and is added to a float32 sum carried by the pipeline.
+
+Measured on the H200 (benchmarks/results/w4a16_matmul.md, benchmarks/notes/w4a16_matmul.md): 1.3x
+the XLA bf16 GEMM at M = 4, 0.83x at M = 28, 0.26x at M = 112; the notes list what to try next.
 
 Accuracy: the weights enter the tensor cores as their exact int4 codes and the scales multiply the
 float32 accumulator, so the kernel is at least as accurate as the XLA reference
