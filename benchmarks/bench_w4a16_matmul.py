@@ -18,6 +18,8 @@ Stages (--stages, comma-separated, default tests,bench):
   bench  the implementation x shape table.
   quick  (run as `--worker quick`, in this process) for short GPU slots: QUICK_SHAPES in priority
          order, the bf16 GEMM and the checked kernel per shape, rows printed as they complete.
+  probe  (`--worker probe`) each kernel of the call at M = 28 / 112, alternative configs, and the
+         W4A16 layer's XLA rotation of x against a dense Hadamard matmul.
 
     PYTHONPATH=. python3 -m benchmarks.bench_w4a16_matmul [--stages tests,sweep,bench]
 """
@@ -190,13 +192,12 @@ def work_sweep(args) -> list[dict]:
         return [dataclasses.replace(config_for(m, n, k), **c) for c in changes.values()]
 
     sweep = {  # (m, k, n) -> configs besides the default
-        (1, 3072, 18432): variants(1, 18432, 3072, a=dict(schedule="tail_split"), b=dict(tile_k=128),
+        (1, 3072, 18432): variants(1, 18432, 3072, b=dict(tile_k=128),
                                    c=dict(tile_k=512, max_concurrent_steps=5), d=dict(max_concurrent_steps=4)),
-        (28, 3072, 9216): variants(28, 9216, 3072, a=dict(schedule="tail_split"), b=dict(tile_k=128)),
-        (64, 3072, 6144): variants(64, 6144, 3072, a=dict(schedule="tail_split"), b=dict(tile_k=128, max_concurrent_steps=6),
+        (28, 3072, 9216): variants(28, 9216, 3072, b=dict(tile_k=128)),
+        (64, 3072, 6144): variants(64, 6144, 3072, b=dict(tile_k=128, max_concurrent_steps=6),
                                    c=dict(tile_n=128, tile_k=128, max_concurrent_steps=4)),
-        (512, 4096, 10240): variants(512, 10240, 4096, a=dict(schedule="tail_split"),
-                                     b=dict(tile_m=64, tile_k=256, max_concurrent_steps=4),
+        (512, 4096, 10240): variants(512, 10240, 4096, b=dict(tile_m=64, tile_k=256, max_concurrent_steps=4),
                                      c=dict(tile_k=64, max_concurrent_steps=6)),
     }
     rows = []
@@ -292,6 +293,66 @@ def work_quick(args) -> list[dict]:
                 add({"variant": "pallas_group128", **shape, "check": kernel_check(y, x, w, sw, b, 128)})
             except Exception as e:  # noqa: BLE001
                 add({"variant": "pallas_group128", **shape, "error": f"{type(e).__name__}: {e}"[:400]})
+    return rows
+
+
+def kernel_times_us(fn, args) -> list[tuple[str, float]]:
+    """Each kernel of one call (CUPTI, one input set, L2-warm, mean of 5): (name, us)."""
+    import jax
+    from jax.experimental.mosaic.gpu import profiler
+
+    _, runs = profiler.measure(jax.jit(fn), aggregate=False, iterations=5)(*args)
+    return [(name, 1e3 * sum(run[i][1] for run in runs) / len(runs)) for i, (name, _) in enumerate(runs[0])]
+
+
+def work_probe(args) -> list[dict]:
+    """Where the time goes at M = 28 / 112 (each kernel of the call), two alternative configs, and
+    the layer's XLA rotation of x (the butterfly) against one dense Hadamard matmul per group."""
+    import json
+
+    import jax
+    import jax.numpy as jnp
+
+    from convrot_jax.hadamard import regular_hadamard, rotate
+    from pallas_kernels.w4a16_matmul import w4a16_matmul
+    from pallas_kernels.w4a16_matmul_config import config_for
+
+    print("META " + json.dumps({**harness.run_meta(), "iters": harness.timing_iters()}), flush=True)
+    rows = []
+
+    def add(row):
+        rows.append(row)
+        print("ROW " + json.dumps(row), flush=True)
+
+    h = regular_hadamard(256)
+    rotations = {
+        "rotate_butterfly": lambda x: rotate(x, group_size=256).astype(x.dtype),
+        "rotate_dense": lambda x: jnp.einsum("mgk,kj->mgj", x.reshape(x.shape[0], -1, 256).astype(jnp.float32), h,
+                                             precision=jax.lax.Precision.HIGHEST).reshape(x.shape).astype(x.dtype),
+    }
+    for name, f in rotations.items():
+        make = lambda i: (jax.random.normal(jax.random.key(i), (4, 3072), jnp.bfloat16),)  # noqa: E731
+        add({"variant": name, "shape": "M=4 K=3072", "ms": harness.device_time_ms(f, make),
+             "kernels": kernel_times_us(f, make(0))})
+    cases = [(112, 3072, 18432, {}), (112, 3072, 18432, {"tile_n": 128, "tile_k": 128, "max_concurrent_steps": 4}),
+             (112, 3072, 18432, {"tile_m": 64}),
+             (28, 3072, 18432, {}), (28, 3072, 18432, {"tile_n": 128, "tile_k": 128, "max_concurrent_steps": 4}),
+             (4, 3072, 18432, {})]
+    for m, k, n, change in cases:
+        if time.time() > args.deadline:
+            break
+        cfg = dataclasses.replace(config_for(m, n, k), **change)
+        fn = functools.partial(w4a16_matmul, config=cfg)
+        row = {"variant": "pallas", "shape": f"M={m} K={k} N={n}", "m": m, "k": k, "n": n,
+               "config": dataclasses.asdict(cfg)}
+        try:
+            make = kernel_args(m, n, k)
+            row["check"] = kernel_check(jax.jit(fn)(*make(0)), *make(0))
+            row["kernels"] = kernel_times_us(fn, make(0))
+            row["ms"] = harness.device_time_ms(fn, make, m * n * 2)
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {e}"[:400]
+        add(row)
     return rows
 
 
@@ -401,7 +462,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         args.deadline = args.deadline or time.time() + args.budget_s
         kind, _, names = args.worker.partition(":")
-        work = {"sweep": lambda: work_sweep(args), "quick": lambda: work_quick(args)}.get(kind)
+        work = {"sweep": lambda: work_sweep(args), "quick": lambda: work_quick(args),
+                "probe": lambda: work_probe(args)}.get(kind)
         harness.emit(work() if work else work_group(names.split(","), args))
         return
     args.argv = [*argv, "--deadline", str(time.time() + args.budget_s)]

@@ -22,20 +22,20 @@ Structure (Pallas Mosaic GPU, warp-specialised, after jax's `hopper_mixed_type_m
   * scales: per output channel, applied in float32 to the sum in the epilogue (with the bias);
     per group (`scale_group` g, tile_k = g), each step's product is multiplied by its group's
     scales before it is added.
-  * output: each warpgroup stores its (tile_n, tile_m) tile straight from registers into a
-    (N, M) array, which the wrapper transposes (at small M, a few KiB; XLA fuses the transpose
-    into the consumer).
-  * schedule (`W4A16MatmulConfig.schedule`), a persistent grid of one program per SM:
-    - "stream_k" (default): the (output tile, K step) pairs, tile after tile, are cut into equal
-      runs, one per program, each run one pipeline. A program sums each tile's steps; a tile it
-      holds whole goes through the epilogue, a tile shared with the neighbouring runs goes to a
-      float32 workspace slot, and XLA adds those slots (static lists) and finishes them. Every SM
-      streams the same number of weight bytes whatever the tile count, which at small M (where
-      N / 128 tiles may be 48 or 72 for 132 SMs) is what sets the time.
-    - "tail_split": whole tiles, with the last, partial wave split along K over the SMs it would
-      leave idle (`pallas_kernels.tile_schedule`, as the W4A4 GEMM).
+  * output: each warpgroup stores its (tile_n, tile_m) tile straight from registers into an
+    (N, M) array; the finishing XLA pass (below) transposes it.
+  * schedule ("stream-K"), a persistent grid of one program per SM: the (output tile, K step)
+    pairs, tile after tile, are cut into equal runs, one per program, each run one pipeline. A
+    program sums each tile's steps; a tile it holds whole goes through the epilogue, a tile shared
+    with the neighbouring runs goes to a float32 workspace slot, and one elementwise XLA pass adds
+    those slots (static lists), finishes them and transposes the output. Every SM streams the same
+    number of weight bytes whatever the tile count, which at small M (where N / 128 tiles may be
+    48 or 72 for 132 SMs) is what sets the time.
   Every step's product goes to a fresh accumulator (the per-group scales need that anyway, and at
   small M it is a few registers) and is added to a float32 sum carried by the pipeline.
+
+Measured on the H200 (benchmarks/results/w4a16_matmul.md, benchmarks/notes/w4a16_matmul.md): 1.3x
+the XLA bf16 GEMM at M = 4, 0.83x at M = 28, 0.26x at M = 112; the notes list what to try next.
 
 Accuracy: the weights enter the tensor cores as their exact int4 codes and the scales multiply the
 float32 accumulator, so the kernel is at least as accurate as the XLA reference
@@ -63,7 +63,7 @@ from jax import lax
 
 from pallas_kernels.int4_unpack import permute_k32, unpack_tile
 from pallas_kernels.smem import swizzle_transforms
-from pallas_kernels.tile_schedule import TileSchedule, sm_count, tile_coords, tile_schedule
+from pallas_kernels.tile_schedule import sm_count
 from pallas_kernels.w4a16_matmul_config import W4A16MatmulConfig, config_for
 
 
@@ -76,8 +76,7 @@ class _Plan(NamedTuple):
     programs: int
     grouped: bool  # per-group scales: every step is one scale group (tile_k == scale_group)
     interpret: bool
-    tail: TileSchedule | None  # the tail_split schedule
-    run: int  # stream_k: the (tile, K step) pairs each program runs
+    run: int  # the (tile, K step) pairs each program runs
 
     @property
     def acc_shape(self) -> tuple[int, int]:
@@ -94,12 +93,11 @@ class _Refs(NamedTuple):
     sw: object  # float32 (N,), or (K / g, N) per group, gmem
     bias: object | None  # float32 (N,) gmem
     out: object  # (N, M) gmem
-    ws: object | None  # float32 partial sums, gmem: (programs, 2, 2, tile_n, tile_m) stream_k,
-    # (splits, tail tiles, 2, tile_n, tile_m) tail_split
+    ws: object  # float32 (programs, 2 slots, 2 warpgroups, tile_n, tile_m) shared-tile sums, gmem
     a_smem: object | None  # bf16 (2, tile_n, tile_k) wgmma A staging, smem (interpret mode only)
 
 
-def _pipeline(plan: _Plan, body, compute_context, steps: int, x_map=lambda kk: (0, kk), w_map=lambda kk: (0, kk)):
+def _pipeline(plan: _Plan, body, compute_context, steps: int, x_map, w_map):
     cfg = plan.config
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
     return plgpu.emit_pipeline_warp_specialized(
@@ -163,7 +161,7 @@ def _stream_tile(plan: _Plan, g: jax.Array):
 
 
 def _run_stream(plan: _Plan, refs: _Refs, allocs) -> None:
-    """stream_k: program p runs pairs [p R, (p + 1) R) of the (tile, K step) sequence as one
+    """Stream-K: program p runs pairs [p R, (p + 1) R) of the (tile, K step) sequence as one
     pipeline (R = `plan.run`), summing each tile's steps; a tile it holds whole goes through the
     epilogue, a tile shared with its neighbours goes to its workspace slot (1: the tile began in
     this run, 0: before it) for `_finish_stream`."""
@@ -215,67 +213,22 @@ def _run_stream(plan: _Plan, refs: _Refs, allocs) -> None:
     _pipeline(plan, body, compute_context, plan.run, x_map, w_map)(refs.x, refs.w, allocations=allocs)
 
 
-def _run_tile(plan: _Plan, refs: _Refs, allocs, wg: jax.Array, lin: jax.Array, piece=None) -> None:
-    """tail_split: output tile `lin`, or K piece `piece` of it into the workspace, as one pipeline."""
-    cfg = plan.config
-    tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
-    mi, ni = tile_coords(lin, plan.tiles, "n", 1)
-    m0, n0 = mi * tm, ni * (2 * tn)
-    rows = pl.ds(n0 + wg * tn, tn)
-    steps = plan.k_steps if piece is None else plan.k_steps // plan.tail.splits
-    step0 = 0 if piece is None else piece * steps
-
-    def body(idxs, x_smem, w_smem, acc):
-        (kk,) = idxs
-        with jax.named_scope("mainloop"):
-            return acc + _step_product(plan, refs, wg, x_smem, w_smem, rows, step0 + kk)
-
-    def compute_context(eval_pipeline):
-        acc = eval_pipeline(jnp.zeros(plan.acc_shape, jnp.float32))
-        if piece is None:
-            _epilogue(plan, refs, rows, m0, acc)
-        else:
-            refs.ws.at[piece, lin - plan.tail.first_tail, wg][...] = acc
-
-    codes = pl.ds(0 if piece is None else pl.multiple_of(step0 * tk, steps * tk), steps * tk)
-    packed = pl.ds(0 if piece is None else pl.multiple_of(step0 * tk // 2, steps * tk // 2), steps * tk // 2)
-    _pipeline(plan, body, compute_context, steps)(
-        refs.x.at[pl.ds(m0, tm), codes], refs.w.at[pl.ds(n0, 2 * tn), packed], allocations=allocs)
-
-
-def _run_tail_split(plan: _Plan, refs: _Refs, allocs) -> None:
-    """tail_split: this program's whole tiles (`TileSchedule` full rounds), then its tail unit."""
-    wg = lax.axis_index("wg")
-    program = lax.axis_index("sm")
-    schedule = plan.tail
-    if schedule.full_rounds:
-        @pl.loop(0, schedule.full_rounds)
-        def _round(r):
-            _run_tile(plan, refs, allocs, wg, program + r * schedule.programs)
-
-    if schedule.units:
-        @pl.when(program < schedule.units)
-        def _tail():
-            tile = schedule.first_tail + program % schedule.tail_tiles
-            piece = program // schedule.tail_tiles if schedule.splits > 1 else None
-            _run_tile(plan, refs, allocs, wg, tile, piece)
-
-
 def _kernel(x_gmem, w_gmem, sw_gmem, bias_gmem, out_gmem, ws_gmem, *, plan: _Plan) -> None:
     cfg = plan.config
     ignore = lambda *_, **__: None  # allocations do not depend on the bodies
-    steps = plan.run if plan.tail is None else plan.k_steps
+    first_blocks = lambda s: (0, s)  # noqa: E731  (neither do the index maps)
 
     @functools.partial(
         pl.run_scoped,
-        pipeline_allocs=_pipeline(plan, ignore, ignore, steps).get_allocations(x_gmem, w_gmem),
+        pipeline_allocs=_pipeline(plan, ignore, ignore, plan.run, first_blocks, first_blocks).get_allocations(
+            x_gmem, w_gmem),
         a_smem=plgpu.SMEM((2, cfg.tile_n, cfg.tile_k), jnp.bfloat16, transforms=swizzle_transforms(cfg.tile_k, 2))
         if plan.interpret else None,
         collective_axes="wg",
     )
     def _scope(pipeline_allocs, a_smem):
         refs = _Refs(x_gmem, w_gmem, sw_gmem, bias_gmem, out_gmem, ws_gmem, a_smem)
-        (_run_stream if plan.tail is None else _run_tail_split)(plan, refs, pipeline_allocs)
+        _run_stream(plan, refs, pipeline_allocs)
 
 
 def _check_operands(x, w_packed, w_scales, bias, scale_group) -> None:
@@ -297,32 +250,8 @@ def _check_operands(x, w_packed, w_scales, bias, scale_group) -> None:
         raise ValueError(f"bias {bias.shape} must be (N,) = ({n},)")
 
 
-def _finish_tiles(y, acc, mi, ni, w_scales, bias, config: W4A16MatmulConfig, grouped: bool) -> jax.Array:
-    """Scales (per channel) and biases float32 tiles acc (tiles, 2 * tile_n, tile_m) at tile
-    coordinates (mi, ni) as the epilogue does and writes them into y (N, M) with one scatter."""
-    tm, cta_n = config.tile_m, 2 * config.tile_n
-    if not grouped:
-        acc = acc * w_scales.reshape(-1, cta_n)[ni][:, :, None]
-    if bias is not None:
-        acc = acc + bias.reshape(-1, cta_n)[ni][:, :, None]
-    starts = jnp.stack([ni * cta_n, mi * tm], axis=1)
-    dnums = lax.ScatterDimensionNumbers(update_window_dims=(1, 2), inserted_window_dims=(),
-                                        scatter_dims_to_operand_dims=(0, 1))
-    return lax.scatter(y, starts, acc.astype(y.dtype), dnums, indices_are_sorted=False, unique_indices=True,
-                       mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
-
-
-def _add_split_tiles(y, ws, w_scales, bias, plan: _Plan) -> jax.Array:
-    """tail_split: adds the K pieces of the tail tiles and finishes them."""
-    schedule, cfg = plan.tail, plan.config
-    acc = ws.sum(0).reshape(schedule.tail_tiles, 2 * cfg.tile_n, cfg.tile_m)
-    lin = schedule.first_tail + jnp.arange(schedule.tail_tiles, dtype=jnp.int32)
-    mi, ni = jax.vmap(lambda i: tile_coords(i, plan.tiles, "n", 1))(lin)
-    return _finish_tiles(y, acc, mi, ni, w_scales, bias, cfg, plan.grouped)
-
-
 def _finish_stream(y, ws, w_scales, bias, plan: _Plan, m: int) -> jax.Array:
-    """stream_k: the (M, N) output from the kernel's (N, M_pad) one, in one elementwise XLA pass
+    """The (M, N) output from the kernel's (N, M_pad) one, in one elementwise XLA pass
     (the slice, the transpose and the shared tiles fuse into one loop): a tile that several runs
     share is the sum of their workspace slots (static lists: the run where the tile begins, slot 1,
     then the later ones, slot 0), scaled and biased as the epilogue does."""
@@ -336,18 +265,18 @@ def _finish_stream(y, ws, w_scales, bias, plan: _Plan, m: int) -> jax.Array:
     out = y.T[:m]
     if not width:
         return out
-    zero = 2 * plan.programs  # an all-zero slot pads the lists
-    index = jnp.asarray(np.array([p + [zero] * (width - len(p)) for p in parts], np.int32))
-    shared = jnp.asarray(np.array([bool(p) for p in parts]))
-    slots = jnp.concatenate([ws.reshape(2 * plan.programs, cta_n, tm), jnp.zeros((1, cta_n, tm), ws.dtype)])
+    # The lists padded with -1 (no slot): a gather of slot 0, masked, so that no op copies ws.
+    index = jnp.asarray(np.array([p + [-1] * (width - len(p)) for p in parts], np.int32))
+    slots = ws.reshape(2 * plan.programs, cta_n, tm)
     rows, cols = jnp.arange(m)[:, None], jnp.arange(y.shape[0])[None, :]
     tile = rows // tm + (cols // cta_n) * plan.tiles[0]
-    acc = sum(slots[index[tile, j], cols % cta_n, rows % tm] for j in range(width))
+    slot = [index[tile, j] for j in range(width)]
+    acc = sum(jnp.where(i >= 0, slots[jnp.maximum(i, 0), cols % cta_n, rows % tm], 0.0) for i in slot)
     if not plan.grouped:
         acc = acc * w_scales[None, :]
     if bias is not None:
         acc = acc + bias[None, :]
-    return jnp.where(shared[tile], acc.astype(y.dtype), out)
+    return jnp.where(slot[0] >= 0, acc.astype(y.dtype), out)
 
 
 # Jitted with the settings static: every call at the same shapes shares one traced kernel.
@@ -390,28 +319,20 @@ def w4a16_matmul(
     b = None if bias is None else bias.astype(jnp.float32)
 
     tiles = (m_pad // cfg.tile_m, n // (2 * cfg.tile_n))
-    k_steps, sms = k // cfg.tile_k, sm_count(interpret)
-    if cfg.schedule == "stream_k":
-        run = -(-math.prod(tiles) * k_steps // sms)
-        plan = _Plan(cfg, tiles, k_steps, -(-math.prod(tiles) * k_steps // run), scale_group is not None,
-                     interpret, None, run)
-        ws_shape = (plan.programs, 2, 2, *plan.acc_shape)
-    else:
-        tail = tile_schedule(math.prod(tiles), k_steps, sms, 1, cfg.split_tail)
-        plan = _Plan(cfg, tiles, k_steps, tail.programs, scale_group is not None, interpret, tail, 0)
-        ws_shape = (tail.splits, tail.tail_tiles, 2, *plan.acc_shape) if tail.splits > 1 else None
-    out_types = [jax.ShapeDtypeStruct((n, m_pad), out_dtype)]
-    if ws_shape is not None:
-        out_types.append(jax.ShapeDtypeStruct(ws_shape, jnp.float32))
+    k_steps = k // cfg.tile_k
+    run = -(-math.prod(tiles) * k_steps // sm_count(interpret))
+    plan = _Plan(cfg, tiles, k_steps, -(-math.prod(tiles) * k_steps // run), scale_group is not None, interpret, run)
+    out_types = (jax.ShapeDtypeStruct((n, m_pad), out_dtype),
+                 jax.ShapeDtypeStruct((plan.programs, 2, 2, *plan.acc_shape), jnp.float32))
     operands = [x, w_packed, sw] + ([] if b is None else [b])
 
     def kernel(x_ref, w_ref, sw_ref, *rest):
-        bias_ref, (out_ref, *ws_ref) = (rest[0], rest[1:]) if b is not None else (None, rest)
-        _kernel(x_ref, w_ref, sw_ref, bias_ref, out_ref, ws_ref[0] if ws_ref else None, plan=plan)
+        bias_ref, (out_ref, ws_ref) = (rest[0], rest[1:]) if b is not None else (None, rest)
+        _kernel(x_ref, w_ref, sw_ref, bias_ref, out_ref, ws_ref, plan=plan)
 
     f = plgpu.kernel(
         kernel,
-        out_type=tuple(out_types),
+        out_type=out_types,
         grid=(plan.programs,),
         grid_names=("sm",),
         num_threads=3,
@@ -419,9 +340,5 @@ def w4a16_matmul(
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
-    y, *ws = f(*operands)
-    if plan.tail is None:
-        return _finish_stream(y, ws[0], sw, b, plan, m)
-    if ws:
-        y = _add_split_tiles(y, ws[0], sw, b, plan)
-    return y.T[:m]
+    y, ws = f(*operands)
+    return _finish_stream(y, ws, sw, b, plan, m)

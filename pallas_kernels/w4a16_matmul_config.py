@@ -23,20 +23,12 @@ class W4A16MatmulConfig:
     tile_n: int = 64
     tile_k: int = 256
     max_concurrent_steps: int = 4
-    # How the persistent grid shares the work (`pallas_kernels.w4a16_matmul`):
-    # "stream_k": every program takes an equal run of the (tile, K step) sequence, one pipeline;
-    # "tail_split": whole tiles, the last partial wave split along K (`pallas_kernels.tile_schedule`).
-    schedule: str = "stream_k"
-    # tail_split only: split the last wave's tiles along K over the SMs it leaves idle.
-    split_tail: bool = True
 
     def __post_init__(self):
         if self.tile_m % 8 or not 8 <= self.tile_m <= 256:
             raise ValueError(f"tile_m must be a multiple of 8 in [8, 256]: {self}")
         if self.tile_n % 64 or self.tile_k % 64:
             raise ValueError(f"tile_n and tile_k must be multiples of 64: {self}")
-        if self.schedule not in ("stream_k", "tail_split"):
-            raise ValueError(f"schedule must be 'stream_k' or 'tail_split': {self}")
         if self.max_concurrent_steps < 2:
             raise ValueError(f"max_concurrent_steps must be at least 2: {self}")
 

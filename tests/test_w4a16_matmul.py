@@ -2,7 +2,7 @@
 `convrot_jax.ops.w4a16_linear` entry point.
 
 CPU: Mosaic GPU interpret mode at small shapes (several K steps, several N tiles, M not a multiple
-of the tile, a persistent grid of 4 programs under both schedules, tiles shared along K, zero rows).
+of the tile, a persistent grid of 4 programs, runs holding whole tiles and runs sharing them, zero rows).
 Interpret mode cannot run the register-level unpack (`inline_mgpu`), so there it unpacks with jnp
 ops; the `gpu` tests run the real kernel at the FLUX modulation and T5 shapes on a Hopper GPU.
 
@@ -13,8 +13,6 @@ and then each rounds to bf16 once (half a bf16 ulp each, 2^-8 of the value).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -112,36 +110,29 @@ def test_default_config_follows_m():
 
 # --- CPU, interpret mode: the kernel against the reference -------------------------------------
 
-SCHEDULES = pytest.mark.parametrize("schedule", ["stream_k", "tail_split"])
-
-
-@SCHEDULES
 @pytest.mark.parametrize("m, tile_m", [(5, 8), (19, 16)])
-def test_interpret_tiles_shared_along_k(m, tile_m, schedule):
-    """N = 256, K = 512: two tiles of 4 K steps on 4 programs: stream_k gives each program 2
-    steps (every tile shared by two runs), tail_split splits each tile in two K pieces."""
-    cfg = W4A16MatmulConfig(tile_m=tile_m, tile_n=64, tile_k=128, max_concurrent_steps=2, schedule=schedule)
+def test_interpret_tiles_shared_along_k(m, tile_m):
+    """N = 256, K = 512: two tiles of 4 K steps on 4 programs, runs of 2 steps: every tile is
+    shared by two runs and finished from the workspace."""
+    cfg = W4A16MatmulConfig(tile_m=tile_m, tile_n=64, tile_k=128, max_concurrent_steps=2)
     _check(m, 256, 512, bias=m == 5, config=cfg, interpret=True, seed=m, zero_rows=True)
 
 
-@SCHEDULES
-def test_interpret_whole_and_shared_tiles(schedule):
-    """N = 640, K = 128, M = 12: ten (tile, K step) pairs, two m tiles. stream_k: runs of 3,
-    tiles held whole by one run and tiles shared by two; tail_split: a full round, then one tail
-    tile in 2 K pieces."""
-    cfg = W4A16MatmulConfig(tile_m=8, tile_n=64, tile_k=64, max_concurrent_steps=2, schedule=schedule)
+def test_interpret_whole_and_shared_tiles():
+    """N = 640, K = 128, M = 12: ten (tile, K step) pairs over two m tiles in runs of 3: tiles
+    held whole by one run (epilogue in the kernel) and tiles shared by two."""
+    cfg = W4A16MatmulConfig(tile_m=8, tile_n=64, tile_k=64, max_concurrent_steps=2)
     _check(12, 640, 128, config=cfg, interpret=True, seed=3)
 
 
-def test_interpret_no_split_tail():
-    cfg = W4A16MatmulConfig(tile_m=8, tile_n=64, tile_k=128, max_concurrent_steps=2, schedule="tail_split",
-                            split_tail=False)
-    _check(3, 256, 256, bias=False, config=cfg, interpret=True, seed=4)
+def test_interpret_whole_tiles_only():
+    """N = 512, K = 256: four tiles of 2 steps on 4 programs: every run holds one whole tile."""
+    cfg = W4A16MatmulConfig(tile_m=8, tile_n=64, tile_k=128, max_concurrent_steps=2)
+    _check(3, 512, 256, bias=False, config=cfg, interpret=True, seed=4)
 
 
-@SCHEDULES
-def test_interpret_per_group(schedule):
-    cfg = W4A16MatmulConfig(tile_m=8, tile_n=64, tile_k=64, max_concurrent_steps=2, schedule=schedule)
+def test_interpret_per_group():
+    cfg = W4A16MatmulConfig(tile_m=8, tile_n=64, tile_k=64, max_concurrent_steps=2)
     _check(3, 128, 256, scale_group=64, config=cfg, interpret=True, seed=5, zero_rows=True)
 
 
@@ -219,13 +210,6 @@ def test_gpu_t5(k, n):
 @pytest.mark.parametrize("m, n, k, g", [(4, 18432, 3072, 128), (512, 4096, 4096, 64)])
 def test_gpu_per_group(m, n, k, g):
     _check(m, n, k, scale_group=g, interpret=False, seed=g)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m, n", [(1, 18432), (64, 9216)])
-def test_gpu_tail_split(m, n):
-    cfg = dataclasses.replace(config_for(m, n, 3072), schedule="tail_split")
-    _check(m, n, 3072, config=cfg, interpret=False, seed=m, zero_rows=m > 1)
 
 
 @pytest.mark.gpu
