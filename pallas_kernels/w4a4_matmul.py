@@ -74,6 +74,7 @@ from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
 from pallas_kernels.tile_schedule import TileSchedule, tile_coords, tile_schedule
 from pallas_kernels.w4a4_matmul_config import W4A4MatmulConfig, config_for
+from pallas_kernels.w4a4_matmul_reference import check_gated_residual
 
 
 class _Plan(NamedTuple):
@@ -86,6 +87,7 @@ class _Plan(NamedTuple):
     grouped: bool  # per-group weight scales: every step is one scale group (tile_k == scale_group)
     int32_out: bool  # the test-only variant (`w4a4_matmul_int32`): raw int32 sums, no dequantize
     interpret: bool
+    tiles_per_image: int  # gated residual: m tiles of one image (each image's rows are whole tiles)
 
     @property
     def in_regs(self) -> bool:
@@ -127,10 +129,14 @@ class _Refs(NamedTuple):
     sx: object  # float32 (M,) gmem
     sw: object  # float32 (N,), or (K / g, N) per group, gmem
     bias: object | None  # float32 (N,) gmem
+    gate: object | None  # float32 (B, N) gmem: the gated residual's per-image gates
+    res: object | None  # (M, N) gmem, the output's dtype: the gated residual's residual
     out: object  # (M, N), or (N, M) for the registers form's int32 variant, gmem
     ws: object | None  # int32 split-tile workspace (splits, tail tiles, 2, *acc_shape), gmem
     w8: object | None  # int8 (2, 2, tile_n, tile_k) unpacked-weight slots, smem (smem form)
     out_smem: object  # (2, slots, *epilogue tile) output staging, smem
+    res_smem: object | None  # (2, slots, epi_tile_m, epi_tile_n) residual tiles, smem
+    res_barriers: object | None  # (2 * slots,) their TMA barriers, warpgroup-major
 
 
 class _Tile(NamedTuple):
@@ -144,17 +150,26 @@ class _Tile(NamedTuple):
 
 
 def dequantize(acc: jax.Array, x_scales: Callable[[], jax.Array], w_scales: Callable[[], jax.Array] | None,
-               bias: Callable[[], jax.Array] | None) -> jax.Array:
-    """The epilogue's arithmetic, float32: acc * s_x * s_w (+ bias), in this order (the
-    reference's). Each operand is a function returning it broadcast to acc's shape, called right
-    before its use (in the kernel, that is where it is loaded). w_scales None: already applied
-    (per-group scales fold them in the main loop); bias None: no bias."""
+               bias: Callable[[], jax.Array] | None, gate: Callable[[], jax.Array] | None = None) -> jax.Array:
+    """The epilogue's arithmetic, float32: acc * s_x * s_w (+ bias) (* gate), in this order (the
+    reference's; the gated residual then adds its residual to this, `add_residual`). Each operand
+    is a function returning it broadcast to acc's shape, called right before its use (in the
+    kernel, that is where it is loaded). w_scales None: already applied (per-group scales fold
+    them in the main loop); bias, gate None: none."""
     acc = acc * x_scales()
     if w_scales is not None:
         acc = acc * w_scales()
     if bias is not None:
         acc = acc + bias()
+    if gate is not None:
+        acc = acc * gate()
     return acc
+
+
+def add_residual(y: jax.Array, residual: jax.Array) -> jax.Array:
+    """The gated residual's last step, float32: residual + gate * (linear + bias), the gated
+    product `y` coming from `dequantize`; the only rounding (to the output dtype) follows."""
+    return residual.astype(jnp.float32) + y
 
 
 def _acc_shape(config: W4A4MatmulConfig) -> tuple[int, int]:
@@ -271,35 +286,78 @@ def _mma(plan: _Plan, refs: _Refs, wg: jax.Array, acc_ref, kk: jax.Array, x_smem
         plgpu.wgmma(acc_ref, x_smem, refs.w8.at[wg, slot].T)
 
 
+def _epilogue_tiles(plan: _Plan) -> list[tuple[slice, slice]]:
+    """A warpgroup's output tile as epilogue tiles, in store order: (rows, columns) of each."""
+    cfg = plan.config
+    em, en = cfg.epi_tile_m, cfg.epi_tile_n
+    return [(slice(ei * em, (ei + 1) * em), slice(ej * en, (ej + 1) * en))
+            for ei in range(cfg.tile_m // em) for ej in range(cfg.tile_n // en)]
+
+
+def _load_residual(plan: _Plan, refs: _Refs, tile: _Tile, j: int) -> None:
+    """Starts the TMA load of epilogue tile j's residual into its slot (j mod the slots)."""
+    rows, cols = _epilogue_tiles(plan)[j]
+    slots = refs.res_smem.shape[1]
+    gm = pl.ds(tile.m0 + rows.start, rows.stop - rows.start)
+    gn = pl.ds(tile.wg_n0 + cols.start, cols.stop - cols.start)
+    plgpu.copy_gmem_to_smem(refs.res.at[gm, gn], refs.res_smem.at[tile.wg, j % slots],
+                            refs.res_barriers.at[tile.wg * slots + j % slots])
+
+
+def _prefetch_residual(plan: _Plan, refs: _Refs, tile: _Tile) -> None:
+    """Before a tile's main loop: the residual of its first epilogue tiles, one a slot, so that
+    the loads are done by the epilogue (`_store_tile` loads the rest as slots free up)."""
+    if refs.res is not None:
+        for j in range(refs.res_smem.shape[1]):
+            _load_residual(plan, refs, tile, j)
+
+
+def _residual_tile(plan: _Plan, refs: _Refs, tile: _Tile, j: int) -> jax.Array:
+    """Epilogue tile j's residual (prefetched into its slot) in the accumulator's orientation."""
+    slots = refs.res_smem.shape[1]
+    plgpu.barrier_wait(refs.res_barriers.at[tile.wg * slots + j % slots])
+    smem = refs.res_smem.at[tile.wg, j % slots]
+    if not plan.in_regs:
+        return smem[...]
+    # The registers form's accumulator is (N, M): a transposing load (ldmatrix .trans); interpret
+    # mode cannot load through a .T view.
+    return smem[...].T if plan.interpret else smem.T[...]
+
+
 def _store_tile(plan: _Plan, refs: _Refs, tile: _Tile, values: jax.Array) -> None:
     """Writes one warpgroup's finished accumulator (`acc_shape`) to its columns of the output,
-    epilogue tile by epilogue tile through shared memory and TMA (two slots in flight)."""
+    epilogue tile by epilogue tile through shared memory and TMA (two slots in flight), adding the
+    gated residual's residual (`add_residual`) before the cast when there is one."""
     cfg = plan.config
-    tm, tn, epi_m, epi_n = cfg.tile_m, cfg.tile_n, cfg.epi_tile_m, cfg.epi_tile_n
+    tm = cfg.tile_m
+    tiles = _epilogue_tiles(plan)
     slots = refs.out_smem.shape[1]
     wg, out_smem = tile.wg, refs.out_smem
-    values = values.astype(refs.out.dtype)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    for ei in range(tm // epi_m):
-        for ej in range(tn // epi_n):
-            slot = (ei * (tn // epi_n) + ej) % slots
-            plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
-            rows, cols = slice(ei * epi_m, (ei + 1) * epi_m), slice(ej * epi_n, (ej + 1) * epi_n)
-            gm, gn = pl.ds(tile.mi * tm + ei * epi_m, epi_m), pl.ds(tile.wg_n0 + ej * epi_n, epi_n)
-            if plan.out_nm:
-                out_smem[wg, slot] = values[cols, rows]
-            elif plan.in_regs and plan.interpret:  # interpret mode cannot store through a .T view
-                out_smem[wg, slot] = values[cols, rows].T
-            elif plan.in_regs:  # transposing store (stmatrix .trans)
-                out_smem.at[wg, slot].T[...] = values[cols, rows]
-            else:
-                out_smem[wg, slot] = values[rows, cols]
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], refs.out.at[gn, gm] if plan.out_nm else refs.out.at[gm, gn])
+    for j, (rows, cols) in enumerate(tiles):
+        part = values[cols, rows] if plan.in_regs else values[rows, cols]
+        if refs.res is not None:
+            part = add_residual(part, _residual_tile(plan, refs, tile, j))
+        part = part.astype(refs.out.dtype)
+        slot = j % slots
+        plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
+        gm = pl.ds(tile.mi * tm + rows.start, rows.stop - rows.start)
+        gn = pl.ds(tile.wg_n0 + cols.start, cols.stop - cols.start)
+        if plan.out_nm or not plan.in_regs:
+            out_smem[wg, slot] = part
+        elif plan.interpret:  # interpret mode cannot store through a .T view
+            out_smem[wg, slot] = part.T
+        else:  # the registers form: transposing store (stmatrix .trans)
+            out_smem.at[wg, slot].T[...] = part
+        plgpu.commit_smem()  # also a warpgroup barrier: every thread has read its residual slot
+        if refs.res is not None and j + refs.res_smem.shape[1] < len(tiles):
+            _load_residual(plan, refs, tile, j + refs.res_smem.shape[1])
+        plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], refs.out.at[gn, gm] if plan.out_nm else refs.out.at[gm, gn])
 
 
 def _epilogue(plan: _Plan, refs: _Refs, tile: _Tile, acc: jax.Array) -> None:
-    """float32 acc (`acc_shape`) -> `dequantize` with this tile's scales and bias -> the output."""
+    """float32 acc (`acc_shape`) -> `dequantize` with this tile's scales, bias and gate -> the
+    output (+ residual)."""
     shape = plan.acc_shape
     columns = pl.ds(tile.wg_n0, plan.config.tile_n)
 
@@ -307,9 +365,12 @@ def _epilogue(plan: _Plan, refs: _Refs, tile: _Tile, acc: jax.Array) -> None:
         return lambda: lax.broadcast_in_dim(plgpu.load(ref.at[at], optimized=False), shape, (dim,))
 
     with jax.named_scope("epilogue"):
+        # Each image's rows are whole tiles (`_call`), so one gate row serves the whole tile.
+        image = tile.mi // plan.tiles_per_image
         y = dequantize(acc, along(refs.sx, pl.ds(tile.m0, plan.config.tile_m), plan.m_dim),
                        None if plan.grouped else along(refs.sw, columns, plan.n_dim),
-                       None if refs.bias is None else along(refs.bias, columns, plan.n_dim))
+                       None if refs.bias is None else along(refs.bias, columns, plan.n_dim),
+                       None if refs.gate is None else along(refs.gate.at[image], columns, plan.n_dim))
         _store_tile(plan, refs, tile, y)
 
 
@@ -361,6 +422,9 @@ def _run_tile(plan: _Plan, refs: _Refs, allocs, wg: jax.Array, lin: jax.Array, s
         body = _per_channel_step(plan, refs, wg)
 
         def compute_context(eval_pipeline):
+            if piece is None:
+                _prefetch_residual(plan, refs, tile)
+
             @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(plan.acc_shape, jnp.int32))
             def _acc_scope(acc_ref):
                 eval_pipeline(acc_ref)
@@ -376,6 +440,7 @@ def _run_tile(plan: _Plan, refs: _Refs, allocs, wg: jax.Array, lin: jax.Array, s
         body = _per_group_step(plan, refs, wg, pl.ds(tile.wg_n0, tn))
 
         def compute_context(eval_pipeline):
+            _prefetch_residual(plan, refs, tile)
             facc = eval_pipeline(jnp.zeros(plan.acc_shape, jnp.float32))
             _epilogue(plan, refs, tile, facc)
 
@@ -420,12 +485,15 @@ def _run_program(plan: _Plan, refs: _Refs, allocs) -> None:
                 plgpu.barrier_wait(consumed.at[slot])
 
 
-def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, out_gmem, ws_gmem, *, plan: _Plan) -> None:
+def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, out_gmem, ws_gmem, *,
+            plan: _Plan) -> None:
     """Allocates the pipeline's stage ring and the shared-memory scratch, then runs the program."""
     cfg = plan.config
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
     epi_m, epi_n = cfg.epi_tile_m, cfg.epi_tile_n
     out_tile = (epi_n, epi_m) if plan.out_nm else (epi_m, epi_n)
+    out_slots = min(2, (tm * tn) // (epi_m * epi_n))
+    bf16_transforms = _swizzle_transforms(out_tile[1], jnp.dtype(out_gmem.dtype).itemsize)
     ignore = lambda *_, **__: None  # allocations do not depend on the bodies
 
     @functools.partial(
@@ -435,18 +503,23 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, out_gmem, ws_gmem, *, p
         # unpacked weights through shared memory too (same orientation, same epilogue).
         w8_smem=None if plan.in_regs and not plan.interpret else plgpu.SMEM(
             (2, 2, tn, tk), jnp.int8, transforms=_swizzle_transforms(tk)),
-        out_smem=plgpu.SMEM((2, min(2, (tm * tn) // (epi_m * epi_n)), *out_tile), out_gmem.dtype,
-                            transforms=_swizzle_transforms(out_tile[1], jnp.dtype(out_gmem.dtype).itemsize)),
+        out_smem=plgpu.SMEM((2, out_slots, *out_tile), out_gmem.dtype, transforms=bf16_transforms),
+        # The gated residual's residual tiles, as many slots as the output staging has.
+        res_smem=None if res_gmem is None else plgpu.SMEM((2, out_slots, epi_m, epi_n), res_gmem.dtype,
+                                                          transforms=bf16_transforms),
+        res_barriers=None if res_gmem is None else plgpu.Barrier(num_barriers=2 * out_slots),
         collective_axes="wg",
     )
-    def _scope(pipeline_allocs, w8_smem, out_smem):
-        refs = _Refs(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, out_gmem, ws_gmem, w8_smem, out_smem)
+    def _scope(pipeline_allocs, w8_smem, out_smem, res_smem, res_barriers):
+        refs = _Refs(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, out_gmem, ws_gmem, w8_smem,
+                     out_smem, res_smem, res_barriers)
         _run_program(plan, refs, pipeline_allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _check_operands(x_codes, x_scales, w_packed, w_scales, bias, scale_group) -> None:
+def _check_operands(x_codes, x_scales, w_packed, w_scales, bias, scale_group, gate=None, residual=None,
+                    out_dtype=None) -> None:
     """Raises ValueError naming the operand and shape at fault."""
     if x_codes.ndim != 2 or w_packed.ndim != 2 or x_codes.shape[1] != 2 * w_packed.shape[1]:
         raise ValueError(f"x_codes (M, K) {x_codes.shape} and w_packed (N, K/2) {w_packed.shape} do not match")
@@ -466,6 +539,9 @@ def _check_operands(x_codes, x_scales, w_packed, w_scales, bias, scale_group) ->
             raise ValueError(f"the kernel needs scale_group a multiple of 64, got {scale_group}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias {bias.shape} must be (N,) = ({n},)")
+    check_gated_residual(m, n, gate, residual)
+    if residual is not None and residual.dtype != jnp.dtype(out_dtype):
+        raise ValueError(f"residual dtype {residual.dtype} must be the output dtype {jnp.dtype(out_dtype)}")
 
 
 def _sm_count(interpret: bool) -> int:
@@ -474,9 +550,45 @@ def _sm_count(interpret: bool) -> int:
     return 4 if interpret else jax.devices()[0].core_count
 
 
-def _call(x_codes, x_scales, w_packed, w_scales, bias, *, scale_group, out_dtype, config, int32_out,
+# Hopper's shared memory a CTA may use, less room for the barriers.
+_SMEM_BYTES = 227 * 1024 - 1024
+
+
+def _stages_that_fit(cfg: W4A4MatmulConfig, out_itemsize: int) -> W4A4MatmulConfig:
+    """`cfg` with its pipeline shortened, one stage at a time, until the stage ring, the smem
+    form's unpacked-weight slots, the output staging and the gated residual's tiles (as large as
+    the output staging) fit in shared memory. The shipped configs fit at full depth."""
+    tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
+    stage = tm * tk + 2 * tn * tk // 2
+    fixed = (2 * 2 * tn * tk if cfg.weight_operand == "smem" else 0) + 2 * (
+        2 * min(2, (tm * tn) // (cfg.epi_tile_m * cfg.epi_tile_n)) * cfg.epi_tile_m * cfg.epi_tile_n * out_itemsize)
+    stages = cfg.max_concurrent_steps
+    while stages > 2 and fixed + stages * stage > _SMEM_BYTES:
+        stages -= 1
+    return dataclasses.replace(cfg, max_concurrent_steps=stages)
+
+
+def _pad_images(a: jax.Array, images: int, rows: int) -> jax.Array:
+    """(images * r, ...) -> (images * rows, ...): each image's r rows padded with zeros to `rows`."""
+    per = a.shape[0] // images
+    if per == rows:
+        return a
+    a = a.reshape(images, per, *a.shape[1:])
+    return jnp.pad(a, ((0, 0), (0, rows - per)) + ((0, 0),) * (a.ndim - 2)).reshape(images * rows, *a.shape[2:])
+
+
+def _unpad_images(a: jax.Array, images: int, rows: int) -> jax.Array:
+    """`_pad_images` undone: (images * padded, ...) -> (images * rows, ...)."""
+    padded = a.shape[0] // images
+    if padded == rows:
+        return a
+    return a.reshape(images, padded, *a.shape[1:])[:, :rows].reshape(images * rows, *a.shape[1:])
+
+
+def _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, *, scale_group, out_dtype, config, int32_out,
           interpret) -> jax.Array:
-    """Pads M to whole tiles, plans the schedule, runs the kernel and finishes the split tiles."""
+    """Pads each image's rows to whole tiles (all of M as one image without a gate), plans the
+    schedule, runs the kernel and finishes the split tiles."""
     m, k = x_codes.shape
     n = w_packed.shape[0]
     cfg = config or config_for(m, n, k, scale_group)
@@ -487,16 +599,25 @@ def _call(x_codes, x_scales, w_packed, w_scales, bias, *, scale_group, out_dtype
 
     if int32_out:  # int32 output staging is twice the bf16 one: one stage less fits in smem.
         cfg = dataclasses.replace(cfg, max_concurrent_steps=min(cfg.max_concurrent_steps, 3))
-    m_pad = -(-m // cfg.tile_m) * cfg.tile_m
-    if m_pad != m:
-        x_codes = jnp.pad(x_codes, ((0, m_pad - m), (0, 0)))
-        x_scales = jnp.pad(x_scales, (0, m_pad - m))
+    if residual is not None:  # the residual tiles take as much smem as the output staging
+        cfg = _stages_that_fit(cfg, jnp.dtype(out_dtype).itemsize)
+    # The gated residual: row r belongs to image r // (M / B). Padding each image to whole tiles
+    # gives every tile one image (one gate row); FLUX's token counts are whole tiles already.
+    images = 1 if gate is None else gate.shape[0]
+    tokens = m // images
+    tiles_per_image = -(-tokens // cfg.tile_m)
+    m_pad = images * tiles_per_image * cfg.tile_m
+    x_codes = _pad_images(x_codes, images, tiles_per_image * cfg.tile_m)
+    x_scales = _pad_images(x_scales, images, tiles_per_image * cfg.tile_m)
     out_t = jnp.int32 if int32_out else out_dtype
     # Per-group scales go in as (K / g, N) so that a group's row of N scales is contiguous.
     sw = w_scales.astype(jnp.float32) if scale_group is None else w_scales.astype(jnp.float32).T
-    operands = [x_codes, w_packed, x_scales.astype(jnp.float32), sw]
-    if bias is not None and not int32_out:
-        operands.append(bias.astype(jnp.float32))
+    sx = x_scales.astype(jnp.float32)
+    b = None if bias is None or int32_out else bias.astype(jnp.float32)
+    g = None if gate is None else gate.astype(jnp.float32)
+    res = None if residual is None else _pad_images(residual, images, tiles_per_image * cfg.tile_m)
+    operands = [x_codes, w_packed, sx, sw, b, g, res]
+    present = [a is not None for a in operands]
 
     out_nm = _int32_output_transposed(cfg, int32_out)
     tiles = (m_pad // cfg.tile_m, n // (2 * cfg.tile_n))
@@ -505,11 +626,14 @@ def _call(x_codes, x_scales, w_packed, w_scales, bias, *, scale_group, out_dtype
     out_types = [jax.ShapeDtypeStruct((n, m_pad) if out_nm else (m_pad, n), out_t)]
     if schedule.splits > 1:
         out_types.append(jax.ShapeDtypeStruct((schedule.splits, schedule.tail_tiles, 2, *_acc_shape(cfg)), jnp.int32))
-    plan = _Plan(cfg, schedule, tiles, k // cfg.tile_k, scale_group is not None, int32_out, interpret)
+    plan = _Plan(cfg, schedule, tiles, k // cfg.tile_k, scale_group is not None, int32_out, interpret,
+                 tiles_per_image)
 
-    def kernel(x, w, sx, sw, *rest):
-        b, (out, *ws) = rest[:len(operands) - 4], rest[len(operands) - 4:]
-        _kernel(x, w, sx, sw, b[0] if b else None, out, ws[0] if ws else None, plan=plan)
+    def kernel(*refs):
+        it = iter(refs)
+        ins = [next(it) if p else None for p in present]
+        out, ws = next(it), next(it, None)
+        _kernel(*ins, out, ws, plan=plan)
 
     f = plgpu.kernel(
         kernel,
@@ -521,19 +645,20 @@ def _call(x_codes, x_scales, w_packed, w_scales, bias, *, scale_group, out_dtype
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
-    y, *ws = f(*operands)
+    y, *ws = f(*[a for a in operands if a is not None])
     if ws:
-        y = _add_split_tiles(y, ws[0], operands[2], sw, operands[4] if len(operands) > 4 else None,
-                             config=cfg, schedule=schedule, tiles=tiles, out_nm=out_nm, int32_out=int32_out)
+        y = _add_split_tiles(y, ws[0], sx, sw, b, g, res, config=cfg, schedule=schedule, tiles=tiles,
+                             tiles_per_image=tiles_per_image, out_nm=out_nm, int32_out=int32_out)
     y = y.T if out_nm else y
-    return y[:m] if m_pad != m else y
+    return _unpad_images(y, images, tokens)
 
 
-def _add_split_tiles(y, ws, x_scales, w_scales, bias, *, config: W4A4MatmulConfig, schedule: TileSchedule,
-                     tiles: tuple[int, int], out_nm: bool, int32_out: bool) -> jax.Array:
+def _add_split_tiles(y, ws, x_scales, w_scales, bias, gate, residual, *, config: W4A4MatmulConfig,
+                     schedule: TileSchedule, tiles: tuple[int, int], tiles_per_image: int, out_nm: bool,
+                     int32_out: bool) -> jax.Array:
     """Finishes the tail tiles that the kernel computed as K pieces (`TileSchedule`): adds the
     pieces' int32 partial sums (exact), dequantizes them with the kernel epilogue's `dequantize`
-    (the int32 variant: not at all) and writes them into y with one scatter."""
+    and `add_residual` (the int32 variant: not at all) and writes them into y with one scatter."""
     tm, cta_n = config.tile_m, 2 * config.tile_n
     acc = ws.sum(0, dtype=jnp.int32)  # (tail, warpgroup, *acc_shape)
     order = (0, 3, 1, 2) if config.weight_operand == "registers" else (0, 2, 1, 3)
@@ -543,9 +668,15 @@ def _add_split_tiles(y, ws, x_scales, w_scales, bias, *, config: W4A4MatmulConfi
     if int32_out:
         vals = acc
     else:
+        def columns(v: jax.Array, rows: jax.Array | int = 0) -> jax.Array:
+            """Each tail tile's columns of the (R, N) per-column rows `v` (row `rows` of them)."""
+            return v.reshape(v.shape[0], -1, cta_n)[rows, ni][:, None, :]
+
         vals = dequantize(acc.astype(jnp.float32), lambda: x_scales.reshape(-1, tm)[mi][:, :, None],
-                          lambda: w_scales.reshape(-1, cta_n)[ni][:, None, :],
-                          None if bias is None else lambda: bias.reshape(-1, cta_n)[ni][:, None, :])
+                          lambda: columns(w_scales[None]), None if bias is None else lambda: columns(bias[None]),
+                          None if gate is None else lambda: columns(gate, mi // tiles_per_image))
+        if residual is not None:
+            vals = add_residual(vals, residual.reshape(tiles[0], tm, tiles[1], cta_n)[mi, :, ni])
         vals = vals.astype(y.dtype)
     starts = jnp.stack([mi * tm, ni * cta_n], axis=1)
     if out_nm:
@@ -567,21 +698,27 @@ def w4a4_matmul(
     w_scales: jax.Array,
     bias: jax.Array | None = None,
     *,
+    gate: jax.Array | None = None,
+    residual: jax.Array | None = None,
     scale_group: int | None = None,
     out_dtype: jnp.dtype = jnp.bfloat16,
     config: W4A4MatmulConfig | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """(M, N) = (x_codes . unpack(w_packed)^T) * x_scales[:, None] * w_scales (+ bias).
+    """(M, N) = (x_codes . unpack(w_packed)^T) * x_scales[:, None] * w_scales (+ bias), or with
+    the gated residual residual + gate[m // (M / B)] * (that), in float32 with one rounding.
 
     x_codes: int8 (M, K) in [-8, 7]; x_scales: float32 (M,); w_packed: uint8 (N, K/2), low
     nibble = even k; w_scales: float32 (N,), or (N, K / scale_group) with `scale_group`; bias:
-    (N,) or None. config: default `config_for(M, N, K, scale_group)`. interpret: Mosaic GPU
-    interpret mode (CPU tests).
+    (N,) or None. gate (B, N) and residual (M, N) in out_dtype, both or neither: the rows are B
+    images of M / B tokens, row m takes gate row m // (M / B) (FLUX's gated residual after its
+    output projections and MLPs); the epilogue applies them (TMA-loading the residual tiles while
+    the main loop runs), so no elementwise pass follows. config: default `config_for(M, N, K,
+    scale_group)`. interpret: Mosaic GPU interpret mode (CPU tests).
     """
-    _check_operands(x_codes, x_scales, w_packed, w_scales, bias, scale_group)
-    return _call(x_codes, x_scales, w_packed, w_scales, bias, scale_group=scale_group, out_dtype=out_dtype,
-                 config=config, int32_out=False, interpret=interpret)
+    _check_operands(x_codes, x_scales, w_packed, w_scales, bias, scale_group, gate, residual, out_dtype)
+    return _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, scale_group=scale_group,
+                 out_dtype=out_dtype, config=config, int32_out=False, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
@@ -594,5 +731,5 @@ def w4a4_matmul_int32(
     m, n = x_codes.shape[0], w_packed.shape[0]
     x_scales, w_scales = jnp.ones((m,), jnp.float32), jnp.ones((n,), jnp.float32)  # unused by this variant
     _check_operands(x_codes, x_scales, w_packed, w_scales, None, None)
-    return _call(x_codes, x_scales, w_packed, w_scales, None, scale_group=None, out_dtype=jnp.int32, config=config,
-                 int32_out=True, interpret=interpret)
+    return _call(x_codes, x_scales, w_packed, w_scales, None, None, None, scale_group=None, out_dtype=jnp.int32,
+                 config=config, int32_out=True, interpret=interpret)

@@ -45,13 +45,43 @@ def w4a4_matmul_reference(
     w_scales: jax.Array,
     bias: jax.Array | None = None,
     *,
+    gate: jax.Array | None = None,
+    residual: jax.Array | None = None,
     scale_group: int | None = None,
     out_dtype: jnp.dtype = jnp.bfloat16,
 ) -> jax.Array:
     """The kernel's function in XLA ops: `dequantized_matmul_reference` (unpack, int8 dot with
-    int32 accumulation, scales in the kernel's order), then bias, then the cast."""
+    int32 accumulation, scales in the kernel's order), then bias, then the gated residual when
+    given, then the cast: all float32, one rounding."""
     y = dequantized_matmul_reference(x_codes, x_scales.astype(jnp.float32), unpack_int4(w_packed), w_scales,
                                      scale_group)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
+    check_gated_residual(*y.shape, gate, residual)
+    if gate is not None:
+        y = gated_residual_reference(y, gate, residual)
     return y.astype(out_dtype)
+
+
+def gated_residual_reference(y: jax.Array, gate: jax.Array, residual: jax.Array) -> jax.Array:
+    """float32 residual + gate[m // (M / B)] * y for y (M, N) float32, gate (B, N), residual (M, N):
+    the M rows are B images of M / B tokens, each scaled by its image's gate row."""
+    m, n = y.shape
+    images = gate.shape[0]
+    g = gate.astype(jnp.float32)[:, None, :]
+    gated = (g * y.reshape(images, m // images, n)).reshape(m, n)
+    return residual.astype(jnp.float32) + gated
+
+
+def check_gated_residual(m: int, n: int, gate: jax.Array | None, residual: jax.Array | None) -> None:
+    """The gated residual's operands: both or neither; gate (B, N) with B dividing M (the rows are B
+    images of M / B tokens each), residual (M, N). Raises ValueError naming the one at fault."""
+    if (gate is None) != (residual is None):
+        raise ValueError("the gated residual needs both gate and residual, got only "
+                         f"{'gate' if residual is None else 'residual'}")
+    if gate is None:
+        return
+    if gate.ndim != 2 or gate.shape[1] != n or gate.shape[0] < 1 or m % gate.shape[0]:
+        raise ValueError(f"gate {gate.shape} must be (B, N) = (B, {n}) with B images dividing M = {m} rows")
+    if residual.shape != (m, n):
+        raise ValueError(f"residual {residual.shape} must be (M, N) = ({m}, {n})")

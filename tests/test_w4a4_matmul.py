@@ -71,6 +71,38 @@ def _check(m, n, k, *, bias, scale_group=None, config=None, interpret, seed=0):
     _assert_bf16_rounding_equal(y, ref, terms + (0 if b is None else jnp.abs(b)))
 
 
+def _gated_operands(seed: int, m: int, n: int, images: int):
+    """A gate per image and output channel (signed, varied magnitude) and a bf16 residual of the
+    output's scale."""
+    ks = jax.random.split(jax.random.key(seed + 1000), 2)
+    gate = jax.random.normal(ks[0], (images, n), jnp.float32).astype(jnp.bfloat16)
+    residual = (jax.random.normal(ks[1], (m, n), jnp.float32) * 4).astype(jnp.bfloat16)
+    return gate, residual
+
+
+def _gated_terms(terms: jax.Array, gate: jax.Array, residual: jax.Array) -> jax.Array:
+    """`terms` (the magnitudes summed into each element before the gate) through the gated
+    residual: |residual| + |gate row of the element's image| * terms."""
+    m, n = terms.shape
+    images = gate.shape[0]
+    gated = (jnp.abs(gate.astype(jnp.float32))[:, None, :] * terms.reshape(images, m // images, n)).reshape(m, n)
+    return jnp.abs(residual.astype(jnp.float32)) + gated
+
+
+def _check_gated(images: int, tokens: int, n: int, k: int, *, bias: bool, config, interpret: bool, seed: int):
+    """The kernel's gated residual against the reference: equal up to the final bf16 rounding."""
+    m = images * tokens
+    x_codes, x_scales, w_codes, w_scales, b = _operands(seed, m, n, k)
+    gate, residual = _gated_operands(seed, m, n, images)
+    b = b if bias else None
+    w_packed = pack_int4(w_codes)
+    y = w4a4_matmul(x_codes, x_scales, w_packed, w_scales, b, gate=gate, residual=residual, config=config,
+                    interpret=interpret)
+    ref = w4a4_matmul_reference(x_codes, x_scales, w_packed, w_scales, b, gate=gate, residual=residual)
+    terms = _term_magnitudes(x_codes, x_scales, w_codes, w_scales, None) + (0 if b is None else jnp.abs(b))
+    _assert_bf16_rounding_equal(y, ref, _gated_terms(terms, gate, residual))
+
+
 def _term_magnitudes(x_codes, x_scales, w_codes, w_scales, scale_group):
     """sum over scale groups of |x||w| * scales: bounds every partial sum the epilogue forms."""
     xa, wa = jnp.abs(x_codes), jnp.abs(w_codes)
@@ -107,6 +139,22 @@ def test_matches_float64(implementation, scale_group):
     _assert_bf16_rounding_equal(y, want, terms, identical=0.9)
 
 
+@IMPLEMENTATIONS
+def test_gated_residual_matches_float64(implementation):
+    """residual + gate[m // S] * (x.w + b) within one bf16 rounding of float64: 3 images of 13
+    tokens (M = 39, a partial tile per image for the kernel), so a wrong image mapping is off by
+    another image's gate."""
+    images, tokens, n, k = 3, 13, 256, 256
+    x_codes, x_scales, w_codes, w_scales, b = _operands(5, images * tokens, n, k)
+    gate, residual = _gated_operands(5, images * tokens, n, images)
+    y = implementation(x_codes, x_scales, pack_int4(w_codes), w_scales, b, gate=gate, residual=residual)
+    linear = _float64_product(x_codes, x_scales, w_codes, w_scales, b, None).reshape(images, tokens, n)
+    want = np.asarray(residual, np.float64) + (np.asarray(gate, np.float64)[:, None, :] * linear).reshape(-1, n)
+    terms = _term_magnitudes(x_codes, x_scales, w_codes, w_scales, None) + jnp.abs(b)
+    _assert_bf16_rounding_equal(y, jnp.asarray(want, jnp.bfloat16), _gated_terms(terms, gate, residual),
+                                identical=0.9)
+
+
 # --- CPU, interpret mode: the kernel against the reference --------------------------------------
 
 @pytest.mark.parametrize("weight_operand", ["smem", "registers"])
@@ -131,6 +179,44 @@ def test_interpret_tile_schedule(m, n, split_tail, weight_operand):
 def test_interpret_per_group(scale_group):
     cfg = W4A4MatmulConfig(tile_m=64, tile_n=64, tile_k=scale_group, max_concurrent_steps=2)
     _check(70, 256, 256, bias=True, scale_group=scale_group, config=cfg, interpret=True, seed=scale_group)
+
+
+@pytest.mark.parametrize("weight_operand", ["smem", "registers"])
+@pytest.mark.parametrize("images,tokens,bias", [(3, 13, True), (2, 64, False)])
+def test_interpret_gated_residual(images, tokens, bias, weight_operand):
+    """The epilogue's gate and residual: 3 images of 13 tokens (each padded to its own tile) or 2
+    of one whole tile each, with and without bias."""
+    cfg = dataclasses.replace(SMALL, weight_operand=weight_operand)
+    _check_gated(images, tokens, 256, 384, bias=bias, config=cfg, interpret=True, seed=images + tokens)
+
+
+@pytest.mark.parametrize("weight_operand", ["smem", "registers"])
+def test_interpret_gated_residual_split_tail(weight_operand):
+    """3 images of 10 tokens x 2 column tiles = 6 tiles on 4 programs: one round, then 2 tail tiles
+    split into 2 K pieces, whose gate and residual the XLA finish (`_add_split_tiles`) applies."""
+    cfg = dataclasses.replace(SMALL, weight_operand=weight_operand)
+    _check_gated(3, 10, 256, 512, bias=True, config=cfg, interpret=True, seed=30)
+
+
+def test_interpret_gated_residual_several_epilogue_tiles():
+    """128 x 128 warpgroup tiles, four 64 x 64 epilogue tiles each: two residual slots, refilled
+    during the epilogue; 2 images of 100 tokens."""
+    cfg = W4A4MatmulConfig(tile_m=128, tile_n=128, tile_k=128, max_concurrent_steps=2, weight_operand="registers")
+    _check_gated(2, 100, 256, 256, bias=True, config=cfg, interpret=True, seed=7)
+
+
+def test_gated_residual_bad_operands_raise():
+    x, sx = jnp.zeros((8, 256), jnp.int8), jnp.ones(8)
+    w, sw = jnp.zeros((128, 128), jnp.uint8), jnp.ones(128)
+    res, gate = jnp.zeros((8, 128), jnp.bfloat16), jnp.ones((2, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="both gate and residual, got only gate"):
+        w4a4_matmul(x, sx, w, sw, gate=gate)
+    with pytest.raises(ValueError, match=r"gate \(3, 128\) must be \(B, N\)"):
+        w4a4_matmul(x, sx, w, sw, gate=jnp.ones((3, 128)), residual=res)
+    with pytest.raises(ValueError, match=r"residual \(8, 64\) must be \(M, N\)"):
+        w4a4_matmul(x, sx, w, sw, gate=gate, residual=res[:, :64])
+    with pytest.raises(ValueError, match="residual dtype float32 must be the output dtype bfloat16"):
+        w4a4_matmul(x, sx, w, sw, gate=gate, residual=res.astype(jnp.float32))
 
 
 def test_unpack_matches_reference_nibble_order():
@@ -174,6 +260,25 @@ def test_gpu_both_weight_operands(m, k, n, weight_operand):
     (its A operand lives in registers) and its transposing epilogue store."""
     cfg = W4A4MatmulConfig(tile_m=256, tile_n=64, tile_k=128, max_concurrent_steps=4, weight_operand=weight_operand)
     _check(m, n, k, bias=True, config=cfg, interpret=False, seed=m + k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", [(3072, 3072), (12288, 3072), (15360, 3072)])
+@pytest.mark.parametrize("tokens", [1536, 4608])
+@pytest.mark.parametrize("images", [1, 2])
+def test_gpu_flux_gated_residual(images, tokens, k, n):
+    """FLUX's gated residuals (attention / MLP output projections, single blocks' proj_out) at
+    its token counts, 1 and 2 images, with the shipped configs (both forms, split tails)."""
+    _check_gated(images, tokens, n, k, bias=True, config=None, interpret=False, seed=images + tokens + k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weight_operand", ["smem", "registers"])
+def test_gpu_gated_residual_both_weight_operands(weight_operand):
+    """Both forms at 256 x 128 CTA tiles (4 epilogue tiles a warpgroup: residual slots refilled),
+    3 images of 1000 tokens (partial tiles per image), no bias."""
+    cfg = W4A4MatmulConfig(tile_m=256, tile_n=64, tile_k=128, max_concurrent_steps=4, weight_operand=weight_operand)
+    _check_gated(3, 1000, 3072, 3072, bias=False, config=cfg, interpret=False, seed=11)
 
 
 @pytest.mark.gpu
