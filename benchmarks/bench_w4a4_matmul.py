@@ -6,6 +6,8 @@ Implementations (x the named FLUX shapes: M in FLUX_TOKEN_COUNTS x the five FLUX
   pallas             pallas_kernels.w4a4_matmul (int8 codes x packed int4 weights, dequantizing epilogue)
   xla_w4a4_layer     convrot_jax.ops.w4a4_linear(implementation="xla"): rotate, quantize, GEMM in XLA ops
   pallas_w4a4_layer  the same with implementation="pallas": rotate-quantize kernel + this GEMM
+  pallas_gated_xla   FLUX's residual + gate * (x.w + b), one image: the kernel, then XLA elementwise
+  pallas_gated       the same in the kernel's epilogue (`w4a4_matmul(..., gate=, residual=)`)
 TOP/s = 2MNK / time; ratios = bf16 time / this time. Device time (CUPTI), median of 20 over
 rotating input sets (> 2x the 50 MB L2); each implementation in its own process (benchmarks.harness).
 
@@ -49,6 +51,8 @@ VARIANTS = harness.registry(
     Variant("pallas", "pallas_kernels.w4a4_matmul, the shipped config table"),
     Variant("xla_w4a4_layer", "convrot_jax.ops.w4a4_linear, implementation='xla'", options={"impl": "xla"}),
     Variant("pallas_w4a4_layer", "convrot_jax.ops.w4a4_linear, implementation='pallas'", options={"impl": "pallas"}),
+    Variant("pallas_gated_xla", "FLUX's gated residual unfused: pallas, then residual + gate * y in XLA (bf16)"),
+    Variant("pallas_gated", "FLUX's gated residual in the pallas epilogue (gate=, residual=)"),
 )
 LARGE_KN = [(3072, 12288), (12288, 3072), (15360, 3072)]
 NT = (((1,), (1,)), ((), ()))
@@ -77,6 +81,21 @@ def w4a4_args(m, n, k, scale_group=None):
         sw_shape = (n,) if scale_group is None else (n, k // scale_group)
         sw = jax.random.uniform(ks[3], sw_shape, jnp.float32, 0.5, 1.5) * 0.01
         return jax.block_until_ready((x, sx, w, sw))
+    return make
+
+
+def gated_args(m, n, k):
+    """`w4a4_args` plus a bias, a gate (1, N) and a residual (M, N), bf16 as in FLUX."""
+    import jax
+    import jax.numpy as jnp
+
+    base = w4a4_args(m, n, k)
+
+    def make(i):
+        ks = jax.random.split(jax.random.key(5000 + i), 3)
+        return jax.block_until_ready((*base(i), jax.random.normal(ks[0], (n,), jnp.bfloat16),
+                                      jax.random.normal(ks[1], (1, n), jnp.bfloat16),
+                                      jax.random.normal(ks[2], (m, n), jnp.bfloat16)))
     return make
 
 
@@ -142,6 +161,16 @@ def work_grid(variant: str, args) -> list[dict]:
             from pallas_kernels.w4a4_matmul import w4a4_matmul
 
             return w4a4_matmul, w4a4_args(m, n, k), m * n * 2
+        if variant == "pallas_gated_xla":
+            from pallas_kernels.w4a4_matmul import w4a4_matmul
+
+            return ((lambda x, sx, w, sw, b, g, r: r + g * w4a4_matmul(x, sx, w, sw, b)), gated_args(m, n, k),
+                    m * n * 2)
+        if variant == "pallas_gated":
+            from pallas_kernels.w4a4_matmul import w4a4_matmul
+
+            return ((lambda x, sx, w, sw, b, g, r: w4a4_matmul(x, sx, w, sw, b, gate=g, residual=r)),
+                    gated_args(m, n, k), m * n * 2)
         from convrot_jax.ops import w4a4_linear
 
         impl = VARIANTS[variant].options["impl"]
