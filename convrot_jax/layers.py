@@ -118,8 +118,12 @@ class ConvDense4bit(_QuantizedDense):
         super().__init__(qweight, bias)
         self.implementation = implementation
 
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        return w4a4_linear(x, self.qweight, self._bias(), implementation=self.implementation)
+    def __call__(self, x: jnp.ndarray, *, residual: jnp.ndarray | None = None,
+                 gate: jnp.ndarray | None = None) -> jnp.ndarray:
+        """The layer's output, or with `residual` and `gate` the gated residual residual + gate[:, None]
+        * output in one rounding (`convrot_jax.ops.w4a4_linear`)."""
+        return w4a4_linear(x, self.qweight, self._bias(), residual=residual, gate=gate,
+                           implementation=self.implementation)
 
 
 class Dense4bitWeightOnly(_QuantizedDense):

@@ -11,6 +11,7 @@ from convrot_jax.hadamard import rotate
 from convrot_jax.quant import QuantizedWeight, quantize_activation_reference
 from pallas_kernels.w4a4_matmul_reference import int_matmul_reference  # noqa: F401  (re-exported)
 from pallas_kernels.w4a4_matmul_reference import dequantized_matmul_reference as _dequantized_matmul
+from pallas_kernels.w4a4_matmul_reference import gated_residual_reference
 
 
 def check_linear_input(x: jnp.ndarray, qw: QuantizedWeight, bias: jnp.ndarray | None) -> None:
@@ -24,6 +25,25 @@ def check_linear_input(x: jnp.ndarray, qw: QuantizedWeight, bias: jnp.ndarray | 
         raise ValueError(f"bias shape {bias.shape} does not match out_features ({qw.out_features},)")
 
 
+def check_gated_residual_input(x: jnp.ndarray, qw: QuantizedWeight, residual: jnp.ndarray | None,
+                                gate: jnp.ndarray | None) -> None:
+    """The gated residual's operands for x (B, ..., K): both or neither, gate (B, out_features) (one
+    row per image, the leading axis), residual x's shape with out_features last and x's dtype.
+    Raises ValueError naming the one at fault."""
+    if (gate is None) != (residual is None):
+        given = "gate" if residual is None else "residual"
+        raise ValueError(f"the gated residual needs both gate and residual, got only {given}")
+    if gate is None:
+        return
+    n = qw.out_features
+    if x.ndim < 2 or gate.shape != (x.shape[0], n):
+        raise ValueError(f"gate {gate.shape} must be (B, out_features) = ({x.shape[0] if x.ndim else '?'}, {n}) "
+                         f"for input {x.shape} (B images first)")
+    if residual.shape != (*x.shape[:-1], n) or residual.dtype != x.dtype:
+        raise ValueError(f"residual {residual.shape} {residual.dtype} must be {(*x.shape[:-1], n)} {x.dtype}, "
+                         "the layer's output")
+
+
 def dequantized_matmul_reference(
     x_codes: jnp.ndarray, x_scales: jnp.ndarray, qw: QuantizedWeight
 ) -> jnp.ndarray:
@@ -33,10 +53,14 @@ def dequantized_matmul_reference(
 
 
 def w4a4_linear_reference(
-    x: jnp.ndarray, qw: QuantizedWeight, bias: jnp.ndarray | None = None
+    x: jnp.ndarray, qw: QuantizedWeight, bias: jnp.ndarray | None = None, *, residual: jnp.ndarray | None = None,
+    gate: jnp.ndarray | None = None,
 ) -> jnp.ndarray:
-    """x (..., K) @ W.T + b through the ConvRot W4A4 path, in plain XLA ops; output in x.dtype."""
+    """x (..., K) @ W.T + b through the ConvRot W4A4 path, in plain XLA ops; output in x.dtype.
+    With `residual` and `gate` (`convrot_jax.ops.w4a4_linear`): residual + gate[:, None] * that,
+    in float32 with one rounding, as the GEMM kernel's epilogue."""
     check_linear_input(x, qw, bias)
+    check_gated_residual_input(x, qw, residual, gate)
     lead = x.shape[:-1]
     codes, scales = quantize_activation_reference(
         x.reshape(-1, qw.in_features), group_size=qw.group_size, hadamard=qw.hadamard
@@ -44,6 +68,8 @@ def w4a4_linear_reference(
     y = dequantized_matmul_reference(codes, scales, qw)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
+    if gate is not None:
+        y = gated_residual_reference(y, gate, residual.reshape(y.shape))
     return y.astype(x.dtype).reshape(*lead, qw.out_features)
 
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from convrot_jax.hadamard import HadamardKind
-from convrot_jax.linear import check_linear_input, w4a4_linear_reference
+from convrot_jax.linear import check_gated_residual_input, check_linear_input, w4a4_linear_reference
 from convrot_jax.quant import QuantizedWeight, quantize_activation_reference
 from pallas_kernels.rotate_quantize import rotate_quantize
 from pallas_kernels.w4a4_matmul import w4a4_matmul
@@ -95,20 +95,30 @@ def w4a4_linear(
     qw: QuantizedWeight,
     bias: jnp.ndarray | None = None,
     *,
+    residual: jnp.ndarray | None = None,
+    gate: jnp.ndarray | None = None,
     implementation: Implementation = "auto",
 ) -> jnp.ndarray:
     """x (..., K) @ W.T + b through ConvRot W4A4: rotate -> int4 -> integer GEMM with int32
-    accumulation -> dequantize (+ bias). Output in x.dtype."""
+    accumulation -> dequantize (+ bias). Output in x.dtype.
+
+    With `residual` and `gate`, the gated residual `residual + gate[:, None] * (x @ W.T + b)` of
+    FLUX's output projections and MLPs, in float32 with one rounding, applied in the GEMM's
+    epilogue (no elementwise pass after it): x (B, ..., K), gate (B, out_features) one row per
+    image, residual x's shape with out_features last and x's dtype."""
     check_linear_input(x, qw, bias)
+    check_gated_residual_input(x, qw, residual, gate)
     impl = resolve_implementation(implementation)
     if impl == "pallas" and qw.hadamard != "regular":
         if implementation == "pallas":
             raise ValueError("the Pallas kernels implement the regular Hadamard only")
         impl = "xla"  # "auto" with a Sylvester weight: a comparison setting, reference path.
     if impl == "xla":
-        return w4a4_linear_reference(x, qw, bias)
+        return w4a4_linear_reference(x, qw, bias, residual=residual, gate=gate)
 
     x2, lead = _flatten(x)
     codes, scales = rotate_quantize(x2, group_size=qw.group_size)
-    y = w4a4_matmul(codes, scales, qw.packed, qw.scales, bias, scale_group=qw.scale_group, out_dtype=x.dtype)
+    y = w4a4_matmul(codes, scales, qw.packed, qw.scales, bias, gate=gate,
+                    residual=None if residual is None else residual.reshape(-1, qw.out_features),
+                    scale_group=qw.scale_group, out_dtype=x.dtype)
     return y.reshape(*lead, qw.out_features)

@@ -180,6 +180,58 @@ def test_w4a4_linear_matches_explicit_integer_path():
     np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
 
 
+def test_w4a4_linear_gated_residual():
+    """residual + gate[b] * (layer + bias) per image b, float32 (one rounding), against the explicit
+    integer path in NumPy; the NNX layer computes the same."""
+    x = RNG.standard_normal((3, 5, 512)).astype(np.float32)
+    w = RNG.standard_normal((64, 512)).astype(np.float32)
+    b = RNG.standard_normal(64).astype(np.float32)
+    gate = RNG.standard_normal((3, 64)).astype(np.float32)
+    residual = RNG.standard_normal((3, 5, 64)).astype(np.float32)
+    xc, xs = np_int4(np_butterfly_f32(x.reshape(15, 512), 256))
+    wc, ws = np_int4(np_butterfly_f32(w, 256))
+    linear = (xc.astype(np.int64) @ wc.T.astype(np.int64)) * xs[:, None].astype(np.float64) * ws[None, :] + b
+    ref = residual + gate[:, None, :] * linear.reshape(3, 5, 64)
+    qw = cj.quantize_weight(jnp.asarray(w))
+    kwargs = dict(residual=jnp.asarray(residual), gate=jnp.asarray(gate))
+    y = np.asarray(cj.w4a4_linear(jnp.asarray(x), qw, jnp.asarray(b), **kwargs, implementation="xla"))
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    layer = cj.ConvDense4bit(qw, jnp.asarray(b), implementation="xla")
+    np.testing.assert_array_equal(np.asarray(layer(jnp.asarray(x), **kwargs)), y)
+
+
+def test_gated_residual_bad_operands_are_named():
+    qw = cj.quantize_weight(jnp.ones((64, 256)))
+    x, res, gate = jnp.ones((2, 3, 256)), jnp.ones((2, 3, 64)), jnp.ones((2, 64))
+    with pytest.raises(ValueError, match="needs both gate and residual, got only residual"):
+        cj.w4a4_linear(x, qw, residual=res)
+    with pytest.raises(ValueError, match=r"gate \(3, 64\) must be \(B, out_features\) = \(2, 64\)"):
+        cj.w4a4_linear(x, qw, residual=res, gate=jnp.ones((3, 64)))
+    with pytest.raises(ValueError, match=r"residual \(2, 3, 64\) bfloat16 must be \(2, 3, 64\) float32"):
+        cj.w4a4_linear(x, qw, residual=res.astype(jnp.bfloat16), gate=gate)
+
+
+@pytest.mark.gpu
+def test_gpu_gated_residual_pallas_matches_xla():
+    """The Pallas path (rotate-quantize kernel, GEMM with the gated residual in its epilogue) against
+    the XLA reference, 2 images of 300 tokens: the codes are bit-identical, so the outputs differ
+    at most by the final bf16 rounding of a differently ordered float32 epilogue."""
+    k = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(k[0], (2, 300, 3072), jnp.bfloat16)
+    qw = cj.quantize_weight(jax.random.normal(k[1], (3072, 3072)) * 0.02)
+    b = jax.random.normal(k[2], (3072,), jnp.bfloat16)
+    kwargs = dict(residual=jax.random.normal(k[3], (2, 300, 3072), jnp.bfloat16),
+                  gate=jax.random.normal(k[4], (2, 3072), jnp.bfloat16))
+    y = np.asarray(cj.w4a4_linear(x, qw, b, **kwargs, implementation="pallas"), np.float64)
+    ref = np.asarray(cj.w4a4_linear(x, qw, b, **kwargs, implementation="xla"), np.float64)
+    # One bf16 ulp, plus a few float32 ulps of the summed terms (an FMA may contract a cancelling sum).
+    f64 = lambda a: np.abs(np.asarray(a, np.float64))  # noqa: E731
+    linear = f64(cj.w4a4_linear(x, qw, b, implementation="xla")) * 1.01 + f64(b)
+    terms = f64(kwargs["residual"]) + f64(kwargs["gate"])[:, None, :] * linear
+    assert np.all(np.abs(y - ref) <= np.abs(ref) * 2.0**-7 + terms * 2.0**-20)
+    assert np.mean(y == ref) >= 0.99
+
+
 def test_per_group_scales_sum_groups():
     x = RNG.standard_normal((6, 512)).astype(np.float32)
     w = RNG.standard_normal((32, 512)).astype(np.float32)
