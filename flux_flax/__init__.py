@@ -5,6 +5,7 @@ ported to Flax NNX, or transformers' PyTorch models) and the pipeline.
     model = flux_flax.load_transformer("FLUX.1-dev/transformer")        # bf16
     flux_flax.quantize_model(model)                                    # W4A4 per flux_default_policy()
     flux_flax.fuse_projections(model)                                  # q/k/v (+ MLP in) as one GEMM
+    flux_flax.fuse_gated_residuals(model)                              # residual + gate * out in the GEMMs
     out = model(latents, t5, clip_pooled, t, img_ids, txt_ids, guidance)
 
 Exports resolve on first use, so that `convrot-flux` checks its arguments before jax, flax and
@@ -16,6 +17,7 @@ import importlib
 _EXPORTS = {
     "FluxConfig": "flux_flax.config",
     "fuse_projections": "flux_flax.fusion",
+    "fuse_gated_residuals": "flux_flax.fusion",
     "abstract_transformer": "flux_flax.loading",
     "diffusers_key": "flux_flax.loading",
     "expected_shapes": "flux_flax.loading",

@@ -89,3 +89,15 @@ def fuse_projections(model: nnx.Module) -> nnx.Module:
         if not _fuse(f"{path}.to_qkv_mlp", block, "to_qkv_mlp", [*qkv, (block, "proj_mlp")]):
             _fuse(f"{path}.attn.to_qkv", attn, "to_qkv", qkv)
     return model
+
+
+def fuse_gated_residuals(model: nnx.Module, enabled: bool = True) -> nnx.Module:
+    """Sets, IN PLACE, every block's `fuse_epilogue` of a FLUX transformer `model`: with `enabled`
+    its gated residuals (residual + gate * projection, after the attention output projections,
+    the MLPs and the single blocks' proj_out) run in the W4A4 GEMMs' epilogues
+    (`flux_flax.layers.gated_residual`; float layers are unaffected). The output changes only by
+    rounding: one rounding to bf16 instead of three. A static setting: a jitted step recompiles.
+    Returns `model`."""
+    for block in (*model.transformer_blocks, *model.single_transformer_blocks):
+        block.fuse_epilogue = enabled
+    return model

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from convrot_jax.layers import ConvDense4bit
+
 Dtype = jnp.dtype | type
 
 
@@ -230,10 +232,24 @@ class FeedForward(nnx.Module):
             linear(inner, dim, dtype=dtype, rngs=rngs),
         ])
 
+    def hidden(self, x: jax.Array) -> jax.Array:
+        """The input of the output projection `net[2]`: GELU(proj(x)) (then the identity dropout)."""
+        return self.net[1](self.net[0](x))
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        for module in self.net:
-            x = module(x)
-        return x
+        return self.net[2](self.hidden(x))
+
+
+def gated_residual(layer: nnx.Module, x: jax.Array, residual: jax.Array, gate: jax.Array, *,
+                   fused: bool = False) -> jax.Array:
+    """FLUX's gated residual after an output projection or MLP: residual + gate[:, None] * layer(x),
+    gate (B, dim) one row per image. With `fused`, a W4A4 layer (`ConvDense4bit`) applies it in its
+    GEMM's epilogue (float32, one rounding to the output dtype, no elementwise pass after the
+    GEMM); any other layer, or `fused` False, computes the expression as written (the layer's
+    output rounded to its dtype, then the gate and the residual)."""
+    if fused and isinstance(layer, ConvDense4bit):
+        return layer(x, residual=residual, gate=gate)
+    return residual + gate[:, None] * layer(x)
 
 
 def project(x: jax.Array, fused: nnx.Module | None, *layers: nnx.Module | None) -> list[jax.Array]:
@@ -299,8 +315,24 @@ class FluxAttention(nnx.Module):
     def __call__(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array | None = None,
                  image_rotary_emb: tuple[jax.Array, jax.Array] | None = None,
                  qkv: Sequence[jax.Array] | None = None):
-        """`qkv`: the image stream's query, key and value projections when the caller made them
-        (a fused single block's `to_qkv_mlp`); by default they are computed from `hidden_states`."""
+        """diffusers' forward: `attend`, then the output projections `to_out` and `to_add_out`
+        (double-stream blocks; a single block's attention has none). `qkv`: the image stream's
+        query, key and value projections when the caller made them (a fused single block's
+        `to_qkv_mlp`); by default they are computed from `hidden_states`."""
+        out = self.attend(hidden_states, encoder_hidden_states, image_rotary_emb, qkv)
+        if encoder_hidden_states is None:
+            return out
+        hidden_states, encoder_hidden_states = out
+        for module in self.to_out:
+            hidden_states = module(hidden_states)
+        return hidden_states, self.to_add_out(encoder_hidden_states)
+
+    def attend(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array | None = None,
+               image_rotary_emb: tuple[jax.Array, jax.Array] | None = None,
+               qkv: Sequence[jax.Array] | None = None):
+        """The attention before its output projections: (image, text) outputs with
+        `encoder_hidden_states` (a double block then applies `to_out` and `to_add_out` itself, in
+        its gated residuals), else the joint output."""
         query, key, value = qkv if qkv is not None else project(
             hidden_states, self.to_qkv, self.to_q, self.to_k, self.to_v)
         query = self.norm_q(self._heads(query))
@@ -329,7 +361,4 @@ class FluxAttention(nnx.Module):
         if encoder_hidden_states is None:
             return hidden_states
         text_len = encoder_hidden_states.shape[1]
-        encoder_hidden_states, hidden_states = hidden_states[:, :text_len], hidden_states[:, text_len:]
-        for module in self.to_out:
-            hidden_states = module(hidden_states)
-        return hidden_states, self.to_add_out(encoder_hidden_states)
+        return hidden_states[:, text_len:], hidden_states[:, :text_len]

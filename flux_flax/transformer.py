@@ -23,6 +23,7 @@ from flux_flax.layers import (
     FeedForward,
     FluxAttention,
     FluxPosEmbed,
+    gated_residual,
     linear,
     modulate,
 )
@@ -45,7 +46,11 @@ class Modulation:
 
 class FluxTransformerBlock(nnx.Module):
     """Double-stream block: image and text streams, each with its own AdaLN modulation,
-    projections and MLP, meeting in one joint attention."""
+    projections and MLP, meeting in one joint attention.
+
+    `fuse_epilogue` (False until `flux_flax.fuse_gated_residuals` sets it) applies the four gated
+    residuals (after to_out, to_add_out and both MLPs) in the W4A4 GEMMs' epilogues
+    (`flux_flax.layers.gated_residual`)."""
 
     def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, *, eps: float = 1e-6,
                  attention_impl: str | None = None, dtype: Dtype, rngs: nnx.Rngs):
@@ -55,6 +60,7 @@ class FluxTransformerBlock(nnx.Module):
                                   attention_impl=attention_impl, dtype=dtype, rngs=rngs)
         self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
         self.ff_context = FeedForward(dim, dtype=dtype, rngs=rngs)
+        self.fuse_epilogue = False
 
     def modulation(self, temb: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The image and text streams' AdaLN vectors (norm1, norm1_context), (B, 6 dim) each."""
@@ -75,18 +81,24 @@ class FluxTransformerBlock(nnx.Module):
             encoder_hidden_states, text_modulation
         )
 
-        attn_output, context_attn_output = self.attn(norm_hidden_states, norm_encoder_hidden_states,
-                                                     image_rotary_emb)
+        attn_output, context_attn_output = self.attn.attend(norm_hidden_states, norm_encoder_hidden_states,
+                                                            image_rotary_emb)
+        fused = self.fuse_epilogue
 
-        # Image stream: gated attention residual, then the modulated MLP (norm2 is a plain LayerNorm).
-        hidden_states = hidden_states + gate_msa[:, None] * attn_output
+        # Image stream: gated attention residual (through to_out), then the modulated MLP (norm2 is a
+        # plain LayerNorm) and its gated residual.
+        hidden_states = gated_residual(self.attn.to_out[0], attn_output, hidden_states, gate_msa, fused=fused)
         norm_hidden_states = modulate(hidden_states, scale_mlp, shift_mlp)
-        hidden_states = hidden_states + gate_mlp[:, None] * self.ff(norm_hidden_states)
+        hidden_states = gated_residual(self.ff.net[2], self.ff.hidden(norm_hidden_states), hidden_states, gate_mlp,
+                                       fused=fused)
 
         # Text stream, the same with its own weights.
-        encoder_hidden_states = encoder_hidden_states + c_gate_msa[:, None] * context_attn_output
+        encoder_hidden_states = gated_residual(self.attn.to_add_out, context_attn_output, encoder_hidden_states,
+                                               c_gate_msa, fused=fused)
         norm_encoder_hidden_states = modulate(encoder_hidden_states, c_scale_mlp, c_shift_mlp)
-        encoder_hidden_states = encoder_hidden_states + c_gate_mlp[:, None] * self.ff_context(norm_encoder_hidden_states)
+        context_ff_hidden = self.ff_context.hidden(norm_encoder_hidden_states)
+        encoder_hidden_states = gated_residual(self.ff_context.net[2], context_ff_hidden, encoder_hidden_states,
+                                               c_gate_mlp, fused=fused)
         return encoder_hidden_states, hidden_states
 
 
@@ -96,7 +108,8 @@ class FluxSingleTransformerBlock(nnx.Module):
 
     `to_qkv_mlp` (this port's name; diffusers has none) stays None until
     `flux_flax.fuse_projections` replaces attn.to_q, attn.to_k, attn.to_v and proj_mlp, which all
-    read the same norm, by one layer with their outputs concatenated (dim -> 3 dim + 4 dim)."""
+    read the same norm, by one layer with their outputs concatenated (dim -> 3 dim + 4 dim).
+    `fuse_epilogue`: as the double block's, for the gated residual after proj_out."""
 
     def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, *, mlp_ratio: float = 4.0,
                  attention_impl: str | None = None, dtype: Dtype, rngs: nnx.Rngs):
@@ -107,6 +120,7 @@ class FluxSingleTransformerBlock(nnx.Module):
         self.attn = FluxAttention(dim, num_attention_heads, attention_head_dim, pre_only=True, eps=1e-6,
                                   attention_impl=attention_impl, dtype=dtype, rngs=rngs)
         self.to_qkv_mlp = nnx.data(None)
+        self.fuse_epilogue = False
 
     def modulation(self, temb: jax.Array) -> jax.Array:
         """The block's AdaLN vector (norm), (B, 3 dim)."""
@@ -135,7 +149,7 @@ class FluxSingleTransformerBlock(nnx.Module):
         mlp_hidden_states = jax.nn.gelu(mlp_hidden_states, approximate=True)
 
         hidden_states = jnp.concatenate([attn_output, mlp_hidden_states], axis=2)
-        hidden_states = residual + gate[:, None] * self.proj_out(hidden_states)
+        hidden_states = gated_residual(self.proj_out, hidden_states, residual, gate, fused=self.fuse_epilogue)
         return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
 
 

@@ -1,5 +1,6 @@
 """Fused projections: `ConvDense4bit.concatenate` / `Dense4bitWeightOnly.concatenate` and
-`flux_flax.fuse_projections` against the unfused layers and models."""
+`flux_flax.fuse_projections` against the unfused layers and models; the gated residuals in the
+W4A4 GEMM epilogue (`flux_flax.fuse_gated_residuals`) against the model without them."""
 
 import flux_fixtures
 import jax
@@ -10,7 +11,8 @@ from flax import nnx
 
 from convrot_jax import ConvDense4bit, Dense4bitWeightOnly, QuantPolicy
 from flux_flax.policy import flux_default_policy
-from flux_flax import FluxConfig, FluxTransformer2DModel, fuse_projections, quantize_model
+import convrot_jax.linear
+from flux_flax import FluxConfig, FluxTransformer2DModel, fuse_gated_residuals, fuse_projections, quantize_model
 
 SMALL = FluxConfig.small(num_layers=1, num_single_layers=1)
 
@@ -151,3 +153,32 @@ def test_settings_mismatch_names_the_layer(small_bf16):
     quantized.transformer_blocks[0].attn.to_k.implementation = "auto"
     with pytest.raises(ValueError, match=r"cannot fuse transformer_blocks\.0\.attn\.to_qkv: .*implementation"):
         fuse_projections(quantized)
+
+
+def test_gated_residuals_in_the_epilogue_match_unfused(monkeypatch):
+    """W4A4 layers (XLA reference) in a float32 model, 2 images: with the five gated residuals of
+    a block pair (to_out, to_add_out, ff, ff_context, proj_out) fused into the W4A4 linears, the
+    output is the unfused one within float32 rounding (`model_tolerance`): in float32 both compute
+    residual + gate * (linear + bias) from the same codes; a quantizer code could flip only on an
+    input within a few ulps of a rounding boundary, which these few thousand values do not reach.
+    A wrong gate, residual, image or layer at any site is off by O(1). Switching back restores
+    the unfused graph bit for bit."""
+    model = FluxTransformer2DModel(SMALL, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    quantized = fuse_projections(quantize_model(model, implementation="xla"))
+    inputs = {k: jnp.asarray(v) for k, v in flux_fixtures.flux_inputs(SMALL, height=4, width=6, text_len=8).items()}
+    forward = jax.jit(lambda m, kw: m(**kw))
+    expected = np.asarray(forward(quantized, inputs))
+
+    fused_sites = []
+    reference = convrot_jax.linear.gated_residual_reference
+    monkeypatch.setattr(convrot_jax.linear, "gated_residual_reference",
+                        lambda y, gate, residual: fused_sites.append(y.shape) or reference(y, gate, residual))
+    fused = fuse_gated_residuals(nnx.clone(quantized))
+    out = np.asarray(forward(fused, inputs))
+    assert len(fused_sites) == 5  # traced once: every site takes the fused path
+    tokens = inputs["hidden_states"].shape[1] + inputs["encoder_hidden_states"].shape[1]
+    assert flux_fixtures.relative_error(out, expected) <= flux_fixtures.model_tolerance(SMALL, tokens)
+
+    unfused = fuse_gated_residuals(fused, enabled=False)
+    assert not unfused.transformer_blocks[0].fuse_epilogue and not unfused.single_transformer_blocks[0].fuse_epilogue
+    np.testing.assert_array_equal(np.asarray(forward(unfused, inputs)), expected)
