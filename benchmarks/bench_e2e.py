@@ -11,6 +11,8 @@ no two frameworks sharing the GPU):
   jax_w4a4_pallas  the same with the Pallas kernels
   jax_w4a4_pallas_graphs  the same with custom calls (the Pallas kernels) captured in XLA's CUDA
                    graphs too (XLA_FLAGS --xla_gpu_enable_command_buffer=...,CUSTOM_CALL)
+  jax_w4a4_pallas_epilogue  jax_w4a4_pallas with FLUX's gated residuals in the W4A4 GEMMs' epilogues
+                   (flux_flax.fuse_gated_residuals)
 A step is one transformer forward (FLUX.1-dev config; random weights made on the GPU, or real
 ones with --model DIR) at each size and batch, with 512 T5 tokens: median of --iters timed runs
 after warm-up (host clock around a synchronised call). Reported per variant and shape: step ms,
@@ -64,6 +66,8 @@ VARIANTS = harness.registry(
     Variant("jax_w4a4_pallas", "flux_flax W4A4, Pallas kernels", _JAX, options={"runner": "jax", "impl": "pallas"}),
     Variant("jax_w4a4_pallas_graphs", "flux_flax W4A4, Pallas kernels, custom calls in CUDA graphs", _JAX,
             options={"runner": "jax", "impl": "pallas", "xla_flags": _GRAPH_CUSTOM_CALLS}),
+    Variant("jax_w4a4_pallas_epilogue", "flux_flax W4A4, Pallas kernels, gated residuals in the GEMM epilogue", _JAX,
+            options={"runner": "jax", "impl": "pallas", "gated_residuals": True}),
 )
 # Ratio columns of the table, and the README's baseline (the first present in the same run).
 BASELINES = ("torch_eager", "torch_compile", "torch_fp8", "jax_bf16")
@@ -177,6 +181,8 @@ def jax_worker(args, variant: str) -> list[dict]:
         flux_flax.quantize_model(model, implementation=impl)  # layer by layer: bf16 weights freed as it goes
     if args.fuse:
         flux_flax.fuse_projections(model)
+    if VARIANTS[variant].options.get("gated_residuals"):
+        flux_flax.fuse_gated_residuals(model)
     graphdef, state = nnx.split(model)
     del model
     jax.block_until_ready(state)
