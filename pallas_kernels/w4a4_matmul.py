@@ -26,7 +26,9 @@ Structure (Pallas Mosaic GPU, warp-specialised, after jax's `hopper_matmul_mgpu.
       step k+1 overlaps the MMA of step k. Per-group scales and few-tile shapes use it.
     The weight is never unpacked through HBM.
   * epilogue: acc (int32) -> f32 * s_x * s_w (+ bias) (`dequantize`) -> out dtype, through
-    shared memory and TMA.
+    shared memory and TMA. With FLUX's gated residual (gate=, residual=): (* gate) (+ residual,
+    `add_residual`) before the one rounding; the residual's epilogue tiles are TMA-loaded into
+    shared memory when the tile's main loop starts, so the epilogue finds them there.
   * schedule (`pallas_kernels.tile_schedule`): a persistent grid of one program per SM walks the
     output tiles in planar-snake order. In the registers form a program's pipelines chain: the
     memory warpgroup streams the next tile's first stages while the compute warpgroups run this
@@ -38,7 +40,9 @@ group's int32 partial product into an f32 accumulator with its scale (one wgmma 
 Profiles see the named scopes "mainloop" (a pipeline step), "unpack" and "epilogue".
 
 M need not be a multiple of the tile: the wrapper pads the activation rows (a copy of M x K bytes,
-only when M is not a multiple of tile_m) and slices the output. N must be a multiple of
+only when M is not a multiple of tile_m) and slices the output. With a gate (B, N) it pads each
+image's M / B rows to whole tiles instead, so that a tile reads one gate row (FLUX's token counts
+are whole tiles: no copy). N must be a multiple of
 2 * tile_n and K of tile_k; the FLUX shapes are.
 
 Where it runs: NVIDIA Hopper (sm_90) only; `convrot_jax.ops.w4a4_linear(implementation="auto")`
