@@ -89,17 +89,19 @@ def _gated_terms(terms: jax.Array, gate: jax.Array, residual: jax.Array) -> jax.
     return jnp.abs(residual.astype(jnp.float32)) + gated
 
 
-def _check_gated(images: int, tokens: int, n: int, k: int, *, bias: bool, config, interpret: bool, seed: int):
+def _check_gated(images: int, tokens: int, n: int, k: int, *, bias: bool, config, interpret: bool, seed: int,
+                 scale_group: int | None = None):
     """The kernel's gated residual against the reference: equal up to the final bf16 rounding."""
     m = images * tokens
-    x_codes, x_scales, w_codes, w_scales, b = _operands(seed, m, n, k)
+    x_codes, x_scales, w_codes, w_scales, b = _operands(seed, m, n, k, scale_group)
     gate, residual = _gated_operands(seed, m, n, images)
     b = b if bias else None
     w_packed = pack_int4(w_codes)
-    y = w4a4_matmul(x_codes, x_scales, w_packed, w_scales, b, gate=gate, residual=residual, config=config,
-                    interpret=interpret)
-    ref = w4a4_matmul_reference(x_codes, x_scales, w_packed, w_scales, b, gate=gate, residual=residual)
-    terms = _term_magnitudes(x_codes, x_scales, w_codes, w_scales, None) + (0 if b is None else jnp.abs(b))
+    y = w4a4_matmul(x_codes, x_scales, w_packed, w_scales, b, gate=gate, residual=residual, scale_group=scale_group,
+                    config=config, interpret=interpret)
+    ref = w4a4_matmul_reference(x_codes, x_scales, w_packed, w_scales, b, gate=gate, residual=residual,
+                                scale_group=scale_group)
+    terms = _term_magnitudes(x_codes, x_scales, w_codes, w_scales, scale_group) + (0 if b is None else jnp.abs(b))
     _assert_bf16_rounding_equal(y, ref, _gated_terms(terms, gate, residual))
 
 
@@ -203,6 +205,12 @@ def test_interpret_gated_residual_several_epilogue_tiles():
     during the epilogue; 2 images of 100 tokens."""
     cfg = W4A4MatmulConfig(tile_m=128, tile_n=128, tile_k=128, max_concurrent_steps=2, weight_operand="registers")
     _check_gated(2, 100, 256, 256, bias=True, config=cfg, interpret=True, seed=7)
+
+
+def test_interpret_gated_residual_per_group():
+    """Per-group weight scales (the f32 accumulator path), 2 images of 35 tokens."""
+    cfg = W4A4MatmulConfig(tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=2)
+    _check_gated(2, 35, 256, 256, bias=True, config=cfg, interpret=True, seed=64, scale_group=64)
 
 
 def test_gated_residual_bad_operands_raise():
