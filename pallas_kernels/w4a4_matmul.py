@@ -290,6 +290,11 @@ def _mma(plan: _Plan, refs: _Refs, wg: jax.Array, acc_ref, kk: jax.Array, x_smem
         plgpu.wgmma(acc_ref, x_smem, refs.w8.at[wg, slot].T)
 
 
+def _out_slots(config: W4A4MatmulConfig) -> int:
+    """Shared-memory slots a compute warpgroup stages its output (and residual) tiles in."""
+    return min(2, (config.tile_m * config.tile_n) // (config.epi_tile_m * config.epi_tile_n))
+
+
 def _epilogue_tiles(plan: _Plan) -> list[tuple[slice, slice]]:
     """A warpgroup's output tile as epilogue tiles, in store order: (rows, columns) of each."""
     cfg = plan.config
@@ -496,8 +501,8 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, ou
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
     epi_m, epi_n = cfg.epi_tile_m, cfg.epi_tile_n
     out_tile = (epi_n, epi_m) if plan.out_nm else (epi_m, epi_n)
-    out_slots = min(2, (tm * tn) // (epi_m * epi_n))
-    bf16_transforms = _swizzle_transforms(out_tile[1], jnp.dtype(out_gmem.dtype).itemsize)
+    out_slots = _out_slots(cfg)
+    out_transforms = _swizzle_transforms(out_tile[1], jnp.dtype(out_gmem.dtype).itemsize)
     ignore = lambda *_, **__: None  # allocations do not depend on the bodies
 
     @functools.partial(
@@ -507,10 +512,10 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, ou
         # unpacked weights through shared memory too (same orientation, same epilogue).
         w8_smem=None if plan.in_regs and not plan.interpret else plgpu.SMEM(
             (2, 2, tn, tk), jnp.int8, transforms=_swizzle_transforms(tk)),
-        out_smem=plgpu.SMEM((2, out_slots, *out_tile), out_gmem.dtype, transforms=bf16_transforms),
+        out_smem=plgpu.SMEM((2, out_slots, *out_tile), out_gmem.dtype, transforms=out_transforms),
         # The gated residual's residual tiles, as many slots as the output staging has.
         res_smem=None if res_gmem is None else plgpu.SMEM((2, out_slots, epi_m, epi_n), res_gmem.dtype,
-                                                          transforms=bf16_transforms),
+                                                          transforms=out_transforms),
         res_barriers=None if res_gmem is None else plgpu.Barrier(num_barriers=2 * out_slots),
         collective_axes="wg",
     )
@@ -554,7 +559,7 @@ def _sm_count(interpret: bool) -> int:
     return 4 if interpret else jax.devices()[0].core_count
 
 
-# Hopper's shared memory a CTA may use, less room for the barriers.
+# The shared memory a CTA may use on Hopper (227 KiB), less room for the barriers.
 _SMEM_BYTES = 227 * 1024 - 1024
 
 
@@ -564,8 +569,8 @@ def _stages_that_fit(cfg: W4A4MatmulConfig, out_itemsize: int) -> W4A4MatmulConf
     the output staging) fit in shared memory. The shipped configs fit at full depth."""
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
     stage = tm * tk + 2 * tn * tk // 2
-    fixed = (2 * 2 * tn * tk if cfg.weight_operand == "smem" else 0) + 2 * (
-        2 * min(2, (tm * tn) // (cfg.epi_tile_m * cfg.epi_tile_n)) * cfg.epi_tile_m * cfg.epi_tile_n * out_itemsize)
+    staging = 2 * _out_slots(cfg) * cfg.epi_tile_m * cfg.epi_tile_n * out_itemsize  # both warpgroups
+    fixed = (2 * 2 * tn * tk if cfg.weight_operand == "smem" else 0) + 2 * staging  # output + residual
     stages = cfg.max_concurrent_steps
     while stages > 2 and fixed + stages * stage > _SMEM_BYTES:
         stages -= 1
