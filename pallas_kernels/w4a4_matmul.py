@@ -342,6 +342,8 @@ def _store_tile(plan: _Plan, refs: _Refs, tile: _Tile, values: jax.Array) -> Non
     tiles = _epilogue_tiles(plan)
     slots = refs.out_smem.shape[1]
     wg, out_smem = tile.wg, refs.out_smem
+    if refs.res is None:  # the whole tile rounded at once: half the registers live while storing
+        values = values.astype(refs.out.dtype)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     for j, (rows, cols) in enumerate(tiles):
         part = values[cols, rows] if plan.in_regs else values[rows, cols]
