@@ -28,7 +28,8 @@ Structure (Pallas Mosaic GPU, warp-specialised, after jax's `hopper_matmul_mgpu.
   * epilogue: acc (int32) -> f32 * s_x * s_w (+ bias) (`dequantize`) -> out dtype, through
     shared memory and TMA. With FLUX's gated residual (gate=, residual=): (* gate) (+ residual,
     `add_residual`) before the one rounding; the residual's epilogue tiles are TMA-loaded into
-    shared memory when the tile's main loop starts, so the epilogue finds them there.
+    the output staging (a slot per epilogue tile) when the tile's main loop starts, so the
+    epilogue finds them there and writes each output tile over its residual tile.
   * schedule (`pallas_kernels.tile_schedule`): a persistent grid of one program per SM walks the
     output tiles in planar-snake order. In the registers form a program's pipelines chain: the
     memory warpgroup streams the next tile's first stages while the compute warpgroups run this
@@ -138,9 +139,8 @@ class _Refs(NamedTuple):
     out: object  # (M, N), or (N, M) for the registers form's int32 variant, gmem
     ws: object | None  # int32 split-tile workspace (splits, tail tiles, 2, *acc_shape), gmem
     w8: object | None  # int8 (2, 2, tile_n, tile_k) unpacked-weight slots, smem (smem form)
-    out_smem: object  # (2, slots, *epilogue tile) output staging, smem
-    res_smem: object | None  # (2, slots, epi_tile_m, epi_tile_n) residual tiles, smem
-    res_barriers: object | None  # (2 * slots,) their TMA barriers, warpgroup-major
+    out_smem: object  # (2, slots, *epilogue tile) output staging (with a residual: its tiles too), smem
+    res_barriers: object | None  # (2 * slots,) the residual tiles' TMA barriers, warpgroup-major
 
 
 class _Tile(NamedTuple):
@@ -290,9 +290,11 @@ def _mma(plan: _Plan, refs: _Refs, wg: jax.Array, acc_ref, kk: jax.Array, x_smem
         plgpu.wgmma(acc_ref, x_smem, refs.w8.at[wg, slot].T)
 
 
-def _out_slots(config: W4A4MatmulConfig) -> int:
-    """Shared-memory slots a compute warpgroup stages its output (and residual) tiles in."""
-    return min(2, (config.tile_m * config.tile_n) // (config.epi_tile_m * config.epi_tile_n))
+def _out_slots(config: W4A4MatmulConfig, residual: bool) -> int:
+    """Shared-memory slots a compute warpgroup stages its output tiles in: two in flight; with a
+    residual one per epilogue tile (each lands its residual tile, then its output)."""
+    tiles = (config.tile_m * config.tile_n) // (config.epi_tile_m * config.epi_tile_n)
+    return tiles if residual else min(2, tiles)
 
 
 def _epilogue_tiles(plan: _Plan) -> list[tuple[slice, slice]]:
@@ -303,29 +305,24 @@ def _epilogue_tiles(plan: _Plan) -> list[tuple[slice, slice]]:
             for ei in range(cfg.tile_m // em) for ej in range(cfg.tile_n // en)]
 
 
-def _load_residual(plan: _Plan, refs: _Refs, tile: _Tile, j: int) -> None:
-    """Starts the TMA load of epilogue tile j's residual into its slot (j mod the slots)."""
-    rows, cols = _epilogue_tiles(plan)[j]
-    slots = refs.res_smem.shape[1]
-    gm = pl.ds(tile.m0 + rows.start, rows.stop - rows.start)
-    gn = pl.ds(tile.wg_n0 + cols.start, cols.stop - cols.start)
-    plgpu.copy_gmem_to_smem(refs.res.at[gm, gn], refs.res_smem.at[tile.wg, j % slots],
-                            refs.res_barriers.at[tile.wg * slots + j % slots])
-
-
 def _prefetch_residual(plan: _Plan, refs: _Refs, tile: _Tile) -> None:
-    """Before a tile's main loop: the residual of its first epilogue tiles, one a slot, so that
-    the loads are done by the epilogue (`_store_tile` loads the rest as slots free up)."""
-    if refs.res is not None:
-        for j in range(refs.res_smem.shape[1]):
-            _load_residual(plan, refs, tile, j)
+    """Before a tile's main loop: TMA loads of the residual's epilogue tiles into the output
+    staging slots, one a tile, so that the epilogue finds them there (once the previous tile's
+    stores have read those slots)."""
+    if refs.res is None:
+        return
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    for j, (rows, cols) in enumerate(_epilogue_tiles(plan)):
+        gm = pl.ds(tile.m0 + rows.start, rows.stop - rows.start)
+        gn = pl.ds(tile.wg_n0 + cols.start, cols.stop - cols.start)
+        plgpu.copy_gmem_to_smem(refs.res.at[gm, gn], refs.out_smem.at[tile.wg, j],
+                                refs.res_barriers.at[tile.wg * refs.out_smem.shape[1] + j])
 
 
 def _residual_tile(plan: _Plan, refs: _Refs, tile: _Tile, j: int) -> jax.Array:
     """Epilogue tile j's residual (prefetched into its slot) in the accumulator's orientation."""
-    slots = refs.res_smem.shape[1]
-    plgpu.barrier_wait(refs.res_barriers.at[tile.wg * slots + j % slots])
-    smem = refs.res_smem.at[tile.wg, j % slots]
+    plgpu.barrier_wait(refs.res_barriers.at[tile.wg * refs.out_smem.shape[1] + j])
+    smem = refs.out_smem.at[tile.wg, j]
     if not plan.in_regs:
         return smem[...]
     # The registers form's accumulator is (N, M): a transposing load (ldmatrix .trans); interpret
@@ -336,7 +333,8 @@ def _residual_tile(plan: _Plan, refs: _Refs, tile: _Tile, j: int) -> jax.Array:
 def _store_tile(plan: _Plan, refs: _Refs, tile: _Tile, values: jax.Array) -> None:
     """Writes one warpgroup's finished accumulator (`acc_shape`) to its columns of the output,
     epilogue tile by epilogue tile through shared memory and TMA (two slots in flight), adding the
-    gated residual's residual (`add_residual`) before the cast when there is one."""
+    gated residual's residual (`add_residual`) before the cast when there is one (then each
+    epilogue tile's slot holds its residual tile, replaced by its output)."""
     cfg = plan.config
     tm = cfg.tile_m
     tiles = _epilogue_tiles(plan)
@@ -360,9 +358,7 @@ def _store_tile(plan: _Plan, refs: _Refs, tile: _Tile, values: jax.Array) -> Non
             out_smem[wg, slot] = part.T
         else:  # the registers form: transposing store (stmatrix .trans)
             out_smem.at[wg, slot].T[...] = part
-        plgpu.commit_smem()  # also a warpgroup barrier: every thread has read its residual slot
-        if refs.res is not None and j + refs.res_smem.shape[1] < len(tiles):
-            _load_residual(plan, refs, tile, j + refs.res_smem.shape[1])
+        plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], refs.out.at[gn, gm] if plan.out_nm else refs.out.at[gm, gn])
 
 
@@ -503,7 +499,7 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, ou
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
     epi_m, epi_n = cfg.epi_tile_m, cfg.epi_tile_n
     out_tile = (epi_n, epi_m) if plan.out_nm else (epi_m, epi_n)
-    out_slots = _out_slots(cfg)
+    out_slots = _out_slots(cfg, res_gmem is not None)
     out_transforms = _swizzle_transforms(out_tile[1], jnp.dtype(out_gmem.dtype).itemsize)
     ignore = lambda *_, **__: None  # allocations do not depend on the bodies
 
@@ -515,15 +511,12 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, ou
         w8_smem=None if plan.in_regs and not plan.interpret else plgpu.SMEM(
             (2, 2, tn, tk), jnp.int8, transforms=_swizzle_transforms(tk)),
         out_smem=plgpu.SMEM((2, out_slots, *out_tile), out_gmem.dtype, transforms=out_transforms),
-        # The gated residual's residual tiles, as many slots as the output staging has.
-        res_smem=None if res_gmem is None else plgpu.SMEM((2, out_slots, epi_m, epi_n), res_gmem.dtype,
-                                                          transforms=out_transforms),
         res_barriers=None if res_gmem is None else plgpu.Barrier(num_barriers=2 * out_slots),
         collective_axes="wg",
     )
-    def _scope(pipeline_allocs, w8_smem, out_smem, res_smem, res_barriers):
+    def _scope(pipeline_allocs, w8_smem, out_smem, res_barriers):
         refs = _Refs(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, out_gmem, ws_gmem, w8_smem,
-                     out_smem, res_smem, res_barriers)
+                     out_smem, res_barriers)
         _run_program(plan, refs, pipeline_allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -567,12 +560,12 @@ _SMEM_BYTES = 227 * 1024 - 1024
 
 def _stages_that_fit(cfg: W4A4MatmulConfig, out_itemsize: int) -> W4A4MatmulConfig:
     """`cfg` with its pipeline shortened, one stage at a time, until the stage ring, the smem
-    form's unpacked-weight slots, the output staging and the gated residual's tiles (as large as
-    the output staging) fit in shared memory. The shipped configs fit at full depth."""
+    form's unpacked-weight slots and the gated residual's output staging (a slot per epilogue
+    tile, `_out_slots`) fit in shared memory. The shipped configs fit at full depth."""
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
     stage = tm * tk + 2 * tn * tk // 2
-    staging = 2 * _out_slots(cfg) * cfg.epi_tile_m * cfg.epi_tile_n * out_itemsize  # both warpgroups
-    fixed = (2 * 2 * tn * tk if cfg.weight_operand == "smem" else 0) + 2 * staging  # output + residual
+    staging = 2 * _out_slots(cfg, True) * cfg.epi_tile_m * cfg.epi_tile_n * out_itemsize  # both warpgroups
+    fixed = (2 * 2 * tn * tk if cfg.weight_operand == "smem" else 0) + staging
     stages = cfg.max_concurrent_steps
     while stages > 2 and fixed + stages * stage > _SMEM_BYTES:
         stages -= 1
@@ -610,7 +603,7 @@ def _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, *, scale_
 
     if int32_out:  # int32 output staging is twice the bf16 one: one stage less fits in smem.
         cfg = dataclasses.replace(cfg, max_concurrent_steps=min(cfg.max_concurrent_steps, 3))
-    if residual is not None:  # the residual tiles take as much smem as the output staging
+    if residual is not None:  # a staging slot per epilogue tile
         cfg = _stages_that_fit(cfg, jnp.dtype(out_dtype).itemsize)
     # The gated residual: row r belongs to image r // (M / B). Padding each image to whole tiles
     # gives every tile one image (one gate row); FLUX's token counts are whole tiles already.
