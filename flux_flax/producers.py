@@ -6,7 +6,8 @@ then reads the producer's input instead of an activation XLA wrote to HBM in bf1
 a W4A4 layer (`ConvDense4bit`) whose prologue kind is in `fused` quantizes prologue(x) straight
 from x; any other layer (bf16, W4A16, or that kind not fused) gets `produce(x, prologue)`, the
 producer as the model has always run it in XLA ops, in the model dtype. `fuse_producers(model,
-kinds)` is the switch, per model (off unless called), so fused and unfused run in one process.
+kinds)` is the switch, per model (off unless called; the pipeline calls it with DEFAULT_KINDS), so
+fused and unfused run in one process.
 
 The sites (FLUX.1): double blocks' norm1 / norm1_context when their q, k, v are fused into one
 layer (attn.to_qkv / attn.to_added_qkv: the modulated norm then feeds that layer alone), norm2
@@ -29,8 +30,10 @@ from flux_flax.layers import gated_residual, modulate
 
 KINDS: dict[type, str] = {LayerNormModulation: "layernorm", GeluTanh: "gelu"}
 # What the pipeline fuses (FluxPipeline.from_pretrained with fuse=True): the kinds measured faster
-# than XLA's producer + the plain rotate-quantize kernel (benchmarks/results/rotate_quantize.md).
-DEFAULT_KINDS: tuple[str, ...] = ()
+# than XLA's producer + the plain rotate-quantize kernel (benchmarks/results/rotate_quantize_prologues.md,
+# H200, one image): GELU 1.35x at K = 12288 and 1.26x at K = 15360 (M = 4608 and 1536); the
+# LayerNorm + modulation only ties (40.3 against 40.4 us at M = 4608, 17.2 against 17.4 at 1536).
+DEFAULT_KINDS: tuple[str, ...] = ("gelu",)
 
 
 def produce(x: jax.Array, prologue: Prologue) -> jax.Array:
@@ -44,12 +47,14 @@ def produce(x: jax.Array, prologue: Prologue) -> jax.Array:
 def produce_linear(layer: nnx.Module, x: jax.Array, prologue: Prologue, fused: frozenset[str], *,
                    residual: jax.Array | None = None, gate: jax.Array | None = None,
                    fuse_epilogue: bool = False) -> jax.Array:
-    """layer(prologue(x)): fused into the W4A4 layer's quantization when its kind is in `fused`,
-    else the XLA producer, then the layer. With `residual` and `gate`, FLUX's gated residual
-    residual + gate[:, None] * layer(prologue(x)), in the W4A4 GEMM's epilogue with
-    `fuse_epilogue` (`flux_flax.layers.gated_residual`). A layer carrying a LoRA branch runs
-    unfused (the branch needs the produced activation and comes before the gate)."""
-    if isinstance(layer, ConvDense4bit) and layer.lora is None and KINDS[type(prologue)] in fused:
+    """layer(prologue(x)): fused into the W4A4 layer's quantization when its kind is in `fused`
+    (and a GELU starts on one of the layer's rotation groups), else the XLA producer, then the
+    layer. With `residual` and `gate`, FLUX's gated residual residual + gate[:, None] *
+    layer(prologue(x)), in the W4A4 GEMM's epilogue with `fuse_epilogue`
+    (`flux_flax.layers.gated_residual`). A layer carrying a LoRA branch runs unfused (the branch
+    needs the produced activation and comes before the gate)."""
+    fits = not isinstance(prologue, GeluTanh) or prologue.start % getattr(layer, "group_size", 1) == 0
+    if isinstance(layer, ConvDense4bit) and layer.lora is None and KINDS[type(prologue)] in fused and fits:
         if residual is None:
             return layer(x, prologue=prologue)
         if fuse_epilogue:
@@ -60,9 +65,10 @@ def produce_linear(layer: nnx.Module, x: jax.Array, prologue: Prologue, fused: f
     return gated_residual(layer, produce(x, prologue), residual, gate, fused=fuse_epilogue)
 
 
-def fuse_producers(model: nnx.Module, kinds: Iterable[str] = tuple(KINDS.values())) -> nnx.Module:
-    """Sets, IN PLACE, which producer kinds ("layernorm", "gelu"; none: unfused) every block of a
-    FLUX transformer `model` fuses into its W4A4 layers; returns `model`."""
+def fuse_producers(model: nnx.Module, kinds: Iterable[str] = DEFAULT_KINDS) -> nnx.Module:
+    """Sets, IN PLACE, which producer kinds ("layernorm", "gelu"; none: unfused; default: the
+    measured winners, DEFAULT_KINDS) every block of a FLUX transformer `model` fuses into its W4A4
+    layers; returns `model`."""
     kinds = frozenset(kinds)
     if not kinds <= set(KINDS.values()):
         raise ValueError(f"producer kinds must be among {sorted(KINDS.values())}, got {sorted(kinds)}")
