@@ -29,8 +29,10 @@ from flux_flax.layers import modulate
 
 KINDS: dict[type, str] = {LayerNormModulation: "layernorm", GeluTanh: "gelu"}
 # What the pipeline fuses (FluxPipeline.from_pretrained with fuse=True): the kinds measured faster
-# than XLA's producer + the plain rotate-quantize kernel (benchmarks/results/rotate_quantize.md).
-DEFAULT_KINDS: tuple[str, ...] = ()
+# than XLA's producer + the plain rotate-quantize kernel (benchmarks/results/rotate_quantize_prologues.md,
+# H200, one image): GELU 1.35x at K = 12288 and 1.26x at K = 15360 (M = 4608 and 1536); the
+# LayerNorm + modulation only ties (40.3 against 40.4 us at M = 4608, 17.2 against 17.4 at 1536).
+DEFAULT_KINDS: tuple[str, ...] = ("gelu",)
 
 
 def produce(x: jax.Array, prologue: Prologue) -> jax.Array:
@@ -42,9 +44,11 @@ def produce(x: jax.Array, prologue: Prologue) -> jax.Array:
 
 
 def produce_linear(layer: nnx.Module, x: jax.Array, prologue: Prologue, fused: frozenset[str]) -> jax.Array:
-    """layer(prologue(x)): fused into the W4A4 layer's quantization when its kind is in `fused`,
-    else the XLA producer, then the layer."""
-    if isinstance(layer, ConvDense4bit) and KINDS[type(prologue)] in fused:
+    """layer(prologue(x)): fused into the W4A4 layer's quantization when its kind is in `fused`
+    (and a GELU starts on one of the layer's rotation groups), else the XLA producer, then the
+    layer."""
+    fits = not isinstance(prologue, GeluTanh) or prologue.start % getattr(layer, "group_size", 1) == 0
+    if isinstance(layer, ConvDense4bit) and KINDS[type(prologue)] in fused and fits:
         return layer(x, prologue=prologue)
     return layer(produce(x, prologue))
 

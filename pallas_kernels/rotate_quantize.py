@@ -80,8 +80,9 @@ class RotateQuantizeConfig:
     rows once per image it meets) instead of one program per block; None: persistent when
     modulated. hold_input (LayerNorm with `keep` only): load the rows once into registers for the
     statistics and the rotation, instead of once per sweep from shared memory; None: when
-    rows * (padded) K / 128 <= HOLD_LIMIT. pack_modulation (bf16 shift and scale): one 32-bit
-    word per column holds both, one shared-memory load instead of two."""
+    rows * (padded) K / 128 <= HOLD_LIMIT. pack_modulation (bf16 shift and scale only): one
+    32-bit word per column holds both, one shared-memory load instead of two (H200, M = 4608,
+    K = 3072: 46.3 -> 40.3 us, the same codes)."""
 
     rows: int | None = None
     chunk_mult: int = 1
@@ -89,7 +90,7 @@ class RotateQuantizeConfig:
     persistent: bool | None = None
     programs_per_sm: int = 2
     hold_input: bool | None = None
-    pack_modulation: bool = False
+    pack_modulation: bool = True
 
 
 def keep_rotated(k: int, rows: int, config: RotateQuantizeConfig) -> bool:

@@ -148,7 +148,7 @@ def test_interpret_bit_identical(m, k, group_size, dtype, packed, config):
     [(8, 512, 2, RotateQuantizeConfig()),  # 4-row blocks, one image each, one block per program
      (8, 3072, 2, RotateQuantizeConfig()),  # 2-row blocks, one pass, the rows held in registers
      (8, 3072, 2, RotateQuantizeConfig(hold_input=False)),  # the three sweeps each from shared memory
-     (8, 3072, 2, RotateQuantizeConfig(pack_modulation=True)),  # shift and scale in one word
+     (8, 3072, 2, RotateQuantizeConfig(pack_modulation=False)),  # shift and scale loaded apart
      (4, 9216, 1, RotateQuantizeConfig(keep=False)),  # padded row: the zero groups stay zero
      (36, 512, 3, RotateQuantizeConfig(programs_per_sm=1)),  # 9 blocks on 4 programs: runs of 3, 2, 2, 2 blocks
      (12, 3072, 3, RotateQuantizeConfig(programs_per_sm=1, keep=False)),  # 6 blocks: runs cross images
@@ -245,6 +245,7 @@ def test_gpu_group_sizes(group_size):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,k,b,config", [(4608, 3072, 1, None), (1536, 3072, 1, None), (2 * 1536, 3072, 2, None),
                                           (3 * 512, 3072, 3, RotateQuantizeConfig(persistent=False)),
+                                          (4608, 3072, 1, RotateQuantizeConfig(pack_modulation=False)),
                                           (2 * 512, 15360, 2, None)])
 def test_gpu_layernorm_modulation(m, k, b, config):
     x = _inputs(4 + m, k, jnp.bfloat16, seed=k)[4:]
