@@ -5,7 +5,7 @@ ported to Flax NNX, or transformers' PyTorch models) and the pipeline.
     model = flux_flax.load_transformer("FLUX.1-dev/transformer")        # bf16
     flux_flax.quantize_model(model)                                    # W4A4 per flux_default_policy()
     flux_flax.fuse_projections(model)                                  # q/k/v (+ MLP in) as one GEMM
-    flux_flax.fuse_producers(model)                                    # LN+modulate, GELU in the quantizer
+    flux_flax.fuse_producers(model)                                    # GELUs computed in the quantizer
     out = model(latents, t5, clip_pooled, t, img_ids, txt_ids, guidance)
 
 Exports resolve on first use, so that `convrot-flux` checks its arguments before jax, flax and

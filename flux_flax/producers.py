@@ -6,7 +6,8 @@ then reads the producer's input instead of an activation XLA wrote to HBM in bf1
 a W4A4 layer (`ConvDense4bit`) whose prologue kind is in `fused` quantizes prologue(x) straight
 from x; any other layer (bf16, W4A16, or that kind not fused) gets `produce(x, prologue)`, the
 producer as the model has always run it in XLA ops, in the model dtype. `fuse_producers(model,
-kinds)` is the switch, per model (off unless called), so fused and unfused run in one process.
+kinds)` is the switch, per model (off unless called; the pipeline calls it with DEFAULT_KINDS), so
+fused and unfused run in one process.
 
 The sites (FLUX.1): double blocks' norm1 / norm1_context when their q, k, v are fused into one
 layer (attn.to_qkv / attn.to_added_qkv: the modulated norm then feeds that layer alone), norm2
@@ -53,9 +54,10 @@ def produce_linear(layer: nnx.Module, x: jax.Array, prologue: Prologue, fused: f
     return layer(produce(x, prologue))
 
 
-def fuse_producers(model: nnx.Module, kinds: Iterable[str] = tuple(KINDS.values())) -> nnx.Module:
-    """Sets, IN PLACE, which producer kinds ("layernorm", "gelu"; none: unfused) every block of a
-    FLUX transformer `model` fuses into its W4A4 layers; returns `model`."""
+def fuse_producers(model: nnx.Module, kinds: Iterable[str] = DEFAULT_KINDS) -> nnx.Module:
+    """Sets, IN PLACE, which producer kinds ("layernorm", "gelu"; none: unfused; default: the
+    measured winners, DEFAULT_KINDS) every block of a FLUX transformer `model` fuses into its W4A4
+    layers; returns `model`."""
     kinds = frozenset(kinds)
     if not kinds <= set(KINDS.values()):
         raise ValueError(f"producer kinds must be among {sorted(KINDS.values())}, got {sorted(kinds)}")
