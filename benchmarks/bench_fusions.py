@@ -132,8 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = run(args)
     harness.write_results(NAME, {"rows": rows}, markdown(rows), args.out,
-                          summary=[harness.figure("FLUX.1-dev W4A4 step, all fusions", f"{rows[-1]['step_ms']:.1f} ms",
-                                                  shape=f"{args.size}² b{args.batch}", baseline="no fusion",
+                          summary=[harness.figure(f"FLUX.1-dev W4A4 step, fusions: {rows[-1]['fusions']}",
+                                                  f"{rows[-1]['step_ms']:.1f} ms", shape=f"{args.size}² b{args.batch}",
+                                                  baseline=f"fusions: {rows[0]['fusions']}",
                                                   ratio=rows[0]["step_ms"] / rows[-1]["step_ms"])],
                           command="python -m benchmarks.bench_fusions " + " ".join(argv))
     print((args.out / f"{NAME}.md").read_text())
