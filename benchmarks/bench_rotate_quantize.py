@@ -305,9 +305,12 @@ def main(argv: list[str] | None = None) -> None:
                                        timeout=args.variant_timeout, label=f"prologue {v}")
             res["prologue"] += harness.error_rows([v], got["error"], shape="all") if isinstance(got, dict) else got
     meta = harness.run_meta(probe=True)
-    harness.write_results(NAME, res, markdown(res), args.out, summary=summarize(res["rows"]), meta=meta,
+    # A run of the producers alone (`--variants` given no names) has its own results file, so it
+    # never replaces the kernel's table.
+    name = NAME if args.variants else f"{NAME}_prologues"
+    harness.write_results(name, res, markdown(res), args.out, summary=summarize(res["rows"]), meta=meta,
                           command="python -m " + MODULE + " " + " ".join(argv))
-    print((args.out / f"{NAME}.md").read_text())
+    print((args.out / f"{name}.md").read_text())
 
 
 if __name__ == "__main__":
