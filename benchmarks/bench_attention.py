@@ -34,7 +34,6 @@ import argparse
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 from benchmarks import harness
@@ -108,7 +107,6 @@ def _inputs(b: int, s: int, seed: int):
 
 def work_grid(args) -> dict:
     import jax
-    import jax.numpy as jnp
 
     from pallas_kernels.attention import default_config, quantize_qkv
 
@@ -366,22 +364,12 @@ def main(argv: list[str] | None = None) -> None:
         log.update({k: v for k, v in kept.items() if k not in ("bench", "schema", "meta", "device", "summary")})
     meta = harness.run_meta(probe=True)
 
-    def save():
-        harness.write_results(NAME, log, markdown(log), args.out,
+    def save() -> Path:
+        return harness.write_results(NAME, log, markdown(log), args.out,
                               summary=summarize(log.get("rows", []), log.get("accuracy", [])), meta=meta,
                               command="python -m " + MODULE + " " + " ".join(argv))
 
-    for name in args.stages.split(","):
-        t = time.time()
-        print(f"=== {name} ===", flush=True)
-        try:
-            STAGES[name](args.out, log, args)
-        except Exception:  # noqa: BLE001  (keep the other stages' results)
-            log[f"{name}_error"] = traceback.format_exc()[-3000:]
-            print(log[f"{name}_error"], flush=True)
-        log[f"{name}_seconds"] = time.time() - t
-        save()
-        print((args.out / f"{NAME}.md").read_text(), flush=True)  # the tables so far (a later stage may be cut)
+    harness.run_stages(STAGES, args.stages.split(","), args.out, log, args, save)
 
 
 if __name__ == "__main__":

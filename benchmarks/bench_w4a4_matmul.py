@@ -36,7 +36,6 @@ import subprocess
 import sys
 import tarfile
 import time
-import traceback
 from pathlib import Path
 
 from benchmarks import harness
@@ -380,21 +379,11 @@ def main(argv: list[str] | None = None) -> None:
     log: dict = {"iters": harness.timing_iters()}
     meta = harness.run_meta(probe=True)
 
-    def save():
-        harness.write_results(NAME, log, markdown(log), args.out, summary=summarize(log.get("rows", [])), meta=meta,
+    def save() -> Path:
+        return harness.write_results(NAME, log, markdown(log), args.out, summary=summarize(log.get("rows", [])), meta=meta,
                               command="python -m " + MODULE + " " + " ".join(argv))
 
-    for name in args.stages.split(","):
-        t = time.time()
-        print(f"=== {name} ===", flush=True)
-        try:
-            STAGES[name](args.out, log, args)
-        except Exception:  # noqa: BLE001  (keep the other stages' results)
-            log[f"{name}_error"] = traceback.format_exc()[-3000:]
-            print(log[f"{name}_error"], flush=True)
-        log[f"{name}_seconds"] = time.time() - t
-        save()
-    print((args.out / f"{NAME}.md").read_text())
+    harness.run_stages(STAGES, args.stages.split(","), args.out, log, args, save)
 
 
 if __name__ == "__main__":

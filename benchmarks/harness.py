@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -281,6 +282,24 @@ def write_results(name: str, data: Mapping[str, Any], markdown: str | Sequence[s
         except (OSError, ValueError) as e:
             print(f"README's Measured table not regenerated ({e}); run `python -m benchmarks.report`", flush=True)
     return path
+
+
+def run_stages(stages: Mapping[str, Callable[[Path, dict, Any], None]], names: Sequence[str], out: Path,
+               log: dict, args: Any, save: Callable[[], Path]) -> None:
+    """Runs the kernel benches' named stages (`tests`, `bench`, `sweep`, ...) in order, each
+    `stages[name](out, log, args)` adding to `log`: a stage that raises leaves its traceback in
+    `log[name + "_error"]` and the others run on; `save()` writes the results after every stage,
+    so a run stopped from outside keeps the stages it finished."""
+    for name in names:
+        t = time.time()
+        print(f"=== {name} ===", flush=True)
+        try:
+            stages[name](out, log, args)
+        except Exception:  # noqa: BLE001  (keep the other stages' results)
+            log[f"{name}_error"] = traceback.format_exc()[-3000:]
+            print(log[f"{name}_error"], flush=True)
+        log[f"{name}_seconds"] = time.time() - t
+        print(save().with_suffix(".md").read_text(), flush=True)  # the tables so far
 
 
 def merge_runs(paths: Sequence[Path]) -> tuple[list[dict], dict]:
