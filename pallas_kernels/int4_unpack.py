@@ -29,6 +29,22 @@ from jax._src.lib.mlir import ir
 from jax.experimental.mosaic.gpu import fragmented_array as mgpu_fa
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
+def check_weight_operands(k: int, n: int, w_scales, scale_group: int | None, bias) -> None:
+    """The packed int4 weight's scales and the bias for a GEMM of reduction K and N outputs:
+    (N,) scales per channel, or (N, K / scale_group) with scale_group a multiple of 64 (the
+    kernels' tile_k); bias (N,). Raises ValueError naming the operand at fault."""
+    if scale_group is None:
+        if w_scales.shape != (n,):
+            raise ValueError(f"w_scales {w_scales.shape} must be (N,) = ({n},) without scale_group")
+    else:
+        if k % scale_group or w_scales.shape != (n, k // scale_group):
+            raise ValueError(f"w_scales {w_scales.shape} must be (N, K / scale_group) = ({n}, {k}/{scale_group})")
+        if scale_group % 64:
+            raise ValueError(f"the int4 GEMM kernels need scale_group a multiple of 64, got {scale_group}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias {bias.shape} must be (N,) = ({n},)")
+
+
 TARGETS: tuple[str, ...] = ("int8_upcast4x", "int8_wgmma", "bf16_wgmma_k32")
 
 

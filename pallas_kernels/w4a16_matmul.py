@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pallas_kernels.int4_unpack import permute_k32, unpack_tile
+from pallas_kernels.int4_unpack import check_weight_operands, permute_k32, unpack_tile
 from pallas_kernels.smem import swizzle_transforms
 from pallas_kernels.tile_schedule import sm_count
 from pallas_kernels.w4a16_matmul_config import W4A16MatmulConfig, config_for
@@ -238,16 +238,7 @@ def _check_operands(x, w_packed, w_scales, bias, scale_group) -> None:
     if x.dtype != jnp.bfloat16 or w_packed.dtype != jnp.uint8:
         raise ValueError(f"need bfloat16 x and uint8 w_packed, got {x.dtype} and {w_packed.dtype}")
     k, n = x.shape[1], w_packed.shape[0]
-    if scale_group is None:
-        if w_scales.shape != (n,):
-            raise ValueError(f"w_scales {w_scales.shape} must be (N,) = ({n},) without scale_group")
-    else:
-        if k % scale_group or w_scales.shape != (n, k // scale_group):
-            raise ValueError(f"w_scales {w_scales.shape} must be (N, K / scale_group) = ({n}, {k}/{scale_group})")
-        if scale_group % 64:
-            raise ValueError(f"the W4A16 kernel needs scale_group a multiple of 64, got {scale_group}")
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"bias {bias.shape} must be (N,) = ({n},)")
+    check_weight_operands(k, n, w_scales, scale_group, bias)
 
 
 def _finish_stream(y, ws, w_scales, bias, plan: _Plan, m: int) -> jax.Array:

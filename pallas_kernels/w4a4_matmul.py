@@ -73,7 +73,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.int4_unpack import unpack_tile
+from pallas_kernels.int4_unpack import check_weight_operands, unpack_tile
 from pallas_kernels.smem import swizzle_transforms
 from pallas_kernels.tile_schedule import TileSchedule, sm_count, tile_coords, tile_schedule
 from pallas_kernels.w4a4_matmul_config import W4A4MatmulConfig, config_for
@@ -479,16 +479,7 @@ def _check_operands(x_codes, x_scales, w_packed, w_scales, bias, scale_group, ga
     n = w_packed.shape[0]
     if x_scales.shape != (m,):
         raise ValueError(f"x_scales {x_scales.shape} must be (M,) = ({m},)")
-    if scale_group is None:
-        if w_scales.shape != (n,):
-            raise ValueError(f"w_scales {w_scales.shape} must be (N,) = ({n},) without scale_group")
-    else:
-        if k % scale_group or w_scales.shape != (n, k // scale_group):
-            raise ValueError(f"w_scales {w_scales.shape} must be (N, K / scale_group) = ({n}, {k}/{scale_group})")
-        if scale_group % 64:
-            raise ValueError(f"the kernel needs scale_group a multiple of 64, got {scale_group}")
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"bias {bias.shape} must be (N,) = ({n},)")
+    check_weight_operands(k, n, w_scales, scale_group, bias)
     check_gated_residual(m, n, gate, residual)
     if residual is not None and residual.dtype != jnp.dtype(out_dtype):
         raise ValueError(f"residual dtype {residual.dtype} must be the output dtype {jnp.dtype(out_dtype)}")
