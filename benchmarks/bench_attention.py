@@ -314,19 +314,12 @@ def stage_bench(out_dir, log, args):
         log.update(got)
 
 
-def stage_model(out_dir, log, args):
-    got = harness.run_isolated(harness.worker_command(MODULE, "model", args.argv), timeout=args.variant_timeout,
-                               label="model")
-    log["model"] = [got] if isinstance(got, dict) else got
-
-
-def stage_sweep(out_dir, log, args):
-    got = harness.run_isolated(harness.worker_command(MODULE, "sweep", args.argv), timeout=args.variant_timeout,
-                               label="sweep")
-    log["sweep"] = [got] if isinstance(got, dict) else got
-
-
-STAGES = {"tests": stage_tests, "sweep": stage_sweep, "bench": stage_bench, "model": stage_model}
+STAGES = {
+    "tests": stage_tests,
+    "sweep": harness.worker_stage(MODULE, "sweep"),
+    "bench": stage_bench,
+    "model": harness.worker_stage(MODULE, "model"),
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from benchmarks import harness
+from benchmarks.bench_w4a4_matmul import bf16_gemm_args
 from benchmarks.harness import Variant
 
 NAME = "w4a16_matmul"
@@ -80,17 +81,6 @@ def kernel_args(m, n, k):
         w = pack_int4(jax.random.randint(ks[1], (n, k), -7, 8, jnp.int8))
         sw = jax.random.uniform(ks[2], (n,), jnp.float32, 0.5, 1.5) * 0.01
         return jax.block_until_ready((x, w, sw, jax.random.normal(ks[3], (n,), jnp.bfloat16)))
-    return make
-
-
-def bf16_gemm_args(m, n, k):
-    import jax
-    import jax.numpy as jnp
-
-    def make(i):
-        ks = jax.random.split(jax.random.key(2000 + i), 2)
-        return jax.block_until_ready((jax.random.normal(ks[0], (m, k), jnp.bfloat16),
-                                      jax.random.normal(ks[1], (n, k), jnp.bfloat16)))
     return make
 
 
@@ -424,11 +414,6 @@ def stage_tests(out_dir, log, args):
     log["tests"] = harness.run_pytest("tests/test_w4a16_matmul.py", args.tests_k, timeout=args.tests_timeout)
 
 
-def stage_sweep(out_dir, log, args):
-    got = harness.run_isolated(harness.worker_command(MODULE, "sweep", args.argv), timeout=args.variant_timeout)
-    log["sweep"] = [got] if isinstance(got, dict) else got
-
-
 def stage_bench(out_dir, log, args):
     log["rows"] = []
     for group, names in harness.process_groups(VARIANTS, args.variants).items():
@@ -437,7 +422,11 @@ def stage_bench(out_dir, log, args):
         log["rows"] += harness.error_rows(names, got["error"], shape="all") if isinstance(got, dict) else got
 
 
-STAGES = {"tests": stage_tests, "sweep": stage_sweep, "bench": stage_bench}
+STAGES = {
+    "tests": stage_tests,
+    "sweep": harness.worker_stage(MODULE, "sweep"),
+    "bench": stage_bench,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

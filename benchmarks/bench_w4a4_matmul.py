@@ -333,11 +333,6 @@ def stage_tests(out_dir, log, args):
     log["tests"] = harness.run_pytest("tests/test_w4a4_matmul.py", args.tests_k)
 
 
-def stage_sweep(out_dir, log, args):
-    got = harness.run_isolated(harness.worker_command(MODULE, "sweep", args.argv), timeout=args.variant_timeout)
-    log["sweep"] = [got] if isinstance(got, dict) else got
-
-
 def stage_bench(out_dir, log, args):
     log["rows"] = []
     for v in args.variants:
@@ -346,7 +341,13 @@ def stage_bench(out_dir, log, args):
         log["rows"] += harness.error_rows([v], got["error"], shape="all") if isinstance(got, dict) else got
 
 
-STAGES = {"tests": stage_tests, "sweep": stage_sweep, "sass": stage_sass, "ncu": stage_ncu, "bench": stage_bench}
+STAGES = {
+    "tests": stage_tests,
+    "sweep": harness.worker_stage(MODULE, "sweep"),
+    "sass": stage_sass,
+    "ncu": stage_ncu,
+    "bench": stage_bench,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -302,6 +302,16 @@ def run_stages(stages: Mapping[str, Callable[[Path, dict, Any], None]], names: S
         print(save().with_suffix(".md").read_text(), flush=True)  # the tables so far
 
 
+def worker_stage(module: str, worker: str) -> Callable[[Path, dict, Any], None]:
+    """A `run_stages` stage that runs the bench `module`'s `worker` in its own process (the
+    parent's arguments, `args.argv`; `args.variant_timeout`) and keeps its rows, or its error,
+    in log[worker]."""
+    def stage(out_dir: Path, log: dict, args: Any) -> None:
+        got = run_isolated(worker_command(module, worker, args.argv), timeout=args.variant_timeout, label=worker)
+        log[worker] = [got] if isinstance(got, dict) else got
+    return stage
+
+
 def merge_runs(paths: Sequence[Path]) -> tuple[list[dict], dict]:
     """Rows of several results files of one bench (variant subsets run back to back on one
     machine) and the first file's meta, with the commits and dates of all of them."""
