@@ -18,6 +18,9 @@ are plain functions; torch and diffusers are imported lazily (test-only dependen
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -225,3 +228,20 @@ def save_lora(path, shapes, modules, rank: int, seed: int, alphas: dict[str, flo
         reductions += k + rank
     save_file(tensors, str(path))
     return reductions
+
+
+def run_with_devices(args: list[str], devices: int = 4, **popen) -> subprocess.Popen:
+    """`python args...` from the repository root in a process of its own whose CPU backend has
+    `devices` devices (XLA's forced host device count), so the suite's other tests keep one."""
+    root = Path(__file__).resolve().parents[1]
+    flags = " ".join([os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={devices}"])
+    env = {**os.environ, "XLA_FLAGS": flags.strip(), "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=root, **popen)
+
+
+def run_with_4_devices(args: list[str]) -> subprocess.CompletedProcess:
+    """`run_with_devices` with 4 devices, waited for (5 minutes at most)."""
+    process = run_with_devices(args)
+    stdout, stderr = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)

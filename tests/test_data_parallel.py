@@ -2,10 +2,6 @@
 CPU devices forced by XLA_FLAGS, in subprocesses so that the other tests keep one device."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +10,6 @@ from PIL import Image
 import flux_fixtures
 from flux_flax.config import FluxConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS, T5_LENGTH, HEIGHT, WIDTH = 2, 8, 32, 48
 TOKENS = T5_LENGTH + (HEIGHT // 16) * (WIDTH // 16)
 
@@ -61,15 +56,11 @@ print(json.dumps(results))
 """
 
 
-def run_with_4_devices(args: list[str]) -> subprocess.CompletedProcess:
-    flags = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=4"])
-    env = {**os.environ, "XLA_FLAGS": flags.strip(), "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
 
 
 @pytest.mark.slow
 def test_data_parallel_equals_one_device(tmp_path):
-    run = run_with_4_devices(["-c", SAMPLER, str(tmp_path)])
+    run = flux_fixtures.run_with_4_devices(["-c", SAMPLER, str(tmp_path)])
     assert run.returncode == 0, run.stderr[-3000:]
     results = {key: [np.asarray(latents, np.float32), np.asarray(images, np.uint8)]
                for key, (latents, images) in json.loads(run.stdout.splitlines()[-1]).items()}
@@ -90,15 +81,17 @@ def test_data_parallel_equals_one_device(tmp_path):
 
 
 def test_devices_below_one_is_a_usage_error(tmp_path):
-    run = run_with_4_devices(["-m", "flux_flax.cli", "generate", "--model", str(tmp_path), "--prompt", "x",
-                              "--devices", "0", "--out", str(tmp_path / "out"), "--no-compile-cache"])
+    run = flux_fixtures.run_with_4_devices(["-m", "flux_flax.cli", "generate", "--model", str(tmp_path),
+                                            "--prompt", "x", "--devices", "0", "--out", str(tmp_path / "out"),
+                                            "--no-compile-cache"])
     assert run.returncode == 2 and "--devices must be at least 1, got 0" in run.stderr
 
 
 def test_more_devices_than_exist_is_a_clear_error(tmp_path):
     # Checked before the model loads: the empty folder is never read.
-    run = run_with_4_devices(["-m", "flux_flax.cli", "generate", "--model", str(tmp_path), "--prompt", "x",
-                              "--devices", "9", "--out", str(tmp_path / "out"), "--no-compile-cache"])
+    run = flux_fixtures.run_with_4_devices(["-m", "flux_flax.cli", "generate", "--model", str(tmp_path),
+                                            "--prompt", "x", "--devices", "9", "--out", str(tmp_path / "out"),
+                                            "--no-compile-cache"])
     assert run.returncode == 1, run.stderr
     assert "asked for 9 devices, but this machine has only 4 local cpu device(s)" in run.stderr.splitlines()[-1]
 
@@ -150,7 +143,7 @@ print(json.dumps(results))
 
 @pytest.mark.slow
 def test_lora_on_two_devices_equals_one_device(tmp_path):
-    run = run_with_4_devices(["-c", LORA_SAMPLER, str(tmp_path / "lora.safetensors")])
+    run = flux_fixtures.run_with_4_devices(["-c", LORA_SAMPLER, str(tmp_path / "lora.safetensors")])
     assert run.returncode == 0, run.stderr[-3000:]
     results = {k: np.asarray(v, np.float32) for k, v in json.loads(run.stdout.splitlines()[-1]).items()}
     dim = FluxConfig.tiny().inner_dim  # the two LoRA layers add a reduction of K + r = dim + 4 each

@@ -5,11 +5,8 @@ hosts, emulated on this one: CPU collectives through gloo instead of NCCL, no ne
 machines). Token counts are ragged: 7 text and 6 image tokens over 2 and 4 devices."""
 
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +19,6 @@ from flux_flax.config import FluxConfig
 from flux_flax.pipeline import device_mesh
 from flux_flax.sequence_parallel import TokenLayout, check_heads
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS, T5_LENGTH, HEIGHT, WIDTH = 2, 7, 32, 48
 TOKENS = T5_LENGTH + (HEIGHT // 16) * (WIDTH // 16)
 HEADS = 4  # the tiny config with 4 heads (of 16), so that they divide over 4 devices
@@ -143,22 +139,11 @@ print(json.dumps(results))
 """
 
 
-def run_with_devices(args: list[str], devices: int = 4, **popen) -> subprocess.Popen:
-    flags = " ".join([os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={devices}"])
-    env = {**os.environ, "XLA_FLAGS": flags.strip(), "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=ROOT, **popen)
-
-
-def run_with_4_devices(args: list[str]) -> subprocess.CompletedProcess:
-    process = run_with_devices(args)
-    stdout, stderr = process.communicate(timeout=300)
-    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
 
 
 @pytest.mark.slow
 def test_sequence_parallel_equals_one_device():
-    run = run_with_4_devices(["-c", SAMPLER])
+    run = flux_fixtures.run_with_4_devices(["-c", SAMPLER])
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.splitlines()[-1])
     # The all-to-alls and the reordering only move data: each head's attention runs over the same
@@ -226,7 +211,8 @@ def test_sequence_parallel_over_two_processes(tmp_path):
     with socket.socket() as probe:  # a free port for the coordinator
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
-    processes = [run_with_devices(["-c", TWO_PROCESSES, str(tmp_path), str(i), str(port)], devices=2) for i in (0, 1)]
+    processes = [flux_fixtures.run_with_devices(["-c", TWO_PROCESSES, str(tmp_path), str(i), str(port)], devices=2)
+                 for i in (0, 1)]
     try:
         outputs = [process.communicate(timeout=300) for process in processes]
     finally:
