@@ -171,7 +171,6 @@ def torch_worker(args, variants: list[str]) -> list[dict]:
 # ------------------------------------------------------------------------------------ JAX
 def jax_worker(args, variant: str) -> list[dict]:
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     import flux_flax
@@ -210,15 +209,7 @@ def jax_worker(args, variant: str) -> list[dict]:
 
     rows = []
     for size, batch in shapes(args.sizes, args.batches):
-        s = image_tokens(size)
-        k = jax.random.split(jax.random.key(0), 3)
-        inputs = dict(
-            hidden_states=jax.random.normal(k[0], (batch, s, config.in_channels), jnp.bfloat16),
-            encoder_hidden_states=jax.random.normal(k[1], (batch, TEXT_TOKENS, config.joint_attention_dim), jnp.bfloat16),
-            pooled_projections=jax.random.normal(k[2], (batch, config.pooled_projection_dim), jnp.bfloat16),
-            timestep=jnp.full((batch,), 0.5, jnp.bfloat16), img_ids=jnp.zeros((s, 3)), txt_ids=jnp.zeros((TEXT_TOKENS, 3)),
-            guidance=jnp.full((batch,), 3.5, jnp.bfloat16),
-        )
+        inputs = step_inputs(config, size, batch)
         if args.precompute_modulation:
             inputs["modulation"] = modulation(state, inputs)
         t0 = time.perf_counter()
@@ -240,6 +231,23 @@ def jax_worker(args, variant: str) -> list[dict]:
     for row in rows:
         row["process_peak_gib"] = stats.get("peak_bytes_in_use", 0) / GIB
     return rows
+
+
+def step_inputs(config, size: int, batch: int) -> dict:
+    """A FLUX transformer call's keyword arguments at `size`² and `batch` with 512 T5 tokens:
+    random bf16 latents and text embeddings, timestep 0.5, guidance 3.5 (no modulation)."""
+    import jax
+    import jax.numpy as jnp
+
+    s = image_tokens(size)
+    k = jax.random.split(jax.random.key(0), 3)
+    return dict(
+        hidden_states=jax.random.normal(k[0], (batch, s, config.in_channels), jnp.bfloat16),
+        encoder_hidden_states=jax.random.normal(k[1], (batch, TEXT_TOKENS, config.joint_attention_dim), jnp.bfloat16),
+        pooled_projections=jax.random.normal(k[2], (batch, config.pooled_projection_dim), jnp.bfloat16),
+        timestep=jnp.full((batch,), 0.5, jnp.bfloat16), img_ids=jnp.zeros((s, 3)), txt_ids=jnp.zeros((TEXT_TOKENS, 3)),
+        guidance=jnp.full((batch,), 3.5, jnp.bfloat16),
+    )
 
 
 # Kernel name -> stage, first match wins (lower-case substrings). Mosaic GPU kernels are the W4A4

@@ -24,7 +24,6 @@ from pathlib import Path
 from benchmarks import harness
 
 NAME = "fusions"
-TEXT_TOKENS = 512
 # (label, producer kinds fused into the quantizer, gated residuals in the GEMM epilogue), in order.
 CONFIGS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("none", (), False),
@@ -40,7 +39,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     from flax import nnx
 
     import flux_flax
-    from benchmarks.bench_e2e import image_tokens, step_breakdown
+    from benchmarks.bench_e2e import step_breakdown, step_inputs
     from benchmarks.models import random_transformer
 
     config = {"dev": flux_flax.FluxConfig.dev, "small": flux_flax.FluxConfig.small}[args.config]()
@@ -50,16 +49,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     flux_flax.fuse_projections(model)
     print(f"model ready in {time.perf_counter() - t0:.0f} s", flush=True)
 
-    s = image_tokens(args.size)
-    k = jax.random.split(jax.random.key(0), 3)
-    inputs = dict(
-        hidden_states=jax.random.normal(k[0], (args.batch, s, config.in_channels), jnp.bfloat16),
-        encoder_hidden_states=jax.random.normal(k[1], (args.batch, TEXT_TOKENS, config.joint_attention_dim),
-                                                jnp.bfloat16),
-        pooled_projections=jax.random.normal(k[2], (args.batch, config.pooled_projection_dim), jnp.bfloat16),
-        timestep=jnp.full((args.batch,), 0.5, jnp.bfloat16), img_ids=jnp.zeros((s, 3)),
-        txt_ids=jnp.zeros((TEXT_TOKENS, 3)), guidance=jnp.full((args.batch,), 3.5, jnp.bfloat16),
-    )
+    inputs = step_inputs(config, args.size, args.batch)
     inputs["modulation"] = model.modulation(inputs["timestep"], inputs["pooled_projections"], inputs["guidance"])
     rows = []
     configs = [c for c in CONFIGS if c[0] in args.configs]
