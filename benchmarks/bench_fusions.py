@@ -7,7 +7,8 @@ quantized once, can be timed with each set of fusions: the differences are the f
 projections) is measured in the same run. A step is one transformer forward given its
 precomputed AdaLN modulation, as `sampling.denoise` runs it; median of --iters after warm-up,
 host clock around a synchronised call (launch gaps included). With --breakdown the last
-configuration is also broken down per stage from CUPTI (`bench_e2e.step_breakdown`).
+configuration and the first (the baseline) are also broken down per stage from CUPTI
+(`bench_e2e.step_breakdown`). The results are written after every configuration.
 
     PYTHONPATH=. python3 -m benchmarks.bench_fusions --size 1024
     PYTHONPATH=. JAX_PLATFORMS=cpu python3 -m benchmarks.bench_fusions --config small --size 64 --impl xla \\
@@ -33,7 +34,7 @@ CONFIGS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
 )
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: argparse.Namespace, save) -> list[dict]:
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -69,13 +70,12 @@ def run(args: argparse.Namespace) -> list[dict]:
             ref = rows[0]["_out"]
             row["rel_l2_vs_first"] = float(jnp.linalg.norm((out - ref).astype(jnp.float32))
                                           / jnp.linalg.norm(ref.astype(jnp.float32)))
-        if args.breakdown and i == len(configs) - 1 and jax.default_backend() == "gpu":
+        if args.breakdown and i in (0, len(configs) - 1) and jax.default_backend() == "gpu":
             row["breakdown"] = step_breakdown(step, state, inputs)
         print(f"  {label}: {ms:.2f} ms (compile {compile_s:.0f} s)", flush=True)
         rows.append({**row, "_out": out})
-    for row in rows:
-        row.pop("_out")
-    return rows
+        save([{k: v for k, v in r.items() if k != "_out"} for r in rows])
+    return [{k: v for k, v in r.items() if k != "_out"} for r in rows]
 
 
 def markdown(rows: list[dict]) -> list[str]:
@@ -117,16 +117,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", choices=["dev", "small"], default="dev", help="small: a CPU smoke test")
     parser.add_argument("--configs", nargs="+", choices=[c[0] for c in CONFIGS], default=[c[0] for c in CONFIGS],
                         metavar="LABEL", help=f"which fusion sets, in this order: {[c[0] for c in CONFIGS]}")
-    parser.add_argument("--breakdown", action="store_true", help="CUPTI breakdown of the last configuration")
+    parser.add_argument("--breakdown", action="store_true", help="CUPTI breakdown of the first and last configurations")
     parser.add_argument("--out", type=Path, default=harness.RESULTS)
     args = parser.parse_args(argv)
-    rows = run(args)
-    harness.write_results(NAME, {"rows": rows}, markdown(rows), args.out,
-                          summary=[harness.figure(f"FLUX.1-dev W4A4 step, fusions: {rows[-1]['fusions']}",
-                                                  f"{rows[-1]['step_ms']:.1f} ms", shape=f"{args.size}² b{args.batch}",
-                                                  baseline=f"fusions: {rows[0]['fusions']}",
-                                                  ratio=rows[0]["step_ms"] / rows[-1]["step_ms"])],
-                          command="python -m benchmarks.bench_fusions " + " ".join(argv))
+
+    def save(rows: list[dict]) -> None:
+        harness.write_results(NAME, {"rows": rows}, markdown(rows), args.out,
+                              summary=[harness.figure(f"FLUX.1-dev W4A4 step, fusions: {rows[-1]['fusions']}",
+                                                      f"{rows[-1]['step_ms']:.1f} ms", shape=f"{args.size}² b{args.batch}",
+                                                      baseline=f"fusions: {rows[0]['fusions']}",
+                                                      ratio=rows[0]["step_ms"] / rows[-1]["step_ms"])],
+                              command="python -m benchmarks.bench_fusions " + " ".join(argv))
+
+    run(args, save)
     print((args.out / f"{NAME}.md").read_text())
 
 
