@@ -315,7 +315,10 @@ def _epilogue(plan: _Plan, refs: _Refs, tile: _Tile, acc: jax.Array) -> None:
     columns = pl.ds(tile.wg_n0, plan.config.tile_n)
 
     def along(ref, at, dim: int) -> Callable[[], jax.Array]:
-        return lambda: lax.broadcast_in_dim(plgpu.load(ref.at[at], optimized=False), shape, (dim,))
+        # bias and gate arrive in their own dtype (a bf16 model's): converted here, exactly, instead
+        # of by one more XLA kernel per call.
+        return lambda: lax.broadcast_in_dim(plgpu.load(ref.at[at], optimized=False).astype(jnp.float32),
+                                            shape, (dim,))
 
     with jax.named_scope("epilogue"):
         # Each image's rows are whole tiles (`_call`), so one gate row serves the whole tile.
@@ -548,8 +551,8 @@ def _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, *, scale_
     # Per-group scales go in as (K / g, N) so that a group's row of N scales is contiguous.
     sw = w_scales.astype(jnp.float32) if scale_group is None else w_scales.astype(jnp.float32).T
     sx = x_scales.astype(jnp.float32)
-    b = None if bias is None or int32_out else bias.astype(jnp.float32)
-    g = None if gate is None else gate.astype(jnp.float32)
+    b = None if int32_out else bias
+    g = gate
     res = None if residual is None else _pad_images(residual, images, tiles_per_image * cfg.tile_m)
     operands = [x_codes, w_packed, sx, sw, b, g, res]
     present = [a is not None for a in operands]

@@ -39,7 +39,7 @@ def _operands(seed: int, m: int, n: int, k: int, scale_group: int | None = None)
     x_scales = jnp.exp(jax.random.normal(ks[2], (m,), jnp.float32))
     sw_shape = (n,) if scale_group is None else (n, k // scale_group)
     w_scales = jnp.exp(jax.random.normal(ks[3], sw_shape, jnp.float32)) * 0.01
-    bias = jax.random.normal(ks[4], (n,), jnp.float32)
+    bias = jax.random.normal(ks[4], (n,), jnp.float32).astype(jnp.bfloat16)  # a bf16 model's bias, as the layers pass it
     return x_codes, x_scales, w_codes, w_scales, bias
 
 
