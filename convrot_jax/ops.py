@@ -32,7 +32,7 @@ from convrot_jax.linear import (
     w4a4_linear_reference,
 )
 from convrot_jax.lora import LowRankFactors
-from convrot_jax.prologue import Prologue, apply_prologue, check_prologue, kernel_arguments
+from convrot_jax.prologue import Prologue, apply_prologue, check_prologue, kernel_arguments, produced_shape
 from convrot_jax.quant import QuantizedWeight, quantize_activation_reference
 from pallas_kernels.attention import attention as _attention_kernel
 from pallas_kernels.rotate_quantize import rotate_quantize
@@ -143,10 +143,11 @@ def w4a4_linear(
     if lora is not None and (prologue is not None or gate is not None):
         raise ValueError("a LoRA branch is not fused with a producer prologue or a gated residual: "
                          "run the producer and the gated residual in XLA around the layer")
-    check_linear_input(x, qw, bias)
-    check_gated_residual_input(x, qw, residual, gate)
     if prologue is not None:
         check_prologue(x, prologue, qw.group_size)
+    layer_input = x if prologue is None else jax.ShapeDtypeStruct(produced_shape(x, prologue), x.dtype)
+    check_linear_input(layer_input, qw, bias)
+    check_gated_residual_input(layer_input, qw, residual, gate)
     if lora is not None:
         return lora.add_to(w4a4_linear(x, qw, bias, implementation=implementation), x)
     impl = resolve_implementation(implementation)

@@ -13,7 +13,8 @@ The sites (FLUX.1): double blocks' norm1 / norm1_context when their q, k, v are 
 layer (attn.to_qkv / attn.to_added_qkv: the modulated norm then feeds that layer alone), norm2
 before ff.net.0.proj (and the text stream's), ff.net.2 after the GELU; single blocks' norm before
 the fused to_qkv_mlp, and proj_out after GELU(MLP) (its first `dim` features, the attention
-output, pass unchanged).
+output, pass unchanged; fused, the kernel reads the attention output and the fused projection's
+MLP columns where they lie, `GeluTanh`'s tail, so their concatenation is never written).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def produce(x: jax.Array, prologue: Prologue) -> jax.Array:
     """The producer in XLA ops as the unfused model runs it, output in x.dtype."""
     if isinstance(prologue, LayerNormModulation):
         return modulate(x, prologue.scale, prologue.shift)
+    x = prologue.joined(x)
     gelu = jax.nn.gelu(x[..., prologue.start:], approximate=True)
     return gelu if prologue.start == 0 else jnp.concatenate([x[..., :prologue.start], gelu], axis=-1)
 
@@ -53,7 +55,8 @@ def produce_linear(layer: nnx.Module, x: jax.Array, prologue: Prologue, fused: f
     layer(prologue(x)), in the W4A4 GEMM's epilogue with `fuse_epilogue`
     (`flux_flax.layers.gated_residual`). A layer carrying a LoRA branch runs unfused (the branch
     needs the produced activation and comes before the gate)."""
-    fits = not isinstance(prologue, GeluTanh) or prologue.start % getattr(layer, "group_size", 1) == 0
+    group = getattr(layer, "group_size", 1)
+    fits = not isinstance(prologue, GeluTanh) or prologue.start % group == prologue.tail_from % group == 0
     if isinstance(layer, ConvDense4bit) and layer.lora is None and KINDS[type(prologue)] in fused and fits:
         if residual is None:
             return layer(x, prologue=prologue)

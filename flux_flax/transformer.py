@@ -164,17 +164,17 @@ class FluxSingleTransformerBlock(nnx.Module):
         dim = hidden_states.shape[-1]
         if self.to_qkv_mlp is None:
             norm_hidden_states = modulate(hidden_states, scale, shift)
-            mlp_hidden_states = self.proj_mlp(norm_hidden_states)
+            gelu = GeluTanh(dim, tail=self.proj_mlp(norm_hidden_states))
             attn_output = self.attn(norm_hidden_states, image_rotary_emb=image_rotary_emb)
         else:  # q, k, v are dim wide each (proj_out's K = dim + mlp), the MLP's input the rest.
             projected = produce_linear(self.to_qkv_mlp, hidden_states, LayerNormModulation(shift, scale),
                                        self.fused_producers)
-            *qkv, mlp_hidden_states = jnp.split(projected, [dim, 2 * dim, 3 * dim], axis=-1)
-            attn_output = self.attn(None, image_rotary_emb=image_rotary_emb, qkv=qkv)
+            attn_output = self.attn(None, image_rotary_emb=image_rotary_emb,
+                                    qkv=jnp.split(projected[..., :3 * dim], 3, axis=-1))
+            gelu = GeluTanh(dim, tail=projected, tail_from=3 * dim)
 
         # proj_out reads [attention, GELU(MLP)]: the GELU is its producer, on the features from dim on.
-        hidden_states = jnp.concatenate([attn_output, mlp_hidden_states], axis=2)
-        hidden_states = produce_linear(self.proj_out, hidden_states, GeluTanh(dim), self.fused_producers,
+        hidden_states = produce_linear(self.proj_out, attn_output, gelu, self.fused_producers,
                                        residual=residual, gate=gate, fuse_epilogue=self.fuse_epilogue)
         return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
 

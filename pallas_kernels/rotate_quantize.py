@@ -37,6 +37,10 @@ the (shift, scale) rows of row r's image. A modulated call runs a persistent gri
 takes a contiguous run of blocks and copies modulation rows only when its block's images change
 (for one image: once per program; one copy per block lost to XLA's producer + the plain kernel).
 
+A `tail` makes the row two arrays' columns: x's, then tail's from `tail_from` on, each copied
+straight to its place in the block's shared memory, so their concatenation (FLUX's single blocks:
+[attention output, MLP half of the fused projection]) is never written to HBM.
+
 Measurements: benchmarks/results/rotate_quantize.md; notes: benchmarks/notes/rotate_quantize.md.
 """
 
@@ -423,17 +427,22 @@ def _load_modulation(mod_gmem, mod_smem, barriers, images: list, real: int) -> N
         plgpu.barrier_wait(barriers.at[1 + r])
 
 
-def _kernel(*refs, m, n, rows, chunk, bits, keep, hold, prologue, modulated, tokens_per_image, gelu_from, grid,
-            interpret):
+def _kernel(*refs, m, n, rows, chunk, bits, keep, hold, prologue, modulated, tailed, tail_from, tokens_per_image,
+            gelu_from, grid, interpret):
     """A program's blocks of `rows` rows, one after another: load a block (and, when its image
     changes, that image's modulation rows) to shared memory, apply the prologue, rotate chunk by
     chunk, reduce each row's absmax, write scales and codes."""
-    if modulated:
-        x_gmem, mod_gmem, codes_gmem, scales_gmem, x_smem, mod_smem, out_smem, y_smem, barriers = refs
-    else:
-        x_gmem, codes_gmem, scales_gmem, x_smem, out_smem, y_smem, barriers = refs
-        mod_smem = None
-    b = _Block(x_smem, mod_smem, y_smem, out_smem, chunk, real=x_gmem.shape[1], interpret=interpret)
+    refs = list(refs)
+    x_gmem = refs.pop(0)
+    tail_gmem = refs.pop(0) if tailed else None
+    mod_gmem = refs.pop(0) if modulated else None
+    codes_gmem, scales_gmem, x_smem = refs[:3]
+    mod_smem = refs[3] if modulated else None
+    out_smem, y_smem, barriers = refs[-3:]
+    own = x_gmem.shape[1]  # groups from x; the tail's follow
+    tail_groups = tail_gmem.shape[1] - tail_from if tailed else 0
+    b = _Block(x_smem, mod_smem, y_smem, out_smem, chunk, real=own + tail_groups, interpret=interpret)
+    tail_barrier = barriers.at[1 + (rows if modulated else 0)]
     chunks = b.groups // chunk
     if b.real < b.groups:  # one-row blocks only (plan): the zero groups that round the row up to whole chunks
         x_smem[:, pl.ds(b.real, b.groups - b.real)] = jnp.zeros((rows, b.groups - b.real, b.hi, b.lo), x_smem.dtype)
@@ -444,8 +453,10 @@ def _kernel(*refs, m, n, rows, chunk, bits, keep, hold, prologue, modulated, tok
     def one_block(block, mod_key):
         """Block `block`; `mod_key`: which images' modulation rows the buffer holds, as (image of
         the first row) * B + (image of the last row) (-1: none). Returns what it holds after."""
-        plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(block * rows, rows)], x_smem.at[:, pl.ds(0, b.real)],
-                                barriers.at[0])
+        plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(block * rows, rows)], x_smem.at[:, pl.ds(0, own)], barriers.at[0])
+        if tailed:
+            plgpu.copy_gmem_to_smem(tail_gmem.at[pl.ds(block * rows, rows), pl.ds(tail_from, tail_groups)],
+                                    x_smem.at[:, pl.ds(own, tail_groups)], tail_barrier)
         if modulated:
             images = _images(block, rows, tokens_per_image, mod_gmem.shape[0])
             new = images[0] * mod_gmem.shape[0] + images[-1]  # a block's rows span consecutive images
@@ -456,6 +467,8 @@ def _kernel(*refs, m, n, rows, chunk, bits, keep, hold, prologue, modulated, tok
 
             mod_key = new
         plgpu.barrier_wait(barriers.at[0])
+        if tailed:
+            plgpu.barrier_wait(tail_barrier)
 
         # A LayerNorm sweeps the rows three times: with `hold`, all from one load into registers.
         held = [_load_parts(b, c) for c in range(chunks)] if hold else None
@@ -485,9 +498,20 @@ def _kernel(*refs, m, n, rows, chunk, bits, keep, hold, prologue, modulated, tok
         jax.lax.fori_loop(0, count, lambda i, mod_key: one_block(first + i, mod_key), jnp.int32(-1))
 
 
+def _check_tail(x: jax.Array, tail: jax.Array, tail_from: int, group_size: int) -> None:
+    """Raises ValueError naming the shapes when `tail` cannot follow x's columns."""
+    if tail.ndim != 2 or tail.shape[0] != x.shape[0] or tail.dtype != x.dtype:
+        raise ValueError(f"tail {tail.shape} {tail.dtype} must be (M, K2) with x's M = {x.shape[0]} rows and dtype "
+                         f"{x.dtype}")
+    if tail.shape[1] % group_size or tail_from % group_size or not 0 <= tail_from < tail.shape[1]:
+        raise ValueError(f"tail's {tail.shape[1]} columns and tail_from={tail_from} must be multiples of group_size "
+                         f"({group_size}), tail_from inside the tail (shape {tail.shape})")
+
+
 # Jitted with the settings static: every call at the same shapes in a model shares one traced and
 # lowered kernel (FLUX's W4A4 step otherwise lowers ~300 copies of each and compiles for minutes).
-@functools.partial(jax.jit, static_argnames=("group_size", "packed", "prologue", "gelu_from", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("group_size", "packed", "prologue", "gelu_from", "tail_from", "config",
+                                             "interpret"))
 def rotate_quantize(
     x: jax.Array,
     *,
@@ -497,6 +521,8 @@ def rotate_quantize(
     shift: jax.Array | None = None,
     scale: jax.Array | None = None,
     gelu_from: int = 0,
+    tail: jax.Array | None = None,
+    tail_from: int = 0,
     config: RotateQuantizeConfig | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
@@ -505,10 +531,16 @@ def rotate_quantize(
     without a prologue. prologue: "none"; "layernorm" (no affine, eps 1e-6), modulated as
     LN(x) * (1 + scale) + shift when shift and scale (B, K) are given, image b owning rows
     [b * M/B, (b + 1) * M/B); or "gelu_tanh" on the columns from `gelu_from` (a multiple of
-    group_size) on. interpret: Mosaic GPU interpret mode (CPU tests)."""
+    group_size) on. tail (M, K2), same dtype: the row is x's columns, then tail's from `tail_from`
+    (a multiple of group_size) on, as if concatenated (K = K1 + K2 - tail_from; gelu_from and
+    shift/scale refer to that row). interpret: Mosaic GPU interpret mode (CPU tests)."""
     config = config or RotateQuantizeConfig()
-    modulated = check_inputs(x, group_size, prologue, shift, scale, gelu_from)
-    m, k = x.shape
+    own_k = x.shape[-1]
+    if tail is not None:
+        _check_tail(x, tail, tail_from, group_size)
+    row = x if tail is None else jax.ShapeDtypeStruct((x.shape[0], own_k + tail.shape[1] - tail_from), x.dtype)
+    modulated = check_inputs(row, group_size, prologue, shift, scale, gelu_from)
+    m, k = row.shape
     n = group_size
     hi, lo = _split(n)
     bits = 4 if packed else 8
@@ -532,10 +564,12 @@ def rotate_quantize(
     hold = prologue == "layernorm" and keep and (config.hold_input if config.hold_input is not None else
                                                  rows * held * n // WARPGROUP <= HOLD_LIMIT)
     kernel = functools.partial(_kernel, m=m, n=n, rows=rows, chunk=chunk, bits=bits, keep=keep, hold=hold,
-                               prologue=prologue, modulated=modulated,
-                               tokens_per_image=tokens_per_image, gelu_from=gelu_from, grid=grid,
-                               interpret=interpret)
-    inputs = [x.reshape(m, groups, hi, lo)]
+                               prologue=prologue, modulated=modulated, tailed=tail is not None,
+                               tail_from=tail_from // n, tokens_per_image=tokens_per_image, gelu_from=gelu_from,
+                               grid=grid, interpret=interpret)
+    inputs = [x.reshape(m, own_k // n, hi, lo)]
+    if tail is not None:
+        inputs.append(tail.reshape(m, tail.shape[1] // n, hi, lo))
     mod_smem = []
     if modulated and config.pack_modulation and mod_dtype == jnp.bfloat16:  # (B, groups, hi, lo) words
         halves = [jax.lax.bitcast_convert_type(v, jnp.uint16).astype(jnp.uint32) for v in (shift, scale)]
@@ -560,7 +594,7 @@ def rotate_quantize(
             *mod_smem,
             plgpu.SMEM((rows, held, hi * words), jnp.int32),
             plgpu.SMEM((2, rows, chunk, hi, lo + 1), jnp.float32),
-            plgpu.Barrier(num_barriers=1 + (rows if modulated else 0)),
+            plgpu.Barrier(num_barriers=1 + (rows if modulated else 0) + (tail is not None)),
         ],
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Lane, unsafe_no_auto_barriers=True

@@ -63,11 +63,26 @@ def test_xla_layer_on_the_producer_output(prologue):
     assert np.all(np.abs(got - want) <= 2 * step + 1e-5 * np.abs(want)), np.max(np.abs(got - want) / step)
 
 
+def test_xla_gelu_tail_is_the_concatenation():
+    """GeluTanh with a tail (x's features, then GELU of the tail's from tail_from on) is the layer
+    on the concatenation, exactly: the same float32 ops on the same values."""
+    qw, b = _quantized_layer(768, 64)
+    x = jnp.asarray(RNG.standard_t(4, (3, 5, 256)) * 3, jnp.float32)
+    tail = jnp.asarray(RNG.standard_t(4, (3, 5, 1024)) * 3, jnp.float32)
+    got = cj.w4a4_linear(x, qw, jnp.asarray(b), prologue=GeluTanh(256, tail=tail, tail_from=512), implementation="xla")
+    want = cj.w4a4_linear(jnp.concatenate([x, tail[..., 512:]], -1), qw, jnp.asarray(b), prologue=GeluTanh(256),
+                          implementation="xla")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 @pytest.mark.parametrize("prologue,match", [
     (LayerNormModulation(jnp.zeros((2, 512)), jnp.zeros((2, 512))), r"\(3, 512\) for x \(3, 5, 512\)"),
     (LayerNormModulation(jnp.zeros((3, 256)), jnp.zeros((3, 256))), r"\(3, 512\)"),
     (GeluTanh(512), "outside x's 512 features"),
     (GeluTanh(100), "start 100 must be a multiple of the layer's group size 256"),
+    (GeluTanh(256, tail=jnp.zeros((3, 5, 512)), tail_from=256), "needs start = x's 512 features"),
+    (GeluTanh(512, tail=jnp.zeros((3, 4, 512)), tail_from=256), r"leading shape \(3, 5\)"),
+    (GeluTanh(512, tail=jnp.zeros((3, 5, 512)), tail_from=128), "must be multiples of the layer's group size 256"),
 ])
 def test_bad_prologue_is_named(prologue, match):
     qw, _ = _quantized_layer(512, 64)
@@ -138,7 +153,7 @@ def test_unknown_kind_is_named():
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,k,n,prologue", [
     (4608, 3072, 9216, "layernorm"), (2 * 1536, 3072, 3072, "layernorm"),
-    (4608, 12288, 3072, "gelu"), (4608, 15360, 3072, "gelu_from")])
+    (4608, 12288, 3072, "gelu"), (4608, 15360, 3072, "gelu_from"), (4608, 15360, 3072, "gelu_tail")])
 def test_gpu_pallas_layer_matches_xla(m, k, n, prologue):
     """Codes of the two paths differ by one step on <= 0.1% of entries (tests/test_rotate_quantize.py),
     i.e. <= 1 + K / 1000 codes a row, each moving an output by <= s_x * 7 s_w; scales agree to
@@ -152,6 +167,9 @@ def test_gpu_pallas_layer_matches_xla(m, k, n, prologue):
         p = GeluTanh(3072 if prologue == "gelu_from" else 0)
     images = p.shift.shape[0] if prologue == "layernorm" else 1
     x = jnp.asarray(RNG.standard_t(4, (images, m // images, k)) * 3, jnp.bfloat16)
+    if prologue == "gelu_tail":  # FLUX's single blocks: x's MLP part lies in a wider array (the fused projection's)
+        wide = jnp.concatenate([jnp.zeros((images, m // images, 6144), x.dtype), x], axis=-1)
+        x, p = x[..., :3072], GeluTanh(3072, tail=wide, tail_from=9216)
     got = np.asarray(cj.w4a4_linear(x, qw, b, prologue=p, implementation="pallas"), np.float32)
     want = np.asarray(cj.w4a4_linear(x, qw, b, prologue=p, implementation="xla"), np.float32)
     _, s_x = cj.quantize_activation(apply_prologue(x, p), implementation="xla")

@@ -176,6 +176,30 @@ def test_interpret_gelu_from(packed, config):
     _assert_close(got, _reference(x, prologue="gelu_tanh", gelu_from=768, packed=packed), packed=packed)
 
 
+@pytest.mark.parametrize("prologue,gelu_from", [("none", 0), ("gelu_tanh", 768)])
+def test_interpret_tail_is_the_concatenation(prologue, gelu_from):
+    """A row made of x's columns and the tail's from `tail_from` on quantizes exactly as their
+    concatenation (same kernel, same arithmetic): 3 groups of x, then groups 2..4 of the tail, 5
+    rows in 4-row blocks (the last block 3 rows out); the GELU starting where the tail does."""
+    x = _inputs(10, 768, jnp.bfloat16)[5:]
+    tail = _inputs(10, 1280, jnp.bfloat16, seed=1)[5:]
+    got = rotate_quantize(x, tail=tail, tail_from=512, prologue=prologue, gelu_from=gelu_from, interpret=True)
+    want = rotate_quantize(jnp.concatenate([x, tail[:, 512:]], axis=1), prologue=prologue, gelu_from=gelu_from,
+                           interpret=True)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+
+@pytest.mark.parametrize("tail_shape,tail_from,match", [((5, 512), 0, "dtype"), ((4, 512), 0, "M = 5 rows"),
+                                                         ((5, 512), 128, "multiples of group_size"),
+                                                         ((5, 512), 512, "inside the tail")])
+def test_tail_mismatch_is_named(tail_shape, tail_from, match):
+    dtype = jnp.float32 if match == "dtype" else jnp.bfloat16
+    with pytest.raises(ValueError, match=match):
+        rotate_quantize(jnp.ones((5, 256), jnp.bfloat16), tail=jnp.ones(tail_shape, dtype), tail_from=tail_from,
+                        interpret=True)
+
+
 @pytest.mark.slow
 def test_interpret_layernorm_and_gelu():
     x = _inputs(8, 3072, jnp.float32)[4:]
@@ -260,6 +284,18 @@ def test_gpu_gelu(k, gelu_from):
     x = _inputs(1031, k, jnp.bfloat16)[4:]
     got = rotate_quantize(x, prologue="gelu_tanh", gelu_from=gelu_from)
     _assert_close(got, _reference(x, prologue="gelu_tanh", gelu_from=gelu_from))
+
+
+@pytest.mark.gpu
+def test_gpu_tail():
+    """FLUX.1-dev's single-block proj_out input: the attention output, then GELU of the fused
+    projection's MLP part (its columns from 3 x 3072 on), as their concatenation."""
+    x = _inputs(4608, 3072, jnp.bfloat16, seed=2)
+    tail = _inputs(4608, 21504, jnp.bfloat16, seed=3)
+    got = rotate_quantize(x, tail=tail, tail_from=9216, prologue="gelu_tanh", gelu_from=3072)
+    want = rotate_quantize(jnp.concatenate([x, tail[:, 9216:]], axis=1), prologue="gelu_tanh", gelu_from=3072)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
 
 
 @pytest.mark.gpu
