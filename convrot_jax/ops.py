@@ -240,7 +240,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str) 
     (`pallas_kernels.attention`, Hopper only): "mosaic_bf16" (bf16 tensor cores), "sage8" (K's mean
     removed, int8 codes per query token and per block of 128 keys, fp8 P and V, float32
     accumulation), "sage8_fp8" (fp8 Q/K codes instead), "sage_qk8" (int8 Q/K codes, bf16 P and V).
-    Their Q/K/V quantization is XLA ops in the caller's jit (`pallas_kernels.attention.quantize_qkv`)."""
+    Their Q/K/V quantization is XLA ops in the caller's jit (`pallas_kernels.attention.quantize_qkv`);
+    `attention_from_projections` makes the int8 ones where q, k, v are produced instead."""
     check_attention_implementation(implementation)
     if implementation in EXACT_ATTENTION:
         return jax.nn.dot_product_attention(q, k, v, implementation=implementation)

@@ -187,9 +187,9 @@ def quantize_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, config: AttentionC
     """The 8-bit kernels' operands from (B, S, H, D) q, k, v, padded to `padded_length`: fp8 V
     codes for "sage8" (`pv_fp8`), bf16 V for "sage_qk8".
 
-    Plain XLA ops, meant to run inside the caller's jit right after the op that makes q, k, v
-    (FLUX: QK RMSNorm + RoPE), so XLA fuses them there: no bf16 copy of q, k or v goes back to HBM
-    in between. K's mean needs the whole sequence, so K is read twice (mean, then codes)."""
+    Plain XLA ops on q, k, v already in HBM (XLA makes several passes: K's mean, the codes, V's
+    max). A transformer whose q and k come from a QK RMSNorm + RoPE can make these operands from
+    its projections instead (`pallas_kernels.attention_quantize`)."""
     if qk_dtype not in QK_DTYPES:
         raise ValueError(f"qk_dtype must be int8 or float8_e4m3fn, got {qk_dtype}")
     seq, d = q.shape[1], q.shape[-1]

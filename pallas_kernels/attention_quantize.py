@@ -155,6 +155,8 @@ def _codes_word(e: jax.Array, o: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 def _kernel(*refs, plan: _Plan, phase: Phase):
+    """One program: KV block `block` of one head and batch row, from the stream holding it; phase
+    "sums" or "codes" (module docstring)."""
     sources, refs = refs[:plan.sources], refs[plan.sources:]
     weights_ref, cos_ref, sin_ref, *refs = refs
     head, block, batch = lax.axis_index("heads"), lax.axis_index("blocks"), lax.axis_index("batch")
@@ -179,11 +181,12 @@ def _kernel(*refs, plan: _Plan, phase: Phase):
 
     def run(i: int, s: _StreamPlan):
         local = (block - s.first_block) * plan.block
-        tables = [(table(cos_ref, t), table(sin_ref, t)) for t in range(tiles)]
-        k_rows = lambda t: _norm_rope(tile(s.k, local + t * TILE), weight(i, 1), *tables[t], plan)
+        tables = lambda t: (table(cos_ref, t), table(sin_ref, t))  # loaded tile by tile: registers
+        k_rows = lambda t, cos_sin: _norm_rope(tile(s.k, local + t * TILE), weight(i, 1), *cos_sin, plan)
         if phase == "sums":  # K's column sums and V's column max |v| of the block
             ksum_ref, *vmax_ref = refs
-            total = functools.reduce(lambda acc, t: [a + x for a, x in zip(acc, k_rows(t))], range(1, tiles), k_rows(0))
+            total = functools.reduce(lambda acc, t: [a + x for a, x in zip(acc, k_rows(t, tables(t)))],
+                                     range(1, tiles), k_rows(0, tables(0)))
             for j in range(2):
                 ksum_ref.at[batch, head, block, j][...] = total[j].sum(axis=0)
             if plan.v_max:
@@ -197,14 +200,15 @@ def _kernel(*refs, plan: _Plan, phase: Phase):
         mean = [plgpu.load(mean_ref.at[batch, head, j], layout=_PER_COLUMN, optimized=False) for j in range(2)]
         centred = []
         for t in range(tiles):  # Q's codes per token; K - mean kept for the block's scale
-            rows = pl.ds(first_row + t * TILE, TILE)
-            e, o = _norm_rope(tile(s.q, local + t * TILE), weight(i, 0), *tables[t], plan)
+            rows, cos_sin = pl.ds(first_row + t * TILE, TILE), tables(t)
+            e, o = _norm_rope(tile(s.q, local + t * TILE), weight(i, 0), *cos_sin, plan)
             scale = jnp.maximum(jnp.maximum(jnp.abs(e), jnp.abs(o)).max(axis=1) * np.float32(1 / INT8_MAX),
                                 np.float32(SCALE_FLOOR))
             q_codes_ref.at[batch, rows, head][...] = _codes_word(e, o, _rows(scale, e))
             real = plgpu.broadcasted_iota(jnp.int32, (TILE,), 0, layout=_PER_ROW) + (first_row + t * TILE) < plan.seq
             q_scale_ref.at[batch, head, rows][...] = jnp.where(real, scale * np.float32(plan.qk_scale), 0.0)
-            centred.append([jnp.where(real_rows(x, t), x - _columns(m, x), 0.0) for x, m in zip(k_rows(t), mean)])
+            centred.append([jnp.where(real_rows(x, t), x - _columns(m, x), 0.0)
+                            for x, m in zip(k_rows(t, cos_sin), mean)])
         top = functools.reduce(jnp.maximum, [jnp.abs(x) for kt in centred for x in kt])
         scale = jnp.maximum(top.max(axis=1).max(axis=0) * np.float32(1 / INT8_MAX), np.float32(SCALE_FLOOR))
         for t, (e, o) in enumerate(centred):  # K's codes, one scale per block

@@ -232,3 +232,46 @@ def test_gpu_matches_unfused_path(lengths, heads):
     cos, sin = _tables(sum(lengths), 128, jax.random.key(3))
     got = quantize_projections(streams, cos, sin, heads=heads, eps=EPS)
     check_operands(got, streams, cos, sin, heads, config)
+
+
+# ------------------------------------------------------------------------------------ in the model
+@pytest.mark.parametrize("impl", ["sage8", "sage_qk8"])
+def test_flux_attention_fuses_the_producer(impl, monkeypatch):
+    """FluxAttention (a double block's fused text and image projections, QK norm, RoPE) with a
+    sage implementation takes the fused producer (interpret mode standing in for the GPU): a
+    wiring check (the bounds are tested above). Its output must differ from exact XLA attention's
+    (the 8-bit kernel ran) by rounding only, and the producer must have run once."""
+    from flax import nnx
+
+    from convrot_jax import ops
+    from flux_flax.fusion import concatenate_linears
+    from flux_flax.layers import FluxAttention, FluxPosEmbed
+    from pallas_kernels import attention as kernels
+    from pallas_kernels import attention_quantize
+
+    calls = []
+
+    def producer(*args, **kwargs):
+        calls.append(kwargs["heads"])
+        return attention_quantize.quantize_projections(*args, **kwargs, interpret=True)
+
+    monkeypatch.setattr(ops, "pallas_supported", lambda: True)
+    monkeypatch.setattr(ops, "_quantize_projections", producer)
+    monkeypatch.setattr(ops, "_attention_quantized", functools.partial(kernels.attention_quantized, interpret=True))
+    attn = FluxAttention(256, 2, 128, added_kv_proj_dim=256, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    attn.to_qkv = concatenate_linears([attn.to_q, attn.to_k, attn.to_v])
+    attn.to_added_qkv = concatenate_linears([attn.add_q_proj, attn.add_k_proj, attn.add_v_proj])
+    ks = jax.random.split(jax.random.key(4), 3)
+    img = jax.random.normal(ks[0], (1, 72, 256), jnp.bfloat16)
+    txt = jax.random.normal(ks[1], (1, 128, 256), jnp.bfloat16)
+    ids = jnp.concatenate([jnp.zeros((128, 3)), jax.random.randint(ks[2], (72, 3), 0, 8).astype(jnp.float32)])
+    rope_tables = FluxPosEmbed(10000, (32, 48, 48))(ids)
+
+    def run(name):
+        attn.attention_impl = name
+        return np.concatenate([np.asarray(o, np.float64).ravel() for o in attn(img, txt, rope_tables)])
+
+    exact, ours = run("xla"), run(impl)
+    assert calls == [2]
+    error = np.linalg.norm(ours - exact) / np.linalg.norm(exact)
+    assert 1e-4 < error < 0.1
