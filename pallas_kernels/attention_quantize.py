@@ -257,9 +257,10 @@ def _check(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, heads: int
             if x.ndim != 3 or x.dtype != jnp.bfloat16 or x.shape[:2] != (batch, length):
                 raise ValueError(f"stream {i} {name}: want a bfloat16 (B={batch}, S={length}, C) array, got "
                                  f"{x.dtype} {x.shape}")
-            if p.column % 2 or p.column < 0 or x.shape[-1] - p.column < heads * d:
-                raise ValueError(f"stream {i} {name}: columns [{p.column}, {p.column + heads * d}) do not fit an even "
-                                 f"column range of its {x.shape} array")
+            if p.column % 4 or x.shape[-1] % 4 or p.column < 0 or x.shape[-1] - p.column < heads * d:
+                raise ValueError(f"stream {i} {name}: columns [{p.column}, {p.column + heads * d}) of its {x.shape} "
+                                 "array: they must fit, and the column and the width be multiples of 4 (the "
+                                 "kernel loads 8 bytes, 4 bf16, at a time)")
     lengths = [s.q.array.shape[1] for s in streams]
     if not fits(lengths, config):
         raise ValueError(f"streams of {lengths} tokens: every stream but the last must be a multiple of "
