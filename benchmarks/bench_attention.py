@@ -122,18 +122,13 @@ def producer_implementation(variant: str):
     import jax.numpy as jnp
 
     from pallas_kernels.attention import attention_quantized, default_config, quantize_qkv
-    from pallas_kernels.attention_quantize import Projection, Stream, quantize_projections
+    from pallas_kernels.attention_quantize import quantize_projections
     from pallas_kernels.attention_quantize_reference import projections_reference
 
     opts = VARIANTS[variant].options
-    width = HEADS * HEAD_DIM
-
-    def streams(text, image, weights):
-        return [Stream(*(Projection(x, i * width) for i in range(3)), weights[2 * j], weights[2 * j + 1])
-                for j, x in enumerate((text, image))]
 
     def fn(text, image, weights, cos, sin):
-        ss = streams(text, image, weights)
+        ss = _streams(text, image, weights)
         if opts["producer"] == "fused":
             qkv = quantize_projections(ss, cos, sin, heads=HEADS, eps=1e-6)
         else:
@@ -143,6 +138,15 @@ def producer_implementation(variant: str):
             qkv = quantize_qkv(q, k, v, config=default_config("sage8"))
         return qkv if opts.get("operands_only") else attention_quantized(qkv, seq=cos.shape[0], out_dtype=jnp.bfloat16)
     return fn
+
+
+def _streams(text, image, weights) -> list:
+    """The double block's two streams (attention_quantize.Stream) of `producer_implementation`'s inputs."""
+    from pallas_kernels.attention_quantize import Projection, Stream
+
+    width = HEADS * HEAD_DIM
+    return [Stream(*(Projection(x, i * width) for i in range(3)), weights[2 * j], weights[2 * j + 1])
+            for j, x in enumerate((text, image))]
 
 
 def _projection_inputs(b: int, s: int, seed: int):
@@ -257,6 +261,22 @@ def accuracy(args) -> list[dict]:
             except Exception as e:  # noqa: BLE001  (recorded)
                 out.append({"variant": variant, "inputs": label, "error": f"{type(e).__name__}: {e}"[:300]})
             print(out[-1], flush=True)
+    producers = [v for v in args.variants if "producer" in VARIANTS[v].options
+                 and not VARIANTS[v].options.get("operands_only")]
+    if producers:  # from random projections: against float32 attention on the unfused path's q, k, v
+        from pallas_kernels.attention_quantize_reference import projections_reference
+
+        text, image, weights, cos, sin = _projection_inputs(1, ACCURACY_SEQ, 7)
+        ref = attention_reference(*projections_reference(_streams(text, image, weights), cos, sin, heads=HEADS,
+                                                         eps=1e-6))
+        for variant in producers:
+            try:
+                y = jax.jit(producer_implementation(variant))(text, image, weights, cos, sin)
+                out.append({"variant": variant, "inputs": "projections", "seq": ACCURACY_SEQ,
+                            "rel_l2": rel_l2(y.astype(jnp.float32), ref)})
+            except Exception as e:  # noqa: BLE001  (recorded)
+                out.append({"variant": variant, "inputs": "projections", "error": f"{type(e).__name__}: {e}"[:300]})
+            print(out[-1], flush=True)
     return out
 
 
@@ -317,8 +337,9 @@ def summarize(rows: list[dict], acc: list[dict]) -> list[dict]:
              if v == "fused_sage8" and r["s"] >= 4608 and (s, PRODUCER_BASELINE) in ok]
     if pairs:
         out.append(harness.figure(
-            f"attention with its producer, {VARIANTS['fused_sage8'].doc}", f"{harness.span(r['tflops'] for r, _ in pairs)} "
-            "TFLOP/s", shape=f"S = {'/'.join(str(x) for x in sorted({r['s'] for r, _ in pairs}))}, 24x128",
+            f"attention with its producer, {VARIANTS['fused_sage8'].doc}",
+            f"{harness.span(r['tflops'] for r, _ in pairs)} TFLOP/s",
+            shape=f"S = {'/'.join(str(x) for x in sorted({r['s'] for r, _ in pairs}))}, 24x128",
             baseline=VARIANTS[PRODUCER_BASELINE].doc,
             ratio=harness.span((b["ms"] / r["ms"] for r, b in pairs), "{:.2f}") + "x"))
     for variant in ("sage8_int8", "sage8_int8_kernel", "sage8_fp8", "sage_qk8", "mosaic_bf16"):
@@ -347,8 +368,8 @@ def markdown(log: dict) -> list[str]:
            "transposed); sage8_int8_kernel is the kernel alone. "
            f"GPU tests: {log.get('tests', 'not run')}.", "", "TFLOP/s:", ""]
     producer = [v for v in VARIANTS if "producer" in VARIANTS[v].options]
-    out += harness.pivot_table(rows, "tflops", baseline=BASELINE, shape_cols=("b", "s"),
-                               variants=[v for v in VARIANTS if v not in producer and any(r["variant"] == v for r in rows)])
+    kernels = [v for v in VARIANTS if v not in producer and any(r["variant"] == v for r in rows)]
+    out += harness.pivot_table(rows, "tflops", baseline=BASELINE, shape_cols=("b", "s"), variants=kernels)
     us = [{**r, "us": r["ms"] * 1e3} if "ms" in r else r for r in rows if r["variant"] in producer]
     for title, baseline, operands_only in (
             ("With the producer (from the q/k/v projection outputs: QK RMSNorm, RoPE, then the attention), device "

@@ -93,7 +93,6 @@ def check_operands(got: QuantizedQKV, streams, cos, sin, heads: int, config: Att
     per_token = lambda s: np.swapaxes(f64(s), 1, 2)[:, :seq, :, None]  # (B, H, s) -> (B, seq, H, 1)
     q_scale, q_scale_ref = per_token(got.q_scale) / LOG2E_OVER_SQRT_D, per_token(ref.q_scale) / LOG2E_OVER_SQRT_D
     k_scale = per_token(block_scales_per_key(got.k_scale, config.block_kv))
-    k_scale_ref = per_token(block_scales_per_key(ref.k_scale, config.block_kv))
 
     q_deq = f64(got.q_codes)[:, :seq] * q_scale
     q_err = np.abs(q_deq - f64(q)) - (q_scale / 2 + delta_q) * SLACK

@@ -56,8 +56,8 @@ def fusions(hlo: str) -> list[tuple[str, int, int]]:
 
 
 def report(title: str, rows: list[tuple[str, int, int]]) -> None:
-    print(f"{title}: {len(rows)} fusions, operands {sum(r for _, r, _ in rows) / 1e6:.1f} MB (an upper bound on reads: a fused slice reads part of one), "
-          f"written {sum(w for _, _, w in rows) / 1e6:.1f} MB")
+    print(f"{title}: {len(rows)} fusions, operands {sum(r for _, r, _ in rows) / 1e6:.1f} MB (an upper bound on "
+          f"reads: a fused slice reads part of one), written {sum(w for _, _, w in rows) / 1e6:.1f} MB")
     for kind, r, w in rows:
         print(f"  {kind:10s} operands {r / 1e6:8.2f} MB  result {w / 1e6:8.2f} MB")
 
@@ -69,8 +69,8 @@ def main() -> None:
     args = p.parse_args()
     b, seq = args.batch, TEXT + args.image
     width = 3 * HEADS * D
-    shapes = [jax.ShapeDtypeStruct((b, TEXT, width), jnp.bfloat16), jax.ShapeDtypeStruct((b, args.image, width),
-                                                                                        jnp.bfloat16),
+    shapes = [jax.ShapeDtypeStruct((b, TEXT, width), jnp.bfloat16),
+              jax.ShapeDtypeStruct((b, args.image, width), jnp.bfloat16),
               jax.ShapeDtypeStruct((4, D), jnp.bfloat16), *[jax.ShapeDtypeStruct((seq, D), jnp.float32)] * 2]
 
     def streams(text, image, w):
@@ -86,8 +86,9 @@ def main() -> None:
     tile_schedule.sm_count = lambda interpret: 132
     fused = lambda *a: attention_quantize.quantize_projections(streams(*a[:3]), *a[3:], heads=HEADS, eps=1e-6)
     lowered = jax.jit(fused).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
-    print(f"fused: {lowered.count('stablehlo.custom_call @mosaic_gpu')} Mosaic GPU launches "
-          f"({', '.join(sorted(set(re.findall(r'attention_quantize_(?:sums|codes)', lowered))))}) and the XLA ops below")
+    names = sorted(set(re.findall(r"attention_quantize_(?:sums|codes)", lowered)))
+    print(f"fused: {lowered.count('stablehlo.custom_call @mosaic_gpu')} Mosaic GPU launches ({', '.join(names)}) "
+          "and the XLA ops below")
 
     blocks = padded_length(seq, default_config("sage8")) // 128
 
