@@ -7,7 +7,7 @@ projections' output is read where the GEMM left it (a fused q/k/v projection is 
 column offsets: no slice of it is copied) and two launches of one kernel make the int8 operands:
 
   1. "sums": per block of `block_kv` tokens and head, RMSNorm + RoPE of k, its column sums
-     (float32), and v's per-channel max |v|: a pass over k and v writing 1/256 of their bytes.
+     (float32), and v's per-channel max |v|: a pass over k and v writing 1/64 of their bytes.
      XLA adds the blocks' sums up: K's mean (a reduction over the whole sequence cannot live in a
      pass that writes K's codes, since each block's codes need it first).
   2. "codes": per block and head, RMSNorm + RoPE of q and k again (recomputing them costs ALU
@@ -16,8 +16,8 @@ column offsets: no slice of it is copied) and two launches of one kernel make th
 V needs no norm: its fp8 codes per channel (scale from pass 1's max) and the transposed, key-
 permuted layout the PV wgmma wants are one XLA fusion reading v from the projections
 (`attention.v_operands`). HBM traffic per attention call: q read once, k and v twice, 8-bit codes
-written once (B=1, S=4608, 24 x 128 heads: ~184 MB against ~311 MB for XLA's norm + RoPE +
-`quantize_qkv`; benchmarks/notes/attention.md).
+written once (B=1, S=4608, 24 x 128 heads: ~184 MB, against >= ~325 MB for XLA's norm + RoPE +
+`quantize_qkv`; benchmarks/notes/attention.md, v4).
 
 Layout of the work: one warpgroup per program, grid (heads, blocks, batch); a 64-token tile of a
 head is a (64, D / 2) uint32 array in the WGMMA register layout, loaded straight from HBM, each word

@@ -119,11 +119,11 @@ SMALL = AttentionConfig(block_kv=64, max_concurrent_steps=2)
     ("fused", (64, 136), 64, True),  # two streams, the last ragged (200 tokens -> 256)
     ("fused", (128, 72), 128, True),  # two tiles a program
     ("wide", (128,), 128, False),  # one stream from a wider array (FLUX's single blocks), bf16 V
-    ("separate", (64, 64), 64, True),  # q, k, v as three arrays, no padding
+    ("separate", (64, 64), 64, True),  # q, k, v as three arrays, no padding; two batch rows
 ])
 def test_matches_unfused_path(kind, lengths, block_kv, pv_fp8):
     heads, config = 2, AttentionConfig(block_kv=block_kv, max_concurrent_steps=2)
-    streams = _streams(kind, 1, lengths, heads)
+    streams = _streams(kind, 2 if kind == "separate" else 1, lengths, heads)
     cos, sin = _tables(sum(lengths), 128, jax.random.key(7))
     got = quantize_projections(streams, cos, sin, heads=heads, eps=EPS, config=config, pv_fp8=pv_fp8,
                                interpret=True)
