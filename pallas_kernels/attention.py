@@ -425,6 +425,7 @@ def _run(operands: tuple, *, precision: Precision, shape: tuple[int, int, int, i
         out_type=jax.ShapeDtypeStruct((b, seq_pad, h, d), out_dtype),
         grid=(h, seq_pad // (_COMPUTE_WGS * bq), b),
         grid_names=("heads", "q_seq", "batch"),
+        kernel_name=f"flash_attention_{precision}",  # how profiles (bench_e2e's stages) tell it from the GEMM
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
