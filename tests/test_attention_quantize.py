@@ -276,3 +276,30 @@ def test_flux_attention_fuses_the_producer(impl, monkeypatch):
     assert calls == [2]
     error = np.linalg.norm(ours - exact) / np.linalg.norm(exact)
     assert 1e-4 < error < 0.1
+
+
+def test_model_lowers_for_the_gpu(monkeypatch):
+    """A FLUX.1-dev-wide transformer (1 double + 1 single block, fused projections, bf16) with
+    sage8 attention at 1024² (512 text + 4096 image tokens) lowers for CUDA with the fused
+    producer in both blocks: the double block's two streams, the single block's q/k/v read from
+    its q/k/v/MLP projection."""
+    import re
+
+    from flax import nnx
+
+    from convrot_jax import ops
+    from flux_flax import FluxConfig, FluxTransformer2DModel, fuse_projections
+
+    monkeypatch.setattr(ops, "pallas_supported", lambda: True)
+    config = FluxConfig.dev(num_layers=1, num_single_layers=1)
+    model = nnx.eval_shape(lambda: fuse_projections(FluxTransformer2DModel(
+        config, dtype=jnp.bfloat16, attention_impl="sage8", rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(model)
+    s = jax.ShapeDtypeStruct
+    args = (s((1, 4096, 64), jnp.bfloat16), s((1, 512, 4096), jnp.bfloat16), s((1, 768), jnp.bfloat16),
+            s((1,), jnp.float32), s((4096, 3), jnp.float32), s((512, 3), jnp.float32), s((1,), jnp.float32))
+    hlo = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a)).trace(state, *args).lower(
+        lowering_platforms=("cuda",)).as_text()
+    for name in ("attention_quantize_sums", "attention_quantize_codes"):  # a dump name per launch: one a block
+        assert len(set(re.findall(rf"{name}_\d+", hlo))) == 2, name
+    assert "flash_attention_sage8" in hlo
