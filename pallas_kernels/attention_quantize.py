@@ -20,13 +20,13 @@ written once (B=1, S=4608, 24 x 128 heads: ~184 MB, against >= ~325 MB for XLA's
 `quantize_qkv`; benchmarks/notes/attention.md, v4).
 
 Layout of the work: one warpgroup per program, grid (heads, blocks, batch); a 64-token tile of a
-head is a (64, D / 2) uint32 array in the WGMMA register layout, loaded straight from HBM, each word
-a bf16 pair (2c, 2c + 1): RoPE rotates exactly such pairs, so the even and odd halves of a word
-(a bf16 is a float32's high half: a shift and a mask) are the two operands of every rotation and
-no value moves between threads. Row reductions (the norm's mean square, Q's absmax) stay within a
-quad of threads; K's block absmax and the column sums cross warps (Mosaic's reduction scratch).
-Codes go out two to a 16-bit word (the pair's even code in the low byte): the tensor keeps k's
-channel order.
+head is a (64, D) array in the WGMMA register layout, loaded straight from HBM as bf16: each
+thread's register holds a pair of adjacent features (2c, 2c + 1), which is exactly a RoPE pair, so
+the rotation needs no data from another thread. It is written in Mosaic GPU directly
+(`_rotate_pairs`: each register's pair times the register of a table holding (cos, sin) of that
+pair at the same place); interpret mode does the same with jnp ops. Row reductions (the norm's
+mean square, Q's absmax) stay within a quad of threads; K's block absmax and the column sums cross
+warps (Mosaic's reduction scratch). Codes go out in k's channel order.
 
 Numerics are the unfused path's operation for operation (bf16 roundings after the norm and after
 RoPE included, the same scale formulas and divisions, `attention.quantize_qkv`'s padding); the
@@ -46,11 +46,15 @@ from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 import jax
+import jax.experimental.mosaic.gpu as mgpu
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax._src.lib.mlir import ir
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
+from jaxlib.mlir.dialects import arith
 
 from pallas_kernels.attention import (INT8_MAX, LOG2E, SCALE_FLOOR, AttentionConfig, QuantizedQKV, default_config,
                                       padded_length, v_operands)
@@ -80,10 +84,9 @@ class Stream(NamedTuple):
 
 
 class _Source(NamedTuple):
-    """Where a stream's q, k or v tiles come from: input `ref` (a uint32 word view), first word
-    column (head 0)."""
+    """Where a stream's q, k or v tiles come from: input `ref`, first column (head 0)."""
     ref: int
-    word: int
+    column: int
 
 
 class _StreamPlan(NamedTuple):
@@ -100,28 +103,17 @@ class _Plan(NamedTuple):
     sources: int  # input arrays (distinct)
     seq: int  # real tokens
     block: int  # block_kv: tokens per program and per K scale
-    words: int  # D / 2
+    head_dim: int
     eps: float
     qk_scale: float  # softmax scale * log2 e, folded into Q's scales
     v_max: bool  # pass 1 also takes v's per-channel max (fp8 PV)
+    interpret: bool
 
 
 def fits(stream_lengths: Sequence[int], config: AttentionConfig) -> bool:
     """Whether streams of these lengths can share one call: every run but the last fills whole
     blocks of `config.block_kv` tokens."""
     return all(n % config.block_kv == 0 for n in stream_lengths[:-1])
-
-
-def _words(x: jax.Array) -> jax.Array:
-    """(B, S, C) bf16 -> (B, S, C / 2) uint32, word c = the pair (2c, 2c + 1), 2c in the low half
-    (a bitcast, no copy)."""
-    return lax.bitcast_convert_type(x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2), jnp.uint32)
-
-
-def _unpack(words: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """uint32 bf16 pairs -> float32 (even, odd): a bf16 is the high half of its float32."""
-    return (lax.bitcast_convert_type(words << 16, jnp.float32),
-            lax.bitcast_convert_type(words & np.uint32(0xFFFF0000), jnp.float32))
 
 
 def _bf16(x: jax.Array) -> jax.Array:
@@ -136,44 +128,74 @@ def _rows(v: jax.Array, like: jax.Array) -> jax.Array:
     return lax.broadcast_in_dim(v, like.shape, [0])
 
 
-def _norm_rope(words: jax.Array, weight: tuple[jax.Array, jax.Array], cos: jax.Array, sin: jax.Array,
-               plan: _Plan) -> tuple[jax.Array, jax.Array]:
-    """A tile's bf16 pairs -> RoPE(RMSNorm(x)) as float32 (even, odd), each rounded to bf16 after
-    the norm and after RoPE, as the unfused model rounds them:
-    n = bf16(x * rsqrt(mean(x^2) + eps) * w); (even, odd) -> bf16(n_e cos - n_o sin, n_o cos + n_e sin)."""
-    e, o = _unpack(words)
-    mean_square = ((e * e).sum(axis=1) + (o * o).sum(axis=1)) / np.float32(2 * plan.words)
-    r = _rows(lax.rsqrt(mean_square + np.float32(plan.eps)), e)
-    n_e, n_o = _bf16(e * r * _columns(weight[0], e)), _bf16(o * r * _columns(weight[1], o))
-    return _bf16(n_e * cos + (-n_o) * sin), _bf16(n_o * cos + n_e * sin)
+def rope_table(cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """(S, D) cos and sin, each angle repeated for its pair -> (S, D) float32 holding (cos, sin)
+    of pair c at (2c, 2c + 1): where a tile's pair sits, its angle sits in the table's tile."""
+    even = jnp.arange(cos.shape[-1]) % 2 == 0
+    return jnp.where(even, cos.astype(jnp.float32), sin.astype(jnp.float32))
 
 
-def _codes_word(e: jax.Array, o: jax.Array, scale: jax.Array) -> jax.Array:
-    """int8 codes clip(round(x / scale)) of a pair, as one int16 (even code in the low byte)."""
-    code = lambda x: jnp.clip(jnp.round(x / scale), -INT8_MAX, INT8_MAX).astype(jnp.int32)
-    return ((code(e) & 0xFF) | (code(o) << 8)).astype(jnp.int16)
+def _rotate_pairs(n: jax.Array, table: jax.Array, interpret: bool) -> jax.Array:
+    """(n_2c, n_2c+1) -> (n_2c cos - n_2c+1 sin, n_2c+1 cos + n_2c sin) per pair c, (cos, sin) =
+    table's (2c, 2c + 1): the model's x * cos + rotate_half(x) * sin, float32, the same products
+    and sums."""
+    if interpret:
+        rows, d = n.shape
+        x, t = n.reshape(rows, d // 2, 2), table.reshape(rows, d // 2, 2)
+        a, b, c, s = x[..., 0], x[..., 1], t[..., 0], t[..., 1]
+        return jnp.stack([a * c + (-b) * s, b * c + a * s], axis=-1).reshape(rows, d)
+
+    @plgpu.inline_mgpu(arg_types=(_TILE_LAYOUT, _TILE_LAYOUT),
+                       return_type=plgpu.ShapeDtypeStruct(n.shape, jnp.float32, layout=_TILE_LAYOUT))
+    def rotate(_, x, t):
+        out = np.empty(x.registers.shape, dtype=object)
+        if ir.VectorType(x.registers.flat[0].type).shape != [2]:
+            raise AssertionError(f"a register must hold one pair: {x.registers.flat[0].type}")
+        for idx in np.ndindex(x.registers.shape):  # each register: one pair (2c, 2c + 1), vector<2xf32>
+            a, b = (mgpu_utils.vector_slice(x.registers[idx], slice(i, i + 1)) for i in range(2))
+            c, s = (mgpu_utils.vector_slice(t.registers[idx], slice(i, i + 1)) for i in range(2))
+            out[idx] = mgpu_utils.vector_concat([
+                arith.addf(arith.mulf(a, c), arith.mulf(arith.negf(b), s)),
+                arith.addf(arith.mulf(b, c), arith.mulf(a, s))])
+        return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+
+    return rotate(n, table)
+
+
+def _norm_rope(x: jax.Array, weight: jax.Array, table: jax.Array, plan: _Plan) -> jax.Array:
+    """A bf16 tile (64, D) -> RoPE(RMSNorm(x)) in float32, rounded to bf16 after the norm and
+    after RoPE as the unfused model rounds them: n = bf16(x * rsqrt(mean(x^2) + eps) * w), then
+    bf16(rotated n)."""
+    x = x.astype(jnp.float32)
+    mean_square = (x * x).sum(axis=1) / np.float32(plan.head_dim)
+    n = _bf16(x * _rows(lax.rsqrt(mean_square + np.float32(plan.eps)), x) * _columns(weight, x))
+    return _bf16(_rotate_pairs(n, table, plan.interpret))
+
+
+def _codes(x: jax.Array, scale: jax.Array) -> jax.Array:
+    """int8 codes clip(round(x / scale)), as `attention.quantize_qkv` makes them."""
+    return jnp.clip(jnp.round(x / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
 
 
 def _kernel(*refs, plan: _Plan, phase: Phase):
     """One program: KV block `block` of one head and batch row, from the stream holding it; phase
     "sums" or "codes" (module docstring)."""
     sources, refs = refs[:plan.sources], refs[plan.sources:]
-    weights_ref, cos_ref, sin_ref, *refs = refs
+    weights_ref, table_ref, *refs = refs
     head, block, batch = lax.axis_index("heads"), lax.axis_index("blocks"), lax.axis_index("batch")
-    tiles = plan.block // TILE
+    tiles, d = plan.block // TILE, plan.head_dim
     first_row = block * plan.block  # in the joint sequence
 
     def tile(source: _Source, local_row) -> jax.Array:
-        cols = pl.ds(source.word + head * plan.words, plan.words)
+        cols = pl.ds(source.column + head * d, d)
         return plgpu.load(sources[source.ref].at[batch, pl.ds(local_row, TILE), cols], layout=_TILE_LAYOUT,
                           optimized=False)
 
-    def table(ref, t: int) -> jax.Array:
-        return plgpu.load(ref.at[pl.ds(first_row + t * TILE, TILE)], layout=_TILE_LAYOUT, optimized=False)
+    def table(t: int) -> jax.Array:
+        return plgpu.load(table_ref.at[pl.ds(first_row + t * TILE, TILE)], layout=_TILE_LAYOUT, optimized=False)
 
-    def weight(i: int, which: int) -> tuple[jax.Array, jax.Array]:
-        return tuple(plgpu.load(weights_ref.at[i, 2 * which + j], layout=_PER_COLUMN, optimized=False)
-                     for j in range(2))
+    def vector(ref) -> jax.Array:
+        return plgpu.load(ref, layout=_PER_COLUMN, optimized=False)
 
     def real_rows(like: jax.Array, t: int) -> jax.Array:
         rows = plgpu.broadcasted_iota(jnp.int32, like.shape, 0, layout=_TILE_LAYOUT)
@@ -181,53 +203,47 @@ def _kernel(*refs, plan: _Plan, phase: Phase):
 
     def run(i: int, s: _StreamPlan):
         local = (block - s.first_block) * plan.block
-        tables = lambda t: (table(cos_ref, t), table(sin_ref, t))  # loaded tile by tile: registers
-        k_rows = lambda t, cos_sin: _norm_rope(tile(s.k, local + t * TILE), weight(i, 1), *cos_sin, plan)
+        k_rows = lambda t, rope: _norm_rope(tile(s.k, local + t * TILE), vector(weights_ref.at[i, 1]), rope, plan)
         if phase == "sums":  # K's column sums and V's column max |v| of the block
             ksum_ref, *vmax_ref = refs
-            total = functools.reduce(lambda acc, t: [a + x for a, x in zip(acc, k_rows(t, tables(t)))],
-                                     range(1, tiles), k_rows(0, tables(0)))
-            for j in range(2):
-                ksum_ref.at[batch, head, block, j][...] = total[j].sum(axis=0)
+            total = functools.reduce(lambda acc, t: acc + k_rows(t, table(t)), range(1, tiles), k_rows(0, table(0)))
+            ksum_ref.at[batch, head, block][...] = total.sum(axis=0)
             if plan.v_max:
-                top = functools.reduce(lambda acc, t: [jnp.maximum(a, jnp.abs(x)) for a, x in zip(
-                    acc, _unpack(tile(s.v, local + t * TILE)))], range(tiles), [0.0, 0.0])
-                for j in range(2):
-                    vmax_ref[0].at[batch, head, block, j][...] = top[j].max(axis=0)
+                top = functools.reduce(lambda acc, t: jnp.maximum(acc, jnp.abs(
+                    tile(s.v, local + t * TILE).astype(jnp.float32))), range(tiles), 0.0)
+                vmax_ref[0].at[batch, head, block][...] = top.max(axis=0)
             return
 
         mean_ref, q_codes_ref, q_scale_ref, k_codes_ref, k_scale_ref = refs
-        mean = [plgpu.load(mean_ref.at[batch, head, j], layout=_PER_COLUMN, optimized=False) for j in range(2)]
+        mean = vector(mean_ref.at[batch, head])
         centred = []
         for t in range(tiles):  # Q's codes per token; K - mean kept for the block's scale
-            rows, cos_sin = pl.ds(first_row + t * TILE, TILE), tables(t)
-            e, o = _norm_rope(tile(s.q, local + t * TILE), weight(i, 0), *cos_sin, plan)
-            scale = jnp.maximum(jnp.maximum(jnp.abs(e), jnp.abs(o)).max(axis=1) * np.float32(1 / INT8_MAX),
-                                np.float32(SCALE_FLOOR))
-            q_codes_ref.at[batch, rows, head][...] = _codes_word(e, o, _rows(scale, e))
+            rows, rope = pl.ds(first_row + t * TILE, TILE), table(t)  # the table loaded tile by tile: registers
+            q = _norm_rope(tile(s.q, local + t * TILE), vector(weights_ref.at[i, 0]), rope, plan)
+            scale = jnp.maximum(jnp.abs(q).max(axis=1) * np.float32(1 / INT8_MAX), np.float32(SCALE_FLOOR))
+            q_codes_ref.at[batch, rows, head][...] = _codes(q, _rows(scale, q))
             real = plgpu.broadcasted_iota(jnp.int32, (TILE,), 0, layout=_PER_ROW) + (first_row + t * TILE) < plan.seq
             q_scale_ref.at[batch, head, rows][...] = jnp.where(real, scale * np.float32(plan.qk_scale), 0.0)
-            centred.append([jnp.where(real_rows(x, t), x - _columns(m, x), 0.0)
-                            for x, m in zip(k_rows(t, cos_sin), mean)])
-        top = functools.reduce(jnp.maximum, [jnp.abs(x) for kt in centred for x in kt])
+            k = k_rows(t, rope)
+            centred.append(jnp.where(real_rows(k, t), k - _columns(mean, k), 0.0))
+        top = functools.reduce(jnp.maximum, [jnp.abs(k) for k in centred])
         scale = jnp.maximum(top.max(axis=1).max(axis=0) * np.float32(1 / INT8_MAX), np.float32(SCALE_FLOOR))
-        for t, (e, o) in enumerate(centred):  # K's codes, one scale per block
-            k_codes_ref.at[batch, pl.ds(first_row + t * TILE, TILE), head][...] = _codes_word(e, o, scale)
+        for t, k in enumerate(centred):  # K's codes, one scale per block
+            k_codes_ref.at[batch, pl.ds(first_row + t * TILE, TILE), head][...] = _codes(k, scale)
         k_scale_ref[batch, head, block] = scale
 
     for i, s in enumerate(plan.streams):
         pl.when((block >= s.first_block) & (block < s.first_block + s.blocks))(functools.partial(run, i, s))
 
 
-def _launch(phase: Phase, plan: _Plan, inputs: Sequence[jax.Array], batch: int, heads: int, interpret: bool):
+def _launch(phase: Phase, plan: _Plan, inputs: Sequence[jax.Array], batch: int, heads: int):
     blocks = sum(s.blocks for s in plan.streams)
-    seq_pad = blocks * plan.block
+    seq_pad, d = blocks * plan.block, plan.head_dim
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-    per_block = f32(batch, heads, blocks, 2, plan.words)
     if phase == "sums":
-        out_type = (per_block, per_block) if plan.v_max else (per_block,)
+        out_type = (f32(batch, heads, blocks, d),) * (2 if plan.v_max else 1)
     else:
-        codes = jax.ShapeDtypeStruct((batch, seq_pad, heads, plan.words), jnp.int16)
+        codes = jax.ShapeDtypeStruct((batch, seq_pad, heads, d), jnp.int8)
         out_type = (codes, f32(batch, heads, seq_pad), codes, f32(batch, heads, blocks))
     return plgpu.kernel(
         functools.partial(_kernel, plan=plan, phase=phase),
@@ -236,7 +252,7 @@ def _launch(phase: Phase, plan: _Plan, inputs: Sequence[jax.Array], batch: int, 
         grid_names=("heads", "blocks", "batch"),
         kernel_name=f"attention_quantize_{phase}",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        interpret=plgpu.InterpretGPUParams() if plan.interpret else None,
     )(*inputs)
 
 
@@ -257,10 +273,10 @@ def _check(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, heads: int
             if x.ndim != 3 or x.dtype != jnp.bfloat16 or x.shape[:2] != (batch, length):
                 raise ValueError(f"stream {i} {name}: want a bfloat16 (B={batch}, S={length}, C) array, got "
                                  f"{x.dtype} {x.shape}")
-            if p.column % 4 or x.shape[-1] % 4 or p.column < 0 or x.shape[-1] - p.column < heads * d:
+            if p.column % 2 or x.shape[-1] % 2 or p.column < 0 or x.shape[-1] - p.column < heads * d:
                 raise ValueError(f"stream {i} {name}: columns [{p.column}, {p.column + heads * d}) of its {x.shape} "
-                                 "array: they must fit, and the column and the width be multiples of 4 (the "
-                                 "kernel loads 8 bytes, 4 bf16, at a time)")
+                                 "array: they must fit, and the column and the width be even (the kernel loads "
+                                 "a pair of bf16, 4 bytes, at a time)")
     lengths = [s.q.array.shape[1] for s in streams]
     if not fits(lengths, config):
         raise ValueError(f"streams of {lengths} tokens: every stream but the last must be a multiple of "
@@ -288,15 +304,15 @@ def quantize_projections(streams: Sequence[Stream], cos: jax.Array, sin: jax.Arr
     seq_pad = padded_length(seq, config)
     pad = seq_pad - seq
 
-    arrays: list[tuple[jax.Array, bool, jax.Array]] = []  # distinct inputs and their word views
+    arrays: list[tuple[jax.Array, bool, jax.Array]] = []  # distinct inputs: (given, padded, as passed)
 
     def source(p: Projection, last: bool) -> _Source:
-        for i, (x, padded, _) in enumerate(arrays):
-            if x is p.array and padded == (last and pad > 0):
-                return _Source(i, p.column // 2)
-        x = jnp.pad(p.array, ((0, 0), (0, pad), (0, 0))) if last and pad else p.array
-        arrays.append((p.array, last and pad > 0, _words(x)))
-        return _Source(len(arrays) - 1, p.column // 2)
+        padded = last and pad > 0
+        for i, (x, was_padded, _) in enumerate(arrays):
+            if x is p.array and was_padded == padded:
+                return _Source(i, p.column)
+        arrays.append((p.array, padded, jnp.pad(p.array, ((0, 0), (0, pad), (0, 0))) if padded else p.array))
+        return _Source(len(arrays) - 1, p.column)
 
     plans, first = [], 0
     for i, s in enumerate(streams):
@@ -304,21 +320,18 @@ def quantize_projections(streams: Sequence[Stream], cos: jax.Array, sin: jax.Arr
         blocks = (lengths[i] + (pad if last else 0)) // config.block_kv
         plans.append(_StreamPlan(first, blocks, source(s.q, last), source(s.k, last), source(s.v, last)))
         first += blocks
-    plan = _Plan(tuple(plans), len(arrays), seq, config.block_kv, d // 2, float(eps),
-                 (1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale) * LOG2E, pv_fp8)
-    weights = jnp.stack([jnp.stack([w.astype(jnp.float32)[j::2] for w in (s.q_weight, s.k_weight) for j in range(2)])
-                         for s in streams])  # (streams, 4, D / 2): q even, q odd, k even, k odd
-    tables = [jnp.pad(t.astype(jnp.float32)[:, 0::2], ((0, pad), (0, 0))) for t in (cos, sin)]
-    inputs = [w for _, _, w in arrays] + [weights, *tables]
+    plan = _Plan(tuple(plans), len(arrays), seq, config.block_kv, d, float(eps),
+                 (1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale) * LOG2E, pv_fp8, interpret)
+    weights = jnp.stack([jnp.stack([s.q_weight, s.k_weight]) for s in streams]).astype(jnp.float32)  # (streams, 2, D)
+    table = jnp.pad(rope_table(cos, sin), ((0, pad), (0, 0)))
+    inputs = [x for _, _, x in arrays] + [weights, table]
 
-    interleave = lambda x: jnp.moveaxis(x, -2, -1).reshape(*x.shape[:-2], d)  # (..., 2, D / 2) -> (..., D)
-    sums = _launch("sums", plan, inputs, batch, heads, interpret)
-    mean = sums[0].sum(axis=2) / np.float32(seq)  # (B, H, 2, D / 2)
-    q_codes, q_scale, k_codes, k_scale = _launch("codes", plan, [*inputs, mean], batch, heads, interpret)
-    as_int8 = lambda c: lax.bitcast_convert_type(c, jnp.int8).reshape(batch, seq_pad, heads, d)
+    sums = _launch("sums", plan, inputs, batch, heads)
+    mean = sums[0].sum(axis=2) / np.float32(seq)  # (B, H, D)
+    q_codes, q_scale, k_codes, k_scale = _launch("codes", plan, [*inputs, mean], batch, heads)
 
     v = jnp.concatenate([s.v.array[..., s.v.column:s.v.column + heads * d] for s in streams], axis=1)
-    v = v.reshape(batch, seq, heads, d)
-    v_t_codes, v_scale, v_bf16 = v_operands(v, seq_pad, pv_fp8, interleave(sums[1].max(axis=2)) if pv_fp8 else None)
-    return QuantizedQKV(q_codes=as_int8(q_codes), q_scale=q_scale, k_codes=as_int8(k_codes), k_scale=k_scale,
+    v_t_codes, v_scale, v_bf16 = v_operands(v.reshape(batch, seq, heads, d), seq_pad, pv_fp8,
+                                            sums[1].max(axis=2) if pv_fp8 else None)
+    return QuantizedQKV(q_codes=q_codes, q_scale=q_scale, k_codes=k_codes, k_scale=k_scale,
                         v_t_codes=v_t_codes, v_scale=v_scale, v_bf16=v_bf16)

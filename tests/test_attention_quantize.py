@@ -191,7 +191,7 @@ def test_rejects_bad_streams():
     with pytest.raises(ValueError, match="stream 0 v: columns"):
         call([streams[0]._replace(v=Projection(streams[0].v.array, 3 * heads * 128 - 4))], cos[:64], sin[:64])
     with pytest.raises(ValueError, match="stream 0 k: columns"):
-        call([streams[0]._replace(k=Projection(streams[0].k.array, 2))], cos[:64], sin[:64])
+        call([streams[0]._replace(k=Projection(streams[0].k.array, 1))], cos[:64], sin[:64])
     with pytest.raises(ValueError, match="RoPE tables"):
         call(streams[:1], cos, sin)
 
