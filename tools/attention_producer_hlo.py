@@ -90,17 +90,16 @@ def main() -> None:
     print(f"fused: {lowered.count('stablehlo.custom_call @mosaic_gpu')} Mosaic GPU launches ({', '.join(names)}) "
           "and the XLA ops below")
 
-    blocks = padded_length(seq, default_config("sage8")) // 128
+    pad = padded_length(seq, default_config("sage8")) - seq
+    blocks = (seq + pad) // 128
 
     def around(text, image, cos, sin, ksum, vmax):  # the XLA ops of quantize_projections besides the kernels
-        tables = [jnp.pad(t[:, 0::2], ((0, padded_length(seq, default_config("sage8")) - seq), (0, 0)))
-                  for t in (cos, sin)]
+        table = jnp.pad(attention_quantize.rope_table(cos, sin), ((0, pad), (0, 0)))
         mean = ksum.sum(axis=2) / np.float32(seq)
         v = jnp.concatenate([x[..., 2 * HEADS * D:] for x in (text, image)], axis=1).reshape(b, seq, HEADS, D)
-        absmax = jnp.moveaxis(vmax.max(axis=2), -2, -1).reshape(b, HEADS, D)
-        return tables, mean, v_operands(v, padded_length(seq, default_config("sage8")), True, absmax)
+        return table, mean, v_operands(v, seq + pad, True, vmax.max(axis=2))
 
-    per_block = jax.ShapeDtypeStruct((b, HEADS, blocks, 2, D // 2), jnp.float32)
+    per_block = jax.ShapeDtypeStruct((b, HEADS, blocks, D), jnp.float32)
     report("fused, its XLA part (XLA:CPU)", fusions(jax.jit(around).trace(
         shapes[0], shapes[1], shapes[3], shapes[4], per_block, per_block).lower().compile().as_text()))
 
