@@ -216,8 +216,9 @@ def _kernel(*refs, plan: _Plan, phase: Phase):
 
         mean_ref, q_codes_ref, q_scale_ref, k_codes_ref, k_scale_ref = refs
         mean = vector(mean_ref.at[batch, head])
-        centred = []
-        for t in range(tiles):  # Q's codes per token; K - mean kept for the block's scale
+        centre = lambda k, t: jnp.where(real_rows(k, t), k - _columns(mean, k), 0.0)  # padded keys: 0
+        k_tiles, top = [], None
+        for t in range(tiles):  # Q's codes per token; K kept (bf16, exact: 32 registers a tile) for the block's scale
             rows, rope = pl.ds(first_row + t * TILE, TILE), table(t)  # the table loaded tile by tile: registers
             q = _norm_rope(tile(s.q, local + t * TILE), vector(weights_ref.at[i, 0]), rope, plan)
             scale = jnp.maximum(jnp.abs(q).max(axis=1) * np.float32(1 / INT8_MAX), np.float32(SCALE_FLOOR))
@@ -225,11 +226,12 @@ def _kernel(*refs, plan: _Plan, phase: Phase):
             real = plgpu.broadcasted_iota(jnp.int32, (TILE,), 0, layout=_PER_ROW) + (first_row + t * TILE) < plan.seq
             q_scale_ref.at[batch, head, rows][...] = jnp.where(real, scale * np.float32(plan.qk_scale), 0.0)
             k = k_rows(t, rope)
-            centred.append(jnp.where(real_rows(k, t), k - _columns(mean, k), 0.0))
-        top = functools.reduce(jnp.maximum, [jnp.abs(k) for k in centred])
+            k_tiles.append(k.astype(jnp.bfloat16))
+            top = jnp.abs(centre(k, t)) if top is None else jnp.maximum(top, jnp.abs(centre(k, t)))
         scale = jnp.maximum(top.max(axis=1).max(axis=0) * np.float32(1 / INT8_MAX), np.float32(SCALE_FLOOR))
-        for t, k in enumerate(centred):  # K's codes, one scale per block
-            k_codes_ref.at[batch, pl.ds(first_row + t * TILE, TILE), head][...] = _codes(k, scale)
+        for t, k in enumerate(k_tiles):  # K's codes, one scale per block
+            k_codes_ref.at[batch, pl.ds(first_row + t * TILE, TILE), head][...] = _codes(
+                centre(k.astype(jnp.float32), t), scale)
         k_scale_ref[batch, head, block] = scale
 
     for i, s in enumerate(plan.streams):
