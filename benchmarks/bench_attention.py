@@ -9,6 +9,13 @@ tokens, i.e. 512², 1024² and 2048x1024 images; batch 1 and 4; 24 heads x 128):
   sage_qk8          pallas_kernels.attention, precision="sage_qk8": int8 QK^T, bf16 PV
   sage8_int8_kernel the int8 kernel alone, on operands quantize_qkv made beforehand
   sage8_int8_2stages, sage8_int8_kv64: other block configs of sage8_int8
+With the producer (from a double block's text and image q/k/v projection outputs, bf16: per-head
+QK RMSNorm, RoPE, the attention; what the model runs; ratios against rope_cudnn_bf16):
+  rope_cudnn_bf16   XLA QK-norm + RoPE (the model's unfused ops) + cuDNN bf16 (the baseline)
+  rope_sage8_xla    XLA QK-norm + RoPE + quantize_qkv (XLA) + the int8 sage8 kernel
+  fused_sage8       pallas_kernels.attention_quantize (the producer quantizing where q, k are
+                    made: two Mosaic GPU launches + V's XLA fusion) + the int8 sage8 kernel
+  rope_quantize_xla, fused_producer: the two ways of making the sage8 operands, alone
 TFLOP/s = 4 B H S^2 D / time (the two matmuls; 8-bit counted the same); ratios = cuDNN time /
 this time. Device time (CUPTI), median of 20 over rotating input sets (> 2x the 50 MB L2).
 All implementations run in one process, back to back (same device state).
@@ -18,7 +25,7 @@ same bf16 inputs, random N(0, 1) and FLUX-like (pallas_kernels.attention_referen
 a few large-norm channels in q and k, a large shared mean in k), at sequence 4608, batch 1.
 
 Stages (--stages, default tests,bench):
-  tests  `pytest -m gpu tests/test_attention.py`.
+  tests  `pytest tests/test_attention.py`, then tests/test_attention_quantize.py (--tests-k: -k for both).
   sweep  block configs (block_kv, stages) of each precision at B=1 S=4608 and B=4 S=8704.
   bench  timing grid + accuracy.
   model  FLUX.1-dev transformer with random bf16 weights at 1024²: velocity cosine and final
@@ -58,7 +65,18 @@ VARIANTS = harness.registry(
             options={"precision": "sage8", "qk": "int8", "config": (128, 2)}),
     Variant("sage8_int8_kv64", "sage8_int8 with block_kv 64, 4 stages", group=_GROUP,
             options={"precision": "sage8", "qk": "int8", "config": (64, 4)}),
+    Variant("rope_cudnn_bf16", "XLA QK-norm + RoPE, cuDNN bf16", group=_GROUP, options={"producer": "xla"}),
+    Variant("rope_sage8_xla", "XLA QK-norm + RoPE + XLA quantize_qkv, sage8 int8 kernel", group=_GROUP,
+            options={"producer": "xla", "precision": "sage8"}),
+    Variant("fused_sage8", "fused producer (attention_quantize), sage8 int8 kernel", group=_GROUP,
+            options={"producer": "fused", "precision": "sage8"}),
+    Variant("rope_quantize_xla", "XLA QK-norm + RoPE + quantize_qkv alone", group=_GROUP,
+            options={"producer": "xla", "precision": "sage8", "operands_only": True}),
+    Variant("fused_producer", "attention_quantize alone", group=_GROUP,
+            options={"producer": "fused", "precision": "sage8", "operands_only": True}),
 )
+PRODUCER_BASELINE = "rope_cudnn_bf16"
+TEXT_TOKENS = 512
 HEADS, HEAD_DIM = 24, 128
 SEQS = (1536, 4608, 8704)
 BATCHES = (1, 4)
@@ -96,6 +114,53 @@ def implementation(variant: str):
     return functools.partial(attention, precision=opts["precision"], qk_dtype=qk, config=config)
 
 
+def producer_implementation(variant: str):
+    """variant -> fn(text, image, weights, cos, sin): from a double block's projection outputs
+    (B, 512, 3 H D) and (B, S - 512, 3 H D), the norm weights (4, D) (text q, k, image q, k) and
+    the RoPE tables (S, D), the attention output (or, operands_only, the sage8 operands)."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.attention import attention_quantized, default_config, quantize_qkv
+    from pallas_kernels.attention_quantize import quantize_projections
+    from pallas_kernels.attention_quantize_reference import projections_reference
+
+    opts = VARIANTS[variant].options
+
+    def fn(text, image, weights, cos, sin):
+        ss = _streams(text, image, weights)
+        if opts["producer"] == "fused":
+            qkv = quantize_projections(ss, cos, sin, heads=HEADS, eps=1e-6)
+        else:
+            q, k, v = projections_reference(ss, cos, sin, heads=HEADS, eps=1e-6)
+            if "precision" not in opts:
+                return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+            qkv = quantize_qkv(q, k, v, config=default_config("sage8"))
+        return qkv if opts.get("operands_only") else attention_quantized(qkv, seq=cos.shape[0], out_dtype=jnp.bfloat16)
+    return fn
+
+
+def _streams(text, image, weights) -> list:
+    """The double block's two streams (attention_quantize.Stream) of `producer_implementation`'s inputs."""
+    from pallas_kernels.attention_quantize import Projection, Stream
+
+    width = HEADS * HEAD_DIM
+    return [Stream(*(Projection(x, i * width) for i in range(3)), weights[2 * j], weights[2 * j + 1])
+            for j, x in enumerate((text, image))]
+
+
+def _projection_inputs(b: int, s: int, seed: int):
+    import jax
+    import jax.numpy as jnp
+
+    ks = jax.random.split(jax.random.key(seed), 4)
+    proj = lambda key, n: jax.random.normal(key, (b, n, 3 * HEADS * HEAD_DIM), jnp.bfloat16)
+    angles = jax.random.uniform(ks[3], (s, HEAD_DIM // 2), jnp.float32, 0, 60)
+    tables = [jnp.repeat(f(angles), 2, axis=-1) for f in (jnp.cos, jnp.sin)]
+    weights = (1 + 0.1 * jax.random.normal(ks[2], (4, HEAD_DIM))).astype(jnp.bfloat16)
+    return jax.block_until_ready((proj(ks[0], TEXT_TOKENS), proj(ks[1], s - TEXT_TOKENS), weights, *tables))
+
+
 def _inputs(b: int, s: int, seed: int):
     import jax
     import jax.numpy as jnp
@@ -113,10 +178,12 @@ def work_grid(args) -> dict:
     acc = accuracy(args)
     rows = []
     for variant in args.variants:
-        fn = implementation(variant)
+        fn = producer_implementation(variant) if "producer" in VARIANTS[variant].options else implementation(variant)
 
         def setup(d, variant=variant, fn=fn):
             b, s = d["b"], d["s"]
+            if "producer" in VARIANTS[variant].options:
+                return fn, (lambda i: _projection_inputs(b, s, 100 + i)), b * s * HEADS * HEAD_DIM * 2
             if VARIANTS[variant].options.get("prequantized"):
                 quant = jax.jit(lambda q, k, v: quantize_qkv(q, k, v, config=default_config("sage8")))
 
@@ -185,14 +252,30 @@ def accuracy(args) -> list[dict]:
         q, k, v = make(jax.random.key(7), shape, jnp.bfloat16)
         ref = attention_reference(q, k, v)
         for variant in args.variants:
-            if VARIANTS[variant].options.get("prequantized") or "config" in VARIANTS[variant].options:
-                continue  # same numerics as sage8_int8
+            if {"prequantized", "config", "producer"} & set(VARIANTS[variant].options):
+                continue  # same numerics as sage8_int8 (the producer's: tests/test_attention_quantize.py)
             try:
                 y = jax.jit(implementation(variant))(q, k, v)
                 out.append({"variant": variant, "inputs": label, "seq": ACCURACY_SEQ,
                             "rel_l2": rel_l2(y.astype(jnp.float32), ref)})
             except Exception as e:  # noqa: BLE001  (recorded)
                 out.append({"variant": variant, "inputs": label, "error": f"{type(e).__name__}: {e}"[:300]})
+            print(out[-1], flush=True)
+    producers = [v for v in args.variants if "producer" in VARIANTS[v].options
+                 and not VARIANTS[v].options.get("operands_only")]
+    if producers:  # from random projections: against float32 attention on the unfused path's q, k, v
+        from pallas_kernels.attention_quantize_reference import projections_reference
+
+        text, image, weights, cos, sin = _projection_inputs(1, ACCURACY_SEQ, 7)
+        ref = attention_reference(*projections_reference(_streams(text, image, weights), cos, sin, heads=HEADS,
+                                                         eps=1e-6))
+        for variant in producers:
+            try:
+                y = jax.jit(producer_implementation(variant))(text, image, weights, cos, sin)
+                out.append({"variant": variant, "inputs": "projections", "seq": ACCURACY_SEQ,
+                            "rel_l2": rel_l2(y.astype(jnp.float32), ref)})
+            except Exception as e:  # noqa: BLE001  (recorded)
+                out.append({"variant": variant, "inputs": "projections", "error": f"{type(e).__name__}: {e}"[:300]})
             print(out[-1], flush=True)
     return out
 
@@ -250,6 +333,15 @@ def work_model(args) -> list[dict]:
 def summarize(rows: list[dict], acc: list[dict]) -> list[dict]:
     ok = {(r["shape"], r["variant"]): r for r in rows if "error" not in r and "ms" in r}
     out = []
+    pairs = [(r, ok[(s, PRODUCER_BASELINE)]) for (s, v), r in ok.items()
+             if v == "fused_sage8" and r["s"] >= 4608 and (s, PRODUCER_BASELINE) in ok]
+    if pairs:
+        out.append(harness.figure(
+            f"attention with its producer, {VARIANTS['fused_sage8'].doc}",
+            f"{harness.span(r['tflops'] for r, _ in pairs)} TFLOP/s",
+            shape=f"S = {'/'.join(str(x) for x in sorted({r['s'] for r, _ in pairs}))}, 24x128",
+            baseline=VARIANTS[PRODUCER_BASELINE].doc,
+            ratio=harness.span((b["ms"] / r["ms"] for r, b in pairs), "{:.2f}") + "x"))
     for variant in ("sage8_int8", "sage8_int8_kernel", "sage8_fp8", "sage_qk8", "mosaic_bf16"):
         pairs = [(r, ok[(s, BASELINE)]) for (s, v), r in ok.items()
                  if v == variant and r["s"] >= 4608 and (s, BASELINE) in ok]
@@ -275,8 +367,21 @@ def markdown(log: dict) -> list[str]:
            "per-channel fp8 V codes, V "
            "transposed); sage8_int8_kernel is the kernel alone. "
            f"GPU tests: {log.get('tests', 'not run')}.", "", "TFLOP/s:", ""]
-    out += harness.pivot_table(rows, "tflops", baseline=BASELINE, shape_cols=("b", "s"),
-                               variants=[v for v in VARIANTS if any(r["variant"] == v for r in rows)])
+    producer = [v for v in VARIANTS if "producer" in VARIANTS[v].options]
+    kernels = [v for v in VARIANTS if v not in producer and any(r["variant"] == v for r in rows)]
+    out += harness.pivot_table(rows, "tflops", baseline=BASELINE, shape_cols=("b", "s"), variants=kernels)
+    us = [{**r, "us": r["ms"] * 1e3} if "ms" in r else r for r in rows if r["variant"] in producer]
+    for title, baseline, operands_only in (
+            ("With the producer (from the q/k/v projection outputs: QK RMSNorm, RoPE, then the attention), device "
+             f"time in us; ratios: {PRODUCER_BASELINE} time / this time:", PRODUCER_BASELINE, False),
+            ("The sage8 operands alone (QK RMSNorm, RoPE, K mean, codes), device time in us; ratio: XLA's time / "
+             "the fused producer's:", "rope_quantize_xla", True)):
+        variants = [v for v in producer if VARIANTS[v].options.get("operands_only", False) == operands_only
+                    and any(r["variant"] == v for r in us)]
+        if variants:
+            out += ["", title, ""]
+            out += harness.pivot_table([r for r in us if r["variant"] in variants], "us", "{:.1f}", baseline=baseline,
+                                       shape_cols=("b", "s"), variants=variants)
     acc = log.get("accuracy", [])
     if acc:
         out += ["", f"Accuracy: relative L2 against float32 attention (XLA), B=1, S={ACCURACY_SEQ}, bf16 inputs:", ""]
@@ -302,7 +407,8 @@ def markdown(log: dict) -> list[str]:
 
 
 def stage_tests(out_dir, log, args):
-    log["tests"] = harness.run_pytest("tests/test_attention.py", args.tests_k)
+    log["tests"] = "; ".join(harness.run_pytest(path, args.tests_k)
+                             for path in ("tests/test_attention.py", "tests/test_attention_quantize.py"))
 
 
 def stage_bench(out_dir, log, args):

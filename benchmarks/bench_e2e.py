@@ -16,6 +16,8 @@ no two frameworks sharing the GPU):
   jax_w4a4_pallas_gelu       the same with only the GELUs fused
   jax_w4a4_pallas_epilogue  the same with FLUX's gated residuals in the W4A4 GEMMs' epilogues
                    (flux_flax.fuse_gated_residuals)
+  jax_w4a4_pallas_sage8, jax_bf16_sage8  jax_w4a4_pallas_gelu / jax_bf16 with the 8-bit "sage8"
+                   attention (its Q/K/V quantized where they are made; flux_flax.set_attention)
 A step is one transformer forward (FLUX.1-dev config; random weights made on the GPU, or real
 ones with --model DIR) at each size and batch, with 512 T5 tokens: median of --iters timed runs
 after warm-up (host clock around a synchronised call). Reported per variant and shape: step ms,
@@ -75,6 +77,10 @@ VARIANTS = harness.registry(
             options={"runner": "jax", "impl": "pallas", "producers": ("layernorm", "gelu")}),
     Variant("jax_w4a4_pallas_gelu", "flux_flax W4A4, Pallas kernels, GELUs fused into the quantizer", _JAX,
             options={"runner": "jax", "impl": "pallas", "producers": ("gelu",)}),
+    Variant("jax_w4a4_pallas_sage8", "flux_flax W4A4, Pallas kernels, GELUs fused, sage8 attention", _JAX,
+            options={"runner": "jax", "impl": "pallas", "producers": ("gelu",), "attention": "sage8"}),
+    Variant("jax_bf16_sage8", "flux_flax bf16, sage8 attention", _JAX,
+            options={"runner": "jax", "impl": None, "attention": "sage8"}),
 )
 # Ratio columns of the table, and the README's baseline (the first present in the same run).
 BASELINES = ("torch_eager", "torch_compile", "torch_fp8", "jax_bf16")
@@ -189,6 +195,7 @@ def jax_worker(args, variant: str) -> list[dict]:
     if args.fuse:
         flux_flax.fuse_projections(model)
     flux_flax.fuse_producers(model, producers)
+    flux_flax.set_attention(model, VARIANTS[variant].options.get("attention"))
     if VARIANTS[variant].options.get("gated_residuals"):
         flux_flax.fuse_gated_residuals(model)
     graphdef, state = nnx.split(model)
@@ -250,13 +257,14 @@ def step_inputs(config, size: int, batch: int) -> dict:
     )
 
 
-# Kernel name -> stage, first match wins (lower-case substrings). Mosaic GPU kernels are the W4A4
-# GEMMs (the only Mosaic kernels in the model); cuDNN's fused attention and cuBLAS's GEMMs name
-# themselves; everything else XLA emits (norms, modulation, RoPE, GELU, casts) is a fusion.
+# Kernel name -> stage, first match wins (lower-case substrings). Mosaic GPU kernels not named
+# otherwise are the W4A4 GEMMs; the attention kernels (flash_attention_*, their producer
+# attention_quantize_*), cuDNN's fused attention and cuBLAS's GEMMs name themselves; everything
+# else XLA emits (norms, modulation, RoPE, GELU, casts) is a fusion.
 STAGES = (
     ("rotate_quantize", ("rotate_quantize",)),
+    ("attention", ("cudnn", "fmha", "flash", "attn", "sdpa", "attention_quantize")),
     ("w4a4_gemm", ("mosaic", "w4a4", "kernel_body")),
-    ("attention", ("cudnn", "fmha", "flash", "attn", "sdpa")),
     ("cublas_gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),
 )
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Literal
 
 import jax
@@ -35,6 +36,11 @@ from convrot_jax.lora import LowRankFactors
 from convrot_jax.prologue import Prologue, apply_prologue, check_prologue, kernel_arguments, produced_shape
 from convrot_jax.quant import QuantizedWeight, quantize_activation_reference
 from pallas_kernels.attention import attention as _attention_kernel
+from pallas_kernels.attention import attention_quantized as _attention_quantized
+from pallas_kernels.attention import default_config as _attention_config
+from pallas_kernels.attention_quantize import Projection, Stream  # noqa: F401  (re-exported for the model)
+from pallas_kernels.attention_quantize import fits as _streams_fit
+from pallas_kernels.attention_quantize import quantize_projections as _quantize_projections
 from pallas_kernels.rotate_quantize import rotate_quantize
 from pallas_kernels.w4a16_matmul import w4a16_matmul
 from pallas_kernels.w4a16_matmul_config import config_for as w4a16_config_for
@@ -47,6 +53,8 @@ EXACT_ATTENTION: tuple[str, ...] = ("cudnn", "xla")
 _ATTENTION_KERNELS = {"mosaic_bf16": ("bf16", jnp.int8), "sage8": ("sage8", jnp.int8),
                       "sage8_fp8": ("sage8", jnp.float8_e4m3fn), "sage_qk8": ("sage_qk8", jnp.int8)}
 ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = (*EXACT_ATTENTION, *_ATTENTION_KERNELS)
+# the kernels whose operands `attention_from_projections` makes where q, k, v are produced (int8 QK)
+_PRODUCER_FUSED = ("sage8", "sage_qk8")
 
 
 @functools.cache
@@ -233,14 +241,47 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str) 
     (`pallas_kernels.attention`, Hopper only): "mosaic_bf16" (bf16 tensor cores), "sage8" (K's mean
     removed, int8 codes per query token and per block of 128 keys, fp8 P and V, float32
     accumulation), "sage8_fp8" (fp8 Q/K codes instead), "sage_qk8" (int8 Q/K codes, bf16 P and V).
-    Their Q/K/V quantization is XLA ops in the caller's jit (`pallas_kernels.attention.quantize_qkv`)."""
+    Their Q/K/V quantization is XLA ops in the caller's jit (`pallas_kernels.attention.quantize_qkv`);
+    `attention_from_projections` makes the int8 ones where q, k, v are produced instead."""
     check_attention_implementation(implementation)
     if implementation in EXACT_ATTENTION:
         return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    _require_hopper(implementation)
+    precision, qk_dtype = _ATTENTION_KERNELS[implementation]
+    return _attention_kernel(q, k, v, precision=precision, qk_dtype=qk_dtype)
+
+
+def _require_hopper(implementation: str) -> None:
     if not pallas_supported():
         raise RuntimeError(
             f"attention implementation {implementation!r} is a Pallas kernel for NVIDIA Hopper (sm_90) GPUs; this "
             f"device is {jax.devices()[0].device_kind!r}. Use 'cudnn' or 'xla'."
         )
-    precision, qk_dtype = _ATTENTION_KERNELS[implementation]
-    return _attention_kernel(q, k, v, precision=precision, qk_dtype=qk_dtype)
+
+
+def fuses_attention_producer(implementation: str, stream_lengths: Sequence[int]) -> bool:
+    """Whether `attention_from_projections` runs `implementation` on streams of these lengths:
+    the int8-QK kernels ("sage8", "sage_qk8"; `pallas_kernels.attention_quantize` makes int8
+    codes), every stream but the last whole KV blocks."""
+    if implementation not in _PRODUCER_FUSED:
+        return False
+    precision, _ = _ATTENTION_KERNELS[implementation]
+    return _streams_fit(stream_lengths, _attention_config(precision))
+
+
+def attention_from_projections(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, *, heads: int, eps: float,
+                               implementation: str) -> jax.Array:
+    """Attention over the joint sequence [stream 0, stream 1, ...] made from the streams' bf16
+    q/k/v projections (`pallas_kernels.attention_quantize.Stream`): q and k RMSNorm-ed per head
+    (eps, each stream's weights) and rotated by RoPE (cos, sin (S, D)), then softmax(q k^T /
+    sqrt(D)) v, (B, S, H, D) in the projections' dtype. The 8-bit operands are made where q, k, v
+    are produced (one producer pass reading the projections, no bf16 q or k in HBM), then the
+    kernel; `fuses_attention_producer` says which implementations and streams."""
+    if not fuses_attention_producer(implementation, [s.q.array.shape[1] for s in streams]):
+        raise ValueError(f"attention implementation {implementation!r} on streams of "
+                         f"{[s.q.array.shape[1] for s in streams]} tokens has no fused producer "
+                         f"(fuses_attention_producer)")
+    _require_hopper(implementation)
+    precision, _ = _ATTENTION_KERNELS[implementation]
+    qkv = _quantize_projections(streams, cos, sin, heads=heads, eps=eps, pv_fp8=precision == "sage8")
+    return _attention_quantized(qkv, seq=cos.shape[0], out_dtype=streams[0].q.array.dtype)

@@ -266,14 +266,6 @@ def gated_residual(layer: nnx.Module, x: jax.Array, residual: jax.Array, gate: j
     return residual + gate[:, None] * layer(x)
 
 
-def project(x: jax.Array, fused: nnx.Module | None, *layers: nnx.Module | None) -> list[jax.Array]:
-    """x through equally wide projections: their `fused` layer (all outputs concatenated), split
-    back at static sizes, when there is one, else each layer in turn."""
-    if fused is not None:
-        return jnp.split(fused(x), len(layers), axis=-1)
-    return [layer(x) for layer in layers]
-
-
 def attention_implementation(dtype: Dtype, requested: str | None) -> str:
     """The attention implementation (`convrot_jax.ops.ATTENTION_IMPLEMENTATIONS`). By default the
     exact one: cuDNN flash attention on a GPU for 16-bit inputs, XLA otherwise (jax's `None`
@@ -297,14 +289,14 @@ class FluxAttention(nnx.Module):
 
     `to_qkv` and `to_added_qkv` (diffusers' names) stay None until `flux_flax.fuse_projections`
     replaces each stream's three projections by one layer with their outputs concatenated; the
-    forward then runs one GEMM per stream and splits its output.
+    forward then runs one GEMM per stream and reads q, k, v as column ranges of its output.
     """
 
     def __init__(self, query_dim: int, heads: int, dim_head: int, *, added_kv_proj_dim: int | None = None,
                  pre_only: bool = False, eps: float = 1e-6, attention_impl: str | None = None, dtype: Dtype,
                  rngs: nnx.Rngs):
         inner = heads * dim_head
-        self.head_dim = dim_head
+        self.heads, self.head_dim = heads, dim_head
         self.attention_impl = attention_impl
         self.norm_q = RMSNorm(dim_head, eps=eps, dtype=dtype)
         self.norm_k = RMSNorm(dim_head, eps=eps, dtype=dtype)
@@ -331,7 +323,8 @@ class FluxAttention(nnx.Module):
 
     def __call__(self, hidden_states: jax.Array | None, encoder_hidden_states: jax.Array | None = None,
                  image_rotary_emb: tuple[jax.Array, jax.Array] | None = None,
-                 qkv: Sequence[jax.Array] | None = None, added_qkv: Sequence[jax.Array] | None = None):
+                 qkv: jax.Array | Sequence[jax.Array] | None = None,
+                 added_qkv: jax.Array | Sequence[jax.Array] | None = None):
         """diffusers' forward: `attend`, then the output projections `to_out` and `to_add_out`
         (double-stream blocks; a single block's attention has none)."""
         out = self.attend(hidden_states, encoder_hidden_states, image_rotary_emb, qkv, added_qkv)
@@ -342,44 +335,69 @@ class FluxAttention(nnx.Module):
             hidden_states = module(hidden_states)
         return hidden_states, self.to_add_out(encoder_hidden_states)
 
+    def _projections(self, x: jax.Array | None, given: jax.Array | Sequence[jax.Array] | None,
+                     fused: nnx.Module | None, *layers: nnx.Module | None) -> list[ops.Projection]:
+        """A stream's q, k, v as (array, first column): `given` (one array holding [q | k | v] in its
+        first columns, e.g. a fused projection's output passed whole, or three arrays), else
+        computed from x (one GEMM when the projections are fused)."""
+        if given is None:
+            given = fused(x) if fused is not None else [layer(x) for layer in layers]
+        if isinstance(given, jax.Array):
+            return [ops.Projection(given, i * self.heads * self.head_dim) for i in range(3)]
+        return [ops.Projection(a, 0) for a in given]
+
     def attend(self, hidden_states: jax.Array | None, encoder_hidden_states: jax.Array | None = None,
                image_rotary_emb: tuple[jax.Array, jax.Array] | None = None,
-               qkv: Sequence[jax.Array] | None = None, added_qkv: Sequence[jax.Array] | None = None):
+               qkv: jax.Array | Sequence[jax.Array] | None = None,
+               added_qkv: jax.Array | Sequence[jax.Array] | None = None):
         """The attention before its output projections: (image, text) outputs with
         `encoder_hidden_states` (a double block then applies `to_out` and `to_add_out` itself, in
         its gated residuals), else the joint output. `qkv`: the image stream's query, key and
-        value projections when the caller made them (a fused single block's `to_qkv_mlp`, or
-        `to_qkv` with its producer fused); by default they are computed from `hidden_states`.
-        `added_qkv`: the same for the text stream (`encoder_hidden_states` then only gives the
-        text length)."""
-        query, key, value = qkv if qkv is not None else project(
-            hidden_states, self.to_qkv, self.to_q, self.to_k, self.to_v)
-        query = self.norm_q(self._heads(query))
-        key = self.norm_k(self._heads(key))
-        value = self._heads(value)
+        value projections when the caller made them: one array holding [q | k | v] in its first
+        columns (a fused projection's output, passed whole so that the 8-bit attention's producer
+        reads it without a copy of its slices) or three arrays; by default they are computed from
+        `hidden_states`. `added_qkv`: the same for the text stream (`encoder_hidden_states` then
+        only gives the text length).
 
+        With an 8-bit kernel implementation that quantizes its operands where they are made
+        (`convrot_jax.ops.fuses_attention_producer`: "sage8", "sage_qk8"), bf16 projections, RoPE,
+        whole blocks of text tokens and no sequence parallelism, the QK RMSNorm, RoPE, K's mean
+        and the 8-bit codes are one producer reading the projections
+        (`ops.attention_from_projections`); otherwise they run here in XLA ops."""
+        streams = [(self._projections(hidden_states, qkv, self.to_qkv, self.to_q, self.to_k, self.to_v),
+                    self.norm_q, self.norm_k)]
         if encoder_hidden_states is not None and self.added_kv_proj_dim is not None:
-            encoder_query, encoder_key, encoder_value = added_qkv if added_qkv is not None else project(
-                encoder_hidden_states, self.to_added_qkv, self.add_q_proj, self.add_k_proj, self.add_v_proj)
-            encoder_query = self.norm_added_q(self._heads(encoder_query))
-            encoder_key = self.norm_added_k(self._heads(encoder_key))
-            encoder_value = self._heads(encoder_value)
-            query = jnp.concatenate([encoder_query, query], axis=1)
-            key = jnp.concatenate([encoder_key, key], axis=1)
-            value = jnp.concatenate([encoder_value, value], axis=1)
+            streams.insert(0, (self._projections(encoder_hidden_states, added_qkv, self.to_added_qkv, self.add_q_proj,
+                                                 self.add_k_proj, self.add_v_proj),
+                               self.norm_added_q, self.norm_added_k))
+        dtype = streams[0][0][0].array.dtype
+        impl = attention_implementation(dtype, self.attention_impl)
+        lengths = [p[0].array.shape[1] for p, _, _ in streams]
+        if (image_rotary_emb is not None and dtype == jnp.bfloat16 and not sequence_parallel.active()
+                and ops.fuses_attention_producer(impl, lengths)):
+            hidden_states = ops.attention_from_projections(
+                [ops.Stream(*p, norm_q.weight[...], norm_k.weight[...]) for p, norm_q, norm_k in streams],
+                *image_rotary_emb, heads=self.heads, eps=self.norm_q.eps, implementation=impl)
+        else:
+            hidden_states = self._attention(streams, image_rotary_emb, impl)
+        hidden_states = hidden_states.reshape(*hidden_states.shape[:2], -1).astype(dtype)
 
+        if len(streams) == 1:
+            return hidden_states
+        text_len = lengths[0]
+        return hidden_states[:, text_len:], hidden_states[:, :text_len]
+
+    def _attention(self, streams, image_rotary_emb, impl: str) -> jax.Array:
+        """The unfused path: each stream's QK RMSNorm, the streams joined, RoPE, then the attention
+        implementation, (B, S, H, D) in and out; softmax in float32 in every implementation.
+        Sequence parallel, the call sees every token of a share of the heads
+        (`flux_flax.sequence_parallel`)."""
+        columns = lambda p: self._heads(p.array[..., p.column:p.column + self.heads * self.head_dim])
+        joined = [jnp.concatenate(xs, axis=1) if len(xs) > 1 else xs[0] for xs in zip(*[
+            (norm_q(columns(q)), norm_k(columns(k)), columns(v)) for (q, k, v), norm_q, norm_k in streams])]
+        query, key, value = joined
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb)
             key = apply_rotary_emb(key, image_rotary_emb)
-
-        # (B, S, H, D) layout in and out; softmax in float32 in every implementation. Sequence
-        # parallel, the call sees every token of a share of the heads (`flux_flax.sequence_parallel`).
-        impl = attention_implementation(query.dtype, self.attention_impl)
         attend = functools.partial(ops.attention, implementation=impl)
-        hidden_states = sequence_parallel.attention(attend, query, key, value)
-        hidden_states = hidden_states.reshape(*hidden_states.shape[:2], -1).astype(query.dtype)
-
-        if encoder_hidden_states is None:
-            return hidden_states
-        text_len = encoder_hidden_states.shape[1]
-        return hidden_states[:, text_len:], hidden_states[:, :text_len]
+        return sequence_parallel.attention(attend, query, key, value)

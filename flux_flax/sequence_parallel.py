@@ -77,6 +77,12 @@ def token_layout(layout: TokenLayout) -> Iterator[None]:
         _LAYOUT.reset(token)
 
 
+def active() -> bool:
+    """Whether a `token_layout` is set: the model runs sequence parallel (q, k, v hold this
+    device's tokens only)."""
+    return _LAYOUT.get() is not None
+
+
 def check_heads(heads: int, devices: int) -> None:
     """Raises a ValueError unless the attention heads divide over the sequence-parallel devices."""
     if heads % devices:

@@ -47,12 +47,13 @@ class Modulation:
 
 
 def _modulated_qkv(layer: nnx.Module | None, x: jax.Array, shift: jax.Array, scale: jax.Array,
-                   fused: frozenset[str]) -> list[jax.Array] | None:
-    """A stream's q, k, v from its fused projection `layer` of modulate(x) (the producer fused into
-    a W4A4 layer's quantization when "layernorm" is in `fused`); None without a fused layer."""
+                   fused: frozenset[str]) -> jax.Array | None:
+    """A stream's [q | k | v] (one array, unsplit: FluxAttention.attend reads its column ranges)
+    from its fused projection `layer` of modulate(x) (the producer fused into a W4A4 layer's
+    quantization when "layernorm" is in `fused`); None without a fused layer."""
     if layer is None:
         return None
-    return jnp.split(produce_linear(layer, x, LayerNormModulation(shift, scale), fused), 3, axis=-1)
+    return produce_linear(layer, x, LayerNormModulation(shift, scale), fused)
 
 
 def _feed_forward(ff: FeedForward, x: jax.Array, shift: jax.Array, scale: jax.Array, gate: jax.Array,
@@ -169,8 +170,7 @@ class FluxSingleTransformerBlock(nnx.Module):
         else:  # q, k, v are dim wide each (proj_out's K = dim + mlp), the MLP's input the rest.
             projected = produce_linear(self.to_qkv_mlp, hidden_states, LayerNormModulation(shift, scale),
                                        self.fused_producers)
-            attn_output = self.attn(None, image_rotary_emb=image_rotary_emb,
-                                    qkv=jnp.split(projected[..., :3 * dim], 3, axis=-1))
+            attn_output = self.attn(None, image_rotary_emb=image_rotary_emb, qkv=projected)  # its first 3 dim
             gelu = GeluTanh(dim, tail=projected, tail_from=3 * dim)
 
         # proj_out reads [attention, GELU(MLP)]: the GELU is its producer, on the features from dim on.

@@ -1,0 +1,305 @@
+"""The fused producer of the 8-bit attention's operands (`pallas_kernels.attention_quantize`) against
+the unfused path (`attention_quantize_reference.projections_reference` + `attention.quantize_qkv`).
+
+CPU: Mosaic GPU interpret mode at small shapes (two streams with a ragged last one, one stream read
+from a wider fused projection, q/k/v as separate arrays; block_kv 64 and 128); the CUDA lowering at
+FLUX's shapes. `gpu`: the real shapes on the H200.
+
+Bounds (attention_quantize_reference.py): V's codes and scales are the reference's bit for bit
+(same max, same formula). Q and K: every dequantized element within half a code step of the
+reference's value, plus `delta` (a bf16 rounding of the norm or of RoPE one unit away: the mean
+square is summed in another order), plus for K the bound on its mean; every scale within the
+largest delta of its row (Q) or block (K) / 127 of the reference's. A block scale doubled, a row's
+codes shifted or K's mean left in fail it (`test_check_catches_a_wrong_producer`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.attention import AttentionConfig, QuantizedQKV, block_scales_per_key, quantize_qkv
+from pallas_kernels.attention_quantize import Projection, Stream, quantize_projections
+from pallas_kernels.attention_quantize_reference import (bf16_flip_bounds, mean_bound, normed,
+                                                         projections_reference, rope)
+
+EPS = 1e-6
+LOG2E_OVER_SQRT_D = np.log2(np.e) / np.sqrt(128)
+SLACK = 1 + 2.0**-6  # the bounds' own float32 / first-order terms
+
+
+def _tables(seq: int, d: int, key) -> tuple[jax.Array, jax.Array]:
+    """RoPE tables with FLUX's shape: each angle repeated for its pair; the first 16 features at
+    angle 0 (FLUX's first axis, the constant position index), the rest random."""
+    angles = jax.random.uniform(key, (seq, d // 2), jnp.float32, 0, 40).at[:, :8].set(0)
+    return tuple(jnp.repeat(f(angles), 2, axis=-1) for f in (jnp.cos, jnp.sin))
+
+
+def _projection(key, batch: int, seq: int, heads: int, d: int, extra: int = 0) -> jax.Array:
+    """(B, S, 3 H D + extra) bf16 [q | k | v | extra]: a few large channels in q and k, and in k a
+    large value shared by every token (what K's mean removal is for)."""
+    boost = np.ones(d, np.float32)
+    boost[[1, 5, 9, 14]] = 5
+    bias = np.zeros(d, np.float32)
+    bias[[1, 5, 9, 14]] = 20
+    kq, kk, kv, ke = jax.random.split(key, 4)
+    shape = (batch, seq, heads, d)
+    q = jax.random.normal(kq, shape) * boost
+    k = jax.random.normal(kk, shape) * boost * 0.4 + bias
+    v = jax.random.normal(kv, shape) * 3
+    parts = [x.reshape(batch, seq, heads * d) for x in (q, k, v)] + [jax.random.normal(ke, (batch, seq, extra))]
+    return jnp.concatenate(parts, axis=-1).astype(jnp.bfloat16)
+
+
+def _weight(key, d: int) -> jax.Array:
+    return (1 + 0.2 * jax.random.normal(key, (d,))).astype(jnp.bfloat16)
+
+
+def _streams(kind: str, batch: int, lengths: tuple[int, ...], heads: int, d: int = 128) -> list[Stream]:
+    keys = jax.random.split(jax.random.key(sum(lengths) + batch), 3 * len(lengths))
+    out = []
+    for i, n in enumerate(lengths):
+        x = _projection(keys[3 * i], batch, n, heads, d, extra=256 if kind == "wide" else 0)
+        w = d * heads
+        if kind == "separate":  # three arrays, each read from column 0
+            q, k, v = (Projection(x[..., j * w:(j + 1) * w], 0) for j in range(3))
+        else:  # one fused projection output read whole
+            q, k, v = (Projection(x, j * w) for j in range(3))
+        out.append(Stream(q, k, v, _weight(keys[3 * i + 1], d), _weight(keys[3 * i + 2], d)))
+    return out
+
+
+def check_operands(got: QuantizedQKV, streams, cos, sin, heads: int, config: AttentionConfig) -> None:
+    """`got` against quantize_qkv on the unfused path's q, k, v, within the module docstring's bounds."""
+    qn, kn, _ = normed(streams, heads, EPS)
+    q, k, v = projections_reference(streams, cos, sin, heads=heads, eps=EPS)
+    ref = quantize_qkv(q, k, v, config=config, pv_fp8=got.v_t_codes is not None)
+    seq = q.shape[1]
+    f64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    for name in ("v_t_codes", "v_scale", "v_bf16"):
+        a, b = getattr(got, name), getattr(ref, name)
+        assert (a is None) == (b is None) and (a is None or np.array_equal(f64(a), f64(b))), name
+
+    delta_q, delta_k = bf16_flip_bounds(qn, q, cos, sin), bf16_flip_bounds(kn, k, cos, sin)
+    k64 = f64(k)
+    mean_ref = k64.mean(axis=1, keepdims=True)
+    slack_k = delta_k + mean_bound(delta_k, k)
+
+    per_token = lambda s: np.swapaxes(f64(s), 1, 2)[:, :seq, :, None]  # (B, H, s) -> (B, seq, H, 1)
+    q_scale, q_scale_ref = per_token(got.q_scale) / LOG2E_OVER_SQRT_D, per_token(ref.q_scale) / LOG2E_OVER_SQRT_D
+    k_scale = per_token(block_scales_per_key(got.k_scale, config.block_kv))
+
+    q_deq = f64(got.q_codes)[:, :seq] * q_scale
+    q_err = np.abs(q_deq - f64(q)) - (q_scale / 2 + delta_q) * SLACK
+    assert np.all(q_err <= 1e-30), f"{np.sum(q_err > 1e-30)} q elements past the bound"
+    q_row = delta_q.max(axis=-1, keepdims=True)
+    assert np.all(np.abs(q_scale - q_scale_ref) <= q_row / 127 * SLACK + 1e-30), "q scales"
+
+    k_deq = f64(got.k_codes)[:, :seq] * k_scale
+    k_err = np.abs(k_deq - (k64 - mean_ref)) - (k_scale / 2 + slack_k) * SLACK
+    assert np.all(k_err <= 1e-30), f"{np.sum(k_err > 1e-30)} k elements past the bound"
+    b, _, h, d = k64.shape
+    pad = lambda x: np.pad(x, ((0, 0), (0, got.k_codes.shape[1] - seq), (0, 0), (0, 0)))
+    k_block = pad(slack_k).reshape(b, -1, config.block_kv, h, d).max(axis=(2, 4))  # (B, blocks, H)
+    assert np.all(np.abs(f64(got.k_scale) - f64(ref.k_scale)) <= np.swapaxes(k_block, 1, 2) / 127 * SLACK), "k scales"
+
+    assert not np.any(f64(got.q_codes[:, seq:])) and not np.any(f64(got.k_codes[:, seq:]))
+    assert not np.any(f64(got.q_scale[..., seq:]))
+
+
+SMALL = AttentionConfig(block_kv=64, max_concurrent_steps=2)
+
+
+@pytest.mark.parametrize("kind, lengths, block_kv, pv_fp8", [
+    ("fused", (64, 136), 64, True),  # two streams, the last ragged (200 tokens -> 256)
+    ("fused", (128, 72), 128, True),  # two tiles a program
+    ("wide", (128,), 128, False),  # one stream from a wider array (FLUX's single blocks), bf16 V
+    ("separate", (64, 64), 64, True),  # q, k, v as three arrays, no padding; two batch rows
+])
+def test_matches_unfused_path(kind, lengths, block_kv, pv_fp8):
+    heads, config = 2, AttentionConfig(block_kv=block_kv, max_concurrent_steps=2)
+    streams = _streams(kind, 2 if kind == "separate" else 1, lengths, heads)
+    cos, sin = _tables(sum(lengths), 128, jax.random.key(7))
+    got = quantize_projections(streams, cos, sin, heads=heads, eps=EPS, config=config, pv_fp8=pv_fp8,
+                               interpret=True)
+    check_operands(got, streams, cos, sin, heads, config)
+
+
+def test_check_catches_a_wrong_producer():
+    """The bounds fail operands with a block scale doubled, one token's codes replaced by its
+    neighbour's, or K's mean left in."""
+    heads, lengths = 2, (64, 64)
+    streams = _streams("separate", 1, lengths, heads)
+    cos, sin = _tables(sum(lengths), 128, jax.random.key(8))
+    q, k, v = projections_reference(streams, cos, sin, heads=heads, eps=EPS)
+    good = quantize_qkv(q, k, v, config=SMALL)
+    check_operands(good, streams, cos, sin, heads, SMALL)
+    blocks = k.astype(jnp.float32).reshape(1, 2, 64, heads, 128)  # K's codes without its mean removed
+    plain_scale = jnp.max(jnp.abs(blocks), axis=(2, 4), keepdims=True) / 127
+    k_plain = dataclasses.replace(good, k_codes=jnp.round(blocks / plain_scale).astype(jnp.int8).reshape(k.shape),
+                                  k_scale=jnp.swapaxes(plain_scale[:, :, 0, :, 0], 1, 2))
+    wrong = [dataclasses.replace(good, k_scale=good.k_scale.at[0, 1, 1].multiply(2)),
+             dataclasses.replace(good, q_codes=good.q_codes.at[:, 5].set(good.q_codes[:, 6])),
+             k_plain]
+    for operands in wrong:
+        with pytest.raises(AssertionError):
+            check_operands(operands, streams, cos, sin, heads, SMALL)
+
+
+def test_reference_is_the_model_path():
+    """projections_reference computes what FluxAttention's unfused path computes (its RMSNorm
+    modules, the streams joined, apply_rotary_emb), bit for bit."""
+    from flax import nnx
+
+    from flux_flax.layers import RMSNorm, apply_rotary_emb
+
+    heads, lengths = 2, (64, 72)
+    streams = _streams("fused", 2, lengths, heads)
+    cos, sin = _tables(sum(lengths), 128, jax.random.key(9))
+    model = []
+    for s in streams:
+        norms = []
+        for w in (s.q_weight, s.k_weight):
+            norm = nnx.eval_shape(lambda: RMSNorm(128, eps=EPS, dtype=jnp.bfloat16))
+            norm.weight.set_value(w)
+            norms.append(norm)
+        cols = lambda p: p.array[..., p.column:p.column + heads * 128].reshape(*p.array.shape[:2], heads, 128)
+        model.append((norms[0](cols(s.q)), norms[1](cols(s.k)), cols(s.v)))
+    q, k, v = (jnp.concatenate(xs, axis=1) for xs in zip(*model))
+    want = (apply_rotary_emb(q, (cos, sin)), apply_rotary_emb(k, (cos, sin)), v)
+    got = projections_reference(streams, cos, sin, heads=heads, eps=EPS)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    assert np.array_equal(np.asarray(rope(q, cos, sin), np.float32), np.asarray(want[0], np.float32))
+
+
+def test_rejects_bad_streams():
+    heads = 2
+    streams = _streams("fused", 1, (64, 64), heads)
+    cos, sin = _tables(128, 128, jax.random.key(1))
+    call = functools.partial(quantize_projections, heads=heads, eps=EPS, config=AttentionConfig(), interpret=True)
+    with pytest.raises(ValueError, match="multiple of block_kv=128"):
+        call(streams, cos, sin)
+    f32 = streams[0]._replace(q=Projection(streams[0].q.array.astype(jnp.float32), 0))
+    with pytest.raises(ValueError, match="stream 0 q: want a bfloat16"):
+        call([f32], cos[:64], sin[:64])
+    with pytest.raises(ValueError, match="stream 0 v: columns"):
+        call([streams[0]._replace(v=Projection(streams[0].v.array, 3 * heads * 128 - 4))], cos[:64], sin[:64])
+    with pytest.raises(ValueError, match="stream 0 k: columns"):
+        call([streams[0]._replace(k=Projection(streams[0].k.array, 1))], cos[:64], sin[:64])
+    with pytest.raises(ValueError, match="RoPE tables"):
+        call(streams[:1], cos, sin)
+
+
+@pytest.mark.parametrize("batch, text, image, streams", [(1, 512, 4096, 2), (1, 512, 8192, 2), (4, 512, 4096, 2),
+                                                         (4, 512, 8192, 2), (1, 512, 4096, 1), (4, 512, 8192, 1)])
+def test_lowers_for_the_gpu(batch, text, image, streams, monkeypatch):
+    """At FLUX.1's shapes (24 heads of 128; a double block's text and image projections, or a
+    single block's one fused q/k/v/MLP projection), the producer's two kernels and the attention
+    kernel lower for CUDA from this machine."""
+    from pallas_kernels import tile_schedule
+    from pallas_kernels.attention import attention_quantized
+
+    monkeypatch.setattr(tile_schedule, "sm_count", lambda interpret: 132)
+    heads, d, seq = 24, 128, text + image
+    widths = [3 * heads * d] * 2 if streams == 2 else [7 * heads * d]
+    lengths = [text, image] if streams == 2 else [seq]
+
+    def run(*arrays):
+        *xs, w, cos, sin = arrays
+        ss = [Stream(*(Projection(x, j * heads * d) for j in range(3)), w[0], w[1]) for x in xs]
+        return attention_quantized(quantize_projections(ss, cos, sin, heads=heads, eps=EPS), seq=seq)
+
+    shapes = [jax.ShapeDtypeStruct((batch, n, c), jnp.bfloat16) for n, c in zip(lengths, widths)]
+    shapes += [jax.ShapeDtypeStruct((2, d), jnp.bfloat16)] + [jax.ShapeDtypeStruct((seq, d), jnp.float32)] * 2
+    text_ir = jax.jit(run).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    for name in ("attention_quantize_sums", "attention_quantize_codes"):
+        assert name in text_ir
+
+
+# ------------------------------------------------------------------------------------ GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths, heads", [((512, 4096), 24), ((512, 1000), 2)])
+def test_gpu_matches_unfused_path(lengths, heads):
+    """FLUX's 1024² joint sequence with all 24 heads, and a ragged image stream."""
+    config = AttentionConfig()
+    streams = _streams("fused", 1, lengths, heads)
+    cos, sin = _tables(sum(lengths), 128, jax.random.key(3))
+    got = quantize_projections(streams, cos, sin, heads=heads, eps=EPS)
+    check_operands(got, streams, cos, sin, heads, config)
+
+
+# ------------------------------------------------------------------------------------ in the model
+@pytest.mark.parametrize("impl", ["sage8", "sage_qk8"])
+def test_flux_attention_fuses_the_producer(impl, monkeypatch):
+    """FluxAttention (a double block's fused text and image projections, QK norm, RoPE) with a
+    sage implementation takes the fused producer (interpret mode standing in for the GPU): a
+    wiring check (the bounds are tested above). Its output must differ from exact XLA attention's
+    (the 8-bit kernel ran) by rounding only, and the producer must have run once."""
+    from flax import nnx
+
+    from convrot_jax import ops
+    from flux_flax.fusion import concatenate_linears
+    from flux_flax.layers import FluxAttention, FluxPosEmbed
+    from pallas_kernels import attention as kernels
+    from pallas_kernels import attention_quantize
+
+    calls = []
+
+    def producer(*args, **kwargs):
+        calls.append(kwargs["heads"])
+        return attention_quantize.quantize_projections(*args, **kwargs, interpret=True)
+
+    monkeypatch.setattr(ops, "pallas_supported", lambda: True)
+    monkeypatch.setattr(ops, "_quantize_projections", producer)
+    monkeypatch.setattr(ops, "_attention_quantized", functools.partial(kernels.attention_quantized, interpret=True))
+    attn = FluxAttention(256, 2, 128, added_kv_proj_dim=256, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    attn.to_qkv = concatenate_linears([attn.to_q, attn.to_k, attn.to_v])
+    attn.to_added_qkv = concatenate_linears([attn.add_q_proj, attn.add_k_proj, attn.add_v_proj])
+    ks = jax.random.split(jax.random.key(4), 3)
+    img = jax.random.normal(ks[0], (1, 72, 256), jnp.bfloat16)
+    txt = jax.random.normal(ks[1], (1, 128, 256), jnp.bfloat16)
+    ids = jnp.concatenate([jnp.zeros((128, 3)), jax.random.randint(ks[2], (72, 3), 0, 8).astype(jnp.float32)])
+    rope_tables = FluxPosEmbed(10000, (32, 48, 48))(ids)
+
+    def run(name):
+        attn.attention_impl = name
+        return np.concatenate([np.asarray(o, np.float64).ravel() for o in attn(img, txt, rope_tables)])
+
+    exact, ours = run("xla"), run(impl)
+    assert calls == [2]
+    error = np.linalg.norm(ours - exact) / np.linalg.norm(exact)
+    assert 1e-4 < error < 0.1
+
+
+def test_model_lowers_for_the_gpu(monkeypatch):
+    """A FLUX.1-dev-wide transformer (1 double + 1 single block, fused projections, bf16) with
+    sage8 attention at 1024² (512 text + 4096 image tokens) lowers for CUDA with the fused
+    producer in both blocks: the double block's two streams, the single block's q/k/v read from
+    its q/k/v/MLP projection."""
+    import re
+
+    from flax import nnx
+
+    from convrot_jax import ops
+    from flux_flax import FluxConfig, FluxTransformer2DModel, fuse_projections
+
+    monkeypatch.setattr(ops, "pallas_supported", lambda: True)
+    config = FluxConfig.dev(num_layers=1, num_single_layers=1)
+    model = nnx.eval_shape(lambda: fuse_projections(FluxTransformer2DModel(
+        config, dtype=jnp.bfloat16, attention_impl="sage8", rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(model)
+    s = jax.ShapeDtypeStruct
+    args = (s((1, 4096, 64), jnp.bfloat16), s((1, 512, 4096), jnp.bfloat16), s((1, 768), jnp.bfloat16),
+            s((1,), jnp.float32), s((4096, 3), jnp.float32), s((512, 3), jnp.float32), s((1,), jnp.float32))
+    hlo = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a)).trace(state, *args).lower(
+        lowering_platforms=("cuda",)).as_text()
+    for name in ("attention_quantize_sums", "attention_quantize_codes"):  # a dump name per launch: one a block
+        assert len(set(re.findall(rf"{name}_\d+", hlo))) == 2, name
+    assert "flash_attention_sage8" in hlo
