@@ -77,7 +77,7 @@ from pallas_kernels.int4_unpack import check_weight_operands, unpack_tile
 from pallas_kernels.smem import swizzle_transforms
 from pallas_kernels.tile_schedule import TileSchedule, sm_count, tile_coords, tile_schedule
 from pallas_kernels.w4a4_matmul_config import W4A4MatmulConfig, config_for
-from pallas_kernels.w4a4_matmul_reference import check_gated_residual
+from pallas_kernels.w4a4_matmul_reference import check_gated_residual, check_lora_operands
 
 
 class _Plan(NamedTuple):
@@ -91,6 +91,11 @@ class _Plan(NamedTuple):
     int32_out: bool  # the test-only variant (`w4a4_matmul_int32`): raw int32 sums, no dequantize
     interpret: bool
     tiles_per_image: int  # gated residual: m tiles of one image (each image's rows are whole tiles)
+    lora_rank: int  # LoRA: the rank padded to whole chunks of config.lora_chunk; 0: no LoRA
+
+    @property
+    def lora_chunks(self) -> int:
+        return self.lora_rank // self.config.lora_chunk
 
     @property
     def in_regs(self) -> bool:
@@ -134,11 +139,16 @@ class _Refs(NamedTuple):
     bias: object | None  # float32 (N,) gmem
     gate: object | None  # float32 (B, N) gmem: the gated residual's per-image gates
     res: object | None  # (M, N) gmem, the output's dtype: the gated residual's residual
+    h: object | None  # bf16 (M, rank) gmem: the LoRA down-projection ((x A^T) * s)
+    up: object | None  # bf16 (N, rank) gmem: the LoRA up-projection B
     out: object  # (M, N), or (N, M) for the registers form's int32 variant, gmem
     ws: object | None  # int32 split-tile workspace (splits, tail tiles, 2, *acc_shape), gmem
     w8: object | None  # int8 (2, 2, tile_n, tile_k) unpacked-weight slots, smem (smem form)
     out_smem: object  # (2, slots, *epilogue tile) output staging (with a residual: its tiles too), smem
     res_barriers: object | None  # (2 * slots,) the residual tiles' TMA barriers, warpgroup-major
+    lora_h: object | None  # (2, tile_m, lora_chunk) a warpgroup's chunk of its h tile, smem
+    lora_up: object | None  # (2, tile_n, lora_chunk) a warpgroup's chunk of its B tile, smem
+    lora_barriers: object | None  # (4,) their TMA barriers: 2 * warpgroup + (0: h, 1: B)
 
 
 class _Tile(NamedTuple):
@@ -152,17 +162,21 @@ class _Tile(NamedTuple):
 
 
 def dequantize(acc: jax.Array, x_scales: Callable[[], jax.Array], w_scales: Callable[[], jax.Array] | None,
-               bias: Callable[[], jax.Array] | None, gate: Callable[[], jax.Array] | None = None) -> jax.Array:
-    """The epilogue's arithmetic, float32: acc * s_x * s_w (+ bias) (* gate), in this order (the
-    reference's; the gated residual then adds its residual to this, `add_residual`). Each operand
-    is a function returning it broadcast to acc's shape, called right before its use (in the
-    kernel, that is where it is loaded). w_scales None: already applied (per-group scales fold
-    them in the main loop); bias, gate None: none."""
+               bias: Callable[[], jax.Array] | None, gate: Callable[[], jax.Array] | None = None,
+               lora: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+    """The epilogue's arithmetic, float32: acc * s_x * s_w (+ bias) (+ h B^T) (* gate), in this
+    order (the reference's; the gated residual then adds its residual to this, `add_residual`).
+    Each operand is a function returning it broadcast to acc's shape, called right before its use
+    (in the kernel, that is where it is loaded); `lora` maps the sum so far to it plus the LoRA
+    up-projection h B^T (accumulated onto it in float32). w_scales None: already applied
+    (per-group scales fold them in the main loop); bias, gate, lora None: none."""
     acc = acc * x_scales()
     if w_scales is not None:
         acc = acc * w_scales()
     if bias is not None:
         acc = acc + bias()
+    if lora is not None:
+        acc = lora(acc)
     if gate is not None:
         acc = acc * gate()
     return acc
@@ -265,6 +279,13 @@ def _prefetch_residual(plan: _Plan, refs: _Refs, tile: _Tile) -> None:
                                 refs.res_barriers.at[tile.wg * refs.out_smem.shape[1] + j])
 
 
+def _prefetch_lora(plan: _Plan, refs: _Refs, tile: _Tile) -> None:
+    """Before a tile's main loop: its first LoRA rank chunk (the previous tile's epilogue MMAs,
+    waited for, are done with the slots)."""
+    if refs.h is not None:
+        _load_lora_chunk(plan, refs, tile, 0)
+
+
 def _residual_tile(plan: _Plan, refs: _Refs, tile: _Tile, j: int) -> jax.Array:
     """Epilogue tile j's residual (prefetched into its slot) in the accumulator's orientation."""
     plgpu.barrier_wait(refs.res_barriers.at[tile.wg * refs.out_smem.shape[1] + j])
@@ -274,6 +295,40 @@ def _residual_tile(plan: _Plan, refs: _Refs, tile: _Tile, j: int) -> jax.Array:
     # The registers form's accumulator is (N, M): a transposing load (ldmatrix .trans); interpret
     # mode cannot load through a .T view.
     return smem[...].T if plan.interpret else smem.T[...]
+
+
+def _load_lora_chunk(plan: _Plan, refs: _Refs, tile: _Tile, j: int) -> None:
+    """TMA loads of rank chunk j of this warpgroup's h rows and B rows into its LoRA slots (the
+    first when the tile's main loop starts, so the epilogue finds it there)."""
+    c = plan.config.lora_chunk
+    ranks = pl.ds(j * c, c)
+    plgpu.copy_gmem_to_smem(refs.h.at[pl.ds(tile.m0, plan.config.tile_m), ranks], refs.lora_h.at[tile.wg],
+                            refs.lora_barriers.at[2 * tile.wg])
+    plgpu.copy_gmem_to_smem(refs.up.at[pl.ds(tile.wg_n0, plan.config.tile_n), ranks], refs.lora_up.at[tile.wg],
+                            refs.lora_barriers.at[2 * tile.wg + 1])
+
+
+def _add_lora(plan: _Plan, refs: _Refs, tile: _Tile, y: jax.Array) -> jax.Array:
+    """y + h_tile B_tile^T, float32: bf16 wgmmas accumulating onto y (in registers, no second
+    accumulator), one per rank chunk (chunk 0 prefetched; each later one loaded once the previous
+    MMA has read the slots)."""
+    h_slot, up_slot = refs.lora_h.at[tile.wg], refs.lora_up.at[tile.wg]
+
+    def mma(acc_ref):
+        for j in range(plan.lora_chunks):
+            if j:
+                _load_lora_chunk(plan, refs, tile, j)
+            plgpu.barrier_wait(refs.lora_barriers.at[2 * tile.wg])
+            plgpu.barrier_wait(refs.lora_barriers.at[2 * tile.wg + 1])
+            if plan.in_regs:  # acc (N, M) = B (tile_n, r) . h^T
+                plgpu.wgmma(acc_ref, up_slot, h_slot.T)
+            else:  # acc (M, N) = h (tile_m, r) . B^T
+                plgpu.wgmma(acc_ref, h_slot, up_slot.T)
+            plgpu.wgmma_wait(0)  # the slots are read: the next chunk may overwrite them
+
+    if plan.interpret:  # interpret mode has no run_state: a fresh accumulator, added
+        return y + pl.run_scoped(lambda acc_ref: (mma(acc_ref), acc_ref[...])[1], plgpu.ACC(y.shape, jnp.float32))
+    return pl.run_state(mma)(plgpu.ACC.init(y))
 
 
 def _store_tile(plan: _Plan, refs: _Refs, tile: _Tile, values: jax.Array) -> None:
@@ -309,8 +364,8 @@ def _store_tile(plan: _Plan, refs: _Refs, tile: _Tile, values: jax.Array) -> Non
 
 
 def _epilogue(plan: _Plan, refs: _Refs, tile: _Tile, acc: jax.Array) -> None:
-    """float32 acc (`acc_shape`) -> `dequantize` with this tile's scales, bias and gate -> the
-    output (+ residual)."""
+    """float32 acc (`acc_shape`) -> `dequantize` with this tile's scales, bias, LoRA term and
+    gate -> the output (+ residual)."""
     shape = plan.acc_shape
     columns = pl.ds(tile.wg_n0, plan.config.tile_n)
 
@@ -323,7 +378,8 @@ def _epilogue(plan: _Plan, refs: _Refs, tile: _Tile, acc: jax.Array) -> None:
         y = dequantize(acc, along(refs.sx, pl.ds(tile.m0, plan.config.tile_m), plan.m_dim),
                        None if plan.grouped else along(refs.sw, columns, plan.n_dim),
                        None if refs.bias is None else along(refs.bias, columns, plan.n_dim),
-                       None if refs.gate is None else along(refs.gate.at[image], columns, plan.n_dim))
+                       None if refs.gate is None else along(refs.gate.at[image], columns, plan.n_dim),
+                       None if refs.h is None else functools.partial(_add_lora, plan, refs, tile))
         _store_tile(plan, refs, tile, y)
 
 
@@ -377,6 +433,7 @@ def _run_tile(plan: _Plan, refs: _Refs, allocs, wg: jax.Array, lin: jax.Array, s
         def compute_context(eval_pipeline):
             if piece is None:
                 _prefetch_residual(plan, refs, tile)
+                _prefetch_lora(plan, refs, tile)
 
             @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(plan.acc_shape, jnp.int32))
             def _acc_scope(acc_ref):
@@ -394,6 +451,7 @@ def _run_tile(plan: _Plan, refs: _Refs, allocs, wg: jax.Array, lin: jax.Array, s
 
         def compute_context(eval_pipeline):
             _prefetch_residual(plan, refs, tile)
+            _prefetch_lora(plan, refs, tile)
             facc = eval_pipeline(jnp.zeros(plan.acc_shape, jnp.float32))
             _epilogue(plan, refs, tile, facc)
 
@@ -438,7 +496,7 @@ def _run_program(plan: _Plan, refs: _Refs, allocs) -> None:
                 plgpu.barrier_wait(consumed.at[slot])
 
 
-def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, out_gmem, ws_gmem, *,
+def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, h_gmem, up_gmem, out_gmem, ws_gmem, *,
             plan: _Plan) -> None:
     """Allocates the pipeline's stage ring and the shared-memory scratch, then runs the program."""
     cfg = plan.config
@@ -448,6 +506,8 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, ou
     out_slots = _out_slots(cfg, res_gmem is not None)
     out_transforms = swizzle_transforms(out_tile[1], jnp.dtype(out_gmem.dtype).itemsize)
     ignore = lambda *_, **__: None  # allocations do not depend on the bodies
+    lora = h_gmem is not None
+    lora_transforms = swizzle_transforms(cfg.lora_chunk, 2)
 
     @functools.partial(
         pl.run_scoped,
@@ -458,18 +518,21 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, ou
             (2, 2, tn, tk), jnp.int8, transforms=swizzle_transforms(tk)),
         out_smem=plgpu.SMEM((2, out_slots, *out_tile), out_gmem.dtype, transforms=out_transforms),
         res_barriers=None if res_gmem is None else plgpu.Barrier(num_barriers=2 * out_slots),
+        lora_h=plgpu.SMEM((2, cfg.tile_m, cfg.lora_chunk), jnp.bfloat16, transforms=lora_transforms) if lora else None,
+        lora_up=plgpu.SMEM((2, tn, cfg.lora_chunk), jnp.bfloat16, transforms=lora_transforms) if lora else None,
+        lora_barriers=plgpu.Barrier(num_barriers=4) if lora else None,
         collective_axes="wg",
     )
-    def _scope(pipeline_allocs, w8_smem, out_smem, res_barriers):
-        refs = _Refs(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, out_gmem, ws_gmem, w8_smem,
-                     out_smem, res_barriers)
+    def _scope(pipeline_allocs, w8_smem, out_smem, res_barriers, lora_h, lora_up, lora_barriers):
+        refs = _Refs(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, h_gmem, up_gmem, out_gmem,
+                     ws_gmem, w8_smem, out_smem, res_barriers, lora_h, lora_up, lora_barriers)
         _run_program(plan, refs, pipeline_allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 def _check_operands(x_codes, x_scales, w_packed, w_scales, bias, scale_group, gate=None, residual=None,
-                    out_dtype=None) -> None:
+                    out_dtype=None, lora_h=None, lora_up=None) -> None:
     """Raises ValueError naming the operand and shape at fault."""
     if x_codes.ndim != 2 or w_packed.ndim != 2 or x_codes.shape[1] != 2 * w_packed.shape[1]:
         raise ValueError(f"x_codes (M, K) {x_codes.shape} and w_packed (N, K/2) {w_packed.shape} do not match")
@@ -483,20 +546,23 @@ def _check_operands(x_codes, x_scales, w_packed, w_scales, bias, scale_group, ga
     check_gated_residual(m, n, gate, residual)
     if residual is not None and residual.dtype != jnp.dtype(out_dtype):
         raise ValueError(f"residual dtype {residual.dtype} must be the output dtype {jnp.dtype(out_dtype)}")
+    check_lora_operands(m, n, lora_h, lora_up)
 
 
 # The shared memory a CTA may use on Hopper (227 KiB), less room for the barriers.
 _SMEM_BYTES = 227 * 1024 - 1024
 
 
-def _stages_that_fit(cfg: W4A4MatmulConfig, out_itemsize: int) -> W4A4MatmulConfig:
+def _stages_that_fit(cfg: W4A4MatmulConfig, out_itemsize: int, residual: bool, lora: bool) -> W4A4MatmulConfig:
     """`cfg` with its pipeline shortened, one stage at a time, until the stage ring, the smem
-    form's unpacked-weight slots and the gated residual's output staging (a slot per epilogue
-    tile, `_out_slots`) fit in shared memory. The shipped configs fit at full depth."""
+    form's unpacked-weight slots, the output staging (with a residual a slot per epilogue tile,
+    `_out_slots`) and the LoRA chunk slots fit in shared memory. The shipped configs fit at full
+    depth without a LoRA."""
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
     stage = tm * tk + 2 * tn * tk // 2
-    staging = 2 * _out_slots(cfg, True) * cfg.epi_tile_m * cfg.epi_tile_n * out_itemsize  # both warpgroups
-    fixed = (2 * 2 * tn * tk if cfg.weight_operand == "smem" else 0) + staging
+    staging = 2 * _out_slots(cfg, residual) * cfg.epi_tile_m * cfg.epi_tile_n * out_itemsize  # both warpgroups
+    lora_slots = 2 * (tm + tn) * cfg.lora_chunk * 2 if lora else 0  # bf16, both warpgroups
+    fixed = (2 * 2 * tn * tk if cfg.weight_operand == "smem" else 0) + staging + lora_slots
     stages = cfg.max_concurrent_steps
     while stages > 2 and fixed + stages * stage > _SMEM_BYTES:
         stages -= 1
@@ -520,10 +586,10 @@ def _unpad_images(a: jax.Array, images: int, rows: int) -> jax.Array:
     return a.reshape(images, padded, *a.shape[1:])[:, :rows].reshape(images * rows, *a.shape[1:])
 
 
-def _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, *, scale_group, out_dtype, config, int32_out,
-          interpret) -> jax.Array:
-    """Pads each image's rows to whole tiles (all of M as one image without a gate), plans the
-    schedule, runs the kernel and finishes the split tiles."""
+def _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, lora_h, lora_up, *, scale_group, out_dtype,
+          config, int32_out, interpret) -> jax.Array:
+    """Pads each image's rows to whole tiles (all of M as one image without a gate) and the LoRA
+    rank to whole chunks, plans the schedule, runs the kernel and finishes the split tiles."""
     m, k = x_codes.shape
     n = w_packed.shape[0]
     cfg = config or config_for(m, n, k, scale_group)
@@ -534,8 +600,9 @@ def _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, *, scale_
 
     if int32_out:  # int32 output staging is twice the bf16 one: one stage less fits in smem.
         cfg = dataclasses.replace(cfg, max_concurrent_steps=min(cfg.max_concurrent_steps, 3))
-    if residual is not None:  # a staging slot per epilogue tile
-        cfg = _stages_that_fit(cfg, jnp.dtype(out_dtype).itemsize)
+    lora = lora_h is not None
+    if residual is not None or lora:  # a staging slot per epilogue tile; the LoRA chunk slots
+        cfg = _stages_that_fit(cfg, jnp.dtype(out_dtype).itemsize, residual is not None, lora)
     # The gated residual: row r belongs to image r // (M / B). Padding each image to whole tiles
     # gives every tile one image (one gate row); FLUX's token counts are whole tiles already.
     images = 1 if gate is None else gate.shape[0]
@@ -551,7 +618,14 @@ def _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, *, scale_
     b = None if bias is None or int32_out else bias.astype(jnp.float32)
     g = None if gate is None else gate.astype(jnp.float32)
     res = None if residual is None else _pad_images(residual, images, tiles_per_image * cfg.tile_m)
-    operands = [x_codes, w_packed, sx, sw, b, g, res]
+    # LoRA: zero rank columns up to whole chunks (exact: they add zero products).
+    lora_rank = 0 if not lora else -(-lora_h.shape[1] // cfg.lora_chunk) * cfg.lora_chunk
+    h = up = None
+    if lora:
+        h = jnp.pad(_pad_images(lora_h, images, tiles_per_image * cfg.tile_m),
+                    ((0, 0), (0, lora_rank - lora_h.shape[1])))
+        up = jnp.pad(lora_up, ((0, 0), (0, lora_rank - lora_up.shape[1])))
+    operands = [x_codes, w_packed, sx, sw, b, g, res, h, up]
     present = [a is not None for a in operands]
 
     out_nm = _int32_output_transposed(cfg, int32_out)
@@ -562,7 +636,7 @@ def _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, *, scale_
     if schedule.splits > 1:
         out_types.append(jax.ShapeDtypeStruct((schedule.splits, schedule.tail_tiles, 2, *_acc_shape(cfg)), jnp.int32))
     plan = _Plan(cfg, schedule, tiles, k // cfg.tile_k, scale_group is not None, int32_out, interpret,
-                 tiles_per_image)
+                 tiles_per_image, lora_rank)
 
     def kernel(*refs):
         it = iter(refs)
@@ -582,18 +656,19 @@ def _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, *, scale_
     )
     y, *ws = f(*[a for a in operands if a is not None])
     if ws:
-        y = _add_split_tiles(y, ws[0], sx, sw, b, g, res, config=cfg, schedule=schedule, tiles=tiles,
+        y = _add_split_tiles(y, ws[0], sx, sw, b, g, res, h, up, config=cfg, schedule=schedule, tiles=tiles,
                              tiles_per_image=tiles_per_image, out_nm=out_nm, int32_out=int32_out)
     y = y.T if out_nm else y
     return _unpad_images(y, images, tokens)
 
 
-def _add_split_tiles(y, ws, x_scales, w_scales, bias, gate, residual, *, config: W4A4MatmulConfig,
+def _add_split_tiles(y, ws, x_scales, w_scales, bias, gate, residual, lora_h, lora_up, *, config: W4A4MatmulConfig,
                      schedule: TileSchedule, tiles: tuple[int, int], tiles_per_image: int, out_nm: bool,
                      int32_out: bool) -> jax.Array:
     """Finishes the tail tiles that the kernel computed as K pieces (`TileSchedule`): adds the
     pieces' int32 partial sums (exact), dequantizes them with the kernel epilogue's `dequantize`
-    and `add_residual` (the int32 variant: not at all) and writes them into y with one scatter."""
+    (LoRA term included: a float32 product of the tiles' h rows and B rows) and `add_residual`
+    (the int32 variant: not at all) and writes them into y with one scatter."""
     tm, cta_n = config.tile_m, 2 * config.tile_n
     acc = ws.sum(0, dtype=jnp.int32)  # (tail, warpgroup, *acc_shape)
     order = (0, 3, 1, 2) if config.weight_operand == "registers" else (0, 2, 1, 3)
@@ -607,9 +682,15 @@ def _add_split_tiles(y, ws, x_scales, w_scales, bias, gate, residual, *, config:
             """Each tail tile's columns of the (R, N) per-column rows `v` (row `rows` of them)."""
             return v.reshape(v.shape[0], -1, cta_n)[rows, ni][:, None, :]
 
+        def lora(v: jax.Array) -> jax.Array:
+            h = lora_h.reshape(-1, tm, lora_h.shape[1])[mi]  # (tail, tm, r)
+            up = lora_up.reshape(-1, cta_n, lora_up.shape[1])[ni]  # (tail, cta_n, r)
+            return v + jnp.einsum("tmr,tnr->tmn", h, up, preferred_element_type=jnp.float32)
+
         vals = dequantize(acc.astype(jnp.float32), lambda: x_scales.reshape(-1, tm)[mi][:, :, None],
                           lambda: columns(w_scales[None]), None if bias is None else lambda: columns(bias[None]),
-                          None if gate is None else lambda: columns(gate, mi // tiles_per_image))
+                          None if gate is None else lambda: columns(gate, mi // tiles_per_image),
+                          None if lora_h is None else lora)
         if residual is not None:
             vals = add_residual(vals, residual.reshape(tiles[0], tm, tiles[1], cta_n)[mi, :, ni])
         vals = vals.astype(y.dtype)
@@ -635,25 +716,32 @@ def w4a4_matmul(
     *,
     gate: jax.Array | None = None,
     residual: jax.Array | None = None,
+    lora_h: jax.Array | None = None,
+    lora_up: jax.Array | None = None,
     scale_group: int | None = None,
     out_dtype: jnp.dtype = jnp.bfloat16,
     config: W4A4MatmulConfig | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """(M, N) = (x_codes . unpack(w_packed)^T) * x_scales[:, None] * w_scales (+ bias), or with
-    the gated residual residual + gate[m // (M / B)] * (that), in float32 with one rounding.
+    """(M, N) = (x_codes . unpack(w_packed)^T) * x_scales[:, None] * w_scales (+ bias)
+    (+ lora_h . lora_up^T), or with the gated residual residual + gate[m // (M / B)] * (that), in
+    float32 with one rounding.
 
     x_codes: int8 (M, K) in [-8, 7]; x_scales: float32 (M,); w_packed: uint8 (N, K/2), low
     nibble = even k; w_scales: float32 (N,), or (N, K / scale_group) with `scale_group`; bias:
     (N,) or None. gate (B, N) and residual (M, N) in out_dtype, both or neither: the rows are B
     images of M / B tokens, row m takes gate row m // (M / B) (FLUX's gated residual after its
     output projections and MLPs); the epilogue applies them (TMA-loading the residual tiles while
-    the main loop runs), so no elementwise pass follows. config: default `config_for(M, N, K,
-    scale_group)`. interpret: Mosaic GPU interpret mode (CPU tests).
+    the main loop runs), so no elementwise pass follows. lora_h (M, r) and lora_up (N, r), bf16,
+    both or neither: a LoRA branch's down-projection ((x A^T) * s, made where x is) and its B; the
+    epilogue adds their product (bf16 wgmmas, float32 accumulation onto the dequantized sum)
+    before the gate. config: default `config_for(M, N, K, scale_group)`. interpret: Mosaic GPU
+    interpret mode (CPU tests).
     """
-    _check_operands(x_codes, x_scales, w_packed, w_scales, bias, scale_group, gate, residual, out_dtype)
-    return _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, scale_group=scale_group,
-                 out_dtype=out_dtype, config=config, int32_out=False, interpret=interpret)
+    _check_operands(x_codes, x_scales, w_packed, w_scales, bias, scale_group, gate, residual, out_dtype, lora_h,
+                    lora_up)
+    return _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, lora_h, lora_up,
+                 scale_group=scale_group, out_dtype=out_dtype, config=config, int32_out=False, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
@@ -666,5 +754,6 @@ def w4a4_matmul_int32(
     m, n = x_codes.shape[0], w_packed.shape[0]
     x_scales, w_scales = jnp.ones((m,), jnp.float32), jnp.ones((n,), jnp.float32)  # unused by this variant
     _check_operands(x_codes, x_scales, w_packed, w_scales, None, None)
-    return _call(x_codes, x_scales, w_packed, w_scales, None, None, None, scale_group=None, out_dtype=jnp.int32,
+    return _call(x_codes, x_scales, w_packed, w_scales, None, None, None, None, None, scale_group=None,
+                 out_dtype=jnp.int32,
                  config=config, int32_out=True, interpret=interpret)
