@@ -29,7 +29,12 @@ Structure (Pallas Mosaic GPU, warp-specialised, after jax's `hopper_matmul_mgpu.
     shared memory and TMA. With FLUX's gated residual (gate=, residual=): (* gate) (+ residual,
     `add_residual`) before the one rounding; the residual's epilogue tiles are TMA-loaded into
     the output staging (a slot per epilogue tile) when the tile's main loop starts, so the
-    epilogue finds them there and writes each output tile over its residual tile.
+    epilogue finds them there and writes each output tile over its residual tile. With a LoRA
+    branch (lora_h = (x A^T) * s (M, r) and lora_up = B (N, r), bf16): + h B^T before the gate,
+    bf16 wgmmas accumulating onto the dequantized float32 tile, rank chunk by chunk
+    (`lora_chunk` columns; each warpgroup's tiles of h and B TMA-loaded into its own slots, the
+    first chunk while the main loop runs); a warpgroup tile multiplies only the chunks its B rows
+    have nonzeros in (`_lora_ranges`: a fused layer's members carry their own LoRAs).
   * schedule (`pallas_kernels.tile_schedule`): a persistent grid of one program per SM walks the
     output tiles in planar-snake order. In the registers form a program's pipelines chain: the
     memory warpgroup streams the next tile's first stages while the compute warpgroups run this
@@ -91,11 +96,6 @@ class _Plan(NamedTuple):
     int32_out: bool  # the test-only variant (`w4a4_matmul_int32`): raw int32 sums, no dequantize
     interpret: bool
     tiles_per_image: int  # gated residual: m tiles of one image (each image's rows are whole tiles)
-    lora_rank: int  # LoRA: the rank padded to whole chunks of config.lora_chunk; 0: no LoRA
-
-    @property
-    def lora_chunks(self) -> int:
-        return self.lora_rank // self.config.lora_chunk
 
     @property
     def in_regs(self) -> bool:
@@ -141,6 +141,7 @@ class _Refs(NamedTuple):
     res: object | None  # (M, N) gmem, the output's dtype: the gated residual's residual
     h: object | None  # bf16 (M, rank) gmem: the LoRA down-projection ((x A^T) * s)
     up: object | None  # bf16 (N, rank) gmem: the LoRA up-projection B
+    lora_ranges: object | None  # int32 (2 * N / tile_n,) gmem: each warpgroup N tile's [first, end) rank chunk
     out: object  # (M, N), or (N, M) for the registers form's int32 variant, gmem
     ws: object | None  # int32 split-tile workspace (splits, tail tiles, 2, *acc_shape), gmem
     w8: object | None  # int8 (2, 2, tile_n, tile_k) unpacked-weight slots, smem (smem form)
@@ -279,11 +280,23 @@ def _prefetch_residual(plan: _Plan, refs: _Refs, tile: _Tile) -> None:
                                 refs.res_barriers.at[tile.wg * refs.out_smem.shape[1] + j])
 
 
+def _lora_chunks(plan: _Plan, refs: _Refs, tile: _Tile) -> tuple[jax.Array, jax.Array]:
+    """[first, end) of the rank chunks this warpgroup's B rows have nonzeros in (`_lora_ranges`):
+    a fused layer's members carry their own LoRAs, so each N tile skips the others' chunks."""
+    t = 2 * (tile.wg_n0 // plan.config.tile_n)
+    return refs.lora_ranges[t], refs.lora_ranges[t + 1]
+
+
 def _prefetch_lora(plan: _Plan, refs: _Refs, tile: _Tile) -> None:
     """Before a tile's main loop: its first LoRA rank chunk (the previous tile's epilogue MMAs,
     waited for, are done with the slots)."""
-    if refs.h is not None:
-        _load_lora_chunk(plan, refs, tile, 0)
+    if refs.h is None:
+        return
+    first, end = _lora_chunks(plan, refs, tile)
+
+    @pl.when(first < end)
+    def _():
+        _load_lora_chunk(plan, refs, tile, first)
 
 
 def _residual_tile(plan: _Plan, refs: _Refs, tile: _Tile, j: int) -> jax.Array:
@@ -297,11 +310,11 @@ def _residual_tile(plan: _Plan, refs: _Refs, tile: _Tile, j: int) -> jax.Array:
     return smem[...].T if plan.interpret else smem.T[...]
 
 
-def _load_lora_chunk(plan: _Plan, refs: _Refs, tile: _Tile, j: int) -> None:
+def _load_lora_chunk(plan: _Plan, refs: _Refs, tile: _Tile, j: jax.Array) -> None:
     """TMA loads of rank chunk j of this warpgroup's h rows and B rows into its LoRA slots (the
     first when the tile's main loop starts, so the epilogue finds it there)."""
     c = plan.config.lora_chunk
-    ranks = pl.ds(j * c, c)
+    ranks = pl.ds(pl.multiple_of(j * c, c), c)
     plgpu.copy_gmem_to_smem(refs.h.at[pl.ds(tile.m0, plan.config.tile_m), ranks], refs.lora_h.at[tile.wg],
                             refs.lora_barriers.at[2 * tile.wg])
     plgpu.copy_gmem_to_smem(refs.up.at[pl.ds(tile.wg_n0, plan.config.tile_n), ranks], refs.lora_up.at[tile.wg],
@@ -310,14 +323,18 @@ def _load_lora_chunk(plan: _Plan, refs: _Refs, tile: _Tile, j: int) -> None:
 
 def _add_lora(plan: _Plan, refs: _Refs, tile: _Tile, y: jax.Array) -> jax.Array:
     """y + h_tile B_tile^T, float32: bf16 wgmmas accumulating onto y (in registers, no second
-    accumulator), one per rank chunk (chunk 0 prefetched; each later one loaded once the previous
-    MMA has read the slots)."""
+    accumulator), one per rank chunk of the tile (`_lora_chunks`; the first prefetched, each later
+    one loaded once the previous MMA has read the slots)."""
     h_slot, up_slot = refs.lora_h.at[tile.wg], refs.lora_up.at[tile.wg]
+    first, end = _lora_chunks(plan, refs, tile)
 
     def mma(acc_ref):
-        for j in range(plan.lora_chunks):
-            if j:
+        @pl.loop(first, end)
+        def _chunk(j):
+            @pl.when(j > first)
+            def _():
                 _load_lora_chunk(plan, refs, tile, j)
+
             plgpu.barrier_wait(refs.lora_barriers.at[2 * tile.wg])
             plgpu.barrier_wait(refs.lora_barriers.at[2 * tile.wg + 1])
             if plan.in_regs:  # acc (N, M) = B (tile_n, r) . h^T
@@ -496,8 +513,8 @@ def _run_program(plan: _Plan, refs: _Refs, allocs) -> None:
                 plgpu.barrier_wait(consumed.at[slot])
 
 
-def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, h_gmem, up_gmem, out_gmem, ws_gmem, *,
-            plan: _Plan) -> None:
+def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, h_gmem, up_gmem, ranges_gmem, out_gmem,
+            ws_gmem, *, plan: _Plan) -> None:
     """Allocates the pipeline's stage ring and the shared-memory scratch, then runs the program."""
     cfg = plan.config
     tn, tk = cfg.tile_n, cfg.tile_k
@@ -524,8 +541,8 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, h_
         collective_axes="wg",
     )
     def _scope(pipeline_allocs, w8_smem, out_smem, res_barriers, lora_h, lora_up, lora_barriers):
-        refs = _Refs(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, h_gmem, up_gmem, out_gmem,
-                     ws_gmem, w8_smem, out_smem, res_barriers, lora_h, lora_up, lora_barriers)
+        refs = _Refs(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, h_gmem, up_gmem, ranges_gmem,
+                     out_gmem, ws_gmem, w8_smem, out_smem, res_barriers, lora_h, lora_up, lora_barriers)
         _run_program(plan, refs, pipeline_allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -620,12 +637,13 @@ def _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, lora_h, l
     res = None if residual is None else _pad_images(residual, images, tiles_per_image * cfg.tile_m)
     # LoRA: zero rank columns up to whole chunks (exact: they add zero products).
     lora_rank = 0 if not lora else -(-lora_h.shape[1] // cfg.lora_chunk) * cfg.lora_chunk
-    h = up = None
+    h = up = ranges = None
     if lora:
         h = jnp.pad(_pad_images(lora_h, images, tiles_per_image * cfg.tile_m),
                     ((0, 0), (0, lora_rank - lora_h.shape[1])))
         up = jnp.pad(lora_up, ((0, 0), (0, lora_rank - lora_up.shape[1])))
-    operands = [x_codes, w_packed, sx, sw, b, g, res, h, up]
+        ranges = _lora_ranges(up, cfg.tile_n, cfg.lora_chunk)
+    operands = [x_codes, w_packed, sx, sw, b, g, res, h, up, ranges]
     present = [a is not None for a in operands]
 
     out_nm = _int32_output_transposed(cfg, int32_out)
@@ -636,7 +654,7 @@ def _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, lora_h, l
     if schedule.splits > 1:
         out_types.append(jax.ShapeDtypeStruct((schedule.splits, schedule.tail_tiles, 2, *_acc_shape(cfg)), jnp.int32))
     plan = _Plan(cfg, schedule, tiles, k // cfg.tile_k, scale_group is not None, int32_out, interpret,
-                 tiles_per_image, lora_rank)
+                 tiles_per_image)
 
     def kernel(*refs):
         it = iter(refs)
@@ -660,6 +678,19 @@ def _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, lora_h, l
                              tiles_per_image=tiles_per_image, out_nm=out_nm, int32_out=int32_out)
     y = y.T if out_nm else y
     return _unpad_images(y, images, tokens)
+
+
+def _lora_ranges(up: jax.Array, tile_n: int, chunk: int) -> jax.Array:
+    """int32 (2 * N / tile_n,): for each tile_n rows of B (N, r), r a multiple of `chunk`, the
+    [first, end) of the rank chunks holding its nonzeros ([0, 0): none). A fused layer's members
+    that carry their own LoRAs have a block-diagonal B (`flux_flax.lora`, member by member), so
+    each warpgroup tile multiplies only its member's chunks."""
+    n, r = up.shape
+    nonzero = (up.reshape(n // tile_n, tile_n, r // chunk, chunk) != 0).any(axis=(1, 3))
+    chunks = jnp.arange(r // chunk, dtype=jnp.int32)
+    first = jnp.min(jnp.where(nonzero, chunks, r // chunk), axis=1)
+    end = jnp.max(jnp.where(nonzero, chunks + 1, 0), axis=1)
+    return jnp.stack([jnp.minimum(first, end), end], axis=1).reshape(-1)
 
 
 def _add_split_tiles(y, ws, x_scales, w_scales, bias, gate, residual, lora_h, lora_up, *, config: W4A4MatmulConfig,

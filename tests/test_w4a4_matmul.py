@@ -18,7 +18,7 @@ import pytest
 
 from pallas_kernels.rounding import pack_int4
 from pallas_kernels.shapes import FLUX_LINEAR_SHAPES
-from pallas_kernels.w4a4_matmul import w4a4_matmul, w4a4_matmul_int32
+from pallas_kernels.w4a4_matmul import _lora_ranges, w4a4_matmul, w4a4_matmul_int32
 from pallas_kernels.w4a4_matmul_config import W4A4MatmulConfig
 from pallas_kernels.w4a4_matmul_reference import int_matmul_reference, w4a4_matmul_reference
 
@@ -284,6 +284,41 @@ def test_interpret_lora_scale_zero_is_the_base_output(weight_operand):
     y = w4a4_matmul(*args, lora_h=jnp.zeros((37, 32), jnp.bfloat16), lora_up=up, config=cfg, interpret=True)
     np.testing.assert_array_equal(np.asarray(y, np.float32),
                                   np.asarray(w4a4_matmul(*args, config=cfg, interpret=True), np.float32))
+
+
+# B's nonzero (rows / 64, rank chunks of 32) blocks: a member's own chunk, another's, none, two
+# chunks around a zero one; `_lora_ranges` gives each 64 rows [first, end) of its chunks.
+BLOCKS = {(0, 0), (1, 1), (3, 0), (3, 2)}
+BLOCK_RANGES = [0, 1, 1, 2, 0, 0, 0, 3]
+
+
+def _block_diagonal_up(n: int, rank: int) -> jax.Array:
+    up = _lora_operands(1, 1, n, rank)["lora_up"]
+    mask = np.zeros((n, rank), bool)
+    for rows, chunk in BLOCKS:
+        mask[rows * 64:(rows + 1) * 64, chunk * 32:(chunk + 1) * 32] = True
+    return jnp.where(jnp.asarray(mask), up, 0)
+
+
+def test_lora_ranges():
+    np.testing.assert_array_equal(np.asarray(_lora_ranges(_block_diagonal_up(256, 96), 64, 32)), BLOCK_RANGES)
+
+
+@pytest.mark.parametrize("weight_operand", ["smem", "registers"])
+def test_interpret_lora_block_diagonal(weight_operand):
+    """A B with zero blocks (a fused layer whose members carry their own LoRAs): each warpgroup tile
+    multiplies its rows' chunks only (one, none, or a range around a zero chunk), equal to the
+    reference's full product up to the final rounding."""
+    cfg = dataclasses.replace(SMALL, weight_operand=weight_operand)
+    m, n, k, rank = 70, 256, 256, 96
+    x_codes, x_scales, w_codes, w_scales, b = _operands(96, m, n, k)
+    lora = {"lora_h": _lora_operands(96, m, n, rank)["lora_h"], "lora_up": _block_diagonal_up(n, rank)}
+    args = (x_codes, x_scales, pack_int4(w_codes), w_scales, b)
+    y = w4a4_matmul(*args, config=cfg, interpret=True, **lora)
+    ref = w4a4_matmul_reference(*args, **lora)
+    terms = _term_magnitudes(x_codes, x_scales, w_codes, w_scales, None) + jnp.abs(b) + _lora_terms(lora)
+    _assert_bf16_rounding_equal(y, ref, terms)
+    _assert_lora_shows(ref[:, :128], w4a4_matmul_reference(*args)[:, :128])
 
 
 def test_lora_bad_operands_raise():
