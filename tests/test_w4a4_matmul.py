@@ -423,6 +423,32 @@ def test_gpu_per_group_64(m):
     _check(m, 3072, 3072, bias=False, scale_group=64, interpret=False, seed=m)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("weight_operand", ["smem", "registers"])
+@pytest.mark.parametrize("k,n", [(3072, 12288), (12288, 3072)])
+def test_gpu_lora_both_weight_operands(k, n, weight_operand):
+    """A dense rank-96 LoRA (three chunks, two loaded in the epilogue) at 4608 tokens; K = 12288
+    takes the split tail."""
+    cfg = W4A4MatmulConfig(tile_m=256, tile_n=64, tile_k=128, max_concurrent_steps=4, weight_operand=weight_operand)
+    _check(4608, n, k, bias=True, config=cfg, interpret=False, seed=k + n, lora_rank=96)
+
+
+@pytest.mark.gpu
+def test_gpu_lora_gated_residual_block_diagonal():
+    """The shipped config at proj_out's shape (K = 15360) with the gated residual and a rank-32
+    LoRA, then a block-diagonal rank-96 B at to_qkv's (N = 9216: each warpgroup tile its chunk)."""
+    _check_gated(1, 4608, 3072, 15360, bias=True, config=None, interpret=False, seed=15, lora_rank=32)
+    m, n, k, rank = 4608, 9216, 3072, 96
+    x_codes, x_scales, w_codes, w_scales, b = _operands(9, m, n, k)
+    up = _lora_operands(9, m, n, rank)["lora_up"]
+    member = jnp.arange(n)[:, None] // 3072 == jnp.arange(rank)[None, :] // 32
+    lora = {"lora_h": _lora_operands(9, m, n, rank)["lora_h"], "lora_up": jnp.where(member, up, 0)}
+    args = (x_codes, x_scales, pack_int4(w_codes), w_scales, b)
+    ref = w4a4_matmul_reference(*args, **lora)
+    terms = _term_magnitudes(x_codes, x_scales, w_codes, w_scales, None) + jnp.abs(b) + _lora_terms(lora)
+    _assert_bf16_rounding_equal(w4a4_matmul(*args, **lora), ref, terms)
+
+
 def test_repeated_calls_share_one_traced_kernel():
     """As for rotate_quantize: one traced kernel per shape, however many layers call it."""
     x = jnp.zeros((64, 256), jnp.int8)
