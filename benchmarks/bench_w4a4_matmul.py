@@ -10,7 +10,6 @@ Implementations (x the named FLUX shapes: M in FLUX_TOKEN_COUNTS x the five FLUX
   pallas_gated       the same in the kernel's epilogue (`w4a4_matmul(..., gate=, residual=)`)
   pallas_lora32_xla  a rank-32 LoRA's up-projection unfused: pallas, then y + h B^T in XLA (h given)
   pallas_lora32      the same in the kernel's epilogue (`w4a4_matmul(..., lora_h=, lora_up=)`)
-  pallas_lora32_c16  pallas_lora32 with rank chunks of 16 (`lora_chunk`; 32 by default)
                      (the pallas_lora* variants run only when named in --variants)
 TOP/s = 2MNK / time; ratios = bf16 time / this time. Device time (CUPTI), median of 20 over
 rotating input sets (> 2x the 50 MB L2); each implementation in its own process (benchmarks.harness).
@@ -57,9 +56,7 @@ VARIANTS = harness.registry(
     Variant("pallas_gated_xla", "FLUX's gated residual unfused: pallas, then residual + gate * y in XLA (bf16)"),
     Variant("pallas_gated", "FLUX's gated residual in the pallas epilogue (gate=, residual=)"),
     Variant("pallas_lora32_xla", "a rank-32 LoRA's h B^T unfused: pallas, then y + h B^T in XLA"),
-    Variant("pallas_lora32", "a rank-32 LoRA's h B^T in the pallas epilogue (lora_h=, lora_up=)",
-            options={"lora_chunk": 32}),
-    Variant("pallas_lora32_c16", "pallas_lora32 with lora_chunk=16", options={"lora_chunk": 16}),
+    Variant("pallas_lora32", "a rank-32 LoRA's h B^T in the pallas epilogue (lora_h=, lora_up=)"),
 )
 LORA_RANK = 32
 LARGE_KN = [(3072, 12288), (12288, 3072), (15360, 3072)]
@@ -202,12 +199,10 @@ def work_grid(variant: str, args) -> list[dict]:
                 return (y + jax.lax.dot_general(h, up, NT, preferred_element_type=jnp.float32)).astype(jnp.bfloat16)
 
             return unfused, lora_args(m, n, k), m * n * 2
-        if variant.startswith("pallas_lora32"):
+        if variant == "pallas_lora32":
             from pallas_kernels.w4a4_matmul import w4a4_matmul
-            from pallas_kernels.w4a4_matmul_config import config_for
 
-            cfg = dataclasses.replace(config_for(m, n, k), lora_chunk=VARIANTS[variant].options["lora_chunk"])
-            return ((lambda x, sx, w, sw, b, h, up: w4a4_matmul(x, sx, w, sw, b, lora_h=h, lora_up=up, config=cfg)),
+            return ((lambda x, sx, w, sw, b, h, up: w4a4_matmul(x, sx, w, sw, b, lora_h=h, lora_up=up)),
                     lora_args(m, n, k), m * n * 2)
         from convrot_jax.ops import w4a4_linear
 

@@ -32,9 +32,10 @@ Structure (Pallas Mosaic GPU, warp-specialised, after jax's `hopper_matmul_mgpu.
     epilogue finds them there and writes each output tile over its residual tile. With a LoRA
     branch (lora_h = (x A^T) * s (M, r) and lora_up = B (N, r), bf16): + h B^T before the gate,
     bf16 wgmmas accumulating onto the dequantized float32 tile, rank chunk by chunk
-    (`lora_chunk` columns; each warpgroup's tiles of h and B TMA-loaded into its own slots, the
-    first chunk while the main loop runs); a warpgroup tile multiplies only the chunks its B rows
-    have nonzeros in (`_lora_ranges`: a fused layer's members carry their own LoRAs).
+    (`lora_chunk` columns, the first loaded while the main loop runs): the CTA's h tile in one
+    slot both warpgroups read (the first compute warpgroup loads it once both are done with the
+    previous chunk), each warpgroup's B tile in its own; a CTA tile multiplies only the chunks
+    its B rows have nonzeros in (`_lora_ranges`: a fused layer's members carry their own LoRAs).
   * schedule (`pallas_kernels.tile_schedule`): a persistent grid of one program per SM walks the
     output tiles in planar-snake order. In the registers form a program's pipelines chain: the
     memory warpgroup streams the next tile's first stages while the compute warpgroups run this
@@ -141,15 +142,16 @@ class _Refs(NamedTuple):
     res: object | None  # (M, N) gmem, the output's dtype: the gated residual's residual
     h: object | None  # bf16 (M, rank) gmem: the LoRA down-projection ((x A^T) * s)
     up: object | None  # bf16 (N, rank) gmem: the LoRA up-projection B
-    lora_ranges: object | None  # int32 (2 * N / tile_n,) gmem: each warpgroup N tile's [first, end) rank chunk
+    lora_ranges: object | None  # int32 (2 * N / (2 * tile_n),) gmem: each CTA N tile's [first, end) rank chunk
     out: object  # (M, N), or (N, M) for the registers form's int32 variant, gmem
     ws: object | None  # int32 split-tile workspace (splits, tail tiles, 2, *acc_shape), gmem
     w8: object | None  # int8 (2, 2, tile_n, tile_k) unpacked-weight slots, smem (smem form)
     out_smem: object  # (2, slots, *epilogue tile) output staging (with a residual: its tiles too), smem
     res_barriers: object | None  # (2 * slots,) the residual tiles' TMA barriers, warpgroup-major
-    lora_h: object | None  # (2, tile_m, lora_chunk) a warpgroup's chunk of its h tile, smem
+    lora_h: object | None  # (tile_m, lora_chunk) a chunk of the CTA's h tile, smem, read by both warpgroups
     lora_up: object | None  # (2, tile_n, lora_chunk) a warpgroup's chunk of its B tile, smem
-    lora_barriers: object | None  # (4,) their TMA barriers: 2 * warpgroup + (0: h, 1: B)
+    lora_barriers: object | None  # (3,) their TMA barriers: 0: h, 1 + warpgroup: B
+    h_consumed: object | None  # (1,) both warpgroups' arrivals once their MMA has read the h slot
 
 
 class _Tile(NamedTuple):
@@ -281,15 +283,14 @@ def _prefetch_residual(plan: _Plan, refs: _Refs, tile: _Tile) -> None:
 
 
 def _lora_chunks(plan: _Plan, refs: _Refs, tile: _Tile) -> tuple[jax.Array, jax.Array]:
-    """[first, end) of the rank chunks this warpgroup's B rows have nonzeros in (`_lora_ranges`):
+    """[first, end) of the rank chunks the CTA tile's B rows have nonzeros in (`_lora_ranges`):
     a fused layer's members carry their own LoRAs, so each N tile skips the others' chunks."""
-    t = 2 * (tile.wg_n0 // plan.config.tile_n)
+    t = 2 * (tile.n0 // (2 * plan.config.tile_n))
     return refs.lora_ranges[t], refs.lora_ranges[t + 1]
 
 
 def _prefetch_lora(plan: _Plan, refs: _Refs, tile: _Tile) -> None:
-    """Before a tile's main loop: its first LoRA rank chunk (the previous tile's epilogue MMAs,
-    waited for, are done with the slots)."""
+    """Before a tile's main loop: its first LoRA rank chunk."""
     if refs.h is None:
         return
     first, end = _lora_chunks(plan, refs, tile)
@@ -311,21 +312,26 @@ def _residual_tile(plan: _Plan, refs: _Refs, tile: _Tile, j: int) -> jax.Array:
 
 
 def _load_lora_chunk(plan: _Plan, refs: _Refs, tile: _Tile, j: jax.Array) -> None:
-    """TMA loads of rank chunk j of this warpgroup's h rows and B rows into its LoRA slots (the
-    first when the tile's main loop starts, so the epilogue finds it there)."""
+    """TMA loads of rank chunk j: this warpgroup's B rows into its slot; the CTA's h rows into the
+    shared slot, by the first compute warpgroup once both have read the previous chunk there."""
     c = plan.config.lora_chunk
     ranks = pl.ds(pl.multiple_of(j * c, c), c)
-    plgpu.copy_gmem_to_smem(refs.h.at[pl.ds(tile.m0, plan.config.tile_m), ranks], refs.lora_h.at[tile.wg],
-                            refs.lora_barriers.at[2 * tile.wg])
+
+    @pl.when(tile.wg == 0)
+    def _():
+        plgpu.barrier_wait(refs.h_consumed.at[0])
+        plgpu.copy_gmem_to_smem(refs.h.at[pl.ds(tile.m0, plan.config.tile_m), ranks], refs.lora_h,
+                                refs.lora_barriers.at[0])
+
     plgpu.copy_gmem_to_smem(refs.up.at[pl.ds(tile.wg_n0, plan.config.tile_n), ranks], refs.lora_up.at[tile.wg],
-                            refs.lora_barriers.at[2 * tile.wg + 1])
+                            refs.lora_barriers.at[1 + tile.wg])
 
 
 def _add_lora(plan: _Plan, refs: _Refs, tile: _Tile, y: jax.Array) -> jax.Array:
     """y + h_tile B_tile^T, float32: bf16 wgmmas accumulating onto y (in registers, no second
     accumulator), one per rank chunk of the tile (`_lora_chunks`; the first prefetched, each later
     one loaded once the previous MMA has read the slots)."""
-    h_slot, up_slot = refs.lora_h.at[tile.wg], refs.lora_up.at[tile.wg]
+    h_slot, up_slot = refs.lora_h, refs.lora_up.at[tile.wg]
     first, end = _lora_chunks(plan, refs, tile)
 
     def mma(acc_ref):
@@ -335,13 +341,14 @@ def _add_lora(plan: _Plan, refs: _Refs, tile: _Tile, y: jax.Array) -> jax.Array:
             def _():
                 _load_lora_chunk(plan, refs, tile, j)
 
-            plgpu.barrier_wait(refs.lora_barriers.at[2 * tile.wg])
-            plgpu.barrier_wait(refs.lora_barriers.at[2 * tile.wg + 1])
+            plgpu.barrier_wait(refs.lora_barriers.at[0])
+            plgpu.barrier_wait(refs.lora_barriers.at[1 + tile.wg])
             if plan.in_regs:  # acc (N, M) = B (tile_n, r) . h^T
                 plgpu.wgmma(acc_ref, up_slot, h_slot.T)
             else:  # acc (M, N) = h (tile_m, r) . B^T
                 plgpu.wgmma(acc_ref, h_slot, up_slot.T)
             plgpu.wgmma_wait(0)  # the slots are read: the next chunk may overwrite them
+            plgpu.barrier_arrive(refs.h_consumed.at[0])
 
     if plan.interpret:  # interpret mode has no run_state: a fresh accumulator, added
         return y + pl.run_scoped(lambda acc_ref: (mma(acc_ref), acc_ref[...])[1], plgpu.ACC(y.shape, jnp.float32))
@@ -491,6 +498,11 @@ def _run_program(plan: _Plan, refs: _Refs, allocs) -> None:
     # memory warpgroup ends by waiting for the last ring's release, as a STOP pipeline would
     # (whether a program runs one pipeline or more is only known at run time).
     start, steady = plgpu.PipelinePipeline.START, plgpu.PipelinePipeline.STEADY
+    if refs.h is not None:  # the shared h slot starts free: each h load waits for both arrivals
+        @pl.when(wg < 2)
+        def _free():
+            plgpu.barrier_arrive(refs.h_consumed.at[0])
+
     if schedule.full_rounds:
         _run_tile(plan, refs, allocs, wg, program, start)
 
@@ -504,6 +516,11 @@ def _run_program(plan: _Plan, refs: _Refs, allocs) -> None:
             tile = schedule.first_tail + program % schedule.tail_tiles
             piece = program // schedule.tail_tiles if schedule.splits > 1 else None
             _run_tile(plan, refs, allocs, wg, tile, steady if schedule.full_rounds else start, piece)
+
+    if refs.h is not None:  # the last chunk's arrivals: every phase of h_consumed waited for
+        @pl.when(wg == 0)
+        def _drain():
+            plgpu.barrier_wait(refs.h_consumed.at[0])
 
     if plan.chained:
         @pl.when(wg == 2)  # the memory warpgroup (the pipeline's last thread)
@@ -535,14 +552,15 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, h_
             (2, 2, tn, tk), jnp.int8, transforms=swizzle_transforms(tk)),
         out_smem=plgpu.SMEM((2, out_slots, *out_tile), out_gmem.dtype, transforms=out_transforms),
         res_barriers=None if res_gmem is None else plgpu.Barrier(num_barriers=2 * out_slots),
-        lora_h=plgpu.SMEM((2, cfg.tile_m, cfg.lora_chunk), jnp.bfloat16, transforms=lora_transforms) if lora else None,
+        lora_h=plgpu.SMEM((cfg.tile_m, cfg.lora_chunk), jnp.bfloat16, transforms=lora_transforms) if lora else None,
         lora_up=plgpu.SMEM((2, tn, cfg.lora_chunk), jnp.bfloat16, transforms=lora_transforms) if lora else None,
-        lora_barriers=plgpu.Barrier(num_barriers=4) if lora else None,
+        lora_barriers=plgpu.Barrier(num_barriers=3) if lora else None,
+        h_consumed=plgpu.Barrier(num_arrivals=2, num_barriers=1) if lora else None,
         collective_axes="wg",
     )
-    def _scope(pipeline_allocs, w8_smem, out_smem, res_barriers, lora_h, lora_up, lora_barriers):
+    def _scope(pipeline_allocs, w8_smem, out_smem, res_barriers, lora_h, lora_up, lora_barriers, h_consumed):
         refs = _Refs(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, h_gmem, up_gmem, ranges_gmem,
-                     out_gmem, ws_gmem, w8_smem, out_smem, res_barriers, lora_h, lora_up, lora_barriers)
+                     out_gmem, ws_gmem, w8_smem, out_smem, res_barriers, lora_h, lora_up, lora_barriers, h_consumed)
         _run_program(plan, refs, pipeline_allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -578,7 +596,7 @@ def _stages_that_fit(cfg: W4A4MatmulConfig, out_itemsize: int, residual: bool, l
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
     stage = tm * tk + 2 * tn * tk // 2
     staging = 2 * _out_slots(cfg, residual) * cfg.epi_tile_m * cfg.epi_tile_n * out_itemsize  # both warpgroups
-    lora_slots = 2 * (tm + tn) * cfg.lora_chunk * 2 if lora else 0  # bf16, both warpgroups
+    lora_slots = (tm + 2 * tn) * cfg.lora_chunk * 2 if lora else 0  # bf16: the shared h slot, a B slot each
     fixed = (2 * 2 * tn * tk if cfg.weight_operand == "smem" else 0) + staging + lora_slots
     stages = cfg.max_concurrent_steps
     while stages > 2 and fixed + stages * stage > _SMEM_BYTES:
@@ -642,7 +660,7 @@ def _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, lora_h, l
         h = jnp.pad(_pad_images(lora_h, images, tiles_per_image * cfg.tile_m),
                     ((0, 0), (0, lora_rank - lora_h.shape[1])))
         up = jnp.pad(lora_up, ((0, 0), (0, lora_rank - lora_up.shape[1])))
-        ranges = _lora_ranges(up, cfg.tile_n, cfg.lora_chunk)
+        ranges = _lora_ranges(up, 2 * cfg.tile_n, cfg.lora_chunk)
     operands = [x_codes, w_packed, sx, sw, b, g, res, h, up, ranges]
     present = [a is not None for a in operands]
 
@@ -684,7 +702,7 @@ def _lora_ranges(up: jax.Array, tile_n: int, chunk: int) -> jax.Array:
     """int32 (2 * N / tile_n,): for each tile_n rows of B (N, r), r a multiple of `chunk`, the
     [first, end) of the rank chunks holding its nonzeros ([0, 0): none). A fused layer's members
     that carry their own LoRAs have a block-diagonal B (`flux_flax.lora`, member by member), so
-    each warpgroup tile multiplies only its member's chunks."""
+    each CTA tile multiplies only its member's chunks."""
     n, r = up.shape
     nonzero = (up.reshape(n // tile_n, tile_n, r // chunk, chunk) != 0).any(axis=(1, 3))
     chunks = jnp.arange(r // chunk, dtype=jnp.int32)

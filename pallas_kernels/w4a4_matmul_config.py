@@ -35,11 +35,11 @@ class W4A4MatmulConfig:
     # (`pallas_kernels.tile_schedule`); their int32 partial sums are added and dequantized after
     # the kernel.
     split_tail: bool = True
-    # LoRA (`lora_h`, `lora_up`): rank columns per epilogue MMA chunk. Each compute warpgroup holds
-    # one chunk of its h (tile_m, chunk) and B (tile_n, chunk) tiles in shared memory: the first is
-    # loaded while the main loop runs, further chunks one after another in the epilogue. The rank
-    # is padded with zero columns to a multiple of it; the pipeline loses stages when the slots
-    # would not fit beside it (`_stages_that_fit`).
+    # LoRA (`lora_h`, `lora_up`): rank columns per epilogue MMA chunk. Shared memory holds one
+    # chunk of the CTA's h tile (tile_m, chunk) and of each warpgroup's B tile (tile_n, chunk): the
+    # first is loaded while the main loop runs, further chunks one after another in the epilogue.
+    # The rank is padded with zero columns to a multiple of it; the pipeline loses stages when the
+    # slots would not fit beside it (`_stages_that_fit`).
     lora_chunk: int = 32
 
     def __post_init__(self):

@@ -287,9 +287,10 @@ def test_interpret_lora_scale_zero_is_the_base_output(weight_operand):
 
 
 # B's nonzero (rows / 64, rank chunks of 32) blocks: a member's own chunk, another's, none, two
-# chunks around a zero one; `_lora_ranges` gives each 64 rows [first, end) of its chunks.
+# chunks around a zero one; `_lora_ranges` gives each CTA tile's 128 rows [first, end) of their
+# chunks: [0, 2) and [0, 3).
 BLOCKS = {(0, 0), (1, 1), (3, 0), (3, 2)}
-BLOCK_RANGES = [0, 1, 1, 2, 0, 0, 0, 3]
+BLOCK_RANGES = [0, 2, 0, 3]
 
 
 def _block_diagonal_up(n: int, rank: int) -> jax.Array:
@@ -301,14 +302,15 @@ def _block_diagonal_up(n: int, rank: int) -> jax.Array:
 
 
 def test_lora_ranges():
-    np.testing.assert_array_equal(np.asarray(_lora_ranges(_block_diagonal_up(256, 96), 64, 32)), BLOCK_RANGES)
+    np.testing.assert_array_equal(np.asarray(_lora_ranges(_block_diagonal_up(256, 96), 128, 32)), BLOCK_RANGES)
 
 
 @pytest.mark.parametrize("weight_operand", ["smem", "registers"])
 def test_interpret_lora_block_diagonal(weight_operand):
-    """A B with zero blocks (a fused layer whose members carry their own LoRAs): each warpgroup tile
-    multiplies its rows' chunks only (one, none, or a range around a zero chunk), equal to the
-    reference's full product up to the final rounding."""
+    """A B with zero blocks (a fused layer whose members carry their own LoRAs): each CTA tile
+    multiplies its rows' chunks only (a range of two, or three around a zero chunk; a warpgroup
+    whose rows have none multiplies zeros), equal to the reference's full product up to the final
+    rounding."""
     cfg = dataclasses.replace(SMALL, weight_operand=weight_operand)
     m, n, k, rank = 70, 256, 256, 96
     x_codes, x_scales, w_codes, w_scales, b = _operands(96, m, n, k)
