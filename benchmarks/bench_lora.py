@@ -1,8 +1,9 @@
 """LoRA on the W4A4 FLUX.1-dev step: the fused path (the down-projection in one XLA GEMM, the
 up-projection in the W4A4 GEMM's epilogue) and the unfused one (two XLA GEMMs after the layer).
 
-Variants, timed on one random-weight W4A4 model (Pallas kernels, fused projections) in one
-process, since a LoRA switch is measured on a live model:
+Variants, timed on one random-weight W4A4 model (Pallas kernels, fused projections and the GELU
+producers fused into the rotate-quantize kernel, as `FluxPipeline` builds it) in one process,
+since a LoRA switch is measured on a live model:
   none          no LoRA (the baseline)
   r32           one rank-32 LoRA, fused
   r32_unfused   the same LoRA with every branch unfused (`convrot_jax.set_lora_fusion(model, False)`)
@@ -100,7 +101,7 @@ def worker(args) -> list[dict]:
               "tiny": flux_flax.FluxConfig.tiny}[args.config]()
     start = t0 = time.perf_counter()
     model = random_transformer(config, dtype=jnp.bfloat16, quantize=args.impl)
-    flux_flax.fuse_projections(model)
+    flux_flax.fuse_producers(flux_flax.fuse_projections(model))  # as FluxPipeline: DEFAULT_KINDS
     print(f"model ready in {time.perf_counter() - t0:.0f} s", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench_lora_"))
 
