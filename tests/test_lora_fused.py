@@ -107,7 +107,8 @@ CASES = {  # name: (prologue, gated)
 }
 
 
-@pytest.mark.parametrize("case,weight_operand", [("plain", "registers"), ("gelu_gated", "smem"),
+@pytest.mark.parametrize("case,weight_operand", [pytest.param("plain", "registers", marks=pytest.mark.slow),
+                                                 pytest.param("gelu_gated", "smem", marks=pytest.mark.slow),
                                                  ("gelu_gated", "registers"), ("layernorm", "smem")])
 def test_interpret_fused_matches_unfused(monkeypatch, case, weight_operand):
     """Two LoRAs (ranks 16 and 24: two rank chunks in the epilogue) on a W4A4 layer of 2 images

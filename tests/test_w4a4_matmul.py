@@ -248,7 +248,7 @@ def test_interpret_gated_residual_per_group():
     _check_gated(2, 35, 256, 256, bias=True, config=cfg, interpret=True, seed=64, scale_group=64)
 
 
-@pytest.mark.parametrize("weight_operand", ["smem", "registers"])
+@pytest.mark.parametrize("weight_operand", [pytest.param("smem", marks=pytest.mark.slow), "registers"])
 def test_interpret_lora(weight_operand):
     """A LoRA branch in the epilogue (bf16 h . B^T accumulated onto the dequantized sum), rank 40:
     two chunks of 32, the second loaded in the epilogue, 24 zero rank columns of padding; M = 100
@@ -260,7 +260,7 @@ def test_interpret_lora(weight_operand):
     _check(100, 384, 512, bias=True, config=cfg, interpret=True, seed=40, lora_rank=40)
 
 
-@pytest.mark.parametrize("weight_operand", ["smem", "registers"])
+@pytest.mark.parametrize("weight_operand", [pytest.param("smem", marks=pytest.mark.slow), "registers"])
 def test_interpret_lora_gated_residual(weight_operand):
     """The LoRA term before the gate: 3 images of 13 tokens (each padded to its tile, h too), rank 16
     (one chunk, half of it padding)."""
