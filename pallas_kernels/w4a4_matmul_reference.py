@@ -97,7 +97,8 @@ def check_lora_operands(m: int, n: int, lora_h: jax.Array | None, lora_up: jax.A
     """A LoRA branch's GEMM operands: both or neither; h (M, r) and B (N, r), both bfloat16, r >= 1.
     Raises ValueError naming the one at fault."""
     if (lora_h is None) != (lora_up is None):
-        raise ValueError(f"a LoRA branch needs both lora_h and lora_up, got only {'lora_h' if lora_up is None else 'lora_up'}")
+        given = "lora_h" if lora_up is None else "lora_up"
+        raise ValueError(f"a LoRA branch needs both lora_h and lora_up, got only {given}")
     if lora_h is None:
         return
     if lora_h.ndim != 2 or lora_up.ndim != 2 or lora_h.shape[1] != lora_up.shape[1] or lora_h.shape[1] < 1:
