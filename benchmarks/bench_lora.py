@@ -1,12 +1,15 @@
-"""LoRA on the W4A4 FLUX.1-dev step (unfused path: two XLA GEMMs per layer beside the W4A4 one).
+"""LoRA on the W4A4 FLUX.1-dev step: the fused path (the down-projection in one XLA GEMM, the
+up-projection in the W4A4 GEMM's epilogue) and the unfused one (two XLA GEMMs after the layer).
 
-Variants, timed on one random-weight W4A4 model (Pallas kernels, fused projections) in one
-process, since a LoRA switch is measured on a live model:
+Variants, timed on one random-weight W4A4 model (Pallas kernels, fused projections and the GELU
+producers fused into the rotate-quantize kernel, as `FluxPipeline` builds it) in one process,
+since a LoRA switch is measured on a live model:
   none          no LoRA (the baseline)
-  r32           one rank-32 LoRA
-  r16_r32_r64   three LoRAs at once, ranks 16, 32 and 64
+  r32           one rank-32 LoRA, fused
+  r32_unfused   the same LoRA with every branch unfused (`convrot_jax.set_lora_fusion(model, False)`)
+  r16_r32_r64   three LoRAs at once, ranks 16, 32 and 64, fused
   k32           one rank-32 LoRA in kohya naming (fused qkv and linear1 modules: rank 32 on the fused
-                layers, no block-diagonal B)
+                layers, no block-diagonal B), fused
 The r LoRAs are diffusers-named files (as ai-toolkit and diffusers' trainers write them) on every
 W4A4 layer of every block: to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out, ff and ff_context of
 the double blocks; to_q/k/v, proj_mlp and proj_out of the single blocks. On the fused layers q, k,
@@ -39,7 +42,9 @@ NAME = "lora"
 MODULE = "benchmarks.bench_lora"
 TEXT_TOKENS = 512
 # Variant -> the LoRA files loaded ("r32": rank 32, diffusers naming; "k32": rank 32, kohya naming).
-VARIANTS = {"none": (), "r32": ("r32",), "r16_r32_r64": ("r16", "r32", "r64"), "k32": ("k32",)}
+VARIANTS = {"none": (), "r32": ("r32",), "r32_unfused": ("r32",), "r16_r32_r64": ("r16", "r32", "r64"),
+            "k32": ("k32",)}
+UNFUSED = ("r32_unfused",)  # variants whose branches run unfused
 DOUBLE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
           "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
           "ff_context.net.2")
@@ -88,7 +93,7 @@ def worker(args) -> list[dict]:
     from flax import nnx
 
     import flux_flax
-    from convrot_jax.lora import LoRAParam
+    from convrot_jax.lora import LoRAParam, set_lora_fusion
     from flux_flax.lora import apply_loras, read_lora, remove_loras
     from flux_flax.random_weights import random_transformer
 
@@ -96,7 +101,7 @@ def worker(args) -> list[dict]:
               "tiny": flux_flax.FluxConfig.tiny}[args.config]()
     start = t0 = time.perf_counter()
     model = random_transformer(config, dtype=jnp.bfloat16, quantize=args.impl)
-    flux_flax.fuse_projections(model)
+    flux_flax.fuse_producers(flux_flax.fuse_projections(model))  # as FluxPipeline: DEFAULT_KINDS
     print(f"model ready in {time.perf_counter() - t0:.0f} s", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench_lora_"))
 
@@ -168,6 +173,7 @@ def worker(args) -> list[dict]:
             rows.append(dict(variant=name, error=f"not run: past the {args.budget_s:.0f} s budget"))
             continue
         apply_loras(model, [(read_lora(lora_file(key)), 1.0) for key in VARIANTS[name]])
+        set_lora_fusion(model, name not in UNFUSED)
         rows.append(time_step(name))
     remove_loras(model)
     return rows
@@ -183,11 +189,12 @@ def _runs(rows: list[dict]) -> dict[int, dict[str, dict]]:
 
 def markdown(rows: list[dict], args) -> list[str]:
     runs = _runs(rows)
-    lines = [f"# LoRA on the W4A4 FLUX.1-dev step ({args.config} config, {args.impl} W4A4, unfused LoRA path)", "",
+    lines = [f"# LoRA on the W4A4 FLUX.1-dev step ({args.config} config, {args.impl} W4A4)", "",
              "One transformer forward given its precomputed modulation, 512 text tokens, random weights, "
              "one process (same model); median of the timed runs. LoRAs on every W4A4 layer of every block: r* "
              "diffusers-named (q/k/v separate: rank 3r on to_qkv, 4r on to_qkv_mlp, block-diagonal B), k32 "
-             "kohya-named (fused qkv and linear1 modules: rank 32 on each fused layer). `vs none`: against the "
+             "kohya-named (fused qkv and linear1 modules: rank 32 on each fused layer). LoRA branches fused into "
+             "the W4A4 kernels (Pallas) except `*_unfused` (two XLA GEMMs after the layer). `vs none`: against the "
              "step without LoRA of the same run (process).", ""]
     body = []
     for run, by in runs.items():
@@ -212,7 +219,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         base = by.get("none")
         if not base or "step_ms" not in base:
             continue
-        out += [harness.figure(f"FLUX.1-dev W4A4 step with LoRA ({name}, unfused)", f"{r['step_ms']:.1f} ms per step "
+        out += [harness.figure(f"FLUX.1-dev W4A4 step with LoRA ({name})", f"{r['step_ms']:.1f} ms per step "
                                f"(baseline {base['step_ms']:.1f} ms)", shape=f"{r['size']}² b{r['batch']}",
                                baseline="the same step without LoRA", ratio=base["step_ms"] / r["step_ms"])
                 for name, r in by.items() if name != "none" and "step_ms" in r]
@@ -224,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      epilog="\n".join(__doc__.splitlines()[1:]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=["none", "r32", "switch_r32", "r16_r32_r64", "k32"],
+    parser.add_argument("--variants", nargs="+",
+                        default=["none", "r32", "r32_unfused", "switch_r32", "r16_r32_r64", "k32"],
                         choices=[*VARIANTS, "switch_r32"], help="run in this order (put switch_r32 after r32)")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--iters", type=int, default=10)

@@ -8,6 +8,9 @@ Implementations (x the named FLUX shapes: M in FLUX_TOKEN_COUNTS x the five FLUX
   pallas_w4a4_layer  the same with implementation="pallas": rotate-quantize kernel + this GEMM
   pallas_gated_xla   FLUX's residual + gate * (x.w + b), one image: the kernel, then XLA elementwise
   pallas_gated       the same in the kernel's epilogue (`w4a4_matmul(..., gate=, residual=)`)
+  pallas_lora32_xla  a rank-32 LoRA's up-projection unfused: pallas, then y + h B^T in XLA (h given)
+  pallas_lora32      the same in the kernel's epilogue (`w4a4_matmul(..., lora_h=, lora_up=)`)
+                     (the pallas_lora* variants run only when named in --variants)
 TOP/s = 2MNK / time; ratios = bf16 time / this time. Device time (CUPTI), median of 20 over
 rotating input sets (> 2x the 50 MB L2); each implementation in its own process (benchmarks.harness).
 
@@ -52,7 +55,10 @@ VARIANTS = harness.registry(
     Variant("pallas_w4a4_layer", "convrot_jax.ops.w4a4_linear, implementation='pallas'", options={"impl": "pallas"}),
     Variant("pallas_gated_xla", "FLUX's gated residual unfused: pallas, then residual + gate * y in XLA (bf16)"),
     Variant("pallas_gated", "FLUX's gated residual in the pallas epilogue (gate=, residual=)"),
+    Variant("pallas_lora32_xla", "a rank-32 LoRA's h B^T unfused: pallas, then y + h B^T in XLA"),
+    Variant("pallas_lora32", "a rank-32 LoRA's h B^T in the pallas epilogue (lora_h=, lora_up=)"),
 )
+LORA_RANK = 32
 LARGE_KN = [(3072, 12288), (12288, 3072), (15360, 3072)]
 NT = (((1,), (1,)), ((), ()))
 
@@ -95,6 +101,21 @@ def gated_args(m, n, k):
         return jax.block_until_ready((*base(i), jax.random.normal(ks[0], (n,), jnp.bfloat16),
                                       jax.random.normal(ks[1], (1, n), jnp.bfloat16),
                                       jax.random.normal(ks[2], (m, n), jnp.bfloat16)))
+    return make
+
+
+def lora_args(m, n, k):
+    """`w4a4_args` plus a bias and a rank-32 LoRA's h (M, r) and B (N, r), bf16."""
+    import jax
+    import jax.numpy as jnp
+
+    base = w4a4_args(m, n, k)
+
+    def make(i):
+        ks = jax.random.split(jax.random.key(6000 + i), 3)
+        return jax.block_until_ready((*base(i), jax.random.normal(ks[0], (n,), jnp.bfloat16),
+                                      jax.random.normal(ks[1], (m, LORA_RANK), jnp.bfloat16),
+                                      jax.random.normal(ks[2], (n, LORA_RANK), jnp.bfloat16)))
     return make
 
 
@@ -170,6 +191,19 @@ def work_grid(variant: str, args) -> list[dict]:
 
             return ((lambda x, sx, w, sw, b, g, r: w4a4_matmul(x, sx, w, sw, b, gate=g, residual=r)),
                     gated_args(m, n, k), m * n * 2)
+        if variant == "pallas_lora32_xla":
+            from pallas_kernels.w4a4_matmul import w4a4_matmul
+
+            def unfused(x, sx, w, sw, b, h, up):
+                y = w4a4_matmul(x, sx, w, sw, b).astype(jnp.float32)
+                return (y + jax.lax.dot_general(h, up, NT, preferred_element_type=jnp.float32)).astype(jnp.bfloat16)
+
+            return unfused, lora_args(m, n, k), m * n * 2
+        if variant == "pallas_lora32":
+            from pallas_kernels.w4a4_matmul import w4a4_matmul
+
+            return ((lambda x, sx, w, sw, b, h, up: w4a4_matmul(x, sx, w, sw, b, lora_h=h, lora_up=up)),
+                    lora_args(m, n, k), m * n * 2)
         from convrot_jax.ops import w4a4_linear
 
         impl = VARIANTS[variant].options["impl"]
@@ -356,7 +390,8 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", harness.RESULTS)))
     p.add_argument("--stages", default="tests,bench")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if not v.startswith("pallas_lora")],
+                   choices=list(VARIANTS), help="default: all but the pallas_lora* ones")
     p.add_argument("--tests-k", default="", help="pytest -k selection for the tests stage")
     p.add_argument("--bench-kn", default="", help="comma-separated KxN shapes for the bench stage (default all)")
     p.add_argument("--bench-ms", type=int, nargs="*", default=None, help="token counts (default FLUX_TOKEN_COUNTS)")

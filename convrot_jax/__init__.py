@@ -3,7 +3,15 @@
 from convrot_jax.hadamard import regular_hadamard, rotate, sylvester_hadamard
 from convrot_jax.layers import ConvDense4bit, Dense4bitWeightOnly, QuantizedParam
 from convrot_jax.linear import int4_weight_only_linear
-from convrot_jax.lora import LoRALinear, LoRAParam, LowRank, LowRankFactors, attach_lora, detach_lora
+from convrot_jax.lora import (
+    LoRALinear,
+    LoRAParam,
+    LowRank,
+    LowRankFactors,
+    attach_lora,
+    detach_lora,
+    set_lora_fusion,
+)
 from convrot_jax.ops import quantize_activation, w4a4_linear
 from convrot_jax.policy import QuantPolicy
 from convrot_jax.prologue import GeluTanh, LayerNormModulation
@@ -38,6 +46,7 @@ __all__ = [
     "quantize_weight",
     "regular_hadamard",
     "rotate",
+    "set_lora_fusion",
     "sylvester_hadamard",
     "unpack_int4",
     "w4a4_linear",

@@ -8,11 +8,12 @@ concatenated (A stacked, B side by side, each rank's scale in `s`), since
 any scales) swap without recompiling.
 
 The branch is added where a layer's output is made: `ConvDense4bit` passes its factors to
-`convrot_jax.ops.w4a4_linear`, which adds the term after the W4A4 product (the unfused path, the
-reference for a fused one: A rotated offline, `(xH)(AH)^T = x A^T`, lets the rotate-quantize
-kernel form `x A^T` from the rotated activation it already holds, and the GEMM epilogue add the
-rank-r product); `Dense4bitWeightOnly` adds it after its product; a float `nnx.Linear` becomes a
-`LoRALinear` while it carries a branch (`attach_lora` / `detach_lora`).
+`convrot_jax.ops.w4a4_linear`, whose Pallas path fuses it (the down-projection h = (x A^T) * s in
+one XLA GEMM beside the rotate-quantize kernel, the up-projection h B^T in the W4A4 GEMM's
+epilogue) and whose XLA path adds the term after the W4A4 product (unfused: two XLA GEMMs, the
+reference; `LowRank.fused = False` keeps a branch unfused on the Pallas path too, to measure it);
+`Dense4bitWeightOnly` adds it after its product; a float `nnx.Linear` becomes a `LoRALinear`
+while it carries a branch (`attach_lora` / `detach_lora`).
 """
 
 from __future__ import annotations
@@ -30,19 +31,25 @@ class LoRAParam(nnx.Variable):
 class LowRankFactors:
     """The arrays of one layer's low-rank branch: `down` A (r, K), `up` B (N, r), both in the
     activation dtype (bf16 in inference), and `scale` (r,) float32 (user scale x alpha / rank of
-    the LoRA each rank comes from)."""
+    the LoRA each rank comes from). `fused` (static): whether a fusing op (the Pallas W4A4 path)
+    may fuse the branch into its kernels; False keeps it unfused there as well."""
 
     down: jax.Array
     up: jax.Array
     scale: jax.Array
+    fused: bool = struct.field(pytree_node=False, default=True)
 
-    def term(self, x: jax.Array) -> jax.Array:
-        """float32 (..., N) = ((x A^T) * scale) B^T: both products accumulate in float32; the
-        rank-r intermediate is rounded once to the factors' dtype, as a kernel feeding it to a
-        16-bit tensor-core product would."""
+    def down_projection(self, x: jax.Array) -> jax.Array:
+        """h (..., r) = (x A^T) * scale, accumulated in float32 and rounded once to the factors'
+        dtype, as a 16-bit tensor-core product takes it."""
         h = jax.lax.dot_general(x.astype(self.down.dtype), self.down, (((x.ndim - 1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)
-        h = (h * self.scale).astype(self.up.dtype)
+        return (h * self.scale).astype(self.up.dtype)
+
+    def term(self, x: jax.Array) -> jax.Array:
+        """float32 (..., N) = ((x A^T) * scale) B^T: `down_projection`, then h B^T accumulated in
+        float32."""
+        h = self.down_projection(x)
         return jax.lax.dot_general(h, self.up, (((h.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
     def add_to(self, y: jax.Array, x: jax.Array) -> jax.Array:
@@ -68,19 +75,32 @@ def check_factors(down: jax.Array, up: jax.Array, scale: jax.Array, in_features:
 
 
 class LowRank(nnx.Module):
-    """One layer's low-rank branch, its factors held as `LoRAParam`s (see `LowRankFactors`)."""
+    """One layer's low-rank branch, its factors held as `LoRAParam`s (see `LowRankFactors`).
+    `fused` (static, True by default): whether the layer's op may fuse it (`set_lora_fusion`)."""
 
-    def __init__(self, down: jax.Array, up: jax.Array, scale: jax.Array):
+    def __init__(self, down: jax.Array, up: jax.Array, scale: jax.Array, *, fused: bool = True):
         self.down = LoRAParam(jnp.asarray(down))
         self.up = LoRAParam(jnp.asarray(up))
         self.scale = LoRAParam(jnp.asarray(scale, jnp.float32))
+        self.fused = fused
 
     @property
     def rank(self) -> int:
         return self.down.shape[0]
 
     def factors(self) -> LowRankFactors:
-        return LowRankFactors(self.down[...], self.up[...], self.scale[...])
+        return LowRankFactors(self.down[...], self.up[...], self.scale[...], self.fused)
+
+
+def set_lora_fusion(model: nnx.Module, fused: bool) -> nnx.Module:
+    """Sets, IN PLACE, whether every LoRA branch of `model` may be fused into its layer's kernels
+    (True, the default of a new branch) or runs unfused (two XLA GEMMs after the layer: the
+    comparison the benchmark measures); returns `model`. A static setting: a jitted step compiles
+    again after a change."""
+    for _, branch in nnx.iter_graph(model):
+        if isinstance(branch, LowRank):
+            branch.fused = fused
+    return model
 
 
 class LoRALinear(nnx.Linear):

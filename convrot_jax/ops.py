@@ -45,6 +45,7 @@ from pallas_kernels.rotate_quantize import rotate_quantize
 from pallas_kernels.w4a16_matmul import w4a16_matmul
 from pallas_kernels.w4a16_matmul_config import config_for as w4a16_config_for
 from pallas_kernels.w4a4_matmul import w4a4_matmul
+from pallas_kernels.w4a4_matmul_reference import gated_residual_reference
 
 Implementation = Literal["auto", "xla", "pallas"]
 IMPLEMENTATIONS: tuple[str, ...] = ("auto", "xla", "pallas")
@@ -144,25 +145,30 @@ def w4a4_linear(
     epilogue (no elementwise pass after it): x (B, ..., K), gate (B, out_features) one row per
     image, residual x's shape with out_features last and x's dtype.
 
-    `lora`: a low-rank branch whose float term ((x A^T) * s) B^T is added to the layer's output,
-    unfused: two small XLA GEMMs after the W4A4 one. Not combined with `prologue` or a gated
-    residual (the term reads the produced input and comes before the gate: the model runs a layer
-    that carries a LoRA unfused, `flux_flax.producers`)."""
-    if lora is not None and (prologue is not None or gate is not None):
-        raise ValueError("a LoRA branch is not fused with a producer prologue or a gated residual: "
-                         "run the producer and the gated residual in XLA around the layer")
+    `lora`: a low-rank branch (`convrot_jax.lora`) whose float term ((u A^T) * s) B^T of the
+    layer's input u (prologue(x) with a prologue) is added to the layer's output before the gate.
+    "pallas" fuses it: h = (u A^T) * s (M, r), rounded once to bf16, in one XLA GEMM reading u
+    (the rotate-quantize kernel holds one row per CTA: too few for a tensor-core product, and its
+    rows are K wide, too wide for 64 of them in shared memory), then h B^T accumulated in float32
+    onto the dequantized sum in the W4A4 GEMM's epilogue, before the gate and the one rounding.
+    "xla", a branch with `fused` False or factors not in bf16 (the epilogue's wgmma operands):
+    unfused, the reference: the layer without the gated
+    residual in x.dtype, plus the term (`LowRankFactors.add_to`, two XLA GEMMs), then the gated
+    residual in float32 with one rounding."""
     if prologue is not None:
         check_prologue(x, prologue, qw.group_size)
     layer_input = x if prologue is None else jax.ShapeDtypeStruct(produced_shape(x, prologue), x.dtype)
     check_linear_input(layer_input, qw, bias)
     check_gated_residual_input(layer_input, qw, residual, gate)
-    if lora is not None:
-        return lora.add_to(w4a4_linear(x, qw, bias, implementation=implementation), x)
+    if lora is not None and lora.down.shape[0] == 0:
+        lora = None  # a rank-0 branch adds nothing: the base layer exactly
     impl = resolve_implementation(implementation)
     if impl == "pallas" and qw.hadamard != "regular":
         if implementation == "pallas":
             raise ValueError("the Pallas kernels implement the regular Hadamard only")
         impl = "xla"  # "auto" with a Sylvester weight: a comparison setting, reference path.
+    if lora is not None and (impl == "xla" or not lora.fused or lora.up.dtype != jnp.bfloat16):
+        return _unfused_lora(x, qw, bias, prologue, residual, gate, impl, lora)
     if impl == "xla":
         if prologue is None:
             return w4a4_linear_reference(x, qw, bias, residual=residual, gate=gate)
@@ -173,10 +179,29 @@ def w4a4_linear(
     x2, lead = _flatten(x)
     codes, scales = rotate_quantize(x2, group_size=qw.group_size,
                                     **(kernel_arguments(prologue) if prologue is not None else {}))
+    h = None
+    if lora is not None:
+        produced = x if prologue is None else apply_prologue(x, prologue)
+        h = lora.down_projection(produced).reshape(-1, lora.down.shape[0])
     y = w4a4_matmul(codes, scales, qw.packed, qw.scales, bias, gate=gate,
                     residual=None if residual is None else residual.reshape(-1, qw.out_features),
+                    lora_h=h, lora_up=None if lora is None else lora.up,
                     scale_group=qw.scale_group, out_dtype=x.dtype)
     return y.reshape(*lead, qw.out_features)
+
+
+def _unfused_lora(x: jnp.ndarray, qw: QuantizedWeight, bias: jnp.ndarray | None, prologue: Prologue | None,
+                  residual: jnp.ndarray | None, gate: jnp.ndarray | None, impl: str,
+                  lora: LowRankFactors) -> jnp.ndarray:
+    """`w4a4_linear` with an unfused branch: the layer (implementation `impl`, no gated residual)
+    in x.dtype, plus the term of its input, then the gated residual in float32, one rounding."""
+    produced = x if prologue is None else apply_prologue(x, prologue)
+    y = lora.add_to(w4a4_linear(x, qw, bias, prologue=prologue, implementation=impl), produced)
+    if gate is None:
+        return y
+    n = qw.out_features
+    return gated_residual_reference(y.reshape(-1, n).astype(jnp.float32), gate,
+                                    residual.reshape(-1, n)).astype(x.dtype).reshape(y.shape)
 
 
 # The most rows "auto" gives the W4A16 kernel: measured on the H200 it is 3.1x faster than the

@@ -258,10 +258,10 @@ def gated_residual(layer: nnx.Module, x: jax.Array, residual: jax.Array, gate: j
     """FLUX's gated residual after an output projection or MLP: residual + gate[:, None] * layer(x),
     gate (B, dim) one row per image. With `fused`, a W4A4 layer (`ConvDense4bit`) applies it in its
     GEMM's epilogue (float32, one rounding to the output dtype, no elementwise pass after the
-    GEMM); any other layer, one carrying a LoRA branch (added before the gate), or `fused` False,
-    computes the expression as written (the layer's output rounded to its dtype, then the gate and
-    the residual)."""
-    if fused and isinstance(layer, ConvDense4bit) and layer.lora is None:
+    GEMM; a LoRA branch's term added before the gate); any other layer, or `fused` False, computes
+    the expression as written (the layer's output rounded to its dtype, then the gate and the
+    residual)."""
+    if fused and isinstance(layer, ConvDense4bit):
         return layer(x, residual=residual, gate=gate)
     return residual + gate[:, None] * layer(x)
 

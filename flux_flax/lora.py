@@ -273,9 +273,11 @@ def output_layout(model: nnx.Module) -> dict[str, _Rows]:
 
 def _branches(model: nnx.Module, loras: Sequence[tuple[LoRA, float]]) -> dict[str, list[tuple[np.ndarray, ...]]]:
     """{layer path: [(A, B over the layer's rows, per-rank scale), ...]} for every module of every
-    LoRA, in order; raises LoRAError for what does not fit."""
+    LoRA, member by member of a fused layer (by first row; in file order within a member), so that
+    each member's ranks are contiguous: the W4A4 GEMM's epilogue then multiplies a member's output
+    tiles by its own rank chunks only. Raises LoRAError for what does not fit."""
     layout = output_layout(model)
-    out: dict[str, list[tuple[np.ndarray, ...]]] = {}
+    out: dict[str, list[tuple[int, tuple[np.ndarray, ...]]]] = {}
     for lora, user_scale in loras:
         for module in lora.modules:
             where = f"LoRA file {lora.path}: module {module.key!r}"
@@ -295,8 +297,8 @@ def _branches(model: nnx.Module, loras: Sequence[tuple[LoRA, float]]) -> dict[st
                 up = np.zeros((pieces[0][0].width, module.rank), np.float32)
                 for rows, a, b in pieces:
                     up[rows.start : rows.start + rows.rows] = module.up[a:b]
-                out.setdefault(path, []).append((module.down, up, scale))
-    return out
+                out.setdefault(path, []).append((pieces[0][0].start, (module.down, up, scale)))
+    return {path: [part for _, part in sorted(parts, key=lambda p: p[0])] for path, parts in out.items()}
 
 
 def remove_loras(model: nnx.Module) -> None:

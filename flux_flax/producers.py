@@ -53,11 +53,11 @@ def produce_linear(layer: nnx.Module, x: jax.Array, prologue: Prologue, fused: f
     (and a GELU starts on one of the layer's rotation groups), else the XLA producer, then the
     layer. With `residual` and `gate`, FLUX's gated residual residual + gate[:, None] *
     layer(prologue(x)), in the W4A4 GEMM's epilogue with `fuse_epilogue`
-    (`flux_flax.layers.gated_residual`). A layer carrying a LoRA branch runs unfused (the branch
-    needs the produced activation and comes before the gate)."""
+    (`flux_flax.layers.gated_residual`). A LoRA branch on the layer goes with it: the W4A4 op
+    reads it from the produced input and adds it before the gate (`convrot_jax.ops.w4a4_linear`)."""
     group = getattr(layer, "group_size", 1)
     fits = not isinstance(prologue, GeluTanh) or prologue.start % group == prologue.tail_from % group == 0
-    if isinstance(layer, ConvDense4bit) and layer.lora is None and KINDS[type(prologue)] in fused and fits:
+    if isinstance(layer, ConvDense4bit) and KINDS[type(prologue)] in fused and fits:
         if residual is None:
             return layer(x, prologue=prologue)
         if fuse_epilogue:

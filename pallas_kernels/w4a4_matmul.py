@@ -29,7 +29,13 @@ Structure (Pallas Mosaic GPU, warp-specialised, after jax's `hopper_matmul_mgpu.
     shared memory and TMA. With FLUX's gated residual (gate=, residual=): (* gate) (+ residual,
     `add_residual`) before the one rounding; the residual's epilogue tiles are TMA-loaded into
     the output staging (a slot per epilogue tile) when the tile's main loop starts, so the
-    epilogue finds them there and writes each output tile over its residual tile.
+    epilogue finds them there and writes each output tile over its residual tile. With a LoRA
+    branch (lora_h = (x A^T) * s (M, r) and lora_up = B (N, r), bf16): + h B^T before the gate,
+    bf16 wgmmas accumulating onto the dequantized float32 tile, rank chunk by chunk
+    (`lora_chunk` columns, the first loaded while the main loop runs): the CTA's h tile in one
+    slot both warpgroups read (the first compute warpgroup loads it once both are done with the
+    previous chunk), each warpgroup's B tile in its own; a CTA tile multiplies only the chunks
+    its B rows have nonzeros in (`_lora_ranges`: a fused layer's members carry their own LoRAs).
   * schedule (`pallas_kernels.tile_schedule`): a persistent grid of one program per SM walks the
     output tiles in planar-snake order. In the registers form a program's pipelines chain: the
     memory warpgroup streams the next tile's first stages while the compute warpgroups run this
@@ -77,7 +83,7 @@ from pallas_kernels.int4_unpack import check_weight_operands, unpack_tile
 from pallas_kernels.smem import swizzle_transforms
 from pallas_kernels.tile_schedule import TileSchedule, sm_count, tile_coords, tile_schedule
 from pallas_kernels.w4a4_matmul_config import W4A4MatmulConfig, config_for
-from pallas_kernels.w4a4_matmul_reference import check_gated_residual
+from pallas_kernels.w4a4_matmul_reference import check_gated_residual, check_lora_operands
 
 
 class _Plan(NamedTuple):
@@ -134,11 +140,18 @@ class _Refs(NamedTuple):
     bias: object | None  # float32 (N,) gmem
     gate: object | None  # float32 (B, N) gmem: the gated residual's per-image gates
     res: object | None  # (M, N) gmem, the output's dtype: the gated residual's residual
+    h: object | None  # bf16 (M, rank) gmem: the LoRA down-projection ((x A^T) * s)
+    up: object | None  # bf16 (N, rank) gmem: the LoRA up-projection B
+    lora_ranges: object | None  # int32 (2 * N / (2 * tile_n),) gmem: each CTA N tile's [first, end) rank chunk
     out: object  # (M, N), or (N, M) for the registers form's int32 variant, gmem
     ws: object | None  # int32 split-tile workspace (splits, tail tiles, 2, *acc_shape), gmem
     w8: object | None  # int8 (2, 2, tile_n, tile_k) unpacked-weight slots, smem (smem form)
     out_smem: object  # (2, slots, *epilogue tile) output staging (with a residual: its tiles too), smem
     res_barriers: object | None  # (2 * slots,) the residual tiles' TMA barriers, warpgroup-major
+    lora_h: object | None  # (tile_m, lora_chunk) a chunk of the CTA's h tile, smem, read by both warpgroups
+    lora_up: object | None  # (2, tile_n, lora_chunk) a warpgroup's chunk of its B tile, smem
+    lora_barriers: object | None  # (3,) their TMA barriers: 0: h, 1 + warpgroup: B
+    h_consumed: object | None  # (1,) both warpgroups' arrivals once their MMA has read the h slot
 
 
 class _Tile(NamedTuple):
@@ -152,17 +165,21 @@ class _Tile(NamedTuple):
 
 
 def dequantize(acc: jax.Array, x_scales: Callable[[], jax.Array], w_scales: Callable[[], jax.Array] | None,
-               bias: Callable[[], jax.Array] | None, gate: Callable[[], jax.Array] | None = None) -> jax.Array:
-    """The epilogue's arithmetic, float32: acc * s_x * s_w (+ bias) (* gate), in this order (the
-    reference's; the gated residual then adds its residual to this, `add_residual`). Each operand
-    is a function returning it broadcast to acc's shape, called right before its use (in the
-    kernel, that is where it is loaded). w_scales None: already applied (per-group scales fold
-    them in the main loop); bias, gate None: none."""
+               bias: Callable[[], jax.Array] | None, gate: Callable[[], jax.Array] | None = None,
+               lora: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+    """The epilogue's arithmetic, float32: acc * s_x * s_w (+ bias) (+ h B^T) (* gate), in this
+    order (the reference's; the gated residual then adds its residual to this, `add_residual`).
+    Each operand is a function returning it broadcast to acc's shape, called right before its use
+    (in the kernel, that is where it is loaded); `lora` maps the sum so far to it plus the LoRA
+    up-projection h B^T (accumulated onto it in float32). w_scales None: already applied
+    (per-group scales fold them in the main loop); bias, gate, lora None: none."""
     acc = acc * x_scales()
     if w_scales is not None:
         acc = acc * w_scales()
     if bias is not None:
         acc = acc + bias()
+    if lora is not None:
+        acc = lora(acc)
     if gate is not None:
         acc = acc * gate()
     return acc
@@ -265,6 +282,24 @@ def _prefetch_residual(plan: _Plan, refs: _Refs, tile: _Tile) -> None:
                                 refs.res_barriers.at[tile.wg * refs.out_smem.shape[1] + j])
 
 
+def _lora_chunks(plan: _Plan, refs: _Refs, tile: _Tile) -> tuple[jax.Array, jax.Array]:
+    """[first, end) of the rank chunks the CTA tile's B rows have nonzeros in (`_lora_ranges`):
+    a fused layer's members carry their own LoRAs, so each N tile skips the others' chunks."""
+    t = 2 * (tile.n0 // (2 * plan.config.tile_n))
+    return refs.lora_ranges[t], refs.lora_ranges[t + 1]
+
+
+def _prefetch_lora(plan: _Plan, refs: _Refs, tile: _Tile) -> None:
+    """Before a tile's main loop: its first LoRA rank chunk."""
+    if refs.h is None:
+        return
+    first, end = _lora_chunks(plan, refs, tile)
+
+    @pl.when(first < end)
+    def _():
+        _load_lora_chunk(plan, refs, tile, first)
+
+
 def _residual_tile(plan: _Plan, refs: _Refs, tile: _Tile, j: int) -> jax.Array:
     """Epilogue tile j's residual (prefetched into its slot) in the accumulator's orientation."""
     plgpu.barrier_wait(refs.res_barriers.at[tile.wg * refs.out_smem.shape[1] + j])
@@ -274,6 +309,50 @@ def _residual_tile(plan: _Plan, refs: _Refs, tile: _Tile, j: int) -> jax.Array:
     # The registers form's accumulator is (N, M): a transposing load (ldmatrix .trans); interpret
     # mode cannot load through a .T view.
     return smem[...].T if plan.interpret else smem.T[...]
+
+
+def _load_lora_chunk(plan: _Plan, refs: _Refs, tile: _Tile, j: jax.Array) -> None:
+    """TMA loads of rank chunk j: this warpgroup's B rows into its slot; the CTA's h rows into the
+    shared slot, by the first compute warpgroup once both have read the previous chunk there."""
+    c = plan.config.lora_chunk
+    ranks = pl.ds(pl.multiple_of(j * c, c), c)
+
+    @pl.when(tile.wg == 0)
+    def _():
+        plgpu.barrier_wait(refs.h_consumed.at[0])
+        plgpu.copy_gmem_to_smem(refs.h.at[pl.ds(tile.m0, plan.config.tile_m), ranks], refs.lora_h,
+                                refs.lora_barriers.at[0])
+
+    plgpu.copy_gmem_to_smem(refs.up.at[pl.ds(tile.wg_n0, plan.config.tile_n), ranks], refs.lora_up.at[tile.wg],
+                            refs.lora_barriers.at[1 + tile.wg])
+
+
+def _add_lora(plan: _Plan, refs: _Refs, tile: _Tile, y: jax.Array) -> jax.Array:
+    """y + h_tile B_tile^T, float32: bf16 wgmmas accumulating onto y (in registers, no second
+    accumulator), one per rank chunk of the tile (`_lora_chunks`; the first prefetched, each later
+    one loaded once the previous MMA has read the slots)."""
+    h_slot, up_slot = refs.lora_h, refs.lora_up.at[tile.wg]
+    first, end = _lora_chunks(plan, refs, tile)
+
+    def mma(acc_ref):
+        @pl.loop(first, end)
+        def _chunk(j):
+            @pl.when(j > first)
+            def _():
+                _load_lora_chunk(plan, refs, tile, j)
+
+            plgpu.barrier_wait(refs.lora_barriers.at[0])
+            plgpu.barrier_wait(refs.lora_barriers.at[1 + tile.wg])
+            if plan.in_regs:  # acc (N, M) = B (tile_n, r) . h^T
+                plgpu.wgmma(acc_ref, up_slot, h_slot.T)
+            else:  # acc (M, N) = h (tile_m, r) . B^T
+                plgpu.wgmma(acc_ref, h_slot, up_slot.T)
+            plgpu.wgmma_wait(0)  # the slots are read: the next chunk may overwrite them
+            plgpu.barrier_arrive(refs.h_consumed.at[0])
+
+    if plan.interpret:  # interpret mode has no run_state: a fresh accumulator, added
+        return y + pl.run_scoped(lambda acc_ref: (mma(acc_ref), acc_ref[...])[1], plgpu.ACC(y.shape, jnp.float32))
+    return pl.run_state(mma)(plgpu.ACC.init(y))
 
 
 def _store_tile(plan: _Plan, refs: _Refs, tile: _Tile, values: jax.Array) -> None:
@@ -309,8 +388,8 @@ def _store_tile(plan: _Plan, refs: _Refs, tile: _Tile, values: jax.Array) -> Non
 
 
 def _epilogue(plan: _Plan, refs: _Refs, tile: _Tile, acc: jax.Array) -> None:
-    """float32 acc (`acc_shape`) -> `dequantize` with this tile's scales, bias and gate -> the
-    output (+ residual)."""
+    """float32 acc (`acc_shape`) -> `dequantize` with this tile's scales, bias, LoRA term and
+    gate -> the output (+ residual)."""
     shape = plan.acc_shape
     columns = pl.ds(tile.wg_n0, plan.config.tile_n)
 
@@ -326,7 +405,8 @@ def _epilogue(plan: _Plan, refs: _Refs, tile: _Tile, acc: jax.Array) -> None:
         y = dequantize(acc, along(refs.sx, pl.ds(tile.m0, plan.config.tile_m), plan.m_dim),
                        None if plan.grouped else along(refs.sw, columns, plan.n_dim),
                        None if refs.bias is None else along(refs.bias, columns, plan.n_dim),
-                       None if refs.gate is None else along(refs.gate.at[image], columns, plan.n_dim))
+                       None if refs.gate is None else along(refs.gate.at[image], columns, plan.n_dim),
+                       None if refs.h is None else functools.partial(_add_lora, plan, refs, tile))
         _store_tile(plan, refs, tile, y)
 
 
@@ -380,6 +460,7 @@ def _run_tile(plan: _Plan, refs: _Refs, allocs, wg: jax.Array, lin: jax.Array, s
         def compute_context(eval_pipeline):
             if piece is None:
                 _prefetch_residual(plan, refs, tile)
+                _prefetch_lora(plan, refs, tile)
 
             @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(plan.acc_shape, jnp.int32))
             def _acc_scope(acc_ref):
@@ -397,6 +478,7 @@ def _run_tile(plan: _Plan, refs: _Refs, allocs, wg: jax.Array, lin: jax.Array, s
 
         def compute_context(eval_pipeline):
             _prefetch_residual(plan, refs, tile)
+            _prefetch_lora(plan, refs, tile)
             facc = eval_pipeline(jnp.zeros(plan.acc_shape, jnp.float32))
             _epilogue(plan, refs, tile, facc)
 
@@ -419,6 +501,11 @@ def _run_program(plan: _Plan, refs: _Refs, allocs) -> None:
     # memory warpgroup ends by waiting for the last ring's release, as a STOP pipeline would
     # (whether a program runs one pipeline or more is only known at run time).
     start, steady = plgpu.PipelinePipeline.START, plgpu.PipelinePipeline.STEADY
+    if refs.h is not None:  # the shared h slot starts free: each h load waits for both arrivals
+        @pl.when(wg < 2)
+        def _free():
+            plgpu.barrier_arrive(refs.h_consumed.at[0])
+
     if schedule.full_rounds:
         _run_tile(plan, refs, allocs, wg, program, start)
 
@@ -433,6 +520,11 @@ def _run_program(plan: _Plan, refs: _Refs, allocs) -> None:
             piece = program // schedule.tail_tiles if schedule.splits > 1 else None
             _run_tile(plan, refs, allocs, wg, tile, steady if schedule.full_rounds else start, piece)
 
+    if refs.h is not None:  # the last chunk's arrivals: every phase of h_consumed waited for
+        @pl.when(wg == 0)
+        def _drain():
+            plgpu.barrier_wait(refs.h_consumed.at[0])
+
     if plan.chained:
         @pl.when(wg == 2)  # the memory warpgroup (the pipeline's last thread)
         def _quiesce():
@@ -441,8 +533,8 @@ def _run_program(plan: _Plan, refs: _Refs, allocs) -> None:
                 plgpu.barrier_wait(consumed.at[slot])
 
 
-def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, out_gmem, ws_gmem, *,
-            plan: _Plan) -> None:
+def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, h_gmem, up_gmem, ranges_gmem, out_gmem,
+            ws_gmem, *, plan: _Plan) -> None:
     """Allocates the pipeline's stage ring and the shared-memory scratch, then runs the program."""
     cfg = plan.config
     tn, tk = cfg.tile_n, cfg.tile_k
@@ -451,6 +543,8 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, ou
     out_slots = _out_slots(cfg, res_gmem is not None)
     out_transforms = swizzle_transforms(out_tile[1], jnp.dtype(out_gmem.dtype).itemsize)
     ignore = lambda *_, **__: None  # allocations do not depend on the bodies
+    lora = h_gmem is not None
+    lora_transforms = swizzle_transforms(cfg.lora_chunk, 2)
 
     @functools.partial(
         pl.run_scoped,
@@ -461,18 +555,22 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, ou
             (2, 2, tn, tk), jnp.int8, transforms=swizzle_transforms(tk)),
         out_smem=plgpu.SMEM((2, out_slots, *out_tile), out_gmem.dtype, transforms=out_transforms),
         res_barriers=None if res_gmem is None else plgpu.Barrier(num_barriers=2 * out_slots),
+        lora_h=plgpu.SMEM((cfg.tile_m, cfg.lora_chunk), jnp.bfloat16, transforms=lora_transforms) if lora else None,
+        lora_up=plgpu.SMEM((2, tn, cfg.lora_chunk), jnp.bfloat16, transforms=lora_transforms) if lora else None,
+        lora_barriers=plgpu.Barrier(num_barriers=3) if lora else None,
+        h_consumed=plgpu.Barrier(num_arrivals=2, num_barriers=1) if lora else None,
         collective_axes="wg",
     )
-    def _scope(pipeline_allocs, w8_smem, out_smem, res_barriers):
-        refs = _Refs(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, out_gmem, ws_gmem, w8_smem,
-                     out_smem, res_barriers)
+    def _scope(pipeline_allocs, w8_smem, out_smem, res_barriers, lora_h, lora_up, lora_barriers, h_consumed):
+        refs = _Refs(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, h_gmem, up_gmem, ranges_gmem,
+                     out_gmem, ws_gmem, w8_smem, out_smem, res_barriers, lora_h, lora_up, lora_barriers, h_consumed)
         _run_program(plan, refs, pipeline_allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 def _check_operands(x_codes, x_scales, w_packed, w_scales, bias, scale_group, gate=None, residual=None,
-                    out_dtype=None) -> None:
+                    out_dtype=None, lora_h=None, lora_up=None) -> None:
     """Raises ValueError naming the operand and shape at fault."""
     if x_codes.ndim != 2 or w_packed.ndim != 2 or x_codes.shape[1] != 2 * w_packed.shape[1]:
         raise ValueError(f"x_codes (M, K) {x_codes.shape} and w_packed (N, K/2) {w_packed.shape} do not match")
@@ -486,20 +584,23 @@ def _check_operands(x_codes, x_scales, w_packed, w_scales, bias, scale_group, ga
     check_gated_residual(m, n, gate, residual)
     if residual is not None and residual.dtype != jnp.dtype(out_dtype):
         raise ValueError(f"residual dtype {residual.dtype} must be the output dtype {jnp.dtype(out_dtype)}")
+    check_lora_operands(m, n, lora_h, lora_up)
 
 
 # The shared memory a CTA may use on Hopper (227 KiB), less room for the barriers.
 _SMEM_BYTES = 227 * 1024 - 1024
 
 
-def _stages_that_fit(cfg: W4A4MatmulConfig, out_itemsize: int) -> W4A4MatmulConfig:
+def _stages_that_fit(cfg: W4A4MatmulConfig, out_itemsize: int, residual: bool, lora: bool) -> W4A4MatmulConfig:
     """`cfg` with its pipeline shortened, one stage at a time, until the stage ring, the smem
-    form's unpacked-weight slots and the gated residual's output staging (a slot per epilogue
-    tile, `_out_slots`) fit in shared memory. The shipped configs fit at full depth."""
+    form's unpacked-weight slots, the output staging (with a residual a slot per epilogue tile,
+    `_out_slots`) and the LoRA chunk slots fit in shared memory. The shipped configs fit at full
+    depth without a LoRA."""
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
     stage = tm * tk + 2 * tn * tk // 2
-    staging = 2 * _out_slots(cfg, True) * cfg.epi_tile_m * cfg.epi_tile_n * out_itemsize  # both warpgroups
-    fixed = (2 * 2 * tn * tk if cfg.weight_operand == "smem" else 0) + staging
+    staging = 2 * _out_slots(cfg, residual) * cfg.epi_tile_m * cfg.epi_tile_n * out_itemsize  # both warpgroups
+    lora_slots = (tm + 2 * tn) * cfg.lora_chunk * 2 if lora else 0  # bf16: the shared h slot, a B slot each
+    fixed = (2 * 2 * tn * tk if cfg.weight_operand == "smem" else 0) + staging + lora_slots
     stages = cfg.max_concurrent_steps
     while stages > 2 and fixed + stages * stage > _SMEM_BYTES:
         stages -= 1
@@ -523,10 +624,10 @@ def _unpad_images(a: jax.Array, images: int, rows: int) -> jax.Array:
     return a.reshape(images, padded, *a.shape[1:])[:, :rows].reshape(images * rows, *a.shape[1:])
 
 
-def _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, *, scale_group, out_dtype, config, int32_out,
-          interpret) -> jax.Array:
-    """Pads each image's rows to whole tiles (all of M as one image without a gate), plans the
-    schedule, runs the kernel and finishes the split tiles."""
+def _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, lora_h, lora_up, *, scale_group, out_dtype,
+          config, int32_out, interpret) -> jax.Array:
+    """Pads each image's rows to whole tiles (all of M as one image without a gate) and the LoRA
+    rank to whole chunks, plans the schedule, runs the kernel and finishes the split tiles."""
     m, k = x_codes.shape
     n = w_packed.shape[0]
     cfg = config or config_for(m, n, k, scale_group)
@@ -537,8 +638,9 @@ def _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, *, scale_
 
     if int32_out:  # int32 output staging is twice the bf16 one: one stage less fits in smem.
         cfg = dataclasses.replace(cfg, max_concurrent_steps=min(cfg.max_concurrent_steps, 3))
-    if residual is not None:  # a staging slot per epilogue tile
-        cfg = _stages_that_fit(cfg, jnp.dtype(out_dtype).itemsize)
+    lora = lora_h is not None
+    if residual is not None or lora:  # a staging slot per epilogue tile; the LoRA chunk slots
+        cfg = _stages_that_fit(cfg, jnp.dtype(out_dtype).itemsize, residual is not None, lora)
     # The gated residual: row r belongs to image r // (M / B). Padding each image to whole tiles
     # gives every tile one image (one gate row); FLUX's token counts are whole tiles already.
     images = 1 if gate is None else gate.shape[0]
@@ -554,7 +656,15 @@ def _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, *, scale_
     b = None if int32_out else bias
     g = gate
     res = None if residual is None else _pad_images(residual, images, tiles_per_image * cfg.tile_m)
-    operands = [x_codes, w_packed, sx, sw, b, g, res]
+    # LoRA: zero rank columns up to whole chunks (exact: they add zero products).
+    lora_rank = 0 if not lora else -(-lora_h.shape[1] // cfg.lora_chunk) * cfg.lora_chunk
+    h = up = ranges = None
+    if lora:
+        h = jnp.pad(_pad_images(lora_h, images, tiles_per_image * cfg.tile_m),
+                    ((0, 0), (0, lora_rank - lora_h.shape[1])))
+        up = jnp.pad(lora_up, ((0, 0), (0, lora_rank - lora_up.shape[1])))
+        ranges = _lora_ranges(up, 2 * cfg.tile_n, cfg.lora_chunk)
+    operands = [x_codes, w_packed, sx, sw, b, g, res, h, up, ranges]
     present = [a is not None for a in operands]
 
     out_nm = _int32_output_transposed(cfg, int32_out)
@@ -585,18 +695,32 @@ def _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, *, scale_
     )
     y, *ws = f(*[a for a in operands if a is not None])
     if ws:
-        y = _add_split_tiles(y, ws[0], sx, sw, b, g, res, config=cfg, schedule=schedule, tiles=tiles,
+        y = _add_split_tiles(y, ws[0], sx, sw, b, g, res, h, up, config=cfg, schedule=schedule, tiles=tiles,
                              tiles_per_image=tiles_per_image, out_nm=out_nm, int32_out=int32_out)
     y = y.T if out_nm else y
     return _unpad_images(y, images, tokens)
 
 
-def _add_split_tiles(y, ws, x_scales, w_scales, bias, gate, residual, *, config: W4A4MatmulConfig,
+def _lora_ranges(up: jax.Array, tile_n: int, chunk: int) -> jax.Array:
+    """int32 (2 * N / tile_n,): for each tile_n rows of B (N, r), r a multiple of `chunk`, the
+    [first, end) of the rank chunks holding its nonzeros ([0, 0): none). A fused layer's members
+    that carry their own LoRAs have a block-diagonal B (`flux_flax.lora`, member by member), so
+    each CTA tile multiplies only its member's chunks."""
+    n, r = up.shape
+    nonzero = (up.reshape(n // tile_n, tile_n, r // chunk, chunk) != 0).any(axis=(1, 3))
+    chunks = jnp.arange(r // chunk, dtype=jnp.int32)
+    first = jnp.min(jnp.where(nonzero, chunks, r // chunk), axis=1)
+    end = jnp.max(jnp.where(nonzero, chunks + 1, 0), axis=1)
+    return jnp.stack([jnp.minimum(first, end), end], axis=1).reshape(-1)
+
+
+def _add_split_tiles(y, ws, x_scales, w_scales, bias, gate, residual, lora_h, lora_up, *, config: W4A4MatmulConfig,
                      schedule: TileSchedule, tiles: tuple[int, int], tiles_per_image: int, out_nm: bool,
                      int32_out: bool) -> jax.Array:
     """Finishes the tail tiles that the kernel computed as K pieces (`TileSchedule`): adds the
     pieces' int32 partial sums (exact), dequantizes them with the kernel epilogue's `dequantize`
-    and `add_residual` (the int32 variant: not at all) and writes them into y with one scatter."""
+    (LoRA term included: a float32 product of the tiles' h rows and B rows) and `add_residual`
+    (the int32 variant: not at all) and writes them into y with one scatter."""
     tm, cta_n = config.tile_m, 2 * config.tile_n
     acc = ws.sum(0, dtype=jnp.int32)  # (tail, warpgroup, *acc_shape)
     order = (0, 3, 1, 2) if config.weight_operand == "registers" else (0, 2, 1, 3)
@@ -610,9 +734,15 @@ def _add_split_tiles(y, ws, x_scales, w_scales, bias, gate, residual, *, config:
             """Each tail tile's columns of the (R, N) per-column rows `v` (row `rows` of them)."""
             return v.reshape(v.shape[0], -1, cta_n)[rows, ni][:, None, :]
 
+        def lora(v: jax.Array) -> jax.Array:
+            h = lora_h.reshape(-1, tm, lora_h.shape[1])[mi]  # (tail, tm, r)
+            up = lora_up.reshape(-1, cta_n, lora_up.shape[1])[ni]  # (tail, cta_n, r)
+            return v + jnp.einsum("tmr,tnr->tmn", h, up, preferred_element_type=jnp.float32)
+
         vals = dequantize(acc.astype(jnp.float32), lambda: x_scales.reshape(-1, tm)[mi][:, :, None],
                           lambda: columns(w_scales[None]), None if bias is None else lambda: columns(bias[None]),
-                          None if gate is None else lambda: columns(gate, mi // tiles_per_image))
+                          None if gate is None else lambda: columns(gate, mi // tiles_per_image),
+                          None if lora_h is None else lora)
         if residual is not None:
             vals = add_residual(vals, residual.reshape(tiles[0], tm, tiles[1], cta_n)[mi, :, ni])
         vals = vals.astype(y.dtype)
@@ -638,25 +768,32 @@ def w4a4_matmul(
     *,
     gate: jax.Array | None = None,
     residual: jax.Array | None = None,
+    lora_h: jax.Array | None = None,
+    lora_up: jax.Array | None = None,
     scale_group: int | None = None,
     out_dtype: jnp.dtype = jnp.bfloat16,
     config: W4A4MatmulConfig | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """(M, N) = (x_codes . unpack(w_packed)^T) * x_scales[:, None] * w_scales (+ bias), or with
-    the gated residual residual + gate[m // (M / B)] * (that), in float32 with one rounding.
+    """(M, N) = (x_codes . unpack(w_packed)^T) * x_scales[:, None] * w_scales (+ bias)
+    (+ lora_h . lora_up^T), or with the gated residual residual + gate[m // (M / B)] * (that), in
+    float32 with one rounding.
 
     x_codes: int8 (M, K) in [-8, 7]; x_scales: float32 (M,); w_packed: uint8 (N, K/2), low
     nibble = even k; w_scales: float32 (N,), or (N, K / scale_group) with `scale_group`; bias:
     (N,) or None. gate (B, N) and residual (M, N) in out_dtype, both or neither: the rows are B
     images of M / B tokens, row m takes gate row m // (M / B) (FLUX's gated residual after its
     output projections and MLPs); the epilogue applies them (TMA-loading the residual tiles while
-    the main loop runs), so no elementwise pass follows. config: default `config_for(M, N, K,
-    scale_group)`. interpret: Mosaic GPU interpret mode (CPU tests).
+    the main loop runs), so no elementwise pass follows. lora_h (M, r) and lora_up (N, r), bf16,
+    both or neither: a LoRA branch's down-projection ((x A^T) * s, made where x is) and its B; the
+    epilogue adds their product (bf16 wgmmas, float32 accumulation onto the dequantized sum)
+    before the gate. config: default `config_for(M, N, K, scale_group)`. interpret: Mosaic GPU
+    interpret mode (CPU tests).
     """
-    _check_operands(x_codes, x_scales, w_packed, w_scales, bias, scale_group, gate, residual, out_dtype)
-    return _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, scale_group=scale_group,
-                 out_dtype=out_dtype, config=config, int32_out=False, interpret=interpret)
+    _check_operands(x_codes, x_scales, w_packed, w_scales, bias, scale_group, gate, residual, out_dtype, lora_h,
+                    lora_up)
+    return _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, lora_h, lora_up,
+                 scale_group=scale_group, out_dtype=out_dtype, config=config, int32_out=False, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
@@ -669,5 +806,6 @@ def w4a4_matmul_int32(
     m, n = x_codes.shape[0], w_packed.shape[0]
     x_scales, w_scales = jnp.ones((m,), jnp.float32), jnp.ones((n,), jnp.float32)  # unused by this variant
     _check_operands(x_codes, x_scales, w_packed, w_scales, None, None)
-    return _call(x_codes, x_scales, w_packed, w_scales, None, None, None, scale_group=None, out_dtype=jnp.int32,
+    return _call(x_codes, x_scales, w_packed, w_scales, None, None, None, None, None, scale_group=None,
+                 out_dtype=jnp.int32,
                  config=config, int32_out=True, interpret=interpret)

@@ -35,6 +35,12 @@ class W4A4MatmulConfig:
     # (`pallas_kernels.tile_schedule`); their int32 partial sums are added and dequantized after
     # the kernel.
     split_tail: bool = True
+    # LoRA (`lora_h`, `lora_up`): rank columns per epilogue MMA chunk. Shared memory holds one
+    # chunk of the CTA's h tile (tile_m, chunk) and of each warpgroup's B tile (tile_n, chunk): the
+    # first is loaded while the main loop runs, further chunks one after another in the epilogue.
+    # The rank is padded with zero columns to a multiple of it; the pipeline loses stages when the
+    # slots would not fit beside it (`_stages_that_fit`).
+    lora_chunk: int = 32
 
     def __post_init__(self):
         if self.tile_m % 64 or self.tile_n % 64 or self.tile_k % 64:
@@ -43,6 +49,8 @@ class W4A4MatmulConfig:
             raise ValueError(f"epilogue tiles must divide the output tile: {self}")
         if self.grid_minor_dim not in ("m", "n"):
             raise ValueError(f"grid_minor_dim must be 'm' or 'n': {self}")
+        if self.lora_chunk % 16 or self.lora_chunk < 16:
+            raise ValueError(f"lora_chunk must be a positive multiple of 16 (a bf16 wgmma's K step): {self}")
         if self.weight_operand not in ("smem", "registers"):
             raise ValueError(f"weight_operand must be 'smem' or 'registers': {self}")
 

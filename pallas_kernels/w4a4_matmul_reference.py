@@ -47,16 +47,22 @@ def w4a4_matmul_reference(
     *,
     gate: jax.Array | None = None,
     residual: jax.Array | None = None,
+    lora_h: jax.Array | None = None,
+    lora_up: jax.Array | None = None,
     scale_group: int | None = None,
     out_dtype: jnp.dtype = jnp.bfloat16,
 ) -> jax.Array:
     """The kernel's function in XLA ops: `dequantized_matmul_reference` (unpack, int8 dot with
-    int32 accumulation, scales in the kernel's order), then bias, then the gated residual when
-    given, then the cast: all float32, one rounding."""
+    int32 accumulation, scales in the kernel's order), then bias, then the LoRA term
+    lora_h . lora_up^T (float32 product) when given, then the gated residual when given, then the
+    cast: all float32, one rounding."""
     y = dequantized_matmul_reference(x_codes, x_scales.astype(jnp.float32), unpack_int4(w_packed), w_scales,
                                      scale_group)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
+    check_lora_operands(*y.shape, lora_h, lora_up)
+    if lora_h is not None:
+        y = y + jax.lax.dot_general(lora_h, lora_up, _NT, preferred_element_type=jnp.float32)
     check_gated_residual(*y.shape, gate, residual)
     if gate is not None:
         y = gated_residual_reference(y, gate, residual)
@@ -85,3 +91,21 @@ def check_gated_residual(m: int, n: int, gate: jax.Array | None, residual: jax.A
         raise ValueError(f"gate {gate.shape} must be (B, N) = (B, {n}) with B images dividing M = {m} rows")
     if residual.shape != (m, n):
         raise ValueError(f"residual {residual.shape} must be (M, N) = ({m}, {n})")
+
+
+def check_lora_operands(m: int, n: int, lora_h: jax.Array | None, lora_up: jax.Array | None) -> None:
+    """A LoRA branch's GEMM operands: both or neither; h (M, r) and B (N, r), both bfloat16, r >= 1.
+    Raises ValueError naming the one at fault."""
+    if (lora_h is None) != (lora_up is None):
+        given = "lora_h" if lora_up is None else "lora_up"
+        raise ValueError(f"a LoRA branch needs both lora_h and lora_up, got only {given}")
+    if lora_h is None:
+        return
+    if lora_h.ndim != 2 or lora_up.ndim != 2 or lora_h.shape[1] != lora_up.shape[1] or lora_h.shape[1] < 1:
+        raise ValueError(f"lora_h {lora_h.shape} and lora_up {lora_up.shape} must be (M, r) and (N, r) with one rank r")
+    if lora_h.shape[0] != m or lora_up.shape[0] != n:
+        raise ValueError(f"lora_h {lora_h.shape} and lora_up {lora_up.shape} must be (M, r) = ({m}, r) and "
+                         f"(N, r) = ({n}, r)")
+    if lora_h.dtype != jnp.bfloat16 or lora_up.dtype != jnp.bfloat16:
+        raise ValueError(f"lora_h and lora_up must be bfloat16 (the epilogue's wgmma operands), got {lora_h.dtype} "
+                         f"and {lora_up.dtype}")

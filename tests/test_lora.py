@@ -422,8 +422,9 @@ def test_a_model_carrying_loras_is_not_saved_fused_or_quantized(reference, tmp_p
 
 @pytest.mark.gpu
 def test_pallas_w4a4_layer_adds_the_low_rank_term():
-    """On the GPU: the Pallas W4A4 layer (rotate-quantize + GEMM kernels) with a bf16 LoRA equals
-    its own output plus `LowRankFactors.add_to`'s term, at a FLUX shape."""
+    """On the GPU: the Pallas W4A4 layer (rotate-quantize + GEMM kernels) with an unfused bf16 LoRA
+    equals its own output plus `LowRankFactors.add_to`'s term, at a FLUX shape (the fused path:
+    tests/test_lora_fused.py)."""
     from convrot_jax import LowRankFactors
 
     rng = np.random.default_rng(8)
@@ -434,7 +435,7 @@ def test_pallas_w4a4_layer_adds_the_low_rank_term():
     base = layer(x)
     a, b = (jnp.asarray(f, jnp.bfloat16) for f in flux_fixtures.lora_factors(rng, rank, k, n))
     s = jnp.full((rank,), 0.7, jnp.float32)
-    attach_lora(layer, LowRank(a, b, s))
+    attach_lora(layer, LowRank(a, b, s, fused=False))
     y = layer(x)
     np.testing.assert_array_equal(np.asarray(y, np.float32),
                                   np.asarray(LowRankFactors(a, b, s).add_to(base, x), np.float32))

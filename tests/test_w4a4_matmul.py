@@ -18,7 +18,7 @@ import pytest
 
 from pallas_kernels.rounding import pack_int4
 from pallas_kernels.shapes import FLUX_LINEAR_SHAPES
-from pallas_kernels.w4a4_matmul import w4a4_matmul, w4a4_matmul_int32
+from pallas_kernels.w4a4_matmul import _lora_ranges, w4a4_matmul, w4a4_matmul_int32
 from pallas_kernels.w4a4_matmul_config import W4A4MatmulConfig
 from pallas_kernels.w4a4_matmul_reference import int_matmul_reference, w4a4_matmul_reference
 
@@ -57,18 +57,47 @@ def _assert_bf16_rounding_equal(y: jax.Array, ref: jax.Array, terms: jax.Array, 
     assert np.mean(y64 == r64) >= identical
 
 
-def _check(m, n, k, *, bias, scale_group=None, config=None, interpret, seed=0):
+def _lora_operands(seed: int, m: int, n: int, rank: int) -> dict:
+    """A LoRA branch's GEMM operands (none for rank 0): h (M, r) and B (N, r) in bf16, their
+    product a sizeable part of the linear's magnitude (so a wrong or missing term shows)."""
+    if not rank:
+        return {}
+    ks = jax.random.split(jax.random.key(seed + 2000), 2)
+    return {"lora_h": jax.random.normal(ks[0], (m, rank), jnp.float32).astype(jnp.bfloat16),
+            "lora_up": jax.random.normal(ks[1], (n, rank), jnp.float32).astype(jnp.bfloat16)}
+
+
+def _lora_terms(lora: dict) -> jax.Array | float:
+    """|h| |B|^T: bounds the LoRA product's partial sums (its bf16 products are exact in float32)."""
+    if not lora:
+        return 0.0
+    h, up = (jnp.abs(lora[name].astype(jnp.float32)) for name in ("lora_h", "lora_up"))
+    return h @ up.T
+
+
+def _assert_lora_shows(ref: jax.Array, base: jax.Array) -> None:
+    """The LoRA term moves the output by more than a tenth of its mean magnitude on average."""
+    ref64, base64 = np.asarray(ref, np.float64), np.asarray(base, np.float64)
+    assert np.mean(np.abs(ref64 - base64)) > 0.1 * np.mean(np.abs(base64))
+
+
+def _check(m, n, k, *, bias, scale_group=None, config=None, interpret, seed=0, lora_rank=0):
+    """The kernel against the reference: exact int32 sums, outputs equal up to the final bf16
+    rounding; with `lora_rank`, a LoRA branch's term in the epilogue too."""
     x_codes, x_scales, w_codes, w_scales, b = _operands(seed, m, n, k, scale_group)
     w_packed = pack_int4(w_codes)
     b = b if bias else None
+    lora = _lora_operands(seed, m, n, lora_rank)
     if scale_group is None:
         acc = w4a4_matmul_int32(x_codes, w_packed, config=config, interpret=interpret)
         np.testing.assert_array_equal(np.asarray(acc), np.asarray(int_matmul_reference(x_codes, w_codes)))
     y = w4a4_matmul(x_codes, x_scales, w_packed, w_scales, b, scale_group=scale_group, config=config,
-                    interpret=interpret)
-    ref = w4a4_matmul_reference(x_codes, x_scales, w_packed, w_scales, b, scale_group=scale_group)
-    terms = _term_magnitudes(x_codes, x_scales, w_codes, w_scales, scale_group)
+                    interpret=interpret, **lora)
+    ref = w4a4_matmul_reference(x_codes, x_scales, w_packed, w_scales, b, scale_group=scale_group, **lora)
+    terms = _term_magnitudes(x_codes, x_scales, w_codes, w_scales, scale_group) + _lora_terms(lora)
     _assert_bf16_rounding_equal(y, ref, terms + (0 if b is None else jnp.abs(b)))
+    if lora:
+        _assert_lora_shows(ref, w4a4_matmul_reference(x_codes, x_scales, w_packed, w_scales, b, scale_group=scale_group))
 
 
 def _gated_operands(seed: int, m: int, n: int, images: int):
@@ -90,19 +119,25 @@ def _gated_terms(terms: jax.Array, gate: jax.Array, residual: jax.Array) -> jax.
 
 
 def _check_gated(images: int, tokens: int, n: int, k: int, *, bias: bool, config, interpret: bool, seed: int,
-                 scale_group: int | None = None):
-    """The kernel's gated residual against the reference: equal up to the final bf16 rounding."""
+                 scale_group: int | None = None, lora_rank: int = 0):
+    """The kernel's gated residual against the reference: equal up to the final bf16 rounding;
+    with `lora_rank`, a LoRA branch's term added before the gate."""
     m = images * tokens
     x_codes, x_scales, w_codes, w_scales, b = _operands(seed, m, n, k, scale_group)
     gate, residual = _gated_operands(seed, m, n, images)
     b = b if bias else None
     w_packed = pack_int4(w_codes)
+    lora = _lora_operands(seed, m, n, lora_rank)
     y = w4a4_matmul(x_codes, x_scales, w_packed, w_scales, b, gate=gate, residual=residual, scale_group=scale_group,
-                    config=config, interpret=interpret)
+                    config=config, interpret=interpret, **lora)
     ref = w4a4_matmul_reference(x_codes, x_scales, w_packed, w_scales, b, gate=gate, residual=residual,
-                                scale_group=scale_group)
-    terms = _term_magnitudes(x_codes, x_scales, w_codes, w_scales, scale_group) + (0 if b is None else jnp.abs(b))
+                                scale_group=scale_group, **lora)
+    terms = (_term_magnitudes(x_codes, x_scales, w_codes, w_scales, scale_group) + (0 if b is None else jnp.abs(b))
+             + _lora_terms(lora))
     _assert_bf16_rounding_equal(y, ref, _gated_terms(terms, gate, residual))
+    if lora:
+        _assert_lora_shows(ref, w4a4_matmul_reference(x_codes, x_scales, w_packed, w_scales, b, gate=gate,
+                                                      residual=residual, scale_group=scale_group))
 
 
 def _term_magnitudes(x_codes, x_scales, w_codes, w_scales, scale_group):
@@ -213,6 +248,95 @@ def test_interpret_gated_residual_per_group():
     _check_gated(2, 35, 256, 256, bias=True, config=cfg, interpret=True, seed=64, scale_group=64)
 
 
+@pytest.mark.parametrize("weight_operand", [pytest.param("smem", marks=pytest.mark.slow), "registers"])
+def test_interpret_lora(weight_operand):
+    """A LoRA branch in the epilogue (bf16 h . B^T accumulated onto the dequantized sum), rank 40:
+    two chunks of 32, the second loaded in the epilogue, 24 zero rank columns of padding; M = 100
+    padded to 2 row tiles; 6 tiles on 4 programs: one round of chained pipelines, then 2 tail
+    tiles split into 2 K pieces, whose term the XLA finish (`_add_split_tiles`) adds."""
+    cfg = dataclasses.replace(SMALL, weight_operand=weight_operand)
+    from pallas_kernels.tile_schedule import tile_schedule
+    assert tile_schedule(2 * 3, 512 // cfg.tile_k, 4, cfg.max_concurrent_steps, True).splits == 2
+    _check(100, 384, 512, bias=True, config=cfg, interpret=True, seed=40, lora_rank=40)
+
+
+@pytest.mark.parametrize("weight_operand", [pytest.param("smem", marks=pytest.mark.slow), "registers"])
+def test_interpret_lora_gated_residual(weight_operand):
+    """The LoRA term before the gate: 3 images of 13 tokens (each padded to its tile, h too), rank 16
+    (one chunk, half of it padding)."""
+    cfg = dataclasses.replace(SMALL, weight_operand=weight_operand)
+    _check_gated(3, 13, 256, 256, bias=True, config=cfg, interpret=True, seed=16, lora_rank=16)
+
+
+def test_interpret_lora_per_group():
+    """Per-group weight scales (the f32 accumulator path) with a rank-24 branch and a gate."""
+    cfg = W4A4MatmulConfig(tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=2)
+    _check_gated(2, 35, 256, 256, bias=False, config=cfg, interpret=True, seed=24, scale_group=64, lora_rank=24)
+
+
+@pytest.mark.parametrize("weight_operand", ["smem", "registers"])
+def test_interpret_lora_scale_zero_is_the_base_output(weight_operand):
+    """h = 0 (a zero LoRA scale) adds exact zeros: bit for bit the kernel without a branch."""
+    cfg = dataclasses.replace(SMALL, weight_operand=weight_operand)
+    x_codes, x_scales, w_codes, w_scales, b = _operands(9, 37, 256, 256)
+    args = (x_codes, x_scales, pack_int4(w_codes), w_scales, b)
+    up = jnp.ones((256, 32), jnp.bfloat16)
+    y = w4a4_matmul(*args, lora_h=jnp.zeros((37, 32), jnp.bfloat16), lora_up=up, config=cfg, interpret=True)
+    np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                  np.asarray(w4a4_matmul(*args, config=cfg, interpret=True), np.float32))
+
+
+# B's nonzero (rows / 64, rank chunks of 32) blocks: a member's own chunk, another's, none, two
+# chunks around a zero one; `_lora_ranges` gives each CTA tile's 128 rows [first, end) of their
+# chunks: [0, 2) and [0, 3).
+BLOCKS = {(0, 0), (1, 1), (3, 0), (3, 2)}
+BLOCK_RANGES = [0, 2, 0, 3]
+
+
+def _block_diagonal_up(n: int, rank: int) -> jax.Array:
+    up = _lora_operands(1, 1, n, rank)["lora_up"]
+    mask = np.zeros((n, rank), bool)
+    for rows, chunk in BLOCKS:
+        mask[rows * 64:(rows + 1) * 64, chunk * 32:(chunk + 1) * 32] = True
+    return jnp.where(jnp.asarray(mask), up, 0)
+
+
+def test_lora_ranges():
+    np.testing.assert_array_equal(np.asarray(_lora_ranges(_block_diagonal_up(256, 96), 128, 32)), BLOCK_RANGES)
+
+
+@pytest.mark.parametrize("weight_operand", ["smem", "registers"])
+def test_interpret_lora_block_diagonal(weight_operand):
+    """A B with zero blocks (a fused layer whose members carry their own LoRAs): each CTA tile
+    multiplies its rows' chunks only (a range of two, or three around a zero chunk; a warpgroup
+    whose rows have none multiplies zeros), equal to the reference's full product up to the final
+    rounding."""
+    cfg = dataclasses.replace(SMALL, weight_operand=weight_operand)
+    m, n, k, rank = 70, 256, 256, 96
+    x_codes, x_scales, w_codes, w_scales, b = _operands(96, m, n, k)
+    lora = {"lora_h": _lora_operands(96, m, n, rank)["lora_h"], "lora_up": _block_diagonal_up(n, rank)}
+    args = (x_codes, x_scales, pack_int4(w_codes), w_scales, b)
+    y = w4a4_matmul(*args, config=cfg, interpret=True, **lora)
+    ref = w4a4_matmul_reference(*args, **lora)
+    terms = _term_magnitudes(x_codes, x_scales, w_codes, w_scales, None) + jnp.abs(b) + _lora_terms(lora)
+    _assert_bf16_rounding_equal(y, ref, terms)
+    _assert_lora_shows(ref[:, :128], w4a4_matmul_reference(*args)[:, :128])
+
+
+def test_lora_bad_operands_raise():
+    x, sx = jnp.zeros((8, 256), jnp.int8), jnp.ones(8)
+    w, sw = jnp.zeros((128, 128), jnp.uint8), jnp.ones(128)
+    h, up = jnp.zeros((8, 16), jnp.bfloat16), jnp.zeros((128, 16), jnp.bfloat16)
+    with pytest.raises(ValueError, match="both lora_h and lora_up, got only lora_h"):
+        w4a4_matmul(x, sx, w, sw, lora_h=h)
+    with pytest.raises(ValueError, match=r"must be \(M, r\) = \(8, r\) and \(N, r\) = \(128, r\)"):
+        w4a4_matmul(x, sx, w, sw, lora_h=h[:4], lora_up=up)
+    with pytest.raises(ValueError, match="with one rank r"):
+        w4a4_matmul(x, sx, w, sw, lora_h=h, lora_up=up[:, :8])
+    with pytest.raises(ValueError, match="must be bfloat16"):
+        w4a4_matmul(x, sx, w, sw, lora_h=h.astype(jnp.float32), lora_up=up)
+
+
 def test_gated_residual_bad_operands_raise():
     x, sx = jnp.zeros((8, 256), jnp.int8), jnp.ones(8)
     w, sw = jnp.zeros((128, 128), jnp.uint8), jnp.ones(128)
@@ -299,6 +423,32 @@ def test_gpu_flux_per_group(k, n):
 @pytest.mark.parametrize("m", [37, 4608])
 def test_gpu_per_group_64(m):
     _check(m, 3072, 3072, bias=False, scale_group=64, interpret=False, seed=m)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weight_operand", ["smem", "registers"])
+@pytest.mark.parametrize("k,n", [(3072, 12288), (12288, 3072)])
+def test_gpu_lora_both_weight_operands(k, n, weight_operand):
+    """A dense rank-96 LoRA (three chunks, two loaded in the epilogue) at 4608 tokens; K = 12288
+    takes the split tail."""
+    cfg = W4A4MatmulConfig(tile_m=256, tile_n=64, tile_k=128, max_concurrent_steps=4, weight_operand=weight_operand)
+    _check(4608, n, k, bias=True, config=cfg, interpret=False, seed=k + n, lora_rank=96)
+
+
+@pytest.mark.gpu
+def test_gpu_lora_gated_residual_block_diagonal():
+    """The shipped config at proj_out's shape (K = 15360) with the gated residual and a rank-32
+    LoRA, then a block-diagonal rank-96 B at to_qkv's (N = 9216: each warpgroup tile its chunk)."""
+    _check_gated(1, 4608, 3072, 15360, bias=True, config=None, interpret=False, seed=15, lora_rank=32)
+    m, n, k, rank = 4608, 9216, 3072, 96
+    x_codes, x_scales, w_codes, w_scales, b = _operands(9, m, n, k)
+    up = _lora_operands(9, m, n, rank)["lora_up"]
+    member = jnp.arange(n)[:, None] // 3072 == jnp.arange(rank)[None, :] // 32
+    lora = {"lora_h": _lora_operands(9, m, n, rank)["lora_h"], "lora_up": jnp.where(member, up, 0)}
+    args = (x_codes, x_scales, pack_int4(w_codes), w_scales, b)
+    ref = w4a4_matmul_reference(*args, **lora)
+    terms = _term_magnitudes(x_codes, x_scales, w_codes, w_scales, None) + jnp.abs(b) + _lora_terms(lora)
+    _assert_bf16_rounding_equal(w4a4_matmul(*args, **lora), ref, terms)
 
 
 def test_repeated_calls_share_one_traced_kernel():

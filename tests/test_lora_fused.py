@@ -1,0 +1,250 @@
+"""The fused LoRA path of the W4A4 layer (`convrot_jax.ops.w4a4_linear(lora=...)` on the Pallas
+kernels: h = (u A^T) * s in XLA, h B^T in the GEMM epilogue before the gate) against the unfused
+one (`LowRank.fused = False`: the layer, then `LowRankFactors.add_to`): on the CPU through Mosaic
+GPU interpret mode (the ops' kernels swapped for their interpret-mode calls), within the bound of
+the two paths' roundings; a zero scale or rank gives the base layer bit for bit; the fused path
+lowers for CUDA at FLUX's shapes; `gpu`: fused against unfused at FLUX's shapes on the H200."""
+
+import dataclasses
+import functools
+
+import flux_fixtures
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels.rotate_quantize
+import pallas_kernels.tile_schedule
+import pallas_kernels.w4a4_matmul
+from convrot_jax import ConvDense4bit, GeluTanh, LayerNormModulation, LowRank, attach_lora, ops, set_lora_fusion
+from convrot_jax.lora import LowRankFactors
+from convrot_jax.prologue import apply_prologue
+from convrot_jax.quant import QuantizedWeight
+from pallas_kernels.w4a4_matmul_config import W4A4MatmulConfig
+
+U = 2.0**-8  # bf16 unit roundoff
+F32_ADD = 2.0**-23  # one float32 add, truncating or not (tensor cores may truncate)
+SMALL = W4A4MatmulConfig(tile_m=64, tile_n=64, tile_k=128, max_concurrent_steps=2)
+
+
+def _interpret_kernels(monkeypatch, weight_operand: str) -> None:
+    """`convrot_jax.ops`'s Pallas path on the CPU: its kernels in Mosaic GPU interpret mode, the
+    GEMM with small tiles in the given weight form."""
+    monkeypatch.setattr(ops, "pallas_supported", lambda: True)
+    monkeypatch.setattr(ops, "rotate_quantize",
+                        functools.partial(pallas_kernels.rotate_quantize.rotate_quantize, interpret=True))
+    monkeypatch.setattr(ops, "w4a4_matmul", functools.partial(
+        pallas_kernels.w4a4_matmul.w4a4_matmul, interpret=True,
+        config=dataclasses.replace(SMALL, weight_operand=weight_operand)))
+
+
+def _layer(rng, k: int, n: int) -> ConvDense4bit:
+    weight = jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), jnp.float32)
+    return ConvDense4bit.from_linear(weight, jnp.asarray(rng.standard_normal(n) * 0.1), implementation="pallas")
+
+
+def _two_loras(rng, k: int, n: int, ranks=(16, 24), scales=(0.8, -1.3)) -> LowRank:
+    """Two LoRAs on one layer as one branch, ranks concatenated (as `flux_flax.lora` attaches
+    them), bf16 factors, each with its own scale."""
+    parts = [flux_fixtures.lora_factors(rng, r, k, n) for r in ranks]
+    down = jnp.asarray(np.concatenate([a for a, _ in parts]), jnp.bfloat16)
+    up = jnp.asarray(np.concatenate([b for _, b in parts], axis=1), jnp.bfloat16)
+    scale = np.concatenate([np.full(r, s, np.float32) for r, s in zip(ranks, scales)])
+    return LowRank(down, up, scale)
+
+
+def _abs64(a) -> np.ndarray:
+    return np.abs(np.asarray(a, np.float64))
+
+
+def assert_fused_matches_unfused(fused, unfused, base, term_bound, rank: int, *, unfused_pre_gate=None, gate=None,
+                                 residual=None) -> None:
+    """fused = bf16(g (b + h B^T) + res), h B^T accumulated onto the layer's float32 value b in
+    the epilogue; unfused = bf16(g y_u + res) with y_u = bf16(bf16(b) + fl(h B^T)) (no gate:
+    g = 1, res = 0, the outer rounding absent). Elementwise, with base = bf16(b) (|b| <=
+    |base| / (1 - u)) and S = |h| |B|^T: the pre-gate values differ by at most
+    u |b| (the unfused path's rounding of b) + (r + 1) adds of float32 error on (|b| + S) (the
+    epilogue's sum) + r adds on S (XLA's) + the unfused roundings of y_u (u + one add, on
+    |y_u| / (1 - u)); the gate multiplies that, its product and the residual's add cost two
+    float32 roundings of |res| + |g| |y|, and each output is one bf16 rounding of its value."""
+    c = (U + F32_ADD) / (1 - U)
+    b = _abs64(base) / (1 - U)
+    pre = (U + (rank + 1) * F32_ADD) * b + (2 * rank + 1) * F32_ADD * np.asarray(term_bound, np.float64)
+    outer = c * (_abs64(fused) + _abs64(unfused))
+    if gate is None:
+        tol = outer + pre
+    else:
+        g = _abs64(gate)[:, None, :]
+        y_u = _abs64(unfused_pre_gate)
+        tol = outer + g * (pre + c * y_u) + 2 * F32_ADD * (_abs64(residual) + g * (y_u / (1 - U) + pre))
+    err = np.abs(np.asarray(fused, np.float64) - np.asarray(unfused, np.float64))
+    bad = err > tol
+    assert not bad.any(), f"{bad.sum()} of {bad.size} off, worst {err[bad].max()} against {tol[bad].min()}"
+
+
+def _assert_term_shows(with_lora, base) -> None:
+    """The LoRA term moves the layer's output by more than a tenth of its mean magnitude on average
+    (far beyond the bound), so a lost or misplaced term fails."""
+    moved = np.asarray(with_lora, np.float64) - np.asarray(base, np.float64)
+    assert np.mean(np.abs(moved)) > 0.1 * np.mean(_abs64(base))
+
+
+def _term_bound(lora: LowRankFactors, produced) -> np.ndarray:
+    """S = |h| |B|^T of the fused path's h (the bf16 down-projection of the layer's input)."""
+    h = _abs64(lora.down_projection(produced))
+    return h @ _abs64(lora.up).T
+
+
+# --- CPU: interpret mode ------------------------------------------------------------------------
+
+CASES = {  # name: (prologue, gated)
+    "plain": (None, False),
+    "gelu_gated": (GeluTanh(256), True),
+    "layernorm": (LayerNormModulation(jnp.asarray(np.random.default_rng(1).normal(0, 0.5, (2, 512)), jnp.bfloat16),
+                                      jnp.asarray(np.random.default_rng(2).normal(0, 0.5, (2, 512)), jnp.bfloat16)),
+                  False),
+}
+
+
+@pytest.mark.parametrize("case,weight_operand", [pytest.param("plain", "registers", marks=pytest.mark.slow),
+                                                 pytest.param("gelu_gated", "smem", marks=pytest.mark.slow),
+                                                 ("gelu_gated", "registers"), ("layernorm", "smem")])
+def test_interpret_fused_matches_unfused(monkeypatch, case, weight_operand):
+    """Two LoRAs (ranks 16 and 24: two rank chunks in the epilogue) on a W4A4 layer of 2 images
+    of 40 tokens (K = 512, N = 128): fused equals unfused within `assert_fused_matches_unfused`'s
+    bound, with a producer prologue (tanh-GELU from column 256, or the modulated LayerNorm) and
+    FLUX's gated residual; the term moves the output well beyond that bound."""
+    _interpret_kernels(monkeypatch, weight_operand)
+    prologue, gated = CASES[case]
+    rng = np.random.default_rng(len(case))
+    k, n = 512, 128
+    layer = _layer(rng, k, n)
+    x = jnp.asarray(rng.standard_normal((2, 40, k)) * 2, jnp.bfloat16)
+    extra = {}
+    if gated:
+        extra = dict(gate=jnp.asarray(rng.standard_normal((2, n)), jnp.bfloat16),
+                     residual=jnp.asarray(rng.standard_normal((2, 40, n)) * 4, jnp.bfloat16))
+    base = layer(x, prologue=prologue)  # no LoRA, no gate: bf16(b)
+    attach_lora(layer, _two_loras(rng, k, n))
+    fused = layer(x, prologue=prologue, **extra)
+    set_lora_fusion(layer, False)
+    unfused = layer(x, prologue=prologue, **extra)
+    pre_gate = layer(x, prologue=prologue) if gated else None
+    lora = layer.lora.factors()
+    produced = x if prologue is None else apply_prologue(x, prologue)
+    assert_fused_matches_unfused(fused, unfused, base, _term_bound(lora, produced), lora.down.shape[0],
+                                 unfused_pre_gate=pre_gate, **extra)
+    _assert_term_shows(pre_gate if gated else unfused, base)
+
+
+def test_interpret_zero_scale_and_zero_rank_are_the_base_layer(monkeypatch):
+    """A zero scale (h = 0: the epilogue adds exact zeros) and a rank-0 branch (no term) give the
+    fused layer's output without a branch bit for bit, with the GELU prologue and the gate."""
+    _interpret_kernels(monkeypatch, "registers")
+    rng = np.random.default_rng(3)
+    k, n = 512, 128
+    layer = _layer(rng, k, n)
+    x = jnp.asarray(rng.standard_normal((2, 40, k)), jnp.bfloat16)
+    extra = dict(prologue=GeluTanh(256), gate=jnp.asarray(rng.standard_normal((2, n)), jnp.bfloat16),
+                 residual=jnp.asarray(rng.standard_normal((2, 40, n)), jnp.bfloat16))
+    base = np.asarray(layer(x, **extra), np.float32)
+    branch = _two_loras(rng, k, n, scales=(0.0, 0.0))
+    attach_lora(layer, branch)
+    np.testing.assert_array_equal(np.asarray(layer(x, **extra), np.float32), base)
+    attach_lora(layer, LowRank(jnp.zeros((0, k), jnp.bfloat16), jnp.zeros((n, 0), jnp.bfloat16), np.zeros(0)))
+    np.testing.assert_array_equal(np.asarray(layer(x, **extra), np.float32), base)
+
+
+def test_fusion_switch_is_static_and_reaches_every_branch():
+    """`set_lora_fusion` sets every branch of a model; the setting is part of the graph (a jitted
+    step compiles again), the factors stay inputs."""
+    from flax import nnx
+
+    rng = np.random.default_rng(4)
+    model = nnx.List([_layer(rng, 256, 128), _layer(rng, 256, 128)])
+    for layer in model:
+        attach_lora(layer, _two_loras(rng, 256, 128))
+    before = nnx.split(model)[0]
+    set_lora_fusion(model, False)
+    assert [layer.lora.factors().fused for layer in model] == [False, False]
+    assert nnx.split(model)[0] != before
+    set_lora_fusion(model, True)
+    assert nnx.split(model)[0] == before
+
+
+# --- CPU: the GPU code path lowers for CUDA -----------------------------------------------------
+
+@pytest.fixture
+def cuda_lowering(monkeypatch):
+    """The Pallas path traced for CUDA on this machine: an H200's 132 SMs, `pallas_supported`."""
+    monkeypatch.setattr(ops, "pallas_supported", lambda: True)
+    for module in (pallas_kernels.tile_schedule, pallas_kernels.w4a4_matmul, pallas_kernels.rotate_quantize):
+        monkeypatch.setattr(module, "sm_count", lambda interpret: 4 if interpret else 132)
+
+
+@pytest.mark.parametrize("m,k,n,rank,site", [
+    (4608, 3072, 3072, 32, "plain"), (4608, 3072, 12288, 32, "plain"), (4608, 3072, 3072, 96, "plain"),
+    (4608, 3072, 12288, 96, "plain"), (4608, 12288, 3072, 32, "gelu_gated"), (4608, 3072, 12288, 32, "layernorm"),
+    (512, 3072, 3072, 32, "gated"), (4608, 3072, 3072, 32, "per_group")])
+def test_fused_path_lowers_for_cuda(cuda_lowering, m, k, n, rank, site):
+    """The fused path (rotate-quantize kernel, the XLA down-projection, the GEMM with the term in
+    its epilogue) lowers through Mosaic GPU at FLUX's shapes: the registers form (M = 4608; ranks
+    32 and 96: one and three chunks), its split tail (K = 12288), the smem form (M = 512), the
+    GELU prologue with the gated residual (ff.net.2), the modulated LayerNorm (ff.net.0), per-group
+    weight scales."""
+    s = jax.ShapeDtypeStruct
+    scale_group = 64 if site == "per_group" else None
+    operands = [s((1, m, k), jnp.bfloat16), s((n, k // 2), jnp.uint8),
+                s((n,) if scale_group is None else (n, k // scale_group), jnp.float32),
+                s((rank, k), jnp.bfloat16), s((n, rank), jnp.bfloat16), s((rank,), jnp.float32)]
+    if site in ("gelu_gated", "gated"):
+        operands += [s((1, n), jnp.bfloat16), s((1, m, n), jnp.bfloat16)]
+    if site == "layernorm":
+        operands += [s((1, k), jnp.bfloat16), s((1, k), jnp.bfloat16)]
+
+    def layer(x, packed, scales, down, up, scale, *extra):
+        qw = QuantizedWeight(packed, scales, 256, "regular", scale_group)
+        kw = {}
+        if site in ("gelu_gated", "gated"):
+            kw = dict(gate=extra[0], residual=extra[1])
+        if site == "gelu_gated":
+            kw["prologue"] = GeluTanh(0)
+        if site == "layernorm":
+            kw["prologue"] = LayerNormModulation(*extra)
+        return ops.w4a4_linear(x, qw, lora=LowRankFactors(down, up, scale), implementation="pallas", **kw)
+
+    text = jax.jit(layer).trace(*operands).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 2  # both kernels
+
+
+# --- GPU: fused against unfused at FLUX's shapes --------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n,rank,case", [(3072, 3072, 32, "plain"), (3072, 12288, 32, "plain"),
+                                           (3072, 3072, 96, "plain"), (3072, 12288, 96, "plain"),
+                                           (12288, 3072, 32, "gelu_gated"), (15360, 3072, 32, "gated")])
+def test_gpu_fused_matches_unfused(k, n, rank, case):
+    """On the H200 at 4608 tokens: the fused Pallas layer against the unfused one (same kernels,
+    the term in XLA after them) within `assert_fused_matches_unfused`'s bound; two LoRAs
+    (ranks rank / 4 and 3 rank / 4, concatenated)."""
+    rng = np.random.default_rng(rank + n)
+    m = 4608
+    layer = _layer(rng, k, n)
+    x = jnp.asarray(rng.standard_normal((1, m, k)), jnp.bfloat16)
+    prologue = GeluTanh(0) if case == "gelu_gated" else None
+    extra = {}
+    if case != "plain":
+        extra = dict(gate=jnp.asarray(rng.standard_normal((1, n)), jnp.bfloat16),
+                     residual=jnp.asarray(rng.standard_normal((1, m, n)) * 4, jnp.bfloat16))
+    base = layer(x, prologue=prologue)
+    attach_lora(layer, _two_loras(rng, k, n, ranks=(rank // 4, 3 * rank // 4)))
+    fused = layer(x, prologue=prologue, **extra)
+    set_lora_fusion(layer, False)
+    unfused = layer(x, prologue=prologue, **extra)
+    pre_gate = layer(x, prologue=prologue) if extra else None
+    lora = layer.lora.factors()
+    produced = x if prologue is None else apply_prologue(x, prologue)
+    assert_fused_matches_unfused(fused, unfused, base, _term_bound(lora, produced), rank,
+                                 unfused_pre_gate=pre_gate, **extra)
+    _assert_term_shows(pre_gate if extra else unfused, base)
