@@ -175,6 +175,7 @@ def worker(args) -> list[dict]:
         apply_loras(model, [(read_lora(lora_file(key)), 1.0) for key in VARIANTS[name]])
         set_lora_fusion(model, name not in UNFUSED)
         rows.append(time_step(name))
+        harness.emit(rows)  # so far: kept by the parent if a later variant runs past the timeout
     remove_loras(model)
     return rows
 
@@ -258,7 +259,12 @@ def main(argv: list[str] | None = None) -> None:
         print((args.out / f"{NAME}.md").read_text())
         return
     got = harness.run_isolated(harness.worker_command(MODULE, "all", argv), timeout=args.timeout, label=NAME)
-    rows = harness.error_rows(args.variants, got["error"]) if isinstance(got, dict) else got
+    if isinstance(got, dict):  # the worker failed: what it finished, then an error row per variant it did not
+        done = got.get("partial", [])
+        rows = done + harness.error_rows([v for v in args.variants if v not in {r["variant"] for r in done}],
+                                         got["error"])
+    else:
+        rows = got
     harness.write_results(NAME, {"rows": rows}, markdown(rows, args), args.out, summary=summarize(rows),
                           meta=harness.run_meta(probe=True), command="python -m " + MODULE + " " + " ".join(argv))
     print((args.out / f"{NAME}.md").read_text())

@@ -134,7 +134,9 @@ def run_isolated(cmd: Sequence[str], *, timeout: float | None = None, env: Mappi
                               capture_output=capture, text=True)
     except subprocess.TimeoutExpired:
         print(f"!! {label}: stopped after its {timeout:.0f} s timeout", flush=True)
-        return {"error": f"timeout {timeout:.0f} s"}
+        partial = out.read_text() if out.is_file() else ""
+        # A worker that emits as it goes leaves what it finished: kept beside the error.
+        return {"error": f"timeout {timeout:.0f} s", **({"partial": json.loads(partial)} if partial else {})}
     finally:
         text = out.read_text() if out.is_file() else ""
         out.unlink(missing_ok=True)
@@ -148,8 +150,9 @@ def run_isolated(cmd: Sequence[str], *, timeout: float | None = None, env: Mappi
 
 
 def emit(result: Any) -> None:
-    """In a child started by run_isolated: hand `result` (JSON-able) back to the parent. Run
-    directly (no parent), it is printed."""
+    """In a child started by run_isolated: hand `result` (JSON-able) back to the parent (a later
+    call replaces an earlier one: a worker may emit what it has so far, which the parent keeps as
+    "partial" if the worker then times out). Run directly (no parent), it is printed."""
     path = os.environ.get(RESULT_ENV)
     text = json.dumps(result, default=_json_default)
     if path:
