@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 import flux_fixtures
+from flux_flax import cli
 from flux_flax.config import FluxConfig
 
 STEPS, T5_LENGTH, HEIGHT, WIDTH = 2, 8, 32, 48
@@ -80,11 +81,11 @@ def test_data_parallel_equals_one_device(tmp_path):
         assert json.loads(png.text["parameters"])["devices"] == "4" and png.text["prompt"] == "three"
 
 
-def test_devices_below_one_is_a_usage_error(tmp_path):
-    run = flux_fixtures.run_with_4_devices(["-m", "flux_flax.cli", "generate", "--model", str(tmp_path),
-                                            "--prompt", "x", "--devices", "0", "--out", str(tmp_path / "out"),
-                                            "--no-compile-cache"])
-    assert run.returncode == 2 and "--devices must be at least 1, got 0" in run.stderr
+def test_devices_below_one_is_a_usage_error(tmp_path, capsys):
+    # A usage error, whatever the devices: in this process.
+    code = cli.main(["generate", "--model", str(tmp_path), "--prompt", "x", "--devices", "0", "--out",
+                     str(tmp_path / "out"), "--no-compile-cache"])
+    assert code == 2 and "--devices must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_more_devices_than_exist_is_a_clear_error(tmp_path):
@@ -97,7 +98,7 @@ def test_more_devices_than_exist_is_a_clear_error(tmp_path):
 
 
 # A LoRA loaded after the pipeline is built (its factors replicated on the mesh): denoises a batch
-# of 2 on 1 and on 2 devices, with and without the LoRA; prints the four latents as JSON.
+# of 2 on 1 device without and with the LoRA, and on 2 devices with it; prints the latents as JSON.
 LORA_SAMPLER = f"""
 import json
 import sys
@@ -132,7 +133,8 @@ for devices in (1, 2):
     vae = AutoencoderKLDecoder(VAEConfig.tiny(latent_channels=config.in_channels // 4), dtype=jnp.float32, rngs=rngs)
     pipe = FluxPipeline(transformer, vae, text, progress=False, devices=devices)
     latents = pipe.prepare_latents(range(2), settings.height, settings.width)
-    results[f"{{devices}},base"] = np.asarray(pipe.denoise(latents, embeds, settings)).tolist()
+    if devices == 1:  # the base only once: it shows that the LoRA changes the result
+        results["1,base"] = np.asarray(pipe.denoise(latents, embeds, settings)).tolist()
     pipe.load_lora(sys.argv[1], 0.8)
     leaf = jax.tree.leaves(nnx.state(pipe.transformer.transformer_blocks[0].attn.to_qkv.lora))[0]
     assert len(leaf.sharding.device_set) == devices, leaf.sharding

@@ -4,11 +4,6 @@ these widths (where its GEMMs sum each row in the same order for every M), for f
 models, with and without a guidance embedding, float and quantized (W4A16 modulation layers, W4A4
 elsewhere, fused projections); and the loop body without the modulation's GEMMs."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import flux_fixtures
 import jax
 import jax.numpy as jnp
@@ -21,7 +16,6 @@ from flux_flax import FluxConfig, FluxTransformer2DModel, fuse_projections, quan
 CONFIGS = {"dev_like": FluxConfig.tiny(guidance_embeds=True), "schnell_like": FluxConfig.tiny(guidance_embeds=False)}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SMALL = FluxConfig.small(num_layers=1, num_single_layers=1)
-TESTS = Path(__file__).resolve().parent
 
 
 def tiny_model(config_name: str, dtype_name: str) -> FluxTransformer2DModel:
@@ -91,13 +85,21 @@ def test_precomputed_modulation_of_a_quantized_fused_model(quantized_small):
     check_precomputed_forward(quantized_small)
 
 
+# XLA:CPU may keep the bf16 values inside a fusion in float32 (`xla_allow_excess_precision`), and
+# the two denoise loops fuse the ops around the modulation differently, so with it their last bits can
+# differ (measured: both at batch 1, the quantized one at batch 2): rounding that
+# depends on XLA's fusion, not on the precompute, which with it off is exact.
+NO_EXCESS_PRECISION = {"xla_allow_excess_precision": False}
+
+
 def run_denoise(model: FluxTransformer2DModel, batch: int, steps: int, precompute: bool) -> np.ndarray:
     config = model.config
     inputs = inputs_for(config, batch, seed=1)
     sigmas = jnp.asarray(sampling.flux_sigmas(steps, inputs["hidden_states"].shape[1]))
     denoise = jax.jit(lambda m, kw: sampling.denoise(
         m, kw["hidden_states"], kw["encoder_hidden_states"].astype(m.dtype), kw["pooled_projections"].astype(m.dtype),
-        kw["img_ids"], kw["txt_ids"], sigmas, kw.get("guidance"), precompute_modulation=precompute))
+        kw["img_ids"], kw["txt_ids"], sigmas, kw.get("guidance"), precompute_modulation=precompute),
+        compiler_options=NO_EXCESS_PRECISION if model.dtype == jnp.bfloat16 else None)
     return np.asarray(denoise(model, inputs))
 
 
@@ -108,34 +110,16 @@ def check_denoise(model: FluxTransformer2DModel, batch: int, steps: int = 3) -> 
 
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("config_name", sorted(CONFIGS))
-def test_float32_denoise_with_precomputed_modulation_is_bit_exact(config_name, batch):
+@pytest.mark.parametrize("dtype_name", sorted(DTYPES))
+def test_denoise_with_precomputed_modulation_is_bit_exact(dtype_name, config_name, batch):
     """Batch 1 included: the per-step modulation is then a matrix-vector product (M = 1), the
-    precomputed one a GEMM with M = steps."""
-    check_denoise(tiny_model(config_name, "float32"), batch)
-
-
-def check_bf16_denoise() -> None:
-    for config_name in sorted(CONFIGS):
-        for batch in (1, 2):
-            check_denoise(tiny_model(config_name, "bfloat16"), batch)
-    quantized = fuse_projections(quantize_model(
-        FluxTransformer2DModel(SMALL, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), implementation="xla"))
-    assert type(quantized.transformer_blocks[0].norm1.linear).__name__ == "Dense4bitWeightOnly"
-    check_denoise(quantized, 1, steps=2)
+    precomputed one a GEMM with M = steps. bf16 without excess precision (`NO_EXCESS_PRECISION`)."""
+    check_denoise(tiny_model(config_name, dtype_name), batch)
 
 
 @pytest.mark.slow
-def test_bf16_denoise_with_precomputed_modulation_is_bit_exact():
-    """Tiny bf16 models (batch 1 and 2) and the quantized fused small one, in a process with XLA's
-    `xla_allow_excess_precision` off. By default XLA:CPU may keep the bf16 values inside a fusion
-    in float32, and the two loops fuse the ops around the modulation differently, so their last
-    bits can differ (measured: both at batch 1, the quantized one at batch 2): rounding that
-    depends on XLA's fusion, not on the precompute, which with the flag off is exact."""
-    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_allow_excess_precision=false",
-           "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
-    code = "import test_modulation; test_modulation.check_bf16_denoise()"
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=TESTS, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_bf16_denoise_of_a_quantized_fused_model_is_bit_exact(quantized_small):
+    check_denoise(quantized_small, 1, steps=2)
 
 
 def dot_count(jaxpr) -> int:
