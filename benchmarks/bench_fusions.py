@@ -52,7 +52,7 @@ def run(args: argparse.Namespace, save) -> list[dict]:
 
     inputs = step_inputs(config, args.size, args.batch)
     inputs["modulation"] = model.modulation(inputs["timestep"], inputs["pooled_projections"], inputs["guidance"])
-    rows = []
+    rows, ref = [], None
     configs = [c for c in CONFIGS if c[0] in args.configs]
     for i, (label, producers, epilogue) in enumerate(configs):
         flux_flax.fuse_gated_residuals(flux_flax.fuse_producers(model, producers), epilogue)
@@ -66,16 +66,17 @@ def run(args: argparse.Namespace, save) -> list[dict]:
                              sync=lambda y: y.block_until_ready())
         row = dict(fusions=label, size=args.size, batch=args.batch, step_ms=ms, compile_s=compile_s,
                    finite=bool(jnp.isfinite(out.astype(jnp.float32)).all()))
-        if rows:  # the output moves only by rounding: how far from the first configuration's
-            ref = rows[0]["_out"]
+        if ref is not None:  # the output moves only by rounding: how far from the first configuration's
             row["rel_l2_vs_first"] = float(jnp.linalg.norm((out - ref).astype(jnp.float32))
                                           / jnp.linalg.norm(ref.astype(jnp.float32)))
         if args.breakdown and i in (0, len(configs) - 1) and jax.default_backend() == "gpu":
             row["breakdown"] = step_breakdown(step, state, inputs)
         print(f"  {label}: {ms:.2f} ms (compile {compile_s:.0f} s)", flush=True)
-        rows.append({**row, "_out": out})
-        save([{k: v for k, v in r.items() if k != "_out"} for r in rows])
-    return [{k: v for k, v in r.items() if k != "_out"} for r in rows]
+        if ref is None:
+            ref = out
+        rows.append(row)
+        save(rows)
+    return rows
 
 
 def markdown(rows: list[dict]) -> list[str]:
