@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import flux_fixtures
 from pallas_kernels.attention import (AttentionConfig, attention, block_scales_per_key, default_config,
                                       key_permutation, quantize_qkv,
                                       attention_quantized)
@@ -210,22 +211,11 @@ def test_flux_attention_runs_the_kernel(impl, monkeypatch):
     from flax import nnx
 
     from convrot_jax import ops
-    from flux_flax.layers import FluxAttention, FluxPosEmbed
+    from flux_flax.layers import FluxAttention
     from pallas_kernels import attention as kernels
 
     monkeypatch.setattr(ops, "pallas_supported", lambda: True)
     monkeypatch.setattr(ops, "_attention_kernel", functools.partial(kernels.attention, config=SMALL, interpret=True))
     attn = FluxAttention(256, 2, 128, added_kv_proj_dim=256, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    ks = jax.random.split(jax.random.key(4), 3)
-    img = jax.random.normal(ks[0], (1, 56, 256), jnp.bfloat16)
-    txt = jax.random.normal(ks[1], (1, 8, 256), jnp.bfloat16)
-    ids = jnp.concatenate([jnp.zeros((8, 3)), jax.random.randint(ks[2], (56, 3), 0, 8).astype(jnp.float32)])
-    rope = FluxPosEmbed(10000, (32, 48, 48))(ids)
-
-    def run(name):
-        attn.attention_impl = name
-        return np.concatenate([np.asarray(o, np.float64).ravel() for o in attn(img, txt, rope)])
-
-    exact, ours = run("xla"), run(impl)
-    error = np.linalg.norm(ours - exact) / np.linalg.norm(exact)
+    error = flux_fixtures.joint_attention_error(attn, impl, image_tokens=56, text_tokens=8)
     assert 1e-4 < error < 0.1

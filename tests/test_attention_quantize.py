@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import flux_fixtures
 from pallas_kernels.attention import AttentionConfig, QuantizedQKV, block_scales_per_key, quantize_qkv
 from pallas_kernels.attention_quantize import Projection, Stream, quantize_projections
 from pallas_kernels.attention_quantize_reference import (bf16_flip_bounds, mean_bound, normed,
@@ -246,7 +247,7 @@ def test_flux_attention_fuses_the_producer(impl, monkeypatch):
 
     from convrot_jax import ops
     from flux_flax.fusion import concatenate_linears
-    from flux_flax.layers import FluxAttention, FluxPosEmbed
+    from flux_flax.layers import FluxAttention
     from pallas_kernels import attention as kernels
     from pallas_kernels import attention_quantize
 
@@ -262,19 +263,8 @@ def test_flux_attention_fuses_the_producer(impl, monkeypatch):
     attn = FluxAttention(256, 2, 128, added_kv_proj_dim=256, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     attn.to_qkv = concatenate_linears([attn.to_q, attn.to_k, attn.to_v])
     attn.to_added_qkv = concatenate_linears([attn.add_q_proj, attn.add_k_proj, attn.add_v_proj])
-    ks = jax.random.split(jax.random.key(4), 3)
-    img = jax.random.normal(ks[0], (1, 72, 256), jnp.bfloat16)
-    txt = jax.random.normal(ks[1], (1, 128, 256), jnp.bfloat16)
-    ids = jnp.concatenate([jnp.zeros((128, 3)), jax.random.randint(ks[2], (72, 3), 0, 8).astype(jnp.float32)])
-    rope_tables = FluxPosEmbed(10000, (32, 48, 48))(ids)
-
-    def run(name):
-        attn.attention_impl = name
-        return np.concatenate([np.asarray(o, np.float64).ravel() for o in attn(img, txt, rope_tables)])
-
-    exact, ours = run("xla"), run(impl)
+    error = flux_fixtures.joint_attention_error(attn, impl, image_tokens=72, text_tokens=128)
     assert calls == [2]
-    error = np.linalg.norm(ours - exact) / np.linalg.norm(exact)
     assert 1e-4 < error < 0.1
 
 

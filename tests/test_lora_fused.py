@@ -98,6 +98,23 @@ def _term_bound(lora: LowRankFactors, produced) -> np.ndarray:
 
 # --- CPU: interpret mode ------------------------------------------------------------------------
 
+def _check_fused_against_unfused(layer, x, prologue, extra: dict, loras) -> None:
+    """`layer` on x without a branch, then with `loras` attached fused and unfused (with `extra`'s
+    gate and residual, if any): fused equals unfused within `assert_fused_matches_unfused`'s bound,
+    and the term moves the output well beyond it."""
+    base = layer(x, prologue=prologue)  # no LoRA, no gate: bf16(b)
+    attach_lora(layer, loras)
+    fused = layer(x, prologue=prologue, **extra)
+    set_lora_fusion(layer, False)
+    unfused = layer(x, prologue=prologue, **extra)
+    pre_gate = layer(x, prologue=prologue) if extra else None
+    lora = layer.lora.factors()
+    produced = x if prologue is None else apply_prologue(x, prologue)
+    assert_fused_matches_unfused(fused, unfused, base, _term_bound(lora, produced), lora.down.shape[0],
+                                 unfused_pre_gate=pre_gate, **extra)
+    _assert_term_shows(pre_gate if extra else unfused, base)
+
+
 CASES = {  # name: (prologue, gated)
     "plain": (None, False),
     "gelu_gated": (GeluTanh(256), True),
@@ -125,17 +142,7 @@ def test_interpret_fused_matches_unfused(monkeypatch, case, weight_operand):
     if gated:
         extra = dict(gate=jnp.asarray(rng.standard_normal((2, n)), jnp.bfloat16),
                      residual=jnp.asarray(rng.standard_normal((2, 40, n)) * 4, jnp.bfloat16))
-    base = layer(x, prologue=prologue)  # no LoRA, no gate: bf16(b)
-    attach_lora(layer, _two_loras(rng, k, n))
-    fused = layer(x, prologue=prologue, **extra)
-    set_lora_fusion(layer, False)
-    unfused = layer(x, prologue=prologue, **extra)
-    pre_gate = layer(x, prologue=prologue) if gated else None
-    lora = layer.lora.factors()
-    produced = x if prologue is None else apply_prologue(x, prologue)
-    assert_fused_matches_unfused(fused, unfused, base, _term_bound(lora, produced), lora.down.shape[0],
-                                 unfused_pre_gate=pre_gate, **extra)
-    _assert_term_shows(pre_gate if gated else unfused, base)
+    _check_fused_against_unfused(layer, x, prologue, extra, _two_loras(rng, k, n))
 
 
 def test_interpret_zero_scale_and_zero_rank_are_the_base_layer(monkeypatch):
@@ -237,14 +244,4 @@ def test_gpu_fused_matches_unfused(k, n, rank, case):
     if case != "plain":
         extra = dict(gate=jnp.asarray(rng.standard_normal((1, n)), jnp.bfloat16),
                      residual=jnp.asarray(rng.standard_normal((1, m, n)) * 4, jnp.bfloat16))
-    base = layer(x, prologue=prologue)
-    attach_lora(layer, _two_loras(rng, k, n, ranks=(rank // 4, 3 * rank // 4)))
-    fused = layer(x, prologue=prologue, **extra)
-    set_lora_fusion(layer, False)
-    unfused = layer(x, prologue=prologue, **extra)
-    pre_gate = layer(x, prologue=prologue) if extra else None
-    lora = layer.lora.factors()
-    produced = x if prologue is None else apply_prologue(x, prologue)
-    assert_fused_matches_unfused(fused, unfused, base, _term_bound(lora, produced), rank,
-                                 unfused_pre_gate=pre_gate, **extra)
-    _assert_term_shows(pre_gate if extra else unfused, base)
+    _check_fused_against_unfused(layer, x, prologue, extra, _two_loras(rng, k, n, ranks=(rank // 4, 3 * rank // 4)))
