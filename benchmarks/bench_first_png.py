@@ -154,7 +154,7 @@ def time_generate(folder: Path, checkpoints: list[Path], cache: Path, out: Path,
         raise RuntimeError(f"generate failed ({proc.returncode}): {proc.stderr[-3000:]}")
     lines = proc.stderr.strip().splitlines()
     return {"seconds_to_png": wall, "png": proc.stdout.split()[-1], "stderr_tail": lines[-1],
-            "sources": [line for line in lines if line.startswith(("transformer: ", "text_encoder_2: "))]}
+            "sources": [line for line in lines if line.startswith(("transformer: ", "text_encoder_2: ", "loaded in "))]}
 
 
 def main() -> None:

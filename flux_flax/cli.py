@@ -217,6 +217,7 @@ def _generate(request: SimpleNamespace) -> None:
                                   request.seed)
     for part, source in pipe.sources.items():
         print(f"{part}: {source}", file=sys.stderr)
+    print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     from flux_flax.layers import attention_implementation
 
     metadata = {"model": str(request.model), "checkpoint": str(pipe.checkpoints.get("transformer", "none (bf16)")),

@@ -6,6 +6,7 @@ gives clear errors."""
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -296,6 +297,7 @@ def test_generate_with_a_4bit_t5_checkpoint(reference, ours, w4a4_checkpoint, t5
     err = capsys.readouterr().err
     assert f"transformer: checkpoint {w4a4_checkpoint} (w4a4 + w4a16, group 16, regular Hadamard)" in err
     assert f"text_encoder_2: checkpoint {t5_checkpoint} (w4a16, group 16, regular Hadamard)" in err
+    assert re.search(r"^loaded in \d+\.\d s$", err, re.MULTILINE), err  # before the steps start: load vs the rest
     [path] = tmp_path.glob("*.png")
     with Image.open(path) as img:
         assert img.text["checkpoint"] == str(w4a4_checkpoint)
