@@ -199,10 +199,10 @@ def _lora_down_projection(x: jnp.ndarray, prologue: Prologue | None, lora: LowRa
     gelu = prologue if isinstance(prologue, GeluTanh) else None
     tail = None if gelu is None or gelu.tail is None else gelu.tail.reshape(-1, gelu.tail.shape[-1])
     columns = (k, x.shape[-1]) + ((gelu.start, gelu.tail_from) if gelu else ())
-    if (lora.down_kernel and (prologue is None or gelu is not None) and x.dtype == lora.down.dtype == jnp.bfloat16
-            and lora_down_supports(rank, *columns)):
-        return lora_down(x.reshape(-1, x.shape[-1]), lora.down, lora.scale, gelu_from=None if gelu is None else gelu.start,
-                         tail=tail, tail_from=0 if gelu is None else gelu.tail_from)
+    bf16 = x.dtype == lora.down.dtype == jnp.bfloat16 and (tail is None or tail.dtype == jnp.bfloat16)
+    if lora.down_kernel and (prologue is None or gelu is not None) and bf16 and lora_down_supports(rank, *columns):
+        return lora_down(x.reshape(-1, x.shape[-1]), lora.down, lora.scale, tail=tail,
+                         gelu_from=None if gelu is None else gelu.start, tail_from=0 if gelu is None else gelu.tail_from)
     produced = x if prologue is None else apply_prologue(x, prologue)
     return lora.down_projection(produced).reshape(-1, rank)
 

@@ -86,7 +86,10 @@ def _kernel(*refs, sources, splits, gelu_from, tk, max_concurrent_steps):
         for src, (offset, width, start) in zip(gmems, sources):  # offset: its first column in the row
             steps = width // tk // splits
             first = j * steps
-            gelu = None if gelu_from is None or offset + width <= gelu_from else "all" if offset >= gelu_from else "some"
+            if gelu_from is None or offset + width <= gelu_from:
+                gelu = None
+            else:
+                gelu = "all" if offset >= gelu_from else "some"
 
             def body(idxs, x_smem, a_smem, gelu=gelu, first=first, offset=offset):
                 (t,) = idxs
@@ -148,8 +151,9 @@ def lora_down(
         raise ValueError(f"x {x.dtype}, down {down.dtype}{'' if tail is None else f', tail {tail.dtype}'} must be "
                          f"bfloat16")
     if down.ndim != 2 or down.shape[1] != width or scale.shape != (r,):
+        tail_text = "" if tail is None else f", tail {tail.shape} from {tail_from}"
         raise ValueError(f"down {down.shape} and scale {scale.shape} must be (r, {width}) and (r,) for a row of "
-                         f"{width} columns (x {x.shape}{'' if tail is None else f', tail {tail.shape} from {tail_from}'})")
+                         f"{width} columns (x {x.shape}{tail_text})")
     if tail is not None and (tail.ndim != 2 or tail.shape[0] != m or tail_from % tk):
         raise ValueError(f"tail {tail.shape} must have x's {m} rows and tail_from={tail_from} a multiple of {tk}")
     if not supports(r, width, own, gelu_from or 0, tail_from, config=config):

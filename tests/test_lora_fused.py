@@ -18,6 +18,7 @@ import pytest
 import pallas_kernels.lora_down
 import pallas_kernels.rotate_quantize
 import pallas_kernels.tile_schedule
+import pallas_kernels.w4a16_matmul
 import pallas_kernels.w4a4_matmul
 from convrot_jax import ConvDense4bit, GeluTanh, LayerNormModulation, LowRank, attach_lora, ops, set_lora_fusion
 from convrot_jax.lora import LowRankFactors
@@ -217,7 +218,7 @@ def cuda_lowering(monkeypatch):
     """The Pallas path traced for CUDA on this machine: an H200's 132 SMs, `pallas_supported`."""
     monkeypatch.setattr(ops, "pallas_supported", lambda: True)
     for module in (pallas_kernels.tile_schedule, pallas_kernels.w4a4_matmul, pallas_kernels.rotate_quantize,
-                   pallas_kernels.lora_down):
+                   pallas_kernels.lora_down, pallas_kernels.w4a16_matmul):
         monkeypatch.setattr(module, "sm_count", lambda interpret: 4 if interpret else 132)
 
 
@@ -277,3 +278,51 @@ def test_gpu_fused_matches_unfused(k, n, rank, case):
         extra = dict(gate=jnp.asarray(rng.standard_normal((1, n)), jnp.bfloat16),
                      residual=jnp.asarray(rng.standard_normal((1, m, n)) * 4, jnp.bfloat16))
     _check_fused_against_unfused(layer, x, prologue, extra, _two_loras(rng, k, n, ranks=(rank // 4, 3 * rank // 4)))
+
+
+@pytest.mark.parametrize("kinds", [("gelu",), ("layernorm", "gelu")], ids=["gelu", "layernorm_gelu"])
+def test_model_sends_each_down_projection_to_its_path(cuda_lowering, monkeypatch, kinds):
+    """The small FLUX model (W4A4 Pallas, fused projections, producers `kinds` fused) with a LoRA
+    on every W4A4 layer, traced for the GPU: each layer's down-projection goes to the `lora_down`
+    kernel with its producer's GELU (ff.net.2 / ff_context.net.2: from column 0; proj_out: the
+    attention output, then the fused projection's MLP columns as the GELU's tail), or to XLA
+    after a fused LayerNorm (whose layers then make no kernel call); `down_kernel=False` sends
+    them all to XLA."""
+    from flax import nnx
+
+    from flux_flax import FluxConfig, fuse_producers, fuse_projections
+    from flux_flax.random_weights import random_transformer
+
+    config = FluxConfig.small()
+    d, mlp = config.inner_dim, 4 * config.inner_dim
+    model = fuse_producers(fuse_projections(random_transformer(config, dtype=jnp.bfloat16, quantize="pallas")), kinds)
+    rng = np.random.default_rng(9)
+    layers = [layer for _, layer in nnx.iter_graph(model) if isinstance(layer, ConvDense4bit)]
+    for layer in layers:
+        attach_lora(layer, _two_loras(rng, layer.in_features, layer.out_features, ranks=(8, 8)))
+    calls = []
+
+    def recorder(x, down, scale, *, gelu_from, tail, tail_from):
+        calls.append((x.shape[-1], down.shape[1], gelu_from, None if tail is None else tail.shape[-1], tail_from))
+        return jnp.zeros((x.shape[0], down.shape[0]), jnp.bfloat16)
+
+    monkeypatch.setattr(ops, "lora_down", recorder)
+    inputs = {k: jnp.asarray(v, jnp.bfloat16) for k, v in flux_fixtures.flux_inputs(config).items()}
+
+    def trace():
+        calls.clear()
+        graphdef, state = nnx.split(model)
+        jax.jit(lambda s, kw: nnx.merge(graphdef, s)(**kw)).trace(state, inputs)
+        return sorted(calls, key=str)
+
+    per_double = [(d, d, None, None, 0)] * 2  # to_out, to_add_out
+    per_double += [(mlp, mlp, 0, None, 0)] * 2  # ff.net.2, ff_context.net.2: GELU of the whole row
+    if "layernorm" not in kinds:  # to_qkv, to_added_qkv, ff.net.0, ff_context.net.0 read the modulated norm
+        per_double += [(d, d, None, None, 0)] * 4
+    per_single = [(d, d + mlp, d, 3 * d + mlp, 3 * d)]  # proj_out: [attention, GELU(to_qkv_mlp[:, 3d:])]
+    if "layernorm" not in kinds:
+        per_single += [(d, d, None, None, 0)]  # to_qkv_mlp
+    expected = per_double * config.num_layers + per_single * config.num_single_layers
+    assert trace() == sorted(expected, key=str)
+    set_lora_fusion(model, True, down_kernel=False)
+    assert trace() == []
