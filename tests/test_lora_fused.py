@@ -258,6 +258,27 @@ def test_fused_path_lowers_for_cuda(cuda_lowering, m, k, n, rank, site):
     assert text.count("custom_call @mosaic_gpu") == (2 if site == "layernorm" else 3)  # each kernel once
 
 
+@pytest.mark.parametrize("down_kernel", [True, False], ids=["kernel", "xla"])
+def test_proj_out_input_is_never_made_outside_the_kernels(cuda_lowering, down_kernel):
+    """FLUX's proj_out (M = 4608) with a rank-32 branch, traced for CUDA: the layer's input
+    [attention (3072), GELU(the fused projection's MLP columns 9216..21504)] (K = 15360) exists in
+    no XLA op (neither the concatenation nor the GELU'd columns) when the down-projection is the
+    kernel, and does with XLA's (`down_kernel=False`, what the check is checked on)."""
+    s = jax.ShapeDtypeStruct
+    m, k, n, rank = 4608, 15360, 3072, 32
+    operands = [s((1, m, 3072), jnp.bfloat16), s((1, m, 21504), jnp.bfloat16), s((n, k // 2), jnp.uint8),
+                s((n,), jnp.float32), s((rank, k), jnp.bfloat16), s((n, rank), jnp.bfloat16), s((rank,), jnp.float32)]
+
+    def layer(x, tail, packed, scales, down, up, scale):
+        qw = QuantizedWeight(packed, scales, 256, "regular", None)
+        lora = LowRankFactors(down, up, scale, down_kernel=down_kernel)
+        return ops.w4a4_linear(x, qw, prologue=GeluTanh(3072, tail, 9216), lora=lora, implementation="pallas")
+
+    text = jax.jit(layer).trace(*operands).lower(lowering_platforms=("cuda",)).as_text()
+    made = [f"{m}x{width}x{dtype}>" for width in (k, 12288) for dtype in ("bf16", "f32")]  # not the int8 codes
+    assert any(t in text for t in made) != down_kernel
+
+
 # --- GPU: fused against unfused at FLUX's shapes --------------------------------------------------
 
 @pytest.mark.gpu
