@@ -8,10 +8,12 @@ the fused model makes it):
                   (`pallas_kernels.lora_down_reference.down_projection_reference`; the baseline)
   pallas          pallas_kernels.lora_down: x (and the GELU's tail) read once, the GELU in registers
   pallas_nosplit  the same with one K range per 64-row tile (`LoRADownConfig(ctas_per_sm=None)`)
+  pallas_smem     the same with the GELU'd tile stored to shared memory as wgmma's A operand
+                  (`gelu_operand="smem"`) instead of from registers
 GB/s = the bytes of x (and the tail's columns) read once / time. Device time (CUPTI), median of 20
 over rotating input sets (> 2x the 50 MB L2); each implementation in its own process.
 
-    PYTHONPATH=. python3 -m benchmarks.bench_lora_down [--variants xla pallas pallas_nosplit] [--tests]
+    PYTHONPATH=. python3 -m benchmarks.bench_lora_down [--variants xla pallas pallas_nosplit pallas_smem] [--tests]
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ VARIANTS = harness.registry(
     Variant("xla", "XLA producer + bf16 GEMM (down_projection_reference)"),
     Variant("pallas", "pallas_kernels.lora_down, default config"),
     Variant("pallas_nosplit", "pallas_kernels.lora_down, no K split", options={"ctas_per_sm": None}),
+    Variant("pallas_smem", "pallas_kernels.lora_down, the GELU'd tile through shared memory",
+            options={"gelu_operand": "smem"}),
 )
 # name: M, x's columns, rank, GELU from (None: no prologue), tail (width, first column) or None
 SITES = {

@@ -21,7 +21,8 @@ Structure: a grid of (M / 64 row tiles) x (`splits` K ranges); each CTA runs one
 (64, 64) x tiles and (r, 64) A tiles per source array (x, then a GELU tail's columns), TMA'd
 into a `max_concurrent_steps`-deep ring; per step, with a GELU, the tile is loaded to registers,
 GELU'd in float32 and rounded to bf16 (as XLA's producer rounds u), and is wgmma's A operand from
-registers; then one bf16 wgmma (64 x r) accumulating in float32. Each CTA writes its float32 partial
+registers (or, `gelu_operand="smem"`, from a shared-memory copy); then one bf16 wgmma (64 x r)
+accumulating in float32. Each CTA writes its float32 partial
 sum; one small XLA pass adds the `splits` partials, scales by s and rounds once to bf16.
 
 M not a multiple of 64 is padded (a copy of x; FLUX's token counts are multiples of 64); r not a
@@ -53,11 +54,14 @@ MAX_RANK = 256  # one wgmma N
 @dataclasses.dataclass(frozen=True)
 class LoRADownConfig:
     """tile_k: K columns a step (64: one 128-byte swizzled bf16 row); max_concurrent_steps: the
-    TMA ring's depth; ctas_per_sm: how many CTAs per SM the K split aims for (None: no split)."""
+    TMA ring's depth; ctas_per_sm: how many CTAs per SM the K split aims for (None: no split);
+    gelu_operand: where the GELU'd tile is wgmma's A operand, "registers" or "smem" (stored to a
+    shared-memory tile first; interpret mode always does)."""
 
     tile_k: int = 64
     max_concurrent_steps: int = 4
     ctas_per_sm: int | None = 2
+    gelu_operand: str = "registers"
 
 
 def supports(rank: int, *columns: int, config: LoRADownConfig | None = None) -> bool:
@@ -102,7 +106,7 @@ def _kernel(*refs, sources, splits, gelu_from, tk, max_concurrent_steps):
                     if gelu == "some":
                         g = jnp.where(offset + (first + t) * tk >= gelu_from, g, v)
                     operand = g.astype(jnp.bfloat16)  # wgmma's A from registers (WGMMA layout)
-                    if stage is not None:  # interpret mode: its wgmma takes no register operand
+                    if stage is not None:  # through shared memory (interpret mode's wgmma takes no register A)
                         stage[...] = operand
                         plgpu.commit_smem()
                         operand = stage
@@ -177,8 +181,11 @@ def lora_down(
         arrays = [jnp.pad(v, ((0, m_pad - m), (0, 0))) for v in arrays]
     m_tiles = m_pad // TILE_M
     splits = _splits(m_tiles, [w // tk for _, w, _ in sources], config, interpret)
-    # The ring's stages that fit beside the output tile (and interpret mode's GELU stage).
-    fixed, per_stage = TILE_M * r_pad * 4 + (TILE_M * tk * 2 if interpret else 0), (TILE_M + r_pad) * tk * 2
+    if config.gelu_operand not in ("registers", "smem"):
+        raise ValueError(f"gelu_operand must be 'registers' or 'smem', got {config.gelu_operand!r}")
+    staged = interpret or config.gelu_operand == "smem"
+    # The ring's stages that fit beside the output tile (and the GELU's stage).
+    fixed, per_stage = TILE_M * r_pad * 4 + (TILE_M * tk * 2 if staged else 0), (TILE_M + r_pad) * tk * 2
     stages = min(config.max_concurrent_steps, (SMEM_BYTES - fixed) // per_stage)
     kernel = functools.partial(_kernel, sources=tuple(sources), splits=splits, gelu_from=gelu_from, tk=tk,
                                max_concurrent_steps=stages)
@@ -190,7 +197,7 @@ def lora_down(
         kernel_name="lora_down",
         scratch_types=[
             plgpu.SMEM((TILE_M, r_pad), jnp.float32, transforms=swizzle_transforms(r_pad, 4)),
-            plgpu.SMEM((TILE_M, tk), jnp.bfloat16, transforms=swizzle_transforms(tk, 2)) if interpret else None,
+            plgpu.SMEM((TILE_M, tk), jnp.bfloat16, transforms=swizzle_transforms(tk, 2)) if staged else None,
         ],
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
         interpret=plgpu.InterpretGPUParams() if interpret else None,

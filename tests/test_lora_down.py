@@ -86,12 +86,13 @@ def test_refuses_what_it_cannot_take():
 @pytest.mark.parametrize("m,k,rank,site", [
     (4608, 3072, 32, "plain"), (4608, 3072, 96, "plain"), (4608, 3072, 128, "plain"), (1536, 3072, 16, "plain"),
     (4608, 12288, 32, "gelu"), (4608, 15360, 32, "tail"), (4608, 15360, 96, "tail"), (4608, 3072, 256, "plain"),
-    (4608, 15360, 32, "gelu_part")])
+    (4608, 15360, 32, "gelu_part"), (4608, 12288, 32, "gelu_smem")])
 def test_lowers_for_cuda(monkeypatch, m, k, rank, site):
     """At FLUX's shapes (H200: 132 SMs): the attention and MLP projections' inputs (K = 3072;
     ranks 32, the fused q/k/v stack 96, q/k/v/MLP 128, the most 256), ff.net.2's GELU (K = 12288),
     proj_out's [attention, GELU(the fused projection's MLP columns 9216..21504)] (K = 15360), and
-    a GELU from column 3072 of one array (the per-step select)."""
+    a GELU from column 3072 of one array (the per-step select), the GELU'd tile through shared
+    memory (`gelu_operand="smem"`)."""
     monkeypatch.setattr(pallas_kernels.lora_down, "sm_count", lambda interpret: 4 if interpret else 132)
     s = jax.ShapeDtypeStruct
     a = [s((rank, k), jnp.bfloat16), s((rank,), jnp.float32)]
@@ -99,8 +100,9 @@ def test_lowers_for_cuda(monkeypatch, m, k, rank, site):
         f = lambda x, tail, down, scale: lora_down(x, down, scale, gelu_from=3072, tail=tail, tail_from=9216)
         operands = [s((m, 3072), jnp.bfloat16), s((m, 21504), jnp.bfloat16), *a]
     else:
-        gelu_from = {"gelu": 0, "gelu_part": 3072}.get(site)
-        f = lambda x, down, scale: lora_down(x, down, scale, gelu_from=gelu_from)
+        gelu_from = {"gelu": 0, "gelu_smem": 0, "gelu_part": 3072}.get(site)
+        config = LoRADownConfig(gelu_operand="smem" if site == "gelu_smem" else "registers")
+        f = lambda x, down, scale: lora_down(x, down, scale, gelu_from=gelu_from, config=config)
         operands = [s((m, k), jnp.bfloat16), *a]
     text = jax.jit(f).trace(*operands).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
@@ -110,9 +112,11 @@ def test_lowers_for_cuda(monkeypatch, m, k, rank, site):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("k,rank,site", [(3072, 32, "plain"), (3072, 96, "plain"), (3072, 128, "plain"),
-                                         (12288, 32, "gelu"), (15360, 32, "tail"), (15360, 96, "tail")])
+                                         (12288, 32, "gelu"), (12288, 32, "gelu_smem"), (15360, 32, "gelu_part"),
+                                         (15360, 32, "tail"), (15360, 96, "tail")])
 def test_gpu_matches_reference(k, rank, site):
-    """On the H200 at 4608 tokens, the FLUX sites of `test_lowers_for_cuda`, within the bound."""
+    """On the H200 at 4608 tokens, the FLUX sites of `test_lowers_for_cuda`, within the bound (the
+    GELU'd tile as wgmma's register operand, or through shared memory)."""
     rng = np.random.default_rng(k + rank)
     m = 4608
     if site == "tail":
@@ -121,5 +125,7 @@ def test_gpu_matches_reference(k, rank, site):
         prologue = dict(gelu_from=3072, tail=tail, tail_from=9216)
     else:
         x, _, down, scale = _operands(rng, m, k, rank)
-        prologue = dict(gelu_from=0) if site == "gelu" else {}
-    _check(lora_down(x, down, scale, **prologue), x, down, scale, **prologue)
+        prologue = {"gelu": dict(gelu_from=0), "gelu_smem": dict(gelu_from=0), "gelu_part": dict(gelu_from=3072)}
+        prologue = prologue.get(site, {})
+    config = LoRADownConfig(gelu_operand="smem" if site == "gelu_smem" else "registers")
+    _check(lora_down(x, down, scale, config=config, **prologue), x, down, scale, **prologue)
