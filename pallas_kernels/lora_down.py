@@ -43,7 +43,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.rotate_quantize import SMEM_BYTES, _gelu_tanh
+from pallas_kernels.rotate_quantize import SMEM_BYTES, gelu_tanh
 from pallas_kernels.smem import swizzle_transforms
 from pallas_kernels.tile_schedule import sm_count
 
@@ -102,7 +102,7 @@ def _kernel(*refs, sources, splits, gelu_from, tk, max_concurrent_steps):
                 operand = x_smem
                 if gelu is not None:
                     v = x_smem[...].astype(jnp.float32)
-                    g = _gelu_tanh(v)
+                    g = gelu_tanh(v)
                     if gelu == "some":
                         g = jnp.where(offset + (first + t) * tk >= gelu_from, g, v)
                     operand = g.astype(jnp.bfloat16)  # wgmma's A from registers (WGMMA layout)
