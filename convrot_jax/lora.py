@@ -9,9 +9,10 @@ any scales) swap without recompiling.
 
 The branch is added where a layer's output is made: `ConvDense4bit` passes its factors to
 `convrot_jax.ops.w4a4_linear`, whose Pallas path fuses it (the down-projection h = (x A^T) * s in
-one XLA GEMM beside the rotate-quantize kernel, the up-projection h B^T in the W4A4 GEMM's
-epilogue) and whose XLA path adds the term after the W4A4 product (unfused: two XLA GEMMs, the
-reference; `LowRank.fused = False` keeps a branch unfused on the Pallas path too, to measure it);
+the `pallas_kernels.lora_down` kernel, which applies a producer's GELU where it reads x, or in one
+XLA GEMM on the produced input, `LowRank.down_kernel = False`; the up-projection h B^T in the W4A4
+GEMM's epilogue) and whose XLA path adds the term after the W4A4 product (unfused: two XLA GEMMs,
+the reference; `LowRank.fused = False` keeps a branch unfused on the Pallas path too, to measure it);
 `Dense4bitWeightOnly` adds it after its product; a float `nnx.Linear` becomes a `LoRALinear`
 while it carries a branch (`attach_lora` / `detach_lora`).
 """
@@ -32,12 +33,15 @@ class LowRankFactors:
     """The arrays of one layer's low-rank branch: `down` A (r, K), `up` B (N, r), both in the
     activation dtype (bf16 in inference), and `scale` (r,) float32 (user scale x alpha / rank of
     the LoRA each rank comes from). `fused` (static): whether a fusing op (the Pallas W4A4 path)
-    may fuse the branch into its kernels; False keeps it unfused there as well."""
+    may fuse the branch into its kernels; False keeps it unfused there as well. `down_kernel`
+    (static): whether a fusing op may compute h in its down-projection kernel; False: XLA's GEMM
+    (`down_projection`) on the produced input."""
 
     down: jax.Array
     up: jax.Array
     scale: jax.Array
     fused: bool = struct.field(pytree_node=False, default=True)
+    down_kernel: bool = struct.field(pytree_node=False, default=True)
 
     def down_projection(self, x: jax.Array) -> jax.Array:
         """h (..., r) = (x A^T) * scale, accumulated in float32 and rounded once to the factors'
@@ -76,30 +80,35 @@ def check_factors(down: jax.Array, up: jax.Array, scale: jax.Array, in_features:
 
 class LowRank(nnx.Module):
     """One layer's low-rank branch, its factors held as `LoRAParam`s (see `LowRankFactors`).
-    `fused` (static, True by default): whether the layer's op may fuse it (`set_lora_fusion`)."""
+    `fused`, `down_kernel` (static, True by default): whether the layer's op may fuse it, and
+    compute its down-projection in a kernel (`set_lora_fusion`)."""
 
-    def __init__(self, down: jax.Array, up: jax.Array, scale: jax.Array, *, fused: bool = True):
+    def __init__(self, down: jax.Array, up: jax.Array, scale: jax.Array, *, fused: bool = True,
+                 down_kernel: bool = True):
         self.down = LoRAParam(jnp.asarray(down))
         self.up = LoRAParam(jnp.asarray(up))
         self.scale = LoRAParam(jnp.asarray(scale, jnp.float32))
         self.fused = fused
+        self.down_kernel = down_kernel
 
     @property
     def rank(self) -> int:
         return self.down.shape[0]
 
     def factors(self) -> LowRankFactors:
-        return LowRankFactors(self.down[...], self.up[...], self.scale[...], self.fused)
+        return LowRankFactors(self.down[...], self.up[...], self.scale[...], self.fused, self.down_kernel)
 
 
-def set_lora_fusion(model: nnx.Module, fused: bool) -> nnx.Module:
+def set_lora_fusion(model: nnx.Module, fused: bool, *, down_kernel: bool = True) -> nnx.Module:
     """Sets, IN PLACE, whether every LoRA branch of `model` may be fused into its layer's kernels
-    (True, the default of a new branch) or runs unfused (two XLA GEMMs after the layer: the
-    comparison the benchmark measures); returns `model`. A static setting: a jitted step compiles
-    again after a change."""
+    (True, the default of a new branch) or runs unfused (two XLA GEMMs after the layer), and
+    whether a fused branch's down-projection runs in its kernel (True, the default) or as XLA's
+    GEMM on the produced input: the comparisons the benchmark measures; returns `model`. Static
+    settings: a jitted step compiles again after a change."""
     for _, branch in nnx.iter_graph(model):
         if isinstance(branch, LowRank):
             branch.fused = fused
+            branch.down_kernel = down_kernel
     return model
 
 

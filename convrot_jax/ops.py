@@ -33,7 +33,7 @@ from convrot_jax.linear import (
     w4a4_linear_reference,
 )
 from convrot_jax.lora import LowRankFactors
-from convrot_jax.prologue import Prologue, apply_prologue, check_prologue, kernel_arguments, produced_shape
+from convrot_jax.prologue import GeluTanh, Prologue, apply_prologue, check_prologue, kernel_arguments, produced_shape
 from convrot_jax.quant import QuantizedWeight, quantize_activation_reference
 from pallas_kernels.attention import attention as _attention_kernel
 from pallas_kernels.attention import attention_quantized as _attention_quantized
@@ -41,6 +41,8 @@ from pallas_kernels.attention import default_config as _attention_config
 from pallas_kernels.attention_quantize import Projection, Stream  # noqa: F401  (re-exported for the model)
 from pallas_kernels.attention_quantize import fits as _streams_fit
 from pallas_kernels.attention_quantize import quantize_projections as _quantize_projections
+from pallas_kernels.lora_down import lora_down
+from pallas_kernels.lora_down import supports as lora_down_supports
 from pallas_kernels.rotate_quantize import rotate_quantize
 from pallas_kernels.w4a16_matmul import w4a16_matmul
 from pallas_kernels.w4a16_matmul_config import config_for as w4a16_config_for
@@ -147,10 +149,11 @@ def w4a4_linear(
 
     `lora`: a low-rank branch (`convrot_jax.lora`) whose float term ((u A^T) * s) B^T of the
     layer's input u (prologue(x) with a prologue) is added to the layer's output before the gate.
-    "pallas" fuses it: h = (u A^T) * s (M, r), rounded once to bf16, in one XLA GEMM reading u
-    (the rotate-quantize kernel holds one row per CTA: too few for a tensor-core product, and its
-    rows are K wide, too wide for 64 of them in shared memory), then h B^T accumulated in float32
-    onto the dequantized sum in the W4A4 GEMM's epilogue, before the gate and the one rounding.
+    "pallas" fuses it: h = (u A^T) * s (M, r), rounded once to bf16, from the layer's input
+    (`_lora_down_projection`: the `lora_down` kernel, which reads x and applies a GELU prologue
+    where it reads it, so u is never written; XLA's GEMM on u for a LayerNorm prologue or with
+    `lora.down_kernel` False), then h B^T accumulated in float32 onto the dequantized sum in the
+    W4A4 GEMM's epilogue, before the gate and the one rounding.
     "xla", a branch with `fused` False or factors not in bf16 (the epilogue's wgmma operands):
     unfused, the reference: the layer without the gated
     residual in x.dtype, plus the term (`LowRankFactors.add_to`, two XLA GEMMs), then the gated
@@ -179,15 +182,29 @@ def w4a4_linear(
     x2, lead = _flatten(x)
     codes, scales = rotate_quantize(x2, group_size=qw.group_size,
                                     **(kernel_arguments(prologue) if prologue is not None else {}))
-    h = None
-    if lora is not None:
-        produced = x if prologue is None else apply_prologue(x, prologue)
-        h = lora.down_projection(produced).reshape(-1, lora.down.shape[0])
+    h = None if lora is None else _lora_down_projection(x, prologue, lora)
     y = w4a4_matmul(codes, scales, qw.packed, qw.scales, bias, gate=gate,
                     residual=None if residual is None else residual.reshape(-1, qw.out_features),
                     lora_h=h, lora_up=None if lora is None else lora.up,
                     scale_group=qw.scale_group, out_dtype=x.dtype)
     return y.reshape(*lead, qw.out_features)
+
+
+def _lora_down_projection(x: jnp.ndarray, prologue: Prologue | None, lora: LowRankFactors) -> jnp.ndarray:
+    """h (M, r) = (u A^T) * s of the layer's input u = prologue(x), rounded once to bf16: in the
+    `lora_down` kernel (x and a GELU's tail read where they lie, the GELU applied in registers)
+    where it takes the call and `lora.down_kernel` allows; else XLA's GEMM on u
+    (`LowRankFactors.down_projection`, u made by `apply_prologue`), the reference."""
+    rank, k = lora.down.shape
+    gelu = prologue if isinstance(prologue, GeluTanh) else None
+    tail = None if gelu is None or gelu.tail is None else gelu.tail.reshape(-1, gelu.tail.shape[-1])
+    columns = (k, x.shape[-1]) + ((gelu.start, gelu.tail_from) if gelu else ())
+    bf16 = x.dtype == lora.down.dtype == jnp.bfloat16 and (tail is None or tail.dtype == jnp.bfloat16)
+    if lora.down_kernel and (prologue is None or gelu is not None) and bf16 and lora_down_supports(rank, *columns):
+        return lora_down(x.reshape(-1, x.shape[-1]), lora.down, lora.scale, tail=tail,
+                         gelu_from=None if gelu is None else gelu.start, tail_from=0 if gelu is None else gelu.tail_from)
+    produced = x if prologue is None else apply_prologue(x, prologue)
+    return lora.down_projection(produced).reshape(-1, rank)
 
 
 def _unfused_lora(x: jnp.ndarray, qw: QuantizedWeight, bias: jnp.ndarray | None, prologue: Prologue | None,

@@ -195,8 +195,8 @@ def _first_group(c, chunk: int):
     return c * chunk if isinstance(c, int) else pl.multiple_of(c * chunk, chunk)
 
 
-def _gelu_tanh(x: jax.Array) -> jax.Array:
-    """jax.nn.gelu(x, approximate=True), in ops Mosaic GPU lowers."""
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """jax.nn.gelu(x, approximate=True), in ops Mosaic GPU lowers (also `lora_down`'s prologue)."""
     return x * (0.5 * (1.0 + jnp.tanh(np.float32(math.sqrt(2 / math.pi)) * (x + np.float32(0.044715) * (x * x * x)))))
 
 
@@ -313,12 +313,12 @@ def _gelu_parts(b: _Block, c, parts: list[jax.Array], gelu_from: int) -> list[ja
     is unrolled, a per-element select where it is not)."""
     g0 = _first_group(c, b.chunk)
     if isinstance(g0, int) and g0 >= gelu_from:
-        return [_gelu_tanh(v) for v in parts]
+        return [gelu_tanh(v) for v in parts]
     if isinstance(g0, int) and g0 + b.chunk <= gelu_from:
         return parts
     g = plgpu.layout_cast(jax.lax.broadcasted_iota(jnp.int32, b.shape1, 1), b.layout1)
     on = g + g0 >= gelu_from
-    return [jnp.where(on, _gelu_tanh(v), v) for v in parts]
+    return [jnp.where(on, gelu_tanh(v), v) for v in parts]
 
 
 def _prologue_parts(b: _Block, c, prologue: Prologue, stats, gelu_from: int, held: list | None) -> list[jax.Array]:
