@@ -581,9 +581,7 @@ def _check_operands(x_codes, x_scales, w_packed, w_scales, bias, scale_group, ga
     if x_scales.shape != (m,):
         raise ValueError(f"x_scales {x_scales.shape} must be (M,) = ({m},)")
     check_weight_operands(k, n, w_scales, scale_group, bias)
-    check_gated_residual(m, n, gate, residual)
-    if residual is not None and residual.dtype != jnp.dtype(out_dtype):
-        raise ValueError(f"residual dtype {residual.dtype} must be the output dtype {jnp.dtype(out_dtype)}")
+    check_gated_residual((m, n), gate, residual, out_dtype)
     check_lora_operands(m, n, lora_h, lora_up)
 
 

@@ -345,7 +345,7 @@ def test_gated_residual_bad_operands_raise():
         w4a4_matmul(x, sx, w, sw, gate=gate)
     with pytest.raises(ValueError, match=r"gate \(3, 128\) must be \(B, N\)"):
         w4a4_matmul(x, sx, w, sw, gate=jnp.ones((3, 128)), residual=res)
-    with pytest.raises(ValueError, match=r"residual \(8, 64\) must be \(M, N\)"):
+    with pytest.raises(ValueError, match=r"residual \(8, 64\) must be the output.s shape \(8, 128\)"):
         w4a4_matmul(x, sx, w, sw, gate=gate, residual=res[:, :64])
     with pytest.raises(ValueError, match="residual dtype float32 must be the output dtype bfloat16"):
         w4a4_matmul(x, sx, w, sw, gate=gate, residual=res.astype(jnp.float32))
