@@ -26,10 +26,8 @@ Stages (--stages, comma-separated, default tests,bench):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import os
 import sys
 import time
 from pathlib import Path
@@ -431,17 +429,9 @@ STAGES = {
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", harness.RESULTS)))
-    p.add_argument("--stages", default="tests,bench")
+    p = harness.stage_parser(__doc__, budget_s=540, tests_k="gpu")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--tests-k", default="gpu", help="pytest -k selection for the tests stage")
     p.add_argument("--tests-timeout", type=float, default=600, help="seconds the tests stage may run")
-    p.add_argument("--budget-s", type=float, default=540, help="start no new measurement after this many seconds")
-    p.add_argument("--variant-timeout", type=float, default=400, help="seconds each variant process may run")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--quick-log", type=Path, help="write the results from a `--worker quick` log instead")
     args = p.parse_args(argv)
     if args.quick_log:
@@ -454,16 +444,7 @@ def main(argv: list[str] | None = None) -> None:
                 "probe": lambda: work_probe(args)}.get(kind)
         harness.emit(work() if work else work_group(names.split(","), args))
         return
-    args.argv = [*argv, "--deadline", str(time.time() + args.budget_s)]
-    args.out.mkdir(parents=True, exist_ok=True)
-    log: dict = {"iters": harness.timing_iters()}
-    meta = harness.run_meta(probe=True)
-
-    def save() -> Path:
-        return harness.write_results(NAME, log, markdown(log), args.out, summary=summarize(log.get("rows", [])), meta=meta,
-                              command="python -m " + MODULE + " " + " ".join(argv))
-
-    harness.run_stages(STAGES, args.stages.split(","), args.out, log, args, save)
+    harness.run_stage_bench(NAME, MODULE, STAGES, argv, args, markdown, lambda log: summarize(log.get("rows", [])))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ Stages (--stages, comma-separated, default tests,bench):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import glob
@@ -39,7 +38,6 @@ import subprocess
 import sys
 import tarfile
 import time
-from pathlib import Path
 
 from benchmarks import harness
 from benchmarks.harness import Variant
@@ -386,19 +384,11 @@ STAGES = {
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", harness.RESULTS)))
-    p.add_argument("--stages", default="tests,bench")
+    p = harness.stage_parser(__doc__, budget_s=540)
     p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if not v.startswith("pallas_lora")],
                    choices=list(VARIANTS), help="default: all but the pallas_lora* ones")
-    p.add_argument("--tests-k", default="", help="pytest -k selection for the tests stage")
     p.add_argument("--bench-kn", default="", help="comma-separated KxN shapes for the bench stage (default all)")
     p.add_argument("--bench-ms", type=int, nargs="*", default=None, help="token counts (default FLUX_TOKEN_COUNTS)")
-    p.add_argument("--budget-s", type=float, default=540, help="start no new measurement after this many seconds")
-    p.add_argument("--variant-timeout", type=float, default=400, help="seconds each variant process may run")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     from pallas_kernels.shapes import FLUX_LINEAR_SHAPES, FLUX_TOKEN_COUNTS
 
@@ -410,16 +400,7 @@ def main(argv: list[str] | None = None) -> None:
         kind, _, variant = args.worker.partition(":")
         harness.emit(work_sweep(args) if kind == "sweep" else work_grid(variant, args))
         return
-    args.argv = [*argv, "--deadline", str(time.time() + args.budget_s)]
-    args.out.mkdir(parents=True, exist_ok=True)
-    log: dict = {"iters": harness.timing_iters()}
-    meta = harness.run_meta(probe=True)
-
-    def save() -> Path:
-        return harness.write_results(NAME, log, markdown(log), args.out, summary=summarize(log.get("rows", [])), meta=meta,
-                              command="python -m " + MODULE + " " + " ".join(argv))
-
-    harness.run_stages(STAGES, args.stages.split(","), args.out, log, args, save)
+    harness.run_stage_bench(NAME, MODULE, STAGES, argv, args, markdown, lambda log: summarize(log.get("rows", [])))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ the results writer (markdown + JSON, optional plot) under benchmarks/results/.
   memory is its own.
 - Variants: a registry is a dict name -> `Variant` (what it needs to import, which process group
   it shares, free-form options read by the bench's worker): adding a variant is one entry.
+- Command line and stages: `argument_parser` (--help from the bench's docstring); a kernel bench
+  is a list of named stages (`stage_parser`, `run_stage_bench`, `run_stages`, `worker_stage`).
 - Grids: `time_grid` times (implementation x named shape) cells in one worker, recording a
   failing cell as an error row.
 - Results: `write_results` writes `<name>.json` (envelope: bench, schema, meta, summary, rows,
@@ -22,6 +24,7 @@ Nothing here imports jax at module level: parents that only start children stay 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import importlib.util
@@ -68,6 +71,14 @@ def wall_ms(call: Callable[[], Any], *, iters: int, warmup: int, sync: Callable[
     times.sort()
     mid = len(times) // 2
     return times[mid] if len(times) % 2 else (times[mid - 1] + times[mid]) / 2
+
+
+# ------------------------------------------------------------------------------------ command line
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+    """A bench's parser whose --help is its module docstring `doc`: the first line the description,
+    the rest the epilog as written."""
+    return argparse.ArgumentParser(description=doc.splitlines()[0], epilog="\n".join(doc.splitlines()[1:]),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 # ------------------------------------------------------------------------------------ variants
@@ -303,6 +314,40 @@ def run_stages(stages: Mapping[str, Callable[[Path, dict, Any], None]], names: S
             print(log[f"{name}_error"], flush=True)
         log[f"{name}_seconds"] = time.time() - t
         print(save().with_suffix(".md").read_text(), flush=True)  # the tables so far
+
+
+def stage_parser(doc: str, *, budget_s: float, tests_k: str = "") -> argparse.ArgumentParser:
+    """The command line of a stage-based kernel bench (`run_stage_bench`): --out (default $OUT, else
+    benchmarks/results), --stages, --tests-k, --budget-s, --variant-timeout and the workers' hidden
+    --worker and --deadline; the bench adds its own (--variants, shapes, ...)."""
+    p = argument_parser(doc)
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", RESULTS)))
+    p.add_argument("--stages", default="tests,bench")
+    p.add_argument("--tests-k", default=tests_k, help="pytest -k selection for the tests stage")
+    p.add_argument("--budget-s", type=float, default=budget_s, help="start no new measurement after this many seconds")
+    p.add_argument("--variant-timeout", type=float, default=400, help="seconds each worker process may run")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def run_stage_bench(name: str, module: str, stages: Mapping[str, Callable[[Path, dict, Any], None]],
+                    argv: Sequence[str], args: Any, markdown: Callable[[dict], Sequence[str]],
+                    summary: Callable[[dict], Sequence[Mapping]], log: Mapping | None = None) -> None:
+    """The parent of a stage-based kernel bench (`stage_parser`'s arguments): the workers get the
+    parent's arguments and a deadline `args.budget_s` from now (`args.argv`); `run_stages` runs
+    `args.stages` into the log (`log`: results to start from), writing <name>.{json,md} under
+    `args.out` (markdown(log), summary(log)) after every stage."""
+    args.argv = [*argv, "--deadline", str(time.time() + args.budget_s)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = {"iters": timing_iters(), **(log or {})}
+    meta = run_meta(probe=True)
+
+    def save() -> Path:
+        return write_results(name, log, markdown(log), args.out, summary=summary(log), meta=meta,
+                             command="python -m " + module + " " + " ".join(argv))
+
+    run_stages(stages, args.stages.split(","), args.out, log, args, save)
 
 
 def worker_stage(module: str, worker: str) -> Callable[[Path, dict, Any], None]:
