@@ -7,7 +7,7 @@ the results writer (markdown + JSON, optional plot) under benchmarks/results/.
 - Isolation: `run_isolated` runs one variant (or one group of variants sharing a model) in its
   own Python process with a timeout and collects the JSON it writes back (`emit`); a crash, an
   out-of-memory or a timeout costs that variant's rows, not the run, and each process's peak
-  memory is its own.
+  memory is its own; `run_each` runs a registry's variants so, one after another.
 - Variants: a registry is a dict name -> `Variant` (what it needs to import, which process group
   it shares, free-form options read by the bench's worker): adding a variant is one entry.
 - Command line and stages: `argument_parser` (--help from the bench's docstring); a kernel bench
@@ -158,6 +158,24 @@ def run_isolated(cmd: Sequence[str], *, timeout: float | None = None, env: Mappi
     if not text:
         return {"error": "no result written" + (f": {tail[-600:]}" if tail else "")}
     return json.loads(text)
+
+
+def run_each(module: str, variants: Mapping[str, Variant], names: Iterable[str], argv: Sequence[str], *,
+             timeout: float | None, write: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Runs each named variant as `module`'s worker (`--worker NAME`, with `argv`) in its own
+    process, one after another; returns name -> its JSON. A variant whose imports are missing, or
+    whose process fails, gets a one-line {"error"} instead. Prints each result and calls
+    write(results so far) after each, so that a run stopped midway keeps what it measured."""
+    rows: dict[str, Any] = {}
+    for name in names:
+        try:
+            check_requires(variants[name])
+            rows[name] = run_isolated(worker_command(module, name, argv), timeout=timeout)
+        except Exception as e:  # noqa: BLE001  (one variant's failure is a row, not the end of the run)
+            rows[name] = {"error": " ".join(str(e).split())[:300]}
+        print(name, json.dumps(rows[name]), flush=True)
+        write(rows)
+    return rows
 
 
 def emit(result: Any) -> None:
