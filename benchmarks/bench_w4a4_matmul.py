@@ -87,34 +87,28 @@ def w4a4_args(m, n, k, scale_group=None):
     return make
 
 
-def gated_args(m, n, k):
-    """`w4a4_args` plus a bias, a gate (1, N) and a residual (M, N), bf16 as in FLUX."""
+def _w4a4_args_and(m, n, k, seed: int, *shapes: tuple[int, ...]):
+    """`w4a4_args` plus standard normal bf16 arrays of `shapes` (input set i from key seed + i)."""
     import jax
     import jax.numpy as jnp
 
     base = w4a4_args(m, n, k)
 
     def make(i):
-        ks = jax.random.split(jax.random.key(5000 + i), 3)
-        return jax.block_until_ready((*base(i), jax.random.normal(ks[0], (n,), jnp.bfloat16),
-                                      jax.random.normal(ks[1], (1, n), jnp.bfloat16),
-                                      jax.random.normal(ks[2], (m, n), jnp.bfloat16)))
+        ks = jax.random.split(jax.random.key(seed + i), len(shapes))
+        return jax.block_until_ready((*base(i), *(jax.random.normal(key, shape, jnp.bfloat16)
+                                                  for key, shape in zip(ks, shapes))))
     return make
+
+
+def gated_args(m, n, k):
+    """`w4a4_args` plus a bias, a gate (1, N) and a residual (M, N), bf16 as in FLUX."""
+    return _w4a4_args_and(m, n, k, 5000, (n,), (1, n), (m, n))
 
 
 def lora_args(m, n, k):
     """`w4a4_args` plus a bias and a rank-32 LoRA's h (M, r) and B (N, r), bf16."""
-    import jax
-    import jax.numpy as jnp
-
-    base = w4a4_args(m, n, k)
-
-    def make(i):
-        ks = jax.random.split(jax.random.key(6000 + i), 3)
-        return jax.block_until_ready((*base(i), jax.random.normal(ks[0], (n,), jnp.bfloat16),
-                                      jax.random.normal(ks[1], (m, LORA_RANK), jnp.bfloat16),
-                                      jax.random.normal(ks[2], (n, LORA_RANK), jnp.bfloat16)))
-    return make
+    return _w4a4_args_and(m, n, k, 6000, (n,), (m, LORA_RANK), (n, LORA_RANK))
 
 
 def bf16_gemm_args(m, n, k):
