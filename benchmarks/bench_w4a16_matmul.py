@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from benchmarks import harness
-from benchmarks.bench_w4a4_matmul import bf16_gemm_args
+from benchmarks.bench_w4a4_matmul import bf16_gemm
 from benchmarks.harness import Variant
 
 NAME = "w4a16_matmul"
@@ -52,7 +52,6 @@ MODULATION_N = (6 * 3072, 3 * 3072, 2 * 3072)  # double blocks' norm1 / norm1_co
 MODULATION_MS = (1, 4, 28, 64, 112)  # batch, and steps x batch when sampling precomputes every step
 T5_KN = ((4096, 4096), (4096, 10240), (10240, 4096))
 T5_M = 512
-NT = (((1,), (1,)), ((), ()))
 
 
 def shapes() -> dict[str, dict[str, int]]:
@@ -133,12 +132,10 @@ def kernel_error(fn, m, n, k) -> float:
 
 # ------------------------------------------------------------------------------------ workers
 def work_grid(variant: str, args) -> list[dict]:
-    import jax
-
     def setup(d):
         m, k, n = d["m"], d["k"], d["n"]
         if variant == "xla_bf16":
-            return (lambda a, b: jax.lax.dot_general(a, b, NT)), bf16_gemm_args(m, n, k), m * n * 2
+            return bf16_gemm(m, n, k)
         if variant == "pallas":
             from pallas_kernels.w4a16_matmul import w4a16_matmul
 
@@ -170,8 +167,6 @@ def work_group(names: list[str], args) -> list[dict]:
 
 def work_sweep(args) -> list[dict]:
     """Tile configs against the default one on a few shapes, each checked against the reference."""
-    import jax
-
     from pallas_kernels.w4a16_matmul import w4a16_matmul
     from pallas_kernels.w4a16_matmul_config import config_for
 
@@ -189,7 +184,7 @@ def work_sweep(args) -> list[dict]:
     }
     rows = []
     for (m, k, n), configs in sweep.items():
-        bf16_ms = harness.device_time_ms(lambda a, b: jax.lax.dot_general(a, b, NT), bf16_gemm_args(m, n, k), m * n * 2)
+        bf16_ms = harness.device_time_ms(*bf16_gemm(m, n, k))
         rows.append(dict(m=m, k=k, n=n, impl="xla_bf16", ms=bf16_ms))
         for cfg in [config_for(m, n, k), *configs]:
             if time.time() > args.deadline:
@@ -256,8 +251,7 @@ def work_quick(args) -> list[dict]:
                 return rows
             try:
                 if variant == "xla_bf16":
-                    ms = harness.device_time_ms(lambda a, b: jax.lax.dot_general(a, b, NT), bf16_gemm_args(m, n, k),
-                                                m * n * 2)
+                    ms = harness.device_time_ms(*bf16_gemm(m, n, k))
                     extra = {}
                 elif variant == "pallas":
                     make = kernel_args(m, n, k)

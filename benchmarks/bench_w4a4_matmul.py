@@ -111,6 +111,14 @@ def lora_args(m, n, k):
     return _w4a4_args_and(m, n, k, 6000, (n,), (m, LORA_RANK), (n, LORA_RANK))
 
 
+def bf16_gemm(m, n, k):
+    """XLA's bf16 GEMM (NT) at (M, N, K), the baseline of both int4 GEMM benches: (fn, make_args,
+    out_bytes) as `harness.device_time_ms` takes them (and a `time_grid` setup returns them)."""
+    import jax
+
+    return (lambda a, b: jax.lax.dot_general(a, b, NT)), bf16_gemm_args(m, n, k), m * n * 2
+
+
 def bf16_gemm_args(m, n, k):
     import jax
     import jax.numpy as jnp
@@ -165,7 +173,7 @@ def work_grid(variant: str, args) -> list[dict]:
     def setup(d):
         m, k, n = d["m"], d["k"], d["n"]
         if variant == "xla_bf16":
-            return (lambda a, b: jax.lax.dot_general(a, b, NT)), bf16_gemm_args(m, n, k), m * n * 2
+            return bf16_gemm(m, n, k)
         if variant == "xla_int8":
             return ((lambda a, b: jax.lax.dot_general(a, b, NT, preferred_element_type=jnp.int32)),
                     int8_gemm_args(m, n, k), m * n * 4)
@@ -230,8 +238,7 @@ def work_sweep(args) -> list[dict]:
     rows = []
     for m, configs in sweep.items():
         for k, n in LARGE_KN + ([(3072, 9216)] if m == 4608 else []):
-            bf16_ms = harness.device_time_ms(lambda a, b: jax.lax.dot_general(a, b, NT), bf16_gemm_args(m, n, k),
-                                             m * n * 2)
+            bf16_ms = harness.device_time_ms(*bf16_gemm(m, n, k))
             rows.append(dict(m=m, k=k, n=n, impl="xla_bf16", ms=bf16_ms, tops=tops(m, n, k, bf16_ms)))
             make = w4a4_args(m, n, k)
             x, sx, w, sw = make(0)
