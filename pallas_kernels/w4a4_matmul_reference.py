@@ -88,10 +88,7 @@ def check_gated_residual(out_shape: tuple[int, ...], gate: jax.Array | None, res
     where the caller knows it (a layer: its input's leading axis), else any B dividing M; residual
     of the output's shape, and of `out_dtype` where given. The one check of the kernel, its
     reference and the layers (`convrot_jax.linear`). Raises ValueError naming the one at fault."""
-    if (gate is None) != (residual is None):
-        raise ValueError("the gated residual needs both gate and residual, got only "
-                         f"{'gate' if residual is None else 'residual'}")
-    if gate is None:
+    if not _given_together("the gated residual", gate=gate, residual=residual):
         return
     out_shape = tuple(out_shape)
     m, n = math.prod(out_shape[:-1]), out_shape[-1]
@@ -108,10 +105,7 @@ def check_gated_residual(out_shape: tuple[int, ...], gate: jax.Array | None, res
 def check_lora_operands(m: int, n: int, lora_h: jax.Array | None, lora_up: jax.Array | None) -> None:
     """A LoRA branch's GEMM operands: both or neither; h (M, r) and B (N, r), both bfloat16, r >= 1.
     Raises ValueError naming the one at fault."""
-    if (lora_h is None) != (lora_up is None):
-        given = "lora_h" if lora_up is None else "lora_up"
-        raise ValueError(f"a LoRA branch needs both lora_h and lora_up, got only {given}")
-    if lora_h is None:
+    if not _given_together("a LoRA branch", lora_h=lora_h, lora_up=lora_up):
         return
     if lora_h.ndim != 2 or lora_up.ndim != 2 or lora_h.shape[1] != lora_up.shape[1] or lora_h.shape[1] < 1:
         raise ValueError(f"lora_h {lora_h.shape} and lora_up {lora_up.shape} must be (M, r) and (N, r) with one rank r")
@@ -121,3 +115,12 @@ def check_lora_operands(m: int, n: int, lora_h: jax.Array | None, lora_up: jax.A
     if lora_h.dtype != jnp.bfloat16 or lora_up.dtype != jnp.bfloat16:
         raise ValueError(f"lora_h and lora_up must be bfloat16 (the epilogue's wgmma operands), got {lora_h.dtype} "
                          f"and {lora_up.dtype}")
+
+
+def _given_together(what: str, **pair: jax.Array | None) -> bool:
+    """Whether the two operands of `what` are given: both (True) or neither (False); one alone
+    raises ValueError naming it."""
+    (a, x), (b, y) = pair.items()
+    if (x is None) != (y is None):
+        raise ValueError(f"{what} needs both {a} and {b}, got only {a if y is None else b}")
+    return x is not None
