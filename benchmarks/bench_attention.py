@@ -37,11 +37,8 @@ Stages (--stages, default tests,bench):
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
-from pathlib import Path
 
 from benchmarks import harness
 from benchmarks.harness import Variant
@@ -430,45 +427,29 @@ STAGES = {
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", harness.RESULTS)))
-    p.add_argument("--stages", default="tests,bench")
+    p = harness.stage_parser(__doc__, budget_s=200)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seqs", type=int, nargs="+", default=list(SEQS))
     p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     p.add_argument("--cells", nargs="+", help="BxS cells in this order instead of --batches x --seqs, e.g. 1x4608 4x4608")
-    p.add_argument("--tests-k", default="", help="pytest -k selection for the tests stage")
     p.add_argument("--model-steps", type=int, default=28)
     p.add_argument("--model-size", type=int, default=1024)
     p.add_argument("--model-impls", nargs="+", default=["sage8", "sage_qk8"])
-    p.add_argument("--budget-s", type=float, default=200, help="start no new measurement after this many seconds")
-    p.add_argument("--variant-timeout", type=float, default=400, help="seconds each worker process may run")
     p.add_argument("--update", action="store_true",
                    help="start from the existing results file in --out: the stages run now replace theirs only")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         args.deadline = args.deadline or time.time() + args.budget_s
         work = {"model": work_model, "sweep": work_sweep, "grid": work_grid}[args.worker]
         harness.emit(work(args))
         return
-    args.argv = [*argv, "--deadline", str(time.time() + args.budget_s)]
-    args.out.mkdir(parents=True, exist_ok=True)
-    log: dict = {"iters": harness.timing_iters()}
     previous = args.out / f"{NAME}.json"
+    kept = {}
     if args.update and previous.is_file():  # keep the other stages' results (e.g. `--stages model` alone)
-        kept = harness.load_results(previous)
-        log.update({k: v for k, v in kept.items() if k not in ("bench", "schema", "meta", "device", "summary")})
-    meta = harness.run_meta(probe=True)
-
-    def save() -> Path:
-        return harness.write_results(NAME, log, markdown(log), args.out,
-                              summary=summarize(log.get("rows", []), log.get("accuracy", [])), meta=meta,
-                              command="python -m " + MODULE + " " + " ".join(argv))
-
-    harness.run_stages(STAGES, args.stages.split(","), args.out, log, args, save)
+        kept = {k: v for k, v in harness.load_results(previous).items()
+                if k not in ("bench", "schema", "meta", "device", "summary")}
+    harness.run_stage_bench(NAME, MODULE, STAGES, argv, args, markdown,
+                            lambda log: summarize(log.get("rows", []), log.get("accuracy", [])), log=kept)
 
 
 if __name__ == "__main__":

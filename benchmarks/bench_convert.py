@@ -14,7 +14,6 @@ this process (which only needs shapes, on the CPU) neither skews the memory figu
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -164,8 +163,7 @@ def summarize(r: dict) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.argument_parser(__doc__)
     p.add_argument("--workdir", type=Path, required=True, help="scratch directory (removed afterwards)")
     p.add_argument("--fraction", type=float, default=1.0, help="share of FLUX.1-dev's blocks to keep")
     p.add_argument("--results", "--out", type=Path, default=harness.RESULTS, help="where convert.{md,json} go")

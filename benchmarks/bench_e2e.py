@@ -398,9 +398,7 @@ def write(rows: list[dict], out: Path, meta: dict | None = None, command: str | 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     epilog="\n".join(__doc__.splitlines()[1:]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.argument_parser(__doc__)
     parser.add_argument("--variants", "--variant", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--sizes", nargs="+", type=int, default=[512, 1024])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4])

@@ -235,9 +235,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     epilog="\n".join(__doc__.splitlines()[1:]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.argument_parser(__doc__)
     parser.add_argument("--variants", nargs="+",
                         default=["none", "r32", "r32_xladown", "r32_unfused", "switch_r32", "r16_r32_r64", "k32"],
                         choices=[*VARIANTS, "switch_r32"], help="run in this order (put switch_r32 after r32)")

@@ -102,8 +102,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.argument_parser(__doc__)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--tests", action="store_true", help="run the GPU tests of tests/test_lora_down.py first")
     p.add_argument("--budget-s", type=float, default=300, help="start no new measurement after this many seconds")

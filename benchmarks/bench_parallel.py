@@ -131,9 +131,7 @@ def write(rows: list[dict], out: Path, meta: dict | None = None, command: str | 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     epilog="\n".join(__doc__.splitlines()[1:]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.argument_parser(__doc__)
     parser.add_argument("--precisions", nargs="+", choices=("w4a4", "bf16"), default=["w4a4", "bf16"])
     parser.add_argument("--modes", nargs="+", choices=("sequence", "data"), default=["sequence", "data"])
     parser.add_argument("--devices", nargs="+", type=int, default=[1, 2, 4])

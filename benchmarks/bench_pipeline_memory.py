@@ -21,7 +21,6 @@ building, the peak over the call, and the call's seconds (first call, with compi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -167,17 +166,9 @@ def main() -> None:
     if args.worker:
         return worker(args)
     cache = args.compile_cache or tempfile.mkdtemp(prefix="pipeline_memory_cache_")
-    rows = {}
-    for name in args.variants:
-        argv = ["--size", str(args.size), "--steps", str(args.steps), "--compile-cache", cache,
-                *(["--small"] if args.small else [])]
-        try:
-            harness.check_requires(VARIANTS[name])
-            rows[name] = harness.run_isolated(harness.worker_command(MODULE, name, argv), timeout=args.timeout)
-        except Exception as e:  # one variant's failure is a row, not the end of the run
-            rows[name] = {"error": " ".join(str(e).split())[:300]}
-        print(name, json.dumps(rows[name]), flush=True)
-        write(rows, args)
+    argv = ["--size", str(args.size), "--steps", str(args.steps), "--compile-cache", cache,
+            *(["--small"] if args.small else [])]
+    harness.run_each(MODULE, VARIANTS, args.variants, argv, timeout=args.timeout, write=lambda rows: write(rows, args))
 
 
 def write(rows: dict, args: argparse.Namespace, meta: dict | None = None) -> None:

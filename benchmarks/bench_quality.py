@@ -22,7 +22,6 @@ Writes benchmarks/results/quality.{md,json} (and quality.png when matplotlib is 
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -232,8 +231,7 @@ def write_results(per_layer_rows: list[dict], e2e: dict | None, out: Path = RESU
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.argument_parser(__doc__)
     parser.add_argument("--tokens", type=int, default=512, help="M for the per-layer part")
     parser.add_argument("--end-to-end", action="store_true", help="run part (b) (GPU: the 12B model)")
     parser.add_argument("--model", help="a diffusers FLUX.1-dev folder with real weights (part (b))")

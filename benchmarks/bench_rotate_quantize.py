@@ -253,8 +253,7 @@ def markdown(res: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.argument_parser(__doc__)
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
                    help="the M x K grid's implementations (none: only the prologues)")
     p.add_argument("--ms", type=int, nargs="+", default=None, help="token counts (default FLUX_TOKEN_COUNTS)")

@@ -13,7 +13,6 @@ a converted checkpoint.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -164,16 +163,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    rows = {}
-    for name in args.variants:
-        argv = ["--iters", str(args.iters), *(["--small"] if args.small else [])]
-        try:
-            harness.check_requires(VARIANTS[name])
-            rows[name] = harness.run_isolated(harness.worker_command(MODULE, name, argv), timeout=args.timeout)
-        except Exception as e:  # one variant's failure is a row, not the end of the run
-            rows[name] = {"error": " ".join(str(e).split())[:300]}
-        print(name, json.dumps(rows[name]), flush=True)
-        write(rows, args)  # after each variant: a run stopped midway keeps what it measured
+    argv = ["--iters", str(args.iters), *(["--small"] if args.small else [])]
+    harness.run_each(MODULE, VARIANTS, args.variants, argv, timeout=args.timeout, write=lambda rows: write(rows, args))
 
 
 def write(rows: dict, args: argparse.Namespace) -> None:

@@ -26,16 +26,14 @@ Stages (--stages, comma-separated, default tests,bench):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import os
 import sys
 import time
 from pathlib import Path
 
 from benchmarks import harness
-from benchmarks.bench_w4a4_matmul import bf16_gemm_args
+from benchmarks.bench_w4a4_matmul import bf16_gemm
 from benchmarks.harness import Variant
 
 NAME = "w4a16_matmul"
@@ -54,7 +52,6 @@ MODULATION_N = (6 * 3072, 3 * 3072, 2 * 3072)  # double blocks' norm1 / norm1_co
 MODULATION_MS = (1, 4, 28, 64, 112)  # batch, and steps x batch when sampling precomputes every step
 T5_KN = ((4096, 4096), (4096, 10240), (10240, 4096))
 T5_M = 512
-NT = (((1,), (1,)), ((), ()))
 
 
 def shapes() -> dict[str, dict[str, int]]:
@@ -135,12 +132,10 @@ def kernel_error(fn, m, n, k) -> float:
 
 # ------------------------------------------------------------------------------------ workers
 def work_grid(variant: str, args) -> list[dict]:
-    import jax
-
     def setup(d):
         m, k, n = d["m"], d["k"], d["n"]
         if variant == "xla_bf16":
-            return (lambda a, b: jax.lax.dot_general(a, b, NT)), bf16_gemm_args(m, n, k), m * n * 2
+            return bf16_gemm(m, n, k)
         if variant == "pallas":
             from pallas_kernels.w4a16_matmul import w4a16_matmul
 
@@ -172,8 +167,6 @@ def work_group(names: list[str], args) -> list[dict]:
 
 def work_sweep(args) -> list[dict]:
     """Tile configs against the default one on a few shapes, each checked against the reference."""
-    import jax
-
     from pallas_kernels.w4a16_matmul import w4a16_matmul
     from pallas_kernels.w4a16_matmul_config import config_for
 
@@ -191,7 +184,7 @@ def work_sweep(args) -> list[dict]:
     }
     rows = []
     for (m, k, n), configs in sweep.items():
-        bf16_ms = harness.device_time_ms(lambda a, b: jax.lax.dot_general(a, b, NT), bf16_gemm_args(m, n, k), m * n * 2)
+        bf16_ms = harness.device_time_ms(*bf16_gemm(m, n, k))
         rows.append(dict(m=m, k=k, n=n, impl="xla_bf16", ms=bf16_ms))
         for cfg in [config_for(m, n, k), *configs]:
             if time.time() > args.deadline:
@@ -258,8 +251,7 @@ def work_quick(args) -> list[dict]:
                 return rows
             try:
                 if variant == "xla_bf16":
-                    ms = harness.device_time_ms(lambda a, b: jax.lax.dot_general(a, b, NT), bf16_gemm_args(m, n, k),
-                                                m * n * 2)
+                    ms = harness.device_time_ms(*bf16_gemm(m, n, k))
                     extra = {}
                 elif variant == "pallas":
                     make = kernel_args(m, n, k)
@@ -431,17 +423,9 @@ STAGES = {
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", harness.RESULTS)))
-    p.add_argument("--stages", default="tests,bench")
+    p = harness.stage_parser(__doc__, budget_s=540, tests_k="gpu")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--tests-k", default="gpu", help="pytest -k selection for the tests stage")
     p.add_argument("--tests-timeout", type=float, default=600, help="seconds the tests stage may run")
-    p.add_argument("--budget-s", type=float, default=540, help="start no new measurement after this many seconds")
-    p.add_argument("--variant-timeout", type=float, default=400, help="seconds each variant process may run")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--quick-log", type=Path, help="write the results from a `--worker quick` log instead")
     args = p.parse_args(argv)
     if args.quick_log:
@@ -454,16 +438,7 @@ def main(argv: list[str] | None = None) -> None:
                 "probe": lambda: work_probe(args)}.get(kind)
         harness.emit(work() if work else work_group(names.split(","), args))
         return
-    args.argv = [*argv, "--deadline", str(time.time() + args.budget_s)]
-    args.out.mkdir(parents=True, exist_ok=True)
-    log: dict = {"iters": harness.timing_iters()}
-    meta = harness.run_meta(probe=True)
-
-    def save() -> Path:
-        return harness.write_results(NAME, log, markdown(log), args.out, summary=summarize(log.get("rows", [])), meta=meta,
-                              command="python -m " + MODULE + " " + " ".join(argv))
-
-    harness.run_stages(STAGES, args.stages.split(","), args.out, log, args, save)
+    harness.run_stage_bench(NAME, MODULE, STAGES, argv, args, markdown, lambda log: summarize(log.get("rows", [])))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ Stages (--stages, comma-separated, default tests,bench):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import glob
@@ -39,7 +38,6 @@ import subprocess
 import sys
 import tarfile
 import time
-from pathlib import Path
 
 from benchmarks import harness
 from benchmarks.harness import Variant
@@ -89,34 +87,36 @@ def w4a4_args(m, n, k, scale_group=None):
     return make
 
 
-def gated_args(m, n, k):
-    """`w4a4_args` plus a bias, a gate (1, N) and a residual (M, N), bf16 as in FLUX."""
+def _w4a4_args_and(m, n, k, seed: int, *shapes: tuple[int, ...]):
+    """`w4a4_args` plus standard normal bf16 arrays of `shapes` (input set i from key seed + i)."""
     import jax
     import jax.numpy as jnp
 
     base = w4a4_args(m, n, k)
 
     def make(i):
-        ks = jax.random.split(jax.random.key(5000 + i), 3)
-        return jax.block_until_ready((*base(i), jax.random.normal(ks[0], (n,), jnp.bfloat16),
-                                      jax.random.normal(ks[1], (1, n), jnp.bfloat16),
-                                      jax.random.normal(ks[2], (m, n), jnp.bfloat16)))
+        ks = jax.random.split(jax.random.key(seed + i), len(shapes))
+        return jax.block_until_ready((*base(i), *(jax.random.normal(key, shape, jnp.bfloat16)
+                                                  for key, shape in zip(ks, shapes))))
     return make
+
+
+def gated_args(m, n, k):
+    """`w4a4_args` plus a bias, a gate (1, N) and a residual (M, N), bf16 as in FLUX."""
+    return _w4a4_args_and(m, n, k, 5000, (n,), (1, n), (m, n))
 
 
 def lora_args(m, n, k):
     """`w4a4_args` plus a bias and a rank-32 LoRA's h (M, r) and B (N, r), bf16."""
+    return _w4a4_args_and(m, n, k, 6000, (n,), (m, LORA_RANK), (n, LORA_RANK))
+
+
+def bf16_gemm(m, n, k):
+    """XLA's bf16 GEMM (NT) at (M, N, K), the baseline of both int4 GEMM benches: (fn, make_args,
+    out_bytes) as `harness.device_time_ms` takes them (and a `time_grid` setup returns them)."""
     import jax
-    import jax.numpy as jnp
 
-    base = w4a4_args(m, n, k)
-
-    def make(i):
-        ks = jax.random.split(jax.random.key(6000 + i), 3)
-        return jax.block_until_ready((*base(i), jax.random.normal(ks[0], (n,), jnp.bfloat16),
-                                      jax.random.normal(ks[1], (m, LORA_RANK), jnp.bfloat16),
-                                      jax.random.normal(ks[2], (n, LORA_RANK), jnp.bfloat16)))
-    return make
+    return (lambda a, b: jax.lax.dot_general(a, b, NT)), bf16_gemm_args(m, n, k), m * n * 2
 
 
 def bf16_gemm_args(m, n, k):
@@ -173,7 +173,7 @@ def work_grid(variant: str, args) -> list[dict]:
     def setup(d):
         m, k, n = d["m"], d["k"], d["n"]
         if variant == "xla_bf16":
-            return (lambda a, b: jax.lax.dot_general(a, b, NT)), bf16_gemm_args(m, n, k), m * n * 2
+            return bf16_gemm(m, n, k)
         if variant == "xla_int8":
             return ((lambda a, b: jax.lax.dot_general(a, b, NT, preferred_element_type=jnp.int32)),
                     int8_gemm_args(m, n, k), m * n * 4)
@@ -238,8 +238,7 @@ def work_sweep(args) -> list[dict]:
     rows = []
     for m, configs in sweep.items():
         for k, n in LARGE_KN + ([(3072, 9216)] if m == 4608 else []):
-            bf16_ms = harness.device_time_ms(lambda a, b: jax.lax.dot_general(a, b, NT), bf16_gemm_args(m, n, k),
-                                             m * n * 2)
+            bf16_ms = harness.device_time_ms(*bf16_gemm(m, n, k))
             rows.append(dict(m=m, k=k, n=n, impl="xla_bf16", ms=bf16_ms, tops=tops(m, n, k, bf16_ms)))
             make = w4a4_args(m, n, k)
             x, sx, w, sw = make(0)
@@ -386,19 +385,11 @@ STAGES = {
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", harness.RESULTS)))
-    p.add_argument("--stages", default="tests,bench")
+    p = harness.stage_parser(__doc__, budget_s=540)
     p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if not v.startswith("pallas_lora")],
                    choices=list(VARIANTS), help="default: all but the pallas_lora* ones")
-    p.add_argument("--tests-k", default="", help="pytest -k selection for the tests stage")
     p.add_argument("--bench-kn", default="", help="comma-separated KxN shapes for the bench stage (default all)")
     p.add_argument("--bench-ms", type=int, nargs="*", default=None, help="token counts (default FLUX_TOKEN_COUNTS)")
-    p.add_argument("--budget-s", type=float, default=540, help="start no new measurement after this many seconds")
-    p.add_argument("--variant-timeout", type=float, default=400, help="seconds each variant process may run")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     from pallas_kernels.shapes import FLUX_LINEAR_SHAPES, FLUX_TOKEN_COUNTS
 
@@ -410,16 +401,7 @@ def main(argv: list[str] | None = None) -> None:
         kind, _, variant = args.worker.partition(":")
         harness.emit(work_sweep(args) if kind == "sweep" else work_grid(variant, args))
         return
-    args.argv = [*argv, "--deadline", str(time.time() + args.budget_s)]
-    args.out.mkdir(parents=True, exist_ok=True)
-    log: dict = {"iters": harness.timing_iters()}
-    meta = harness.run_meta(probe=True)
-
-    def save() -> Path:
-        return harness.write_results(NAME, log, markdown(log), args.out, summary=summarize(log.get("rows", [])), meta=meta,
-                              command="python -m " + MODULE + " " + " ".join(argv))
-
-    harness.run_stages(STAGES, args.stages.split(","), args.out, log, args, save)
+    harness.run_stage_bench(NAME, MODULE, STAGES, argv, args, markdown, lambda log: summarize(log.get("rows", [])))
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ the results writer (markdown + JSON, optional plot) under benchmarks/results/.
 - Isolation: `run_isolated` runs one variant (or one group of variants sharing a model) in its
   own Python process with a timeout and collects the JSON it writes back (`emit`); a crash, an
   out-of-memory or a timeout costs that variant's rows, not the run, and each process's peak
-  memory is its own.
+  memory is its own; `run_each` runs a registry's variants so, one after another.
 - Variants: a registry is a dict name -> `Variant` (what it needs to import, which process group
   it shares, free-form options read by the bench's worker): adding a variant is one entry.
+- Command line and stages: `argument_parser` (--help from the bench's docstring); a kernel bench
+  is a list of named stages (`stage_parser`, `run_stage_bench`, `run_stages`, `worker_stage`).
 - Grids: `time_grid` times (implementation x named shape) cells in one worker, recording a
   failing cell as an error row.
 - Results: `write_results` writes `<name>.json` (envelope: bench, schema, meta, summary, rows,
@@ -22,6 +24,7 @@ Nothing here imports jax at module level: parents that only start children stay 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import importlib.util
@@ -68,6 +71,14 @@ def wall_ms(call: Callable[[], Any], *, iters: int, warmup: int, sync: Callable[
     times.sort()
     mid = len(times) // 2
     return times[mid] if len(times) % 2 else (times[mid - 1] + times[mid]) / 2
+
+
+# ------------------------------------------------------------------------------------ command line
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+    """A bench's parser whose --help is its module docstring `doc`: the first line the description,
+    the rest the epilog as written."""
+    return argparse.ArgumentParser(description=doc.splitlines()[0], epilog="\n".join(doc.splitlines()[1:]),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 # ------------------------------------------------------------------------------------ variants
@@ -147,6 +158,24 @@ def run_isolated(cmd: Sequence[str], *, timeout: float | None = None, env: Mappi
     if not text:
         return {"error": "no result written" + (f": {tail[-600:]}" if tail else "")}
     return json.loads(text)
+
+
+def run_each(module: str, variants: Mapping[str, Variant], names: Iterable[str], argv: Sequence[str], *,
+             timeout: float | None, write: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Runs each named variant as `module`'s worker (`--worker NAME`, with `argv`) in its own
+    process, one after another; returns name -> its JSON. A variant whose imports are missing, or
+    whose process fails, gets a one-line {"error"} instead. Prints each result and calls
+    write(results so far) after each, so that a run stopped midway keeps what it measured."""
+    rows: dict[str, Any] = {}
+    for name in names:
+        try:
+            check_requires(variants[name])
+            rows[name] = run_isolated(worker_command(module, name, argv), timeout=timeout)
+        except Exception as e:  # noqa: BLE001  (one variant's failure is a row, not the end of the run)
+            rows[name] = {"error": " ".join(str(e).split())[:300]}
+        print(name, json.dumps(rows[name]), flush=True)
+        write(rows)
+    return rows
 
 
 def emit(result: Any) -> None:
@@ -303,6 +332,40 @@ def run_stages(stages: Mapping[str, Callable[[Path, dict, Any], None]], names: S
             print(log[f"{name}_error"], flush=True)
         log[f"{name}_seconds"] = time.time() - t
         print(save().with_suffix(".md").read_text(), flush=True)  # the tables so far
+
+
+def stage_parser(doc: str, *, budget_s: float, tests_k: str = "") -> argparse.ArgumentParser:
+    """The command line of a stage-based kernel bench (`run_stage_bench`): --out (default $OUT, else
+    benchmarks/results), --stages, --tests-k, --budget-s, --variant-timeout and the workers' hidden
+    --worker and --deadline; the bench adds its own (--variants, shapes, ...)."""
+    p = argument_parser(doc)
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", RESULTS)))
+    p.add_argument("--stages", default="tests,bench")
+    p.add_argument("--tests-k", default=tests_k, help="pytest -k selection for the tests stage")
+    p.add_argument("--budget-s", type=float, default=budget_s, help="start no new measurement after this many seconds")
+    p.add_argument("--variant-timeout", type=float, default=400, help="seconds each worker process may run")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def run_stage_bench(name: str, module: str, stages: Mapping[str, Callable[[Path, dict, Any], None]],
+                    argv: Sequence[str], args: Any, markdown: Callable[[dict], Sequence[str]],
+                    summary: Callable[[dict], Sequence[Mapping]], log: Mapping | None = None) -> None:
+    """The parent of a stage-based kernel bench (`stage_parser`'s arguments): the workers get the
+    parent's arguments and a deadline `args.budget_s` from now (`args.argv`); `run_stages` runs
+    `args.stages` into the log (`log`: results to start from), writing <name>.{json,md} under
+    `args.out` (markdown(log), summary(log)) after every stage."""
+    args.argv = [*argv, "--deadline", str(time.time() + args.budget_s)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = {"iters": timing_iters(), **(log or {})}
+    meta = run_meta(probe=True)
+
+    def save() -> Path:
+        return write_results(name, log, markdown(log), args.out, summary=summary(log), meta=meta,
+                             command="python -m " + module + " " + " ".join(argv))
+
+    run_stages(stages, args.stages.split(","), args.out, log, args, save)
 
 
 def worker_stage(module: str, worker: str) -> Callable[[Path, dict, Any], None]:

@@ -11,7 +11,7 @@ from convrot_jax.hadamard import rotate
 from convrot_jax.quant import QuantizedWeight, quantize_activation_reference
 from pallas_kernels.w4a4_matmul_reference import int_matmul_reference  # noqa: F401  (re-exported)
 from pallas_kernels.w4a4_matmul_reference import dequantized_matmul_reference as _dequantized_matmul
-from pallas_kernels.w4a4_matmul_reference import gated_residual_reference
+from pallas_kernels.w4a4_matmul_reference import check_gated_residual, gated_residual_reference
 
 
 def check_linear_input(x: jnp.ndarray, qw: QuantizedWeight, bias: jnp.ndarray | None) -> None:
@@ -28,20 +28,13 @@ def check_linear_input(x: jnp.ndarray, qw: QuantizedWeight, bias: jnp.ndarray | 
 def check_gated_residual_input(x: jnp.ndarray, qw: QuantizedWeight, residual: jnp.ndarray | None,
                                 gate: jnp.ndarray | None) -> None:
     """The gated residual's operands for x (B, ..., K): both or neither, gate (B, out_features) (one
-    row per image, the leading axis), residual x's shape with out_features last and x's dtype.
-    Raises ValueError naming the one at fault."""
-    if (gate is None) != (residual is None):
-        given = "gate" if residual is None else "residual"
-        raise ValueError(f"the gated residual needs both gate and residual, got only {given}")
-    if gate is None:
-        return
-    n = qw.out_features
-    if x.ndim < 2 or gate.shape != (x.shape[0], n):
-        raise ValueError(f"gate {gate.shape} must be (B, out_features) = ({x.shape[0] if x.ndim else '?'}, {n}) "
-                         f"for input {x.shape} (B images first)")
-    if residual.shape != (*x.shape[:-1], n) or residual.dtype != x.dtype:
-        raise ValueError(f"residual {residual.shape} {residual.dtype} must be {(*x.shape[:-1], n)} {x.dtype}, "
-                         "the layer's output")
+    row per image, the leading axis), residual x's shape with out_features last and x's dtype: the
+    GEMM kernel's check (`check_gated_residual`) with the images on x's leading axis. Raises
+    ValueError naming the one at fault."""
+    check_gated_residual((*x.shape[:-1], qw.out_features), gate, residual, x.dtype,
+                         images=x.shape[0] if x.ndim >= 2 else None)
+    if gate is not None and x.ndim < 2:
+        raise ValueError(f"the gated residual needs an input (B, ..., K) with B images first, got {x.shape}")
 
 
 def dequantized_matmul_reference(

@@ -29,6 +29,17 @@ from jax._src.lib.mlir import ir
 from jax.experimental.mosaic.gpu import fragmented_array as mgpu_fa
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
+
+def check_packed_operands(x_name: str, x, x_dtype: jnp.dtype, w_packed) -> tuple[int, int, int]:
+    """An int4 GEMM's activations x (M, K) of `x_dtype` against the packed weight w_packed uint8
+    (N, K/2); returns (M, K, N). Raises ValueError naming the operands (x as `x_name`) and shapes."""
+    if x.ndim != 2 or w_packed.ndim != 2 or x.shape[1] != 2 * w_packed.shape[1]:
+        raise ValueError(f"{x_name} (M, K) {x.shape} and w_packed (N, K/2) {w_packed.shape} do not match")
+    if x.dtype != x_dtype or w_packed.dtype != jnp.uint8:
+        raise ValueError(f"need {jnp.dtype(x_dtype)} {x_name} and uint8 w_packed, got {x.dtype} and {w_packed.dtype}")
+    return *x.shape, w_packed.shape[0]
+
+
 def check_weight_operands(k: int, n: int, w_scales, scale_group: int | None, bias) -> None:
     """The packed int4 weight's scales and the bias for a GEMM of reduction K and N outputs:
     (N,) scales per channel, or (N, K / scale_group) with scale_group a multiple of 64 (the

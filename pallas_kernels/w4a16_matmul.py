@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pallas_kernels.int4_unpack import check_weight_operands, permute_k32, unpack_tile
+from pallas_kernels.int4_unpack import check_packed_operands, check_weight_operands, permute_k32, unpack_tile
 from pallas_kernels.smem import swizzle_transforms
 from pallas_kernels.tile_schedule import sm_count
 from pallas_kernels.w4a16_matmul_config import W4A16MatmulConfig, config_for
@@ -233,11 +233,7 @@ def _kernel(x_gmem, w_gmem, sw_gmem, bias_gmem, out_gmem, ws_gmem, *, plan: _Pla
 
 def _check_operands(x, w_packed, w_scales, bias, scale_group) -> None:
     """Raises ValueError naming the operand and shape at fault."""
-    if x.ndim != 2 or w_packed.ndim != 2 or x.shape[1] != 2 * w_packed.shape[1]:
-        raise ValueError(f"x (M, K) {x.shape} and w_packed (N, K/2) {w_packed.shape} do not match")
-    if x.dtype != jnp.bfloat16 or w_packed.dtype != jnp.uint8:
-        raise ValueError(f"need bfloat16 x and uint8 w_packed, got {x.dtype} and {w_packed.dtype}")
-    k, n = x.shape[1], w_packed.shape[0]
+    _, k, n = check_packed_operands("x", x, jnp.bfloat16, w_packed)
     check_weight_operands(k, n, w_scales, scale_group, bias)
 
 

@@ -79,7 +79,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.int4_unpack import check_weight_operands, unpack_tile
+from pallas_kernels.int4_unpack import check_packed_operands, check_weight_operands, unpack_tile
 from pallas_kernels.smem import swizzle_transforms
 from pallas_kernels.tile_schedule import TileSchedule, sm_count, tile_coords, tile_schedule
 from pallas_kernels.w4a4_matmul_config import W4A4MatmulConfig, config_for
@@ -572,18 +572,11 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, h_
 def _check_operands(x_codes, x_scales, w_packed, w_scales, bias, scale_group, gate=None, residual=None,
                     out_dtype=None, lora_h=None, lora_up=None) -> None:
     """Raises ValueError naming the operand and shape at fault."""
-    if x_codes.ndim != 2 or w_packed.ndim != 2 or x_codes.shape[1] != 2 * w_packed.shape[1]:
-        raise ValueError(f"x_codes (M, K) {x_codes.shape} and w_packed (N, K/2) {w_packed.shape} do not match")
-    if x_codes.dtype != jnp.int8 or w_packed.dtype != jnp.uint8:
-        raise ValueError(f"need int8 x_codes and uint8 w_packed, got {x_codes.dtype} and {w_packed.dtype}")
-    m, k = x_codes.shape
-    n = w_packed.shape[0]
+    m, k, n = check_packed_operands("x_codes", x_codes, jnp.int8, w_packed)
     if x_scales.shape != (m,):
         raise ValueError(f"x_scales {x_scales.shape} must be (M,) = ({m},)")
     check_weight_operands(k, n, w_scales, scale_group, bias)
-    check_gated_residual(m, n, gate, residual)
-    if residual is not None and residual.dtype != jnp.dtype(out_dtype):
-        raise ValueError(f"residual dtype {residual.dtype} must be the output dtype {jnp.dtype(out_dtype)}")
+    check_gated_residual((m, n), gate, residual, out_dtype)
     check_lora_operands(m, n, lora_h, lora_up)
 
 

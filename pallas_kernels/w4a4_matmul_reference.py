@@ -3,6 +3,8 @@ dequantize. `convrot_jax.linear` builds its reference linear on it."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -63,7 +65,7 @@ def w4a4_matmul_reference(
     check_lora_operands(*y.shape, lora_h, lora_up)
     if lora_h is not None:
         y = y + jax.lax.dot_general(lora_h, lora_up, _NT, preferred_element_type=jnp.float32)
-    check_gated_residual(*y.shape, gate, residual)
+    check_gated_residual(y.shape, gate, residual)
     if gate is not None:
         y = gated_residual_reference(y, gate, residual)
     return y.astype(out_dtype)
@@ -79,27 +81,31 @@ def gated_residual_reference(y: jax.Array, gate: jax.Array, residual: jax.Array)
     return residual.astype(jnp.float32) + gated
 
 
-def check_gated_residual(m: int, n: int, gate: jax.Array | None, residual: jax.Array | None) -> None:
-    """The gated residual's operands: both or neither; gate (B, N) with B dividing M (the rows are B
-    images of M / B tokens each), residual (M, N). Raises ValueError naming the one at fault."""
-    if (gate is None) != (residual is None):
-        raise ValueError("the gated residual needs both gate and residual, got only "
-                         f"{'gate' if residual is None else 'residual'}")
-    if gate is None:
+def check_gated_residual(out_shape: tuple[int, ...], gate: jax.Array | None, residual: jax.Array | None,
+                         out_dtype: jnp.dtype | None = None, images: int | None = None) -> None:
+    """The gated residual's operands for an output of shape (..., N) whose rows (all axes but the
+    last, M in all) are B images of M / B rows each: both or neither; gate (B, N), B = `images`
+    where the caller knows it (a layer: its input's leading axis), else any B dividing M; residual
+    of the output's shape, and of `out_dtype` where given. The one check of the kernel, its
+    reference and the layers (`convrot_jax.linear`). Raises ValueError naming the one at fault."""
+    if not _given_together("the gated residual", gate=gate, residual=residual):
         return
-    if gate.ndim != 2 or gate.shape[1] != n or gate.shape[0] < 1 or m % gate.shape[0]:
-        raise ValueError(f"gate {gate.shape} must be (B, N) = (B, {n}) with B images dividing M = {m} rows")
-    if residual.shape != (m, n):
-        raise ValueError(f"residual {residual.shape} must be (M, N) = ({m}, {n})")
+    out_shape = tuple(out_shape)
+    m, n = math.prod(out_shape[:-1]), out_shape[-1]
+    if (gate.ndim != 2 or gate.shape[1] != n or gate.shape[0] < 1 or m % gate.shape[0]
+            or images is not None and gate.shape[0] != images):
+        raise ValueError(f"gate {gate.shape} must be (B, N) = ({'B' if images is None else images}, {n}), a row per "
+                         f"image: the output {out_shape}'s M = {m} rows are B images of M / B rows")
+    if residual.shape != out_shape:
+        raise ValueError(f"residual {residual.shape} must be the output's shape {out_shape}")
+    if out_dtype is not None and residual.dtype != jnp.dtype(out_dtype):
+        raise ValueError(f"residual dtype {residual.dtype} must be the output dtype {jnp.dtype(out_dtype)}")
 
 
 def check_lora_operands(m: int, n: int, lora_h: jax.Array | None, lora_up: jax.Array | None) -> None:
     """A LoRA branch's GEMM operands: both or neither; h (M, r) and B (N, r), both bfloat16, r >= 1.
     Raises ValueError naming the one at fault."""
-    if (lora_h is None) != (lora_up is None):
-        given = "lora_h" if lora_up is None else "lora_up"
-        raise ValueError(f"a LoRA branch needs both lora_h and lora_up, got only {given}")
-    if lora_h is None:
+    if not _given_together("a LoRA branch", lora_h=lora_h, lora_up=lora_up):
         return
     if lora_h.ndim != 2 or lora_up.ndim != 2 or lora_h.shape[1] != lora_up.shape[1] or lora_h.shape[1] < 1:
         raise ValueError(f"lora_h {lora_h.shape} and lora_up {lora_up.shape} must be (M, r) and (N, r) with one rank r")
@@ -109,3 +115,12 @@ def check_lora_operands(m: int, n: int, lora_h: jax.Array | None, lora_up: jax.A
     if lora_h.dtype != jnp.bfloat16 or lora_up.dtype != jnp.bfloat16:
         raise ValueError(f"lora_h and lora_up must be bfloat16 (the epilogue's wgmma operands), got {lora_h.dtype} "
                          f"and {lora_up.dtype}")
+
+
+def _given_together(what: str, **pair: jax.Array | None) -> bool:
+    """Whether the two operands of `what` are given: both (True) or neither (False); one alone
+    raises ValueError naming it."""
+    (a, x), (b, y) = pair.items()
+    if (x is None) != (y is None):
+        raise ValueError(f"{what} needs both {a} and {b}, got only {a if y is None else b}")
+    return x is not None

@@ -205,9 +205,11 @@ def test_gated_residual_bad_operands_are_named():
     x, res, gate = jnp.ones((2, 3, 256)), jnp.ones((2, 3, 64)), jnp.ones((2, 64))
     with pytest.raises(ValueError, match="needs both gate and residual, got only residual"):
         cj.w4a4_linear(x, qw, residual=res)
-    with pytest.raises(ValueError, match=r"gate \(3, 64\) must be \(B, out_features\) = \(2, 64\)"):
+    with pytest.raises(ValueError, match=r"gate \(3, 64\) must be \(B, N\) = \(2, 64\)"):
         cj.w4a4_linear(x, qw, residual=res, gate=jnp.ones((3, 64)))
-    with pytest.raises(ValueError, match=r"residual \(2, 3, 64\) bfloat16 must be \(2, 3, 64\) float32"):
+    with pytest.raises(ValueError, match=r"residual \(2, 3\) must be the output's shape \(2, 3, 64\)"):
+        cj.w4a4_linear(x, qw, residual=res[..., 0], gate=gate)
+    with pytest.raises(ValueError, match="residual dtype bfloat16 must be the output dtype float32"):
         cj.w4a4_linear(x, qw, residual=res.astype(jnp.bfloat16), gate=gate)
 
 

@@ -145,9 +145,9 @@ def test_zero_tokens():
 def test_bad_operands_raise():
     x, codes, scales, b = _operands(0, 4, 128, 256)
     w = pack_int4(codes)
-    with pytest.raises(ValueError, match="do not match"):
+    with pytest.raises(ValueError, match=r"x \(M, K\) \(4, 128\) and w_packed \(N, K/2\) \(128, 128\) do not match"):
         w4a16_matmul(x[:, :128], w, scales, interpret=True)
-    with pytest.raises(ValueError, match="bfloat16"):
+    with pytest.raises(ValueError, match="need bfloat16 x and uint8 w_packed, got float32 and uint8"):
         w4a16_matmul(x.astype(jnp.float32), w, scales, interpret=True)
     with pytest.raises(ValueError, match="w_scales"):
         w4a16_matmul(x, w, scales[:64], interpret=True)

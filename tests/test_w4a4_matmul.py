@@ -345,7 +345,7 @@ def test_gated_residual_bad_operands_raise():
         w4a4_matmul(x, sx, w, sw, gate=gate)
     with pytest.raises(ValueError, match=r"gate \(3, 128\) must be \(B, N\)"):
         w4a4_matmul(x, sx, w, sw, gate=jnp.ones((3, 128)), residual=res)
-    with pytest.raises(ValueError, match=r"residual \(8, 64\) must be \(M, N\)"):
+    with pytest.raises(ValueError, match=r"residual \(8, 64\) must be the output.s shape \(8, 128\)"):
         w4a4_matmul(x, sx, w, sw, gate=gate, residual=res[:, :64])
     with pytest.raises(ValueError, match="residual dtype float32 must be the output dtype bfloat16"):
         w4a4_matmul(x, sx, w, sw, gate=gate, residual=res.astype(jnp.float32))
@@ -362,7 +362,7 @@ def test_unpack_matches_reference_nibble_order():
 def test_bad_shapes_raise():
     x = jnp.zeros((8, 256), jnp.int8)
     w = jnp.zeros((128, 128), jnp.uint8)
-    with pytest.raises(ValueError, match="do not match"):
+    with pytest.raises(ValueError, match=r"x_codes \(M, K\) \(8, 256\) and w_packed \(N, K/2\) \(128, 64\) do not"):
         w4a4_matmul(x, jnp.ones(8), jnp.zeros((128, 64), jnp.uint8), jnp.ones(128))
     with pytest.raises(ValueError, match="x_scales"):
         w4a4_matmul(x, jnp.ones(9), w, jnp.ones(128))
@@ -370,7 +370,7 @@ def test_bad_shapes_raise():
         w4a4_matmul(x, jnp.ones(8), w, jnp.ones((128, 2)))
     with pytest.raises(ValueError, match="multiple of"):
         w4a4_matmul(x, jnp.ones(8), jnp.zeros((96, 128), jnp.uint8), jnp.ones(96), config=SMALL)
-    with pytest.raises(ValueError, match="int8"):
+    with pytest.raises(ValueError, match="need int8 x_codes and uint8 w_packed, got int32 and uint8"):
         w4a4_matmul(x.astype(jnp.int32), jnp.ones(8), w, jnp.ones(128))
 
 
