@@ -1,4 +1,5 @@
-"""The 8-bit attention kernels' operands made where q, k and v are produced, Pallas Mosaic GPU (sm_90).
+"""The attention's operands made where q, k and v are produced, Pallas Mosaic GPU (sm_90): the 8-bit
+kernels' codes (`quantize_projections`) or the exact attention's bf16 q, k, v (`project_qkv`).
 
 In a transformer whose attention applies a per-head RMSNorm and RoPE to q and k (FLUX), the
 unfused path writes the normed, rotated q and k to HBM in bf16, and `attention.quantize_qkv` then
@@ -18,6 +19,12 @@ permuted layout the PV wgmma wants are one XLA fusion reading v from the project
 (`attention.v_operands`). HBM traffic per attention call: q read once, k and v twice, 8-bit codes
 written once (B=1, S=4608, 24 x 128 heads: ~184 MB, against >= ~325 MB for XLA's norm + RoPE +
 `quantize_qkv`; benchmarks/notes/attention.md, v4).
+
+The bf16 mode, for the exact (cuDNN) attention: one launch of the same kernel, phase "bf16": per
+block of `BF16_BLOCK` tokens and head, RMSNorm + RoPE of q and k (the same `_norm_rope`) and v as
+it is, each written in bf16 straight into the joint (B, S_0 + S_1 + ..., H, D) layout the
+attention takes: q, k and v read once and written once, where the unfused path runs XLA fusions
+for each stream's norms, the [text, image] concatenations and RoPE (q and k through HBM twice).
 
 Layout of the work: one warpgroup per program, grid (heads, blocks, batch); a 64-token tile of a
 head is a (64, D) array in the WGMMA register layout, loaded straight from HBM as bf16: each
@@ -42,7 +49,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
 import jax
@@ -63,7 +70,8 @@ TILE = 64  # tokens of one register tile: a warpgroup's WGMMA-layout rows
 _TILE_LAYOUT = plgpu.Layout.WGMMA
 _PER_COLUMN = plgpu.Layout.WGMMA.reduce(0)  # a vector with one value per column of a tile
 _PER_ROW = plgpu.Layout.WGMMA.reduce(1)
-Phase = Literal["sums", "codes"]
+BF16_BLOCK = 128  # tokens per program of the bf16 mode (two register tiles)
+Phase = Literal["sums", "codes", "bf16"]
 
 
 class Projection(NamedTuple):
@@ -102,18 +110,19 @@ class _Plan(NamedTuple):
     streams: tuple[_StreamPlan, ...]
     sources: int  # input arrays (distinct)
     seq: int  # real tokens
-    block: int  # block_kv: tokens per program and per K scale
+    block: int  # tokens per program (the 8-bit modes: block_kv, tokens per K scale)
     head_dim: int
     eps: float
-    qk_scale: float  # softmax scale * log2 e, folded into Q's scales
-    v_max: bool  # pass 1 also takes v's per-channel max (fp8 PV)
+    qk_scale: float | None  # softmax scale * log2 e, folded into Q's scales (phase "codes")
+    v_max: bool  # phase "sums" also takes v's per-channel max (fp8 PV)
     interpret: bool
 
 
-def fits(stream_lengths: Sequence[int], config: AttentionConfig) -> bool:
-    """Whether streams of these lengths can share one call: every run but the last fills whole
-    blocks of `config.block_kv` tokens."""
-    return all(n % config.block_kv == 0 for n in stream_lengths[:-1])
+def fits(stream_lengths: Sequence[int], block: int) -> bool:
+    """Whether streams of these lengths can share one call with `block` tokens per program (the
+    8-bit modes: the config's block_kv; `project_qkv`: its `block`): every run but the last fills
+    whole blocks."""
+    return all(n % block == 0 for n in stream_lengths[:-1])
 
 
 def _bf16(x: jax.Array) -> jax.Array:
@@ -178,8 +187,8 @@ def _codes(x: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 def _kernel(*refs, plan: _Plan, phase: Phase):
-    """One program: KV block `block` of one head and batch row, from the stream holding it; phase
-    "sums" or "codes" (module docstring)."""
+    """One program: block `block` of one head and batch row, from the stream holding it; phase
+    "sums", "codes" or "bf16" (module docstring)."""
     sources, refs = refs[:plan.sources], refs[plan.sources:]
     weights_ref, table_ref, *refs = refs
     head, block, batch = lax.axis_index("heads"), lax.axis_index("blocks"), lax.axis_index("batch")
@@ -203,7 +212,16 @@ def _kernel(*refs, plan: _Plan, phase: Phase):
 
     def run(i: int, s: _StreamPlan):
         local = (block - s.first_block) * plan.block
+        q_rows = lambda t, rope: _norm_rope(tile(s.q, local + t * TILE), vector(weights_ref.at[i, 0]), rope, plan)
         k_rows = lambda t, rope: _norm_rope(tile(s.k, local + t * TILE), vector(weights_ref.at[i, 1]), rope, plan)
+        if phase == "bf16":  # q and k normed and rotated, v as it is, each into the joint (B, S, H, D) layout
+            q_ref, k_ref, v_ref = refs
+            for t in range(tiles):
+                rows, rope = pl.ds(first_row + t * TILE, TILE), table(t)
+                q_ref.at[batch, rows, head][...] = q_rows(t, rope).astype(jnp.bfloat16)
+                k_ref.at[batch, rows, head][...] = k_rows(t, rope).astype(jnp.bfloat16)
+                v_ref.at[batch, rows, head][...] = tile(s.v, local + t * TILE)
+            return
         if phase == "sums":  # K's column sums and V's column max |v| of the block
             ksum_ref, *vmax_ref = refs
             total = functools.reduce(lambda acc, t: acc + k_rows(t, table(t)), range(1, tiles), k_rows(0, table(0)))
@@ -220,7 +238,7 @@ def _kernel(*refs, plan: _Plan, phase: Phase):
         k_tiles, top = [], None
         for t in range(tiles):  # Q's codes per token; K kept (bf16, exact: 32 registers a tile) for the block's scale
             rows, rope = pl.ds(first_row + t * TILE, TILE), table(t)  # the table loaded tile by tile: registers
-            q = _norm_rope(tile(s.q, local + t * TILE), vector(weights_ref.at[i, 0]), rope, plan)
+            q = q_rows(t, rope)
             scale = jnp.maximum(jnp.abs(q).max(axis=1) * np.float32(1 / INT8_MAX), np.float32(SCALE_FLOOR))
             q_codes_ref.at[batch, rows, head][...] = _codes(q, _rows(scale, q))
             real = plgpu.broadcasted_iota(jnp.int32, (TILE,), 0, layout=_PER_ROW) + (first_row + t * TILE) < plan.seq
@@ -244,6 +262,8 @@ def _launch(phase: Phase, plan: _Plan, inputs: Sequence[jax.Array], batch: int, 
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     if phase == "sums":
         out_type = (f32(batch, heads, blocks, d),) * (2 if plan.v_max else 1)
+    elif phase == "bf16":
+        out_type = (jax.ShapeDtypeStruct((batch, seq_pad, heads, d), jnp.bfloat16),) * 3
     else:
         codes = jax.ShapeDtypeStruct((batch, seq_pad, heads, d), jnp.int8)
         out_type = (codes, f32(batch, heads, seq_pad), codes, f32(batch, heads, blocks))
@@ -258,10 +278,10 @@ def _launch(phase: Phase, plan: _Plan, inputs: Sequence[jax.Array], batch: int, 
     )(*inputs)
 
 
-def _check(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, heads: int, config: AttentionConfig) -> int:
+def _check(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, heads: int, block: int) -> int:
     """The head dim of valid streams; raises naming the stream and tensor at fault."""
     if not streams:
-        raise ValueError("quantize_projections needs at least one stream")
+        raise ValueError("the attention producer needs at least one stream")
     d = streams[0].q_weight.shape[-1]
     batch = streams[0].q.array.shape[0]
     if d % 64:
@@ -280,12 +300,45 @@ def _check(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, heads: int
                                  "array: they must fit, and the column and the width be even (the kernel loads "
                                  "a pair of bf16, 4 bytes, at a time)")
     lengths = [s.q.array.shape[1] for s in streams]
-    if not fits(lengths, config):
-        raise ValueError(f"streams of {lengths} tokens: every stream but the last must be a multiple of "
-                         f"block_kv={config.block_kv} tokens")
+    if block % TILE or not fits(lengths, block):
+        raise ValueError(f"streams of {lengths} tokens, {block} tokens a program: the block must be a multiple of "
+                         f"{TILE} and every stream but the last a multiple of the block")
     if cos.shape != (sum(lengths), d) or sin.shape != cos.shape:
         raise ValueError(f"RoPE tables cos {cos.shape}, sin {sin.shape} must be ({sum(lengths)}, {d})")
     return d
+
+
+def _prepare(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, *, heads: int, eps: float, block: int,
+             padded: Callable[[int], int], interpret: bool) -> tuple[_Plan, list[jax.Array]]:
+    """The plan of a call (without the 8-bit phases' options) and its inputs, shared by both
+    modes: the distinct projection arrays (the last stream's zero-padded when the joint sequence
+    is shorter than `padded(S)`, whole blocks), the norm weights (streams, 2, D) float32, the
+    RoPE table padded alike."""
+    d = _check(streams, cos, sin, heads, block)
+    lengths = [s.q.array.shape[1] for s in streams]
+    seq = sum(lengths)
+    pad = padded(seq) - seq
+
+    arrays: list[tuple[jax.Array, bool, jax.Array]] = []  # distinct inputs: (given, padded, as passed)
+
+    def source(p: Projection, last: bool) -> _Source:
+        grows = last and pad > 0
+        for i, (x, was_padded, _) in enumerate(arrays):
+            if x is p.array and was_padded == grows:
+                return _Source(i, p.column)
+        arrays.append((p.array, grows, jnp.pad(p.array, ((0, 0), (0, pad), (0, 0))) if grows else p.array))
+        return _Source(len(arrays) - 1, p.column)
+
+    plans, first = [], 0
+    for i, s in enumerate(streams):
+        last = i == len(streams) - 1
+        blocks = (lengths[i] + (pad if last else 0)) // block
+        plans.append(_StreamPlan(first, blocks, source(s.q, last), source(s.k, last), source(s.v, last)))
+        first += blocks
+    plan = _Plan(tuple(plans), len(arrays), seq, block, d, float(eps), None, False, interpret)
+    weights = jnp.stack([jnp.stack([s.q_weight, s.k_weight]) for s in streams]).astype(jnp.float32)  # (streams, 2, D)
+    table = jnp.pad(rope_table(cos, sin), ((0, pad), (0, 0)))
+    return plan, [x for _, _, x in arrays] + [weights, table]
 
 
 def quantize_projections(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, *, heads: int, eps: float,
@@ -299,34 +352,13 @@ def quantize_projections(streams: Sequence[Stream], cos: jax.Array, sin: jax.Arr
     names, as `attention.quantize_qkv` on the unfused model's q, k, v
     (`attention_quantize_reference.projections_reference`)."""
     config = config or default_config("sage8" if pv_fp8 else "sage_qk8")
-    d = _check(streams, cos, sin, heads, config)
-    batch = streams[0].q.array.shape[0]
-    lengths = [s.q.array.shape[1] for s in streams]
-    seq = sum(lengths)
+    plan, inputs = _prepare(streams, cos, sin, heads=heads, eps=eps, block=config.block_kv,
+                            padded=functools.partial(padded_length, config=config), interpret=interpret)
+    d = plan.head_dim
+    plan = plan._replace(qk_scale=(1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale) * LOG2E,
+                         v_max=pv_fp8)
+    batch, seq = streams[0].q.array.shape[0], plan.seq
     seq_pad = padded_length(seq, config)
-    pad = seq_pad - seq
-
-    arrays: list[tuple[jax.Array, bool, jax.Array]] = []  # distinct inputs: (given, padded, as passed)
-
-    def source(p: Projection, last: bool) -> _Source:
-        padded = last and pad > 0
-        for i, (x, was_padded, _) in enumerate(arrays):
-            if x is p.array and was_padded == padded:
-                return _Source(i, p.column)
-        arrays.append((p.array, padded, jnp.pad(p.array, ((0, 0), (0, pad), (0, 0))) if padded else p.array))
-        return _Source(len(arrays) - 1, p.column)
-
-    plans, first = [], 0
-    for i, s in enumerate(streams):
-        last = i == len(streams) - 1
-        blocks = (lengths[i] + (pad if last else 0)) // config.block_kv
-        plans.append(_StreamPlan(first, blocks, source(s.q, last), source(s.k, last), source(s.v, last)))
-        first += blocks
-    plan = _Plan(tuple(plans), len(arrays), seq, config.block_kv, d, float(eps),
-                 (1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale) * LOG2E, pv_fp8, interpret)
-    weights = jnp.stack([jnp.stack([s.q_weight, s.k_weight]) for s in streams]).astype(jnp.float32)  # (streams, 2, D)
-    table = jnp.pad(rope_table(cos, sin), ((0, pad), (0, 0)))
-    inputs = [x for _, _, x in arrays] + [weights, table]
 
     sums = _launch("sums", plan, inputs, batch, heads)
     mean = sums[0].sum(axis=2) / np.float32(seq)  # (B, H, D)
@@ -337,3 +369,18 @@ def quantize_projections(streams: Sequence[Stream], cos: jax.Array, sin: jax.Arr
                                             sums[1].max(axis=2) if pv_fp8 else None)
     return QuantizedQKV(q_codes=q_codes, q_scale=q_scale, k_codes=k_codes, k_scale=k_scale,
                         v_t_codes=v_t_codes, v_scale=v_scale, v_bf16=v_bf16)
+
+
+def project_qkv(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, *, heads: int, eps: float,
+                block: int = BF16_BLOCK, interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The exact attention's bf16 operands of the joint sequence [stream 0, stream 1, ...], each
+    (B, S, H, D) as cuDNN takes them: q and k RMSNorm-ed per head (each stream's weights) and
+    rotated by RoPE (cos, sin as `quantize_projections`'), v as projected; one launch ("bf16")
+    reading the projections where the GEMMs left them, `block` tokens of one head a program. The
+    unfused model's q, k, v (`attention_quantize_reference.projections_reference`) up to the
+    rounding the module docstring names. A ragged total (not whole blocks) costs a zero-padded
+    copy of the last stream's arrays and a slice of the outputs."""
+    plan, inputs = _prepare(streams, cos, sin, heads=heads, eps=eps, block=block,
+                            padded=lambda seq: -(-seq // block) * block, interpret=interpret)
+    q, k, v = _launch("bf16", plan, inputs, streams[0].q.array.shape[0], heads)
+    return (q, k, v) if q.shape[1] == plan.seq else (q[:, :plan.seq], k[:, :plan.seq], v[:, :plan.seq])
