@@ -39,8 +39,8 @@ from pallas_kernels.attention import attention as _attention_kernel
 from pallas_kernels.attention import attention_quantized as _attention_quantized
 from pallas_kernels.attention import default_config as _attention_config
 from pallas_kernels.attention_quantize import Projection, Stream  # noqa: F401  (re-exported for the model)
-from pallas_kernels.attention_quantize import BF16_BLOCK as _BF16_BLOCK
 from pallas_kernels.attention_quantize import fits as _streams_fit
+from pallas_kernels.attention_quantize import project_fits as _project_fits
 from pallas_kernels.attention_quantize import project_qkv as _project_qkv
 from pallas_kernels.attention_quantize import quantize_projections as _quantize_projections
 from pallas_kernels.lora_down import lora_down
@@ -308,10 +308,10 @@ def fuses_attention_producer(implementation: str, stream_lengths: Sequence[int],
     """Whether `attention_from_projections` runs `implementation` on streams of these lengths:
     the int8-QK kernels ("sage8", "sage_qk8"; `pallas_kernels.attention_quantize` makes int8
     codes), every stream but the last whole KV blocks; with `qk_producer` on a Hopper GPU, also
-    the exact ones ("cudnn", "xla"; it makes bf16 q, k, v), every stream but the last whole
-    producer blocks (elsewhere the caller's XLA ops run: the option changes rounding only)."""
+    the exact ones ("cudnn", "xla"; it makes bf16 q, k, v; `attention_quantize.project_fits`)
+    (elsewhere the caller's XLA ops run: the option changes rounding only)."""
     if implementation in EXACT_ATTENTION:
-        return qk_producer and pallas_supported() and _streams_fit(stream_lengths, _BF16_BLOCK)
+        return qk_producer and pallas_supported() and _project_fits(stream_lengths)
     if implementation not in _PRODUCER_FUSED:
         return False
     precision, _ = _ATTENTION_KERNELS[implementation]

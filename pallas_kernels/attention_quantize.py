@@ -25,6 +25,8 @@ block of `BF16_BLOCK` tokens and head, RMSNorm + RoPE of q and k (the same `_nor
 it is, each written in bf16 straight into the joint (B, S_0 + S_1 + ..., H, D) layout the
 attention takes: q, k and v read once and written once, where the unfused path runs XLA fusions
 for each stream's norms, the [text, image] concatenations and RoPE (q and k through HBM twice).
+Nothing is padded: a ragged last stream's last tile is moved back to end at its last token,
+overlapping the tile before it (those rows are written twice, with the same values).
 
 Layout of the work: one warpgroup per program, grid (heads, blocks, batch); a 64-token tile of a
 head is a (64, D) array in the WGMMA register layout, loaded straight from HBM as bf16: each
@@ -42,7 +44,7 @@ rounding of the norm or of RoPE by one unit and K's mean by float32 rounding (th
 `attention_quantize_reference.py`). Streams: a joint sequence made of several runs of tokens with
 their own projections and norm weights (FLUX's [text, image]) is one call; each run but the last
 must fill whole blocks of `block_kv` tokens (FLUX: 512 or 256 text tokens), the last is zero-padded
-to whole blocks (a copy, only when the total is ragged).
+to whole blocks in the 8-bit modes (a copy, only when the total is ragged).
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ class _Source(NamedTuple):
 class _StreamPlan(NamedTuple):
     first_block: int
     blocks: int
+    tokens: int  # rows of its arrays as passed (the 8-bit modes: the last stream's zero-padded)
     q: _Source
     k: _Source
     v: _Source
@@ -119,10 +122,15 @@ class _Plan(NamedTuple):
 
 
 def fits(stream_lengths: Sequence[int], block: int) -> bool:
-    """Whether streams of these lengths can share one call with `block` tokens per program (the
-    8-bit modes: the config's block_kv; `project_qkv`: its `block`): every run but the last fills
-    whole blocks."""
+    """Whether streams of these lengths can share one call of the 8-bit modes with `block` (the
+    config's block_kv) tokens per program: every run but the last fills whole blocks."""
     return all(n % block == 0 for n in stream_lengths[:-1])
+
+
+def project_fits(stream_lengths: Sequence[int], block: int = BF16_BLOCK) -> bool:
+    """Whether `project_qkv` takes streams of these lengths: every run but the last fills whole
+    blocks, and the last holds at least one tile (its last tile ends at its last token)."""
+    return fits(stream_lengths, block) and stream_lengths[-1] >= TILE
 
 
 def _bf16(x: jax.Array) -> jax.Array:
@@ -200,8 +208,8 @@ def _kernel(*refs, plan: _Plan, phase: Phase):
         return plgpu.load(sources[source.ref].at[batch, pl.ds(local_row, TILE), cols], layout=_TILE_LAYOUT,
                           optimized=False)
 
-    def table(t: int) -> jax.Array:
-        return plgpu.load(table_ref.at[pl.ds(first_row + t * TILE, TILE)], layout=_TILE_LAYOUT, optimized=False)
+    def table(row) -> jax.Array:  # the tile of joint rows [row, row + TILE)
+        return plgpu.load(table_ref.at[pl.ds(row, TILE)], layout=_TILE_LAYOUT, optimized=False)
 
     def vector(ref) -> jax.Array:
         return plgpu.load(ref, layout=_PER_COLUMN, optimized=False)
@@ -211,24 +219,30 @@ def _kernel(*refs, plan: _Plan, phase: Phase):
         return rows + (first_row + t * TILE) < plan.seq
 
     def run(i: int, s: _StreamPlan):
-        local = (block - s.first_block) * plan.block
-        q_rows = lambda t, rope: _norm_rope(tile(s.q, local + t * TILE), vector(weights_ref.at[i, 0]), rope, plan)
-        k_rows = lambda t, rope: _norm_rope(tile(s.k, local + t * TILE), vector(weights_ref.at[i, 1]), rope, plan)
+        start = s.first_block * plan.block  # the stream's first row in the joint sequence
+        # the tile of joint rows [row, row + TILE), normed and rotated (rope: table(row))
+        q_rows = lambda row, rope: _norm_rope(tile(s.q, row - start), vector(weights_ref.at[i, 0]), rope, plan)
+        k_rows = lambda row, rope: _norm_rope(tile(s.k, row - start), vector(weights_ref.at[i, 1]), rope, plan)
+        row_of = lambda t: first_row + t * TILE
         if phase == "bf16":  # q and k normed and rotated, v as it is, each into the joint (B, S, H, D) layout
             q_ref, k_ref, v_ref = refs
             for t in range(tiles):
-                rows, rope = pl.ds(first_row + t * TILE, TILE), table(t)
-                q_ref.at[batch, rows, head][...] = q_rows(t, rope).astype(jnp.bfloat16)
-                k_ref.at[batch, rows, head][...] = k_rows(t, rope).astype(jnp.bfloat16)
-                v_ref.at[batch, rows, head][...] = tile(s.v, local + t * TILE)
+                row = row_of(t)
+                if s.tokens % plan.block:  # a ragged last stream (unpadded): its tiles end at its last token,
+                    row = jnp.minimum(row, start + s.tokens - TILE)  # overlapping the one before (same values)
+                rows, rope = pl.ds(row, TILE), table(row)
+                q_ref.at[batch, rows, head][...] = q_rows(row, rope).astype(jnp.bfloat16)
+                k_ref.at[batch, rows, head][...] = k_rows(row, rope).astype(jnp.bfloat16)
+                v_ref.at[batch, rows, head][...] = tile(s.v, row - start)
             return
         if phase == "sums":  # K's column sums and V's column max |v| of the block
             ksum_ref, *vmax_ref = refs
-            total = functools.reduce(lambda acc, t: acc + k_rows(t, table(t)), range(1, tiles), k_rows(0, table(0)))
+            total = functools.reduce(lambda acc, t: acc + k_rows(row_of(t), table(row_of(t))), range(1, tiles),
+                                     k_rows(row_of(0), table(row_of(0))))
             ksum_ref.at[batch, head, block][...] = total.sum(axis=0)
             if plan.v_max:
                 top = functools.reduce(lambda acc, t: jnp.maximum(acc, jnp.abs(
-                    tile(s.v, local + t * TILE).astype(jnp.float32))), range(tiles), 0.0)
+                    tile(s.v, row_of(t) - start).astype(jnp.float32))), range(tiles), 0.0)
                 vmax_ref[0].at[batch, head, block][...] = top.max(axis=0)
             return
 
@@ -237,13 +251,13 @@ def _kernel(*refs, plan: _Plan, phase: Phase):
         centre = lambda k, t: jnp.where(real_rows(k, t), k - _columns(mean, k), 0.0)  # padded keys: 0
         k_tiles, top = [], None
         for t in range(tiles):  # Q's codes per token; K kept (bf16, exact: 32 registers a tile) for the block's scale
-            rows, rope = pl.ds(first_row + t * TILE, TILE), table(t)  # the table loaded tile by tile: registers
-            q = q_rows(t, rope)
+            rows, rope = pl.ds(row_of(t), TILE), table(row_of(t))  # the table loaded tile by tile: registers
+            q = q_rows(row_of(t), rope)
             scale = jnp.maximum(jnp.abs(q).max(axis=1) * np.float32(1 / INT8_MAX), np.float32(SCALE_FLOOR))
             q_codes_ref.at[batch, rows, head][...] = _codes(q, _rows(scale, q))
             real = plgpu.broadcasted_iota(jnp.int32, (TILE,), 0, layout=_PER_ROW) + (first_row + t * TILE) < plan.seq
             q_scale_ref.at[batch, head, rows][...] = jnp.where(real, scale * np.float32(plan.qk_scale), 0.0)
-            k = k_rows(t, rope)
+            k = k_rows(row_of(t), rope)
             k_tiles.append(k.astype(jnp.bfloat16))
             top = jnp.abs(centre(k, t)) if top is None else jnp.maximum(top, jnp.abs(centre(k, t)))
         scale = jnp.maximum(top.max(axis=1).max(axis=0) * np.float32(1 / INT8_MAX), np.float32(SCALE_FLOOR))
@@ -263,7 +277,7 @@ def _launch(phase: Phase, plan: _Plan, inputs: Sequence[jax.Array], batch: int, 
     if phase == "sums":
         out_type = (f32(batch, heads, blocks, d),) * (2 if plan.v_max else 1)
     elif phase == "bf16":
-        out_type = (jax.ShapeDtypeStruct((batch, seq_pad, heads, d), jnp.bfloat16),) * 3
+        out_type = (jax.ShapeDtypeStruct((batch, plan.seq, heads, d), jnp.bfloat16),) * 3
     else:
         codes = jax.ShapeDtypeStruct((batch, seq_pad, heads, d), jnp.int8)
         out_type = (codes, f32(batch, heads, seq_pad), codes, f32(batch, heads, blocks))
@@ -311,9 +325,9 @@ def _check(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, heads: int
 def _prepare(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, *, heads: int, eps: float, block: int,
              padded: Callable[[int], int], interpret: bool) -> tuple[_Plan, list[jax.Array]]:
     """The plan of a call (without the 8-bit phases' options) and its inputs, shared by both
-    modes: the distinct projection arrays (the last stream's zero-padded when the joint sequence
-    is shorter than `padded(S)`, whole blocks), the norm weights (streams, 2, D) float32, the
-    RoPE table padded alike."""
+    modes: the distinct projection arrays (the last stream's zero-padded when `padded(S)` exceeds
+    the joint sequence's S), the norm weights (streams, 2, D) float32, the RoPE table padded
+    alike."""
     d = _check(streams, cos, sin, heads, block)
     lengths = [s.q.array.shape[1] for s in streams]
     seq = sum(lengths)
@@ -332,8 +346,9 @@ def _prepare(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, *, heads
     plans, first = [], 0
     for i, s in enumerate(streams):
         last = i == len(streams) - 1
-        blocks = (lengths[i] + (pad if last else 0)) // block
-        plans.append(_StreamPlan(first, blocks, source(s.q, last), source(s.k, last), source(s.v, last)))
+        tokens = lengths[i] + (pad if last else 0)
+        blocks = -(-tokens // block)
+        plans.append(_StreamPlan(first, blocks, tokens, source(s.q, last), source(s.k, last), source(s.v, last)))
         first += blocks
     plan = _Plan(tuple(plans), len(arrays), seq, block, d, float(eps), None, False, interpret)
     weights = jnp.stack([jnp.stack([s.q_weight, s.k_weight]) for s in streams]).astype(jnp.float32)  # (streams, 2, D)
@@ -378,9 +393,11 @@ def project_qkv(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, *, he
     rotated by RoPE (cos, sin as `quantize_projections`'), v as projected; one launch ("bf16")
     reading the projections where the GEMMs left them, `block` tokens of one head a program. The
     unfused model's q, k, v (`attention_quantize_reference.projections_reference`) up to the
-    rounding the module docstring names. A ragged total (not whole blocks) costs a zero-padded
-    copy of the last stream's arrays and a slice of the outputs."""
-    plan, inputs = _prepare(streams, cos, sin, heads=heads, eps=eps, block=block,
-                            padded=lambda seq: -(-seq // block) * block, interpret=interpret)
-    q, k, v = _launch("bf16", plan, inputs, streams[0].q.array.shape[0], heads)
-    return (q, k, v) if q.shape[1] == plan.seq else (q[:, :plan.seq], k[:, :plan.seq], v[:, :plan.seq])
+    rounding the module docstring names. Nothing is padded or copied: a ragged last stream's last
+    tile ends at its last token, overlapping the tile before (`project_fits`)."""
+    lengths = [s.q.array.shape[1] for s in streams]
+    if streams and lengths[-1] < TILE:
+        raise ValueError(f"streams of {lengths} tokens: the last must hold at least {TILE} tokens")
+    plan, inputs = _prepare(streams, cos, sin, heads=heads, eps=eps, block=block, padded=lambda seq: seq,
+                            interpret=interpret)
+    return _launch("bf16", plan, inputs, streams[0].q.array.shape[0], heads)

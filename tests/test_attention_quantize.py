@@ -200,6 +200,9 @@ def test_rejects_bad_streams():
         call([streams[0]._replace(k=Projection(streams[0].k.array, 1))], cos[:64], sin[:64])
     with pytest.raises(ValueError, match="RoPE tables"):
         call(streams[:1], cos, sin)
+    short = _streams("fused", 1, (64, 32), heads)
+    with pytest.raises(ValueError, match="the last must hold at least 64 tokens"):
+        project_qkv(short, cos[:96], sin[:96], heads=heads, eps=EPS, interpret=True)
 
 
 @pytest.mark.parametrize("batch, text, image, streams", [(1, 512, 4096, 2), (1, 512, 8192, 2), (4, 512, 4096, 2),
@@ -243,9 +246,9 @@ def check_bf16(got, streams, cos, sin, heads: int) -> None:
 
 
 @pytest.mark.parametrize("kind, batch, lengths, block", [
-    ("fused", 1, (64, 136), 64),  # two streams, the last ragged (200 tokens -> 256, outputs sliced)
+    ("fused", 1, (64, 136), 64),  # two streams, the last ragged: its last tile overlaps the one before
     ("separate", 2, (128, 128), 128),  # q, k, v as three arrays, two tiles a program, two batch rows
-    ("wide", 1, (128,), 64),  # one stream from a wider array (FLUX's single blocks)
+    ("wide", 1, (100,), 128),  # one stream from a wider array (FLUX's single blocks), shorter than a block
 ])
 def test_bf16_matches_unfused_path(kind, batch, lengths, block):
     heads = 2
@@ -272,7 +275,8 @@ def test_bf16_check_catches_a_wrong_producer():
             check_bf16(wrong, streams, cos, sin, heads)
 
 
-@pytest.mark.parametrize("batch, text, image, streams", [(1, 512, 4096, 2), (4, 512, 8192, 2), (1, 512, 4096, 1)])
+@pytest.mark.parametrize("batch, text, image, streams", [(1, 512, 4096, 2), (4, 512, 8192, 2), (1, 512, 4096, 1),
+                                                         (1, 512, 4080, 2)])  # 1360x768: a ragged image stream
 def test_bf16_lowers_for_the_gpu(batch, text, image, streams, monkeypatch):
     """At FLUX.1's shapes (24 heads of 128; a double block's text and image projections, or a
     single block's one fused q/k/v/MLP projection) the bf16 producer and an attention on its output
@@ -377,7 +381,7 @@ def test_model_lowers_for_the_gpu(monkeypatch):
 
 
 def test_model_qk_producer_matches_unfused(monkeypatch):
-    """FluxConfig.small in bf16 (2 double + 2 single blocks, fused projections; 128 text + 24
+    """FluxConfig.small in bf16 (2 double + 2 single blocks, fused projections; 128 text + 72
     image tokens, the last run ragged, 2 images) with `set_attention(model, None, qk_producer=True)`
     on the exact XLA attention (interpret mode standing in for the GPU):
     1. every block's attention takes q, k, v from the producer, each within `check_bf16`'s bound
@@ -394,7 +398,7 @@ def test_model_qk_producer_matches_unfused(monkeypatch):
 
     config = FluxConfig.small()
     model = fuse_projections(FluxTransformer2DModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
-    inputs = {k: jnp.asarray(v) for k, v in flux_fixtures.flux_inputs(config, height=4, width=6, text_len=128).items()}
+    inputs = {k: jnp.asarray(v) for k, v in flux_fixtures.flux_inputs(config, height=8, width=9, text_len=128).items()}
     forward = jax.jit(lambda m, kw: m(**kw))
     off = np.asarray(forward(model, inputs), np.float32)
     monkeypatch.setattr(ops, "pallas_supported", lambda: True)
