@@ -12,6 +12,8 @@ tokens, i.e. 512², 1024² and 2048x1024 images; batch 1 and 4; 24 heads x 128):
 With the producer (from a double block's text and image q/k/v projection outputs, bf16: per-head
 QK RMSNorm, RoPE, the attention; what the model runs; ratios against rope_cudnn_bf16):
   rope_cudnn_bf16   XLA QK-norm + RoPE (the model's unfused ops) + cuDNN bf16 (the baseline)
+  fused_cudnn_bf16  pallas_kernels.attention_quantize.project_qkv (bf16 q, k, v written in the joint
+                    layout: one Mosaic GPU launch) + cuDNN bf16 (the model's qk_producer option)
   rope_sage8_xla    XLA QK-norm + RoPE + quantize_qkv (XLA) + the int8 sage8 kernel
   fused_sage8       pallas_kernels.attention_quantize (the producer quantizing where q, k are
                     made: two Mosaic GPU launches + V's XLA fusion) + the int8 sage8 kernel
@@ -63,6 +65,8 @@ VARIANTS = harness.registry(
     Variant("sage8_int8_kv64", "sage8_int8 with block_kv 64, 4 stages", group=_GROUP,
             options={"precision": "sage8", "qk": "int8", "config": (64, 4)}),
     Variant("rope_cudnn_bf16", "XLA QK-norm + RoPE, cuDNN bf16", group=_GROUP, options={"producer": "xla"}),
+    Variant("fused_cudnn_bf16", "bf16 producer (attention_quantize.project_qkv), cuDNN bf16", group=_GROUP,
+            options={"producer": "fused"}),
     Variant("rope_sage8_xla", "XLA QK-norm + RoPE + XLA quantize_qkv, sage8 int8 kernel", group=_GROUP,
             options={"producer": "xla", "precision": "sage8"}),
     Variant("fused_sage8", "fused producer (attention_quantize), sage8 int8 kernel", group=_GROUP,
@@ -119,17 +123,18 @@ def producer_implementation(variant: str):
     import jax.numpy as jnp
 
     from pallas_kernels.attention import attention_quantized, default_config, quantize_qkv
-    from pallas_kernels.attention_quantize import quantize_projections
+    from pallas_kernels.attention_quantize import project_qkv, quantize_projections
     from pallas_kernels.attention_quantize_reference import projections_reference
 
     opts = VARIANTS[variant].options
 
     def fn(text, image, weights, cos, sin):
         ss = _streams(text, image, weights)
-        if opts["producer"] == "fused":
+        if opts["producer"] == "fused" and "precision" in opts:
             qkv = quantize_projections(ss, cos, sin, heads=HEADS, eps=1e-6)
         else:
-            q, k, v = projections_reference(ss, cos, sin, heads=HEADS, eps=1e-6)
+            make = project_qkv if opts["producer"] == "fused" else projections_reference
+            q, k, v = make(ss, cos, sin, heads=HEADS, eps=1e-6)
             if "precision" not in opts:
                 return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
             qkv = quantize_qkv(q, k, v, config=default_config("sage8"))

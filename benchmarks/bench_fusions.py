@@ -1,7 +1,8 @@
 """The W4A4 step's fusions switched on one at a time, in one process on one model.
 
 Each fusion of the FLUX.1-dev W4A4 step (issue: the step beyond the GEMM) is a switch on the
-model (`flux_flax.fuse_producers`, `flux_flax.fuse_gated_residuals`), so one random model,
+model (`flux_flax.fuse_producers`, `flux_flax.fuse_gated_residuals`, `flux_flax.set_attention`'s
+`qk_producer`: the cuDNN attention's q, k, v from one producer kernel), so one random model,
 quantized once, can be timed with each set of fusions: the differences are the fusions' alone
 (same weights, same process, same GPU state), and the baseline (no fusion beyond the fused
 projections) is measured in the same run. A step is one transformer forward given its
@@ -25,12 +26,14 @@ from pathlib import Path
 from benchmarks import harness
 
 NAME = "fusions"
-# (label, producer kinds fused into the quantizer, gated residuals in the GEMM epilogue), in order.
-CONFIGS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
-    ("none", (), False),
-    ("gelu", ("gelu",), False),
-    ("gelu + epilogue", ("gelu",), True),
-    ("gelu + layernorm + epilogue", ("gelu", "layernorm"), True),
+# (label, producer kinds fused into the quantizer, gated residuals in the GEMM epilogue, the attention's
+# q, k, v from the producer kernel), in order.
+CONFIGS: tuple[tuple[str, tuple[str, ...], bool, bool], ...] = (
+    ("none", (), False, False),
+    ("gelu", ("gelu",), False, False),
+    ("gelu+qk_producer", ("gelu",), False, True),
+    ("gelu + epilogue", ("gelu",), True, False),
+    ("gelu + layernorm + epilogue", ("gelu", "layernorm"), True, False),
 )
 
 
@@ -54,8 +57,9 @@ def run(args: argparse.Namespace, save) -> list[dict]:
     inputs["modulation"] = model.modulation(inputs["timestep"], inputs["pooled_projections"], inputs["guidance"])
     rows, ref = [], None
     configs = [c for c in CONFIGS if c[0] in args.configs]
-    for i, (label, producers, epilogue) in enumerate(configs):
+    for i, (label, producers, epilogue, qk_producer) in enumerate(configs):
         flux_flax.fuse_gated_residuals(flux_flax.fuse_producers(model, producers), epilogue)
+        flux_flax.set_attention(model, None, qk_producer=qk_producer)
         graphdef, state = nnx.split(model)
         step = jax.jit(lambda state, inputs, graphdef=graphdef: nnx.merge(graphdef, state)(**inputs))
         t0 = time.perf_counter()
@@ -84,7 +88,8 @@ def markdown(rows: list[dict]) -> list[str]:
     lines = ["# The W4A4 step's fusions, one at a time", "",
              "FLUX.1-dev W4A4 (Pallas kernels, fused projections), random weights, 512 text tokens, the step "
              "given its precomputed modulation; one model in one process with each set of fusions switched on "
-             "(`flux_flax.fuse_producers`, `flux_flax.fuse_gated_residuals`). Ratio: the first row's step time / "
+             "(`flux_flax.fuse_producers`, `flux_flax.fuse_gated_residuals`, "
+             "`flux_flax.set_attention(..., qk_producer=)`). Ratio: the first row's step time / "
              "this one's, same run (higher is faster). rel L2: of the output against the first row's (the "
              "fusions change rounding only).", ""]
     lines += harness.md_table(

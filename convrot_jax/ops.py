@@ -40,6 +40,8 @@ from pallas_kernels.attention import attention_quantized as _attention_quantized
 from pallas_kernels.attention import default_config as _attention_config
 from pallas_kernels.attention_quantize import Projection, Stream  # noqa: F401  (re-exported for the model)
 from pallas_kernels.attention_quantize import fits as _streams_fit
+from pallas_kernels.attention_quantize import project_fits as _project_fits
+from pallas_kernels.attention_quantize import project_qkv as _project_qkv
 from pallas_kernels.attention_quantize import quantize_projections as _quantize_projections
 from pallas_kernels.lora_down import lora_down
 from pallas_kernels.lora_down import supports as lora_down_supports
@@ -301,14 +303,19 @@ def _require_hopper(implementation: str) -> None:
         )
 
 
-def fuses_attention_producer(implementation: str, stream_lengths: Sequence[int]) -> bool:
+def fuses_attention_producer(implementation: str, stream_lengths: Sequence[int], *, qk_producer: bool = False
+                             ) -> bool:
     """Whether `attention_from_projections` runs `implementation` on streams of these lengths:
     the int8-QK kernels ("sage8", "sage_qk8"; `pallas_kernels.attention_quantize` makes int8
-    codes), every stream but the last whole KV blocks."""
+    codes), every stream but the last whole KV blocks; with `qk_producer` on a Hopper GPU, also
+    the exact ones ("cudnn", "xla"; it makes bf16 q, k, v; `attention_quantize.project_fits`)
+    (elsewhere the caller's XLA ops run: the option changes rounding only)."""
+    if implementation in EXACT_ATTENTION:
+        return qk_producer and pallas_supported() and _project_fits(stream_lengths)
     if implementation not in _PRODUCER_FUSED:
         return False
     precision, _ = _ATTENTION_KERNELS[implementation]
-    return _streams_fit(stream_lengths, _attention_config(precision))
+    return _streams_fit(stream_lengths, _attention_config(precision).block_kv)
 
 
 def attention_from_projections(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, *, heads: int, eps: float,
@@ -318,11 +325,17 @@ def attention_from_projections(streams: Sequence[Stream], cos: jax.Array, sin: j
     (eps, each stream's weights) and rotated by RoPE (cos, sin (S, D)), then softmax(q k^T /
     sqrt(D)) v, (B, S, H, D) in the projections' dtype. The 8-bit operands are made where q, k, v
     are produced (one producer pass reading the projections, no bf16 q or k in HBM), then the
-    kernel; `fuses_attention_producer` says which implementations and streams."""
-    if not fuses_attention_producer(implementation, [s.q.array.shape[1] for s in streams]):
+    kernel; for an exact implementation ("cudnn", "xla") one producer launch writes bf16 q, k, v
+    in the joint layout (`pallas_kernels.attention_quantize.project_qkv`: no XLA norm, RoPE or
+    concatenation), then `attention`. `fuses_attention_producer` says which implementations and
+    streams."""
+    if not fuses_attention_producer(implementation, [s.q.array.shape[1] for s in streams], qk_producer=True):
         raise ValueError(f"attention implementation {implementation!r} on streams of "
-                         f"{[s.q.array.shape[1] for s in streams]} tokens has no fused producer "
-                         f"(fuses_attention_producer)")
+                         f"{[s.q.array.shape[1] for s in streams]} tokens has no fused producer on this device "
+                         f"({jax.devices()[0].device_kind!r}; fuses_attention_producer)")
+    if implementation in EXACT_ATTENTION:
+        q, k, v = _project_qkv(streams, cos, sin, heads=heads, eps=eps)
+        return attention(q, k, v, implementation=implementation)
     _require_hopper(implementation)
     precision, _ = _ATTENTION_KERNELS[implementation]
     qkv = _quantize_projections(streams, cos, sin, heads=heads, eps=eps, pv_fp8=precision == "sage8")

@@ -298,6 +298,7 @@ class FluxAttention(nnx.Module):
         inner = heads * dim_head
         self.heads, self.head_dim = heads, dim_head
         self.attention_impl = attention_impl
+        self.qk_producer = False  # the exact attention's q, k, v from the producer kernel (`flux_flax.set_attention`)
         self.norm_q = RMSNorm(dim_head, eps=eps, dtype=dtype)
         self.norm_k = RMSNorm(dim_head, eps=eps, dtype=dtype)
         self.to_q = linear(query_dim, inner, dtype=dtype, rngs=rngs)
@@ -363,7 +364,9 @@ class FluxAttention(nnx.Module):
         (`convrot_jax.ops.fuses_attention_producer`: "sage8", "sage_qk8"), bf16 projections, RoPE,
         whole blocks of text tokens and no sequence parallelism, the QK RMSNorm, RoPE, K's mean
         and the 8-bit codes are one producer reading the projections
-        (`ops.attention_from_projections`); otherwise they run here in XLA ops."""
+        (`ops.attention_from_projections`); with `qk_producer` (off by default) the exact
+        attention's bf16 q, k and v are made alike, one launch writing them in the joint layout;
+        otherwise they run here in XLA ops."""
         streams = [(self._projections(hidden_states, qkv, self.to_qkv, self.to_q, self.to_k, self.to_v),
                     self.norm_q, self.norm_k)]
         if encoder_hidden_states is not None and self.added_kv_proj_dim is not None:
@@ -374,7 +377,7 @@ class FluxAttention(nnx.Module):
         impl = attention_implementation(dtype, self.attention_impl)
         lengths = [p[0].array.shape[1] for p, _, _ in streams]
         if (image_rotary_emb is not None and dtype == jnp.bfloat16 and not sequence_parallel.active()
-                and ops.fuses_attention_producer(impl, lengths)):
+                and ops.fuses_attention_producer(impl, lengths, qk_producer=self.qk_producer)):
             hidden_states = ops.attention_from_projections(
                 [ops.Stream(*p, norm_q.weight[...], norm_k.weight[...]) for p, norm_q, norm_k in streams],
                 *image_rotary_emb, heads=self.heads, eps=self.norm_q.eps, implementation=impl)

@@ -1,4 +1,5 @@
-"""The 8-bit attention kernels' operands made where q, k and v are produced, Pallas Mosaic GPU (sm_90).
+"""The attention's operands made where q, k and v are produced, Pallas Mosaic GPU (sm_90): the 8-bit
+kernels' codes (`quantize_projections`) or the exact attention's bf16 q, k, v (`project_qkv`).
 
 In a transformer whose attention applies a per-head RMSNorm and RoPE to q and k (FLUX), the
 unfused path writes the normed, rotated q and k to HBM in bf16, and `attention.quantize_qkv` then
@@ -19,6 +20,14 @@ permuted layout the PV wgmma wants are one XLA fusion reading v from the project
 written once (B=1, S=4608, 24 x 128 heads: ~184 MB, against >= ~325 MB for XLA's norm + RoPE +
 `quantize_qkv`; benchmarks/notes/attention.md, v4).
 
+The bf16 mode, for the exact (cuDNN) attention: one launch of the same kernel, phase "bf16": per
+block of `BF16_BLOCK` tokens and head, RMSNorm + RoPE of q and k (the same `_norm_rope`) and v as
+it is, each written in bf16 straight into the joint (B, S_0 + S_1 + ..., H, D) layout the
+attention takes: q, k and v read once and written once, where the unfused path runs XLA fusions
+for each stream's norms, the [text, image] concatenations and RoPE (q and k through HBM twice).
+Nothing is padded: a ragged last stream's last tile is moved back to end at its last token,
+overlapping the tile before it (those rows are written twice, with the same values).
+
 Layout of the work: one warpgroup per program, grid (heads, blocks, batch); a 64-token tile of a
 head is a (64, D) array in the WGMMA register layout, loaded straight from HBM as bf16: each
 thread's register holds a pair of adjacent features (2c, 2c + 1), which is exactly a RoPE pair, so
@@ -35,14 +44,14 @@ rounding of the norm or of RoPE by one unit and K's mean by float32 rounding (th
 `attention_quantize_reference.py`). Streams: a joint sequence made of several runs of tokens with
 their own projections and norm weights (FLUX's [text, image]) is one call; each run but the last
 must fill whole blocks of `block_kv` tokens (FLUX: 512 or 256 text tokens), the last is zero-padded
-to whole blocks (a copy, only when the total is ragged).
+to whole blocks in the 8-bit modes (a copy, only when the total is ragged).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
 import jax
@@ -63,7 +72,8 @@ TILE = 64  # tokens of one register tile: a warpgroup's WGMMA-layout rows
 _TILE_LAYOUT = plgpu.Layout.WGMMA
 _PER_COLUMN = plgpu.Layout.WGMMA.reduce(0)  # a vector with one value per column of a tile
 _PER_ROW = plgpu.Layout.WGMMA.reduce(1)
-Phase = Literal["sums", "codes"]
+BF16_BLOCK = 128  # tokens per program of the bf16 mode (two register tiles)
+Phase = Literal["sums", "codes", "bf16"]
 
 
 class Projection(NamedTuple):
@@ -92,6 +102,7 @@ class _Source(NamedTuple):
 class _StreamPlan(NamedTuple):
     first_block: int
     blocks: int
+    tokens: int  # rows of its arrays as passed (the 8-bit modes: the last stream's zero-padded)
     q: _Source
     k: _Source
     v: _Source
@@ -102,18 +113,24 @@ class _Plan(NamedTuple):
     streams: tuple[_StreamPlan, ...]
     sources: int  # input arrays (distinct)
     seq: int  # real tokens
-    block: int  # block_kv: tokens per program and per K scale
+    block: int  # tokens per program (the 8-bit modes: block_kv, tokens per K scale)
     head_dim: int
     eps: float
-    qk_scale: float  # softmax scale * log2 e, folded into Q's scales
-    v_max: bool  # pass 1 also takes v's per-channel max (fp8 PV)
+    qk_scale: float | None  # softmax scale * log2 e, folded into Q's scales (phase "codes")
+    v_max: bool  # phase "sums" also takes v's per-channel max (fp8 PV)
     interpret: bool
 
 
-def fits(stream_lengths: Sequence[int], config: AttentionConfig) -> bool:
-    """Whether streams of these lengths can share one call: every run but the last fills whole
-    blocks of `config.block_kv` tokens."""
-    return all(n % config.block_kv == 0 for n in stream_lengths[:-1])
+def fits(stream_lengths: Sequence[int], block: int) -> bool:
+    """Whether streams of these lengths can share one call of the 8-bit modes with `block` (the
+    config's block_kv) tokens per program: every run but the last fills whole blocks."""
+    return all(n % block == 0 for n in stream_lengths[:-1])
+
+
+def project_fits(stream_lengths: Sequence[int], block: int = BF16_BLOCK) -> bool:
+    """Whether `project_qkv` takes streams of these lengths: every run but the last fills whole
+    blocks, and the last holds at least one tile (its last tile ends at its last token)."""
+    return fits(stream_lengths, block) and stream_lengths[-1] >= TILE
 
 
 def _bf16(x: jax.Array) -> jax.Array:
@@ -178,8 +195,8 @@ def _codes(x: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 def _kernel(*refs, plan: _Plan, phase: Phase):
-    """One program: KV block `block` of one head and batch row, from the stream holding it; phase
-    "sums" or "codes" (module docstring)."""
+    """One program: block `block` of one head and batch row, from the stream holding it; phase
+    "sums", "codes" or "bf16" (module docstring)."""
     sources, refs = refs[:plan.sources], refs[plan.sources:]
     weights_ref, table_ref, *refs = refs
     head, block, batch = lax.axis_index("heads"), lax.axis_index("blocks"), lax.axis_index("batch")
@@ -191,8 +208,8 @@ def _kernel(*refs, plan: _Plan, phase: Phase):
         return plgpu.load(sources[source.ref].at[batch, pl.ds(local_row, TILE), cols], layout=_TILE_LAYOUT,
                           optimized=False)
 
-    def table(t: int) -> jax.Array:
-        return plgpu.load(table_ref.at[pl.ds(first_row + t * TILE, TILE)], layout=_TILE_LAYOUT, optimized=False)
+    def table(row) -> jax.Array:  # the tile of joint rows [row, row + TILE)
+        return plgpu.load(table_ref.at[pl.ds(row, TILE)], layout=_TILE_LAYOUT, optimized=False)
 
     def vector(ref) -> jax.Array:
         return plgpu.load(ref, layout=_PER_COLUMN, optimized=False)
@@ -202,15 +219,30 @@ def _kernel(*refs, plan: _Plan, phase: Phase):
         return rows + (first_row + t * TILE) < plan.seq
 
     def run(i: int, s: _StreamPlan):
-        local = (block - s.first_block) * plan.block
-        k_rows = lambda t, rope: _norm_rope(tile(s.k, local + t * TILE), vector(weights_ref.at[i, 1]), rope, plan)
+        start = s.first_block * plan.block  # the stream's first row in the joint sequence
+        # the tile of joint rows [row, row + TILE), normed and rotated (rope: table(row))
+        q_rows = lambda row, rope: _norm_rope(tile(s.q, row - start), vector(weights_ref.at[i, 0]), rope, plan)
+        k_rows = lambda row, rope: _norm_rope(tile(s.k, row - start), vector(weights_ref.at[i, 1]), rope, plan)
+        row_of = lambda t: first_row + t * TILE
+        if phase == "bf16":  # q and k normed and rotated, v as it is, each into the joint (B, S, H, D) layout
+            q_ref, k_ref, v_ref = refs
+            for t in range(tiles):
+                row = row_of(t)
+                if s.tokens % plan.block:  # a ragged last stream (unpadded): its tiles end at its last token,
+                    row = jnp.minimum(row, start + s.tokens - TILE)  # overlapping the one before (same values)
+                rows, rope = pl.ds(row, TILE), table(row)
+                q_ref.at[batch, rows, head][...] = q_rows(row, rope).astype(jnp.bfloat16)
+                k_ref.at[batch, rows, head][...] = k_rows(row, rope).astype(jnp.bfloat16)
+                v_ref.at[batch, rows, head][...] = tile(s.v, row - start)
+            return
         if phase == "sums":  # K's column sums and V's column max |v| of the block
             ksum_ref, *vmax_ref = refs
-            total = functools.reduce(lambda acc, t: acc + k_rows(t, table(t)), range(1, tiles), k_rows(0, table(0)))
+            total = functools.reduce(lambda acc, t: acc + k_rows(row_of(t), table(row_of(t))), range(1, tiles),
+                                     k_rows(row_of(0), table(row_of(0))))
             ksum_ref.at[batch, head, block][...] = total.sum(axis=0)
             if plan.v_max:
                 top = functools.reduce(lambda acc, t: jnp.maximum(acc, jnp.abs(
-                    tile(s.v, local + t * TILE).astype(jnp.float32))), range(tiles), 0.0)
+                    tile(s.v, row_of(t) - start).astype(jnp.float32))), range(tiles), 0.0)
                 vmax_ref[0].at[batch, head, block][...] = top.max(axis=0)
             return
 
@@ -219,13 +251,13 @@ def _kernel(*refs, plan: _Plan, phase: Phase):
         centre = lambda k, t: jnp.where(real_rows(k, t), k - _columns(mean, k), 0.0)  # padded keys: 0
         k_tiles, top = [], None
         for t in range(tiles):  # Q's codes per token; K kept (bf16, exact: 32 registers a tile) for the block's scale
-            rows, rope = pl.ds(first_row + t * TILE, TILE), table(t)  # the table loaded tile by tile: registers
-            q = _norm_rope(tile(s.q, local + t * TILE), vector(weights_ref.at[i, 0]), rope, plan)
+            rows, rope = pl.ds(row_of(t), TILE), table(row_of(t))  # the table loaded tile by tile: registers
+            q = q_rows(row_of(t), rope)
             scale = jnp.maximum(jnp.abs(q).max(axis=1) * np.float32(1 / INT8_MAX), np.float32(SCALE_FLOOR))
             q_codes_ref.at[batch, rows, head][...] = _codes(q, _rows(scale, q))
             real = plgpu.broadcasted_iota(jnp.int32, (TILE,), 0, layout=_PER_ROW) + (first_row + t * TILE) < plan.seq
             q_scale_ref.at[batch, head, rows][...] = jnp.where(real, scale * np.float32(plan.qk_scale), 0.0)
-            k = k_rows(t, rope)
+            k = k_rows(row_of(t), rope)
             k_tiles.append(k.astype(jnp.bfloat16))
             top = jnp.abs(centre(k, t)) if top is None else jnp.maximum(top, jnp.abs(centre(k, t)))
         scale = jnp.maximum(top.max(axis=1).max(axis=0) * np.float32(1 / INT8_MAX), np.float32(SCALE_FLOOR))
@@ -244,6 +276,8 @@ def _launch(phase: Phase, plan: _Plan, inputs: Sequence[jax.Array], batch: int, 
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     if phase == "sums":
         out_type = (f32(batch, heads, blocks, d),) * (2 if plan.v_max else 1)
+    elif phase == "bf16":
+        out_type = (jax.ShapeDtypeStruct((batch, plan.seq, heads, d), jnp.bfloat16),) * 3
     else:
         codes = jax.ShapeDtypeStruct((batch, seq_pad, heads, d), jnp.int8)
         out_type = (codes, f32(batch, heads, seq_pad), codes, f32(batch, heads, blocks))
@@ -258,10 +292,10 @@ def _launch(phase: Phase, plan: _Plan, inputs: Sequence[jax.Array], batch: int, 
     )(*inputs)
 
 
-def _check(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, heads: int, config: AttentionConfig) -> int:
+def _check(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, heads: int, block: int) -> int:
     """The head dim of valid streams; raises naming the stream and tensor at fault."""
     if not streams:
-        raise ValueError("quantize_projections needs at least one stream")
+        raise ValueError("the attention producer needs at least one stream")
     d = streams[0].q_weight.shape[-1]
     batch = streams[0].q.array.shape[0]
     if d % 64:
@@ -280,12 +314,46 @@ def _check(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, heads: int
                                  "array: they must fit, and the column and the width be even (the kernel loads "
                                  "a pair of bf16, 4 bytes, at a time)")
     lengths = [s.q.array.shape[1] for s in streams]
-    if not fits(lengths, config):
-        raise ValueError(f"streams of {lengths} tokens: every stream but the last must be a multiple of "
-                         f"block_kv={config.block_kv} tokens")
+    if block % TILE or not fits(lengths, block):
+        raise ValueError(f"streams of {lengths} tokens, {block} tokens a program: the block must be a multiple of "
+                         f"{TILE} and every stream but the last a multiple of the block")
     if cos.shape != (sum(lengths), d) or sin.shape != cos.shape:
         raise ValueError(f"RoPE tables cos {cos.shape}, sin {sin.shape} must be ({sum(lengths)}, {d})")
     return d
+
+
+def _prepare(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, *, heads: int, eps: float, block: int,
+             padded: Callable[[int], int], interpret: bool) -> tuple[_Plan, list[jax.Array]]:
+    """The plan of a call (without the 8-bit phases' options) and its inputs, shared by both
+    modes: the distinct projection arrays (the last stream's zero-padded when `padded(S)` exceeds
+    the joint sequence's S), the norm weights (streams, 2, D) float32, the RoPE table padded
+    alike."""
+    d = _check(streams, cos, sin, heads, block)
+    lengths = [s.q.array.shape[1] for s in streams]
+    seq = sum(lengths)
+    pad = padded(seq) - seq
+
+    arrays: list[tuple[jax.Array, bool, jax.Array]] = []  # distinct inputs: (given, padded, as passed)
+
+    def source(p: Projection, last: bool) -> _Source:
+        grows = last and pad > 0
+        for i, (x, was_padded, _) in enumerate(arrays):
+            if x is p.array and was_padded == grows:
+                return _Source(i, p.column)
+        arrays.append((p.array, grows, jnp.pad(p.array, ((0, 0), (0, pad), (0, 0))) if grows else p.array))
+        return _Source(len(arrays) - 1, p.column)
+
+    plans, first = [], 0
+    for i, s in enumerate(streams):
+        last = i == len(streams) - 1
+        tokens = lengths[i] + (pad if last else 0)
+        blocks = -(-tokens // block)
+        plans.append(_StreamPlan(first, blocks, tokens, source(s.q, last), source(s.k, last), source(s.v, last)))
+        first += blocks
+    plan = _Plan(tuple(plans), len(arrays), seq, block, d, float(eps), None, False, interpret)
+    weights = jnp.stack([jnp.stack([s.q_weight, s.k_weight]) for s in streams]).astype(jnp.float32)  # (streams, 2, D)
+    table = jnp.pad(rope_table(cos, sin), ((0, pad), (0, 0)))
+    return plan, [x for _, _, x in arrays] + [weights, table]
 
 
 def quantize_projections(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, *, heads: int, eps: float,
@@ -299,34 +367,13 @@ def quantize_projections(streams: Sequence[Stream], cos: jax.Array, sin: jax.Arr
     names, as `attention.quantize_qkv` on the unfused model's q, k, v
     (`attention_quantize_reference.projections_reference`)."""
     config = config or default_config("sage8" if pv_fp8 else "sage_qk8")
-    d = _check(streams, cos, sin, heads, config)
-    batch = streams[0].q.array.shape[0]
-    lengths = [s.q.array.shape[1] for s in streams]
-    seq = sum(lengths)
+    plan, inputs = _prepare(streams, cos, sin, heads=heads, eps=eps, block=config.block_kv,
+                            padded=functools.partial(padded_length, config=config), interpret=interpret)
+    d = plan.head_dim
+    plan = plan._replace(qk_scale=(1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale) * LOG2E,
+                         v_max=pv_fp8)
+    batch, seq = streams[0].q.array.shape[0], plan.seq
     seq_pad = padded_length(seq, config)
-    pad = seq_pad - seq
-
-    arrays: list[tuple[jax.Array, bool, jax.Array]] = []  # distinct inputs: (given, padded, as passed)
-
-    def source(p: Projection, last: bool) -> _Source:
-        padded = last and pad > 0
-        for i, (x, was_padded, _) in enumerate(arrays):
-            if x is p.array and was_padded == padded:
-                return _Source(i, p.column)
-        arrays.append((p.array, padded, jnp.pad(p.array, ((0, 0), (0, pad), (0, 0))) if padded else p.array))
-        return _Source(len(arrays) - 1, p.column)
-
-    plans, first = [], 0
-    for i, s in enumerate(streams):
-        last = i == len(streams) - 1
-        blocks = (lengths[i] + (pad if last else 0)) // config.block_kv
-        plans.append(_StreamPlan(first, blocks, source(s.q, last), source(s.k, last), source(s.v, last)))
-        first += blocks
-    plan = _Plan(tuple(plans), len(arrays), seq, config.block_kv, d, float(eps),
-                 (1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale) * LOG2E, pv_fp8, interpret)
-    weights = jnp.stack([jnp.stack([s.q_weight, s.k_weight]) for s in streams]).astype(jnp.float32)  # (streams, 2, D)
-    table = jnp.pad(rope_table(cos, sin), ((0, pad), (0, 0)))
-    inputs = [x for _, _, x in arrays] + [weights, table]
 
     sums = _launch("sums", plan, inputs, batch, heads)
     mean = sums[0].sum(axis=2) / np.float32(seq)  # (B, H, D)
@@ -337,3 +384,20 @@ def quantize_projections(streams: Sequence[Stream], cos: jax.Array, sin: jax.Arr
                                             sums[1].max(axis=2) if pv_fp8 else None)
     return QuantizedQKV(q_codes=q_codes, q_scale=q_scale, k_codes=k_codes, k_scale=k_scale,
                         v_t_codes=v_t_codes, v_scale=v_scale, v_bf16=v_bf16)
+
+
+def project_qkv(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, *, heads: int, eps: float,
+                block: int = BF16_BLOCK, interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The exact attention's bf16 operands of the joint sequence [stream 0, stream 1, ...], each
+    (B, S, H, D) as cuDNN takes them: q and k RMSNorm-ed per head (each stream's weights) and
+    rotated by RoPE (cos, sin as `quantize_projections`'), v as projected; one launch ("bf16")
+    reading the projections where the GEMMs left them, `block` tokens of one head a program. The
+    unfused model's q, k, v (`attention_quantize_reference.projections_reference`) up to the
+    rounding the module docstring names. Nothing is padded or copied: a ragged last stream's last
+    tile ends at its last token, overlapping the tile before (`project_fits`)."""
+    lengths = [s.q.array.shape[1] for s in streams]
+    if streams and lengths[-1] < TILE:
+        raise ValueError(f"streams of {lengths} tokens: the last must hold at least {TILE} tokens")
+    plan, inputs = _prepare(streams, cos, sin, heads=heads, eps=eps, block=block, padded=lambda seq: seq,
+                            interpret=interpret)
+    return _launch("bf16", plan, inputs, streams[0].q.array.shape[0], heads)

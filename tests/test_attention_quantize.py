@@ -1,5 +1,7 @@
-"""The fused producer of the 8-bit attention's operands (`pallas_kernels.attention_quantize`) against
-the unfused path (`attention_quantize_reference.projections_reference` + `attention.quantize_qkv`).
+"""The fused producer of the attention's operands (`pallas_kernels.attention_quantize`) against the
+unfused path: the 8-bit codes (`quantize_projections`) against
+`attention_quantize_reference.projections_reference` + `attention.quantize_qkv`, the bf16 q, k, v
+(`project_qkv`, the exact attention's) against `projections_reference` itself.
 
 CPU: Mosaic GPU interpret mode at small shapes (two streams with a ragged last one, one stream read
 from a wider fused projection, q/k/v as separate arrays; block_kv 64 and 128); the CUDA lowering at
@@ -10,7 +12,10 @@ Bounds (attention_quantize_reference.py): V's codes and scales are the reference
 reference's value, plus `delta` (a bf16 rounding of the norm or of RoPE one unit away: the mean
 square is summed in another order), plus for K the bound on its mean; every scale within the
 largest delta of its row (Q) or block (K) / 127 of the reference's. A block scale doubled, a row's
-codes shifted or K's mean left in fail it (`test_check_catches_a_wrong_producer`).
+codes shifted or K's mean left in fail it (`test_check_catches_a_wrong_producer`). The bf16 mode:
+v bit for bit; q and k each element within `delta` of the reference's (bit-identical where the
+norm's float32 sum rounds alike); q unrotated, RoPE one token off or another stream's norm weights
+fail it (`test_bf16_check_catches_a_wrong_producer`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import pytest
 
 import flux_fixtures
 from pallas_kernels.attention import AttentionConfig, QuantizedQKV, block_scales_per_key, quantize_qkv
-from pallas_kernels.attention_quantize import Projection, Stream, quantize_projections
+from pallas_kernels.attention_quantize import Projection, Stream, project_qkv, quantize_projections
 from pallas_kernels.attention_quantize_reference import (bf16_flip_bounds, mean_bound, normed,
                                                          projections_reference, rope)
 
@@ -184,7 +189,7 @@ def test_rejects_bad_streams():
     streams = _streams("fused", 1, (64, 64), heads)
     cos, sin = _tables(128, 128, jax.random.key(1))
     call = functools.partial(quantize_projections, heads=heads, eps=EPS, config=AttentionConfig(), interpret=True)
-    with pytest.raises(ValueError, match="multiple of block_kv=128"):
+    with pytest.raises(ValueError, match="a multiple of the block"):
         call(streams, cos, sin)
     f32 = streams[0]._replace(q=Projection(streams[0].q.array.astype(jnp.float32), 0))
     with pytest.raises(ValueError, match="stream 0 q: want a bfloat16"):
@@ -195,6 +200,9 @@ def test_rejects_bad_streams():
         call([streams[0]._replace(k=Projection(streams[0].k.array, 1))], cos[:64], sin[:64])
     with pytest.raises(ValueError, match="RoPE tables"):
         call(streams[:1], cos, sin)
+    short = _streams("fused", 1, (64, 32), heads)
+    with pytest.raises(ValueError, match="the last must hold at least 64 tokens"):
+        project_qkv(short, cos[:96], sin[:96], heads=heads, eps=EPS, interpret=True)
 
 
 @pytest.mark.parametrize("batch, text, image, streams", [(1, 512, 4096, 2), (1, 512, 8192, 2), (4, 512, 4096, 2),
@@ -223,6 +231,74 @@ def test_lowers_for_the_gpu(batch, text, image, streams, monkeypatch):
         assert name in text_ir
 
 
+# ------------------------------------------------------------------------------------ bf16 mode
+def check_bf16(got, streams, cos, sin, heads: int) -> None:
+    """`got` (q, k, v) against the unfused path's, within the module docstring's bounds."""
+    qn, kn, _ = normed(streams, heads, EPS)
+    want = projections_reference(streams, cos, sin, heads=heads, eps=EPS)
+    f64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    for name, a, b in zip("qkv", got, want):
+        assert a.dtype == jnp.bfloat16 and a.shape == b.shape, (name, a.dtype, a.shape, b.shape)
+    assert np.array_equal(f64(got[2]), f64(want[2])), "v"
+    for name, a, b, n in (("q", got[0], want[0], qn), ("k", got[1], want[1], kn)):
+        err = np.abs(f64(a) - f64(b)) - bf16_flip_bounds(n, b, cos, sin) * SLACK
+        assert np.all(err <= 1e-30), f"{np.sum(err > 1e-30)} {name} elements past the bound"
+
+
+@pytest.mark.parametrize("kind, batch, lengths, block", [
+    ("fused", 1, (64, 136), 64),  # two streams, the last ragged: its last tile overlaps the one before
+    ("separate", 2, (128, 128), 128),  # q, k, v as three arrays, two tiles a program, two batch rows
+    ("wide", 1, (100,), 128),  # one stream from a wider array (FLUX's single blocks), shorter than a block
+])
+def test_bf16_matches_unfused_path(kind, batch, lengths, block):
+    heads = 2
+    streams = _streams(kind, batch, lengths, heads)
+    cos, sin = _tables(sum(lengths), 128, jax.random.key(5))
+    got = project_qkv(streams, cos, sin, heads=heads, eps=EPS, block=block, interpret=True)
+    check_bf16(got, streams, cos, sin, heads)
+
+
+def test_bf16_check_catches_a_wrong_producer():
+    """The bound fails q left unrotated, RoPE's table one token off, or k normed with the other
+    stream's weights."""
+    heads, lengths = 2, (64, 64)
+    streams = _streams("fused", 1, lengths, heads)
+    cos, sin = _tables(sum(lengths), 128, jax.random.key(6))
+    q, k, v = projections_reference(streams, cos, sin, heads=heads, eps=EPS)
+    check_bf16((q, k, v), streams, cos, sin, heads)
+    qn, _, _ = normed(streams, heads, EPS)
+    swapped = [s._replace(k_weight=streams[1 - i].k_weight) for i, s in enumerate(streams)]
+    _, k_swapped, _ = projections_reference(swapped, cos, sin, heads=heads, eps=EPS)
+    shifted = projections_reference(streams, jnp.roll(cos, 1, axis=0), jnp.roll(sin, 1, axis=0), heads=heads, eps=EPS)
+    for wrong in [(qn, k, v), shifted, (q, k_swapped, v)]:
+        with pytest.raises(AssertionError):
+            check_bf16(wrong, streams, cos, sin, heads)
+
+
+@pytest.mark.parametrize("batch, text, image, streams", [(1, 512, 4096, 2), (4, 512, 8192, 2), (1, 512, 4096, 1),
+                                                         (1, 512, 4080, 2)])  # 1360x768: a ragged image stream
+def test_bf16_lowers_for_the_gpu(batch, text, image, streams, monkeypatch):
+    """At FLUX.1's shapes (24 heads of 128; a double block's text and image projections, or a
+    single block's one fused q/k/v/MLP projection) the bf16 producer and an attention on its output
+    lower for CUDA from this machine (XLA's attention: cuDNN's checks for the library at trace)."""
+    from pallas_kernels import tile_schedule
+
+    monkeypatch.setattr(tile_schedule, "sm_count", lambda interpret: 132)
+    heads, d, seq = 24, 128, text + image
+    widths = [3 * heads * d] * 2 if streams == 2 else [7 * heads * d]
+    lengths = [text, image] if streams == 2 else [seq]
+
+    def run(*arrays):
+        *xs, w, cos, sin = arrays
+        ss = [Stream(*(Projection(x, j * heads * d) for j in range(3)), w[0], w[1]) for x in xs]
+        return jax.nn.dot_product_attention(*project_qkv(ss, cos, sin, heads=heads, eps=EPS), implementation="xla")
+
+    shapes = [jax.ShapeDtypeStruct((batch, n, c), jnp.bfloat16) for n, c in zip(lengths, widths)]
+    shapes += [jax.ShapeDtypeStruct((2, d), jnp.bfloat16)] + [jax.ShapeDtypeStruct((seq, d), jnp.float32)] * 2
+    text_ir = jax.jit(run).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert "attention_quantize_bf16" in text_ir
+
+
 # ------------------------------------------------------------------------------------ GPU
 
 @pytest.mark.gpu
@@ -234,6 +310,15 @@ def test_gpu_matches_unfused_path(lengths, heads):
     cos, sin = _tables(sum(lengths), 128, jax.random.key(3))
     got = quantize_projections(streams, cos, sin, heads=heads, eps=EPS)
     check_operands(got, streams, cos, sin, heads, config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths, heads", [((512, 4096), 24), ((512, 1000), 2)])
+def test_gpu_bf16_matches_unfused_path(lengths, heads):
+    """The bf16 mode at FLUX's 1024² joint sequence with all 24 heads, and a ragged image stream."""
+    streams = _streams("fused", 1, lengths, heads)
+    cos, sin = _tables(sum(lengths), 128, jax.random.key(3))
+    check_bf16(project_qkv(streams, cos, sin, heads=heads, eps=EPS), streams, cos, sin, heads)
 
 
 # ------------------------------------------------------------------------------------ in the model
@@ -293,3 +378,78 @@ def test_model_lowers_for_the_gpu(monkeypatch):
     for name in ("attention_quantize_sums", "attention_quantize_codes"):  # a dump name per launch: one a block
         assert len(set(re.findall(rf"{name}_\d+", hlo))) == 2, name
     assert "flash_attention_sage8" in hlo
+
+
+def test_model_qk_producer_matches_unfused(monkeypatch):
+    """FluxConfig.small in bf16 (2 double + 2 single blocks, fused projections; 128 text + 72
+    image tokens, the last run ragged, 2 images) with `set_attention(model, None, qk_producer=True)`
+    on the exact XLA attention (interpret mode standing in for the GPU):
+    1. every block's attention takes q, k, v from the producer, each within `check_bf16`'s bound
+       of the unfused path on that block's own projections (`projections_reference`, the model's
+       unfused path bit for bit: `test_reference_is_the_model_path`);
+    2. with the producer replaced by that reference, the output is the unfused model's bit for
+       bit: the wiring around it (streams, norm weights, eps, RoPE tables, the output's [text,
+       image] split) is exact. Switched off again, the unfused graph returns."""
+    from flax import nnx
+
+    from convrot_jax import ops
+    from flux_flax import FluxConfig, FluxTransformer2DModel, fuse_projections, set_attention
+    from pallas_kernels import attention_quantize
+
+    config = FluxConfig.small()
+    model = fuse_projections(FluxTransformer2DModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    inputs = {k: jnp.asarray(v) for k, v in flux_fixtures.flux_inputs(config, height=8, width=9, text_len=128).items()}
+    forward = jax.jit(lambda m, kw: m(**kw))
+    off = np.asarray(forward(model, inputs), np.float32)
+    monkeypatch.setattr(ops, "pallas_supported", lambda: True)
+    set_attention(model, None, qk_producer=True)
+
+    calls = []
+
+    def producer(streams, cos, sin, *, heads, eps):
+        out = attention_quantize.project_qkv(streams, cos, sin, heads=heads, eps=eps, interpret=True)
+        calls.append((streams, cos, sin, heads, eps, out))
+        return out
+
+    monkeypatch.setattr(ops, "_project_qkv", producer)
+    on = np.asarray(model(**inputs), np.float32)  # eager: each call's operands stay concrete
+    assert len(calls) == config.num_layers + config.num_single_layers and np.all(np.isfinite(on))
+    for streams, cos, sin, heads, eps, out in calls:
+        assert eps == EPS and heads == config.num_attention_heads
+        check_bf16(out, streams, cos, sin, heads)
+
+    monkeypatch.setattr(ops, "_project_qkv", lambda streams, cos, sin, *, heads, eps: projections_reference(
+        streams, cos, sin, heads=heads, eps=eps))
+    np.testing.assert_array_equal(np.asarray(forward(model, inputs), np.float32), off)
+    set_attention(model, None)
+    assert not model.transformer_blocks[0].attn.qk_producer
+    np.testing.assert_array_equal(np.asarray(forward(model, inputs), np.float32), off)
+
+
+def test_model_qk_producer_lowers_for_the_gpu(monkeypatch):
+    """A FLUX.1-dev-wide transformer (1 double + 1 single block, fused projections, bf16) with the
+    bf16 producer on at 1024² (512 text + 4096 image tokens) lowers for CUDA with one producer
+    launch a block and no other q/k/v producer (XLA's attention: cuDNN's checks for the library
+    at trace)."""
+    import re
+
+    from flax import nnx
+
+    from convrot_jax import ops
+    from flux_flax import FluxConfig, FluxTransformer2DModel, fuse_projections, set_attention
+    from pallas_kernels import tile_schedule
+
+    monkeypatch.setattr(tile_schedule, "sm_count", lambda interpret: 132)
+    monkeypatch.setattr(ops, "pallas_supported", lambda: True)
+    config = FluxConfig.dev(num_layers=1, num_single_layers=1)
+    model = nnx.eval_shape(lambda: fuse_projections(FluxTransformer2DModel(config, dtype=jnp.bfloat16,
+                                                                           rngs=nnx.Rngs(0))))
+    set_attention(model, "xla", qk_producer=True)
+    graphdef, state = nnx.split(model)
+    s = jax.ShapeDtypeStruct
+    args = (s((1, 4096, 64), jnp.bfloat16), s((1, 512, 4096), jnp.bfloat16), s((1, 768), jnp.bfloat16),
+            s((1,), jnp.float32), s((4096, 3), jnp.float32), s((512, 3), jnp.float32), s((1,), jnp.float32))
+    hlo = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a)).trace(state, *args).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert len(set(re.findall(r"attention_quantize_bf16_\d+", hlo))) == 2
+    assert "attention_quantize_codes" not in hlo

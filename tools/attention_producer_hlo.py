@@ -1,4 +1,4 @@
-"""Counts the passes over HBM of the sage8 attention's producer, from compiled HLO (no GPU needed).
+"""Counts the passes over HBM of the attention's producer, from compiled HLO (no GPU needed).
 
 Unfused: from a FLUX double block's q/k/v projection outputs (text and image, bf16), the model's
 XLA ops (per-head QK RMSNorm, the streams joined, RoPE) then `attention.quantize_qkv`, compiled
@@ -10,7 +10,11 @@ operands and of its result (what it reads and writes if nothing stays in cache).
 differently from XLA:CPU (it can also merge sibling reductions), so the unfused counts are what
 one compiler does, not a law; the fused path's XLA part is small either way.
 
-    PYTHONPATH=. python tools/attention_producer_hlo.py [--batch 1] [--image 4096]
+--mode bf16: the cuDNN attention's bf16 q, k, v instead: unfused, the model's XLA ops alone
+(`projections_reference`); fused, `attention_quantize.project_qkv`'s one launch and its XLA part
+(the RoPE table, the norm weights).
+
+    PYTHONPATH=. python tools/attention_producer_hlo.py [--batch 1] [--image 4096] [--mode sage8|bf16]
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--image", type=int, default=4096)
+    p.add_argument("--mode", choices=["sage8", "bf16"], default="sage8")
     args = p.parse_args()
     b, seq = args.batch, TEXT + args.image
     width = 3 * HEADS * D
@@ -79,11 +84,20 @@ def main() -> None:
 
     def unfused(text, image, w, cos, sin):
         q, k, v = projections_reference(streams(text, image, w), cos, sin, heads=HEADS, eps=1e-6)
-        return quantize_qkv(q, k, v, config=default_config("sage8"))
+        return (q, k, v) if args.mode == "bf16" else quantize_qkv(q, k, v, config=default_config("sage8"))
 
     report("unfused (XLA:CPU)", fusions(jax.jit(unfused).trace(*shapes).lower().compile().as_text()))
 
     tile_schedule.sm_count = lambda interpret: 132
+    if args.mode == "bf16":
+        fused = lambda *a: attention_quantize.project_qkv(streams(*a[:3]), *a[3:], heads=HEADS, eps=1e-6)
+        lowered = jax.jit(fused).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+        print(f"fused: {lowered.count('stablehlo.custom_call @mosaic_gpu')} Mosaic GPU launch (reads q, k, v: "
+              f"{3 * b * seq * HEADS * D * 2 / 1e6:.1f} MB, writes them: as much) and the XLA ops below")
+        report("fused, its XLA part (XLA:CPU)", fusions(jax.jit(
+            lambda w, cos, sin: (attention_quantize.rope_table(cos, sin), w.astype(jnp.float32))).trace(
+            *shapes[2:]).lower().compile().as_text()))
+        return
     fused = lambda *a: attention_quantize.quantize_projections(streams(*a[:3]), *a[3:], heads=HEADS, eps=1e-6)
     lowered = jax.jit(fused).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
     names = sorted(set(re.findall(r"attention_quantize_(?:sums|codes)", lowered)))
