@@ -94,11 +94,12 @@ def assert_nothing_loadable(out: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("size", ["tiny", "small"])
-def test_round_trip_bit_identical_to_in_memory_quantization(size, tiny_src, small_ref, tmp_path, capsys):
-    config = getattr(FluxConfig, size)()
-    src = tiny_src if size == "tiny" else flux_fixtures.save_diffusers(small_ref, tmp_path / "transformer")
-    group = TINY_GROUP if size == "tiny" else 256
+def test_round_trip_bit_identical_to_in_memory_quantization(small_ref, tmp_path, capsys):
+    """At the default group size 256, which the small model's widths allow (the tiny model at
+    group 16 round-trips state for state in test_bfl_layout)."""
+    config = FluxConfig.small()
+    src = flux_fixtures.save_diffusers(small_ref, tmp_path / "transformer")
+    group = 256
     out = tmp_path / "w4a4"
     code, err = run_cli(capsys, src, out, "--group-size", group)
     assert code == 0, err
