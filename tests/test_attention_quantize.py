@@ -205,16 +205,10 @@ def test_rejects_bad_streams():
         project_qkv(short, cos[:96], sin[:96], heads=heads, eps=EPS, interpret=True)
 
 
-@pytest.mark.parametrize("batch, text, image, streams", [(1, 512, 4096, 2), (1, 512, 8192, 2), (4, 512, 4096, 2),
-                                                         (4, 512, 8192, 2), (1, 512, 4096, 1), (4, 512, 8192, 1)])
-def test_lowers_for_the_gpu(batch, text, image, streams, monkeypatch):
-    """At FLUX.1's shapes (24 heads of 128; a double block's text and image projections, or a
-    single block's one fused q/k/v/MLP projection), the producer's two kernels and the attention
-    kernel lower for CUDA from this machine."""
-    from pallas_kernels import tile_schedule
-    from pallas_kernels.attention import attention_quantized
-
-    monkeypatch.setattr(tile_schedule, "sm_count", lambda interpret: 132)
+def _lower_at_flux_shapes(batch: int, text: int, image: int, streams: int, attend) -> str:
+    """The CUDA IR of `attend(streams, cos, sin, heads, seq)` on FLUX.1's projections (24 heads of
+    128; a double block's text and image projections, or a single block's one fused q/k/v/MLP
+    projection), lowered from this machine."""
     heads, d, seq = 24, 128, text + image
     widths = [3 * heads * d] * 2 if streams == 2 else [7 * heads * d]
     lengths = [text, image] if streams == 2 else [seq]
@@ -222,11 +216,27 @@ def test_lowers_for_the_gpu(batch, text, image, streams, monkeypatch):
     def run(*arrays):
         *xs, w, cos, sin = arrays
         ss = [Stream(*(Projection(x, j * heads * d) for j in range(3)), w[0], w[1]) for x in xs]
-        return attention_quantized(quantize_projections(ss, cos, sin, heads=heads, eps=EPS), seq=seq)
+        return attend(ss, cos, sin, heads, seq)
 
     shapes = [jax.ShapeDtypeStruct((batch, n, c), jnp.bfloat16) for n, c in zip(lengths, widths)]
     shapes += [jax.ShapeDtypeStruct((2, d), jnp.bfloat16)] + [jax.ShapeDtypeStruct((seq, d), jnp.float32)] * 2
-    text_ir = jax.jit(run).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    return jax.jit(run).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("batch, text, image, streams", [(1, 512, 4096, 2), (1, 512, 8192, 2), (4, 512, 4096, 2),
+                                                         (4, 512, 8192, 2), (1, 512, 4096, 1), (4, 512, 8192, 1)])
+def test_lowers_for_the_gpu(batch, text, image, streams, monkeypatch):
+    """At FLUX.1's shapes the producer's two kernels and the attention kernel lower for CUDA from
+    this machine."""
+    from pallas_kernels import tile_schedule
+    from pallas_kernels.attention import attention_quantized
+
+    monkeypatch.setattr(tile_schedule, "sm_count", lambda interpret: 132)
+
+    def attend(ss, cos, sin, heads, seq):
+        return attention_quantized(quantize_projections(ss, cos, sin, heads=heads, eps=EPS), seq=seq)
+
+    text_ir = _lower_at_flux_shapes(batch, text, image, streams, attend)
     for name in ("attention_quantize_sums", "attention_quantize_codes"):
         assert name in text_ir
 
@@ -278,24 +288,16 @@ def test_bf16_check_catches_a_wrong_producer():
 @pytest.mark.parametrize("batch, text, image, streams", [(1, 512, 4096, 2), (4, 512, 8192, 2), (1, 512, 4096, 1),
                                                          (1, 512, 4080, 2)])  # 1360x768: a ragged image stream
 def test_bf16_lowers_for_the_gpu(batch, text, image, streams, monkeypatch):
-    """At FLUX.1's shapes (24 heads of 128; a double block's text and image projections, or a
-    single block's one fused q/k/v/MLP projection) the bf16 producer and an attention on its output
-    lower for CUDA from this machine (XLA's attention: cuDNN's checks for the library at trace)."""
+    """At FLUX.1's shapes the bf16 producer and an attention on its output lower for CUDA from this
+    machine (XLA's attention: cuDNN's checks for the library at trace)."""
     from pallas_kernels import tile_schedule
 
     monkeypatch.setattr(tile_schedule, "sm_count", lambda interpret: 132)
-    heads, d, seq = 24, 128, text + image
-    widths = [3 * heads * d] * 2 if streams == 2 else [7 * heads * d]
-    lengths = [text, image] if streams == 2 else [seq]
 
-    def run(*arrays):
-        *xs, w, cos, sin = arrays
-        ss = [Stream(*(Projection(x, j * heads * d) for j in range(3)), w[0], w[1]) for x in xs]
+    def attend(ss, cos, sin, heads, seq):
         return jax.nn.dot_product_attention(*project_qkv(ss, cos, sin, heads=heads, eps=EPS), implementation="xla")
 
-    shapes = [jax.ShapeDtypeStruct((batch, n, c), jnp.bfloat16) for n, c in zip(lengths, widths)]
-    shapes += [jax.ShapeDtypeStruct((2, d), jnp.bfloat16)] + [jax.ShapeDtypeStruct((seq, d), jnp.float32)] * 2
-    text_ir = jax.jit(run).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    text_ir = _lower_at_flux_shapes(batch, text, image, streams, attend)
     assert "attention_quantize_bf16" in text_ir
 
 
@@ -353,6 +355,19 @@ def test_flux_attention_fuses_the_producer(impl, monkeypatch):
     assert 1e-4 < error < 0.1
 
 
+def _lower_dev_model(model) -> str:
+    """The CUDA IR of a FLUX.1-dev-wide transformer's (abstract) forward at 1024²: 512 text + 4096
+    image tokens, batch 1."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    s = jax.ShapeDtypeStruct
+    args = (s((1, 4096, 64), jnp.bfloat16), s((1, 512, 4096), jnp.bfloat16), s((1, 768), jnp.bfloat16),
+            s((1,), jnp.float32), s((4096, 3), jnp.float32), s((512, 3), jnp.float32), s((1,), jnp.float32))
+    return jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a)).trace(state, *args).lower(
+        lowering_platforms=("cuda",)).as_text()
+
+
 def test_model_lowers_for_the_gpu(monkeypatch):
     """A FLUX.1-dev-wide transformer (1 double + 1 single block, fused projections, bf16) with
     sage8 attention at 1024² (512 text + 4096 image tokens) lowers for CUDA with the fused
@@ -369,12 +384,7 @@ def test_model_lowers_for_the_gpu(monkeypatch):
     config = FluxConfig.dev(num_layers=1, num_single_layers=1)
     model = nnx.eval_shape(lambda: fuse_projections(FluxTransformer2DModel(
         config, dtype=jnp.bfloat16, attention_impl="sage8", rngs=nnx.Rngs(0))))
-    graphdef, state = nnx.split(model)
-    s = jax.ShapeDtypeStruct
-    args = (s((1, 4096, 64), jnp.bfloat16), s((1, 512, 4096), jnp.bfloat16), s((1, 768), jnp.bfloat16),
-            s((1,), jnp.float32), s((4096, 3), jnp.float32), s((512, 3), jnp.float32), s((1,), jnp.float32))
-    hlo = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a)).trace(state, *args).lower(
-        lowering_platforms=("cuda",)).as_text()
+    hlo = _lower_dev_model(model)
     for name in ("attention_quantize_sums", "attention_quantize_codes"):  # a dump name per launch: one a block
         assert len(set(re.findall(rf"{name}_\d+", hlo))) == 2, name
     assert "flash_attention_sage8" in hlo
@@ -445,11 +455,6 @@ def test_model_qk_producer_lowers_for_the_gpu(monkeypatch):
     model = nnx.eval_shape(lambda: fuse_projections(FluxTransformer2DModel(config, dtype=jnp.bfloat16,
                                                                            rngs=nnx.Rngs(0))))
     set_attention(model, "xla", qk_producer=True)
-    graphdef, state = nnx.split(model)
-    s = jax.ShapeDtypeStruct
-    args = (s((1, 4096, 64), jnp.bfloat16), s((1, 512, 4096), jnp.bfloat16), s((1, 768), jnp.bfloat16),
-            s((1,), jnp.float32), s((4096, 3), jnp.float32), s((512, 3), jnp.float32), s((1,), jnp.float32))
-    hlo = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a)).trace(state, *args).lower(
-        lowering_platforms=("cuda",)).as_text()
+    hlo = _lower_dev_model(model)
     assert len(set(re.findall(r"attention_quantize_bf16_\d+", hlo))) == 2
     assert "attention_quantize_codes" not in hlo
