@@ -1,5 +1,6 @@
-"""LoRA on the W4A4 FLUX.1-dev step: the fused path (the down-projection one XLA GEMM
-by default or the `lora_down` kernel, the up-projection in the W4A4 GEMM's epilogue) and the unfused one (two XLA GEMMs after the layer).
+"""LoRA on the W4A4 FLUX.1-dev step: the fused path (the down-projection one XLA GEMM by default
+or the `lora_down` kernel, the up-projection in the W4A4 GEMM's epilogue) and the unfused one (two
+XLA GEMMs after the layer).
 
 Variants, timed on one random-weight W4A4 model (Pallas kernels, fused projections and the GELU
 producers fused into the rotate-quantize kernel, as `FluxPipeline` builds it) in one process,
@@ -22,8 +23,9 @@ A step is one transformer forward given its precomputed AdaLN modulation (as `sa
 runs it), 512 T5 tokens; the jitted step takes the graph definition as a static argument and the
 state (LoRA factors included) as input, as `FluxPipeline` does. Reported: step time (median of
 --iters host-timed runs of the compiled step: without the per-call hashing of the static graph
-definition, which the pipeline's one-program loop does not pay per step) and its ratio to `none`; the switch: `read_lora` + `apply_loras` of
-another rank-32 file, then one step, with the step's trace count showing no recompilation.
+definition, which the pipeline's one-program loop does not pay per step) and its ratio to `none`;
+the switch: `read_lora` + `apply_loras` of another rank-32 file, then one step, with the step's
+trace count showing no recompilation.
 
     PYTHONPATH=. python3 -m benchmarks.bench_lora
     JAX_PLATFORMS=cpu PYTHONPATH=. python3 -m benchmarks.bench_lora --config small --size 64 --iters 1 \\
@@ -204,10 +206,9 @@ def markdown(rows: list[dict], args) -> list[str]:
              "one process (same model); median of the timed runs. LoRAs on every W4A4 layer of every block: r* "
              "diffusers-named (q/k/v separate: rank 3r on to_qkv, 4r on to_qkv_mlp, block-diagonal B), k32 "
              "kohya-named (fused qkv and linear1 modules: rank 32 on each fused layer). LoRA branches fused into "
-             "the W4A4 kernels (Pallas: h from the `lora_down` kernel, h B^T in the GEMM's epilogue), `*_xladown` "
-             "with h from XLA's producer + GEMM, `*_unfused` not fused (two XLA GEMMs after the layer). `vs none`: "
-             "against the "
-             "step without LoRA of the same run (process).", ""]
+             "the W4A4 kernels (Pallas: h from XLA's producer + GEMM, h B^T in the GEMM's epilogue), "
+             "`*_downkernel` with h from the `lora_down` kernel, `*_unfused` not fused (two XLA GEMMs after the "
+             "layer). `vs none`: against the step without LoRA of the same run (process).", ""]
     body = []
     for run, by in runs.items():
         base = by.get("none", {}).get("step_ms")

@@ -105,8 +105,9 @@ def set_lora_fusion(model: nnx.Module, fused: bool, *, down_kernel: bool = False
     """Sets, IN PLACE, whether every LoRA branch of `model` may be fused into its layer's kernels
     (True, the default of a new branch) or runs unfused (two XLA GEMMs after the layer), and
     whether a fused branch's down-projection runs in the `lora_down` kernel (True) or as XLA's
-    GEMM on the produced input (False, the default: the kernel's GELU forms failed their GPU test): the comparisons the benchmark measures; returns `model`. Static
-    settings: a jitted step compiles again after a change."""
+    GEMM on the produced input (False, the default: the kernel's GELU forms failed their GPU
+    test): the comparisons the benchmark measures; returns `model`. Static settings: a jitted step
+    compiles again after a change."""
     for _, branch in nnx.iter_graph(model):
         if isinstance(branch, LowRank):
             branch.fused = fused
