@@ -63,6 +63,10 @@ class LoRADownConfig:
     ctas_per_sm: int | None = 2
     gelu_operand: str = "registers"
 
+    def __post_init__(self):
+        if self.gelu_operand not in ("registers", "smem"):
+            raise ValueError(f"gelu_operand must be 'registers' or 'smem', got {self.gelu_operand!r}")
+
 
 def supports(rank: int, *columns: int, config: LoRADownConfig | None = None) -> bool:
     """Whether the kernel takes rank `rank` and a row whose column counts `columns` (its width,
@@ -181,8 +185,6 @@ def lora_down(
         arrays = [jnp.pad(v, ((0, m_pad - m), (0, 0))) for v in arrays]
     m_tiles = m_pad // TILE_M
     splits = _splits(m_tiles, [w // tk for _, w, _ in sources], config, interpret)
-    if config.gelu_operand not in ("registers", "smem"):
-        raise ValueError(f"gelu_operand must be 'registers' or 'smem', got {config.gelu_operand!r}")
     staged = interpret or config.gelu_operand == "smem"
     # The ring's stages that fit beside the output tile (and the GELU's stage).
     fixed, per_stage = TILE_M * r_pad * 4 + (TILE_M * tk * 2 if staged else 0), (TILE_M + r_pad) * tk * 2

@@ -68,7 +68,8 @@ def test_interpret_without_k_split_is_the_same_product():
 
 
 def test_refuses_what_it_cannot_take():
-    """Errors name the operand: a rank over 256, columns not multiples of tile_k, float32 x."""
+    """Errors name the operand: a rank over 256, columns not multiples of tile_k, float32 x, an
+    unknown place for the GELU'd tile."""
     rng = np.random.default_rng(8)
     x, _, down, scale = _operands(rng, 64, 256, 16)
     with pytest.raises(ValueError, match="rank"):
@@ -79,6 +80,8 @@ def test_refuses_what_it_cannot_take():
         lora_down(x.astype(jnp.float32), down, scale, interpret=True)
     with pytest.raises(ValueError, match=r"down \(16, 256\)"):
         lora_down(x[:, :128], down, scale, interpret=True)
+    with pytest.raises(ValueError, match="gelu_operand must be 'registers' or 'smem', got 'tmem'"):
+        LoRADownConfig(gelu_operand="tmem")
 
 
 # --- CPU: the GPU code path lowers for CUDA -----------------------------------------------------
