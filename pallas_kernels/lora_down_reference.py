@@ -3,7 +3,9 @@
 `down_projection_reference` is what the model's XLA path computes (`convrot_jax.lora.
 LowRankFactors.down_projection` on `apply_prologue`'s output): the produced input u rounded to
 bf16, one float32 GEMM, times the scale, one rounding to bf16. `down_projection_bound` bounds the
-kernel's difference from it elementwise.
+kernel's difference from it elementwise: the float32 sums' order and, on a GELU's columns, the
+bf16 roundings that the two float32 GELUs' last bits can move (`gelu_delta`: how far those may
+differ; `gelu_spread`: what that does to bf16, nothing but near a rounding boundary).
 """
 
 from __future__ import annotations
@@ -16,6 +18,13 @@ from pallas_kernels.rotate_quantize_reference import apply_prologue
 
 U = 2.0**-8  # bf16 unit roundoff
 F32_ADD = 2.0**-23  # one float32 add or multiply, truncating or not (tensor cores may truncate)
+# Either side's float32 tanh against the true tanh, in units of 2^-24 (float32's spacing below 1):
+# the kernel's is libdevice's tanhf (CUDA: <= 2 ulps); XLA's GPU tanh is Eigen's 13/6 rational
+# interpolant (`llvm_ir::EmitFastTanh`: "a couple of ulps" in [-8, 8]; a float32 emulation of it
+# is off by up to 6.3 units, near z = -5.8; exactly +-1 beyond its clamp near 7.9, where the
+# true 1 - |tanh| is < 2.8e-7, under 5 units); CPU tanhs are closer. 16 leaves room for both.
+TANH_ULPS = 16
+F32_TINY = 2.0**-126  # float32's smallest normal
 
 
 def produced_input(x: jax.Array, gelu_from: int | None = None, tail: jax.Array | None = None,
@@ -39,22 +48,53 @@ def down_projection_reference(x: jax.Array, down: jax.Array, scale: jax.Array, *
 
 def down_projection_bound(x: jax.Array, down: jax.Array, scale: jax.Array, *, gelu_from: int | None = None,
                           tail: jax.Array | None = None, tail_from: int = 0) -> np.ndarray:
-    """Elementwise bound (float64, (M, r)) on |kernel h - reference h|. With S = |u| |A|^T (u the
-    reference's bf16 input): the two float32 sums of the same K exact bf16 products, in any order
-    (the kernel's K ranges summed after), are each within K adds of error on S; the GELU's
-    float32 value may differ in its last bits (another operation order, another tanh), which can
-    move its bf16 rounding by one unit, 2u |u| (1 + 2u), on the GELU's columns; the scale's
+    """Elementwise bound (float64, (M, r)) on |kernel h - reference h|. With S = |u| |A|^T (u =
+    bf16(`produced_input`)): the two float32 sums of the same K exact bf16 products, in any order
+    (the kernel's K ranges summed after), are each within K adds of error on S; the scale's
     multiply is one more rounding each side; and each h is rounded to bf16 once (u of its value,
-    |h_kernel| <= |h_ref| + the difference). Where GELU(v) is tiny (v << 0, 1 + tanh near its
-    float32 granularity) the last bits are an absolute error, |v| times one float32 unit."""
+    |h_kernel| <= |h_ref| + the difference). On the GELU's columns the kernel's and the
+    reference's bf16 inputs may differ from u, and from each other, by `gelu_spread` (zero but
+    where the GELU's float32 value lies within `gelu_delta` of a bf16 rounding boundary); that
+    difference D adds D |A|^T, on which each side's K adds act too."""
     k = down.shape[1]
-    u = np.abs(np.asarray(produced_input(x, gelu_from, tail, tail_from).astype(down.dtype), np.float64))
+    produced = np.asarray(produced_input(x, gelu_from, tail, tail_from), np.float32)
+    u = np.abs(np.asarray(produced.astype(down.dtype), np.float64))
     a = np.abs(np.asarray(down, np.float64))
     s = np.abs(np.asarray(scale, np.float64))
     sums = (2 * k + 2) * F32_ADD * (u @ a.T)
     if gelu_from is not None:
-        v = np.abs(np.asarray(produced_input(x, None, tail, tail_from), np.float64))
-        sums += (2 * U * (1 + 2 * U) * u[:, gelu_from:] + F32_ADD * v[:, gelu_from:]) @ a[:, gelu_from:].T
+        v = np.asarray(produced_input(x, None, tail, tail_from), np.float32)[:, gelu_from:]
+        g = produced[:, gelu_from:]
+        sums += (1 + (2 * k + 2) * F32_ADD) * (gelu_spread(g, gelu_delta(v, g)) @ a[:, gelu_from:].T)
     h = np.abs(np.asarray(down_projection_reference(x, down, scale, gelu_from=gelu_from, tail=tail,
                                                     tail_from=tail_from), np.float64))
     return (s * sums + 2 * U * h) / (1 - U)
+
+
+def gelu_delta(v: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """delta (float64): how far any float32 evaluation of tanh-GELU at v (float32) may lie from
+    g, another one (`pallas_kernels.rotate_quantize.gelu_tanh` in the kernel, jax.nn.gelu(
+    approximate=True) in XLA: the same formula and float32 constants, other tanhs, operation
+    orders, FMA contractions). Each, against the formula in exact arithmetic at v, with
+    p = (1 + tanh z) / 2, z = c (v + a v^3), e = 2^-24 = F32_ADD / 2: z's <= 5 roundings (v and
+    a v^3 share a sign: no cancellation; FMA contraction only drops some) move tanh by
+    sech^2(z) |z| 5e <= 3e (z sech^2 z <= 0.45); the tanh is within TANH_ULPS e of the true one;
+    1 + tanh rounds by <= 2e (exactly below -1/2); so p is off by <= (TANH_ULPS + 5) e / 2, and
+    g = v p by |v| times that plus one rounding, e |g| (second-order terms are far inside the
+    slack of TANH_ULPS). Twice that, plus twice float32's smallest normal (a flush of a subnormal
+    input or result to zero moves g by less): delta = F32_ADD ((TANH_ULPS + 5) / 2 |v| + |g|) +
+    2 F32_TINY. Its |v| part is absolute: where v << 0 and 1 + tanh is a few e, g is tiny and
+    delta may exceed it (bf16(g) may then move by many of its units)."""
+    return (F32_ADD * ((TANH_ULPS + 5) / 2 * np.abs(v.astype(np.float64)) + np.abs(g.astype(np.float64)))
+            + 2 * F32_TINY)
+
+
+def gelu_spread(g: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """The most two bf16 roundings of float32 values within delta of g (float32) may differ by
+    (float64): bf16 round-to-nearest-even is monotone, so they lie between the roundings of
+    g - delta and g + delta (widened outwards to float32), which are equal, and the spread zero,
+    unless that interval holds a bf16 rounding boundary."""
+    g64 = g.astype(np.float64)
+    lo = np.nextafter((g64 - delta).astype(np.float32), np.float32(-np.inf)).astype(jnp.bfloat16)
+    hi = np.nextafter((g64 + delta).astype(np.float32), np.float32(np.inf)).astype(jnp.bfloat16)
+    return hi.astype(np.float64) - lo.astype(np.float64)
