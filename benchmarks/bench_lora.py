@@ -1,14 +1,13 @@
-"""LoRA on the W4A4 FLUX.1-dev step: the fused path (the down-projection one XLA GEMM by default
-or the `lora_down` kernel, the up-projection in the W4A4 GEMM's epilogue) and the unfused one (two
-XLA GEMMs after the layer).
+"""LoRA on the W4A4 FLUX.1-dev step: the fused path (the down-projection in the `lora_down` kernel,
+the up-projection in the W4A4 GEMM's epilogue) and the unfused one (two XLA GEMMs after the layer).
 
 Variants, timed on one random-weight W4A4 model (Pallas kernels, fused projections and the GELU
 producers fused into the rotate-quantize kernel, as `FluxPipeline` builds it) in one process,
 since a LoRA switch is measured on a live model:
   none          no LoRA (the baseline)
-  r32           one rank-32 LoRA, fused as by default (h from XLA's producer + GEMM)
-  r32_downkernel  the same with h from the `lora_down` kernel (XLA after a LayerNorm;
-                `convrot_jax.set_lora_fusion(model, True, down_kernel=True)`)
+  r32           one rank-32 LoRA, fused (h from the `lora_down` kernel; XLA after a LayerNorm)
+  r32_xladown   the same, fused, with h from XLA's producer + GEMM as before the kernel
+                (`convrot_jax.set_lora_fusion(model, True, down_kernel=False)`)
   r32_unfused   the same LoRA with every branch unfused (`convrot_jax.set_lora_fusion(model, False)`)
   r16_r32_r64   three LoRAs at once, ranks 16, 32 and 64, fused
   k32           one rank-32 LoRA in kohya naming (fused qkv and linear1 modules: rank 32 on the fused
@@ -47,10 +46,10 @@ NAME = "lora"
 MODULE = "benchmarks.bench_lora"
 TEXT_TOKENS = 512
 # Variant -> the LoRA files loaded ("r32": rank 32, diffusers naming; "k32": rank 32, kohya naming).
-VARIANTS = {"none": (), "r32": ("r32",), "r32_downkernel": ("r32",), "r32_unfused": ("r32",),
+VARIANTS = {"none": (), "r32": ("r32",), "r32_xladown": ("r32",), "r32_unfused": ("r32",),
             "r16_r32_r64": ("r16", "r32", "r64"), "k32": ("k32",)}
 # Variants whose branches are not fused the default way: (fused, down_kernel) for set_lora_fusion.
-FUSION = {"r32_unfused": (False, False), "r32_downkernel": (True, True)}
+FUSION = {"r32_unfused": (False, True), "r32_xladown": (True, False)}
 DOUBLE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
           "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
           "ff_context.net.2")
@@ -183,7 +182,7 @@ def worker(args) -> list[dict]:
             rows.append(dict(variant=name, error=f"not run: past the {args.budget_s:.0f} s budget"))
             continue
         apply_loras(model, [(read_lora(lora_file(key)), 1.0) for key in VARIANTS[name]])
-        fused, down_kernel = FUSION.get(name, (True, False))
+        fused, down_kernel = FUSION.get(name, (True, True))
         set_lora_fusion(model, fused, down_kernel=down_kernel)
         rows.append(time_step(name))
         harness.emit(rows)  # so far: kept by the parent if a later variant runs past the timeout
@@ -206,9 +205,9 @@ def markdown(rows: list[dict], args) -> list[str]:
              "one process (same model); median of the timed runs. LoRAs on every W4A4 layer of every block: r* "
              "diffusers-named (q/k/v separate: rank 3r on to_qkv, 4r on to_qkv_mlp, block-diagonal B), k32 "
              "kohya-named (fused qkv and linear1 modules: rank 32 on each fused layer). LoRA branches fused into "
-             "the W4A4 kernels (Pallas: h from XLA's producer + GEMM, h B^T in the GEMM's epilogue), "
-             "`*_downkernel` with h from the `lora_down` kernel, `*_unfused` not fused (two XLA GEMMs after the "
-             "layer). `vs none`: against the step without LoRA of the same run (process).", ""]
+             "the W4A4 kernels (Pallas: h from the `lora_down` kernel, h B^T in the GEMM's epilogue), `*_xladown` "
+             "with h from XLA's producer + GEMM, `*_unfused` not fused (two XLA GEMMs after the layer). `vs none`: "
+             "against the step without LoRA of the same run (process).", ""]
     body = []
     for run, by in runs.items():
         base = by.get("none", {}).get("step_ms")
@@ -243,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = harness.argument_parser(__doc__)
     parser.add_argument("--variants", nargs="+",
-                        default=["none", "r32", "r32_downkernel", "r32_unfused", "switch_r32", "r16_r32_r64", "k32"],
+                        default=["none", "r32", "r32_xladown", "r32_unfused", "switch_r32", "r16_r32_r64", "k32"],
                         choices=[*VARIANTS, "switch_r32"], help="run in this order (put switch_r32 after r32)")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--iters", type=int, default=10)

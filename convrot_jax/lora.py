@@ -9,10 +9,9 @@ any scales) swap without recompiling.
 
 The branch is added where a layer's output is made: `ConvDense4bit` passes its factors to
 `convrot_jax.ops.w4a4_linear`, whose Pallas path fuses it (the down-projection h = (x A^T) * s in
-one XLA GEMM on the produced input, the default; or, with `LowRank.down_kernel`, in the
-`pallas_kernels.lora_down` kernel, which applies a producer's GELU where it reads x: its GELU forms
-failed their GPU test on the H200, so it is opt-in; the up-projection h B^T in the W4A4 GEMM's
-epilogue) and whose XLA path adds the term after the W4A4 product (unfused: two XLA GEMMs,
+the `pallas_kernels.lora_down` kernel, which applies a producer's GELU where it reads x, or in one
+XLA GEMM on the produced input, `LowRank.down_kernel = False`; the up-projection h B^T in the W4A4
+GEMM's epilogue) and whose XLA path adds the term after the W4A4 product (unfused: two XLA GEMMs,
 the reference; `LowRank.fused = False` keeps a branch unfused on the Pallas path too, to measure it);
 `Dense4bitWeightOnly` adds it after its product; a float `nnx.Linear` becomes a `LoRALinear`
 while it carries a branch (`attach_lora` / `detach_lora`).
@@ -42,7 +41,7 @@ class LowRankFactors:
     up: jax.Array
     scale: jax.Array
     fused: bool = struct.field(pytree_node=False, default=True)
-    down_kernel: bool = struct.field(pytree_node=False, default=False)
+    down_kernel: bool = struct.field(pytree_node=False, default=True)
 
     def down_projection(self, x: jax.Array) -> jax.Array:
         """h (..., r) = (x A^T) * scale, accumulated in float32 and rounded once to the factors'
@@ -81,12 +80,11 @@ def check_factors(down: jax.Array, up: jax.Array, scale: jax.Array, in_features:
 
 class LowRank(nnx.Module):
     """One layer's low-rank branch, its factors held as `LoRAParam`s (see `LowRankFactors`).
-    `fused` (static, True by default): whether the layer's op may fuse it; `down_kernel` (static,
-    False by default): whether a fused branch's down-projection runs in the `lora_down` kernel
-    instead of XLA's GEMM (`set_lora_fusion`; off until the kernel's GELU forms pass on the GPU)."""
+    `fused`, `down_kernel` (static, True by default): whether the layer's op may fuse it, and
+    compute its down-projection in a kernel (`set_lora_fusion`)."""
 
     def __init__(self, down: jax.Array, up: jax.Array, scale: jax.Array, *, fused: bool = True,
-                 down_kernel: bool = False):
+                 down_kernel: bool = True):
         self.down = LoRAParam(jnp.asarray(down))
         self.up = LoRAParam(jnp.asarray(up))
         self.scale = LoRAParam(jnp.asarray(scale, jnp.float32))
@@ -101,13 +99,12 @@ class LowRank(nnx.Module):
         return LowRankFactors(self.down[...], self.up[...], self.scale[...], self.fused, self.down_kernel)
 
 
-def set_lora_fusion(model: nnx.Module, fused: bool, *, down_kernel: bool = False) -> nnx.Module:
+def set_lora_fusion(model: nnx.Module, fused: bool, *, down_kernel: bool = True) -> nnx.Module:
     """Sets, IN PLACE, whether every LoRA branch of `model` may be fused into its layer's kernels
     (True, the default of a new branch) or runs unfused (two XLA GEMMs after the layer), and
-    whether a fused branch's down-projection runs in the `lora_down` kernel (True) or as XLA's
-    GEMM on the produced input (False, the default: the kernel's GELU forms failed their GPU
-    test): the comparisons the benchmark measures; returns `model`. Static settings: a jitted step
-    compiles again after a change."""
+    whether a fused branch's down-projection runs in its kernel (True, the default) or as XLA's
+    GEMM on the produced input: the comparisons the benchmark measures; returns `model`. Static
+    settings: a jitted step compiles again after a change."""
     for _, branch in nnx.iter_graph(model):
         if isinstance(branch, LowRank):
             branch.fused = fused

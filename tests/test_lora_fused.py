@@ -1,6 +1,6 @@
 """The fused LoRA path of the W4A4 layer (`convrot_jax.ops.w4a4_linear(lora=...)` on the Pallas
-kernels: h = (u A^T) * s from XLA's GEMM (the default) or the opt-in `lora_down` kernel (XLA after
-a LayerNorm prologue), h B^T in the GEMM epilogue before the gate) against the unfused
+kernels: h = (u A^T) * s in the `lora_down` kernel (XLA with a LayerNorm prologue or
+`down_kernel=False`), h B^T in the GEMM epilogue before the gate) against the unfused
 one (`LowRank.fused = False`: the layer, then `LowRankFactors.add_to`): on the CPU through Mosaic
 GPU interpret mode (the ops' kernels swapped for their interpret-mode calls), within the bound of
 the two paths' roundings; a zero scale or rank gives the base layer bit for bit; the fused path
@@ -252,8 +252,7 @@ def test_fused_path_lowers_for_cuda(cuda_lowering, m, k, n, rank, site):
             kw["prologue"] = GeluTanh(0)
         if site == "layernorm":
             kw["prologue"] = LayerNormModulation(*extra)
-        lora = LowRankFactors(down, up, scale, down_kernel=True)
-        return ops.w4a4_linear(x, qw, lora=lora, implementation="pallas", **kw)
+        return ops.w4a4_linear(x, qw, lora=LowRankFactors(down, up, scale), implementation="pallas", **kw)
 
     text = jax.jit(layer).trace(*operands).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == (2 if site == "layernorm" else 3)  # each kernel once
@@ -308,9 +307,8 @@ def test_model_sends_each_down_projection_to_its_path(cuda_lowering, monkeypatch
     on every W4A4 layer, traced for the GPU: each layer's down-projection goes to the `lora_down`
     kernel with its producer's GELU (ff.net.2 / ff_context.net.2: from column 0; proj_out: the
     attention output, then the fused projection's MLP columns as the GELU's tail), or to XLA
-    after a fused LayerNorm (whose layers then make no kernel call), once
-    `set_lora_fusion(down_kernel=True)` opts in; by default (and after `down_kernel=False`) they
-    all go to XLA."""
+    after a fused LayerNorm (whose layers then make no kernel call); `down_kernel=False` sends
+    them all to XLA."""
     from flax import nnx
 
     from flux_flax import FluxConfig, fuse_producers, fuse_projections
@@ -346,8 +344,6 @@ def test_model_sends_each_down_projection_to_its_path(cuda_lowering, monkeypatch
     if "layernorm" not in kinds:
         per_single += [(d, d, None, None, 0)]  # to_qkv_mlp
     expected = per_double * config.num_layers + per_single * config.num_single_layers
-    assert trace() == []  # the default: XLA's GEMM
-    set_lora_fusion(model, True, down_kernel=True)
     assert trace() == sorted(expected, key=str)
     set_lora_fusion(model, True, down_kernel=False)
     assert trace() == []
