@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import importlib.util
 import json
 import os
@@ -260,8 +261,12 @@ def run_meta(device: str | None = None, *, probe: bool = False) -> dict:
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "host": platform.node(), "python": platform.python_version()}
     try:
-        meta["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                        text=True, timeout=10).stdout.strip() or None
+        git = functools.partial(subprocess.run, cwd=REPO, capture_output=True, text=True, timeout=10)
+        meta["commit"] = git(["git", "rev-parse", "--short", "HEAD"]).stdout.strip() or None
+        # a tree that is not its HEAD (edits not committed; on the lent GPU machine, a copied tree
+        # beside a stale .git) must not pass for that commit
+        if meta["commit"] and git(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip():
+            meta["commit"] += "+changes"
     except (OSError, subprocess.SubprocessError):
         meta["commit"] = None
     if probe:
