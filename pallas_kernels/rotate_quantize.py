@@ -86,7 +86,10 @@ class RotateQuantizeConfig:
     statistics and the rotation, instead of once per sweep from shared memory; None: when
     rows * (padded) K / 128 <= HOLD_LIMIT. pack_modulation (bf16 shift and scale only): one
     32-bit word per column holds both, one shared-memory load instead of two (H200, M = 4608,
-    K = 3072: 46.3 -> 40.3 us, the same codes)."""
+    K = 3072: 46.3 -> 40.3 us, the same codes). fast_tanh: the GELU's tanh as the GPU's
+    one-instruction approximation (`tanh.approx.f32`, absolute error about 2^-11) instead of
+    libdevice's float32 tanhf (a few ulps, ~20 instructions): codes may move by one level where
+    a value lies near a rounding boundary; opt-in, to measure what the GELU's arithmetic costs."""
 
     rows: int | None = None
     chunk_mult: int = 1
@@ -95,6 +98,7 @@ class RotateQuantizeConfig:
     programs_per_sm: int = 2
     hold_input: bool | None = None
     pack_modulation: bool = True
+    fast_tanh: bool = False
 
 
 def keep_rotated(k: int, rows: int, config: RotateQuantizeConfig) -> bool:
@@ -195,9 +199,10 @@ def _first_group(c, chunk: int):
     return c * chunk if isinstance(c, int) else pl.multiple_of(c * chunk, chunk)
 
 
-def gelu_tanh(x: jax.Array) -> jax.Array:
-    """jax.nn.gelu(x, approximate=True), in ops Mosaic GPU lowers (also `lora_down`'s prologue)."""
-    return x * (0.5 * (1.0 + jnp.tanh(np.float32(math.sqrt(2 / math.pi)) * (x + np.float32(0.044715) * (x * x * x)))))
+def gelu_tanh(x: jax.Array, tanh=jnp.tanh) -> jax.Array:
+    """jax.nn.gelu(x, approximate=True), in ops Mosaic GPU lowers (also `lora_down`'s prologue);
+    `tanh`: the tanh it uses."""
+    return x * (0.5 * (1.0 + tanh(np.float32(math.sqrt(2 / math.pi)) * (x + np.float32(0.044715) * (x * x * x)))))
 
 
 class _Block(NamedTuple):
@@ -210,6 +215,7 @@ class _Block(NamedTuple):
     chunk: int  # groups per chunk
     real: int  # groups of a row before padding
     interpret: bool
+    fast_tanh: bool = False  # the GELU's tanh: tanh.approx.f32 instead of tanhf (RotateQuantizeConfig)
 
     @property
     def rows(self) -> int:
@@ -312,13 +318,15 @@ def _gelu_parts(b: _Block, c, parts: list[jax.Array], gelu_from: int) -> list[ja
     """tanh-GELU on the groups of chunk c from group `gelu_from` on (static where the chunk loop
     is unrolled, a per-element select where it is not)."""
     g0 = _first_group(c, b.chunk)
+    tanh = (functools.partial(_ptx, "tanh.approx.f32", b.layout1, interpret=b.interpret, fallback=jnp.tanh)
+            if b.fast_tanh else jnp.tanh)
     if isinstance(g0, int) and g0 >= gelu_from:
-        return [gelu_tanh(v) for v in parts]
+        return [gelu_tanh(v, tanh) for v in parts]
     if isinstance(g0, int) and g0 + b.chunk <= gelu_from:
         return parts
     g = plgpu.layout_cast(jax.lax.broadcasted_iota(jnp.int32, b.shape1, 1), b.layout1)
     on = g + g0 >= gelu_from
-    return [jnp.where(on, gelu_tanh(v), v) for v in parts]
+    return [jnp.where(on, gelu_tanh(v, tanh), v) for v in parts]
 
 
 def _prologue_parts(b: _Block, c, prologue: Prologue, stats, gelu_from: int, held: list | None) -> list[jax.Array]:
@@ -428,7 +436,7 @@ def _load_modulation(mod_gmem, mod_smem, barriers, images: list, real: int) -> N
 
 
 def _kernel(*refs, m, n, rows, chunk, bits, keep, hold, prologue, modulated, tailed, tail_from, tokens_per_image,
-            gelu_from, grid, interpret):
+            gelu_from, grid, interpret, fast_tanh):
     """A program's blocks of `rows` rows, one after another: load a block (and, when its image
     changes, that image's modulation rows) to shared memory, apply the prologue, rotate chunk by
     chunk, reduce each row's absmax, write scales and codes."""
@@ -441,7 +449,8 @@ def _kernel(*refs, m, n, rows, chunk, bits, keep, hold, prologue, modulated, tai
     out_smem, y_smem, barriers = refs[-3:]
     own = x_gmem.shape[1]  # groups from x; the tail's follow
     tail_groups = tail_gmem.shape[1] - tail_from if tailed else 0
-    b = _Block(x_smem, mod_smem, y_smem, out_smem, chunk, real=own + tail_groups, interpret=interpret)
+    b = _Block(x_smem, mod_smem, y_smem, out_smem, chunk, real=own + tail_groups, interpret=interpret,
+               fast_tanh=fast_tanh)
     tail_barrier = barriers.at[1 + (rows if modulated else 0)]
     chunks = b.groups // chunk
     if b.real < b.groups:  # one-row blocks only (plan): the zero groups that round the row up to whole chunks
@@ -566,7 +575,7 @@ def rotate_quantize(
     kernel = functools.partial(_kernel, m=m, n=n, rows=rows, chunk=chunk, bits=bits, keep=keep, hold=hold,
                                prologue=prologue, modulated=modulated, tailed=tail is not None,
                                tail_from=tail_from // n, tokens_per_image=tokens_per_image, gelu_from=gelu_from,
-                               grid=grid, interpret=interpret)
+                               grid=grid, interpret=interpret, fast_tanh=config.fast_tanh)
     inputs = [x.reshape(m, own_k // n, hi, lo)]
     if tail is not None:
         inputs.append(tail.reshape(m, tail.shape[1] // n, hi, lo))

@@ -17,6 +17,7 @@ import pytest
 
 from convrot_jax import ops
 from convrot_jax.quant import pack_int4, quantize_activation_reference
+import pallas_kernels.rotate_quantize
 from pallas_kernels.rotate_quantize import RotateQuantizeConfig, plan, rotate_quantize
 from pallas_kernels.rotate_quantize_reference import rotate_quantize_reference
 
@@ -238,6 +239,18 @@ def test_kernel_bad_config_is_named(shape, kw, match):
         rotate_quantize(jnp.ones(shape, jnp.bfloat16), interpret=True, **kw)
 
 
+@pytest.mark.parametrize("fast_tanh", [False, True])
+def test_fast_tanh_lowers_to_the_approximate_instruction(monkeypatch, fast_tanh):
+    """At ff.net.2's shape (4608 x 12288, GELU), traced for CUDA (an H200's 132 SMs): the GELU's
+    tanh is the one-instruction `tanh.approx.f32` with `fast_tanh` and only then."""
+    monkeypatch.setattr(pallas_kernels.rotate_quantize, "sm_count", lambda interpret: 4 if interpret else 132)
+    config = RotateQuantizeConfig(fast_tanh=fast_tanh)
+    f = lambda x: rotate_quantize(x, prologue="gelu_tanh", config=config)
+    text = jax.jit(f).trace(jax.ShapeDtypeStruct((4608, 12288), jnp.bfloat16)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and ("tanh.approx.f32" in text) == fast_tanh
+
+
 # --- GPU (Hopper) ----------------------------------------------------------------------------------
 
 
@@ -284,6 +297,34 @@ def test_gpu_gelu(k, gelu_from):
     x = _inputs(1031, k, jnp.bfloat16)[4:]
     got = rotate_quantize(x, prologue="gelu_tanh", gelu_from=gelu_from)
     _assert_close(got, _reference(x, prologue="gelu_tanh", gelu_from=gelu_from))
+
+
+# tanh.approx.f32's relative error: about 2^-11 by the PTX ISA; twice that allowed.
+FAST_TANH_ERROR = 2.0**-10
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,gelu_from", [(12288, 0), (15360, 3072)])
+def test_gpu_gelu_fast_tanh(k, gelu_from):
+    """`fast_tanh` moves GELU(x) = x (1 + tanh z) / 2 by at most |x| E / 2 (E the tanh's relative
+    error; |tanh| <= 1), so a rotated value (each group's +-1/sqrt(n) sums) by at most d = the
+    group's sum of those / sqrt(n), and a row's scale (absmax / 7) by at most max d / 7. Where
+    2 max d / scale < 1 for every row (asserted: the bound is that tight here), y / scale moves
+    by less than one level: every code within one of the exact-tanh reference's, every scale
+    within max d / 7 of it."""
+    n = 256
+    x = _inputs(1031, k, jnp.bfloat16)[4:]
+    got = rotate_quantize(x, prologue="gelu_tanh", gelu_from=gelu_from, config=RotateQuantizeConfig(fast_tanh=True))
+    codes, scales = _reference(x, prologue="gelu_tanh", gelu_from=gelu_from)
+    moved = np.abs(np.asarray(x, np.float64)) * (FAST_TANH_ERROR / 2)
+    moved[:, :gelu_from] = 0.0
+    d = moved.reshape(moved.shape[0], -1, n).sum(axis=-1) / np.sqrt(n)  # per row and group
+    d_max = d.max(axis=1)
+    s = scales.astype(np.float64)  # (M,): one scale per row
+    assert np.all(s > 0) and np.all(2 * d_max / s < 1)
+    diff = np.abs(np.asarray(got[0], np.int32) - codes.astype(np.int32))
+    assert diff.max() <= 1
+    assert np.all(np.abs(np.asarray(got[1], np.float64) - s) <= d_max / 7 + 2e-5 * s)
 
 
 @pytest.mark.gpu
