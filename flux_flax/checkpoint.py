@@ -34,6 +34,7 @@ from flax import nnx
 
 from convrot_jax import QuantPolicy
 from convrot_jax.lora import carries_loras
+from flux_flax import interrupts
 from flux_flax.command_line import package_version
 from flux_flax.config import FluxConfig
 from flux_flax.errors import CheckpointDamagedError, CheckpointError, CheckpointExistsError, CheckpointMismatchError
@@ -237,11 +238,13 @@ class CheckpointWriter:
         ocp.partial.finalize(self._session)
         write_manifest(self._session)
         check_destination(self.path, overwrite=self.overwrite, sources=self.sources)
-        if self.path.exists():
-            # Move the old checkpoint aside first: a rename does not replace a non-empty directory.
-            os.rename(self.path, self.tmp / "replaced")
-        os.rename(self._session, self.path)
-        shutil.rmtree(self.tmp)
+        interrupts.check()  # a Ctrl-C that a library caught on its way still stops the commit here
+        with interrupts.held():  # between the two renames neither checkpoint would be at `path`
+            if self.path.exists():
+                # Move the old checkpoint aside first: a rename does not replace a non-empty directory.
+                os.rename(self.path, self.tmp / "replaced")
+            os.rename(self._session, self.path)
+            shutil.rmtree(self.tmp)
         return self.path
 
     def abort(self) -> None:

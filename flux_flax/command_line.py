@@ -5,14 +5,15 @@ cache. Nothing here imports jax at module level: arguments are checked before it
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from flux_flax import interrupts
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 # What a run that ends by an error we expect (bad input, a damaged file, NaN output) raises;
@@ -22,10 +23,6 @@ FAILURES = (ValueError, OSError, RuntimeError)
 
 class UsageError(ValueError):
     """An argument is invalid: reported with the usage line, exit status 2."""
-
-
-class Terminated(BaseException):
-    """SIGTERM arrived: unwinds like KeyboardInterrupt, so that partial outputs are removed."""
 
 
 def package_version() -> str:
@@ -90,21 +87,6 @@ def enable_compilation_cache(path: Path | None) -> None:
     jax.config.update("jax_compilation_cache_dir", str(path))
 
 
-@contextlib.contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Within the block, SIGTERM raises `Terminated` in the main thread (as Ctrl-C raises
-    KeyboardInterrupt), so `with` blocks clean up before the process ends."""
-
-    def handler(signum, frame):
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run(prog: str, parser: argparse.ArgumentParser, args: argparse.Namespace, validate: Callable,
         execute: Callable, interrupted: str = "interrupted") -> int:
     """Validates parsed `args` into a request (usage errors: message and usage, exit 2), then
@@ -117,12 +99,12 @@ def run(prog: str, parser: argparse.ArgumentParser, args: argparse.Namespace, va
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        with sigterm_raises():
+        with interrupts.raising():
             execute(request)
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted} (Ctrl-C)", file=sys.stderr)
         return 128 + signal.SIGINT
-    except Terminated:
+    except interrupts.Terminated:
         print(f"{prog}: {interrupted} (SIGTERM)", file=sys.stderr)
         return 128 + signal.SIGTERM
     except FAILURES as e:

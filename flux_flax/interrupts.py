@@ -1,0 +1,78 @@
+"""Ctrl-C and SIGTERM for the command-line tools, so that an interrupted command leaves nothing
+half-written and never loses an output it replaces.
+
+Within `raising()` both signals raise in the main thread (KeyboardInterrupt, `Terminated`) and are
+remembered: a library that catches the exception on its way (an event loop, a worker pool) cannot
+make the command forget it, since `check()` raises it again before a commit's point of no return.
+`held()` marks that point: the renames that put an output in place run to their end, and a signal
+arriving inside arrives too late to stop them (the command finishes as if it had come after).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_received: int | None = None  # the signal that arrived inside `raising()` and was not yet dropped
+_holding = False
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt, so that partial outputs are removed."""
+
+
+def _exception(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+
+def _remember(signum, frame) -> None:
+    global _received
+    _received = signum
+    if not _holding:
+        raise _exception(signum)
+
+
+@contextlib.contextmanager
+def raising() -> Iterator[None]:
+    """Within the block SIGINT and SIGTERM raise KeyboardInterrupt / `Terminated` in the main thread
+    and are remembered for `check`; the previous handlers come back after it."""
+    global _received
+    _received = None
+    previous = {s: signal.signal(s, _remember) for s in _SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _received = None
+
+
+def check() -> None:
+    """Raises the signal that arrived inside `raising()` if some code caught its exception."""
+    if _received is not None:
+        raise _exception(_received)
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """Within the block SIGINT and SIGTERM do not interrupt it: one arriving there is dropped once
+    the block has run to its end (outside `raising()` as well: the default handlers wait too).
+    Signals reach the main thread only: elsewhere the block runs as it is."""
+    global _holding, _received
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = None if signal.getsignal(signal.SIGINT) is _remember else {s: signal.signal(s, _remember)
+                                                                           for s in _SIGNALS}
+    _holding = True
+    try:
+        yield
+    finally:
+        _holding = False
+        _received = None
+        if previous is not None:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
