@@ -65,14 +65,13 @@ def held() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = None if signal.getsignal(signal.SIGINT) is _remember else {s: signal.signal(s, _remember)
-                                                                           for s in _SIGNALS}
+    inside_raising = signal.getsignal(signal.SIGINT) is _remember  # its handlers serve; else install them
+    previous = {} if inside_raising else {s: signal.signal(s, _remember) for s in _SIGNALS}
     _holding = True
     try:
         yield
     finally:
         _holding = False
         _received = None
-        if previous is not None:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -87,7 +87,7 @@ class RotateQuantizeConfig:
     rows * (padded) K / 128 <= HOLD_LIMIT. pack_modulation (bf16 shift and scale only): one
     32-bit word per column holds both, one shared-memory load instead of two (H200, M = 4608,
     K = 3072: 46.3 -> 40.3 us, the same codes). fast_tanh: the GELU's tanh as the GPU's
-    one-instruction approximation (`tanh.approx.f32`, absolute error about 2^-11) instead of
+    one-instruction approximation (`tanh.approx.f32`, relative error about 2^-11) instead of
     libdevice's float32 tanhf (a few ulps, ~20 instructions): codes may move by one level where
     a value lies near a rounding boundary; opt-in, to measure what the GELU's arithmetic costs."""
 
