@@ -26,14 +26,23 @@ it is, each written in bf16 straight into the joint (B, S_0 + S_1 + ..., H, D) l
 attention takes: q, k and v read once and written once, where the unfused path runs XLA fusions
 for each stream's norms, the [text, image] concatenations and RoPE (q and k through HBM twice).
 Nothing is padded: a ragged last stream's last tile is moved back to end at its last token,
-overlapping the tile before it (those rows are written twice, with the same values).
+overlapping the tile before it (those rows are written twice, with the same values). The tiles go
+through shared memory: a program issues the TMA copies of all its q, k and v tiles at once (one
+barrier each, so the loads overlap one another and the first tiles' arithmetic), normalizes and
+rotates q and k in place (shared memory -> WGMMA registers -> shared memory), and TMA-copies each
+tile into its (rows, D) box of the (B, S, H, D) outputs; v never enters registers. Shared memory:
+3 x `BF16_BLOCK` x D bf16, 96 KiB at D = 128 (two programs per SM). TMA copies whole (8, 64)
+tiles of the arrays (`_stageable`): a call whose streams are not multiples of 8 tokens, or whose
+columns are not multiples of 64, moves its tiles register-direct instead, as the 8-bit phases do
+(measured at ~1.5 TB/s: 4 bytes a thread an access, synchronous; benchmarks/notes/fusions.md).
 
 Layout of the work: one warpgroup per program, grid (heads, blocks, batch); a 64-token tile of a
-head is a (64, D) array in the WGMMA register layout, loaded straight from HBM as bf16: each
-thread's register holds a pair of adjacent features (2c, 2c + 1), which is exactly a RoPE pair, so
-the rotation needs no data from another thread. It is written in Mosaic GPU directly
-(`_rotate_pairs`: each register's pair times the register of a table holding (cos, sin) of that
-pair at the same place); interpret mode does the same with jnp ops. Row reductions (the norm's
+head is a (64, D) array in the WGMMA register layout, loaded as bf16 (the 8-bit phases straight
+from HBM, the bf16 mode from shared memory): each thread's register holds a pair of adjacent
+features (2c, 2c + 1), which is exactly a RoPE pair, so the rotation needs no data from another
+thread. It is written in Mosaic GPU directly (`_rotate_pairs`: each register's pair times the
+register of a table holding (cos, sin) of that pair at the same place, the table's tile loaded
+straight from HBM); interpret mode does the same with jnp ops. Row reductions (the norm's
 mean square, Q's absmax) stay within a quad of threads; K's block absmax and the column sums cross
 warps (Mosaic's reduction scratch). Codes go out in k's channel order.
 
@@ -67,6 +76,7 @@ from jaxlib.mlir.dialects import arith
 
 from pallas_kernels.attention import (INT8_MAX, LOG2E, SCALE_FLOOR, AttentionConfig, QuantizedQKV, default_config,
                                       padded_length, v_operands)
+from pallas_kernels.smem import swizzle_transforms
 
 TILE = 64  # tokens of one register tile: a warpgroup's WGMMA-layout rows
 _TILE_LAYOUT = plgpu.Layout.WGMMA
@@ -119,6 +129,7 @@ class _Plan(NamedTuple):
     qk_scale: float | None  # softmax scale * log2 e, folded into Q's scales (phase "codes")
     v_max: bool  # phase "sums" also takes v's per-channel max (fp8 PV)
     interpret: bool
+    staged: bool = False  # phase "bf16" moves its tiles through shared memory by TMA (`_stageable`)
 
 
 def fits(stream_lengths: Sequence[int], block: int) -> bool:
@@ -131,6 +142,16 @@ def project_fits(stream_lengths: Sequence[int], block: int = BF16_BLOCK) -> bool
     """Whether `project_qkv` takes streams of these lengths: every run but the last fills whole
     blocks, and the last holds at least one tile (its last tile ends at its last token)."""
     return fits(stream_lengths, block) and stream_lengths[-1] >= TILE
+
+
+def _stageable(streams: Sequence[Stream]) -> bool:
+    """Whether the bf16 mode's tiles can go through shared memory by TMA: Mosaic copies a tile of
+    the (8, 64)-tiled shared-memory layout as whole (8, 64) tiles of the array it is cut from, so
+    every stream's tokens must be a multiple of 8 (its arrays' rows, the joint output's, the first
+    row of a moved-back last tile) and every projection's column and width a multiple of 64.
+    FLUX: yes whenever the image tokens are (1024², 1360x768, 1920x1088); not at 1008² (63²)."""
+    return all(s.q.array.shape[1] % 8 == 0 and all(p.column % 64 == 0 and p.array.shape[-1] % 64 == 0
+                                                   for p in (s.q, s.k, s.v)) for s in streams)
 
 
 def _bf16(x: jax.Array) -> jax.Array:
@@ -203,10 +224,11 @@ def _kernel(*refs, plan: _Plan, phase: Phase):
     tiles, d = plan.block // TILE, plan.head_dim
     first_row = block * plan.block  # in the joint sequence
 
+    def tile_ref(source: _Source, local_row):  # the (TILE, D) block of head `head` at the stream's row
+        return sources[source.ref].at[batch, pl.ds(local_row, TILE), pl.ds(source.column + head * d, d)]
+
     def tile(source: _Source, local_row) -> jax.Array:
-        cols = pl.ds(source.column + head * d, d)
-        return plgpu.load(sources[source.ref].at[batch, pl.ds(local_row, TILE), cols], layout=_TILE_LAYOUT,
-                          optimized=False)
+        return plgpu.load(tile_ref(source, local_row), layout=_TILE_LAYOUT, optimized=False)
 
     def table(row) -> jax.Array:  # the tile of joint rows [row, row + TILE)
         return plgpu.load(table_ref.at[pl.ds(row, TILE)], layout=_TILE_LAYOUT, optimized=False)
@@ -220,20 +242,38 @@ def _kernel(*refs, plan: _Plan, phase: Phase):
 
     def run(i: int, s: _StreamPlan):
         start = s.first_block * plan.block  # the stream's first row in the joint sequence
-        # the tile of joint rows [row, row + TILE), normed and rotated (rope: table(row))
-        q_rows = lambda row, rope: _norm_rope(tile(s.q, row - start), vector(weights_ref.at[i, 0]), rope, plan)
-        k_rows = lambda row, rope: _norm_rope(tile(s.k, row - start), vector(weights_ref.at[i, 1]), rope, plan)
+        # the tile of joint rows [row, row + TILE), normed and rotated (rope: table(row)); j: 0 q, 1 k
+        normed = lambda j, x, rope: _norm_rope(x, vector(weights_ref.at[i, j]), rope, plan)
+        q_rows = lambda row, rope: normed(0, tile(s.q, row - start), rope)
+        k_rows = lambda row, rope: normed(1, tile(s.k, row - start), rope)
         row_of = lambda t: first_row + t * TILE
         if phase == "bf16":  # q and k normed and rotated, v as it is, each into the joint (B, S, H, D) layout
-            q_ref, k_ref, v_ref = refs
-            for t in range(tiles):
-                row = row_of(t)
-                if s.tokens % plan.block:  # a ragged last stream (unpadded): its tiles end at its last token,
-                    row = jnp.minimum(row, start + s.tokens - TILE)  # overlapping the one before (same values)
-                rows, rope = pl.ds(row, TILE), table(row)
-                q_ref.at[batch, rows, head][...] = q_rows(row, rope).astype(jnp.bfloat16)
-                k_ref.at[batch, rows, head][...] = k_rows(row, rope).astype(jnp.bfloat16)
-                v_ref.at[batch, rows, head][...] = tile(s.v, row - start)
+            rows = [row_of(t) for t in range(tiles)]
+            if s.tokens % plan.block:  # a ragged last stream (unpadded): its tiles end at its last token,
+                rows = [jnp.minimum(row, start + s.tokens - TILE) for row in rows]  # overlapping the one before
+            out = lambda j, row: refs[j].at[batch, pl.ds(row, TILE), head]  # (same values where tiles overlap)
+            if not plan.staged:  # register-direct: tiles TMA cannot copy (`_stageable`)
+                for row in rows:
+                    rope = table(row)
+                    out(0, row)[...] = q_rows(row, rope).astype(jnp.bfloat16)
+                    out(1, row)[...] = k_rows(row, rope).astype(jnp.bfloat16)
+                    out(2, row)[...] = tile(s.v, row - start)
+                return
+            staged, barriers = refs[3:]  # (3, tiles, TILE, D): the block's q, k, v tiles; a TMA barrier each
+            for t, row in enumerate(rows):  # every copy in flight before the first tile is used
+                for j, source in enumerate((s.q, s.k, s.v)):
+                    plgpu.copy_gmem_to_smem(tile_ref(source, row - start), staged.at[j, t], barriers.at[j * tiles + t])
+            for t, row in enumerate(rows):
+                rope = table(row)
+                for j in range(2):  # q, k: normed and rotated in place
+                    plgpu.barrier_wait(barriers.at[j * tiles + t])
+                    x = plgpu.load(staged.at[j, t], layout=_TILE_LAYOUT)
+                    staged.at[j, t][...] = normed(j, x, rope).astype(jnp.bfloat16)
+                plgpu.commit_smem()  # every thread's stores before the copies out read them
+                plgpu.barrier_wait(barriers.at[2 * tiles + t])
+                for j in range(3):
+                    plgpu.copy_smem_to_gmem(staged.at[j, t], out(j, row))
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the copies out have read shared memory
             return
         if phase == "sums":  # K's column sums and V's column max |v| of the block
             ksum_ref, *vmax_ref = refs
@@ -281,9 +321,15 @@ def _launch(phase: Phase, plan: _Plan, inputs: Sequence[jax.Array], batch: int, 
     else:
         codes = jax.ShapeDtypeStruct((batch, seq_pad, heads, d), jnp.int8)
         out_type = (codes, f32(batch, heads, seq_pad), codes, f32(batch, heads, blocks))
+    scratch = []
+    if plan.staged:  # the block's q, k, v tiles in shared memory (module docstring), a TMA barrier each
+        tiles = plan.block // TILE
+        scratch = [plgpu.SMEM((3, tiles, TILE, d), jnp.bfloat16, transforms=swizzle_transforms(d, 2)),
+                   plgpu.Barrier(num_barriers=3 * tiles)]
     return plgpu.kernel(
         functools.partial(_kernel, plan=plan, phase=phase),
         out_type=out_type,
+        scratch_types=scratch,
         grid=(heads, blocks, batch),
         grid_names=("heads", "blocks", "batch"),
         kernel_name=f"attention_quantize_{phase}",
@@ -400,4 +446,5 @@ def project_qkv(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, *, he
         raise ValueError(f"streams of {lengths} tokens: the last must hold at least {TILE} tokens")
     plan, inputs = _prepare(streams, cos, sin, heads=heads, eps=eps, block=block, padded=lambda seq: seq,
                             interpret=interpret)
+    plan = plan._replace(staged=_stageable(streams))
     return _launch("bf16", plan, inputs, streams[0].q.array.shape[0], heads)

@@ -15,7 +15,8 @@ largest delta of its row (Q) or block (K) / 127 of the reference's. A block scal
 codes shifted or K's mean left in fail it (`test_check_catches_a_wrong_producer`). The bf16 mode:
 v bit for bit; q and k each element within `delta` of the reference's (bit-identical where the
 norm's float32 sum rounds alike); q unrotated, RoPE one token off or another stream's norm weights
-fail it (`test_bf16_check_catches_a_wrong_producer`).
+fail it (`test_bf16_check_catches_a_wrong_producer`). Its tiles through shared memory (TMA) and
+register-direct (where TMA cannot copy them) give the same bits (CPU interpret mode and the GPU).
 """
 
 from __future__ import annotations
@@ -285,11 +286,16 @@ def test_bf16_check_catches_a_wrong_producer():
             check_bf16(wrong, streams, cos, sin, heads)
 
 
-@pytest.mark.parametrize("batch, text, image, streams", [(1, 512, 4096, 2), (4, 512, 8192, 2), (1, 512, 4096, 1),
-                                                         (1, 512, 4080, 2)])  # 1360x768: a ragged image stream
+@pytest.mark.parametrize("batch, text, image, streams", [
+    (1, 512, 4096, 2), (4, 512, 8192, 2), (1, 512, 4096, 1), (4, 512, 4096, 2),
+    (1, 512, 4080, 2), (4, 512, 4080, 2),  # 1360x768: a ragged image stream
+    (4, 512, 8160, 2),  # 1920x1088: ragged, S = 8672
+    (1, 512, 3969, 2),  # 1008x1008: 63² image tokens, not a multiple of 8: the tiles move register-direct
+])
 def test_bf16_lowers_for_the_gpu(batch, text, image, streams, monkeypatch):
     """At FLUX.1's shapes the bf16 producer and an attention on its output lower for CUDA from this
-    machine (XLA's attention: cuDNN's checks for the library at trace)."""
+    machine (XLA's attention: cuDNN's checks for the library at trace); the tiles go through
+    shared memory by TMA exactly when the image tokens are a multiple of 8 (`_stageable`)."""
     from pallas_kernels import tile_schedule
 
     monkeypatch.setattr(tile_schedule, "sm_count", lambda interpret: 132)
@@ -299,6 +305,32 @@ def test_bf16_lowers_for_the_gpu(batch, text, image, streams, monkeypatch):
 
     text_ir = _lower_at_flux_shapes(batch, text, image, streams, attend)
     assert "attention_quantize_bf16" in text_ir
+    assert ("cp.async.bulk.tensor" in text_ir) == (image % 8 == 0)  # the producer is the IR's only Mosaic kernel
+
+
+def _bf16_register_direct(streams, cos, sin, heads: int, **kwargs):
+    """`project_qkv` with its tiles moved register-direct, as when TMA cannot copy them."""
+    from pallas_kernels import attention_quantize
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(attention_quantize, "_stageable", lambda streams: False)
+        return project_qkv(streams, cos, sin, heads=heads, eps=EPS, **kwargs)
+
+
+@pytest.mark.parametrize("kind, batch, lengths, block", [
+    ("fused", 1, (64, 136), 64),  # the last stream ragged: a moved-back tile, 8-row aligned
+    ("separate", 2, (128, 200), 128),  # two tiles a program, two batch rows, the last block's two tiles overlap
+])
+def test_bf16_staged_is_register_direct_bit_for_bit(kind, batch, lengths, block):
+    """The tiles through shared memory (TMA in and out) give the register-direct path's q, k, v
+    bit for bit: the same `_norm_rope` on the same WGMMA-layout registers."""
+    heads = 2
+    streams = _streams(kind, batch, lengths, heads)
+    cos, sin = _tables(sum(lengths), 128, jax.random.key(4))
+    got = project_qkv(streams, cos, sin, heads=heads, eps=EPS, block=block, interpret=True)
+    want = _bf16_register_direct(streams, cos, sin, heads, block=block, interpret=True)
+    for name, a, b in zip("qkv", got, want):
+        assert np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32)), name
 
 
 # ------------------------------------------------------------------------------------ GPU
@@ -321,6 +353,19 @@ def test_gpu_bf16_matches_unfused_path(lengths, heads):
     streams = _streams("fused", 1, lengths, heads)
     cos, sin = _tables(sum(lengths), 128, jax.random.key(3))
     check_bf16(project_qkv(streams, cos, sin, heads=heads, eps=EPS), streams, cos, sin, heads)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch, lengths, heads", [(1, (512, 4096), 24), (2, (512, 4080), 24), (1, (512, 1000), 2)])
+def test_gpu_bf16_staged_is_register_direct_bit_for_bit(batch, lengths, heads):
+    """On the GPU the TMA-staged tiles give the register-direct path's q, k, v bit for bit (1024²,
+    1360x768 with two images, a short ragged stream)."""
+    streams = _streams("fused", batch, lengths, heads)
+    cos, sin = _tables(sum(lengths), 128, jax.random.key(2))
+    got = project_qkv(streams, cos, sin, heads=heads, eps=EPS)
+    want = _bf16_register_direct(streams, cos, sin, heads)
+    for name, a, b in zip("qkv", got, want):
+        assert np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32)), name
 
 
 # ------------------------------------------------------------------------------------ in the model
