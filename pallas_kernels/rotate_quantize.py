@@ -88,8 +88,10 @@ class RotateQuantizeConfig:
     32-bit word per column holds both, one shared-memory load instead of two (H200, M = 4608,
     K = 3072: 46.3 -> 40.3 us, the same codes). fast_tanh: the GELU's tanh as the GPU's
     one-instruction approximation (`tanh.approx.f32`, relative error about 2^-11) instead of
-    libdevice's float32 tanhf (a few ulps, ~20 instructions): codes may move by one level where
-    a value lies near a rounding boundary; opt-in, to measure what the GELU's arithmetic costs."""
+    libdevice's float32 tanhf (a few ulps, ~20 instructions). The default: the GELU calls were
+    arithmetic-bound (H200, M = 4608, K = 12288: 112.3 -> 76.9 us; K = 15360: 149.0 -> 110.2,
+    `results/fast_tanh/`), and the error is below the bf16 rounding the unfused path applies to
+    the GELU's output (2^-9); 197 of 56.6 M codes moved by one level against tanhf there."""
 
     rows: int | None = None
     chunk_mult: int = 1
@@ -98,7 +100,7 @@ class RotateQuantizeConfig:
     programs_per_sm: int = 2
     hold_input: bool | None = None
     pack_modulation: bool = True
-    fast_tanh: bool = False
+    fast_tanh: bool = True
 
 
 def keep_rotated(k: int, rows: int, config: RotateQuantizeConfig) -> bool:
@@ -215,7 +217,7 @@ class _Block(NamedTuple):
     chunk: int  # groups per chunk
     real: int  # groups of a row before padding
     interpret: bool
-    fast_tanh: bool = False  # the GELU's tanh: tanh.approx.f32 instead of tanhf (RotateQuantizeConfig)
+    fast_tanh: bool  # the GELU's tanh: tanh.approx.f32 instead of tanhf (RotateQuantizeConfig)
 
     @property
     def rows(self) -> int:
