@@ -13,12 +13,11 @@ the fused model makes it):
 GB/s = the bytes of x (and the tail's columns) read once / time. Device time (CUPTI), median of 20
 over rotating input sets (> 2x the 50 MB L2); each implementation in its own process.
 
-    PYTHONPATH=. python3 -m benchmarks.bench_lora_down [--variants xla pallas pallas_nosplit pallas_smem] [--tests]
+    PYTHONPATH=. python3 -m benchmarks.bench_lora_down [--stages tests,bench] [--variants xla pallas pallas_nosplit pallas_smem]
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -85,12 +84,12 @@ def work(variant: str, args) -> list[dict]:
     return harness.time_grid(SITES, variant, setup, metric, deadline=args.deadline)
 
 
-def markdown(res: dict) -> list[str]:
-    rows = [dict(r, us=r["ms"] * 1e3) if "ms" in r else r for r in res["rows"]]
+def markdown(log: dict) -> list[str]:
+    rows = [dict(r, us=r["ms"] * 1e3) if "ms" in r else r for r in log.get("rows", [])]
     return ["# LoRA down-projection at FLUX.1-dev's LoRA'd layers (1024² b1)", "",
             "h = (u A^T) * s, bf16 out; device time (us), median of 20 over rotating inputs; `xla`: XLA's producer "
             "and GEMM as the fused model ran them before the kernel (baseline); ratios: xla time / this time.",
-            f"GPU tests: {res['tests']}", ""] + harness.pivot_table(rows, "us", "{:.1f}", baseline=BASELINE)
+            f"GPU tests: {log.get('tests', 'not run')}", ""] + harness.pivot_table(rows, "us", "{:.1f}", baseline=BASELINE)
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -100,30 +99,31 @@ def summarize(rows: list[dict]) -> list[dict]:
             for s in SITES if (s, "pallas") in by and (s, BASELINE) in by]
 
 
+def stage_tests(out_dir: Path, log: dict, args) -> None:
+    log["tests"] = harness.run_pytest("tests/test_lora_down.py", args.tests_k)
+
+
+def stage_bench(out_dir: Path, log: dict, args) -> None:
+    """Each variant in its own process."""
+    for v in args.variants:
+        got = harness.run_isolated(harness.worker_command(MODULE, v, args.argv), timeout=args.variant_timeout, label=v)
+        log.setdefault("rows", []).extend(harness.error_rows([v], got["error"], shape="all") if isinstance(got, dict)
+                                          else got)
+
+
+STAGES = {"tests": stage_tests, "bench": stage_bench}
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    p = harness.argument_parser(__doc__)
+    p = harness.stage_parser(__doc__, budget_s=300, tests_k="gpu")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--tests", action="store_true", help="run the GPU tests of tests/test_lora_down.py first")
-    p.add_argument("--budget-s", type=float, default=300, help="start no new measurement after this many seconds")
-    p.add_argument("--variant-timeout", type=float, default=200, help="seconds each variant process may run")
-    p.add_argument("--out", type=Path, default=harness.RESULTS)
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         args.deadline = args.deadline or time.time() + args.budget_s
         harness.emit(work(args.worker, args))
         return
-    common = [*argv, "--deadline", str(time.time() + args.budget_s)]
-    res: dict = {"rows": [], "iters": harness.timing_iters()}
-    res["tests"] = harness.run_pytest("tests/test_lora_down.py", "gpu") if args.tests else "not run"
-    for v in args.variants:
-        got = harness.run_isolated(harness.worker_command(MODULE, v, common), timeout=args.variant_timeout, label=v)
-        res["rows"] += harness.error_rows([v], got["error"], shape="all") if isinstance(got, dict) else got
-    harness.write_results(NAME, res, markdown(res), args.out, summary=summarize(res["rows"]),
-                          meta=harness.run_meta(probe=True), command="python -m " + MODULE + " " + " ".join(argv))
-    print((args.out / f"{NAME}.md").read_text())
+    harness.run_stage_bench(NAME, MODULE, STAGES, argv, args, markdown, lambda log: summarize(log.get("rows", [])))
 
 
 if __name__ == "__main__":
