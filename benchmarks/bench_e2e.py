@@ -111,6 +111,7 @@ def torch_worker(args, variants: list[str]) -> list[dict]:
     import torch
     from diffusers import FluxTransformer2DModel as TorchFlux
 
+    from benchmarks.models import torch_transformer
     from flux_flax import FluxConfig
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -120,14 +121,7 @@ def torch_worker(args, variants: list[str]) -> list[dict]:
         cfg = FluxConfig.from_diffusers_config(dict(model.config))
     else:
         cfg = _config(args)
-        with torch.device(dev):
-            torch.set_default_dtype(torch.bfloat16)
-            model = TorchFlux(patch_size=1, in_channels=cfg.in_channels, num_layers=cfg.num_layers,
-                              num_single_layers=cfg.num_single_layers, attention_head_dim=cfg.attention_head_dim,
-                              num_attention_heads=cfg.num_attention_heads, joint_attention_dim=cfg.joint_attention_dim,
-                              pooled_projection_dim=cfg.pooled_projection_dim, guidance_embeds=cfg.guidance_embeds,
-                              axes_dims_rope=tuple(cfg.axes_dims_rope))
-            torch.set_default_dtype(torch.float32)
+        model = torch_transformer(cfg, dev)
     model.eval().requires_grad_(False)
     weight_bytes = _torch_weight_bytes(model)
     print(f"torch: model ready in {time.perf_counter() - t0:.0f} s, {weight_bytes / GIB:.2f} GiB", flush=True)
