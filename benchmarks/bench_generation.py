@@ -67,6 +67,7 @@ def _timed(one_image, runs: int) -> dict:
 
 def jax_worker(variant: str, args) -> dict:
     import jax
+    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
@@ -77,8 +78,6 @@ def jax_worker(variant: str, args) -> dict:
     from flux_flax.pipeline import FluxPipeline, GenerationSettings
     from flux_flax.random_weights import random_transformer
     from flux_flax.vae import AutoencoderKLDecoder
-
-    import jax.numpy as jnp
 
     device = jax.devices()[0]
     config, vae_config = _configs(args)
