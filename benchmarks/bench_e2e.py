@@ -256,6 +256,7 @@ def step_inputs(config, size: int, batch: int) -> dict:
 # else XLA emits (norms, modulation, RoPE, GELU, casts) is a fusion.
 STAGES = (
     ("rotate_quantize", ("rotate_quantize",)),
+    ("lora_down", ("lora_down",)),
     ("attention", ("cudnn", "fmha", "flash", "attn", "sdpa", "attention_quantize")),
     ("w4a4_gemm", ("mosaic", "w4a4", "kernel_body")),
     ("cublas_gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),
@@ -301,6 +302,22 @@ def step_breakdown(step, state, inputs) -> dict:
             "launches_per_stage": dict(sorted(launches.items())),
             "xla_fusions_by_source": [(where, round(ms, 3), n) for where, (ms, n) in by_source.items()],
             "top_kernels": [(n[:80], round(v, 2)) for n, v in top]}
+
+
+def breakdown_lines(label: str, step_ms: float, b: dict) -> list[str]:
+    """Markdown of a `step_breakdown` `b` of the step `label` whose host-timed step took `step_ms`:
+    device time and launches per stage, the gaps, the XLA fusions by model source line."""
+    stages = list(b["stages_ms"])
+    lines = ["", f"Per-stage device time with {label} (ms; CUPTI; {b['kernel_launches']} launches; gaps = step time "
+             f"minus the kernels' sum = {step_ms - b['kernels_ms']:.1f} ms):", ""]
+    lines += harness.md_table(["", *stages], [["ms", *(f"{b['stages_ms'][k]:.2f}" for k in stages)],
+                                              ["launches", *(b["launches_per_stage"].get(k, 0) for k in stages)]],
+                              [False] + [True] * len(stages))
+    lines += ["", "XLA fusions by the model source line they come from (the 12 longest):", ""]
+    lines += harness.md_table(["source", "ms", "launches"],
+                              [[f"`{w}`", f"{ms:.2f}", n] for w, ms, n in b["xla_fusions_by_source"][:12]],
+                              [False, True, True])
+    return lines
 
 
 def _config(args):

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from benchmarks import harness
+from benchmarks.bench_e2e import breakdown_lines
 
 NAME = "fusions"
 # (label, producer kinds fused into the quantizer, gated residuals in the GEMM epilogue, the attention's
@@ -99,16 +100,8 @@ def markdown(rows: list[dict]) -> list[str]:
           f"{r['rel_l2_vs_first']:.1e}" if "rel_l2_vs_first" in r else "-", f"{r['compile_s']:.0f}"] for r in rows],
         [False, True, True, True, True, True, True])
     for r in rows:
-        b = r.get("breakdown")
-        if b:
-            lines += ["", f"Per-stage device time with {r['fusions']} (ms; CUPTI; {b['kernel_launches']} launches; "
-                      f"gaps = step time minus the kernels' sum = {r['step_ms'] - b['kernels_ms']:.1f} ms):", ""]
-            lines += harness.md_table(list(b["stages_ms"]), [[f"{v:.2f}" for v in b["stages_ms"].values()]],
-                                      [True] * len(b["stages_ms"]))
-            lines += ["", "XLA fusions by the model source line they come from (the 12 longest):", ""]
-            lines += harness.md_table(["source", "ms", "launches"],
-                                      [[f"`{w}`", f"{ms:.2f}", n] for w, ms, n in b["xla_fusions_by_source"][:12]],
-                                      [False, True, True])
+        if r.get("breakdown"):
+            lines += breakdown_lines(r["fusions"], r["step_ms"], r["breakdown"])
     return lines
 
 

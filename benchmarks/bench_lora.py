@@ -24,7 +24,8 @@ state (LoRA factors included) as input, as `FluxPipeline` does. Reported: step t
 --iters host-timed runs of the compiled step: without the per-call hashing of the static graph
 definition, which the pipeline's one-program loop does not pay per step) and its ratio to `none`;
 the switch: `read_lora` + `apply_loras` of another rank-32 file, then one step, with the step's
-trace count showing no recompilation.
+trace count showing no recompilation. `--breakdown`: each timed variant's per-stage device time and
+launch count (`bench_e2e.step_breakdown`: where a LoRA's milliseconds go).
 
     PYTHONPATH=. python3 -m benchmarks.bench_lora
     JAX_PLATFORMS=cpu PYTHONPATH=. python3 -m benchmarks.bench_lora --config small --size 64 --iters 1 \\
@@ -35,12 +36,14 @@ Writes benchmarks/results/lora.{md,json}.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from benchmarks import harness
+from benchmarks.bench_e2e import breakdown_lines
 
 NAME = "lora"
 MODULE = "benchmarks.bench_lora"
@@ -102,6 +105,8 @@ def worker(args) -> list[dict]:
     from flux_flax.lora import apply_loras, read_lora, remove_loras
     from flux_flax.random_weights import random_transformer
 
+    from benchmarks.bench_e2e import step_breakdown
+
     config = {"dev": flux_flax.FluxConfig.dev, "small": flux_flax.FluxConfig.small,
               "tiny": flux_flax.FluxConfig.tiny}[args.config]()
     start = t0 = time.perf_counter()
@@ -153,7 +158,10 @@ def worker(args) -> list[dict]:
                              sync=lambda y: y.block_until_ready())
         lora_mib = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, LoRAParam))) / 2**20
         print(f"  {label}: {ms:.1f} ms (first call {first:.1f} s), LoRA factors {lora_mib:.0f} MiB", flush=True)
-        return dict(variant=label, size=args.size, batch=batch, step_ms=ms, first_call_s=first, lora_mib=lora_mib)
+        row = dict(variant=label, size=args.size, batch=batch, step_ms=ms, first_call_s=first, lora_mib=lora_mib)
+        if args.breakdown and jax.default_backend() == "gpu":
+            row["breakdown"] = step_breakdown(jax.jit(functools.partial(forward, graphdef)), state, inputs)
+        return row
 
     def switch() -> dict:
         """r32 is compiled: load another rank-32 file (other values, scale 0.8) in its place."""
@@ -218,6 +226,9 @@ def markdown(rows: list[dict], args) -> list[str]:
     lines += harness.md_table(["run", "variant", "size", "batch", "step ms", "vs none", "LoRA factors MiB"], body,
                               [True, False, True, True, True, True, True])
     for r in rows:
+        if r.get("breakdown"):
+            lines += breakdown_lines(r["variant"], r["step_ms"], r["breakdown"])
+    for r in rows:
         if r.get("variant") == "switch_r32" and "load_s" in r:
             lines += ["", f"Switching to another rank-32 LoRA (scale 0.8) between generations: read + apply "
                       f"{r['load_s']:.2f} s, then the first step {r['switch_s'] - r['load_s']:.2f} s; "
@@ -247,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="CUPTI per-stage device time and launches of each timed variant's step (GPU; a compile each)")
     parser.add_argument("--impl", choices=["pallas", "xla", "auto"], default="pallas", help="the W4A4 layers' ops")
     parser.add_argument("--config", choices=["dev", "small", "tiny"], default="dev", help="small / tiny: CPU smoke tests")
     parser.add_argument("--out", type=Path, default=harness.RESULTS)
