@@ -8,15 +8,16 @@ no two frameworks sharing the GPU):
                    + fuse_qkv_projections + torch.compile (the flux-fast recipe without FA3; needs torchao)
   jax_bf16         flux_flax, bf16 (attention: cuDNN)
   jax_w4a4_xla     flux_flax + ConvRot W4A4 (flux default policy), XLA reference ops
-  jax_w4a4_pallas  the same with the Pallas kernels
-  jax_w4a4_pallas_no_graphs  the same with XLA's CUDA graphs (command buffers) off
+  jax_w4a4_pallas  the same with the Pallas kernels, as FluxPipeline builds it: the producers of
+                   flux_flax.producers.DEFAULT_KINDS (the GELUs) quantized where they are made
+  jax_w4a4_pallas_unfused_producers  the same with no producer fused (every activation written
+                   by XLA, then quantized): the W4A4 rows before 2026-12-01 20:30 UTC were this
+  jax_w4a4_pallas_no_graphs  jax_w4a4_pallas with XLA's CUDA graphs (command buffers) off
                    (XLA_FLAGS --xla_gpu_enable_command_buffer=): what the graphs save
-  jax_w4a4_pallas_producers  the same with the producers (AdaLN LayerNorm+modulate, tanh-GELU)
-                   quantized where they are made (flux_flax.fuse_producers)
-  jax_w4a4_pallas_gelu       the same with only the GELUs fused
-  jax_w4a4_pallas_epilogue  the same with FLUX's gated residuals in the W4A4 GEMMs' epilogues
+  jax_w4a4_pallas_producers  jax_w4a4_pallas with the AdaLN LayerNorm+modulate fused as well
+  jax_w4a4_pallas_epilogue  jax_w4a4_pallas with FLUX's gated residuals in the W4A4 GEMMs' epilogues
                    (flux_flax.fuse_gated_residuals)
-  jax_w4a4_pallas_sage8, jax_bf16_sage8  jax_w4a4_pallas_gelu / jax_bf16 with the 8-bit "sage8"
+  jax_w4a4_pallas_sage8, jax_bf16_sage8  jax_w4a4_pallas / jax_bf16 with the 8-bit "sage8"
                    attention (its Q/K/V quantized where they are made; flux_flax.set_attention)
 A step is one transformer forward (FLUX.1-dev config; random weights made on the GPU, or real
 ones with --model DIR) at each size and batch, with 512 T5 tokens: median of --iters timed runs
@@ -32,7 +33,7 @@ so the step has no modulation layer and no time/text embedding.
     PYTHONPATH=. python3 -m benchmarks.bench_e2e                     # every variant that imports
     PYTHONPATH=. python3 -m benchmarks.bench_e2e --variants jax_bf16 jax_w4a4_pallas --sizes 1024 --batches 1
     PYTHONPATH=. python3 -m benchmarks.bench_e2e --merge A/e2e.json B/e2e.json   # subsets run back to back
-    PYTHONPATH=. JAX_PLATFORMS=cpu python3 -m benchmarks.bench_e2e --config tiny --variants jax_bf16 \\
+    PYTHONPATH=. JAX_PLATFORMS=cpu python3 -m benchmarks.bench_e2e --config small --variants jax_bf16 \\
         jax_w4a4_xla --sizes 64 --batches 1 --iters 1 --warmup 0 --out /tmp/e2e   # CPU smoke test
 Writes benchmarks/results/e2e.{md,json} and e2e.png. Where one command may not run that long
 (the lent GPU machine stops a command after 10 minutes), run variant subsets (--variants ...
@@ -67,17 +68,18 @@ VARIANTS = harness.registry(
             options={"runner": "torch", "compile": True, "fp8": True, "fuse_qkv": True}),
     Variant("jax_bf16", "flux_flax bf16", _JAX, options={"runner": "jax", "impl": None}),
     Variant("jax_w4a4_xla", "flux_flax W4A4, XLA reference ops", _JAX, options={"runner": "jax", "impl": "xla"}),
-    Variant("jax_w4a4_pallas", "flux_flax W4A4, Pallas kernels", _JAX, options={"runner": "jax", "impl": "pallas"}),
+    Variant("jax_w4a4_pallas", "flux_flax W4A4, Pallas kernels (GELU producers fused, as FluxPipeline)", _JAX,
+            options={"runner": "jax", "impl": "pallas"}),
+    Variant("jax_w4a4_pallas_unfused_producers", "flux_flax W4A4, Pallas kernels, no producer fused", _JAX,
+            options={"runner": "jax", "impl": "pallas", "producers": ()}),
     Variant("jax_w4a4_pallas_no_graphs", "flux_flax W4A4, Pallas kernels, XLA's CUDA graphs off", _JAX,
             options={"runner": "jax", "impl": "pallas", "xla_flags": _NO_GRAPHS}),
     Variant("jax_w4a4_pallas_epilogue", "flux_flax W4A4, Pallas kernels, gated residuals in the GEMM epilogue", _JAX,
             options={"runner": "jax", "impl": "pallas", "gated_residuals": True}),
     Variant("jax_w4a4_pallas_producers", "flux_flax W4A4, Pallas kernels, producers fused into the quantizer", _JAX,
             options={"runner": "jax", "impl": "pallas", "producers": ("layernorm", "gelu")}),
-    Variant("jax_w4a4_pallas_gelu", "flux_flax W4A4, Pallas kernels, GELUs fused into the quantizer", _JAX,
-            options={"runner": "jax", "impl": "pallas", "producers": ("gelu",)}),
     Variant("jax_w4a4_pallas_sage8", "flux_flax W4A4, Pallas kernels, GELUs fused, sage8 attention", _JAX,
-            options={"runner": "jax", "impl": "pallas", "producers": ("gelu",), "attention": "sage8"}),
+            options={"runner": "jax", "impl": "pallas", "attention": "sage8"}),
     Variant("jax_bf16_sage8", "flux_flax bf16, sage8 attention", _JAX,
             options={"runner": "jax", "impl": None, "attention": "sage8"}),
 )
@@ -173,11 +175,12 @@ def jax_worker(args, variant: str) -> list[dict]:
     from flax import nnx
 
     import flux_flax
+    from flux_flax.producers import DEFAULT_KINDS
 
     from benchmarks.models import random_transformer
 
     impl = VARIANTS[variant].options["impl"]
-    producers = VARIANTS[variant].options.get("producers", ())
+    producers = VARIANTS[variant].options.get("producers", DEFAULT_KINDS)
     t0 = time.perf_counter()
     if args.model:
         model = flux_flax.load_transformer(Path(args.model) / "transformer")
