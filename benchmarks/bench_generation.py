@@ -15,7 +15,8 @@ use the same shapes with diffusers' own random initialisation (`benchmarks.model
 The VAE decoder has FLUX's shape (random, bf16). Text encoders are left out of seconds per image:
 the JAX rows encode with tiny random CLIP/T5 of the real output widths (768, 4096 x 512 tokens),
 diffusers' rows take random prompt embeddings of those shapes. The JAX denoising loop is one
-`lax.fori_loop` program with a progress callback per step (as the CLI runs it), projections fused.
+`lax.fori_loop` program with a progress callback per step (as the CLI runs it), projections and
+the default producers (the GELUs) fused as `FluxPipeline.from_pretrained` fuses them.
 Timed: the median of `--runs` runs after one that compiles; the W4A4 rows' final latents against
 jax_bf16's (relative L2). The parent writes generation.{json,md} after each variant.
 
@@ -76,6 +77,7 @@ def jax_worker(variant: str, args) -> dict:
     from flux_flax.demo_assets import tiny_text_encoders
     from flux_flax.fusion import fuse_projections
     from flux_flax.pipeline import FluxPipeline, GenerationSettings
+    from flux_flax.producers import DEFAULT_KINDS, fuse_producers
     from flux_flax.random_weights import random_transformer
     from flux_flax.vae import AutoencoderKLDecoder
 
@@ -83,7 +85,8 @@ def jax_worker(variant: str, args) -> dict:
     config, vae_config = _configs(args)
     implementation = VARIANTS[variant].options["quantize"]
     t0 = time.perf_counter()
-    transformer = fuse_projections(random_transformer(config, dtype=jnp.bfloat16, quantize=implementation))
+    transformer = fuse_producers(fuse_projections(  # as FluxPipeline.from_pretrained builds it
+        random_transformer(config, dtype=jnp.bfloat16, quantize=implementation)), DEFAULT_KINDS)
     jax.block_until_ready(nnx.state(transformer))
     build_s = time.perf_counter() - t0
     vae = nnx.jit(lambda: AutoencoderKLDecoder(vae_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(1)))()
