@@ -77,7 +77,7 @@ def jax_worker(variant: str, args) -> dict:
     from flux_flax.demo_assets import tiny_text_encoders
     from flux_flax.fusion import fuse_projections
     from flux_flax.pipeline import FluxPipeline, GenerationSettings
-    from flux_flax.producers import DEFAULT_KINDS, fuse_producers
+    from flux_flax.producers import fuse_producers
     from flux_flax.random_weights import random_transformer
     from flux_flax.vae import AutoencoderKLDecoder
 
@@ -86,7 +86,7 @@ def jax_worker(variant: str, args) -> dict:
     implementation = VARIANTS[variant].options["quantize"]
     t0 = time.perf_counter()
     transformer = fuse_producers(fuse_projections(  # as FluxPipeline.from_pretrained builds it
-        random_transformer(config, dtype=jnp.bfloat16, quantize=implementation)), DEFAULT_KINDS)
+        random_transformer(config, dtype=jnp.bfloat16, quantize=implementation)))
     jax.block_until_ready(nnx.state(transformer))
     build_s = time.perf_counter() - t0
     vae = nnx.jit(lambda: AutoencoderKLDecoder(vae_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(1)))()

@@ -59,7 +59,7 @@ def worker(args, group: str) -> list[dict]:
     model = random_transformer(config)
     if precision == "w4a4":
         flux_flax.quantize_model(model, implementation=args.impl)
-    flux_flax.fuse_projections(model)
+    flux_flax.fuse_producers(flux_flax.fuse_projections(model))  # as FluxPipeline.from_pretrained builds it
     mesh = device_mesh(devices, mode)
     graphdef, state = nnx.split(model)
     del model
