@@ -108,6 +108,7 @@ def end_to_end(model_dir: str | None, size: int, steps: int, seed: int) -> dict:
     config = model.config
     graphdef, bf16_state = nnx.split(model)
     quantized = flux_flax.quantize_model(nnx.merge(graphdef, bf16_state), implementation="auto")
+    flux_flax.fuse_producers(flux_flax.fuse_projections(quantized))  # the W4A4 model FluxPipeline runs
 
     key = jax.random.PRNGKey(seed)
     k1, k2, k3 = jax.random.split(key, 3)
