@@ -215,6 +215,16 @@ def summarize(rows: list[dict]) -> list[dict]:
             for b in labels if b in by]
 
 
+def _not_runnable(variant: str, left_s: float) -> str | None:
+    """Why `variant` is not started (a missing import such as diffusers, or too little of the
+    deadline left), or None."""
+    try:
+        harness.check_requires(VARIANTS[variant])
+    except harness.MissingDependency as e:
+        return str(e)
+    return f"not run: {left_s:.0f} s of the deadline left" if left_s < 60 else None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     p = harness.argument_parser(__doc__)
@@ -232,7 +242,6 @@ def main(argv: list[str] | None = None) -> None:
     args.steps = args.steps or (28 if args.config == "dev" else 2)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.worker:
-        harness.check_requires(VARIANTS[args.worker])
         work = torch_worker if args.worker.startswith("torch") else jax_worker
         harness.emit(work(args.worker, args))
         return
@@ -245,8 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     ordered = [v for v in VARIANTS if v in args.variants]
     for variant in ordered:  # registry order: the baseline first, the slow compiles last
         left = args.deadline - (time.perf_counter() - start)
-        if left < 60:
-            log["rows"].append({"variant": variant, "error": f"not run: {left:.0f} s of the deadline left"})
+        skip = _not_runnable(variant, left)
+        if skip:
+            log["rows"].append({"variant": variant, "error": skip})
         else:
             got = harness.run_isolated(harness.worker_command(MODULE, variant, argv), timeout=left, label=variant)
             log["rows"].append({"variant": variant, **got})
