@@ -120,11 +120,11 @@ def torch_worker(args, variants: list[str]) -> list[dict]:
     t0 = time.perf_counter()
     if args.model:
         model = TorchFlux.from_pretrained(Path(args.model) / "transformer", torch_dtype=torch.bfloat16).to(dev)
+        model.eval().requires_grad_(False)
         cfg = FluxConfig.from_diffusers_config(dict(model.config))
     else:
         cfg = _config(args)
-        model = torch_transformer(cfg, dev)
-    model.eval().requires_grad_(False)
+        model = torch_transformer(cfg, dev)  # in eval mode, without gradients
     weight_bytes = _torch_weight_bytes(model)
     print(f"torch: model ready in {time.perf_counter() - t0:.0f} s, {weight_bytes / GIB:.2f} GiB", flush=True)
     rows = []
