@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
+
+from pallas_kernels.w4a4_matmul import LoRABlocks, check_lora_blocks
 
 
 class LoRAParam(nnx.Variable):
@@ -35,13 +38,16 @@ class LowRankFactors:
     the LoRA each rank comes from). `fused` (static): whether a fusing op (the Pallas W4A4 path)
     may fuse the branch into its kernels; False keeps it unfused there as well. `down_kernel`
     (static): whether a fusing op may compute h in its down-projection kernel; False: XLA's GEMM
-    (`down_projection`) on the produced input."""
+    (`down_projection`) on the produced input. `blocks` (static): B's nonzero rectangles (row
+    start, row end, rank start, rank end), B zero outside them (`LowRank` checks it), None: dense;
+    the W4A4 GEMM's epilogue multiplies each output tile by the rank chunks its rows' blocks reach."""
 
     down: jax.Array
     up: jax.Array
     scale: jax.Array
     fused: bool = struct.field(pytree_node=False, default=True)
     down_kernel: bool = struct.field(pytree_node=False, default=True)
+    blocks: LoRABlocks | None = struct.field(pytree_node=False, default=None)
 
     def down_projection(self, x: jax.Array) -> jax.Array:
         """h (..., r) = (x A^T) * scale, accumulated in float32 and rounded once to the factors'
@@ -81,22 +87,39 @@ def check_factors(down: jax.Array, up: jax.Array, scale: jax.Array, in_features:
 class LowRank(nnx.Module):
     """One layer's low-rank branch, its factors held as `LoRAParam`s (see `LowRankFactors`).
     `fused`, `down_kernel` (static, True by default): whether the layer's op may fuse it, and
-    compute its down-projection in a kernel (`set_lora_fusion`)."""
+    compute its down-projection in a kernel (`set_lora_fusion`). `blocks` (static): B's nonzero
+    rectangles (a fused layer whose members carry their own LoRAs, `flux_flax.lora`), checked
+    against B here; a layout, not values, so LoRAs of the same layout swap without recompiling."""
 
     def __init__(self, down: jax.Array, up: jax.Array, scale: jax.Array, *, fused: bool = True,
-                 down_kernel: bool = True):
+                 down_kernel: bool = True, blocks: LoRABlocks | None = None):
         self.down = LoRAParam(jnp.asarray(down))
         self.up = LoRAParam(jnp.asarray(up))
         self.scale = LoRAParam(jnp.asarray(scale, jnp.float32))
         self.fused = fused
         self.down_kernel = down_kernel
+        self.blocks = None if blocks is None else tuple(tuple(int(v) for v in b) for b in blocks)
+        if self.blocks is not None:
+            check_blocks(np.asarray(self.up[...]), self.blocks)
 
     @property
     def rank(self) -> int:
         return self.down.shape[0]
 
     def factors(self) -> LowRankFactors:
-        return LowRankFactors(self.down[...], self.up[...], self.scale[...], self.fused, self.down_kernel)
+        return LowRankFactors(self.down[...], self.up[...], self.scale[...], self.fused, self.down_kernel, self.blocks)
+
+
+def check_blocks(up: np.ndarray, blocks: LoRABlocks) -> None:
+    """Raises ValueError unless `blocks` are rectangles inside B (N, r) outside which B is zero."""
+    check_lora_blocks(blocks, up.shape)
+    inside = np.zeros(up.shape, bool)
+    for a, b, c, d in blocks:
+        inside[a:b, c:d] = True
+    outside = np.argwhere((up != 0) & ~inside)
+    if outside.size:
+        raise ValueError(f"LoRA B {up.shape} has {len(outside)} nonzeros outside its blocks {blocks}, first at (row, "
+                         f"rank) {tuple(int(v) for v in outside[0])}")
 
 
 def set_lora_fusion(model: nnx.Module, fused: bool, *, down_kernel: bool = True) -> nnx.Module:

@@ -188,6 +188,7 @@ def w4a4_linear(
     y = w4a4_matmul(codes, scales, qw.packed, qw.scales, bias, gate=gate,
                     residual=None if residual is None else residual.reshape(-1, qw.out_features),
                     lora_h=h, lora_up=None if lora is None else lora.up,
+                    lora_blocks=None if lora is None else lora.blocks,
                     scale_group=qw.scale_group, out_dtype=x.dtype)
     return y.reshape(*lead, qw.out_features)
 

@@ -48,7 +48,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 
 from convrot_jax.layers import ConvDense4bit, Dense4bitWeightOnly
-from convrot_jax.lora import LoRAParam, LowRank, attach_lora, detach_lora
+from convrot_jax.lora import LoRABlocks, LoRAParam, LowRank, attach_lora, detach_lora
 from flux_flax.keymaps import bfl_module_to_diffusers, kohya_to_bfl, split_rows, swaps_halves
 from flux_flax.transformer import module_path
 
@@ -271,11 +271,11 @@ def output_layout(model: nnx.Module) -> dict[str, _Rows]:
     return layout
 
 
-def _branches(model: nnx.Module, loras: Sequence[tuple[LoRA, float]]) -> dict[str, list[tuple[np.ndarray, ...]]]:
-    """{layer path: [(A, B over the layer's rows, per-rank scale), ...]} for every module of every
-    LoRA, member by member of a fused layer (by first row; in file order within a member), so that
-    each member's ranks are contiguous: the W4A4 GEMM's epilogue then multiplies a member's output
-    tiles by its own rank chunks only. Raises LoRAError for what does not fit."""
+def _branches(model: nnx.Module, loras: Sequence[tuple[LoRA, float]]) -> dict[str, list[tuple]]:
+    """{layer path: [(A, B over the layer's rows, per-rank scale, B's row ranges), ...]} for every
+    module of every LoRA, member by member of a fused layer (by first row; in file order within a
+    member), so that each member's ranks are contiguous: the W4A4 GEMM's epilogue then multiplies
+    a member's output tiles by its own rank chunks only. Raises LoRAError for what does not fit."""
     layout = output_layout(model)
     out: dict[str, list[tuple[int, tuple[np.ndarray, ...]]]] = {}
     for lora, user_scale in loras:
@@ -297,7 +297,8 @@ def _branches(model: nnx.Module, loras: Sequence[tuple[LoRA, float]]) -> dict[st
                 up = np.zeros((pieces[0][0].width, module.rank), np.float32)
                 for rows, a, b in pieces:
                     up[rows.start : rows.start + rows.rows] = module.up[a:b]
-                out.setdefault(path, []).append((pieces[0][0].start, (module.down, up, scale)))
+                row_ranges = tuple((rows.start, rows.start + rows.rows) for rows, _, _ in pieces)
+                out.setdefault(path, []).append((pieces[0][0].start, (module.down, up, scale, row_ranges)))
     return {path: [part for _, part in sorted(parts, key=lambda p: p[0])] for path, parts in out.items()}
 
 
@@ -317,8 +318,20 @@ def apply_loras(model: nnx.Module, loras: Sequence[tuple[LoRA, float]], *, dtype
     remove_loras(model)
     layers = dict(lora_layers(model))
     for path, parts in branches.items():
-        down, up, scale = (np.concatenate(p, axis=axis) for p, axis in zip(zip(*parts), (0, 1, 0)))
-        attach_lora(layers[path], LowRank(jnp.asarray(down, dtype), jnp.asarray(up, dtype), scale))
+        down, up, scale = (np.concatenate(p, axis=axis) for p, axis in zip(list(zip(*parts))[:3], (0, 1, 0)))
+        attach_lora(layers[path], LowRank(jnp.asarray(down, dtype), jnp.asarray(up, dtype), scale,
+                                          blocks=_blocks(parts)))
+
+
+def _blocks(parts: Sequence[tuple]) -> LoRABlocks:
+    """The (row start, row end, rank start, rank end) rectangles of B outside which it is zero:
+    each part's row ranges over its ranks, the parts' ranks side by side. From the layout alone,
+    so LoRAs of the same ranks on the same layers give the same (static) blocks."""
+    blocks, first = [], 0
+    for down, _, _, row_ranges in parts:
+        blocks += [(a, b, first, first + down.shape[0]) for a, b in row_ranges]
+        first += down.shape[0]
+    return tuple(blocks)
 
 
 def check_scale(scale: float) -> float:

@@ -20,7 +20,7 @@ touching the quantization (benchmarks/notes/lora.md).
 Structure: a grid of (M / 64 row tiles) x (`splits` K ranges); each CTA runs one pipeline of
 (64, 64) x tiles and (r, 64) A tiles per source array (x, then a GELU tail's columns), TMA'd
 into a `max_concurrent_steps`-deep ring; per step, with a GELU, the tile is loaded to registers,
-GELU'd in float32 and rounded to bf16 (as XLA's producer rounds u), and is wgmma's A operand from
+GELU'd in float32 (tanh.approx.f32 by default, `LoRADownConfig.fast_tanh`) and rounded to bf16 (as XLA's producer rounds u), and is wgmma's A operand from
 registers (or, `gelu_operand="smem"`, from a shared-memory copy); then one bf16 wgmma (64 x r)
 accumulating in float32. Each CTA writes its float32 partial
 sum; one small XLA pass adds the `splits` partials, scales by s and rounds once to bf16.
@@ -43,7 +43,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.rotate_quantize import SMEM_BYTES, gelu_tanh
+from pallas_kernels.rotate_quantize import SMEM_BYTES, approx_tanh, gelu_tanh
 from pallas_kernels.smem import swizzle_transforms
 from pallas_kernels.tile_schedule import sm_count
 
@@ -56,12 +56,16 @@ class LoRADownConfig:
     """tile_k: K columns a step (64: one 128-byte swizzled bf16 row); max_concurrent_steps: the
     TMA ring's depth; ctas_per_sm: how many CTAs per SM the K split aims for (None: no split);
     gelu_operand: where the GELU'd tile is wgmma's A operand, "registers" or "smem" (stored to a
-    shared-memory tile first; interpret mode always does)."""
+    shared-memory tile first; interpret mode always does); fast_tanh: the GELU's tanh as
+    `tanh.approx.f32` (`rotate_quantize.approx_tanh`, as the rotate-quantize kernel's default
+    GELU: its error, ~2^-11, is below the bf16 rounding of u) instead of libdevice's tanhf, which
+    makes a GELU call arithmetic-bound."""
 
     tile_k: int = 64
     max_concurrent_steps: int = 4
     ctas_per_sm: int | None = 2
     gelu_operand: str = "registers"
+    fast_tanh: bool = True
 
     def __post_init__(self):
         if self.gelu_operand not in ("registers", "smem"):
@@ -87,7 +91,7 @@ def _splits(m_tiles: int, steps: list[int], config: LoRADownConfig, interpret: b
     return next((d for d in divisors if m_tiles * d >= want), divisors[-1])
 
 
-def _kernel(*refs, sources, splits, gelu_from, tk, max_concurrent_steps):
+def _kernel(*refs, sources, splits, gelu_from, tk, max_concurrent_steps, tanh):
     """CTA (row tile i, K range j): the float32 sum over its K range of bf16(prologue(x)) A^T."""
     *gmems, a_gmem, out_gmem, out_smem, stage = refs
     i, j = lax.axis_index("m"), lax.axis_index("split")
@@ -106,7 +110,7 @@ def _kernel(*refs, sources, splits, gelu_from, tk, max_concurrent_steps):
                 operand = x_smem
                 if gelu is not None:
                     v = x_smem[...].astype(jnp.float32)
-                    g = gelu_tanh(v)
+                    g = gelu_tanh(v, tanh)
                     if gelu == "some":
                         g = jnp.where(offset + (first + t) * tk >= gelu_from, g, v)
                     operand = g.astype(jnp.bfloat16)  # wgmma's A from registers (WGMMA layout)
@@ -189,8 +193,10 @@ def lora_down(
     # The ring's stages that fit beside the output tile (and the GELU's stage).
     fixed, per_stage = TILE_M * r_pad * 4 + (TILE_M * tk * 2 if staged else 0), (TILE_M + r_pad) * tk * 2
     stages = min(config.max_concurrent_steps, (SMEM_BYTES - fixed) // per_stage)
+    # The tile is loaded to registers in the WGMMA layout (a swizzled tile's default), the GELU's.
+    tanh = approx_tanh(plgpu.Layout.WGMMA, interpret=interpret) if config.fast_tanh else jnp.tanh
     kernel = functools.partial(_kernel, sources=tuple(sources), splits=splits, gelu_from=gelu_from, tk=tk,
-                               max_concurrent_steps=stages)
+                               max_concurrent_steps=stages, tanh=tanh)
     f = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((splits, m_pad, r_pad), jnp.float32),

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.rotate_quantize import FAST_TANH_ERROR
 from pallas_kernels.rotate_quantize_reference import apply_prologue
 
 U = 2.0**-8  # bf16 unit roundoff
@@ -47,15 +48,16 @@ def down_projection_reference(x: jax.Array, down: jax.Array, scale: jax.Array, *
 
 
 def down_projection_bound(x: jax.Array, down: jax.Array, scale: jax.Array, *, gelu_from: int | None = None,
-                          tail: jax.Array | None = None, tail_from: int = 0) -> np.ndarray:
+                          tail: jax.Array | None = None, tail_from: int = 0, fast_tanh: bool = False) -> np.ndarray:
     """Elementwise bound (float64, (M, r)) on |kernel h - reference h|. With S = |u| |A|^T (u =
     bf16(`produced_input`)): the two float32 sums of the same K exact bf16 products, in any order
     (the kernel's K ranges summed after), are each within K adds of error on S; the scale's
     multiply is one more rounding each side; and each h is rounded to bf16 once (u of its value,
     |h_kernel| <= |h_ref| + the difference). On the GELU's columns the kernel's and the
     reference's bf16 inputs may differ from u, and from each other, by `gelu_spread` (zero but
-    where the GELU's float32 value lies within `gelu_delta` of a bf16 rounding boundary); that
-    difference D adds D |A|^T, on which each side's K adds act too."""
+    where the GELU's float32 value lies within `gelu_delta` of a bf16 rounding boundary; with
+    `fast_tanh` the kernel's tanh is `tanh.approx.f32`); that difference D adds D |A|^T, on which
+    each side's K adds act too."""
     k = down.shape[1]
     produced = np.asarray(produced_input(x, gelu_from, tail, tail_from), np.float32)
     u = np.abs(np.asarray(produced.astype(down.dtype), np.float64))
@@ -65,28 +67,32 @@ def down_projection_bound(x: jax.Array, down: jax.Array, scale: jax.Array, *, ge
     if gelu_from is not None:
         v = np.asarray(produced_input(x, None, tail, tail_from), np.float32)[:, gelu_from:]
         g = produced[:, gelu_from:]
-        sums += (1 + (2 * k + 2) * F32_ADD) * (gelu_spread(g, gelu_delta(v, g)) @ a[:, gelu_from:].T)
+        tanh_error = FAST_TANH_ERROR if fast_tanh else TANH_ULPS * F32_ADD / 2
+        sums += (1 + (2 * k + 2) * F32_ADD) * (gelu_spread(g, gelu_delta(v, g, tanh_error)) @ a[:, gelu_from:].T)
     h = np.abs(np.asarray(down_projection_reference(x, down, scale, gelu_from=gelu_from, tail=tail,
                                                     tail_from=tail_from), np.float64))
     return (s * sums + 2 * U * h) / (1 - U)
 
 
-def gelu_delta(v: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """delta (float64): how far any float32 evaluation of tanh-GELU at v (float32) may lie from
-    g, another one (`pallas_kernels.rotate_quantize.gelu_tanh` in the kernel, jax.nn.gelu(
-    approximate=True) in XLA: the same formula and float32 constants, other tanhs, operation
-    orders, FMA contractions). Each, against the formula in exact arithmetic at v, with
-    p = (1 + tanh z) / 2, z = c (v + a v^3), e = 2^-24 = F32_ADD / 2: z's <= 5 roundings (v and
-    a v^3 share a sign: no cancellation; FMA contraction only drops some) move tanh by
-    sech^2(z) |z| 5e <= 3e (z sech^2 z <= 0.45); the tanh is within TANH_ULPS e of the true one;
-    1 + tanh rounds by <= 2e (exactly below -1/2); so p is off by <= (TANH_ULPS + 5) e / 2, and
-    g = v p by |v| times that plus one rounding, e |g| (second-order terms are far inside the
-    slack of TANH_ULPS). Twice that, plus twice float32's smallest normal (a flush of a subnormal
-    input or result to zero moves g by less): delta = F32_ADD ((TANH_ULPS + 5) / 2 |v| + |g|) +
-    2 F32_TINY. Its |v| part is absolute: where v << 0 and 1 + tanh is a few e, g is tiny and
+def gelu_delta(v: np.ndarray, g: np.ndarray, tanh_error: float = TANH_ULPS * F32_ADD / 2) -> np.ndarray:
+    """delta (float64): how far the kernel's float32 evaluation of tanh-GELU at v (float32), its
+    tanh within `tanh_error` of the true one, may lie from g, another one within TANH_ULPS e
+    (`pallas_kernels.rotate_quantize.gelu_tanh` in the kernel, jax.nn.gelu(approximate=True) in
+    XLA: the same formula and float32 constants, other tanhs, operation orders, FMA
+    contractions). Each, against the formula in exact arithmetic at v, with p = (1 + tanh z) / 2,
+    z = c (v + a v^3), e = 2^-24 = F32_ADD / 2: z's <= 5 roundings (v and a v^3 share a sign: no
+    cancellation; FMA contraction only drops some) move tanh by sech^2(z) |z| 5e <= 3e
+    (z sech^2 z <= 0.45); the tanh is within T (its error) of the true one; 1 + tanh rounds by
+    <= 2e (exactly below -1/2); so p is off by <= (T + 5e) / 2, and g = v p by |v| times that plus
+    one rounding, e |g| (second-order terms are far inside the slack of TANH_ULPS). The two sides'
+    sum, plus twice float32's smallest normal (a flush of a subnormal input or result to zero
+    moves g by less): delta = (tanh_error + (TANH_ULPS + 10) e) / 2 |v| + F32_ADD |g| +
+    2 F32_TINY (= F32_ADD ((TANH_ULPS + 5) / 2 |v| + |g|) + 2 F32_TINY for two tanhs of
+    TANH_ULPS). Its |v| part is absolute: where v << 0 and 1 + tanh is a few e, g is tiny and
     delta may exceed it (bf16(g) may then move by many of its units)."""
-    return (F32_ADD * ((TANH_ULPS + 5) / 2 * np.abs(v.astype(np.float64)) + np.abs(g.astype(np.float64)))
-            + 2 * F32_TINY)
+    e = F32_ADD / 2
+    return ((tanh_error + (TANH_ULPS + 10) * e) / 2 * np.abs(v.astype(np.float64))
+            + F32_ADD * np.abs(g.astype(np.float64)) + 2 * F32_TINY)
 
 
 def gelu_spread(g: np.ndarray, delta: np.ndarray) -> np.ndarray:

@@ -49,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -201,6 +202,17 @@ def _first_group(c, chunk: int):
     return c * chunk if isinstance(c, int) else pl.multiple_of(c * chunk, chunk)
 
 
+# tanh.approx.f32's error: about 2^-11 relative by the PTX ISA (|tanh| <= 1, so also absolute); twice
+# that is what the bounds charge for it.
+FAST_TANH_ERROR = 2.0**-10
+
+
+def approx_tanh(layout, *, interpret: bool) -> Callable[[jax.Array], jax.Array]:
+    """tanh of float32 arrays of `layout` as the GPU's one-instruction `tanh.approx.f32`
+    (FAST_TANH_ERROR; libdevice's tanhf takes ~20 instructions); jnp.tanh in interpret mode."""
+    return functools.partial(_ptx, "tanh.approx.f32", layout, interpret=interpret, fallback=jnp.tanh)
+
+
 def gelu_tanh(x: jax.Array, tanh=jnp.tanh) -> jax.Array:
     """jax.nn.gelu(x, approximate=True), in ops Mosaic GPU lowers (also `lora_down`'s prologue);
     `tanh`: the tanh it uses."""
@@ -320,8 +332,7 @@ def _gelu_parts(b: _Block, c, parts: list[jax.Array], gelu_from: int) -> list[ja
     """tanh-GELU on the groups of chunk c from group `gelu_from` on (static where the chunk loop
     is unrolled, a per-element select where it is not)."""
     g0 = _first_group(c, b.chunk)
-    tanh = (functools.partial(_ptx, "tanh.approx.f32", b.layout1, interpret=b.interpret, fallback=jnp.tanh)
-            if b.fast_tanh else jnp.tanh)
+    tanh = approx_tanh(b.layout1, interpret=b.interpret) if b.fast_tanh else jnp.tanh
     if isinstance(g0, int) and g0 >= gelu_from:
         return [gelu_tanh(v, tanh) for v in parts]
     if isinstance(g0, int) and g0 + b.chunk <= gelu_from:

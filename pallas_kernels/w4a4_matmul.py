@@ -35,7 +35,7 @@ Structure (Pallas Mosaic GPU, warp-specialised, after jax's `hopper_matmul_mgpu.
     (`lora_chunk` columns, the first loaded while the main loop runs): the CTA's h tile in one
     slot both warpgroups read (the first compute warpgroup loads it once both are done with the
     previous chunk), each warpgroup's B tile in its own; a CTA tile multiplies only the chunks
-    its B rows have nonzeros in (`_lora_ranges`: a fused layer's members carry their own LoRAs).
+    its B rows' nonzero blocks reach (`lora_ranges`: a fused layer's members carry their own LoRAs).
   * schedule (`pallas_kernels.tile_schedule`): a persistent grid of one program per SM walks the
     output tiles in planar-snake order. In the registers form a program's pipelines chain: the
     memory warpgroup streams the next tile's first stages while the compute warpgroups run this
@@ -77,6 +77,7 @@ import jax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from pallas_kernels.int4_unpack import check_packed_operands, check_weight_operands, unpack_tile
@@ -84,6 +85,9 @@ from pallas_kernels.smem import swizzle_transforms
 from pallas_kernels.tile_schedule import TileSchedule, sm_count, tile_coords, tile_schedule
 from pallas_kernels.w4a4_matmul_config import W4A4MatmulConfig, config_for
 from pallas_kernels.w4a4_matmul_reference import check_gated_residual, check_lora_operands
+
+# A LoRA's B (N, r) is zero outside these rectangles: (row start, row end, rank start, rank end).
+LoRABlocks = tuple[tuple[int, int, int, int], ...]
 
 
 class _Plan(NamedTuple):
@@ -283,7 +287,7 @@ def _prefetch_residual(plan: _Plan, refs: _Refs, tile: _Tile) -> None:
 
 
 def _lora_chunks(plan: _Plan, refs: _Refs, tile: _Tile) -> tuple[jax.Array, jax.Array]:
-    """[first, end) of the rank chunks the CTA tile's B rows have nonzeros in (`_lora_ranges`):
+    """[first, end) of the rank chunks the CTA tile's B rows' nonzero blocks reach (`lora_ranges`):
     a fused layer's members carry their own LoRAs, so each N tile skips the others' chunks."""
     t = 2 * (tile.n0 // (2 * plan.config.tile_n))
     return refs.lora_ranges[t], refs.lora_ranges[t + 1]
@@ -618,7 +622,7 @@ def _unpad_images(a: jax.Array, images: int, rows: int) -> jax.Array:
 
 
 def _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, lora_h, lora_up, *, scale_group, out_dtype,
-          config, int32_out, interpret) -> jax.Array:
+          config, int32_out, interpret, lora_blocks=None) -> jax.Array:
     """Pads each image's rows to whole tiles (all of M as one image without a gate) and the LoRA
     rank to whole chunks, plans the schedule, runs the kernel and finishes the split tiles."""
     m, k = x_codes.shape
@@ -656,7 +660,7 @@ def _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, lora_h, l
         h = jnp.pad(_pad_images(lora_h, images, tiles_per_image * cfg.tile_m),
                     ((0, 0), (0, lora_rank - lora_h.shape[1])))
         up = jnp.pad(lora_up, ((0, 0), (0, lora_rank - lora_up.shape[1])))
-        ranges = _lora_ranges(up, 2 * cfg.tile_n, cfg.lora_chunk)
+        ranges = jnp.asarray(lora_ranges(lora_blocks, n, lora_rank, 2 * cfg.tile_n, cfg.lora_chunk))
     operands = [x_codes, w_packed, sx, sw, b, g, res, h, up, ranges]
     present = [a is not None for a in operands]
 
@@ -694,17 +698,30 @@ def _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, lora_h, l
     return _unpad_images(y, images, tokens)
 
 
-def _lora_ranges(up: jax.Array, tile_n: int, chunk: int) -> jax.Array:
-    """int32 (2 * N / tile_n,): for each tile_n rows of B (N, r), r a multiple of `chunk`, the
-    [first, end) of the rank chunks holding its nonzeros ([0, 0): none). A fused layer's members
-    that carry their own LoRAs have a block-diagonal B (`flux_flax.lora`, member by member), so
-    each CTA tile multiplies only its member's chunks."""
-    n, r = up.shape
-    nonzero = (up.reshape(n // tile_n, tile_n, r // chunk, chunk) != 0).any(axis=(1, 3))
-    chunks = jnp.arange(r // chunk, dtype=jnp.int32)
-    first = jnp.min(jnp.where(nonzero, chunks, r // chunk), axis=1)
-    end = jnp.max(jnp.where(nonzero, chunks + 1, 0), axis=1)
-    return jnp.stack([jnp.minimum(first, end), end], axis=1).reshape(-1)
+def lora_ranges(blocks: LoRABlocks | None, n: int, rank: int, tile_n: int, chunk: int) -> np.ndarray:
+    """int32 (2 * n / tile_n,): for each tile_n rows of B (n, rank), the [first, end) of the rank
+    chunks (`chunk` columns) that B's nonzero rectangles `blocks` ((row start, row end, rank start,
+    rank end), None: B dense) reach in those rows ([0, 0): none). A fused layer's members that
+    carry their own LoRAs have a block-diagonal B (`convrot_jax.lora.LowRank.blocks`), so each CTA
+    tile multiplies only its member's chunks. Computed from the static layout, not from B's
+    values: a constant of the compiled step, no launch."""
+    blocks = ((0, n, 0, rank),) if blocks is None else blocks
+    ranges = np.zeros((n // tile_n, 2), np.int32)
+    for t in range(n // tile_n):
+        lo, hi = t * tile_n, (t + 1) * tile_n
+        reach = [(c // chunk, -(-d // chunk)) for a, b, c, d in blocks if a < hi and lo < b and c < d]
+        if reach:
+            ranges[t] = min(f for f, _ in reach), max(e for _, e in reach)
+    return ranges.reshape(-1)
+
+
+def check_lora_blocks(blocks: LoRABlocks, up_shape: tuple[int, int]) -> None:
+    """Raises ValueError unless every block is a rectangle inside B of shape `up_shape` (N, r)."""
+    n, r = up_shape
+    for block in blocks:
+        if len(block) != 4 or not (0 <= block[0] <= block[1] <= n and 0 <= block[2] <= block[3] <= r):
+            raise ValueError(f"LoRA block {block} must be (row start, row end, rank start, rank end) inside B "
+                             f"{tuple(up_shape)}")
 
 
 def _add_split_tiles(y, ws, x_scales, w_scales, bias, gate, residual, lora_h, lora_up, *, config: W4A4MatmulConfig,
@@ -751,7 +768,7 @@ def _add_split_tiles(y, ws, x_scales, w_scales, bias, gate, residual, lora_h, lo
 # Jitted with the settings static: every call at the same shapes in a model shares one traced and
 # lowered kernel. Without it, FLUX.1-dev's W4A4 step lowered ~300 copies of each and compiled for
 # minutes.
-@functools.partial(jax.jit, static_argnames=("scale_group", "out_dtype", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("lora_blocks", "scale_group", "out_dtype", "config", "interpret"))
 def w4a4_matmul(
     x_codes: jax.Array,
     x_scales: jax.Array,
@@ -763,6 +780,7 @@ def w4a4_matmul(
     residual: jax.Array | None = None,
     lora_h: jax.Array | None = None,
     lora_up: jax.Array | None = None,
+    lora_blocks: LoRABlocks | None = None,
     scale_group: int | None = None,
     out_dtype: jnp.dtype = jnp.bfloat16,
     config: W4A4MatmulConfig | None = None,
@@ -780,13 +798,21 @@ def w4a4_matmul(
     the main loop runs), so no elementwise pass follows. lora_h (M, r) and lora_up (N, r), bf16,
     both or neither: a LoRA branch's down-projection ((x A^T) * s, made where x is) and its B; the
     epilogue adds their product (bf16 wgmmas, float32 accumulation onto the dequantized sum)
-    before the gate. config: default `config_for(M, N, K, scale_group)`. interpret: Mosaic GPU
+    before the gate. lora_blocks (static): rectangles (row start, row end, rank start, rank end)
+    outside which B is zero (a fused layer's members with their own LoRAs), so each tile
+    multiplies only the rank chunks its rows reach; None: B dense. B must be zero outside them:
+    the kernel skips what they leave out. config: default `config_for(M, N, K, scale_group)`. interpret: Mosaic GPU
     interpret mode (CPU tests).
     """
     _check_operands(x_codes, x_scales, w_packed, w_scales, bias, scale_group, gate, residual, out_dtype, lora_h,
                     lora_up)
+    if lora_blocks is not None:
+        if lora_up is None:
+            raise ValueError("lora_blocks given without a LoRA branch (lora_h, lora_up)")
+        check_lora_blocks(lora_blocks, lora_up.shape)
     return _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, lora_h, lora_up,
-                 scale_group=scale_group, out_dtype=out_dtype, config=config, int32_out=False, interpret=interpret)
+                 scale_group=scale_group, out_dtype=out_dtype, config=config, int32_out=False, interpret=interpret,
+                 lora_blocks=lora_blocks)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))

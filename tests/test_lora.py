@@ -260,6 +260,8 @@ def test_fused_w4a4_layer_gets_its_members_blocks(quantized, tmp_path):
     apply_loras(model, [(lora, 1.5)])
     try:
         assert layer.lora.rank == 8
+        # Each member's rows over its own ranks: what the W4A4 epilogue multiplies per tile.
+        assert layer.lora.blocks == ((0, D, 0, 4), (3 * D, 3 * D + MLP, 4, 8))
         y = np.asarray(layer(x))
     finally:
         remove_loras(model)
@@ -269,6 +271,19 @@ def test_fused_w4a4_layer_gets_its_members_blocks(quantized, tmp_path):
         term = ((np.asarray(x, np.float64) @ module.down.T) * s) @ module.up.T
         bound = EPS * ((D + 4 + 1) * low_rank_bound(np.asarray(x), module.down, module.up, s) + np.abs(y[:, start:stop]))
         assert np.all(np.abs(y[:, start:stop] - (base[:, start:stop] + term)) <= bound)
+
+
+def test_a_branch_refuses_blocks_that_do_not_hold_its_b():
+    """`blocks` tell the W4A4 epilogue which rank chunks each tile may skip: a B with a nonzero
+    outside them (which the kernel would drop) or a block outside B is refused, naming it."""
+    up = np.zeros((8, 4), np.float32)
+    up[0:4, 0:2], up[5, 3] = 1.0, 2.0
+    down, scale = np.zeros((4, 3), np.float32), np.ones(4, np.float32)
+    assert LowRank(down, up, scale, blocks=((0, 4, 0, 2), (4, 8, 2, 4))).blocks == ((0, 4, 0, 2), (4, 8, 2, 4))
+    with pytest.raises(ValueError, match=r"1 nonzeros outside its blocks .* first at \(row, rank\) \(5, 3\)"):
+        LowRank(down, up, scale, blocks=((0, 4, 0, 2),))
+    with pytest.raises(ValueError, match=r"LoRA block \(0, 9, 0, 2\) must be .* inside B \(8, 4\)"):
+        LowRank(down, up, scale, blocks=((0, 9, 0, 2),))
 
 
 def test_scale_zero_is_the_base_model_and_unloading_restores_it(quantized, tmp_path):

@@ -15,7 +15,7 @@ import pallas_kernels.lora_down
 from pallas_kernels.lora_down import LoRADownConfig, lora_down
 from pallas_kernels.lora_down_reference import (down_projection_bound, down_projection_reference, gelu_delta,
                                                 gelu_spread, produced_input)
-from pallas_kernels.rotate_quantize import gelu_tanh
+from pallas_kernels.rotate_quantize import FAST_TANH_ERROR, gelu_tanh
 
 
 def _operands(rng, m: int, k: int, rank: int, tail_k: int = 0):
@@ -29,9 +29,11 @@ def _operands(rng, m: int, k: int, rank: int, tail_k: int = 0):
     return x, tail, down, scale
 
 
-def _check(h, x, down, scale, **prologue) -> None:
+def _check(h, x, down, scale, fast_tanh: bool = False, **prologue) -> None:
+    """h within the bound (`fast_tanh`: the kernel's GELU used tanh.approx.f32, as on the GPU by
+    default; interpret mode runs jnp.tanh)."""
     ref = down_projection_reference(x, down, scale, **prologue)
-    bound = down_projection_bound(x, down, scale, **prologue)
+    bound = down_projection_bound(x, down, scale, fast_tanh=fast_tanh, **prologue)
     err = np.abs(np.asarray(h, np.float64) - np.asarray(ref, np.float64))
     bad = err > bound
     assert not bad.any(), f"{bad.sum()} of {bad.size} off, worst {err[bad].max()} against {bound[bad].min()}"
@@ -102,7 +104,9 @@ def test_refuses_what_it_cannot_take():
 
 def test_gelu_delta_covers_float32_evaluations():
     """Every bf16 value in [-16, 16] (subnormals included): XLA's jax.nn.gelu, `gelu_tanh` and
-    the formula in numpy float32 (libm's tanh) all lie within `gelu_delta` of each other."""
+    the formula in numpy float32 (libm's tanh) all lie within `gelu_delta` of each other; with a
+    tanh off by FAST_TANH_ERROR / 2 either way (tanh.approx.f32's stated error), within
+    `gelu_delta(..., FAST_TANH_ERROR)` of XLA's."""
     bits = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(jnp.bfloat16).astype(np.float32)
     v = bits[np.isfinite(bits) & (np.abs(bits) <= 16)]
     c, a = np.float32(np.sqrt(2 / np.pi)), np.float32(0.044715)
@@ -111,9 +115,13 @@ def test_gelu_delta_covers_float32_evaluations():
                    v * (np.float32(0.5) * (np.float32(1) + np.tanh(c * (v + a * (v * v * v)))))]
     g = evaluations[0]
     delta = gelu_delta(v, g)
-    for other in evaluations[1:]:
-        err = np.abs(other.astype(np.float64) - g.astype(np.float64))
-        assert (err <= delta).all(), f"v = {v[err > delta]}: {err[err > delta]} against {delta[err > delta]}"
+    tanh = np.tanh(c * (v + a * (v * v * v)))
+    approx = [v * (np.float32(0.5) * (np.float32(1) + np.clip(tanh + np.float32(sign * FAST_TANH_ERROR / 2), -1, 1)))
+              for sign in (-1, 1)]
+    for others, delta in [(evaluations[1:], delta), (approx, gelu_delta(v, g, FAST_TANH_ERROR))]:
+        for other in others:
+            err = np.abs(other.astype(np.float64) - g.astype(np.float64))
+            assert (err <= delta).all(), f"v = {v[err > delta]}: {err[err > delta]} against {delta[err > delta]}"
 
 
 def test_gelu_spread():
@@ -177,6 +185,7 @@ def test_lowers_for_cuda(monkeypatch, m, k, rank, site):
         operands = [s((m, k), jnp.bfloat16), *a]
     text = jax.jit(f).trace(*operands).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+    assert ("tanh.approx.f32" in text) == (site != "plain")  # the GELU's tanh: the fast one by default
 
 
 # --- GPU ----------------------------------------------------------------------------------------
@@ -199,4 +208,5 @@ def test_gpu_matches_reference(k, rank, site):
         prologue = {"gelu": dict(gelu_from=0), "gelu_smem": dict(gelu_from=0), "gelu_part": dict(gelu_from=3072)}
         prologue = prologue.get(site, {})
     config = LoRADownConfig(gelu_operand="smem" if site == "gelu_smem" else "registers")
-    _check(lora_down(x, down, scale, config=config, **prologue), x, down, scale, **prologue)
+    assert config.fast_tanh
+    _check(lora_down(x, down, scale, config=config, **prologue), x, down, scale, fast_tanh=True, **prologue)

@@ -24,6 +24,7 @@ from convrot_jax import ConvDense4bit, GeluTanh, LayerNormModulation, LowRank, a
 from convrot_jax.lora import LowRankFactors
 from convrot_jax.prologue import apply_prologue
 from convrot_jax.quant import QuantizedWeight
+from pallas_kernels.lora_down import LoRADownConfig
 from pallas_kernels.lora_down_reference import down_projection_bound
 from pallas_kernels.w4a4_matmul_config import W4A4MatmulConfig
 
@@ -105,9 +106,10 @@ def _term_bound(lora: LowRankFactors, produced) -> np.ndarray:
     return h @ _abs64(lora.up).T
 
 
-def _h_term_bound(lora: LowRankFactors, x, prologue) -> np.ndarray | float:
+def _h_term_bound(lora: LowRankFactors, x, prologue, fast_tanh: bool) -> np.ndarray | float:
     """|dh| |B|^T, dh the fused h's distance from XLA's: `down_projection_bound` where the
-    `lora_down` kernel makes it (no prologue, a GELU), 0 where XLA does (a LayerNorm)."""
+    `lora_down` kernel makes it (no prologue, a GELU; `fast_tanh`: its GELU's tanh is
+    tanh.approx.f32, as on the GPU), 0 where XLA does (a LayerNorm)."""
     if isinstance(prologue, LayerNormModulation) or not lora.down_kernel:
         return 0.0
     rows = lambda v: v.reshape(-1, v.shape[-1])  # noqa: E731
@@ -115,17 +117,19 @@ def _h_term_bound(lora: LowRankFactors, x, prologue) -> np.ndarray | float:
     if isinstance(prologue, GeluTanh):
         kw = dict(gelu_from=prologue.start, tail_from=prologue.tail_from,
                   tail=None if prologue.tail is None else rows(prologue.tail))
-    dh = down_projection_bound(rows(x), lora.down, lora.scale, **kw)
+    dh = down_projection_bound(rows(x), lora.down, lora.scale, fast_tanh=fast_tanh, **kw)
     return (dh @ _abs64(lora.up).T).reshape(*x.shape[:-1], -1)
 
 
 # --- CPU: interpret mode ------------------------------------------------------------------------
 
-def _check_fused_against_unfused(layer, x, prologue, extra: dict, loras, down_kernel: bool = True) -> None:
+def _check_fused_against_unfused(layer, x, prologue, extra: dict, loras, down_kernel: bool = True,
+                                 fast_tanh: bool = False) -> None:
     """`layer` on x without a branch, then with `loras` attached fused (h from the `lora_down`
     kernel where it takes the call, or with `down_kernel` False from XLA) and unfused (with
     `extra`'s gate and residual, if any): fused equals unfused within
-    `assert_fused_matches_unfused`'s bound, and the term moves the output well beyond it."""
+    `assert_fused_matches_unfused`'s bound, and the term moves the output well beyond it.
+    `fast_tanh`: the kernels run on the GPU, where the GELU's tanh is tanh.approx.f32."""
     base = layer(x, prologue=prologue)  # no LoRA, no gate: bf16(b)
     attach_lora(layer, loras)
     set_lora_fusion(layer, True, down_kernel=down_kernel)
@@ -136,7 +140,8 @@ def _check_fused_against_unfused(layer, x, prologue, extra: dict, loras, down_ke
     lora = layer.lora.factors()
     produced = x if prologue is None else apply_prologue(x, prologue)
     assert_fused_matches_unfused(fused, unfused, base, _term_bound(lora, produced), lora.down.shape[0],
-                                 unfused_pre_gate=pre_gate, h_term_bound=_h_term_bound(lora, x, prologue), **extra)
+                                 unfused_pre_gate=pre_gate, h_term_bound=_h_term_bound(lora, x, prologue, fast_tanh),
+                                 **extra)
     _assert_term_shows(pre_gate if extra else unfused, base)
 
 
@@ -298,7 +303,8 @@ def test_gpu_fused_matches_unfused(k, n, rank, case):
     if case != "plain":
         extra = dict(gate=jnp.asarray(rng.standard_normal((1, n)), jnp.bfloat16),
                      residual=jnp.asarray(rng.standard_normal((1, m, n)) * 4, jnp.bfloat16))
-    _check_fused_against_unfused(layer, x, prologue, extra, _two_loras(rng, k, n, ranks=(rank // 4, 3 * rank // 4)))
+    _check_fused_against_unfused(layer, x, prologue, extra, _two_loras(rng, k, n, ranks=(rank // 4, 3 * rank // 4)),
+                                 fast_tanh=LoRADownConfig().fast_tanh)
 
 
 @pytest.mark.parametrize("kinds", [("gelu",), ("layernorm", "gelu")], ids=["gelu", "layernorm_gelu"])

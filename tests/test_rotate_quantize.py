@@ -18,7 +18,7 @@ import pytest
 from convrot_jax import ops
 from convrot_jax.quant import pack_int4, quantize_activation_reference
 import pallas_kernels.rotate_quantize
-from pallas_kernels.rotate_quantize import RotateQuantizeConfig, plan, rotate_quantize
+from pallas_kernels.rotate_quantize import FAST_TANH_ERROR, RotateQuantizeConfig, plan, rotate_quantize
 from pallas_kernels.rotate_quantize_reference import rotate_quantize_reference
 
 # The op's implementations, run on the CPU: one suite checks both.
@@ -298,10 +298,6 @@ def test_gpu_gelu(k, gelu_from):
     x = _inputs(1031, k, jnp.bfloat16)[4:]
     got = rotate_quantize(x, prologue="gelu_tanh", gelu_from=gelu_from, config=RotateQuantizeConfig(fast_tanh=False))
     _assert_close(got, _reference(x, prologue="gelu_tanh", gelu_from=gelu_from))
-
-
-# tanh.approx.f32's relative error: about 2^-11 by the PTX ISA; twice that allowed.
-FAST_TANH_ERROR = 2.0**-10
 
 
 @pytest.mark.gpu

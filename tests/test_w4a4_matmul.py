@@ -18,7 +18,7 @@ import pytest
 
 from pallas_kernels.rounding import pack_int4
 from pallas_kernels.shapes import FLUX_LINEAR_SHAPES
-from pallas_kernels.w4a4_matmul import _lora_ranges, w4a4_matmul, w4a4_matmul_int32
+from pallas_kernels.w4a4_matmul import lora_ranges, w4a4_matmul, w4a4_matmul_int32
 from pallas_kernels.w4a4_matmul_config import W4A4MatmulConfig
 from pallas_kernels.w4a4_matmul_reference import int_matmul_reference, w4a4_matmul_reference
 
@@ -290,22 +290,26 @@ def test_interpret_lora_scale_zero_is_the_base_output(weight_operand):
 
 
 # B's nonzero (rows / 64, rank chunks of 32) blocks: a member's own chunk, another's, none, two
-# chunks around a zero one; `_lora_ranges` gives each CTA tile's 128 rows [first, end) of their
+# chunks around a zero one; `lora_ranges` gives each CTA tile's 128 rows [first, end) of their
 # chunks: [0, 2) and [0, 3).
 BLOCKS = {(0, 0), (1, 1), (3, 0), (3, 2)}
+BLOCK_RECTS = tuple((rows * 64, (rows + 1) * 64, chunk * 32, (chunk + 1) * 32) for rows, chunk in sorted(BLOCKS))
 BLOCK_RANGES = [0, 2, 0, 3]
 
 
 def _block_diagonal_up(n: int, rank: int) -> jax.Array:
     up = _lora_operands(1, 1, n, 1, rank)["lora_up"]
     mask = np.zeros((n, rank), bool)
-    for rows, chunk in BLOCKS:
-        mask[rows * 64:(rows + 1) * 64, chunk * 32:(chunk + 1) * 32] = True
+    for a, b, c, d in BLOCK_RECTS:
+        mask[a:b, c:d] = True
     return jnp.where(jnp.asarray(mask), up, 0)
 
 
 def test_lora_ranges():
-    np.testing.assert_array_equal(np.asarray(_lora_ranges(_block_diagonal_up(256, 96), 128, 32)), BLOCK_RANGES)
+    np.testing.assert_array_equal(lora_ranges(BLOCK_RECTS, 256, 96, 128, 32), BLOCK_RANGES)
+    np.testing.assert_array_equal(lora_ranges(None, 256, 96, 128, 32), [0, 3, 0, 3])  # dense: every chunk
+    # A block's ranks not on chunk boundaries reach every chunk they touch; rows of no block: [0, 0).
+    np.testing.assert_array_equal(lora_ranges(((0, 10, 40, 70),), 256, 96, 128, 32), [1, 3, 0, 0])
 
 
 @pytest.mark.parametrize("weight_operand", ["smem", "registers"])
@@ -319,7 +323,7 @@ def test_interpret_lora_block_diagonal(weight_operand):
     x_codes, x_scales, w_codes, w_scales, b = _operands(96, m, n, k)
     lora = {"lora_h": _lora_operands(96, m, n, k, rank)["lora_h"], "lora_up": _block_diagonal_up(n, rank)}
     args = (x_codes, x_scales, pack_int4(w_codes), w_scales, b)
-    y = w4a4_matmul(*args, config=cfg, interpret=True, **lora)
+    y = w4a4_matmul(*args, config=cfg, interpret=True, lora_blocks=BLOCK_RECTS, **lora)
     ref = w4a4_matmul_reference(*args, **lora)
     terms = _term_magnitudes(x_codes, x_scales, w_codes, w_scales, None) + jnp.abs(b) + _lora_terms(lora)
     _assert_bf16_rounding_equal(y, ref, terms)
@@ -338,6 +342,10 @@ def test_lora_bad_operands_raise():
         w4a4_matmul(x, sx, w, sw, lora_h=h, lora_up=up[:, :8])
     with pytest.raises(ValueError, match="must be bfloat16"):
         w4a4_matmul(x, sx, w, sw, lora_h=h.astype(jnp.float32), lora_up=up)
+    with pytest.raises(ValueError, match=r"LoRA block \(0, 129, 0, 16\) must be .* inside B \(128, 16\)"):
+        w4a4_matmul(x, sx, w, sw, lora_h=h, lora_up=up, lora_blocks=((0, 64, 0, 16), (0, 129, 0, 16)))
+    with pytest.raises(ValueError, match="lora_blocks given without a LoRA branch"):
+        w4a4_matmul(x, sx, w, sw, lora_blocks=((0, 64, 0, 16),))
 
 
 def test_gated_residual_bad_operands_raise():
@@ -448,10 +456,11 @@ def test_gpu_lora_gated_residual_block_diagonal():
     lora = _lora_operands(9, m, n, k, rank)
     member = jnp.arange(n)[:, None] // 3072 == jnp.arange(rank)[None, :] // 32
     lora["lora_up"] = jnp.where(member, lora["lora_up"], 0)
+    blocks = tuple((i * 3072, (i + 1) * 3072, i * 32, (i + 1) * 32) for i in range(3))
     args = (x_codes, x_scales, pack_int4(w_codes), w_scales, b)
     ref = w4a4_matmul_reference(*args, **lora)
     terms = _term_magnitudes(x_codes, x_scales, w_codes, w_scales, None) + jnp.abs(b) + _lora_terms(lora)
-    _assert_bf16_rounding_equal(w4a4_matmul(*args, **lora), ref, terms)
+    _assert_bf16_rounding_equal(w4a4_matmul(*args, lora_blocks=blocks, **lora), ref, terms)
 
 
 def test_repeated_calls_share_one_traced_kernel():
