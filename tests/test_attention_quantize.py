@@ -269,6 +269,28 @@ def test_bf16_matches_unfused_path(kind, batch, lengths, block):
     check_bf16(got, streams, cos, sin, heads)
 
 
+def test_repeated_calls_share_one_traced_kernel():
+    """As for the other kernels: the blocks of a model call the producer at the same shapes, and
+    every such call shares one traced (and lowered) kernel, in both modes."""
+    heads, lengths = 2, (64, 64)
+    streams = _streams("fused", 1, lengths, heads)
+    cos, sin = _tables(sum(lengths), 128, jax.random.key(7))
+
+    def two_blocks(shift):
+        moved = []
+        for s in streams:  # the next block's projection: another array, read at the same columns
+            x = s.q.array + shift
+            moved.append(s._replace(**{n: getattr(s, n)._replace(array=x) for n in "qkv"}))
+        bf16 = [project_qkv(x, cos, sin, heads=heads, eps=EPS, block=64, interpret=True) for x in (streams, moved)]
+        codes = [quantize_projections(x, cos, sin, heads=heads, eps=EPS, config=SMALL, interpret=True)
+                 for x in (streams, moved)]
+        return bf16, codes
+
+    launches = [e.params["jaxpr"] for e in jax.make_jaxpr(two_blocks)(jnp.bfloat16(1)).eqns
+                if e.primitive.name in ("jit", "pjit") and e.params["name"] == "_launch"]
+    assert len(launches) == 6 and len({id(j) for j in launches}) == 3  # bf16, sums, codes: one each
+
+
 def test_bf16_check_catches_a_wrong_producer():
     """The bound fails q left unrotated, RoPE's table one token off, or k normed with the other
     stream's weights."""
@@ -462,7 +484,10 @@ def test_model_qk_producer_matches_unfused(monkeypatch):
     calls = []
 
     def producer(streams, cos, sin, *, heads, eps):
-        out = attention_quantize.project_qkv(streams, cos, sin, heads=heads, eps=eps, interpret=True)
+        # Waited for: the interpreted kernel's callbacks run JAX ops, and with the eager model
+        # dispatching the next ops behind it the CPU client deadlocked (the kernel is jitted).
+        out = jax.block_until_ready(attention_quantize.project_qkv(streams, cos, sin, heads=heads, eps=eps,
+                                                                   interpret=True))
         calls.append((streams, cos, sin, heads, eps, out))
         return out
 
