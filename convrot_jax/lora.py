@@ -93,14 +93,14 @@ class LowRank(nnx.Module):
 
     def __init__(self, down: jax.Array, up: jax.Array, scale: jax.Array, *, fused: bool = True,
                  down_kernel: bool = True, blocks: LoRABlocks | None = None):
+        self.blocks = None if blocks is None else tuple(tuple(int(v) for v in b) for b in blocks)
+        if self.blocks is not None:
+            check_blocks(np.asarray(up), self.blocks)  # on the host array, where B is given as one
         self.down = LoRAParam(jnp.asarray(down))
         self.up = LoRAParam(jnp.asarray(up))
         self.scale = LoRAParam(jnp.asarray(scale, jnp.float32))
         self.fused = fused
         self.down_kernel = down_kernel
-        self.blocks = None if blocks is None else tuple(tuple(int(v) for v in b) for b in blocks)
-        if self.blocks is not None:
-            check_blocks(np.asarray(self.up[...]), self.blocks)
 
     @property
     def rank(self) -> int:

@@ -40,6 +40,7 @@ import math
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -271,13 +272,23 @@ def output_layout(model: nnx.Module) -> dict[str, _Rows]:
     return layout
 
 
-def _branches(model: nnx.Module, loras: Sequence[tuple[LoRA, float]]) -> dict[str, list[tuple]]:
-    """{layer path: [(A, B over the layer's rows, per-rank scale, B's row ranges), ...]} for every
-    module of every LoRA, member by member of a fused layer (by first row; in file order within a
-    member), so that each member's ranks are contiguous: the W4A4 GEMM's epilogue then multiplies
-    a member's output tiles by its own rank chunks only. Raises LoRAError for what does not fit."""
+class _Part(NamedTuple):
+    """One LoRA module's share of a layer's branch: A, B over the layer's rows, per-rank scale,
+    and the row ranges of B it fills (B is zero elsewhere)."""
+
+    down: np.ndarray
+    up: np.ndarray
+    scale: np.ndarray
+    row_ranges: tuple[tuple[int, int], ...]
+
+
+def _branches(model: nnx.Module, loras: Sequence[tuple[LoRA, float]]) -> dict[str, list[_Part]]:
+    """{layer path: [part, ...]} for every module of every LoRA, member by member of a fused layer
+    (by first row; in file order within a member), so that each member's ranks are contiguous: the
+    W4A4 GEMM's epilogue then multiplies a member's output tiles by its own rank chunks only.
+    Raises LoRAError for what does not fit."""
     layout = output_layout(model)
-    out: dict[str, list[tuple[int, tuple[np.ndarray, ...]]]] = {}
+    out: dict[str, list[tuple[int, _Part]]] = {}
     for lora, user_scale in loras:
         for module in lora.modules:
             where = f"LoRA file {lora.path}: module {module.key!r}"
@@ -298,7 +309,7 @@ def _branches(model: nnx.Module, loras: Sequence[tuple[LoRA, float]]) -> dict[st
                 for rows, a, b in pieces:
                     up[rows.start : rows.start + rows.rows] = module.up[a:b]
                 row_ranges = tuple((rows.start, rows.start + rows.rows) for rows, _, _ in pieces)
-                out.setdefault(path, []).append((pieces[0][0].start, (module.down, up, scale, row_ranges)))
+                out.setdefault(path, []).append((pieces[0][0].start, _Part(module.down, up, scale, row_ranges)))
     return {path: [part for _, part in sorted(parts, key=lambda p: p[0])] for path, parts in out.items()}
 
 
@@ -318,19 +329,22 @@ def apply_loras(model: nnx.Module, loras: Sequence[tuple[LoRA, float]], *, dtype
     remove_loras(model)
     layers = dict(lora_layers(model))
     for path, parts in branches.items():
-        down, up, scale = (np.concatenate(p, axis=axis) for p, axis in zip(list(zip(*parts))[:3], (0, 1, 0)))
-        attach_lora(layers[path], LowRank(jnp.asarray(down, dtype), jnp.asarray(up, dtype), scale,
-                                          blocks=_blocks(parts)))
+        # Cast on the host: LowRank checks B against its blocks before it moves to the device.
+        down = np.concatenate([p.down for p in parts], axis=0).astype(dtype)
+        up = np.concatenate([p.up for p in parts], axis=1).astype(dtype)
+        scale = np.concatenate([p.scale for p in parts])
+        attach_lora(layers[path], LowRank(down, up, scale, blocks=_blocks(parts)))
 
 
-def _blocks(parts: Sequence[tuple]) -> LoRABlocks:
+def _blocks(parts: Sequence[_Part]) -> LoRABlocks:
     """The (row start, row end, rank start, rank end) rectangles of B outside which it is zero:
     each part's row ranges over its ranks, the parts' ranks side by side. From the layout alone,
     so LoRAs of the same ranks on the same layers give the same (static) blocks."""
     blocks, first = [], 0
-    for down, _, _, row_ranges in parts:
-        blocks += [(a, b, first, first + down.shape[0]) for a, b in row_ranges]
-        first += down.shape[0]
+    for part in parts:
+        rank = part.down.shape[0]
+        blocks += [(a, b, first, first + rank) for a, b in part.row_ranges]
+        first += rank
     return tuple(blocks)
 
 

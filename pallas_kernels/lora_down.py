@@ -20,9 +20,10 @@ touching the quantization (benchmarks/notes/lora.md).
 Structure: a grid of (M / 64 row tiles) x (`splits` K ranges); each CTA runs one pipeline of
 (64, 64) x tiles and (r, 64) A tiles per source array (x, then a GELU tail's columns), TMA'd
 into a `max_concurrent_steps`-deep ring; per step, with a GELU, the tile is loaded to registers,
-GELU'd in float32 (tanh.approx.f32 by default, `LoRADownConfig.fast_tanh`) and rounded to bf16 (as XLA's producer rounds u), and is wgmma's A operand from
-registers (or, `gelu_operand="smem"`, from a shared-memory copy); then one bf16 wgmma (64 x r)
-accumulating in float32. Each CTA writes its float32 partial
+GELU'd in float32 (tanh.approx.f32 by default, `LoRADownConfig.fast_tanh`) and rounded to bf16
+(as XLA's producer rounds u), and is wgmma's A operand from registers (or,
+`gelu_operand="smem"`, from a shared-memory copy); then one bf16 wgmma (64 x r) accumulating in
+float32. Each CTA writes its float32 partial
 sum; one small XLA pass adds the `splits` partials, scales by s and rounds once to bf16.
 
 M not a multiple of 64 is padded (a copy of x; FLUX's token counts are multiples of 64); r not a

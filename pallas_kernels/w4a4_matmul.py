@@ -574,7 +574,7 @@ def _kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, bias_gmem, gate_gmem, res_gmem, h_
 
 
 def _check_operands(x_codes, x_scales, w_packed, w_scales, bias, scale_group, gate=None, residual=None,
-                    out_dtype=None, lora_h=None, lora_up=None) -> None:
+                    out_dtype=None, lora_h=None, lora_up=None, lora_blocks=None) -> None:
     """Raises ValueError naming the operand and shape at fault."""
     m, k, n = check_packed_operands("x_codes", x_codes, jnp.int8, w_packed)
     if x_scales.shape != (m,):
@@ -582,6 +582,10 @@ def _check_operands(x_codes, x_scales, w_packed, w_scales, bias, scale_group, ga
     check_weight_operands(k, n, w_scales, scale_group, bias)
     check_gated_residual((m, n), gate, residual, out_dtype)
     check_lora_operands(m, n, lora_h, lora_up)
+    if lora_blocks is not None:
+        if lora_up is None:
+            raise ValueError("lora_blocks given without a LoRA branch (lora_h, lora_up)")
+        check_lora_blocks(lora_blocks, lora_up.shape)
 
 
 # The shared memory a CTA may use on Hopper (227 KiB), less room for the barriers.
@@ -801,15 +805,11 @@ def w4a4_matmul(
     before the gate. lora_blocks (static): rectangles (row start, row end, rank start, rank end)
     outside which B is zero (a fused layer's members with their own LoRAs), so each tile
     multiplies only the rank chunks its rows reach; None: B dense. B must be zero outside them:
-    the kernel skips what they leave out. config: default `config_for(M, N, K, scale_group)`. interpret: Mosaic GPU
-    interpret mode (CPU tests).
+    the kernel skips what they leave out. config: default `config_for(M, N, K, scale_group)`.
+    interpret: Mosaic GPU interpret mode (CPU tests).
     """
     _check_operands(x_codes, x_scales, w_packed, w_scales, bias, scale_group, gate, residual, out_dtype, lora_h,
-                    lora_up)
-    if lora_blocks is not None:
-        if lora_up is None:
-            raise ValueError("lora_blocks given without a LoRA branch (lora_h, lora_up)")
-        check_lora_blocks(lora_blocks, lora_up.shape)
+                    lora_up, lora_blocks)
     return _call(x_codes, x_scales, w_packed, w_scales, bias, gate, residual, lora_h, lora_up,
                  scale_group=scale_group, out_dtype=out_dtype, config=config, int32_out=False, interpret=interpret,
                  lora_blocks=lora_blocks)
