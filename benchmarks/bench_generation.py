@@ -18,7 +18,8 @@ diffusers' rows take random prompt embeddings of those shapes. The JAX denoising
 `lax.fori_loop` program with a progress callback per step (as the CLI runs it), projections and
 the default producers (the GELUs) fused as `FluxPipeline.from_pretrained` fuses them.
 Timed: the median of `--runs` runs after one that compiles; the W4A4 rows' final latents against
-jax_bf16's (relative L2). The parent writes generation.{json,md} after each variant.
+jax_bf16's (relative L2; the workers hand them over in a temporary folder). The parent writes
+generation.{json,md} after each variant.
 
     PYTHONPATH=. python3 -m benchmarks.bench_generation [--variants jax_bf16 jax_w4a4 torch_eager torch_compile]
     JAX_PLATFORMS=cpu PYTHONPATH=. python3 -m benchmarks.bench_generation --config small --variants jax_bf16 torch_eager --out /tmp/g   # CPU smoke test
@@ -117,7 +118,7 @@ def jax_worker(variant: str, args) -> dict:
 
     row = _timed(one_image, args.runs)
     final = np.asarray(latents[0], np.float32)
-    np.save(args.out / f"latents_{variant}.npy", final)
+    np.save(args.latents_dir / f"latents_{variant}.npy", final)
     return {"variant": variant, "device": device.device_kind,
             "w4a4_implementation": resolve_implementation(implementation) if implementation else None,
             "transformer_weight_gib": weight_bytes(transformer) / GIB, "build_s": build_s, **row,
@@ -212,7 +213,7 @@ def markdown(log: dict, args) -> list[str]:
     return lines
 
 
-def summarize(rows: list[dict]) -> list[dict]:
+def summarize(rows: list[dict], args) -> list[dict]:
     """JAX W4A4 against JAX bf16 and against the diffusers rows, one image, same run."""
     by = {r["variant"]: r for r in rows if "seconds_per_image" in r}
     q = by.get("jax_w4a4")
@@ -222,7 +223,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     labels = {"jax_bf16": "flux_flax bf16", "torch_eager": "diffusers bf16", "torch_compile": "diffusers bf16 + compile"}
     return [harness.figure(f"whole pipeline, W4A4 ({kernels})", f"{q['seconds_per_image']:.2f} s per image, peak GPU "
                            f"{q['peak_gpu_gib']:.2f} GiB ({labels[b]}: {by[b]['seconds_per_image']:.2f} s, "
-                           f"{by[b]['peak_gpu_gib']:.2f} GiB)", shape="1024², 28 steps, denoise + VAE decode",
+                           f"{by[b]['peak_gpu_gib']:.2f} GiB)",
+                           shape=f"{args.size}², {args.steps} steps, denoise + VAE decode",
                            baseline=labels[b], ratio=by[b]["seconds_per_image"] / q["seconds_per_image"])
             for b in labels if b in by]
 
@@ -249,6 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt", default="a photo of a cat sitting on a red chair next to the window")
     p.add_argument("--deadline", type=float, default=560, help="seconds for all variants (each in a subprocess)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--latents-dir", type=Path, help=argparse.SUPPRESS)  # where a worker leaves its final latents
     args = p.parse_args(argv)
     args.size = args.size or (1024 if args.config == "dev" else 128)
     args.steps = args.steps or (28 if args.config == "dev" else 2)
@@ -258,28 +261,31 @@ def main(argv: list[str] | None = None) -> None:
         harness.emit(work(args.worker, args))
         return
 
+    import tempfile
+
     import numpy as np
 
     start = time.perf_counter()
     log: dict = {"rows": [], "vs_bf16": {}}
     meta = harness.run_meta(probe=True)
     ordered = [v for v in VARIANTS if v in args.variants]
-    for variant in ordered:  # registry order: the baseline first, the slow compiles last
-        left = args.deadline - (time.perf_counter() - start)
-        skip = _not_runnable(variant, left)
-        if skip:
-            log["rows"].append({"variant": variant, "error": skip})
-        else:
-            got = harness.run_isolated(harness.worker_command(MODULE, variant, argv), timeout=left, label=variant)
-            log["rows"].append({"variant": variant, **got})
-            mine, ref = args.out / f"latents_{variant}.npy", args.out / f"latents_{BASELINE}.npy"
-            if variant.startswith("jax_w4a4") and mine.is_file() and ref.is_file():
-                q, r = np.load(mine), np.load(ref)
-                log["vs_bf16"][variant] = float(np.linalg.norm(q - r) / np.linalg.norm(r))
-        harness.write_results(NAME, log, markdown(log, args), args.out, summary=summarize(log["rows"]), meta=meta,
-                              command="python -m " + MODULE + " " + " ".join(argv))  # after each variant
-    for p_ in args.out.glob("latents_*.npy"):
-        p_.unlink()
+    with tempfile.TemporaryDirectory(prefix="bench_generation_") as latents:
+        worker_argv = [*argv, "--latents-dir", latents]
+        for variant in ordered:  # registry order: the baseline first, the slow compiles last
+            left = args.deadline - (time.perf_counter() - start)
+            skip = _not_runnable(variant, left)
+            if skip:
+                log["rows"].append({"variant": variant, "error": skip})
+            else:
+                got = harness.run_isolated(harness.worker_command(MODULE, variant, worker_argv), timeout=left,
+                                           label=variant)
+                log["rows"].append({"variant": variant, **got})
+                mine, ref = Path(latents, f"latents_{variant}.npy"), Path(latents, f"latents_{BASELINE}.npy")
+                if variant.startswith("jax_w4a4") and mine.is_file() and ref.is_file():
+                    q, r = np.load(mine), np.load(ref)
+                    log["vs_bf16"][variant] = float(np.linalg.norm(q - r) / np.linalg.norm(r))
+            harness.write_results(NAME, log, markdown(log, args), args.out, summary=summarize(log["rows"], args),
+                                  meta=meta, command="python -m " + MODULE + " " + " ".join(argv))  # after each variant
     print((args.out / f"{NAME}.md").read_text())
 
 
