@@ -298,7 +298,7 @@ class FluxAttention(nnx.Module):
         inner = heads * dim_head
         self.heads, self.head_dim = heads, dim_head
         self.attention_impl = attention_impl
-        self.qk_producer = False  # the exact attention's q, k, v from the producer kernel (`flux_flax.set_attention`)
+        self.qk_producer = True  # the exact attention's q, k, v from the producer kernel (`flux_flax.set_attention`)
         self.norm_q = RMSNorm(dim_head, eps=eps, dtype=dtype)
         self.norm_k = RMSNorm(dim_head, eps=eps, dtype=dtype)
         self.to_q = linear(query_dim, inner, dtype=dtype, rngs=rngs)
@@ -364,7 +364,7 @@ class FluxAttention(nnx.Module):
         (`convrot_jax.ops.fuses_attention_producer`: "sage8", "sage_qk8"), bf16 projections, RoPE,
         whole blocks of text tokens and no sequence parallelism, the QK RMSNorm, RoPE, K's mean
         and the 8-bit codes are one producer reading the projections
-        (`ops.attention_from_projections`); with `qk_producer` (off by default) the exact
+        (`ops.attention_from_projections`); with `qk_producer` (on by default) the exact
         attention's bf16 q, k and v are made alike, one launch writing them in the joint layout;
         otherwise they run here in XLA ops."""
         streams = [(self._projections(hidden_states, qkv, self.to_qkv, self.to_q, self.to_k, self.to_v),

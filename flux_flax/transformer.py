@@ -285,14 +285,15 @@ def module_path(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def set_attention(model: nnx.Module, implementation: str | None, *, qk_producer: bool = False) -> nnx.Module:
+def set_attention(model: nnx.Module, implementation: str | None, *, qk_producer: bool = True) -> nnx.Module:
     """Sets, IN PLACE, the attention implementation of every FluxAttention in `model` (see
     `FluxTransformer2DModel`; None: the exact default) and returns `model`. With `qk_producer`
-    (off by default: measured slower than XLA's fusions, `benchmarks/notes/fusions.md`; on a
-    Hopper GPU, elsewhere ignored) the exact attention ("cudnn", "xla") gets its bf16 q, k, v from
-    one producer kernel reading the q/k/v projections (per-head RMSNorm, RoPE, the [text, image]
-    join: `pallas_kernels.attention_quantize.project_qkv`) instead of XLA ops; the 8-bit kernels
-    always take theirs from the producer. A runtime choice, not part of the weights or the
+    (the default: measured 1-2% faster per W4A4 step than XLA's fusions, and a shorter compile,
+    `benchmarks/notes/fusions.md`; on a Hopper GPU, elsewhere ignored) the exact attention
+    ("cudnn", "xla") gets its bf16 q, k, v from one producer kernel reading the q/k/v projections
+    (per-head RMSNorm, RoPE, the [text, image] join:
+    `pallas_kernels.attention_quantize.project_qkv`) instead of XLA ops; the 8-bit kernels always
+    take theirs from the producer. A runtime choice, not part of the weights or the
     checkpoint: a jitted caller that takes the graph definition as a static argument compiles
     again."""
     if implementation is not None:
