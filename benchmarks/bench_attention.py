@@ -283,19 +283,20 @@ def accuracy(args) -> list[dict]:
 
 
 def work_model(args) -> list[dict]:
-    """FLUX.1-dev with random bf16 weights (benchmarks.models.random_transformer), the same noise,
-    text and pooled inputs: one velocity prediction at the first sigma and the final latents after
-    `--model-steps` Euler steps, each 8-bit attention implementation against cuDNN bf16."""
+    """FLUX.1-dev with random bf16 weights (`flux_flax.random_weights.random_transformer`), the
+    same noise, text and pooled inputs: one velocity prediction at the first sigma and the final
+    latents after `--model-steps` Euler steps, each 8-bit attention implementation against cuDNN
+    bf16."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     import flux_flax
     from benchmarks.bench_quality import _similarity
-    from benchmarks.models import random_transformer
+    from flux_flax.random_weights import random_transformer
     from flux_flax import sampling
 
-    model = random_transformer(flux_flax.FluxConfig.dev(), seed=0)
+    model = random_transformer(flux_flax.FluxConfig.dev(), dtype=jnp.bfloat16)
     config, size, steps = model.config, args.model_size, args.model_steps
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
     h = w = size // 8

@@ -172,12 +172,12 @@ def torch_worker(args, variants: list[str]) -> list[dict]:
 # ------------------------------------------------------------------------------------ JAX
 def jax_worker(args, variant: str) -> list[dict]:
     import jax
+    import jax.numpy as jnp
     from flax import nnx
 
     import flux_flax
     from flux_flax.producers import DEFAULT_KINDS
-
-    from benchmarks.models import random_transformer
+    from flux_flax.random_weights import random_transformer
 
     impl = VARIANTS[variant].options["impl"]
     producers = VARIANTS[variant].options.get("producers", DEFAULT_KINDS)
@@ -185,7 +185,7 @@ def jax_worker(args, variant: str) -> list[dict]:
     if args.model:
         model = flux_flax.load_transformer(Path(args.model) / "transformer")
     else:
-        model = random_transformer(_config(args))
+        model = random_transformer(_config(args), dtype=jnp.bfloat16)
     if impl:
         flux_flax.quantize_model(model, implementation=impl)  # layer by layer: bf16 weights freed as it goes
     if args.fuse:

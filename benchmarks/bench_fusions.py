@@ -45,11 +45,11 @@ def run(args: argparse.Namespace, save) -> list[dict]:
 
     import flux_flax
     from benchmarks.bench_e2e import step_breakdown, step_inputs
-    from benchmarks.models import random_transformer
+    from flux_flax.random_weights import random_transformer
 
     config = {"dev": flux_flax.FluxConfig.dev, "small": flux_flax.FluxConfig.small}[args.config]()
     t0 = time.perf_counter()
-    model = random_transformer(config)
+    model = random_transformer(config, dtype=jnp.bfloat16)
     flux_flax.quantize_model(model, implementation=args.impl)
     flux_flax.fuse_projections(model)
     print(f"model ready in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -49,14 +49,14 @@ def worker(args, group: str) -> list[dict]:
     from flux_flax import sampling
     from flux_flax.pipeline import denoise_on_mesh, device_mesh
 
-    from benchmarks.models import random_transformer
+    from flux_flax.random_weights import random_transformer
 
     precision, mode, devices = group.split(":")
     devices = int(devices)
     config = (flux_flax.FluxConfig.dev() if args.config == "dev"
               else flux_flax.FluxConfig.tiny(num_attention_heads=4))  # 4 heads: they divide over 4 devices
     t0 = time.perf_counter()
-    model = random_transformer(config)
+    model = random_transformer(config, dtype=jnp.bfloat16)
     if precision == "w4a4":
         flux_flax.quantize_model(model, implementation=args.impl)
     flux_flax.fuse_producers(flux_flax.fuse_projections(model))  # as FluxPipeline.from_pretrained builds it

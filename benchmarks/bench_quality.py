@@ -102,9 +102,9 @@ def end_to_end(model_dir: str | None, size: int, steps: int, seed: int) -> dict:
     if model_dir:
         model = flux_flax.load_transformer(Path(model_dir) / "transformer")
     else:
-        from benchmarks.models import random_transformer
+        from flux_flax.random_weights import random_transformer
 
-        model = random_transformer(flux_flax.FluxConfig.dev(), seed=seed)
+        model = random_transformer(flux_flax.FluxConfig.dev(), dtype=jnp.bfloat16, seed=seed)
     config = model.config
     graphdef, bf16_state = nnx.split(model)
     quantized = flux_flax.quantize_model(nnx.merge(graphdef, bf16_state), implementation="auto")

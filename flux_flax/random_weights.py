@@ -107,14 +107,17 @@ def write_random_diffusers_dir(
     return files
 
 
-def random_transformer(config: FluxConfig, *, dtype: Dtype, quantize: str | None = None) -> FluxTransformer2DModel:
-    """A random FLUX transformer built block by block on the default device (block i of each kind
-    seeded by its index, so every call holds the same weights). With `quantize` (the W4A4
-    implementation: "auto", "xla", "pallas"), every layer `flux_default_policy()` marks is
-    quantized as soon as its block exists, so the float model never sits in memory whole, as when
-    a converted checkpoint is loaded. Unfused (what checkpoints hold)."""
+def random_transformer(config: FluxConfig, *, dtype: Dtype, quantize: str | None = None,
+                       seed: int = 0) -> FluxTransformer2DModel:
+    """A random FLUX transformer (flax's initialisers) built block by block on the default device
+    (block i of each kind seeded by `seed` and its index, so every call with the same seed holds
+    the same weights): seconds at FLUX.1-dev's size on a GPU, where one jitted constructor of the
+    whole model takes minutes. With `quantize` (the W4A4 implementation: "auto", "xla",
+    "pallas"), every layer `flux_default_policy()` marks is quantized as soon as its block exists,
+    so the float model never sits in memory whole, as when a converted checkpoint is loaded.
+    Unfused (what checkpoints hold)."""
     shell = dataclasses.replace(config, num_layers=0, num_single_layers=0)
-    model = nnx.jit(lambda: FluxTransformer2DModel(shell, dtype=dtype, rngs=nnx.Rngs(0)))()
+    model = nnx.jit(lambda: FluxTransformer2DModel(shell, dtype=dtype, rngs=nnx.Rngs(seed)))()
     model.config = config
     dims = (config.inner_dim, config.num_attention_heads, config.attention_head_dim)
     make_double = nnx.jit(lambda key: FluxTransformerBlock(*dims, dtype=dtype, rngs=nnx.Rngs(key)))
@@ -123,8 +126,8 @@ def random_transformer(config: FluxConfig, *, dtype: Dtype, quantize: str | None
     blocks += [(model.single_transformer_blocks, make_single, 2000 + i) for i in range(config.num_single_layers)]
     if quantize:
         quantize_model(model, implementation=quantize)  # the embedders and norm_out
-    for blocks_list, make, seed in blocks:
-        blocks_list.append(make(jax.random.key(seed)))
+    for blocks_list, make, block_seed in blocks:
+        blocks_list.append(make(jax.random.fold_in(jax.random.key(seed), block_seed)))
         if quantize:
             quantize_model(model, implementation=quantize)  # only the new block's float layers are left
     return model
