@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 
 import jax
 import jax.experimental.pallas as pl
@@ -212,4 +213,7 @@ def lora_down(
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
     partials = f(*arrays, a)
-    return (partials.sum(axis=0)[:m, :r] * scale.astype(jnp.float32)).astype(jnp.bfloat16)
+    # added one by one rather than by a reduce, so that the sum, s and the rounding are one XLA
+    # loop fusion (a reduce and the elementwise ops after it can take two launches)
+    total = functools.reduce(operator.add, [partials[i] for i in range(splits)])
+    return (total[:m, :r] * scale.astype(jnp.float32)).astype(jnp.bfloat16)
