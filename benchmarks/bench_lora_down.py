@@ -10,10 +10,17 @@ the fused model makes it):
   pallas_nosplit  the same with one K range per 64-row tile (`LoRADownConfig(ctas_per_sm=None)`)
   pallas_smem     the same with the GELU'd tile stored to shared memory as wgmma's A operand
                   (`gelu_operand="smem"`) instead of from registers
+  pallas_tk128    K tiles of 128 columns (16 KB of x a step instead of 8: half the steps, each
+                  TMA copy twice as long)
+  pallas_tk128_1cta  the same, aiming at 1 CTA per SM (half the K ranges: fewer partial sums,
+                  longer pipelines) with a 6-deep ring
+  pallas_deep_1cta   64-column tiles, 1 CTA per SM, an 8-deep ring
+(At 4608 tokens the default splits K 4 ways: 12 steps a CTA at K = 3072, so the ring's fill and
+drain are a large part of each CTA's time; the last three variants test that.)
 GB/s = the bytes of x (and the tail's columns) read once / time. Device time (CUPTI), median of 20
 over rotating input sets (> 2x the 50 MB L2); each implementation in its own process.
 
-    PYTHONPATH=. python3 -m benchmarks.bench_lora_down [--stages tests,bench] [--variants xla pallas pallas_nosplit pallas_smem]
+    PYTHONPATH=. python3 -m benchmarks.bench_lora_down [--stages tests,bench] [--variants xla pallas ...]
 """
 
 from __future__ import annotations
@@ -34,6 +41,11 @@ VARIANTS = harness.registry(
     Variant("pallas_nosplit", "pallas_kernels.lora_down, no K split", options={"ctas_per_sm": None}),
     Variant("pallas_smem", "pallas_kernels.lora_down, the GELU'd tile through shared memory",
             options={"gelu_operand": "smem"}),
+    Variant("pallas_tk128", "pallas_kernels.lora_down, 128-column K tiles", options={"tile_k": 128}),
+    Variant("pallas_tk128_1cta", "pallas_kernels.lora_down, 128-column K tiles, 1 CTA per SM, 6 stages",
+            options={"tile_k": 128, "ctas_per_sm": 1, "max_concurrent_steps": 6}),
+    Variant("pallas_deep_1cta", "pallas_kernels.lora_down, 1 CTA per SM, 8 stages",
+            options={"ctas_per_sm": 1, "max_concurrent_steps": 8}),
 )
 # name: M, x's columns, rank, GELU from (None: no prologue), tail (width, first column) or None
 SITES = {

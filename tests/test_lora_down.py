@@ -83,6 +83,17 @@ def test_interpret_without_k_split_is_the_same_product():
     _check(h, x, down, scale, gelu_from=0)
 
 
+def test_interpret_wider_k_tiles_and_deeper_ring():
+    """Other configs of the kernel (benchmarks/bench_lora_down.py's variants): 128-column K tiles
+    on the GELU tail form, and an 8-deep ring aiming at 1 CTA per SM, give h within the bound."""
+    rng = np.random.default_rng(11)
+    m, k, rank, prologue, tail_k = CASES["gelu_tail_r96"]
+    x, tail, down, scale = _operands(rng, m, k, rank, tail_k)
+    prologue = dict(prologue, tail=tail)
+    for config in (LoRADownConfig(tile_k=128), LoRADownConfig(max_concurrent_steps=8, ctas_per_sm=1)):
+        _check(lora_down(x, down, scale, interpret=True, config=config, **prologue), x, down, scale, **prologue)
+
+
 def test_refuses_what_it_cannot_take():
     """Errors name the operand: a rank over 256, columns not multiples of tile_k, float32 x, an
     unknown place for the GELU'd tile."""
