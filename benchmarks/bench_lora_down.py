@@ -15,8 +15,11 @@ the fused model makes it):
   pallas_tk128_1cta  the same, aiming at 1 CTA per SM (half the K ranges: fewer partial sums,
                   longer pipelines) with a 6-deep ring
   pallas_deep_1cta   64-column tiles, 1 CTA per SM, an 8-deep ring
+  pallas_nosplit_deep  no K split, 128-column K tiles, an 8-deep ring (as many as fit): no
+                  partial sums, so no XLA launch after the kernel, on 64-72 SMs at 4096-4608 tokens
 (At 4608 tokens the default splits K 4 ways: 12 steps a CTA at K = 3072, so the ring's fill and
-drain are a large part of each CTA's time; the last three variants test that.)
+drain are a large part of each CTA's time; the last four variants test that, and whether the
+sites without a GELU (memory-bound) can do without the split and its summing launch.)
 GB/s = the bytes of x (and the tail's columns) read once / time. Device time (CUPTI), median of 20
 over rotating input sets (> 2x the 50 MB L2); each implementation in its own process.
 
@@ -46,6 +49,8 @@ VARIANTS = harness.registry(
             options={"tile_k": 128, "ctas_per_sm": 1, "max_concurrent_steps": 6}),
     Variant("pallas_deep_1cta", "pallas_kernels.lora_down, 1 CTA per SM, 8 stages",
             options={"ctas_per_sm": 1, "max_concurrent_steps": 8}),
+    Variant("pallas_nosplit_deep", "pallas_kernels.lora_down, no K split, 128-column K tiles, 8 stages",
+            options={"ctas_per_sm": None, "tile_k": 128, "max_concurrent_steps": 8}),
 )
 # name: M, x's columns, rank, GELU from (None: no prologue), tail (width, first column) or None
 SITES = {
