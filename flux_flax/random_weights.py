@@ -112,10 +112,10 @@ def random_transformer(config: FluxConfig, *, dtype: Dtype, quantize: str | None
     """A random FLUX transformer (flax's initialisers) built block by block on the default device
     (block i of each kind seeded by `seed` and its index, so every call with the same seed holds
     the same weights): ~25 s at FLUX.1-dev's size on the H200, quantization included, where one
-    jitted constructor of the whole model takes minutes. With `quantize` (the W4A4 implementation: "auto", "xla",
-    "pallas"), every layer `flux_default_policy()` marks is quantized as soon as its block exists,
-    so the float model never sits in memory whole, as when a converted checkpoint is loaded.
-    Unfused (what checkpoints hold)."""
+    jitted constructor of the whole model takes minutes. With `quantize` (the W4A4
+    implementation: "auto", "xla", "pallas"), every layer `flux_default_policy()` marks is
+    quantized as soon as its block exists, so the float model never sits in memory whole, as when
+    a converted checkpoint is loaded. Unfused (what checkpoints hold)."""
     shell = dataclasses.replace(config, num_layers=0, num_single_layers=0)
     model = nnx.jit(lambda: FluxTransformer2DModel(shell, dtype=dtype, rngs=nnx.Rngs(seed)))()
     model.config = config

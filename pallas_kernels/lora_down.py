@@ -23,8 +23,8 @@ into a `max_concurrent_steps`-deep ring; per step, with a GELU, the tile is load
 GELU'd in float32 (tanh.approx.f32 by default, `LoRADownConfig.fast_tanh`) and rounded to bf16
 (as XLA's producer rounds u), and is wgmma's A operand from registers (or,
 `gelu_operand="smem"`, from a shared-memory copy); then one bf16 wgmma (64 x r) accumulating in
-float32. Each CTA writes its float32 partial
-sum; one small XLA pass adds the `splits` partials, scales by s and rounds once to bf16.
+float32. Each CTA writes its float32 partial sum; one small XLA pass adds the `splits` partials,
+scales by s and rounds once to bf16.
 
 M not a multiple of 64 is padded (a copy of x; FLUX's token counts are multiples of 64); r not a
 multiple of 8 gets zero rows of A (wgmma's N). `interpret=True` runs the kernel on the CPU, where
@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import operator
 
 import jax
 import jax.experimental.pallas as pl
@@ -47,7 +46,7 @@ from jax import lax
 
 from pallas_kernels.rotate_quantize import SMEM_BYTES, approx_tanh, gelu_tanh
 from pallas_kernels.smem import swizzle_transforms
-from pallas_kernels.tile_schedule import sm_count
+from pallas_kernels.tile_schedule import add_pieces, sm_count
 
 TILE_M = 64  # one warpgroup's wgmma M
 MAX_RANK = 256  # one wgmma N
@@ -213,7 +212,4 @@ def lora_down(
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
     partials = f(*arrays, a)
-    # added one by one rather than by a reduce, so that the sum, s and the rounding are one XLA
-    # loop fusion (a reduce and the elementwise ops after it can take two launches)
-    total = functools.reduce(operator.add, [partials[i] for i in range(splits)])
-    return (total[:m, :r] * scale.astype(jnp.float32)).astype(jnp.bfloat16)
+    return (add_pieces(partials)[:m, :r] * scale.astype(jnp.float32)).astype(jnp.bfloat16)  # one XLA fusion

@@ -70,7 +70,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import operator
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -83,7 +82,7 @@ from jax import lax
 
 from pallas_kernels.int4_unpack import check_packed_operands, check_weight_operands, unpack_tile
 from pallas_kernels.smem import swizzle_transforms
-from pallas_kernels.tile_schedule import TileSchedule, sm_count, tile_coords, tile_schedule
+from pallas_kernels.tile_schedule import TileSchedule, add_pieces, sm_count, tile_coords, tile_schedule
 from pallas_kernels.w4a4_matmul_config import W4A4MatmulConfig, config_for
 from pallas_kernels.w4a4_matmul_reference import check_gated_residual, check_lora_operands
 
@@ -737,11 +736,7 @@ def _add_split_tiles(y, ws, x_scales, w_scales, bias, gate, residual, lora_h, lo
     (LoRA term included: a float32 product of the tiles' h rows and B rows) and `add_residual`
     (the int32 variant: not at all) and writes them into y with one scatter."""
     tm, cta_n = config.tile_m, 2 * config.tile_n
-    # (tail, warpgroup, *acc_shape). The pieces added one by one rather than by a reduce: XLA's
-    # GPU fusion keeps a reduce apart from the elementwise ops after it (with the reduce the
-    # finish took two launches, 2 x 76 a FLUX.1-dev step), while adds can fuse with the
-    # dequantize into the scatter.
-    acc = functools.reduce(operator.add, [ws[i] for i in range(ws.shape[0])])
+    acc = add_pieces(ws)  # (tail, warpgroup, *acc_shape), fused with the dequantize into the scatter
     order = (0, 3, 1, 2) if config.weight_operand == "registers" else (0, 2, 1, 3)
     acc = acc.transpose(order).reshape(schedule.tail_tiles, tm, cta_n)
     lin = schedule.first_tail + jnp.arange(schedule.tail_tiles, dtype=jnp.int32)
