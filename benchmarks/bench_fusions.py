@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import harness
+from benchmarks import harness, step_trace
 from benchmarks.bench_e2e import breakdown_lines
 
 NAME = "fusions"
@@ -76,6 +76,14 @@ def run(args: argparse.Namespace, save) -> list[dict]:
                                           / jnp.linalg.norm(ref.astype(jnp.float32)))
         if args.breakdown and i in (0, len(configs) - 1) and jax.default_backend() == "gpu":
             row["breakdown"] = step_breakdown(step, state, inputs)
+        if args.trace:
+            traced = {"graphs_on": compiled,
+                      "graphs_off": step.lower(state, inputs).compile(
+                          compiler_options={"xla_gpu_enable_command_buffer": ""})}
+            for name, program in traced.items():
+                path = step_trace.capture(lambda program=program: program(state, inputs).block_until_ready(),
+                                          args.trace / label.replace(" ", "").replace("+", "_") / name)
+                print(f"  trace of {label}, {name}: {path}", flush=True)
         print(f"  {label}: {ms:.2f} ms (compile {compile_s:.0f} s)", flush=True)
         if ref is None:
             ref = out
@@ -117,6 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--configs", nargs="+", choices=[c[0] for c in CONFIGS], default=[c[0] for c in CONFIGS],
                         metavar="LABEL", help=f"which fusion sets, in this order: {[c[0] for c in CONFIGS]}")
     parser.add_argument("--breakdown", action="store_true", help="CUPTI breakdown of the first and last configurations")
+    parser.add_argument("--trace", type=Path, default=None, metavar="DIR",
+                        help="write XLA profiler timelines (xplane) of 3 steps of each configuration, with XLA's "
+                             "command buffers on and off, under DIR (`benchmarks.step_trace`)")
     parser.add_argument("--out", type=Path, default=harness.RESULTS)
     args = parser.parse_args(argv)
 
