@@ -82,7 +82,7 @@ def run(args: argparse.Namespace, save) -> list[dict]:
                           compiler_options={"xla_gpu_enable_command_buffer": ""})}
             for name, program in traced.items():
                 path = step_trace.capture(lambda program=program: program(state, inputs).block_until_ready(),
-                                          args.trace / label.replace(" ", "").replace("+", "_") / name)
+                                          args.trace / f"{label.replace(' ', '').replace('+', '_')}.{name}.xplane.pb")
                 print(f"  trace of {label}, {name}: {path}", flush=True)
         print(f"  {label}: {ms:.2f} ms (compile {compile_s:.0f} s)", flush=True)
         if ref is None:
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--breakdown", action="store_true", help="CUPTI breakdown of the first and last configurations")
     parser.add_argument("--trace", type=Path, default=None, metavar="DIR",
                         help="write XLA profiler timelines (xplane) of 3 steps of each configuration, with XLA's "
-                             "command buffers on and off, under DIR (`benchmarks.step_trace`)")
+                             "command buffers on and off, as DIR/LABEL.graphs_on.xplane.pb etc. (`benchmarks.step_trace`)")
     parser.add_argument("--out", type=Path, default=harness.RESULTS)
     args = parser.parse_args(argv)
 
