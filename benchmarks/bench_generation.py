@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import harness
+from benchmarks import harness, step_trace
 from benchmarks.harness import Variant
 
 NAME = "generation"
@@ -117,6 +117,11 @@ def jax_worker(variant: str, args) -> dict:
         return {"denoise_s": t_denoise - t, "decode_s": t_decode - t_denoise}
 
     row = _timed(one_image, args.runs)
+    if args.trace:  # the denoising loop's timeline: what a step costs inside the loop beyond its kernels
+        initial = pipe.prepare_latents([settings.seed], args.size, args.size)
+        embeds = jax.block_until_ready(pipe.encode_prompts([args.prompt]))
+        step_trace.capture(lambda: jax.block_until_ready(pipe.denoise(initial, embeds, settings)),
+                           args.trace / f"{variant}.denoise.xplane.pb", steps=1)
     final = np.asarray(latents[0], np.float32)
     np.save(args.latents_dir / f"latents_{variant}.npy", final)
     return {"variant": variant, "device": device.device_kind,
@@ -250,6 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", type=int, default=1, help="timed runs after the compiling one")
     p.add_argument("--prompt", default="a photo of a cat sitting on a red chair next to the window")
     p.add_argument("--deadline", type=float, default=560, help="seconds for all variants (each in a subprocess)")
+    p.add_argument("--trace", type=Path, default=None, metavar="DIR",
+                   help="JAX variants: write the XLA profiler timeline of one more denoising run to "
+                        "DIR/VARIANT.denoise.xplane.pb (`benchmarks.step_trace`)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--latents-dir", type=Path, help=argparse.SUPPRESS)  # where a worker leaves its final latents
     args = p.parse_args(argv)
