@@ -156,9 +156,13 @@ def worker(args) -> list[dict]:
         compiled = step.lower(graphdef, state, inputs).compile()
         ms = harness.wall_ms(lambda: compiled(state, inputs), iters=args.iters, warmup=args.warmup,
                              sync=lambda y: y.block_until_ready())
+        loop = harness.back_to_back_ms(lambda: compiled(state, inputs), iters=args.iters, warmup=0,
+                                       sync=lambda y: y.block_until_ready())
         lora_mib = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, LoRAParam))) / 2**20
-        print(f"  {label}: {ms:.1f} ms (first call {first:.1f} s), LoRA factors {lora_mib:.0f} MiB", flush=True)
-        row = dict(variant=label, size=args.size, batch=batch, step_ms=ms, first_call_s=first, lora_mib=lora_mib)
+        print(f"  {label}: {ms:.1f} ms, loop {loop:.1f} ms (first call {first:.1f} s), LoRA factors {lora_mib:.0f} MiB",
+              flush=True)
+        row = dict(variant=label, size=args.size, batch=batch, step_ms=ms, loop_step_ms=loop, first_call_s=first,
+                   lora_mib=lora_mib)
         if args.breakdown and jax.default_backend() == "gpu":
             row["breakdown"] = step_breakdown(jax.jit(functools.partial(forward, graphdef)), state, inputs)
         return row
@@ -215,16 +219,23 @@ def markdown(rows: list[dict], args) -> list[str]:
              "kohya-named (fused qkv and linear1 modules: rank 32 on each fused layer). LoRA branches fused into "
              "the W4A4 kernels (Pallas: h from the `lora_down` kernel, h B^T in the GEMM's epilogue), `*_xladown` "
              "with h from XLA's producer + GEMM, `*_unfused` not fused (two XLA GEMMs after the layer). `vs none`: "
-             "against the step without LoRA of the same run (process).", ""]
+             "against the step without LoRA of the same run (process). step ms: host clock around one synchronised "
+             "call; loop ms: per call of --iters calls issued back to back with one synchronisation (the host's "
+             "per-call work overlapped with the device's, as in the pipeline's loop of steps).", ""]
+
+    def versus(r, base, key):
+        return f"{100 * (r[key] / base[key] - 1):+.1f}%" if key in r and key in base else "-"
+
     body = []
     for run, by in runs.items():
-        base = by.get("none", {}).get("step_ms")
-        body += [[run, r["variant"], f"{r['size']}²", r["batch"], f"{r['step_ms']:.1f}",
-                  f"{100 * (r['step_ms'] / base - 1):+.1f}%" if base else "-", f"{r['lora_mib']:.0f}"]
+        base = by.get("none", {})
+        body += [[run, r["variant"], f"{r['size']}²", r["batch"], f"{r['step_ms']:.1f}", versus(r, base, "step_ms"),
+                  f"{r['loop_step_ms']:.1f}" if "loop_step_ms" in r else "-", versus(r, base, "loop_step_ms"),
+                  f"{r['lora_mib']:.0f}"]
                  for r in by.values() if "step_ms" in r]
-        body += [[run, r["variant"], f"failed: {r['error']}", "", "", "", ""] for r in by.values() if "error" in r]
-    lines += harness.md_table(["run", "variant", "size", "batch", "step ms", "vs none", "LoRA factors MiB"], body,
-                              [True, False, True, True, True, True, True])
+        body += [[run, r["variant"], f"failed: {r['error']}", *[""] * 6] for r in by.values() if "error" in r]
+    lines += harness.md_table(["run", "variant", "size", "batch", "step ms", "vs none", "loop ms", "loop vs none",
+                               "LoRA factors MiB"], body, [True, False, True, True, True, True, True, True, True])
     for r in rows:
         if r.get("breakdown"):
             lines += breakdown_lines(r["variant"], r["step_ms"], r["breakdown"])
