@@ -317,7 +317,8 @@ def breakdown_lines(label: str, step_ms: float, b: dict) -> list[str]:
     device time and launches per stage, the gaps, the XLA fusions by model source line."""
     stages = list(b["stages_ms"])
     lines = ["", f"Per-stage device time with {label} (ms; CUPTI; {b['kernel_launches']} launches; gaps = step time "
-             f"minus the kernels' sum = {step_ms - b['kernels_ms']:.1f} ms):", ""]
+             f"minus the kernels' sum = {step_ms - b['kernels_ms']:.1f} ms, mostly the host's work of a synchronised call, "
+             f"not device idle: `benchmarks/step_trace.py`):", ""]
     lines += harness.md_table(["", *stages], [["ms", *(f"{b['stages_ms'][k]:.2f}" for k in stages)],
                                               ["launches", *(b["launches_per_stage"].get(k, 0) for k in stages)]],
                               [False] + [True] * len(stages))
@@ -391,7 +392,8 @@ def markdown(rows: list[dict]) -> list[str]:
     if with_breakdown:
         names = sorted({k for r in with_breakdown for k in r["breakdown"]["stages_ms"]})
         lines += ["", "Per-stage device time of one step (ms; CUPTI, every kernel of the compiled step; "
-                  "`gaps` = step time minus the kernels' sum):", ""]
+                  "`gaps` = step time minus the kernels' sum, mostly the host's work of a synchronised call, not device "
+                  "idle: `benchmarks/step_trace.py`):", ""]
         lines += harness.md_table(
             ["variant", "size", "batch", *names, "gaps", "launches"],
             [[r["variant"], f"{r['size']}²", r["batch"],

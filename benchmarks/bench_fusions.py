@@ -7,7 +7,8 @@ quantized once, can be timed with each set of fusions: the differences are the f
 (same weights, same process, same GPU state), and the baseline (no fusion beyond the fused
 projections) is measured in the same run. A step is one transformer forward given its
 precomputed AdaLN modulation, as `sampling.denoise` runs it; median of --iters after warm-up,
-host clock around a synchronised call (launch gaps included). With --breakdown the last
+host clock around a synchronised call (the host's ~11 ms of work before the device starts
+included: `benchmarks/step_trace.py`). With --breakdown the last
 configuration and the first (the baseline) are also broken down per stage from CUPTI
 (`bench_e2e.step_breakdown`). The results are written after every configuration.
 
@@ -69,7 +70,9 @@ def run(args: argparse.Namespace, save) -> list[dict]:
         out = compiled(state, inputs)
         ms = harness.wall_ms(lambda: compiled(state, inputs), iters=args.iters, warmup=args.warmup,
                              sync=lambda y: y.block_until_ready())
-        row = dict(fusions=label, size=args.size, batch=args.batch, step_ms=ms, compile_s=compile_s,
+        loop = harness.back_to_back_ms(lambda: compiled(state, inputs), iters=args.iters, warmup=0,
+                                       sync=lambda y: y.block_until_ready())
+        row = dict(fusions=label, size=args.size, batch=args.batch, step_ms=ms, loop_step_ms=loop, compile_s=compile_s,
                    finite=bool(jnp.isfinite(out.astype(jnp.float32)).all()))
         if ref is not None:  # the output moves only by rounding: how far from the first configuration's
             row["rel_l2_vs_first"] = float(jnp.linalg.norm((out - ref).astype(jnp.float32))
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace, save) -> list[dict]:
                 path = step_trace.capture(lambda program=program: program(state, inputs).block_until_ready(),
                                           args.trace / f"{label.replace(' ', '').replace('+', '_')}.{name}.xplane.pb")
                 print(f"  trace of {label}, {name}: {path}", flush=True)
-        print(f"  {label}: {ms:.2f} ms (compile {compile_s:.0f} s)", flush=True)
+        print(f"  {label}: {ms:.2f} ms, loop {loop:.2f} ms (compile {compile_s:.0f} s)", flush=True)
         if ref is None:
             ref = out
         rows.append(row)
@@ -93,20 +96,26 @@ def run(args: argparse.Namespace, save) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> list[str]:
-    base = rows[0]["step_ms"] if rows else None
+    first = rows[0] if rows else {}
+
+    def versus(r, key):
+        return f"{first[key] / r[key]:.3f}x" if key in r and key in first else "-"
+
     lines = ["# The W4A4 step's fusions, one at a time", "",
              "FLUX.1-dev W4A4 (Pallas kernels, fused projections), random weights, 512 text tokens, the step "
              "given its precomputed modulation; one model in one process with each set of fusions switched on "
              "(`flux_flax.fuse_producers`, `flux_flax.fuse_gated_residuals`, "
              "`flux_flax.set_attention(..., qk_producer=)`). Ratio: the first row's step time / "
              "this one's, same run (higher is faster). rel L2: of the output against the first row's (the "
-             "fusions change rounding only).", ""]
+             "fusions change rounding only). step ms: one synchronised call; loop ms: per call of --iters calls issued "
+             "back to back with one synchronisation (as a loop of steps runs them).", ""]
     lines += harness.md_table(
-        ["fusions", "size", "batch", "step ms", f"vs {rows[0]['fusions']}", f"rel L2 vs {rows[0]['fusions']}",
-         "compile s"],
-        [[r["fusions"], f"{r['size']}²", r["batch"], f"{r['step_ms']:.2f}", f"{base / r['step_ms']:.3f}x",
+        ["fusions", "size", "batch", "step ms", f"vs {rows[0]['fusions']}", "loop ms", f"loop vs {rows[0]['fusions']}",
+         f"rel L2 vs {rows[0]['fusions']}", "compile s"],
+        [[r["fusions"], f"{r['size']}²", r["batch"], f"{r['step_ms']:.2f}", versus(r, "step_ms"),
+          f"{r['loop_step_ms']:.2f}" if "loop_step_ms" in r else "-", versus(r, "loop_step_ms"),
           f"{r['rel_l2_vs_first']:.1e}" if "rel_l2_vs_first" in r else "-", f"{r['compile_s']:.0f}"] for r in rows],
-        [False, True, True, True, True, True, True])
+        [False, True, True, True, True, True, True, True, True])
     for r in rows:
         if r.get("breakdown"):
             lines += breakdown_lines(r["fusions"], r["step_ms"], r["breakdown"])
