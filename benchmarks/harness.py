@@ -325,7 +325,7 @@ def write_results(name: str, data: Mapping[str, Any], markdown: str | Sequence[s
     path.write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
     lines = [markdown] if isinstance(markdown, str) else list(markdown)
     where = ", ".join(f"{k} {meta[k]}" for k in ("device", "jax", "commit", "date") if meta.get(k))
-    footer = [f"", f"Run: {where}." + (f" Command: `{command}`." if command else ""),
+    footer = ["", f"Run: {where}." + (f" Command: `{command}`." if command else ""),
               f"Data: `{name}.json` (written with this file by benchmarks/harness.py)."]
     (out_dir / f"{name}.md").write_text("\n".join(lines + footer) + "\n")
     if plot is not None:

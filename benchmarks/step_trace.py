@@ -19,7 +19,6 @@ timeline.{md,json}:
 
 from __future__ import annotations
 
-import argparse
 import glob
 import re
 import shutil
