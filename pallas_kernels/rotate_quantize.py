@@ -537,6 +537,8 @@ def _kernel(*refs, m, n, rows, chunk, bits, keep, hold, prologue, modulated, tai
     if isinstance(count, int):
         issue_load(first, 0)
         finish_block(first, 0, jnp.int32(-1))
+        if slots > 1:
+            plgpu.wait_smem_to_gmem(0)
     elif slots == 1:
         def one(i, mod_key):
             issue_load(first + i, 0)

@@ -197,6 +197,7 @@ def test_interpret_tail_is_the_concatenation(prologue, gelu_from):
     (37, 3072, False, "none", False),  # 2-row blocks (the last one half out), chunk loop unrolled
     (21, 9216, True, "none", False),  # one-row blocks with 4 zero groups
     (19, 1536, False, "gelu_tanh", True),  # one-row blocks of x's 3 groups + the tail's 3, GELU from the tail
+    (9, 3072, True, "none", False),  # 5 blocks on 5 programs: one block each, no pair
 ])
 @pytest.mark.slow
 def test_interpret_prefetch_is_the_same_kernel(m, k, packed, prologue, tailed):
