@@ -105,8 +105,9 @@ def busy_ns(kernels: Sequence[Kernel]) -> int:
 
 
 def burst_stats(burst: Sequence[Kernel], top: int = 6) -> dict:
-    """Span, busy and idle time (ms) of one burst, and the kernel transitions (kind -> kind) that
-    hold most of its idle time."""
+    """Span, busy and idle time (ms) of one burst, the kernel transitions (kind -> kind) that
+    hold most of its idle time, and its kernels' time and count per kind (`kernel_kind`): the
+    per-stage breakdown, from kernels replayed in XLA's CUDA graphs too."""
     span = burst[-1][1] - burst[0][0] if burst else 0
     busy = busy_ns(burst)
     idle: dict[str, list] = {}
@@ -122,8 +123,14 @@ def burst_stats(burst: Sequence[Kernel], top: int = 6) -> dict:
         if k[1] >= end:
             end, prev = k[1], k
     held = sorted(idle.items(), key=lambda kv: -kv[1][0])[:top]
+    kinds: dict[str, list] = {}
+    for start, stop, name in burst:
+        cell = kinds.setdefault(kernel_kind(name), [0, 0])
+        cell[0] += stop - start
+        cell[1] += 1
     return {"kernels": len(burst), "span_ms": span / 1e6, "busy_ms": busy / 1e6, "idle_ms": (span - busy) / 1e6,
-            "idle_by_transition": [(key, ns / 1e6, n) for key, (ns, n) in held]}
+            "idle_by_transition": [(key, ns / 1e6, n) for key, (ns, n) in held],
+            "time_by_kind": [(key, ns / 1e6, n) for key, (ns, n) in sorted(kinds.items(), key=lambda kv: -kv[1][0])]}
 
 
 def read(path: Path) -> tuple[str, list[Kernel], list[tuple[int, int, str]]]:
@@ -214,6 +221,11 @@ def markdown(results: Sequence[dict], captured: str = "") -> list[str]:
                       f"({s['idle_ms']:.2f} ms in all):", ""]
             lines += harness.md_table(["transition", "ms", "count"],
                                       [[f"`{k}`", f"{ms:.3f}", n] for k, ms, n in s["idle_by_transition"]],
+                                      [False, True, True])
+            lines += ["", f"Kernel time of that step by kind ({s['busy_ms']:.2f} ms busy, {s['kernels']} kernels; "
+                      "the 12 longest kinds):", ""]
+            lines += harness.md_table(["kind", "ms", "launches"],
+                                      [[f"`{k}`", f"{ms:.2f}", n] for k, ms, n in s["time_by_kind"][:12]],
                                       [False, True, True])
     return lines
 

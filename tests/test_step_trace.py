@@ -32,6 +32,8 @@ def test_burst_stats_charge_idle_to_the_transition_after_it():
     assert s["idle_ms"] == pytest.approx(2.5)
     assert s["idle_by_transition"] == [("xla:loop_add_fusion -> rotate_quantize", pytest.approx(2.0), 1),
                                        ("rotate_quantize -> w4a4_matmul", pytest.approx(0.5), 1)]
+    assert s["time_by_kind"] == [("rotate_quantize", pytest.approx(2.0), 2), ("w4a4_matmul", pytest.approx(1.5), 1),
+                                 ("xla:loop_add_fusion", pytest.approx(1.0), 1)]
 
 
 @pytest.mark.parametrize("name,kind", [
