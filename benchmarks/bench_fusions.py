@@ -80,9 +80,10 @@ def run(args: argparse.Namespace, save) -> list[dict]:
         if args.breakdown and i in (0, len(configs) - 1) and jax.default_backend() == "gpu":
             row["breakdown"] = step_breakdown(step, state, inputs)
         if args.trace:
-            traced = {"graphs_on": compiled,
-                      "graphs_off": step.lower(state, inputs).compile(
-                          compiler_options={"xla_gpu_enable_command_buffer": ""})}
+            traced = {"graphs_on": compiled}
+            if args.trace_graphs_off:  # a second compilation, with XLA's command buffers off
+                traced["graphs_off"] = step.lower(state, inputs).compile(
+                    compiler_options={"xla_gpu_enable_command_buffer": ""})
             for name, program in traced.items():
                 path = step_trace.capture(lambda program=program: program(state, inputs).block_until_ready(),
                                           args.trace / f"{label.replace(' ', '').replace('+', '_')}.{name}.xplane.pb")
@@ -135,8 +136,12 @@ def main(argv: list[str] | None = None) -> None:
                         metavar="LABEL", help=f"which fusion sets, in this order: {[c[0] for c in CONFIGS]}")
     parser.add_argument("--breakdown", action="store_true", help="CUPTI breakdown of the first and last configurations")
     parser.add_argument("--trace", type=Path, default=None, metavar="DIR",
-                        help="write XLA profiler timelines (xplane) of 3 steps of each configuration, with XLA's "
-                             "command buffers on and off, as DIR/LABEL.graphs_on.xplane.pb etc. (`benchmarks.step_trace`)")
+                        help="write the XLA profiler timeline (xplane) of 3 steps of each configuration as "
+                             "DIR/LABEL.graphs_on.xplane.pb (`benchmarks.step_trace` reads it: timeline and "
+                             "per-kind kernel time)")
+    parser.add_argument("--trace-graphs-off", action="store_true",
+                        help="with --trace, also the step compiled with XLA's command buffers off "
+                             "(DIR/LABEL.graphs_off.xplane.pb; a second compilation)")
     parser.add_argument("--out", type=Path, default=harness.RESULTS)
     args = parser.parse_args(argv)
 

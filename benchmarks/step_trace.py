@@ -9,7 +9,9 @@ and this module's command line reads such files (here or on another machine) int
 timeline.{md,json}:
 - device activity is cut into bursts where the GPU idles longer than `--split-us` (a synchronised
   call's host work, a host callback in a loop); per burst: kernels, span, busy time (the union of
-  the kernels' intervals), idle inside it, and which kernel transitions hold that idle;
+  the kernels' intervals), idle inside it, which kernel transitions hold that idle, and the
+  kernels' time and launches per kind (the per-stage breakdown, without the graphs-off
+  recompilation `step_breakdown` needs);
 - per traced call, the host's phases before its device work starts (argument parsing, XLA's
   thunk preparation and initialisation, the graph launch) and the delay from the call to the
   first kernel.
