@@ -534,41 +534,32 @@ def _kernel(*refs, m, n, rows, chunk, bits, keep, hold, prologue, modulated, tai
         return mod_key
 
     first, count = grid.run(jax.lax.axis_index("programs"))
-    if isinstance(count, int):
+    if slots == 2:  # blocks in pairs, so that each slot's refs are static: (2j in slot 0, 2j + 1 in slot 1)
+        def step(i, s: int) -> None:
+            """The next block's copy into the other slot (if there is one), then block i from slot s."""
+            @pl.when(i + 1 < count)
+            def _():
+                issue_load(first + i + 1, 1 - s)
+
+            finish_block(first + i, s, jnp.int32(-1))
+
+        def pair(j, carry):
+            step(2 * j, 0)
+            pl.when(2 * j + 1 < count)(lambda: step(2 * j + 1, 1))
+            return carry
+
+        issue_load(first, 0)
+        jax.lax.fori_loop(0, (count + 1) // 2, pair, 0)
+        plgpu.wait_smem_to_gmem(0)
+    elif isinstance(count, int):
         issue_load(first, 0)
         finish_block(first, 0, jnp.int32(-1))
-        if slots > 1:
-            plgpu.wait_smem_to_gmem(0)
-    elif slots == 1:
+    else:
         def one(i, mod_key):
             issue_load(first + i, 0)
             return finish_block(first + i, 0, mod_key)
 
         jax.lax.fori_loop(0, count, one, jnp.int32(-1))
-    else:  # block pairs, so that each slot's refs are static: (2j in slot 0, 2j + 1 in slot 1)
-        issue_load(first, 0)
-
-        def pair(j, carry):
-            i = 2 * j
-
-            @pl.when(i + 1 < count)
-            def _():
-                issue_load(first + i + 1, 1)
-
-            finish_block(first + i, 0, jnp.int32(-1))
-
-            @pl.when(i + 1 < count)
-            def _():
-                @pl.when(i + 2 < count)
-                def _():
-                    issue_load(first + i + 2, 0)
-
-                finish_block(first + i + 1, 1, jnp.int32(-1))
-
-            return carry
-
-        jax.lax.fori_loop(0, (count + 1) // 2, pair, 0)
-        plgpu.wait_smem_to_gmem(0)
 
 
 def _check_tail(x: jax.Array, tail: jax.Array, tail_from: int, group_size: int) -> None:
