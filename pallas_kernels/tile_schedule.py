@@ -67,6 +67,7 @@ def tile_coords(lin: jax.Array, tiles: tuple[int, int], minor_dim: str, band_wid
 def add_pieces(pieces: jax.Array) -> jax.Array:
     """The sum over the leading axis of a K split's partial sums (pieces, ...), added one by one
     rather than by a reduce: XLA's GPU fusion keeps a reduce apart from the elementwise ops after
-    it (a finish of two launches: 2 x 76 a FLUX.1-dev step for the GEMM's split tiles, 304 for
-    228 `lora_down` calls), while adds fuse with them into one."""
+    it (304 launches for 228 `lora_down` calls), while adds can fuse with them. (The GEMM's split
+    tiles still take two launches: XLA transposes their pieces in a fusion of its own before the
+    scatter; H200 trace, benchmarks/notes/fusions.md.)"""
     return functools.reduce(operator.add, [pieces[i] for i in range(pieces.shape[0])])

@@ -736,7 +736,7 @@ def _add_split_tiles(y, ws, x_scales, w_scales, bias, gate, residual, lora_h, lo
     (LoRA term included: a float32 product of the tiles' h rows and B rows) and `add_residual`
     (the int32 variant: not at all) and writes them into y with one scatter."""
     tm, cta_n = config.tile_m, 2 * config.tile_n
-    acc = add_pieces(ws)  # (tail, warpgroup, *acc_shape), fused with the dequantize into the scatter
+    acc = add_pieces(ws)  # (tail, warpgroup, *acc_shape)
     order = (0, 3, 1, 2) if config.weight_operand == "registers" else (0, 2, 1, 3)
     acc = acc.transpose(order).reshape(schedule.tail_tiles, tm, cta_n)
     lin = schedule.first_tail + jnp.arange(schedule.tail_tiles, dtype=jnp.int32)
