@@ -162,8 +162,8 @@ def torch_worker(args, variants: list[str]) -> list[dict]:
                 sync()
                 first = time.perf_counter() - t0
                 sync()  # wall clock around a synchronised call, as for JAX
-                med = harness.wall_ms(lambda: fn(**kw), iters=args.iters, warmup=args.warmup, sync=lambda _: sync())
-                loop = harness.back_to_back_ms(lambda: fn(**kw), iters=args.iters, warmup=0, sync=lambda _: sync())
+                med, loop = harness.step_times(lambda: fn(**kw), iters=args.iters, warmup=args.warmup,
+                                               sync=lambda _: sync())
             rows.append(dict(variant=variant, size=size, batch=batch, step_ms=med, loop_step_ms=loop, first_call_s=first,
                              compile_s=max(first - med / 1e3, 0.0),
                              peak_gib=torch.cuda.max_memory_allocated() / GIB if dev == "cuda" else 0.0,
@@ -224,9 +224,7 @@ def jax_worker(args, variant: str) -> list[dict]:
         mem = compiled.memory_analysis()
         temp = getattr(mem, "temp_size_in_bytes", 0) or 0
         out_bytes = getattr(mem, "output_size_in_bytes", 0) or 0
-        med = harness.wall_ms(lambda: compiled(state, inputs), iters=args.iters, warmup=args.warmup,
-                              sync=lambda y: y.block_until_ready())
-        loop = harness.back_to_back_ms(lambda: compiled(state, inputs), iters=args.iters, warmup=0,
+        med, loop = harness.step_times(lambda: compiled(state, inputs), iters=args.iters, warmup=args.warmup,
                                        sync=lambda y: y.block_until_ready())
         row = dict(variant=variant, size=size, batch=batch, step_ms=med, loop_step_ms=loop, compile_s=compile_s,
                    peak_gib=(weight_bytes + temp + out_bytes + sum(x.nbytes for x in jax.tree.leaves(inputs))) / GIB,

@@ -68,10 +68,8 @@ def run(args: argparse.Namespace, save) -> list[dict]:
         compiled = step.lower(state, inputs).compile()
         compile_s = time.perf_counter() - t0
         out = compiled(state, inputs)
-        ms = harness.wall_ms(lambda: compiled(state, inputs), iters=args.iters, warmup=args.warmup,
-                             sync=lambda y: y.block_until_ready())
-        loop = harness.back_to_back_ms(lambda: compiled(state, inputs), iters=args.iters, warmup=0,
-                                       sync=lambda y: y.block_until_ready())
+        ms, loop = harness.step_times(lambda: compiled(state, inputs), iters=args.iters, warmup=args.warmup,
+                                      sync=lambda y: y.block_until_ready())
         row = dict(fusions=label, size=args.size, batch=args.batch, step_ms=ms, loop_step_ms=loop, compile_s=compile_s,
                    finite=bool(jnp.isfinite(out.astype(jnp.float32)).all()))
         if ref is not None:  # the output moves only by rounding: how far from the first configuration's

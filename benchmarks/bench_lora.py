@@ -154,10 +154,8 @@ def worker(args) -> list[dict]:
         # it on every call (~10 ms of host time at FLUX.1-dev's 57 blocks), which the pipeline pays
         # once per generation (its loop is one program), not per step.
         compiled = step.lower(graphdef, state, inputs).compile()
-        ms = harness.wall_ms(lambda: compiled(state, inputs), iters=args.iters, warmup=args.warmup,
-                             sync=lambda y: y.block_until_ready())
-        loop = harness.back_to_back_ms(lambda: compiled(state, inputs), iters=args.iters, warmup=0,
-                                       sync=lambda y: y.block_until_ready())
+        ms, loop = harness.step_times(lambda: compiled(state, inputs), iters=args.iters, warmup=args.warmup,
+                                      sync=lambda y: y.block_until_ready())
         lora_mib = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, LoRAParam))) / 2**20
         print(f"  {label}: {ms:.1f} ms, loop {loop:.1f} ms (first call {first:.1f} s), LoRA factors {lora_mib:.0f} MiB",
               flush=True)

@@ -3,7 +3,8 @@ the results writer (markdown + JSON, optional plot) under benchmarks/results/.
 
 - Timing: `device_time_ms` (benchmarks/timing.py, re-exported here) is the CUPTI device time of
   a jitted op, median of `ITERS` over rotating input sets larger than L2. Whole-model steps are
-  timed on the host clock around synchronised calls (`wall_ms`), their kernels by CUPTI.
+  timed on the host clock around synchronised calls (`wall_ms`) and as calls issued back to back
+  (`back_to_back_ms`; both: `step_times`), their kernels by CUPTI.
 - Isolation: `run_isolated` runs one variant (or one group of variants sharing a model) in its
   own Python process with a timeout and collects the JSON it writes back (`emit`); a crash, an
   out-of-memory or a timeout costs that variant's rows, not the run, and each process's peak
@@ -92,6 +93,12 @@ def back_to_back_ms(call: Callable[[], Any], *, iters: int, warmup: int, sync: C
         times.append((time.perf_counter() - t) * 1e3 / iters)
         del outs
     return sorted(times)[len(times) // 2]
+
+
+def step_times(call: Callable[[], Any], *, iters: int, warmup: int, sync: Callable[[Any], Any]) -> tuple[float, float]:
+    """(synchronised ms, back-to-back ms) of a whole step: `wall_ms`, then `back_to_back_ms`."""
+    return (wall_ms(call, iters=iters, warmup=warmup, sync=sync),
+            back_to_back_ms(call, iters=iters, warmup=0, sync=sync))
 
 
 # ------------------------------------------------------------------------------------ command line
