@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from benchmarks import harness
+from benchmarks.bench_e2e import stage_of
 
 NAME = "timeline"
 # The host phases of one jitted call, as XLA's profiler names them (PjRt, the GPU executable).
@@ -65,19 +66,17 @@ def capture(run_step: Callable[[], object], path: Path, steps: int = 3) -> Path:
 
 # ------------------------------------------------------------------------------------ analysis
 def kernel_kind(name: str) -> str:
-    """A kernel's family: a Pallas kernel's name without its `_mosaic_gpu_kernel` suffix (the W4A4
-    GEMM is the one named `kernel`), cuDNN's attention, cuBLAS GEMMs, memsets and copies, or an
-    XLA fusion with its instance number dropped."""
-    if name.endswith("_mosaic_gpu_kernel"):
-        stem = name[: -len("_mosaic_gpu_kernel")]
-        return "w4a4_matmul" if stem == "kernel" else stem
-    if name.startswith("cudnn") or "sdpa" in name:
-        return "cudnn_attention"
-    if name.startswith(("nvjet", "sm90_xmma", "cutlass")) or "gemm" in name and "fusion" not in name:
-        return "cublas"
+    """A kernel's family: its stage (`bench_e2e.stage_of`, the per-stage breakdown's), made finer
+    where a timeline needs it: a Pallas kernel by its name (the W4A4 GEMM, named `kernel`, by its
+    stage), memsets and copies by their kind, an XLA fusion by its name without the instance
+    number."""
     if name.startswith(("Memset", "Memcpy", "memcpy")):
         return name.split()[0]
-    return "xla:" + re.sub(r"[._]\d+$", "", name)
+    stage = stage_of(name)
+    if name.endswith("_mosaic_gpu_kernel"):
+        stem = name[: -len("_mosaic_gpu_kernel")]
+        return stage if stem == "kernel" else stem
+    return "xla:" + re.sub(r"[._]\d+$", "", name) if stage == "xla_fusions" else stage
 
 
 def bursts(kernels: Sequence[Kernel], split_ns: int) -> list[list[Kernel]]:
@@ -205,7 +204,7 @@ def markdown(results: Sequence[dict], captured: str = "") -> list[str]:
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     lines += harness.md_table(
         ["trace", "steps", "kernels", "span ms", "busy ms", "idle ms", "period ms", "call to first kernel ms"],
-        [[f"`{r['trace']}`", len(r["steps"]), fmt(_median([s["kernels"] for s in r["steps"]]))[:-3],
+        [[f"`{r['trace']}`", len(r["steps"]), f"{_median([s['kernels'] for s in r['steps']]):.0f}",
           fmt(_median([s["span_ms"] for s in r["steps"]])), fmt(_median([s["busy_ms"] for s in r["steps"]])),
           fmt(_median([s["idle_ms"] for s in r["steps"]])), fmt(_median(r["step_periods_ms"])),
           fmt(_median([c["to_first_kernel_ms"] for c in r["host_calls"]]))] for r in results],

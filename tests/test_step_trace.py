@@ -31,16 +31,17 @@ def test_burst_stats_charge_idle_to_the_transition_after_it():
     assert s["busy_ms"] == pytest.approx(4.5)
     assert s["idle_ms"] == pytest.approx(2.5)
     assert s["idle_by_transition"] == [("xla:loop_add_fusion -> rotate_quantize", pytest.approx(2.0), 1),
-                                       ("rotate_quantize -> w4a4_matmul", pytest.approx(0.5), 1)]
-    assert s["time_by_kind"] == [("rotate_quantize", pytest.approx(2.0), 2), ("w4a4_matmul", pytest.approx(1.5), 1),
+                                       ("rotate_quantize -> w4a4_gemm", pytest.approx(0.5), 1)]
+    assert s["time_by_kind"] == [("rotate_quantize", pytest.approx(2.0), 2), ("w4a4_gemm", pytest.approx(1.5), 1),
                                  ("xla:loop_add_fusion", pytest.approx(1.0), 1)]
 
 
 @pytest.mark.parametrize("name,kind", [
-    ("kernel_mosaic_gpu_kernel", "w4a4_matmul"),
+    ("kernel_mosaic_gpu_kernel", "w4a4_gemm"),  # the kinds of the breakdown's stages take its names
     ("lora_down_mosaic_gpu_kernel", "lora_down"),
-    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "cudnn_attention"),
-    ("nvjet_sm90_tss_192x64_64x6_1x2_h_bz_NNT", "cublas"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention"),
+    ("nvjet_sm90_tss_192x64_64x6_1x2_h_bz_NNT", "cublas_gemm"),
+    ("gemm_fusion_dot.19", "cublas_gemm"),
     ("Memset 0", "Memset"),
     ("input_scatter_fusion_19", "xla:input_scatter_fusion"),
     ("fusion.1670", "xla:fusion"),
