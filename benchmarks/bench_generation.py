@@ -121,7 +121,7 @@ def jax_worker(variant: str, args) -> dict:
         initial = pipe.prepare_latents([settings.seed], args.size, args.size)
         embeds = jax.block_until_ready(pipe.encode_prompts([args.prompt]))
         step_trace.capture(lambda: jax.block_until_ready(pipe.denoise(initial, embeds, settings)),
-                           args.trace / f"{variant}.denoise.xplane.pb", steps=1)
+                           args.trace / f"{variant}.denoise.xplane.pb", steps=1, warmup=0)  # timed runs warmed it
     final = np.asarray(latents[0], np.float32)
     np.save(args.latents_dir / f"latents_{variant}.npy", final)
     return {"variant": variant, "device": device.device_kind,

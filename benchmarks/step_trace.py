@@ -42,13 +42,15 @@ CALL = "PjitFunction"
 Kernel = tuple[int, int, str]  # start ns, end ns, name
 
 
-def capture(run_step: Callable[[], object], path: Path, steps: int = 3) -> Path:
-    """Run `run_step` (one synchronised step) once untraced, then `steps` times under XLA's
-    profiler (no Python tracer, no HLO protos: the file holds the timeline only), and write the
-    xplane to `path` (the profiler's own directory tree is nested five deep); returns `path`."""
+def capture(run_step: Callable[[], object], path: Path, steps: int = 3, warmup: int = 1) -> Path:
+    """Run `run_step` (one synchronised step) `warmup` times untraced (0 when the caller has run
+    it already), then `steps` times under XLA's profiler (no Python tracer, no HLO protos: the
+    file holds the timeline only), and write the xplane to `path` (the profiler's own directory
+    tree is nested five deep); returns `path`."""
     import jax
 
-    run_step()
+    for _ in range(warmup):
+        run_step()
     options = jax.profiler.ProfileOptions()
     options.python_tracer_level = 0
     options.enable_hlo_proto = False
