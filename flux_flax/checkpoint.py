@@ -190,8 +190,6 @@ class CheckpointWriter:
         check_destination(self.path, overwrite=overwrite, sources=self.sources)
         self.removed_temporaries = remove_abandoned_temporaries(self.path)
         self.tmp = self.path.parent / f".{self.path.name}{TMP_MARKER}{uuid.uuid4().hex[:12]}"
-        self.tmp.mkdir(parents=True)
-        (self.tmp / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
         self._session = self.tmp / "checkpoint"
         self._pending: dict[StatePath, jax.Array] = {}
         self._pending_bytes = 0
@@ -199,6 +197,14 @@ class CheckpointWriter:
         self.bytes_written = 0
 
     def __enter__(self) -> "CheckpointWriter":
+        # Made here, not in __init__: a signal between the constructor and `with` would leave it.
+        try:
+            with interrupts.deferred():
+                self.tmp.mkdir(parents=True)
+                (self.tmp / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -219,14 +225,16 @@ class CheckpointWriter:
         """Starts writing the queued leaves in the background, once the previous batch is written:
         reading and quantizing the next batch overlaps the write of this one."""
         self._wait()
-        self._in_flight = ocp.partial.save_async(self._session, _nest(self._pending), custom_metadata=custom_metadata)
+        with interrupts.deferred():  # a write started in the background is always one `abort` waits for
+            self._in_flight = ocp.partial.save_async(self._session, _nest(self._pending),
+                                                     custom_metadata=custom_metadata)
         self.bytes_written += self._pending_bytes
         self._pending, self._pending_bytes = {}, 0
 
     def _wait(self) -> None:
         if self._in_flight is not None:
-            in_flight, self._in_flight = self._in_flight, None
-            in_flight.result()
+            self._in_flight.result()  # forgotten only once ended: a signal in the wait leaves it to `abort`
+            self._in_flight = None
 
     def commit(self, metadata: Mapping[str, Any]) -> Path:
         """Writes the last leaves with `metadata`, finalizes, hashes every file into the integrity
@@ -248,10 +256,12 @@ class CheckpointWriter:
         return self.path
 
     def abort(self) -> None:
-        """Removes everything written so far (after the write in flight, if any, has ended)."""
-        with contextlib.suppress(Exception):
-            self._wait()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        """Removes everything written so far (after the write in flight, if any, has ended; a second
+        Ctrl-C does not stop the clean-up halfway)."""
+        with interrupts.held():
+            with contextlib.suppress(Exception):
+                self._wait()
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def checkpoint_metadata(config: FluxConfig | T5Config, quantization: Mapping[str, Any] | None,

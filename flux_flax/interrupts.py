@@ -6,6 +6,9 @@ remembered: a library that catches the exception on its way (an event loop, a wo
 make the command forget it, since `check()` raises it again before a commit's point of no return.
 `held()` marks that point: the renames that put an output in place run to their end, and a signal
 arriving inside arrives too late to stop them (the command finishes as if it had come after).
+`deferred()` guards a step that must not stop halfway but may stop right after (creating a
+temporary directory and recording it for removal, starting a background write and keeping its
+handle): a signal arriving inside is raised at the block's end.
 """
 
 from __future__ import annotations
@@ -57,21 +60,52 @@ def check() -> None:
 
 
 @contextlib.contextmanager
-def held() -> Iterator[None]:
-    """Within the block SIGINT and SIGTERM do not interrupt it: one arriving there is dropped once
-    the block has run to its end (outside `raising()` as well: the default handlers wait too).
-    Signals reach the main thread only: elsewhere the block runs as it is."""
+def _signals_held() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM do not interrupt the block; yields a list that holds, after the block,
+    the signal that arrived inside (if one did). Signals reach the main thread only: elsewhere the
+    block runs as it is."""
     global _holding, _received
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield []
         return
     inside_raising = signal.getsignal(signal.SIGINT) is _remember  # its handlers serve; else install them
     previous = {} if inside_raising else {s: signal.signal(s, _remember) for s in _SIGNALS}
-    _holding = True
+    before, _received, _holding = _received, None, True
+    arrived: list[int] = []
     try:
-        yield
+        yield arrived
     finally:
         _holding = False
-        _received = None
+        if _received is not None:
+            arrived.append(_received)
+        _received = before
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """Within the block SIGINT and SIGTERM do not interrupt it: one arriving there is dropped once
+    the block has run to its end (outside `raising()` as well: the default handlers wait too)."""
+    with _signals_held():
+        yield
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Within the block SIGINT and SIGTERM do not interrupt it: one arriving there is raised once
+    the block has run to its end, as it would have been had it arrived just after (inside
+    `raising()`: KeyboardInterrupt / `Terminated`, remembered for `check`; outside: the signal's
+    own handler)."""
+    global _received
+    inside_raising = signal.getsignal(signal.SIGINT) is _remember
+    arrived: list[int] = []
+    try:
+        with _signals_held() as arrived:
+            yield
+    finally:  # also when the block raised: the signal is not lost behind its exception
+        if arrived:
+            if inside_raising:
+                _received = arrived[0]
+                raise _exception(arrived[0])
+            signal.raise_signal(arrived[0])

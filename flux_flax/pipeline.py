@@ -25,7 +25,7 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 from convrot_jax import ops
-from flux_flax import sampling, sequence_parallel
+from flux_flax import interrupts, sampling, sequence_parallel
 from flux_flax.checkpoint import load_checkpoint, stored_part
 from flux_flax.config import FluxConfig
 from flux_flax.fusion import fuse_projections
@@ -518,17 +518,24 @@ def png_metadata(prompt: str, seed: int, settings: GenerationSettings, **extra: 
 def save_png(image: np.ndarray, path: str | Path, prompt: str, seed: int, settings: GenerationSettings, **extra: str) -> Path:
     """Writes one uint8 (H, W, 3) image with its prompt, seed and settings in the PNG's text
     chunks, never over an existing file: `name.png` taken, it writes `name-1.png`, `name-2.png`, ...
-    Returns the path written."""
+    Returns the path written. A file is whole or absent: Ctrl-C waits for the image being written,
+    and a failed write removes its file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for n in itertools.count():
         candidate = path if n == 0 else path.with_name(f"{path.stem}-{n}{path.suffix}")
-        try:
-            with open(candidate, "xb") as f:  # exclusive: a concurrent run cannot take it too
-                Image.fromarray(image).save(f, format="PNG", pnginfo=png_metadata(prompt, seed, settings, **extra))
-            return candidate
-        except FileExistsError:
-            continue
+        with interrupts.deferred():
+            try:
+                f = open(candidate, "xb")  # exclusive: a concurrent run cannot take it too
+            except FileExistsError:
+                continue
+            try:
+                with f:
+                    Image.fromarray(image).save(f, format="PNG", pnginfo=png_metadata(prompt, seed, settings, **extra))
+            except BaseException:
+                candidate.unlink(missing_ok=True)
+                raise
+        return candidate
     raise AssertionError("unreachable")
 
 

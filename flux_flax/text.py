@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from flux_flax import interrupts
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -153,8 +155,12 @@ class PromptEncoder:
             for i, prompt in enumerate(missing):
                 cached[prompt] = PromptEmbeds(fresh.prompt_embeds[i : i + 1], fresh.pooled_prompt_embeds[i : i + 1])
                 tmp = self._cache_path(prompt).with_suffix(".tmp.npz")
-                np.savez(tmp, **dataclasses.asdict(cached[prompt]))
-                tmp.replace(self._cache_path(prompt))
+                with interrupts.deferred():  # an entry is whole or absent
+                    try:
+                        np.savez(tmp, **dataclasses.asdict(cached[prompt]))
+                        tmp.replace(self._cache_path(prompt))
+                    finally:
+                        tmp.unlink(missing_ok=True)
         return PromptEmbeds(
             np.concatenate([cached[p].prompt_embeds for p in prompts]),
             np.concatenate([cached[p].pooled_prompt_embeds for p in prompts]),

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import pytest
@@ -81,3 +82,99 @@ def test_a_signal_between_the_renames_lets_them_finish(monkeypatch, tmp_path, in
                 writer.commit(checkpoint_metadata(FluxConfig.tiny(), None, {"value": value}))
     assert fake.renames == 2 and _stored_value(out) == 2.0
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+@pytest.mark.parametrize("inside_raising", [True, False])
+def test_deferred_raises_a_signal_at_the_end_of_its_block(inside_raising):
+    ran = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts.raising() if inside_raising else contextlib.nullcontext():
+            with interrupts.deferred():
+                signal.raise_signal(signal.SIGINT)
+                ran.append("rest of the block")
+            ran.append("after the block")
+    assert ran == ["rest of the block"]
+
+
+def test_deferred_signal_is_not_lost_behind_the_blocks_exception():
+    with interrupts.raising(), pytest.raises(KeyboardInterrupt) as info:
+        with interrupts.deferred():
+            signal.raise_signal(signal.SIGINT)
+            raise OSError("disk full")
+    assert isinstance(info.value.__context__, OSError)
+
+
+def test_deferred_signal_is_remembered_for_check():
+    with interrupts.raising():
+        with contextlib.suppress(KeyboardInterrupt):
+            with interrupts.deferred():
+                signal.raise_signal(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            interrupts.check()
+
+
+def _signal_once(signum: int, then: Callable) -> Callable:
+    """`then`, preceded on its first call by the signal (as if it arrived just before)."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        if not calls:
+            calls.append(1)
+            signal.raise_signal(signum)
+        return then(*args, **kwargs)
+
+    return wrapped
+
+
+@pytest.mark.parametrize("signum,raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, interrupts.Terminated)],
+                         ids=["ctrl-c", "sigterm"])
+def test_a_signal_while_the_temporary_directory_is_made_leaves_nothing(monkeypatch, tmp_path, signum, raised):
+    """The signal lands between the directory's creation and its owner record: the writer still
+    removes it (the subprocess test's failure on CI: the signal came as the directory appeared)."""
+    monkeypatch.setattr(checkpoint.socket, "gethostname", _signal_once(signum, checkpoint.socket.gethostname))
+    with interrupts.raising(), pytest.raises(raised):
+        with CheckpointWriter(tmp_path / "ckpt"):
+            pytest.fail("the writer was entered despite the signal")
+    assert list(tmp_path.iterdir()) == []
+
+
+class _ResultSignalsFirst:
+    """An Orbax save whose first wait is interrupted (the signal arrives while the main thread waits)."""
+
+    def __init__(self, response):
+        self.response = response
+        self.result = _signal_once(signal.SIGINT, self._result)
+        self.ended = False
+
+    def _result(self):
+        out = self.response.result()
+        self.ended = True
+        return out
+
+
+@pytest.mark.parametrize("where", ["starting the write", "waiting for the write"])
+def test_a_signal_during_a_background_write_leaves_nothing(monkeypatch, tmp_path, where):
+    """Ctrl-C as a batch's background write starts, or while the next batch waits for it: the
+    writer waits for that write to end before it removes the temporary directory, so no Orbax
+    thread writes into a directory that is being removed."""
+    save_async = checkpoint.ocp.partial.save_async
+    responses = []
+    if where == "starting the write":
+        def wrapped(*args, **kwargs):
+            response = save_async(*args, **kwargs)
+            responses.append(_ResultSignalsFirst(response))
+            responses[-1].result = responses[-1]._result  # this wait is not interrupted
+            signal.raise_signal(signal.SIGINT)
+            return responses[-1]
+    else:
+        def wrapped(*args, **kwargs):
+            responses.append(_ResultSignalsFirst(save_async(*args, **kwargs)))
+            return responses[-1]
+    monkeypatch.setattr(checkpoint.ocp.partial, "save_async", wrapped)
+    with interrupts.raising(), pytest.raises(KeyboardInterrupt):
+        with CheckpointWriter(tmp_path / "ckpt", flush_bytes=16) as writer:
+            for i in range(3):
+                writer.add((f"w{i}",), jnp.full((4,), i, jnp.float32))
+            writer.commit({"value": 1.0})
+    assert len(responses) == 1 and responses[0].ended
+    assert list(tmp_path.iterdir()) == []

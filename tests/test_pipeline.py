@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -357,6 +358,34 @@ def test_pngs_are_never_overwritten(tmp_path):
     for k, path in enumerate(paths):
         with Image.open(path) as img:
             assert np.asarray(img)[0, 0, 0] == k
+
+
+def test_ctrl_c_while_a_png_is_written_leaves_it_whole(monkeypatch, tmp_path):
+    from flux_flax import pipeline
+
+    def metadata_then_ctrl_c(*args, **kwargs):
+        info = png_metadata(*args, **kwargs)
+        signal.raise_signal(signal.SIGINT)  # the file is open, the image not yet written
+        return info
+
+    png_metadata = pipeline.png_metadata
+    monkeypatch.setattr(pipeline, "png_metadata", metadata_then_ctrl_c)
+    image = np.full((16, 16, 3), 7, np.uint8)
+    with pytest.raises(KeyboardInterrupt):
+        save_png(image, tmp_path / "a.png", "a cat", 0, SETTINGS)
+    with Image.open(tmp_path / "a.png") as img:
+        assert np.array_equal(np.asarray(img), image) and img.text["prompt"] == "a cat"
+
+
+def test_a_failed_png_write_leaves_no_file(monkeypatch, tmp_path):
+    def partial_then_disk_full(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG\r\n")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", partial_then_disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_png(np.zeros((16, 16, 3), np.uint8), tmp_path / "a.png", "a cat", 0, SETTINGS)
+    assert not list(tmp_path.iterdir())
 
 
 def test_nan_output_is_an_error_not_a_black_image(ours, tmp_path):
