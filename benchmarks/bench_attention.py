@@ -9,6 +9,8 @@ tokens, i.e. 512², 1024² and 2048x1024 images; batch 1 and 4; 24 heads x 128):
   sage_qk8          pallas_kernels.attention, precision="sage_qk8": int8 QK^T, bf16 PV
   sage8_int8_kernel the int8 kernel alone, on operands quantize_qkv made beforehand
   sage8_int8_2stages, sage8_int8_kv64: other block configs of sage8_int8
+  mosaic_bf16_overlap, sage8_int8_overlap, sage_qk8_overlap: the kernels with FlashAttention-3's
+                    intra-warpgroup overlap (AttentionConfig.overlap)
 With the producer (from a double block's text and image q/k/v projection outputs, bf16: per-head
 QK RMSNorm, RoPE, the attention; what the model runs; ratios against rope_cudnn_bf16):
   rope_cudnn_bf16   XLA QK-norm + RoPE (the model's unfused ops) + cuDNN bf16 (the baseline)
@@ -39,6 +41,7 @@ Stages (--stages, default tests,bench):
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -61,9 +64,15 @@ VARIANTS = harness.registry(
     Variant("sage8_int8_kernel", "the int8 sage8 kernel on pre-quantized operands", group=_GROUP,
             options={"precision": "sage8", "qk": "int8", "prequantized": True}),
     Variant("sage8_int8_2stages", "sage8_int8 with 2 K/V stages (default 3)", group=_GROUP,
-            options={"precision": "sage8", "qk": "int8", "config": (128, 2)}),
+            options={"precision": "sage8", "qk": "int8", "config": {"max_concurrent_steps": 2}}),
     Variant("sage8_int8_kv64", "sage8_int8 with block_kv 64, 4 stages", group=_GROUP,
-            options={"precision": "sage8", "qk": "int8", "config": (64, 4)}),
+            options={"precision": "sage8", "qk": "int8", "config": {"block_kv": 64, "max_concurrent_steps": 4}}),
+    Variant("mosaic_bf16_overlap", "mosaic_bf16 with FlashAttention-3's intra-warpgroup overlap", group=_GROUP,
+            options={"precision": "bf16", "config": {"overlap": True}}),
+    Variant("sage8_int8_overlap", "sage8_int8 overlapped (fp8 PV accumulated in place)", group=_GROUP,
+            options={"precision": "sage8", "qk": "int8", "config": {"overlap": True}}),
+    Variant("sage_qk8_overlap", "sage_qk8 overlapped, 3 K/V stages", group=_GROUP,
+            options={"precision": "sage_qk8", "qk": "int8", "config": {"overlap": True, "max_concurrent_steps": 3}}),
     Variant("rope_cudnn_bf16", "XLA QK-norm + RoPE, cuDNN bf16", group=_GROUP, options={"producer": "xla"}),
     Variant("fused_cudnn_bf16", "bf16 producer (attention_quantize.project_qkv), cuDNN bf16", group=_GROUP,
             options={"producer": "fused"}),
@@ -102,7 +111,7 @@ def implementation(variant: str):
     import jax
     import jax.numpy as jnp
 
-    from pallas_kernels.attention import AttentionConfig, attention, attention_quantized
+    from pallas_kernels.attention import attention, attention_quantized, default_config
 
     if variant == BASELINE:
         return functools.partial(jax.nn.dot_product_attention, implementation="cudnn")
@@ -110,8 +119,7 @@ def implementation(variant: str):
     qk = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}.get(opts.get("qk"), jnp.int8)
     if opts.get("prequantized"):
         return attention_quantized
-    config = AttentionConfig(block_kv=opts["config"][0], max_concurrent_steps=opts["config"][1]) \
-        if "config" in opts else None
+    config = dataclasses.replace(default_config(opts["precision"]), **opts["config"]) if "config" in opts else None
     return functools.partial(attention, precision=opts["precision"], qk_dtype=qk, config=config)
 
 
@@ -199,10 +207,10 @@ def work_grid(args) -> dict:
     return {"rows": rows, "accuracy": acc}
 
 
-SWEEP = {  # precision -> (block_kv, max_concurrent_steps) candidates
-    "sage8": [(128, 2), (128, 3), (128, 4), (64, 4)],
-    "sage_qk8": [(128, 2), (128, 3), (64, 4)],
-    "bf16": [(128, 2), (64, 3)],
+SWEEP = {  # precision -> (block_kv, max_concurrent_steps, overlap) candidates
+    "sage8": [(128, 2, False), (128, 3, False), (128, 4, False), (64, 4, False), (128, 3, True), (128, 4, True)],
+    "sage_qk8": [(128, 2, False), (128, 3, False), (64, 4, False), (128, 2, True), (128, 3, True)],
+    "bf16": [(128, 2, False), (64, 3, False), (128, 2, True)],
 }
 
 
@@ -223,12 +231,13 @@ def work_sweep(args) -> list[dict]:
         q, k, v = make(0)
         ref = jax.jit(implementation(BASELINE))(q, k, v)
         for precision, configs in SWEEP.items():
-            for block_kv, stages in configs:
+            for block_kv, stages, overlap in configs:
                 if time.time() > args.deadline:
                     return rows
-                cfg = AttentionConfig(block_kv=block_kv, max_concurrent_steps=stages)
+                cfg = AttentionConfig(block_kv=block_kv, max_concurrent_steps=stages, overlap=overlap)
                 fn = functools.partial(attention, precision=precision, config=cfg)
-                row = {"b": b, "s": s, "config": f"{precision} block_kv={block_kv} stages={stages}"}
+                row = {"b": b, "s": s, "config": f"{precision} block_kv={block_kv} stages={stages}"
+                                                 f"{' overlap' if overlap else ''}"}
                 try:
                     row["rel_l2_vs_cudnn"] = rel_l2(jax.jit(fn)(q, k, v), ref)
                     row["ms"] = harness.device_time_ms(fn, make, b * s * HEADS * HEAD_DIM * 2)
@@ -254,8 +263,11 @@ def accuracy(args) -> list[dict]:
         q, k, v = make(jax.random.key(7), shape, jnp.bfloat16)
         ref = attention_reference(q, k, v)
         for variant in args.variants:
-            if {"prequantized", "config", "producer"} & set(VARIANTS[variant].options):
-                continue  # same numerics as sage8_int8 (the producer's: tests/test_attention_quantize.py)
+            # Block configs compute what sage8_int8 does (the producer: tests/test_attention_quantize.py);
+            # the overlapped kernels do not (fp8 PV accumulates in place there), so they are measured.
+            opts = VARIANTS[variant].options
+            if {"prequantized", "producer"} & set(opts) or ("config" in opts and "overlap" not in opts["config"]):
+                continue
             try:
                 y = jax.jit(implementation(variant))(q, k, v)
                 out.append({"variant": variant, "inputs": label, "seq": ACCURACY_SEQ,

@@ -6,7 +6,10 @@ is jax's `pallas/ops/gpu/attention_mgpu.py` (FlashAttention-3): a CTA holds two 
 `block_q` rows, one per compute warpgroup; a memory warpgroup streams K and V blocks through a
 `max_concurrent_steps`-deep ring of shared-memory stages with TMA; the two compute warpgroups
 ping-pong a schedule barrier so that one's softmax overlaps the other's wgmma; online softmax in
-base 2 in float32.
+base 2 in float32. `AttentionConfig(overlap=True)` adds FlashAttention-3's intra-warpgroup overlap:
+a warpgroup issues the next block's S = Q K^T with this block's PV and runs the next softmax while
+PV's wgmma does (the two warpgroups then take turns issuing); K is released a step before V, and
+PV accumulates in place (fp8 too, in the wgmma's own accumulation precision).
 
 Three precisions of the same kernel:
   * "bf16": S = Q K^T and O += P V on bf16 tensor cores, float32 accumulation (the baseline).
@@ -68,10 +71,14 @@ _COMPUTE_WGS = 2
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     """Block sizes: each CTA takes 2 * block_q query rows; K/V stream in blocks of block_kv
-    through max_concurrent_steps shared-memory stages."""
+    through max_concurrent_steps shared-memory stages. `overlap`: FlashAttention-3's intra-
+    warpgroup overlap (the next block's S = Q K^T is issued with this block's PV, and the next
+    softmax runs under this PV; the two warpgroups take turns issuing), where the default runs
+    S, softmax and PV one after another and overlaps only the other warpgroup's softmax."""
     block_q: int = 64
     block_kv: int = 128
     max_concurrent_steps: int = 2
+    overlap: bool = False
 
     def __post_init__(self):
         if self.block_q != 64:
@@ -245,7 +252,7 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
     else:
         q_ref, k_ref, v_ref, out_ref, scoped = refs
     (q_smem2, o_smem2, p_smem2, k_smem, v_smem, ks_smem), (k_bars, v_bars, q_bars, ks_bars), \
-        (k_consumed, v_consumed), schedule_barrier = scoped
+        (k_consumed, v_consumed), schedule_barrier, turns = scoped
     bq, bkv = config.block_q, config.block_kv
     head_dim = q_ref.shape[-1]
     logit_scale = LOG2E / math.sqrt(head_dim)  # bf16: logits * log2 e from q.k
@@ -253,10 +260,18 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
     full_steps = seq // bkv  # steps without padded keys; a ragged last one is masked
     stages = k_smem.shape[0]
     batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+    s_dtype = jnp.int32 if q_ref.dtype == jnp.int8 else jnp.float32
+    # PV accumulates in place (as the template does) where a WGMMA accumulator can be initialised:
+    # on the GPU, bf16 PV; overlapped, fp8 PV too (its registers are needed for the next S).
+    # Else each step's PV goes to a fresh accumulator that is added to the running one.
+    pv_in_place = not interpret and (not pv8 or config.overlap)
 
     def schedule():
         plgpu.barrier_arrive(schedule_barrier)
         plgpu.barrier_wait(schedule_barrier)
+
+    def slot_of(step):
+        return lax.rem(step, jnp.array(stages, step.dtype))
 
     @pl.when(wg < _COMPUTE_WGS)
     def _compute_wg():
@@ -264,26 +279,29 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
         q_smem, o_smem = q_smem2.at[wg], o_smem2.at[wg]
         q_base = lax.axis_index("q_seq") * (_COMPUTE_WGS * bq) + wg * bq
         plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_base, bq), head], q_smem, q_bars.at[wg])
+        row_scale = None
         if qk8:
             row_scale = plgpu.load(qs_ref.at[batch, head, pl.ds(q_base, bq)], layout=plgpu.Layout.WGMMA.reduce(1),
-                                  optimized=False)
+                                   optimized=False)
         plgpu.barrier_wait(q_bars.at[wg])
         m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         l_i = plgpu.layout_cast(jnp.full((bq,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         acc = plgpu.layout_cast(jnp.full((bq, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
-        plgpu.barrier_wait(k_bars.at[0])
-        pl.when(wg == 1)(schedule)
 
-        def kv_step(step, carry, masked: bool = False):
-            acc, m_i, l_i = carry
-            slot = lax.rem(step, jnp.array(stages, step.dtype))
+        # The wgmmas take their stage's slot from outside run_state / run_scoped: a constant step
+        # (the ragged last one) would give a constant there, which run_state cannot lower.
+        def issue_qk(s_ref, slot):
+            plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].T)
 
-            def compute_qk(acc_ref):
-                plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
-                schedule()
-                return acc_ref[...]
-            s_dtype = jnp.int32 if q_ref.dtype == jnp.int8 else jnp.float32
-            s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), s_dtype))
+        def issue_pv(pv_ref, p_op, slot):
+            p_ref = p_smem2.at[wg] if interpret else p_op  # interpret: wgmma's A from shared memory
+            plgpu.wgmma(pv_ref, p_ref, v_smem.at[slot].T if pv8 else v_smem.at[slot])
+
+        def softmax(s, step, m_i, l_i, masked: bool):
+            """Online softmax in base 2 of `step`'s logits (m_i: the running max of logits * log2 e);
+            releases the step's K. Returns P as the PV wgmma's operand, alpha (the rescale of what
+            PV accumulated before this step), m, l."""
+            slot = slot_of(step)
             if qk8:  # logits * log2 e = codes . codes * q_scale (row) * this block's k_scale
                 plgpu.barrier_wait(ks_bars.at[slot])
                 block_scale = plgpu.load(ks_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
@@ -296,13 +314,10 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
             if masked:
                 cols = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
                 s = jnp.where(cols + step * bkv < seq, s, -jnp.inf)
-
-            # Online softmax in base 2: m_i is the running max of logits * log2 e.
             s_max = s.max(axis=1)
             s_max = s_max * s_scale if qk8 else s_max * logit_scale
             m_new = jnp.maximum(m_i, s_max)
             alpha = jnp.exp2(m_i - m_new)
-            m_i = m_new
             if pv8:  # P * 448: e4m3's whole range (exp2(x + log2 448) = 448 exp2(x))
                 p = jnp.exp2(s * row - lax.broadcast_in_dim(m_new - math.log2(FP8_MAX), s.shape, [0]))
                 p_op = p.astype(jnp.float8_e4m3fn)
@@ -310,12 +325,29 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
                 p = jnp.exp2(s * row - lax.broadcast_in_dim(m_new, s.shape, [0]))
                 p_op = p.astype(jnp.bfloat16)
             l_i = l_i * alpha + p.sum(axis=1)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            if interpret:  # wgmma's A from shared memory
+            if interpret:
                 p_smem2[wg] = _p_operand_interpret(p_op) if pv8 else p_op
                 plgpu.commit_smem()
             elif pv8:
                 p_op = _p_operand_gpu(p_op)
+            return p_op, alpha, m_new, l_i
+
+        def rescale(acc, alpha):
+            return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+
+        def kv_step(step, carry, masked: bool = False):
+            """One KV block: S = Q K^T, softmax, O += P V, one after another (the other warpgroup's
+            softmax runs under this one's wgmma)."""
+            acc, m_i, l_i = carry
+            slot = slot_of(step)
+
+            def compute_qk(acc_ref):
+                issue_qk(acc_ref, slot)
+                schedule()
+                return acc_ref[...]
+            s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), s_dtype))
+            p_op, alpha, m_i, l_i = softmax(s, step, m_i, l_i, masked)
+            acc = rescale(acc, alpha)
             acc, l_i, m_i, p_op = lax.optimization_barrier((acc, l_i, m_i, p_op))
             plgpu.barrier_arrive(schedule_barrier)  # softmax done
             plgpu.barrier_wait(v_bars.at[slot])
@@ -327,27 +359,93 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
 
                 @pl.when(step + 1 < kv_steps)
                 def _():
-                    plgpu.barrier_wait(k_bars.at[lax.rem(step + 1, jnp.array(stages, step.dtype))])
-
-            p_ref = p_smem2.at[wg] if interpret else p_op
-            v_operand = v_smem.at[slot].T if pv8 else v_smem.at[slot]
+                    plgpu.barrier_wait(k_bars.at[slot_of(step + 1)])
 
             def compute_pv(pv_ref):
-                plgpu.wgmma(pv_ref, p_ref, v_operand)
+                issue_pv(pv_ref, p_op, slot)
                 wait_next_k()
 
-            if pv8 or interpret:  # a fresh accumulator (fp8: one block's sum; interpret: no run_state)
-                acc = acc + pl.run_scoped(lambda r: (compute_pv(r), r[...])[1], plgpu.ACC((bq, head_dim), jnp.float32))
-            else:  # accumulate in place, as the template does
+            if pv_in_place:
                 acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+            else:
+                acc = acc + pl.run_scoped(lambda r: (compute_pv(r), r[...])[1], plgpu.ACC((bq, head_dim), jnp.float32))
             plgpu.barrier_arrive(v_consumed.at[slot])
             return acc, m_i, l_i
 
-        carry = lax.fori_loop(0, full_steps, kv_step, (acc, m_i, l_i))
-        if full_steps < kv_steps:  # the ragged last block
-            carry = kv_step(jnp.int32(full_steps), carry, masked=True)
-        acc, m_i, l_i = carry
-        pl.when(wg == 0)(schedule)
+        def take_turn():
+            plgpu.barrier_wait(turns.at[wg])
+
+        def give_turn():
+            plgpu.barrier_arrive(turns.at[1 - wg])
+
+        def after_pv(acc, alpha, pv):
+            """acc rescaled, plus a fresh accumulator's PV: two roundings, as in `kv_step` (no FMA)."""
+            return lax.optimization_barrier(rescale(acc, alpha)) + pv
+
+        def overlapped_step(step, carry, masked: bool = False):
+            """FlashAttention-3's intra-warpgroup overlap: issue S of step + 1 and PV of step, then
+            the softmax of step + 1 runs while PV's wgmma does. `carry`'s acc is already rescaled
+            for step's P; the warpgroups take turns issuing wgmmas (`turns`)."""
+            acc, p_op, alpha, m_i, l_i = carry
+            slot, next_slot = slot_of(step), slot_of(step + 1)
+            plgpu.barrier_wait(k_bars.at[next_slot])
+            plgpu.barrier_wait(v_bars.at[slot])
+            take_turn()
+
+            def gemms(s_ref, pv_ref):
+                if pv_in_place:
+                    pv_ref[...] = rescale(acc, alpha)
+                issue_qk(s_ref, next_slot)
+                issue_pv(pv_ref, p_op, slot)
+                give_turn()
+                s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S done, PV may still run
+                p_next, alpha_next, m_next, l_next = softmax(s, step + 1, m_i, l_i, masked)
+                return pv_ref[...], p_next, alpha_next, m_next, l_next
+            pv, p_op, alpha_next, m_i, l_i = pl.run_scoped(
+                gemms, plgpu.ACC((bq, bkv), s_dtype), plgpu.ACC((bq, head_dim), jnp.float32))
+            plgpu.barrier_arrive(v_consumed.at[slot])
+            acc = pv if pv_in_place else after_pv(acc, alpha, pv)
+            return acc, p_op, alpha_next, m_i, l_i
+
+        if config.overlap:
+            pl.when(wg == 1)(give_turn)  # warpgroup 0 issues first
+            plgpu.barrier_wait(k_bars.at[0])
+            take_turn()
+
+            def first_qk(s_ref):
+                issue_qk(s_ref, 0)
+                give_turn()
+                return s_ref[...]
+            s = pl.run_scoped(first_qk, plgpu.ACC((bq, bkv), s_dtype))
+            p_op, alpha, m_i, l_i = softmax(s, jnp.int32(0), m_i, l_i, masked=full_steps == 0)
+            carry = (acc, p_op, alpha, m_i, l_i)
+            # overlapped_step(j) makes step j + 1's P: j + 1 < full_steps unmasked, then the ragged one.
+            carry = lax.fori_loop(0, max(full_steps - 1, 0), overlapped_step, carry)
+            if 0 < full_steps < kv_steps:
+                carry = overlapped_step(jnp.int32(kv_steps - 2), carry, masked=True)
+            acc, p_op, alpha, m_i, l_i = carry
+            last_slot = (kv_steps - 1) % stages
+            plgpu.barrier_wait(v_bars.at[last_slot])
+            take_turn()
+
+            def last_pv(pv_ref):
+                if pv_in_place:
+                    pv_ref[...] = rescale(acc, alpha)
+                issue_pv(pv_ref, p_op, last_slot)
+                give_turn()
+                return pv_ref[...]
+            pv = pl.run_scoped(last_pv, plgpu.ACC((bq, head_dim), jnp.float32))
+            plgpu.barrier_arrive(v_consumed.at[last_slot])
+            acc = pv if pv_in_place else after_pv(acc, alpha, pv)
+            pl.when(wg == 0)(take_turn)  # warpgroup 1's last turn given: every arrival observed
+        else:
+            plgpu.barrier_wait(k_bars.at[0])
+            pl.when(wg == 1)(schedule)
+            carry = lax.fori_loop(0, full_steps, kv_step, (acc, m_i, l_i))
+            if full_steps < kv_steps:  # the ragged last block
+                carry = kv_step(jnp.int32(full_steps), carry, masked=True)
+            acc, m_i, l_i = carry
+            pl.when(wg == 0)(schedule)
 
         out = acc * lax.broadcast_in_dim(1.0 / l_i, acc.shape, [0])
         if pv8:
@@ -362,24 +460,28 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
     def _memory_wg():
         plgpu.set_max_registers(40, action="decrease")
 
-        def fetch(step, slot):
-            rows = pl.ds(step * bkv, bkv)
-            plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, head], k_smem.at[slot], k_bars.at[slot])
+        def fetch_k(step, slot):
+            plgpu.copy_gmem_to_smem(k_ref.at[batch, pl.ds(step * bkv, bkv), head], k_smem.at[slot], k_bars.at[slot])
             if qk8:  # the block's K scale, repeated block_q times (one per query row)
                 plgpu.copy_gmem_to_smem(ks_ref.at[batch, head, pl.ds(step * bq, bq)], ks_smem.at[slot],
                                         ks_bars.at[slot])
+
+        def fetch_v(step, slot):
+            rows = pl.ds(step * bkv, bkv)
             v_tile = v_ref.at[batch, head, :, rows] if pv8 else v_ref.at[batch, rows, head]
             plgpu.copy_gmem_to_smem(v_tile, v_smem.at[slot], v_bars.at[slot])
 
         for i in range(stages):
-            fetch(jnp.int32(i), i)
+            fetch_k(jnp.int32(i), i)
+            fetch_v(jnp.int32(i), i)
 
         @pl.loop(0, kv_steps - stages)
-        def _(step):
-            slot = lax.rem(step, jnp.array(stages, step.dtype))
+        def _(step):  # K is released before V (the overlapped loop reads S a step ahead of PV)
+            slot = slot_of(step)
             plgpu.barrier_wait(k_consumed.at[slot])
+            fetch_k(step + stages, slot)
             plgpu.barrier_wait(v_consumed.at[slot])
-            fetch(step + stages, slot)
+            fetch_v(step + stages, slot)
 
         for slot in range(stages):  # the last steps' releases: every barrier phase is observed
             plgpu.barrier_wait(k_consumed.at[slot])
@@ -416,9 +518,12 @@ def _run(operands: tuple, *, precision: Precision, shape: tuple[int, int, int, i
     consumed = (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),) * 2
     kernel_fn = functools.partial(_kernel, precision=precision, seq=seq, config=config, interpret=interpret)
 
+    schedule = None if config.overlap else plgpu.Barrier(num_arrivals=_COMPUTE_WGS)
+    turns = plgpu.Barrier(num_arrivals=1, num_barriers=_COMPUTE_WGS) if config.overlap else None
+
     def entry(*refs):
-        pl.run_scoped(lambda *scoped: kernel_fn(*refs, scoped), scratch, barriers, consumed,
-                      plgpu.Barrier(num_arrivals=_COMPUTE_WGS), collective_axes="wg")
+        pl.run_scoped(lambda *scoped: kernel_fn(*refs, scoped), scratch, barriers, consumed, schedule, turns,
+                      collective_axes="wg")
 
     return plgpu.kernel(
         entry,

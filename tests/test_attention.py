@@ -16,6 +16,8 @@ Bounds (pallas_kernels/attention_reference.py):
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,6 +100,32 @@ def test_sage8_bounds_catch_a_wrong_kernel():
     _check_sage8(qkv, seq, out(w))
 
 
+@pytest.mark.parametrize("precision, seq", [("bf16", 200), ("sage8", 200), ("sage_qk8", 200), ("sage8", 40)])
+def test_overlap_is_the_same_arithmetic(precision, seq):
+    """FlashAttention-3's intra-warpgroup overlap (`AttentionConfig.overlap`) reorders when S, the
+    softmax and PV run, not what they compute: interpret mode (fresh PV accumulators in both)
+    gives the default kernel's outputs. Same float32 operations, but XLA:CPU compiles each kernel
+    body on its own and may round one of them differently in another fusion (measured: 1 output
+    of 10240 at S=40), which can move an output by one bf16 unit at most; a block computed twice,
+    skipped, or taken from the wrong slot moves whole rows far more. Several KV blocks and a ragged
+    last one (200), one mostly padded block (40)."""
+    q, k, v = random_qkv(jax.random.key(seq), (1, seq, 2, 128))
+    outs = []
+    for overlap in (False, True):
+        config = AttentionConfig(block_q=64, block_kv=64, max_concurrent_steps=2, overlap=overlap)
+        if precision == "bf16":
+            outs.append(np.asarray(attention(q, k, v, precision="bf16", config=config, interpret=True), np.float32))
+        else:
+            qkv = quantize_qkv(q, k, v, config=config, pv_fp8=precision == "sage8")
+            outs.append(np.asarray(attention_quantized(qkv, seq=seq, config=config, interpret=True), np.float32))
+    default, overlapped = outs
+    unit = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(default), 2.0**-126))) - 7)  # bf16's spacing there
+    assert np.all(np.abs(overlapped - default) <= unit)
+    assert np.mean(overlapped != default) <= 1e-3
+    if precision == "bf16":
+        _check_bf16(q, k, v, overlapped)
+
+
 @QK_DTYPES
 def test_quantize_qkv(qk_dtype):
     """Codes x scales (q per token, k per block of block_kv keys, v per channel) reconstruct q,
@@ -127,12 +155,14 @@ def test_quantize_qkv(qk_dtype):
     assert sorted(key_permutation(64)) == list(range(64)) and list(key_permutation(16)[:4]) == [0, 1, 8, 9]
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["default", "overlap"])
 @pytest.mark.parametrize("precision", ["bf16", "sage8", "sage_qk8"])
-def test_lowers_for_the_gpu(precision):
-    """The GPU code path (P in registers, bf16 PV in place: what interpret mode does not run)
-    lowers for CUDA from this machine, at a ragged FLUX-like length."""
+def test_lowers_for_the_gpu(precision, overlap):
+    """The GPU code path (P in registers, PV in place where the kernel does so: what interpret
+    mode does not run) lowers for CUDA from this machine, at a ragged FLUX-like length."""
     x = jax.ShapeDtypeStruct((1, 1000, 24, 128), jnp.bfloat16)
-    f = jax.jit(lambda q, k, v: attention(q, k, v, precision=precision))
+    config = dataclasses.replace(default_config(precision), overlap=overlap)
+    f = jax.jit(lambda q, k, v: attention(q, k, v, precision=precision, config=config))
     assert "mosaic_gpu" in f.trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -149,10 +179,12 @@ def test_rejects_bad_shapes():
 # ------------------------------------------------------------------------------------ GPU
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("overlap", [False, True], ids=["default", "overlap"])
 @pytest.mark.parametrize("seq", [4608, 1000])
-def test_gpu_bf16(seq):
+def test_gpu_bf16(seq, overlap):
     q, k, v = random_qkv(jax.random.key(seq), (1, seq, 2, 128))
-    _check_bf16(q, k, v, attention(q, k, v, precision="bf16"))
+    config = dataclasses.replace(default_config("bf16"), overlap=overlap)
+    _check_bf16(q, k, v, attention(q, k, v, precision="bf16", config=config))
 
 
 @pytest.mark.gpu
@@ -160,12 +192,15 @@ def test_gpu_bf16(seq):
     (4608, "random", True, jnp.int8), (4608, "flux_like", True, jnp.int8),
     (4608, "flux_like", True, jnp.float8_e4m3fn), (4608, "flux_like", False, jnp.int8),
     (1000, "random", True, jnp.int8), (1000, "flux_like", False, jnp.int8)])
-def test_gpu_sage8(seq, inputs, pv_fp8, qk_dtype):
-    """FLUX's 1024² sequence, and a ragged one; sage8 (fp8 PV) and sage_qk8 (bf16 PV)."""
+@pytest.mark.parametrize("overlap", [False, True], ids=["default", "overlap"])
+def test_gpu_sage8(seq, inputs, pv_fp8, qk_dtype, overlap):
+    """FLUX's 1024² sequence, and a ragged one; sage8 (fp8 PV) and sage_qk8 (bf16 PV). Overlapped,
+    fp8 PV accumulates in place in the wgmma (the default kernel: a fresh accumulator a block),
+    within the same bounds."""
     q, k, v = INPUTS[inputs](jax.random.key(seq), (1, seq, 2, 128))
-    qkv = quantize_qkv(q, k, v, config=default_config("sage8" if pv_fp8 else "sage_qk8"), qk_dtype=qk_dtype,
-                       pv_fp8=pv_fp8)
-    _check_sage8(qkv, seq, attention_quantized(qkv, seq=seq))
+    config = dataclasses.replace(default_config("sage8" if pv_fp8 else "sage_qk8"), overlap=overlap)
+    qkv = quantize_qkv(q, k, v, config=config, qk_dtype=qk_dtype, pv_fp8=pv_fp8)
+    _check_sage8(qkv, seq, attention_quantized(qkv, seq=seq, config=config))
 
 
 # ------------------------------------------------------------------------------------ in the model
