@@ -63,9 +63,9 @@ def check() -> None:
 def _signals_held() -> Iterator[list[int]]:
     """SIGINT and SIGTERM do not interrupt the block; yields a list that holds, after the block,
     the signal that arrived inside (if one did). Signals reach the main thread only: elsewhere the
-    block runs as it is."""
+    block runs as it is. Inside another such block the outer one holds the signals (and gets them)."""
     global _holding, _received
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or _holding:
         yield []
         return
     inside_raising = signal.getsignal(signal.SIGINT) is _remember  # its handlers serve; else install them

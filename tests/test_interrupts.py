@@ -178,3 +178,14 @@ def test_a_signal_during_a_background_write_leaves_nothing(monkeypatch, tmp_path
             writer.commit({"value": 1.0})
     assert len(responses) == 1 and responses[0].ended
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_block_inside_another_leaves_the_signal_to_the_outer_one():
+    """abort's hold inside a deferred block, say: the signal is the outer block's to raise, once."""
+    ran = []
+    with interrupts.raising(), pytest.raises(KeyboardInterrupt):
+        with interrupts.deferred():
+            with interrupts.held():
+                signal.raise_signal(signal.SIGINT)
+            ran.append("outer block went on")
+    assert ran == ["outer block went on"]
