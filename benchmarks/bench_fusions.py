@@ -35,6 +35,7 @@ CONFIGS: tuple[tuple[str, tuple[str, ...], bool, bool], ...] = (
     ("gelu", ("gelu",), False, False),
     ("gelu+qk_producer", ("gelu",), False, True),
     ("gelu + epilogue", ("gelu",), True, False),
+    ("gelu+qk_producer + epilogue", ("gelu",), True, True),
     ("gelu + layernorm + epilogue", ("gelu", "layernorm"), True, False),
 )
 
