@@ -378,14 +378,22 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
         def give_turn():
             plgpu.barrier_arrive(turns.at[1 - wg])
 
-        def after_pv(acc, alpha, pv):
-            """acc rescaled, plus a fresh accumulator's PV: two roundings, as in `kv_step` (no FMA)."""
-            return lax.optimization_barrier(rescale(acc, alpha)) + pv
+        def issue_pv_onto(pv_ref, acc, alpha, p_op, slot):
+            """PV's wgmma onto acc rescaled by alpha (in place), or into the fresh `pv_ref`."""
+            if pv_in_place:
+                pv_ref[...] = rescale(acc, alpha)
+            issue_pv(pv_ref, p_op, slot)
+
+        def add_pv(acc, alpha, pv):
+            """The running output after `issue_pv_onto`: in place, PV's accumulator itself; else acc
+            rescaled plus the fresh accumulator, two roundings as in `kv_step` (no FMA)."""
+            return pv if pv_in_place else lax.optimization_barrier(rescale(acc, alpha)) + pv
 
         def overlapped_step(step, carry, masked: bool = False):
             """FlashAttention-3's intra-warpgroup overlap: issue S of step + 1 and PV of step, then
-            the softmax of step + 1 runs while PV's wgmma does. `carry`'s acc is already rescaled
-            for step's P; the warpgroups take turns issuing wgmmas (`turns`)."""
+            the softmax of step + 1 runs while PV's wgmma does. `carry` holds acc before step's
+            rescale and the alpha it takes (applied as PV starts); the warpgroups take turns issuing
+            wgmmas (`turns`)."""
             acc, p_op, alpha, m_i, l_i = carry
             slot, next_slot = slot_of(step), slot_of(step + 1)
             plgpu.barrier_wait(k_bars.at[next_slot])
@@ -393,10 +401,8 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
             take_turn()
 
             def gemms(s_ref, pv_ref):
-                if pv_in_place:
-                    pv_ref[...] = rescale(acc, alpha)
                 issue_qk(s_ref, next_slot)
-                issue_pv(pv_ref, p_op, slot)
+                issue_pv_onto(pv_ref, acc, alpha, p_op, slot)
                 give_turn()
                 s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S done, PV may still run
                 p_next, alpha_next, m_next, l_next = softmax(s, step + 1, m_i, l_i, masked)
@@ -404,8 +410,7 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
             pv, p_op, alpha_next, m_i, l_i = pl.run_scoped(
                 gemms, plgpu.ACC((bq, bkv), s_dtype), plgpu.ACC((bq, head_dim), jnp.float32))
             plgpu.barrier_arrive(v_consumed.at[slot])
-            acc = pv if pv_in_place else after_pv(acc, alpha, pv)
-            return acc, p_op, alpha_next, m_i, l_i
+            return add_pv(acc, alpha, pv), p_op, alpha_next, m_i, l_i
 
         if config.overlap:
             pl.when(wg == 1)(give_turn)  # warpgroup 0 issues first
@@ -429,14 +434,12 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
             take_turn()
 
             def last_pv(pv_ref):
-                if pv_in_place:
-                    pv_ref[...] = rescale(acc, alpha)
-                issue_pv(pv_ref, p_op, last_slot)
+                issue_pv_onto(pv_ref, acc, alpha, p_op, last_slot)
                 give_turn()
                 return pv_ref[...]
             pv = pl.run_scoped(last_pv, plgpu.ACC((bq, head_dim), jnp.float32))
             plgpu.barrier_arrive(v_consumed.at[last_slot])
-            acc = pv if pv_in_place else after_pv(acc, alpha, pv)
+            acc = add_pv(acc, alpha, pv)
             pl.when(wg == 0)(take_turn)  # warpgroup 1's last turn given: every arrival observed
         else:
             plgpu.barrier_wait(k_bars.at[0])
