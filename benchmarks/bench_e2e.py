@@ -347,8 +347,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             continue
         base = next((b for b in README_BASELINES if (b, r["size"], r["batch"]) in by), None)
         b = by.get((base, r["size"], r["batch"]))
-        # The loop step (the step as a denoising loop runs it) where this run has it for both.
-        key = "loop_step_ms" if "loop_step_ms" in r and (b is None or "loop_step_ms" in b) else "step_ms"
+        key = harness.compared_step_key(r, b)
         kind = "per loop step" if key == "loop_step_ms" else "per step"
         figure = f"{r[key]:.1f} ms {kind}, weights {r['weight_gib']:.2f} GiB"
         if b:

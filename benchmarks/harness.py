@@ -33,6 +33,7 @@ import importlib.util
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,9 +71,7 @@ def wall_ms(call: Callable[[], Any], *, iters: int, warmup: int, sync: Callable[
         t = time.perf_counter()
         sync(call())
         times.append((time.perf_counter() - t) * 1e3)
-    times.sort()
-    mid = len(times) // 2
-    return times[mid] if len(times) % 2 else (times[mid - 1] + times[mid]) / 2
+    return statistics.median(times)
 
 
 def back_to_back_ms(call: Callable[[], Any], *, iters: int, warmup: int, sync: Callable[[Any], Any],
@@ -92,7 +91,15 @@ def back_to_back_ms(call: Callable[[], Any], *, iters: int, warmup: int, sync: C
         sync(outs[-1])
         times.append((time.perf_counter() - t) * 1e3 / iters)
         del outs
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
+
+
+def compared_step_key(row: Mapping[str, Any], base: Mapping[str, Any] | None) -> str:
+    """Which of a row's step times a figure compares with its baseline row (None: no baseline):
+    the loop step (`back_to_back_ms`, the step as a denoising loop runs it) where both have it,
+    else the synchronised call's."""
+    both = "loop_step_ms" in row and (base is None or "loop_step_ms" in base)
+    return "loop_step_ms" if both else "step_ms"
 
 
 def step_times(call: Callable[[], Any], *, iters: int, warmup: int, sync: Callable[[Any], Any]) -> tuple[float, float]:
