@@ -138,15 +138,17 @@ def test_a_signal_while_the_temporary_directory_is_made_leaves_nothing(monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
-class _ResultSignalsFirst:
-    """An Orbax save whose first wait is interrupted (the signal arrives while the main thread waits)."""
+class _TrackedSave:
+    """An Orbax save that records whether its write was waited for to the end; with
+    `interrupt_first_wait`, a Ctrl-C arrives as the main thread starts waiting for it."""
 
-    def __init__(self, response):
-        self.response = response
-        self.result = _signal_once(signal.SIGINT, self._result)
-        self.ended = False
+    def __init__(self, response, interrupt_first_wait: bool):
+        self.response, self.interrupt, self.ended = response, interrupt_first_wait, False
 
-    def _result(self):
+    def result(self):
+        if self.interrupt:
+            self.interrupt = False
+            signal.raise_signal(signal.SIGINT)
         out = self.response.result()
         self.ended = True
         return out
@@ -159,17 +161,13 @@ def test_a_signal_during_a_background_write_leaves_nothing(monkeypatch, tmp_path
     thread writes into a directory that is being removed."""
     save_async = checkpoint.ocp.partial.save_async
     responses = []
-    if where == "starting the write":
-        def wrapped(*args, **kwargs):
-            response = save_async(*args, **kwargs)
-            responses.append(_ResultSignalsFirst(response))
-            responses[-1].result = responses[-1]._result  # this wait is not interrupted
+
+    def wrapped(*args, **kwargs):
+        responses.append(_TrackedSave(save_async(*args, **kwargs), interrupt_first_wait=where == "waiting for the write"))
+        if where == "starting the write":
             signal.raise_signal(signal.SIGINT)
-            return responses[-1]
-    else:
-        def wrapped(*args, **kwargs):
-            responses.append(_ResultSignalsFirst(save_async(*args, **kwargs)))
-            return responses[-1]
+        return responses[-1]
+
     monkeypatch.setattr(checkpoint.ocp.partial, "save_async", wrapped)
     with interrupts.raising(), pytest.raises(KeyboardInterrupt):
         with CheckpointWriter(tmp_path / "ckpt", flush_bytes=16) as writer:
