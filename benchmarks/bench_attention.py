@@ -8,6 +8,7 @@ tokens, i.e. 512², 1024² and 2048x1024 images; batch 1 and 4; 24 heads x 128):
   sage8_fp8         the same with fp8 e4m3 QK^T
   sage_qk8          pallas_kernels.attention, precision="sage_qk8": int8 QK^T, bf16 PV
   sage8_int8_kernel the int8 kernel alone, on operands quantize_qkv made beforehand
+  sage8_int8_overlap_kernel: the same, overlapped (AttentionConfig.overlap, below)
   sage8_int8_2stages, sage8_int8_kv64: other block configs of sage8_int8
   mosaic_bf16_overlap, sage8_int8_overlap, sage_qk8_overlap: the kernels with FlashAttention-3's
                     intra-warpgroup overlap (AttentionConfig.overlap)
@@ -71,6 +72,8 @@ VARIANTS = harness.registry(
             options={"precision": "bf16", "config": {"overlap": True}}),
     Variant("sage8_int8_overlap", "sage8_int8 overlapped (fp8 PV accumulated in place)", group=_GROUP,
             options={"precision": "sage8", "qk": "int8", "config": {"overlap": True}}),
+    Variant("sage8_int8_overlap_kernel", "the overlapped int8 sage8 kernel on pre-quantized operands", group=_GROUP,
+            options={"precision": "sage8", "qk": "int8", "prequantized": True, "config": {"overlap": True}}),
     Variant("sage_qk8_overlap", "sage_qk8 overlapped, 3 K/V stages", group=_GROUP,
             options={"precision": "sage_qk8", "qk": "int8", "config": {"overlap": True, "max_concurrent_steps": 3}}),
     Variant("rope_cudnn_bf16", "XLA QK-norm + RoPE, cuDNN bf16", group=_GROUP, options={"producer": "xla"}),
@@ -117,9 +120,9 @@ def implementation(variant: str):
         return functools.partial(jax.nn.dot_product_attention, implementation="cudnn")
     opts = VARIANTS[variant].options
     qk = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}.get(opts.get("qk"), jnp.int8)
-    if opts.get("prequantized"):
-        return attention_quantized
     config = dataclasses.replace(default_config(opts["precision"]), **opts["config"]) if "config" in opts else None
+    if opts.get("prequantized"):
+        return functools.partial(attention_quantized, config=config)
     return functools.partial(attention, precision=opts["precision"], qk_dtype=qk, config=config)
 
 
