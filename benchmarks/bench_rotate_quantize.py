@@ -144,9 +144,8 @@ def work_prologue(variant: str, args) -> list[dict]:
     rows = harness.time_grid(prologue_shapes(args.prologue_ms), variant, setup, deadline=args.deadline)
     if variant == "pallas":
         for fields in json.loads(args.prologue_configs):
-            # `fast_tanh` and `prefetch` change the GELU kernels only (`prefetch` refuses a modulated LayerNorm);
-            # without `persistent`, the grid fields the modulated ones.
-            changed = ((lambda d: d["prologue"] == "gelu_tanh") if fields.get("fast_tanh") or fields.get("prefetch")
+            # `fast_tanh` changes the GELU kernels only; without `persistent`, the grid fields the modulated ones.
+            changed = ((lambda d: d["prologue"] == "gelu_tanh") if fields.get("fast_tanh")
                        else (lambda d: d["images"] or fields.get("persistent")))
             grid = {name: d for name, d in prologue_shapes(args.prologue_ms).items() if changed(d)}
             got = harness.time_grid(grid, f"pallas {json.dumps(fields)}",

@@ -92,13 +92,7 @@ class RotateQuantizeConfig:
     libdevice's float32 tanhf (a few ulps, ~20 instructions). The default: the GELU calls were
     arithmetic-bound (H200, M = 4608, K = 12288: 112.3 -> 76.9 us; K = 15360: 149.0 -> 110.2,
     `results/fast_tanh/`), and the error is below the bf16 rounding the unfused path applies to
-    the GELU's output (2^-9); 197 of 56.6 M codes moved by one level against tanhf there.
-    prefetch: two buffers for a block's input and codes in a persistent grid (implied): the next
-    block's copy is issued before this block's arithmetic, and a block's codes are waited for
-    one block later, so a program's copies overlap its arithmetic instead of alternating with
-    it (the GELU calls at K >= 12288, one row a block, ran at ~1.3-1.5 TB/s); twice the
-    shared memory for x and the codes. Not with a modulated LayerNorm (its modulation rows stay
-    single-buffered)."""
+    the GELU's output (2^-9); 197 of 56.6 M codes moved by one level against tanhf there."""
 
     rows: int | None = None
     chunk_mult: int = 1
@@ -108,7 +102,6 @@ class RotateQuantizeConfig:
     hold_input: bool | None = None
     pack_modulation: bool = True
     fast_tanh: bool = True
-    prefetch: bool = False
 
 
 def keep_rotated(k: int, rows: int, config: RotateQuantizeConfig) -> bool:
@@ -446,23 +439,20 @@ def _images(block, rows: int, tokens_per_image: int, images: int) -> list:
     return [jnp.minimum((block * rows + r) // tokens_per_image, images - 1) for r in range(rows)]
 
 
-def _load_modulation(mod_gmem, mod_smem, barriers, first_barrier: int, images: list, real: int) -> None:
-    """Row slot r of the block's modulation buffer <- image images[r]'s (shift, scale) rows, on
-    barrier first_barrier + r."""
+def _load_modulation(mod_gmem, mod_smem, barriers, images: list, real: int) -> None:
+    """Row slot r of the block's modulation buffer <- image images[r]'s (shift, scale) rows."""
     for r, image in enumerate(images):
         plgpu.copy_gmem_to_smem(mod_gmem.at[pl.ds(image, 1)], mod_smem.at[pl.ds(r, 1), pl.ds(0, real)],
-                                barriers.at[first_barrier + r])
+                                barriers.at[1 + r])
     for r in range(len(images)):
-        plgpu.barrier_wait(barriers.at[first_barrier + r])
+        plgpu.barrier_wait(barriers.at[1 + r])
 
 
 def _kernel(*refs, m, n, rows, chunk, bits, keep, hold, prologue, modulated, tailed, tail_from, tokens_per_image,
-            gelu_from, grid, slots, interpret, fast_tanh):
+            gelu_from, grid, interpret, fast_tanh):
     """A program's blocks of `rows` rows, one after another: load a block (and, when its image
     changes, that image's modulation rows) to shared memory, apply the prologue, rotate chunk by
-    chunk, reduce each row's absmax, write scales and codes. With two `slots` (prefetch) the
-    blocks alternate between two input and code buffers: block i + 1's copy is issued before
-    block i's arithmetic, and block i's codes are waited for after block i + 1's."""
+    chunk, reduce each row's absmax, write scales and codes."""
     refs = list(refs)
     x_gmem = refs.pop(0)
     tail_gmem = refs.pop(0) if tailed else None
@@ -472,48 +462,40 @@ def _kernel(*refs, m, n, rows, chunk, bits, keep, hold, prologue, modulated, tai
     out_smem, y_smem, barriers = refs[-3:]
     own = x_gmem.shape[1]  # groups from x; the tail's follow
     tail_groups = tail_gmem.shape[1] - tail_from if tailed else 0
-    # barriers: x's copy into each slot, then one a row for the modulation, then the tail's into each slot
-    tail_base = slots + (rows if modulated else 0)
-    blocks = [_Block(x_smem.at[s], mod_smem, y_smem, out_smem.at[s], chunk, real=own + tail_groups,
-                     interpret=interpret, fast_tanh=fast_tanh) for s in range(slots)]
-    b0 = blocks[0]
-    chunks = b0.groups // chunk
-    if b0.real < b0.groups:  # one-row blocks only (plan): the zero groups that round the row up to whole chunks
-        for b in blocks:
-            b.x[:, pl.ds(b.real, b.groups - b.real)] = jnp.zeros((rows, b.groups - b.real, b.hi, b.lo), b.x.dtype)
+    b = _Block(x_smem, mod_smem, y_smem, out_smem, chunk, real=own + tail_groups, interpret=interpret,
+               fast_tanh=fast_tanh)
+    tail_barrier = barriers.at[1 + (rows if modulated else 0)]
+    chunks = b.groups // chunk
+    if b.real < b.groups:  # one-row blocks only (plan): the zero groups that round the row up to whole chunks
+        x_smem[:, pl.ds(b.real, b.groups - b.real)] = jnp.zeros((rows, b.groups - b.real, b.hi, b.lo), x_smem.dtype)
         plgpu.commit_smem()
-    zero = plgpu.layout_cast(jnp.zeros(b0.shape2, jnp.float32), b0.layout2)
+    rotated = functools.partial(_rotated, b, n=n, prologue=prologue, gelu_from=gelu_from // n)
+    zero = plgpu.layout_cast(jnp.zeros(b.shape2, jnp.float32), b.layout2)
 
-    def issue_load(block, s: int) -> None:
-        """Block `block`'s rows (x's columns, then the tail's) -> slot s."""
-        b = blocks[s]
-        plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(block * rows, rows)], b.x.at[:, pl.ds(0, own)], barriers.at[s])
+    def one_block(block, mod_key):
+        """Block `block`; `mod_key`: which images' modulation rows the buffer holds, as (image of
+        the first row) * B + (image of the last row) (-1: none). Returns what it holds after."""
+        plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(block * rows, rows)], x_smem.at[:, pl.ds(0, own)], barriers.at[0])
         if tailed:
             plgpu.copy_gmem_to_smem(tail_gmem.at[pl.ds(block * rows, rows), pl.ds(tail_from, tail_groups)],
-                                    b.x.at[:, pl.ds(own, tail_groups)], barriers.at[tail_base + s])
-
-    def finish_block(block, s: int, mod_key):
-        """Block `block`, loaded (or being loaded) into slot s; `mod_key`: which images'
-        modulation rows the buffer holds, as (image of the first row) * B + (image of the last
-        row) (-1: none). Returns what it holds after."""
-        b = blocks[s]
+                                    x_smem.at[:, pl.ds(own, tail_groups)], tail_barrier)
         if modulated:
             images = _images(block, rows, tokens_per_image, mod_gmem.shape[0])
             new = images[0] * mod_gmem.shape[0] + images[-1]  # a block's rows span consecutive images
 
             @pl.when(new != mod_key)
             def _():
-                _load_modulation(mod_gmem, mod_smem, barriers, slots, images, b.real)
+                _load_modulation(mod_gmem, mod_smem, barriers, images, b.real)
 
             mod_key = new
-        plgpu.barrier_wait(barriers.at[s])
+        plgpu.barrier_wait(barriers.at[0])
         if tailed:
-            plgpu.barrier_wait(barriers.at[tail_base + s])
+            plgpu.barrier_wait(tail_barrier)
 
         # A LayerNorm sweeps the rows three times: with `hold`, all from one load into registers.
         held = [_load_parts(b, c) for c in range(chunks)] if hold else None
         stats = _layernorm_stats(b, n, held) if prologue == "layernorm" else None
-        rot = functools.partial(_rotated, b, n=n, prologue=prologue, gelu_from=gelu_from // n, stats=stats, held=held)
+        rot = functools.partial(rotated, stats=stats, held=held)
         if keep:  # one pass: the rotated row stays in registers until its scale is known
             saved = [rot(c) for c in range(chunks)]
             running = functools.reduce(lambda acc, vals: _running_max(vals, acc), saved, zero)
@@ -527,39 +509,15 @@ def _kernel(*refs, m, n, rows, chunk, bits, keep, hold, prologue, modulated, tai
             plgpu.commit_smem()  # pass 1's last transposed loads before pass 2's first stores
             jax.lax.fori_loop(0, chunks, lambda c, carry: (_write_codes(b, c, rot(c), finite, inv, bits), carry)[1], 0)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(b.out.at[:, pl.ds(0, b.real)], codes_gmem.at[pl.ds(block * rows, rows)])
-        # and a warpgroup barrier: every read of this block's input slot is done. With two slots,
-        # the other slot's codes (the block before) have left shared memory, so it can take the next.
-        plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=slots > 1)
+        plgpu.copy_smem_to_gmem(out_smem.at[:, pl.ds(0, b.real)], codes_gmem.at[pl.ds(block * rows, rows)])
+        plgpu.wait_smem_to_gmem(0)  # and a warpgroup barrier: every read of this block's buffers is done
         return mod_key
 
     first, count = grid.run(jax.lax.axis_index("programs"))
-    if slots == 2:  # blocks in pairs, so that each slot's refs are static: (2j in slot 0, 2j + 1 in slot 1)
-        def step(i, s: int) -> None:
-            """The next block's copy into the other slot (if there is one), then block i from slot s."""
-            @pl.when(i + 1 < count)
-            def _():
-                issue_load(first + i + 1, 1 - s)
-
-            finish_block(first + i, s, jnp.int32(-1))
-
-        def pair(j, carry):
-            step(2 * j, 0)
-            pl.when(2 * j + 1 < count)(lambda: step(2 * j + 1, 1))
-            return carry
-
-        issue_load(first, 0)
-        jax.lax.fori_loop(0, (count + 1) // 2, pair, 0)
-        plgpu.wait_smem_to_gmem(0)
-    elif isinstance(count, int):
-        issue_load(first, 0)
-        finish_block(first, 0, jnp.int32(-1))
+    if isinstance(count, int):
+        one_block(first, jnp.int32(-1))
     else:
-        def one(i, mod_key):
-            issue_load(first + i, 0)
-            return finish_block(first + i, 0, mod_key)
-
-        jax.lax.fori_loop(0, count, one, jnp.int32(-1))
+        jax.lax.fori_loop(0, count, lambda i, mod_key: one_block(first + i, mod_key), jnp.int32(-1))
 
 
 def _check_tail(x: jax.Array, tail: jax.Array, tail_from: int, group_size: int) -> None:
@@ -611,22 +569,18 @@ def rotate_quantize(
     words = lo * bits // 32
     if lo * bits % 32:  # codes leave in whole 32-bit words
         raise ValueError(f"group_size {n} is too small for this kernel{' with packed=True' if packed else ''}")
-    if config.prefetch and modulated:
-        raise ValueError("RotateQuantizeConfig(prefetch=True) does not take a modulated LayerNorm (its modulation "
-                         "rows are single-buffered): use prefetch=False for that call")
     rows, chunk, held = plan(k, n, config)
     groups = k // n
     tokens_per_image = m // shift.shape[0] if modulated else m
     mod_dtype = jnp.result_type(shift, scale) if modulated else x.dtype
-    slots = 2 if config.prefetch else 1
-    smem = slots * rows * held * n * (x.dtype.itemsize + bits // 8) + 2 * rows * chunk * hi * (lo + 1) * 4
+    smem = rows * held * n * (x.dtype.itemsize + bits // 8) + 2 * rows * chunk * hi * (lo + 1) * 4
     if modulated:
         smem += rows * held * n * 2 * jnp.dtype(mod_dtype).itemsize
     if smem > SMEM_BYTES:
         raise ValueError(f"{config} needs {smem} bytes of shared memory at K={k} (rows={rows}, {chunk} groups "
                          f"per chunk), over the {SMEM_BYTES} a CTA has: lower rows or chunk_mult")
     blocks = pl.cdiv(m, rows)
-    persistent = config.prefetch or (config.persistent if config.persistent is not None else modulated)
+    persistent = config.persistent if config.persistent is not None else modulated
     grid = _Grid.of(blocks, config.programs_per_sm * sm_count(interpret) if persistent else blocks)
     keep = keep_rotated(held * n, rows, config)
     hold = prologue == "layernorm" and keep and (config.hold_input if config.hold_input is not None else
@@ -634,7 +588,7 @@ def rotate_quantize(
     kernel = functools.partial(_kernel, m=m, n=n, rows=rows, chunk=chunk, bits=bits, keep=keep, hold=hold,
                                prologue=prologue, modulated=modulated, tailed=tail is not None,
                                tail_from=tail_from // n, tokens_per_image=tokens_per_image, gelu_from=gelu_from,
-                               grid=grid, slots=slots, interpret=interpret, fast_tanh=config.fast_tanh)
+                               grid=grid, interpret=interpret, fast_tanh=config.fast_tanh)
     inputs = [x.reshape(m, own_k // n, hi, lo)]
     if tail is not None:
         inputs.append(tail.reshape(m, tail.shape[1] // n, hi, lo))
@@ -658,11 +612,11 @@ def rotate_quantize(
         grid_names=("programs",),
         kernel_name="rotate_quantize",  # how profiles (bench_e2e's stages) tell it from the GEMM
         scratch_types=[
-            plgpu.SMEM((slots, rows, held, hi, lo), x.dtype),
+            plgpu.SMEM((rows, held, hi, lo), x.dtype),
             *mod_smem,
-            plgpu.SMEM((slots, rows, held, hi * words), jnp.int32),
+            plgpu.SMEM((rows, held, hi * words), jnp.int32),
             plgpu.SMEM((2, rows, chunk, hi, lo + 1), jnp.float32),
-            plgpu.Barrier(num_barriers=slots + (rows if modulated else 0) + (slots if tail is not None else 0)),
+            plgpu.Barrier(num_barriers=1 + (rows if modulated else 0) + (tail is not None)),
         ],
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Lane, unsafe_no_auto_barriers=True

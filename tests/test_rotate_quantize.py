@@ -191,57 +191,6 @@ def test_interpret_tail_is_the_concatenation(prologue, gelu_from):
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
 
 
-# Interpret mode has 4 "SMs": 8 programs of 2 per SM; 19 and 21 blocks give runs of 3 and 2 blocks, so
-# both slots, a pair cut short and the prefetch of a next block that does not exist are all run.
-@pytest.mark.parametrize("m,k,packed,prologue,tailed", [
-    (37, 3072, False, "none", False),  # 2-row blocks (the last one half out), chunk loop unrolled
-    (21, 9216, True, "none", False),  # one-row blocks with 4 zero groups
-    (19, 1536, False, "gelu_tanh", True),  # one-row blocks of x's 3 groups + the tail's 3, GELU from the tail
-    (9, 3072, True, "none", False),  # 5 blocks on 5 programs: one block each, no pair
-])
-@pytest.mark.slow
-def test_interpret_prefetch_is_the_same_kernel(m, k, packed, prologue, tailed):
-    """Two buffers a program (`prefetch`) change when copies run, not what is computed: codes and
-    scales bit for bit those of one buffer and one block a program, and without a prologue the
-    reference's."""
-    x = _inputs(2 * m, k if not tailed else 768, jnp.bfloat16)[m - 4:2 * m - 4]  # NaN/Inf rows among them
-    kw = dict(packed=packed, prologue=prologue, interpret=True)
-    if tailed:
-        kw.update(tail=_inputs(m, 1280, jnp.bfloat16, seed=1), tail_from=512, gelu_from=768)
-    got = rotate_quantize(x, config=RotateQuantizeConfig(prefetch=True), **kw)
-    want = rotate_quantize(x, config=RotateQuantizeConfig(), **kw)
-    _assert_exact(got, jax.tree.map(np.asarray, want))
-    if prologue == "none":
-        _assert_exact(got, _reference(x, packed=packed))
-
-
-@pytest.mark.parametrize("m,k,tail", [(4608, 12288, None), (4608, 3072, (21504, 9216)), (4608, 3072, None)])
-def test_prefetch_lowers_for_cuda(monkeypatch, m, k, tail):
-    """Traced for CUDA (an H200's 132 SMs) at FLUX's GELU sites (ff.net.2; proj_out's [attention,
-    GELU(MLP columns)], K = 15360: one-row blocks, 113 KiB of shared memory with two buffers) and
-    a plain one: the two-buffer form lowers through Mosaic GPU."""
-    monkeypatch.setattr(pallas_kernels.rotate_quantize, "sm_count", lambda interpret: 4 if interpret else 132)
-    config = RotateQuantizeConfig(prefetch=True)
-    s = jax.ShapeDtypeStruct
-    if tail is None:
-        prologue = "gelu_tanh" if k == 12288 else "none"
-        f = lambda x: rotate_quantize(x, prologue=prologue, packed=True, config=config)
-        lowered = jax.jit(f).trace(s((m, k), jnp.bfloat16)).lower(lowering_platforms=("cuda",))
-    else:
-        f = lambda x, t: rotate_quantize(x, prologue="gelu_tanh", gelu_from=k, tail=t, tail_from=tail[1],
-                                         packed=True, config=config)
-        lowered = jax.jit(f).trace(s((m, k), jnp.bfloat16), s((m, tail[0]), jnp.bfloat16)).lower(
-            lowering_platforms=("cuda",))
-    assert "mosaic_gpu" in lowered.as_text()
-
-
-def test_prefetch_refuses_a_modulated_layernorm():
-    shift, scale = _modulation(1, 256, jnp.bfloat16)
-    with pytest.raises(ValueError, match="prefetch=True.*modulated LayerNorm"):
-        rotate_quantize(jnp.ones((4, 256), jnp.bfloat16), prologue="layernorm", shift=shift, scale=scale,
-                        config=RotateQuantizeConfig(prefetch=True), interpret=True)
-
-
 @pytest.mark.parametrize("tail_shape,tail_from,match", [((5, 512), 0, "dtype"), ((4, 512), 0, "M = 5 rows"),
                                                          ((5, 512), 128, "multiples of group_size"),
                                                          ((5, 512), 512, "inside the tail")])
@@ -384,23 +333,6 @@ def test_gpu_tail():
     tail = _inputs(4608, 21504, jnp.bfloat16, seed=3)
     got = rotate_quantize(x, tail=tail, tail_from=9216, prologue="gelu_tanh", gelu_from=3072)
     want = rotate_quantize(jnp.concatenate([x, tail[:, 9216:]], axis=1), prologue="gelu_tanh", gelu_from=3072)
-    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
-    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("k,prologue,tailed,programs_per_sm", [(3072, "none", False, 2), (12288, "gelu_tanh", False, 2),
-                                                                (3072, "gelu_tanh", True, 2),
-                                                                (3072, "gelu_tanh", True, 1)])
-def test_gpu_prefetch_is_the_same_kernel(k, prologue, tailed, programs_per_sm):
-    """The two-buffer form at FLUX's shapes (4608 tokens: 17-18 one-row blocks a program) gives
-    the default kernel's codes and scales bit for bit (ff.net.2's GELU, proj_out's tail form)."""
-    x = _inputs(4608, k, jnp.bfloat16, seed=2)
-    kw = dict(prologue=prologue, packed=True)
-    if tailed:
-        kw.update(tail=_inputs(4608, 21504, jnp.bfloat16, seed=3), tail_from=9216, gelu_from=3072)
-    got = rotate_quantize(x, config=RotateQuantizeConfig(prefetch=True, programs_per_sm=programs_per_sm), **kw)
-    want = rotate_quantize(x, **kw)
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
 
