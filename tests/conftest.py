@@ -4,6 +4,7 @@ JAX compilation cache for the whole run."""
 import functools
 import os
 import shutil
+import signal
 import tempfile
 
 # Mosaic GPU interpret mode runs each warpgroup as XLA CPU code that waits on barriers in host
@@ -53,3 +54,14 @@ def pytest_collection_modifyitems(config, items):
 def _highest_matmul_precision():
     with jax.default_matmul_precision("highest"):
         yield
+
+
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own SIGINT handler (KeyboardInterrupt) for the test, as an interactive command has
+    it: a process a non-interactive shell starts in the background (`cmd &`) inherits SIGINT
+    ignored, and Python then leaves it ignored. Tests of what Ctrl-C does outside
+    `interrupts.raising()` assume the default handler."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -84,6 +84,7 @@ def test_a_signal_between_the_renames_lets_them_finish(monkeypatch, tmp_path, in
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 
+@pytest.mark.usefixtures("python_sigint_handler")
 @pytest.mark.parametrize("inside_raising", [True, False])
 def test_deferred_raises_a_signal_at_the_end_of_its_block(inside_raising):
     ran = []

@@ -360,6 +360,7 @@ def test_pngs_are_never_overwritten(tmp_path):
             assert np.asarray(img)[0, 0, 0] == k
 
 
+@pytest.mark.usefixtures("python_sigint_handler")
 def test_ctrl_c_while_a_png_is_written_leaves_it_whole(monkeypatch, tmp_path):
     from flux_flax import pipeline
 
