@@ -59,6 +59,11 @@ def check() -> None:
         raise _exception(_received)
 
 
+def _inside_raising() -> bool:
+    """Whether `raising()`'s handlers serve SIGINT now."""
+    return signal.getsignal(signal.SIGINT) is _remember
+
+
 @contextlib.contextmanager
 def _signals_held() -> Iterator[list[int]]:
     """SIGINT and SIGTERM do not interrupt the block; yields a list that holds, after the block,
@@ -68,8 +73,7 @@ def _signals_held() -> Iterator[list[int]]:
     if threading.current_thread() is not threading.main_thread() or _holding:
         yield []
         return
-    inside_raising = signal.getsignal(signal.SIGINT) is _remember  # its handlers serve; else install them
-    previous = {} if inside_raising else {s: signal.signal(s, _remember) for s in _SIGNALS}
+    previous = {} if _inside_raising() else {s: signal.signal(s, _remember) for s in _SIGNALS}
     before, _received, _holding = _received, None, True
     arrived: list[int] = []
     try:
@@ -98,7 +102,7 @@ def deferred() -> Iterator[None]:
     `raising()`: KeyboardInterrupt / `Terminated`, remembered for `check`; outside: the signal's
     own handler)."""
     global _received
-    inside_raising = signal.getsignal(signal.SIGINT) is _remember
+    inside_raising = _inside_raising()
     arrived: list[int] = []
     try:
         with _signals_held() as arrived:
