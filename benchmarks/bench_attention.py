@@ -8,6 +8,7 @@ tokens, i.e. 512², 1024² and 2048x1024 images; batch 1 and 4; 24 heads x 128):
   sage8_fp8         the same with fp8 e4m3 QK^T
   sage_qk8          pallas_kernels.attention, precision="sage_qk8": int8 QK^T, bf16 PV
   sage8_int8_kernel the int8 kernel alone, on operands quantize_qkv made beforehand
+  sage8_fp8_kernel  the fp8-QK kernel alone (its logits come out of the wgmma as float32)
   sage8_int8_overlap_kernel: the same, overlapped (AttentionConfig.overlap, below)
   sage8_int8_2stages, sage8_int8_kv64: other block configs of sage8_int8
   sage8_int8_overlap: sage8_int8 with FlashAttention-3's intra-warpgroup overlap
@@ -65,6 +66,8 @@ VARIANTS = harness.registry(
             options={"precision": "sage_qk8", "qk": "int8"}),
     Variant("sage8_int8_kernel", "the int8 sage8 kernel on pre-quantized operands", group=_GROUP,
             options={"precision": "sage8", "qk": "int8", "prequantized": True}),
+    Variant("sage8_fp8_kernel", "the fp8-QK sage8 kernel on pre-quantized operands (no int32 logits)",
+            group=_GROUP, options={"precision": "sage8", "qk": "fp8", "prequantized": True}),
     Variant("sage8_int8_2stages", "sage8_int8 with 2 K/V stages (default 3)", group=_GROUP,
             options={"precision": "sage8", "qk": "int8", "config": {"max_concurrent_steps": 2}}),
     Variant("sage8_int8_kv64", "sage8_int8 with block_kv 64, 4 stages", group=_GROUP,
@@ -108,19 +111,24 @@ def tflops(b: int, s: int, ms: float) -> float:
     return 4 * b * HEADS * s * s * HEAD_DIM / (ms * 1e-3) / 1e12
 
 
+def _qk_dtype(name: str):
+    import jax.numpy as jnp
+
+    return {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[name]
+
+
 def implementation(variant: str):
     """variant -> fn(q, k, v) (or fn(qkv) for the pre-quantized kernel)."""
     import functools
 
     import jax
-    import jax.numpy as jnp
 
     from pallas_kernels.attention import attention, attention_quantized, default_config
 
     if variant == BASELINE:
         return functools.partial(jax.nn.dot_product_attention, implementation="cudnn")
     opts = VARIANTS[variant].options
-    qk = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}.get(opts.get("qk"), jnp.int8)
+    qk = _qk_dtype(opts.get("qk", "int8"))
     config = dataclasses.replace(default_config(opts["precision"]), **opts["config"]) if "config" in opts else None
     if opts.get("prequantized"):
         return functools.partial(attention_quantized, config=config)
@@ -199,7 +207,8 @@ def work_grid(args) -> dict:
             if "producer" in VARIANTS[variant].options:
                 return fn, (lambda i: _projection_inputs(b, s, 100 + i)), b * s * HEADS * HEAD_DIM * 2
             if VARIANTS[variant].options.get("prequantized"):
-                quant = jax.jit(lambda q, k, v: quantize_qkv(q, k, v, config=default_config("sage8")))
+                qk = _qk_dtype(VARIANTS[variant].options["qk"])
+                quant = jax.jit(lambda q, k, v: quantize_qkv(q, k, v, config=default_config("sage8"), qk_dtype=qk))
 
                 def make(i):
                     return (jax.block_until_ready(quant(*_inputs(b, s, 100 + i))),)

@@ -65,6 +65,8 @@ INT8_MAX = 127.0
 FP8_MAX = 448.0  # e4m3fn's largest finite value
 SCALE_FLOOR = 1e-10  # scale of an all-zero row or channel: zero codes, never NaN
 LOG2E = math.log2(math.e)
+_I2F_MAGIC_BITS, _I2F_MAGIC = 0x4B400000, 12582912.0  # the float 1.5 * 2**23 and its bits
+INT8_HEAD_DIM_MAX = 256  # int8 Q K^T codes: |q . k| <= 127² D <= 2**22, exact in `_int32_to_float`
 _COMPUTE_WGS = 2
 
 
@@ -239,6 +241,15 @@ def block_scales_per_key(k_scale: jax.Array, block_kv: int) -> jax.Array:
     return jnp.repeat(k_scale, block_kv, axis=-1)
 
 
+def _int32_to_float(x: jax.Array) -> jax.Array:
+    """int32 -> float32, exact for |x| <= 2**22 (int8 QK^T: 127² D for D <= 256), on the integer
+    and FMA pipes: x added to the bits of 1.5 * 2**23 are the bits of the float 1.5 * 2**23 + x.
+    A conversion instruction (I2F) runs on the same quarter-rate unit as the softmax's exp2
+    (MUFU.EX2, 16 a clock per SM): converting every logit that way doubles that unit's work per
+    (query, key) pair and makes it, not the 8-bit tensor cores, the kernel's bound."""
+    return lax.bitcast_convert_type(x + _I2F_MAGIC_BITS, jnp.float32) - _I2F_MAGIC
+
+
 def _check_qkv(q, k, v) -> None:
     if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must share one (B, S, H, D) shape, got {q.shape}, {k.shape}, {v.shape}")
@@ -311,7 +322,7 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
                 plgpu.barrier_wait(ks_bars.at[slot])
                 block_scale = plgpu.load(ks_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
                 s_scale = row_scale * block_scale
-                s = s.astype(jnp.float32)
+                s = _int32_to_float(s) if s.dtype == jnp.int32 else s
                 row = lax.broadcast_in_dim(s_scale, s.shape, [0])
             else:
                 row = logit_scale
@@ -560,6 +571,9 @@ def attention_quantized(qkv: QuantizedQKV, *, seq: int, out_dtype=jnp.bfloat16, 
     if qkv.q_codes.dtype not in QK_DTYPES or qkv.k_codes.dtype != qkv.q_codes.dtype:
         raise ValueError(f"q_codes/k_codes must both be int8 or float8_e4m3fn, got {qkv.q_codes.dtype}, "
                          f"{qkv.k_codes.dtype}")
+    if qkv.q_codes.dtype == jnp.int8 and d > INT8_HEAD_DIM_MAX:
+        raise ValueError(f"int8 Q K^T needs head dim D <= {INT8_HEAD_DIM_MAX} (exact int32 -> float of the "
+                         f"logits), got q_codes {qkv.q_codes.shape}; use qk_dtype float8_e4m3fn")
     if qkv.k_scale.shape != (b, h, seq_pad // config.block_kv):
         raise ValueError(f"k_scale must be (B, H, blocks) = {(b, h, seq_pad // config.block_kv)} for {config}, "
                          f"got {qkv.k_scale.shape}")

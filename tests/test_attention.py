@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 
 import flux_fixtures
-from pallas_kernels.attention import (AttentionConfig, attention, block_scales_per_key, default_config,
-                                      key_permutation, quantize_qkv,
-                                      attention_quantized)
+from pallas_kernels.attention import (INT8_HEAD_DIM_MAX, AttentionConfig, _int32_to_float, attention,
+                                      attention_quantized, block_scales_per_key, default_config,
+                                      key_permutation, quantize_qkv)
 from pallas_kernels.attention_reference import (BF16_REL, FP8_REL, attention_reference, bf16_p_bound, dequantize,
                                                 dequantized_attention, flux_like_qkv, p_rounding_bounds,
                                                 random_qkv)
@@ -166,6 +166,16 @@ def test_lowers_for_the_gpu(precision, overlap):
     assert "mosaic_gpu" in f.trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
 
 
+def test_int32_to_float_is_exact_over_the_int8_logit_range():
+    """The kernel's int32 -> float32 of int8 Q K^T logits (bit arithmetic instead of a conversion
+    instruction) equals the conversion wherever |q . k| <= 127² D can reach (D <= 256)."""
+    bound = 2**22
+    edges = [-bound, -(127**2) * INT8_HEAD_DIM_MAX, -1, 0, 1, 127**2 * INT8_HEAD_DIM_MAX, bound - 1, bound]
+    x = jnp.concatenate([jnp.array(edges, jnp.int32),
+                         jax.random.randint(jax.random.key(0), (4096,), -bound, bound + 1, jnp.int32)])
+    np.testing.assert_array_equal(np.asarray(_int32_to_float(x)), np.asarray(x, np.float32))
+
+
 def test_rejects_bad_shapes():
     x = jnp.zeros((1, 64, 2, 128), jnp.bfloat16)
     with pytest.raises(ValueError, match="share one"):
@@ -174,6 +184,9 @@ def test_rejects_bad_shapes():
         attention(x[..., :96], x[..., :96], x[..., :96], interpret=True)
     with pytest.raises(ValueError, match="precision"):
         attention(x, x, x, precision="fp4", interpret=True)
+    wide = jnp.zeros((1, 64, 1, INT8_HEAD_DIM_MAX + 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"int8 Q K\^T needs head dim D <= 256.*q_codes \(1, \d+, 1, 320\)"):
+        attention(wide, wide, wide, precision="sage8", config=SMALL, interpret=True)
 
 
 # ------------------------------------------------------------------------------------ GPU
