@@ -65,8 +65,8 @@ INT8_MAX = 127.0
 FP8_MAX = 448.0  # e4m3fn's largest finite value
 SCALE_FLOOR = 1e-10  # scale of an all-zero row or channel: zero codes, never NaN
 LOG2E = math.log2(math.e)
-_I2F_MAGIC_BITS, _I2F_MAGIC = 0x4B400000, 12582912.0  # the float 1.5 * 2**23 and its bits
-INT8_HEAD_DIM_MAX = 256  # int8 Q K^T codes: |q . k| <= 127² D <= 2**22, exact in `_int32_to_float`
+LOGIT_BIAS_BITS, LOGIT_BIAS = 0x4B400000, 12582912.0  # the float 1.5 * 2**23 and its bits (`biased_logits`)
+INT8_HEAD_DIM_MAX = 256  # int8 Q K^T codes: |q . k| <= 127² D <= 2**22, exact in `biased_logits`
 _COMPUTE_WGS = 2
 
 
@@ -241,13 +241,14 @@ def block_scales_per_key(k_scale: jax.Array, block_kv: int) -> jax.Array:
     return jnp.repeat(k_scale, block_kv, axis=-1)
 
 
-def _int32_to_float(x: jax.Array) -> jax.Array:
-    """int32 -> float32, exact for |x| <= 2**22 (int8 QK^T: 127² D for D <= 256), on the integer
-    and FMA pipes: x added to the bits of 1.5 * 2**23 are the bits of the float 1.5 * 2**23 + x.
-    A conversion instruction (I2F) runs on the same quarter-rate unit as the softmax's exp2
-    (MUFU.EX2, 16 a clock per SM): converting every logit that way doubles that unit's work per
-    (query, key) pair and makes it, not the 8-bit tensor cores, the kernel's bound."""
-    return lax.bitcast_convert_type(x + _I2F_MAGIC_BITS, jnp.float32) - _I2F_MAGIC
+def biased_logits(x: jax.Array) -> jax.Array:
+    """int32 q . k -> the float32 LOGIT_BIAS + x, exactly for |x| <= 2**22 (int8 codes: 127² D, D
+    <= 256): x added to LOGIT_BIAS's bits are that float's bits. On the GPU the kernel starts the
+    QK^T accumulator at LOGIT_BIAS_BITS, so the wgmma makes these bits and no per-logit
+    instruction converts them (a conversion, or an add then a subtract, was 1-2 of the ~12
+    instructions a (query, key) pair costs the softmax, which bounds the 8-bit kernel); the bias
+    goes into the softmax's per-row shift."""
+    return lax.bitcast_convert_type(x + LOGIT_BIAS_BITS, jnp.float32)
 
 
 def _check_qkv(q, k, v) -> None:
@@ -276,11 +277,13 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
     full_steps = seq // bkv  # steps without padded keys; a ragged last one is masked
     stages = k_smem.shape[0]
     batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
-    s_dtype = jnp.int32 if q_ref.dtype == jnp.int8 else jnp.float32
+    int_logits = q_ref.dtype == jnp.int8
+    s_dtype = jnp.int32 if int_logits else jnp.float32
     # PV accumulates in place (as the template does) where a WGMMA accumulator can be initialised:
-    # on the GPU, bf16 PV; overlapped, fp8 PV too (its registers are needed for the next S).
-    # Else each step's PV goes to a fresh accumulator that is added to the running one.
-    pv_in_place = not interpret and (not pv8 or config.overlap)
+    # on the GPU (fp8 PV too: its accumulation error measured the same as a fresh accumulator's,
+    # notes/attention.md v6). In interpret mode each step's PV goes to a fresh accumulator that is
+    # added to the running one.
+    pv_in_place = not interpret
 
     def schedule():
         plgpu.barrier_arrive(schedule_barrier)
@@ -307,7 +310,15 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
         # The wgmmas take their stage's slot from outside run_state / run_scoped: a constant step
         # (the ragged last one) would give a constant there, which run_state cannot lower.
         def issue_qk(s_ref, slot):
+            if int_logits and not interpret:
+                s_ref[...] = plgpu.layout_cast(jnp.full((bq, bkv), LOGIT_BIAS_BITS, jnp.int32), plgpu.Layout.WGMMA)
             plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].T)
+
+        def logits(s):
+            """S as the softmax takes it: float32, + LOGIT_BIAS for int8 codes (`biased_logits`)."""
+            if not int_logits:
+                return s
+            return lax.bitcast_convert_type(s, jnp.float32) if not interpret else biased_logits(s)
 
         def issue_pv(pv_ref, p_op, slot):
             p_ref = p_smem2.at[wg] if interpret else p_op  # interpret: wgmma's A from shared memory
@@ -322,7 +333,6 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
                 plgpu.barrier_wait(ks_bars.at[slot])
                 block_scale = plgpu.load(ks_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
                 s_scale = row_scale * block_scale
-                s = _int32_to_float(s) if s.dtype == jnp.int32 else s
                 row = lax.broadcast_in_dim(s_scale, s.shape, [0])
             else:
                 row = logit_scale
@@ -331,15 +341,16 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
                 cols = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
                 s = jnp.where(cols + step * bkv < seq, s, -jnp.inf)
             s_max = s.max(axis=1)
+            if int_logits:  # s holds LOGIT_BIAS + q . k: the bias leaves the max exactly
+                s_max = s_max - LOGIT_BIAS
             s_max = s_max * s_scale if qk8 else s_max * logit_scale
             m_new = jnp.maximum(m_i, s_max)
             alpha = jnp.exp2(m_i - m_new)
-            if pv8:  # P * 448: e4m3's whole range (exp2(x + log2 448) = 448 exp2(x))
-                p = jnp.exp2(s * row - lax.broadcast_in_dim(m_new - math.log2(FP8_MAX), s.shape, [0]))
-                p_op = p.astype(jnp.float8_e4m3fn)
-            else:
-                p = jnp.exp2(s * row - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                p_op = p.astype(jnp.bfloat16)
+            shift = m_new - math.log2(FP8_MAX) if pv8 else m_new  # fp8: P * 448, e4m3's whole range
+            if int_logits:  # (LOGIT_BIAS + q . k) * scale - (shift + LOGIT_BIAS * scale): one FMA a logit
+                shift = shift + LOGIT_BIAS * s_scale
+            p = jnp.exp2(s * row - lax.broadcast_in_dim(shift, s.shape, [0]))
+            p_op = p.astype(jnp.float8_e4m3fn if pv8 else jnp.bfloat16)
             l_i = l_i * alpha + p.sum(axis=1)
             if interpret:
                 p_smem2[wg] = _p_operand_interpret(p_op) if pv8 else p_op
@@ -361,7 +372,7 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
                 issue_qk(acc_ref, slot)
                 schedule()
                 return acc_ref[...]
-            s = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), s_dtype))
+            s = logits(pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), s_dtype)))
             p_op, alpha, m_i, l_i = softmax(s, step, m_i, l_i, masked)
             acc = rescale(acc, alpha)
             acc, l_i, m_i, p_op = lax.optimization_barrier((acc, l_i, m_i, p_op))
@@ -420,7 +431,7 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
                 issue_qk(s_ref, next_slot)
                 issue_pv_onto(pv_ref, acc, alpha, p_op, slot)
                 give_turn()
-                s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S done, PV may still run
+                s = logits(plgpu.wgmma_accumulator_load(s_ref, wait_n=1))  # S done, PV may still run
                 p_next, alpha_next, m_next, l_next = softmax(s, step + 1, m_i, l_i, masked)
                 return pv_ref[...], p_next, alpha_next, m_next, l_next
             pv, p_op, alpha_next, m_i, l_i = pl.run_scoped(
@@ -437,7 +448,7 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
                 issue_qk(s_ref, 0)
                 give_turn()
                 return s_ref[...]
-            s = pl.run_scoped(first_qk, plgpu.ACC((bq, bkv), s_dtype))
+            s = logits(pl.run_scoped(first_qk, plgpu.ACC((bq, bkv), s_dtype)))
             p_op, alpha, m_i, l_i = softmax(s, jnp.int32(0), m_i, l_i, masked=full_steps == 0)
             carry = (acc, p_op, alpha, m_i, l_i)
             # overlapped_step(j) makes step j + 1's P: j + 1 < full_steps unmasked, then the ragged one.

@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 
 import flux_fixtures
-from pallas_kernels.attention import (INT8_HEAD_DIM_MAX, AttentionConfig, _int32_to_float, attention,
-                                      attention_quantized, block_scales_per_key, default_config,
-                                      key_permutation, quantize_qkv)
+from pallas_kernels.attention import (INT8_HEAD_DIM_MAX, LOGIT_BIAS, AttentionConfig, attention,
+                                      attention_quantized, biased_logits, block_scales_per_key,
+                                      default_config, key_permutation, quantize_qkv)
 from pallas_kernels.attention_reference import (BF16_REL, FP8_REL, attention_reference, bf16_p_bound, dequantize,
                                                 dequantized_attention, flux_like_qkv, p_rounding_bounds,
                                                 random_qkv)
@@ -166,14 +166,15 @@ def test_lowers_for_the_gpu(precision, overlap):
     assert "mosaic_gpu" in f.trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
 
 
-def test_int32_to_float_is_exact_over_the_int8_logit_range():
-    """The kernel's int32 -> float32 of int8 Q K^T logits (bit arithmetic instead of a conversion
-    instruction) equals the conversion wherever |q . k| <= 127² D can reach (D <= 256)."""
+def test_biased_logits_are_exact_over_the_int8_logit_range():
+    """The kernel's int32 q . k -> float32 (an int32 accumulator started at LOGIT_BIAS_BITS, read
+    as a float) is LOGIT_BIAS + q . k exactly wherever |q . k| <= 127² D can reach (D <= 256)."""
     bound = 2**22
     edges = [-bound, -(127**2) * INT8_HEAD_DIM_MAX, -1, 0, 1, 127**2 * INT8_HEAD_DIM_MAX, bound - 1, bound]
     x = jnp.concatenate([jnp.array(edges, jnp.int32),
                          jax.random.randint(jax.random.key(0), (4096,), -bound, bound + 1, jnp.int32)])
-    np.testing.assert_array_equal(np.asarray(_int32_to_float(x)), np.asarray(x, np.float32))
+    got = np.asarray(biased_logits(x), np.float64) - LOGIT_BIAS
+    np.testing.assert_array_equal(got, np.asarray(x, np.float64))
 
 
 def test_rejects_bad_shapes():
