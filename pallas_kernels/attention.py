@@ -92,10 +92,11 @@ class AttentionConfig:
 
 
 def default_config(precision: Precision) -> AttentionConfig:
-    """The fastest config measured on the H200 (benchmarks/results/attention_overlap and
-    attention_model): "sage8" 3 stages (8-bit stages are half the bytes: one more fits), not
-    overlapped (1.06x cuDNN against 1.02x overlapped); "bf16" and "sage_qk8" overlapped (+2-3%),
-    "sage_qk8" with 3 stages (S runs a step ahead, so K is needed one step earlier)."""
+    """The fastest config measured on the H200 (benchmarks/results/attention_overlap,
+    attention_model, attention_logit_bias): "sage8" 3 stages (8-bit stages are half the bytes:
+    one more fits), not overlapped (1.16x cuDNN against 1.01x overlapped); "bf16" and "sage_qk8"
+    overlapped (+2-3%), "sage_qk8" with 3 stages (S runs a step ahead, so K is needed one step
+    earlier)."""
     if precision == "sage8":
         return AttentionConfig(max_concurrent_steps=3)
     return AttentionConfig(max_concurrent_steps=3 if precision == "sage_qk8" else 2, overlap=True)
