@@ -400,7 +400,7 @@ def markdown(log: dict) -> list[str]:
     out = ["# Attention (pallas_kernels/attention.py) vs cuDNN bf16", "",
            f"Device time (CUPTI), median of {log.get('iters', 20)}, rotating input sets (> 2x L2); 24 heads x 128, "
            "non-causal. TFLOP/s = 4 B H S² D / time. Ratios: cuDNN bf16 time / this time (higher is faster). "
-           "sage8 rows include quantize_qkv (XLA ops: K mean, int8 codes per query token and per 128-key block, "
+           "sage8 rows include quantize_qkv (XLA ops: K mean, int8 codes per query token and per block of block_kv keys (256 by default), "
            "per-channel fp8 V codes, V "
            "transposed); sage8_int8_kernel is the kernel alone. "
            f"GPU tests: {log.get('tests', 'not run')}.", "", "TFLOP/s:", ""]

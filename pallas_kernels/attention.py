@@ -92,13 +92,14 @@ class AttentionConfig:
 
 
 def default_config(precision: Precision) -> AttentionConfig:
-    """The fastest config measured on the H200 (benchmarks/results/attention_overlap,
-    attention_model, attention_logit_bias): "sage8" 3 stages (8-bit stages are half the bytes:
-    one more fits), not overlapped (1.16x cuDNN against 1.01x overlapped); "bf16" and "sage_qk8"
-    overlapped (+2-3%), "sage_qk8" with 3 stages (S runs a step ahead, so K is needed one step
-    earlier)."""
+    """The fastest config measured on the H200 (benchmarks/results/attention_sweep, the kernels
+    alone): "sage8" block_kv 256, 2 stages, not overlapped (1.32x cuDNN at B=1 S=4608 and 1.41x at
+    B=4 S=8704, against 1.15x / 1.27x with block_kv 128: a KV step's fixed costs, its barriers,
+    waits and row reductions, spread over twice the keys); "bf16" and "sage_qk8" overlapped
+    (+2-3%, attention_overlap), "sage_qk8" with 3 stages (S runs a step ahead, so K is needed
+    one step earlier)."""
     if precision == "sage8":
-        return AttentionConfig(max_concurrent_steps=3)
+        return AttentionConfig(block_kv=256, max_concurrent_steps=2)
     return AttentionConfig(max_concurrent_steps=3 if precision == "sage_qk8" else 2, overlap=True)
 
 
