@@ -118,22 +118,41 @@ def _qk_dtype(name: str):
     return {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[name]
 
 
+def _config(opts: dict):
+    """A variant's AttentionConfig: its precision's default with the variant's changes."""
+    from pallas_kernels.attention import default_config
+
+    return dataclasses.replace(default_config(opts["precision"]), **opts.get("config", {}))
+
+
+def _prequantized(make, config, *, qk: str = "int8", pv_fp8: bool = True):
+    """make(i) -> (q, k, v) turned into make(i) -> (the 8-bit kernel's operands,), quantized for
+    `config` (its K scales are per block_kv keys) before the timing starts."""
+    import functools
+
+    import jax
+
+    from pallas_kernels.attention import quantize_qkv
+
+    quant = jax.jit(functools.partial(quantize_qkv, config=config, qk_dtype=_qk_dtype(qk), pv_fp8=pv_fp8))
+    return lambda i: (jax.block_until_ready(quant(*make(i))),)
+
+
 def implementation(variant: str):
     """variant -> fn(q, k, v) (or fn(qkv) for the pre-quantized kernel)."""
     import functools
 
     import jax
 
-    from pallas_kernels.attention import attention, attention_quantized, default_config
+    from pallas_kernels.attention import attention, attention_quantized
 
     if variant == BASELINE:
         return functools.partial(jax.nn.dot_product_attention, implementation="cudnn")
     opts = VARIANTS[variant].options
-    qk = _qk_dtype(opts.get("qk", "int8"))
-    config = dataclasses.replace(default_config(opts["precision"]), **opts["config"]) if "config" in opts else None
     if opts.get("prequantized"):
-        return functools.partial(attention_quantized, config=config)
-    return functools.partial(attention, precision=opts["precision"], qk_dtype=qk, config=config)
+        return functools.partial(attention_quantized, config=_config(opts))
+    return functools.partial(attention, precision=opts["precision"], qk_dtype=_qk_dtype(opts.get("qk", "int8")),
+                             config=_config(opts))
 
 
 def producer_implementation(variant: str):
@@ -198,10 +217,6 @@ def _inputs(b: int, s: int, seed: int):
 
 
 def work_grid(args) -> dict:
-    import jax
-
-    from pallas_kernels.attention import default_config, quantize_qkv
-
     acc = accuracy(args)
     rows = []
     for variant in args.variants:
@@ -211,12 +226,10 @@ def work_grid(args) -> dict:
             b, s = d["b"], d["s"]
             if "producer" in VARIANTS[variant].options:
                 return fn, (lambda i: _projection_inputs(b, s, 100 + i)), b * s * HEADS * HEAD_DIM * 2
-            if VARIANTS[variant].options.get("prequantized"):
-                qk = _qk_dtype(VARIANTS[variant].options["qk"])
-                quant = jax.jit(lambda q, k, v: quantize_qkv(q, k, v, config=default_config("sage8"), qk_dtype=qk))
-
-                def make(i):
-                    return (jax.block_until_ready(quant(*_inputs(b, s, 100 + i))),)
+            opts = VARIANTS[variant].options
+            if opts.get("prequantized"):
+                make = _prequantized(lambda i: _inputs(b, s, 100 + i), _config(opts), qk=opts["qk"],
+                                     pv_fp8=opts["precision"] == "sage8")
                 return (lambda qkv: fn(qkv, seq=s)), make, b * s * HEADS * HEAD_DIM * 2
             return fn, (lambda i: _inputs(b, s, 100 + i)), b * s * HEADS * HEAD_DIM * 2
 
@@ -240,7 +253,7 @@ def work_sweep(args) -> list[dict]:
 
     import jax
 
-    from pallas_kernels.attention import AttentionConfig, attention, attention_quantized, quantize_qkv
+    from pallas_kernels.attention import AttentionConfig, attention, attention_quantized
     from pallas_kernels.attention_reference import rel_l2
 
     rows = []
@@ -260,9 +273,8 @@ def work_sweep(args) -> list[dict]:
                                                  f"{' overlap' if overlap else ''}"}
                 timed, timed_make = fn, make
                 if precision != "bf16":
-                    quant = jax.jit(functools.partial(quantize_qkv, config=cfg, pv_fp8=precision == "sage8"))
                     timed = functools.partial(attention_quantized, seq=s, config=cfg)
-                    timed_make = lambda i, make=make, quant=quant: (jax.block_until_ready(quant(*make(i))),)
+                    timed_make = _prequantized(make, cfg, pv_fp8=precision == "sage8")
                 try:
                     row["rel_l2_vs_cudnn"] = rel_l2(jax.jit(fn)(q, k, v), ref)
                     row["ms"] = harness.device_time_ms(timed, timed_make, b * s * HEADS * HEAD_DIM * 2)
