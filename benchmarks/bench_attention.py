@@ -17,12 +17,9 @@ tokens, i.e. 512², 1024² and 2048x1024 images; batch 1 and 4; 24 heads x 128):
 With the producer (from a double block's text and image q/k/v projection outputs, bf16: per-head
 QK RMSNorm, RoPE, the attention; what the model runs; ratios against rope_cudnn_bf16):
   rope_cudnn_bf16   XLA QK-norm + RoPE (the model's unfused ops) + cuDNN bf16 (the baseline)
-  fused_cudnn_bf16  pallas_kernels.attention_quantize.project_qkv (bf16 q, k, v written in the joint
+  fused_cudnn_bf16  pallas_kernels.attention_producer.project_qkv (bf16 q, k, v written in the joint
                     layout: one Mosaic GPU launch) + cuDNN bf16 (the model's qk_producer option)
-  rope_sage8_xla    XLA QK-norm + RoPE + quantize_qkv (XLA) + the int8 sage8 kernel
-  fused_sage8       pallas_kernels.attention_quantize (the producer quantizing where q, k are
-                    made: two Mosaic GPU launches + V's XLA fusion) + the int8 sage8 kernel
-  rope_quantize_xla, fused_producer: the two ways of making the sage8 operands, alone
+  rope_sage8_xla    XLA QK-norm + RoPE + quantize_qkv (XLA) + the int8 sage8 kernel (the model's sage8)
 TFLOP/s = 4 B H S^2 D / time (the two matmuls; 8-bit counted the same); ratios = cuDNN time /
 this time. Device time (CUPTI), median of 20 over rotating input sets (> 2x the 50 MB L2).
 All implementations run in one process, back to back (same device state).
@@ -32,7 +29,7 @@ same bf16 inputs, random N(0, 1) and FLUX-like (pallas_kernels.attention_referen
 a few large-norm channels in q and k, a large shared mean in k), at sequence 4608, batch 1.
 
 Stages (--stages, default tests,bench):
-  tests  `pytest tests/test_attention.py`, then tests/test_attention_quantize.py (--tests-k: -k for both).
+  tests  `pytest tests/test_attention.py`, then tests/test_attention_producer.py (--tests-k: -k for both).
   sweep  block configs (block_kv, stages, overlap) of each precision at B=1 S=4608 and B=4 S=8704
          (the 8-bit kernels alone, on operands quantized beforehand).
   bench  timing grid + accuracy.
@@ -82,16 +79,10 @@ VARIANTS = harness.registry(
     Variant("sage_qk8_no_overlap", "sage_qk8 not overlapped, 2 K/V stages", group=_GROUP,
             options={"precision": "sage_qk8", "qk": "int8", "config": {"overlap": False, "max_concurrent_steps": 2}}),
     Variant("rope_cudnn_bf16", "XLA QK-norm + RoPE, cuDNN bf16", group=_GROUP, options={"producer": "xla"}),
-    Variant("fused_cudnn_bf16", "bf16 producer (attention_quantize.project_qkv), cuDNN bf16", group=_GROUP,
+    Variant("fused_cudnn_bf16", "bf16 producer (attention_producer.project_qkv), cuDNN bf16", group=_GROUP,
             options={"producer": "fused"}),
     Variant("rope_sage8_xla", "XLA QK-norm + RoPE + XLA quantize_qkv, sage8 int8 kernel", group=_GROUP,
             options={"producer": "xla", "precision": "sage8"}),
-    Variant("fused_sage8", "fused producer (attention_quantize), sage8 int8 kernel", group=_GROUP,
-            options={"producer": "fused", "precision": "sage8"}),
-    Variant("rope_quantize_xla", "XLA QK-norm + RoPE + quantize_qkv alone", group=_GROUP,
-            options={"producer": "xla", "precision": "sage8", "operands_only": True}),
-    Variant("fused_producer", "attention_quantize alone", group=_GROUP,
-            options={"producer": "fused", "precision": "sage8", "operands_only": True}),
 )
 PRODUCER_BASELINE = "rope_cudnn_bf16"
 TEXT_TOKENS = 512
@@ -158,33 +149,27 @@ def implementation(variant: str):
 def producer_implementation(variant: str):
     """variant -> fn(text, image, weights, cos, sin): from a double block's projection outputs
     (B, 512, 3 H D) and (B, S - 512, 3 H D), the norm weights (4, D) (text q, k, image q, k) and
-    the RoPE tables (S, D), the attention output (or, operands_only, the sage8 operands)."""
+    the RoPE tables (S, D), the attention output."""
     import jax
-    import jax.numpy as jnp
 
-    from pallas_kernels.attention import attention_quantized, default_config, quantize_qkv
-    from pallas_kernels.attention_quantize import project_qkv, quantize_projections
-    from pallas_kernels.attention_quantize_reference import projections_reference
+    from pallas_kernels.attention import attention
+    from pallas_kernels.attention_producer import project_qkv
+    from pallas_kernels.attention_producer_reference import projections_reference
 
     opts = VARIANTS[variant].options
+    make = project_qkv if opts["producer"] == "fused" else projections_reference
 
     def fn(text, image, weights, cos, sin):
-        ss = _streams(text, image, weights)
-        if opts["producer"] == "fused" and "precision" in opts:
-            qkv = quantize_projections(ss, cos, sin, heads=HEADS, eps=1e-6)
-        else:
-            make = project_qkv if opts["producer"] == "fused" else projections_reference
-            q, k, v = make(ss, cos, sin, heads=HEADS, eps=1e-6)
-            if "precision" not in opts:
-                return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-            qkv = quantize_qkv(q, k, v, config=default_config("sage8"))
-        return qkv if opts.get("operands_only") else attention_quantized(qkv, seq=cos.shape[0], out_dtype=jnp.bfloat16)
+        q, k, v = make(_streams(text, image, weights), cos, sin, heads=HEADS, eps=1e-6)
+        if "precision" not in opts:
+            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        return attention(q, k, v, precision=opts["precision"])
     return fn
 
 
 def _streams(text, image, weights) -> list:
-    """The double block's two streams (attention_quantize.Stream) of `producer_implementation`'s inputs."""
-    from pallas_kernels.attention_quantize import Projection, Stream
+    """The double block's two streams (attention_producer.Stream) of `producer_implementation`'s inputs."""
+    from pallas_kernels.attention_producer import Projection, Stream
 
     width = HEADS * HEAD_DIM
     return [Stream(*(Projection(x, i * width) for i in range(3)), weights[2 * j], weights[2 * j + 1])
@@ -300,9 +285,8 @@ def accuracy(args) -> list[dict]:
         q, k, v = make(jax.random.key(7), shape, jnp.bfloat16)
         ref = attention_reference(q, k, v)
         for variant in args.variants:
-            # Block configs compute what their precision's default does (the producer:
-            # tests/test_attention_quantize.py); a config that sets `overlap` may not (PV accumulates
-            # in place when overlapped, fp8 too), so it is measured.
+            # Block configs compute what their precision's default does; a config that sets `overlap`
+            # may not (PV accumulates in place when overlapped, fp8 too), so it is measured.
             opts = VARIANTS[variant].options
             if {"prequantized", "producer"} & set(opts) or ("config" in opts and "overlap" not in opts["config"]):
                 continue
@@ -313,10 +297,9 @@ def accuracy(args) -> list[dict]:
             except Exception as e:  # noqa: BLE001  (recorded)
                 out.append({"variant": variant, "inputs": label, "error": f"{type(e).__name__}: {e}"[:300]})
             print(out[-1], flush=True)
-    producers = [v for v in args.variants if "producer" in VARIANTS[v].options
-                 and not VARIANTS[v].options.get("operands_only")]
+    producers = [v for v in args.variants if "producer" in VARIANTS[v].options]
     if producers:  # from random projections: against float32 attention on the unfused path's q, k, v
-        from pallas_kernels.attention_quantize_reference import projections_reference
+        from pallas_kernels.attention_producer_reference import projections_reference
 
         text, image, weights, cos, sin = _projection_inputs(1, ACCURACY_SEQ, 7)
         ref = attention_reference(*projections_reference(_streams(text, image, weights), cos, sin, heads=HEADS,
@@ -387,10 +370,10 @@ def summarize(rows: list[dict], acc: list[dict]) -> list[dict]:
     ok = {(r["shape"], r["variant"]): r for r in rows if "error" not in r and "ms" in r}
     out = []
     pairs = [(r, ok[(s, PRODUCER_BASELINE)]) for (s, v), r in ok.items()
-             if v == "fused_sage8" and r["s"] >= 4608 and (s, PRODUCER_BASELINE) in ok]
+             if v == "rope_sage8_xla" and r["s"] >= 4608 and (s, PRODUCER_BASELINE) in ok]
     if pairs:
         out.append(harness.figure(
-            f"attention with its producer, {VARIANTS['fused_sage8'].doc}",
+            f"attention with its producer, {VARIANTS['rope_sage8_xla'].doc}",
             f"{harness.span(r['tflops'] for r, _ in pairs)} TFLOP/s",
             shape=f"S = {'/'.join(str(x) for x in sorted({r['s'] for r, _ in pairs}))}, 24x128",
             baseline=VARIANTS[PRODUCER_BASELINE].doc,
@@ -424,17 +407,12 @@ def markdown(log: dict) -> list[str]:
     kernels = [v for v in VARIANTS if v not in producer and any(r["variant"] == v for r in rows)]
     out += harness.pivot_table(rows, "tflops", baseline=BASELINE, shape_cols=("b", "s"), variants=kernels)
     us = [{**r, "us": r["ms"] * 1e3} if "ms" in r else r for r in rows if r["variant"] in producer]
-    for title, baseline, operands_only in (
-            ("With the producer (from the q/k/v projection outputs: QK RMSNorm, RoPE, then the attention), device "
-             f"time in us; ratios: {PRODUCER_BASELINE} time / this time:", PRODUCER_BASELINE, False),
-            ("The sage8 operands alone (QK RMSNorm, RoPE, K mean, codes), device time in us; ratio: XLA's time / "
-             "the fused producer's:", "rope_quantize_xla", True)):
-        variants = [v for v in producer if VARIANTS[v].options.get("operands_only", False) == operands_only
-                    and any(r["variant"] == v for r in us)]
-        if variants:
-            out += ["", title, ""]
-            out += harness.pivot_table([r for r in us if r["variant"] in variants], "us", "{:.1f}", baseline=baseline,
-                                       shape_cols=("b", "s"), variants=variants)
+    variants = [v for v in producer if any(r["variant"] == v for r in us)]
+    if variants:
+        out += ["", "With the producer (from the q/k/v projection outputs: QK RMSNorm, RoPE, then the attention), "
+                f"device time in us; ratios: {PRODUCER_BASELINE} time / this time:", ""]
+        out += harness.pivot_table(us, "us", "{:.1f}", baseline=PRODUCER_BASELINE, shape_cols=("b", "s"),
+                                   variants=variants)
     acc = log.get("accuracy", [])
     if acc:
         out += ["", f"Accuracy: relative L2 against float32 attention (XLA), B=1, S={ACCURACY_SEQ}, bf16 inputs:", ""]
@@ -461,7 +439,7 @@ def markdown(log: dict) -> list[str]:
 
 def stage_tests(out_dir, log, args):
     log["tests"] = "; ".join(harness.run_pytest(path, args.tests_k)
-                             for path in ("tests/test_attention.py", "tests/test_attention_quantize.py"))
+                             for path in ("tests/test_attention.py", "tests/test_attention_producer.py"))
 
 
 def stage_bench(out_dir, log, args):

@@ -257,13 +257,13 @@ def step_inputs(config, size: int, batch: int) -> dict:
 
 
 # Kernel name -> stage, first match wins (lower-case substrings). Mosaic GPU kernels not named
-# otherwise are the W4A4 GEMMs; the attention kernels (flash_attention_*, their producer
-# attention_quantize_*), cuDNN's fused attention and cuBLAS's GEMMs name themselves; everything
+# otherwise are the W4A4 GEMMs; the attention kernels (flash_attention_*, the exact attention's producer
+# attention_producer), cuDNN's fused attention and cuBLAS's GEMMs name themselves; everything
 # else XLA emits (norms, modulation, RoPE, GELU, casts) is a fusion.
 STAGES = (
     ("rotate_quantize", ("rotate_quantize",)),
     ("lora_down", ("lora_down",)),
-    ("attention", ("cudnn", "fmha", "flash", "attn", "sdpa", "attention_quantize")),
+    ("attention", ("cudnn", "fmha", "flash", "attn", "sdpa", "attention_producer")),
     ("w4a4_gemm", ("mosaic", "w4a4", "kernel_body")),
     ("cublas_gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),
 )

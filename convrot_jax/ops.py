@@ -36,13 +36,9 @@ from convrot_jax.lora import LowRankFactors
 from convrot_jax.prologue import GeluTanh, Prologue, apply_prologue, check_prologue, kernel_arguments, produced_shape
 from convrot_jax.quant import QuantizedWeight, quantize_activation_reference
 from pallas_kernels.attention import attention as _attention_kernel
-from pallas_kernels.attention import attention_quantized as _attention_quantized
-from pallas_kernels.attention import default_config as _attention_config
-from pallas_kernels.attention_quantize import Projection, Stream  # noqa: F401  (re-exported for the model)
-from pallas_kernels.attention_quantize import fits as _streams_fit
-from pallas_kernels.attention_quantize import project_fits as _project_fits
-from pallas_kernels.attention_quantize import project_qkv as _project_qkv
-from pallas_kernels.attention_quantize import quantize_projections as _quantize_projections
+from pallas_kernels.attention_producer import Projection, Stream  # noqa: F401  (re-exported for the model)
+from pallas_kernels.attention_producer import project_fits as _project_fits
+from pallas_kernels.attention_producer import project_qkv as _project_qkv
 from pallas_kernels.lora_down import lora_down
 from pallas_kernels.lora_down import supports as lora_down_supports
 from pallas_kernels.rotate_quantize import rotate_quantize
@@ -58,8 +54,6 @@ EXACT_ATTENTION: tuple[str, ...] = ("cudnn", "xla")
 _ATTENTION_KERNELS = {"mosaic_bf16": ("bf16", jnp.int8), "sage8": ("sage8", jnp.int8),
                       "sage8_fp8": ("sage8", jnp.float8_e4m3fn), "sage_qk8": ("sage_qk8", jnp.int8)}
 ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = (*EXACT_ATTENTION, *_ATTENTION_KERNELS)
-# the kernels whose operands `attention_from_projections` makes where q, k, v are produced (int8 QK)
-_PRODUCER_FUSED = ("sage8", "sage_qk8")
 
 
 @functools.cache
@@ -284,10 +278,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str) 
 
     "cudnn" / "xla": `jax.nn.dot_product_attention` (exact: float32 softmax). The kernels
     (`pallas_kernels.attention`, Hopper only): "mosaic_bf16" (bf16 tensor cores), "sage8" (K's mean
-    removed, int8 codes per query token and per block of 128 keys, fp8 P and V, float32
+    removed, int8 codes per query token and per block of 256 keys, fp8 P and V, float32
     accumulation), "sage8_fp8" (fp8 Q/K codes instead), "sage_qk8" (int8 Q/K codes, bf16 P and V).
-    Their Q/K/V quantization is XLA ops in the caller's jit (`pallas_kernels.attention.quantize_qkv`);
-    `attention_from_projections` makes the int8 ones where q, k, v are produced instead."""
+    Their Q/K/V quantization is XLA ops in the caller's jit (`pallas_kernels.attention.quantize_qkv`)."""
     check_attention_implementation(implementation)
     if implementation in EXACT_ATTENTION:
         return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
@@ -306,38 +299,27 @@ def _require_hopper(implementation: str) -> None:
 
 def fuses_attention_producer(implementation: str, stream_lengths: Sequence[int], *, qk_producer: bool = False
                              ) -> bool:
-    """Whether `attention_from_projections` runs `implementation` on streams of these lengths:
-    the int8-QK kernels ("sage8", "sage_qk8"; `pallas_kernels.attention_quantize` makes int8
-    codes), every stream but the last whole KV blocks; with `qk_producer` on a Hopper GPU, also
-    the exact ones ("cudnn", "xla"; it makes bf16 q, k, v; `attention_quantize.project_fits`)
-    (elsewhere the caller's XLA ops run: the option changes rounding only)."""
-    if implementation in EXACT_ATTENTION:
-        return qk_producer and pallas_supported() and _project_fits(stream_lengths)
-    if implementation not in _PRODUCER_FUSED:
-        return False
-    precision, _ = _ATTENTION_KERNELS[implementation]
-    return _streams_fit(stream_lengths, _attention_config(precision).block_kv)
+    """Whether `attention_from_projections` runs `implementation` on streams of these lengths: the
+    exact ones ("cudnn", "xla") with `qk_producer` on a Hopper GPU, where the producer kernel
+    takes the streams (`attention_producer.project_fits`); elsewhere the caller's XLA ops run (the
+    option changes rounding only). The 8-bit kernels' operands are XLA ops (`attention`): a
+    producer that quantized them was slower (benchmarks/notes/attention.md, v8)."""
+    return (implementation in EXACT_ATTENTION and qk_producer and pallas_supported()
+            and _project_fits(stream_lengths))
 
 
 def attention_from_projections(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, *, heads: int, eps: float,
                                implementation: str) -> jax.Array:
-    """Attention over the joint sequence [stream 0, stream 1, ...] made from the streams' bf16
-    q/k/v projections (`pallas_kernels.attention_quantize.Stream`): q and k RMSNorm-ed per head
-    (eps, each stream's weights) and rotated by RoPE (cos, sin (S, D)), then softmax(q k^T /
-    sqrt(D)) v, (B, S, H, D) in the projections' dtype. The 8-bit operands are made where q, k, v
-    are produced (one producer pass reading the projections, no bf16 q or k in HBM), then the
-    kernel; for an exact implementation ("cudnn", "xla") one producer launch writes bf16 q, k, v
-    in the joint layout (`pallas_kernels.attention_quantize.project_qkv`: no XLA norm, RoPE or
-    concatenation), then `attention`. `fuses_attention_producer` says which implementations and
+    """Exact attention over the joint sequence [stream 0, stream 1, ...] made from the streams' bf16
+    q/k/v projections (`pallas_kernels.attention_producer.Stream`): one producer launch RMSNorms q
+    and k per head (eps, each stream's weights), rotates them by RoPE (cos, sin (S, D)) and
+    writes bf16 q, k, v in the joint layout (`pallas_kernels.attention_producer.project_qkv`: no
+    XLA norm, RoPE or concatenation), then `attention`: softmax(q k^T / sqrt(D)) v, (B, S, H, D)
+    in the projections' dtype. `fuses_attention_producer` says which implementations and
     streams."""
     if not fuses_attention_producer(implementation, [s.q.array.shape[1] for s in streams], qk_producer=True):
         raise ValueError(f"attention implementation {implementation!r} on streams of "
                          f"{[s.q.array.shape[1] for s in streams]} tokens has no fused producer on this device "
                          f"({jax.devices()[0].device_kind!r}; fuses_attention_producer)")
-    if implementation in EXACT_ATTENTION:
-        q, k, v = _project_qkv(streams, cos, sin, heads=heads, eps=eps)
-        return attention(q, k, v, implementation=implementation)
-    _require_hopper(implementation)
-    precision, _ = _ATTENTION_KERNELS[implementation]
-    qkv = _quantize_projections(streams, cos, sin, heads=heads, eps=eps, pv_fp8=precision == "sage8")
-    return _attention_quantized(qkv, seq=cos.shape[0], out_dtype=streams[0].q.array.dtype)
+    q, k, v = _project_qkv(streams, cos, sin, heads=heads, eps=eps)
+    return attention(q, k, v, implementation=implementation)

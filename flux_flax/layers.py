@@ -355,18 +355,17 @@ class FluxAttention(nnx.Module):
         `encoder_hidden_states` (a double block then applies `to_out` and `to_add_out` itself, in
         its gated residuals), else the joint output. `qkv`: the image stream's query, key and
         value projections when the caller made them: one array holding [q | k | v] in its first
-        columns (a fused projection's output, passed whole so that the 8-bit attention's producer
-        reads it without a copy of its slices) or three arrays; by default they are computed from
+        columns (a fused projection's output, passed whole so that the attention's producer reads
+        it without a copy of its slices) or three arrays; by default they are computed from
         `hidden_states`. `added_qkv`: the same for the text stream (`encoder_hidden_states` then
         only gives the text length).
 
-        With an 8-bit kernel implementation that quantizes its operands where they are made
-        (`convrot_jax.ops.fuses_attention_producer`: "sage8", "sage_qk8"), bf16 projections, RoPE,
-        whole blocks of text tokens and no sequence parallelism, the QK RMSNorm, RoPE, K's mean
-        and the 8-bit codes are one producer reading the projections
-        (`ops.attention_from_projections`); with `qk_producer` (on by default) the exact
-        attention's bf16 q, k and v are made alike, one launch writing them in the joint layout;
-        otherwise they run here in XLA ops."""
+        With an exact implementation and `qk_producer` (on by default), bf16 projections, RoPE,
+        whole blocks of text tokens and no sequence parallelism, on a Hopper GPU
+        (`convrot_jax.ops.fuses_attention_producer`), the QK RMSNorm, RoPE and the [text, image]
+        join are one producer launch reading the projections and writing bf16 q, k, v in the
+        joint layout (`ops.attention_from_projections`); otherwise they run here in XLA ops (the
+        8-bit kernels' quantization too, `ops.attention`)."""
         streams = [(self._projections(hidden_states, qkv, self.to_qkv, self.to_q, self.to_k, self.to_v),
                     self.norm_q, self.norm_k)]
         if encoder_hidden_states is not None and self.added_kv_proj_dim is not None:

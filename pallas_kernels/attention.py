@@ -186,12 +186,10 @@ def _p_operand_gpu(p: jax.Array) -> jax.Array:
     return regroup(p)
 
 
-def _symmetric_codes(x: jax.Array, axis: int | tuple[int, ...], dtype, absmax: jax.Array | None = None
-                     ) -> tuple[jax.Array, jax.Array]:
-    """Codes and float32 scales of x along `axis` (max |x| -> the format's largest value);
-    `absmax`: that max (keepdims shape) when it was computed elsewhere."""
+def _symmetric_codes(x: jax.Array, axis: int | tuple[int, ...], dtype) -> tuple[jax.Array, jax.Array]:
+    """Codes and float32 scales of x along `axis` (max |x| -> the format's largest value)."""
     top = INT8_MAX if dtype == jnp.int8 else FP8_MAX
-    absmax = jnp.max(jnp.abs(x), axis=axis, keepdims=True) if absmax is None else absmax
+    absmax = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
     scale = jnp.maximum(absmax * (1.0 / top), SCALE_FLOOR)
     scaled = x / scale
     codes = jnp.clip(jnp.round(scaled), -top, top).astype(dtype) if dtype == jnp.int8 else scaled.astype(dtype)
@@ -203,9 +201,9 @@ def quantize_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, config: AttentionC
     """The 8-bit kernels' operands from (B, S, H, D) q, k, v, padded to `padded_length`: fp8 V
     codes for "sage8" (`pv_fp8`), bf16 V for "sage_qk8".
 
-    Plain XLA ops on q, k, v already in HBM (XLA makes several passes: K's mean, the codes, V's
-    max). A transformer whose q and k come from a QK RMSNorm + RoPE can make these operands from
-    its projections instead (`pallas_kernels.attention_quantize`)."""
+    Plain XLA ops, which XLA fuses with whatever makes q, k, v in the caller's jit (FLUX: the QK
+    RMSNorm and RoPE). A Pallas producer making these codes from the projections was slower at
+    every measured shape (benchmarks/notes/attention.md, v8)."""
     if qk_dtype not in QK_DTYPES:
         raise ValueError(f"qk_dtype must be int8 or float8_e4m3fn, got {qk_dtype}")
     seq, d = q.shape[1], q.shape[-1]
@@ -217,7 +215,7 @@ def quantize_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, config: AttentionC
     b, _, h, _ = k.shape
     k_blocks = _pad_seq(k32, seq_pad, 1).reshape(b, seq_pad // config.block_kv, config.block_kv, h, d)
     k_codes, k_scale = _symmetric_codes(k_blocks, (2, 4), qk_dtype)  # k_scale (B, blocks, H)
-    v_t_codes, v_scale, v_bf16 = v_operands(v, seq_pad, pv_fp8)
+    v_t_codes, v_scale, v_bf16 = _v_operands(v, seq_pad, pv_fp8)
     to_bhs = lambda s: jnp.swapaxes(s, 1, 2)  # (B, S, H) -> (B, H, S)
     return QuantizedQKV(
         q_codes=_pad_seq(q_codes, seq_pad, 1), q_scale=_pad_seq(to_bhs(q_scale * scale), seq_pad, 2),
@@ -225,16 +223,14 @@ def quantize_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, config: AttentionC
         v_t_codes=v_t_codes, v_scale=v_scale, v_bf16=v_bf16)
 
 
-def v_operands(v: jax.Array, seq_pad: int, pv_fp8: bool, absmax: jax.Array | None = None
+def _v_operands(v: jax.Array, seq_pad: int, pv_fp8: bool
                ) -> tuple[jax.Array | None, jax.Array | None, jax.Array | None]:
     """`QuantizedQKV`'s (v_t_codes, v_scale, v_bf16) from (B, S, H, D) v: "sage8" (`pv_fp8`) fp8
     codes per channel, made in v's layout, then one transposing copy of the bytes (keys permuted
-    in it); "sage_qk8" v in bf16. `absmax`: v's per-channel max |v| over the sequence, (B, H, D),
-    when a pass that read v already took it (`pallas_kernels.attention_quantize`)."""
+    in it); "sage_qk8" v in bf16."""
     if not pv_fp8:
         return None, None, _pad_seq(v.astype(jnp.bfloat16), seq_pad, 1)
-    v_codes, v_scale = _symmetric_codes(v.astype(jnp.float32), 1, jnp.float8_e4m3fn,
-                                        None if absmax is None else absmax[:, None])  # v_scale (B, H, D)
+    v_codes, v_scale = _symmetric_codes(v.astype(jnp.float32), 1, jnp.float8_e4m3fn)  # v_scale (B, H, D)
     return _transpose_permuting_keys(_pad_seq(v_codes, seq_pad, 1)), v_scale, None
 
 

@@ -1,20 +1,15 @@
-"""Counts the passes over HBM of the attention's producer, from compiled HLO (no GPU needed).
+"""Counts the passes over HBM of the exact attention's q/k/v producer, from compiled HLO (no GPU needed).
 
 Unfused: from a FLUX double block's q/k/v projection outputs (text and image, bf16), the model's
-XLA ops (per-head QK RMSNorm, the streams joined, RoPE) then `attention.quantize_qkv`, compiled
-by XLA:CPU. Fused: `attention_quantize.quantize_projections`: its two Mosaic GPU launches are
-counted from the CUDA lowering (StableHLO custom calls), and the XLA ops around them (V's codes and
-layout, the reductions of the kernels' per-block sums and maxima, the RoPE tables' even columns)
-are compiled by XLA:CPU on their own. For every top-level fusion: its kind, the bytes of its
-operands and of its result (what it reads and writes if nothing stays in cache). XLA:GPU fuses
-differently from XLA:CPU (it can also merge sibling reductions), so the unfused counts are what
-one compiler does, not a law; the fused path's XLA part is small either way.
+XLA ops (per-head QK RMSNorm, the streams joined, RoPE; `projections_reference`), compiled by
+XLA:CPU. Fused: `attention_producer.project_qkv`'s one Mosaic GPU launch, counted from the CUDA
+lowering (StableHLO custom calls), and its XLA part (the RoPE table, the norm weights) compiled by
+XLA:CPU on its own. For every top-level fusion: its kind, the bytes of its operands and of its
+result (what it reads and writes if nothing stays in cache). XLA:GPU fuses differently from
+XLA:CPU (it can also merge sibling reductions), so the unfused counts are what one compiler does,
+not a law.
 
---mode bf16: the cuDNN attention's bf16 q, k, v instead: unfused, the model's XLA ops alone
-(`projections_reference`); fused, `attention_quantize.project_qkv`'s one launch and its XLA part
-(the RoPE table, the norm weights).
-
-    PYTHONPATH=. python tools/attention_producer_hlo.py [--batch 1] [--image 4096] [--mode sage8|bf16]
+    PYTHONPATH=. python tools/attention_producer_hlo.py [--batch 1] [--image 4096]
 """
 
 from __future__ import annotations
@@ -26,10 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import attention_quantize, tile_schedule
-from pallas_kernels.attention import default_config, padded_length, quantize_qkv, v_operands
-from pallas_kernels.attention_quantize import Projection, Stream
-from pallas_kernels.attention_quantize_reference import projections_reference
+from pallas_kernels import attention_producer, tile_schedule
+from pallas_kernels.attention_producer import Projection, Stream
+from pallas_kernels.attention_producer_reference import projections_reference
 
 HEADS, D, TEXT = 24, 128, 512
 _SHAPE = re.compile(r"\b(pred|[subf]\d+|bf16|f8e4m3fn)\[([\d,]*)\]")
@@ -70,7 +64,6 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--image", type=int, default=4096)
-    p.add_argument("--mode", choices=["sage8", "bf16"], default="sage8")
     args = p.parse_args()
     b, seq = args.batch, TEXT + args.image
     width = 3 * HEADS * D
@@ -83,39 +76,18 @@ def main() -> None:
                 for j, x in enumerate((text, image))]
 
     def unfused(text, image, w, cos, sin):
-        q, k, v = projections_reference(streams(text, image, w), cos, sin, heads=HEADS, eps=1e-6)
-        return (q, k, v) if args.mode == "bf16" else quantize_qkv(q, k, v, config=default_config("sage8"))
+        return projections_reference(streams(text, image, w), cos, sin, heads=HEADS, eps=1e-6)
 
     report("unfused (XLA:CPU)", fusions(jax.jit(unfused).trace(*shapes).lower().compile().as_text()))
 
     tile_schedule.sm_count = lambda interpret: 132
-    if args.mode == "bf16":
-        fused = lambda *a: attention_quantize.project_qkv(streams(*a[:3]), *a[3:], heads=HEADS, eps=1e-6)
-        lowered = jax.jit(fused).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
-        print(f"fused: {lowered.count('stablehlo.custom_call @mosaic_gpu')} Mosaic GPU launch (reads q, k, v: "
-              f"{3 * b * seq * HEADS * D * 2 / 1e6:.1f} MB, writes them: as much) and the XLA ops below")
-        report("fused, its XLA part (XLA:CPU)", fusions(jax.jit(
-            lambda w, cos, sin: (attention_quantize.rope_table(cos, sin), w.astype(jnp.float32))).trace(
-            *shapes[2:]).lower().compile().as_text()))
-        return
-    fused = lambda *a: attention_quantize.quantize_projections(streams(*a[:3]), *a[3:], heads=HEADS, eps=1e-6)
+    fused = lambda *a: attention_producer.project_qkv(streams(*a[:3]), *a[3:], heads=HEADS, eps=1e-6)
     lowered = jax.jit(fused).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
-    names = sorted(set(re.findall(r"attention_quantize_(?:sums|codes)", lowered)))
-    print(f"fused: {lowered.count('stablehlo.custom_call @mosaic_gpu')} Mosaic GPU launches ({', '.join(names)}) "
-          "and the XLA ops below")
-
-    pad = padded_length(seq, default_config("sage8")) - seq
-    blocks = (seq + pad) // 128
-
-    def around(text, image, cos, sin, ksum, vmax):  # the XLA ops of quantize_projections besides the kernels
-        table = jnp.pad(attention_quantize.rope_table(cos, sin), ((0, pad), (0, 0)))
-        mean = ksum.sum(axis=2) / np.float32(seq)
-        v = jnp.concatenate([x[..., 2 * HEADS * D:] for x in (text, image)], axis=1).reshape(b, seq, HEADS, D)
-        return table, mean, v_operands(v, seq + pad, True, vmax.max(axis=2))
-
-    per_block = jax.ShapeDtypeStruct((b, HEADS, blocks, D), jnp.float32)
-    report("fused, its XLA part (XLA:CPU)", fusions(jax.jit(around).trace(
-        shapes[0], shapes[1], shapes[3], shapes[4], per_block, per_block).lower().compile().as_text()))
+    print(f"fused: {lowered.count('stablehlo.custom_call @mosaic_gpu')} Mosaic GPU launch (reads q, k, v: "
+          f"{3 * b * seq * HEADS * D * 2 / 1e6:.1f} MB, writes them: as much) and the XLA ops below")
+    report("fused, its XLA part (XLA:CPU)", fusions(jax.jit(
+        lambda w, cos, sin: (attention_producer.rope_table(cos, sin), w.astype(jnp.float32))).trace(
+        *shapes[2:]).lower().compile().as_text()))
 
 
 if __name__ == "__main__":

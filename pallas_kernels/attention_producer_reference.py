@@ -1,17 +1,15 @@
-"""The unfused path `attention_quantize` replaces, and the bound its output is tested against.
+"""The unfused path `attention_producer` replaces, and the bound its output is tested against.
 
 `projections_reference` is the model's XLA producer of q, k, v (FLUX's FluxAttention.attend: per
 stream, per-head RMSNorm of q and k rounded to bf16; the streams concatenated; RoPE in float32
-rounded to bf16); `attention.quantize_qkv` on its output gives the reference operands.
+rounded to bf16).
 
 `bf16_flip_bounds`: the kernel runs the same operations, but sums the norm's mean square in
 another order (and on the GPU its rsqrt and its products may round differently from XLA's), so a
 bf16 rounding of the normed n or of the rotated r can land one unit (ulp, at most 2^-7 of the
 value in bf16) away. Per element that moves r by at most
     delta = 2^-7 (|n_e| |cos| + |n_o| |sin|) + 2^-7 |r|
-(one ulp in each normed operand, then one in r). K's mean is a float32 sum in another order:
-|mean' - mean| <= mean_s(delta) + 2 S 2^-24 mean_s |r| (each of the two sums off by at most
-(S - 1) u sum |r|, u = 2^-24).
+(one ulp in each normed operand, then one in r).
 """
 
 from __future__ import annotations
@@ -22,10 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.attention_quantize import Projection, Stream
+from pallas_kernels.attention_producer import Projection, Stream
 
 BF16_ULP = 2.0**-7  # an ulp of a bf16 is at most this fraction of its value
-F32_U = 2.0**-24
 
 
 def _heads(p: Projection, heads: int, d: int) -> jax.Array:
@@ -71,10 +68,3 @@ def bf16_flip_bounds(n: jax.Array, r: jax.Array, cos: jax.Array, sin: jax.Array)
     swapped = n64.reshape(*n64.shape[:-1], -1, 2)[..., ::-1].reshape(n64.shape)  # n_o at 2i, n_e at 2i + 1
     c, s = (np.abs(f64(t))[None, :, None, :] for t in (cos, sin))
     return BF16_ULP * (np.abs(n64) * c + np.abs(swapped) * s + np.abs(r64))
-
-
-def mean_bound(delta: np.ndarray, r: jax.Array) -> np.ndarray:
-    """Bound on |K's mean - the reference's| per (B, 1, H, D) (module docstring)."""
-    r64 = np.abs(np.asarray(jnp.asarray(r, jnp.float32), np.float64))
-    seq = r64.shape[1]
-    return delta.mean(axis=1, keepdims=True) + 2 * seq * F32_U * r64.mean(axis=1, keepdims=True)
