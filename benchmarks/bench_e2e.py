@@ -360,7 +360,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def markdown(rows: list[dict]) -> list[str]:
+def markdown(rows: list[dict], runs: int = 1) -> list[str]:
+    """The results page; `runs` > 1: rows merged from that many runs (`--merge`)."""
     ok = [r for r in rows if "error" not in r]
     by = {(r["variant"], r["size"], r["batch"]): r for r in ok}
     bases = [b for b in BASELINES if any(r["variant"] == b for r in ok)]
@@ -368,7 +369,10 @@ def markdown(rows: list[dict]) -> list[str]:
              "One transformer forward per step, 512 text tokens, random weights unless noted; median of the timed "
              "runs. step ms: host clock around one synchronised call; loop ms: per call of --iters calls issued "
              "back to back with one synchronisation (the host's per-call work overlapped with the device's, as "
-             "in a loop of steps). Ratios: the baseline's time / this variant's, same run (higher is faster).", ""]
+             "in a loop of steps). Ratios: the baseline's time / this variant's, same run (higher is faster)."
+             + (f" Merged from {runs} runs over variant subsets (`--merge`; the runs' commands: their own results "
+                "files): a ratio between rows of two runs compares processes of two calls on the same kind of "
+                "machine." if runs > 1 else ""), ""]
 
     def ratio(r, b, key):
         base = by.get((b, r["size"], r["batch"]), {})
@@ -411,7 +415,7 @@ def markdown(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write(rows: list[dict], out: Path, meta: dict | None = None, command: str | None = None) -> None:
+def write(rows: list[dict], out: Path, meta: dict | None = None, command: str | None = None, runs: int = 1) -> None:
     ok = [r for r in rows if "error" not in r]
     groups = sorted({(r["size"], r["batch"]) for r in ok})
     variants = list(dict.fromkeys(r["variant"] for r in ok))
@@ -422,7 +426,7 @@ def write(rows: list[dict], out: Path, meta: dict | None = None, command: str | 
                          {v: [by.get((v, s, b), 0.0) for s, b in groups] for v in variants},
                          "ms per denoising step (lower is better)")
 
-    harness.write_results(NAME, {"rows": rows}, markdown(rows), out, summary=summarize(rows), meta=meta,
+    harness.write_results(NAME, {"rows": rows}, markdown(rows, runs), out, summary=summarize(rows), meta=meta,
                           plot=plot if ok else None, command=command)
     print((out / f"{NAME}.md").read_text())
 
@@ -455,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.merge:
         rows, meta = harness.merge_runs(args.merge)
-        write(rows, args.out, meta, command="python -m " + MODULE + " " + " ".join(argv))
+        write(rows, args.out, meta, command="python -m " + MODULE + " " + " ".join(argv), runs=len(args.merge))
         return
     rows, meta = [], harness.run_meta(probe=True)
     for group, names in harness.process_groups(VARIANTS, args.variants).items():
