@@ -95,12 +95,14 @@ def default_config(precision: Precision) -> AttentionConfig:
     """The fastest config measured on the H200 (benchmarks/results/attention_sweep, the kernels
     alone): "sage8" block_kv 256, 2 stages, not overlapped (1.32x cuDNN at B=1 S=4608 and 1.41x at
     B=4 S=8704, against 1.15x / 1.27x with block_kv 128: a KV step's fixed costs, its barriers,
-    waits and row reductions, spread over twice the keys); "bf16" and "sage_qk8" overlapped
-    (+2-3%, attention_overlap), "sage_qk8" with 3 stages (S runs a step ahead, so K is needed
-    one step earlier)."""
+    waits and row reductions, spread over more keys); "sage_qk8" block_kv 192 (its bf16 V does not
+    fit 256), 2 stages, not overlapped (1.10x / 1.08x, against 1.00x / 1.03x overlapped at 128);
+    "bf16" overlapped (+2-3%, attention_overlap; 192 does not fit shared memory)."""
     if precision == "sage8":
         return AttentionConfig(block_kv=256, max_concurrent_steps=2)
-    return AttentionConfig(max_concurrent_steps=3 if precision == "sage_qk8" else 2, overlap=True)
+    if precision == "sage_qk8":
+        return AttentionConfig(block_kv=192, max_concurrent_steps=2)
+    return AttentionConfig(overlap=True)
 
 
 @dataclasses.dataclass(frozen=True)

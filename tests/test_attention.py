@@ -81,6 +81,16 @@ def test_sage8_kernel(qk_dtype, inputs, pv_fp8):
     _check_sage8(qkv, seq, out)
 
 
+@pytest.mark.parametrize("precision", ["sage8", "sage_qk8"])
+def test_default_config_kernel(precision):
+    """Each 8-bit precision's default config (sage8: block_kv 256, sage_qk8: 192) on a ragged
+    sequence of two KV blocks, the second mostly padding."""
+    seq, config = 300, default_config(precision)
+    q, k, v = flux_like_qkv(jax.random.key(3), (1, seq, 2, 128))
+    qkv = quantize_qkv(q, k, v, config=config, pv_fp8=precision == "sage8")
+    _check_sage8(qkv, seq, attention_quantized(qkv, seq=seq, config=config, interpret=True))
+
+
 def test_sage8_bounds_catch_a_wrong_kernel():
     """The sage8 check fails outputs with one KV block left out or one row's scale doubled."""
     seq = 200
