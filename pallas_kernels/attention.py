@@ -18,11 +18,12 @@ Three precisions of the same kernel:
     scale multiplies the row scales: no per-element cost), K with its per-channel mean over the
     sequence subtracted first (exact: q.(k - mu) differs from q.k by a constant per query row, which the
     softmax cancels; it removes the common large-norm channels that would eat K's 8-bit range).
-    S is an int32 (fp8: float32) wgmma accumulator, scaled per row in float32.
-    P (in [0, 1], kept as P * 448 so that e4m3's range is used) and V (one scale per channel) in
-    fp8 e4m3; each step's PV goes to a fresh float32 accumulator that is then added to the
-    running one (Hopper's fp8 wgmma accumulates with fewer mantissa bits than float32: keeping
-    each sum to one block keeps that loss to a block).
+    S is an int32 wgmma accumulator started at the bits of a float bias, so that its bits are the
+    float logits plus that bias (`biased_logits`; fp8 QK: a float32 accumulator), scaled per row
+    in float32. P (in [0, 1], kept as P * 448 so that e4m3's range is used) and V (one scale per
+    channel) in fp8 e4m3; on the GPU PV accumulates onto the running output in place (Hopper's
+    fp8 wgmma accumulates with fewer mantissa bits than float32; measured as accurate as a fresh
+    accumulator added each step, which is what interpret mode does: notes/attention.md v6, v7).
   * "sage_qk8" (SageAttention1-style): the same 8-bit S, P and V in bf16 (V not quantized):
     half the speed-up, none of the fp8 rounding of P and V (which dominates sage8's error).
 8-bit wgmma needs both operands K-major: Q (rows of D), K (rows of D, the B operand transposed),
