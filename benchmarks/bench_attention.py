@@ -21,6 +21,7 @@ QK RMSNorm, RoPE, the attention; what the model runs; ratios against rope_cudnn_
   fused_cudnn_bf16  pallas_kernels.attention_producer.project_qkv (bf16 q, k, v written in the joint
                     layout: one Mosaic GPU launch) + cuDNN bf16 (the model's qk_producer option)
   rope_sage8_xla    XLA QK-norm + RoPE + quantize_qkv (XLA) + the int8 sage8 kernel (the model's sage8)
+  fused_bf16_sage8  project_qkv (bf16 q, k, v, one launch) + quantize_qkv (XLA) + the int8 sage8 kernel
 TFLOP/s = 4 B H S^2 D / time (the two matmuls; 8-bit counted the same); ratios = cuDNN time /
 this time. Device time (CUPTI), median of 20 over rotating input sets (> 2x the 50 MB L2).
 All implementations run in one process, back to back (same device state).
@@ -85,6 +86,8 @@ VARIANTS = harness.registry(
             options={"producer": "fused"}),
     Variant("rope_sage8_xla", "XLA QK-norm + RoPE + XLA quantize_qkv, sage8 int8 kernel", group=_GROUP,
             options={"producer": "xla", "precision": "sage8"}),
+    Variant("fused_bf16_sage8", "bf16 producer (project_qkv) + XLA quantize_qkv, sage8 int8 kernel", group=_GROUP,
+            options={"producer": "fused", "precision": "sage8"}),
 )
 PRODUCER_BASELINE = "rope_cudnn_bf16"
 TEXT_TOKENS = 512
