@@ -7,6 +7,8 @@ tokens, i.e. 512², 1024² and 2048x1024 images; batch 1 and 4; 24 heads x 128):
   sage8_int8        pallas_kernels.attention, precision="sage8", int8 QK^T (quantize_qkv + kernel)
   sage8_fp8         the same with fp8 e4m3 QK^T
   sage_qk8          pallas_kernels.attention, precision="sage_qk8": int8 QK^T, bf16 PV
+  sage_qk8_rot, sage8_rot: the same on q, k rotated along D by ConvRot's grouped Hadamard first
+                    (the rotation's cost and accuracy gain; not in the model)
   sage8_int8_kernel the int8 kernel alone, on operands quantize_qkv made beforehand
   sage8_fp8_kernel  the fp8-QK kernel alone (its logits come out of the wgmma as float32)
   sage8_int8_overlap_kernel: the same, overlapped (AttentionConfig.overlap, below)
@@ -64,6 +66,10 @@ VARIANTS = harness.registry(
             options={"precision": "sage8", "qk": "fp8"}),
     Variant("sage_qk8", "pallas_kernels.attention, sage_qk8 (int8 QK, bf16 PV)", group=_GROUP,
             options={"precision": "sage_qk8", "qk": "int8"}),
+    Variant("sage_qk8_rot", "sage_qk8 on q, k rotated by a grouped Hadamard (64) first", group=_GROUP,
+            options={"precision": "sage_qk8", "qk": "int8", "rotate_qk": True}),
+    Variant("sage8_rot", "sage8 (int8 QK) on q, k rotated by a grouped Hadamard (64) first", group=_GROUP,
+            options={"precision": "sage8", "qk": "int8", "rotate_qk": True}),
     Variant("sage8_int8_kernel", "the int8 sage8 kernel on pre-quantized operands", group=_GROUP,
             options={"precision": "sage8", "qk": "int8", "prequantized": True}),
     Variant("sage8_fp8_kernel", "the fp8-QK sage8 kernel on pre-quantized operands (no int32 logits)",
@@ -147,8 +153,28 @@ def implementation(variant: str):
     opts = VARIANTS[variant].options
     if opts.get("prequantized"):
         return functools.partial(attention_quantized, config=_config(opts))
-    return functools.partial(attention, precision=opts["precision"], qk_dtype=_qk_dtype(opts.get("qk", "int8")),
-                             config=_config(opts))
+    kernel = functools.partial(attention, precision=opts["precision"], qk_dtype=_qk_dtype(opts.get("qk", "int8")),
+                               config=_config(opts))
+    return _rotating_qk(kernel) if opts.get("rotate_qk") else kernel
+
+
+def _rotating_qk(kernel):
+    """kernel(q, k, v) on q and k rotated along the head dim by ConvRot's grouped regular Hadamard
+    (groups of 64; orthogonal, so q k^T is unchanged): large-norm channels spread over their group
+    before the 8-bit codes (benchmarks/notes/attention.md v8: emulated, sage_qk8's FLUX-like error
+    2.04% -> 0.83%). The rotation is a bf16 x bf16 -> float32 matmul (the Hadamard's entries,
+    +-1/8, are exact in bf16), then rounded to bf16 as the kernel takes q and k."""
+    import jax.numpy as jnp
+    from jax.scipy.linalg import block_diag
+
+    from convrot_jax.hadamard import regular_hadamard
+
+    def fn(q, k, v):
+        h = regular_hadamard(64, jnp.bfloat16)
+        r = block_diag(*[h] * (q.shape[-1] // 64))
+        rot = lambda x: jnp.matmul(x, r, preferred_element_type=jnp.float32).astype(x.dtype)
+        return kernel(rot(q), rot(k), v)
+    return fn
 
 
 def producer_implementation(variant: str):
