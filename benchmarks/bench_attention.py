@@ -160,19 +160,14 @@ def implementation(variant: str):
 
 def _rotating_qk(kernel):
     """kernel(q, k, v) on q and k rotated along the head dim by ConvRot's grouped regular Hadamard
-    (groups of 64; orthogonal, so q k^T is unchanged): large-norm channels spread over their group
-    before the 8-bit codes (benchmarks/notes/attention.md v8: emulated, sage_qk8's FLUX-like error
-    2.04% -> 0.83%). The rotation is a bf16 x bf16 -> float32 matmul (the Hadamard's entries,
-    +-1/8, are exact in bf16), then rounded to bf16 as the kernel takes q and k."""
-    import jax.numpy as jnp
-    from jax.scipy.linalg import block_diag
-
-    from convrot_jax.hadamard import regular_hadamard
+    (`convrot_jax.hadamard.rotate`, groups of 64; orthogonal, so q k^T is unchanged): large-norm
+    channels spread over their group before the 8-bit codes (benchmarks/notes/attention.md v8:
+    emulated, sage_qk8's FLUX-like error 2.04% -> 0.83%); rounded back to bf16 as the kernel takes
+    q and k."""
+    from convrot_jax.hadamard import rotate
 
     def fn(q, k, v):
-        h = regular_hadamard(64, jnp.bfloat16)
-        r = block_diag(*[h] * (q.shape[-1] // 64))
-        rot = lambda x: jnp.matmul(x, r, preferred_element_type=jnp.float32).astype(x.dtype)
+        rot = lambda x: rotate(x, group_size=64).astype(x.dtype)
         return kernel(rot(q), rot(k), v)
     return fn
 

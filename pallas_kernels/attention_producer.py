@@ -61,7 +61,7 @@ from pallas_kernels.smem import swizzle_transforms
 TILE = 64  # tokens of one register tile: a warpgroup's WGMMA-layout rows
 _TILE_LAYOUT = plgpu.Layout.WGMMA
 _PER_COLUMN = plgpu.Layout.WGMMA.reduce(0)  # a vector with one value per column of a tile
-BF16_BLOCK = 128  # tokens per program of the bf16 mode (two register tiles)
+BF16_BLOCK = 128  # tokens per program by default (two register tiles)
 
 
 class Projection(NamedTuple):
@@ -115,7 +115,7 @@ def project_fits(stream_lengths: Sequence[int], block: int = BF16_BLOCK) -> bool
 
 
 def _stageable(streams: Sequence[Stream]) -> bool:
-    """Whether the bf16 mode's tiles can go through shared memory by TMA: Mosaic copies a tile of
+    """Whether the tiles can go through shared memory by TMA: Mosaic copies a tile of
     the (8, 64)-tiled shared-memory layout as whole (8, 64) tiles of the array it is cut from, so
     every stream's tokens must be a multiple of 8 (its arrays' rows, the joint output's, the first
     row of a moved-back last tile) and every projection's column and width a multiple of 64.
