@@ -67,7 +67,7 @@ VARIANTS = harness.registry(
     Variant("torch_compile", "diffusers bf16, torch.compile", _TORCH, group="torch",
             options={"runner": "torch", "compile": True}),
     Variant("torch_fp8", "diffusers + torchao fp8 dynamic row-wise + fused QKV + torch.compile", (*_TORCH, "torchao"),
-            options={"runner": "torch", "compile": True, "fp8": True, "fuse_qkv": True}),
+            options={"runner": "torch", "compile": True, "fp8": True}),
     Variant("jax_bf16", "flux_flax bf16", _JAX, options={"runner": "jax", "impl": None}),
     Variant("jax_w4a4_xla", "flux_flax W4A4, XLA reference ops", _JAX, options={"runner": "jax", "impl": "xla"}),
     Variant("jax_w4a4_pallas", "flux_flax W4A4, Pallas kernels (GELU producers fused, as FluxPipeline)", _JAX,
@@ -115,7 +115,7 @@ def torch_worker(args, variants: list[str]) -> list[dict]:
     import torch
     from diffusers import FluxTransformer2DModel as TorchFlux
 
-    from benchmarks.models import torch_transformer
+    from benchmarks.models import quantize_fp8_peer, torch_transformer
     from flux_flax import FluxConfig
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -132,12 +132,8 @@ def torch_worker(args, variants: list[str]) -> list[dict]:
     rows = []
     for variant in variants:
         opts = VARIANTS[variant].options
-        if opts.get("fuse_qkv"):
-            model.fuse_qkv_projections()
         if opts.get("fp8"):  # in place: fp8 variants run in their own process (their own group)
-            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-
-            quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+            quantize_fp8_peer(model)
             weight_bytes = _torch_weight_bytes(model, measured=True)
         fn = torch.compile(model) if opts.get("compile") else model
         for size, batch in shapes(args.sizes, args.batches):

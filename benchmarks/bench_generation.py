@@ -7,6 +7,9 @@ Variants (each in its own process, so each peak-memory figure is its own):
   jax_w4a4_xla   the same with the XLA reference layers (not run by default)
   torch_eager    diffusers FluxPipeline, bf16 transformer and VAE (needs diffusers)
   torch_compile  the same with the transformer under torch.compile (default mode)
+  torch_fp8      the same with torchao's fp8 dynamic row-wise W8A8 and fused QKV before the compile
+                 (`benchmarks.models.quantize_fp8_peer`; needs torchao; not run by default: its
+                 compile takes ~6 min, so it wants its own call)
 
 The JAX transformer is FLUX.1-dev's shape with random weights made on the GPU in bf16, one block
 at a time from a fixed seed per block, so every JAX variant holds the same weights; for W4A4 each
@@ -48,6 +51,8 @@ VARIANTS = harness.registry(
     Variant("torch_eager", "diffusers FluxPipeline, bf16", _TORCH, options={"compile": False}),
     Variant("torch_compile", "diffusers FluxPipeline, bf16, transformer under torch.compile", _TORCH,
             options={"compile": True}),
+    Variant("torch_fp8", "diffusers FluxPipeline, transformer in torchao fp8 (W8A8, row-wise) under torch.compile",
+            (*_TORCH, "torchao"), options={"compile": True, "fp8": True}),
 )
 DEFAULT_VARIANTS = ("jax_bf16", "jax_w4a4", "torch_eager", "torch_compile")
 
@@ -135,16 +140,21 @@ def torch_worker(variant: str, args) -> dict:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from diffusers import FluxPipeline as DiffusersFluxPipeline
 
-    from benchmarks.models import torch_transformer
+    from benchmarks.models import quantize_fp8_peer, torch_transformer
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     config, vae_config = _configs(args)
     t0 = time.perf_counter()
     transformer = torch_transformer(config, dev)
+    weight_bytes = sum(p.numel() * p.element_size() for p in transformer.parameters())
+    if VARIANTS[variant].options.get("fp8"):
+        quantize_fp8_peer(transformer)
+        if dev == "cuda":  # torchao's fp8 tensors' element sizes say nothing of their storage: the
+            torch.cuda.synchronize()  # transformer is all that is allocated yet
+            weight_bytes = torch.cuda.memory_allocated()
     with torch.device(dev):
         vae = AutoencoderKL(**vae_config.to_diffusers()).to(torch.bfloat16).eval().requires_grad_(False)
     build_s = time.perf_counter() - t0
-    weight_bytes = sum(p.numel() * p.element_size() for p in transformer.parameters())
     if VARIANTS[variant].options["compile"]:
         transformer.compile()
     # FLUX.1-dev's scheduler settings (its scheduler/scheduler_config.json).
@@ -225,7 +235,8 @@ def summarize(rows: list[dict], args) -> list[dict]:
     if q is None:
         return []
     kernels = "Pallas kernels" if q.get("w4a4_implementation") == "pallas" else "XLA reference ops"
-    labels = {"jax_bf16": "flux_flax bf16", "torch_eager": "diffusers bf16", "torch_compile": "diffusers bf16 + compile"}
+    labels = {"jax_bf16": "flux_flax bf16", "torch_eager": "diffusers bf16", "torch_compile": "diffusers bf16 + compile",
+              "torch_fp8": "diffusers + torchao fp8 + compile"}
     return [harness.figure(f"whole pipeline, W4A4 ({kernels})", f"{q['seconds_per_image']:.2f} s per image, peak GPU "
                            f"{q['peak_gpu_gib']:.2f} GiB ({labels[b]}: {by[b]['seconds_per_image']:.2f} s, "
                            f"{by[b]['peak_gpu_gib']:.2f} GiB)",

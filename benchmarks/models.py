@@ -1,5 +1,6 @@
-"""diffusers' PyTorch FLUX transformer of a `FluxConfig`'s shape with random weights, for the
-peer rows of the benchmarks (the JAX models: `flux_flax.random_weights.random_transformer`)."""
+"""diffusers' PyTorch FLUX transformer of a `FluxConfig`'s shape with random weights, and the fp8
+recipe Hopper users run on it, for the peer rows of the benchmarks (the JAX models:
+`flux_flax.random_weights.random_transformer`)."""
 
 from __future__ import annotations
 
@@ -24,3 +25,13 @@ def torch_transformer(config: FluxConfig, device: str):
         finally:
             torch.set_default_dtype(torch.float32)
     return model.eval().requires_grad_(False)
+
+
+def quantize_fp8_peer(model) -> None:
+    """The fp8 peer, in place: fused QKV projections, then torchao's float8 dynamic row-wise W8A8
+    (`Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())`), the recipe flux-fast and
+    diffusers-torchao publish (without FA3); the caller compiles it. Needs torchao."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    model.fuse_qkv_projections()
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
