@@ -9,7 +9,11 @@ Variants (each in its own process, so each peak-memory figure is its own):
   torch_compile  the same with the transformer under torch.compile (default mode)
   torch_fp8      the same with torchao's fp8 dynamic row-wise W8A8 and fused QKV before the compile
                  (`benchmarks.models.quantize_fp8_peer`; needs torchao; not run by default: its
-                 compile takes ~6 min, so it wants its own call)
+                 compile takes 6-10 min on the H200, so it wants its own call)
+  torch_fp8_regional  torch_fp8 under diffusers' regional compilation (`compile_repeated_blocks`:
+                 each block class compiled once, not the 57 blocks of the whole graph), for when
+                 the whole compile does not fit a call; its ms / step against bench_e2e's torch_fp8
+                 row says what the regional graph costs at run time
 
 The JAX transformer is FLUX.1-dev's shape with random weights made on the GPU in bf16, one block
 at a time from a fixed seed per block, so every JAX variant holds the same weights; for W4A4 each
@@ -48,11 +52,13 @@ VARIANTS = harness.registry(
     Variant("jax_bf16", "flux_flax.FluxPipeline, bf16", options={"quantize": None}),
     Variant("jax_w4a4", "flux_flax.FluxPipeline, W4A4 (auto: Pallas kernels on Hopper)", options={"quantize": "auto"}),
     Variant("jax_w4a4_xla", "flux_flax.FluxPipeline, W4A4 (XLA reference layers)", options={"quantize": "xla"}),
-    Variant("torch_eager", "diffusers FluxPipeline, bf16", _TORCH, options={"compile": False}),
+    Variant("torch_eager", "diffusers FluxPipeline, bf16", _TORCH, options={"compile": None}),
     Variant("torch_compile", "diffusers FluxPipeline, bf16, transformer under torch.compile", _TORCH,
-            options={"compile": True}),
+            options={"compile": "whole"}),
     Variant("torch_fp8", "diffusers FluxPipeline, transformer in torchao fp8 (W8A8, row-wise) under torch.compile",
-            (*_TORCH, "torchao"), options={"compile": True, "fp8": True}),
+            (*_TORCH, "torchao"), options={"compile": "whole", "fp8": True}),
+    Variant("torch_fp8_regional", "torch_fp8 with the transformer's repeated blocks compiled, not the whole graph",
+            (*_TORCH, "torchao"), options={"compile": "regional", "fp8": True}),
 )
 DEFAULT_VARIANTS = ("jax_bf16", "jax_w4a4", "torch_eager", "torch_compile")
 
@@ -155,8 +161,11 @@ def torch_worker(variant: str, args) -> dict:
     with torch.device(dev):
         vae = AutoencoderKL(**vae_config.to_diffusers()).to(torch.bfloat16).eval().requires_grad_(False)
     build_s = time.perf_counter() - t0
-    if VARIANTS[variant].options["compile"]:
+    compile_how = VARIANTS[variant].options["compile"]
+    if compile_how == "whole":
         transformer.compile()
+    elif compile_how == "regional":
+        transformer.compile_repeated_blocks()
     # FLUX.1-dev's scheduler settings (its scheduler/scheduler_config.json).
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
@@ -236,7 +245,8 @@ def summarize(rows: list[dict], args) -> list[dict]:
         return []
     kernels = "Pallas kernels" if q.get("w4a4_implementation") == "pallas" else "XLA reference ops"
     labels = {"jax_bf16": "flux_flax bf16", "torch_eager": "diffusers bf16", "torch_compile": "diffusers bf16 + compile",
-              "torch_fp8": "diffusers + torchao fp8 + compile"}
+              "torch_fp8": "diffusers + torchao fp8 + compile",
+              "torch_fp8_regional": "diffusers + torchao fp8 + regional compile"}
     return [harness.figure(f"whole pipeline, W4A4 ({kernels})", f"{q['seconds_per_image']:.2f} s per image, peak GPU "
                            f"{q['peak_gpu_gib']:.2f} GiB ({labels[b]}: {by[b]['seconds_per_image']:.2f} s, "
                            f"{by[b]['peak_gpu_gib']:.2f} GiB)",
