@@ -6,6 +6,9 @@ no two frameworks sharing the GPU):
   torch_compile    the same under torch.compile (default mode)
   torch_fp8        diffusers + torchao Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
                    + fuse_qkv_projections + torch.compile (the flux-fast recipe without FA3; needs torchao)
+  torch_fp8_regional  the same with diffusers' regional compilation (`compile_repeated_blocks`: each
+                   block class compiled once; minutes less compile, so it fits one call beside the
+                   JAX rows)
   jax_bf16         flux_flax, bf16 (attention: cuDNN)
   jax_w4a4_xla     flux_flax + ConvRot W4A4 (flux default policy), XLA reference ops
   jax_w4a4_pallas  the same with the Pallas kernels, as FluxPipeline builds it: the producers of
@@ -65,9 +68,11 @@ _NO_GRAPHS = "--xla_gpu_enable_command_buffer="
 VARIANTS = harness.registry(
     Variant("torch_eager", "diffusers bf16, eager", _TORCH, group="torch", options={"runner": "torch"}),
     Variant("torch_compile", "diffusers bf16, torch.compile", _TORCH, group="torch",
-            options={"runner": "torch", "compile": True}),
+            options={"runner": "torch", "compile": "whole"}),
     Variant("torch_fp8", "diffusers + torchao fp8 dynamic row-wise + fused QKV + torch.compile", (*_TORCH, "torchao"),
-            options={"runner": "torch", "compile": True, "fp8": True}),
+            options={"runner": "torch", "compile": "whole", "fp8": True}),
+    Variant("torch_fp8_regional", "torch_fp8 with the repeated blocks compiled, not the whole graph",
+            (*_TORCH, "torchao"), options={"runner": "torch", "compile": "regional", "fp8": True}),
     Variant("jax_bf16", "flux_flax bf16", _JAX, options={"runner": "jax", "impl": None}),
     Variant("jax_w4a4_xla", "flux_flax W4A4, XLA reference ops", _JAX, options={"runner": "jax", "impl": "xla"}),
     Variant("jax_w4a4_pallas", "flux_flax W4A4, Pallas kernels (GELU producers fused, as FluxPipeline)", _JAX,
@@ -86,8 +91,8 @@ VARIANTS = harness.registry(
             options={"runner": "jax", "impl": None, "attention": "sage8"}),
 )
 # Ratio columns of the table, and the README's baseline (the first present in the same run).
-BASELINES = ("torch_eager", "torch_compile", "torch_fp8", "jax_bf16")
-README_BASELINES = ("jax_bf16", "torch_compile", "torch_fp8")
+BASELINES = ("torch_eager", "torch_compile", "torch_fp8", "torch_fp8_regional", "jax_bf16")
+README_BASELINES = ("jax_bf16", "torch_compile", "torch_fp8", "torch_fp8_regional")
 README_VARIANTS = ("jax_w4a4_pallas",)
 
 
@@ -135,7 +140,9 @@ def torch_worker(args, variants: list[str]) -> list[dict]:
         if opts.get("fp8"):  # in place: fp8 variants run in their own process (their own group)
             quantize_fp8_peer(model)
             weight_bytes = _torch_weight_bytes(model, measured=True)
-        fn = torch.compile(model) if opts.get("compile") else model
+        if opts.get("compile") == "regional":  # in place: like fp8, its own process
+            model.compile_repeated_blocks()
+        fn = torch.compile(model) if opts.get("compile") == "whole" else model
         for size, batch in shapes(args.sizes, args.batches):
             s = image_tokens(size)
             g = torch.Generator(dev).manual_seed(0)
