@@ -105,22 +105,11 @@ def image_tokens(size: int) -> int:
 
 
 # ------------------------------------------------------------------------------------ PyTorch
-def _torch_weight_bytes(model, measured: bool = False) -> int:
-    """Parameter bytes; `measured` (after torchao swapped in its fp8 tensor subclasses, whose
-    element sizes say nothing of their storage): the GPU memory allocated now, i.e. the model's."""
-    import torch
-
-    if measured and torch.cuda.is_available():
-        torch.cuda.synchronize()
-        return torch.cuda.memory_allocated()
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 def torch_worker(args, variants: list[str]) -> list[dict]:
     import torch
     from diffusers import FluxTransformer2DModel as TorchFlux
 
-    from benchmarks.models import quantize_fp8_peer, torch_transformer
+    from benchmarks.models import quantize_fp8_peer, torch_transformer, torch_weight_bytes
     from flux_flax import FluxConfig
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -132,14 +121,14 @@ def torch_worker(args, variants: list[str]) -> list[dict]:
     else:
         cfg = _config(args)
         model = torch_transformer(cfg, dev)  # in eval mode, without gradients
-    weight_bytes = _torch_weight_bytes(model)
+    weight_bytes = torch_weight_bytes(model)
     print(f"torch: model ready in {time.perf_counter() - t0:.0f} s, {weight_bytes / GIB:.2f} GiB", flush=True)
     rows = []
     for variant in variants:
         opts = VARIANTS[variant].options
         if opts.get("fp8"):  # in place: fp8 variants run in their own process (their own group)
             quantize_fp8_peer(model)
-            weight_bytes = _torch_weight_bytes(model, measured=True)
+            weight_bytes = torch_weight_bytes(model, measured=True)
         if opts.get("compile") == "regional":  # in place: like fp8, its own process
             model.compile_repeated_blocks()
         fn = torch.compile(model) if opts.get("compile") == "whole" else model

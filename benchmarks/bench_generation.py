@@ -146,18 +146,16 @@ def torch_worker(variant: str, args) -> dict:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from diffusers import FluxPipeline as DiffusersFluxPipeline
 
-    from benchmarks.models import quantize_fp8_peer, torch_transformer
+    from benchmarks.models import quantize_fp8_peer, torch_transformer, torch_weight_bytes
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     config, vae_config = _configs(args)
     t0 = time.perf_counter()
     transformer = torch_transformer(config, dev)
-    weight_bytes = sum(p.numel() * p.element_size() for p in transformer.parameters())
-    if VARIANTS[variant].options.get("fp8"):
+    fp8 = bool(VARIANTS[variant].options.get("fp8"))
+    if fp8:
         quantize_fp8_peer(transformer)
-        if dev == "cuda":  # torchao's fp8 tensors' element sizes say nothing of their storage: the
-            torch.cuda.synchronize()  # transformer is all that is allocated yet
-            weight_bytes = torch.cuda.memory_allocated()
+    weight_bytes = torch_weight_bytes(transformer, measured=fp8)  # before the VAE: the transformer's alone
     with torch.device(dev):
         vae = AutoencoderKL(**vae_config.to_diffusers()).to(torch.bfloat16).eval().requires_grad_(False)
     build_s = time.perf_counter() - t0

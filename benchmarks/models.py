@@ -35,3 +35,15 @@ def quantize_fp8_peer(model) -> None:
 
     model.fuse_qkv_projections()
     quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+
+
+def torch_weight_bytes(model, measured: bool = False) -> int:
+    """Parameter bytes; `measured` (after torchao swapped in its fp8 tensor subclasses, whose
+    element sizes say nothing of their storage): the GPU memory allocated now, which the caller
+    knows to be the model's alone."""
+    import torch
+
+    if measured and torch.cuda.is_available():
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+    return sum(p.numel() * p.element_size() for p in model.parameters())
