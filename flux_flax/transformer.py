@@ -292,10 +292,10 @@ def set_attention(model: nnx.Module, implementation: str | None, *, qk_producer:
     `benchmarks/notes/fusions.md`; on a Hopper GPU, elsewhere ignored) the exact attention
     ("cudnn", "xla") gets its bf16 q, k, v from one producer kernel reading the q/k/v projections
     (per-head RMSNorm, RoPE, the [text, image] join:
-    `pallas_kernels.attention_producer.project_qkv`) instead of XLA ops; the 8-bit kernels' operands
-    are XLA ops either way (measured faster than a producer making their codes). A runtime choice, not part of the weights or the
-    checkpoint: a jitted caller that takes the graph definition as a static argument compiles
-    again."""
+    `pallas_kernels.attention_producer.project_qkv`) instead of XLA ops; the 8-bit kernels'
+    operands are XLA ops either way (measured faster than a producer making their codes). A
+    runtime choice, not part of the weights or the checkpoint: a jitted caller that takes the
+    graph definition as a static argument compiles again."""
     if implementation is not None:
         ops.check_attention_implementation(implementation)
     for _, node in nnx.iter_graph(model):
