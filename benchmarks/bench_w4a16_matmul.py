@@ -18,8 +18,9 @@ Stages (--stages, comma-separated, default tests,bench):
   bench  the implementation x shape table.
   quick  (run as `--worker quick`, in this process) for short GPU slots: QUICK_SHAPES in priority
          order, the bf16 GEMM and the checked kernel per shape, rows printed as they complete.
-  probe  (`--worker probe`) each kernel of the call at M = 28 / 112, alternative configs, and the
-         W4A16 layer's XLA rotation of x against a dense Hadamard matmul.
+  probe  (`--worker probe`) each kernel of the call at M = 4 / 28 / 64 / 112, an alternative
+         tile, the W4A16 layer's kernels, and its XLA rotation of x against a dense Hadamard
+         matmul.
 
     PYTHONPATH=. python3 -m benchmarks.bench_w4a16_matmul [--stages tests,sweep,bench]
 """
@@ -204,8 +205,8 @@ def work_sweep(args) -> list[dict]:
     return rows
 
 
-QUICK_SHAPES = ((4, 3072, 18432), (28, 3072, 18432), (112, 3072, 18432), (4, 3072, 9216), (4, 3072, 6144),
-                (1, 3072, 18432), (64, 3072, 9216), (512, 4096, 10240))
+QUICK_SHAPES = ((4, 3072, 18432), (28, 3072, 18432), (64, 3072, 18432), (112, 3072, 18432), (4, 3072, 9216),
+                (4, 3072, 6144), (1, 3072, 18432), (64, 3072, 9216), (512, 4096, 10240))
 
 
 def kernel_check(y, x, w, sw, b, scale_group=None) -> float:
@@ -287,8 +288,9 @@ def kernel_times_us(fn, args) -> list[tuple[str, float]]:
 
 
 def work_probe(args) -> list[dict]:
-    """Where the time goes at M = 28 / 112 (each kernel of the call), two alternative configs, and
-    the layer's XLA rotation of x (the butterfly) against one dense Hadamard matmul per group."""
+    """Where the time goes at M = 4 / 28 / 64 / 112 (each kernel of the call) beside the bf16 GEMM,
+    an alternative tile, the W4A16 layer's kernels at M = 4, and the layer's XLA rotation of x (the
+    butterfly) against one dense Hadamard matmul per group."""
     import json
 
     import jax
@@ -315,10 +317,17 @@ def work_probe(args) -> list[dict]:
         make = lambda i: (jax.random.normal(jax.random.key(i), (4, 3072), jnp.bfloat16),)  # noqa: E731
         add({"variant": name, "shape": "M=4 K=3072", "ms": harness.device_time_ms(f, make),
              "kernels": kernel_times_us(f, make(0))})
-    cases = [(112, 3072, 18432, {}), (112, 3072, 18432, {"tile_n": 128, "tile_k": 128, "max_concurrent_steps": 4}),
-             (112, 3072, 18432, {"tile_m": 64}),
-             (28, 3072, 18432, {}), (28, 3072, 18432, {"tile_n": 128, "tile_k": 128, "max_concurrent_steps": 4}),
-             (4, 3072, 18432, {})]
+    from convrot_jax.ops import w4a16_linear
+
+    layer = lambda x, qw, b: w4a16_linear(x, qw, b, implementation="pallas")  # noqa: E731
+    add({"variant": "pallas_w4a16_layer", "shape": "M=4 K=3072 N=18432",
+         "ms": harness.device_time_ms(layer, layer_args(4, 18432, 3072)),
+         "kernels": kernel_times_us(layer, layer_args(4, 18432, 3072)(0))})
+    cases = [(m, 3072, 18432, {}) for m in (28, 64, 4, 112)] + [(64, 3072, 18432, {"tile_k": 128})]
+    for m, k, n in sorted({c[:3] for c in cases}):
+        if time.time() < args.deadline:
+            add({"variant": "xla_bf16", "shape": f"M={m} K={k} N={n}", "m": m, "k": k, "n": n,
+                 "ms": harness.device_time_ms(*bf16_gemm(m, n, k))})
     for m, k, n, change in cases:
         if time.time() > args.deadline:
             break

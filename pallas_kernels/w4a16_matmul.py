@@ -27,15 +27,18 @@ Structure (Pallas Mosaic GPU, warp-specialised, after jax's `hopper_mixed_type_m
   * schedule ("stream-K"), a persistent grid of one program per SM: the (output tile, K step)
     pairs, tile after tile, are cut into equal runs, one per program, each run one pipeline. A
     program sums each tile's steps; a tile it holds whole goes through the epilogue, a tile shared
-    with the neighbouring runs goes to a float32 workspace slot, and one elementwise XLA pass adds
-    those slots (static lists), finishes them and transposes the output. Every SM streams the same
+    with the neighbouring runs goes to its part of a float32 workspace laid out as the output
+    (part j: the tile's j-th run), and one elementwise XLA pass adds the parts of the shared tiles
+    (a static count per tile), finishes them and transposes the output: no gather, one read of
+    each array. Every SM streams the same
     number of weight bytes whatever the tile count, which at small M (where N / 128 tiles may be
     48 or 72 for 132 SMs) is what sets the time.
   Every step's product goes to a fresh accumulator (the per-group scales need that anyway, and at
   small M it is a few registers) and is added to a float32 sum carried by the pipeline.
 
-Measured on the H200 (benchmarks/results/w4a16_matmul.md, benchmarks/notes/w4a16_matmul.md): 1.3x
-the XLA bf16 GEMM at M = 4, 0.83x at M = 28, 0.26x at M = 112; the notes list what to try next.
+Measured on the H200 (benchmarks/results/w4a16_matmul.md, benchmarks/notes/w4a16_matmul.md):
+faster than the XLA bf16 GEMM up to M = 28, slower from M = 64; the notes say where the time goes
+and what to try next.
 
 Accuracy: the weights enter the tensor cores as their exact int4 codes and the scales multiply the
 float32 accumulator, so the kernel is at least as accurate as the XLA reference
@@ -91,9 +94,9 @@ class _Refs(NamedTuple):
     x: object  # bf16 (M, K) activations, K permuted by `permute_k32`, gmem
     w: object  # uint8 (N, K / 2) packed weights, gmem
     sw: object  # float32 (N,), or (K / g, N) per group, gmem
-    bias: object | None  # float32 (N,) gmem
+    bias: object | None  # (N,) in the caller's float dtype, gmem
     out: object  # (N, M) gmem
-    ws: object  # float32 (programs, 2 slots, 2 warpgroups, tile_n, tile_m) shared-tile sums, gmem
+    ws: object  # float32 (parts, N, M) shared tiles' partial sums, part j from the tile's j-th run, gmem
     a_smem: object | None  # bf16 (2, tile_n, tile_k) wgmma A staging, smem (interpret mode only)
 
 
@@ -143,7 +146,7 @@ def _epilogue(plan: _Plan, refs: _Refs, rows, m0, acc: jax.Array) -> None:
     shape = plan.acc_shape
 
     def along_n(ref):
-        return lax.broadcast_in_dim(plgpu.load(ref.at[rows], optimized=False), shape, (0,))
+        return lax.broadcast_in_dim(plgpu.load(ref.at[rows], optimized=False).astype(jnp.float32), shape, (0,))
 
     with jax.named_scope("epilogue"):
         if not plan.grouped:
@@ -163,8 +166,8 @@ def _stream_tile(plan: _Plan, g: jax.Array):
 def _run_stream(plan: _Plan, refs: _Refs, allocs) -> None:
     """Stream-K: program p runs pairs [p R, (p + 1) R) of the (tile, K step) sequence as one
     pipeline (R = `plan.run`), summing each tile's steps; a tile it holds whole goes through the
-    epilogue, a tile shared with its neighbours goes to its workspace slot (1: the tile began in
-    this run, 0: before it) for `_finish_stream`."""
+    epilogue, a tile shared with its neighbours goes to its workspace part (this program's place
+    among the runs that share it) for `_finish_stream`."""
     cfg = plan.config
     tm, tn = cfg.tile_m, cfg.tile_n
     wg = lax.axis_index("wg")
@@ -203,7 +206,8 @@ def _run_stream(plan: _Plan, refs: _Refs, allocs) -> None:
 
             @pl.when(jnp.logical_not(whole))
             def _shared():
-                refs.ws.at[program, began_here.astype(jnp.int32), wg][...] = acc
+                part = program - (g - kk) // plan.run  # the run where the tile began is part 0
+                refs.ws.at[part, rows, pl.ds(mi * tm, tm)][...] = acc
 
         return acc * jnp.where(jnp.logical_or(tile_end, run_end), 0.0, 1.0).astype(jnp.float32)
 
@@ -237,33 +241,35 @@ def _check_operands(x, w_packed, w_scales, bias, scale_group) -> None:
     check_weight_operands(k, n, w_scales, scale_group, bias)
 
 
+def _shared_parts(plan: _Plan) -> np.ndarray:
+    """(n tiles, m tiles): how many runs share each output tile (0: one run holds it whole)."""
+    t = np.arange(math.prod(plan.tiles))
+    first, last = t * plan.k_steps // plan.run, ((t + 1) * plan.k_steps - 1) // plan.run
+    return np.where(first == last, 0, last - first + 1).reshape(plan.tiles[1], plan.tiles[0])
+
+
 def _finish_stream(y, ws, w_scales, bias, plan: _Plan, m: int) -> jax.Array:
-    """The (M, N) output from the kernel's (N, M_pad) one, in one elementwise XLA pass
-    (the slice, the transpose and the shared tiles fuse into one loop): a tile that several runs
-    share is the sum of their workspace slots (static lists: the run where the tile begins, slot 1,
-    then the later ones, slot 0), scaled and biased as the epilogue does."""
-    cfg, k, run = plan.config, plan.k_steps, plan.run
-    tm, cta_n = cfg.tile_m, 2 * cfg.tile_n
-    parts = []
-    for t in range(math.prod(plan.tiles)):
-        first, last = t * k // run, ((t + 1) * k - 1) // run
-        parts.append([] if first == last else [2 * first + 1] + [2 * p for p in range(first + 1, last + 1)])
-    width = max(map(len, parts))
-    out = y.T[:m]
-    if not width:
-        return out
-    # The lists padded with -1 (no slot): a gather of slot 0, masked, so that no op copies ws.
-    index = jnp.asarray(np.array([p + [-1] * (width - len(p)) for p in parts], np.int32))
-    slots = ws.reshape(2 * plan.programs, cta_n, tm)
-    rows, cols = jnp.arange(m)[:, None], jnp.arange(y.shape[0])[None, :]
-    tile = rows // tm + (cols // cta_n) * plan.tiles[0]
-    slot = [index[tile, j] for j in range(width)]
-    acc = sum(jnp.where(i >= 0, slots[jnp.maximum(i, 0), cols % cta_n, rows % tm], 0.0) for i in slot)
-    if not plan.grouped:
-        acc = acc * w_scales[None, :]
-    if bias is not None:
-        acc = acc + bias[None, :]
-    return jnp.where(slot[0] >= 0, acc.astype(y.dtype), out)
+    """The (M, N) output from the kernel's (N, M_pad) one in one elementwise XLA pass (the parts'
+    sum, the select, the transpose and the slice fuse into one loop): a shared tile is the sum of
+    its workspace parts in run order, scaled and biased as the epilogue does."""
+    parts = _shared_parts(plan)
+    if parts.any():
+        (tiles_m, tiles_n), cta_n, tm = plan.tiles, 2 * plan.config.tile_n, plan.config.tile_m
+
+        def tiled(a):  # (..., N, M_pad) -> (..., n tiles, cta_n, m tiles, tile_m)
+            return a.reshape(*a.shape[:-2], tiles_n, cta_n, tiles_m, tm)
+
+        def along_n(v):
+            return v.astype(jnp.float32).reshape(tiles_n, cta_n, 1, 1)
+
+        count = jnp.asarray(parts[:, None, :, None].astype(np.int32))
+        acc = sum(jnp.where(j < count, tiled(ws[j]), 0.0) for j in range(ws.shape[0]))
+        if not plan.grouped:
+            acc = acc * along_n(w_scales)
+        if bias is not None:
+            acc = acc + along_n(bias)
+        y = jnp.where(count > 0, acc.astype(y.dtype), tiled(y)).reshape(y.shape)
+    return y.T[:m]
 
 
 # Jitted with the settings static: every call at the same shapes shares one traced kernel.
@@ -303,14 +309,14 @@ def w4a16_matmul(
         x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
     # Per-group scales go in as (K / g, N) so that a group's row of N scales is contiguous.
     sw = w_scales.astype(jnp.float32) if scale_group is None else w_scales.astype(jnp.float32).T
-    b = None if bias is None else bias.astype(jnp.float32)
+    b = bias  # converted to float32 where it is read
 
     tiles = (m_pad // cfg.tile_m, n // (2 * cfg.tile_n))
     k_steps = k // cfg.tile_k
     run = -(-math.prod(tiles) * k_steps // sm_count(interpret))
     plan = _Plan(cfg, tiles, k_steps, -(-math.prod(tiles) * k_steps // run), scale_group is not None, interpret, run)
     out_types = (jax.ShapeDtypeStruct((n, m_pad), out_dtype),
-                 jax.ShapeDtypeStruct((plan.programs, 2, 2, *plan.acc_shape), jnp.float32))
+                 jax.ShapeDtypeStruct((max(1, int(_shared_parts(plan).max())), n, m_pad), jnp.float32))
     operands = [x, w_packed, sw] + ([] if b is None else [b])
 
     def kernel(x_ref, w_ref, sw_ref, *rest):
