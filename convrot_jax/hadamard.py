@@ -6,8 +6,9 @@ axis, outermost axis first, with a fixed order of float32 additions and one powe
 scale at the end. Because every operation and its order is fixed, any implementation that follows
 this recipe reproduces the reference bit for bit (the regular stage and the stage order live in
 `pallas_kernels.rounding`, which the kernels import too); a dense matmul would leave the
-summation order to the hardware. The dense matrices are kept for tests and for
-tensor-core kernels that trade bit-exactness for speed.
+summation order to the hardware. The dense matrices are kept for tests, for tensor-core kernels
+that trade bit-exactness for speed, and for `rotate(..., method="matmul")`, which the W4A16
+layer takes for its few rows.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import functools
 import math
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -110,15 +112,25 @@ def _butterfly(x: jnp.ndarray, n: int, hadamard: str) -> jnp.ndarray:
     return butterfly4(x, _log(n, 4) or 0, _sylvester_stage) * scale
 
 
-def rotate(x: jnp.ndarray, *, group_size: int = 256, hadamard: HadamardKind = "regular") -> jnp.ndarray:
+def rotate(x: jnp.ndarray, *, group_size: int = 256, hadamard: HadamardKind = "regular",
+           method: str = "butterfly") -> jnp.ndarray:
     """Grouped Hadamard rotation along the last axis: each group of `group_size` values -> x_g @ H
     (hadamard="none": no rotation, the naive baseline).
+
+    method: "butterfly" (log-depth add/subtract stages, elementwise XLA ops) or "matmul" (one
+    float32 matmul by the dense H per group, full precision): for a few rows the matmul is a
+    single cheap kernel where the butterfly's stages take several, and a butterfly fused into a
+    consumer can be recomputed per output element (H200, 4 x 3072: 1.9 against 7.8 us alone, and
+    the W4A16 layer's x went from a 21 us fusion to ~4 us: benchmarks/notes/w4a16_matmul.md).
+    The two agree to float32 summation order, not bit for bit.
 
     Returns float32 (the rotation is computed in float32 whatever the input dtype). Raises
     ValueError when the last axis is not a multiple of `group_size`: the caller zero-pads both x
     and W if it needs another width (ConvRot pads nothing silently).
     """
     check_group_size(group_size, hadamard)
+    if method not in ("butterfly", "matmul"):
+        raise ValueError(f"rotation method must be 'butterfly' or 'matmul', got {method!r}")
     if hadamard == "none":
         return x.astype(jnp.float32)
     k = x.shape[-1]
@@ -129,4 +141,7 @@ def rotate(x: jnp.ndarray, *, group_size: int = 256, hadamard: HadamardKind = "r
         )
     lead = x.shape[:-1]
     groups = x.astype(jnp.float32).reshape(*lead, k // group_size, group_size)
+    if method == "matmul":
+        h = hadamard_matrix(group_size, hadamard)
+        return jnp.matmul(groups, h, precision=jax.lax.Precision.HIGHEST).reshape(*lead, k)
     return _butterfly(groups, group_size, hadamard).reshape(*lead, k)

@@ -263,7 +263,9 @@ def w4a16_linear(
         return int4_weight_only_linear(x, qw, bias)
 
     x2, lead = _flatten(x)
-    x_rot = rotate(x2, group_size=qw.group_size, hadamard=qw.hadamard).astype(x.dtype)
+    # A few rows: the rotation as one matmul (the butterfly fused with the kernel's K permutation
+    # into one slow loop: `rotate`'s docstring).
+    x_rot = rotate(x2, group_size=qw.group_size, hadamard=qw.hadamard, method="matmul").astype(x.dtype)
     y = w4a16_matmul(x_rot, qw.packed, qw.scales, bias, scale_group=qw.scale_group, out_dtype=x.dtype)
     return y.reshape(*lead, qw.out_features)
 

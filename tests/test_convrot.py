@@ -74,12 +74,22 @@ def test_sylvester_hadamard_properties(n):
 
 @pytest.mark.parametrize("hadamard,n", [("regular", 4), ("regular", 64), ("regular", 256), ("regular", 1024),
                                         ("sylvester", 2), ("sylvester", 128), ("sylvester", 256)])
-def test_rotate_matches_dense_grouped_matmul(hadamard, n):
+@pytest.mark.parametrize("method", ["butterfly", "matmul"])
+def test_rotate_matches_dense_grouped_matmul(hadamard, n, method):
+    """Both methods against float64: each output sums n terms +-x_i / sqrt(n) in float32, so it is
+    off by at most n float32 ulps (2^-24) of the sum of the terms' magnitudes."""
     x = RNG.standard_normal((3, 5, 4 * n)).astype(np.float32)
     h = np.asarray(cj.regular_hadamard(n) if hadamard == "regular" else cj.sylvester_hadamard(n), np.float64)
-    ref = (x.astype(np.float64).reshape(3, 5, 4, n) @ h).reshape(3, 5, 4 * n)
-    got = np.asarray(cj.rotate(jnp.asarray(x), group_size=n, hadamard=hadamard))
-    np.testing.assert_allclose(got, ref, atol=2e-6 * np.abs(ref).max())
+    groups = x.astype(np.float64).reshape(3, 5, 4, n)
+    ref = (groups @ h).reshape(3, 5, 4 * n)
+    bound = n * 2.0**-24 * (np.abs(groups) @ np.abs(h)).reshape(3, 5, 4 * n)
+    got = np.asarray(cj.rotate(jnp.asarray(x), group_size=n, hadamard=hadamard, method=method), np.float64)
+    assert np.all(np.abs(got - ref) <= bound)
+
+
+def test_rotate_method_is_checked():
+    with pytest.raises(ValueError, match="rotation method must be 'butterfly' or 'matmul', got 'fft'"):
+        cj.rotate(jnp.ones((2, 256)), method="fft")
 
 
 def test_rotate_bitwise_equals_numpy_butterfly():
