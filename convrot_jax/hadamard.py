@@ -113,15 +113,15 @@ def _butterfly(x: jnp.ndarray, n: int, hadamard: str) -> jnp.ndarray:
 
 
 def rotate(x: jnp.ndarray, *, group_size: int = 256, hadamard: HadamardKind = "regular",
-           method: str = "butterfly") -> jnp.ndarray:
+           method: Literal["butterfly", "matmul"] = "butterfly") -> jnp.ndarray:
     """Grouped Hadamard rotation along the last axis: each group of `group_size` values -> x_g @ H
     (hadamard="none": no rotation, the naive baseline).
 
     method: "butterfly" (log-depth add/subtract stages, elementwise XLA ops) or "matmul" (one
     float32 matmul by the dense H per group, full precision): for a few rows the matmul is a
     single cheap kernel where the butterfly's stages take several, and a butterfly fused into a
-    consumer can be recomputed per output element (H200, 4 x 3072: 1.9 against 7.8 us alone, and
-    the W4A16 layer's x went from a 21 us fusion to ~4 us: benchmarks/notes/w4a16_matmul.md).
+    consumer can be recomputed per output element (H200, 4 x 3072: 1.9 against 7.8 us alone; the
+    W4A16 layer at M = 4 went from 53.7 to 19.4 us: benchmarks/notes/w4a16_matmul.md).
     The two agree to float32 summation order, not bit for bit.
 
     Returns float32 (the rotation is computed in float32 whatever the input dtype). Raises

@@ -30,9 +30,8 @@ Structure (Pallas Mosaic GPU, warp-specialised, after jax's `hopper_mixed_type_m
     with the neighbouring runs goes to its part of a float32 workspace laid out as the output
     (part j: the tile's j-th run), and one elementwise XLA pass adds the parts of the shared tiles
     (a static count per tile), finishes them and transposes the output: no gather, one read of
-    each array. Every SM streams the same
-    number of weight bytes whatever the tile count, which at small M (where N / 128 tiles may be
-    48 or 72 for 132 SMs) is what sets the time.
+    each array. Every SM streams the same number of weight bytes whatever the tile count, which at
+    small M (where N / 128 tiles may be 48 or 72 for 132 SMs) is what sets the time.
   Every step's product goes to a fresh accumulator (the per-group scales need that anyway, and at
   small M it is a few registers) and is added to a float32 sum carried by the pipeline.
 
@@ -309,7 +308,6 @@ def w4a16_matmul(
         x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
     # Per-group scales go in as (K / g, N) so that a group's row of N scales is contiguous.
     sw = w_scales.astype(jnp.float32) if scale_group is None else w_scales.astype(jnp.float32).T
-    b = bias  # converted to float32 where it is read
 
     tiles = (m_pad // cfg.tile_m, n // (2 * cfg.tile_n))
     k_steps = k // cfg.tile_k
@@ -317,10 +315,10 @@ def w4a16_matmul(
     plan = _Plan(cfg, tiles, k_steps, -(-math.prod(tiles) * k_steps // run), scale_group is not None, interpret, run)
     out_types = (jax.ShapeDtypeStruct((n, m_pad), out_dtype),
                  jax.ShapeDtypeStruct((max(1, int(_shared_parts(plan).max())), n, m_pad), jnp.float32))
-    operands = [x, w_packed, sw] + ([] if b is None else [b])
+    operands = [x, w_packed, sw] + ([] if bias is None else [bias])  # bias: float32 where it is read
 
     def kernel(x_ref, w_ref, sw_ref, *rest):
-        bias_ref, (out_ref, ws_ref) = (rest[0], rest[1:]) if b is not None else (None, rest)
+        bias_ref, (out_ref, ws_ref) = (rest[0], rest[1:]) if bias is not None else (None, rest)
         _kernel(x_ref, w_ref, sw_ref, bias_ref, out_ref, ws_ref, plan=plan)
 
     f = plgpu.kernel(
@@ -334,4 +332,4 @@ def w4a16_matmul(
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
     y, ws = f(*operands)
-    return _finish_stream(y, ws, sw, b, plan, m)
+    return _finish_stream(y, ws, sw, bias, plan, m)
