@@ -9,7 +9,7 @@ Variants (each in its own process, so each peak-memory figure is its own):
   torch_compile  the same with the transformer under torch.compile (default mode)
   torch_fp8      the same with torchao's fp8 dynamic row-wise W8A8 and fused QKV before the compile
                  (`benchmarks.models.quantize_fp8_peer`; needs torchao; not run by default: its
-                 compile takes 6-10 min on the H200, so it wants its own call)
+                 compile took 3.6 min on a cold H200, so run it with the JAX rows, not the torch bf16 ones)
   torch_fp8_regional  torch_fp8 under diffusers' regional compilation (`compile_repeated_blocks`:
                  each block class compiled once, not the 57 blocks of the whole graph), for when
                  the whole compile does not fit a call; its ms / step against bench_e2e's torch_fp8
