@@ -18,9 +18,8 @@ Stages (--stages, comma-separated, default tests,bench):
   bench  the implementation x shape table.
   quick  (run as `--worker quick`, in this process) for short GPU slots: QUICK_SHAPES in priority
          order, the bf16 GEMM and the checked kernel per shape, rows printed as they complete.
-  probe  (`--worker probe`) each kernel of the call at M = 4 / 28 / 64 / 112, an alternative
-         tile, the W4A16 layer's kernels, and its XLA rotation of x against a dense Hadamard
-         matmul.
+  probe  (`--worker probe`) each kernel of the call at M = 28 / 64 / 4 / 112 / 512, the W4A16
+         layer's kernels at M = 4 and 64, and x's K permutation in its two forms.
 
     PYTHONPATH=. python3 -m benchmarks.bench_w4a16_matmul [--stages tests,sweep,bench]
 """
@@ -288,17 +287,17 @@ def kernel_times_us(fn, args) -> list[tuple[str, float]]:
 
 
 def work_probe(args) -> list[dict]:
-    """Where the time goes at M = 4 / 28 / 64 / 112 (each kernel of the call) beside the bf16 GEMM,
-    an alternative tile, the W4A16 layer's kernels at M = 4, and the layer's XLA rotation of x (the
-    butterfly) against one dense Hadamard matmul per group."""
+    """Where the time goes: x's K permutation as the wrapper makes it (a gather of static columns)
+    against the reshape-and-swap form, the W4A16 layer's kernels at M = 4 and 64, and each kernel
+    of the call at M = 28 / 64 / 4 / 112 and T5's M = 512, beside the bf16 GEMM."""
     import json
 
     import jax
     import jax.numpy as jnp
 
-    from convrot_jax.hadamard import regular_hadamard, rotate
+    from convrot_jax.ops import w4a16_linear
+    from pallas_kernels.int4_unpack import permute_k32
     from pallas_kernels.w4a16_matmul import w4a16_matmul
-    from pallas_kernels.w4a16_matmul_config import config_for
 
     print("META " + json.dumps({**harness.run_meta(), "iters": harness.timing_iters()}), flush=True)
     rows = []
@@ -307,39 +306,31 @@ def work_probe(args) -> list[dict]:
         rows.append(row)
         print("ROW " + json.dumps(row), flush=True)
 
-    h = regular_hadamard(256)
-    rotations = {
-        "rotate_butterfly": lambda x: rotate(x, group_size=256).astype(x.dtype),
-        "rotate_dense": lambda x: jnp.einsum("mgk,kj->mgj", x.reshape(x.shape[0], -1, 256).astype(jnp.float32), h,
-                                             precision=jax.lax.Precision.HIGHEST).reshape(x.shape).astype(x.dtype),
-    }
-    for name, f in rotations.items():
-        make = lambda i: (jax.random.normal(jax.random.key(i), (4, 3072), jnp.bfloat16),)  # noqa: E731
-        add({"variant": name, "shape": "M=4 K=3072", "ms": harness.device_time_ms(f, make),
-             "kernels": kernel_times_us(f, make(0))})
-    from convrot_jax.ops import w4a16_linear
-
+    for m in (64, 28):
+        pad = lambda x: jnp.pad(x, ((0, -m % 8), (0, 0)))  # noqa: E731  (the kernel's tile_m rounding)
+        forms = {"permute_take": lambda x: pad(permute_k32(x)),
+                 "permute_swap": lambda x: pad(permute_k32(x, gather=False))}
+        for name, f in forms.items():
+            make = lambda i, m=m: (jax.random.normal(jax.random.key(i), (m, 3072), jnp.bfloat16),)  # noqa: E731
+            add({"variant": name, "shape": f"M={m} K=3072", "ms": harness.device_time_ms(f, make),
+                 "kernels": kernel_times_us(f, make(0))})
     layer = lambda x, qw, b: w4a16_linear(x, qw, b, implementation="pallas")  # noqa: E731
-    add({"variant": "pallas_w4a16_layer", "shape": "M=4 K=3072 N=18432",
-         "ms": harness.device_time_ms(layer, layer_args(4, 18432, 3072)),
-         "kernels": kernel_times_us(layer, layer_args(4, 18432, 3072)(0))})
-    cases = [(m, 3072, 18432, {}) for m in (28, 64, 4, 112)] + [(64, 3072, 18432, {"tile_k": 128})]
-    for m, k, n in sorted({c[:3] for c in cases}):
-        if time.time() < args.deadline:
-            add({"variant": "xla_bf16", "shape": f"M={m} K={k} N={n}", "m": m, "k": k, "n": n,
-                 "ms": harness.device_time_ms(*bf16_gemm(m, n, k))})
-    for m, k, n, change in cases:
+    for m in (4, 64):
+        add({"variant": "pallas_w4a16_layer", "shape": f"M={m} K=3072 N=18432",
+             "ms": harness.device_time_ms(layer, layer_args(m, 18432, 3072)),
+             "kernels": kernel_times_us(layer, layer_args(m, 18432, 3072)(0))})
+    cases = [(28, 3072, 18432), (64, 3072, 18432), (4, 3072, 18432), (112, 3072, 18432), (512, 4096, 10240)]
+    for m, k, n in cases:
         if time.time() > args.deadline:
             break
-        cfg = dataclasses.replace(config_for(m, n, k), **change)
-        fn = functools.partial(w4a16_matmul, config=cfg)
-        row = {"variant": "pallas", "shape": f"M={m} K={k} N={n}", "m": m, "k": k, "n": n,
-               "config": dataclasses.asdict(cfg)}
+        add({"variant": "xla_bf16", "shape": f"M={m} K={k} N={n}", "m": m, "k": k, "n": n,
+             "ms": harness.device_time_ms(*bf16_gemm(m, n, k))})
+        row = {"variant": "pallas", "shape": f"M={m} K={k} N={n}", "m": m, "k": k, "n": n}
         try:
             make = kernel_args(m, n, k)
-            row["check"] = kernel_check(jax.jit(fn)(*make(0)), *make(0))
-            row["kernels"] = kernel_times_us(fn, make(0))
-            row["ms"] = harness.device_time_ms(fn, make, m * n * 2)
+            row["check"] = kernel_check(jax.jit(w4a16_matmul)(*make(0)), *make(0))
+            row["kernels"] = kernel_times_us(w4a16_matmul, make(0))
+            row["ms"] = harness.device_time_ms(w4a16_matmul, make, m * n * 2)
         except Exception as e:  # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {e}"[:400]
         add(row)

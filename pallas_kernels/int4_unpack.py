@@ -59,10 +59,16 @@ def check_weight_operands(k: int, n: int, w_scales, scale_group: int | None, bia
 TARGETS: tuple[str, ...] = ("int8_upcast4x", "int8_wgmma", "bf16_wgmma_k32")
 
 
-def permute_k32(a: jax.Array) -> jax.Array:
+def permute_k32(a: jax.Array, *, gather: bool = True) -> jax.Array:
     """The K order of the "bf16_wgmma_k32" target along the last axis (a multiple of 32): within
-    each 32 columns, column 8j + 2q + e takes column 8q + 2j + e (j, q < 4, e < 2). An involution."""
+    each 32 columns, column 8j + 2q + e takes column 8q + 2j + e (j, q < 4, e < 2). An involution.
+
+    gather: as a gather of static columns, which XLA emits as one loop that fuses with a pad (the
+    reshape-and-swap form became a transpose kernel of its own); False inside a kernel, which
+    cannot close over the column table."""
     *lead, k = a.shape
+    if gather:
+        return jnp.take(a, permute_k32(np.arange(k), gather=False), axis=-1)
     return a.reshape(*lead, k // 32, 4, 4, 2).swapaxes(-3, -2).reshape(*lead, k)
 
 
@@ -123,7 +129,7 @@ def _unpack_interpret(packed, target: str) -> jax.Array:
     high = lax.shift_right_arithmetic(p, jnp.int8(4))
     codes = jnp.stack([low, high], axis=-1).reshape(p.shape[0], 2 * p.shape[1])
     if target == "bf16_wgmma_k32":
-        return permute_k32(codes).astype(jnp.bfloat16)
+        return permute_k32(codes, gather=False).astype(jnp.bfloat16)
     return codes
 
 

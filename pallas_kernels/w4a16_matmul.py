@@ -15,29 +15,32 @@ Structure (Pallas Mosaic GPU, warp-specialised, after jax's `hopper_mixed_type_m
     `wgmma(acc (tile_n, tile_m), w_bf16, x_smem.T)`: the weights are wgmma's A operand (its M
     side is 64 rows), the tokens its N side, which can be as narrow as 8, so a handful of tokens
     costs no padded tensor-core work. The unpack hands wgmma its K axis permuted within every 32
-    columns (`permute_k32`); the wrapper permutes x's columns alike (an XLA op that fuses with
-    whatever makes x), which leaves the product unchanged and saves two warp shuffles per 8
-    weights. Each step waits for its wgmma (A lives in registers the next unpack reuses); the two
-    compute warpgroups overlap each other.
+    columns (`permute_k32`); the wrapper permutes x's columns alike (a gather of static columns
+    that fuses with the pad of x's rows), which leaves the product unchanged and saves two warp
+    shuffles per 8 weights. Each step waits for its wgmma (A lives in registers the next unpack
+    reuses); the two compute warpgroups overlap each other.
   * scales: per output channel, applied in float32 to the sum in the epilogue (with the bias);
     per group (`scale_group` g, tile_k = g), each step's product is multiplied by its group's
     scales before it is added.
   * output: each warpgroup stores its (tile_n, tile_m) tile straight from registers into an
     (N, M) array; the finishing XLA pass (below) transposes it.
-  * schedule ("stream-K"), a persistent grid of one program per SM: the (output tile, K step)
-    pairs, tile after tile, are cut into equal runs, one per program, each run one pipeline. A
-    program sums each tile's steps; a tile it holds whole goes through the epilogue, a tile shared
-    with the neighbouring runs goes to its part of a float32 workspace laid out as the output
-    (part j: the tile's j-th run), and one elementwise XLA pass adds the parts of the shared tiles
-    (a static count per tile), finishes them and transposes the output: no gather, one read of
-    each array. Every SM streams the same number of weight bytes whatever the tile count, which at
-    small M (where N / 128 tiles may be 48 or 72 for 132 SMs) is what sets the time.
+  * schedule, a persistent grid of one program per SM, each program one pipeline: whole tiles
+    while every SM has one (data-parallel rounds: tile p + r * programs), then "stream-K" over the
+    remaining tiles: their (tile, K step) pairs, tile after tile, cut into equal runs, one per
+    program. A program sums each tile's steps; a tile it holds whole goes through the epilogue, a
+    tail tile shared with the neighbouring runs goes to its part of a float32 workspace laid out
+    as the tail's rows of the output (part j: the tile's j-th run), and one elementwise XLA pass
+    adds the parts of the shared tiles (a static count per tile), finishes them and transposes the
+    output: no gather, and only the tail's rows of the workspace are read (at M = 64, N = 18432:
+    12 of 144 tiles, where stream-K over all of them shared almost every tile). Every SM streams
+    the same number of weight bytes whatever the tile count, which at small M (where N / 128
+    tiles may be 48 or 72 for 132 SMs) is what sets the time.
   Every step's product goes to a fresh accumulator (the per-group scales need that anyway, and at
   small M it is a few registers) and is added to a float32 sum carried by the pipeline.
 
 Measured on the H200 (benchmarks/results/w4a16_matmul.md, benchmarks/notes/w4a16_matmul.md):
-faster than the XLA bf16 GEMM up to M = 28, slower from M = 64; the notes say where the time goes
-and what to try next.
+faster than the XLA bf16 GEMM up to M = 64, slower beyond; the notes say where the time goes and
+what to try next.
 
 Accuracy: the weights enter the tensor cores as their exact int4 codes and the scales multiply the
 float32 accumulator, so the kernel is at least as accurate as the XLA reference
@@ -70,7 +73,7 @@ from pallas_kernels.w4a16_matmul_config import W4A16MatmulConfig, config_for
 
 
 class _Plan(NamedTuple):
-    """The kernel's static choices for one call."""
+    """The kernel's static choices for one call (`_plan`)."""
 
     config: W4A16MatmulConfig
     tiles: tuple[int, int]  # (m tiles, n tiles) of 2 * tile_n rows
@@ -78,15 +81,42 @@ class _Plan(NamedTuple):
     programs: int
     grouped: bool  # per-group scales: every step is one scale group (tile_k == scale_group)
     interpret: bool
-    run: int  # the (tile, K step) pairs each program runs
+    full_rounds: int  # whole tiles each program runs first (tile p + r * programs in round r)
+    run: int  # then the (tile, K step) pairs of the tail tiles each program runs (stream-K)
 
     @property
     def acc_shape(self) -> tuple[int, int]:
         return (self.config.tile_n, self.config.tile_m)
 
     @property
-    def total_steps(self) -> int:
-        return math.prod(self.tiles) * self.k_steps
+    def first_tail(self) -> int:
+        """The first tile of the stream-K tail (tiles in `_tile_coords` order)."""
+        return self.full_rounds * self.programs
+
+    @property
+    def tail_steps(self) -> int:
+        return (math.prod(self.tiles) - self.first_tail) * self.k_steps
+
+    @property
+    def steps(self) -> int:
+        """Each program's pipeline steps: its whole tiles' and its tail run's."""
+        return self.full_rounds * self.k_steps + self.run
+
+    @property
+    def first_tail_n(self) -> int:
+        """The first n tile holding a tail tile: the workspace covers n tiles from there on."""
+        return self.first_tail // self.tiles[0]
+
+
+def _plan(config: W4A16MatmulConfig, tiles: tuple[int, int], k_steps: int, grouped: bool, interpret: bool,
+          sms: int) -> _Plan:
+    """Whole tiles while every SM has one (data-parallel rounds), then the remaining tiles' (tile,
+    K step) pairs cut into equal runs, one per SM (stream-K): every SM streams the same number of
+    weight bytes, and only the tail tiles can be shared between programs."""
+    full_rounds, tail = divmod(math.prod(tiles), sms)
+    run = -(-tail * k_steps // sms)
+    programs = sms if full_rounds else -(-tail * k_steps // run)
+    return _Plan(config, tiles, k_steps, programs, grouped, interpret, full_rounds, run)
 
 
 class _Refs(NamedTuple):
@@ -95,7 +125,7 @@ class _Refs(NamedTuple):
     sw: object  # float32 (N,), or (K / g, N) per group, gmem
     bias: object | None  # (N,) in the caller's float dtype, gmem
     out: object  # (N, M) gmem
-    ws: object  # float32 (parts, N, M) shared tiles' partial sums, part j from the tile's j-th run, gmem
+    ws: object  # float32 (parts, the tail's rows, M): shared tiles' partial sums, part j from the j-th run, gmem
     a_smem: object | None  # bf16 (2, tile_n, tile_k) wgmma A staging, smem (interpret mode only)
 
 
@@ -155,47 +185,56 @@ def _epilogue(plan: _Plan, refs: _Refs, rows, m0, acc: jax.Array) -> None:
         refs.out.at[rows, pl.ds(m0, plan.config.tile_m)][...] = acc.astype(refs.out.dtype)
 
 
-def _stream_tile(plan: _Plan, g: jax.Array):
-    """(m tile, n tile, K step) of the g-th (tile, K step) pair: tiles in n-major, m-minor order
-    (the m tiles of one weight block run back to back, so its second read finds it in L2)."""
-    t, kk = g // plan.k_steps, g % plan.k_steps
-    return t % plan.tiles[0], t // plan.tiles[0], kk
+def _tile_coords(plan: _Plan, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(m tile, n tile) of tile t: tiles in n-major, m-minor order (the m tiles of one weight
+    block run back to back, so its second read finds it in L2)."""
+    return t % plan.tiles[0], t // plan.tiles[0]
 
 
-def _run_stream(plan: _Plan, refs: _Refs, allocs) -> None:
-    """Stream-K: program p runs pairs [p R, (p + 1) R) of the (tile, K step) sequence as one
-    pipeline (R = `plan.run`), summing each tile's steps; a tile it holds whole goes through the
-    epilogue, a tile shared with its neighbours goes to its workspace part (this program's place
-    among the runs that share it) for `_finish_stream`."""
+def _program_step(plan: _Plan, program: jax.Array, s: jax.Array):
+    """Program `program`'s step s: (tile, K step, g, valid). The first full_rounds * k_steps steps
+    run its whole tiles; the rest its tail run, pairs g in [program R, (program + 1) R) of the
+    tail's (tile, K step) sequence (R = `plan.run`; g = -1 in the whole tiles). A last run may pass
+    the tail's end: those steps reload the last pair and are not valid."""
+    dp = plan.full_rounds * plan.k_steps
+    in_tail = s >= dp
+    g = program * plan.run + s - dp
+    g_c = jnp.clip(g, 0, max(plan.tail_steps - 1, 0))
+    tile = jnp.where(in_tail, plan.first_tail + g_c // plan.k_steps, program + (s // plan.k_steps) * plan.programs)
+    kk = jnp.where(in_tail, g_c % plan.k_steps, s % plan.k_steps)
+    return tile, kk, jnp.where(in_tail, g, -1), jnp.logical_or(jnp.logical_not(in_tail), g < plan.tail_steps)
+
+
+def _run_program(plan: _Plan, refs: _Refs, allocs) -> None:
+    """One pipeline over the program's steps (`_program_step`), summing each tile's steps; a tile
+    it holds whole goes through the epilogue, a tail tile shared with its neighbours goes to its
+    workspace part (this program's place among the runs that share it) for `_finish`."""
     cfg = plan.config
     tm, tn = cfg.tile_m, cfg.tile_n
     wg = lax.axis_index("wg")
     program = lax.axis_index("sm")
     g0 = program * plan.run
 
-    def clamped(s):  # the last program's run may pass the end: it reloads the last pair, unused
-        return _stream_tile(plan, jnp.minimum(g0 + s, plan.total_steps - 1))
-
     def x_map(s):
-        mi, _, kk = clamped(s)
-        return mi, kk
+        tile, kk, _, _ = _program_step(plan, program, s)
+        return _tile_coords(plan, tile)[0], kk
 
     def w_map(s):
-        _, ni, kk = clamped(s)
-        return ni, kk
+        tile, kk, _, _ = _program_step(plan, program, s)
+        return _tile_coords(plan, tile)[1], kk
 
     def body(idxs, x_smem, w_smem, acc):
         (s,) = idxs
-        g = g0 + s
-        mi, ni, kk = _stream_tile(plan, g)
+        tile, kk, g, valid = _program_step(plan, program, s)
+        mi, ni = _tile_coords(plan, tile)
         rows = pl.ds(ni * (2 * tn) + wg * tn, tn)
         with jax.named_scope("mainloop"):
             acc = acc + _step_product(plan, refs, wg, x_smem, w_smem, rows, kk)
         tile_end = kk == plan.k_steps - 1
-        run_end = s == plan.run - 1
-        began_here = g - kk >= g0
+        run_end = s == plan.steps - 1
+        began_here = jnp.logical_or(g < 0, g - kk >= g0)  # a whole tile, or a tail tile begun in this run
 
-        @pl.when(jnp.logical_and(jnp.logical_or(tile_end, run_end), g < plan.total_steps))
+        @pl.when(jnp.logical_and(jnp.logical_or(tile_end, run_end), valid))
         def _emit():
             whole = jnp.logical_and(began_here, tile_end)
 
@@ -206,14 +245,15 @@ def _run_stream(plan: _Plan, refs: _Refs, allocs) -> None:
             @pl.when(jnp.logical_not(whole))
             def _shared():
                 part = program - (g - kk) // plan.run  # the run where the tile began is part 0
-                refs.ws.at[part, rows, pl.ds(mi * tm, tm)][...] = acc
+                ws_rows = pl.ds((ni - plan.first_tail_n) * (2 * tn) + wg * tn, tn)
+                refs.ws.at[part, ws_rows, pl.ds(mi * tm, tm)][...] = acc
 
         return acc * jnp.where(jnp.logical_or(tile_end, run_end), 0.0, 1.0).astype(jnp.float32)
 
     def compute_context(eval_pipeline):
         eval_pipeline(jnp.zeros(plan.acc_shape, jnp.float32))
 
-    _pipeline(plan, body, compute_context, plan.run, x_map, w_map)(refs.x, refs.w, allocations=allocs)
+    _pipeline(plan, body, compute_context, plan.steps, x_map, w_map)(refs.x, refs.w, allocations=allocs)
 
 
 def _kernel(x_gmem, w_gmem, sw_gmem, bias_gmem, out_gmem, ws_gmem, *, plan: _Plan) -> None:
@@ -223,7 +263,7 @@ def _kernel(x_gmem, w_gmem, sw_gmem, bias_gmem, out_gmem, ws_gmem, *, plan: _Pla
 
     @functools.partial(
         pl.run_scoped,
-        pipeline_allocs=_pipeline(plan, ignore, ignore, plan.run, first_blocks, first_blocks).get_allocations(
+        pipeline_allocs=_pipeline(plan, ignore, ignore, plan.steps, first_blocks, first_blocks).get_allocations(
             x_gmem, w_gmem),
         a_smem=plgpu.SMEM((2, cfg.tile_n, cfg.tile_k), jnp.bfloat16, transforms=swizzle_transforms(cfg.tile_k, 2))
         if plan.interpret else None,
@@ -231,7 +271,7 @@ def _kernel(x_gmem, w_gmem, sw_gmem, bias_gmem, out_gmem, ws_gmem, *, plan: _Pla
     )
     def _scope(pipeline_allocs, a_smem):
         refs = _Refs(x_gmem, w_gmem, sw_gmem, bias_gmem, out_gmem, ws_gmem, a_smem)
-        _run_stream(plan, refs, pipeline_allocs)
+        _run_program(plan, refs, pipeline_allocs)
 
 
 def _check_operands(x, w_packed, w_scales, bias, scale_group) -> None:
@@ -241,25 +281,30 @@ def _check_operands(x, w_packed, w_scales, bias, scale_group) -> None:
 
 
 def _shared_parts(plan: _Plan) -> np.ndarray:
-    """(n tiles, m tiles): how many runs share each output tile (0: one run holds it whole)."""
-    t = np.arange(math.prod(plan.tiles))
-    first, last = t * plan.k_steps // plan.run, ((t + 1) * plan.k_steps - 1) // plan.run
-    return np.where(first == last, 0, last - first + 1).reshape(plan.tiles[1], plan.tiles[0])
+    """(n tiles from `first_tail_n` on, m tiles): how many runs share each output tile (0: one
+    program holds it whole)."""
+    t = np.arange(math.prod(plan.tiles) - plan.first_tail)
+    first, last = t * plan.k_steps // max(plan.run, 1), ((t + 1) * plan.k_steps - 1) // max(plan.run, 1)
+    whole_before = np.zeros(plan.first_tail % plan.tiles[0], int)  # the first tail n tile's whole tiles
+    parts = np.concatenate([whole_before, np.where(first == last, 0, last - first + 1)])
+    return parts.reshape(-1, plan.tiles[0])
 
 
-def _finish_stream(y, ws, w_scales, bias, plan: _Plan, m: int) -> jax.Array:
-    """The (M, N) output from the kernel's (N, M_pad) one in one elementwise XLA pass (the parts'
-    sum, the select, the transpose and the slice fuse into one loop): a shared tile is the sum of
-    its workspace parts in run order, scaled and biased as the epilogue does."""
+def _finish(y, ws, w_scales, bias, plan: _Plan, m: int) -> jax.Array:
+    """The (M, N) output from the kernel's (N, M_pad) one: the tail's shared tiles are the sums of
+    their workspace parts in run order, scaled and biased as the epilogue does; the rest is the
+    kernel's. One XLA pass (the parts' sum, the select, the join, the transpose and the slice
+    fuse into one loop) that reads only the tail's rows of the workspace."""
     parts = _shared_parts(plan)
     if parts.any():
-        (tiles_m, tiles_n), cta_n, tm = plan.tiles, 2 * plan.config.tile_n, plan.config.tile_m
+        tiles_m, cta_n, tm = plan.tiles[0], 2 * plan.config.tile_n, plan.config.tile_m
+        r0 = plan.first_tail_n * cta_n
 
-        def tiled(a):  # (..., N, M_pad) -> (..., n tiles, cta_n, m tiles, tile_m)
-            return a.reshape(*a.shape[:-2], tiles_n, cta_n, tiles_m, tm)
+        def tiled(a):  # (..., R, M_pad) -> (..., R / cta_n, cta_n, m tiles, tile_m)
+            return a.reshape(*a.shape[:-2], a.shape[-2] // cta_n, cta_n, tiles_m, tm)
 
         def along_n(v):
-            return v.astype(jnp.float32).reshape(tiles_n, cta_n, 1, 1)
+            return v[r0:].astype(jnp.float32).reshape(-1, cta_n, 1, 1)
 
         count = jnp.asarray(parts[:, None, :, None].astype(np.int32))
         acc = sum(jnp.where(j < count, tiled(ws[j]), 0.0) for j in range(ws.shape[0]))
@@ -267,7 +312,8 @@ def _finish_stream(y, ws, w_scales, bias, plan: _Plan, m: int) -> jax.Array:
             acc = acc * along_n(w_scales)
         if bias is not None:
             acc = acc + along_n(bias)
-        y = jnp.where(count > 0, acc.astype(y.dtype), tiled(y)).reshape(y.shape)
+        tail = jnp.where(count > 0, acc.astype(y.dtype), tiled(y[r0:])).reshape(y[r0:].shape)
+        y = jnp.concatenate([y[:r0], tail]) if r0 else tail
     return y.T[:m]
 
 
@@ -309,12 +355,12 @@ def w4a16_matmul(
     # Per-group scales go in as (K / g, N) so that a group's row of N scales is contiguous.
     sw = w_scales.astype(jnp.float32) if scale_group is None else w_scales.astype(jnp.float32).T
 
-    tiles = (m_pad // cfg.tile_m, n // (2 * cfg.tile_n))
-    k_steps = k // cfg.tile_k
-    run = -(-math.prod(tiles) * k_steps // sm_count(interpret))
-    plan = _Plan(cfg, tiles, k_steps, -(-math.prod(tiles) * k_steps // run), scale_group is not None, interpret, run)
-    out_types = (jax.ShapeDtypeStruct((n, m_pad), out_dtype),
-                 jax.ShapeDtypeStruct((max(1, int(_shared_parts(plan).max())), n, m_pad), jnp.float32))
+    plan = _plan(cfg, (m_pad // cfg.tile_m, n // (2 * cfg.tile_n)), k // cfg.tile_k, scale_group is not None,
+                 interpret, sm_count(interpret))
+    parts = _shared_parts(plan)
+    out_types = (jax.ShapeDtypeStruct((n, m_pad), out_dtype),  # the workspace: the tail's n tiles (unused if none)
+                 jax.ShapeDtypeStruct((max(1, int(parts.max(initial=0))), max(1, parts.shape[0]) * 2 * cfg.tile_n,
+                                       m_pad), jnp.float32))
     operands = [x, w_packed, sw] + ([] if bias is None else [bias])  # bias: float32 where it is read
 
     def kernel(x_ref, w_ref, sw_ref, *rest):
@@ -332,4 +378,4 @@ def w4a16_matmul(
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
     y, ws = f(*operands)
-    return _finish_stream(y, ws, sw, bias, plan, m)
+    return _finish(y, ws, sw, bias, plan, m)

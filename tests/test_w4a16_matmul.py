@@ -81,6 +81,7 @@ def test_permute_k32_is_an_involution_within_32_columns():
     a = jnp.arange(2 * 96).reshape(2, 96)
     p = permute_k32(a)
     np.testing.assert_array_equal(permute_k32(p), a)
+    np.testing.assert_array_equal(permute_k32(a, gather=False), p)  # the in-kernel form: the same order
     assert sorted(np.asarray(p[0, :32]).tolist()) == list(range(32))  # stays within its 32 columns
     assert int(p[0, 2]) == 8 and int(p[0, 8]) == 2  # (j, q) = (0, 1) <-> (1, 0)
 
@@ -127,27 +128,35 @@ def test_interpret_tile_shared_by_four_runs():
 
 
 def test_shared_parts_follow_the_runs():
-    """Runs of 3 over ten 1-step tiles (whole) and over two 6-step tiles (2 parts each), runs of 2
-    over one 8-step tile (4 parts): tiles in n-major order, the table (n tiles, m tiles)."""
-    from pallas_kernels.w4a16_matmul import _Plan, _shared_parts
+    """The table (n tiles from the tail's first on, m tiles) of how many runs share each tile,
+    tiles in n-major order: whole tiles while every program has one, then the tail in runs."""
+    from pallas_kernels.w4a16_matmul import _plan, _shared_parts
 
-    def parts(tiles, k_steps, run):
-        total = tiles[0] * tiles[1] * k_steps
-        plan = _Plan(W4A16MatmulConfig(), tiles, k_steps, -(-total // run), False, True, run)
-        return _shared_parts(plan).tolist()
+    def parts(tiles, k_steps, sms):
+        return _shared_parts(_plan(W4A16MatmulConfig(), tiles, k_steps, False, True, sms)).tolist()
 
-    assert parts((2, 5), 1, 3) == [[0, 0]] * 5
-    assert parts((1, 2), 6, 3) == [[2], [2]]
-    assert parts((2, 1), 6, 4) == [[2, 2]]
-    assert parts((1, 1), 8, 2) == [[4]]
-    assert parts((1, 3), 4, 4) == [[0], [0], [0]]
+    assert parts((1, 2), 6, 4) == [[2], [2]]  # no whole round: runs of 3 over two 6-step tiles
+    assert parts((2, 1), 6, 3) == [[2, 2]]  # runs of 4
+    assert parts((1, 1), 8, 4) == [[4]]  # runs of 2 over one 8-step tile
+    assert parts((1, 4), 2, 4) == []  # one whole round, no tail
+    assert parts((2, 5), 1, 3) == [[0, 0]]  # 9 whole tiles, the tenth (1 step) held by one run
+    assert parts((3, 3), 4, 4) == [[0, 0, 4]]  # 8 whole tiles; the ninth in runs of 1, beside two whole ones
 
 
 def test_interpret_whole_and_shared_tiles():
-    """N = 640, K = 128, M = 12: ten (tile, K step) pairs over two m tiles in runs of 3: tiles
-    held whole by one run (epilogue in the kernel) and tiles shared by two."""
+    """N = 640, K = 128, M = 12: ten tiles of 2 steps over two m tiles on 4 programs: two rounds
+    of whole tiles (epilogue in the kernel), then the last two tiles in runs of 1 (each shared by
+    two, finished from the workspace)."""
     cfg = W4A16MatmulConfig(tile_m=8, tile_n=64, tile_k=64, max_concurrent_steps=2)
     _check(12, 640, 128, config=cfg, interpret=True, seed=3)
+
+
+def test_interpret_tail_beside_whole_tiles_of_its_n_tile():
+    """N = 384, K = 512, M = 20: nine tiles (3 x 3) of 4 steps on 4 programs: two whole rounds,
+    then the ninth tile in runs of 1 (four parts), in the same n tile as two whole ones, which the
+    finish keeps as the kernel wrote them."""
+    cfg = W4A16MatmulConfig(tile_m=8, tile_n=64, tile_k=128, max_concurrent_steps=2)
+    _check(20, 384, 512, config=cfg, interpret=True, seed=9, bias_dtype=jnp.bfloat16)
 
 
 def test_interpret_whole_tiles_only():
