@@ -118,11 +118,13 @@ def rotate(x: jnp.ndarray, *, group_size: int = 256, hadamard: HadamardKind = "r
     (hadamard="none": no rotation, the naive baseline).
 
     method: "butterfly" (log-depth add/subtract stages, elementwise XLA ops) or "matmul" (one
-    float32 matmul by the dense H per group, full precision): for a few rows the matmul is a
-    single cheap kernel where the butterfly's stages take several, and a butterfly fused into a
-    consumer can be recomputed per output element (H200, 4 x 3072: 1.9 against 7.8 us alone; the
-    W4A16 layer at M = 4 went from 53.7 to 19.4 us: benchmarks/notes/w4a16_matmul.md).
-    The two agree to float32 summation order, not bit for bit.
+    matmul by the dense H per group): for a few rows the matmul is a single cheap kernel where the
+    butterfly's stages take several, and a butterfly fused into a consumer can be recomputed per
+    output element (H200, 4 x 3072: 1.9 against 7.8 us alone; the W4A16 layer at M = 4 went from
+    53.7 to 19.4 us: benchmarks/notes/w4a16_matmul.md). A bfloat16 x is multiplied by H's signs
+    (+-1) in bfloat16 with float32 sums, so that every product is exact and the tensor cores run
+    it at bf16 speed, then scaled by 1 / sqrt(n); any other dtype by H in float32 at full
+    precision. The two methods agree to float32 summation order, not bit for bit.
 
     Returns float32 (the rotation is computed in float32 whatever the input dtype). Raises
     ValueError when the last axis is not a multiple of `group_size`: the caller zero-pads both x
@@ -142,6 +144,11 @@ def rotate(x: jnp.ndarray, *, group_size: int = 256, hadamard: HadamardKind = "r
     lead = x.shape[:-1]
     groups = x.astype(jnp.float32).reshape(*lead, k // group_size, group_size)
     if method == "matmul":
+        if x.dtype == jnp.bfloat16:
+            signs = jnp.asarray(np.sign(_dense(group_size, hadamard)), jnp.bfloat16)
+            sums = jnp.matmul(x.reshape(*lead, k // group_size, group_size), signs,
+                              preferred_element_type=jnp.float32)
+            return (sums * np.float32(1 / math.sqrt(group_size))).reshape(*lead, k)
         h = hadamard_matrix(group_size, hadamard)
         return jnp.matmul(groups, h, precision=jax.lax.Precision.HIGHEST).reshape(*lead, k)
     return _butterfly(groups, group_size, hadamard).reshape(*lead, k)

@@ -74,16 +74,18 @@ def test_sylvester_hadamard_properties(n):
 
 @pytest.mark.parametrize("hadamard,n", [("regular", 4), ("regular", 64), ("regular", 256), ("regular", 1024),
                                         ("sylvester", 2), ("sylvester", 128), ("sylvester", 256)])
-@pytest.mark.parametrize("method", ["butterfly", "matmul"])
-def test_rotate_matches_dense_grouped_matmul(hadamard, n, method):
-    """Both methods against float64: each output sums n terms +-x_i / sqrt(n) in float32, so it is
-    off by at most n float32 ulps (2^-24) of the sum of the terms' magnitudes."""
-    x = RNG.standard_normal((3, 5, 4 * n)).astype(np.float32)
+@pytest.mark.parametrize("method, dtype", [("butterfly", jnp.float32), ("matmul", jnp.float32),
+                                           ("matmul", jnp.bfloat16)])
+def test_rotate_matches_dense_grouped_matmul(hadamard, n, method, dtype):
+    """Each method against float64: each output sums n terms +-x_i / sqrt(n) in float32 (a bf16 x
+    by the matmul: n exact products +-x_i summed in float32, then one rounding of the scale), so
+    it is off by at most n float32 ulps (2^-24) of the sum of the terms' magnitudes."""
+    x = np.asarray(jnp.asarray(RNG.standard_normal((3, 5, 4 * n)), dtype).astype(jnp.float32))
     h = np.asarray(cj.regular_hadamard(n) if hadamard == "regular" else cj.sylvester_hadamard(n), np.float64)
     groups = x.astype(np.float64).reshape(3, 5, 4, n)
     ref = (groups @ h).reshape(3, 5, 4 * n)
     bound = n * 2.0**-24 * (np.abs(groups) @ np.abs(h)).reshape(3, 5, 4 * n)
-    got = np.asarray(cj.rotate(jnp.asarray(x), group_size=n, hadamard=hadamard, method=method), np.float64)
+    got = np.asarray(cj.rotate(jnp.asarray(x, dtype), group_size=n, hadamard=hadamard, method=method), np.float64)
     assert np.all(np.abs(got - ref) <= bound)
 
 
