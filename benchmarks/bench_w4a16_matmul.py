@@ -206,6 +206,7 @@ def work_sweep(args) -> list[dict]:
 
 QUICK_SHAPES = ((4, 3072, 18432), (28, 3072, 18432), (64, 3072, 18432), (112, 3072, 18432), (4, 3072, 9216),
                 (4, 3072, 6144), (1, 3072, 18432), (64, 3072, 9216), (512, 4096, 10240))
+QUICK_LAYER_MS = (4, 28, 64)  # the rows (N = 18432) that also time the two W4A16 layers
 
 
 def kernel_check(y, x, w, sw, b, scale_group=None) -> float:
@@ -228,8 +229,8 @@ def kernel_check(y, x, w, sw, b, scale_group=None) -> float:
 
 def work_quick(args) -> list[dict]:
     """For short GPU slots: one process, shapes in priority order, per shape the bf16 GEMM, the
-    kernel (checked: `kernel_check`) and, at the first shape, the XLA and Pallas W4A16 layers and a
-    per-group kernel check; each row printed as it completes."""
+    kernel (checked: `kernel_check`), at `QUICK_LAYER_MS` the XLA and Pallas W4A16 layers, and at
+    the first shape a per-group kernel check; each row printed as it completes."""
     import json
 
     import jax
@@ -246,7 +247,8 @@ def work_quick(args) -> list[dict]:
 
     for i, (m, k, n) in enumerate(QUICK_SHAPES):
         shape = {"shape": f"M={m} K={k} N={n}", "m": m, "k": k, "n": n}
-        for variant in ("xla_bf16", "pallas") + (("xla_w4a16_layer", "pallas_w4a16_layer") if i == 0 else ()):
+        layers = ("xla_w4a16_layer", "pallas_w4a16_layer") if n == 18432 and m in QUICK_LAYER_MS else ()
+        for variant in ("xla_bf16", "pallas") + layers:
             if time.time() > args.deadline:
                 return rows
             try:
