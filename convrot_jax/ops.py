@@ -218,9 +218,10 @@ def _unfused_lora(x: jnp.ndarray, qw: QuantizedWeight, bias: jnp.ndarray | None,
                                     residual.reshape(-1, n)).astype(x.dtype).reshape(y.shape)
 
 
-# The most rows "auto" gives the W4A16 kernel: measured on the H200 it is 3.1x faster than the
-# XLA reference at 4 rows and still ahead at 112 (121 us against the reference's ~177 us weight
-# dequantization), but its time grows with the rows much faster than the work does.
+# The most rows "auto" gives the W4A16 kernel: measured on the H200 the layer through it is 10x
+# the XLA reference at 4 rows and 6.5x at 64 (28 us against the reference's ~180 us weight
+# dequantization), and the kernel is still ahead at 112 (40 us), but its time grows with the rows
+# much faster than the work does (benchmarks/results/w4a16_matmul.md).
 W4A16_KERNEL_MAX_TOKENS = 128
 
 
