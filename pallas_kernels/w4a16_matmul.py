@@ -357,8 +357,8 @@ def w4a16_matmul(
 
     plan = _plan(cfg, (m_pad // cfg.tile_m, n // (2 * cfg.tile_n)), k // cfg.tile_k, scale_group is not None,
                  interpret, sm_count(interpret))
-    parts = _shared_parts(plan)
-    out_types = (jax.ShapeDtypeStruct((n, m_pad), out_dtype),  # the workspace: the tail's n tiles (unused if none)
+    parts = _shared_parts(plan)  # the workspace covers the tail's n tiles (one unused tile if there is no tail)
+    out_types = (jax.ShapeDtypeStruct((n, m_pad), out_dtype),
                  jax.ShapeDtypeStruct((max(1, int(parts.max(initial=0))), max(1, parts.shape[0]) * 2 * cfg.tile_n,
                                        m_pad), jnp.float32))
     operands = [x, w_packed, sw] + ([] if bias is None else [bias])  # bias: float32 where it is read
