@@ -142,13 +142,13 @@ def rotate(x: jnp.ndarray, *, group_size: int = 256, hadamard: HadamardKind = "r
             f"zero-pad the input features of x and W alike, or choose a group size dividing {k}"
         )
     lead = x.shape[:-1]
-    groups = x.astype(jnp.float32).reshape(*lead, k // group_size, group_size)
+    groups = x.reshape(*lead, k // group_size, group_size)
+    if method == "matmul" and x.dtype == jnp.bfloat16:
+        signs = jnp.asarray(np.sign(_dense(group_size, hadamard)), jnp.bfloat16)
+        sums = jnp.matmul(groups, signs, preferred_element_type=jnp.float32)
+        return (sums * np.float32(1 / math.sqrt(group_size))).reshape(*lead, k)
+    groups = groups.astype(jnp.float32)
     if method == "matmul":
-        if x.dtype == jnp.bfloat16:
-            signs = jnp.asarray(np.sign(_dense(group_size, hadamard)), jnp.bfloat16)
-            sums = jnp.matmul(x.reshape(*lead, k // group_size, group_size), signs,
-                              preferred_element_type=jnp.float32)
-            return (sums * np.float32(1 / math.sqrt(group_size))).reshape(*lead, k)
         h = hadamard_matrix(group_size, hadamard)
         return jnp.matmul(groups, h, precision=jax.lax.Precision.HIGHEST).reshape(*lead, k)
     return _butterfly(groups, group_size, hadamard).reshape(*lead, k)
