@@ -194,8 +194,9 @@ def _tile_coords(plan: _Plan, t: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _program_step(plan: _Plan, program: jax.Array, s: jax.Array):
     """Program `program`'s step s: (tile, K step, g, valid). The first full_rounds * k_steps steps
     run its whole tiles; the rest its tail run, pairs g in [program R, (program + 1) R) of the
-    tail's (tile, K step) sequence (R = `plan.run`; g = -1 in the whole tiles). A last run may pass
-    the tail's end: those steps reload the last pair and are not valid."""
+    tail's (tile, K step) sequence (R = `plan.run`; g = -1 in the whole tiles). Steps past the
+    tail's end (part of the last run, all of the runs of programs after it) reload the last pair
+    and are not valid."""
     dp = plan.full_rounds * plan.k_steps
     in_tail = s >= dp
     g = program * plan.run + s - dp
@@ -290,12 +291,12 @@ def _shared_parts(plan: _Plan) -> np.ndarray:
     return parts.reshape(-1, plan.tiles[0])
 
 
-def _finish(y, ws, w_scales, bias, plan: _Plan, m: int) -> jax.Array:
-    """The (M, N) output from the kernel's (N, M_pad) one: the tail's shared tiles are the sums of
-    their workspace parts in run order, scaled and biased as the epilogue does; the rest is the
-    kernel's. One XLA pass (the parts' sum, the select, the join, the transpose and the slice
-    fuse into one loop) that reads only the tail's rows of the workspace."""
-    parts = _shared_parts(plan)
+def _finish(y, ws, w_scales, bias, plan: _Plan, parts: np.ndarray, m: int) -> jax.Array:
+    """The (M, N) output from the kernel's (N, M_pad) one: the tail's shared tiles (`parts`, the
+    plan's `_shared_parts`) are the sums of their workspace parts in run order, scaled and biased
+    as the epilogue does; the rest is the kernel's. One XLA pass (the parts' sum, the select, the
+    join, the transpose and the slice fuse into one loop) that reads only the tail's rows of the
+    workspace."""
     if parts.any():
         tiles_m, cta_n, tm = plan.tiles[0], 2 * plan.config.tile_n, plan.config.tile_m
         r0 = plan.first_tail_n * cta_n
@@ -378,4 +379,4 @@ def w4a16_matmul(
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
     y, ws = f(*operands)
-    return _finish(y, ws, sw, bias, plan, m)
+    return _finish(y, ws, sw, bias, plan, parts, m)
