@@ -9,6 +9,10 @@ tokens, i.e. 512², 1024² and 2048x1024 images; batch 1 and 4; 24 heads x 128):
   sage_qk8          pallas_kernels.attention, precision="sage_qk8": int8 QK^T, bf16 PV
   sage_qk8_rot, sage8_rot: the same on q, k rotated along D by ConvRot's grouped Hadamard first
                     (the rotation's cost and accuracy gain; not in the model)
+  int8              pallas_kernels.attention, precision="int8": int8 QK^T and int8 PV (P against each
+                    row's max in its KV block, V less its mean)
+  int8_rot          int8 on q, k rotated first (what the model's "int8" attention runs); int8_kernel:
+                    the int8-PV kernel alone on pre-quantized operands
   sage8_int8_kernel the int8 kernel alone, on operands quantize_qkv made beforehand
   sage8_fp8_kernel  the fp8-QK kernel alone (its logits come out of the wgmma as float32)
   sage8_int8_overlap_kernel: the same, overlapped (AttentionConfig.overlap, below)
@@ -70,6 +74,12 @@ VARIANTS = harness.registry(
             options={"precision": "sage_qk8", "qk": "int8", "rotate_qk": True}),
     Variant("sage8_rot", "sage8 (int8 QK) on q, k rotated by a grouped Hadamard (64) first", group=_GROUP,
             options={"precision": "sage8", "qk": "int8", "rotate_qk": True}),
+    Variant("int8", "pallas_kernels.attention, int8 (int8 QK, int8 PV)", group=_GROUP,
+            options={"precision": "int8", "qk": "int8"}),
+    Variant("int8_rot", "int8 on q, k rotated by a grouped Hadamard (64) first", group=_GROUP,
+            options={"precision": "int8", "qk": "int8", "rotate_qk": True}),
+    Variant("int8_kernel", "the int8-PV kernel on pre-quantized operands", group=_GROUP,
+            options={"precision": "int8", "qk": "int8", "prequantized": True}),
     Variant("sage8_int8_kernel", "the int8 sage8 kernel on pre-quantized operands", group=_GROUP,
             options={"precision": "sage8", "qk": "int8", "prequantized": True}),
     Variant("sage8_fp8_kernel", "the fp8-QK sage8 kernel on pre-quantized operands (no int32 logits)",
@@ -127,7 +137,7 @@ def _config(opts: dict):
     return dataclasses.replace(default_config(opts["precision"]), **opts.get("config", {}))
 
 
-def _prequantized(make, config, *, qk: str = "int8", pv_fp8: bool = True):
+def _prequantized(make, config, *, qk: str = "int8", precision: str = "sage8"):
     """make(i) -> (q, k, v) turned into make(i) -> (the 8-bit kernel's operands,), quantized for
     `config` (its K scales are per block_kv keys) before the timing starts."""
     import functools
@@ -136,7 +146,7 @@ def _prequantized(make, config, *, qk: str = "int8", pv_fp8: bool = True):
 
     from pallas_kernels.attention import quantize_qkv
 
-    quant = jax.jit(functools.partial(quantize_qkv, config=config, qk_dtype=_qk_dtype(qk), pv_fp8=pv_fp8))
+    quant = jax.jit(functools.partial(quantize_qkv, config=config, qk_dtype=_qk_dtype(qk), precision=precision))
     return lambda i: (jax.block_until_ready(quant(*make(i))),)
 
 
@@ -240,7 +250,7 @@ def work_grid(args) -> dict:
             opts = VARIANTS[variant].options
             if opts.get("prequantized"):
                 make = _prequantized(lambda i: _inputs(b, s, 100 + i), _config(opts), qk=opts["qk"],
-                                     pv_fp8=opts["precision"] == "sage8")
+                                     precision=opts["precision"])
                 return (lambda qkv: fn(qkv, seq=s)), make, b * s * HEADS * HEAD_DIM * 2
             return fn, (lambda i: _inputs(b, s, 100 + i)), b * s * HEADS * HEAD_DIM * 2
 
@@ -285,7 +295,7 @@ def work_sweep(args) -> list[dict]:
                 timed, timed_make = fn, make
                 if precision != "bf16":
                     timed = functools.partial(attention_quantized, seq=s, config=cfg)
-                    timed_make = _prequantized(make, cfg, pv_fp8=precision == "sage8")
+                    timed_make = _prequantized(make, cfg, precision=precision)
                 try:
                     row["rel_l2_vs_cudnn"] = rel_l2(jax.jit(fn)(q, k, v), ref)
                     row["ms"] = harness.device_time_ms(timed, timed_make, b * s * HEADS * HEAD_DIM * 2)
@@ -404,7 +414,8 @@ def summarize(rows: list[dict], acc: list[dict]) -> list[dict]:
             shape=f"S = {'/'.join(str(x) for x in sorted({r['s'] for r, _ in pairs}))}, 24x128",
             baseline=VARIANTS[PRODUCER_BASELINE].doc,
             ratio=harness.span((b["ms"] / r["ms"] for r, b in pairs), "{:.2f}") + "x"))
-    for variant in ("sage8_int8", "sage8_int8_kernel", "sage8_fp8", "sage_qk8", "mosaic_bf16"):
+    for variant in ("sage8_int8", "sage8_int8_kernel", "int8", "int8_rot", "int8_kernel", "sage8_fp8", "sage_qk8",
+                    "mosaic_bf16"):
         pairs = [(r, ok[(s, BASELINE)]) for (s, v), r in ok.items()
                  if v == variant and r["s"] >= 4608 and (s, BASELINE) in ok]
         if not pairs:
@@ -427,7 +438,8 @@ def markdown(log: dict) -> list[str]:
            "non-causal. TFLOP/s = 4 B H S² D / time. Ratios: cuDNN bf16 time / this time (higher is faster). "
            "sage8 rows include quantize_qkv (XLA ops: K mean, int8 codes per query token and per block of block_kv keys (256 by default), "
            "per-channel fp8 V codes, V "
-           "transposed); sage8_int8_kernel is the kernel alone. "
+           "transposed); int8 rows the same with int8 codes of V less its mean and their block sums; int8_rot "
+           "with q and k rotated first (ConvRot's grouped Hadamard, XLA); *_kernel rows are the kernels alone. "
            f"GPU tests: {log.get('tests', 'not run')}.", "", "TFLOP/s:", ""]
     producer = [v for v in VARIANTS if "producer" in VARIANTS[v].options]
     kernels = [v for v in VARIANTS if v not in producer and any(r["variant"] == v for r in rows)]

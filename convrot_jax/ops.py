@@ -2,8 +2,8 @@
 
 Attention (`attention`) has its own names (ATTENTION_IMPLEMENTATIONS): the exact
 `jax.nn.dot_product_attention` backends "cudnn" and "xla", and the Pallas flash-attention
-kernels "mosaic_bf16", "sage8" (int8 QK^T, fp8 PV), "sage8_fp8" (fp8 QK^T and PV) and
-"sage_qk8" (int8 QK^T, bf16 PV).
+kernels "mosaic_bf16", "sage8" (int8 QK^T, fp8 PV), "sage8_fp8" (fp8 QK^T and PV),
+"sage_qk8" (int8 QK^T, bf16 PV) and "int8" (q and k rotated, int8 QK^T and PV).
 
 W4A4 ops:
 
@@ -50,9 +50,11 @@ from pallas_kernels.w4a4_matmul_reference import gated_residual_reference
 Implementation = Literal["auto", "xla", "pallas"]
 IMPLEMENTATIONS: tuple[str, ...] = ("auto", "xla", "pallas")
 EXACT_ATTENTION: tuple[str, ...] = ("cudnn", "xla")
-# kernel name -> (pallas_kernels.attention precision, QK^T dtype)
-_ATTENTION_KERNELS = {"mosaic_bf16": ("bf16", jnp.int8), "sage8": ("sage8", jnp.int8),
-                      "sage8_fp8": ("sage8", jnp.float8_e4m3fn), "sage_qk8": ("sage_qk8", jnp.int8)}
+# kernel name -> (pallas_kernels.attention precision, QK^T dtype, q and k rotated first)
+_ATTENTION_KERNELS = {"mosaic_bf16": ("bf16", jnp.int8, False), "sage8": ("sage8", jnp.int8, False),
+                      "sage8_fp8": ("sage8", jnp.float8_e4m3fn, False), "sage_qk8": ("sage_qk8", jnp.int8, False),
+                      "int8": ("int8", jnp.int8, True)}
+QK_ROTATION_GROUP = 64  # ConvRot's regular Hadamard, along the head dim (q k^T unchanged)
 ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = (*EXACT_ATTENTION, *_ATTENTION_KERNELS)
 
 
@@ -282,14 +284,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str) 
     "cudnn" / "xla": `jax.nn.dot_product_attention` (exact: float32 softmax). The kernels
     (`pallas_kernels.attention`, Hopper only): "mosaic_bf16" (bf16 tensor cores), "sage8" (K's mean
     removed, int8 codes per query token and per block of 256 keys, fp8 P and V, float32
-    accumulation), "sage8_fp8" (fp8 Q/K codes instead), "sage_qk8" (int8 Q/K codes, bf16 P and V).
+    accumulation), "sage8_fp8" (fp8 Q/K codes instead), "sage_qk8" (int8 Q/K codes, bf16 P and V),
+    "int8" (q and k rotated along the head dim by ConvRot's grouped regular Hadamard, an orthogonal
+    map that leaves q k^T as it is and spreads large-norm channels before the int8 codes; P as
+    int8 codes against each row's max in its block of keys, V less its mean in int8).
     Their Q/K/V quantization is XLA ops in the caller's jit (`pallas_kernels.attention.quantize_qkv`)."""
     check_attention_implementation(implementation)
     if implementation in EXACT_ATTENTION:
         return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
     _require_hopper(implementation)
-    precision, qk_dtype = _ATTENTION_KERNELS[implementation]
-    return _attention_kernel(q, k, v, precision=precision, qk_dtype=qk_dtype)
+    precision, qk_dtype, rotate_qk = _ATTENTION_KERNELS[implementation]
+    if rotate_qk:  # float32 out: the quantizer takes it as is
+        q, k = (rotate(x, group_size=QK_ROTATION_GROUP, method="matmul") for x in (q, k))
+    return _attention_kernel(q, k, v, precision=precision, qk_dtype=qk_dtype).astype(v.dtype)
 
 
 def _require_hopper(implementation: str) -> None:

@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--attention", metavar="{" + ",".join(ATTENTION_CHOICES) + "}",
                      help="attention implementation (default: exact, cudnn on a GPU, xla otherwise); the Pallas "
                           "kernels (Hopper): mosaic_bf16, sage8 (int8 QK^T + fp8 PV), sage8_fp8 (fp8 QK^T + PV), "
-                          "sage_qk8 (int8 QK^T + bf16 PV)")
+                          "sage_qk8 (int8 QK^T + bf16 PV), int8 (rotated q/k, int8 QK^T + PV)")
     add_compilation_cache_options(gen)
 
     demo = sub.add_parser("demo", formatter_class=fmt,

@@ -270,7 +270,7 @@ def attention_implementation(dtype: Dtype, requested: str | None) -> str:
     """The attention implementation (`convrot_jax.ops.ATTENTION_IMPLEMENTATIONS`). By default the
     exact one: cuDNN flash attention on a GPU for 16-bit inputs, XLA otherwise (jax's `None`
     means XLA for now). An explicit request wins: also the Pallas kernels "mosaic_bf16", "sage8"
-    (8-bit QK^T and PV), "sage8_fp8" and "sage_qk8"."""
+    (8-bit QK^T and PV), "sage8_fp8", "sage_qk8" and "int8"."""
     if requested is not None:
         ops.check_attention_implementation(requested)
         return requested

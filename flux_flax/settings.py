@@ -8,7 +8,7 @@ import math
 
 # The transformer's attention implementations (convrot_jax.ops.ATTENTION_IMPLEMENTATIONS, named
 # here too so that the command line checks --attention before jax loads; a test keeps them equal).
-ATTENTION_CHOICES: tuple[str, ...] = ("cudnn", "xla", "mosaic_bf16", "sage8", "sage8_fp8", "sage_qk8")
+ATTENTION_CHOICES: tuple[str, ...] = ("cudnn", "xla", "mosaic_bf16", "sage8", "sage8_fp8", "sage_qk8", "int8")
 VAE_SCALE_FACTOR = 8  # the FLUX VAE downsamples 8x; packing 2x2 makes the image side a multiple of 16
 SEED_LIMIT = 2**32  # jax.random.key takes a uint32 seed
 

@@ -183,7 +183,7 @@ class FluxTransformer2DModel(nnx.Module):
     """The FLUX.1 transformer. `dtype` is the weight and activation dtype (bf16 for inference,
     float32 for reference tests). `attention_impl` picks the attention implementation
     (`flux_flax.layers.attention_implementation`: "cudnn", "xla", or the Pallas kernels
-    "mosaic_bf16", "sage8", "sage8_fp8", "sage_qk8"); None means the exact default, cuDNN on a GPU in 16-bit,
+    "mosaic_bf16", "sage8", "sage8_fp8", "sage_qk8", "int8"); None means the exact default, cuDNN on a GPU in 16-bit,
     XLA otherwise. `set_attention` changes it on a built or loaded model.
 
     Build it abstractly with `nnx.eval_shape(lambda: FluxTransformer2DModel(cfg, rngs=nnx.Rngs(0)))`

@@ -11,7 +11,7 @@ a warpgroup issues the next block's S = Q K^T with this block's PV and runs the 
 PV's wgmma does (the two warpgroups then take turns issuing); K is released a step before V, and
 PV accumulates in place (fp8 too, in the wgmma's own accumulation precision).
 
-Three precisions of the same kernel:
+Four precisions of the same kernel:
   * "bf16": S = Q K^T and O += P V on bf16 tensor cores, float32 accumulation (the baseline).
   * "sage8" (SageAttention-style, `quantize_qkv` makes the operands): Q and K as int8 (or fp8
     e4m3) codes, one float32 scale per query token and per block of block_kv keys (a KV step's
@@ -26,13 +26,23 @@ Three precisions of the same kernel:
     accumulator added each step, which is what interpret mode does: notes/attention.md v6, v7).
   * "sage_qk8" (SageAttention1-style): the same 8-bit S, P and V in bf16 (V not quantized):
     half the speed-up, none of the fp8 rounding of P and V (which dominates sage8's error).
+  * "int8": the same 8-bit S; P and V as int8 codes on the int8 tensor cores (as fast as fp8),
+    with 8 significant bits where e4m3 keeps 4: P is quantized against each row's max within the
+    KV block (256 levels over the block's own weights, where the running max would leave the
+    typical weight a few levels), as round(255 p) - 128 (s8; the offset's 128 * sum of the
+    block's V codes is added back per channel); V less its per-channel mean (added back at the
+    end) in int8 per channel. Each block's P . V is an int32 accumulator started at LOGIT_BIAS's
+    bits (|P . V| <= 128 * 127 * 256 < 2^22: its bits are a float, as for S), scaled by the
+    block's 2^(block max - m) / 255 and added to the float32 output: one FADD and one FFMA an
+    output element a block more than fp8's in-place accumulation (benchmarks/notes/attention.md
+    v10).
 8-bit wgmma needs both operands K-major: Q (rows of D), K (rows of D, the B operand transposed),
 P (rows of block_kv) are; V is not (its contraction dim is the sequence), so `quantize_qkv`
 writes V transposed, (B, H, D, S), and the kernel's B operand is that tile transposed. P stays in
 registers as wgmma's A operand, but the float32 accumulator layout gives a thread 2 adjacent
 columns of every 8 while the 8-bit A layout wants 4 adjacent of every 16: rather than moving
 bytes between threads, each thread's pairs (c, c+1) and (c+8, c+9) are joined into one
-4-byte register (`_p_operand_gpu`), which permutes the keys of P within each 16, and V's keys are
+4-byte register (`_p_operand_gpu`; "int8": `_p_codes_gpu`), which permutes the keys of P within each 16, and V's keys are
 stored with the same permutation (`key_permutation`), so the sum over keys is unchanged (the
 trick FlashAttention-3 uses for fp8).
 
@@ -56,11 +66,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import arith, llvm
 
 from pallas_kernels.smem import swizzle_transforms
 
-Precision = Literal["bf16", "sage8", "sage_qk8"]
-PRECISIONS: tuple[str, ...] = ("bf16", "sage8", "sage_qk8")
+Precision = Literal["bf16", "sage8", "sage_qk8", "int8"]
+PRECISIONS: tuple[str, ...] = ("bf16", "sage8", "sage_qk8", "int8")
+PV_DTYPES = {"sage8": jnp.float8_e4m3fn, "int8": jnp.int8}  # the 8-bit PV precisions' P and V codes
 QK_DTYPES = (jnp.int8, jnp.float8_e4m3fn)
 INT8_MAX = 127.0
 FP8_MAX = 448.0  # e4m3fn's largest finite value
@@ -99,7 +112,7 @@ def default_config(precision: Precision) -> AttentionConfig:
     waits and row reductions, spread over more keys); "sage_qk8" block_kv 192 (its bf16 V does not
     fit 256), 2 stages, not overlapped (1.10x / 1.08x, against 1.00x / 1.03x overlapped at 128);
     "bf16" overlapped (+2-3%, attention_overlap; 192 does not fit shared memory)."""
-    if precision == "sage8":
+    if precision in ("sage8", "int8"):
         return AttentionConfig(block_kv=256, max_concurrent_steps=2)
     if precision == "sage_qk8":
         return AttentionConfig(block_kv=192, max_concurrent_steps=2)
@@ -113,18 +126,26 @@ class QuantizedQKV:
     k - mean_s(k) ~= k_codes * k_scale per block of block_kv keys (`block_scales_per_key`),
     "sage8" (fp8 PV): v ~= swapaxes(v_t_codes, -1, -2)[..., inverse of key_permutation, :] * v_scale
       (per channel; keys permuted within each 16, as the kernel's P registers are); v_bf16 None;
+    "int8" (int8 PV): the same with int8 codes of v - v_mean (V's per-channel mean over the
+      sequence, added back to the output: exact, the softmax weights sum to 1), padded keys' codes
+      0, and v_code_sums[..., j, :] = 128 * the sum of block j's codes (what P's -128 offset takes
+      out of each block's PV, `_p_codes_gpu`);
     "sage_qk8" (bf16 PV): v_bf16 = v in bf16, padded; v_t_codes and v_scale None."""
     q_codes: jax.Array  # (B, s, H, D) int8 or float8_e4m3fn
     q_scale: jax.Array  # (B, H, s) float32
     k_codes: jax.Array  # (B, s, H, D), q_codes' dtype
     k_scale: jax.Array  # (B, H, s / block_kv) float32
-    v_t_codes: jax.Array | None  # (B, H, D, s) float8_e4m3fn
+    v_t_codes: jax.Array | None  # (B, H, D, s) float8_e4m3fn or int8
     v_scale: jax.Array | None  # (B, H, D) float32
     v_bf16: jax.Array | None  # (B, s, H, D) bfloat16
+    v_mean: jax.Array | None = None  # (B, H, D) float32, "int8" only
+    v_code_sums: jax.Array | None = None  # (B, H, s / block_kv, D) int32, "int8" only
 
     @property
     def precision(self) -> Precision:
-        return "sage8" if self.v_t_codes is not None else "sage_qk8"
+        if self.v_t_codes is None:
+            return "sage_qk8"
+        return "int8" if self.v_t_codes.dtype == jnp.int8 else "sage8"
 
 
 jax.tree_util.register_dataclass(QuantizedQKV, data_fields=[f.name for f in dataclasses.fields(QuantizedQKV)],
@@ -165,6 +186,27 @@ def _p_operand_interpret(p: jax.Array) -> jax.Array:
     return p.reshape(rows, cols // 16, 2, 4, 2).transpose(0, 1, 3, 2, 4).reshape(rows, cols)
 
 
+P_CODE_TOP = 255  # "int8" P: round(255 p / the row's max in the block) - 128, an s8 code
+P_CODE_OFFSET = 128
+P_HEADROOM = 2.0**-6  # log2 units (see `_kernel`'s softmax); the same in numerator and l: cancels
+_F16X2_255, _F16X2_1408 = 0x5BF85BF8, 0x65806580  # f16 pairs (255, 255), (1536 - 128, 1536 - 128)
+
+
+def _p_operand_exact(x: jax.Array, precision: Precision) -> tuple[jax.Array, jax.Array]:
+    """P from float32 exponents x (64, n) with jnp ops (float32 2^x), in key order, and its row
+    sums: "int8" s8 codes round(255 * 2^x) - 128, "sage8" fp8 2^x, else bf16 2^x."""
+    p = jnp.exp2(x)
+    if precision == "int8":
+        p_op = (jnp.round(p * P_CODE_TOP) - P_CODE_OFFSET).astype(jnp.int8)
+    else:
+        p_op = p.astype(PV_DTYPES.get(precision, jnp.bfloat16))
+    return p_op, p.sum(axis=1)
+
+
+def _ptx(text: str, constraints: str, *args: ir.Value, width: int = 32) -> ir.Value:
+    return llvm.inline_asm(ir.IntegerType.get_signless(width), list(args), text, constraints)
+
+
 def _p_operand_gpu(p: jax.Array) -> jax.Array:
     """fp8 P (64, n) in the accumulator layout (WGMMA: 2 bytes a register, columns 2c, 2c+1 of
     each 8) -> wgmma's 8-bit A layout (WGMMA_8BIT: 4 bytes, columns 4c..4c+3 of each 16) without
@@ -189,6 +231,56 @@ def _p_operand_gpu(p: jax.Array) -> jax.Array:
     return regroup(p)
 
 
+def _p_codes_gpu(p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """"int8" P on the GPU from float32 p = 2^x in [0, 1] (64, n) in the accumulator layout: each
+    pair of p rounded to float16 (one cvt.rn.f16x2.f32), then one f16x2 FMA 255 p + (1536 - 128),
+    whose float16 bits hold round(255 p) - 128 in the low byte of each half (float16 spacing is 1
+    on [1024, 2048), so the FMA's rounding is the code's), and one PRMT gathering four such bytes
+    into wgmma's 8-bit A register, joined as `_p_operand_gpu` joins fp8 pairs (keys in
+    `key_permutation` order). About 1.25 instructions a key where float32 codes (an FFMA against a
+    float32 magic number, then byte gathering) take ~1.75. Returns the s8 codes (WGMMA_8BIT) and
+    the row sums of the float16 p as a (64, 8) WGMMA array of each thread's partial sums
+    (`.sum(axis=1)` completes them), summed in float16 pairs over 8 keys a lane, then in
+    float32."""
+    rows, cols = p.shape
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA,),
+        return_type=(plgpu.ShapeDtypeStruct((rows, cols), jnp.int8, layout=plgpu.Layout.WGMMA_8BIT),
+                     plgpu.ShapeDtypeStruct((rows, 8), jnp.float32, layout=plgpu.Layout.WGMMA)))
+    def codes(_, src):
+        i64 = ir.IntegerType.get_signless(64)
+        shape = mgpu.WGMMA_LAYOUT_8BIT.registers_shape((rows, cols))
+        sums_shape = mgpu.WGMMA_LAYOUT.registers_shape((rows, 8))
+        if src.registers.shape != (shape[0], 2 * shape[1], *shape[2:]) or shape[1] % 4:
+            raise AssertionError(f"register layouts do not line up: {src.registers.shape} vs {shape}")
+        byte_vector = ir.VectorType.get((4,), ir.IntegerType.get_signless(8))
+        regs = np.empty(shape, dtype=object)
+        groups = {}  # (sums index, group of 4 registers) -> float16 pair partial sum
+        to_f16 = lambda pair: _ptx("{ .reg .b32 lo, hi; mov.b64 {lo, hi}, $1; cvt.rn.f16x2.f32 $0, hi, lo; }",
+                                   "=r,l", mgpu_utils.bitcast(pair, i64))
+        add = lambda a, b: _ptx("add.rn.f16x2 $0, $1, $2;", "=r,r,r", a, b)
+        for idx in np.ndindex(shape):
+            halves = [to_f16(src.registers[(idx[0], 2 * idx[1] + j, *idx[2:])]) for j in range(2)]
+            packed = _ptx(f"{{ .reg .b32 m0, m1, k, c; mov.b32 k, {_F16X2_255}; mov.b32 c, {_F16X2_1408}; "
+                          "fma.rn.f16x2 m0, $1, k, c; fma.rn.f16x2 m1, $2, k, c; prmt.b32 $0, m0, m1, 0x6420; }",
+                          "=r,r,r", *halves)
+            regs[idx] = mgpu_utils.bitcast(packed, byte_vector)
+            group = ((idx[0], 0, *idx[2:]), idx[1] // 4)  # 4 registers: 8 keys a float16 lane
+            groups[group] = add(*halves) if group not in groups else add(groups[group], add(*halves))
+        f32x2 = ir.VectorType.get((2,), ir.F32Type.get())
+        sums = np.empty(sums_shape, dtype=object)
+        for (key, _), half_pair in groups.items():
+            wide = mgpu_utils.bitcast(
+                _ptx("{ .reg .b16 lo, hi; .reg .b32 a, b; mov.b32 {lo, hi}, $1; cvt.f32.f16 a, lo; "
+                     "cvt.f32.f16 b, hi; mov.b64 $0, {a, b}; }", "=l,r", half_pair, width=64), f32x2)
+            sums[key] = wide if sums[key] is None else arith.addf(sums[key], wide)
+        return (mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT_8BIT, _is_signed=True),
+                mgpu.FragmentedArray(_registers=sums, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None))
+
+    return codes(p)
+
+
 def _symmetric_codes(x: jax.Array, axis: int | tuple[int, ...], dtype) -> tuple[jax.Array, jax.Array]:
     """Codes and float32 scales of x along `axis` (max |x| -> the format's largest value)."""
     top = INT8_MAX if dtype == jnp.int8 else FP8_MAX
@@ -199,16 +291,19 @@ def _symmetric_codes(x: jax.Array, axis: int | tuple[int, ...], dtype) -> tuple[
     return codes, jnp.squeeze(scale, axis)
 
 
-def quantize_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, config: AttentionConfig,
-                 qk_dtype=jnp.int8, pv_fp8: bool = True, softmax_scale: float | None = None) -> QuantizedQKV:
-    """The 8-bit kernels' operands from (B, S, H, D) q, k, v, padded to `padded_length`: fp8 V
-    codes for "sage8" (`pv_fp8`), bf16 V for "sage_qk8".
+def quantize_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, config: AttentionConfig, qk_dtype=jnp.int8,
+                 precision: Precision = "sage8", softmax_scale: float | None = None) -> QuantizedQKV:
+    """The operands of the 8-bit kernel `precision` ("sage8": fp8 V codes, "int8": int8 codes of
+    V less its mean, "sage_qk8": bf16 V) from (B, S, H, D) q, k, v, padded to `padded_length`.
 
     Plain XLA ops, which XLA fuses with whatever makes q, k, v in the caller's jit (FLUX: the QK
     RMSNorm and RoPE). A Pallas producer making these codes from the projections was slower at
     every measured shape (benchmarks/notes/attention.md, v8)."""
     if qk_dtype not in QK_DTYPES:
         raise ValueError(f"qk_dtype must be int8 or float8_e4m3fn, got {qk_dtype}")
+    if precision not in ("sage8", "sage_qk8", "int8"):
+        raise ValueError(f"quantize_qkv makes the 8-bit kernels' operands: precision 'sage8', 'sage_qk8' or "
+                         f"'int8', got {precision!r}")
     seq, d = q.shape[1], q.shape[-1]
     seq_pad = padded_length(seq, config)
     scale = (1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale) * LOG2E
@@ -218,23 +313,32 @@ def quantize_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, config: AttentionC
     b, _, h, _ = k.shape
     k_blocks = _pad_seq(k32, seq_pad, 1).reshape(b, seq_pad // config.block_kv, config.block_kv, h, d)
     k_codes, k_scale = _symmetric_codes(k_blocks, (2, 4), qk_dtype)  # k_scale (B, blocks, H)
-    v_t_codes, v_scale, v_bf16 = _v_operands(v, seq_pad, pv_fp8)
     to_bhs = lambda s: jnp.swapaxes(s, 1, 2)  # (B, S, H) -> (B, H, S)
     return QuantizedQKV(
         q_codes=_pad_seq(q_codes, seq_pad, 1), q_scale=_pad_seq(to_bhs(q_scale * scale), seq_pad, 2),
         k_codes=k_codes.reshape(b, seq_pad, h, d), k_scale=to_bhs(k_scale),
-        v_t_codes=v_t_codes, v_scale=v_scale, v_bf16=v_bf16)
+        **_v_operands(v, seq_pad, precision, config.block_kv))
 
 
-def _v_operands(v: jax.Array, seq_pad: int, pv_fp8: bool
-               ) -> tuple[jax.Array | None, jax.Array | None, jax.Array | None]:
-    """`QuantizedQKV`'s (v_t_codes, v_scale, v_bf16) from (B, S, H, D) v: "sage8" (`pv_fp8`) fp8
-    codes per channel, made in v's layout, then one transposing copy of the bytes (keys permuted
-    in it); "sage_qk8" v in bf16."""
-    if not pv_fp8:
-        return None, None, _pad_seq(v.astype(jnp.bfloat16), seq_pad, 1)
-    v_codes, v_scale = _symmetric_codes(v.astype(jnp.float32), 1, jnp.float8_e4m3fn)  # v_scale (B, H, D)
-    return _transpose_permuting_keys(_pad_seq(v_codes, seq_pad, 1)), v_scale, None
+def _v_operands(v: jax.Array, seq_pad: int, precision: Precision, block_kv: int) -> dict[str, jax.Array | None]:
+    """`QuantizedQKV`'s V fields from (B, S, H, D) v: "sage8" fp8 codes per channel, "int8" int8
+    codes of v - mean per channel (and their block sums), made in v's layout, then one transposing
+    copy of the bytes (keys permuted in it); "sage_qk8" v in bf16."""
+    if precision == "sage_qk8":
+        return dict(v_t_codes=None, v_scale=None, v_bf16=_pad_seq(v.astype(jnp.bfloat16), seq_pad, 1))
+    v32 = v.astype(jnp.float32)
+    v_mean = None
+    if precision == "int8":
+        v_mean = jnp.mean(v32, axis=1, keepdims=True)
+        v32 = v32 - v_mean
+    v_codes, v_scale = _symmetric_codes(v32, 1, PV_DTYPES[precision])  # v_scale (B, H, D)
+    v_codes = _pad_seq(v_codes, seq_pad, 1)  # padded keys: code 0
+    fields = dict(v_t_codes=_transpose_permuting_keys(v_codes), v_scale=v_scale, v_bf16=None)
+    if precision == "int8":
+        b, _, h, d = v.shape
+        sums = v_codes.astype(jnp.int32).reshape(b, seq_pad // block_kv, block_kv, h, d).sum(axis=2)
+        fields.update(v_mean=v_mean[:, 0], v_code_sums=jnp.transpose(sums * 128, (0, 2, 1, 3)))
+    return fields
 
 
 def block_scales_per_key(k_scale: jax.Array, block_kv: int) -> jax.Array:
@@ -261,9 +365,11 @@ def _check_qkv(q, k, v) -> None:
 
 def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, interpret: bool):
     """One CTA: two query blocks (one a compute warpgroup) against the whole K/V sequence."""
-    qk8, pv8 = precision in ("sage8", "sage_qk8"), precision == "sage8"
-    qs_ref = ks_ref = vs_ref = None
-    if qk8 and pv8:
+    qk8, pv8, pv_int = precision != "bf16", precision in PV_DTYPES, precision == "int8"
+    qs_ref = ks_ref = vs_ref = vm_ref = vsum_ref = None
+    if pv_int:
+        q_ref, qs_ref, k_ref, ks_ref, v_ref, vs_ref, vm_ref, vsum_ref, out_ref, scoped = refs
+    elif pv8:
         q_ref, qs_ref, k_ref, ks_ref, v_ref, vs_ref, out_ref, scoped = refs  # v_ref: V transposed
     elif qk8:
         q_ref, qs_ref, k_ref, ks_ref, v_ref, out_ref, scoped = refs
@@ -284,7 +390,8 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
     # on the GPU (fp8 PV too: its accumulation error measured the same as a fresh accumulator's,
     # notes/attention.md v6). In interpret mode each step's PV goes to a fresh accumulator that is
     # added to the running one.
-    pv_in_place = not interpret
+    # "int8" PV cannot: its int32 accumulator holds one block's sum, scaled when added (`kv_step`).
+    pv_in_place = not interpret and not pv_int
 
     def schedule():
         plgpu.barrier_arrive(schedule_barrier)
@@ -328,7 +435,11 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
         def softmax(s, step, m_i, l_i, masked: bool):
             """Online softmax in base 2 of `step`'s logits (m_i: the running max of logits * log2 e);
             releases the step's K. Returns P as the PV wgmma's operand, alpha (the rescale of what
-            PV accumulated before this step), m, l."""
+            PV accumulated before this step), m, l and ("int8") the scale of this step's PV sum.
+
+            "int8": P is quantized against each row's max in this block, not the running max (its
+            256 levels then span the block's own weights; 2^(block max - m) rescales the block's
+            PV sum), and l sums the unrounded weights."""
             slot = slot_of(step)
             if qk8:  # logits * log2 e = codes . codes * q_scale (row) * this block's k_scale
                 plgpu.barrier_wait(ks_bars.at[slot])
@@ -347,18 +458,28 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
             s_max = s_max * s_scale if qk8 else s_max * logit_scale
             m_new = jnp.maximum(m_i, s_max)
             alpha = jnp.exp2(m_i - m_new)
-            shift = m_new - math.log2(FP8_MAX) if pv8 else m_new  # fp8: P * 448, e4m3's whole range
+            # "int8": 2^(x - P_HEADROOM) <= 2^-2^-6 ~ 0.989 but for float32 rounding of x (which
+            # can put the row's max a hair above 0) and float16 rounding of p: 255 p rounds to at
+            # most 253, never past the code range; fp8: P * 448, e4m3's whole range.
+            shift = s_max + P_HEADROOM if pv_int else m_new - math.log2(FP8_MAX) if pv8 else m_new
             if int_logits:  # (LOGIT_BIAS + q . k) * scale - (shift + LOGIT_BIAS * scale): one FMA a logit
                 shift = shift + LOGIT_BIAS * s_scale
-            p = jnp.exp2(s * row - lax.broadcast_in_dim(shift, s.shape, [0]))
-            p_op = p.astype(jnp.float8_e4m3fn if pv8 else jnp.bfloat16)
-            l_i = l_i * alpha + p.sum(axis=1)
-            if interpret:
-                p_smem2[wg] = _p_operand_interpret(p_op) if pv8 else p_op
-                plgpu.commit_smem()
-            elif pv8:
-                p_op = _p_operand_gpu(p_op)
-            return p_op, alpha, m_new, l_i
+            x = s * row - lax.broadcast_in_dim(shift, s.shape, [0])
+            if pv_int and not interpret:
+                p_op, p_sum = _p_codes_gpu(jnp.exp2(x))
+                p_sum = p_sum.sum(axis=1)
+            elif pv8 and not interpret:
+                p = jnp.exp2(x)
+                p_op, p_sum = _p_operand_gpu(p.astype(jnp.float8_e4m3fn)), p.sum(axis=1)
+            else:
+                p_op, p_sum = _p_operand_exact(x, precision)
+                if interpret:
+                    p_smem2[wg] = _p_operand_interpret(p_op) if pv8 else p_op
+                    plgpu.commit_smem()
+            if pv_int:
+                block_weight = jnp.exp2(s_max - m_new)
+                return p_op, alpha, m_new, l_i * alpha + block_weight * p_sum, block_weight * (1.0 / P_CODE_TOP)
+            return p_op, alpha, m_new, l_i * alpha + p_sum, None
 
         def rescale(acc, alpha):
             return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
@@ -374,8 +495,11 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
                 schedule()
                 return acc_ref[...]
             s = logits(pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), s_dtype)))
-            p_op, alpha, m_i, l_i = softmax(s, step, m_i, l_i, masked)
+            p_op, alpha, m_i, l_i, pv_scale = softmax(s, step, m_i, l_i, masked)
             acc = rescale(acc, alpha)
+            if pv_int:  # loaded here, S dead: its latency runs under the barrier waits below
+                pv_offset = plgpu.load(vsum_ref.at[batch, head, step], layout=plgpu.Layout.WGMMA.reduce(0),
+                                       optimized=False)
             acc, l_i, m_i, p_op = lax.optimization_barrier((acc, l_i, m_i, p_op))
             plgpu.barrier_arrive(schedule_barrier)  # softmax done
             plgpu.barrier_wait(v_bars.at[slot])
@@ -393,7 +517,16 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
                 issue_pv(pv_ref, p_op, slot)
                 wait_next_k()
 
-            if pv_in_place:
+            if pv_int:  # sum_j round(255 e_j) v_j = the s8 P . V codes + 128 * the block's code sums
+                if interpret:  # interpret mode cannot start an accumulator at a value: `biased_logits`
+                    pv = biased_logits(pl.run_scoped(lambda r: (compute_pv(r), r[...])[1],
+                                                     plgpu.ACC(acc.shape, jnp.int32)))
+                else:  # started at LOGIT_BIAS's bits, P . V (|.| <= 128 * 127 * 256 < 2^22) leaves a float
+                    bias = plgpu.layout_cast(jnp.full(acc.shape, LOGIT_BIAS_BITS, jnp.int32), plgpu.Layout.WGMMA)
+                    pv = lax.bitcast_convert_type(pl.run_state(compute_pv)(plgpu.ACC.init(bias)), jnp.float32)
+                pv = pv + lax.broadcast_in_dim(pv_offset, acc.shape, [1])  # + 128 * code sums - LOGIT_BIAS
+                acc = acc + pv * lax.broadcast_in_dim(pv_scale, acc.shape, [0])
+            elif pv_in_place:
                 acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
             else:
                 acc = acc + pl.run_scoped(lambda r: (compute_pv(r), r[...])[1], plgpu.ACC((bq, head_dim), jnp.float32))
@@ -433,7 +566,7 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
                 issue_pv_onto(pv_ref, acc, alpha, p_op, slot)
                 give_turn()
                 s = logits(plgpu.wgmma_accumulator_load(s_ref, wait_n=1))  # S done, PV may still run
-                p_next, alpha_next, m_next, l_next = softmax(s, step + 1, m_i, l_i, masked)
+                p_next, alpha_next, m_next, l_next, _ = softmax(s, step + 1, m_i, l_i, masked)
                 return pv_ref[...], p_next, alpha_next, m_next, l_next
             pv, p_op, alpha_next, m_i, l_i = pl.run_scoped(
                 gemms, plgpu.ACC((bq, bkv), s_dtype), plgpu.ACC((bq, head_dim), jnp.float32))
@@ -450,7 +583,7 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
                 give_turn()
                 return s_ref[...]
             s = logits(pl.run_scoped(first_qk, plgpu.ACC((bq, bkv), s_dtype)))
-            p_op, alpha, m_i, l_i = softmax(s, jnp.int32(0), m_i, l_i, masked=full_steps == 0)
+            p_op, alpha, m_i, l_i, _ = softmax(s, jnp.int32(0), m_i, l_i, masked=full_steps == 0)
             carry = (acc, p_op, alpha, m_i, l_i)
             # overlapped_step(j) makes step j + 1's P: j + 1 < full_steps unmasked, then the ragged one.
             carry = lax.fori_loop(0, max(full_steps - 1, 0), overlapped_step, carry)
@@ -482,6 +615,9 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
         if pv8:
             v_scale = plgpu.load(vs_ref.at[batch, head], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
             out = out * lax.broadcast_in_dim(v_scale, acc.shape, [1])
+        if pv_int:
+            v_mean = plgpu.load(vm_ref.at[batch, head], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+            out = out + lax.broadcast_in_dim(v_mean, acc.shape, [1])
         o_smem[...] = out.astype(out_ref.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem, out_ref.at[batch, pl.ds(q_base, bq), head])
@@ -528,8 +664,8 @@ def _run(operands: tuple, *, precision: Precision, shape: tuple[int, int, int, i
     stages = min(config.max_concurrent_steps, -(-seq // bkv))
     q_dtype = operands[0].dtype
     item = jnp.dtype(q_dtype).itemsize
-    qk8, pv8 = precision in ("sage8", "sage_qk8"), precision == "sage8"
-    p_dtype = v_dtype = jnp.float8_e4m3fn if pv8 else jnp.bfloat16
+    qk8, pv8 = precision != "bf16", precision in PV_DTYPES
+    p_dtype = v_dtype = PV_DTYPES[precision] if pv8 else jnp.bfloat16
     v_tile = (d, bkv) if pv8 else (bkv, d)
     scratch = (
         plgpu.SMEM((_COMPUTE_WGS, bq, d), q_dtype, transforms=swizzle_transforms(d, item)),
@@ -572,7 +708,7 @@ def _run(operands: tuple, *, precision: Precision, shape: tuple[int, int, int, i
 @functools.partial(jax.jit, static_argnames=("seq", "out_dtype", "config", "interpret"))
 def attention_quantized(qkv: QuantizedQKV, *, seq: int, out_dtype=jnp.bfloat16, config: AttentionConfig | None = None,
                         interpret: bool = False) -> jax.Array:
-    """The 8-bit kernel ("sage8" or "sage_qk8", from the operands) on `quantize_qkv`'s output;
+    """The 8-bit kernel ("sage8", "int8" or "sage_qk8", from the operands) on `quantize_qkv`'s output;
     `seq` is the unpadded length (keys beyond it are masked). Returns (B, seq, H, D) in out_dtype."""
     precision = qkv.precision
     config = config or default_config(precision)
@@ -591,11 +727,19 @@ def attention_quantized(qkv: QuantizedQKV, *, seq: int, out_dtype=jnp.bfloat16, 
                          f"got {qkv.k_scale.shape}")
     # One K scale per KV step, repeated for each query row: the kernel loads it as a row vector.
     operands = [qkv.q_codes, qkv.q_scale, qkv.k_codes, jnp.repeat(qkv.k_scale, config.block_q, axis=-1)]
-    if precision == "sage8":
-        if qkv.v_t_codes.shape != (b, h, d, seq_pad) or qkv.v_t_codes.dtype != jnp.float8_e4m3fn:
-            raise ValueError(f"v_t_codes must be float8_e4m3fn {(b, h, d, seq_pad)}, got {qkv.v_t_codes.dtype} "
-                             f"{qkv.v_t_codes.shape}")
+    if precision in PV_DTYPES:
+        if qkv.v_t_codes.shape != (b, h, d, seq_pad):
+            raise ValueError(f"v_t_codes must be {(b, h, d, seq_pad)}, got {qkv.v_t_codes.shape}")
         operands += [qkv.v_t_codes, qkv.v_scale]
+        if precision == "int8":
+            if config.overlap:
+                raise ValueError(f"precision 'int8' runs the default (not overlapped) loop, got {config}")
+            sums_shape = (b, h, seq_pad // config.block_kv, d)
+            if qkv.v_code_sums is None or qkv.v_code_sums.shape != sums_shape or qkv.v_mean is None:
+                raise ValueError(f"int8 V needs v_mean (B, H, D) and v_code_sums {sums_shape} made for {config}, "
+                                 f"got {None if qkv.v_code_sums is None else qkv.v_code_sums.shape}")
+            # what the kernel adds to each block's biased P . V (`_kernel`): exact integers in float32
+            operands += [qkv.v_mean, qkv.v_code_sums.astype(jnp.float32) - LOGIT_BIAS]
     else:
         if qkv.v_bf16.shape != qkv.q_codes.shape or qkv.v_bf16.dtype != jnp.bfloat16:
             raise ValueError(f"v_bf16 must be bfloat16 {qkv.q_codes.shape}, got {qkv.v_bf16.dtype} {qkv.v_bf16.shape}")
@@ -610,15 +754,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, precision: Precision 
               config: AttentionConfig | None = None, interpret: bool = False) -> jax.Array:
     """softmax(q k^T / sqrt(D)) v over (B, S, H, D) q, k, v (non-causal); output in q's dtype.
 
-    precision "bf16": the kernel on bf16 inputs (others are cast); "sage8" / "sage_qk8":
-    `quantize_qkv` (qk_dtype int8 or float8_e4m3fn) then the 8-bit kernel (fp8 / bf16 PV)."""
+    precision "bf16": the kernel on bf16 inputs (others are cast); "sage8" / "int8" / "sage_qk8":
+    `quantize_qkv` (qk_dtype int8 or float8_e4m3fn) then the 8-bit kernel (fp8 / int8 / bf16 PV)."""
     _check_qkv(q, k, v)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     config = config or default_config(precision)
     b, seq, h, d = q.shape
     if precision != "bf16":
-        qkv = quantize_qkv(q, k, v, config=config, qk_dtype=qk_dtype, pv_fp8=precision == "sage8")
+        qkv = quantize_qkv(q, k, v, config=config, qk_dtype=qk_dtype, precision=precision)
         return attention_quantized(qkv, seq=seq, out_dtype=q.dtype, config=config, interpret=interpret)
     seq_pad = padded_length(seq, config)
     q, k, v = (_pad_seq(x.astype(jnp.bfloat16), seq_pad, 1) for x in (q, k, v))

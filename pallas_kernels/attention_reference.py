@@ -6,8 +6,10 @@ The "sage8" kernel's error has two parts that the tests check apart:
   * inside the kernel, only P's rounding (the logits come from exact int32 sums, or fp8
     products summed in float32): in fp8 ("sage8") each p is off by at most 2^-4 of itself (e4m3
     keeps 4 significant bits, round to nearest) plus half a subnormal step; in bf16 ("sage_qk8")
-    by 2^-8. `p_rounding_bounds` turns that into a worst-case bound per element and an RMS
-    prediction per row.
+    by 2^-8; in "int8" by half a code step, 1/255 of the largest weight of its row in its KV block
+    (times 2^P_HEADROOM), plus what float32 logits and (GPU) float16 exponentials add.
+    `p_rounding_bounds` turns that into a worst-case bound per element and an RMS prediction per
+    row.
 """
 
 from __future__ import annotations
@@ -18,11 +20,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.attention import FP8_MAX, LOG2E, QuantizedQKV, block_scales_per_key, key_permutation
+from pallas_kernels.attention import (FP8_MAX, LOG2E, LOGIT_BIAS, P_CODE_TOP, P_HEADROOM, QuantizedQKV,
+                                      block_scales_per_key, key_permutation)
 
 FP8_REL = 2.0**-4  # e4m3 round to nearest: |fp8(x) - x| <= 2^-4 |x| for normal x
 FP8_SUBNORMAL_HALF_STEP = 2.0**-10  # e4m3 subnormal spacing 2^-9
 BF16_REL = 2.0**-8
+# "int8" on the GPU (`attention._p_codes_gpu`): p = 2^x (ex2.approx.ftz.f32, relative error
+# <= 2^-22) rounded to float16 (2^-11 of p <= 1) before 255 p is rounded to a code: <= 255
+# (2^-11 + 2^-22) ~ 0.125 of a code more. l sums those float16 p in float16 pairs, 8 terms a lane
+# (7 adds, each <= 2^-11 of a partial sum <= the lane's sum), then in float32: <= 8 * 2^-11 of l.
+INT8_P_GPU_CODES = P_CODE_TOP * (2.0**-11 + 2.0**-22)
+INT8_L_GPU_REL = 8 * 2.0**-11
 
 
 def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -39,10 +48,12 @@ def dequantize(qkv: QuantizedQKV, seq: int) -> tuple[np.ndarray, np.ndarray, np.
     q = f64(qkv.q_codes) * np.swapaxes(f64(qkv.q_scale), 1, 2)[..., None]
     block_kv = qkv.k_codes.shape[1] // qkv.k_scale.shape[-1]
     k = f64(qkv.k_codes) * np.swapaxes(f64(block_scales_per_key(qkv.k_scale, block_kv)), 1, 2)[..., None]
-    if qkv.precision == "sage8":
+    if qkv.v_t_codes is not None:
         v_t = np.empty(qkv.v_t_codes.shape, np.float64)
         v_t[..., key_permutation(v_t.shape[-1])] = f64(qkv.v_t_codes)
         v = np.transpose(v_t * f64(qkv.v_scale)[..., None], (0, 3, 1, 2))
+        if qkv.precision == "int8":
+            v = v + f64(qkv.v_mean)[:, None]
     else:
         v = f64(qkv.v_bf16)
     return q[:, :seq], k[:, :seq], v[:, :seq]
@@ -62,7 +73,29 @@ def dequantized_attention(qkv: QuantizedQKV, seq: int) -> np.ndarray:
     return np.einsum("bhqk,bkhd->bqhd", _weights(q2, k), v, optimize=True)
 
 
-def p_rounding_bounds(qkv: QuantizedQKV, seq: int) -> tuple[np.ndarray, np.ndarray]:
+def _int8_p_bounds(qkv: QuantizedQKV, seq: int, gpu: bool) -> tuple[np.ndarray, np.ndarray]:
+    """`p_rounding_bounds` for "int8": weight j of a row is off by at most (1/2 + slack) code
+    steps, a step being 2^P_HEADROOM / 255 of the row's largest weight in j's KV block; slack: the
+    float32 logit x = (LOGIT_BIAS + q.k) s - (block max + LOGIT_BIAS s) is off by at most 4
+    roundings of LOGIT_BIAS s (2^-24 of it each), 255 ln 2 * that in codes, + INT8_P_GPU_CODES on
+    the GPU. The error multiplies V less its mean (the mean is added exactly)."""
+    q2, k, v = dequantize(qkv, seq)
+    w = _weights(q2, k)
+    s = w.shape[-1]
+    block_kv = qkv.k_codes.shape[1] // qkv.k_scale.shape[-1]
+    blocks = -(-s // block_kv)
+    wb = np.pad(w, [(0, 0)] * 3 + [(0, blocks * block_kv - s)]).reshape(*w.shape[:3], blocks, block_kv)
+    step = np.repeat(wb.max(-1), block_kv, axis=-1)[..., :s] * 2.0**P_HEADROOM / P_CODE_TOP  # (B, H, S, S)
+    s_scale = (np.asarray(qkv.q_scale, np.float64)[..., :seq, None]
+               * np.asarray(block_scales_per_key(qkv.k_scale, block_kv), np.float64)[:, :, None, :s])
+    half = 0.5 + P_CODE_TOP * math.log(2) * 4 * LOGIT_BIAS * 2.0**-24 * s_scale + (INT8_P_GPU_CODES if gpu else 0)
+    vc = np.abs(v - np.asarray(qkv.v_mean, np.float64)[:, None])
+    worst = np.einsum("bhqk,bkhd->bqhd", step * half, vc, optimize=True)
+    rms = np.sqrt(np.einsum("bhqk,bkh->bqh", step**2, (vc**2).sum(-1), optimize=True)) / math.sqrt(12)
+    return worst, rms
+
+
+def p_rounding_bounds(qkv: QuantizedQKV, seq: int, gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """What P's rounding can do to the output of `dequantized_attention`.
 
     The kernel's output row is sum_j p_j (1 + eta_j) v_j / sum_j p_j. "sage8": p = 448 *
@@ -72,7 +105,10 @@ def p_rounding_bounds(qkv: QuantizedQKV, seq: int) -> tuple[np.ndarray, np.ndarr
       worst (B, seq, H, D): rel sum_j w_j |v_j| (+ 2^-10 / 448 sum_j |v_j| in fp8), per element;
       rms (B, seq, H): sqrt(sum_j w_j^2 |v_j|^2) rel / sqrt(3), per row: the RMS of the row's
         error if the eta_j are independent and uniform within +-rel (round to nearest of
-        continuous values; the actual spread is at most that)."""
+        continuous values; the actual spread is at most that).
+    `gpu`: "int8"'s codes on the GPU (INT8_P_GPU_CODES)."""
+    if qkv.precision == "int8":
+        return _int8_p_bounds(qkv, seq, gpu)
     q2, k, v = dequantize(qkv, seq)
     w = _weights(q2, k)
     av = np.abs(v)

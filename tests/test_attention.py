@@ -7,9 +7,9 @@ shared memory, permuted with jnp ops; the `gpu` tests run the real kernels at FL
 
 Bounds (pallas_kernels/attention_reference.py):
   * bf16 kernel vs float32: P's bf16 rounding (2^-8 sum_j w_j |v_j|) + the output's (2^-8).
-  * sage8 kernel vs attention on its own dequantized operands: P's fp8 rounding, worst case per
-    element, and per row at most 4x its RMS prediction (a dropped KV block or a row with a wrong
-    scale moves a row by far more).
+  * 8-bit kernels vs attention on their own dequantized operands: P's rounding (fp8, bf16, or
+    int8 codes against the row's max in its block), worst case per element, and per row at most
+    4x its RMS prediction (a dropped KV block or a row with a wrong scale moves a row by far more).
   * quantize_qkv: every dequantized element within half a code step (int8) or 2^-4 (fp8) of
     q, k - mean(k), v: a quantizer that skips K's mean fails it.
 """
@@ -27,7 +27,7 @@ import flux_fixtures
 from pallas_kernels.attention import (INT8_HEAD_DIM_MAX, LOGIT_BIAS, AttentionConfig, attention,
                                       attention_quantized, biased_logits, block_scales_per_key,
                                       default_config, key_permutation, quantize_qkv)
-from pallas_kernels.attention_reference import (BF16_REL, FP8_REL, attention_reference, bf16_p_bound, dequantize,
+from pallas_kernels.attention_reference import (BF16_REL, FP8_REL, INT8_L_GPU_REL, attention_reference, bf16_p_bound, dequantize,
                                                 dequantized_attention, flux_like_qkv, p_rounding_bounds,
                                                 random_qkv)
 
@@ -43,15 +43,20 @@ def _check_bf16(q, k, v, out):
     assert np.all(err <= bound), f"{np.sum(err > bound)} elements off, worst ratio {np.max(err / bound):.2f}"
 
 
-def _check_sage8(qkv, seq, out):
-    """Elementwise worst case and per-row RMS of P's rounding (fp8, or bf16 for sage_qk8), + the
-    output's bf16 rounding and float32 slack."""
+def _check_sage8(qkv, seq, out, gpu: bool = False):
+    """Elementwise worst case and per-row RMS of P's rounding (fp8, bf16 for sage_qk8, codes of
+    255 for int8), + the output's bf16 rounding and float32 slack (int8: in the bounds; on the GPU
+    also l's float16 sums, a relative error of the row less V's mean)."""
     ref = dequantized_attention(qkv, seq)
-    worst, rms = p_rounding_bounds(qkv, seq)
+    worst, rms = p_rounding_bounds(qkv, seq, gpu=gpu)
     out64 = np.asarray(out, np.float64)
     err = np.abs(out64 - ref)
-    rel = FP8_REL if qkv.precision == "sage8" else BF16_REL
-    rounding = 2.0**-8 * np.abs(out64) + 1e-4 * (worst / rel)  # output bf16; float32 logits, exp2
+    if qkv.precision == "int8":
+        centered = np.abs(ref - np.asarray(qkv.v_mean, np.float64)[:, None])
+        rounding = 2.0**-8 * np.abs(out64) + (INT8_L_GPU_REL if gpu else 1e-6) * centered
+    else:
+        rel = FP8_REL if qkv.precision == "sage8" else BF16_REL
+        rounding = 2.0**-8 * np.abs(out64) + 1e-4 * (worst / rel)  # output bf16; float32 logits, exp2
     assert np.all(np.isfinite(out64))
     assert np.all(err <= worst + rounding), f"{np.sum(err > worst + rounding)} elements past the worst case"
     row_err = np.sqrt(np.sum(np.maximum(err - rounding, 0) ** 2, axis=-1))
@@ -68,27 +73,28 @@ def test_bf16_kernel(seq):
     _check_bf16(q, k, v, out)
 
 
-@pytest.mark.parametrize("qk_dtype, inputs, pv_fp8", [
-    (jnp.int8, "random", True), (jnp.float8_e4m3fn, "random", True), (jnp.int8, "flux_like", True),
-    (jnp.float8_e4m3fn, "flux_like", True), (jnp.int8, "flux_like", False)])
-def test_sage8_kernel(qk_dtype, inputs, pv_fp8):
-    """sage8 (fp8 PV) with int8 and fp8 QK^T; sage_qk8 (bf16 PV)."""
+@pytest.mark.parametrize("qk_dtype, inputs, precision", [
+    (jnp.int8, "random", "sage8"), (jnp.float8_e4m3fn, "random", "sage8"), (jnp.int8, "flux_like", "sage8"),
+    (jnp.float8_e4m3fn, "flux_like", "sage8"), (jnp.int8, "flux_like", "sage_qk8"), (jnp.int8, "random", "int8"),
+    (jnp.int8, "flux_like", "int8")])
+def test_quantized_kernel(qk_dtype, inputs, precision):
+    """sage8 (fp8 PV) with int8 and fp8 QK^T; sage_qk8 (bf16 PV); int8 (int8 PV)."""
     seq = 200
     q, k, v = INPUTS[inputs](jax.random.key(1), (1, seq, 2, 128))
-    qkv = quantize_qkv(q, k, v, config=SMALL, qk_dtype=qk_dtype, pv_fp8=pv_fp8)
+    qkv = quantize_qkv(q, k, v, config=SMALL, qk_dtype=qk_dtype, precision=precision)
     out = attention_quantized(qkv, seq=seq, config=SMALL, interpret=True)
     assert out.shape == q.shape and out.dtype == jnp.bfloat16
     _check_sage8(qkv, seq, out)
 
 
-@pytest.mark.parametrize("precision", ["sage8", "sage_qk8"])
+@pytest.mark.parametrize("precision", ["sage8", "sage_qk8", "int8"])
 def test_default_config_kernel(precision):
-    """Each 8-bit precision's default config (sage8: block_kv 256, sage_qk8: 192) on a ragged
-    sequence of two KV blocks, the second partly padding (44 of sage8's 256 keys real, 108 of
-    sage_qk8's 192)."""
+    """Each 8-bit precision's default config (sage8, int8: block_kv 256, sage_qk8: 192) on a ragged
+    sequence of two KV blocks, the second partly padding (44 of 256 keys real, 108 of sage_qk8's
+    192)."""
     seq, config = 300, default_config(precision)
     q, k, v = flux_like_qkv(jax.random.key(3), (1, seq, 2, 128))
-    qkv = quantize_qkv(q, k, v, config=config, pv_fp8=precision == "sage8")
+    qkv = quantize_qkv(q, k, v, config=config, precision=precision)
     _check_sage8(qkv, seq, attention_quantized(qkv, seq=seq, config=config, interpret=True))
 
 
@@ -127,7 +133,7 @@ def test_overlap_is_the_same_arithmetic(precision, seq):
         if precision == "bf16":
             outs.append(np.asarray(attention(q, k, v, precision="bf16", config=config, interpret=True), np.float32))
         else:
-            qkv = quantize_qkv(q, k, v, config=config, pv_fp8=precision == "sage8")
+            qkv = quantize_qkv(q, k, v, config=config, precision=precision)
             outs.append(np.asarray(attention_quantized(qkv, seq=seq, config=config, interpret=True), np.float32))
     default, overlapped = outs
     unit = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(default), 2.0**-126))) - 7)  # bf16's spacing there
@@ -166,8 +172,28 @@ def test_quantize_qkv(qk_dtype):
     assert sorted(key_permutation(64)) == list(range(64)) and list(key_permutation(16)[:4]) == [0, 1, 8, 9]
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["default", "overlap"])
-@pytest.mark.parametrize("precision", ["bf16", "sage8", "sage_qk8"])
+def test_quantize_qkv_int8_v():
+    """"int8": V less its per-channel mean in int8 codes within half a code step (the mean added
+    back by `dequantize`), padded keys' codes 0, and each block's code sums (times 128) equal to
+    the sums of its codes: what the kernel adds back for P's -128 offset."""
+    seq, config = 200, SMALL
+    q, k, v = flux_like_qkv(jax.random.key(4), (2, seq, 2, 128))
+    v = v + 3.0  # a mean to take out
+    qkv = quantize_qkv(q, k, v, config=config, precision="int8")
+    assert qkv.precision == "int8" and qkv.v_t_codes.dtype == jnp.int8
+    _, _, v_deq = dequantize(qkv, seq)
+    v64 = np.asarray(v.astype(jnp.float32), np.float64)
+    np.testing.assert_allclose(np.asarray(qkv.v_mean), v64.mean(axis=1), rtol=1e-6, atol=1e-6)
+    assert np.all(np.abs(v_deq - v64) <= np.asarray(qkv.v_scale, np.float64)[:, None] / 2 * (1 + 1e-6) + 1e-5)
+    codes = np.empty(qkv.v_t_codes.shape, np.int64)  # (B, H, D, s), back from the key permutation
+    codes[..., key_permutation(codes.shape[-1])] = np.asarray(qkv.v_t_codes, np.int64)
+    assert not np.any(codes[..., seq:])
+    blocks = codes.reshape(*codes.shape[:3], -1, config.block_kv).sum(-1)  # permutation stays within blocks
+    np.testing.assert_array_equal(np.asarray(qkv.v_code_sums), 128 * np.transpose(blocks, (0, 1, 3, 2)))
+
+
+@pytest.mark.parametrize("precision, overlap", [(p, o) for p in ("bf16", "sage8", "sage_qk8") for o in (False, True)]
+                         + [("int8", False)])
 def test_lowers_for_the_gpu(precision, overlap):
     """The GPU code path (P in registers, PV in place where the kernel does so: what interpret
     mode does not run) lowers for CUDA from this machine, at a ragged FLUX-like length."""
@@ -213,19 +239,31 @@ def test_gpu_bf16(seq, overlap):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("seq, inputs, pv_fp8, qk_dtype", [
-    (4608, "random", True, jnp.int8), (4608, "flux_like", True, jnp.int8),
-    (4608, "flux_like", True, jnp.float8_e4m3fn), (4608, "flux_like", False, jnp.int8),
-    (1000, "random", True, jnp.int8), (1000, "flux_like", False, jnp.int8)])
+@pytest.mark.parametrize("seq, inputs, precision, qk_dtype", [
+    (4608, "random", "sage8", jnp.int8), (4608, "flux_like", "sage8", jnp.int8),
+    (4608, "flux_like", "sage8", jnp.float8_e4m3fn), (4608, "flux_like", "sage_qk8", jnp.int8),
+    (1000, "random", "sage8", jnp.int8), (1000, "flux_like", "sage_qk8", jnp.int8)])
 @pytest.mark.parametrize("overlap", [False, True], ids=["default", "overlap"])
-def test_gpu_sage8(seq, inputs, pv_fp8, qk_dtype, overlap):
+def test_gpu_sage8(seq, inputs, precision, qk_dtype, overlap):
     """FLUX's 1024² sequence, and a ragged one; sage8 (fp8 PV) and sage_qk8 (bf16 PV). Overlapped,
     fp8 PV accumulates in place in the wgmma (the default kernel: a fresh accumulator a block),
     within the same bounds."""
     q, k, v = INPUTS[inputs](jax.random.key(seq), (1, seq, 2, 128))
-    config = dataclasses.replace(default_config("sage8" if pv_fp8 else "sage_qk8"), overlap=overlap)
-    qkv = quantize_qkv(q, k, v, config=config, qk_dtype=qk_dtype, pv_fp8=pv_fp8)
+    config = dataclasses.replace(default_config(precision), overlap=overlap)
+    qkv = quantize_qkv(q, k, v, config=config, qk_dtype=qk_dtype, precision=precision)
     _check_sage8(qkv, seq, attention_quantized(qkv, seq=seq, config=config))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq, inputs", [(4608, "random"), (4608, "flux_like"), (1000, "random"),
+                                         (1000, "flux_like")])
+def test_gpu_int8(seq, inputs):
+    """int8 PV (P's codes through float16, `_p_codes_gpu`) at FLUX's sequence and a ragged one,
+    within the bounds that add the float16 arithmetic's error."""
+    q, k, v = INPUTS[inputs](jax.random.key(seq), (1, seq, 2, 128))
+    config = default_config("int8")
+    qkv = quantize_qkv(q, k, v, config=config, precision="int8")
+    _check_sage8(qkv, seq, attention_quantized(qkv, seq=seq, config=config), gpu=True)
 
 
 # ------------------------------------------------------------------------------------ in the model
@@ -261,7 +299,7 @@ def test_set_attention_reaches_every_block():
         set_attention(model, "fp4")
 
 
-@pytest.mark.parametrize("impl", ["mosaic_bf16", "sage8"])
+@pytest.mark.parametrize("impl", ["mosaic_bf16", "sage8", "int8"])
 def test_flux_attention_runs_the_kernel(impl, monkeypatch):
     """FluxAttention (joint text + image, QK norm, RoPE) with a kernel implementation (interpret
     mode standing in for the GPU) against the exact XLA path: a wiring check; the kernels' bounds
