@@ -101,7 +101,7 @@ GENERATE = ["generate", "--model", "{tmp}/model", "--prompt", "a cat"]
         ([*GENERATE, "--seed", "-1"], "seed must be in"),
         ([*GENERATE, "--batch", "0"], "--batch must be at least 1"),
         ([*GENERATE, "--max-sequence-length", "600"], "--max-sequence-length must be in [1, 512]"),
-        ([*GENERATE, "--attention", "fp4"], "--attention must be one of cudnn, xla, mosaic_bf16, sage8, sage8_fp8, sage_qk8, got 'fp4'"),
+        ([*GENERATE, "--attention", "fp4"], "--attention must be one of cudnn, xla, mosaic_bf16, sage8, sage8_fp8, sage_qk8, int8, got 'fp4'"),
         ([*GENERATE, "--out", "{tmp}/a-file"], "a-file is a file, not a folder"),
         ([*GENERATE, "--out", "{tmp}/a-file/sub"], "a-file is a file, not a folder"),
         ([*GENERATE, "--checkpoint", "{tmp}/nothing"], "checkpoint {tmp}/nothing does not exist"),
