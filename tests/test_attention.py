@@ -225,6 +225,10 @@ def test_rejects_bad_shapes():
     wide = jnp.zeros((1, 64, 1, INT8_HEAD_DIM_MAX + 64), jnp.bfloat16)
     with pytest.raises(ValueError, match=r"int8 Q K\^T needs head dim D <= 256.*q_codes \(1, \d+, 1, 320\)"):
         attention(wide, wide, wide, precision="sage8", config=SMALL, interpret=True)
+    with pytest.raises(ValueError, match="'int8' runs the default .not overlapped. loop"):
+        attention(x, x, x, precision="int8", config=dataclasses.replace(SMALL, overlap=True), interpret=True)
+    with pytest.raises(ValueError, match="8-bit kernels' operands.*got 'bf16'"):
+        quantize_qkv(x, x, x, config=SMALL, precision="bf16")
 
 
 # ------------------------------------------------------------------------------------ GPU
