@@ -42,9 +42,9 @@ writes V transposed, (B, H, D, S), and the kernel's B operand is that tile trans
 registers as wgmma's A operand, but the float32 accumulator layout gives a thread 2 adjacent
 columns of every 8 while the 8-bit A layout wants 4 adjacent of every 16: rather than moving
 bytes between threads, each thread's pairs (c, c+1) and (c+8, c+9) are joined into one
-4-byte register (`_p_operand_gpu`; "int8": `_p_codes_gpu`), which permutes the keys of P within each 16, and V's keys are
-stored with the same permutation (`key_permutation`), so the sum over keys is unchanged (the
-trick FlashAttention-3 uses for fp8).
+4-byte register (`_p_operand_gpu`; "int8": `_p_codes_gpu`), which permutes the keys of P within
+each 16, and V's keys are stored with the same permutation (`key_permutation`), so the sum over
+keys is unchanged (the trick FlashAttention-3 uses for fp8).
 
 Interpret mode (`interpret=True`, CPU tests) runs the same kernel; its wgmma takes no register
 operand, so there P goes through shared memory (8-bit: permuted with jnp ops,

@@ -7,7 +7,7 @@ The "sage8" kernel's error has two parts that the tests check apart:
     products summed in float32): in fp8 ("sage8") each p is off by at most 2^-4 of itself (e4m3
     keeps 4 significant bits, round to nearest) plus half a subnormal step; in bf16 ("sage_qk8")
     by 2^-8; in "int8" by half a code step, 1/255 of the largest weight of its row in its KV block
-    (times 2^P_HEADROOM), plus what float32 logits and (GPU) float16 exponentials add.
+    (times 2^P_HEADROOM), plus what float32 logits and (GPU) the float16 rounding of p add.
     `p_rounding_bounds` turns that into a worst-case bound per element and an RMS prediction per
     row.
 """

@@ -27,8 +27,8 @@ import flux_fixtures
 from pallas_kernels.attention import (INT8_HEAD_DIM_MAX, LOGIT_BIAS, AttentionConfig, attention,
                                       attention_quantized, biased_logits, block_scales_per_key,
                                       default_config, key_permutation, quantize_qkv)
-from pallas_kernels.attention_reference import (BF16_REL, FP8_REL, INT8_L_GPU_REL, attention_reference, bf16_p_bound, dequantize,
-                                                dequantized_attention, flux_like_qkv, p_rounding_bounds,
+from pallas_kernels.attention_reference import (BF16_REL, FP8_REL, INT8_L_GPU_REL, attention_reference, bf16_p_bound,
+                                                dequantize, dequantized_attention, flux_like_qkv, p_rounding_bounds,
                                                 random_qkv)
 
 SMALL = AttentionConfig(block_q=64, block_kv=64, max_concurrent_steps=2)
