@@ -43,7 +43,7 @@ def _check_bf16(q, k, v, out):
     assert np.all(err <= bound), f"{np.sum(err > bound)} elements off, worst ratio {np.max(err / bound):.2f}"
 
 
-def _check_sage8(qkv, seq, out, gpu: bool = False):
+def _check_quantized(qkv, seq, out, gpu: bool = False):
     """Elementwise worst case and per-row RMS of P's rounding (fp8, bf16 for sage_qk8, codes of
     255 for int8), + the output's bf16 rounding and float32 slack (int8: in the bounds; on the GPU
     also l's float16 sums, a relative error of the row less V's mean)."""
@@ -84,7 +84,7 @@ def test_quantized_kernel(qk_dtype, inputs, precision):
     qkv = quantize_qkv(q, k, v, config=SMALL, qk_dtype=qk_dtype, precision=precision)
     out = attention_quantized(qkv, seq=seq, config=SMALL, interpret=True)
     assert out.shape == q.shape and out.dtype == jnp.bfloat16
-    _check_sage8(qkv, seq, out)
+    _check_quantized(qkv, seq, out)
 
 
 @pytest.mark.parametrize("precision", ["sage8", "sage_qk8", "int8"])
@@ -95,11 +95,11 @@ def test_default_config_kernel(precision):
     seq, config = 300, default_config(precision)
     q, k, v = flux_like_qkv(jax.random.key(3), (1, seq, 2, 128))
     qkv = quantize_qkv(q, k, v, config=config, precision=precision)
-    _check_sage8(qkv, seq, attention_quantized(qkv, seq=seq, config=config, interpret=True))
+    _check_quantized(qkv, seq, attention_quantized(qkv, seq=seq, config=config, interpret=True))
 
 
 def test_sage8_bounds_catch_a_wrong_kernel():
-    """The sage8 check fails outputs with one KV block left out or one row's scale doubled."""
+    """The 8-bit check fails sage8 outputs with one KV block left out or one row's scale doubled."""
     seq = 200
     q, k, v = random_qkv(jax.random.key(2), (1, seq, 2, 128))
     qkv = quantize_qkv(q, k, v, config=SMALL)
@@ -109,12 +109,12 @@ def test_sage8_bounds_catch_a_wrong_kernel():
     dropped[..., 64:128] = 0
     out = lambda w: np.einsum("bhqk,bkhd->bqhd", w / w.sum(-1, keepdims=True), v2)
     with pytest.raises(AssertionError):
-        _check_sage8(qkv, seq, out(dropped))
+        _check_quantized(qkv, seq, out(dropped))
     rescaled = w.copy()
     rescaled[:, :, 7] **= 2
     with pytest.raises(AssertionError):
-        _check_sage8(qkv, seq, out(rescaled))
-    _check_sage8(qkv, seq, out(w))
+        _check_quantized(qkv, seq, out(rescaled))
+    _check_quantized(qkv, seq, out(w))
 
 
 @pytest.mark.parametrize("precision, seq", [("bf16", 200), ("sage8", 200), ("sage_qk8", 200), ("sage8", 40)])
@@ -255,7 +255,7 @@ def test_gpu_sage8(seq, inputs, precision, qk_dtype, overlap):
     q, k, v = INPUTS[inputs](jax.random.key(seq), (1, seq, 2, 128))
     config = dataclasses.replace(default_config(precision), overlap=overlap)
     qkv = quantize_qkv(q, k, v, config=config, qk_dtype=qk_dtype, precision=precision)
-    _check_sage8(qkv, seq, attention_quantized(qkv, seq=seq, config=config))
+    _check_quantized(qkv, seq, attention_quantized(qkv, seq=seq, config=config))
 
 
 @pytest.mark.gpu
@@ -267,7 +267,7 @@ def test_gpu_int8(seq, inputs):
     q, k, v = INPUTS[inputs](jax.random.key(seq), (1, seq, 2, 128))
     config = default_config("int8")
     qkv = quantize_qkv(q, k, v, config=config, precision="int8")
-    _check_sage8(qkv, seq, attention_quantized(qkv, seq=seq, config=config), gpu=True)
+    _check_quantized(qkv, seq, attention_quantized(qkv, seq=seq, config=config), gpu=True)
 
 
 # ------------------------------------------------------------------------------------ in the model
