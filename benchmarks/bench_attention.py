@@ -11,8 +11,9 @@ tokens, i.e. 512², 1024² and 2048x1024 images; batch 1 and 4; 24 heads x 128):
                     (the rotation's cost and accuracy gain; not in the model)
   int8              pallas_kernels.attention, precision="int8": int8 QK^T and int8 PV (P against each
                     row's max in its KV block, V less its mean)
-  int8_rot          int8 on q, k rotated first (what the model's "int8" attention runs); int8_kernel:
-                    the int8-PV kernel alone on pre-quantized operands
+  int8_rot          int8 on q, k rotated first, as sage_qk8_rot (XLA butterfly, rounded to bf16; the
+                    model's "int8" rotates by a matmul and keeps float32: convrot_jax.ops.attention);
+                    int8_kernel: the int8-PV kernel alone on pre-quantized operands
   sage8_int8_kernel the int8 kernel alone, on operands quantize_qkv made beforehand
   sage8_fp8_kernel  the fp8-QK kernel alone (its logits come out of the wgmma as float32)
   sage8_int8_overlap_kernel: the same, overlapped (AttentionConfig.overlap, below)

@@ -296,7 +296,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str) 
     precision, qk_dtype, rotate_qk = _ATTENTION_KERNELS[implementation]
     if rotate_qk:  # float32 out: the quantizer takes it as is
         q, k = (rotate(x, group_size=QK_ROTATION_GROUP, method="matmul") for x in (q, k))
-    return _attention_kernel(q, k, v, precision=precision, qk_dtype=qk_dtype).astype(v.dtype)
+    return _attention_kernel(q, k, v, precision=precision, qk_dtype=qk_dtype, out_dtype=v.dtype)
 
 
 def _require_hopper(implementation: str) -> None:

@@ -207,6 +207,18 @@ def _ptx(text: str, constraints: str, *args: ir.Value, width: int = 32) -> ir.Va
     return llvm.inline_asm(ir.IntegerType.get_signless(width), list(args), text, constraints)
 
 
+def _register_pairs(src, rows: int, cols: int) -> tuple[tuple[int, ...], list]:
+    """A (rows, cols) WGMMA-layout array's registers as wgmma's 8-bit A layout takes them: for each
+    register index idx of WGMMA_8BIT (columns 4c..4c+3 of each 16), the source registers (2g, h)
+    and (2g + 1, h) (g = idx[1]; columns 2c, 2c+1 of each 8), which joined hold P's columns in
+    `key_permutation` order. Returns the 8-bit register shape and the (idx, pair) list."""
+    shape = mgpu.WGMMA_LAYOUT_8BIT.registers_shape((rows, cols))
+    if src.registers.shape != (shape[0], 2 * shape[1], *shape[2:]):
+        raise AssertionError(f"register layouts do not line up: {src.registers.shape} vs {shape}")
+    return shape, [(idx, [src.registers[(idx[0], 2 * idx[1] + j, *idx[2:])] for j in range(2)])
+                   for idx in np.ndindex(shape)]
+
+
 def _p_operand_gpu(p: jax.Array) -> jax.Array:
     """fp8 P (64, n) in the accumulator layout (WGMMA: 2 bytes a register, columns 2c, 2c+1 of
     each 8) -> wgmma's 8-bit A layout (WGMMA_8BIT: 4 bytes, columns 4c..4c+3 of each 16) without
@@ -219,12 +231,9 @@ def _p_operand_gpu(p: jax.Array) -> jax.Array:
         return_type=plgpu.ShapeDtypeStruct((rows, cols), p.dtype, layout=plgpu.Layout.WGMMA_8BIT),
     )
     def regroup(_, src):
-        shape = mgpu.WGMMA_LAYOUT_8BIT.registers_shape((rows, cols))
-        if src.registers.shape != (shape[0], 2 * shape[1], *shape[2:]):
-            raise AssertionError(f"register layouts do not line up: {src.registers.shape} vs {shape}")
+        shape, pairs = _register_pairs(src, rows, cols)
         regs = np.empty(shape, dtype=object)
-        for idx in np.ndindex(shape):
-            pair = [src.registers[(idx[0], 2 * idx[1] + j, *idx[2:])] for j in range(2)]
+        for idx, pair in pairs:
             regs[idx] = mgpu_utils.vector_concat(pair)
         return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT_8BIT, _is_signed=None)
 
@@ -250,18 +259,18 @@ def _p_codes_gpu(p: jax.Array) -> tuple[jax.Array, jax.Array]:
                      plgpu.ShapeDtypeStruct((rows, 8), jnp.float32, layout=plgpu.Layout.WGMMA)))
     def codes(_, src):
         i64 = ir.IntegerType.get_signless(64)
-        shape = mgpu.WGMMA_LAYOUT_8BIT.registers_shape((rows, cols))
+        shape, pairs = _register_pairs(src, rows, cols)
+        if shape[1] % 4:
+            raise AssertionError(f"the row sums group 4 registers of 16 keys: {cols} keys do not split")
         sums_shape = mgpu.WGMMA_LAYOUT.registers_shape((rows, 8))
-        if src.registers.shape != (shape[0], 2 * shape[1], *shape[2:]) or shape[1] % 4:
-            raise AssertionError(f"register layouts do not line up: {src.registers.shape} vs {shape}")
         byte_vector = ir.VectorType.get((4,), ir.IntegerType.get_signless(8))
         regs = np.empty(shape, dtype=object)
         groups = {}  # (sums index, group of 4 registers) -> float16 pair partial sum
         to_f16 = lambda pair: _ptx("{ .reg .b32 lo, hi; mov.b64 {lo, hi}, $1; cvt.rn.f16x2.f32 $0, hi, lo; }",
                                    "=r,l", mgpu_utils.bitcast(pair, i64))
         add = lambda a, b: _ptx("add.rn.f16x2 $0, $1, $2;", "=r,r,r", a, b)
-        for idx in np.ndindex(shape):
-            halves = [to_f16(src.registers[(idx[0], 2 * idx[1] + j, *idx[2:])]) for j in range(2)]
+        for idx, pair in pairs:
+            halves = [to_f16(r) for r in pair]
             packed = _ptx(f"{{ .reg .b32 m0, m1, k, c; mov.b32 k, {_F16X2_255}; mov.b32 c, {_F16X2_1408}; "
                           "fma.rn.f16x2 m0, $1, k, c; fma.rn.f16x2 m1, $2, k, c; prmt.b32 $0, m0, m1, 0x6420; }",
                           "=r,r,r", *halves)
@@ -337,7 +346,7 @@ def _v_operands(v: jax.Array, seq_pad: int, precision: Precision, block_kv: int)
     if precision == "int8":
         b, _, h, d = v.shape
         sums = v_codes.astype(jnp.int32).reshape(b, seq_pad // block_kv, block_kv, h, d).sum(axis=2)
-        fields.update(v_mean=v_mean[:, 0], v_code_sums=jnp.transpose(sums * 128, (0, 2, 1, 3)))
+        fields.update(v_mean=v_mean[:, 0], v_code_sums=jnp.transpose(sums * P_CODE_OFFSET, (0, 2, 1, 3)))
     return fields
 
 
@@ -749,10 +758,11 @@ def attention_quantized(qkv: QuantizedQKV, *, seq: int, out_dtype=jnp.bfloat16, 
     return out[:, :seq]
 
 
-@functools.partial(jax.jit, static_argnames=("precision", "qk_dtype", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("precision", "qk_dtype", "config", "out_dtype", "interpret"))
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, precision: Precision = "bf16", qk_dtype=jnp.int8,
-              config: AttentionConfig | None = None, interpret: bool = False) -> jax.Array:
-    """softmax(q k^T / sqrt(D)) v over (B, S, H, D) q, k, v (non-causal); output in q's dtype.
+              config: AttentionConfig | None = None, out_dtype=None, interpret: bool = False) -> jax.Array:
+    """softmax(q k^T / sqrt(D)) v over (B, S, H, D) q, k, v (non-causal); output in out_dtype
+    (default q's dtype; the 8-bit kernels write it directly, e.g. bf16 from float32 q and k).
 
     precision "bf16": the kernel on bf16 inputs (others are cast); "sage8" / "int8" / "sage_qk8":
     `quantize_qkv` (qk_dtype int8 or float8_e4m3fn) then the 8-bit kernel (fp8 / int8 / bf16 PV)."""
@@ -761,11 +771,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, precision: Precision 
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     config = config or default_config(precision)
     b, seq, h, d = q.shape
+    out_dtype = out_dtype or q.dtype
     if precision != "bf16":
         qkv = quantize_qkv(q, k, v, config=config, qk_dtype=qk_dtype, precision=precision)
-        return attention_quantized(qkv, seq=seq, out_dtype=q.dtype, config=config, interpret=interpret)
+        return attention_quantized(qkv, seq=seq, out_dtype=out_dtype, config=config, interpret=interpret)
     seq_pad = padded_length(seq, config)
     q, k, v = (_pad_seq(x.astype(jnp.bfloat16), seq_pad, 1) for x in (q, k, v))
     out = _run((q, k, v), precision="bf16", shape=(b, seq, h, d), out_dtype=jnp.bfloat16, config=config,
                interpret=interpret)
-    return out[:, :seq].astype(q.dtype)
+    return out[:, :seq].astype(out_dtype)
