@@ -42,6 +42,8 @@ Stages (--stages, default tests,bench):
   sweep  block configs (block_kv, stages, overlap) of each precision at B=1 S=4608 and B=4 S=8704
          (the 8-bit kernels alone, on operands quantized beforehand).
   bench  timing grid + accuracy.
+  ncu    Nsight Compute counters of the --ncu-variants kernels alone (pre-quantized operands) at
+         B=1 S=4608, one launch each (attention_ncu.txt).
   model  FLUX.1-dev transformer with random bf16 weights at 1024²: velocity cosine and final
          latent relative L2 after 28 steps, 8-bit attention (--model-impls, default sage8 and
          sage_qk8) vs cuDNN bf16 attention, same inputs (flux_flax.set_attention).
@@ -441,10 +443,12 @@ def markdown(log: dict) -> list[str]:
            "per-channel fp8 V codes, V "
            "transposed); int8 rows the same with int8 codes of V less its mean and their block sums; int8_rot "
            "with q and k rotated first (ConvRot's grouped Hadamard, XLA); *_kernel rows are the kernels alone. "
-           f"GPU tests: {log.get('tests', 'not run')}.", "", "TFLOP/s:", ""]
+           f"GPU tests: {log.get('tests', 'not run')}."]
     producer = [v for v in VARIANTS if "producer" in VARIANTS[v].options]
     kernels = [v for v in VARIANTS if v not in producer and any(r["variant"] == v for r in rows)]
-    out += harness.pivot_table(rows, "tflops", baseline=BASELINE, shape_cols=("b", "s"), variants=kernels)
+    if kernels:
+        out += ["", "TFLOP/s:", "", *harness.pivot_table(rows, "tflops", baseline=BASELINE, shape_cols=("b", "s"),
+                                                           variants=kernels)]
     us = [{**r, "us": r["ms"] * 1e3} if "ms" in r else r for r in rows if r["variant"] in producer]
     variants = [v for v in producer if any(r["variant"] == v for r in us)]
     if variants:
@@ -464,6 +468,7 @@ def markdown(log: dict) -> list[str]:
             (r.get("b"), r.get("s"), r.get("config", ""), f"{r['tflops']:.0f}" if "tflops" in r else r.get("error", ""),
              f"{r['vs_cudnn']:.2f}x" if "vs_cudnn" in r else "",
              f"{r['rel_l2_vs_cudnn']:.4f}" if "rel_l2_vs_cudnn" in r else "") for r in log["sweep"]])
+    out += _ncu_markdown(log.get("ncu", {}))
     if log.get("model"):
         out += ["", "FLUX.1-dev, random bf16 weights, 8-bit attention vs cuDNN bf16 attention, same inputs "
                 "(velocity at the first sigma; final latents after the Euler steps):", ""]
@@ -490,11 +495,77 @@ def stage_bench(out_dir, log, args):
         log.update(got)
 
 
+NCU_METRICS = ("smsp__issue_active.avg.pct_of_peak_sustained_active", "smsp__inst_executed.sum",
+               "sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active",
+               "sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active",
+               "sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active",
+               *(f"smsp__average_warps_issue_stalled_{r}_per_issue_active.ratio" for r in (  # cycles a stall reason
+                   "long_scoreboard", "barrier", "wait", "short_scoreboard", "math_pipe_throttle", "mio_throttle",
+                   "dispatch_stall", "no_instruction", "not_selected", "selected", "branch_resolving", "membar",
+                   "sleeping", "lg_throttle", "misc")))
+
+
+_NCU_PIPE_METRICS = 5  # NCU_METRICS[:5]: issue, instructions and pipes, without the stall reasons
+
+
+def stage_ncu(out_dir, log, args):
+    """Hardware counters of each --ncu-variants kernel (pre-quantized, so only the Mosaic GPU
+    kernels match "flash_attention"), in that order, at B=1 S=4608; with the pipe and stall
+    metrics, or fewer where this ncu does not know one."""
+    code = "\n".join([
+        "import jax",
+        "from benchmarks.bench_attention import _config, _inputs, _prequantized, implementation, VARIANTS",
+        "make = lambda i: _inputs(1, 4608, 500 + i)",
+        *[f"jax.block_until_ready(implementation({v!r})(*_prequantized(make, _config(VARIANTS[{v!r}]"
+          f".options), precision=VARIANTS[{v!r}].options['precision'])(0), seq=4608))" for v in args.ncu_variants]])
+    path = str(out_dir / f"{NAME}_ncu.txt")
+    for metrics in (NCU_METRICS, NCU_METRICS[:_NCU_PIPE_METRICS]):
+        log["ncu"] = harness.run_ncu(code, "flash_attention", len(args.ncu_variants), path, metrics=metrics,
+                                     timeout=args.ncu_timeout)
+        if not log["ncu"]["returncode"]:
+            break
+    with open(path) as f:
+        log["ncu"].update(variants=list(args.ncu_variants), kernels=harness.parse_ncu(f.read()))
+
+
+_NCU_ROWS = (  # (label, ncu metric) of the counters table
+    ("duration (us)", "Duration"), ("SM frequency (GHz)", "SM Frequency"),
+    ("instructions executed", "smsp__inst_executed.sum"),
+    ("issue slots busy (%)", "smsp__issue_active.avg.pct_of_peak_sustained_active"),
+    ("eligible warps per scheduler", "Eligible Warps Per Scheduler"),
+    ("XU pipe (ex2, conversions) (%)", "sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active"),
+    ("ALU pipe (%)", "sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active"),
+    ("FMA pipe (%)", "sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active"),
+    ("registers per thread", "Registers Per Thread"),
+    ("warp cycles per issued instruction", "Warp Cycles Per Issued Instruction"))
+
+
+def _ncu_markdown(ncu: dict) -> list[str]:
+    """The counters table of the ncu stage: one column per profiled kernel (its variant), stall
+    reasons in warps per issue-active cycle (the stalled warps counted each cycle an instruction
+    issues; they sum to the warp cycles per issued instruction times the warps per scheduler
+    over the issuing fraction, roughly)."""
+    kernels = ncu.get("kernels", [])
+    names = ncu.get("variants", [])[:len(kernels)]
+    if not kernels:
+        return []
+    stalls = sorted({k for kern in kernels for k in kern if k.startswith("smsp__average_warps_issue_stalled_")},
+                    key=lambda k: -max(kern.get(k, 0) for kern in kernels))
+    fmt = lambda v: f"{int(v):,}" if isinstance(v, float) and v.is_integer() else str(v)
+    rows = [(label, *[fmt(kern.get(metric, "")) for kern in kernels]) for label, metric in _NCU_ROWS]
+    rows += [(f"stalled: {k.removeprefix('smsp__average_warps_issue_stalled_').removesuffix('_per_issue_active.ratio')}",
+              *[fmt(kern.get(k, "")) for kern in kernels]) for k in stalls]
+    return ["", f"Nsight Compute, the kernels alone at B=1 S=4608, one launch each ({ncu.get('file', '')}); "
+            "stall rows: warps stalled for that reason per issue-active cycle:", "",
+            *harness.md_table(["counter", *names], rows)]
+
+
 STAGES = {
     "tests": stage_tests,
     "sweep": harness.worker_stage(MODULE, "sweep"),
     "bench": stage_bench,
     "model": harness.worker_stage(MODULE, "model"),
+    "ncu": stage_ncu,
 }
 
 
@@ -508,6 +579,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model-steps", type=int, default=28)
     p.add_argument("--model-size", type=int, default=1024)
     p.add_argument("--model-impls", nargs="+", default=["sage8", "sage_qk8"])
+    p.add_argument("--ncu-timeout", type=float, default=200, help="seconds each Nsight Compute attempt may run")
+    p.add_argument("--ncu-variants", nargs="+", default=["int8_kernel", "sage8_int8_kernel"],
+                   choices=[v for v, var in VARIANTS.items() if var.options.get("prequantized")])
     p.add_argument("--update", action="store_true",
                    help="start from the existing results file in --out: the stages run now replace theirs only")
     args = p.parse_args(argv)

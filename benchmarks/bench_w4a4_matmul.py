@@ -296,10 +296,6 @@ def stage_sass(out_dir, log, args):
     subprocess.run(["rm", "-rf", dump])
 
 
-_NCU_SECTIONS = ("SpeedOfLight", "ComputeWorkloadAnalysis", "MemoryWorkloadAnalysis", "WarpStateStats",
-                 "Occupancy", "LaunchStats", "SchedulerStats")
-
-
 def stage_ncu(out_dir, log, args):
     """Hardware counters of the shipped kernel at 4608x3072x12288, one profiled launch (Nsight
     Compute picks it by name). XLA's bf16 GEMM is not profiled: with autotuning on, compilation
@@ -311,16 +307,7 @@ def stage_ncu(out_dir, log, args):
         "x, sx, w, sw = w4a4_args(4608, 3072, 12288)(0)\n"
         "jax.block_until_ready(jax.jit(w4a4_matmul)(x, sx, w, sw))\n"
     )
-    found = glob.glob("/usr/local/cuda*/bin/ncu") + glob.glob("/opt/nvidia/nsight-compute/*/ncu")
-    ncu = shutil.which("ncu") or next(iter(found), "ncu")
-    cmd = [ncu, "--clock-control", "none", "--kernel-name", "regex:mosaic_gpu", "--launch-count", "1",
-           *[a for s in _NCU_SECTIONS for a in ("--section", s)], sys.executable, "-c", code]
-    r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=400)
-    text = r.stdout + r.stderr[-3000:]
-    with open(os.path.join(out_dir, "w4a4_matmul_ncu.txt"), "w") as f:
-        f.write(text)
-    log["ncu"] = {"returncode": r.returncode, "file": "w4a4_matmul_ncu.txt"}
-    print(text[-12000:], flush=True)
+    log["ncu"] = harness.run_ncu(code, "mosaic_gpu", 1, os.path.join(out_dir, "w4a4_matmul_ncu.txt"))
 
 
 # ------------------------------------------------------------------------------------ results

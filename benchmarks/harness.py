@@ -257,6 +257,49 @@ def run_pytest(path: str, marker_or_k: str = "", *, timeout: float = 600) -> str
 
 
 # ------------------------------------------------------------------------------------ grids
+NCU_SECTIONS = ("SpeedOfLight", "ComputeWorkloadAnalysis", "MemoryWorkloadAnalysis", "WarpStateStats",
+                "Occupancy", "LaunchStats", "SchedulerStats")
+
+
+def run_ncu(code: str, kernel_regex: str, launch_count: int, out_path: str, *,
+            sections: Sequence[str] = NCU_SECTIONS, metrics: Sequence[str] = (), timeout: float = 400) -> dict:
+    """Nsight Compute on `python -c code`: the first `launch_count` kernels whose name matches
+    `kernel_regex`, clocks left alone (device/METHOD.md). Writes ncu's text report to out_path and
+    prints its tail; returns {"returncode", "file"} for the results log."""
+    import glob
+    import shutil
+
+    found = glob.glob("/usr/local/cuda*/bin/ncu") + glob.glob("/opt/nvidia/nsight-compute/*/ncu")
+    ncu = shutil.which("ncu") or next(iter(found), "ncu")
+    cmd = [ncu, "--clock-control", "none", "--kernel-name", f"regex:{kernel_regex}", "--launch-count",
+           str(launch_count), *[a for s in sections for a in ("--section", s)],
+           *([] if not metrics else ["--metrics", ",".join(metrics)]), sys.executable, "-c", code]
+    r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
+    text = r.stdout + r.stderr[-3000:]
+    with open(out_path, "w") as f:
+        f.write(text)
+    print(text[-12000:], flush=True)
+    return {"returncode": r.returncode, "file": os.path.basename(out_path)}
+
+
+def parse_ncu(text: str) -> list[dict]:
+    """ncu's text report -> one {"kernel": name, metric name: value} per profiled launch, in
+    order; values as printed (numbers without thousands separators, else the string)."""
+    import re
+
+    kernels = []
+    for line in text.splitlines():
+        header = re.match(r"^  (\S+) \(\d+, \d+, \d+\)x\(\d+, \d+, \d+\)", line)
+        if header:
+            kernels.append({"kernel": header.group(1)})
+            continue
+        row = re.match(r"^    (\S.*?\S)\s{2,}(\S+)?\s+([-\d.,]+)$", line)
+        if kernels and row and not row.group(1).startswith("-"):
+            value = row.group(3).replace(",", "")
+            kernels[-1].setdefault(row.group(1), float(value) if re.fullmatch(r"-?[\d.]+", value) else value)
+    return kernels
+
+
 def time_grid(shapes: Mapping[str, Mapping[str, int]], variant: str,
               setup: Callable[[Mapping[str, int]], tuple[Callable, Callable, int]],
               metric: Callable[[Mapping[str, int], float], Mapping[str, float]] | None = None,
