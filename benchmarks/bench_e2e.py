@@ -22,6 +22,7 @@ no two frameworks sharing the GPU):
                    (flux_flax.fuse_gated_residuals)
   jax_w4a4_pallas_sage8, jax_bf16_sage8  jax_w4a4_pallas / jax_bf16 with the 8-bit "sage8"
                    attention (its Q/K/V quantized where they are made; flux_flax.set_attention)
+  jax_w4a4_pallas_int8, jax_bf16_int8  the same with "int8" attention (q and k rotated, int8 P and V)
 A step is one transformer forward (FLUX.1-dev config; random weights made on the GPU, or real
 ones with --model DIR) at each size and batch, with 512 T5 tokens: median of --iters timed runs
 after warm-up (host clock around a synchronised call), and the loop step: --iters calls issued back
@@ -89,6 +90,10 @@ VARIANTS = harness.registry(
             options={"runner": "jax", "impl": "pallas", "attention": "sage8"}),
     Variant("jax_bf16_sage8", "flux_flax bf16, sage8 attention", _JAX,
             options={"runner": "jax", "impl": None, "attention": "sage8"}),
+    Variant("jax_w4a4_pallas_int8", "flux_flax W4A4, Pallas kernels, GELUs fused, int8 attention", _JAX,
+            options={"runner": "jax", "impl": "pallas", "attention": "int8"}),
+    Variant("jax_bf16_int8", "flux_flax bf16, int8 attention", _JAX,
+            options={"runner": "jax", "impl": None, "attention": "int8"}),
 )
 # Ratio columns of the table, and the README's baseline (the first present in the same run).
 BASELINES = ("torch_eager", "torch_compile", "torch_fp8", "torch_fp8_regional", "jax_bf16")
