@@ -495,17 +495,13 @@ def stage_bench(out_dir, log, args):
         log.update(got)
 
 
-NCU_METRICS = ("smsp__issue_active.avg.pct_of_peak_sustained_active", "smsp__inst_executed.sum",
-               "sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active",
-               "sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active",
-               "sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active",
-               *(f"smsp__average_warps_issue_stalled_{r}_per_issue_active.ratio" for r in (  # cycles a stall reason
-                   "long_scoreboard", "barrier", "wait", "short_scoreboard", "math_pipe_throttle", "mio_throttle",
-                   "dispatch_stall", "no_instruction", "not_selected", "selected", "branch_resolving", "membar",
-                   "sleeping", "lg_throttle", "misc")))
-
-
-_NCU_PIPE_METRICS = 5  # NCU_METRICS[:5]: issue, instructions and pipes, without the stall reasons
+NCU_PIPE_METRICS = ("smsp__issue_active.avg.pct_of_peak_sustained_active", "smsp__inst_executed.sum",
+                    "sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active",
+                    "sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active",
+                    "sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active")
+NCU_STALL_METRICS = tuple(f"smsp__average_warps_issue_stalled_{r}_per_issue_active.ratio" for r in (
+    "long_scoreboard", "barrier", "wait", "short_scoreboard", "math_pipe_throttle", "mio_throttle", "dispatch_stall",
+    "no_instruction", "not_selected", "selected", "branch_resolving", "membar", "sleeping", "lg_throttle", "misc"))
 
 
 def stage_ncu(out_dir, log, args):
@@ -519,7 +515,7 @@ def stage_ncu(out_dir, log, args):
         *[f"jax.block_until_ready(implementation({v!r})(*_prequantized(make, _config(VARIANTS[{v!r}]"
           f".options), precision=VARIANTS[{v!r}].options['precision'])(0), seq=4608))" for v in args.ncu_variants]])
     path = str(out_dir / f"{NAME}_ncu.txt")
-    for metrics in (NCU_METRICS, NCU_METRICS[:_NCU_PIPE_METRICS]):
+    for metrics in (NCU_PIPE_METRICS + NCU_STALL_METRICS, NCU_PIPE_METRICS):
         log["ncu"] = harness.run_ncu(code, "flash_attention", len(args.ncu_variants), path, metrics=metrics,
                                      timeout=args.ncu_timeout)
         if not log["ncu"]["returncode"]:
@@ -541,10 +537,10 @@ _NCU_ROWS = (  # (label, ncu metric) of the counters table
 
 
 def _ncu_markdown(ncu: dict) -> list[str]:
-    """The counters table of the ncu stage: one column per profiled kernel (its variant), stall
-    reasons in warps per issue-active cycle (the stalled warps counted each cycle an instruction
-    issues; they sum to the warp cycles per issued instruction times the warps per scheduler
-    over the issuing fraction, roughly)."""
+    """The counters table of the ncu stage: one column per profiled kernel (its variant); each
+    warp state (stall reasons and `selected`) as the warps in it summed over the cycles, per cycle
+    that issues: they add up to the resident warps per scheduler over the issuing fraction, the
+    warp cycles per issued instruction."""
     kernels = ncu.get("kernels", [])
     names = ncu.get("variants", [])[:len(kernels)]
     if not kernels:
@@ -556,7 +552,8 @@ def _ncu_markdown(ncu: dict) -> list[str]:
     rows += [(f"stalled: {k.removeprefix('smsp__average_warps_issue_stalled_').removesuffix('_per_issue_active.ratio')}",
               *[fmt(kern.get(k, "")) for kern in kernels]) for k in stalls]
     return ["", f"Nsight Compute, the kernels alone at B=1 S=4608, one launch each ({ncu.get('file', '')}); "
-            "stall rows: warps stalled for that reason per issue-active cycle:", "",
+            "stalled rows: warps in that state per issuing cycle (they add up to the warp cycles per issued "
+            "instruction):", "",
             *harness.md_table(["counter", *names], rows)]
 
 

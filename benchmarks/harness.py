@@ -29,10 +29,13 @@ import argparse
 import dataclasses
 import datetime
 import functools
+import glob
 import importlib.util
 import json
 import os
 import platform
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -256,7 +259,7 @@ def run_pytest(path: str, marker_or_k: str = "", *, timeout: float = 600) -> str
     return f"`pytest {path} {' '.join(select)}`: " + (lines[-1] if lines else f"rc={proc.returncode}")
 
 
-# ------------------------------------------------------------------------------------ grids
+# ------------------------------------------------------------------------------------ profiles
 NCU_SECTIONS = ("SpeedOfLight", "ComputeWorkloadAnalysis", "MemoryWorkloadAnalysis", "WarpStateStats",
                 "Occupancy", "LaunchStats", "SchedulerStats")
 
@@ -266,27 +269,26 @@ def run_ncu(code: str, kernel_regex: str, launch_count: int, out_path: str, *,
     """Nsight Compute on `python -c code`: the first `launch_count` kernels whose name matches
     `kernel_regex`, clocks left alone (device/METHOD.md). Writes ncu's text report to out_path and
     prints its tail; returns {"returncode", "file"} for the results log."""
-    import glob
-    import shutil
-
     found = glob.glob("/usr/local/cuda*/bin/ncu") + glob.glob("/opt/nvidia/nsight-compute/*/ncu")
     ncu = shutil.which("ncu") or next(iter(found), "ncu")
     cmd = [ncu, "--clock-control", "none", "--kernel-name", f"regex:{kernel_regex}", "--launch-count",
            str(launch_count), *[a for s in sections for a in ("--section", s)],
            *([] if not metrics else ["--metrics", ",".join(metrics)]), sys.executable, "-c", code]
-    r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
-    text = r.stdout + r.stderr[-3000:]
+    try:
+        r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
+        text, returncode = r.stdout + r.stderr[-3000:], r.returncode
+    except subprocess.TimeoutExpired as e:  # what it printed so far, and a failed attempt
+        text = (e.stdout or b"").decode(errors="replace") + f"\nncu: stopped after {timeout:.0f} s\n"
+        returncode = -1
     with open(out_path, "w") as f:
         f.write(text)
     print(text[-12000:], flush=True)
-    return {"returncode": r.returncode, "file": os.path.basename(out_path)}
+    return {"returncode": returncode, "file": os.path.basename(out_path)}
 
 
 def parse_ncu(text: str) -> list[dict]:
     """ncu's text report -> one {"kernel": name, metric name: value} per profiled launch, in
     order; values as printed (numbers without thousands separators, else the string)."""
-    import re
-
     kernels = []
     for line in text.splitlines():
         header = re.match(r"^  (\S+) \(\d+, \d+, \d+\)x\(\d+, \d+, \d+\)", line)
@@ -300,6 +302,7 @@ def parse_ncu(text: str) -> list[dict]:
     return kernels
 
 
+# ------------------------------------------------------------------------------------ grids
 def time_grid(shapes: Mapping[str, Mapping[str, int]], variant: str,
               setup: Callable[[Mapping[str, int]], tuple[Callable, Callable, int]],
               metric: Callable[[Mapping[str, int], float], Mapping[str, float]] | None = None,
