@@ -39,8 +39,8 @@ a few large-norm channels in q and k, a large shared mean in k), at sequence 460
 
 Stages (--stages, default tests,bench):
   tests  `pytest tests/test_attention.py`, then tests/test_attention_producer.py (--tests-k: -k for both).
-  sweep  block configs (block_kv, stages, overlap) of each precision at B=1 S=4608 and B=4 S=8704
-         (the 8-bit kernels alone, on operands quantized beforehand).
+  sweep  block configs (block_kv, stages, overlap) of each precision (--sweep-precisions) at B=1
+         S=4608 and B=4 S=8704 (the 8-bit kernels alone, on operands quantized beforehand).
   bench  timing grid + accuracy.
   ncu    Nsight Compute counters of the --ncu-variants kernels alone (pre-quantized operands) at
          B=1 S=4608, one launch each (attention_ncu.txt).
@@ -266,6 +266,7 @@ SWEEP = {  # precision -> (block_kv, max_concurrent_steps, overlap) candidates
     "sage8": [(128, 3, False), (192, 2, False), (192, 3, False), (256, 2, False), (128, 3, True), (192, 2, True)],
     "sage_qk8": [(128, 3, True), (128, 3, False), (192, 2, True), (192, 2, False)],
     "bf16": [(128, 2, True), (192, 2, True)],
+    "int8": [(128, 3, False), (192, 2, False), (192, 3, False), (256, 2, False)],  # "int8" is never overlapped
 }
 
 
@@ -287,7 +288,8 @@ def work_sweep(args) -> list[dict]:
         rows.append({"b": b, "s": s, "config": "cudnn_bf16", "ms": base_ms, "tflops": tflops(b, s, base_ms)})
         q, k, v = make(0)
         ref = jax.jit(implementation(BASELINE))(q, k, v)
-        for precision, configs in SWEEP.items():
+        for precision in args.sweep_precisions:
+            configs = SWEEP[precision]
             for block_kv, stages, overlap in configs:
                 if time.time() > args.deadline:
                     return rows
@@ -576,6 +578,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model-steps", type=int, default=28)
     p.add_argument("--model-size", type=int, default=1024)
     p.add_argument("--model-impls", nargs="+", default=["sage8", "sage_qk8"])
+    p.add_argument("--sweep-precisions", nargs="+", default=list(SWEEP), choices=list(SWEEP))
     p.add_argument("--ncu-timeout", type=float, default=200, help="seconds each Nsight Compute attempt may run")
     p.add_argument("--ncu-variants", nargs="+", default=["int8_kernel", "sage8_int8_kernel"],
                    choices=[v for v, var in VARIANTS.items() if var.options.get("prequantized")])
