@@ -289,8 +289,7 @@ def work_sweep(args) -> list[dict]:
         q, k, v = make(0)
         ref = jax.jit(implementation(BASELINE))(q, k, v)
         for precision in args.sweep_precisions:
-            configs = SWEEP[precision]
-            for block_kv, stages, overlap in configs:
+            for block_kv, stages, overlap in SWEEP[precision]:
                 if time.time() > args.deadline:
                     return rows
                 cfg = AttentionConfig(block_kv=block_kv, max_concurrent_steps=stages, overlap=overlap)
@@ -497,10 +496,17 @@ def stage_bench(out_dir, log, args):
         log.update(got)
 
 
-NCU_PIPE_METRICS = ("smsp__issue_active.avg.pct_of_peak_sustained_active", "smsp__inst_executed.sum",
-                    "sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active",
-                    "sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active",
-                    "sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active")
+_NCU_ROWS = (  # (label, ncu metric) of the counters table; the sm__ / smsp__ ones are asked for by name
+    ("duration (us)", "Duration"), ("SM frequency (GHz)", "SM Frequency"),
+    ("instructions executed", "smsp__inst_executed.sum"),
+    ("issue slots busy (%)", "smsp__issue_active.avg.pct_of_peak_sustained_active"),
+    ("eligible warps per scheduler", "Eligible Warps Per Scheduler"),
+    ("XU pipe (ex2, conversions) (%)", "sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active"),
+    ("ALU pipe (%)", "sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active"),
+    ("FMA pipe (%)", "sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active"),
+    ("registers per thread", "Registers Per Thread"),
+    ("warp cycles per issued instruction", "Warp Cycles Per Issued Instruction"))
+NCU_PIPE_METRICS = tuple(metric for _, metric in _NCU_ROWS if metric.startswith(("sm__", "smsp__")))
 NCU_STALL_METRICS = tuple(f"smsp__average_warps_issue_stalled_{r}_per_issue_active.ratio" for r in (
     "long_scoreboard", "barrier", "wait", "short_scoreboard", "math_pipe_throttle", "mio_throttle", "dispatch_stall",
     "no_instruction", "not_selected", "selected", "branch_resolving", "membar", "sleeping", "lg_throttle", "misc"))
@@ -526,18 +532,6 @@ def stage_ncu(out_dir, log, args):
         log["ncu"].update(variants=list(args.ncu_variants), kernels=harness.parse_ncu(f.read()))
 
 
-_NCU_ROWS = (  # (label, ncu metric) of the counters table
-    ("duration (us)", "Duration"), ("SM frequency (GHz)", "SM Frequency"),
-    ("instructions executed", "smsp__inst_executed.sum"),
-    ("issue slots busy (%)", "smsp__issue_active.avg.pct_of_peak_sustained_active"),
-    ("eligible warps per scheduler", "Eligible Warps Per Scheduler"),
-    ("XU pipe (ex2, conversions) (%)", "sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active"),
-    ("ALU pipe (%)", "sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active"),
-    ("FMA pipe (%)", "sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active"),
-    ("registers per thread", "Registers Per Thread"),
-    ("warp cycles per issued instruction", "Warp Cycles Per Issued Instruction"))
-
-
 def _ncu_markdown(ncu: dict) -> list[str]:
     """The counters table of the ncu stage: one column per profiled kernel (its variant); each
     warp state (stall reasons and `selected`) as the warps in it summed over the cycles, per cycle
@@ -548,7 +542,7 @@ def _ncu_markdown(ncu: dict) -> list[str]:
     if not kernels:
         return []
     stalls = sorted({k for kern in kernels for k in kern if k.startswith("smsp__average_warps_issue_stalled_")},
-                    key=lambda k: -max(kern.get(k, 0) for kern in kernels))
+                    key=lambda k: (-max(kern.get(k, 0) for kern in kernels), k))  # ties by name: a stable table
     fmt = lambda v: f"{int(v):,}" if isinstance(v, float) and v.is_integer() else str(v)
     rows = [(label, *[fmt(kern.get(metric, "")) for kern in kernels]) for label, metric in _NCU_ROWS]
     rows += [(f"stalled: {k.removeprefix('smsp__average_warps_issue_stalled_').removesuffix('_per_issue_active.ratio')}",

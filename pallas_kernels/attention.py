@@ -110,8 +110,9 @@ def default_config(precision: Precision) -> AttentionConfig:
     alone): "sage8" block_kv 256, 2 stages, not overlapped (1.32x cuDNN at B=1 S=4608 and 1.41x at
     B=4 S=8704, against 1.15x / 1.27x with block_kv 128: a KV step's fixed costs, its barriers,
     waits and row reductions, spread over more keys); "int8" the same (1.10x / 1.19x, against
-    1.01-1.03x at 192 and 0.87-0.94x at 128, benchmarks/results/attention_sweep_int8); "sage_qk8" block_kv 192 (its bf16 V does not
-    fit 256), 2 stages, not overlapped (1.10x / 1.08x, against 1.00x / 1.03x overlapped at 128);
+    1.01-1.03x at 192 and 0.87-0.94x at 128, benchmarks/results/attention_sweep_int8); "sage_qk8"
+    block_kv 192 (its bf16 V does not fit 256), 2 stages, not overlapped (1.10x / 1.08x, against
+    1.00x / 1.03x overlapped at 128);
     "bf16" overlapped (+2-3%, attention_overlap; 192 does not fit shared memory)."""
     if precision in ("sage8", "int8"):
         return AttentionConfig(block_kv=256, max_concurrent_steps=2)
