@@ -188,6 +188,24 @@ def _p_operand_interpret(p: jax.Array) -> jax.Array:
     return p.reshape(rows, cols // 16, 2, 4, 2).transpose(0, 1, 3, 2, 4).reshape(rows, cols)
 
 
+ROW_REDUCE_ILP = 32  # independent partial results a thread in the GPU path's row max (and fp8 P's row sum)
+
+
+def _row_reduce_gpu(x: jax.Array, op: Literal["max", "add"]) -> jax.Array:
+    """x's max or sum over axis 1, (rows, cols) WGMMA -> (rows,), with ROW_REDUCE_ILP partial
+    results a thread before they are combined: Pallas's `x.max(axis=1)` takes Mosaic's default,
+    one dependent chain of 32 FMNMX a row at block_kv 256, which the softmax waits for
+    (benchmarks/notes/attention.md v12)."""
+    rows, _ = x.shape
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,),
+                       return_type=plgpu.ShapeDtypeStruct((rows,), x.dtype, layout=plgpu.Layout.WGMMA.reduce(1)))
+    def reduce(_, src):
+        return src.reduce(op, 1, acc_ilp=ROW_REDUCE_ILP)
+
+    return reduce(x)
+
+
 P_CODE_TOP = 255  # "int8" P: round(255 p / the row's max in the block) - 128, an s8 code
 P_CODE_OFFSET = 128
 P_HEADROOM = 2.0**-6  # log2 units (see `_kernel`'s softmax); the same in numerator and l: cancels
@@ -443,18 +461,28 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
             p_ref = p_smem2.at[wg] if interpret else p_op  # interpret: wgmma's A from shared memory
             plgpu.wgmma(pv_ref, p_ref, v_smem.at[slot].T if pv8 else v_smem.at[slot])
 
-        def softmax(s, step, m_i, l_i, masked: bool):
+        def row_reduce(x, op: Literal["max", "add"]):
+            if interpret:
+                return x.max(axis=1) if op == "max" else x.sum(axis=1)
+            return _row_reduce_gpu(x, op)
+
+        def load_block_scale(slot):
+            plgpu.barrier_wait(ks_bars.at[slot])
+            return plgpu.load(ks_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+
+        def softmax(s, step, m_i, l_i, masked: bool, block_scale=None):
             """Online softmax in base 2 of `step`'s logits (m_i: the running max of logits * log2 e);
             releases the step's K. Returns P as the PV wgmma's operand, alpha (the rescale of what
-            PV accumulated before this step), m, l and ("int8") the scale of this step's PV sum.
+            PV accumulated before this step), m and l; "int8": in l's place the block's row sums
+            of P (on the GPU each thread's partial sums) and its weight 2^(block max - m).
 
             "int8": P is quantized against each row's max in this block, not the running max (its
             256 levels then span the block's own weights; 2^(block max - m) rescales the block's
             PV sum), and l sums the unrounded weights."""
             slot = slot_of(step)
             if qk8:  # logits * log2 e = codes . codes * q_scale (row) * this block's k_scale
-                plgpu.barrier_wait(ks_bars.at[slot])
-                block_scale = plgpu.load(ks_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+                if block_scale is None:
+                    block_scale = load_block_scale(slot)
                 s_scale = row_scale * block_scale
                 row = lax.broadcast_in_dim(s_scale, s.shape, [0])
             else:
@@ -463,7 +491,7 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
             if masked:
                 cols = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
                 s = jnp.where(cols + step * bkv < seq, s, -jnp.inf)
-            s_max = s.max(axis=1)
+            s_max = row_reduce(s, "max")
             if int_logits:  # s holds LOGIT_BIAS + q . k: the bias leaves the max exactly
                 s_max = s_max - LOGIT_BIAS
             s_max = s_max * s_scale if qk8 else s_max * logit_scale
@@ -476,21 +504,19 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
             if int_logits:  # (LOGIT_BIAS + q . k) * scale - (shift + LOGIT_BIAS * scale): one FMA a logit
                 shift = shift + LOGIT_BIAS * s_scale
             x = s * row - lax.broadcast_in_dim(shift, s.shape, [0])
-            if pv_int and not interpret:
+            if pv_int and not interpret:  # p_sum: each thread's partial sums, completed in `kv_step`
                 p_op, p_sum = _p_codes_gpu(jnp.exp2(x))
-                p_sum = p_sum.sum(axis=1)
             elif pv8 and not interpret:
                 p = jnp.exp2(x)
-                p_op, p_sum = _p_operand_gpu(p.astype(jnp.float8_e4m3fn)), p.sum(axis=1)
+                p_op, p_sum = _p_operand_gpu(p.astype(jnp.float8_e4m3fn)), row_reduce(p, "add")
             else:
                 p_op, p_sum = _p_operand_exact(x, precision)
                 if interpret:
                     p_smem2[wg] = _p_operand_interpret(p_op) if pv8 else p_op
                     plgpu.commit_smem()
-            if pv_int:
-                block_weight = jnp.exp2(s_max - m_new)
-                return p_op, alpha, m_new, l_i * alpha + block_weight * p_sum, block_weight * (1.0 / P_CODE_TOP)
-            return p_op, alpha, m_new, l_i * alpha + p_sum, None
+            if pv_int:  # l's update waits for PV's issue (`kv_step`)
+                return p_op, alpha, m_new, (p_sum, jnp.exp2(s_max - m_new))
+            return p_op, alpha, m_new, l_i * alpha + p_sum
 
         def rescale(acc, alpha):
             return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
@@ -505,13 +531,17 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
                 issue_qk(acc_ref, slot)
                 schedule()
                 return acc_ref[...]
+            block_scale = load_block_scale(slot) if pv_int else None  # "int8": its wait runs under S's
             s = logits(pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), s_dtype)))
-            p_op, alpha, m_i, l_i, pv_scale = softmax(s, step, m_i, l_i, masked)
-            acc = rescale(acc, alpha)
+            p_op, alpha, m_i, l_new = softmax(s, step, m_i, l_i, masked, block_scale)
             if pv_int:  # loaded here, S dead: its latency runs under the barrier waits below
                 pv_offset = plgpu.load(vsum_ref.at[batch, head, step], layout=plgpu.Layout.WGMMA.reduce(0),
                                        optimized=False)
-            acc, l_i, m_i, p_op = lax.optimization_barrier((acc, l_i, m_i, p_op))
+                # The rescale and l's cross-lane sums wait for PV's issue (below): fewer instructions
+                # before the arrive, and ptxas then moves part of the exponentials past it (notes v12).
+                alpha, l_new, m_i, p_op = lax.optimization_barrier((alpha, l_new, m_i, p_op))
+            else:
+                acc, l_i, m_i, p_op = lax.optimization_barrier((rescale(acc, alpha), l_new, m_i, p_op))
             plgpu.barrier_arrive(schedule_barrier)  # softmax done
             plgpu.barrier_wait(v_bars.at[slot])
             plgpu.barrier_wait(schedule_barrier)  # tensor cores free
@@ -536,7 +566,12 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
                     bias = plgpu.layout_cast(jnp.full(acc.shape, LOGIT_BIAS_BITS, jnp.int32), plgpu.Layout.WGMMA)
                     pv = lax.bitcast_convert_type(pl.run_state(compute_pv)(plgpu.ACC.init(bias)), jnp.float32)
                 pv = pv + lax.broadcast_in_dim(pv_offset, acc.shape, [1])  # + 128 * code sums - LOGIT_BIAS
-                acc = acc + pv * lax.broadcast_in_dim(pv_scale, acc.shape, [0])
+                p_sum, block_weight = l_new
+                if p_sum.ndim == 2:  # the GPU's per-thread partial sums (`_p_codes_gpu`)
+                    p_sum = p_sum.sum(axis=1)
+                l_i = l_i * alpha + block_weight * p_sum
+                pv_scale = block_weight * (1.0 / P_CODE_TOP)
+                acc = rescale(acc, alpha) + pv * lax.broadcast_in_dim(pv_scale, acc.shape, [0])
             elif pv_in_place:
                 acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
             else:
@@ -577,7 +612,7 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
                 issue_pv_onto(pv_ref, acc, alpha, p_op, slot)
                 give_turn()
                 s = logits(plgpu.wgmma_accumulator_load(s_ref, wait_n=1))  # S done, PV may still run
-                p_next, alpha_next, m_next, l_next, _ = softmax(s, step + 1, m_i, l_i, masked)
+                p_next, alpha_next, m_next, l_next = softmax(s, step + 1, m_i, l_i, masked)
                 return pv_ref[...], p_next, alpha_next, m_next, l_next
             pv, p_op, alpha_next, m_i, l_i = pl.run_scoped(
                 gemms, plgpu.ACC((bq, bkv), s_dtype), plgpu.ACC((bq, head_dim), jnp.float32))
@@ -594,7 +629,7 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
                 give_turn()
                 return s_ref[...]
             s = logits(pl.run_scoped(first_qk, plgpu.ACC((bq, bkv), s_dtype)))
-            p_op, alpha, m_i, l_i, _ = softmax(s, jnp.int32(0), m_i, l_i, masked=full_steps == 0)
+            p_op, alpha, m_i, l_i = softmax(s, jnp.int32(0), m_i, l_i, masked=full_steps == 0)
             carry = (acc, p_op, alpha, m_i, l_i)
             # overlapped_step(j) makes step j + 1's P: j + 1 < full_steps unmasked, then the ragged one.
             carry = lax.fori_loop(0, max(full_steps - 1, 0), overlapped_step, carry)
