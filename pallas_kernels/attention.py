@@ -461,10 +461,8 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
             p_ref = p_smem2.at[wg] if interpret else p_op  # interpret: wgmma's A from shared memory
             plgpu.wgmma(pv_ref, p_ref, v_smem.at[slot].T if pv8 else v_smem.at[slot])
 
-        def row_reduce(x, op: Literal["max", "add"]):
-            if interpret:
-                return x.max(axis=1) if op == "max" else x.sum(axis=1)
-            return _row_reduce_gpu(x, op)
+        def row_max(s):
+            return s.max(axis=1) if interpret else _row_reduce_gpu(s, "max")
 
         def load_block_scale(slot):
             plgpu.barrier_wait(ks_bars.at[slot])
@@ -491,7 +489,7 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
             if masked:
                 cols = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
                 s = jnp.where(cols + step * bkv < seq, s, -jnp.inf)
-            s_max = row_reduce(s, "max")
+            s_max = row_max(s)
             if int_logits:  # s holds LOGIT_BIAS + q . k: the bias leaves the max exactly
                 s_max = s_max - LOGIT_BIAS
             s_max = s_max * s_scale if qk8 else s_max * logit_scale
@@ -508,7 +506,7 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
                 p_op, p_sum = _p_codes_gpu(jnp.exp2(x))
             elif pv8 and not interpret:
                 p = jnp.exp2(x)
-                p_op, p_sum = _p_operand_gpu(p.astype(jnp.float8_e4m3fn)), row_reduce(p, "add")
+                p_op, p_sum = _p_operand_gpu(p.astype(jnp.float8_e4m3fn)), _row_reduce_gpu(p, "add")
             else:
                 p_op, p_sum = _p_operand_exact(x, precision)
                 if interpret:
