@@ -22,9 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 import flux_fixtures
-from pallas_kernels.attention import (INT8_HEAD_DIM_MAX, LOGIT_BIAS, AttentionConfig, attention,
+from pallas_kernels.attention import (INT8_HEAD_DIM_MAX, LOGIT_BIAS, AttentionConfig, _row_reduce_gpu, attention,
                                       attention_quantized, biased_logits, block_scales_per_key,
                                       default_config, key_permutation, quantize_qkv)
 from pallas_kernels.attention_reference import (BF16_REL, FP8_REL, INT8_L_GPU_REL, attention_reference, bf16_p_bound,
@@ -231,7 +234,59 @@ def test_rejects_bad_shapes():
         quantize_qkv(x, x, x, config=SMALL, precision="bf16")
 
 
+def _row_reduce_kernel(x: jax.Array, op: str) -> jax.Array:
+    """`_row_reduce_gpu` alone: x (64, cols) float32 through shared memory into the WGMMA layout,
+    each row's max or sum broadcast back over its row."""
+    def body(x_gmem, out_gmem):
+        def scoped(x_smem, out_smem, bar):
+            plgpu.copy_gmem_to_smem(x_gmem, x_smem, bar.at[0])
+            plgpu.barrier_wait(bar.at[0])
+            rows = _row_reduce_gpu(plgpu.load(x_smem, (), layout=plgpu.Layout.WGMMA, optimized=False), op)
+            out_smem[...] = lax.broadcast_in_dim(rows, x.shape, [0])
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem, out_gmem)
+            plgpu.wait_smem_to_gmem(0)
+        pl.run_scoped(scoped, plgpu.SMEM(x.shape, x.dtype), plgpu.SMEM(x.shape, x.dtype), plgpu.Barrier(num_barriers=1))
+
+    return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct(x.shape, x.dtype))(x)
+
+
+def _row_reduce_inputs(cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logit-like rows for the max (each row's max at another column, the last columns of every
+    other row masked to -inf as the ragged step does) and P-like weights in [0, 1] for the sum."""
+    rng = np.random.default_rng(cols)
+    logits = rng.standard_normal((64, cols)).astype(np.float32)
+    rows = np.arange(64)
+    logits[rows, (rows * 37) % cols] = 10 + rows  # a distinct winner a row, anywhere in it
+    logits[::2, cols - 40:] = -np.inf
+    return logits, rng.uniform(0, 1, (64, cols)).astype(np.float32)
+
+
+@pytest.mark.parametrize("cols", [128, 256])
+def test_row_reduce_lowers_for_the_gpu(cols):
+    x = jax.ShapeDtypeStruct((64, cols), jnp.float32)
+    for op in ("max", "add"):
+        lowered = jax.jit(lambda x: _row_reduce_kernel(x, op)).trace(x).lower(lowering_platforms=("cuda",))
+        assert "mosaic_gpu" in lowered.as_text()
+
+
 # ------------------------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cols", [128, 256])
+def test_gpu_row_reduce(cols):
+    """The kernel's row max (every precision) and fp8 P's row sum with ROW_REDUCE_ILP partial
+    results a thread: the max exactly, the sum within float32's bound for any order of cols
+    nonnegative terms, ~(cols - 1) 2^-24 of the sum (a dropped or doubled partial result is ~1/32
+    of it at 256 columns)."""
+    logits, weights = _row_reduce_inputs(cols)
+    np.testing.assert_array_equal(np.asarray(_row_reduce_kernel(jnp.asarray(logits), "max"))[:, 0],
+                                  logits.max(axis=1))
+    total = np.asarray(_row_reduce_kernel(jnp.asarray(weights), "add"), np.float64)
+    ref = weights.astype(np.float64).sum(axis=1, keepdims=True)
+    gamma = (cols - 1) * 2.0**-24 / (1 - (cols - 1) * 2.0**-24)
+    assert np.all(np.abs(total - ref) <= gamma * ref)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("overlap", [False, True], ids=["default", "overlap"])
