@@ -241,7 +241,7 @@ def _row_reduce_kernel(x: jax.Array, op: str) -> jax.Array:
         def scoped(x_smem, out_smem, bar):
             plgpu.copy_gmem_to_smem(x_gmem, x_smem, bar.at[0])
             plgpu.barrier_wait(bar.at[0])
-            rows = _row_reduce_gpu(plgpu.load(x_smem, (), layout=plgpu.Layout.WGMMA, optimized=False), op)
+            rows = _row_reduce_gpu(plgpu.load(x_smem, layout=plgpu.Layout.WGMMA, optimized=False), op)
             out_smem[...] = lax.broadcast_in_dim(rows, x.shape, [0])
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(out_smem, out_gmem)
