@@ -264,6 +264,7 @@ def _row_reduce_inputs(cols: int) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("cols", [128, 256])
 def test_row_reduce_lowers_for_the_gpu(cols):
+    """The row-reduction kernel of `test_gpu_row_reduce` lowers for CUDA from this machine."""
     x = jax.ShapeDtypeStruct((64, cols), jnp.float32)
     for op in ("max", "add"):
         lowered = jax.jit(lambda x: _row_reduce_kernel(x, op)).trace(x).lower(lowering_platforms=("cuda",))
@@ -272,14 +273,13 @@ def test_row_reduce_lowers_for_the_gpu(cols):
 
 # ------------------------------------------------------------------------------------ GPU
 
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("cols", [128, 256])
 def test_gpu_row_reduce(cols):
     """The kernel's row max (every precision) and fp8 P's row sum with ROW_REDUCE_ILP partial
     results a thread: the max exactly, the sum within float32's bound for any order of cols
-    nonnegative terms, ~(cols - 1) 2^-24 of the sum (a dropped or doubled partial result is ~1/32
-    of it at 256 columns)."""
+    nonnegative terms, ~(cols - 1) 2^-24 of the sum (one value dropped or counted twice moves it by
+    ~1/cols of it, at least ~250x the bound)."""
     logits, weights = _row_reduce_inputs(cols)
     np.testing.assert_array_equal(np.asarray(_row_reduce_kernel(jnp.asarray(logits), "max"))[:, 0],
                                   logits.max(axis=1))
@@ -287,6 +287,7 @@ def test_gpu_row_reduce(cols):
     ref = weights.astype(np.float64).sum(axis=1, keepdims=True)
     gamma = (cols - 1) * 2.0**-24 / (1 - (cols - 1) * 2.0**-24)
     assert np.all(np.abs(total - ref) <= gamma * ref)
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("overlap", [False, True], ids=["default", "overlap"])
