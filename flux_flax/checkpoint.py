@@ -386,6 +386,9 @@ def _with_sharding(path: StatePath, leaf: jax.ShapeDtypeStruct, sharding: Shardi
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target)
 
 
+ARRAY_FILES = "state/"  # where Orbax writes the PyTree's files (its checkpointable "state")
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     *,
@@ -402,7 +405,7 @@ def load_checkpoint(
 
     With `verify` (the default), every file is first checked against the integrity manifest
     written with it: a missing, truncated or altered file (arrays or settings) raises
-    `CheckpointDamagedError` naming it. The model is built abstractly from the metadata (no random
+    `CheckpointDamagedError` naming it; without, the array files' presence and sizes still are. The model is built abstractly from the metadata (no random
     initialisation) and the arrays are restored straight into it, placed by `sharding`: None (the
     default device), one `jax.sharding.Sharding` for every leaf, or a function (state path,
     abstract leaf) -> Sharding. `config`, `group_size` and `hadamard`, when given, must match the
@@ -413,8 +416,10 @@ def load_checkpoint(
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     has_manifest = (path / MANIFEST).is_file()
-    if verify and has_manifest:
-        verify_manifest(path)
+    # Unverified, the array files are still stat'ed: a missing or truncated one is named here, not by
+    # TensorStore, whose failed reads also flood stderr with orbax's event-loop errors.
+    if has_manifest:
+        verify_manifest(path, digests=verify, under="" if verify else ARRAY_FILES)
     metadata = read_metadata(path)
     if verify and not has_manifest:
         raise CheckpointDamagedError(f"checkpoint {path} is damaged: its integrity manifest {MANIFEST} is missing")

@@ -89,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="a convrot-convert checkpoint replacing the folder's part it holds: the transformer (W4A4) "
                           "or the T5 encoder text_encoder_2 (W4A16, JAX text backend); repeat for both")
     gen.add_argument("--no-verify", action="store_true",
-                     help="skip checking the checkpoint's files against their recorded SHA-256 digests")
+                     help="skip checking the checkpoint's files against their recorded SHA-256 digests "
+                          "(the array files' presence and sizes are still checked)")
     gen.add_argument("--prompt", action="append", help="a prompt; repeat for several")
     gen.add_argument("--prompts-file", help="a UTF-8 text file with one prompt per line")
     gen.add_argument("--steps", type=int,

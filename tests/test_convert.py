@@ -515,6 +515,38 @@ def test_damaged_checkpoint_is_refused_in_one_line(case, fragment, tiny_checkpoi
     assert "\n" not in message and str(damaged) in message and fragment in message, message
 
 
+# Loads argv[1] unverified in a process of its own, printing the error: orbax and TensorStore write
+# to stderr from their threads and at exit, which only a separate process shows whole.
+LOAD_UNVERIFIED = """
+import sys
+from flux_flax.checkpoint import load_checkpoint
+from flux_flax.errors import CheckpointError
+try:
+    load_checkpoint(sys.argv[1], verify=False)
+except CheckpointError as e:
+    print(e)
+"""
+
+
+@pytest.mark.parametrize("case", ["removed", "truncated"])
+def test_unverified_missing_or_truncated_array_file_is_named_and_quiet(case, tiny_checkpoint, tmp_path):
+    """Without the digests the array files are still stat'ed: a missing or truncated one is named
+    in one line before TensorStore reads it (its failed reads print ~30 KB of event-loop errors)."""
+    def damage(copy: Path) -> None:
+        for data in _data_files(copy):
+            data.unlink() if case == "removed" else os.truncate(data, data.stat().st_size // 2)
+
+    damaged = _damaged_copy(tiny_checkpoint, tmp_path, damage)
+    run = subprocess.run([sys.executable, "-c", LOAD_UNVERIFIED, str(damaged)], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    fragment = "is missing" if case == "removed" else "bytes"
+    assert f"checkpoint {damaged} is damaged: file state/" in run.stdout and fragment in run.stdout, run.stdout
+    assert len(run.stdout.splitlines()) == 1, run.stdout
+    noise = ("Traceback", "Event loop is closed", "never retrieved", "DATA_LOSS", "NOT_FOUND")
+    assert not any(n in run.stderr for n in noise), run.stderr[-3000:]
+
+
 @pytest.mark.parametrize("case", ["bytes flipped", "data file removed"])
 def test_unverified_damage_still_gives_one_line(case, tiny_checkpoint, tmp_path):
     """With verification off, flipped bytes in a compressed array file or a missing one is
