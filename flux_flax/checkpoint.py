@@ -405,7 +405,8 @@ def load_checkpoint(
 
     With `verify` (the default), every file is first checked against the integrity manifest
     written with it: a missing, truncated or altered file (arrays or settings) raises
-    `CheckpointDamagedError` naming it; without, the array files' presence and sizes still are. The model is built abstractly from the metadata (no random
+    `CheckpointDamagedError` naming it; without, the array files' presence and sizes still are
+    (where the manifest is readable). The model is built abstractly from the metadata (no random
     initialisation) and the arrays are restored straight into it, placed by `sharding`: None (the
     default device), one `jax.sharding.Sharding` for every leaf, or a function (state path,
     abstract leaf) -> Sharding. `config`, `group_size` and `hadamard`, when given, must match the

@@ -547,6 +547,16 @@ def test_unverified_missing_or_truncated_array_file_is_named_and_quiet(case, tin
     assert not any(n in run.stderr for n in noise), run.stderr[-3000:]
 
 
+def test_unverified_load_ignores_an_unreadable_manifest(tiny_checkpoint, tmp_path):
+    """--no-verify stays the way past a damaged integrity manifest when the arrays are whole."""
+    damaged = _damaged_copy(tiny_checkpoint, tmp_path, lambda copy: (copy / "convrot-integrity.json").write_text("{"))
+    with pytest.raises(CheckpointDamagedError, match="convrot-integrity.json is unreadable"):
+        load_checkpoint(damaged)
+    model, _ = load_checkpoint(damaged, verify=False)
+    reference, _ = load_checkpoint(tiny_checkpoint)
+    assert_same_state(model, reference)
+
+
 @pytest.mark.parametrize("case", ["bytes flipped", "data file removed"])
 def test_unverified_damage_still_gives_one_line(case, tiny_checkpoint, tmp_path):
     """With verification off, flipped bytes in a compressed array file or a missing one is
