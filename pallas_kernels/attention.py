@@ -29,13 +29,16 @@ Four precisions of the same kernel:
   * "int8": the same 8-bit S; P and V as int8 codes on the int8 tensor cores (as fast as fp8),
     with 8 significant bits where e4m3 keeps 4: P is quantized against each row's max within the
     KV block (256 levels over the block's own weights, where the running max would leave the
-    typical weight a few levels), as round(255 p) - 128 (s8; the offset's 128 * sum of the
-    block's V codes is added back per channel); V less its per-channel mean (added back at the
-    end) in int8 per channel. Each block's P . V is an int32 accumulator started at LOGIT_BIAS's
-    bits (|P . V| <= 128 * 127 * 256 < 2^22: its bits are a float, as for S), scaled by the
-    block's 2^(block max - m) / 255 and added to the float32 output: one FADD and one FFMA an
-    output element a block more than fp8's in-place accumulation (benchmarks/notes/attention.md
-    v10).
+    typical weight a few levels), as round(255 p) - 128 (s8); V less its per-channel mean (added
+    back at the end) in int8 per channel, its scale also large enough that a block's codes sum to
+    at most V_BLOCK_ABS_SUM_MAX in magnitude per channel. Each block's P . V is an int32
+    accumulator started at LOGIT_BIAS's bits plus 128 * the block's V code sums (what the -128
+    offset takes out), so that it ends as the bits of the float LOGIT_BIAS + sum_j u_j v_j
+    (u = round(255 p) <= 253: |sum| < 2^22, exact, as for S). The float32 output is kept in units
+    of the current block's code reference, with the bias in it: O' = O' r + that float, one FFMA
+    an output element a block (r = 2^(previous reference - this one)); the number of biases it
+    holds (c = c r + 1) and l follow per row, and (O' - LOGIT_BIAS c) / (255 l) ends it
+    (benchmarks/notes/attention.md v10, v14).
 8-bit wgmma needs both operands K-major: Q (rows of D), K (rows of D, the B operand transposed),
 P (rows of block_kv) are; V is not (its contraction dim is the sequence), so `quantize_qkv`
 writes V transposed, (B, H, D, S), and the kernel's B operand is that tile transposed. P stays in
@@ -80,6 +83,7 @@ FP8_MAX = 448.0  # e4m3fn's largest finite value
 SCALE_FLOOR = 1e-10  # scale of an all-zero row or channel: zero codes, never NaN
 LOG2E = math.log2(math.e)
 LOGIT_BIAS_BITS, LOGIT_BIAS = 0x4B400000, 12582912.0  # the float 1.5 * 2**23 and its bits (`biased_logits`)
+BIASED_EXACT = 2**22  # `biased_logits` is exact for |x| <= it
 INT8_HEAD_DIM_MAX = 256  # int8 Q K^T codes: |q . k| <= 127² D <= 2**22, exact in `biased_logits`
 _COMPUTE_WGS = 2
 
@@ -130,8 +134,9 @@ class QuantizedQKV:
       (per channel; keys permuted within each 16, as the kernel's P registers are); v_bf16 None;
     "int8" (int8 PV): the same with int8 codes of v - v_mean (V's per-channel mean over the
       sequence, added back to the output: exact, the softmax weights sum to 1), padded keys' codes
-      0, and v_code_sums[..., j, :] = 128 * the sum of block j's codes (what P's -128 offset takes
-      out of each block's PV, `_p_codes_gpu`);
+      0, sum_j |codes| <= V_BLOCK_ABS_SUM_MAX over each block's keys per channel, and
+      pv_start[..., j, :] = LOGIT_BIAS_BITS + 128 * the sum of block j's codes (int32: the start
+      values of block j's P . V accumulator; 128: what P's -128 offset takes out, `_p_codes_gpu`);
     "sage_qk8" (bf16 PV): v_bf16 = v in bf16, padded; v_t_codes and v_scale None."""
     q_codes: jax.Array  # (B, s, H, D) int8 or float8_e4m3fn
     q_scale: jax.Array  # (B, H, s) float32
@@ -141,7 +146,7 @@ class QuantizedQKV:
     v_scale: jax.Array | None  # (B, H, D) float32
     v_bf16: jax.Array | None  # (B, s, H, D) bfloat16
     v_mean: jax.Array | None = None  # (B, H, D) float32, "int8" only
-    v_code_sums: jax.Array | None = None  # (B, H, s / block_kv, D) int32, "int8" only
+    pv_start: jax.Array | None = None  # (B, H, s / block_kv, D) int32, "int8" only
 
     @property
     def precision(self) -> Precision:
@@ -208,7 +213,13 @@ def _row_reduce_gpu(x: jax.Array, op: Literal["max", "add"]) -> jax.Array:
 
 P_CODE_TOP = 255  # "int8" P: round(255 p / the row's max in the block) - 128, an s8 code
 P_CODE_OFFSET = 128
+P_CODE_MAX = 253  # the largest round(255 p) the headroom lets a code reach (`_kernel`'s softmax)
 P_HEADROOM = 2.0**-6  # log2 units (see `_kernel`'s softmax); the same in numerator and l: cancels
+# A block's codes are taken against its row max, or against the running max less this many log2
+# units where the block's max is lower still: the output's rescale between blocks stays <= 2^64.
+P_REFERENCE_FLOOR = 64.0
+# sum_j |V codes| per block and channel: then |sum_j u_j v_j| <= P_CODE_MAX * this < BIASED_EXACT
+V_BLOCK_ABS_SUM_MAX = (BIASED_EXACT - 1) // P_CODE_MAX
 _F16X2_255, _F16X2_1408 = 0x5BF85BF8, 0x65806580  # f16 pairs (255, 255), (1536 - 128, 1536 - 128)
 
 
@@ -310,11 +321,15 @@ def _p_codes_gpu(p: jax.Array) -> tuple[jax.Array, jax.Array]:
     return codes(p)
 
 
-def _symmetric_codes(x: jax.Array, axis: int | tuple[int, ...], dtype) -> tuple[jax.Array, jax.Array]:
-    """Codes and float32 scales of x along `axis` (max |x| -> the format's largest value)."""
+def _symmetric_codes(x: jax.Array, axis: int | tuple[int, ...], dtype, min_scale: jax.Array | None = None
+                     ) -> tuple[jax.Array, jax.Array]:
+    """Codes and float32 scales of x along `axis` (max |x| -> the format's largest value, or
+    `min_scale` (keepdims shape) where that is larger)."""
     top = INT8_MAX if dtype == jnp.int8 else FP8_MAX
     absmax = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
     scale = jnp.maximum(absmax * (1.0 / top), SCALE_FLOOR)
+    if min_scale is not None:
+        scale = jnp.maximum(scale, min_scale)
     scaled = x / scale
     codes = jnp.clip(jnp.round(scaled), -top, top).astype(dtype) if dtype == jnp.int8 else scaled.astype(dtype)
     return codes, jnp.squeeze(scale, axis)
@@ -351,22 +366,31 @@ def quantize_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, config: AttentionC
 
 def _v_operands(v: jax.Array, seq_pad: int, precision: Precision, block_kv: int) -> dict[str, jax.Array | None]:
     """`QuantizedQKV`'s V fields from (B, S, H, D) v: "sage8" fp8 codes per channel, "int8" int8
-    codes of v - mean per channel (and their block sums), made in v's layout, then one transposing
-    copy of the bytes (keys permuted in it); "sage_qk8" v in bf16."""
+    codes of v - mean per channel (and their blocks' accumulator start values), made in v's layout,
+    then one transposing copy of the bytes (keys permuted in it); "sage_qk8" v in bf16.
+
+    "int8": a channel's scale is also at least its largest block sum of |v - mean| over
+    (V_BLOCK_ABS_SUM_MAX - block_kv / 2) (each code adds at most half a step to that sum), so that
+    P . V stays exact in the kernel's biased float. Only blocks whose values sit near their
+    channel's extreme over most of their keys (FLUX's padded text tokens can) reach it; it then
+    takes the channel a bit of its resolution."""
     if precision == "sage_qk8":
         return dict(v_t_codes=None, v_scale=None, v_bf16=_pad_seq(v.astype(jnp.bfloat16), seq_pad, 1))
+    b, _, h, d = v.shape
     v32 = v.astype(jnp.float32)
-    v_mean = None
+    v_mean = min_scale = None
     if precision == "int8":
         v_mean = jnp.mean(v32, axis=1, keepdims=True)
-        v32 = v32 - v_mean
-    v_codes, v_scale = _symmetric_codes(v32, 1, PV_DTYPES[precision])  # v_scale (B, H, D)
+        v32 = _pad_seq(v32 - v_mean, seq_pad, 1)  # padded keys: 0, code 0
+        block_abs_sums = jnp.abs(v32).reshape(b, seq_pad // block_kv, block_kv, h, d).sum(axis=2)
+        min_scale = jnp.max(block_abs_sums, axis=1, keepdims=True) / (V_BLOCK_ABS_SUM_MAX - block_kv / 2)
+    v_codes, v_scale = _symmetric_codes(v32, 1, PV_DTYPES[precision], min_scale)  # v_scale (B, H, D)
     v_codes = _pad_seq(v_codes, seq_pad, 1)  # padded keys: code 0
     fields = dict(v_t_codes=_transpose_permuting_keys(v_codes), v_scale=v_scale, v_bf16=None)
     if precision == "int8":
-        b, _, h, d = v.shape
         sums = v_codes.astype(jnp.int32).reshape(b, seq_pad // block_kv, block_kv, h, d).sum(axis=2)
-        fields.update(v_mean=v_mean[:, 0], v_code_sums=jnp.transpose(sums * P_CODE_OFFSET, (0, 2, 1, 3)))
+        fields.update(v_mean=v_mean[:, 0],
+                      pv_start=jnp.transpose(LOGIT_BIAS_BITS + P_CODE_OFFSET * sums, (0, 2, 1, 3)))
     return fields
 
 
@@ -419,7 +443,7 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
     # on the GPU (fp8 PV too: its accumulation error measured the same as a fresh accumulator's,
     # notes/attention.md v6). In interpret mode each step's PV goes to a fresh accumulator that is
     # added to the running one.
-    # "int8" PV cannot: its int32 accumulator holds one block's sum, scaled when added (`kv_step`).
+    # "int8" PV cannot: its int32 accumulator holds one block's sum, added by one FFMA (`kv_step`).
     pv_in_place = not interpret and not pv_int
 
     def schedule():
@@ -440,8 +464,10 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
             row_scale = plgpu.load(qs_ref.at[batch, head, pl.ds(q_base, bq)], layout=plgpu.Layout.WGMMA.reduce(1),
                                    optimized=False)
         plgpu.barrier_wait(q_bars.at[wg])
-        m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        l_i = plgpu.layout_cast(jnp.full((bq,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        row_fill = lambda x: plgpu.layout_cast(jnp.full((bq,), x, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        m_i, l_i = row_fill(-jnp.inf), row_fill(0)
+        if pv_int:  # l, the biases the output holds, the previous block's code reference
+            l_i = (l_i, row_fill(0), row_fill(-jnp.inf))
         acc = plgpu.layout_cast(jnp.full((bq, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
 
         # The wgmmas take their stage's slot from outside run_state / run_scoped: a constant step
@@ -472,11 +498,13 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
             """Online softmax in base 2 of `step`'s logits (m_i: the running max of logits * log2 e);
             releases the step's K. Returns P as the PV wgmma's operand, alpha (the rescale of what
             PV accumulated before this step), m and l; "int8": in l's place the block's row sums
-            of P (on the GPU each thread's partial sums) and its weight 2^(block max - m).
+            of P (on the GPU each thread's partial sums) and its code reference.
 
-            "int8": P is quantized against each row's max in this block, not the running max (its
-            256 levels then span the block's own weights; 2^(block max - m) rescales the block's
-            PV sum), and l sums the unrounded weights."""
+            "int8": P is quantized against a reference per row and block, its max in this block
+            (its 256 levels then span the block's own weights, where the running max would leave the
+            typical weight a few levels) or m - P_REFERENCE_FLOOR if that is larger; alpha =
+            2^(previous reference - this one) carries the output into this block's units (<= 2^64:
+            no overflow however far a block's max falls below m), and l sums the unrounded weights."""
             slot = slot_of(step)
             if qk8:  # logits * log2 e = codes . codes * q_scale (row) * this block's k_scale
                 if block_scale is None:
@@ -494,11 +522,16 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
                 s_max = s_max - LOGIT_BIAS
             s_max = s_max * s_scale if qk8 else s_max * logit_scale
             m_new = jnp.maximum(m_i, s_max)
-            alpha = jnp.exp2(m_i - m_new)
             # "int8": 2^(x - P_HEADROOM) <= 2^-2^-6 ~ 0.989 but for float32 rounding of x (which
             # can put the row's max a hair above 0) and float16 rounding of p: 255 p rounds to at
-            # most 253, never past the code range; fp8: P * 448, e4m3's whole range.
-            shift = s_max + P_HEADROOM if pv_int else m_new - math.log2(FP8_MAX) if pv8 else m_new
+            # most P_CODE_MAX = 253, never past the code range; fp8: P * 448, e4m3's whole range.
+            if pv_int:
+                reference = jnp.maximum(s_max, m_new - P_REFERENCE_FLOOR)
+                alpha = jnp.exp2(l_i[2] - reference)
+                shift = reference + P_HEADROOM
+            else:
+                alpha = jnp.exp2(m_i - m_new)
+                shift = m_new - math.log2(FP8_MAX) if pv8 else m_new
             if int_logits:  # (LOGIT_BIAS + q . k) * scale - (shift + LOGIT_BIAS * scale): one FMA a logit
                 shift = shift + LOGIT_BIAS * s_scale
             x = s * row - lax.broadcast_in_dim(shift, s.shape, [0])
@@ -513,7 +546,7 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
                     p_smem2[wg] = _p_operand_interpret(p_op) if pv8 else p_op
                     plgpu.commit_smem()
             if pv_int:  # l's update waits for PV's issue (`kv_step`)
-                return p_op, alpha, m_new, (p_sum, jnp.exp2(s_max - m_new))
+                return p_op, alpha, m_new, (p_sum, reference)
             return p_op, alpha, m_new, l_i * alpha + p_sum
 
         def rescale(acc, alpha):
@@ -533,8 +566,8 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
             s = logits(pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), s_dtype)))
             p_op, alpha, m_i, l_new = softmax(s, step, m_i, l_i, masked, block_scale)
             if pv_int:  # loaded here, S dead: its latency runs under the barrier waits below
-                pv_offset = plgpu.load(vsum_ref.at[batch, head, step], layout=plgpu.Layout.WGMMA.reduce(0),
-                                       optimized=False)
+                pv_start = plgpu.load(vsum_ref.at[batch, head, step], layout=plgpu.Layout.WGMMA.reduce(0),
+                                      optimized=False)
                 # The rescale and l's cross-lane sums wait for PV's issue (below): fewer instructions
                 # before the arrive, and ptxas then moves part of the exponentials past it (notes v12).
                 alpha, l_new, m_i, p_op = lax.optimization_barrier((alpha, l_new, m_i, p_op))
@@ -556,20 +589,20 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
                 issue_pv(pv_ref, p_op, slot)
                 wait_next_k()
 
-            if pv_int:  # sum_j round(255 e_j) v_j = the s8 P . V codes + 128 * the block's code sums
-                if interpret:  # interpret mode cannot start an accumulator at a value: `biased_logits`
-                    pv = biased_logits(pl.run_scoped(lambda r: (compute_pv(r), r[...])[1],
-                                                     plgpu.ACC(acc.shape, jnp.int32)))
-                else:  # started at LOGIT_BIAS's bits, P . V (|.| <= 128 * 127 * 256 < 2^22) leaves a float
-                    bias = plgpu.layout_cast(jnp.full(acc.shape, LOGIT_BIAS_BITS, jnp.int32), plgpu.Layout.WGMMA)
-                    pv = lax.bitcast_convert_type(pl.run_state(compute_pv)(plgpu.ACC.init(bias)), jnp.float32)
-                pv = pv + lax.broadcast_in_dim(pv_offset, acc.shape, [1])  # + 128 * code sums - LOGIT_BIAS
-                p_sum, block_weight = l_new
+            if pv_int:  # the s8 P . V codes from LOGIT_BIAS's bits + 128 * the block's code sums: the
+                # bits of the float LOGIT_BIAS + sum_j u_j v_j (u = round(255 p), |sum| < 2^22)
+                start = lax.broadcast_in_dim(pv_start, acc.shape, [1])
+                if interpret:  # interpret mode cannot start an accumulator at a value
+                    pv = pl.run_scoped(lambda r: (compute_pv(r), r[...])[1], plgpu.ACC(acc.shape, jnp.int32))
+                    pv = lax.bitcast_convert_type(pv + start, jnp.float32)
+                else:
+                    pv = lax.bitcast_convert_type(pl.run_state(compute_pv)(plgpu.ACC.init(start)), jnp.float32)
+                p_sum, reference = l_new
                 if p_sum.ndim == 2:  # the GPU's per-thread partial sums (`_p_codes_gpu`)
                     p_sum = p_sum.sum(axis=1)
-                l_i = l_i * alpha + block_weight * p_sum
-                pv_scale = block_weight * (1.0 / P_CODE_TOP)
-                acc = rescale(acc, alpha) + pv * lax.broadcast_in_dim(pv_scale, acc.shape, [0])
+                l, biases, _ = l_i
+                l_i = (l * alpha + p_sum, biases * alpha + 1.0, reference)
+                acc = rescale(acc, alpha) + pv  # one FFMA an element: the bias stays in, counted
             elif pv_in_place:
                 acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
             else:
@@ -655,6 +688,10 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
             acc, m_i, l_i = carry
             pl.when(wg == 0)(schedule)
 
+        if pv_int:  # the biases out, the codes' 255 in: float32 rounding, notes/attention.md v14
+            l_i, biases, _ = l_i
+            acc = acc - lax.broadcast_in_dim(biases * LOGIT_BIAS, acc.shape, [0])
+            l_i = l_i * P_CODE_TOP
         out = acc * lax.broadcast_in_dim(1.0 / l_i, acc.shape, [0])
         if pv8:
             v_scale = plgpu.load(vs_ref.at[batch, head], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
@@ -778,12 +815,11 @@ def attention_quantized(qkv: QuantizedQKV, *, seq: int, out_dtype=jnp.bfloat16, 
         if precision == "int8":
             if config.overlap:
                 raise ValueError(f"precision 'int8' runs the default (not overlapped) loop, got {config}")
-            sums_shape = (b, h, seq_pad // config.block_kv, d)
-            if qkv.v_code_sums is None or qkv.v_code_sums.shape != sums_shape or qkv.v_mean is None:
-                raise ValueError(f"int8 V needs v_mean (B, H, D) and v_code_sums {sums_shape} made for {config}, "
-                                 f"got {None if qkv.v_code_sums is None else qkv.v_code_sums.shape}")
-            # what the kernel adds to each block's biased P . V (`_kernel`): exact integers in float32
-            operands += [qkv.v_mean, qkv.v_code_sums.astype(jnp.float32) - LOGIT_BIAS]
+            start_shape = (b, h, seq_pad // config.block_kv, d)
+            if qkv.pv_start is None or qkv.pv_start.shape != start_shape or qkv.v_mean is None:
+                raise ValueError(f"int8 V needs v_mean (B, H, D) and pv_start {start_shape} made for {config}, "
+                                 f"got {None if qkv.pv_start is None else qkv.pv_start.shape}")
+            operands += [qkv.v_mean, qkv.pv_start]
     else:
         if qkv.v_bf16.shape != qkv.q_codes.shape or qkv.v_bf16.dtype != jnp.bfloat16:
             raise ValueError(f"v_bf16 must be bfloat16 {qkv.q_codes.shape}, got {qkv.v_bf16.dtype} {qkv.v_bf16.shape}")

@@ -7,9 +7,10 @@ The "sage8" kernel's error has two parts that the tests check apart:
     products summed in float32): in fp8 ("sage8") each p is off by at most 2^-4 of itself (e4m3
     keeps 4 significant bits, round to nearest) plus half a subnormal step; in bf16 ("sage_qk8")
     by 2^-8; in "int8" by half a code step, 1/255 of the largest weight of its row in its KV block
-    (times 2^P_HEADROOM), plus what float32 logits and (GPU) the float16 rounding of p add.
-    `p_rounding_bounds` turns that into a worst-case bound per element and an RMS prediction per
-    row.
+    (times 2^P_HEADROOM), plus what float32 logits and (GPU) the float16 rounding of p add, and
+    the float32 rounding of the output that the kernel keeps with LOGIT_BIAS in it
+    (INT8_BIASED_OUTPUT_REL). `p_rounding_bounds` turns that into a worst-case bound per element and
+    an RMS prediction per row.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.attention import (FP8_MAX, LOG2E, LOGIT_BIAS, P_CODE_TOP, P_HEADROOM, QuantizedQKV,
-                                      block_scales_per_key, key_permutation)
+from pallas_kernels.attention import (BIASED_EXACT, FP8_MAX, LOG2E, LOGIT_BIAS, P_CODE_TOP, P_HEADROOM,
+                                      P_REFERENCE_FLOOR, QuantizedQKV, block_scales_per_key, key_permutation)
 
 FP8_REL = 2.0**-4  # e4m3 round to nearest: |fp8(x) - x| <= 2^-4 |x| for normal x
 FP8_SUBNORMAL_HALF_STEP = 2.0**-10  # e4m3 subnormal spacing 2^-9
@@ -32,6 +33,15 @@ BF16_REL = 2.0**-8
 # (7 adds, each <= 2^-11 of a partial sum <= the lane's sum), then in float32: <= 8 * 2^-11 of l.
 INT8_P_GPU_CODES = P_CODE_TOP * (2.0**-11 + 2.0**-22)
 INT8_L_GPU_REL = 8 * 2.0**-11
+# "int8" keeps its float32 output O' with LOGIT_BIAS in it, in units of the current block's code
+# reference (`attention._kernel`): per block O' = O' a + (LOGIT_BIAS + P.V) and c = c a + 1 (the
+# biases it holds), at most two float32 roundings each (one where fused), |O'| <= c (LOGIT_BIAS +
+# BIASED_EXACT); at the end O' - LOGIT_BIAS c. A block's roundings, carried to the end by the later
+# rescales, are <= 2^-24 (2 (LOGIT_BIAS + BIASED_EXACT) + 2 LOGIT_BIAS) sum_{b' <= b} F_b' (F_b':
+# the factor that carries block b' to the final units); the end's, one block's worth. Divided by
+# 255 l, F_b' / l is 2^P_HEADROOM times the normalized weight of block b''s reference, so per element
+# and V code step (v_scale): INT8_BIASED_OUTPUT_REL (nb + 1) sum_b' reference weight_b'.
+INT8_BIASED_OUTPUT_REL = 2.0**-24 * (4 * LOGIT_BIAS + 2 * BIASED_EXACT) * 2.0**P_HEADROOM / P_CODE_TOP
 
 
 def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -75,24 +85,30 @@ def dequantized_attention(qkv: QuantizedQKV, seq: int) -> np.ndarray:
 
 def _int8_p_bounds(qkv: QuantizedQKV, seq: int, gpu: bool) -> tuple[np.ndarray, np.ndarray]:
     """`p_rounding_bounds` for "int8": weight j of a row is off by at most (1/2 + slack) code
-    steps, a step being 2^P_HEADROOM / 255 of the row's largest weight in j's KV block; slack: the
-    float32 logit x = (LOGIT_BIAS + q.k) s - (block max + LOGIT_BIAS s) is off by at most 4
-    roundings of LOGIT_BIAS s (2^-24 of it each), 255 ln 2 * that in codes, + INT8_P_GPU_CODES on
-    the GPU. The error multiplies V less its mean (the mean is added exactly)."""
+    steps, a step being 2^P_HEADROOM / 255 of the reference weight of j's KV block (the row's
+    largest weight in the block, or 2^-P_REFERENCE_FLOOR of its largest so far if that is larger);
+    slack: the float32 logit x = (LOGIT_BIAS + q.k) s - (reference + LOGIT_BIAS s) is off by at
+    most 4 roundings of LOGIT_BIAS s (2^-24 of it each), 255 ln 2 * that in codes, +
+    INT8_P_GPU_CODES on the GPU. The error multiplies V less its mean (the mean is added exactly).
+    The biased output's float32 roundings (INT8_BIASED_OUTPUT_REL) add to both, as a worst case."""
     q2, k, v = dequantize(qkv, seq)
     w = _weights(q2, k)
     s = w.shape[-1]
     block_kv = qkv.k_codes.shape[1] // qkv.k_scale.shape[-1]
     blocks = -(-s // block_kv)
     wb = np.pad(w, [(0, 0)] * 3 + [(0, blocks * block_kv - s)]).reshape(*w.shape[:3], blocks, block_kv)
-    step = np.repeat(wb.max(-1), block_kv, axis=-1)[..., :s] * 2.0**P_HEADROOM / P_CODE_TOP  # (B, H, S, S)
+    block_max = wb.max(-1)
+    reference = np.maximum(block_max, np.maximum.accumulate(block_max, axis=-1) * 2.0**-P_REFERENCE_FLOOR)
+    step = np.repeat(reference, block_kv, axis=-1)[..., :s] * 2.0**P_HEADROOM / P_CODE_TOP  # (B, H, S, S)
     s_scale = (np.asarray(qkv.q_scale, np.float64)[..., :seq, None]
                * np.asarray(block_scales_per_key(qkv.k_scale, block_kv), np.float64)[:, :, None, :s])
     half = 0.5 + P_CODE_TOP * math.log(2) * 4 * LOGIT_BIAS * 2.0**-24 * s_scale + (INT8_P_GPU_CODES if gpu else 0)
     vc = np.abs(v - np.asarray(qkv.v_mean, np.float64)[:, None])
     worst = np.einsum("bhqk,bkhd->bqhd", step * half, vc, optimize=True)
     rms = np.sqrt(np.einsum("bhqk,bkh->bqh", step**2, (vc**2).sum(-1), optimize=True)) / math.sqrt(12)
-    return worst, rms
+    biased = (INT8_BIASED_OUTPUT_REL * (blocks + 1) * np.transpose(reference.sum(-1), (0, 2, 1))[..., None]
+              * np.asarray(qkv.v_scale, np.float64)[:, None])  # (B, S, H, D)
+    return worst + biased, np.sqrt(rms**2 + (biased**2).sum(-1))
 
 
 def p_rounding_bounds(qkv: QuantizedQKV, seq: int, gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:

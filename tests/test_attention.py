@@ -27,15 +27,30 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 import flux_fixtures
-from pallas_kernels.attention import (INT8_HEAD_DIM_MAX, LOGIT_BIAS, AttentionConfig, _row_reduce_gpu, attention,
-                                      attention_quantized, biased_logits, block_scales_per_key,
-                                      default_config, key_permutation, quantize_qkv)
+from pallas_kernels.attention import (INT8_HEAD_DIM_MAX, LOGIT_BIAS, LOGIT_BIAS_BITS, P_CODE_MAX, V_BLOCK_ABS_SUM_MAX,
+                                      AttentionConfig, _row_reduce_gpu, attention, attention_quantized, biased_logits,
+                                      block_scales_per_key, default_config, key_permutation, quantize_qkv)
 from pallas_kernels.attention_reference import (BF16_REL, FP8_REL, INT8_L_GPU_REL, attention_reference, bf16_p_bound,
                                                 dequantize, dequantized_attention, flux_like_qkv, p_rounding_bounds,
                                                 random_qkv)
 
 SMALL = AttentionConfig(block_q=64, block_kv=64, max_concurrent_steps=2)
-INPUTS = {"random": random_qkv, "flux_like": flux_like_qkv}
+
+
+def constant_block_qkv(key: jax.Array, shape: tuple[int, int, int, int]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Random q, k, v but for the first 256 keys, identical in k and at +6 in every channel of v:
+    a block of FLUX's padded text tokens at its channels' extreme. Each row's weights are flat
+    over that block, so "int8"'s codes there are all ~252 against V codes that, at the channels'
+    absmax scale, would all be ~127: sum_j u_j v_j ~ 8.2e6, past the 2^22 that the kernel's biased
+    float holds exactly, unless V's scale keeps the block's codes small enough
+    (V_BLOCK_ABS_SUM_MAX)."""
+    q, k, v = random_qkv(key, shape, jnp.float32)
+    k = k.at[:, :256].set(k[:, :1])
+    v = v.at[:, :256].set(6.0)
+    return q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
+
+
+INPUTS = {"random": random_qkv, "flux_like": flux_like_qkv, "constant_block": constant_block_qkv}
 QK_DTYPES = pytest.mark.parametrize("qk_dtype", [jnp.int8, jnp.float8_e4m3fn], ids=["int8", "fp8"])
 
 
@@ -177,8 +192,9 @@ def test_quantize_qkv(qk_dtype):
 
 def test_quantize_qkv_int8_v():
     """"int8": V less its per-channel mean in int8 codes within half a code step (the mean added
-    back by `dequantize`), padded keys' codes 0, and each block's code sums (times 128) equal to
-    the sums of its codes: what the kernel adds back for P's -128 offset."""
+    back by `dequantize`), padded keys' codes 0, each block's accumulator start values
+    LOGIT_BIAS_BITS + 128 * the sums of its codes (what the kernel adds back for P's -128 offset),
+    and every block's sum of |codes| per channel within V_BLOCK_ABS_SUM_MAX."""
     seq, config = 200, SMALL
     q, k, v = flux_like_qkv(jax.random.key(4), (2, seq, 2, 128))
     v = v + 3.0  # a mean to take out
@@ -191,8 +207,26 @@ def test_quantize_qkv_int8_v():
     codes = np.empty(qkv.v_t_codes.shape, np.int64)  # (B, H, D, s), back from the key permutation
     codes[..., key_permutation(codes.shape[-1])] = np.asarray(qkv.v_t_codes, np.int64)
     assert not np.any(codes[..., seq:])
-    blocks = codes.reshape(*codes.shape[:3], -1, config.block_kv).sum(-1)  # permutation stays within blocks
-    np.testing.assert_array_equal(np.asarray(qkv.v_code_sums), 128 * np.transpose(blocks, (0, 1, 3, 2)))
+    blocks = codes.reshape(*codes.shape[:3], -1, config.block_kv)  # permutation stays within blocks
+    np.testing.assert_array_equal(np.asarray(qkv.pv_start),
+                                  LOGIT_BIAS_BITS + 128 * np.transpose(blocks.sum(-1), (0, 1, 3, 2)))
+    assert np.abs(blocks).sum(-1).max() <= V_BLOCK_ABS_SUM_MAX
+
+
+def test_int8_v_scale_keeps_pv_exact():
+    """A block of identical keys at V's extreme (`constant_block_qkv`, the default block of 256):
+    V's scale rises so that the block's codes sum to at most V_BLOCK_ABS_SUM_MAX per channel, which
+    keeps every P . V within the kernel's exact range (at the absmax scale alone they would sum to
+    ~127 * 256), and the kernel's output stays within the int8 bounds (interpret mode)."""
+    seq, config = 600, default_config("int8")
+    q, k, v = constant_block_qkv(jax.random.key(5), (1, seq, 1, 128))
+    qkv = quantize_qkv(q, k, v, config=config, precision="int8")
+    codes = np.empty(qkv.v_t_codes.shape, np.int64)
+    codes[..., key_permutation(codes.shape[-1])] = np.asarray(qkv.v_t_codes, np.int64)
+    block_sums = np.abs(codes[..., :256]).sum(-1)
+    assert np.all(block_sums <= V_BLOCK_ABS_SUM_MAX) and np.all(block_sums > 0.9 * V_BLOCK_ABS_SUM_MAX)
+    assert P_CODE_MAX * block_sums.max() < 2**22
+    _check_quantized(qkv, seq, attention_quantized(qkv, seq=seq, config=config, interpret=True))
 
 
 @pytest.mark.parametrize("precision, overlap", [(p, o) for p in ("bf16", "sage8", "sage_qk8") for o in (False, True)]
@@ -315,8 +349,8 @@ def test_gpu_sage8(seq, inputs, precision, qk_dtype, overlap):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("seq, inputs", [(4608, "random"), (4608, "flux_like"), (1000, "random"),
-                                         (1000, "flux_like")])
+@pytest.mark.parametrize("seq, inputs", [(4608, "random"), (4608, "flux_like"), (4608, "constant_block"),
+                                         (1000, "random"), (1000, "flux_like"), (1000, "constant_block")])
 def test_gpu_int8(seq, inputs):
     """int8 PV (P's codes through float16, `_p_codes_gpu`) at FLUX's sequence and a ragged one,
     within the bounds that add the float16 arithmetic's error."""
