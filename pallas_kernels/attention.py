@@ -419,16 +419,16 @@ def _check_qkv(q, k, v) -> None:
 def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, interpret: bool):
     """One CTA: two query blocks (one a compute warpgroup) against the whole K/V sequence."""
     qk8, pv8, pv_int = precision != "bf16", precision in PV_DTYPES, precision == "int8"
-    qs_ref = ks_ref = vs_ref = vm_ref = pvs_ref = None
+    qs_ref = ks_ref = vs_ref = vm_ref = vsum_ref = None
     if pv_int:
-        q_ref, qs_ref, k_ref, ks_ref, v_ref, vs_ref, vm_ref, pvs_ref, out_ref, scoped = refs
+        q_ref, qs_ref, k_ref, ks_ref, v_ref, vs_ref, vm_ref, vsum_ref, out_ref, scoped = refs
     elif pv8:
         q_ref, qs_ref, k_ref, ks_ref, v_ref, vs_ref, out_ref, scoped = refs  # v_ref: V transposed
     elif qk8:
         q_ref, qs_ref, k_ref, ks_ref, v_ref, out_ref, scoped = refs
     else:
         q_ref, k_ref, v_ref, out_ref, scoped = refs
-    (q_smem2, o_smem2, p_smem2, k_smem, v_smem, ks_smem, pvs_smem), (k_bars, v_bars, q_bars, ks_bars, pvs_bars), \
+    (q_smem2, o_smem2, p_smem2, k_smem, v_smem, ks_smem), (k_bars, v_bars, q_bars, ks_bars), \
         (k_consumed, v_consumed), schedule_barrier, turns = scoped
     bq, bkv = config.block_q, config.block_kv
     head_dim = q_ref.shape[-1]
@@ -565,8 +565,11 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
             block_scale = load_block_scale(slot) if pv_int else None  # "int8": its wait runs under S's
             s = logits(pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), s_dtype)))
             p_op, alpha, m_i, l_new = softmax(s, step, m_i, l_i, masked, block_scale)
-            if pv_int:  # the rescale and l's cross-lane sums wait for PV's issue (below): fewer instructions
-                # before the arrive, and ptxas then moves part of the exponentials past it (notes v12)
+            if pv_int:  # loaded here, S dead: its latency runs under the barrier waits below
+                pv_start = plgpu.load(vsum_ref.at[batch, head, step], layout=plgpu.Layout.WGMMA.reduce(0),
+                                      optimized=False)
+                # The rescale and l's cross-lane sums wait for PV's issue (below): fewer instructions
+                # before the arrive, and ptxas then moves part of the exponentials past it (notes v12).
                 alpha, l_new, m_i, p_op = lax.optimization_barrier((alpha, l_new, m_i, p_op))
             else:
                 acc, l_i, m_i, p_op = lax.optimization_barrier((rescale(acc, alpha), l_new, m_i, p_op))
@@ -587,11 +590,7 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
                 wait_next_k()
 
             if pv_int:  # the s8 P . V codes from LOGIT_BIAS's bits + 128 * the block's code sums: the
-                # bits of the float LOGIT_BIAS + sum_j u_j v_j (u = round(255 p), |sum| < 2^22). These
-                # start values are staged in shared memory with V and loaded only now (loaded before the
-                # barrier waits, they made ptxas spill more: notes/attention.md v14).
-                plgpu.barrier_wait(pvs_bars.at[slot])
-                pv_start = plgpu.load(pvs_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+                # bits of the float LOGIT_BIAS + sum_j u_j v_j (u = round(255 p), |sum| < 2^22)
                 start = lax.broadcast_in_dim(pv_start, acc.shape, [1])
                 if interpret:  # interpret mode cannot start an accumulator at a value
                     pv = pl.run_scoped(lambda r: (compute_pv(r), r[...])[1], plgpu.ACC(acc.shape, jnp.int32))
@@ -719,8 +718,6 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
             rows = pl.ds(step * bkv, bkv)
             v_tile = v_ref.at[batch, head, :, rows] if pv8 else v_ref.at[batch, rows, head]
             plgpu.copy_gmem_to_smem(v_tile, v_smem.at[slot], v_bars.at[slot])
-            if pv_int:  # released with V (v_consumed)
-                plgpu.copy_gmem_to_smem(pvs_ref.at[batch, head, step], pvs_smem.at[slot], pvs_bars.at[slot])
 
         for i in range(stages):
             fetch_k(jnp.int32(i), i)
@@ -759,14 +756,12 @@ def _run(operands: tuple, *, precision: Precision, shape: tuple[int, int, int, i
         plgpu.SMEM((stages, bkv, d), q_dtype, transforms=swizzle_transforms(d, item)),
         plgpu.SMEM((stages, *v_tile), v_dtype, transforms=swizzle_transforms(v_tile[1], jnp.dtype(v_dtype).itemsize)),
         plgpu.SMEM((stages, bq), jnp.float32) if qk8 else None,
-        plgpu.SMEM((stages, d), jnp.int32) if precision == "int8" else None,
     )
     barriers = (
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=_COMPUTE_WGS),
         plgpu.Barrier(num_barriers=stages) if qk8 else None,
-        plgpu.Barrier(num_barriers=stages) if precision == "int8" else None,
     )
     consumed = (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),) * 2
     kernel_fn = functools.partial(_kernel, precision=precision, seq=seq, config=config, interpret=interpret)
