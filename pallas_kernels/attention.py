@@ -419,9 +419,9 @@ def _check_qkv(q, k, v) -> None:
 def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, interpret: bool):
     """One CTA: two query blocks (one a compute warpgroup) against the whole K/V sequence."""
     qk8, pv8, pv_int = precision != "bf16", precision in PV_DTYPES, precision == "int8"
-    qs_ref = ks_ref = vs_ref = vm_ref = vsum_ref = None
+    qs_ref = ks_ref = vs_ref = vm_ref = pv_start_ref = None
     if pv_int:
-        q_ref, qs_ref, k_ref, ks_ref, v_ref, vs_ref, vm_ref, vsum_ref, out_ref, scoped = refs
+        q_ref, qs_ref, k_ref, ks_ref, v_ref, vs_ref, vm_ref, pv_start_ref, out_ref, scoped = refs
     elif pv8:
         q_ref, qs_ref, k_ref, ks_ref, v_ref, vs_ref, out_ref, scoped = refs  # v_ref: V transposed
     elif qk8:
@@ -566,7 +566,7 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
             s = logits(pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), s_dtype)))
             p_op, alpha, m_i, l_new = softmax(s, step, m_i, l_i, masked, block_scale)
             if pv_int:  # loaded here, S dead: its latency runs under the barrier waits below
-                pv_start = plgpu.load(vsum_ref.at[batch, head, step], layout=plgpu.Layout.WGMMA.reduce(0),
+                pv_start = plgpu.load(pv_start_ref.at[batch, head, step], layout=plgpu.Layout.WGMMA.reduce(0),
                                       optimized=False)
                 # The rescale and l's cross-lane sums wait for PV's issue (below): fewer instructions
                 # before the arrive, and ptxas then moves part of the exponentials past it (notes v12).
