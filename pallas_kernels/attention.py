@@ -377,18 +377,18 @@ def _v_operands(v: jax.Array, seq_pad: int, precision: Precision, block_kv: int)
     if precision == "sage_qk8":
         return dict(v_t_codes=None, v_scale=None, v_bf16=_pad_seq(v.astype(jnp.bfloat16), seq_pad, 1))
     b, _, h, d = v.shape
+    block_sums = lambda x: x.reshape(b, seq_pad // block_kv, block_kv, h, d).sum(axis=2)  # (B, blocks, H, D)
     v32 = v.astype(jnp.float32)
     v_mean = min_scale = None
     if precision == "int8":
         v_mean = jnp.mean(v32, axis=1, keepdims=True)
         v32 = _pad_seq(v32 - v_mean, seq_pad, 1)  # padded keys: 0, code 0
-        block_abs_sums = jnp.abs(v32).reshape(b, seq_pad // block_kv, block_kv, h, d).sum(axis=2)
-        min_scale = jnp.max(block_abs_sums, axis=1, keepdims=True) / (V_BLOCK_ABS_SUM_MAX - block_kv / 2)
+        min_scale = jnp.max(block_sums(jnp.abs(v32)), axis=1, keepdims=True) / (V_BLOCK_ABS_SUM_MAX - block_kv / 2)
     v_codes, v_scale = _symmetric_codes(v32, 1, PV_DTYPES[precision], min_scale)  # v_scale (B, H, D)
     v_codes = _pad_seq(v_codes, seq_pad, 1)  # padded keys: code 0
     fields = dict(v_t_codes=_transpose_permuting_keys(v_codes), v_scale=v_scale, v_bf16=None)
     if precision == "int8":
-        sums = v_codes.astype(jnp.int32).reshape(b, seq_pad // block_kv, block_kv, h, d).sum(axis=2)
+        sums = block_sums(v_codes.astype(jnp.int32))
         fields.update(v_mean=v_mean[:, 0],
                       pv_start=jnp.transpose(LOGIT_BIAS_BITS + P_CODE_OFFSET * sums, (0, 2, 1, 3)))
     return fields

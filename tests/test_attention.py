@@ -27,9 +27,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 import flux_fixtures
-from pallas_kernels.attention import (INT8_HEAD_DIM_MAX, LOGIT_BIAS, LOGIT_BIAS_BITS, P_CODE_MAX, V_BLOCK_ABS_SUM_MAX,
-                                      AttentionConfig, _row_reduce_gpu, attention, attention_quantized, biased_logits,
-                                      block_scales_per_key, default_config, key_permutation, quantize_qkv)
+from pallas_kernels.attention import (BIASED_EXACT, INT8_HEAD_DIM_MAX, LOGIT_BIAS, LOGIT_BIAS_BITS, P_CODE_MAX,
+                                      V_BLOCK_ABS_SUM_MAX, AttentionConfig, _row_reduce_gpu, attention,
+                                      attention_quantized, biased_logits, block_scales_per_key, default_config,
+                                      key_permutation, quantize_qkv)
 from pallas_kernels.attention_reference import (BF16_REL, FP8_REL, INT8_L_GPU_REL, attention_reference, bf16_p_bound,
                                                 dequantize, dequantized_attention, flux_like_qkv, p_rounding_bounds,
                                                 random_qkv)
@@ -51,6 +52,13 @@ def constant_block_qkv(key: jax.Array, shape: tuple[int, int, int, int]) -> tupl
 
 
 INPUTS = {"random": random_qkv, "flux_like": flux_like_qkv, "constant_block": constant_block_qkv}
+
+
+def _v_codes_in_key_order(qkv) -> np.ndarray:
+    """V's codes (B, H, D, s) as integers, back from the kernel's key permutation."""
+    codes = np.empty(qkv.v_t_codes.shape, np.int64)
+    codes[..., key_permutation(codes.shape[-1])] = np.asarray(qkv.v_t_codes, np.int64)
+    return codes
 QK_DTYPES = pytest.mark.parametrize("qk_dtype", [jnp.int8, jnp.float8_e4m3fn], ids=["int8", "fp8"])
 
 
@@ -204,8 +212,7 @@ def test_quantize_qkv_int8_v():
     v64 = np.asarray(v.astype(jnp.float32), np.float64)
     np.testing.assert_allclose(np.asarray(qkv.v_mean), v64.mean(axis=1), rtol=1e-6, atol=1e-6)
     assert np.all(np.abs(v_deq - v64) <= np.asarray(qkv.v_scale, np.float64)[:, None] / 2 * (1 + 1e-6) + 1e-5)
-    codes = np.empty(qkv.v_t_codes.shape, np.int64)  # (B, H, D, s), back from the key permutation
-    codes[..., key_permutation(codes.shape[-1])] = np.asarray(qkv.v_t_codes, np.int64)
+    codes = _v_codes_in_key_order(qkv)
     assert not np.any(codes[..., seq:])
     blocks = codes.reshape(*codes.shape[:3], -1, config.block_kv)  # permutation stays within blocks
     np.testing.assert_array_equal(np.asarray(qkv.pv_start),
@@ -221,11 +228,9 @@ def test_int8_v_scale_keeps_pv_exact():
     seq, config = 600, default_config("int8")
     q, k, v = constant_block_qkv(jax.random.key(5), (1, seq, 1, 128))
     qkv = quantize_qkv(q, k, v, config=config, precision="int8")
-    codes = np.empty(qkv.v_t_codes.shape, np.int64)
-    codes[..., key_permutation(codes.shape[-1])] = np.asarray(qkv.v_t_codes, np.int64)
-    block_sums = np.abs(codes[..., :256]).sum(-1)
+    block_sums = np.abs(_v_codes_in_key_order(qkv)[..., :256]).sum(-1)
     assert np.all(block_sums <= V_BLOCK_ABS_SUM_MAX) and np.all(block_sums > 0.9 * V_BLOCK_ABS_SUM_MAX)
-    assert P_CODE_MAX * block_sums.max() < 2**22
+    assert P_CODE_MAX * block_sums.max() < BIASED_EXACT
     _check_quantized(qkv, seq, attention_quantized(qkv, seq=seq, config=config, interpret=True))
 
 
