@@ -30,7 +30,7 @@ import flux_fixtures
 from pallas_kernels.attention import (BIASED_EXACT, INT8_HEAD_DIM_MAX, LOGIT_BIAS, LOGIT_BIAS_BITS, P_CODE_MAX,
                                       V_BLOCK_ABS_SUM_MAX, AttentionConfig, _row_reduce_gpu, attention,
                                       attention_quantized, biased_logits, block_scales_per_key, default_config,
-                                      key_permutation, quantize_qkv)
+                                      key_permutation, quantize_qkv, s_start_addends)
 from pallas_kernels.attention_reference import (BF16_REL, FP8_REL, INT8_L_GPU_REL, attention_reference, bf16_p_bound,
                                                 dequantize, dequantized_attention, flux_like_qkv, p_rounding_bounds,
                                                 random_qkv)
@@ -254,6 +254,18 @@ def test_biased_logits_are_exact_over_the_int8_logit_range():
                          jax.random.randint(jax.random.key(0), (4096,), -bound, bound + 1, jnp.int32)])
     got = np.asarray(biased_logits(x), np.float64) - LOGIT_BIAS
     np.testing.assert_array_equal(got, np.asarray(x, np.float64))
+
+
+def test_s_start_addends_leave_the_bias_pair():
+    """The GPU kernel fills S's accumulator by float64 adds of the pair of LOGIT_BIAS_BITS words and
+    one addend each (`_s_start_gpu`): every sum must be the pair's bits exactly (else S starts
+    wrong), and the addends distinct (else ptxas merges the adds into moves). 64 pairs: block_kv
+    256 (the largest) holds 128 registers a thread."""
+    pair = np.array([(LOGIT_BIAS_BITS << 32) | LOGIT_BIAS_BITS], np.uint64).view(np.float64)
+    addends = s_start_addends(64)
+    sums = (pair + addends.view(np.float64)).view(np.uint64)
+    np.testing.assert_array_equal(sums, np.full(64, pair.view(np.uint64)[0]))
+    assert len(set(addends.tolist())) == 64 and np.all(addends.view(np.float64) > 0)
 
 
 def test_rejects_bad_shapes():
