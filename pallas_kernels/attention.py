@@ -13,17 +13,18 @@ PV accumulates in place (fp8 too, in the wgmma's own accumulation precision).
 
 Four precisions of the same kernel:
   * "bf16": S = Q K^T and O += P V on bf16 tensor cores, float32 accumulation (the baseline).
-  * "sage8" (SageAttention-style, `quantize_qkv` makes the operands): Q and K as int8 (or fp8
-    e4m3) codes, one float32 scale per query token and per block of block_kv keys (a KV step's
-    scale multiplies the row scales: no per-element cost), K with its per-channel mean over the
-    sequence subtracted first (exact: q.(k - mu) differs from q.k by a constant per query row, which the
-    softmax cancels; it removes the common large-norm channels that would eat K's 8-bit range).
-    S is an int32 wgmma accumulator started at the bits of a float bias (`_s_start_gpu`), so
-    that its bits are the float logits plus that bias (`biased_logits`; fp8 QK: a float32
-    accumulator), scaled per row in float32. P (in [0, 1], kept as P * 448 so that e4m3's range is used) and V (one scale per
-    channel) in fp8 e4m3; on the GPU PV accumulates onto the running output in place (Hopper's
-    fp8 wgmma accumulates with fewer mantissa bits than float32; measured as accurate as a fresh
-    accumulator added each step, which is what interpret mode does: notes/attention.md v6, v7).
+  * "sage8" (SageAttention-style, `quantize_qkv` makes the operands): Q and K as int8 (or fp8 e4m3)
+    codes, one float32 scale per query token and per block of block_kv keys (a KV step's scale
+    multiplies the row scales: no per-element cost), K with its per-channel mean over the sequence
+    subtracted first (exact: q.(k - mu) differs from q.k by a constant per query row, which the
+    softmax cancels; it removes the common large-norm channels that would eat K's 8-bit range). S is
+    an int32 wgmma accumulator started at the bits of a float bias (`_s_start_gpu`), so that its
+    bits are the float logits plus that bias (`biased_logits`; fp8 QK: a float32 accumulator),
+    scaled per row in float32. P (in [0, 1], kept as P * 448 so that e4m3's range is used) and V
+    (one scale per channel) in fp8 e4m3; on the GPU PV accumulates onto the running output in place
+    (Hopper's fp8 wgmma accumulates with fewer mantissa bits than float32; measured as accurate as a
+    fresh accumulator added each step, which is what interpret mode does: notes/attention.md v6,
+    v7).
   * "sage_qk8" (SageAttention1-style): the same 8-bit S, P and V in bf16 (V not quantized):
     half the speed-up, none of the fp8 rounding of P and V (which dominates sage8's error).
   * "int8": the same 8-bit S; P and V as int8 codes on the int8 tensor cores (as fast as fp8),
