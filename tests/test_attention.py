@@ -248,7 +248,7 @@ def test_lowers_for_the_gpu(precision, overlap):
 def test_biased_logits_are_exact_over_the_int8_logit_range():
     """The kernel's int32 q . k -> float32 (an int32 accumulator started at LOGIT_BIAS_BITS, read
     as a float) is LOGIT_BIAS + q . k exactly wherever |q . k| <= 127² D can reach (D <= 256)."""
-    bound = 2**22
+    bound = BIASED_EXACT
     edges = [-bound, -(127**2) * INT8_HEAD_DIM_MAX, -1, 0, 1, 127**2 * INT8_HEAD_DIM_MAX, bound - 1, bound]
     x = jnp.concatenate([jnp.array(edges, jnp.int32),
                          jax.random.randint(jax.random.key(0), (4096,), -bound, bound + 1, jnp.int32)])
