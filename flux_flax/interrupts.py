@@ -8,13 +8,16 @@ make the command forget it, since `check()` raises it again before a commit's po
 arriving inside arrives too late to stop them (the command finishes as if it had come after).
 `deferred()` guards a step that must not stop halfway but may stop right after (creating a
 temporary directory and recording it for removal, starting a background write and keeping its
-handle): a signal arriving inside is raised at the block's end.
+handle): a signal arriving inside is raised at the block's end. Where Python cannot raise a
+signal's exception at all (it landed in a weakref callback or a `__del__`), Python would report it
+("Exception ignored in" and a traceback); inside `raising()` it is remembered instead, not reported.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -38,6 +41,16 @@ def _remember(signum, frame) -> None:
         raise _exception(signum)
 
 
+def _unraisable(previous_hook):
+    """sys.unraisablehook that drops the exception of a signal `_remember` has remembered (raised
+    where Python can only report it: `check` raises it again) and passes anything else on."""
+    def hook(unraisable) -> None:
+        if _received is not None and isinstance(unraisable.exc_value, (KeyboardInterrupt, Terminated)):
+            return
+        previous_hook(unraisable)
+    return hook
+
+
 @contextlib.contextmanager
 def raising() -> Iterator[None]:
     """Within the block SIGINT and SIGTERM raise KeyboardInterrupt / `Terminated` in the main thread
@@ -45,11 +58,13 @@ def raising() -> Iterator[None]:
     global _received
     _received = None
     previous = {s: signal.signal(s, _remember) for s in _SIGNALS}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _unraisable(sys.unraisablehook)
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        sys.unraisablehook = previous_hook
         _received = None
 
 
