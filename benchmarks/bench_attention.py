@@ -44,6 +44,9 @@ Stages (--stages, default tests,bench):
   bench  timing grid + accuracy.
   ncu    Nsight Compute counters of the --ncu-variants kernels alone (pre-quantized operands) at
          B=1 S=4608, one launch each (attention_ncu.txt).
+  trace  Mosaic GPU's in-kernel profiler on the --trace-variants kernels alone at --trace-cells:
+         cycles a KV step in each named scope, what the other compute warpgroup does meanwhile,
+         how busy the SMs are over the launch (benchmarks/attention_trace.py).
   model  FLUX.1-dev transformer with random bf16 weights at 1024²: velocity cosine and final
          latent relative L2 after 28 steps, 8-bit attention (--model-impls, default sage8 and
          sage_qk8) vs cuDNN bf16 attention, same inputs (flux_flax.set_attention).
@@ -56,6 +59,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from pathlib import Path
 
 from benchmarks import harness
 from benchmarks.harness import Variant
@@ -470,6 +474,7 @@ def markdown(log: dict) -> list[str]:
              f"{r['vs_cudnn']:.2f}x" if "vs_cudnn" in r else "",
              f"{r['rel_l2_vs_cudnn']:.4f}" if "rel_l2_vs_cudnn" in r else "") for r in log["sweep"]])
     out += _ncu_markdown(log.get("ncu", {}))
+    out += _trace_markdown(log.get("trace", []))
     if log.get("model"):
         out += ["", "FLUX.1-dev, random bf16 weights, 8-bit attention vs cuDNN bf16 attention, same inputs "
                 "(velocity at the first sigma; final latents after the Euler steps):", ""]
@@ -532,6 +537,61 @@ def stage_ncu(out_dir, log, args):
         log["ncu"].update(variants=list(args.ncu_variants), kernels=harness.parse_ncu(f.read()))
 
 
+TRACE_WARM_S = 1.0  # seconds of launches before the profiled one: the SM clock up from idle
+
+
+def work_trace(args) -> list[dict]:
+    """One profiled launch of each --trace-variants kernel (pre-quantized) at each --trace-cells
+    cell, right after TRACE_WARM_S of unprofiled launches (both compiled first: a launch after
+    the idle of a compile runs at a fraction of the SM clock, ~1.1 GHz measured, where memory
+    latencies are fewer cycles); its phases summarized."""
+    import tempfile
+
+    import jax
+
+    from benchmarks import attention_trace
+
+    rows = []
+    for variant in args.trace_variants:
+        opts = VARIANTS[variant].options
+        for cell in args.trace_cells:
+            b, s = (int(x) for x in cell.lower().split("x"))
+            (qkv,) = _prequantized(lambda i: _inputs(b, s, 700 + i), _config(opts), qk=opts["qk"],
+                                   precision=opts["precision"])(0)
+            kernel = implementation(variant)
+            with tempfile.TemporaryDirectory() as tmp, attention_trace.capture() as got:
+                jax.block_until_ready(kernel(qkv, seq=s))
+                jax.block_until_ready(kernel(qkv, seq=s, profile_dir=tmp))  # compiled; its trace dropped
+                jax.effects_barrier()
+                got.clear()
+                for f in Path(tmp).iterdir():  # the launch writes to a name fixed when it compiled
+                    f.unlink()
+                start = time.time()
+                while time.time() - start < TRACE_WARM_S:
+                    kernel(qkv, seq=s)
+                jax.block_until_ready(kernel(qkv, seq=s, profile_dir=tmp))
+                jax.effects_barrier()
+            if not got:
+                rows.append({"variant": variant, "b": b, "s": s, "error": "no profile was written"})
+                continue
+            rows.append({"variant": variant, "b": b, "s": s, **attention_trace.summarize(got[-1])})
+    return rows
+
+
+def _trace_markdown(rows: list[dict]) -> list[str]:
+    from benchmarks import attention_trace
+
+    if not rows:
+        return []
+    out = ["", "## Inside the kernel (Mosaic GPU's profiler, one launch; `benchmarks/attention_trace.py`)", "",
+           "Clock cycles between stamps a warpgroup's first thread stores at its named scopes; ptxas may move "
+           "arithmetic across a stamp, so a scope is where the warp was, not the exact cost of its code.", ""]
+    for r in rows:
+        name = f"{r['variant']}, B={r['b']} S={r['s']}"
+        out += [f"### {name}: {r['error']}", ""] if "error" in r else attention_trace.markdown(name, r)
+    return out
+
+
 def _ncu_markdown(ncu: dict) -> list[str]:
     """The counters table of the ncu stage: one column per profiled kernel (its variant); each
     warp state (stall reasons and `selected`) as the warps in it summed over the cycles, per cycle
@@ -559,6 +619,7 @@ STAGES = {
     "bench": stage_bench,
     "model": harness.worker_stage(MODULE, "model"),
     "ncu": stage_ncu,
+    "trace": harness.worker_stage(MODULE, "trace"),
 }
 
 
@@ -576,12 +637,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ncu-timeout", type=float, default=200, help="seconds each Nsight Compute attempt may run")
     p.add_argument("--ncu-variants", nargs="+", default=["int8_kernel", "sage8_int8_kernel"],
                    choices=[v for v, var in VARIANTS.items() if var.options.get("prequantized")])
+    p.add_argument("--trace-variants", nargs="+", default=["int8_kernel", "sage8_int8_kernel"],
+                   choices=[v for v, var in VARIANTS.items() if var.options.get("prequantized")])
+    p.add_argument("--trace-cells", nargs="+", default=["1x4608"], help="BxS cells the trace stage profiles")
     p.add_argument("--update", action="store_true",
                    help="start from the existing results file in --out: the stages run now replace theirs only")
     args = p.parse_args(argv)
     if args.worker:
         args.deadline = args.deadline or time.time() + args.budget_s
-        work = {"model": work_model, "sweep": work_sweep, "grid": work_grid}[args.worker]
+        work = {"model": work_model, "sweep": work_sweep, "grid": work_grid, "trace": work_trace}[args.worker]
         harness.emit(work(args))
         return
     previous = args.out / f"{NAME}.json"

@@ -612,23 +612,29 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
             slot = slot_of(step)
 
             def compute_qk(acc_ref):
-                issue_qk(acc_ref, slot)
-                schedule()
-                return acc_ref[...]
-            block_scale = load_block_scale(slot) if pv_int else None  # "int8": its wait runs under S's
+                with jax.named_scope("qk_issue"):
+                    issue_qk(acc_ref, slot)
+                with jax.named_scope("qk_schedule"):
+                    schedule()
+                with jax.named_scope("qk_wait"):
+                    return acc_ref[...]
+            with jax.named_scope("ks_wait"):
+                block_scale = load_block_scale(slot) if pv_int else None  # "int8": its wait runs under S's
             s = logits(pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), s_dtype)))
-            p_op, alpha, m_i, l_new = softmax(s, step, m_i, l_i, masked, block_scale)
-            if pv_int:  # loaded here, S dead: its latency runs under the barrier waits below
-                pv_start = plgpu.load(pv_start_ref.at[batch, head, step], layout=plgpu.Layout.WGMMA.reduce(0),
-                                      optimized=False)
-                # The rescale and l's cross-lane sums wait for PV's issue (below): fewer instructions
-                # before the arrive, and ptxas then moves part of the exponentials past it (notes v12).
-                alpha, l_new, m_i, p_op = lax.optimization_barrier((alpha, l_new, m_i, p_op))
-            else:
-                acc, l_i, m_i, p_op = lax.optimization_barrier((rescale(acc, alpha), l_new, m_i, p_op))
-            plgpu.barrier_arrive(schedule_barrier)  # softmax done
-            plgpu.barrier_wait(v_bars.at[slot])
-            plgpu.barrier_wait(schedule_barrier)  # tensor cores free
+            with jax.named_scope("softmax"):
+                p_op, alpha, m_i, l_new = softmax(s, step, m_i, l_i, masked, block_scale)
+                if pv_int:  # loaded here, S dead: its latency runs under the barrier waits below
+                    pv_start = plgpu.load(pv_start_ref.at[batch, head, step], layout=plgpu.Layout.WGMMA.reduce(0),
+                                          optimized=False)
+                    # The rescale and l's cross-lane sums wait for PV's issue (below): fewer instructions
+                    # before the arrive, and ptxas then moves part of the exponentials past it (notes v12).
+                    alpha, l_new, m_i, p_op = lax.optimization_barrier((alpha, l_new, m_i, p_op))
+                else:
+                    acc, l_i, m_i, p_op = lax.optimization_barrier((rescale(acc, alpha), l_new, m_i, p_op))
+            with jax.named_scope("pv_gate"):
+                plgpu.barrier_arrive(schedule_barrier)  # softmax done
+                plgpu.barrier_wait(v_bars.at[slot])
+                plgpu.barrier_wait(schedule_barrier)  # tensor cores free
 
             def wait_next_k():
                 if masked:  # the ragged step is the last: no next K (and a constant step here
@@ -649,15 +655,19 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
                     pv = pl.run_scoped(lambda r: (compute_pv(r), r[...])[1], plgpu.ACC(acc.shape, jnp.int32))
                     pv = lax.bitcast_convert_type(pv + start, jnp.float32)
                 else:
-                    pv = lax.bitcast_convert_type(pl.run_state(compute_pv)(plgpu.ACC.init(start)), jnp.float32)
-                p_sum, reference = l_new
-                if p_sum.ndim == 2:  # the GPU's per-thread partial sums (`_p_codes_gpu`)
-                    p_sum = p_sum.sum(axis=1)
-                l, biases, _ = l_i
-                l_i = (l * alpha + p_sum, biases * alpha + 1.0, reference)
-                acc = rescale(acc, alpha) + pv  # one FFMA an element: the bias stays in, counted
+                    with jax.named_scope("pv"):
+                        pv = pl.run_state(compute_pv)(plgpu.ACC.init(start))
+                    pv = lax.bitcast_convert_type(pv, jnp.float32)
+                with jax.named_scope("update"):
+                    p_sum, reference = l_new
+                    if p_sum.ndim == 2:  # the GPU's per-thread partial sums (`_p_codes_gpu`)
+                        p_sum = p_sum.sum(axis=1)
+                    l, biases, _ = l_i
+                    l_i = (l * alpha + p_sum, biases * alpha + 1.0, reference)
+                    acc = rescale(acc, alpha) + pv  # one FFMA an element: the bias stays in, counted
             elif pv_in_place:
-                acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+                with jax.named_scope("pv"):
+                    acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
             else:
                 acc = acc + pl.run_scoped(lambda r: (compute_pv(r), r[...])[1], plgpu.ACC((bq, head_dim), jnp.float32))
             plgpu.barrier_arrive(v_consumed.at[slot])
@@ -779,9 +789,11 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
         @pl.loop(0, kv_steps - stages)
         def _(step):  # K is released before V (the overlapped loop reads S a step ahead of PV)
             slot = slot_of(step)
-            plgpu.barrier_wait(k_consumed.at[slot])
+            with jax.named_scope("k_free_wait"):
+                plgpu.barrier_wait(k_consumed.at[slot])
             fetch_k(step + stages, slot)
-            plgpu.barrier_wait(v_consumed.at[slot])
+            with jax.named_scope("v_free_wait"):
+                plgpu.barrier_wait(v_consumed.at[slot])
             fetch_v(step + stages, slot)
 
         for slot in range(stages):  # the last steps' releases: every barrier phase is observed
@@ -789,9 +801,13 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
             plgpu.barrier_wait(v_consumed.at[slot])
 
 
+PROFILE_SCOPES_PER_STEP = 8  # the named scopes a compute warpgroup opens a KV step (`_kernel`'s kv_step)
+
+
 def _run(operands: tuple, *, precision: Precision, shape: tuple[int, int, int, int], out_dtype,
-         config: AttentionConfig, interpret: bool) -> jax.Array:
-    """Launches the kernel on padded operands; returns (B, seq_pad, H, D)."""
+         config: AttentionConfig, interpret: bool, profile_dir: str | None = None) -> jax.Array:
+    """Launches the kernel on padded operands; returns (B, seq_pad, H, D). `profile_dir`: Mosaic
+    GPU's profiler records each warpgroup's named scopes (clock cycles) and writes a trace there."""
     b, seq, h, d = shape
     seq_pad = padded_length(seq, config)
     bq, bkv = config.block_q, config.block_kv
@@ -823,6 +839,10 @@ def _run(operands: tuple, *, precision: Precision, shape: tuple[int, int, int, i
     schedule = None if config.overlap else plgpu.Barrier(num_arrivals=_COMPUTE_WGS)
     turns = plgpu.Barrier(num_arrivals=1, num_barriers=_COMPUTE_WGS) if config.overlap else None
 
+    profiling = {}
+    if profile_dir:  # room for every scope of every step, and a few outside the loop
+        profiling = dict(profile_space=PROFILE_SCOPES_PER_STEP * -(-seq // bkv) + 16, profile_dir=profile_dir)
+
     def entry(*refs):
         pl.run_scoped(lambda *scoped: kernel_fn(*refs, scoped), scratch, barriers, consumed, schedule, turns,
                       collective_axes="wg")
@@ -835,16 +855,17 @@ def _run(operands: tuple, *, precision: Precision, shape: tuple[int, int, int, i
         kernel_name=f"flash_attention_{precision}",  # how profiles (bench_e2e's stages) tell it from the GEMM
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=plgpu.CompilerParams(approx_math=True, **profiling),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )(*operands)
 
 
-@functools.partial(jax.jit, static_argnames=("seq", "out_dtype", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("seq", "out_dtype", "config", "interpret", "profile_dir"))
 def attention_quantized(qkv: QuantizedQKV, *, seq: int, out_dtype=jnp.bfloat16, config: AttentionConfig | None = None,
-                        interpret: bool = False) -> jax.Array:
+                        interpret: bool = False, profile_dir: str | None = None) -> jax.Array:
     """The 8-bit kernel ("sage8", "int8" or "sage_qk8", from the operands) on `quantize_qkv`'s output;
-    `seq` is the unpadded length (keys beyond it are masked). Returns (B, seq, H, D) in out_dtype."""
+    `seq` is the unpadded length (keys beyond it are masked). Returns (B, seq, H, D) in out_dtype.
+    `profile_dir` (GPU): a trace of the warpgroups' phases goes there (`benchmarks.attention_trace`)."""
     precision = qkv.precision
     config = config or default_config(precision)
     b, seq_pad, h, d = qkv.q_codes.shape
@@ -879,7 +900,7 @@ def attention_quantized(qkv: QuantizedQKV, *, seq: int, out_dtype=jnp.bfloat16, 
             raise ValueError(f"v_bf16 must be bfloat16 {qkv.q_codes.shape}, got {qkv.v_bf16.dtype} {qkv.v_bf16.shape}")
         operands.append(qkv.v_bf16)
     out = _run(tuple(operands), precision=precision, shape=(b, seq, h, d), out_dtype=out_dtype, config=config,
-               interpret=interpret)
+               interpret=interpret, profile_dir=profile_dir)
     return out[:, :seq]
 
 

@@ -377,6 +377,36 @@ def test_gpu_int8(seq, inputs):
     _check_quantized(qkv, seq, attention_quantized(qkv, seq=seq, config=config), gpu=True)
 
 
+@pytest.mark.gpu
+def test_gpu_profile_records_each_kv_step(tmp_path):
+    """`profile_dir` (benchmarks/attention_trace.py reads it): Mosaic GPU's trace holds each named
+    scope of the compute warpgroups' KV step once a step (a ragged 1000: 4 steps of 256 keys, the
+    last masked) and the producer's waits for the steps past the first `stages`; the output is
+    the unprofiled kernel's, bit for bit."""
+    import json
+
+    q, k, v = random_qkv(jax.random.key(5), (1, 1000, 2, 128))
+    config = default_config("int8")
+    qkv = quantize_qkv(q, k, v, config=config, precision="int8")
+    plain = attention_quantized(qkv, seq=1000, config=config)
+    profiled = jax.block_until_ready(attention_quantized(qkv, seq=1000, config=config, profile_dir=str(tmp_path)))
+    jax.effects_barrier()
+    np.testing.assert_array_equal(np.asarray(profiled), np.asarray(plain))
+    (trace,) = tmp_path.glob("*trace.json")
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "B"]
+    per_trace: dict[int, list[str]] = {}
+    for e in events:
+        per_trace.setdefault(e["tid"], []).append(e["name"])
+    steps, stages = 4, config.max_concurrent_steps
+    assert len(per_trace) == 3 * 2 * (1024 // 128)  # 3 warpgroups a CTA; 2 heads x 8 CTAs of 128 query rows
+    for tid, names in per_trace.items():
+        if (tid - 1) % 3 < 2:  # a compute warpgroup
+            for scope in ("ks_wait", "qk_issue", "qk_schedule", "qk_wait", "softmax", "pv_gate", "pv", "update"):
+                assert names.count(scope) == steps, (tid, scope, names)
+        else:
+            assert names.count("k_free_wait") == names.count("v_free_wait") == steps - stages, (tid, names)
+
+
 # ------------------------------------------------------------------------------------ in the model
 def test_attention_names_agree():
     """The command line's --attention choices (named without jax) are the op's implementations."""
