@@ -45,8 +45,10 @@ Stages (--stages, default tests,bench):
   ncu    Nsight Compute counters of the --ncu-variants kernels alone (pre-quantized operands) at
          B=1 S=4608, one launch each (attention_ncu.txt).
   trace  Mosaic GPU's in-kernel profiler on the --trace-variants kernels alone at --trace-cells:
-         cycles a KV step in each named scope, what the other compute warpgroup does meanwhile,
-         how busy the SMs are over the launch (benchmarks/attention_trace.py).
+         cycles a KV step in each named scope (the default loop has them, not the overlapped
+         one), what the other compute warpgroup does meanwhile, how busy the SMs are over the
+         launch (benchmarks/attention_trace.py). The profiler slows the kernel (1.85x measured):
+         read it as where the warps wait (benchmarks/notes/attention.md v16).
   model  FLUX.1-dev transformer with random bf16 weights at 1024²: velocity cosine and final
          latent relative L2 after 28 steps, 8-bit attention (--model-impls, default sage8 and
          sage_qk8) vs cuDNN bf16 attention, same inputs (flux_flax.set_attention).

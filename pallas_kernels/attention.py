@@ -868,6 +868,8 @@ def attention_quantized(qkv: QuantizedQKV, *, seq: int, out_dtype=jnp.bfloat16, 
     `profile_dir` (GPU): a trace of the warpgroups' phases goes there (`benchmarks.attention_trace`)."""
     precision = qkv.precision
     config = config or default_config(precision)
+    if profile_dir and interpret:
+        raise ValueError(f"profile_dir={profile_dir!r} needs the GPU: interpret mode has no clock to record")
     b, seq_pad, h, d = qkv.q_codes.shape
     if seq_pad != padded_length(seq, config) or qkv.k_codes.shape != qkv.q_codes.shape:
         raise ValueError(f"q_codes {qkv.q_codes.shape} / k_codes {qkv.k_codes.shape} are not seq={seq} padded "

@@ -377,6 +377,14 @@ def test_gpu_int8(seq, inputs):
     _check_quantized(qkv, seq, attention_quantized(qkv, seq=seq, config=config), gpu=True)
 
 
+def test_profile_needs_the_gpu():
+    q, k, v = random_qkv(jax.random.key(5), (1, 128, 1, 64))
+    config = default_config("int8")
+    qkv = quantize_qkv(q, k, v, config=config, precision="int8")
+    with pytest.raises(ValueError, match="profile_dir='trace' needs the GPU"):
+        attention_quantized(qkv, seq=128, config=config, interpret=True, profile_dir="trace")
+
+
 @pytest.mark.gpu
 def test_gpu_profile_records_each_kv_step(tmp_path):
     """`profile_dir` (benchmarks/attention_trace.py reads it): Mosaic GPU's trace holds each named
