@@ -105,17 +105,18 @@ def summarize(raw: dict, compute_wgs: int = 2) -> dict:
             by_name = defaultdict(list)
             for name, s, e in scopes:
                 by_name[name].append((s, e))
+            kept = {}  # the loop's scopes, their first and last _SKIP steps left out
             for name, spans in by_name.items():
                 if len(spans) <= 2 * _SKIP:  # outside the loop (e.g. Pallas's "Init")
                     once[name] += [e - s for s, e in spans]
-                    continue
-                target = durations if wg < compute_wgs else producer
-                target[name] += [e - s for s, e in spans[_SKIP:len(spans) - _SKIP]]
+                else:
+                    kept[name] = spans[_SKIP:len(spans) - _SKIP]
+                    (durations if wg < compute_wgs else producer)[name] += [e - s for s, e in kept[name]]
             if wg < compute_wgs:
                 starts = [s for s, _ in by_name.get("qk_issue", [])]
                 steps = np.diff(starts)[_SKIP:len(starts) - 1 - _SKIP] if len(starts) > 2 * _SKIP + 1 else []
                 periods += [int(x) for x in steps]
-                middle.append({n: v[_SKIP:len(v) - _SKIP] for n, v in by_name.items() if len(v) > 2 * _SKIP})
+                middle.append(kept)
         if len(middle) == 2:
             for me, other in ((middle[0], middle[1]), (middle[1], middle[0])):
                 for a, spans_a in me.items():
@@ -143,23 +144,22 @@ def _occupancy(cycles: list[int], start_ns: list[int], sm: list[int]) -> dict:
     kernel's device time: notes/attention.md v16)."""
     if not cycles:
         return {}
+    counts = {"ctas": len(cycles), "sms": len(set(sm)), "ctas_per_sm_max": int(max(np.bincount(sm))),
+              "cta_cycles_median": float(np.median(cycles))}
     start = np.array(start_ns, np.int64)
     start -= start.min()
     order = np.lexsort((start, np.array(sm)))
-    ghz = []
-    for i, j in zip(order[:-1], order[1:]):
-        if sm[i] == sm[j] and start[j] > start[i]:
-            ghz.append(cycles[i] / (start[j] - start[i]))
-    clock = float(np.median(ghz)) if ghz else 1.8
+    ghz = [cycles[i] / (start[j] - start[i]) for i, j in zip(order[:-1], order[1:])
+           if sm[i] == sm[j] and start[j] > start[i]]
+    if not ghz:  # one CTA an SM: no clock to turn its cycles into time
+        return counts
+    clock = float(np.median(ghz))
     end = start + np.array(cycles) / clock
     span = float(end.max())
     busy = defaultdict(float)
     for s, e, m in zip(start, end, sm):
         busy[m] += e - s
-    sms = len(busy)
-    return {"ctas": len(cycles), "sms": sms, "ctas_per_sm_max": int(max(np.bincount(sm))),
-            "cta_cycles_median": float(np.median(cycles)), "clock_ghz": clock, "span_us": span / 1e3,
-            "sm_busy": sum(busy.values()) / (sms * span)}
+    return {**counts, "clock_ghz": clock, "span_us": span / 1e3, "sm_busy": sum(busy.values()) / (counts["sms"] * span)}
 
 
 def markdown(name: str, s: dict) -> list[str]:
@@ -174,8 +174,9 @@ def markdown(name: str, s: dict) -> list[str]:
         f"### {name}", "",
         f"KV step period (a compute warpgroup, median): **{period:.0f} cycles**; {s.get('ctas')} CTAs on "
         f"{s.get('sms')} SMs (at most {s.get('ctas_per_sm_max')} an SM), a CTA {s.get('cta_cycles_median', 0):.0f} "
-        f"cycles; cycles per ns between CTA starts (globaltimer) {s.get('clock_ghz', 0):.2f}; launch span "
-        f"{s.get('span_us', 0):.1f} us, SMs busy {100 * s.get('sm_busy', 0):.1f}% of it.", "",
+        f"cycles; " + (f"cycles per ns between CTA starts (globaltimer) {s['clock_ghz']:.2f}; launch span "
+                       f"{s['span_us']:.1f} us, SMs busy {100 * s['sm_busy']:.1f}% of it." if "clock_ghz" in s else
+                       "one CTA an SM: no clock, span or SM occupancy."), "",
         "| scope (compute warpgroup) | cycles a step | of the period |", "| --- | ---: | ---: |", *rows, "",
         "Producer waits a step (cycles): " + ", ".join(f"{n} {c:.0f}" for n, c in s["producer_cycles"].items())
         + "; once a warpgroup: " + ", ".join(f"{n} {c:.0f}" for n, c in s.get("once_cycles", {}).items()), "",

@@ -544,9 +544,10 @@ TRACE_WARM_S = 1.0  # seconds of launches before the profiled one: the SM clock 
 
 def work_trace(args) -> list[dict]:
     """One profiled launch of each --trace-variants kernel (pre-quantized) at each --trace-cells
-    cell, right after TRACE_WARM_S of unprofiled launches (both compiled first: a launch after
-    the idle of a compile runs at a fraction of the SM clock, ~1.1 GHz measured, where memory
-    latencies are fewer cycles); its phases summarized."""
+    cell, right after TRACE_WARM_S of unprofiled launches (both compiled first, so that no
+    compile's idle comes between them); its phases summarized. The warm-up is a precaution: the
+    int8 trace at B=1 S=4608 read the same (5063 cycles a step against 5064, and ~1.1 cycles per
+    globaltimer ns) without it, after a single unprofiled launch (notes/attention.md v16)."""
     import tempfile
 
     import jax
