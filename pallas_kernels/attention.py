@@ -5,9 +5,10 @@ sequence length (padded to whole blocks, padded keys masked in the last KV step)
 is jax's `pallas/ops/gpu/attention_mgpu.py` (FlashAttention-3): a CTA holds two query blocks of
 `block_q` rows, one per compute warpgroup; a memory warpgroup streams K and V blocks through a
 `max_concurrent_steps`-deep ring of shared-memory stages with TMA; the two compute warpgroups
-ping-pong a schedule barrier so that one's softmax overlaps the other's wgmma; online softmax in
-base 2 in float32. `AttentionConfig(overlap=True)` adds FlashAttention-3's intra-warpgroup overlap:
-a warpgroup issues the next block's S = Q K^T with this block's PV and runs the next softmax while
+ping-pong so that one's softmax overlaps the other's wgmma (on the GPU two pairs of named
+barriers, `_named_barrier`: each warpgroup's softmax turn and PV turn); online softmax in base 2 in
+float32. `AttentionConfig(overlap=True)` adds FlashAttention-3's intra-warpgroup overlap: a
+warpgroup issues the next block's S = Q K^T with this block's PV and runs the next softmax while
 PV's wgmma does (the two warpgroups then take turns issuing); K is released a step before V, and
 PV accumulates in place (fp8 too, in the wgmma's own accumulation precision).
 
@@ -467,6 +468,31 @@ def _check_qkv(q, k, v) -> None:
         raise ValueError(f"head dim D must be a multiple of 64, got q {q.shape}")
 
 
+# Named barriers of the ping-pong (0 is __syncthreads, 1-3 Mosaic's warpgroup barriers): warpgroup w
+# waits at _SOFTMAX_TURN + w for its softmax turn and at _PV_TURN + w for its PV turn.
+_SOFTMAX_TURN, _PV_TURN = 8, 10
+
+
+def _named_barrier(op: Literal["arrive", "sync"], base: int, other: bool) -> None:
+    """`bar.{op}` on the named barrier base + this compute warpgroup's index (or the other's), for
+    the two compute warpgroups (256 threads): "arrive" counts this warpgroup's threads without
+    waiting, "sync" counts them and waits for the other's arrival. A hardware barrier, where an
+    mbarrier's arrive is a shared-memory atomic after a warpgroup barrier and its wait polls
+    (notes/attention.md v17)."""
+
+    @plgpu.inline_mgpu()
+    def emit(_):
+        i32 = ir.IntegerType.get_signless(32)
+        wg = arith.divui(mgpu_utils.thread_idx(), mgpu_utils.c(mgpu_utils.WARPGROUP_SIZE, i32))
+        if other:
+            wg = arith.subi(mgpu_utils.c(1, i32), wg)
+        index = arith.addi(wg, mgpu_utils.c(base, i32))
+        threads = _COMPUTE_WGS * mgpu_utils.WARPGROUP_SIZE
+        mgpu_utils.inline_ptx(f"bar.{op} $0, {threads};", index, has_side_effects=True)
+
+    emit()
+
+
 def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, interpret: bool):
     """One CTA: two query blocks (one a compute warpgroup) against the whole K/V sequence."""
     qk8, pv8, pv_int = precision != "bf16", precision in PV_DTYPES, precision == "int8"
@@ -497,9 +523,39 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
     # "int8" PV cannot: its int32 accumulator holds one block's sum, added by one FFMA (`kv_step`).
     pv_in_place = not interpret and not pv_int
 
-    def schedule():
-        plgpu.barrier_arrive(schedule_barrier)
-        plgpu.barrier_wait(schedule_barrier)
+    # The ping-pong (the default loop). Each KV step a warpgroup issues S = Q K^T, signals that the
+    # other may issue its PV (queued behind this S on the tensor cores), waits for its softmax turn,
+    # signals the other's softmax turn once its logits are made (`softmax`), and waits for its PV
+    # turn. On the GPU these are named barriers; interpret mode keeps one mbarrier whose phases
+    # pair the same points (it cannot run inline PTX; the order changes no output).
+    named = not interpret
+
+    def qk_issued():  # then this warpgroup's softmax turn
+        if named:
+            _named_barrier("arrive", _PV_TURN, other=True)
+            _named_barrier("sync", _SOFTMAX_TURN, other=False)
+        else:
+            plgpu.barrier_arrive(schedule_barrier)
+            plgpu.barrier_wait(schedule_barrier)
+
+    def softmax_done():
+        if named:
+            _named_barrier("arrive", _SOFTMAX_TURN, other=True)
+        else:
+            plgpu.barrier_arrive(schedule_barrier)
+
+    def pv_turn():
+        if named:
+            _named_barrier("sync", _PV_TURN, other=False)
+        else:
+            plgpu.barrier_wait(schedule_barrier)
+
+    def first_turn():  # warpgroup 1 before its loop: warpgroup 0 takes the first softmax turn
+        if named:
+            _named_barrier("arrive", _SOFTMAX_TURN, other=True)
+            _named_barrier("sync", _PV_TURN, other=False)
+        else:
+            qk_issued()
 
     def slot_of(step):
         return lax.rem(step, jnp.array(stages, step.dtype))
@@ -588,6 +644,11 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
             if int_logits:  # (LOGIT_BIAS + q . k) * scale - (shift + LOGIT_BIAS * scale): one FMA a logit
                 shift = shift + LOGIT_BIAS * s_scale
             x = s * row - lax.broadcast_in_dim(shift, s.shape, [0])
+            if not config.overlap:  # the other warpgroup's softmax turn once the logits are made,
+                # before their exponentials (measured against the arrive after P, at S's arrival and
+                # after the row max: notes/attention.md v17)
+                x = lax.optimization_barrier(x)
+                softmax_done()
             if pv_int and not interpret:  # p_sum: each thread's partial sums, completed in `kv_step`
                 p_op, p_sum = _p_codes_gpu(jnp.exp2(x))
             elif pv8 and not interpret:
@@ -615,7 +676,7 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
                 with jax.named_scope("qk_issue"):
                     issue_qk(acc_ref, slot)
                 with jax.named_scope("qk_schedule"):
-                    schedule()
+                    qk_issued()
                 with jax.named_scope("qk_wait"):
                     return acc_ref[...]
             with jax.named_scope("ks_wait"):
@@ -632,9 +693,8 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
                 else:
                     acc, l_i, m_i, p_op = lax.optimization_barrier((rescale(acc, alpha), l_new, m_i, p_op))
             with jax.named_scope("pv_gate"):
-                plgpu.barrier_arrive(schedule_barrier)  # softmax done
                 plgpu.barrier_wait(v_bars.at[slot])
-                plgpu.barrier_wait(schedule_barrier)  # tensor cores free
+                pv_turn()
 
             def wait_next_k():
                 if masked:  # the ragged step is the last: no next K (and a constant step here
@@ -744,12 +804,12 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
             pl.when(wg == 0)(take_turn)  # warpgroup 1's last turn given: every arrival observed
         else:
             plgpu.barrier_wait(k_bars.at[0])
-            pl.when(wg == 1)(schedule)
+            pl.when(wg == 1)(first_turn)
             carry = lax.fori_loop(0, full_steps, kv_step, (acc, m_i, l_i))
             if full_steps < kv_steps:  # the ragged last block
                 carry = kv_step(jnp.int32(full_steps), carry, masked=True)
             acc, m_i, l_i = carry
-            pl.when(wg == 0)(schedule)
+            pl.when(wg == 0)(qk_issued)  # stands in for the QK issue of a step after the last
 
         if pv_int:  # the biases out, the codes' 255 in: float32 rounding, notes/attention.md v14
             l_i, biases, _ = l_i
