@@ -477,8 +477,9 @@ def _named_barrier(op: Literal["arrive", "sync"], base: int, other: bool) -> Non
     """`bar.{op}` on the named barrier base + this compute warpgroup's index (or the other's), for
     the two compute warpgroups (256 threads): "arrive" counts this warpgroup's threads without
     waiting, "sync" counts them and waits for the other's arrival. A hardware barrier, where an
-    mbarrier's arrive is a shared-memory atomic after a warpgroup barrier and its wait polls
-    (notes/attention.md v17)."""
+    mbarrier is an object in shared memory that each thread's arrive updates (with release order)
+    and whose wait polls: the ping-pong's handoff on these took 3-4% off the int8 kernel at B=1
+    (benchmarks/notes/attention.md v17)."""
 
     @plgpu.inline_mgpu()
     def emit(_):
