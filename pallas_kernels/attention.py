@@ -529,34 +529,31 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
     # signals the other's softmax turn once its logits are made (`softmax`), and waits for its PV
     # turn. On the GPU these are named barriers; interpret mode keeps one mbarrier whose phases
     # pair the same points (it cannot run inline PTX; the order changes no output).
-    named = not interpret
+    def grant(turn: int):  # the other warpgroup's turn
+        if interpret:
+            plgpu.barrier_arrive(schedule_barrier)
+        else:
+            _named_barrier("arrive", turn, other=True)
+
+    def take(turn: int):  # wait for this warpgroup's turn
+        if interpret:
+            plgpu.barrier_wait(schedule_barrier)
+        else:
+            _named_barrier("sync", turn, other=False)
 
     def qk_issued():  # then this warpgroup's softmax turn
-        if named:
-            _named_barrier("arrive", _PV_TURN, other=True)
-            _named_barrier("sync", _SOFTMAX_TURN, other=False)
-        else:
-            plgpu.barrier_arrive(schedule_barrier)
-            plgpu.barrier_wait(schedule_barrier)
+        grant(_PV_TURN)
+        take(_SOFTMAX_TURN)
 
     def softmax_done():
-        if named:
-            _named_barrier("arrive", _SOFTMAX_TURN, other=True)
-        else:
-            plgpu.barrier_arrive(schedule_barrier)
+        grant(_SOFTMAX_TURN)
 
     def pv_turn():
-        if named:
-            _named_barrier("sync", _PV_TURN, other=False)
-        else:
-            plgpu.barrier_wait(schedule_barrier)
+        take(_PV_TURN)
 
     def first_turn():  # warpgroup 1 before its loop: warpgroup 0 takes the first softmax turn
-        if named:
-            _named_barrier("arrive", _SOFTMAX_TURN, other=True)
-            _named_barrier("sync", _PV_TURN, other=False)
-        else:
-            qk_issued()
+        softmax_done()
+        pv_turn()
 
     def slot_of(step):
         return lax.rem(step, jnp.array(stages, step.dtype))
