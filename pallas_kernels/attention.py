@@ -894,6 +894,9 @@ def _run(operands: tuple, *, precision: Precision, shape: tuple[int, int, int, i
     consumed = (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),) * 2
     kernel_fn = functools.partial(_kernel, precision=precision, seq=seq, config=config, interpret=interpret)
 
+    # The ping-pong's mbarrier: interpret mode waits on it, the GPU takes turns on named barriers
+    # (`_named_barrier`) and still allocates it: left out there, the int8 kernel ran 4% slower at
+    # B=1 and no faster at B=4, in two A/B rounds (benchmarks/notes/attention.md v18; why not found).
     schedule = None if config.overlap else plgpu.Barrier(num_arrivals=_COMPUTE_WGS)
     turns = plgpu.Barrier(num_arrivals=1, num_barriers=_COMPUTE_WGS) if config.overlap else None
 
