@@ -484,7 +484,7 @@ def _named_barrier(op: Literal["arrive", "sync"], base: int, other: bool) -> Non
     @plgpu.inline_mgpu()
     def emit(_):
         i32 = ir.IntegerType.get_signless(32)
-        wg = arith.divui(mgpu_utils.thread_idx(), mgpu_utils.c(mgpu_utils.WARPGROUP_SIZE, i32))
+        wg = mgpu_utils.warpgroup_idx(sync=False)
         if other:
             wg = arith.subi(mgpu_utils.c(1, i32), wg)
         index = arith.addi(wg, mgpu_utils.c(base, i32))
