@@ -61,7 +61,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.experimental.mosaic.gpu as mgpu
@@ -183,11 +183,15 @@ def key_permutation(n: int) -> np.ndarray:
 
 
 def _transpose_permuting_keys(v: jax.Array) -> jax.Array:
-    """(B, s, H, D) -> (B, H, D, s) with the keys in `key_permutation` order: a reshape and one
-    transpose (no gather)."""
+    """(B, s, H, D) -> (B, H, D, s) with the keys in `key_permutation` order: the plain transpose,
+    then the permutation within each 16 keys along the minor axis (reshapes and transposes, no
+    gather). The optimization barrier keeps XLA from folding the two into one transpose whose
+    minor pairs of bytes it moves slowly (the FLUX step at 1024²: 2.5 ms of transposes against 0.4
+    ms plus ~1.1 ms more in the codes' fusion; benchmarks/notes/attention.md v19)."""
     b, s, h, d = v.shape
-    split = v.reshape(b, s // 16, 2, 4, 2, h, d)  # key = 16 g + 8 h' + 2 c + i
-    return split.transpose(0, 5, 6, 1, 3, 2, 4).reshape(b, h, d, s)  # -> 16 g + 4 c + 2 h' + i
+    t = lax.optimization_barrier(jnp.transpose(v, (0, 2, 3, 1)))
+    split = t.reshape(b, h, d, s // 16, 2, 4, 2)  # key = 16 g + 8 h' + 2 c + i
+    return split.transpose(0, 1, 2, 3, 5, 4, 6).reshape(b, h, d, s)  # -> 16 g + 4 c + 2 h' + i
 
 
 def _p_operand_interpret(p: jax.Array) -> jax.Array:
@@ -373,18 +377,48 @@ def _s_start_gpu(bias_ref, shape: tuple[int, int]) -> jax.Array:
     return fill(bias_ref)
 
 
-def _symmetric_codes(x: jax.Array, axis: int | tuple[int, ...], dtype, min_scale: jax.Array | None = None
-                     ) -> tuple[jax.Array, jax.Array]:
-    """Codes and float32 scales of x along `axis` (max |x| -> the format's largest value, or
-    `min_scale` (keepdims shape) where that is larger)."""
-    top = INT8_MAX if dtype == jnp.int8 else FP8_MAX
-    absmax = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
-    scale = jnp.maximum(absmax * (1.0 / top), SCALE_FLOOR)
-    if min_scale is not None:
-        scale = jnp.maximum(scale, min_scale)
+def _codes(x: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+    """x / scale as int8 (rounded, clipped to +-127) or fp8 codes."""
     scaled = x / scale
-    codes = jnp.clip(jnp.round(scaled), -top, top).astype(dtype) if dtype == jnp.int8 else scaled.astype(dtype)
-    return codes, jnp.squeeze(scale, axis)
+    return jnp.clip(jnp.round(scaled), -INT8_MAX, INT8_MAX).astype(dtype) if dtype == jnp.int8 else scaled.astype(dtype)
+
+
+def _format_top(dtype) -> float:
+    return INT8_MAX if dtype == jnp.int8 else FP8_MAX
+
+
+def _symmetric_codes(x: jax.Array, axis: int | tuple[int, ...], dtype) -> tuple[jax.Array, jax.Array]:
+    """Codes and float32 scales of x along `axis` (max |x| -> the format's largest value)."""
+    absmax = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
+    scale = jnp.maximum(absmax * (1.0 / _format_top(dtype)), SCALE_FLOOR)
+    return _codes(x, scale, dtype), jnp.squeeze(scale, axis)
+
+
+class _ColumnStats(NamedTuple):
+    """Per-channel statistics of a (B, S, H, D) x over its keys, from one read of x: the mean over
+    the sequence (B, 1, H, D) and each block of block_kv keys' max and min (B, blocks, H, D; an
+    all-padding block: -inf and +inf)."""
+    mean: jax.Array
+    block_max: jax.Array
+    block_min: jax.Array
+
+
+def _column_stats(x32: jax.Array, seq_pad: int, block_kv: int) -> _ColumnStats:
+    """`_ColumnStats` of float32 x32: the three reductions share one input and one shape, so that
+    XLA can fuse them; max |x - mean| then needs no second pass over x (`_centred_absmax`)."""
+    b, seq, h, d = x32.shape
+    blocks = _pad_seq(x32, seq_pad, 1).reshape(b, seq_pad // block_kv, block_kv, h, d)
+    valid = (jnp.arange(seq_pad) < seq).reshape(1, -1, block_kv, 1, 1)
+    total = jnp.sum(blocks, axis=2)  # padded keys are 0
+    return _ColumnStats(mean=jnp.sum(total, axis=1, keepdims=True) / seq,
+                        block_max=jnp.max(jnp.where(valid, blocks, -jnp.inf), axis=2),
+                        block_min=jnp.min(jnp.where(valid, blocks, jnp.inf), axis=2))
+
+
+def _centred_absmax(stats: _ColumnStats) -> jax.Array:
+    """max |x - mean| per block and channel (B, blocks, H, D), from the blocks' extremes: float32
+    rounding is monotonic, so this is the max of the rounded |x - mean| bit for bit."""
+    return jnp.maximum(stats.block_max - stats.mean, stats.mean - stats.block_min)
 
 
 def quantize_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, config: AttentionConfig, qk_dtype=jnp.int8,
@@ -392,23 +426,29 @@ def quantize_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, config: AttentionC
     """The operands of the 8-bit kernel `precision` ("sage8": fp8 V codes, "int8": int8 codes of
     V less its mean, "sage_qk8": bf16 V) from (B, S, H, D) q, k, v, padded to `padded_length`.
 
-    Plain XLA ops, which XLA fuses with whatever makes q, k, v in the caller's jit (FLUX: the QK
-    RMSNorm and RoPE). A Pallas producer making these codes from the projections was slower at
-    every measured shape (benchmarks/notes/attention.md, v8)."""
+    Plain XLA ops in the caller's jit, written so that q, k, v need few passes: q one for its row
+    maxima and one for its codes; k and v one for their per-channel statistics (`_column_stats`:
+    the mean and each block's extremes, from which max |x - mean| follows) and one for their codes
+    (v one more for its block sums of |v - mean|, which need the mean). Against the mean, then
+    max |x - mean|, then the codes, each over centred float32 copies: the FLUX step 2.2 ms faster
+    at 1024² (benchmarks/notes/attention.md, v19). A Pallas producer making these codes from the
+    projections was slower at every measured shape (v8)."""
     if qk_dtype not in QK_DTYPES:
         raise ValueError(f"qk_dtype must be int8 or float8_e4m3fn, got {qk_dtype}")
     if precision not in ("sage8", "sage_qk8", "int8"):
         raise ValueError(f"quantize_qkv makes the 8-bit kernels' operands: precision 'sage8', 'sage_qk8' or "
                          f"'int8', got {precision!r}")
-    seq, d = q.shape[1], q.shape[-1]
+    b, seq, h, d = q.shape
     seq_pad = padded_length(seq, config)
+    blocks = seq_pad // config.block_kv
     scale = (1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale) * LOG2E
-    q32, k32 = (x.astype(jnp.float32) for x in (q, k))
-    k32 = k32 - jnp.mean(k32, axis=1, keepdims=True)
-    q_codes, q_scale = _symmetric_codes(q32, -1, qk_dtype)
-    b, _, h, _ = k.shape
-    k_blocks = _pad_seq(k32, seq_pad, 1).reshape(b, seq_pad // config.block_kv, config.block_kv, h, d)
-    k_codes, k_scale = _symmetric_codes(k_blocks, (2, 4), qk_dtype)  # k_scale (B, blocks, H)
+    q_codes, q_scale = _symmetric_codes(q.astype(jnp.float32), -1, qk_dtype)
+    k32 = k.astype(jnp.float32)
+    k_stats = _column_stats(k32, seq_pad, config.block_kv)
+    k_scale = jnp.maximum(jnp.max(_centred_absmax(k_stats), axis=-1) * (1.0 / _format_top(qk_dtype)),
+                          SCALE_FLOOR)  # (B, blocks, H)
+    k_blocks = _pad_seq(k32 - k_stats.mean, seq_pad, 1).reshape(b, blocks, config.block_kv, h, d)
+    k_codes = _codes(k_blocks, k_scale[:, :, None, :, None], qk_dtype)
     to_bhs = lambda s: jnp.swapaxes(s, 1, 2)  # (B, S, H) -> (B, H, S)
     return QuantizedQKV(
         q_codes=_pad_seq(q_codes, seq_pad, 1), q_scale=_pad_seq(to_bhs(q_scale * scale), seq_pad, 2),
@@ -418,8 +458,8 @@ def quantize_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, config: AttentionC
 
 def _v_operands(v: jax.Array, seq_pad: int, precision: Precision, block_kv: int) -> dict[str, jax.Array | None]:
     """`QuantizedQKV`'s V fields from (B, S, H, D) v: "sage8" fp8 codes per channel, "int8" int8
-    codes of v - mean per channel (and their blocks' accumulator start values), made in v's layout,
-    then one transposing copy of the bytes (keys permuted in it); "sage_qk8" v in bf16.
+    codes of v - mean per channel (and their blocks' accumulator start values), written straight
+    into the kernel's (B, H, D, s) layout with the keys permuted; "sage_qk8" v in bf16.
 
     "int8": a channel's scale is also at least its largest block sum of |v - mean| over
     (V_BLOCK_ABS_SUM_MAX - block_kv / 2) (each code adds at most half a step to that sum), so that
@@ -429,21 +469,22 @@ def _v_operands(v: jax.Array, seq_pad: int, precision: Precision, block_kv: int)
     if precision == "sage_qk8":
         return dict(v_t_codes=None, v_scale=None, v_bf16=_pad_seq(v.astype(jnp.bfloat16), seq_pad, 1))
     b, _, h, d = v.shape
-    block_sums = lambda x: x.reshape(b, seq_pad // block_kv, block_kv, h, d).sum(axis=2)  # (B, blocks, H, D)
     v32 = v.astype(jnp.float32)
-    v_mean = min_scale = None
-    if precision == "int8":
-        v_mean = jnp.mean(v32, axis=1, keepdims=True)
-        v32 = _pad_seq(v32 - v_mean, seq_pad, 1)  # padded keys: 0, code 0
-        min_scale = jnp.max(block_sums(jnp.abs(v32)), axis=1, keepdims=True) / (V_BLOCK_ABS_SUM_MAX - block_kv / 2)
-    v_codes, v_scale = _symmetric_codes(v32, 1, PV_DTYPES[precision], min_scale)  # v_scale (B, H, D)
-    v_codes = _pad_seq(v_codes, seq_pad, 1)  # padded keys: code 0
-    fields = dict(v_t_codes=_transpose_permuting_keys(v_codes), v_scale=v_scale, v_bf16=None)
-    if precision == "int8":
-        sums = block_sums(v_codes.astype(jnp.int32))
-        fields.update(v_mean=v_mean[:, 0],
-                      pv_start=jnp.transpose(LOGIT_BIAS_BITS + P_CODE_OFFSET * sums, (0, 2, 1, 3)))
-    return fields
+    stats = _column_stats(v32, seq_pad, block_kv)
+    if precision == "sage8":
+        absmax = jnp.max(jnp.maximum(stats.block_max, -stats.block_min), axis=1)  # max |v| per channel
+        v_scale = jnp.maximum(absmax * (1.0 / FP8_MAX), SCALE_FLOOR)  # (B, H, D)
+        v_codes = _codes(_pad_seq(v32, seq_pad, 1), v_scale[:, None], PV_DTYPES[precision])
+        return dict(v_t_codes=_transpose_permuting_keys(v_codes), v_scale=v_scale, v_bf16=None)
+    centred = _pad_seq(v32 - stats.mean, seq_pad, 1)  # padded keys: 0, code 0
+    block_abs_sums = jnp.abs(centred).reshape(b, seq_pad // block_kv, block_kv, h, d).sum(axis=2)
+    v_scale = jnp.maximum(jnp.maximum(jnp.max(_centred_absmax(stats), axis=1) * (1.0 / INT8_MAX), SCALE_FLOOR),
+                          jnp.max(block_abs_sums, axis=1) / (V_BLOCK_ABS_SUM_MAX - block_kv / 2))  # (B, H, D)
+    v_t_codes = _transpose_permuting_keys(_codes(centred, v_scale[:, None], jnp.int8))  # (B, H, D, s)
+    sums = v_t_codes.astype(jnp.int32).reshape(b, h, d, seq_pad // block_kv, block_kv).sum(axis=-1)  # the
+    # permutation stays within blocks
+    return dict(v_t_codes=v_t_codes, v_scale=v_scale, v_bf16=None, v_mean=stats.mean[:, 0],
+                pv_start=jnp.transpose(LOGIT_BIAS_BITS + P_CODE_OFFSET * sums, (0, 1, 3, 2)))
 
 
 def block_scales_per_key(k_scale: jax.Array, block_kv: int) -> jax.Array:
