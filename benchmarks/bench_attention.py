@@ -12,7 +12,7 @@ tokens, i.e. 512², 1024² and 2048x1024 images; batch 1 and 4; 24 heads x 128):
   int8              pallas_kernels.attention, precision="int8": int8 QK^T and int8 PV (P against each
                     row's max in its KV block, V less its mean)
   int8_rot          int8 on q, k rotated first, as sage_qk8_rot (XLA butterfly, rounded to bf16; the
-                    model's "int8" rotates by a matmul and keeps float32: convrot_jax.ops.attention);
+                    model's "int8" rotates by a matmul, also rounded to bf16: convrot_jax.ops.attention);
                     int8_kernel: the int8-PV kernel alone on pre-quantized operands
   sage8_int8_kernel the int8 kernel alone, on operands quantize_qkv made beforehand
   sage8_fp8_kernel  the fp8-QK kernel alone (its logits come out of the wgmma as float32)
@@ -29,6 +29,10 @@ QK RMSNorm, RoPE, the attention; what the model runs; ratios against rope_cudnn_
                     layout: one Mosaic GPU launch) + cuDNN bf16 (the model's qk_producer option)
   rope_sage8_xla    XLA QK-norm + RoPE + quantize_qkv (XLA) + the int8 sage8 kernel (the model's sage8)
   fused_bf16_sage8  project_qkv (bf16 q, k, v, one launch) + quantize_qkv (XLA) + the int8 sage8 kernel
+  rope_int8_rot_xla XLA QK-norm + RoPE, then convrot_jax.ops.attention(implementation="int8"): q and k
+                    rotated (cuBLAS), quantize_qkv, the int8 kernel (the model's "int8")
+  fused_int8_rot    project_qkv with qk_rotation (norm, RoPE and the grouped Hadamard of q and k in one
+                    launch) + quantize_qkv + the int8 kernel
 TFLOP/s = 4 B H S^2 D / time (the two matmuls; 8-bit counted the same); ratios = cuDNN time /
 this time. Device time (CUPTI), median of 20 over rotating input sets (> 2x the 50 MB L2).
 All implementations run in one process, back to back (same device state).
@@ -113,6 +117,10 @@ VARIANTS = harness.registry(
             options={"producer": "xla", "precision": "sage8"}),
     Variant("fused_bf16_sage8", "bf16 producer (project_qkv) + XLA quantize_qkv, sage8 int8 kernel", group=_GROUP,
             options={"producer": "fused", "precision": "sage8"}),
+    Variant("rope_int8_rot_xla", "XLA QK-norm + RoPE + rotation (cuBLAS) + XLA quantize_qkv, int8 kernel", group=_GROUP,
+            options={"producer": "xla", "precision": "int8", "rotate_qk": True}),
+    Variant("fused_int8_rot", "producer with the rotation (project_qkv qk_rotation) + XLA quantize_qkv, int8 kernel",
+            group=_GROUP, options={"producer": "fused", "precision": "int8", "rotate_qk": True}),
 )
 PRODUCER_BASELINE = "rope_cudnn_bf16"
 TEXT_TOKENS = 512
@@ -195,19 +203,28 @@ def producer_implementation(variant: str):
     """variant -> fn(text, image, weights, cos, sin): from a double block's projection outputs
     (B, 512, 3 H D) and (B, S - 512, 3 H D), the norm weights (4, D) (text q, k, image q, k) and
     the RoPE tables (S, D), the attention output."""
+    import functools
+
     import jax
 
     from pallas_kernels.attention import attention
     from pallas_kernels.attention_producer import project_qkv
     from pallas_kernels.attention_producer_reference import projections_reference
 
+    from convrot_jax import ops
+    from convrot_jax.hadamard import hadamard_matrix
+
     opts = VARIANTS[variant].options
-    make = project_qkv if opts["producer"] == "fused" else projections_reference
+    fused, rotate = opts["producer"] == "fused", opts.get("rotate_qk", False)
+    make = functools.partial(project_qkv, qk_rotation=hadamard_matrix(ops.QK_ROTATION_GROUP) if rotate else None
+                             ) if fused else projections_reference
 
     def fn(text, image, weights, cos, sin):
         q, k, v = make(_streams(text, image, weights), cos, sin, heads=HEADS, eps=1e-6)
         if "precision" not in opts:
             return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        if rotate and not fused:  # the model's path: its rotation, then the kernel
+            return ops.attention(q, k, v, implementation=opts["precision"])
         return attention(q, k, v, precision=opts["precision"])
     return fn
 

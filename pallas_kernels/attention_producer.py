@@ -21,7 +21,12 @@ benchmarks/notes/fusions.md).
 
 The 8-bit kernels' operands are not made here: a producer that also wrote their codes (two
 launches: K's column sums, then the codes) was slower than XLA's norm + RoPE + `quantize_qkv` at
-every measured shape and was removed (benchmarks/notes/attention.md, v8).
+every measured shape and was removed (benchmarks/notes/attention.md, v8). What the "int8"
+attention needs before its codes can be: `qk_rotation` also multiplies q and k after RoPE by a
+grouped Hadamard, one wgmma a group of features on the tile staged in shared memory (a (G, G) bf16
+matrix, 8 KiB at G = 64, beside the tiles), in place of a cuBLAS pass over each in HBM; tested in
+interpret mode and lowered for CUDA, not yet timed on the GPU nor used by the model
+(benchmarks/notes/attention.md v19, `bench_attention`'s fused_int8_rot).
 
 Layout of the work: one warpgroup per program, grid (heads, blocks, batch); a 64-token tile of a
 head is a (64, D) array in the WGMMA register layout: each thread's register holds a pair of
@@ -106,6 +111,7 @@ class _Plan(NamedTuple):
     eps: float
     interpret: bool
     staged: bool  # tiles move through shared memory by TMA (`_stageable`), else register-direct
+    rotation_group: int  # q and k rotated in groups of this many features after RoPE (0: not rotated)
 
 
 def project_fits(stream_lengths: Sequence[int], block: int = BF16_BLOCK) -> bool:
@@ -180,11 +186,29 @@ def _norm_rope(x: jax.Array, weight: jax.Array, table: jax.Array, plan: _Plan) -
     return _bf16(_rotate_pairs(n, table, plan.interpret))
 
 
+def _rotate_groups(tile_ref, rotation_smem, group: int, d: int) -> None:
+    """tile (TILE, d) in shared memory -> each group of `group` features times the (group, group)
+    matrix in `rotation_smem`, in place: one wgmma a group (bf16 operands, float32 sums), every
+    group's product read before any is written back, rounded to bf16."""
+    groups = d // group
+
+    def products(*accs):
+        for g, acc in enumerate(accs):
+            plgpu.wgmma(acc, tile_ref.at[:, pl.ds(g * group, group)], rotation_smem)
+        return [acc[...] for acc in accs]
+
+    rotated = pl.run_scoped(products, *[plgpu.ACC((TILE, group), jnp.float32) for _ in range(groups)])
+    for g, x in enumerate(rotated):
+        tile_ref.at[:, pl.ds(g * group, group)][...] = x.astype(jnp.bfloat16)
+
+
 def _kernel(*refs, plan: _Plan):
     """One program: block `block` of one head and batch row, from the stream holding it (module
     docstring)."""
     sources, refs = refs[:plan.sources], refs[plan.sources:]
     weights_ref, table_ref, *refs = refs
+    if plan.rotation_group:
+        rotation_ref, *refs = refs
     head, block, batch = lax.axis_index("heads"), lax.axis_index("blocks"), lax.axis_index("batch")
     tiles, d = plan.block // TILE, plan.head_dim
     first_row = block * plan.block  # in the joint sequence
@@ -214,17 +238,25 @@ def _kernel(*refs, plan: _Plan):
                 out(1, row)[...] = normed(1, tile(s.k, row - start), rope).astype(jnp.bfloat16)
                 out(2, row)[...] = tile(s.v, row - start)
             return
-        staged, barriers = refs[3:]  # (3, tiles, TILE, D): the block's q, k, v tiles; a TMA barrier each
+        staged, barriers, *rotation = refs[3:]  # (3, tiles, TILE, D): the block's q, k, v tiles; a TMA barrier
+        # each (and the rotation's matrix, one more)
         for t, row in enumerate(rows):  # every copy in flight before the first tile is used
             for j, source in enumerate((s.q, s.k, s.v)):
                 plgpu.copy_gmem_to_smem(tile_ref(source, row - start), staged.at[j, t], barriers.at[j * tiles + t])
+        if plan.rotation_group:
+            plgpu.copy_gmem_to_smem(rotation_ref, rotation[0], barriers.at[3 * tiles])
+            plgpu.barrier_wait(barriers.at[3 * tiles])
         for t, row in enumerate(rows):
             rope = table(row)
             for j in range(2):  # q, k: normed and rotated in place
                 plgpu.barrier_wait(barriers.at[j * tiles + t])
                 x = plgpu.load(staged.at[j, t], layout=_TILE_LAYOUT)
                 staged.at[j, t][...] = normed(j, x, rope).astype(jnp.bfloat16)
-            plgpu.commit_smem()  # every thread's stores before the copies out read them
+            plgpu.commit_smem()  # every thread's stores before the copies out (and the wgmmas) read them
+            if plan.rotation_group:
+                for j in range(2):
+                    _rotate_groups(staged.at[j, t], rotation[0], plan.rotation_group, d)
+                plgpu.commit_smem()
             plgpu.barrier_wait(barriers.at[2 * tiles + t])
             for j in range(3):
                 plgpu.copy_smem_to_gmem(staged.at[j, t], out(j, row))
@@ -246,7 +278,10 @@ def _launch(plan: _Plan, inputs: Sequence[jax.Array], batch: int, heads: int):
     if plan.staged:  # the block's q, k, v tiles in shared memory (module docstring), a TMA barrier each
         tiles = plan.block // TILE
         scratch = [plgpu.SMEM((3, tiles, TILE, d), jnp.bfloat16, transforms=swizzle_transforms(d, 2)),
-                   plgpu.Barrier(num_barriers=3 * tiles)]
+                   plgpu.Barrier(num_barriers=3 * tiles + bool(plan.rotation_group))]
+        if plan.rotation_group:  # the rotation's (group, group) matrix
+            g = plan.rotation_group
+            scratch.append(plgpu.SMEM((g, g), jnp.bfloat16, transforms=swizzle_transforms(g, 2)))
     return plgpu.kernel(
         functools.partial(_kernel, plan=plan),
         out_type=(jax.ShapeDtypeStruct((batch, plan.seq, heads, d), jnp.bfloat16),) * 3,
@@ -291,7 +326,8 @@ def _check(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, heads: int
 
 
 def project_qkv(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, *, heads: int, eps: float,
-                block: int = BF16_BLOCK, interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+                block: int = BF16_BLOCK, qk_rotation: jax.Array | None = None, interpret: bool = False
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The exact attention's bf16 operands of the joint sequence [stream 0, stream 1, ...], each
     (B, S, H, D) as cuDNN takes them: q and k RMSNorm-ed per head (each stream's weights) and
     rotated by RoPE (cos, sin: (S, D) float32 tables, each angle repeated for its pair of adjacent
@@ -299,8 +335,24 @@ def project_qkv(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, *, he
     `block` tokens of one head a program. The unfused model's q, k, v
     (`attention_producer_reference.projections_reference`) up to the rounding the module docstring
     names. Nothing is padded or copied: a ragged last stream's last tile ends at its last token,
-    overlapping the tile before (`project_fits`)."""
+    overlapping the tile before (`project_fits`).
+
+    qk_rotation (G, G), G a multiple of 64 dividing D: then q and k after RoPE are also multiplied,
+    each group of G features, by it (x_g @ qk_rotation; bf16 operands, float32 sums, rounded to
+    bf16: one wgmma a group on the tile in shared memory), as the 8-bit attention's grouped
+    Hadamard wants them (an orthogonal map leaves q k^T as it is). Needs the staged path
+    (`_stageable`)."""
     d = _check(streams, cos, sin, heads, block)
+    group = 0
+    if qk_rotation is not None:
+        group = qk_rotation.shape[0]
+        if qk_rotation.shape != (group, group) or group % 64 or d % group:
+            raise ValueError(f"qk_rotation must be (G, G) with G a multiple of 64 dividing the head dim {d}, "
+                             f"got {qk_rotation.shape}")
+        if not _stageable(streams):
+            raise ValueError("qk_rotation runs on tiles staged in shared memory: every stream's tokens must be a "
+                             "multiple of 8 and every projection's column and width a multiple of 64, got "
+                             f"{[(s.q.array.shape, s.q.column, s.k.column, s.v.column) for s in streams]}")
     arrays: list[jax.Array] = []  # the distinct inputs (a fused projection serves q, k and v)
 
     def source(p: Projection) -> _Source:
@@ -317,6 +369,7 @@ def project_qkv(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, *, he
         plans.append(_StreamPlan(first, blocks, tokens, source(s.q), source(s.k), source(s.v)))
         first += blocks
     plan = _Plan(tuple(plans), len(arrays), sum(p.tokens for p in plans), block, d, float(eps), interpret,
-                 _stageable(streams))
+                 _stageable(streams), group)
     weights = jnp.stack([jnp.stack([s.q_weight, s.k_weight]) for s in streams]).astype(jnp.float32)  # (streams, 2, D)
-    return _launch(plan, [*arrays, weights, rope_table(cos, sin)], streams[0].q.array.shape[0], heads)
+    rotation = [] if qk_rotation is None else [qk_rotation.astype(jnp.bfloat16)]
+    return _launch(plan, [*arrays, weights, rope_table(cos, sin), *rotation], streams[0].q.array.shape[0], heads)

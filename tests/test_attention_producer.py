@@ -12,6 +12,11 @@ summed in another order; bit-identical where it rounds alike); q unrotated, RoPE
 another stream's norm weights fail it (`test_bf16_check_catches_a_wrong_producer`). Its tiles
 through shared memory (TMA) and register-direct (where TMA cannot copy them) give the same bits
 (CPU interpret mode and the GPU).
+
+With `qk_rotation` (the int8 attention's grouped Hadamard after RoPE): the unfused path's q and k
+rotated in float32 and rounded to bf16; each element within |H| @ delta (the rotation of the
+unrotated bounds) plus one bf16 rounding of each side (2^-8 of the value each: the float32 sums run
+in another order); v bit for bit. q left unrotated or rotated by another Hadamard fails it.
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ import pytest
 
 import flux_fixtures
 from pallas_kernels.attention_producer import Projection, Stream, project_qkv
+from convrot_jax.hadamard import hadamard_matrix
 from pallas_kernels.attention_producer_reference import bf16_flip_bounds, normed, projections_reference, rope
 
 EPS = 1e-6
 SLACK = 1 + 2.0**-6  # the bounds' own float32 / first-order terms
+ROTATION = hadamard_matrix(64)  # the int8 attention's (convrot_jax.ops.QK_ROTATION_GROUP)
 
 
 def _tables(seq: int, d: int, key) -> tuple[jax.Array, jax.Array]:
@@ -118,6 +125,12 @@ def test_rejects_bad_streams():
     short = _streams("fused", 1, (64, 32), heads)
     with pytest.raises(ValueError, match="the last at least 64 tokens"):
         project_qkv(short, cos[:96], sin[:96], heads=heads, eps=EPS, block=64, interpret=True)
+    for shape in ((32, 32), (64, 128), (256, 256)):  # not a multiple of 64, not square, not dividing D
+        with pytest.raises(ValueError, match=r"qk_rotation must be \(G, G\)"):
+            call(streams, cos, sin, block=64, qk_rotation=jnp.eye(*shape))
+    unstaged = _streams("fused", 1, (64, 100), heads)  # 100 tokens: not a multiple of 8, no TMA
+    with pytest.raises(ValueError, match="qk_rotation runs on tiles staged"):
+        call(unstaged, *_tables(164, 128, jax.random.key(1)), block=64, qk_rotation=ROTATION)
 
 
 def _lower_at_flux_shapes(batch: int, text: int, image: int, streams: int, attend) -> str:
@@ -149,6 +162,72 @@ def check_bf16(got, streams, cos, sin, heads: int) -> None:
     for name, a, b, n in (("q", got[0], want[0], qn), ("k", got[1], want[1], kn)):
         err = np.abs(f64(a) - f64(b)) - bf16_flip_bounds(n, b, cos, sin) * SLACK
         assert np.all(err <= 1e-30), f"{np.sum(err > 1e-30)} {name} elements past the bound"
+
+
+def _rotated(x: jax.Array, rotation: jax.Array) -> jax.Array:
+    """x (B, S, H, D) bf16, each group of features times `rotation` in float32, rounded to bf16."""
+    g = rotation.shape[0]
+    groups = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // g, g)
+    return jnp.matmul(groups, rotation, precision="highest").reshape(x.shape).astype(jnp.bfloat16)
+
+
+def check_rotated(got, streams, cos, sin, heads: int, rotation: jax.Array = ROTATION) -> None:
+    """`got` (q, k, v) with q and k rotated, against the unfused path's, within the module
+    docstring's bounds."""
+    qn, kn, _ = normed(streams, heads, EPS)
+    want = projections_reference(streams, cos, sin, heads=heads, eps=EPS)
+    f64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    assert np.array_equal(f64(got[2]), f64(want[2])), "v"
+    g = rotation.shape[0]
+    spread = lambda d: np.matmul(d.reshape(*d.shape[:-1], d.shape[-1] // g, g), np.abs(f64(rotation))).reshape(d.shape)
+    for name, a, b, n in (("q", got[0], want[0], qn), ("k", got[1], want[1], kn)):
+        assert a.dtype == jnp.bfloat16 and a.shape == b.shape, (name, a.dtype, a.shape)
+        r = f64(_rotated(b, rotation))
+        bound = (spread(bf16_flip_bounds(n, b, cos, sin)) + 2 * 2.0**-8 * np.abs(r)) * SLACK
+        err = np.abs(f64(a) - r) - bound
+        assert np.all(err <= 1e-30), f"{np.sum(err > 1e-30)} {name} elements past the bound"
+
+
+@pytest.mark.parametrize("kind, batch, lengths, block", [
+    ("fused", 1, (64, 136), 64),  # two streams, the last ragged: its last tile overlaps the one before
+    ("separate", 2, (128, 128), 128),  # q, k, v as three arrays, two tiles a program, two batch rows
+])
+def test_rotated_matches_unfused_path(kind, batch, lengths, block):
+    """q and k also rotated by the int8 attention's grouped Hadamard (`qk_rotation`), in place in
+    shared memory after RoPE: the unfused path's, rotated, within the bounds."""
+    heads = 2
+    streams = _streams(kind, batch, lengths, heads)
+    cos, sin = _tables(sum(lengths), 128, jax.random.key(8))
+    got = project_qkv(streams, cos, sin, heads=heads, eps=EPS, block=block, qk_rotation=ROTATION, interpret=True)
+    check_rotated(got, streams, cos, sin, heads)
+
+
+def test_rotated_check_catches_a_wrong_producer():
+    """The bound fails q and k left unrotated, and q and k rotated by another Hadamard (Sylvester's)."""
+    heads, lengths = 2, (64, 64)
+    streams = _streams("fused", 1, lengths, heads)
+    cos, sin = _tables(sum(lengths), 128, jax.random.key(6))
+    q, k, v = projections_reference(streams, cos, sin, heads=heads, eps=EPS)
+    check_rotated((_rotated(q, ROTATION), _rotated(k, ROTATION), v), streams, cos, sin, heads)
+    sylvester = hadamard_matrix(64, "sylvester")
+    for wrong in [(q, k, v), (_rotated(q, sylvester), _rotated(k, sylvester), v)]:
+        with pytest.raises(AssertionError):
+            check_rotated(wrong, streams, cos, sin, heads)
+
+
+@pytest.mark.parametrize("batch, text, image, streams", [(1, 512, 4096, 2), (1, 512, 4096, 1), (4, 512, 4080, 2)])
+def test_rotated_lowers_for_the_gpu(batch, text, image, streams, monkeypatch):
+    """At FLUX.1's shapes the producer with `qk_rotation` lowers for CUDA from this machine, its
+    rotation as wgmmas on the staged tiles."""
+    from pallas_kernels import tile_schedule
+
+    monkeypatch.setattr(tile_schedule, "sm_count", lambda interpret: 132)
+
+    def attend(ss, cos, sin, heads, seq):
+        return project_qkv(ss, cos, sin, heads=heads, eps=EPS, qk_rotation=ROTATION)
+
+    text_ir = _lower_at_flux_shapes(batch, text, image, streams, attend)
+    assert "attention_producer" in text_ir and "wgmma" in text_ir and "cp.async.bulk.tensor" in text_ir
 
 
 @pytest.mark.parametrize("kind, batch, lengths, block", [
@@ -256,6 +335,16 @@ def test_gpu_bf16_matches_unfused_path(lengths, heads):
     streams = _streams("fused", 1, lengths, heads)
     cos, sin = _tables(sum(lengths), 128, jax.random.key(3))
     check_bf16(project_qkv(streams, cos, sin, heads=heads, eps=EPS), streams, cos, sin, heads)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch, lengths, heads", [(1, (512, 4096), 24), (2, (512, 4080), 24), (1, (512, 1000), 2)])
+def test_gpu_rotated_matches_unfused_path(batch, lengths, heads):
+    """`qk_rotation` on the GPU: 1024², 1360x768 with two images, a short ragged stream."""
+    streams = _streams("fused", batch, lengths, heads)
+    cos, sin = _tables(sum(lengths), 128, jax.random.key(3))
+    got = project_qkv(streams, cos, sin, heads=heads, eps=EPS, qk_rotation=ROTATION)
+    check_rotated(got, streams, cos, sin, heads)
 
 
 @pytest.mark.gpu
