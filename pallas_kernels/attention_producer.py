@@ -340,8 +340,9 @@ def project_qkv(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, *, he
     qk_rotation (G, G), G a multiple of 64 dividing D: then q and k after RoPE are also multiplied,
     each group of G features, by it (x_g @ qk_rotation; bf16 operands, float32 sums, rounded to
     bf16: one wgmma a group on the tile in shared memory), as the 8-bit attention's grouped
-    Hadamard wants them (an orthogonal map leaves q k^T as it is). Needs the staged path
-    (`_stageable`)."""
+    Hadamard wants them (an orthogonal map leaves q k^T as it is). The matrix is rounded to bf16:
+    exact for the regular Hadamard of 64 (entries +-1/8), not for a normalised one of 128. Needs
+    the staged path (`_stageable`)."""
     d = _check(streams, cos, sin, heads, block)
     group = 0
     if qk_rotation is not None:
