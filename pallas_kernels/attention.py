@@ -383,19 +383,19 @@ def _codes(x: jax.Array, scale: jax.Array, dtype) -> jax.Array:
     return jnp.clip(jnp.round(scaled), -INT8_MAX, INT8_MAX).astype(dtype) if dtype == jnp.int8 else scaled.astype(dtype)
 
 
-def _format_top(dtype) -> float:
-    return INT8_MAX if dtype == jnp.int8 else FP8_MAX
+def _scale(absmax: jax.Array, dtype) -> jax.Array:
+    """The float32 scale that maps absmax to the format's largest code (SCALE_FLOOR for zeros)."""
+    return jnp.maximum(absmax * (1.0 / (INT8_MAX if dtype == jnp.int8 else FP8_MAX)), SCALE_FLOOR)
 
 
 def _symmetric_codes(x: jax.Array, axis: int | tuple[int, ...], dtype) -> tuple[jax.Array, jax.Array]:
     """Codes and float32 scales of x along `axis` (max |x| -> the format's largest value)."""
-    absmax = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
-    scale = jnp.maximum(absmax * (1.0 / _format_top(dtype)), SCALE_FLOOR)
+    scale = _scale(jnp.max(jnp.abs(x), axis=axis, keepdims=True), dtype)
     return _codes(x, scale, dtype), jnp.squeeze(scale, axis)
 
 
 class _ColumnStats(NamedTuple):
-    """Per-channel statistics of a (B, S, H, D) x over its keys, from one read of x: the mean over
+    """Per-channel statistics of a (B, S, H, D) x over its keys, from one set of reductions: the mean over
     the sequence (B, 1, H, D) and each block of block_kv keys' max and min (B, blocks, H, D; an
     all-padding block: -inf and +inf)."""
     mean: jax.Array
@@ -427,8 +427,9 @@ def quantize_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, config: AttentionC
     V less its mean, "sage_qk8": bf16 V) from (B, S, H, D) q, k, v, padded to `padded_length`.
 
     Plain XLA ops in the caller's jit, written so that q, k, v need few passes: q one for its row
-    maxima and one for its codes; k and v one for their per-channel statistics (`_column_stats`:
-    the mean and each block's extremes, from which max |x - mean| follows) and one for their codes
+    maxima and one for its codes; k and v one set of reductions for their per-channel statistics
+    (`_column_stats`: the mean and each block's extremes, from which max |x - mean| follows; XLA
+    may still split them into several kernels) and one pass for their codes
     (v one more for its block sums of |v - mean|, which need the mean). Against the mean, then
     max |x - mean|, then the codes, each over centred float32 copies: the FLUX step 2.2 ms faster
     at 1024² (benchmarks/notes/attention.md, v19). A Pallas producer making these codes from the
@@ -445,8 +446,7 @@ def quantize_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, config: AttentionC
     q_codes, q_scale = _symmetric_codes(q.astype(jnp.float32), -1, qk_dtype)
     k32 = k.astype(jnp.float32)
     k_stats = _column_stats(k32, seq_pad, config.block_kv)
-    k_scale = jnp.maximum(jnp.max(_centred_absmax(k_stats), axis=-1) * (1.0 / _format_top(qk_dtype)),
-                          SCALE_FLOOR)  # (B, blocks, H)
+    k_scale = _scale(jnp.max(_centred_absmax(k_stats), axis=-1), qk_dtype)  # (B, blocks, H)
     k_blocks = _pad_seq(k32 - k_stats.mean, seq_pad, 1).reshape(b, blocks, config.block_kv, h, d)
     k_codes = _codes(k_blocks, k_scale[:, :, None, :, None], qk_dtype)
     to_bhs = lambda s: jnp.swapaxes(s, 1, 2)  # (B, S, H) -> (B, H, S)
@@ -473,12 +473,12 @@ def _v_operands(v: jax.Array, seq_pad: int, precision: Precision, block_kv: int)
     stats = _column_stats(v32, seq_pad, block_kv)
     if precision == "sage8":
         absmax = jnp.max(jnp.maximum(stats.block_max, -stats.block_min), axis=1)  # max |v| per channel
-        v_scale = jnp.maximum(absmax * (1.0 / FP8_MAX), SCALE_FLOOR)  # (B, H, D)
+        v_scale = _scale(absmax, PV_DTYPES[precision])  # (B, H, D)
         v_codes = _codes(_pad_seq(v32, seq_pad, 1), v_scale[:, None], PV_DTYPES[precision])
         return dict(v_t_codes=_transpose_permuting_keys(v_codes), v_scale=v_scale, v_bf16=None)
     centred = _pad_seq(v32 - stats.mean, seq_pad, 1)  # padded keys: 0, code 0
     block_abs_sums = jnp.abs(centred).reshape(b, seq_pad // block_kv, block_kv, h, d).sum(axis=2)
-    v_scale = jnp.maximum(jnp.maximum(jnp.max(_centred_absmax(stats), axis=1) * (1.0 / INT8_MAX), SCALE_FLOOR),
+    v_scale = jnp.maximum(_scale(jnp.max(_centred_absmax(stats), axis=1), jnp.int8),
                           jnp.max(block_abs_sums, axis=1) / (V_BLOCK_ABS_SUM_MAX - block_kv / 2))  # (B, H, D)
     v_t_codes = _transpose_permuting_keys(_codes(centred, v_scale[:, None], jnp.int8))  # (B, H, D, s)
     sums = v_t_codes.astype(jnp.int32).reshape(b, h, d, seq_pad // block_kv, block_kv).sum(axis=-1)  # the

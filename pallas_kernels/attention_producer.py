@@ -243,9 +243,8 @@ def _kernel(*refs, plan: _Plan):
         for t, row in enumerate(rows):  # every copy in flight before the first tile is used
             for j, source in enumerate((s.q, s.k, s.v)):
                 plgpu.copy_gmem_to_smem(tile_ref(source, row - start), staged.at[j, t], barriers.at[j * tiles + t])
-        if plan.rotation_group:
+        if plan.rotation_group:  # waited on before the first rotation: it overlaps the first tiles' norm
             plgpu.copy_gmem_to_smem(rotation_ref, rotation[0], barriers.at[3 * tiles])
-            plgpu.barrier_wait(barriers.at[3 * tiles])
         for t, row in enumerate(rows):
             rope = table(row)
             for j in range(2):  # q, k: normed and rotated in place
@@ -254,6 +253,8 @@ def _kernel(*refs, plan: _Plan):
                 staged.at[j, t][...] = normed(j, x, rope).astype(jnp.bfloat16)
             plgpu.commit_smem()  # every thread's stores before the copies out (and the wgmmas) read them
             if plan.rotation_group:
+                if t == 0:
+                    plgpu.barrier_wait(barriers.at[3 * tiles])
                 for j in range(2):
                     _rotate_groups(staged.at[j, t], rotation[0], plan.rotation_group, d)
                 plgpu.commit_smem()
