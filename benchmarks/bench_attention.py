@@ -31,8 +31,9 @@ QK RMSNorm, RoPE, the attention; what the model runs; ratios against rope_cudnn_
   fused_bf16_sage8  project_qkv (bf16 q, k, v, one launch) + quantize_qkv (XLA) + the int8 sage8 kernel
   rope_int8_rot_xla XLA QK-norm + RoPE, then convrot_jax.ops.attention(implementation="int8"): q and k
                     rotated (cuBLAS), quantize_qkv, the int8 kernel (the model's "int8")
-  fused_int8_rot    project_qkv with qk_rotation (norm, RoPE and the grouped Hadamard of q and k in one
-                    launch) + quantize_qkv + the int8 kernel
+  fused_int8_rot    convrot_jax.ops.attention_from_projections(implementation="int8"): project_qkv with
+                    qk_rotation (norm, RoPE and the grouped Hadamard of q and k in one launch) +
+                    quantize_qkv + the int8 kernel (the model's "int8" with its producer, the default)
 TFLOP/s = 4 B H S^2 D / time (the two matmuls; 8-bit counted the same); ratios = cuDNN time /
 this time. Device time (CUPTI), median of 20 over rotating input sets (> 2x the 50 MB L2).
 All implementations run in one process, back to back (same device state).
@@ -119,7 +120,7 @@ VARIANTS = harness.registry(
             options={"producer": "fused", "precision": "sage8"}),
     Variant("rope_int8_rot_xla", "XLA QK-norm + RoPE + rotation (cuBLAS) + XLA quantize_qkv, int8 kernel", group=_GROUP,
             options={"producer": "xla", "precision": "int8", "rotate_qk": True}),
-    Variant("fused_int8_rot", "producer with the rotation (project_qkv qk_rotation) + XLA quantize_qkv, int8 kernel",
+    Variant("fused_int8_rot", "ops.attention_from_projections: producer with the rotation + XLA quantize_qkv, int8 kernel",
             group=_GROUP, options={"producer": "fused", "precision": "int8", "rotate_qk": True}),
 )
 PRODUCER_BASELINE = "rope_cudnn_bf16"
@@ -203,8 +204,6 @@ def producer_implementation(variant: str):
     """variant -> fn(text, image, weights, cos, sin): from a double block's projection outputs
     (B, 512, 3 H D) and (B, S - 512, 3 H D), the norm weights (4, D) (text q, k, image q, k) and
     the RoPE tables (S, D), the attention output."""
-    import functools
-
     import jax
 
     from pallas_kernels.attention import attention
@@ -212,18 +211,20 @@ def producer_implementation(variant: str):
     from pallas_kernels.attention_producer_reference import projections_reference
 
     from convrot_jax import ops
-    from convrot_jax.hadamard import hadamard_matrix
 
     opts = VARIANTS[variant].options
     fused, rotate = opts["producer"] == "fused", opts.get("rotate_qk", False)
-    make = functools.partial(project_qkv, qk_rotation=hadamard_matrix(ops.QK_ROTATION_GROUP) if rotate else None
-                             ) if fused else projections_reference
+    make = project_qkv if fused else projections_reference
 
     def fn(text, image, weights, cos, sin):
-        q, k, v = make(_streams(text, image, weights), cos, sin, heads=HEADS, eps=1e-6)
+        streams = _streams(text, image, weights)
+        if rotate and fused:  # the model's path (its rotation in the producer), so it cannot drift from it
+            return ops.attention_from_projections(streams, cos, sin, heads=HEADS, eps=1e-6,
+                                                  implementation=opts["precision"])
+        q, k, v = make(streams, cos, sin, heads=HEADS, eps=1e-6)
         if "precision" not in opts:
             return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-        if rotate and not fused:  # the model's path: its rotation, then the kernel
+        if rotate:  # the model's unfused path: its rotation, then the kernel
             return ops.attention(q, k, v, implementation=opts["precision"])
         return attention(q, k, v, precision=opts["precision"])
     return fn

@@ -22,7 +22,10 @@ no two frameworks sharing the GPU):
                    (flux_flax.fuse_gated_residuals)
   jax_w4a4_pallas_sage8, jax_bf16_sage8  jax_w4a4_pallas / jax_bf16 with the 8-bit "sage8"
                    attention (its Q/K/V quantized where they are made; flux_flax.set_attention)
-  jax_w4a4_pallas_int8, jax_bf16_int8  the same with "int8" attention (q and k rotated, int8 P and V)
+  jax_w4a4_pallas_int8, jax_bf16_int8  the same with "int8" attention (q and k rotated, int8 P and V;
+                   norm, RoPE and the rotation in the attention producer, qk_producer)
+  jax_w4a4_pallas_int8_xla_operands  jax_w4a4_pallas_int8 with qk_producer off: norm, RoPE and the
+                   rotation in XLA ops and cuBLAS (the int8 path before 2026-12-04 20:00 UTC)
 A step is one transformer forward (FLUX.1-dev config; random weights made on the GPU, or real
 ones with --model DIR) at each size and batch, with 512 T5 tokens: median of --iters timed runs
 after warm-up (host clock around a synchronised call), and the loop step: --iters calls issued back
@@ -94,6 +97,8 @@ VARIANTS = harness.registry(
             options={"runner": "jax", "impl": "pallas", "attention": "int8"}),
     Variant("jax_bf16_int8", "flux_flax bf16, int8 attention", _JAX,
             options={"runner": "jax", "impl": None, "attention": "int8"}),
+    Variant("jax_w4a4_pallas_int8_xla_operands", "flux_flax W4A4, Pallas kernels, int8 attention, no producer", _JAX,
+            options={"runner": "jax", "impl": "pallas", "attention": "int8", "qk_producer": False}),
 )
 # Ratio columns of the table, and the README's baseline (the first present in the same run).
 BASELINES = ("torch_eager", "torch_compile", "torch_fp8", "torch_fp8_regional", "jax_bf16")
@@ -191,7 +196,8 @@ def jax_worker(args, variant: str) -> list[dict]:
     if args.fuse:
         flux_flax.fuse_projections(model)
     flux_flax.fuse_producers(model, producers)
-    flux_flax.set_attention(model, VARIANTS[variant].options.get("attention"))
+    flux_flax.set_attention(model, VARIANTS[variant].options.get("attention"),
+                            qk_producer=VARIANTS[variant].options.get("qk_producer", True))
     if VARIANTS[variant].options.get("gated_residuals"):
         flux_flax.fuse_gated_residuals(model)
     graphdef, state = nnx.split(model)

@@ -25,7 +25,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from convrot_jax.hadamard import HadamardKind, rotate
+from convrot_jax.hadamard import HadamardKind, hadamard_matrix, rotate
 from convrot_jax.linear import (
     check_gated_residual_input,
     check_linear_input,
@@ -39,6 +39,7 @@ from pallas_kernels.attention import attention as _attention_kernel
 from pallas_kernels.attention_producer import Projection, Stream  # noqa: F401  (re-exported for the model)
 from pallas_kernels.attention_producer import project_fits as _project_fits
 from pallas_kernels.attention_producer import project_qkv as _project_qkv
+from pallas_kernels.attention_producer import stageable as _stageable
 from pallas_kernels.lora_down import lora_down
 from pallas_kernels.lora_down import supports as lora_down_supports
 from pallas_kernels.rotate_quantize import rotate_quantize
@@ -278,6 +279,11 @@ def check_attention_implementation(implementation: str) -> None:
         raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}")
 
 
+def _rotates_qk(implementation: str) -> bool:
+    """Whether the kernel takes q and k rotated by ConvRot's grouped Hadamard (QK_ROTATION_GROUP)."""
+    return implementation in _ATTENTION_KERNELS and _ATTENTION_KERNELS[implementation][2]
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str) -> jax.Array:
     """softmax(q k^T / sqrt(D)) v over (B, S, H, D) q, k, v, non-causal; output in q's dtype.
 
@@ -293,10 +299,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str) 
     if implementation in EXACT_ATTENTION:
         return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
     _require_hopper(implementation)
-    precision, qk_dtype, rotate_qk = _ATTENTION_KERNELS[implementation]
-    if rotate_qk:  # rounded to q's dtype (as benchmarks/bench_attention measures the accuracy): the quantizer
-        # reads q and k twice each, half the bytes of float32 copies
+    if _rotates_qk(implementation):  # rounded to q's dtype (as benchmarks/bench_attention measures the
+        # accuracy): the quantizer reads q and k twice each, half the bytes of float32 copies
         q, k = (rotate(x, group_size=QK_ROTATION_GROUP, method="matmul").astype(x.dtype) for x in (q, k))
+    return _kernel_attention(q, k, v, implementation)
+
+
+def _kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
+    """A Pallas kernel's attention on q, k, v as it takes them (rotated where it rotates)."""
+    precision, qk_dtype, _ = _ATTENTION_KERNELS[implementation]
     return _attention_kernel(q, k, v, precision=precision, qk_dtype=qk_dtype, out_dtype=v.dtype)
 
 
@@ -308,29 +319,35 @@ def _require_hopper(implementation: str) -> None:
         )
 
 
-def fuses_attention_producer(implementation: str, stream_lengths: Sequence[int], *, qk_producer: bool = False
-                             ) -> bool:
-    """Whether `attention_from_projections` runs `implementation` on streams of these lengths: the
-    exact ones ("cudnn", "xla") with `qk_producer` on a Hopper GPU, where the producer kernel
-    takes the streams (`attention_producer.project_fits`); elsewhere the caller's XLA ops run (the
-    option changes rounding only). The 8-bit kernels' operands are XLA ops (`attention`): a
-    producer that quantized them was slower (benchmarks/notes/attention.md, v8)."""
-    return (implementation in EXACT_ATTENTION and qk_producer and pallas_supported()
-            and _project_fits(stream_lengths))
+def fuses_attention_producer(implementation: str, streams: Sequence[Stream], *, qk_producer: bool = False) -> bool:
+    """Whether `attention_from_projections` runs `implementation` on these streams: with
+    `qk_producer` on a Hopper GPU where the producer kernel takes the streams
+    (`attention_producer.project_fits`), the exact ones ("cudnn", "xla") and "int8", whose q and
+    k the producer also rotates, which it does on tiles staged in shared memory
+    (`attention_producer.stageable`: FLUX's streams whenever the image tokens are a multiple of 8).
+    Elsewhere the caller's XLA ops run (the option changes rounding only). The other 8-bit
+    kernels take XLA's norm and RoPE: from the bf16 producer sage8 was no faster
+    (benchmarks/notes/attention.md, v9), and a producer that wrote their codes was slower (v8)."""
+    if not (qk_producer and pallas_supported() and _project_fits([s.q.array.shape[1] for s in streams])):
+        return False
+    return implementation in EXACT_ATTENTION or (_rotates_qk(implementation) and _stageable(streams))
 
 
 def attention_from_projections(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, *, heads: int, eps: float,
                                implementation: str) -> jax.Array:
-    """Exact attention over the joint sequence [stream 0, stream 1, ...] made from the streams' bf16
+    """`attention` over the joint sequence [stream 0, stream 1, ...] made from the streams' bf16
     q/k/v projections (`pallas_kernels.attention_producer.Stream`): one producer launch RMSNorms q
-    and k per head (eps, each stream's weights), rotates them by RoPE (cos, sin (S, D)) and
-    writes bf16 q, k, v in the joint layout (`pallas_kernels.attention_producer.project_qkv`: no
-    XLA norm, RoPE or concatenation), then `attention`: softmax(q k^T / sqrt(D)) v, (B, S, H, D)
-    in the projections' dtype. `fuses_attention_producer` says which implementations and
-    streams."""
-    if not fuses_attention_producer(implementation, [s.q.array.shape[1] for s in streams], qk_producer=True):
+    and k per head (eps, each stream's weights), rotates them by RoPE (cos, sin (S, D)), for "int8"
+    also by its grouped Hadamard, and writes bf16 q, k, v in the joint layout
+    (`pallas_kernels.attention_producer.project_qkv`: no XLA norm, RoPE, rotation or
+    concatenation), then the attention: softmax(q k^T / sqrt(D)) v, (B, S, H, D) in the
+    projections' dtype. `fuses_attention_producer` says which implementations and streams."""
+    if not fuses_attention_producer(implementation, streams, qk_producer=True):
         raise ValueError(f"attention implementation {implementation!r} on streams of "
                          f"{[s.q.array.shape[1] for s in streams]} tokens has no fused producer on this device "
                          f"({jax.devices()[0].device_kind!r}; fuses_attention_producer)")
-    q, k, v = _project_qkv(streams, cos, sin, heads=heads, eps=eps)
-    return attention(q, k, v, implementation=implementation)
+    if implementation in EXACT_ATTENTION:
+        return attention(*_project_qkv(streams, cos, sin, heads=heads, eps=eps), implementation=implementation)
+    rotation = hadamard_matrix(QK_ROTATION_GROUP, dtype=jnp.bfloat16)  # exact in bf16: entries +-1/8
+    q, k, v = _project_qkv(streams, cos, sin, heads=heads, eps=eps, qk_rotation=rotation)
+    return _kernel_attention(q, k, v, implementation)

@@ -360,12 +360,12 @@ class FluxAttention(nnx.Module):
         `hidden_states`. `added_qkv`: the same for the text stream (`encoder_hidden_states` then
         only gives the text length).
 
-        With an exact implementation and `qk_producer` (on by default), bf16 projections, RoPE,
-        whole blocks of text tokens and no sequence parallelism, on a Hopper GPU
-        (`convrot_jax.ops.fuses_attention_producer`), the QK RMSNorm, RoPE and the [text, image]
-        join are one producer launch reading the projections and writing bf16 q, k, v in the
-        joint layout (`ops.attention_from_projections`); otherwise they run here in XLA ops (the
-        8-bit kernels' quantization too, `ops.attention`)."""
+        With an exact implementation or "int8" and `qk_producer` (on by default), bf16 projections,
+        RoPE, whole blocks of text tokens and no sequence parallelism, on a Hopper GPU
+        (`convrot_jax.ops.fuses_attention_producer`), the QK RMSNorm, RoPE (and int8's rotation of
+        q and k) and the [text, image] join are one producer launch reading the projections and
+        writing bf16 q, k, v in the joint layout (`ops.attention_from_projections`); otherwise they
+        run here in XLA ops. The 8-bit kernels' quantization is XLA ops either way (`ops.attention`)."""
         streams = [(self._projections(hidden_states, qkv, self.to_qkv, self.to_q, self.to_k, self.to_v),
                     self.norm_q, self.norm_k)]
         if encoder_hidden_states is not None and self.added_kv_proj_dim is not None:
@@ -374,19 +374,18 @@ class FluxAttention(nnx.Module):
                                self.norm_added_q, self.norm_added_k))
         dtype = streams[0][0][0].array.dtype
         impl = attention_implementation(dtype, self.attention_impl)
-        lengths = [p[0].array.shape[1] for p, _, _ in streams]
+        produced = [ops.Stream(*p, norm_q.weight[...], norm_k.weight[...]) for p, norm_q, norm_k in streams]
         if (image_rotary_emb is not None and dtype == jnp.bfloat16 and not sequence_parallel.active()
-                and ops.fuses_attention_producer(impl, lengths, qk_producer=self.qk_producer)):
-            hidden_states = ops.attention_from_projections(
-                [ops.Stream(*p, norm_q.weight[...], norm_k.weight[...]) for p, norm_q, norm_k in streams],
-                *image_rotary_emb, heads=self.heads, eps=self.norm_q.eps, implementation=impl)
+                and ops.fuses_attention_producer(impl, produced, qk_producer=self.qk_producer)):
+            hidden_states = ops.attention_from_projections(produced, *image_rotary_emb, heads=self.heads,
+                                                           eps=self.norm_q.eps, implementation=impl)
         else:
             hidden_states = self._attention(streams, image_rotary_emb, impl)
         hidden_states = hidden_states.reshape(*hidden_states.shape[:2], -1).astype(dtype)
 
         if len(streams) == 1:
             return hidden_states
-        text_len = lengths[0]
+        text_len = streams[0][0][0].array.shape[1]
         return hidden_states[:, text_len:], hidden_states[:, :text_len]
 
     def _attention(self, streams, image_rotary_emb, impl: str) -> jax.Array:

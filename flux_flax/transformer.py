@@ -290,10 +290,11 @@ def set_attention(model: nnx.Module, implementation: str | None, *, qk_producer:
     `FluxTransformer2DModel`; None: the exact default) and returns `model`. With `qk_producer`
     (the default: measured 1-2% faster per W4A4 step than XLA's fusions, and a shorter compile,
     `benchmarks/notes/fusions.md`; on a Hopper GPU, elsewhere ignored) the exact attention
-    ("cudnn", "xla") gets its bf16 q, k, v from one producer kernel reading the q/k/v projections
-    (per-head RMSNorm, RoPE, the [text, image] join:
-    `pallas_kernels.attention_producer.project_qkv`) instead of XLA ops; the 8-bit kernels'
-    operands are XLA ops either way (measured faster than a producer making their codes). A
+    ("cudnn", "xla") and "int8" get their bf16 q, k, v from one producer kernel reading the q/k/v
+    projections (per-head RMSNorm, RoPE, int8's rotation, the [text, image] join:
+    `pallas_kernels.attention_producer.project_qkv`) instead of XLA ops
+    (`convrot_jax.ops.fuses_attention_producer`); the 8-bit kernels' codes are XLA ops either way
+    (measured faster than a producer making them). A
     runtime choice, not part of the weights or the checkpoint: a jitted caller that takes the
     graph definition as a static argument compiles again."""
     if implementation is not None:

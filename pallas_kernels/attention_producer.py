@@ -14,7 +14,7 @@ v tiles at once (one barrier each, so the loads overlap one another and the firs
 arithmetic), normalizes and rotates q and k in place (shared memory -> WGMMA registers -> shared
 memory), and TMA-copies each tile into its (rows, D) box of the (B, S, H, D) outputs; v never
 enters registers. Shared memory: 3 x `BF16_BLOCK` x D bf16, 96 KiB at D = 128 (two programs per
-SM). TMA copies whole (8, 64) tiles of the arrays (`_stageable`): a call whose streams are not
+SM). TMA copies whole (8, 64) tiles of the arrays (`stageable`): a call whose streams are not
 multiples of 8 tokens, or whose columns are not multiples of 64, moves its tiles register-direct
 instead (measured at ~1.5 TB/s: 4 bytes a thread an access, synchronous;
 benchmarks/notes/fusions.md).
@@ -24,9 +24,9 @@ launches: K's column sums, then the codes) was slower than XLA's norm + RoPE + `
 every measured shape and was removed (benchmarks/notes/attention.md, v8). What the "int8"
 attention needs before its codes can be: `qk_rotation` also multiplies q and k after RoPE by a
 grouped Hadamard, one wgmma a group of features on the tile staged in shared memory (a (G, G) bf16
-matrix, 8 KiB at G = 64, beside the tiles), in place of a cuBLAS pass over each in HBM; tested in
-interpret mode and lowered for CUDA, not yet timed on the GPU nor used by the model
-(benchmarks/notes/attention.md v19, `bench_attention`'s fused_int8_rot).
+matrix, 8 KiB at G = 64, beside the tiles), in place of a cuBLAS pass over each in HBM (the
+model's "int8" attention, `convrot_jax.ops.attention_from_projections`; benchmarks/notes/attention.md
+v20).
 
 Layout of the work: one warpgroup per program, grid (heads, blocks, batch); a 64-token tile of a
 head is a (64, D) array in the WGMMA register layout: each thread's register holds a pair of
@@ -110,7 +110,7 @@ class _Plan(NamedTuple):
     head_dim: int
     eps: float
     interpret: bool
-    staged: bool  # tiles move through shared memory by TMA (`_stageable`), else register-direct
+    staged: bool  # tiles move through shared memory by TMA (`stageable`), else register-direct
     rotation_group: int  # q and k rotated in groups of this many features after RoPE (0: not rotated)
 
 
@@ -120,7 +120,7 @@ def project_fits(stream_lengths: Sequence[int], block: int = BF16_BLOCK) -> bool
     return all(n % block == 0 for n in stream_lengths[:-1]) and stream_lengths[-1] >= TILE
 
 
-def _stageable(streams: Sequence[Stream]) -> bool:
+def stageable(streams: Sequence[Stream]) -> bool:
     """Whether the tiles can go through shared memory by TMA: Mosaic copies a tile of
     the (8, 64)-tiled shared-memory layout as whole (8, 64) tiles of the array it is cut from, so
     every stream's tokens must be a multiple of 8 (its arrays' rows, the joint output's, the first
@@ -231,7 +231,7 @@ def _kernel(*refs, plan: _Plan):
         if s.tokens % plan.block:  # a ragged last stream: its tiles end at its last token,
             rows = [jnp.minimum(row, start + s.tokens - TILE) for row in rows]  # overlapping the one before
         out = lambda j, row: refs[j].at[batch, pl.ds(row, TILE), head]  # (same values where tiles overlap)
-        if not plan.staged:  # register-direct: tiles TMA cannot copy (`_stageable`)
+        if not plan.staged:  # register-direct: tiles TMA cannot copy (`stageable`)
             for row in rows:
                 rope = table(row)
                 out(0, row)[...] = normed(0, tile(s.q, row - start), rope).astype(jnp.bfloat16)
@@ -343,7 +343,7 @@ def project_qkv(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, *, he
     bf16: one wgmma a group on the tile in shared memory), as the 8-bit attention's grouped
     Hadamard wants them (an orthogonal map leaves q k^T as it is). The matrix is rounded to bf16:
     exact for the regular Hadamard of 64 (entries +-1/8), not for a normalised one of 128. Needs
-    the staged path (`_stageable`)."""
+    the staged path (`stageable`)."""
     d = _check(streams, cos, sin, heads, block)
     group = 0
     if qk_rotation is not None:
@@ -351,7 +351,7 @@ def project_qkv(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, *, he
         if qk_rotation.shape != (group, group) or group % 64 or d % group:
             raise ValueError(f"qk_rotation must be (G, G) with G a multiple of 64 dividing the head dim {d}, "
                              f"got {qk_rotation.shape}")
-        if not _stageable(streams):
+        if not stageable(streams):
             raise ValueError("qk_rotation runs on tiles staged in shared memory: every stream's tokens must be a "
                              "multiple of 8 and every projection's column and width a multiple of 64, got "
                              f"{[(s.q.array.shape, s.q.column, s.k.column, s.v.column) for s in streams]}")
@@ -371,7 +371,7 @@ def project_qkv(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, *, he
         plans.append(_StreamPlan(first, blocks, tokens, source(s.q), source(s.k), source(s.v)))
         first += blocks
     plan = _Plan(tuple(plans), len(arrays), sum(p.tokens for p in plans), block, d, float(eps), interpret,
-                 _stageable(streams), group)
+                 stageable(streams), group)
     weights = jnp.stack([jnp.stack([s.q_weight, s.k_weight]) for s in streams]).astype(jnp.float32)  # (streams, 2, D)
     rotation = [] if qk_rotation is None else [qk_rotation.astype(jnp.bfloat16)]
     return _launch(plan, [*arrays, weights, rope_table(cos, sin), *rotation], streams[0].q.array.shape[0], heads)

@@ -288,7 +288,7 @@ def test_bf16_check_catches_a_wrong_producer():
 def test_bf16_lowers_for_the_gpu(batch, text, image, streams, monkeypatch):
     """At FLUX.1's shapes the bf16 producer and an attention on its output lower for CUDA from this
     machine (XLA's attention: cuDNN's checks for the library at trace); the tiles go through
-    shared memory by TMA exactly when the image tokens are a multiple of 8 (`_stageable`)."""
+    shared memory by TMA exactly when the image tokens are a multiple of 8 (`stageable`)."""
     from pallas_kernels import tile_schedule
 
     monkeypatch.setattr(tile_schedule, "sm_count", lambda interpret: 132)
@@ -306,7 +306,7 @@ def _bf16_register_direct(streams, cos, sin, heads: int, **kwargs):
     from pallas_kernels import attention_producer
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(attention_producer, "_stageable", lambda streams: False)
+        m.setattr(attention_producer, "stageable", lambda streams: False)
         return project_qkv(streams, cos, sin, heads=heads, eps=EPS, **kwargs)
 
 
@@ -361,35 +361,96 @@ def test_gpu_bf16_staged_is_register_direct_bit_for_bit(batch, lengths, heads):
 
 
 # ------------------------------------------------------------------------------------ in the model
-def _lower_dev_model(model) -> str:
-    """The CUDA IR of a FLUX.1-dev-wide transformer's (abstract) forward at 1024²: 512 text + 4096
-    image tokens, batch 1."""
+def _lower_dev_model(model, image: int = 4096) -> str:
+    """The CUDA IR of a FLUX.1-dev-wide transformer's (abstract) forward: 512 text + `image` image
+    tokens (4096: 1024²), batch 1."""
     from flax import nnx
 
     graphdef, state = nnx.split(model)
     s = jax.ShapeDtypeStruct
-    args = (s((1, 4096, 64), jnp.bfloat16), s((1, 512, 4096), jnp.bfloat16), s((1, 768), jnp.bfloat16),
-            s((1,), jnp.float32), s((4096, 3), jnp.float32), s((512, 3), jnp.float32), s((1,), jnp.float32))
+    args = (s((1, image, 64), jnp.bfloat16), s((1, 512, 4096), jnp.bfloat16), s((1, 768), jnp.bfloat16),
+            s((1,), jnp.float32), s((image, 3), jnp.float32), s((512, 3), jnp.float32), s((1,), jnp.float32))
     return jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a)).trace(state, *args).lower(
         lowering_platforms=("cuda",)).as_text()
 
 
-def test_model_lowers_for_the_gpu(monkeypatch):
-    """A FLUX.1-dev-wide transformer (1 double + 1 single block, fused projections, bf16) with
-    sage8 attention at 1024² (512 text + 4096 image tokens) lowers for CUDA with the sage8 kernel
-    in both blocks, its operands made by XLA's ops (the producer serves the exact attention only,
-    even with `qk_producer` on, the default)."""
+@pytest.mark.parametrize("impl, image, produced, rotated_in_xla", [
+    ("sage8", 4096, False, False),  # 1024²: the producer serves the exact attention and int8 only
+    ("int8", 4096, True, False),  # 1024²: norm, RoPE and the grouped Hadamard in the producer
+    ("int8", 3969, False, True),  # 1008²: 63² image tokens cannot be staged: XLA's ops and rotation
+])
+def test_model_lowers_for_the_gpu(impl, image, produced, rotated_in_xla, monkeypatch):
+    """A FLUX.1-dev-wide transformer (1 double + 1 single block, fused projections, bf16, the
+    producer on: the default) with an 8-bit attention lowers for CUDA with that kernel in both
+    blocks; its q, k, v from one producer launch a block where `ops.fuses_attention_producer`
+    admits it, else from XLA's ops, with int8's rotation a dot by the (64, 64) Hadamard."""
+    import re
+
     from flax import nnx
 
     from convrot_jax import ops
     from flux_flax import FluxConfig, FluxTransformer2DModel, fuse_projections
+    from pallas_kernels import tile_schedule
 
+    monkeypatch.setattr(tile_schedule, "sm_count", lambda interpret: 132)
     monkeypatch.setattr(ops, "pallas_supported", lambda: True)
     config = FluxConfig.dev(num_layers=1, num_single_layers=1)
     model = nnx.eval_shape(lambda: fuse_projections(FluxTransformer2DModel(
-        config, dtype=jnp.bfloat16, attention_impl="sage8", rngs=nnx.Rngs(0))))
-    hlo = _lower_dev_model(model)
-    assert "flash_attention_sage8" in hlo and "attention_producer" not in hlo
+        config, dtype=jnp.bfloat16, attention_impl=impl, rngs=nnx.Rngs(0))))
+    hlo = _lower_dev_model(model, image)
+    assert f"flash_attention_{impl}" in hlo
+    assert len(set(re.findall(r"attention_producer_\d+", hlo))) == (2 if produced else 0)
+    assert bool(re.search(r"dot_general.*tensor<64x64xbf16>", hlo)) == rotated_in_xla
+
+
+def test_model_int8_producer_wiring(monkeypatch):
+    """FluxConfig.small in bf16 (2 double + 2 single blocks, fused projections; 128 text + 72 image
+    tokens, 2 images) with the "int8" attention, its kernel replaced by the exact attention on the
+    operands it would take (the kernel runs on the GPU only): with the producer on, every block
+    calls it with the (64, 64) regular Hadamard as `qk_rotation` and hands its q, k, v to the
+    kernel unchanged; with the producer replaced by the unfused path's own ops (norm, RoPE, then
+    `ops.attention`'s rotation), the output is the unfused model's bit for bit. The producer's
+    rotation itself: `test_rotated_matches_unfused_path`."""
+    from flax import nnx
+
+    from convrot_jax import ops
+    from convrot_jax.hadamard import rotate
+    from flux_flax import FluxConfig, FluxTransformer2DModel, fuse_projections, set_attention
+
+    config = FluxConfig.small()
+    model = fuse_projections(FluxTransformer2DModel(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    inputs = {k: jnp.asarray(v) for k, v in flux_fixtures.flux_inputs(config, height=8, width=9, text_len=128).items()}
+    monkeypatch.setattr(ops, "pallas_supported", lambda: True)
+    taken = []
+
+    def kernel(q, k, v, implementation):
+        assert implementation == "int8"
+        taken.append((q, k, v))
+        return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+    monkeypatch.setattr(ops, "_kernel_attention", kernel)
+    forward = jax.jit(lambda m, kw: m(**kw))
+    set_attention(model, "int8", qk_producer=False)
+    off = np.asarray(forward(model, inputs), np.float32)
+    assert len(taken) == config.num_layers + config.num_single_layers
+    set_attention(model, "int8", qk_producer=True)
+
+    made = []
+
+    def producer(streams, cos, sin, *, heads, eps, qk_rotation):
+        q, k, v = projections_reference(streams, cos, sin, heads=heads, eps=eps)
+        rot = lambda x: rotate(x, group_size=qk_rotation.shape[0], method="matmul").astype(x.dtype)
+        made.append((qk_rotation, (rot(q), rot(k), v)))
+        return made[-1][1]
+
+    monkeypatch.setattr(ops, "_project_qkv", producer)
+    taken.clear()
+    model(**inputs)  # eager: the matrix and the operands stay concrete
+    assert len(made) == len(taken) == config.num_layers + config.num_single_layers
+    for (rotation, qkv), operands in zip(made, taken):
+        np.testing.assert_array_equal(np.asarray(rotation, np.float32), np.asarray(ROTATION, np.float32))
+        assert all(a is b for a, b in zip(qkv, operands))
+    np.testing.assert_array_equal(np.asarray(forward(model, inputs), np.float32), off)
 
 
 def test_model_qk_producer_matches_unfused(monkeypatch):
