@@ -324,13 +324,25 @@ def fuses_attention_producer(implementation: str, streams: Sequence[Stream], *, 
     `qk_producer` on a Hopper GPU where the producer kernel takes the streams
     (`attention_producer.project_fits`), the exact ones ("cudnn", "xla") and "int8", whose q and
     k the producer also rotates, which it does on tiles staged in shared memory
-    (`attention_producer.stageable`: FLUX's streams whenever the image tokens are a multiple of 8).
+    (`attention_producer.stageable`: FLUX's streams whenever the image tokens are a multiple of 8;
+    elsewhere it warns once, naming the streams, since XLA's norm, RoPE and rotation are slower).
     Elsewhere the caller's XLA ops run (the option changes rounding only). The other 8-bit
     kernels take XLA's norm and RoPE: from the bf16 producer sage8 was no faster
     (benchmarks/notes/attention.md, v9), and a producer that wrote their codes was slower (v8)."""
-    if not (qk_producer and pallas_supported() and _project_fits([s.q.array.shape[1] for s in streams])):
+    lengths = [s.q.array.shape[1] for s in streams]
+    if not (qk_producer and pallas_supported() and _project_fits(lengths)):
         return False
-    return implementation in EXACT_ATTENTION or (_rotates_qk(implementation) and _stageable(streams))
+    if implementation in EXACT_ATTENTION:
+        return True
+    if not _rotates_qk(implementation):
+        return False
+    if not _stageable(streams):
+        _warn_once(f"attention implementation {implementation!r}: the producer cannot stage streams of {lengths} "
+                   "tokens in shared memory (every stream a multiple of 8 tokens, its columns multiples of 64: "
+                   "pallas_kernels.attention_producer.stageable), so q and k are normed and rotated by XLA ops "
+                   "and cuBLAS instead: slower (a W4A4 FLUX step at 1024² by 5%, benchmarks/notes/attention.md v20)")
+        return False
+    return True
 
 
 def attention_from_projections(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, *, heads: int, eps: float,

@@ -384,6 +384,7 @@ def test_model_lowers_for_the_gpu(impl, image, produced, rotated_in_xla, monkeyp
     producer on: the default) with an 8-bit attention lowers for CUDA with that kernel in both
     blocks; its q, k, v from one producer launch a block where `ops.fuses_attention_producer`
     admits it, else from XLA's ops, with int8's rotation a dot by the (64, 64) Hadamard."""
+    import contextlib
     import re
 
     from flax import nnx
@@ -397,7 +398,10 @@ def test_model_lowers_for_the_gpu(impl, image, produced, rotated_in_xla, monkeyp
     config = FluxConfig.dev(num_layers=1, num_single_layers=1)
     model = nnx.eval_shape(lambda: fuse_projections(FluxTransformer2DModel(
         config, dtype=jnp.bfloat16, attention_impl=impl, rngs=nnx.Rngs(0))))
-    hlo = _lower_dev_model(model, image)
+    ops._warn_once.cache_clear()
+    unstaged = impl == "int8" and not produced  # warned: `test_int8_warns_where_the_producer_cannot_stage`
+    with pytest.warns(UserWarning, match="cannot stage") if unstaged else contextlib.nullcontext():
+        hlo = _lower_dev_model(model, image)
     assert f"flash_attention_{impl}" in hlo
     assert len(set(re.findall(r"attention_producer_\d+", hlo))) == (2 if produced else 0)
     assert bool(re.search(r"dot_general.*tensor<64x64xbf16>", hlo)) == rotated_in_xla
@@ -451,6 +455,27 @@ def test_model_int8_producer_wiring(monkeypatch):
         np.testing.assert_array_equal(np.asarray(rotation, np.float32), np.asarray(ROTATION, np.float32))
         assert all(a is b for a, b in zip(qkv, operands))
     np.testing.assert_array_equal(np.asarray(forward(model, inputs), np.float32), off)
+
+
+def test_int8_warns_where_the_producer_cannot_stage(monkeypatch):
+    """"int8" takes the producer where it can stage the tiles; where it cannot (a stream not a
+    multiple of 8 tokens: 1008² has 63² image tokens) the slower XLA path runs with a warning naming
+    the streams. The exact attention takes those streams register-direct; sage8 never takes it."""
+    import warnings
+
+    from convrot_jax import ops
+
+    monkeypatch.setattr(ops, "pallas_supported", lambda: True)
+    ops._warn_once.cache_clear()
+    staged, unstaged = _streams("fused", 1, (128, 72), 2), _streams("fused", 1, (128, 65), 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ops.fuses_attention_producer("int8", staged, qk_producer=True)
+        assert ops.fuses_attention_producer("cudnn", unstaged, qk_producer=True)
+        assert not ops.fuses_attention_producer("sage8", staged, qk_producer=True)
+        assert not ops.fuses_attention_producer("int8", staged, qk_producer=False)
+    with pytest.warns(UserWarning, match=r"'int8'.*streams of \[128, 65\] tokens"):
+        assert not ops.fuses_attention_producer("int8", unstaged, qk_producer=True)
 
 
 def test_model_qk_producer_matches_unfused(monkeypatch):
