@@ -405,23 +405,19 @@ def test_gpu_bf16_matches_unfused_path(lengths, heads):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("q_codes", [False, True], ids=["bf16", "q_codes"])
 @pytest.mark.parametrize("batch, lengths, heads", [(1, (512, 4096), 24), (2, (512, 4080), 24), (1, (512, 1000), 2)])
-def test_gpu_rotated_matches_unfused_path(batch, lengths, heads):
-    """`qk_rotation` on the GPU: 1024², 1360x768 with two images, a short ragged stream."""
+def test_gpu_rotated_matches_unfused_path(batch, lengths, heads, q_codes):
+    """`qk_rotation` on the GPU, q in bf16 (`check_rotated`) or as `project_qkv_int8`'s codes
+    (`check_q_codes`): 1024², 1360x768 with two images, a short ragged stream."""
     streams = _streams("fused", batch, lengths, heads)
     cos, sin = _tables(sum(lengths), 128, jax.random.key(3))
-    got = project_qkv(streams, cos, sin, heads=heads, eps=EPS, qk_rotation=ROTATION)
-    check_rotated(got, streams, cos, sin, heads)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("batch, lengths, heads", [(1, (512, 4096), 24), (2, (512, 4080), 24), (1, (512, 1000), 2)])
-def test_gpu_q_codes_match_the_quantizer(batch, lengths, heads):
-    """`project_qkv_int8` on the GPU: 1024², 1360x768 with two images, a short ragged stream."""
-    streams = _streams("fused", batch, lengths, heads)
-    cos, sin = _tables(sum(lengths), 128, jax.random.key(4))
-    got = project_qkv_int8(streams, cos, sin, heads=heads, eps=EPS, qk_rotation=ROTATION)
-    check_q_codes(got, streams, cos, sin, heads)
+    if q_codes:
+        check_q_codes(project_qkv_int8(streams, cos, sin, heads=heads, eps=EPS, qk_rotation=ROTATION),
+                      streams, cos, sin, heads)
+    else:
+        check_rotated(project_qkv(streams, cos, sin, heads=heads, eps=EPS, qk_rotation=ROTATION),
+                      streams, cos, sin, heads)
 
 
 @pytest.mark.gpu
