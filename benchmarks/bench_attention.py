@@ -209,14 +209,12 @@ def producer_implementation(variant: str):
     (B, 512, 3 H D) and (B, S - 512, 3 H D), the norm weights (4, D) (text q, k, image q, k) and
     the RoPE tables (S, D), the attention output."""
     import jax
-    import jax.numpy as jnp
 
     from pallas_kernels.attention import attention, attention_quantized, default_config, quantize_with_q_codes
     from pallas_kernels.attention_producer import project_qkv, project_qkv_int8
     from pallas_kernels.attention_producer_reference import projections_reference
 
     from convrot_jax import ops
-    from convrot_jax.hadamard import hadamard_matrix
 
     opts = VARIANTS[variant].options
     fused, rotate = opts["producer"] == "fused", opts.get("rotate_qk", False)
@@ -225,8 +223,8 @@ def producer_implementation(variant: str):
     def fn(text, image, weights, cos, sin):
         streams = _streams(text, image, weights)
         if opts.get("q_codes"):
-            rotation = hadamard_matrix(ops.QK_ROTATION_GROUP, dtype=jnp.bfloat16)
-            q_codes, q_scale, k, v = project_qkv_int8(streams, cos, sin, heads=HEADS, eps=1e-6, qk_rotation=rotation)
+            q_codes, q_scale, k, v = project_qkv_int8(streams, cos, sin, heads=HEADS, eps=1e-6,
+                                                      qk_rotation=ops.qk_rotation_matrix())
             config = default_config("int8")
             qkv = quantize_with_q_codes(q_codes, q_scale, k, v, config=config, precision="int8")
             return attention_quantized(qkv, seq=k.shape[1], config=config)

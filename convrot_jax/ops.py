@@ -279,6 +279,13 @@ def check_attention_implementation(implementation: str) -> None:
         raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}")
 
 
+def qk_rotation_matrix() -> jax.Array:
+    """The (QK_ROTATION_GROUP, QK_ROTATION_GROUP) regular Hadamard the "int8" attention's producer
+    multiplies q and k by (`attention_producer.project_qkv`'s qk_rotation), in bf16: exact, its
+    entries are +-1/8."""
+    return hadamard_matrix(QK_ROTATION_GROUP, dtype=jnp.bfloat16)
+
+
 def _rotates_qk(implementation: str) -> bool:
     """Whether the kernel takes q and k rotated by ConvRot's grouped Hadamard (QK_ROTATION_GROUP)."""
     return implementation in _ATTENTION_KERNELS and _ATTENTION_KERNELS[implementation][2]
@@ -360,6 +367,5 @@ def attention_from_projections(streams: Sequence[Stream], cos: jax.Array, sin: j
                          f"({jax.devices()[0].device_kind!r}; fuses_attention_producer)")
     if implementation in EXACT_ATTENTION:
         return attention(*_project_qkv(streams, cos, sin, heads=heads, eps=eps), implementation=implementation)
-    rotation = hadamard_matrix(QK_ROTATION_GROUP, dtype=jnp.bfloat16)  # exact in bf16: entries +-1/8
-    q, k, v = _project_qkv(streams, cos, sin, heads=heads, eps=eps, qk_rotation=rotation)
+    q, k, v = _project_qkv(streams, cos, sin, heads=heads, eps=eps, qk_rotation=qk_rotation_matrix())
     return _kernel_attention(q, k, v, implementation)

@@ -247,14 +247,14 @@ def _kernel(*refs, plan: _Plan):
                 out(2, row)[...] = tile(s.v, row - start)
             return
         staged, barriers, *extra = refs[3:]  # (3, tiles, TILE, D): the block's q, k, v tiles; a TMA barrier
-        # each (and the rotation's matrix, one more); the rotation's matrix; q's codes' tile
-        rotation = extra[:1] if plan.rotation_group else []
+        # each (and one for the rotation's matrix); then the rotation's matrix and q's codes' tile, if used
+        rotation_smem = extra[0] if plan.rotation_group else None
         codes_tile = extra[-1] if plan.q_codes else None
         for t, row in enumerate(rows):  # every copy in flight before the first tile is used
             for j, source in enumerate((s.q, s.k, s.v)):
                 plgpu.copy_gmem_to_smem(tile_ref(source, row - start), staged.at[j, t], barriers.at[j * tiles + t])
         if plan.rotation_group:  # waited on before the first rotation: it overlaps the first tiles' norm
-            plgpu.copy_gmem_to_smem(rotation_ref, rotation[0], barriers.at[3 * tiles])
+            plgpu.copy_gmem_to_smem(rotation_ref, rotation_smem, barriers.at[3 * tiles])
         for t, row in enumerate(rows):
             rope = table(row)
             for j in range(2):  # q, k: normed and rotated in place
@@ -266,7 +266,7 @@ def _kernel(*refs, plan: _Plan):
                 if t == 0:
                     plgpu.barrier_wait(barriers.at[3 * tiles])
                 for j in range(2):
-                    _rotate_groups(staged.at[j, t], rotation[0], plan.rotation_group, d)
+                    _rotate_groups(staged.at[j, t], rotation_smem, plan.rotation_group, d)
                 plgpu.commit_smem()
             if plan.q_codes:
                 if t:  # the tile before's codes copied out (its k and v copies, 2 groups, may still run)
