@@ -16,6 +16,8 @@ tokens, i.e. 512², 1024² and 2048x1024 images; batch 1 and 4; 24 heads x 128):
                     int8_kernel: the int8-PV kernel alone on pre-quantized operands
   sage8_int8_kernel the int8 kernel alone, on operands quantize_qkv made beforehand
   sage8_fp8_kernel  the fp8-QK kernel alone (its logits come out of the wgmma as float32)
+  int8_kernel_persistent, sage8_int8_kernel_persistent: those kernels on a persistent grid, one
+                    CTA an SM running its tiles back to back (AttentionConfig.programs)
   sage8_int8_overlap_kernel: the same, overlapped (AttentionConfig.overlap, below)
   sage8_int8_2stages, sage8_int8_kv64: other block configs of sage8_int8
   sage8_int8_overlap: sage8_int8 with FlashAttention-3's intra-warpgroup overlap
@@ -98,6 +100,11 @@ VARIANTS = harness.registry(
             options={"precision": "int8", "qk": "int8", "prequantized": True}),
     Variant("sage8_int8_kernel", "the int8 sage8 kernel on pre-quantized operands", group=_GROUP,
             options={"precision": "sage8", "qk": "int8", "prequantized": True}),
+    Variant("int8_kernel_persistent", "int8_kernel on a persistent grid, one CTA an SM (AttentionConfig.programs)",
+            group=_GROUP, options={"precision": "int8", "qk": "int8", "prequantized": True,
+                                   "config": {"programs": "sms"}}),
+    Variant("sage8_int8_kernel_persistent", "sage8_int8_kernel on a persistent grid, one CTA an SM", group=_GROUP,
+            options={"precision": "sage8", "qk": "int8", "prequantized": True, "config": {"programs": "sms"}}),
     Variant("sage8_fp8_kernel", "the fp8-QK sage8 kernel on pre-quantized operands (no int32 logits)",
             group=_GROUP, options={"precision": "sage8", "qk": "fp8", "prequantized": True}),
     Variant("sage8_int8_2stages", "sage8_int8 with 2 K/V stages (default 3)", group=_GROUP,
@@ -153,10 +160,16 @@ def _qk_dtype(name: str):
 
 
 def _config(opts: dict):
-    """A variant's AttentionConfig: its precision's default with the variant's changes."""
+    """A variant's AttentionConfig: its precision's default with the variant's changes
+    ("programs": "sms", the device's SM count)."""
+    import jax
+
     from pallas_kernels.attention import default_config
 
-    return dataclasses.replace(default_config(opts["precision"]), **opts.get("config", {}))
+    changes = dict(opts.get("config", {}))
+    if changes.get("programs") == "sms":
+        changes["programs"] = jax.devices()[0].core_count
+    return dataclasses.replace(default_config(opts["precision"]), **changes)
 
 
 def _prequantized(make, config, *, qk: str = "int8", precision: str = "sage8"):

@@ -97,11 +97,16 @@ class AttentionConfig:
     through max_concurrent_steps shared-memory stages. `overlap`: FlashAttention-3's intra-
     warpgroup overlap (the next block's S = Q K^T is issued with this block's PV, and the next
     softmax runs under this PV; the two warpgroups take turns issuing), where the default runs
-    S, softmax and PV one after another and overlaps only the other warpgroup's softmax."""
+    S, softmax and PV one after another and overlaps only the other warpgroup's softmax.
+    `programs`: a persistent grid of that many CTAs (at most one a tile; e.g. the SM count), each
+    running its tiles back to back with the K/V pipeline and the ping-pong running on across
+    them, where the default launches one CTA a tile, which fills its pipeline and starts its
+    ping-pong anew (~0.9 of a KV step of 19 at S=4608, benchmarks/notes/attention.md v21)."""
     block_q: int = 64
     block_kv: int = 128
     max_concurrent_steps: int = 2
     overlap: bool = False
+    programs: int | None = None
 
     def __post_init__(self):
         if self.block_q != 64:
@@ -110,6 +115,9 @@ class AttentionConfig:
             raise ValueError(f"block_kv must be 64, 128, 192 or 256, got {self.block_kv}")
         if self.max_concurrent_steps < 2:
             raise ValueError(f"max_concurrent_steps must be at least 2, got {self.max_concurrent_steps}")
+        if self.programs is not None and (self.programs < 1 or self.overlap):
+            raise ValueError(f"programs (a persistent grid) must be at least 1 and runs the default loop, not "
+                             f"overlap=True; got programs={self.programs}, overlap={self.overlap}")
 
 
 def default_config(precision: Precision) -> AttentionConfig:
@@ -554,8 +562,21 @@ def _named_barrier(op: Literal["arrive", "sync"], base: int, other: bool) -> Non
     emit()
 
 
-def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, interpret: bool):
-    """One CTA: two query blocks (one a compute warpgroup) against the whole K/V sequence."""
+def _tile_grid(q_shape: tuple[int, ...], block_q: int) -> tuple[int, int, int]:
+    """(heads, query blocks, batch): the tiles of (B, seq_pad, H, D) q, 2 * block_q rows each."""
+    return q_shape[2], q_shape[1] // (_COMPUTE_WGS * block_q), q_shape[0]
+
+
+def _tile(t: jax.Array, q_shape: tuple[int, ...], block_q: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(head, query block, batch) of tile t, heads fastest: the order of the one-tile-a-CTA grid
+    (h, q_seq, b), so that the tiles in flight share their K/V blocks in L2 the same way."""
+    heads, blocks, _ = _tile_grid(q_shape, block_q)
+    return t % heads, t // heads % blocks, t // (heads * blocks)
+
+
+def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, programs: int | None, interpret: bool):
+    """One CTA: two query blocks (one a compute warpgroup) against the whole K/V sequence; with
+    `programs` (a persistent grid of that many CTAs) one such tile after another."""
     qk8, pv8, pv_int = precision != "bf16", precision in PV_DTYPES, precision == "int8"
     qs_ref = ks_ref = vs_ref = vm_ref = pv_start_ref = None
     if pv_int:
@@ -574,7 +595,13 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
     kv_steps = -(-seq // bkv)  # KV blocks holding keys (the padding may add whole blocks: skipped)
     full_steps = seq // bkv  # steps without padded keys; a ragged last one is masked
     stages = k_smem.shape[0]
-    batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+    if programs is None:  # one (head, query block, batch) tile a CTA: the grid's own
+        batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+    else:  # a persistent grid: CTA c takes tiles c, c + programs, ... (`_tile`)
+        wg = lax.axis_index("wg")
+        program, tiles = lax.axis_index("program"), math.prod(_tile_grid(q_ref.shape, bq))
+        tile_count = (tiles - 1 - program) // programs + 1
+        total_steps = tile_count * kv_steps  # KV steps over all of this CTA's tiles
     int_logits = q_ref.dtype == jnp.int8
     s_dtype = jnp.int32 if int_logits else jnp.float32
     # PV accumulates in place (as the template does) where a WGMMA accumulator can be initialised:
@@ -618,19 +645,17 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
     def slot_of(step):
         return lax.rem(step, jnp.array(stages, step.dtype))
 
-    @pl.when(wg < _COMPUTE_WGS)
-    def _compute_wg():
-        plgpu.set_max_registers(232, action="increase")
-        q_smem, o_smem = q_smem2.at[wg], o_smem2.at[wg]
-        q_base = lax.axis_index("q_seq") * (_COMPUTE_WGS * bq) + wg * bq
-        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_base, bq), head], q_smem, q_bars.at[wg])
-        row_scale = None
-        if qk8:
-            row_scale = plgpu.load(qs_ref.at[batch, head, pl.ds(q_base, bq)], layout=plgpu.Layout.WGMMA.reduce(1),
-                                   optimized=False)
-        if int_logits and not interpret:  # what S's start values are made from (`_s_start_gpu`)
-            _fill_bias_gpu(bias_smem)
-        plgpu.barrier_wait(q_bars.at[wg])
+    def load_row_scale(batch, head, q_base):
+        if not qk8:
+            return None
+        return plgpu.load(qs_ref.at[batch, head, pl.ds(q_base, bq)], layout=plgpu.Layout.WGMMA.reduce(1),
+                          optimized=False)
+
+    def compute_tile(batch, head, q_base, q_smem, o_smem, row_scale, base=None):
+        """One tile's query rows against the whole K/V sequence, its output stored. `base`: the
+        persistent grid's KV steps before this tile (its slots and barrier phases run on from
+        them), the CTA's first turn and last turn taken outside; None: the tile is the CTA's."""
+        at = (lambda step: step) if base is None else (lambda step: base + step)
         row_fill = lambda x: plgpu.layout_cast(jnp.full((bq,), x, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         m_i, l_i = row_fill(-jnp.inf), row_fill(0)
         if pv_int:  # l, the biases the output holds, the previous block's code reference
@@ -672,7 +697,7 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
             typical weight a few levels) or m - P_REFERENCE_FLOOR if that is larger; alpha =
             2^(previous reference - this one) carries the output into this block's units (<= 2^64:
             no overflow however far a block's max falls below m), and l sums the unrounded weights."""
-            slot = slot_of(step)
+            slot = slot_of(at(step))
             if qk8:  # logits * log2 e = codes . codes * q_scale (row) * this block's k_scale
                 if block_scale is None:
                     block_scale = load_block_scale(slot)
@@ -728,7 +753,7 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
             """One KV block: S = Q K^T, softmax, O += P V, one after another (the other warpgroup's
             softmax runs under this one's wgmma)."""
             acc, m_i, l_i = carry
-            slot = slot_of(step)
+            slot = slot_of(at(step))
 
             def compute_qk(acc_ref):
                 with jax.named_scope("qk_issue"):
@@ -754,7 +779,17 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
                 plgpu.barrier_wait(v_bars.at[slot])
                 pv_turn()
 
+            if base is not None:  # this tile's next step's K, or the next tile's first; made out here, as
+                # run_state cannot lower a constant (the ragged step's) inside
+                next_step = at(step) + 1
+                has_next, next_slot = next_step < total_steps, slot_of(next_step)
+
             def wait_next_k():
+                if base is not None:
+                    @pl.when(has_next)
+                    def _():
+                        plgpu.barrier_wait(k_bars.at[next_slot])
+                    return
                 if masked:  # the ragged step is the last: no next K (and a constant step here
                     return  # would make a constant condition, which run_state cannot lower)
 
@@ -861,13 +896,15 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
             acc = add_pv(acc, alpha, pv)
             pl.when(wg == 0)(take_turn)  # warpgroup 1's last turn given: every arrival observed
         else:
-            plgpu.barrier_wait(k_bars.at[0])
-            pl.when(wg == 1)(first_turn)
+            if base is None:
+                plgpu.barrier_wait(k_bars.at[0])
+                pl.when(wg == 1)(first_turn)
             carry = lax.fori_loop(0, full_steps, kv_step, (acc, m_i, l_i))
             if full_steps < kv_steps:  # the ragged last block
                 carry = kv_step(jnp.int32(full_steps), carry, masked=True)
             acc, m_i, l_i = carry
-            pl.when(wg == 0)(qk_issued)  # stands in for the QK issue of a step after the last
+            if base is None:
+                pl.when(wg == 0)(qk_issued)  # stands in for the QK issue of a step after the last
 
         if pv_int:  # the biases out, the codes' 255 in: float32 rounding, notes/attention.md v14
             l_i, biases, _ = l_i
@@ -880,39 +917,103 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, inte
         if pv_int:
             v_mean = plgpu.load(vm_ref.at[batch, head], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
             out = out + lax.broadcast_in_dim(v_mean, acc.shape, [1])
+        if base is not None:  # the previous tile's output may still be read out of o_smem
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         o_smem[...] = out.astype(out_ref.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem, out_ref.at[batch, pl.ds(q_base, bq), head])
+        if base is None:
+            plgpu.wait_smem_to_gmem(0)
+
+    def tile_rows(i):
+        """(batch, head, first query row) of this warpgroup in the persistent CTA's i-th tile."""
+        t_head, t_block, t_batch = _tile(program + i * programs, q_ref.shape, bq)
+        return t_batch, t_head, t_block * (_COMPUTE_WGS * bq) + wg * bq
+
+    def persistent_compute_wg():
+        """The CTA's tiles one after another: the ping-pong and the K/V ring run on across them
+        (`compute_tile`'s `base`), and the next tile's q is copied in while this one runs (two q
+        buffers a warpgroup), so no tile waits for its pipeline to fill."""
+        def copy_q(i, buf):
+            t_batch, t_head, q_base = tile_rows(i)
+            plgpu.copy_gmem_to_smem(q_ref.at[t_batch, pl.ds(q_base, bq), t_head], q_smem2.at[2 * wg + buf],
+                                    q_bars.at[2 * wg + buf])
+
+        copy_q(0, 0)
+        if int_logits and not interpret:
+            _fill_bias_gpu(bias_smem)
+        plgpu.barrier_wait(k_bars.at[0])
+        pl.when(wg == 1)(first_turn)
+
+        @pl.loop(0, tile_count)
+        def _(i):
+            buf = lax.rem(i, 2)
+            t_batch, t_head, q_base = tile_rows(i)
+            row_scale = load_row_scale(t_batch, t_head, q_base)
+            plgpu.barrier_wait(q_bars.at[2 * wg + buf])
+
+            @pl.when(i + 1 < tile_count)
+            def _():
+                copy_q(i + 1, 1 - buf)
+            compute_tile(t_batch, t_head, q_base, q_smem2.at[2 * wg + buf], o_smem2.at[wg], row_scale,
+                         base=i * kv_steps)
+
+        pl.when(wg == 0)(qk_issued)  # stands in for the QK issue of a step after the last
         plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _compute_wg():
+        plgpu.set_max_registers(232, action="increase")
+        if programs is not None:
+            persistent_compute_wg()
+            return
+        q_smem, o_smem = q_smem2.at[wg], o_smem2.at[wg]
+        q_base = lax.axis_index("q_seq") * (_COMPUTE_WGS * bq) + wg * bq
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_base, bq), head], q_smem, q_bars.at[wg])
+        row_scale = load_row_scale(batch, head, q_base)
+        if int_logits and not interpret:  # what S's start values are made from (`_s_start_gpu`)
+            _fill_bias_gpu(bias_smem)
+        plgpu.barrier_wait(q_bars.at[wg])
+        compute_tile(batch, head, q_base, q_smem, o_smem, row_scale)
 
     @pl.when(wg == _COMPUTE_WGS)
     def _memory_wg():
         plgpu.set_max_registers(40, action="decrease")
 
-        def fetch_k(step, slot):
+        def fetch_k(batch, head, step, slot):
             plgpu.copy_gmem_to_smem(k_ref.at[batch, pl.ds(step * bkv, bkv), head], k_smem.at[slot], k_bars.at[slot])
             if qk8:  # the block's K scale, repeated block_q times (one per query row)
                 plgpu.copy_gmem_to_smem(ks_ref.at[batch, head, pl.ds(step * bq, bq)], ks_smem.at[slot],
                                         ks_bars.at[slot])
 
-        def fetch_v(step, slot):
+        def fetch_v(batch, head, step, slot):
             rows = pl.ds(step * bkv, bkv)
             v_tile = v_ref.at[batch, head, :, rows] if pv8 else v_ref.at[batch, rows, head]
             plgpu.copy_gmem_to_smem(v_tile, v_smem.at[slot], v_bars.at[slot])
 
-        for i in range(stages):
-            fetch_k(jnp.int32(i), i)
-            fetch_v(jnp.int32(i), i)
+        if programs is None:
+            def at(step):
+                return batch, head, step
+            steps = kv_steps
+        else:  # the CTA's tiles' steps in one run: step g is tile g // kv_steps's KV step g % kv_steps
+            def at(g):
+                t_head, _, t_batch = _tile(program + g // kv_steps * programs, q_ref.shape, bq)
+                return t_batch, t_head, g % kv_steps
+            steps = total_steps
 
-        @pl.loop(0, kv_steps - stages)
+        for i in range(stages):  # stages <= kv_steps: the first tile's
+            fetch_k(*at(jnp.int32(i)), i)
+            fetch_v(*at(jnp.int32(i)), i)
+
+        @pl.loop(0, steps - stages)
         def _(step):  # K is released before V (the overlapped loop reads S a step ahead of PV)
             slot = slot_of(step)
             with jax.named_scope("k_free_wait"):
                 plgpu.barrier_wait(k_consumed.at[slot])
-            fetch_k(step + stages, slot)
+            fetch_k(*at(step + stages), slot)
             with jax.named_scope("v_free_wait"):
                 plgpu.barrier_wait(v_consumed.at[slot])
-            fetch_v(step + stages, slot)
+            fetch_v(*at(step + stages), slot)
 
         for slot in range(stages):  # the last steps' releases: every barrier phase is observed
             plgpu.barrier_wait(k_consumed.at[slot])
@@ -935,8 +1036,11 @@ def _run(operands: tuple, *, precision: Precision, shape: tuple[int, int, int, i
     qk8, pv8 = precision != "bf16", precision in PV_DTYPES
     p_dtype = v_dtype = PV_DTYPES[precision] if pv8 else jnp.bfloat16
     v_tile = (d, bkv) if pv8 else (bkv, d)
+    tiles = math.prod(_tile_grid((b, seq_pad, h, d), bq))
+    programs = None if config.programs is None else min(config.programs, tiles)
+    q_buffers = _COMPUTE_WGS * (1 if programs is None else 2)  # persistent: the next tile's q copied in meanwhile
     scratch = (
-        plgpu.SMEM((_COMPUTE_WGS, bq, d), q_dtype, transforms=swizzle_transforms(d, item)),
+        plgpu.SMEM((q_buffers, bq, d), q_dtype, transforms=swizzle_transforms(d, item)),
         plgpu.SMEM((_COMPUTE_WGS, bq, d), out_dtype, transforms=swizzle_transforms(d, jnp.dtype(out_dtype).itemsize)),
         plgpu.SMEM((_COMPUTE_WGS, bq, bkv), p_dtype, transforms=swizzle_transforms(bkv, jnp.dtype(p_dtype).itemsize))
         if interpret else None,
@@ -948,11 +1052,12 @@ def _run(operands: tuple, *, precision: Precision, shape: tuple[int, int, int, i
     barriers = (
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_barriers=_COMPUTE_WGS),
+        plgpu.Barrier(num_barriers=q_buffers),
         plgpu.Barrier(num_barriers=stages) if qk8 else None,
     )
     consumed = (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),) * 2
-    kernel_fn = functools.partial(_kernel, precision=precision, seq=seq, config=config, interpret=interpret)
+    kernel_fn = functools.partial(_kernel, precision=precision, seq=seq, config=config, programs=programs,
+                                  interpret=interpret)
 
     # The ping-pong's mbarrier: interpret mode waits on it, the GPU takes turns on named barriers
     # (`_named_barrier`) and still allocates it: left out there, the int8 kernel ran 4% slower at
@@ -961,8 +1066,9 @@ def _run(operands: tuple, *, precision: Precision, shape: tuple[int, int, int, i
     turns = plgpu.Barrier(num_arrivals=1, num_barriers=_COMPUTE_WGS) if config.overlap else None
 
     profiling = {}
-    if profile_dir:  # room for every scope of every step, and a few outside the loop
-        profiling = dict(profile_space=PROFILE_SCOPES_PER_STEP * -(-seq // bkv) + 16, profile_dir=profile_dir)
+    if profile_dir:  # room for every scope of every step of a CTA's tiles, and a few outside the loop
+        cta_steps = -(-seq // bkv) * (1 if programs is None else -(-tiles // programs))
+        profiling = dict(profile_space=PROFILE_SCOPES_PER_STEP * cta_steps + 16, profile_dir=profile_dir)
 
     def entry(*refs):
         pl.run_scoped(lambda *scoped: kernel_fn(*refs, scoped), scratch, barriers, consumed, schedule, turns,
@@ -971,8 +1077,8 @@ def _run(operands: tuple, *, precision: Precision, shape: tuple[int, int, int, i
     return plgpu.kernel(
         entry,
         out_type=jax.ShapeDtypeStruct((b, seq_pad, h, d), out_dtype),
-        grid=(h, seq_pad // (_COMPUTE_WGS * bq), b),
-        grid_names=("heads", "q_seq", "batch"),
+        grid=(h, seq_pad // (_COMPUTE_WGS * bq), b) if programs is None else (programs,),
+        grid_names=("heads", "q_seq", "batch") if programs is None else ("program",),
         kernel_name=f"flash_attention_{precision}",  # how profiles (bench_e2e's stages) tell it from the GEMM
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",

@@ -169,6 +169,37 @@ def test_overlap_is_the_same_arithmetic(precision, seq):
         _check_bf16(q, k, v, overlapped)
 
 
+@pytest.mark.parametrize("precision, programs", [("int8", 3), ("sage8", 3), ("bf16", 100)])
+def test_persistent_grid_is_the_same_arithmetic(precision, programs):
+    """A persistent grid (`AttentionConfig.programs`) runs each tile's arithmetic as the one-tile-a-CTA
+    grid does, its K/V ring, barriers and ping-pong running on across a CTA's tiles: interpret mode
+    gives the default kernel's outputs, up to XLA:CPU compiling the two kernel bodies apart (as in
+    `test_overlap_is_the_same_arithmetic`: one bf16 unit at most, rarely). A tile given another's
+    coordinates, K/V from a slot before its refill, or a tile skipped moves whole rows far more.
+    2 batches x 2 heads x 2 query blocks = 8 tiles on 3 CTAs (3, 3, 2 tiles, both q buffers reused,
+    ragged last KV blocks), and on more CTAs than tiles (one each)."""
+    seq = 200
+    q, k, v = random_qkv(jax.random.key(11), (2, seq, 2, 128))
+    outs = []
+    for config in (SMALL, dataclasses.replace(SMALL, programs=programs)):
+        if precision == "bf16":
+            outs.append(np.asarray(attention(q, k, v, precision="bf16", config=config, interpret=True), np.float32))
+        else:
+            qkv = quantize_qkv(q, k, v, config=config, precision=precision)
+            outs.append(np.asarray(attention_quantized(qkv, seq=seq, config=config, interpret=True), np.float32))
+    default, persistent = outs
+    unit = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(default), 2.0**-126))) - 7)  # bf16's spacing there
+    assert np.all(np.abs(persistent - default) <= unit)
+    assert np.mean(persistent != default) <= 1e-3
+
+
+def test_persistent_grid_settings_are_checked():
+    with pytest.raises(ValueError, match="programs .a persistent grid. must be at least 1.*programs=0"):
+        AttentionConfig(programs=0)
+    with pytest.raises(ValueError, match="not overlap=True; got programs=132, overlap=True"):
+        AttentionConfig(programs=132, overlap=True)
+
+
 @QK_DTYPES
 def test_quantize_qkv(qk_dtype):
     """Codes x scales (q per token, k per block of block_kv keys, v per channel) reconstruct q,
@@ -234,13 +265,15 @@ def test_int8_v_scale_keeps_pv_exact():
     _check_quantized(qkv, seq, attention_quantized(qkv, seq=seq, config=config, interpret=True))
 
 
-@pytest.mark.parametrize("precision, overlap", [(p, o) for p in ("bf16", "sage8", "sage_qk8") for o in (False, True)]
-                         + [("int8", False)])
-def test_lowers_for_the_gpu(precision, overlap):
+@pytest.mark.parametrize("precision, overlap, programs",
+                         [(p, o, None) for p in ("bf16", "sage8", "sage_qk8") for o in (False, True)]
+                         + [("int8", False, None), ("int8", False, 132), ("sage8", False, 132)])
+def test_lowers_for_the_gpu(precision, overlap, programs):
     """The GPU code path (P in registers, PV in place where the kernel does so: what interpret
-    mode does not run) lowers for CUDA from this machine, at a ragged FLUX-like length."""
+    mode does not run) lowers for CUDA from this machine, at a ragged FLUX-like length; the
+    8-bit kernels also on a persistent grid of the H200's 132 SMs."""
     x = jax.ShapeDtypeStruct((1, 1000, 24, 128), jnp.bfloat16)
-    config = dataclasses.replace(default_config(precision), overlap=overlap)
+    config = dataclasses.replace(default_config(precision), overlap=overlap, programs=programs)
     f = jax.jit(lambda q, k, v: attention(q, k, v, precision=precision, config=config))
     assert "mosaic_gpu" in f.trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
 
@@ -375,6 +408,24 @@ def test_gpu_int8(seq, inputs):
     config = default_config("int8")
     qkv = quantize_qkv(q, k, v, config=config, precision="int8")
     _check_quantized(qkv, seq, attention_quantized(qkv, seq=seq, config=config), gpu=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["int8", "sage8"])
+@pytest.mark.parametrize("batch, seq", [(1, 4608), (2, 1000)])
+def test_gpu_persistent_grid(precision, batch, seq):
+    """The persistent grid (one CTA an SM, each running its tiles back to back) within the kernel's
+    bounds, and the default grid's output but for rounding (the same arithmetic a tile; ptxas
+    schedules the two kernels apart: one bf16 unit at most)."""
+    q, k, v = INPUTS["flux_like"](jax.random.key(seq), (batch, seq, 24, 128))
+    config = default_config(precision)
+    qkv = quantize_qkv(q, k, v, config=config, precision=precision)
+    default = np.asarray(attention_quantized(qkv, seq=seq, config=config), np.float32)
+    persistent_config = dataclasses.replace(config, programs=jax.devices()[0].core_count)
+    persistent = attention_quantized(qkv, seq=seq, config=persistent_config)
+    _check_quantized(qkv, seq, persistent, gpu=True)
+    unit = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(default), 2.0**-126))) - 7)
+    assert np.all(np.abs(np.asarray(persistent, np.float32) - default) <= unit)
 
 
 def test_profile_needs_the_gpu():
