@@ -101,7 +101,7 @@ class AttentionConfig:
     `programs`: a persistent grid of that many CTAs (at most one a tile; e.g. the SM count), each
     running its tiles back to back with the K/V pipeline and the ping-pong running on across
     them, where the default launches one CTA a tile, which fills its pipeline and starts its
-    ping-pong anew (~0.9 of a KV step of 19 at S=4608, benchmarks/notes/attention.md v21)."""
+    ping-pong anew (~0.9-1.6 KV steps' time a tile of 18 steps at S=4608: notes/attention.md v21)."""
     block_q: int = 64
     block_kv: int = 128
     max_concurrent_steps: int = 2
