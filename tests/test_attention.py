@@ -143,6 +143,25 @@ def test_sage8_bounds_catch_a_wrong_kernel():
     _check_quantized(qkv, seq, out(w))
 
 
+def _same_arithmetic(q, k, v, precision: str, default: AttentionConfig, other: AttentionConfig) -> np.ndarray:
+    """The kernel in interpret mode under `other` against `default`, a config that reorders its
+    work but not its arithmetic: XLA:CPU compiles each kernel body on its own and may round one of
+    them differently in another fusion (measured: 1 output of 10240), which moves an output by one
+    bf16 unit at most, rarely. Returns `other`'s output."""
+    seq = q.shape[1]
+    outs = []
+    for config in (default, other):
+        if precision == "bf16":
+            outs.append(np.asarray(attention(q, k, v, precision="bf16", config=config, interpret=True), np.float32))
+        else:
+            qkv = quantize_qkv(q, k, v, config=config, precision=precision)
+            outs.append(np.asarray(attention_quantized(qkv, seq=seq, config=config, interpret=True), np.float32))
+    unit = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(outs[0]), 2.0**-126))) - 7)  # bf16's spacing there
+    assert np.all(np.abs(outs[1] - outs[0]) <= unit)
+    assert np.mean(outs[1] != outs[0]) <= 1e-3
+    return outs[1]
+
+
 @pytest.mark.parametrize("precision, seq", [("bf16", 200), ("sage8", 200), ("sage_qk8", 200), ("sage8", 40)])
 def test_overlap_is_the_same_arithmetic(precision, seq):
     """FlashAttention-3's intra-warpgroup overlap (`AttentionConfig.overlap`) reorders when S, the
@@ -153,18 +172,7 @@ def test_overlap_is_the_same_arithmetic(precision, seq):
     skipped, or taken from the wrong slot moves whole rows far more. Several KV blocks and a ragged
     last one (200), one mostly padded block (40)."""
     q, k, v = random_qkv(jax.random.key(seq), (1, seq, 2, 128))
-    outs = []
-    for overlap in (False, True):
-        config = AttentionConfig(block_q=64, block_kv=64, max_concurrent_steps=2, overlap=overlap)
-        if precision == "bf16":
-            outs.append(np.asarray(attention(q, k, v, precision="bf16", config=config, interpret=True), np.float32))
-        else:
-            qkv = quantize_qkv(q, k, v, config=config, precision=precision)
-            outs.append(np.asarray(attention_quantized(qkv, seq=seq, config=config, interpret=True), np.float32))
-    default, overlapped = outs
-    unit = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(default), 2.0**-126))) - 7)  # bf16's spacing there
-    assert np.all(np.abs(overlapped - default) <= unit)
-    assert np.mean(overlapped != default) <= 1e-3
+    overlapped = _same_arithmetic(q, k, v, precision, SMALL, dataclasses.replace(SMALL, overlap=True))
     if precision == "bf16":
         _check_bf16(q, k, v, overlapped)
 
@@ -178,19 +186,8 @@ def test_persistent_grid_is_the_same_arithmetic(precision, programs):
     coordinates, K/V from a slot before its refill, or a tile skipped moves whole rows far more.
     2 batches x 2 heads x 2 query blocks = 8 tiles on 3 CTAs (3, 3, 2 tiles, both q buffers reused,
     ragged last KV blocks), and on more CTAs than tiles (one each)."""
-    seq = 200
-    q, k, v = random_qkv(jax.random.key(11), (2, seq, 2, 128))
-    outs = []
-    for config in (SMALL, dataclasses.replace(SMALL, programs=programs)):
-        if precision == "bf16":
-            outs.append(np.asarray(attention(q, k, v, precision="bf16", config=config, interpret=True), np.float32))
-        else:
-            qkv = quantize_qkv(q, k, v, config=config, precision=precision)
-            outs.append(np.asarray(attention_quantized(qkv, seq=seq, config=config, interpret=True), np.float32))
-    default, persistent = outs
-    unit = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(default), 2.0**-126))) - 7)  # bf16's spacing there
-    assert np.all(np.abs(persistent - default) <= unit)
-    assert np.mean(persistent != default) <= 1e-3
+    q, k, v = random_qkv(jax.random.key(11), (2, 200, 2, 128))
+    _same_arithmetic(q, k, v, precision, SMALL, dataclasses.replace(SMALL, programs=programs))
 
 
 def test_persistent_grid_settings_are_checked():
