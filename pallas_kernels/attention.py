@@ -645,6 +645,12 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, prog
     def slot_of(step):
         return lax.rem(step, jnp.array(stages, step.dtype))
 
+    def first_row(block):  # this warpgroup's first query row in query block `block`
+        return block * (_COMPUTE_WGS * bq) + wg * bq
+
+    def copy_q(batch, head, q_base, q_smem, barrier):
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_base, bq), head], q_smem, barrier)
+
     def load_row_scale(batch, head, q_base):
         if not qk8:
             return None
@@ -928,18 +934,16 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, prog
     def tile_rows(i):
         """(batch, head, first query row) of this warpgroup in the persistent CTA's i-th tile."""
         t_head, t_block, t_batch = _tile(program + i * programs, q_ref.shape, bq)
-        return t_batch, t_head, t_block * (_COMPUTE_WGS * bq) + wg * bq
+        return t_batch, t_head, first_row(t_block)
 
     def persistent_compute_wg():
         """The CTA's tiles one after another: the ping-pong and the K/V ring run on across them
         (`compute_tile`'s `base`), and the next tile's q is copied in while this one runs (two q
         buffers a warpgroup), so no tile waits for its pipeline to fill."""
-        def copy_q(i, buf):
-            t_batch, t_head, q_base = tile_rows(i)
-            plgpu.copy_gmem_to_smem(q_ref.at[t_batch, pl.ds(q_base, bq), t_head], q_smem2.at[2 * wg + buf],
-                                    q_bars.at[2 * wg + buf])
+        def copy_tile_q(i, buf):
+            copy_q(*tile_rows(i), q_smem2.at[2 * wg + buf], q_bars.at[2 * wg + buf])
 
-        copy_q(0, 0)
+        copy_tile_q(0, 0)
         if int_logits and not interpret:
             _fill_bias_gpu(bias_smem)
         plgpu.barrier_wait(k_bars.at[0])
@@ -954,7 +958,7 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, prog
 
             @pl.when(i + 1 < tile_count)
             def _():
-                copy_q(i + 1, 1 - buf)
+                copy_tile_q(i + 1, 1 - buf)
             compute_tile(t_batch, t_head, q_base, q_smem2.at[2 * wg + buf], o_smem2.at[wg], row_scale,
                          base=i * kv_steps)
 
@@ -968,8 +972,8 @@ def _kernel(*refs, precision: Precision, seq: int, config: AttentionConfig, prog
             persistent_compute_wg()
             return
         q_smem, o_smem = q_smem2.at[wg], o_smem2.at[wg]
-        q_base = lax.axis_index("q_seq") * (_COMPUTE_WGS * bq) + wg * bq
-        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_base, bq), head], q_smem, q_bars.at[wg])
+        q_base = first_row(lax.axis_index("q_seq"))
+        copy_q(batch, head, q_base, q_smem, q_bars.at[wg])
         row_scale = load_row_scale(batch, head, q_base)
         if int_logits and not interpret:  # what S's start values are made from (`_s_start_gpu`)
             _fill_bias_gpu(bias_smem)
@@ -1036,7 +1040,8 @@ def _run(operands: tuple, *, precision: Precision, shape: tuple[int, int, int, i
     qk8, pv8 = precision != "bf16", precision in PV_DTYPES
     p_dtype = v_dtype = PV_DTYPES[precision] if pv8 else jnp.bfloat16
     v_tile = (d, bkv) if pv8 else (bkv, d)
-    tiles = math.prod(_tile_grid((b, seq_pad, h, d), bq))
+    tile_grid = _tile_grid((b, seq_pad, h, d), bq)
+    tiles = math.prod(tile_grid)
     programs = None if config.programs is None else min(config.programs, tiles)
     q_buffers = _COMPUTE_WGS * (1 if programs is None else 2)  # persistent: the next tile's q copied in meanwhile
     scratch = (
@@ -1077,7 +1082,7 @@ def _run(operands: tuple, *, precision: Precision, shape: tuple[int, int, int, i
     return plgpu.kernel(
         entry,
         out_type=jax.ShapeDtypeStruct((b, seq_pad, h, d), out_dtype),
-        grid=(h, seq_pad // (_COMPUTE_WGS * bq), b) if programs is None else (programs,),
+        grid=tile_grid if programs is None else (programs,),
         grid_names=("heads", "q_seq", "batch") if programs is None else ("program",),
         kernel_name=f"flash_attention_{precision}",  # how profiles (bench_e2e's stages) tell it from the GEMM
         num_threads=_COMPUTE_WGS + 1,

@@ -143,6 +143,11 @@ def test_sage8_bounds_catch_a_wrong_kernel():
     _check_quantized(qkv, seq, out(w))
 
 
+def _bf16_spacing(x: np.ndarray) -> np.ndarray:
+    """bf16's spacing at each |x| (2^(exponent - 7); normal numbers)."""
+    return 2.0 ** (np.floor(np.log2(np.maximum(np.abs(x), 2.0**-126))) - 7)
+
+
 def _same_arithmetic(q, k, v, precision: str, default: AttentionConfig, other: AttentionConfig) -> np.ndarray:
     """The kernel in interpret mode under `other` against `default`, a config that reorders its
     work but not its arithmetic: XLA:CPU compiles each kernel body on its own and may round one of
@@ -156,8 +161,7 @@ def _same_arithmetic(q, k, v, precision: str, default: AttentionConfig, other: A
         else:
             qkv = quantize_qkv(q, k, v, config=config, precision=precision)
             outs.append(np.asarray(attention_quantized(qkv, seq=seq, config=config, interpret=True), np.float32))
-    unit = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(outs[0]), 2.0**-126))) - 7)  # bf16's spacing there
-    assert np.all(np.abs(outs[1] - outs[0]) <= unit)
+    assert np.all(np.abs(outs[1] - outs[0]) <= _bf16_spacing(outs[0]))
     assert np.mean(outs[1] != outs[0]) <= 1e-3
     return outs[1]
 
@@ -421,8 +425,7 @@ def test_gpu_persistent_grid(precision, batch, seq):
     persistent_config = dataclasses.replace(config, programs=jax.devices()[0].core_count)
     persistent = attention_quantized(qkv, seq=seq, config=persistent_config)
     _check_quantized(qkv, seq, persistent, gpu=True)
-    unit = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(default), 2.0**-126))) - 7)
-    assert np.all(np.abs(np.asarray(persistent, np.float32) - default) <= unit)
+    assert np.all(np.abs(np.asarray(persistent, np.float32) - default) <= _bf16_spacing(default))
 
 
 def test_profile_needs_the_gpu():
