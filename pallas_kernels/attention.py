@@ -76,6 +76,7 @@ from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, llvm, vector
 
 from pallas_kernels.smem import swizzle_transforms
+from pallas_kernels.tile_schedule import sm_count
 
 Precision = Literal["bf16", "sage8", "sage_qk8", "int8"]
 PRECISIONS: tuple[str, ...] = ("bf16", "sage8", "sage_qk8", "int8")
@@ -120,7 +121,10 @@ class AttentionConfig:
                              f"overlap=True; got programs={self.programs}, overlap={self.overlap}")
 
 
-def default_config(precision: Precision) -> AttentionConfig:
+PERSISTENT_SEQ_MAX = 6144  # "int8" / "sage8" run the persistent grid up to this many tokens (default_config)
+
+
+def default_config(precision: Precision, seq: int | None = None, *, interpret: bool = False) -> AttentionConfig:
     """The fastest config measured on the H200 (benchmarks/results/attention_sweep, the kernels
     alone): "sage8" block_kv 256, 2 stages, not overlapped (1.32x cuDNN at B=1 S=4608 and 1.41x at
     B=4 S=8704, against 1.15x / 1.27x with block_kv 128: a KV step's fixed costs, its barriers,
@@ -128,9 +132,14 @@ def default_config(precision: Precision) -> AttentionConfig:
     1.01-1.03x at 192 and 0.87-0.94x at 128, benchmarks/results/attention_sweep_int8); "sage_qk8"
     block_kv 192 (its bf16 V does not fit 256), 2 stages, not overlapped (1.10x / 1.08x, against
     1.00x / 1.03x overlapped at 128);
-    "bf16" overlapped (+2-3%, attention_overlap; 192 does not fit shared memory)."""
+    "bf16" overlapped (+2-3%, attention_overlap; 192 does not fit shared memory).
+    "int8" and "sage8" at `seq` <= PERSISTENT_SEQ_MAX tokens: the persistent grid, one CTA an SM
+    (attention_persistent: at S=4608 int8 +2.5% at B=1, +6% at B=4; at 8704 no gain, int8 -4.5% at
+    B=1); without `seq`, one CTA a tile."""
     if precision in ("sage8", "int8"):
-        return AttentionConfig(block_kv=256, max_concurrent_steps=2)
+        persistent = seq is not None and seq <= PERSISTENT_SEQ_MAX
+        return AttentionConfig(block_kv=256, max_concurrent_steps=2,
+                               programs=sm_count(interpret) if persistent else None)
     if precision == "sage_qk8":
         return AttentionConfig(block_kv=192, max_concurrent_steps=2)
     return AttentionConfig(overlap=True)
@@ -1099,7 +1108,7 @@ def attention_quantized(qkv: QuantizedQKV, *, seq: int, out_dtype=jnp.bfloat16, 
     `seq` is the unpadded length (keys beyond it are masked). Returns (B, seq, H, D) in out_dtype.
     `profile_dir` (GPU): a trace of the warpgroups' phases goes there (`benchmarks.attention_trace`)."""
     precision = qkv.precision
-    config = config or default_config(precision)
+    config = config or default_config(precision, seq, interpret=interpret)
     if profile_dir and interpret:
         raise ValueError(f"profile_dir={profile_dir!r} needs the GPU: interpret mode has no clock to record")
     b, seq_pad, h, d = qkv.q_codes.shape
@@ -1149,8 +1158,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, precision: Precision 
     _check_qkv(q, k, v)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    config = config or default_config(precision)
     b, seq, h, d = q.shape
+    config = config or default_config(precision, seq, interpret=interpret)
     out_dtype = out_dtype or q.dtype
     if precision != "bf16":
         qkv = quantize_qkv(q, k, v, config=config, qk_dtype=qk_dtype, precision=precision)

@@ -28,9 +28,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 import flux_fixtures
 from pallas_kernels.attention import (BIASED_EXACT, INT8_HEAD_DIM_MAX, LOGIT_BIAS, LOGIT_BIAS_BITS, P_CODE_MAX,
-                                      V_BLOCK_ABS_SUM_MAX, AttentionConfig, _row_reduce_gpu, attention,
-                                      attention_quantized, biased_logits, block_scales_per_key, default_config,
-                                      key_permutation, quantize_qkv, s_start_addends)
+                                      PERSISTENT_SEQ_MAX, V_BLOCK_ABS_SUM_MAX, AttentionConfig, _row_reduce_gpu,
+                                      attention, attention_quantized, biased_logits, block_scales_per_key,
+                                      default_config, key_permutation, quantize_qkv, s_start_addends)
 from pallas_kernels.attention_reference import (BF16_REL, FP8_REL, INT8_L_GPU_REL, attention_reference, bf16_p_bound,
                                                 dequantize, dequantized_attention, flux_like_qkv, p_rounding_bounds,
                                                 random_qkv)
@@ -199,6 +199,16 @@ def test_persistent_grid_settings_are_checked():
         AttentionConfig(programs=0)
     with pytest.raises(ValueError, match="not overlap=True; got programs=132, overlap=True"):
         AttentionConfig(programs=132, overlap=True)
+
+
+def test_default_grid_by_length():
+    """The 8-bit kernels take the persistent grid (one CTA an SM) up to PERSISTENT_SEQ_MAX tokens,
+    where it was measured faster, and one CTA a tile beyond it or when the length is not given."""
+    assert default_config("int8", PERSISTENT_SEQ_MAX, interpret=True).programs == 4  # interpret: 4 "SMs"
+    assert default_config("sage8", 1536, interpret=True).programs == 4
+    assert default_config("int8", PERSISTENT_SEQ_MAX + 1).programs is None
+    assert default_config("int8").programs is None
+    assert default_config("sage_qk8", 1536).programs is None and default_config("bf16", 1536).programs is None
 
 
 @QK_DTYPES

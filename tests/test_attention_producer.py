@@ -464,9 +464,9 @@ def test_model_lowers_for_the_gpu(impl, image, produced, rotated_in_xla, monkeyp
 
     from convrot_jax import ops
     from flux_flax import FluxConfig, FluxTransformer2DModel, fuse_projections
-    from pallas_kernels import tile_schedule
+    from pallas_kernels import attention
 
-    monkeypatch.setattr(tile_schedule, "sm_count", lambda interpret: 132)
+    monkeypatch.setattr(attention, "sm_count", lambda interpret: 132)  # the persistent grid at these lengths
     monkeypatch.setattr(ops, "pallas_supported", lambda: True)
     config = FluxConfig.dev(num_layers=1, num_single_layers=1)
     model = nnx.eval_shape(lambda: fuse_projections(FluxTransformer2DModel(
