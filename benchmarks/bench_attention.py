@@ -36,8 +36,6 @@ QK RMSNorm, RoPE, the attention; what the model runs; ratios against rope_cudnn_
   fused_int8_rot    convrot_jax.ops.attention_from_projections(implementation="int8"): project_qkv with
                     qk_rotation (norm, RoPE and the grouped Hadamard of q and k in one launch) +
                     quantize_qkv + the int8 kernel (the model's "int8" with its producer, the default)
-  fused_int8_qcodes project_qkv_int8: the same producer also writing q's int8 codes and scales
-                    (q never in HBM as bf16) + quantize_with_q_codes (k's and v's, XLA) + the int8 kernel
 TFLOP/s = 4 B H S^2 D / time (the two matmuls; 8-bit counted the same); ratios = cuDNN time /
 this time. Device time (CUPTI), median of 20 over rotating input sets (> 2x the 50 MB L2).
 All implementations run in one process, back to back (same device state).
@@ -131,8 +129,6 @@ VARIANTS = harness.registry(
             options={"producer": "xla", "precision": "int8", "rotate_qk": True}),
     Variant("fused_int8_rot", "ops.attention_from_projections: producer with the rotation + XLA quantize_qkv, int8 kernel",
             group=_GROUP, options={"producer": "fused", "precision": "int8", "rotate_qk": True}),
-    Variant("fused_int8_qcodes", "producer with the rotation and q's codes + XLA k/v quantization, int8 kernel",
-            group=_GROUP, options={"producer": "fused", "precision": "int8", "rotate_qk": True, "q_codes": True}),
 )
 PRODUCER_BASELINE = "rope_cudnn_bf16"
 TEXT_TOKENS = 512
@@ -223,8 +219,8 @@ def producer_implementation(variant: str):
     the RoPE tables (S, D), the attention output."""
     import jax
 
-    from pallas_kernels.attention import attention, attention_quantized, default_config, quantize_with_q_codes
-    from pallas_kernels.attention_producer import project_qkv, project_qkv_int8
+    from pallas_kernels.attention import attention
+    from pallas_kernels.attention_producer import project_qkv
     from pallas_kernels.attention_producer_reference import projections_reference
 
     from convrot_jax import ops
@@ -235,12 +231,6 @@ def producer_implementation(variant: str):
 
     def fn(text, image, weights, cos, sin):
         streams = _streams(text, image, weights)
-        if opts.get("q_codes"):
-            q_codes, q_scale, k, v = project_qkv_int8(streams, cos, sin, heads=HEADS, eps=1e-6,
-                                                      qk_rotation=ops.qk_rotation_matrix())
-            config = default_config("int8")
-            qkv = quantize_with_q_codes(q_codes, q_scale, k, v, config=config, precision="int8")
-            return attention_quantized(qkv, seq=k.shape[1], config=config)
         if rotate and fused:  # the model's path (its rotation in the producer), so it cannot drift from it
             return ops.attention_from_projections(streams, cos, sin, heads=HEADS, eps=1e-6,
                                                   implementation=opts["precision"])

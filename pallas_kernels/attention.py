@@ -408,8 +408,8 @@ def _scale(absmax: jax.Array, dtype) -> jax.Array:
 def token_codes(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
     """Codes and float32 scales of float32 x (..., D) per token: max |x| over the last axis -> the
     format's largest value. Written without keepdims (the scale broadcast back with
-    broadcast_in_dim) so that a Mosaic GPU kernel body runs it on a WGMMA-layout tile as it is
-    (the attention producer's q codes, `attention_producer.project_qkv_int8`)."""
+    broadcast_in_dim), so that a Mosaic GPU kernel body could run it on a WGMMA-layout tile as it
+    is."""
     scale = _scale(jnp.max(jnp.abs(x), axis=-1), dtype)
     return _codes(x, lax.broadcast_in_dim(scale, x.shape, tuple(range(x.ndim - 1))), dtype), scale
 
@@ -447,47 +447,33 @@ def quantize_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, config: AttentionC
     V less its mean, "sage_qk8": bf16 V) from (B, S, H, D) q, k, v, padded to `padded_length`.
 
     Plain XLA ops in the caller's jit, written so that q, k, v need few passes: q one for its row
-    maxima and one for its codes (`token_codes`); k and v as `quantize_with_q_codes` makes them. A
-    Pallas producer making all these codes from the projections was slower at every measured shape
-    (v8)."""
+    maxima and one for its codes (`token_codes`); k and v one set of reductions each for their
+    per-channel statistics (`_column_stats`: the mean and each block's extremes, from which
+    max |x - mean| follows; XLA may still split them into several kernels) and one pass for their
+    codes (v one more for its block sums of |v - mean|, which need the mean). Against the mean,
+    then max |x - mean|, then the codes, each over centred float32 copies: the FLUX step 2.2 ms
+    faster at 1024² (benchmarks/notes/attention.md, v19). A Pallas producer making all these codes
+    from the projections was slower at every measured shape (v8); the bf16 producer also writing
+    q's codes was slower than these (v22)."""
     if qk_dtype not in QK_DTYPES:
         raise ValueError(f"qk_dtype must be int8 or float8_e4m3fn, got {qk_dtype}")
-    q_codes, q_scale = token_codes(q.astype(jnp.float32), qk_dtype)
-    return quantize_with_q_codes(q_codes, jnp.swapaxes(q_scale, 1, 2), k, v, config=config, precision=precision,
-                                 softmax_scale=softmax_scale)
-
-
-def quantize_with_q_codes(q_codes: jax.Array, q_scale: jax.Array, k: jax.Array, v: jax.Array, *,
-                          config: AttentionConfig, precision: Precision = "sage8",
-                          softmax_scale: float | None = None) -> QuantizedQKV:
-    """`quantize_qkv`'s operands from q's codes (B, S, H, D) and per-token scales (B, H, S) made
-    elsewhere (`token_codes`'s, e.g. by the int8 attention's producer,
-    `attention_producer.project_qkv_int8`) and (B, S, H, D) k, v, in XLA ops: k and v one set of
-    reductions each for their per-channel statistics (`_column_stats`: the mean and each block's
-    extremes, from which max |x - mean| follows; XLA may still split them into several kernels)
-    and one pass for their codes (v one more for its block sums of |v - mean|, which need the
-    mean). Against the mean, then max |x - mean|, then the codes, each over centred float32 copies:
-    the FLUX step 2.2 ms faster at 1024² (benchmarks/notes/attention.md, v19)."""
-    qk_dtype = q_codes.dtype
-    if qk_dtype not in QK_DTYPES:
-        raise ValueError(f"q_codes must be int8 or float8_e4m3fn, got {qk_dtype}")
     if precision not in ("sage8", "sage_qk8", "int8"):
         raise ValueError(f"quantize_qkv makes the 8-bit kernels' operands: precision 'sage8', 'sage_qk8' or "
                          f"'int8', got {precision!r}")
-    b, seq, h, d = k.shape
-    if q_codes.shape != k.shape or q_scale.shape != (b, h, seq):
-        raise ValueError(f"q_codes {q_codes.shape} must be k's shape {k.shape} and q_scale {q_scale.shape} "
-                         f"(B, H, S) = {(b, h, seq)}")
+    if q.shape != k.shape:
+        raise ValueError(f"q {q.shape} and k {k.shape} must have one (B, S, H, D) shape")
+    b, seq, h, d = q.shape
     seq_pad = padded_length(seq, config)
     blocks = seq_pad // config.block_kv
     scale = (1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale) * LOG2E
+    q_codes, q_scale = token_codes(q.astype(jnp.float32), qk_dtype)  # q_scale (B, S, H)
     k32 = k.astype(jnp.float32)
     k_stats = _column_stats(k32, seq_pad, config.block_kv)
     k_scale = _scale(jnp.max(_centred_absmax(k_stats), axis=-1), qk_dtype)  # (B, blocks, H)
     k_blocks = _pad_seq(k32 - k_stats.mean, seq_pad, 1).reshape(b, blocks, config.block_kv, h, d)
     k_codes = _codes(k_blocks, k_scale[:, :, None, :, None], qk_dtype)
     return QuantizedQKV(
-        q_codes=_pad_seq(q_codes, seq_pad, 1), q_scale=_pad_seq(q_scale * scale, seq_pad, 2),
+        q_codes=_pad_seq(q_codes, seq_pad, 1), q_scale=_pad_seq(jnp.swapaxes(q_scale, 1, 2) * scale, seq_pad, 2),
         k_codes=k_codes.reshape(b, seq_pad, h, d), k_scale=jnp.swapaxes(k_scale, 1, 2),
         **_v_operands(v, seq_pad, precision, config.block_kv))
 

@@ -26,11 +26,9 @@ attention needs before its codes can be: `qk_rotation` also multiplies q and k a
 grouped Hadamard, one wgmma a group of features on the tile staged in shared memory (a (G, G) bf16
 matrix, 8 KiB at G = 64, beside the tiles), in place of a cuBLAS pass over each in HBM (the
 model's "int8" attention, `convrot_jax.ops.attention_from_projections`; benchmarks/notes/attention.md
-v20). `project_qkv_int8` also writes q as that attention's int8 codes and per-token scales
-(`pallas_kernels.attention.token_codes` on the rotated tile, an 8 KiB int8 tile TMA'd out), so q
-never goes through HBM in bf16 (K's and V's codes need their means over the whole sequence first:
-XLA's, `quantize_with_q_codes`); tested in interpret mode and lowered for CUDA, not yet timed on the
-GPU nor used by the model (bench_attention's fused_int8_qcodes).
+v20). Writing q's int8 codes and per-token scales here as well (q never in HBM as bf16) was
+measured slower than XLA's codes (`quantize_qkv`) and was removed (benchmarks/notes/attention.md,
+v22).
 
 Layout of the work: one warpgroup per program, grid (heads, blocks, batch); a 64-token tile of a
 head is a (64, D) array in the WGMMA register layout: each thread's register holds a pair of
@@ -65,7 +63,6 @@ from jax._src.lib.mlir import ir
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jaxlib.mlir.dialects import arith
 
-from pallas_kernels.attention import token_codes
 from pallas_kernels.smem import swizzle_transforms
 
 TILE = 64  # tokens of one register tile: a warpgroup's WGMMA-layout rows
@@ -117,7 +114,6 @@ class _Plan(NamedTuple):
     interpret: bool
     staged: bool  # tiles move through shared memory by TMA (`stageable`), else register-direct
     rotation_group: int  # q and k rotated in groups of this many features after RoPE (0: not rotated)
-    q_codes: bool  # q written as int8 codes and per-token scales (`token_codes`), not bf16
 
 
 def project_fits(stream_lengths: Sequence[int], block: int = BF16_BLOCK) -> bool:
@@ -215,8 +211,6 @@ def _kernel(*refs, plan: _Plan):
     weights_ref, table_ref, *refs = refs
     if plan.rotation_group:
         rotation_ref, *refs = refs
-    if plan.q_codes:  # q's int8 codes and their per-token scales (B, H, S) in place of bf16 q
-        q_scale_ref, refs = refs[1], [refs[0], *refs[2:]]
     head, block, batch = lax.axis_index("heads"), lax.axis_index("blocks"), lax.axis_index("batch")
     tiles, d = plan.block // TILE, plan.head_dim
     first_row = block * plan.block  # in the joint sequence
@@ -247,9 +241,8 @@ def _kernel(*refs, plan: _Plan):
                 out(2, row)[...] = tile(s.v, row - start)
             return
         staged, barriers, *extra = refs[3:]  # (3, tiles, TILE, D): the block's q, k, v tiles; a TMA barrier
-        # each (and one for the rotation's matrix); then the rotation's matrix and q's codes' tile, if used
+        # each (and one for the rotation's matrix); then the rotation's matrix, if used
         rotation_smem = extra[0] if plan.rotation_group else None
-        codes_tile = extra[-1] if plan.q_codes else None
         for t, row in enumerate(rows):  # every copy in flight before the first tile is used
             for j, source in enumerate((s.q, s.k, s.v)):
                 plgpu.copy_gmem_to_smem(tile_ref(source, row - start), staged.at[j, t], barriers.at[j * tiles + t])
@@ -268,17 +261,8 @@ def _kernel(*refs, plan: _Plan):
                 for j in range(2):
                     _rotate_groups(staged.at[j, t], rotation_smem, plan.rotation_group, d)
                 plgpu.commit_smem()
-            if plan.q_codes:
-                if t:  # the tile before's codes copied out (its k and v copies, 2 groups, may still run)
-                    plgpu.wait_smem_to_gmem(2, wait_read_only=True)
-                codes, scale = token_codes(plgpu.load(staged.at[0, t], layout=_TILE_LAYOUT).astype(jnp.float32),
-                                           jnp.int8)
-                codes_tile[...] = codes
-                q_scale_ref.at[batch, head, pl.ds(row, TILE)][...] = scale
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(codes_tile, out(0, row))
             plgpu.barrier_wait(barriers.at[2 * tiles + t])
-            for j in range(1 if plan.q_codes else 0, 3):
+            for j in range(3):
                 plgpu.copy_smem_to_gmem(staged.at[j, t], out(j, row))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the copies out have read shared memory
 
@@ -302,14 +286,9 @@ def _launch(plan: _Plan, inputs: Sequence[jax.Array], batch: int, heads: int):
         if plan.rotation_group:  # the rotation's (group, group) matrix
             g = plan.rotation_group
             scratch.append(plgpu.SMEM((g, g), jnp.bfloat16, transforms=swizzle_transforms(g, 2)))
-        if plan.q_codes:  # one tile of q's codes, reused by the block's tiles: 8 KiB, two programs an SM still
-            scratch.append(plgpu.SMEM((TILE, d), jnp.int8, transforms=swizzle_transforms(d, 1)))
-    bf16 = jax.ShapeDtypeStruct((batch, plan.seq, heads, d), jnp.bfloat16)
-    q_out = ((jax.ShapeDtypeStruct(bf16.shape, jnp.int8), jax.ShapeDtypeStruct((batch, heads, plan.seq), jnp.float32))
-             if plan.q_codes else (bf16,))
     return plgpu.kernel(
         functools.partial(_kernel, plan=plan),
-        out_type=(*q_out, bf16, bf16),
+        out_type=(jax.ShapeDtypeStruct((batch, plan.seq, heads, d), jnp.bfloat16),) * 3,
         scratch_types=scratch,
         grid=(heads, blocks, batch),
         grid_names=("heads", "blocks", "batch"),
@@ -368,22 +347,6 @@ def project_qkv(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, *, he
     Hadamard wants them (an orthogonal map leaves q k^T as it is). The matrix is rounded to bf16:
     exact for the regular Hadamard of 64 (entries +-1/8), not for a normalised one of 128. Needs
     the staged path (`stageable`)."""
-    return _project(streams, cos, sin, heads, eps, block, qk_rotation, False, interpret)
-
-
-def project_qkv_int8(streams: Sequence[Stream], cos: jax.Array, sin: jax.Array, *, heads: int, eps: float,
-                     qk_rotation: jax.Array | None, block: int = BF16_BLOCK, interpret: bool = False
-                     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """`project_qkv` with q written as the int8 attention takes it: its int8 codes (B, S, H, D) and
-    their per-token float32 scales (B, H, S), `pallas_kernels.attention.token_codes` of the bf16 q
-    `project_qkv` would write, computed on the tile in the same launch (q never goes through HBM
-    in bf16); then k (B, S, H, D) and v as `project_qkv`'s. For
-    `pallas_kernels.attention.quantize_with_q_codes`. Needs the staged path (`stageable`)."""
-    return _project(streams, cos, sin, heads, eps, block, qk_rotation, True, interpret)
-
-
-def _project(streams, cos, sin, heads: int, eps: float, block: int, qk_rotation: jax.Array | None, q_codes: bool,
-             interpret: bool) -> tuple[jax.Array, ...]:
     d = _check(streams, cos, sin, heads, block)
     group = 0
     if qk_rotation is not None:
@@ -391,10 +354,10 @@ def _project(streams, cos, sin, heads: int, eps: float, block: int, qk_rotation:
         if qk_rotation.shape != (group, group) or group % 64 or d % group:
             raise ValueError(f"qk_rotation must be (G, G) with G a multiple of 64 dividing the head dim {d}, "
                              f"got {qk_rotation.shape}")
-    if (qk_rotation is not None or q_codes) and not stageable(streams):
-        raise ValueError(f"{'q codes' if q_codes else 'qk_rotation'} run on tiles staged in shared memory: every "
-                         "stream's tokens must be a multiple of 8 and every projection's column and width a multiple "
-                         f"of 64, got {[(s.q.array.shape, s.q.column, s.k.column, s.v.column) for s in streams]}")
+        if not stageable(streams):
+            raise ValueError("qk_rotation runs on tiles staged in shared memory: every stream's tokens must be a "
+                             "multiple of 8 and every projection's column and width a multiple of 64, got "
+                             f"{[(s.q.array.shape, s.q.column, s.k.column, s.v.column) for s in streams]}")
     arrays: list[jax.Array] = []  # the distinct inputs (a fused projection serves q, k and v)
 
     def source(p: Projection) -> _Source:
@@ -411,7 +374,7 @@ def _project(streams, cos, sin, heads: int, eps: float, block: int, qk_rotation:
         plans.append(_StreamPlan(first, blocks, tokens, source(s.q), source(s.k), source(s.v)))
         first += blocks
     plan = _Plan(tuple(plans), len(arrays), sum(p.tokens for p in plans), block, d, float(eps), interpret,
-                 stageable(streams), group, q_codes)
+                 stageable(streams), group)
     weights = jnp.stack([jnp.stack([s.q_weight, s.k_weight]) for s in streams]).astype(jnp.float32)  # (streams, 2, D)
     rotation = [] if qk_rotation is None else [qk_rotation.astype(jnp.bfloat16)]
     return _launch(plan, [*arrays, weights, rope_table(cos, sin), *rotation], streams[0].q.array.shape[0], heads)

@@ -29,8 +29,7 @@ import numpy as np
 import pytest
 
 import flux_fixtures
-from pallas_kernels.attention import token_codes
-from pallas_kernels.attention_producer import Projection, Stream, project_qkv, project_qkv_int8
+from pallas_kernels.attention_producer import Projection, Stream, project_qkv
 from convrot_jax.hadamard import hadamard_matrix
 from pallas_kernels.attention_producer_reference import bf16_flip_bounds, normed, projections_reference, rope
 
@@ -130,11 +129,8 @@ def test_rejects_bad_streams():
         with pytest.raises(ValueError, match=r"qk_rotation must be \(G, G\)"):
             call(streams, cos, sin, block=64, qk_rotation=jnp.eye(*shape))
     unstaged = _streams("fused", 1, (64, 100), heads)  # 100 tokens: not a multiple of 8, no TMA
-    with pytest.raises(ValueError, match="qk_rotation run on tiles staged"):
+    with pytest.raises(ValueError, match="qk_rotation runs on tiles staged"):
         call(unstaged, *_tables(164, 128, jax.random.key(1)), block=64, qk_rotation=ROTATION)
-    with pytest.raises(ValueError, match="q codes run on tiles staged"):
-        project_qkv_int8(unstaged, *_tables(164, 128, jax.random.key(1)), heads=heads, eps=EPS, block=64,
-                         qk_rotation=ROTATION, interpret=True)
 
 
 def _lower_at_flux_shapes(batch: int, text: int, image: int, streams: int, attend) -> str:
@@ -217,69 +213,6 @@ def test_rotated_check_catches_a_wrong_producer():
     for wrong in [(q, k, v), (_rotated(q, sylvester), _rotated(k, sylvester), v)]:
         with pytest.raises(AssertionError):
             check_rotated(wrong, streams, cos, sin, heads)
-
-
-def check_q_codes(got, streams, cos, sin, heads: int, **kwargs) -> None:
-    """`project_qkv_int8`'s output against `token_codes` (XLA) of `project_qkv`'s bf16 q (same
-    rotation), k and v bit for bit against `project_qkv`'s: the scales bit for bit (a max and a
-    multiply: no order to differ in); each code equal, or one code off where x / scale is a
-    near-tie: both sides round x / scale to even from a float32 quotient, which XLA may compute as
-    x times the rounded reciprocal (relative error <= 2^-23, so a half-integer within
-    |x / scale| 2^-22 of the exact quotient is the only way for the two to round apart)."""
-    q, k, v = project_qkv(streams, cos, sin, heads=heads, eps=EPS, qk_rotation=ROTATION, **kwargs)
-    codes, scale, got_k, got_v = got
-    want_codes, want_scale = token_codes(q.astype(jnp.float32), jnp.int8)
-    for name, a, b in (("k", got_k, k), ("v", got_v, v), ("scale", scale, jnp.swapaxes(want_scale, 1, 2))):
-        assert a.shape == b.shape and np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32)), name
-    assert codes.dtype == jnp.int8 and codes.shape == q.shape
-    diff = np.asarray(codes, np.int32) - np.asarray(want_codes, np.int32)
-    quotient = np.asarray(q, np.float64) / np.asarray(want_scale, np.float64)[..., None]
-    near_tie = np.abs(np.abs(quotient) % 1 - 0.5) <= np.abs(quotient) * 2.0**-22
-    assert np.all(np.abs(diff) <= 1) and np.all(near_tie[diff != 0]), f"{np.sum(diff != 0)} codes differ"
-
-
-@pytest.mark.parametrize("kind, batch, lengths, block", [
-    ("fused", 1, (64, 136), 64),  # the last stream ragged: a moved-back tile
-    ("separate", 2, (128, 200), 128),  # two tiles a program (the codes' tile reused), two batch rows
-])
-def test_q_codes_match_the_quantizer(kind, batch, lengths, block):
-    """q as int8 codes and per-token scales made in the launch (after the rotation): XLA's
-    `token_codes` of the bf16 q, within `check_q_codes`'s near-tie allowance."""
-    heads = 2
-    streams = _streams(kind, batch, lengths, heads)
-    cos, sin = _tables(sum(lengths), 128, jax.random.key(9))
-    got = project_qkv_int8(streams, cos, sin, heads=heads, eps=EPS, block=block, qk_rotation=ROTATION, interpret=True)
-    check_q_codes(got, streams, cos, sin, heads, block=block, interpret=True)
-
-
-def test_q_codes_check_catches_wrong_codes():
-    """`check_q_codes` fails codes truncated instead of rounded, and a scale off by one unit."""
-    heads, lengths = 2, (64, 64)
-    streams = _streams("fused", 1, lengths, heads)
-    cos, sin = _tables(sum(lengths), 128, jax.random.key(10))
-    q, k, v = project_qkv(streams, cos, sin, heads=heads, eps=EPS, qk_rotation=ROTATION, block=64, interpret=True)
-    x = q.astype(jnp.float32)
-    codes, scale = token_codes(x, jnp.int8)
-    check_q_codes((codes, jnp.swapaxes(scale, 1, 2), k, v), streams, cos, sin, heads, block=64, interpret=True)
-    truncated = jnp.trunc(x / scale[..., None]).astype(jnp.int8)
-    for wrong in [(truncated, jnp.swapaxes(scale, 1, 2), k, v),
-                  (codes, jnp.swapaxes(jnp.nextafter(scale, jnp.inf), 1, 2), k, v)]:
-        with pytest.raises(AssertionError):
-            check_q_codes(wrong, streams, cos, sin, heads, block=64, interpret=True)
-
-
-@pytest.mark.parametrize("batch, text, image, streams", [(1, 512, 4096, 2), (4, 512, 4080, 2)])
-def test_q_codes_lower_for_the_gpu(batch, text, image, streams, monkeypatch):
-    """At FLUX.1's shapes the producer writing q's codes lowers for CUDA from this machine."""
-    from pallas_kernels import tile_schedule
-
-    monkeypatch.setattr(tile_schedule, "sm_count", lambda interpret: 132)
-
-    def attend(ss, cos, sin, heads, seq):
-        return project_qkv_int8(ss, cos, sin, heads=heads, eps=EPS, qk_rotation=ROTATION)
-
-    text_ir = _lower_at_flux_shapes(batch, text, image, streams, attend)
-    assert "attention_producer" in text_ir and "cp.async.bulk.tensor" in text_ir
 
 
 @pytest.mark.parametrize("batch, text, image, streams", [(1, 512, 4096, 2), (1, 512, 4096, 1), (4, 512, 4080, 2)])
@@ -405,19 +338,13 @@ def test_gpu_bf16_matches_unfused_path(lengths, heads):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("q_codes", [False, True], ids=["bf16", "q_codes"])
 @pytest.mark.parametrize("batch, lengths, heads", [(1, (512, 4096), 24), (2, (512, 4080), 24), (1, (512, 1000), 2)])
-def test_gpu_rotated_matches_unfused_path(batch, lengths, heads, q_codes):
-    """`qk_rotation` on the GPU, q in bf16 (`check_rotated`) or as `project_qkv_int8`'s codes
-    (`check_q_codes`): 1024², 1360x768 with two images, a short ragged stream."""
+def test_gpu_rotated_matches_unfused_path(batch, lengths, heads):
+    """`qk_rotation` on the GPU: 1024², 1360x768 with two images, a short ragged stream."""
     streams = _streams("fused", batch, lengths, heads)
     cos, sin = _tables(sum(lengths), 128, jax.random.key(3))
-    if q_codes:
-        check_q_codes(project_qkv_int8(streams, cos, sin, heads=heads, eps=EPS, qk_rotation=ROTATION),
-                      streams, cos, sin, heads)
-    else:
-        check_rotated(project_qkv(streams, cos, sin, heads=heads, eps=EPS, qk_rotation=ROTATION),
-                      streams, cos, sin, heads)
+    got = project_qkv(streams, cos, sin, heads=heads, eps=EPS, qk_rotation=ROTATION)
+    check_rotated(got, streams, cos, sin, heads)
 
 
 @pytest.mark.gpu
