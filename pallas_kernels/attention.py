@@ -121,7 +121,9 @@ class AttentionConfig:
                              f"overlap=True; got programs={self.programs}, overlap={self.overlap}")
 
 
-PERSISTENT_SEQ_MAX = 6144  # "int8" / "sage8" run the persistent grid up to this many tokens (default_config)
+# "int8" / "sage8" run the persistent grid up to this many tokens (`default_config`): between the two
+# measured lengths, 4608 (faster) and 8704 (no faster); benchmarks/notes/attention.md v22.
+PERSISTENT_SEQ_MAX = 6144
 
 
 def default_config(precision: Precision, seq: int | None = None, *, interpret: bool = False) -> AttentionConfig:
