@@ -121,8 +121,8 @@ class AttentionConfig:
                              f"overlap=True; got programs={self.programs}, overlap={self.overlap}")
 
 
-# "int8" / "sage8" run the persistent grid up to this many tokens (`default_config`): between the two
-# measured lengths, 4608 (faster) and 8704 (no faster); benchmarks/notes/attention.md v22.
+# "int8" / "sage8" run the persistent grid up to this many tokens (`default_config`): measured faster
+# at 1536, 4608 and 6144, no faster at 8704 (benchmarks/notes/attention.md v22).
 PERSISTENT_SEQ_MAX = 6144
 
 
@@ -136,8 +136,8 @@ def default_config(precision: Precision, seq: int | None = None, *, interpret: b
     1.00x / 1.03x overlapped at 128);
     "bf16" overlapped (+2-3%, attention_overlap; 192 does not fit shared memory).
     "int8" and "sage8" at `seq` <= PERSISTENT_SEQ_MAX tokens: the persistent grid, one CTA an SM
-    (attention_persistent: at S=4608 int8 +2.5% at B=1, +6% at B=4; at 8704 no gain, int8 -4.5% at
-    B=1); without `seq`, one CTA a tile."""
+    (attention_persistent: int8 +11-15% at S=1536, +2.5-6% at 4608, +4.5-5.5% at 6144; at 8704 no
+    gain, int8 -4.5% at B=1); without `seq`, one CTA a tile."""
     if precision in ("sage8", "int8"):
         persistent = seq is not None and seq <= PERSISTENT_SEQ_MAX
         return AttentionConfig(block_kv=256, max_concurrent_steps=2,
