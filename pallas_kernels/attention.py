@@ -462,8 +462,7 @@ def quantize_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, config: AttentionC
     if precision not in ("sage8", "sage_qk8", "int8"):
         raise ValueError(f"quantize_qkv makes the 8-bit kernels' operands: precision 'sage8', 'sage_qk8' or "
                          f"'int8', got {precision!r}")
-    if q.shape != k.shape:
-        raise ValueError(f"q {q.shape} and k {k.shape} must have one (B, S, H, D) shape")
+    _check_qkv(q, k, v)
     b, seq, h, d = q.shape
     seq_pad = padded_length(seq, config)
     blocks = seq_pad // config.block_kv
