@@ -158,13 +158,12 @@ def _qk_dtype(name: str):
 def _config(opts: dict):
     """A variant's AttentionConfig: its precision's default with the variant's changes
     ("programs": "sms", the device's SM count)."""
-    import jax
-
     from pallas_kernels.attention import default_config
+    from pallas_kernels.tile_schedule import sm_count
 
     changes = dict(opts.get("config", {}))
     if changes.get("programs") == "sms":
-        changes["programs"] = jax.devices()[0].core_count
+        changes["programs"] = sm_count(interpret=False)
     return dataclasses.replace(default_config(opts["precision"]), **changes)
 
 

@@ -34,6 +34,7 @@ from pallas_kernels.attention import (BIASED_EXACT, INT8_HEAD_DIM_MAX, LOGIT_BIA
 from pallas_kernels.attention_reference import (BF16_REL, FP8_REL, INT8_L_GPU_REL, attention_reference, bf16_p_bound,
                                                 dequantize, dequantized_attention, flux_like_qkv, p_rounding_bounds,
                                                 random_qkv)
+from pallas_kernels.tile_schedule import sm_count
 
 SMALL = AttentionConfig(block_q=64, block_kv=64, max_concurrent_steps=2)
 
@@ -432,7 +433,7 @@ def test_gpu_persistent_grid(precision, batch, seq):
     config = default_config(precision)
     qkv = quantize_qkv(q, k, v, config=config, precision=precision)
     default = np.asarray(attention_quantized(qkv, seq=seq, config=config), np.float32)
-    persistent_config = dataclasses.replace(config, programs=jax.devices()[0].core_count)
+    persistent_config = dataclasses.replace(config, programs=sm_count(interpret=False))
     persistent = attention_quantized(qkv, seq=seq, config=persistent_config)
     _check_quantized(qkv, seq, persistent, gpu=True)
     assert np.all(np.abs(np.asarray(persistent, np.float32) - default) <= _bf16_spacing(default))
